@@ -1,0 +1,1 @@
+"""Execution backends behind one protocol (see :mod:`gateway.backends.base`)."""

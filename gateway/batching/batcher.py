@@ -1,0 +1,228 @@
+"""The per-model-version dynamic batcher.
+
+Each caller gets a future. One scheduler task waits until an execution slot is free (there are
+``instance_count`` of them), then takes requests from the head of the queue while they are
+shape-compatible and fit ``max_batch_size``; it keeps waiting for more, up to
+``max_queue_delay``, unless a preferred batch size is reached first. The merged batch runs as its
+own task and the outputs are split back, row ranges per caller. Waiting for a free slot before
+forming the batch means that under load batches grow by themselves, with no delay configured.
+
+The queue is bounded: a full queue fails fast (``QueueFull``). A request whose deadline passes
+while queued fails with ``DeadlineExceeded``; a caller that goes away (its future cancelled) is
+dropped before it takes a slot in a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady, QueueFull
+from gateway.stats import ModelStats
+
+Tensors = dict[str, np.ndarray[Any, Any]]
+Execute = Callable[[Tensors, Sequence[str]], Awaitable[Tensors]]
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How one model version batches. ``max_batch_size`` 0 means requests never merge."""
+
+    max_batch_size: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_s: float = 0.0
+    max_queue_size: int = 1024
+    default_timeout_s: float | None = None
+    instance_count: int = 1
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    inputs: Tensors
+    rows: int
+    signature: tuple[Any, ...]
+    future: asyncio.Future[Tensors]
+    enqueued_s: float
+    deadline_s: float | None
+    queue_ns: int = field(default=0)
+
+
+def signature(inputs: Tensors) -> tuple[Any, ...]:
+    """Requests merge only when every input agrees on name, dtype and non-batch shape."""
+    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items())
+
+
+class Batcher:
+    """Queue + scheduler for one model version."""
+
+    def __init__(
+        self,
+        execute: Execute,
+        outputs: Sequence[str],
+        policy: BatchPolicy,
+        stats: ModelStats,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._execute = execute
+        self._outputs = list(outputs)
+        self._policy = policy
+        self._stats = stats
+        self._clock = clock
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(policy.instance_count)
+        self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+
+    @property
+    def policy(self) -> BatchPolicy:
+        return self._policy
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or executing (Triton's pending request count)."""
+        return len(self._queue) + len(self._running)
+
+    async def submit(
+        self, inputs: Tensors, rows: int = 1, deadline_s: float | None = None
+    ) -> Tensors:
+        """Queue one request of ``rows`` batch rows and wait for its own rows of the outputs."""
+        if self._closed:
+            raise ModelNotReady("model is unloading")
+        if len(self._queue) >= self._policy.max_queue_size:
+            raise QueueFull("Exceeds maximum queue size", retry_after_s=1.0)
+        now = self._clock()
+        if deadline_s is None and self._policy.default_timeout_s:
+            deadline_s = now + self._policy.default_timeout_s
+        future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
+        item = _Pending(inputs, rows, signature(inputs), future, now, deadline_s)
+        self._queue.append(item)
+        self._arrived.set()
+        if deadline_s is None:
+            return await future
+        try:
+            async with asyncio.timeout(max(0.0, deadline_s - now)):
+                return await future
+        except TimeoutError:
+            raise DeadlineExceeded("Request timeout expired") from None
+        finally:
+            future.cancel()  # no-op when done; marks it dropped when we stop waiting
+
+    def _take_live(self) -> _Pending | None:
+        """Pop the head of the queue, failing expired entries and skipping abandoned ones."""
+        now = self._clock()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():
+                continue
+            if item.deadline_s is not None and now >= item.deadline_s:
+                item.future.set_exception(DeadlineExceeded("Request timeout expired"))
+                continue
+            return item
+        return None
+
+    async def _schedule(self) -> None:
+        policy = self._policy
+        while True:
+            await self._slots.acquire()
+            first = self._take_live()
+            while first is None:
+                if self._closed:
+                    self._slots.release()
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                first = self._take_live()
+            batch, rows = [first], first.rows
+            if policy.max_batch_size > 1:
+                give_up_s = first.enqueued_s + policy.max_queue_delay_s
+                while rows < policy.max_batch_size:
+                    head = self._queue[0] if self._queue else None
+                    if head is not None:
+                        if head.future.done():
+                            self._queue.popleft()
+                            continue
+                        if (
+                            head.signature != first.signature
+                            or rows + head.rows > policy.max_batch_size
+                        ):
+                            break
+                        self._queue.popleft()
+                        batch.append(head)
+                        rows += head.rows
+                        continue
+                    if rows in policy.preferred_batch_sizes or self._closed:
+                        break
+                    wait_s = give_up_s - self._clock()
+                    if wait_s <= 0:
+                        break
+                    self._arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait_s):
+                            await self._arrived.wait()
+            task = asyncio.get_running_loop().create_task(self._run(batch, rows))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[_Pending], rows: int) -> None:
+        try:
+            started = self._clock()
+            for item in batch:
+                item.queue_ns = int((started - item.enqueued_s) * 1e9)
+                self._stats.record_queue(item.queue_ns)
+            if len(batch) == 1:
+                inputs = batch[0].inputs
+            else:
+                names = batch[0].inputs.keys()
+                inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
+            try:
+                outputs = await self._execute(inputs, self._outputs)
+            except GatewayError as exc:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                return
+            except Exception as exc:
+                error = GatewayError(f"execution failed: {type(exc).__name__}: {exc}")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                return
+            self._stats.record_execution(rows, len(batch), int((self._clock() - started) * 1e9))
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_result(outputs)
+                return
+            start = 0
+            for item in batch:
+                end = start + item.rows
+                if not item.future.done():
+                    item.future.set_result({n: a[start:end] for n, a in outputs.items()})
+                start = end
+        finally:
+            self._slots.release()
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop taking requests, let queued and running ones finish, then stop the scheduler."""
+        self._closed = True
+        self._arrived.set()
+        try:
+            async with asyncio.timeout(drain_timeout_s):
+                await asyncio.shield(self._scheduler)
+                while self._running:
+                    await asyncio.gather(*list(self._running), return_exceptions=True)
+        except TimeoutError:
+            self._scheduler.cancel()
+            for item in self._queue:
+                if not item.future.done():
+                    item.future.set_exception(ModelNotReady("model unloaded"))
+            self._queue.clear()

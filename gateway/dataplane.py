@@ -1,0 +1,428 @@
+"""Where the parts meet: the one data plane behind every front end (REST now, gRPC later).
+
+It owns the set of loaded model versions, validates requests against each model's config,
+feeds the per-version batchers and keeps statistics. It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import posixpath
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway import __version__
+from gateway.backends.base import Backend, BackendFactory, Tensors
+from gateway.batching import Batcher, BatchPolicy
+from gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    Unavailable,
+)
+from gateway.protocol.types import InferRequest, InferResponse, datatype_of
+from gateway.repository.config import ModelConfig, parse_json
+from gateway.repository.local import LocalRepository, check_model_name, locate_versions
+from gateway.settings import Settings
+from gateway.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data"]
+
+
+@dataclass(slots=True)
+class LoadedVersion:
+    """One servable model version: its backend, batcher and counters."""
+
+    version: int
+    config: ModelConfig
+    backend: Backend
+    batcher: Batcher
+    stats: ModelStats
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    """What the gateway knows of one model name, loaded or not."""
+
+    name: str
+    state: str = UNAVAILABLE
+    reason: str = ""
+    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    scratch: Path | None = None  # files pushed through the repository API
+
+    @property
+    def latest(self) -> LoadedVersion:
+        return self.versions[max(self.versions)]
+
+
+def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchPolicy:
+    db = config.dynamic_batching
+    if not config.batched or db is None:
+        return BatchPolicy(
+            max_batch_size=0,
+            max_queue_size=settings.max_queue_size,
+            instance_count=backend.instance_count,
+        )
+    return BatchPolicy(
+        max_batch_size=config.max_batch_size,
+        preferred_batch_sizes=db.preferred_batch_sizes,
+        max_queue_delay_s=db.max_queue_delay_us / 1e6,
+        max_queue_size=db.max_queue_size or settings.max_queue_size,
+        default_timeout_s=(db.default_timeout_us / 1e6) or None,
+        instance_count=backend.instance_count,
+    )
+
+
+def _check_file_key(key: str) -> str:
+    """``file:<version>/<name>`` -> a safe relative path inside the model directory."""
+    rel = key[len("file:") :]
+    norm = posixpath.normpath(rel)
+    parts = norm.split("/")
+    if (
+        not rel
+        or "\\" in rel
+        or "\x00" in rel
+        or norm.startswith("/")
+        or ".." in parts
+        or len(parts) < 2
+        or not parts[0].isdigit()
+    ):
+        raise InvalidInput(f"invalid file path {rel[:128]!r}: expected '<version>/<file name>'")
+    return norm
+
+
+class DataPlane:
+    """ready / metadata / config / infer / load / unload / index / stats."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        repository: LocalRepository,
+        factory: BackendFactory,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.factory = factory
+        self.clock = clock
+        self.models: dict[str, ModelEntry] = {}
+        self.started = False
+        self.draining = False
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        names = list(self.settings.load_models) or self.repository.model_names()
+        await asyncio.gather(*(self._load_quietly(name) for name in names))
+        self.started = True
+
+    async def _load_quietly(self, name: str) -> None:
+        try:
+            await self.load(name)
+        except GatewayError as exc:
+            log.error("model %s failed to load: %s", name, exc.message)
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, finish queued and running batches, release backends."""
+        self.draining = True
+        await asyncio.gather(
+            *(self._retire(list(e.versions.values())) for e in self.models.values())
+        )
+        for entry in self.models.values():
+            entry.versions.clear()
+            entry.state = UNAVAILABLE
+            entry.reason = "server shutting down"
+            if entry.scratch is not None:
+                shutil.rmtree(entry.scratch, ignore_errors=True)
+
+    async def _retire(self, versions: list[LoadedVersion]) -> None:
+        for lv in versions:
+            await lv.batcher.close(self.settings.drain_timeout_s)
+            await lv.backend.close()
+
+    # -- health and metadata ----------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        if not self.started or self.draining:
+            return False
+        if self.settings.strict_readiness:
+            return all(e.state == READY for e in self.models.values())
+        return True
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "gateway", "version": __version__, "extensions": EXTENSIONS}
+
+    def _entry(self, name: str) -> ModelEntry:
+        check_model_name(name)
+        entry = self.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+        return entry
+
+    def resolve(self, name: str, version: str | None = None) -> LoadedVersion:
+        """The loaded version to serve (the newest when none is named)."""
+        entry = self._entry(name)
+        if self.draining:
+            raise Unavailable("server is shutting down", retry_after_s=1.0)
+        if entry.state != READY or not entry.versions:
+            reason = f": {entry.reason}" if entry.reason else ""
+            raise ModelNotReady(f"model '{name}' is not ready ({entry.state.lower()}{reason})")
+        if not version:
+            return entry.latest
+        if not version.isdigit() or len(version) > 18:
+            raise ModelNotFound(f"invalid version {version[:32]!r} for model '{name}'")
+        loaded = entry.versions.get(int(version))
+        if loaded is None:
+            raise ModelNotFound(
+                f"Request for unknown model: '{name}' version {version} is not found"
+            )
+        return loaded
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        try:
+            self.resolve(name, version)
+        except GatewayError:
+            return False
+        return True
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        lv = self.resolve(name, version)
+        cfg = lv.config
+        prefix = [-1] if cfg.batched else []
+
+        def tensors(items: tuple[Any, ...]) -> list[dict[str, Any]]:
+            return [
+                {"name": t.name, "datatype": t.datatype, "shape": prefix + list(t.dims)}
+                for t in items
+            ]
+
+        entry = self.models[name]
+        return {
+            "name": name,
+            "versions": [str(v) for v in sorted(entry.versions)],
+            "platform": cfg.platform,
+            "inputs": tensors(cfg.inputs),
+            "outputs": tensors(cfg.outputs),
+            "parameters": lv.backend.describe(),
+        }
+
+    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        return self.resolve(name, version).config.to_dict()
+
+    def model_stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        if name:
+            if version:
+                return {"model_stats": [self.resolve(name, version).stats.to_dict()]}
+            entry = self._entry(name)
+            chosen = [entry.versions[v] for v in sorted(entry.versions)]
+        else:
+            chosen = [e.versions[v] for e in self.models.values() for v in sorted(e.versions)]
+        return {"model_stats": [lv.stats.to_dict() for lv in chosen]}
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        names = set(self.models) | set(self.repository.model_names())
+        index: list[dict[str, Any]] = []
+        for name in sorted(names):
+            entry = self.models.get(name)
+            if entry is None:
+                if not ready_only:
+                    index.append({"name": name, "state": UNAVAILABLE, "reason": "not loaded"})
+                continue
+            if ready_only and entry.state != READY:
+                continue
+            if entry.versions:
+                for v in sorted(entry.versions):
+                    index.append(
+                        {
+                            "name": name,
+                            "version": str(v),
+                            "state": entry.state,
+                            "reason": entry.reason,
+                        }
+                    )
+            else:
+                index.append({"name": name, "state": entry.state, "reason": entry.reason})
+        return index
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _prepare(self, lv: LoadedVersion, request: InferRequest) -> tuple[Tensors, int]:
+        cfg = lv.config
+        rows = 1
+        prepared: Tensors = {}
+        for name, array in request.inputs.items():
+            spec = cfg.input(name)
+            if spec is None:
+                raise InvalidInput(f"unexpected inference input '{name}' for model '{cfg.name}'")
+            datatype = datatype_of(array)
+            if datatype != spec.datatype:
+                raise InvalidInput(
+                    f"inference input '{name}' data-type is '{datatype}', but model "
+                    f"'{cfg.name}' expects '{spec.datatype}'"
+                )
+            shape = array.shape
+            dims = shape[1:] if cfg.batched else shape
+            if cfg.batched:
+                if len(shape) == 0 or shape[0] < 1:
+                    raise InvalidInput(
+                        f"input '{name}': shape {list(shape)} needs a batch dimension >= 1"
+                    )
+                if shape[0] > cfg.max_batch_size:
+                    raise InvalidInput(
+                        f"inference request batch-size must be <= {cfg.max_batch_size} for "
+                        f"'{cfg.name}', got {shape[0]}"
+                    )
+                if prepared and shape[0] != rows:
+                    raise InvalidInput(
+                        f"input '{name}': batch size {shape[0]} differs from other inputs' {rows}"
+                    )
+                rows = shape[0]
+            if len(dims) != len(spec.dims) or any(
+                want != -1 and got != want for got, want in zip(dims, spec.dims, strict=True)
+            ):
+                expected = ([-1] if cfg.batched else []) + list(spec.dims)
+                raise InvalidInput(
+                    f"unexpected shape for input '{name}' for model '{cfg.name}'. "
+                    f"Expected {expected}, got {list(shape)}"
+                )
+            if spec.reshape is not None:
+                lead = (rows,) if cfg.batched else ()
+                try:
+                    array = array.reshape(lead + spec.reshape)
+                except ValueError:
+                    raise InvalidInput(
+                        f"input '{name}' cannot be reshaped to {list(spec.reshape)}"
+                    ) from None
+            prepared[name] = array
+        missing = [t.name for t in cfg.inputs if t.name not in prepared and not t.optional]
+        if missing:
+            raise InvalidInput(
+                f"expected {len(cfg.inputs)} inputs but got {len(prepared)} inputs for model "
+                f"'{cfg.name}'; missing: {', '.join(missing)}"
+            )
+        if request.outputs:
+            for out in request.outputs:
+                if cfg.output(out.name) is None:
+                    raise InvalidInput(
+                        f"unexpected inference output '{out.name}' for model '{cfg.name}'"
+                    )
+        return prepared, rows
+
+    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        """Validate, batch, execute, and cut this request's rows back out."""
+        lv = self.resolve(name, version)
+        started = time.perf_counter_ns()
+        try:
+            inputs, rows = self._prepare(lv, request)
+            timeout_us = request.timeout_us
+            deadline_s = self.clock() + timeout_us / 1e6 if timeout_us else None
+            outputs = await lv.batcher.submit(inputs, rows, deadline_s)
+        except GatewayError:
+            lv.stats.record_request(False, time.perf_counter_ns() - started)
+            raise
+        lv.stats.record_request(True, time.perf_counter_ns() - started)
+        wanted = [o.name for o in request.outputs] if request.outputs else list(outputs)
+        result: dict[str, np.ndarray[Any, Any]] = {}
+        for out_name in wanted:
+            array = outputs[out_name]
+            spec = lv.config.output(out_name)
+            if spec is not None and spec.reshape is not None:
+                lead = (array.shape[0],) if lv.config.batched else ()
+                array = array.reshape(lead + tuple(spec.dims))
+            result[out_name] = array
+        return InferResponse(
+            model_name=name, model_version=str(lv.version), outputs=result, id=request.id
+        )
+
+    # -- repository -------------------------------------------------------------------------
+
+    async def load(
+        self,
+        name: str,
+        config_json: str | None = None,
+        files: dict[str, bytes] | None = None,
+    ) -> None:
+        """Load (or reload) a model; in-flight requests on the old versions finish first."""
+        check_model_name(name)
+        entry = self.models.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            if not entry.versions:
+                entry.state, entry.reason = LOADING, ""
+            try:
+                source = self._source(name, entry, config_json, files)
+                new: dict[int, LoadedVersion] = {}
+                try:
+                    for version in source.version_paths:
+                        backend = await self.factory.load(source, version)
+                        stats = ModelStats(name, str(version))
+                        batcher = Batcher(
+                            backend.execute,
+                            [t.name for t in backend.config.outputs],
+                            _policy(backend.config, backend, self.settings),
+                            stats,
+                            self.clock,
+                        )
+                        new[version] = LoadedVersion(
+                            version, backend.config, backend, batcher, stats
+                        )
+                except BaseException:
+                    await self._retire(list(new.values()))
+                    raise
+            except GatewayError as exc:
+                if not entry.versions:
+                    entry.state = UNAVAILABLE
+                entry.reason = f"load failed: {exc.message}"
+                raise ModelLoadError(exc.message) from None
+            old = list(entry.versions.values())
+            entry.versions = new
+            entry.state, entry.reason = READY, ""
+        if old:
+            await self._retire(old)
+        log.info("model %s loaded, versions %s", name, sorted(new))
+
+    def _source(
+        self, name: str, entry: ModelEntry, config_json: str | None, files: dict[str, bytes] | None
+    ) -> Any:
+        config: ModelConfig | None = None
+        if config_json is not None:
+            config = parse_json(config_json, f"load request for '{name}'", name)
+        if not files:
+            return self.repository.source(name, config)
+        paths = {_check_file_key(key): data for key, data in files.items()}
+        scratch = Path(tempfile.mkdtemp(prefix=f"gateway-{name}-"))
+        for rel, data in paths.items():
+            target = scratch / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        if entry.scratch is not None:
+            shutil.rmtree(entry.scratch, ignore_errors=True)
+        entry.scratch = scratch
+        return locate_versions(scratch, config or ModelConfig(name=name))
+
+    async def unload(self, name: str) -> None:
+        entry = self._entry(name)
+        async with entry.lock:
+            old = list(entry.versions.values())
+            entry.state, entry.reason = UNLOADING, ""
+            entry.versions = {}
+            with contextlib.suppress(Exception):
+                await self._retire(old)
+            entry.state, entry.reason = UNAVAILABLE, "unloaded"

@@ -1,0 +1,65 @@
+"""One exception tree for the whole gateway.
+
+The core raises these; only ``gateway.server`` knows which status code each becomes::
+
+    GatewayError
+    ├── InvalidInput          malformed request: bad JSON, shape, dtype, binary lengths
+    │   └── PayloadTooLarge   body above the configured limit
+    ├── ModelNotFound         unknown model or version
+    ├── ModelLoadError        a model (or its config) cannot be loaded
+    ├── Unavailable           cannot serve right now; retrying later may work
+    │   ├── ModelNotReady     known model, not loaded / unloading
+    │   ├── QueueFull         the model's batch queue is at its bound
+    │   └── Overloaded        admission control: no capacity within the deadline
+    └── DeadlineExceeded      the request's timeout expired before it ran
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(GatewayError):
+    """The request cannot be served as written; retrying it unchanged will fail again."""
+
+
+class PayloadTooLarge(InvalidInput):
+    """The request body exceeds the configured size limit."""
+
+
+class ModelNotFound(GatewayError):
+    """No such model, or no such version of it."""
+
+
+class ModelLoadError(GatewayError):
+    """A model or its configuration is invalid and cannot be loaded."""
+
+
+class Unavailable(GatewayError):
+    """The gateway cannot serve this now; ``retry_after_s`` hints when to try again."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ModelNotReady(Unavailable):
+    """The model is known but not ready (loading, unloading, or failed)."""
+
+
+class QueueFull(Unavailable):
+    """The model's queue is at its bound; fail fast rather than grow latency."""
+
+
+class Overloaded(Unavailable):
+    """Admission control: no host can serve the request within its deadline."""
+
+
+class DeadlineExceeded(GatewayError):
+    """The request's timeout expired before it could be executed."""

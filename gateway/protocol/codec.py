@@ -1,0 +1,327 @@
+"""JSON and binary-tensor codec for v2 inference requests and responses.
+
+Pure functions over bytes: the REST server hands in the body and the value of the
+``Inference-Header-Content-Length`` header, and gets back a body and that header's value.
+Everything a client can get wrong raises :class:`~gateway.errors.InvalidInput` with a message
+that names the tensor and the field, before any large allocation happens.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gateway.errors import InvalidInput
+from gateway.protocol.types import (
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    datatype_of,
+    numpy_dtype,
+)
+
+MAX_DIMS = 32
+MAX_NAME_CHARS = 255
+_LEN = struct.Struct("<I")
+
+
+def _fail(message: str) -> InvalidInput:
+    return InvalidInput(message)
+
+
+def _check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(f"{what} must be a non-empty string")
+    if len(value) > MAX_NAME_CHARS or "\x00" in value:
+        raise _fail(f"{what} is not a valid tensor name")
+    return value
+
+
+def _check_shape(value: object, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_DIMS:
+        raise _fail(f"input '{name}': 'shape' must be a list of at most {MAX_DIMS} integers")
+    for dim in value:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise _fail(f"input '{name}': shape {value} must hold non-negative integers")
+    return tuple(value)
+
+
+def _element_count(shape: tuple[int, ...], name: str, max_elements: int) -> int:
+    count = math.prod(shape)
+    if count > max_elements:
+        raise _fail(f"input '{name}': shape {list(shape)} is too large ({count} elements)")
+    return count
+
+
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise _fail(f"{where}: 'parameters' must be an object")
+    return params
+
+
+def _bytes_elements(buffer: memoryview, count: int, name: str) -> np.ndarray[Any, Any]:
+    """Split length-prefixed BYTES elements (4-byte little-endian length, then the bytes)."""
+    items: list[bytes] = []
+    offset, size = 0, len(buffer)
+    while offset < size:
+        if offset + 4 > size:
+            raise _fail(f"input '{name}': truncated BYTES length prefix")
+        (length,) = _LEN.unpack_from(buffer, offset)
+        offset += 4
+        if offset + length > size:
+            raise _fail(f"input '{name}': BYTES element length {length} overruns the data")
+        items.append(bytes(buffer[offset : offset + length]))
+        offset += length
+    if len(items) != count:
+        raise _fail(f"input '{name}': got {len(items)} BYTES elements, shape needs {count}")
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
+
+
+def _flatten_strings(data: list[Any], name: str) -> list[bytes]:
+    out: list[bytes] = []
+    stack: list[Any] = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if isinstance(item, str):
+                out.append(item.encode())
+            elif isinstance(item, bytes):
+                out.append(item)
+            else:
+                raise _fail(
+                    f"input '{name}': BYTES data must be strings, got {type(item).__name__}"
+                )
+        else:
+            stack.pop()
+    return out
+
+
+def _json_data(
+    data: object, datatype: str, shape: tuple[int, ...], name: str
+) -> np.ndarray[Any, Any]:
+    if not isinstance(data, list):
+        data = [data]
+    count = math.prod(shape)
+    dtype = numpy_dtype(datatype)
+    if datatype == "BYTES":
+        flat = _flatten_strings(data, name)
+        array = np.empty(len(flat), dtype=object)
+        array[:] = flat
+    else:
+        try:
+            raw = np.array(data)
+        except (ValueError, TypeError) as exc:
+            raise _fail(f"input '{name}': data is ragged or not numeric ({exc})") from None
+        array = _convert(raw.reshape(-1), dtype, datatype, name)
+    if array.size != count:
+        raise _fail(f"input '{name}': got {array.size} elements, shape {list(shape)} needs {count}")
+    return array.reshape(shape)
+
+
+def _convert(
+    raw: np.ndarray[Any, Any], dtype: np.dtype[Any], datatype: str, name: str
+) -> np.ndarray[Any, Any]:
+    """Cast JSON numbers to the declared dtype, refusing values it cannot hold."""
+    kind = raw.dtype.kind
+    if raw.size == 0:
+        return raw.astype(dtype)
+    if datatype == "BOOL":
+        if kind != "b":
+            raise _fail(f"input '{name}': BOOL data must be true/false")
+        return raw
+    if kind not in "biuf":
+        raise _fail(f"input '{name}': {datatype} data must be numbers")
+    if dtype.kind in "iu":
+        if kind == "f":
+            if not np.all(np.isfinite(raw)) or not np.all(raw == np.floor(raw)):
+                raise _fail(f"input '{name}': {datatype} data must be integers")
+        elif kind == "b":
+            raise _fail(f"input '{name}': {datatype} data must be integers, not booleans")
+        info = np.iinfo(dtype)
+        if kind == "u" or raw.dtype == np.uint64:
+            low_ok, high_ok = True, bool(raw.max() <= info.max)
+        else:
+            low_ok, high_ok = bool(raw.min() >= info.min), bool(raw.max() <= info.max)
+        if not (low_ok and high_ok):
+            raise _fail(f"input '{name}': value out of range for {datatype}")
+        return raw.astype(dtype)
+    if kind == "b":
+        raise _fail(f"input '{name}': {datatype} data must be numbers, not booleans")
+    if dtype != raw.dtype:
+        with np.errstate(over="ignore"):
+            out = raw.astype(dtype)
+        if not np.all(np.isfinite(out)):
+            raise _fail(f"input '{name}': value out of range for {datatype}")
+        return out
+    return raw
+
+
+def _decode_outputs(header: dict[str, Any]) -> list[RequestedOutput] | None:
+    outputs = header.get("outputs")
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list):
+        raise _fail("'outputs' must be a list")
+    seen: set[str] = set()
+    result: list[RequestedOutput] = []
+    for spec in outputs:
+        if not isinstance(spec, dict):
+            raise _fail("each entry of 'outputs' must be an object")
+        name = _check_name(spec.get("name"), "output 'name'")
+        if name in seen:
+            raise _fail(f"output '{name}' requested twice")
+        seen.add(name)
+        binary = _parameters(spec, f"output '{name}'").get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise _fail(f"output '{name}': 'binary_data' must be true or false")
+        result.append(RequestedOutput(name, binary))
+    return result
+
+
+def decode_infer_request(
+    body: bytes, header_length: int | None = None, max_elements: int = 1 << 28
+) -> InferRequest:
+    """Decode a v2 inference request body (JSON, optionally followed by binary tensors)."""
+    if header_length is None:
+        header_length = len(body)
+    elif header_length < 0 or header_length > len(body):
+        raise _fail(
+            f"Inference-Header-Content-Length {header_length} is outside the body "
+            f"({len(body)} bytes)"
+        )
+    try:
+        header = orjson.loads(memoryview(body)[:header_length])
+    except orjson.JSONDecodeError as exc:
+        raise _fail(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _fail("request body must be a JSON object")
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise _fail("'id' must be a string")
+    params = _parameters(header, "request")
+    binary_output = params.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise _fail("'binary_data_output' must be true or false")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise _fail("'inputs' must be a non-empty list")
+
+    view = memoryview(body)
+    offset = header_length
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    for spec in raw_inputs:
+        if not isinstance(spec, dict):
+            raise _fail("each entry of 'inputs' must be an object")
+        name = _check_name(spec.get("name"), "input 'name'")
+        if name in inputs:
+            raise _fail(f"input '{name}' given twice")
+        datatype = spec.get("datatype")
+        dtype = numpy_dtype(datatype) if isinstance(datatype, str) else None
+        if dtype is None or not isinstance(datatype, str):
+            raise _fail(f"input '{name}': 'datatype' must be a string")
+        shape = _check_shape(spec.get("shape"), name)
+        count = _element_count(shape, name, max_elements)
+        size = _parameters(spec, f"input '{name}'").get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise _fail(f"input '{name}': 'binary_data_size' must be a non-negative integer")
+            if "data" in spec:
+                raise _fail(f"input '{name}': has both 'data' and 'binary_data_size'")
+            if offset + size > len(body):
+                raise _fail(
+                    f"input '{name}': binary_data_size {size} overruns the body "
+                    f"({len(body) - offset} bytes left)"
+                )
+            chunk = view[offset : offset + size]
+            offset += size
+            if datatype == "BYTES":
+                inputs[name] = _bytes_elements(chunk, count, name).reshape(shape)
+            else:
+                if size != count * dtype.itemsize:
+                    raise _fail(
+                        f"input '{name}': binary_data_size {size} does not match shape "
+                        f"{list(shape)} of {datatype} ({count * dtype.itemsize} bytes)"
+                    )
+                inputs[name] = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+        elif "data" in spec:
+            inputs[name] = _json_data(spec["data"], datatype, shape, name)
+        else:
+            raise _fail(f"input '{name}' has neither 'data' nor 'binary_data_size'")
+    if offset != len(body):
+        raise _fail(
+            f"binary data sizes add up to {offset - header_length} bytes but the body carries "
+            f"{len(body) - header_length}"
+        )
+    return InferRequest(
+        inputs=inputs,
+        id=request_id,
+        outputs=_decode_outputs(header),
+        binary_output=binary_output,
+        parameters=params,
+    )
+
+
+def _bytes_payload(array: np.ndarray[Any, Any]) -> bytes:
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(_LEN.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _json_values(array: np.ndarray[Any, Any]) -> Any:
+    if array.dtype.kind in ("O", "S", "U"):
+        return [
+            item.decode(errors="replace") if isinstance(item, bytes) else str(item)
+            for item in array.reshape(-1)
+        ]
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def encode_infer_response(
+    response: InferResponse,
+    requested: list[RequestedOutput] | None = None,
+    binary_default: bool = False,
+) -> tuple[bytes, int | None]:
+    """Encode a response; returns the body and the JSON header length when binary is used."""
+    binary_of = {r.name: r.binary for r in requested} if requested else {}
+    outputs_json: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, array in response.outputs.items():
+        datatype = datatype_of(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        binary = binary_of.get(name)
+        if binary if binary is not None else binary_default:
+            blob = (
+                _bytes_payload(array)
+                if datatype == "BYTES"
+                else np.ascontiguousarray(array).tobytes()
+            )
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_values(array)
+        outputs_json.append(entry)
+    header: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": outputs_json,
+    }
+    if response.id is not None:
+        header["id"] = response.id
+    if response.parameters:
+        header["parameters"] = response.parameters
+    json_bytes = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return json_bytes, None
+    return b"".join([json_bytes, *blobs]), len(json_bytes)

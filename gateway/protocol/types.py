@@ -1,0 +1,86 @@
+"""Protocol-level value types, independent of transport (REST or gRPC)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gateway.errors import InvalidInput
+
+# v2 datatype name -> numpy dtype. BYTES tensors are object arrays of ``bytes``.
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+_BY_DTYPE: dict[np.dtype[Any], str] = {v: k for k, v in DATATYPES.items()}
+
+
+def numpy_dtype(datatype: str) -> np.dtype[Any]:
+    """The numpy dtype for a v2 datatype name; unknown names are the client's error."""
+    try:
+        return DATATYPES[datatype]
+    except (KeyError, TypeError):
+        raise InvalidInput(
+            f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}"
+        ) from None
+
+
+def datatype_of(array: np.ndarray[Any, Any]) -> str:
+    """The v2 datatype name of an array (unicode strings count as BYTES)."""
+    if array.dtype.kind in ("U", "S", "O"):
+        return "BYTES"
+    try:
+        return _BY_DTYPE[array.dtype]
+    except KeyError:
+        raise InvalidInput(f"unsupported tensor dtype {array.dtype}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    """An output the client asked for, and whether it wants it as binary data."""
+
+    name: str
+    binary: bool | None = None  # None: follow the request's binary_data_output default
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A decoded inference request: named numpy inputs plus what to send back."""
+
+    inputs: dict[str, np.ndarray[Any, Any]]
+    id: str | None = None
+    outputs: list[RequestedOutput] | None = None
+    binary_output: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timeout_us(self) -> int | None:
+        """Triton's per-request ``timeout`` parameter, in microseconds (0 or absent: none)."""
+        value = self.parameters.get("timeout")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        return None
+
+
+@dataclass(slots=True)
+class InferResponse:
+    """The result of one inference request."""
+
+    model_name: str
+    model_version: str
+    outputs: dict[str, np.ndarray[Any, Any]]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,302 @@
+"""Model configuration: the subset of Triton's ``config.pbtxt`` the gateway honours.
+
+``config.pbtxt`` is parsed with the protobuf schema that ships in ``tritonclient``
+(``model_config_pb2``), so anything Triton would reject as text is rejected here with protobuf's
+own line/column message, prefixed by the file path. The parsed message is then turned into a
+frozen :class:`ModelConfig` and checked field by field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from gateway.errors import ModelLoadError
+
+DEFAULT_MODEL_FILENAME = "model.onnx"
+ONNX_PLATFORM = "onnxruntime_onnx"
+
+# Triton's TYPE_* names <-> v2 datatype names.
+_TRITON_TO_V2 = {
+    "TYPE_BOOL": "BOOL",
+    "TYPE_UINT8": "UINT8",
+    "TYPE_UINT16": "UINT16",
+    "TYPE_UINT32": "UINT32",
+    "TYPE_UINT64": "UINT64",
+    "TYPE_INT8": "INT8",
+    "TYPE_INT16": "INT16",
+    "TYPE_INT32": "INT32",
+    "TYPE_INT64": "INT64",
+    "TYPE_FP16": "FP16",
+    "TYPE_FP32": "FP32",
+    "TYPE_FP64": "FP64",
+    "TYPE_STRING": "BYTES",
+}
+_V2_TO_TRITON = {v: k for k, v in _TRITON_TO_V2.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorConfig:
+    """One input or output: v2 datatype and dims without the batch dimension."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    reshape: tuple[int, ...] | None = None
+    optional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DynamicBatching:
+    """Triton's ``dynamic_batching`` block."""
+
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0  # 0: the gateway's default bound
+    default_timeout_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which on-disk versions to serve: ``latest`` N, ``all``, or ``specific`` ones."""
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered[-self.num_versions :] if ordered else []
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """A model's configuration after parsing, auto-complete and validation."""
+
+    name: str
+    platform: str = ONNX_PLATFORM
+    backend: str = "onnxruntime"
+    max_batch_size: int = 0
+    inputs: tuple[TensorConfig, ...] = ()
+    outputs: tuple[TensorConfig, ...] = ()
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    instance_count: int = 1
+    instance_kind: str = "KIND_CPU"
+    dynamic_batching: DynamicBatching | None = None
+    default_model_filename: str = DEFAULT_MODEL_FILENAME
+    parameters: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def batched(self) -> bool:
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> TensorConfig | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorConfig | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+    def with_changes(self, **changes: Any) -> ModelConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Triton's JSON form of the config (``GET .../config``, repository-API loads)."""
+
+        def tensor(t: TensorConfig) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "name": t.name,
+                "data_type": _V2_TO_TRITON[t.datatype],
+                "dims": list(t.dims),
+            }
+            if t.reshape is not None:
+                out["reshape"] = {"shape": list(t.reshape)}
+            if t.optional:
+                out["optional"] = True
+            return out
+
+        policy: dict[str, Any]
+        if self.version_policy.kind == "all":
+            policy = {"all": {}}
+        elif self.version_policy.kind == "specific":
+            policy = {"specific": {"versions": list(self.version_policy.versions)}}
+        else:
+            policy = {"latest": {"num_versions": self.version_policy.num_versions}}
+        result: dict[str, Any] = {
+            "name": self.name,
+            "platform": self.platform,
+            "backend": self.backend,
+            "version_policy": policy,
+            "max_batch_size": self.max_batch_size,
+            "input": [tensor(t) for t in self.inputs],
+            "output": [tensor(t) for t in self.outputs],
+            "instance_group": [{"count": self.instance_count, "kind": self.instance_kind}],
+            "default_model_filename": self.default_model_filename,
+            "parameters": {k: {"string_value": v} for k, v in self.parameters},
+        }
+        db = self.dynamic_batching
+        if db is not None:
+            batching: dict[str, Any] = {
+                "preferred_batch_size": list(db.preferred_batch_sizes),
+                "max_queue_delay_microseconds": db.max_queue_delay_us,
+            }
+            if db.max_queue_size or db.default_timeout_us:
+                batching["default_queue_policy"] = {
+                    "max_queue_size": db.max_queue_size,
+                    "default_timeout_microseconds": db.default_timeout_us,
+                }
+            result["dynamic_batching"] = batching
+        return result
+
+
+def _bad(source: str, message: str) -> ModelLoadError:
+    return ModelLoadError(f"{source}: {message}")
+
+
+def _tensor(pb: Any, source: str, kind: str, batched: bool) -> TensorConfig:
+    where = f"{kind} '{pb.name}'" if pb.name else kind
+    if not pb.name:
+        raise _bad(source, f"{kind}: 'name' is required")
+    type_name = mc.DataType.Name(pb.data_type)
+    if type_name not in _TRITON_TO_V2:
+        raise _bad(source, f"{where}: 'data_type' {type_name} is not supported")
+    dims = tuple(int(d) for d in pb.dims)
+    if not dims and not batched:
+        raise _bad(source, f"{where}: 'dims' is required when max_batch_size is 0")
+    if any(d == 0 or d < -1 for d in dims):
+        raise _bad(source, f"{where}: 'dims' {list(dims)} must be positive or -1")
+    reshape = None
+    if pb.HasField("reshape"):
+        reshape = tuple(int(d) for d in pb.reshape.shape)
+        if any(d == 0 or d < -1 for d in reshape):
+            raise _bad(source, f"{where}: 'reshape.shape' {list(reshape)} is invalid")
+    optional = bool(getattr(pb, "optional", False))
+    return TensorConfig(pb.name, _TRITON_TO_V2[type_name], dims, reshape, optional)
+
+
+def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
+    """Validate a parsed ``ModelConfig`` protobuf and convert it."""
+    name = pb.name or default_name
+    if name != default_name:
+        raise _bad(source, f"'name' is {name!r} but the model directory is {default_name!r}")
+    if pb.max_batch_size < 0:
+        raise _bad(source, f"'max_batch_size' must be >= 0, got {pb.max_batch_size}")
+    platform, backend = pb.platform, pb.backend
+    if platform and platform != ONNX_PLATFORM:
+        raise _bad(source, f"'platform' {platform!r} is not supported (only {ONNX_PLATFORM!r})")
+    if backend and backend not in ("onnxruntime", "python"):
+        raise _bad(source, f"'backend' {backend!r} is not supported (only 'onnxruntime')")
+    batched = pb.max_batch_size > 0
+    inputs = tuple(_tensor(t, source, "input", batched) for t in pb.input)
+    outputs = tuple(_tensor(t, source, "output", batched) for t in pb.output)
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            raise _bad(source, f"duplicate {kind} names in {names}")
+
+    policy = VersionPolicy()
+    which = pb.version_policy.WhichOneof("policy_choice")
+    if which == "latest":
+        if pb.version_policy.latest.num_versions < 1:
+            raise _bad(source, "'version_policy.latest.num_versions' must be >= 1")
+        policy = VersionPolicy("latest", pb.version_policy.latest.num_versions)
+    elif which == "all":
+        policy = VersionPolicy("all")
+    elif which == "specific":
+        versions = tuple(int(v) for v in pb.version_policy.specific.versions)
+        if not versions or any(v < 1 for v in versions):
+            raise _bad(source, "'version_policy.specific.versions' must list versions >= 1")
+        policy = VersionPolicy("specific", versions=versions)
+
+    count, kind_name = 1, "KIND_CPU"
+    if len(pb.instance_group) > 1:
+        raise _bad(source, "only one 'instance_group' entry is supported")
+    for group in pb.instance_group:
+        count = group.count or 1
+        if count < 1 or count > 64:
+            raise _bad(source, f"'instance_group.count' must be 1..64, got {count}")
+        kind_name = mc.ModelInstanceGroup.Kind.Name(group.kind)
+        if kind_name == "KIND_AUTO":
+            kind_name = "KIND_CPU"
+        if kind_name not in ("KIND_CPU", "KIND_GPU"):
+            raise _bad(source, f"'instance_group.kind' {kind_name} is not supported")
+
+    batching = None
+    if pb.HasField("dynamic_batching"):
+        db = pb.dynamic_batching
+        preferred = tuple(int(s) for s in db.preferred_batch_size)
+        for size in preferred:
+            if size < 1 or (batched and size > pb.max_batch_size):
+                raise _bad(
+                    source,
+                    f"'dynamic_batching.preferred_batch_size' {size} must be in "
+                    f"1..max_batch_size ({pb.max_batch_size})",
+                )
+        if db.max_queue_delay_microseconds < 0:
+            raise _bad(source, "'dynamic_batching.max_queue_delay_microseconds' must be >= 0")
+        queue = db.default_queue_policy
+        if queue.max_queue_size < 0:
+            raise _bad(source, "'default_queue_policy.max_queue_size' must be >= 0")
+        batching = DynamicBatching(
+            preferred_batch_sizes=preferred,
+            max_queue_delay_us=int(db.max_queue_delay_microseconds),
+            max_queue_size=int(queue.max_queue_size),
+            default_timeout_us=int(queue.default_timeout_microseconds),
+        )
+    filename = pb.default_model_filename or DEFAULT_MODEL_FILENAME
+    if "/" in filename or "\\" in filename or filename in (".", ".."):
+        raise _bad(source, f"'default_model_filename' {filename!r} must be a plain file name")
+    params = tuple(sorted((k, v.string_value) for k, v in pb.parameters.items()))
+    return ModelConfig(
+        name=name,
+        platform=ONNX_PLATFORM,
+        backend=backend or "onnxruntime",
+        max_batch_size=int(pb.max_batch_size),
+        inputs=inputs,
+        outputs=outputs,
+        version_policy=policy,
+        instance_count=count,
+        instance_kind=kind_name,
+        dynamic_batching=batching,
+        default_model_filename=filename,
+        parameters=params,
+    )
+
+
+def parse_pbtxt(text: str, source: str, default_name: str) -> ModelConfig:
+    """Parse ``config.pbtxt`` text; errors name the file and the field."""
+    message = mc.ModelConfig()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        raise _bad(source, str(exc)) from None
+    return from_message(message, source, default_name)
+
+
+def parse_json(data: str | bytes, source: str, default_name: str) -> ModelConfig:
+    """Parse Triton's JSON form of a config (as sent to the repository ``load`` API)."""
+    message = mc.ModelConfig()
+    try:
+        json_format.Parse(data, message)
+    except json_format.ParseError as exc:
+        raise _bad(source, str(exc)) from None
+    return from_message(message, source, default_name)
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    """The config of a model directory: ``config.pbtxt`` if present, else an empty one."""
+    path = model_dir / "config.pbtxt"
+    if not path.exists():
+        return ModelConfig(name=model_dir.name)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _bad(str(path), f"cannot read: {exc}") from None
+    return parse_pbtxt(text, str(path), model_dir.name)

@@ -1,0 +1,76 @@
+"""The Triton-style repository on local disk: ``<root>/<model>/[config.pbtxt]``, ``<v>/model.onnx``.
+
+This module only reads the layout; it never executes anything. Remote origins (edge caches)
+materialise a model into such a directory and then hand it to the same code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import InvalidInput, ModelLoadError, ModelNotFound
+from gateway.repository.config import ModelConfig, load_config
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
+
+
+def check_model_name(name: str) -> str:
+    """Reject names that could escape the repository or are not directory-safe."""
+    if not _NAME.match(name) or ".." in name:
+        raise InvalidInput(f"invalid model name {name[:64]!r}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """What is needed to load one model: its config and the files of the chosen versions."""
+
+    name: str
+    directory: Path
+    config: ModelConfig
+    version_paths: dict[int, Path]
+
+
+class LocalRepository:
+    """A model repository directory on this machine."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def model_names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+    def model_dir(self, name: str) -> Path:
+        path = self.root / check_model_name(name)
+        if not path.is_dir():
+            raise ModelNotFound(f"model '{name}' is not in the repository")
+        return path
+
+    def source(self, name: str, config: ModelConfig | None = None) -> ModelSource:
+        """Read a model's config (unless given) and locate its selected version files."""
+        directory = self.model_dir(name)
+        if config is None:
+            config = load_config(directory)
+        return locate_versions(directory, config)
+
+
+def locate_versions(directory: Path, config: ModelConfig) -> ModelSource:
+    """Select the version directories the config's policy asks for and find their model files."""
+    available = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    chosen = config.version_policy.select(available)
+    if not chosen:
+        raise ModelLoadError(
+            f"model '{config.name}': no version directory matches the version policy "
+            f"(found {sorted(available) or 'none'})"
+        )
+    paths: dict[int, Path] = {}
+    for version in chosen:
+        path = directory / str(version) / config.default_model_filename
+        if not path.is_file():
+            raise ModelLoadError(f"model '{config.name}' version {version}: {path} is missing")
+        paths[version] = path
+    return ModelSource(config.name, directory, config, paths)

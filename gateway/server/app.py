@@ -1,0 +1,242 @@
+"""Starlette app factory: endpoints only translate HTTP <-> :class:`gateway.dataplane.DataPlane`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.dataplane import DataPlane
+from gateway.errors import GatewayError, InvalidInput, PayloadTooLarge
+from gateway.protocol.codec import decode_infer_request, encode_infer_response
+from gateway.server.errors import error_response, handle_gateway_error
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (before buffering) anything above ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidInput("invalid Content-Length header")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+        return await request.body()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+    body = await read_body(request, limit)
+    if not body.strip():
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return data
+
+
+class _DisconnectWatch:
+    """Cancels the handler's task if the client goes away, so it does not keep a batch slot.
+
+    One extra task per request waits on ``receive()``, which only returns once the body is read
+    when the client disconnects.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self.gone = False
+        self._task = asyncio.current_task()
+        self._watcher: asyncio.Task[Any] = asyncio.get_running_loop().create_task(
+            self._receive(request)
+        )
+        self._watcher.add_done_callback(self._on_message)
+
+    @staticmethod
+    async def _receive(request: Request) -> Any:
+        return await request.receive()
+
+    def _on_message(self, done: asyncio.Task[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        if done.result().get("type") == "http.disconnect" and self._task is not None:
+            self.gone = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        self._watcher.remove_done_callback(self._on_message)
+        self._watcher.cancel()
+
+    def absorb(self) -> bool:
+        """After a CancelledError: was it ours? If so, swallow it."""
+        if self.gone and self._task is not None:
+            self._task.uncancel()
+            return True
+        return False
+
+
+def create_app(dataplane: DataPlane) -> Starlette:
+    """The v2 REST surface over one data plane."""
+    limit = dataplane.settings.max_body_bytes
+
+    async def health_live(request: Request) -> Response:
+        return Response(status_code=200 if dataplane.live() else 503)
+
+    async def health_ready(request: Request) -> Response:
+        return Response(status_code=200 if dataplane.ready() else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return _json(dataplane.server_metadata())
+
+    def _names(request: Request) -> tuple[str, str | None]:
+        params = request.path_params
+        return params["model"], params.get("version")
+
+    async def model_metadata(request: Request) -> Response:
+        return _json(dataplane.model_metadata(*_names(request)))
+
+    async def model_ready(request: Request) -> Response:
+        return Response(status_code=200 if dataplane.model_ready(*_names(request)) else 400)
+
+    async def model_config(request: Request) -> Response:
+        return _json(dataplane.model_config(*_names(request)))
+
+    async def model_stats(request: Request) -> Response:
+        params = request.path_params
+        return _json(dataplane.model_stats(params.get("model"), params.get("version")))
+
+    async def infer(request: Request) -> Response:
+        name, version = _names(request)
+        dataplane.resolve(name, version)  # 404/503 before reading a large body
+        body = await read_body(request, limit)
+        header = request.headers.get(HEADER_LENGTH)
+        header_length: int | None = None
+        if header is not None:
+            try:
+                header_length = int(header)
+            except ValueError:
+                raise InvalidInput(
+                    f"invalid Inference-Header-Content-Length {header[:32]!r}"
+                ) from None
+        req = decode_infer_request(body, header_length)
+        watch = _DisconnectWatch(request)
+        try:
+            result = await dataplane.infer(name, version, req)
+        except asyncio.CancelledError:
+            if watch.absorb():
+                return Response(status_code=499)  # nobody is listening; nginx's code
+            raise
+        finally:
+            watch.close()
+        payload, json_length = encode_infer_response(result, req.outputs, req.binary_output)
+        if json_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(json_length)},
+        )
+
+    async def repository_index(request: Request) -> Response:
+        body = await _json_body(request, limit)
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput("'ready' must be true or false")
+        return _json(dataplane.repository_index(ready_only=ready))
+
+    async def repository_load(request: Request) -> Response:
+        name = request.path_params["model"]
+        body = await _json_body(request, limit)
+        params = body.get("parameters", {})
+        if not isinstance(params, dict):
+            raise InvalidInput("'parameters' must be an object")
+        config = params.get("config")
+        if config is not None and not isinstance(config, str):
+            raise InvalidInput("'parameters.config' must be a JSON string")
+        files: dict[str, bytes] = {}
+        for key, value in params.items():
+            if key.startswith("file:"):
+                if not isinstance(value, str):
+                    raise InvalidInput(f"'{key}' must be base64 text")
+                try:
+                    files[key] = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    raise InvalidInput(f"'{key}' is not valid base64") from None
+            elif key != "config":
+                raise InvalidInput(f"unknown load parameter '{key[:64]}'")
+        await dataplane.load(name, config, files or None)
+        return Response(status_code=200)
+
+    async def repository_unload(request: Request) -> Response:
+        name = request.path_params["model"]
+        await _json_body(request, limit)
+        await dataplane.unload(name)
+        return Response(status_code=200)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error_response(exc.status_code, exc.detail or "error")
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+    m = "/v2/models/{model}"
+    mv = "/v2/models/{model}/versions/{version}"
+    routes = [
+        Route("/v2/health/live", health_live, methods=["GET"]),
+        Route("/v2/health/ready", health_ready, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models/stats", model_stats, methods=["GET"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+    ]
+    for prefix in (m, mv):
+        routes += [
+            Route(prefix, model_metadata, methods=["GET"]),
+            Route(prefix + "/ready", model_ready, methods=["GET"]),
+            Route(prefix + "/config", model_config, methods=["GET"]),
+            Route(prefix + "/stats", model_stats, methods=["GET"]),
+            Route(prefix + "/infer", infer, methods=["POST"]),
+        ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await dataplane.start()
+        try:
+            yield
+        finally:
+            await dataplane.stop()
+
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            GatewayError: handle_gateway_error,
+            HTTPException: http_error,
+            Exception: internal_error,
+        },
+    )

@@ -1,0 +1,139 @@
+"""Typed, validated, frozen configuration.
+
+Precedence, lowest first: defaults < TOML file (``--config``) < ``GATEWAY_*`` environment
+variables < command-line flags. Every field is a top-level TOML key and an environment variable
+named ``GATEWAY_`` + the field name in upper case (``model_repo`` -> ``GATEWAY_MODEL_REPO``).
+Tables (``[[hosts]]``) are only read from the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import GatewayError
+
+
+class SettingsError(GatewayError):
+    """The configuration is invalid; raised at start-up."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``gateway serve`` can be told. Units are in the names."""
+
+    model_repo: str = "model_repo"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    # Request limits.
+    max_body_bytes: int = 64 * 1024 * 1024
+    # Execution.
+    execution_provider: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default
+    inter_op_threads: int = 0
+    warmup: bool = True
+    # Batching and queues.
+    max_queue_size: int = 1024  # used where a model's config sets none
+    default_max_batch_size: int = 4  # for auto-completed batchable models (Triton's default)
+    # Loading.
+    load_models: tuple[str, ...] = ()  # empty: every model in the repository
+    strict_readiness: bool = False  # ready only when every model loaded
+    drain_timeout_s: float = 30.0
+    hosts: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"port must be 1..65535, got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise SettingsError("max_body_bytes must be at least 1024")
+        if self.execution_provider not in ("auto", "cpu", "cuda"):
+            raise SettingsError(
+                f"execution_provider must be auto, cpu or cuda, got {self.execution_provider!r}"
+            )
+        if self.max_queue_size < 1:
+            raise SettingsError("max_queue_size must be >= 1")
+        if self.default_max_batch_size < 0:
+            raise SettingsError("default_max_batch_size must be >= 0")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise SettingsError(f"log_level {self.log_level!r} is not a logging level")
+
+    @property
+    def model_repo_path(self) -> Path:
+        return Path(self.model_repo)
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """Convert a file or environment value to the field's type, with a message naming it."""
+    text_kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    try:
+        if text_kind == "bool":
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if text_kind == "int":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if text_kind == "float":
+            return float(value)
+        if text_kind == "str":
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+        if text_kind.startswith("tuple[str"):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        if text_kind.startswith("tuple[Mapping"):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ValueError(value)
+            return tuple(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"setting '{name}': {value!r} is not a valid {text_kind}") from None
+    raise SettingsError(f"setting '{name}' has an unsupported type {text_kind}")
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge defaults, the TOML file, ``GATEWAY_*`` variables and explicit overrides."""
+    env = os.environ if env is None else env
+    known = {f.name: f.type for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    if config_file is None and env.get("GATEWAY_CONFIG"):
+        config_file = env["GATEWAY_CONFIG"]
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"config file {config_file}: {exc}") from None
+        for key, value in data.items():
+            if key not in known:
+                raise SettingsError(f"config file {config_file}: unknown setting '{key}'")
+            values[key] = _coerce(key, value, known[key])
+    for key, kind in known.items():
+        env_value = env.get(f"GATEWAY_{key.upper()}")
+        if env_value is not None and key != "hosts":
+            values[key] = _coerce(key, env_value, kind)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in known:
+            raise SettingsError(f"unknown setting '{key}'")
+        values[key] = _coerce(key, value, known[key])
+    return dataclasses.replace(Settings(), **values) if values else Settings()
