@@ -14,7 +14,7 @@ from gateway.settings import Settings, load_settings
 
 
 def build_app(settings: Settings) -> Any:
-    """Wire the parts: repository -> backend factory -> data plane -> HTTP app."""
+    """Wire the parts: repository -> backend factory -> data plane -> HTTP (+ gRPC) app."""
     from gateway.backends.onnxruntime import OnnxRuntimeFactory
     from gateway.dataplane import DataPlane
     from gateway.repository.local import LocalRepository
@@ -22,7 +22,18 @@ def build_app(settings: Settings) -> Any:
 
     repository = LocalRepository(settings.model_repo_path)
     dataplane = DataPlane(settings, repository, OnnxRuntimeFactory(settings))
-    return create_app(dataplane)
+    if not settings.grpc_port:
+        return create_app(dataplane)
+    from gateway.grpc import GrpcServer
+
+    grpc_server = GrpcServer(
+        dataplane,
+        settings.host,
+        settings.grpc_port,
+        settings.grpc_max_message_bytes,
+        grace_s=settings.drain_timeout_s,
+    )
+    return create_app(dataplane, on_startup=[grpc_server.start], on_shutdown=[grpc_server.stop])
 
 
 def _fastest(*names: str) -> str:
@@ -60,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--model-repo", help="model repository directory [model_repo]")
     serve_cmd.add_argument("--host", help="address to bind [127.0.0.1]")
     serve_cmd.add_argument("--port", type=int, help="HTTP port [8000]")
+    serve_cmd.add_argument("--grpc-port", type=int, help="gRPC port; 0 turns gRPC off [0]")
+    serve_cmd.add_argument(
+        "--grpc-max-message-bytes", type=int, help="gRPC message size limit [64 MiB]"
+    )
     serve_cmd.add_argument("--config", help="TOML settings file (also GATEWAY_CONFIG)")
     serve_cmd.add_argument("--log-level", help="debug, info, warning, error [info]")
     serve_cmd.add_argument("--max-body-bytes", type=int, help="request body limit [64 MiB]")

@@ -280,6 +280,12 @@ class DataPlane:
                 )
             shape = array.shape
             dims = shape[1:] if cfg.batched else shape
+            expected = ([-1] if cfg.batched else []) + list(spec.dims)
+            if len(shape) != len(expected):
+                raise InvalidInput(
+                    f"unexpected shape for input '{name}' for model '{cfg.name}'. "
+                    f"Expected {expected}, got {list(shape)}"
+                )
             if cfg.batched:
                 if len(shape) == 0 or shape[0] < 1:
                     raise InvalidInput(
@@ -295,10 +301,7 @@ class DataPlane:
                         f"input '{name}': batch size {shape[0]} differs from other inputs' {rows}"
                     )
                 rows = shape[0]
-            if len(dims) != len(spec.dims) or any(
-                want != -1 and got != want for got, want in zip(dims, spec.dims, strict=True)
-            ):
-                expected = ([-1] if cfg.batched else []) + list(spec.dims)
+            if any(want != -1 and got != want for got, want in zip(dims, spec.dims, strict=True)):
                 raise InvalidInput(
                     f"unexpected shape for input '{name}' for model '{cfg.name}'. "
                     f"Expected {expected}, got {list(shape)}"

@@ -30,9 +30,11 @@ class Settings:
     model_repo: str = "model_repo"
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 0  # 0: no gRPC front end
     log_level: str = "info"
     # Request limits.
     max_body_bytes: int = 64 * 1024 * 1024
+    grpc_max_message_bytes: int = 64 * 1024 * 1024
     # Execution.
     execution_provider: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
@@ -50,6 +52,12 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise SettingsError(f"port must be 1..65535, got {self.port}")
+        if not 0 <= self.grpc_port < 65536 or (self.grpc_port and self.grpc_port == self.port):
+            raise SettingsError(
+                f"grpc_port must be 0 (off) or 1..65535, not the HTTP port; got {self.grpc_port}"
+            )
+        if self.grpc_max_message_bytes < 1024:
+            raise SettingsError("grpc_max_message_bytes must be at least 1024")
         if self.max_body_bytes < 1024:
             raise SettingsError("max_body_bytes must be at least 1024")
         if self.execution_provider not in ("auto", "cpu", "cuda"):

@@ -124,28 +124,24 @@ def complete_config(config: ModelConfig, session: Any, default_max_batch_size: i
     return config
 
 
-def _to_ort(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    if array.dtype == object:
-        return np.array(
-            [
-                v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
-                for v in array.ravel()
-            ],
-            dtype=object,
-        ).reshape(array.shape)
-    return array
+def _to_ort(array: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
+    """ORT string tensors hold text: BYTES elements must be UTF-8."""
+    if array.dtype.kind != "O":
+        return array
+    try:
+        items = [v.decode() if isinstance(v, bytes) else v for v in array.ravel()]
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"input '{name}': ONNX Runtime string tensors must be valid UTF-8"
+        ) from None
+    return np.array(items, dtype=object).reshape(array.shape)
 
 
 def _from_ort(array: Any) -> np.ndarray[Any, Any]:
     array = np.asarray(array)
     if array.dtype.kind in ("O", "U"):
-        return np.array(
-            [
-                v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v
-                for v in array.ravel()
-            ],
-            dtype=object,
-        ).reshape(array.shape)
+        items = [v.encode() if isinstance(v, str) else v for v in array.ravel()]
+        return np.array(items, dtype=object).reshape(array.shape)
     return array  # type: ignore[no-any-return]
 
 
@@ -186,7 +182,7 @@ class OnnxRuntimeBackend:
     def _run(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
         session = self._free.get()
         try:
-            feeds = {name: _to_ort(array) for name, array in inputs.items()}
+            feeds = {name: _to_ort(array, name) for name, array in inputs.items()}
             results = session.run(list(outputs), feeds)
         finally:
             self._free.put(session)

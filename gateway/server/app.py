@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -98,8 +98,16 @@ class _DisconnectWatch:
         return False
 
 
-def create_app(dataplane: DataPlane) -> Starlette:
-    """The v2 REST surface over one data plane."""
+def create_app(
+    dataplane: DataPlane,
+    on_startup: Sequence[Callable[[], Awaitable[None]]] = (),
+    on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> Starlette:
+    """The v2 REST surface over one data plane.
+
+    ``on_startup`` hooks run once the data plane has started, ``on_shutdown`` hooks before it
+    stops (other front ends on the same loop, such as gRPC).
+    """
     limit = dataplane.settings.max_body_bytes
 
     async def health_live(request: Request) -> Response:
@@ -227,8 +235,12 @@ def create_app(dataplane: DataPlane) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await dataplane.start()
         try:
+            for hook in on_startup:
+                await hook()
             yield
         finally:
+            for hook in on_shutdown:
+                await hook()
             await dataplane.stop()
 
     return Starlette(

@@ -1,0 +1,114 @@
+"""Tiny ONNX models built at test time, in a Triton-style repository layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _save(model: onnx.ModelProto, repo: Path, name: str, version: int, config: str | None) -> Path:
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    directory = repo / name
+    (directory / str(version)).mkdir(parents=True, exist_ok=True)
+    path = directory / str(version) / "model.onnx"
+    onnx.save(model, path)
+    if config is not None:
+        (directory / "config.pbtxt").write_text(config)
+    return path
+
+
+def add_sub(
+    repo: Path,
+    name: str = "simple",
+    version: int = 1,
+    config: str | None = None,
+    offset: int = 0,
+) -> Path:
+    """Triton's ``simple``: INT32 [-1,16] x2 -> sum, difference (+ ``offset``, to tell versions
+    apart)."""
+    dims = ["batch", 16]
+    nodes = [
+        helper.make_node("Add", ["INPUT0", "INPUT1"], ["sum"]),
+        helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        helper.make_node("Add", ["sum", "off"], ["OUTPUT0"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info(n, TensorProto.INT32, dims) for n in ("INPUT0", "INPUT1")],
+        [helper.make_tensor_value_info(n, TensorProto.INT32, dims) for n in ("OUTPUT0", "OUTPUT1")],
+        [numpy_helper.from_array(np.array(offset, dtype=np.int32), "off")],
+    )
+    if config is None:
+        config = SIMPLE_CONFIG.replace("simple", name)
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, version, config)
+
+
+SIMPLE_CONFIG = """
+name: "simple"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [
+  { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "INPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+]
+output [
+  { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+]
+dynamic_batching { }
+"""
+
+
+def dense(
+    repo: Path, name: str = "dense", features: int = 64, classes: int = 8, config: str | None = None
+) -> Path:
+    """FP32 [-1,features] -> softmax [-1,classes], deterministic weights."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((features, classes)).astype(np.float32) / 8
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["X", "W"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["Y"], axis=-1),
+        ],
+        name,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)
+
+
+def fixed_double(repo: Path, name: str = "double") -> Path:
+    """``max_batch_size: 0``: FP32 [2,3] -> X * 2."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["X", "two"], ["Y"])],
+        name,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.array(2, dtype=np.float32), "two")],
+    )
+    config = f"""
+name: "{name}"
+max_batch_size: 0
+input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 2, 3 ] }} ]
+output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 2, 3 ] }} ]
+"""
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)
+
+
+def strings(repo: Path, name: str = "echo") -> Path:
+    """BYTES identity, batched, no config (auto-complete)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["TEXT"], ["TEXT_OUT"])],
+        name,
+        [helper.make_tensor_value_info("TEXT", TensorProto.STRING, ["batch", 1])],
+        [helper.make_tensor_value_info("TEXT_OUT", TensorProto.STRING, ["batch", 1])],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, None)

@@ -1,0 +1,140 @@
+"""The dynamic batcher's decisions, driven directly (no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from gateway.batching import Batcher, BatchPolicy
+from gateway.errors import DeadlineExceeded, QueueFull
+from gateway.stats import ModelStats
+
+Tensors = dict[str, np.ndarray]
+
+
+class Recorder:
+    """A backend that doubles its input and records each batch it was given."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.delay_s = delay_s
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
+        self.batches.append(len(inputs["X"]))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return {"Y": inputs["X"] * 2}
+
+
+def make(policy: BatchPolicy, backend: Recorder) -> tuple[Batcher, ModelStats]:
+    stats = ModelStats("m", "1")
+    return Batcher(backend, ["Y"], policy, stats), stats
+
+
+def row(value: float, width: int = 4) -> Tensors:
+    return {"X": np.full((1, width), value, dtype=np.float32)}
+
+
+async def test_requests_merge_and_split_back_in_order() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, stats = make(BatchPolicy(max_batch_size=8, instance_count=1), backend)
+    first = asyncio.ensure_future(batcher.submit(row(0), 1))
+    await asyncio.sleep(0)  # the first batch takes the only slot and blocks on the gate
+    rest = [asyncio.ensure_future(batcher.submit(row(i), 1)) for i in range(1, 11)]
+    await asyncio.sleep(0)
+    backend.gate.set()
+    results = await asyncio.gather(first, *rest)
+    assert [float(r["Y"][0, 0]) for r in results] == [2.0 * i for i in range(11)]
+    assert backend.batches == [1, 8, 2]  # capped at max_batch_size, FIFO
+    assert stats.execution_count == 3 and stats.inference_count == 11
+    await batcher.close()
+
+
+async def test_mismatched_shapes_never_merge() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=8), backend)
+    blocker = asyncio.ensure_future(batcher.submit(row(0), 1))
+    await asyncio.sleep(0)
+    mixed = [asyncio.ensure_future(batcher.submit(row(1, width=4 + i % 2), 1)) for i in range(4)]
+    await asyncio.sleep(0)
+    backend.gate.set()
+    results = await asyncio.gather(blocker, *mixed)
+    assert [r["Y"].shape[1] for r in results[1:]] == [4, 5, 4, 5]
+    assert backend.batches == [1, 1, 1, 1, 1]  # alternating widths: each is its own batch
+    await batcher.close()
+
+
+async def test_waits_up_to_the_queue_delay_for_a_fuller_batch() -> None:
+    backend = Recorder()
+    policy = BatchPolicy(max_batch_size=4, preferred_batch_sizes=(4,), max_queue_delay_s=5.0)
+    batcher, _ = make(policy, backend)
+    futures = []
+    for i in range(4):
+        futures.append(asyncio.ensure_future(batcher.submit(row(i), 1)))
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(asyncio.gather(*futures), 2.0)  # preferred size reached: no 5 s wait
+    assert backend.batches == [4]
+    await batcher.close()
+
+
+async def test_queue_bound_fails_fast() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=1, max_queue_size=2), backend)
+    running = asyncio.ensure_future(batcher.submit(row(0), 1))
+    await asyncio.sleep(0)
+    queued = [asyncio.ensure_future(batcher.submit(row(1), 1)) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull):
+        await batcher.submit(row(2), 1)
+    backend.gate.set()
+    await asyncio.gather(running, *queued)
+    await batcher.close()
+
+
+async def test_deadline_expires_in_queue() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=1), backend)
+    running = asyncio.ensure_future(batcher.submit(row(0), 1))
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(row(1), 1, deadline_s=loop.time() + 0.05)
+    backend.gate.set()
+    await running
+    assert backend.batches == [1]  # the expired request never ran
+    await batcher.close()
+
+
+async def test_abandoned_caller_loses_its_slot() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=8), backend)
+    running = asyncio.ensure_future(batcher.submit(row(0), 1))
+    await asyncio.sleep(0)
+    gone = asyncio.ensure_future(batcher.submit(row(1), 1))
+    kept = asyncio.ensure_future(batcher.submit(row(2), 1))
+    await asyncio.sleep(0)
+    gone.cancel()
+    backend.gate.set()
+    await asyncio.gather(running, kept)
+    assert backend.batches == [1, 1]  # the cancelled request was dropped before batching
+    await batcher.close()
+
+
+async def test_close_drains_queued_work() -> None:
+    backend = Recorder(delay_s=0.02)
+    batcher, _ = make(BatchPolicy(max_batch_size=2), backend)
+    futures = [asyncio.ensure_future(batcher.submit(row(i), 1)) for i in range(6)]
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert [float(f.result()["Y"][0, 0]) for f in futures] == [2.0 * i for i in range(6)]

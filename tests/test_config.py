@@ -1,0 +1,76 @@
+"""config.pbtxt parsing, validation and settings precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ModelLoadError
+from gateway.repository.config import parse_pbtxt
+from gateway.settings import SettingsError, load_settings
+
+
+def test_full_config() -> None:
+    config = parse_pbtxt(
+        """
+        name: "m"
+        platform: "onnxruntime_onnx"
+        max_batch_size: 16
+        input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] reshape: { shape: [ 2, 2 ] } } ]
+        output [ { name: "Y" data_type: TYPE_STRING dims: [ -1 ] } ]
+        version_policy: { all: {} }
+        instance_group [ { count: 2 kind: KIND_GPU } ]
+        dynamic_batching {
+          preferred_batch_size: [ 4, 8 ]
+          max_queue_delay_microseconds: 500
+          default_queue_policy { max_queue_size: 7 default_timeout_microseconds: 1000 }
+        }
+        default_model_filename: "net.onnx"
+        """,
+        "m/config.pbtxt",
+        "m",
+    )
+    assert config.inputs[0].reshape == (2, 2) and config.outputs[0].datatype == "BYTES"
+    assert config.version_policy.select([1, 3, 2]) == [1, 2, 3]
+    assert (config.instance_count, config.instance_kind) == (2, "KIND_GPU")
+    assert config.dynamic_batching is not None
+    assert config.dynamic_batching.max_queue_size == 7
+    assert config.default_model_filename == "net.onnx"
+    assert config.to_dict()["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('name: "other"', "'name'"),
+        ("max_batch_size: -1", "max_batch_size"),
+        ('platform: "tensorflow_savedmodel"', "platform"),
+        ("max_batch_size: 4 dynamic_batching { preferred_batch_size: [ 8 ] }", "preferred_batch_size"),
+        ('input [ { name: "X" data_type: TYPE_FP32 dims: [ 0 ] } ]', "dims"),
+        ('input [ { name: "X" data_type: TYPE_FP32 } ]', "dims"),
+        ("version_policy { specific { } }", "version_policy"),
+        ('default_model_filename: "../x.onnx"', "default_model_filename"),
+        ("instance_group [ { count: 100 } ]", "count"),
+        ("max_batch_size: four", "max_batch_size"),
+    ],
+)
+def test_invalid_config_names_field(text: str, field: str) -> None:
+    with pytest.raises(ModelLoadError) as info:
+        parse_pbtxt(text, "repo/m/config.pbtxt", "m")
+    assert "repo/m/config.pbtxt" in info.value.message and field in info.value.message
+
+
+def test_settings_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('port = 9000\nmodel_repo = "/file"\nmax_queue_size = 5\n')
+    settings = load_settings(
+        path, env={"GATEWAY_PORT": "9100", "GATEWAY_WARMUP": "false"}, overrides={"port": 9200}
+    )
+    assert (settings.port, settings.model_repo, settings.max_queue_size) == (9200, "/file", 5)
+    assert settings.warmup is False
+    with pytest.raises(SettingsError, match="unknown setting 'prot'"):
+        path.write_text("prot = 1\n")
+        load_settings(path, env={})
+    with pytest.raises(SettingsError, match="port"):
+        load_settings(None, env={"GATEWAY_PORT": "abc"})
