@@ -10,6 +10,7 @@ The core raises these; only ``gateway.server`` knows which status code each beco
     ├── Unavailable           cannot serve right now; retrying later may work
     │   ├── ModelNotReady     known model, not loaded / unloading
     │   ├── QueueFull         the model's batch queue is at its bound
+    │   ├── HostUnreachable   a remote host refused, reset or timed out the connection
     │   └── Overloaded        admission control: no capacity within the deadline
     └── DeadlineExceeded      the request's timeout expired before it ran
 """
@@ -55,6 +56,13 @@ class ModelNotReady(Unavailable):
 
 class QueueFull(Unavailable):
     """The model's queue is at its bound; fail fast rather than grow latency."""
+
+
+class HostUnreachable(Unavailable):
+    """A remote host could not be reached or dropped the connection before answering.
+
+    The request did not complete there, so the router may retry it on another host.
+    """
 
 
 class Overloaded(Unavailable):

@@ -23,7 +23,9 @@ class Recorder:
         self.delay_s = delay_s
         self.gate: asyncio.Event | None = None
 
-    async def __call__(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
+    async def __call__(
+        self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
+    ) -> Tensors:
         self.batches.append(len(inputs["X"]))
         if self.gate is not None:
             await self.gate.wait()

@@ -28,8 +28,14 @@ class Backend(Protocol):
     def instance_count(self) -> int:
         """How many executions may be in flight at once."""
 
-    async def execute(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
-        """Run one batch and return the named outputs."""
+    async def execute(
+        self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
+    ) -> Tensors:
+        """Run one batch and return the named outputs.
+
+        ``deadline_s`` (on the data plane's monotonic clock) is the earliest deadline of the
+        requests in the batch; remote backends pass the remaining budget on to the host.
+        """
 
     async def close(self) -> None:
         """Release sessions, threads and remote state. Called once, after draining."""
@@ -43,3 +49,48 @@ class BackendFactory(Protocol):
 
     async def load(self, source: ModelSource, version: int) -> Backend:
         """Load one version; raises ``ModelLoadError`` with a reason the user can act on."""
+
+
+class Host(Protocol):
+    """A remote machine that speaks the Open Inference Protocol (a Triton server or another
+    gateway node) and can serve models the gateway places on it.
+
+    Connection-level failures raise ``HostUnreachable`` (safe to retry elsewhere); a host that
+    answers with an error raises the matching ``GatewayError``.
+    """
+
+    @property
+    def name(self) -> str:
+        """Unique name from the configuration (or the resolved address)."""
+
+    @property
+    def labels(self) -> frozenset[str]:
+        """Free-form labels such as ``gpu`` / ``cpu``."""
+
+    async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
+        """Make the model version servable there (push it, or check it is loaded)."""
+
+    async def infer(
+        self,
+        model: str,
+        version: int,
+        inputs: Tensors,
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+    ) -> Tensors:
+        """One inference request; binary tensors on the wire."""
+
+    async def ready(self) -> bool:
+        """Server readiness (``/v2/health/ready``), never raising."""
+
+    async def model_ready(self, model: str, version: int) -> bool:
+        """Model readiness on that host, never raising."""
+
+    async def release(self, model: str) -> None:
+        """Undo ``prepare`` (unload what the gateway pushed)."""
+
+    async def close(self) -> None:
+        """Close pooled connections."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for metadata, the admin API and the repository index."""

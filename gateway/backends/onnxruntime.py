@@ -192,7 +192,9 @@ class OnnxRuntimeBackend:
         """Blocking execution, for warm-up and benchmarks."""
         return self._run(inputs, outputs)
 
-    async def execute(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
+    async def execute(
+        self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
+    ) -> Tensors:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pool, self._run, inputs, outputs)

@@ -28,7 +28,7 @@ from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady, QueueF
 from gateway.stats import ModelStats
 
 Tensors = dict[str, np.ndarray[Any, Any]]
-Execute = Callable[[Tensors, Sequence[str]], Awaitable[Tensors]]
+Execute = Callable[[Tensors, Sequence[str], float | None], Awaitable[Tensors]]
 Clock = Callable[[], float]
 
 
@@ -185,7 +185,9 @@ class Batcher:
                 names = batch[0].inputs.keys()
                 inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
             try:
-                outputs = await self._execute(inputs, self._outputs)
+                deadlines = [p.deadline_s for p in batch if p.deadline_s is not None]
+                deadline_s = min(deadlines) if deadlines else None
+                outputs = await self._execute(inputs, self._outputs, deadline_s)
             except GatewayError as exc:
                 for item in batch:
                     if not item.future.done():
