@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from gateway import logs
 from gateway.errors import GatewayError
 from gateway.settings import Settings, load_settings
 
@@ -46,22 +46,41 @@ def _fastest(*names: str) -> str:
 
 
 def serve(settings: Settings) -> None:
+    import threading
+    import types
+
     import uvicorn
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    uvicorn.run(
-        build_app(settings),
+    logs.configure(settings.log_level, settings.log_format)
+    app = build_app(settings)
+    dataplane = app.state.dataplane
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM: turn not-ready and refuse new requests at once, keep serving what is in
+        flight, close the listener after ``shutdown_delay_s``; a second signal exits now."""
+
+        def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            if dataplane.draining or settings.shutdown_delay_s <= 0:
+                dataplane.draining = True
+                super().handle_exit(sig, frame)
+                return
+            dataplane.draining = True
+            timer = threading.Timer(settings.shutdown_delay_s, super().handle_exit, (sig, frame))
+            timer.daemon = True
+            timer.start()
+
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         loop=_fastest("uvloop", "asyncio"),
         http=_fastest("httptools", "h11"),
         log_level=settings.log_level.lower(),
+        log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
     )
+    DrainingServer(config).run()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -24,13 +24,16 @@ from gateway import __version__
 from gateway.backends.base import Backend, BackendFactory, Tensors
 from gateway.batching import Batcher, BatchPolicy
 from gateway.errors import (
+    DeadlineExceeded,
     GatewayError,
     InvalidInput,
     ModelLoadError,
     ModelNotFound,
     ModelNotReady,
+    QueueFull,
     Unavailable,
 )
+from gateway.metrics import Metrics
 from gateway.protocol.types import InferRequest, InferResponse, datatype_of
 from gateway.repository.config import ModelConfig, parse_json
 from gateway.repository.local import LocalRepository, check_model_name, locate_versions
@@ -68,6 +71,17 @@ class ModelEntry:
     @property
     def latest(self) -> LoadedVersion:
         return self.versions[max(self.versions)]
+
+
+def failure_reason(exc: GatewayError) -> str:
+    """Triton's ``reason`` label of ``nv_inference_request_failure``."""
+    if isinstance(exc, QueueFull):
+        return "REJECTED"
+    if isinstance(exc, DeadlineExceeded):
+        return "CANCELED"
+    if isinstance(exc, InvalidInput):
+        return "BACKEND"  # Triton counts input the model rejects as a backend failure
+    return "OTHER"
 
 
 def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchPolicy:
@@ -121,6 +135,7 @@ class DataPlane:
         self.factory = factory
         self.clock = clock
         self.models: dict[str, ModelEntry] = {}
+        self.metrics = Metrics(self)
         self.started = False
         self.draining = False
 
@@ -338,8 +353,8 @@ class DataPlane:
             timeout_us = request.timeout_us
             deadline_s = self.clock() + timeout_us / 1e6 if timeout_us else None
             outputs = await lv.batcher.submit(inputs, rows, deadline_s)
-        except GatewayError:
-            lv.stats.record_request(False, time.perf_counter_ns() - started)
+        except GatewayError as exc:
+            lv.stats.record_request(False, time.perf_counter_ns() - started, failure_reason(exc))
             raise
         lv.stats.record_request(True, time.perf_counter_ns() - started)
         wanted = [o.name for o in request.outputs] if request.outputs else list(outputs)

@@ -47,6 +47,12 @@ class Settings:
     load_models: tuple[str, ...] = ()  # empty: every model in the repository
     strict_readiness: bool = False  # ready only when every model loaded
     drain_timeout_s: float = 30.0
+    # On SIGTERM: report not-ready and refuse new requests (503) for this long before the
+    # listener closes, so load balancers stop sending first (Kubernetes' preStop pattern).
+    shutdown_delay_s: float = 0.0
+    # Observability.
+    access_log: bool = True  # one JSON line per inference request on the gateway.access logger
+    log_format: str = "json"  # json | text
     hosts: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -68,6 +74,10 @@ class Settings:
             raise SettingsError("max_queue_size must be >= 1")
         if self.default_max_batch_size < 0:
             raise SettingsError("default_max_batch_size must be >= 0")
+        if self.log_format not in ("json", "text"):
+            raise SettingsError(f"log_format must be json or text, got {self.log_format!r}")
+        if self.shutdown_delay_s < 0 or self.drain_timeout_s < 0:
+            raise SettingsError("shutdown_delay_s and drain_timeout_s must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise SettingsError(f"log_level {self.log_level!r} is not a logging level")
 

@@ -6,9 +6,13 @@ reports them.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+# Upper bounds (seconds) of the request-latency histogram exported to Prometheus.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass(slots=True)
@@ -47,6 +51,8 @@ class ModelStats:
     compute_infer: _Duration = field(default_factory=_Duration)
     compute_output: _Duration = field(default_factory=_Duration)
     batches: dict[int, _BatchStat] = field(default_factory=dict)
+    fail_reasons: dict[str, int] = field(default_factory=dict)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
 
     def record_execution(self, batch_size: int, requests: int, infer_ns: int) -> None:
         """One backend execution of ``batch_size`` items merged from ``requests`` requests."""
@@ -66,8 +72,12 @@ class ModelStats:
     def record_queue(self, ns: int) -> None:
         self.queue.add(ns)
 
-    def record_request(self, ok: bool, ns: int) -> None:
+    def record_request(self, ok: bool, ns: int, reason: str = "") -> None:
+        """One finished request; ``reason`` names the failure class (Triton's label values)."""
         (self.success if ok else self.fail).add(ns)
+        if not ok:
+            self.fail_reasons[reason or "OTHER"] = self.fail_reasons.get(reason or "OTHER", 0) + 1
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, ns / 1e9)] += 1
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -65,8 +65,17 @@ def start_gateway(
     full_env.pop("GATEWAY_CONFIG", None)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--model-repo", str(repo),
-             "--port", str(port), *args],
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--model-repo",
+                str(repo),
+                "--port",
+                str(port),
+                *args,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,

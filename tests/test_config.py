@@ -46,7 +46,10 @@ def test_full_config() -> None:
         ('name: "other"', "'name'"),
         ("max_batch_size: -1", "max_batch_size"),
         ('platform: "tensorflow_savedmodel"', "platform"),
-        ("max_batch_size: 4 dynamic_batching { preferred_batch_size: [ 8 ] }", "preferred_batch_size"),
+        (
+            "max_batch_size: 4 dynamic_batching { preferred_batch_size: [ 8 ] }",
+            "preferred_batch_size",
+        ),
         ('input [ { name: "X" data_type: TYPE_FP32 dims: [ 0 ] } ]', "dims"),
         ('input [ { name: "X" data_type: TYPE_FP32 } ]', "dims"),
         ("version_policy { specific { } }", "version_policy"),

@@ -26,10 +26,19 @@ def test_binary_and_json_inputs_mix() -> None:
         {
             "id": "r1",
             "inputs": [
-                {"name": "A", "datatype": "FP32", "shape": [2, 3],
-                 "parameters": {"binary_data_size": a.nbytes}},
+                {
+                    "name": "A",
+                    "datatype": "FP32",
+                    "shape": [2, 3],
+                    "parameters": {"binary_data_size": a.nbytes},
+                },
                 {"name": "B", "datatype": "BOOL", "shape": [2], "data": [True, False]},
-                {"name": "S", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 11}},
+                {
+                    "name": "S",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": 11},
+                },
             ],
             "outputs": [{"name": "Y", "parameters": {"binary_data": True}}],
         }
@@ -47,17 +56,26 @@ def test_binary_and_json_inputs_mix() -> None:
     [
         (b'{"inputs": [{"name": "A", "datatype": "FP32", "shape": [1], "data": [NaN]}]}', "JSON"),
         (b'{"inputs": [{"name": "A", "datatype": "INT8", "shape": [1], "data": [300]}]}', "range"),
-        (b'{"inputs": [{"name": "A", "datatype": "INT8", "shape": [1], "data": [1.5]}]}', "integers"),
+        (
+            b'{"inputs": [{"name": "A", "datatype": "INT8", "shape": [1], "data": [1.5]}]}',
+            "integers",
+        ),
         (b'{"inputs": [{"name": "A", "datatype": "FP32", "shape": [1.5], "data": [1]}]}', "shape"),
         (b'{"inputs": [{"name": "A", "datatype": "FP32", "shape": [true], "data": [1]}]}', "shape"),
         (b'{"inputs": [{"name": "A", "datatype": "BOOL", "shape": [1], "data": [1]}]}', "BOOL"),
         (b'{"inputs": [{"name": "A", "datatype": "FP16", "shape": [1], "data": [1e10]}]}', "range"),
-        (b'{"inputs": [{"name": "A", "datatype": "FP32", "shape": [1], "data": ["x"]}]}', "numbers"),
+        (
+            b'{"inputs": [{"name": "A", "datatype": "FP32", "shape": [1], "data": ["x"]}]}',
+            "numbers",
+        ),
         (b'{"inputs": [{"name": "A", "datatype": "FP32", "shape": [1]}]}', "neither"),
-        (b'{"inputs": [{"name": "A", "datatype": "FP32", "shape": [1], "data": [1]},'
-         b' {"name": "A", "datatype": "FP32", "shape": [1], "data": [1]}]}', "twice"),
+        (
+            b'{"inputs": [{"name": "A", "datatype": "FP32", "shape": [1], "data": [1]},'
+            b' {"name": "A", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+            "twice",
+        ),
         (b'{"inputs": [{"name": "A", "datatype": "BYTES", "shape": [1], "data": [1]}]}', "strings"),
-        (b'[' * 2000 + b']' * 2000, "JSON"),
+        (b"[" * 2000 + b"]" * 2000, "JSON"),
     ],
 )
 def test_rejects(body: bytes, message: str) -> None:
@@ -66,12 +84,17 @@ def test_rejects(body: bytes, message: str) -> None:
 
 
 def test_bytes_prefix_overrun() -> None:
-    header = b'{"inputs": [{"name": "S", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}}]}'
+    header = (
+        b'{"inputs": [{"name": "S", "datatype": "BYTES", "shape": [1],'
+        b' "parameters": {"binary_data_size": 6}}]}'
+    )
     with pytest.raises(InvalidInput, match="overruns"):
         decode_infer_request(header + struct.pack("<I", 99) + b"ab", len(header))
 
 
-dtypes = st.sampled_from([np.int8, np.uint16, np.int32, np.int64, np.float16, np.float32, np.float64, np.bool_])
+dtypes = st.sampled_from(
+    [np.int8, np.uint16, np.int32, np.int64, np.float16, np.float32, np.float64, np.bool_]
+)
 
 
 @settings(max_examples=60, deadline=None)

@@ -99,14 +99,21 @@ async def test_unload_drains_then_refuses(own_gateway: tuple[GatewayProcess, Pat
         await client.close()
 
 
-def test_load_with_pushed_config_and_files(own_gateway: tuple[GatewayProcess, Path], tmp_path: Path) -> None:
+def test_load_with_pushed_config_and_files(
+    own_gateway: tuple[GatewayProcess, Path], tmp_path: Path
+) -> None:
     gw, _ = own_gateway
     scratch = tmp_path / "scratch"
     onnx_path = models.add_sub(scratch, "pushed", offset=7)
     config = json.dumps(
-        {"name": "pushed", "max_batch_size": 4,
-         "input": [{"name": "INPUT0", "data_type": "TYPE_INT32", "dims": [16]},
-                   {"name": "INPUT1", "data_type": "TYPE_INT32", "dims": [16]}]}
+        {
+            "name": "pushed",
+            "max_batch_size": 4,
+            "input": [
+                {"name": "INPUT0", "data_type": "TYPE_INT32", "dims": [16]},
+                {"name": "INPUT1", "data_type": "TYPE_INT32", "dims": [16]},
+            ],
+        }
     )
     client = httpclient.InferenceServerClient(gw.address)
     client.load_model("pushed", config=config, files={"file:1/model.onnx": onnx_path.read_bytes()})
@@ -116,9 +123,15 @@ def test_load_with_pushed_config_and_files(own_gateway: tuple[GatewayProcess, Pa
     # A config that contradicts the model is refused with a reason naming the field.
     bad = json.loads(config)
     bad["input"][0]["data_type"] = "TYPE_FP32"
-    body = {"parameters": {"config": json.dumps(bad),
-                           "file:1/model.onnx": base64.b64encode(onnx_path.read_bytes()).decode()}}
-    status, _, data = raw(gw, "POST", "/v2/repository/models/pushed/load", json.dumps(body).encode())
+    body = {
+        "parameters": {
+            "config": json.dumps(bad),
+            "file:1/model.onnx": base64.b64encode(onnx_path.read_bytes()).decode(),
+        }
+    }
+    status, _, data = raw(
+        gw, "POST", "/v2/repository/models/pushed/load", json.dumps(body).encode()
+    )
     assert status == 400 and "INPUT0" in json.loads(data)["error"]
     # ... and the previously loaded version keeps serving.
     np.testing.assert_array_equal(client.infer("pushed", ins).as_numpy("OUTPUT0"), a + b + 7)
@@ -131,7 +144,10 @@ def test_invalid_config_names_file_and_field(tmp_path: Path) -> None:
     models.add_sub(repo, "negative", config='name: "negative"\nmax_batch_size: -3\n')
     gw = start_gateway(repo, tmp_path)
     try:
-        index = {m["name"]: m for m in httpclient.InferenceServerClient(gw.address).get_model_repository_index()}
+        index = {
+            m["name"]: m
+            for m in httpclient.InferenceServerClient(gw.address).get_model_repository_index()
+        }
     finally:
         gw.stop()
     assert index["good"]["state"] == "READY"

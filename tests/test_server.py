@@ -71,7 +71,9 @@ def test_simple_matches_onnxruntime(
 ) -> None:
     client = httpclient.InferenceServerClient(gateway.address)
     ins, a, b = simple_inputs(3, binary_in)
-    outs = [httpclient.InferRequestedOutput(n, binary_data=binary_out) for n in ("OUTPUT0", "OUTPUT1")]
+    outs = [
+        httpclient.InferRequestedOutput(n, binary_data=binary_out) for n in ("OUTPUT0", "OUTPUT1")
+    ]
     result = client.infer("simple", ins, outputs=outs, request_id="req-7")
     expected = ort_run(repo, "simple", {"INPUT0": a, "INPUT1": b})
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), expected["OUTPUT0"])
@@ -93,7 +95,12 @@ def test_requested_output_subset_and_default_binary(gateway: GatewayProcess) -> 
 def test_nested_json_data_and_dtypes(gateway: GatewayProcess) -> None:
     body = {
         "inputs": [
-            {"name": "INPUT0", "datatype": "INT32", "shape": [2, 16], "data": [list(range(16))] * 2},
+            {
+                "name": "INPUT0",
+                "datatype": "INT32",
+                "shape": [2, 16],
+                "data": [list(range(16))] * 2,
+            },
             {"name": "INPUT1", "datatype": "INT32", "shape": [2, 16], "data": [1] * 32},
         ]
     }
@@ -109,8 +116,9 @@ def test_bytes_and_fixed_shape_models(gateway: GatewayProcess) -> None:
     text = np.array([[b"hello"], ["h\u00e9\x00".encode()]], dtype=object)
     for binary in (True, False):
         tensor = httpclient.InferInput("TEXT", [2, 1], "BYTES")
-        tensor.set_data_from_numpy(text if binary else np.array([["hello"], ["x"]], dtype=object),
-                                   binary_data=binary)
+        tensor.set_data_from_numpy(
+            text if binary else np.array([["hello"], ["x"]], dtype=object), binary_data=binary
+        )
         got = client.infer("echo", [tensor]).as_numpy("TEXT_OUT")
         assert got.shape == (2, 1)
         if binary:
@@ -165,7 +173,9 @@ async def test_concurrent_requests_are_batched_and_split(
     expected = ort_run(repo, "dense", {"X": np.concatenate(xs)})["Y"]
     for i, got in enumerate(results):
         np.testing.assert_allclose(got, expected[i : i + 1], rtol=1e-5, atol=1e-6)
-    requests = after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
+    requests = (
+        after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
+    )
     executions = after["execution_count"] - before["execution_count"]
     assert requests == 32
     assert after["inference_count"] - before["inference_count"] == 32

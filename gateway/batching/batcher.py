@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway import context
 from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady, QueueFull
 from gateway.stats import ModelStats
 
@@ -52,7 +53,9 @@ class _Pending:
     future: asyncio.Future[Tensors]
     enqueued_s: float
     deadline_s: float | None
+    request_id: str | None = None
     queue_ns: int = field(default=0)
+    execution: context.Execution | None = None
 
 
 def signature(inputs: Tensors) -> tuple[Any, ...]:
@@ -104,18 +107,23 @@ class Batcher:
         if deadline_s is None and self._policy.default_timeout_s:
             deadline_s = now + self._policy.default_timeout_s
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
-        item = _Pending(inputs, rows, signature(inputs), future, now, deadline_s)
+        item = _Pending(
+            inputs, rows, signature(inputs), future, now, deadline_s, context.request_id.get()
+        )
         self._queue.append(item)
         self._arrived.set()
-        if deadline_s is None:
-            return await future
         try:
-            async with asyncio.timeout(max(0.0, deadline_s - now)):
-                return await future
+            if deadline_s is None:
+                result = await future
+            else:
+                async with asyncio.timeout(max(0.0, deadline_s - now)):
+                    result = await future
         except TimeoutError:
             raise DeadlineExceeded("Request timeout expired") from None
         finally:
             future.cancel()  # no-op when done; marks it dropped when we stop waiting
+        context.execution.set(item.execution)
+        return result
 
     def _take_live(self) -> _Pending | None:
         """Pop the head of the queue, failing expired entries and skipping abandoned ones."""
@@ -179,6 +187,7 @@ class Batcher:
             for item in batch:
                 item.queue_ns = int((started - item.enqueued_s) * 1e9)
                 self._stats.record_queue(item.queue_ns)
+            context.batch_request_ids.set(tuple(p.request_id for p in batch if p.request_id))
             if len(batch) == 1:
                 inputs = batch[0].inputs
             else:
@@ -199,7 +208,11 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(error)
                 return
-            self._stats.record_execution(rows, len(batch), int((self._clock() - started) * 1e9))
+            compute_ns = int((self._clock() - started) * 1e9)
+            self._stats.record_execution(rows, len(batch), compute_ns)
+            host = context.executed_on.get()
+            for item in batch:
+                item.execution = context.Execution(rows, item.queue_ns, compute_ns, host)
             if len(batch) == 1:
                 if not batch[0].future.done():
                     batch[0].future.set_result(outputs)

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -16,10 +18,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import context
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, PayloadTooLarge
+from gateway.logs import log_inference
+from gateway.metrics import CONTENT_TYPE
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
-from gateway.server.errors import error_response, handle_gateway_error
+from gateway.server.errors import error_response, gateway_error_response, handle_gateway_error
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -109,6 +114,7 @@ def create_app(
     stops (other front ends on the same loop, such as gRPC).
     """
     limit = dataplane.settings.max_body_bytes
+    access_log = dataplane.settings.access_log
 
     async def health_live(request: Request) -> Response:
         return Response(status_code=200 if dataplane.live() else 503)
@@ -137,7 +143,21 @@ def create_app(
         return _json(dataplane.model_stats(params.get("model"), params.get("version")))
 
     async def infer(request: Request) -> Response:
+        """Request id in, access-log line out; the work is in ``_infer``."""
+        started_ns = time.perf_counter_ns()
         name, version = _names(request)
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        context.request_id.set(rid)
+        try:
+            response = await _infer(request, name, version)
+        except GatewayError as exc:
+            response = gateway_error_response(exc)
+        response.headers["X-Request-ID"] = rid
+        if access_log:
+            log_inference(name, version, response.status_code, started_ns, rid)
+        return response
+
+    async def _infer(request: Request, name: str, version: str | None) -> Response:
         dataplane.resolve(name, version)  # 404/503 before reading a large body
         body = await read_body(request, limit)
         header = request.headers.get(HEADER_LENGTH)
@@ -167,6 +187,9 @@ def create_app(
             media_type="application/octet-stream",
             headers={"Inference-Header-Content-Length": str(json_length)},
         )
+
+    async def metrics(request: Request) -> Response:
+        return Response(dataplane.metrics.render(), media_type=CONTENT_TYPE)
 
     async def repository_index(request: Request) -> Response:
         body = await _json_body(request, limit)
@@ -217,6 +240,7 @@ def create_app(
         Route("/v2/health/live", health_live, methods=["GET"]),
         Route("/v2/health/ready", health_ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v2/models/stats", model_stats, methods=["GET"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
@@ -243,7 +267,7 @@ def create_app(
                 await hook()
             await dataplane.stop()
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -252,3 +276,5 @@ def create_app(
             Exception: internal_error,
         },
     )
+    app.state.dataplane = dataplane
+    return app

@@ -1,0 +1,29 @@
+"""Request-scoped context that crosses layers without widening every signature.
+
+``request_id`` is set by a front end for the request's task. The batcher copies the ids of the
+requests it merges into ``batch_request_ids`` for the task that executes the batch, so a remote
+backend can propagate them upstream, and it reports back how the request ran through
+``execution``, which the access log reads.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """How one request was executed: the batch it rode in and where the time went."""
+
+    batch_size: int
+    queue_ns: int
+    compute_ns: int
+    host: str = ""
+
+
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+batch_request_ids: ContextVar[tuple[str, ...]] = ContextVar("batch_request_ids", default=())
+execution: ContextVar[Execution | None] = ContextVar("execution", default=None)
+# Set by a backend inside the batch task; copied onto each request's Execution.
+executed_on: ContextVar[str] = ContextVar("executed_on", default="")
