@@ -79,6 +79,10 @@ def serve(settings: Settings) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        limit_concurrency=settings.max_connections or None,
+        timeout_keep_alive=int(settings.keepalive_timeout_s),
+        ssl_certfile=settings.tls_certfile or None,
+        ssl_keyfile=settings.tls_keyfile or None,
     )
     DrainingServer(config).run()
 

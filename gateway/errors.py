@@ -4,7 +4,8 @@ The core raises these; only ``gateway.server`` knows which status code each beco
 
     GatewayError
     ├── InvalidInput          malformed request: bad JSON, shape, dtype, binary lengths
-    │   └── PayloadTooLarge   body above the configured limit
+    │   ├── PayloadTooLarge   body above the configured limit
+    │   └── ClientTimeout     the client did not send its body in time
     ├── ModelNotFound         unknown model or version
     ├── ModelLoadError        a model (or its config) cannot be loaded
     ├── Unavailable           cannot serve right now; retrying later may work
@@ -32,6 +33,10 @@ class InvalidInput(GatewayError):
 
 class PayloadTooLarge(InvalidInput):
     """The request body exceeds the configured size limit."""
+
+
+class ClientTimeout(InvalidInput):
+    """The client was too slow delivering its request (slow-loris protection)."""
 
 
 class ModelNotFound(GatewayError):

@@ -50,6 +50,15 @@ class Settings:
     # On SIGTERM: report not-ready and refuse new requests (503) for this long before the
     # listener closes, so load balancers stop sending first (Kubernetes' preStop pattern).
     shutdown_delay_s: float = 0.0
+    # Security and connection limits.
+    api_keys: tuple[str, ...] = ()  # inference credential(s); empty: no authentication
+    admin_keys: tuple[str, ...] = ()  # repository load/unload and admin API credential(s)
+    admin_api: bool = True  # false: no repository or admin endpoints at all
+    max_connections: int = 0  # concurrent connections + requests before 503; 0: unlimited
+    keepalive_timeout_s: float = 5.0
+    body_timeout_s: float = 30.0  # a client must deliver its whole body within this
+    tls_certfile: str = ""  # with tls_keyfile: serve HTTPS
+    tls_keyfile: str = ""
     # Observability.
     access_log: bool = True  # one JSON line per inference request on the gateway.access logger
     log_format: str = "json"  # json | text

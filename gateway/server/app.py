@@ -14,16 +14,18 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import context
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, InvalidInput, PayloadTooLarge
+from gateway.errors import ClientTimeout, GatewayError, InvalidInput, PayloadTooLarge
 from gateway.logs import log_inference
 from gateway.metrics import CONTENT_TYPE
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
+from gateway.server.auth import AuthMiddleware
 from gateway.server.errors import error_response, gateway_error_response, handle_gateway_error
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -33,27 +35,33 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (before buffering) anything above ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """The whole body, refusing (before buffering) anything above ``limit`` bytes, and giving up
+    on clients that trickle it slower than ``timeout_s`` in total."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise InvalidInput("invalid Content-Length header")
         if int(declared) > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
-        return await request.body()
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            if declared is not None:
+                return await request.body()
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ClientTimeout(f"request body not received within {timeout_s:g} s") from None
     return b"".join(chunks)
 
 
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, 30.0)
     if not body.strip():
         return {}
     try:
@@ -115,6 +123,7 @@ def create_app(
     """
     limit = dataplane.settings.max_body_bytes
     access_log = dataplane.settings.access_log
+    body_timeout_s = dataplane.settings.body_timeout_s
 
     async def health_live(request: Request) -> Response:
         return Response(status_code=200 if dataplane.live() else 503)
@@ -159,7 +168,7 @@ def create_app(
 
     async def _infer(request: Request, name: str, version: str | None) -> Response:
         dataplane.resolve(name, version)  # 404/503 before reading a large body
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, body_timeout_s)
         header = request.headers.get(HEADER_LENGTH)
         header_length: int | None = None
         if header is not None:
@@ -267,8 +276,20 @@ def create_app(
                 await hook()
             await dataplane.stop()
 
+    if not dataplane.settings.admin_api:
+        routes = [r for r in routes if not r.path.startswith(("/v2/repository", "/admin"))]
+    middleware = []
+    if dataplane.settings.api_keys or dataplane.settings.admin_keys:
+        middleware.append(
+            Middleware(
+                AuthMiddleware,
+                api_keys=dataplane.settings.api_keys,
+                admin_keys=dataplane.settings.admin_keys,
+            )
+        )
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             GatewayError: handle_gateway_error,

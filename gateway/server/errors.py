@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.errors import (
+    ClientTimeout,
     DeadlineExceeded,
     GatewayError,
     InvalidInput,
@@ -22,6 +23,7 @@ from gateway.errors import (
 # Most specific first.
 STATUS: list[tuple[type[GatewayError], int]] = [
     (PayloadTooLarge, 413),
+    (ClientTimeout, 408),
     (InvalidInput, 400),
     (ModelNotFound, 404),
     (ModelLoadError, 400),

@@ -1,0 +1,89 @@
+"""Authentication, admin lock-down and slow clients, against the real gateway."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import models
+from tests.conftest import GatewayProcess, start_gateway
+from tests.test_server import raw
+
+BODY = json.dumps(
+    {
+        "inputs": [
+            {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [0] * 16},
+            {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": [0] * 16},
+        ]
+    }
+).encode()
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("locked")
+    models.add_sub(tmp / "repo", "simple")
+    gw = start_gateway(
+        tmp / "repo",
+        tmp,
+        env={
+            "GATEWAY_API_KEYS": "user-key-1,user-key-2",
+            "GATEWAY_ADMIN_KEYS": "admin-key",
+            "GATEWAY_BODY_TIMEOUT_S": "1",
+        },
+    )
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_inference_needs_a_key(locked: GatewayProcess) -> None:
+    infer = "/v2/models/simple/infer"
+    status, headers, body = raw(locked, "POST", infer, BODY)
+    assert status == 401 and headers["www-authenticate"] == "Bearer"
+    assert "credential" in json.loads(body)["error"]
+    assert raw(locked, "POST", infer, BODY, {"Authorization": "Bearer wrong"})[0] == 401
+    assert raw(locked, "POST", infer, BODY, {"Authorization": "Bearer user-key-2"})[0] == 200
+    assert raw(locked, "POST", infer, BODY, {"X-API-Key": "user-key-1"})[0] == 200
+    assert raw(locked, "POST", infer, BODY, {"Authorization": "Bearer admin-key"})[0] == 200
+    assert raw(locked, "GET", "/v2/health/ready")[0] == 200  # probes stay open
+    assert raw(locked, "GET", "/metrics")[0] == 200
+
+
+def test_repository_needs_the_admin_key(locked: GatewayProcess) -> None:
+    unload = "/v2/repository/models/simple/unload"
+    assert raw(locked, "POST", unload, b"{}", {"Authorization": "Bearer user-key-1"})[0] == 403
+    assert raw(locked, "POST", unload, b"{}")[0] == 401
+    index = raw(locked, "POST", "/v2/repository/index", b"{}", {"X-API-Key": "admin-key"})
+    assert index[0] == 200
+    assert "user-key" not in locked.log() and "admin-key" not in locked.log()
+
+
+def test_trickling_body_times_out(locked: GatewayProcess) -> None:
+    with socket.create_connection(("127.0.0.1", locked.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nX-API-Key: user-key-1\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        started = time.monotonic()
+        reply = sock.recv(4096)
+    assert b" 408 " in reply.split(b"\r\n")[0]
+    assert time.monotonic() - started < 5
+    ok = raw(locked, "POST", "/v2/models/simple/infer", BODY, {"X-API-Key": "user-key-1"})
+    assert ok[0] == 200
+
+
+def test_admin_api_can_be_turned_off(tmp_path: Path) -> None:
+    models.add_sub(tmp_path / "repo", "simple")
+    gw = start_gateway(tmp_path / "repo", tmp_path, env={"GATEWAY_ADMIN_API": "false"})
+    try:
+        assert raw(gw, "POST", "/v2/repository/models/simple/unload", b"{}")[0] == 404
+        assert raw(gw, "POST", "/v2/models/simple/infer", BODY)[0] == 200
+    finally:
+        gw.stop()
