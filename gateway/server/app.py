@@ -26,6 +26,7 @@ from gateway.logs import log_inference
 from gateway.metrics import CONTENT_TYPE
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.server.auth import AuthMiddleware
+from gateway.server.openapi import OPENAPI
 from gateway.server.errors import error_response, gateway_error_response, handle_gateway_error
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -197,6 +198,9 @@ def create_app(
             headers={"Inference-Header-Content-Length": str(json_length)},
         )
 
+    async def openapi(request: Request) -> Response:
+        return _json(OPENAPI)
+
     async def metrics(request: Request) -> Response:
         return Response(dataplane.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -250,6 +254,7 @@ def create_app(
         Route("/v2/health/ready", health_ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/v2/models/stats", model_stats, methods=["GET"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),

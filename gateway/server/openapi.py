@@ -1,0 +1,113 @@
+"""The gateway's OpenAPI 3 document (served at ``/openapi.json``, used to fuzz the HTTP API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+from gateway.protocol.types import DATATYPES
+
+_ERROR = {
+    "description": "error",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "string"}},
+            }
+        }
+    },
+}
+_JSON_OK = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
+_NAME = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": list(DATATYPES)},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "data": {},
+        "parameters": {"type": "object"},
+    },
+}
+_INFER = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _TENSOR},
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+            },
+        },
+    },
+}
+
+
+def _op(summary: str, params: list[Any], body: dict[str, Any] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "parameters": params,
+        "responses": {"200": _JSON_OK, "400": _ERROR, "404": _ERROR, "503": _ERROR},
+    }
+    if body is not None:
+        op["requestBody"] = {"content": {"application/json": {"schema": body}}}
+    return op
+
+
+def _model_paths(prefix: str, params: list[Any]) -> dict[str, Any]:
+    return {
+        prefix: {"get": _op("model metadata", params)},
+        prefix + "/ready": {"get": _op("model readiness", params)},
+        prefix + "/config": {"get": _op("model configuration (Triton JSON)", params)},
+        prefix + "/stats": {"get": _op("model statistics", params)},
+        prefix + "/infer": {"post": _op("inference", params, _INFER)},
+    }
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "gateway: Open Inference Protocol (KServe v2)", "version": __version__},
+    "paths": {
+        "/v2/health/live": {"get": _op("liveness", [])},
+        "/v2/health/ready": {"get": _op("readiness", [])},
+        "/v2": {"get": _op("server metadata", [])},
+        "/v2/models/stats": {"get": _op("statistics of every model", [])},
+        **_model_paths("/v2/models/{model}", [_NAME]),
+        **_model_paths("/v2/models/{model}/versions/{version}", [_NAME, _VERSION]),
+        "/v2/repository/index": {
+            "post": _op(
+                "repository index",
+                [],
+                {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+            )
+        },
+        "/v2/repository/models/{model}/load": {
+            "post": _op(
+                "load or reload a model",
+                [_NAME],
+                {
+                    "type": "object",
+                    "properties": {
+                        "parameters": {
+                            "type": "object",
+                            "properties": {"config": {"type": "string"}},
+                        }
+                    },
+                },
+            )
+        },
+        "/v2/repository/models/{model}/unload": {
+            "post": _op("unload a model", [_NAME], {"type": "object"})
+        },
+    },
+}
