@@ -26,8 +26,8 @@ from gateway.logs import log_inference
 from gateway.metrics import CONTENT_TYPE
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.server.auth import AuthMiddleware
-from gateway.server.openapi import OPENAPI
 from gateway.server.errors import error_response, gateway_error_response, handle_gateway_error
+from gateway.server.openapi import OPENAPI
 
 HEADER_LENGTH = "inference-header-content-length"
 
