@@ -183,6 +183,12 @@ class Batcher:
 
     async def _run(self, batch: list[_Pending], rows: int) -> None:
         try:
+            # Callers may have gone away while the batch was forming.
+            if any(p.future.done() for p in batch):
+                batch = [p for p in batch if not p.future.done()]
+                rows = sum(p.rows for p in batch)
+                if not batch:
+                    return
             started = self._clock()
             for item in batch:
                 item.queue_ns = int((started - item.enqueued_s) * 1e9)
