@@ -1,0 +1,237 @@
+"""Tensors between gRPC messages and :mod:`gateway.protocol.types`: pure functions.
+
+A ``ModelInferRequest`` carries its data either in each input's typed ``contents`` or, for all
+inputs at once, in ``raw_input_contents`` (little-endian bytes; BYTES elements as a 4-byte
+little-endian length then the bytes, the binary-tensor layout). Responses answer in kind, as
+Triton does: raw outputs for raw requests, typed ``contents`` otherwise (FP16 has no typed field,
+so a response holding FP16 is raw whatever was asked). Everything a client can get wrong raises
+:class:`~gateway.errors.InvalidInput` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from gateway.errors import InvalidInput
+from gateway.protocol.types import (
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    datatype_of,
+    numpy_dtype,
+)
+
+MAX_DIMS = 32
+_LEN = struct.Struct("<I")
+
+# v2 datatype -> the InferTensorContents field holding it, and the range its values must fit.
+_CONTENTS: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_NARROW = {"INT8", "INT16", "UINT8", "UINT16"}
+
+
+def _parameter_value(param: Any) -> Any:
+    kind = param.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(param, kind)
+
+
+def parameters_from_proto(params: Any) -> dict[str, Any]:
+    """A ``map<string, InferParameter>`` as plain Python values (unset entries dropped)."""
+    out: dict[str, Any] = {}
+    for key, param in params.items():
+        value = _parameter_value(param)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def parameters_to_proto(values: dict[str, Any], target: Any) -> None:
+    """Fill a ``map<string, InferParameter>``; values of other types are sent as strings."""
+    for key, value in values.items():
+        param = target[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
+        else:
+            param.string_param = str(value)
+
+
+def _shape(tensor: Any) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+        raise InvalidInput(
+            f"input '{tensor.name}': shape {list(shape)} must be at most {MAX_DIMS} "
+            "non-negative dimensions"
+        )
+    return shape
+
+
+def split_bytes(buffer: bytes, count: int, name: str) -> np.ndarray[Any, Any]:
+    """Length-prefixed BYTES elements -> a flat object array of ``count`` bytes."""
+    view = memoryview(buffer)
+    items: list[bytes] = []
+    offset, size = 0, len(view)
+    while offset < size:
+        if offset + 4 > size:
+            raise InvalidInput(f"input '{name}': truncated BYTES length prefix")
+        (length,) = _LEN.unpack_from(view, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidInput(f"input '{name}': BYTES element length {length} overruns the data")
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+        if len(items) > count:
+            break
+    if len(items) != count or offset != size:
+        raise InvalidInput(
+            f"input '{name}': raw BYTES data holds more or fewer than the {count} elements "
+            "its shape needs"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
+
+
+def join_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    """A BYTES tensor (bytes or str elements) as length-prefixed bytes."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(_LEN.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _from_raw(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) -> Any:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return split_bytes(raw, count, name).reshape(shape)
+    dtype = numpy_dtype(datatype)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInput(
+            f"input '{name}': got {len(raw)} bytes of raw data, but shape {list(shape)} of "
+            f"{datatype} needs {expected}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _from_contents(contents: Any, datatype: str, shape: tuple[int, ...], name: str) -> Any:
+    dtype = numpy_dtype(datatype)
+    field = _CONTENTS.get(datatype)
+    if field is None:
+        raise InvalidInput(
+            f"input '{name}': {datatype} data cannot be sent in 'contents'; use raw_input_contents"
+        )
+    for other in set(_CONTENTS.values()) - {field}:
+        if len(getattr(contents, other)):
+            raise InvalidInput(
+                f"input '{name}': {datatype} data must be in '{field}', not '{other}'"
+            )
+    values = getattr(contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input '{name}': got {len(values)} elements in '{field}', but shape "
+            f"{list(shape)} needs {count}"
+        )
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+    elif datatype in _NARROW:
+        wide = np.array(values, dtype=np.int64)
+        info = np.iinfo(dtype)
+        if count and (wide.min() < info.min or wide.max() > info.max):
+            raise InvalidInput(f"input '{name}': values out of range for {datatype}")
+        array = wide.astype(dtype)
+    else:
+        array = np.array(values, dtype=dtype)
+    return array.reshape(shape)
+
+
+def decode_infer_request(message: Any) -> InferRequest:
+    """A ``ModelInferRequest`` as an :class:`InferRequest`."""
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidInput(
+            f"got {len(raw)} raw_input_contents for {len(message.inputs)} inputs; "
+            "raw data must be given for every input or none"
+        )
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    for index, tensor in enumerate(message.inputs):
+        name = tensor.name
+        if not name:
+            raise InvalidInput("every input needs a name")
+        if name in inputs:
+            raise InvalidInput(f"input '{name}' given twice")
+        shape = _shape(tensor)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{name}' has both 'contents' and raw_input_contents; send one"
+                )
+            inputs[name] = _from_raw(raw[index], tensor.datatype, shape, name)
+        else:
+            inputs[name] = _from_contents(tensor.contents, tensor.datatype, shape, name)
+    outputs: list[RequestedOutput] | None = None
+    if message.outputs:
+        outputs = []
+        seen: set[str] = set()
+        for out in message.outputs:
+            if out.name in seen:
+                raise InvalidInput(f"output '{out.name}' requested twice")
+            seen.add(out.name)
+            outputs.append(RequestedOutput(out.name))
+    return InferRequest(
+        inputs=inputs,
+        id=message.id or None,
+        outputs=outputs,
+        parameters=parameters_from_proto(message.parameters),
+    )
+
+
+def encode_infer_response(response: InferResponse, raw: bool) -> Any:
+    """An :class:`InferResponse` as a ``ModelInferResponse``; ``raw`` as the request was."""
+    datatypes = {name: datatype_of(array) for name, array in response.outputs.items()}
+    raw = raw or any(dt not in _CONTENTS for dt in datatypes.values())
+    message = pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id or "",
+    )
+    parameters_to_proto(response.parameters, message.parameters)
+    for name, array in response.outputs.items():
+        datatype = datatypes[name]
+        tensor = message.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        if raw:
+            message.raw_output_contents.append(
+                join_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
+            )
+        elif datatype == "BYTES":
+            tensor.contents.bytes_contents.extend(
+                item if isinstance(item, bytes) else str(item).encode()
+                for item in array.reshape(-1)
+            )
+        else:
+            getattr(tensor.contents, _CONTENTS[datatype]).extend(array.reshape(-1).tolist())
+    return message

@@ -1,0 +1,271 @@
+"""``inference.GRPCInferenceService`` over :class:`gateway.dataplane.DataPlane`, with ``grpc.aio``.
+
+Each RPC only translates messages (tritonclient's generated ``service_pb2``) to and from the
+data plane's calls, the same calls the REST endpoints make on the same instance, so gRPC and REST
+requests for one model share its batcher. Errors become gRPC statuses through
+:mod:`gateway.grpc.errors`; in ``ModelStreamInfer`` they go in ``error_message`` and the stream
+goes on. Stream requests run concurrently, so their responses may come back out of order (match
+them by ``id``), as with Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc  # type: ignore[import-untyped]  # no stubs in the venv
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from gateway.dataplane import DataPlane
+from gateway.errors import GatewayError, InvalidInput, Unavailable
+from gateway.grpc.codec import decode_infer_request, encode_infer_response
+from gateway.grpc.errors import status_of
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, Any, Any], Awaitable[Any]]
+H = TypeVar("H", bound=Handler)
+
+
+def _version(text: str) -> str | None:
+    return text or None
+
+
+def _unary(method: H) -> H:
+    """Turn the data plane's exceptions into gRPC statuses with REST's messages."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await method(self, request, context)
+        except GatewayError as exc:
+            metadata: tuple[tuple[str, str], ...] = ()
+            if isinstance(exc, Unavailable) and exc.retry_after_s is not None:
+                metadata = (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
+            await context.abort(status_of(exc), exc.message, metadata)
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            log.exception("gRPC %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The Open Inference Protocol's gRPC service; shared-memory, trace and log RPCs are left
+    UNIMPLEMENTED (the generated base class's answer)."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    # -- health and metadata ----------------------------------------------------------------
+
+    @_unary
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=self.dataplane.live())
+
+    @_unary
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+
+    @_unary
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        ready = self.dataplane.model_ready(request.name, _version(request.version))
+        return pb.ModelReadyResponse(ready=ready)
+
+    @_unary
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        meta = self.dataplane.server_metadata()
+        return pb.ServerMetadataResponse(
+            name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+        )
+
+    @_unary
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        meta = self.dataplane.model_metadata(request.name, _version(request.version))
+
+        def tensors(items: list[dict[str, Any]]) -> list[Any]:
+            return [
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=t["name"], datatype=t["datatype"], shape=t["shape"]
+                )
+                for t in items
+            ]
+
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=tensors(meta["inputs"]),
+            outputs=tensors(meta["outputs"]),
+        )
+
+    @_unary
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        config = self.dataplane.model_config(request.name, _version(request.version))
+        message = json_format.ParseDict(config, mc.ModelConfig(), ignore_unknown_fields=True)
+        return pb.ModelConfigResponse(config=message)
+
+    @_unary
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        stats = self.dataplane.model_stats(request.name or None, _version(request.version))
+        return json_format.ParseDict(
+            stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True
+        )
+
+    # -- inference --------------------------------------------------------------------------
+
+    async def _infer(self, request: Any) -> Any:
+        version = _version(request.model_version)
+        self.dataplane.resolve(request.model_name, version)  # NOT_FOUND before decoding
+        decoded = decode_infer_request(request)
+        result = await self.dataplane.infer(request.model_name, version, decoded)
+        return encode_infer_response(result, raw=bool(request.raw_input_contents))
+
+    @_unary
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self._infer(request)
+
+    async def _stream_one(self, request: Any) -> Any:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+        except GatewayError as exc:
+            message = exc.message
+        except Exception as exc:
+            log.exception("gRPC ModelStreamInfer request failed")
+            message = f"internal error: {type(exc).__name__}"
+        echo = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+        done = object()
+
+        async def answer(request: Any) -> None:
+            answers.put_nowait(await self._stream_one(request))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(done)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not done:
+                yield item
+            await reader  # surfaces a failed read (the client went away)
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    # -- repository -------------------------------------------------------------------------
+
+    @_unary
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        index = self.dataplane.repository_index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=m["name"],
+                    version=m.get("version", ""),
+                    state=m["state"],
+                    reason=m.get("reason", ""),
+                )
+                for m in index
+            ]
+        )
+
+    @_unary
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        config: str | None = None
+        files: dict[str, bytes] = {}
+        for key, param in request.parameters.items():
+            kind = param.WhichOneof("parameter_choice")
+            if key == "config":
+                if kind != "string_param":
+                    raise InvalidInput("'config' must be a string parameter (JSON text)")
+                config = param.string_param
+            elif key.startswith("file:"):
+                if kind != "bytes_param":
+                    raise InvalidInput(f"'{key[:64]}' must be a bytes parameter")
+                files[key] = param.bytes_param
+            else:
+                raise InvalidInput(f"unknown load parameter '{key[:64]}'")
+        await self.dataplane.load(request.model_name, config, files or None)
+        return pb.RepositoryModelLoadResponse()
+
+    @_unary
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        await self.dataplane.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class GrpcServer:
+    """The gRPC front end's life cycle, for the app's start-up and shut-down hooks.
+
+    ``start`` must run on the serving event loop (``grpc.aio`` binds to the running loop).
+    """
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        grace_s: float = 30.0,
+    ) -> None:
+        self.dataplane = dataplane
+        self.address = _address(host, port)
+        self.max_message_bytes = max_message_bytes
+        self.grace_s = grace_s
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a second gateway on the port fails, not shares
+            ]
+        )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane), server
+        )
+        try:
+            self.port = server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind gRPC to {self.address}: {exc}") from None
+        await server.start()
+        self._server = server
+        log.info("gRPC listening on %s", self.address)
+
+    async def stop(self) -> None:
+        """Refuse new RPCs, let running ones finish within ``grace_s``."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(self.grace_s)
