@@ -21,9 +21,31 @@ def build_app(settings: Settings) -> Any:
     from gateway.server import create_app
 
     repository = LocalRepository(settings.model_repo_path)
-    dataplane = DataPlane(settings, repository, OnnxRuntimeFactory(settings))
+    edge: Any = None
+    if "://" in settings.model_repo:  # an origin URL: pull into a verified local cache
+        from gateway.repository.edge import EdgeRepository
+
+        repository = edge = EdgeRepository(settings)
+    factory: Any = OnnxRuntimeFactory(settings)
+    on_shutdown: list[Any] = []
+    if settings.hosts and all(h.get("kind", "triton") == "triton" for h in settings.hosts):
+        # Only Triton hosts configured: serve every model through them, not in-process.
+        from gateway.backends.triton import TritonFactory
+
+        factory = TritonFactory(settings)
+        on_shutdown.append(factory.close)
+    elif any(h.get("kind") == "v2" for h in settings.hosts):
+        # v2 hosts (other gateway nodes): route per batch across them (+ local, + Triton hosts).
+        from gateway.backends.routed import RoutedFactory
+
+        factory = RoutedFactory(settings)
+        on_shutdown.append(factory.close)
+    dataplane = DataPlane(settings, repository, factory)
+    if edge is not None:
+        edge.attach(dataplane)
+        on_shutdown.append(edge.close)
     if not settings.grpc_port:
-        return create_app(dataplane)
+        return create_app(dataplane, on_shutdown=on_shutdown)
     from gateway.grpc import GrpcServer
 
     grpc_server = GrpcServer(
@@ -33,7 +55,9 @@ def build_app(settings: Settings) -> Any:
         settings.grpc_max_message_bytes,
         grace_s=settings.drain_timeout_s,
     )
-    return create_app(dataplane, on_startup=[grpc_server.start], on_shutdown=[grpc_server.stop])
+    return create_app(
+        dataplane, on_startup=[grpc_server.start], on_shutdown=[grpc_server.stop, *on_shutdown]
+    )
 
 
 def _fastest(*names: str) -> str:
@@ -105,12 +129,84 @@ def _parser() -> argparse.ArgumentParser:
         "--execution-provider", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider"
     )
     serve_cmd.add_argument("--max-queue-size", type=int, help="default per-model queue bound")
+    _edge_arguments(commands, serve_cmd)
     return parser
+
+
+def _edge_arguments(commands: Any, serve_cmd: argparse.ArgumentParser) -> None:
+    """Edge caches: ``serve --cache-dir/--cache-size``, ``gateway pull``, ``gateway manifest``."""
+    from gateway.repository.cache import parse_size
+
+    pull_cmd = commands.add_parser("pull", help="fetch models from an origin into the cache")
+    pull_cmd.add_argument("models", nargs="*", help="model names [every model of the origin]")
+    pull_cmd.add_argument("--model-repo", help="origin URL: file://, http(s)://, s3://")
+    pull_cmd.add_argument("--config", help="TOML settings file (also GATEWAY_CONFIG)")
+    for cmd in (serve_cmd, pull_cmd):
+        cmd.add_argument("--cache-dir", help="edge cache directory [~/.cache/gateway/...]")
+        cmd.add_argument(
+            "--cache-size", dest="cache_size_bytes", type=parse_size, help="bytes, e.g. 10GiB"
+        )
+        cmd.add_argument("--peers", help="comma-separated peer edge URLs, asked before the origin")
+    serve_cmd.add_argument("--prefetch", help="comma-separated models to pull and load at start")
+    manifest_cmd = commands.add_parser(
+        "manifest", help="write manifest.json files and models.json for an origin"
+    )
+    manifest_cmd.add_argument("--model-repo", required=True, help="repository directory")
+
+
+def _manifest(model_repo: str) -> int:
+    from pathlib import Path
+
+    from gateway.repository.manifest import write_manifests
+
+    for name, versions in write_manifests(Path(model_repo)).items():
+        print(f"{name}: {versions} version(s)", file=sys.stderr)
+    return 0
+
+
+def _pull(settings: Settings, names: Sequence[str]) -> int:
+    """Fetch into the cache with a progress line per model on stderr; no model is loaded."""
+    import asyncio
+    import time
+
+    from gateway.repository.edge import EdgeRepository
+
+    if "://" not in settings.model_repo:
+        print("gateway pull: --model-repo must be an origin URL", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        edge = EdgeRepository(settings)
+        try:
+            for name in names or sorted(await edge.refresh_index()):
+                started, done = time.monotonic(), 0
+
+                def advance(delta: int, name: str = name, started: float = started) -> None:
+                    nonlocal done
+                    done += delta
+                    rate = done / max(time.monotonic() - started, 1e-6) / 1e6
+                    print(f"\r{name}: {done / 1e6:9.1f} MB  {rate:7.1f} MB/s", end="",
+                          file=sys.stderr, flush=True)
+
+                await edge.pull(name, advance)
+                print(f"\r{name}: {done / 1e6:9.1f} MB  done", file=sys.stderr)
+        finally:
+            await edge.close()
+
+    try:
+        asyncio.run(run())
+    except GatewayError as exc:
+        print(f"\ngateway pull: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    if args.command == "manifest":
+        return _manifest(args.model_repo)
+    skip = ("command", "config", "models")
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         settings = load_settings(args.config, overrides=overrides)
     except GatewayError as exc:
@@ -118,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         serve(settings)
+    if args.command == "pull":
+        return _pull(settings, args.models)
     return 0
 
 

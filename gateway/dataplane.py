@@ -138,11 +138,12 @@ class DataPlane:
         self.metrics = Metrics(self)
         self.started = False
         self.draining = False
+        self._pending: dict[str, asyncio.Future[None]] = {}  # loads started by a request
 
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        names = list(self.settings.load_models) or self.repository.model_names()
+        names = list(self.settings.load_models) or await self.repository.startup_names()
         await asyncio.gather(*(self._load_quietly(name) for name in names))
         self.started = True
 
@@ -218,6 +219,59 @@ class DataPlane:
             return False
         return True
 
+    # -- loading on first use (edge repositories) -------------------------------------------
+
+    def _wants_load(self, name: str) -> bool:
+        entry = self.models.get(name)
+        if entry is not None and (entry.versions or entry.reason == "unloaded"):
+            return False
+        return not self.draining and self.repository.on_demand(check_model_name(name))
+
+    def _load_soon(self, name: str) -> asyncio.Future[None]:
+        future = self._pending.get(name)
+        if future is None:
+            future = asyncio.ensure_future(self.load(name))
+            self._pending[name] = future
+            future.add_done_callback(lambda f: self._load_done(name, f))
+        return future
+
+    def _load_done(self, name: str, future: asyncio.Future[None]) -> None:
+        self._pending.pop(name, None)
+        if not future.cancelled():
+            future.exception()  # retrieved: every waiter may have given up
+
+    def prepare(self, name: str, version: str | None = None) -> None:
+        """``resolve`` as an early check (before a body is read), except that a model the
+        repository fetches on first use starts loading here instead of failing."""
+        if name in self._pending or self._wants_load(name):
+            self._load_soon(name)
+            return
+        self.resolve(name, version)
+
+    async def ensure(
+        self, name: str, version: str | None = None, timeout_us: int | None = None
+    ) -> LoadedVersion:
+        """``resolve``, first waiting (within the request's timeout) for a first-use load:
+        concurrent cold requests share one load, so one download."""
+        if name in self._pending or self._wants_load(name):
+            future = self._load_soon(name)
+            try:
+                async with asyncio.timeout(timeout_us / 1e6 if timeout_us else None):
+                    await asyncio.shield(future)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"model '{name}' is still being fetched; the request timeout expired"
+                ) from None
+            except ModelLoadError:
+                entry = self.models.get(name)
+                if name not in self.repository.model_names() and entry and not entry.versions:
+                    del self.models[name]
+                    raise ModelNotFound(
+                        f"Request for unknown model: '{name}' is not found"
+                    ) from None
+                raise
+        return self.resolve(name, version)
+
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         lv = self.resolve(name, version)
         cfg = lv.config
@@ -259,7 +313,8 @@ class DataPlane:
             entry = self.models.get(name)
             if entry is None:
                 if not ready_only:
-                    index.append({"name": name, "state": UNAVAILABLE, "reason": "not loaded"})
+                    reason = self.repository.note(name) or "not loaded"
+                    index.append({"name": name, "state": UNAVAILABLE, "reason": reason})
                 continue
             if ready_only and entry.state != READY:
                 continue
@@ -346,7 +401,7 @@ class DataPlane:
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """Validate, batch, execute, and cut this request's rows back out."""
-        lv = self.resolve(name, version)
+        lv = await self.ensure(name, version, request.timeout_us)
         started = time.perf_counter_ns()
         try:
             inputs, rows = self._prepare(lv, request)
@@ -385,6 +440,8 @@ class DataPlane:
             if not entry.versions:
                 entry.state, entry.reason = LOADING, ""
             try:
+                if not files:
+                    await self.repository.fetch(name)  # edge caches pull from their origin
                 source = self._source(name, entry, config_json, files)
                 new: dict[int, LoadedVersion] = {}
                 try:
@@ -408,6 +465,8 @@ class DataPlane:
                 if not entry.versions:
                     entry.state = UNAVAILABLE
                 entry.reason = f"load failed: {exc.message}"
+                if isinstance(exc, Unavailable):
+                    raise  # e.g. an edge's origin is down: retrying later may work
                 raise ModelLoadError(exc.message) from None
             old = list(entry.versions.values())
             entry.versions = new

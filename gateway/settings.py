@@ -28,6 +28,11 @@ class Settings:
     """Everything ``gateway serve`` can be told. Units are in the names."""
 
     model_repo: str = "model_repo"
+    # Edge cache, used when model_repo is an origin URL (file://, http(s)://, s3://).
+    cache_dir: str = ""  # empty: $XDG_CACHE_HOME/gateway/<hash of the origin URL>
+    cache_size_bytes: int = 10 * 1024**3
+    peers: tuple[str, ...] = ()  # other edges' base URLs, asked for blobs before the origin
+    prefetch: tuple[str, ...] = ()  # pulled (and loaded) at start; never evicted
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 0  # 0: no gRPC front end
@@ -63,6 +68,23 @@ class Settings:
     access_log: bool = True  # one JSON line per inference request on the gateway.access logger
     log_format: str = "json"  # json | text
     hosts: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    # Remote Triton hosts (``[[hosts]]`` tables with ``kind = "triton"``).
+    triton_strategy: str = "auto"  # auto | onnxruntime | python: the backend models get there
+    host_probe_interval_s: float = 2.0  # health probe period; a host back up gets its models again
+    host_concurrency: int = 4  # batches in flight per model version and host
+    host_timeout_s: float = 30.0  # one request to a host, when the caller set no deadline
+    # Multi-host routing (``gateway.routing``; used when ``[[hosts]]`` has ``kind = "v2"`` hosts).
+    # Host tables: name, url (or dns + port: re-resolved every dns_refresh_s, one host per
+    # address), kind = "v2" | "triton", labels, weight, models (placement; empty: all),
+    # max_inflight, push (v2: load missing models there through the repository API).
+    routing_policy: str = "latency"  # latency | least_request | round_robin
+    local_execution: bool = True  # the in-process ONNX Runtime is one of the targets
+    host_max_inflight: int = 16  # batches in flight per host (all models); then wait, then 429
+    host_wait_s: float = 1.0  # longest wait for a free slot when every host is full
+    retry_budget_ratio: float = 0.2  # retries in flight <= this fraction of requests in flight
+    ejection_base_s: float = 2.0  # passive ejection: base_s * times ejected (capped at 30 s)
+    max_ejected_fraction: float = 0.5  # never eject more than this share of hosts
+    dns_refresh_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -87,8 +109,29 @@ class Settings:
             raise SettingsError(f"log_format must be json or text, got {self.log_format!r}")
         if self.shutdown_delay_s < 0 or self.drain_timeout_s < 0:
             raise SettingsError("shutdown_delay_s and drain_timeout_s must be >= 0")
+        if self.triton_strategy not in ("auto", "onnxruntime", "python"):
+            raise SettingsError(
+                f"triton_strategy must be auto, onnxruntime or python, got {self.triton_strategy!r}"
+            )
+        if self.host_probe_interval_s <= 0 or self.host_timeout_s <= 0 or self.host_concurrency < 1:
+            raise SettingsError(
+                "host_probe_interval_s and host_timeout_s must be > 0, host_concurrency >= 1"
+            )
+        if self.routing_policy not in ("latency", "least_request", "round_robin"):
+            raise SettingsError(
+                "routing_policy must be latency, least_request or round_robin, "
+                f"got {self.routing_policy!r}"
+            )
+        if self.host_max_inflight < 1 or self.host_wait_s < 0 or self.dns_refresh_s <= 0:
+            raise SettingsError("host_max_inflight >= 1, host_wait_s >= 0, dns_refresh_s > 0")
+        if not 0 <= self.retry_budget_ratio <= 1 or not 0 <= self.max_ejected_fraction <= 1:
+            raise SettingsError("retry_budget_ratio and max_ejected_fraction must be in 0..1")
+        if self.ejection_base_s <= 0:
+            raise SettingsError("ejection_base_s must be > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise SettingsError(f"log_level {self.log_level!r} is not a logging level")
+        if self.cache_size_bytes < 1:
+            raise SettingsError("cache_size_bytes must be >= 1")
 
     @property
     def model_repo_path(self) -> Path:

@@ -50,6 +50,23 @@ class LocalRepository:
             raise ModelNotFound(f"model '{name}' is not in the repository")
         return path
 
+    # Hooks for repositories that fetch files on demand (``gateway.repository.edge``); a local
+    # directory has everything already.
+    async def fetch(self, name: str) -> None:
+        """Make the model's files present locally before :meth:`source` reads them."""
+
+    def on_demand(self, name: str) -> bool:
+        """Whether a request for a model not loaded yet should load it first."""
+        return False
+
+    async def startup_names(self) -> list[str]:
+        """The models to load when the server starts (unless ``load_models`` names them)."""
+        return self.model_names()
+
+    def note(self, name: str) -> str:
+        """A word on a model that is not loaded, for the repository index."""
+        return ""
+
     def source(self, name: str, config: ModelConfig | None = None) -> ModelSource:
         """Read a model's config (unless given) and locate its selected version files."""
         directory = self.model_dir(name)

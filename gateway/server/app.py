@@ -26,6 +26,7 @@ from gateway.logs import log_inference
 from gateway.metrics import CONTENT_TYPE
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.server.auth import AuthMiddleware
+from gateway.server.distribution import distribution_routes
 from gateway.server.errors import error_response, gateway_error_response, handle_gateway_error
 from gateway.server.openapi import OPENAPI
 
@@ -168,7 +169,7 @@ def create_app(
         return response
 
     async def _infer(request: Request, name: str, version: str | None) -> Response:
-        dataplane.resolve(name, version)  # 404/503 before reading a large body
+        dataplane.prepare(name, version)  # 404/503 before reading a large body
         body = await read_body(request, limit, body_timeout_s)
         header = request.headers.get(HEADER_LENGTH)
         header_length: int | None = None
@@ -240,6 +241,11 @@ def create_app(
         await dataplane.unload(name)
         return Response(status_code=200)
 
+    async def admin_hosts(request: Request) -> Response:
+        """The router's host table (state, in-flight, latency estimates, ejection, weights)."""
+        table = getattr(dataplane.factory, "table", None)
+        return _json(table() if callable(table) else {"hosts": []})
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return error_response(exc.status_code, exc.detail or "error")
@@ -259,7 +265,9 @@ def create_app(
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        Route("/admin/hosts", admin_hosts, methods=["GET"]),
     ]
+    routes += distribution_routes(dataplane)  # edges pull models from here
     for prefix in (m, mv):
         routes += [
             Route(prefix, model_metadata, methods=["GET"]),

@@ -1,0 +1,319 @@
+"""``V2Host``: another gateway node, or any Open Inference Protocol (v2) REST server, as a
+``gateway.backends.base.Host``.
+
+Requests go over one pooled keep-alive ``aiohttp`` session with tensors in the binary-tensor
+extension both ways; the caller's remaining deadline travels as Triton's ``timeout`` parameter
+(microseconds) and the ids of the batched requests as ``X-Request-ID``. Failures are mapped at
+this edge (as httpx maps httpcore's): refused / reset / timed-out connections become
+``HostUnreachable`` (safe to retry elsewhere), 503 ``Unavailable``, 429 ``Overloaded``,
+404 ``ModelNotReady`` (not there), 504 ``DeadlineExceeded``, other 4xx ``InvalidInput``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+
+from gateway import context
+from gateway.backends.base import Tensors
+from gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    HostUnreachable,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotReady,
+    Overloaded,
+    Unavailable,
+)
+from gateway.protocol.types import datatype_of, numpy_dtype
+from gateway.repository.config import ModelConfig
+from gateway.repository.local import ModelSource
+
+__all__ = ["V2Host", "decode_response", "encode_request"]
+
+_LEN = struct.Struct("<I")
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+
+
+def _blob(array: np.ndarray[Any, Any]) -> bytes:
+    if datatype_of(array) != "BYTES":
+        return np.ascontiguousarray(array).tobytes()
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts += [_LEN.pack(len(data)), data]
+    return b"".join(parts)
+
+
+def encode_request(
+    inputs: Tensors, outputs: Sequence[str], timeout_s: float | None = None
+) -> tuple[bytes, int]:
+    """A binary-tensor request body and its JSON header length."""
+    blobs: list[bytes] = []
+    entries = []
+    for name, array in inputs.items():
+        blob = _blob(array)
+        blobs.append(blob)
+        entries.append(
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "datatype": datatype_of(array),
+                "parameters": {"binary_data_size": len(blob)},
+            }
+        )
+    header: dict[str, Any] = {
+        "inputs": entries,
+        "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in outputs],
+    }
+    if timeout_s is not None:
+        header["parameters"] = {"timeout": max(1, int(timeout_s * 1e6))}
+    head = orjson.dumps(header)
+    return b"".join([head, *blobs]), len(head)
+
+
+def _bytes_elements(data: bytes, count: int) -> np.ndarray[Any, Any]:
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(data):
+        (length,) = _LEN.unpack_from(data, offset)
+        items.append(data[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    if len(items) != count:
+        raise GatewayError(f"host sent {len(items)} BYTES elements, shape needs {count}")
+    return array
+
+
+def decode_response(body: bytes, header_length: int | None) -> Tensors:
+    """The outputs of a v2 response body (JSON or binary-tensor)."""
+    head = body[:header_length] if header_length is not None else body
+    try:
+        header = orjson.loads(head)
+        out: Tensors = {}
+        offset = header_length or 0
+        for entry in header["outputs"]:
+            shape = tuple(int(d) for d in entry["shape"])
+            dtype = numpy_dtype(entry["datatype"])
+            count = int(np.prod(shape)) if shape else 1
+            size = (entry.get("parameters") or {}).get("binary_data_size")
+            if size is not None:
+                data = body[offset : offset + int(size)]
+                offset += int(size)
+                if dtype.kind == "O":
+                    array = _bytes_elements(data, count)
+                else:
+                    array = np.frombuffer(data, dtype=dtype).copy()
+            elif dtype.kind == "O":
+                array = np.array([str(v).encode() for v in entry["data"]], dtype=object)
+            else:
+                array = np.asarray(entry["data"], dtype=dtype)
+            out[entry["name"]] = array.reshape(shape)
+    except (KeyError, TypeError, ValueError, orjson.JSONDecodeError, struct.error) as exc:
+        raise GatewayError(f"malformed response from host: {exc}") from None
+    return out
+
+
+def _message(body: bytes) -> str:
+    try:
+        data = orjson.loads(body)
+        return str(data.get("error", data)) if isinstance(data, dict) else str(data)
+    except orjson.JSONDecodeError:
+        return body[:200].decode(errors="replace")
+
+
+class V2Host:
+    """One v2 REST server. ``push``: ``prepare`` loads a model missing there through the
+    repository API with its files (``parameters["file:<v>/model.onnx"]``, base64), as a
+    gateway worker accepts; otherwise the model must already be ready there."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        labels: frozenset[str] = frozenset(),
+        push: bool = False,
+        conn_limit: int = 64,
+        timeout_s: float = 30.0,
+        probe_timeout_s: float = 1.0,
+        load_timeout_s: float = 120.0,
+        keepalive_s: float = 4.0,
+    ) -> None:
+        self._name = name
+        self.url = (url if "://" in url else f"http://{url}").rstrip("/")
+        self._labels = labels
+        self.push = push
+        self.conn_limit = conn_limit
+        self.timeout_s = timeout_s
+        self.probe_timeout_s = probe_timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.keepalive_s = keepalive_s  # below the server's keep-alive, so it never closes first
+        self._session: aiohttp.ClientSession | None = None
+        self._pushed: set[str] = set()
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def labels(self) -> frozenset[str]:
+        return self._labels
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self.conn_limit, keepalive_timeout=self.keepalive_s
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+            )
+        return self._session
+
+    def _lost(self, exc: BaseException) -> HostUnreachable:
+        return HostUnreachable(
+            f"host {self._name} unreachable: {type(exc).__name__}: {exc}", retry_after_s=1.0
+        )
+
+    async def infer(
+        self,
+        model: str,
+        version: int,
+        inputs: Tensors,
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+    ) -> Tensors:
+        if self._closed:
+            raise HostUnreachable(f"host {self._name} is closed")
+        if timeout_s is not None and timeout_s <= 0:
+            raise DeadlineExceeded(f"request timeout expired before reaching {self._name}")
+        body, head_length = encode_request(inputs, outputs, timeout_s)
+        headers = {
+            HEADER_LENGTH: str(head_length),
+            "Content-Type": "application/octet-stream",
+        }
+        ids = context.batch_request_ids.get() or (
+            (context.request_id.get() or "",) if context.request_id.get() else ()
+        )
+        if ids:
+            headers["X-Request-ID"] = ",".join(ids)[:256]
+        url = f"{self.url}/v2/models/{model}/versions/{version}/infer"
+        limit_s = timeout_s if timeout_s is not None else self.timeout_s
+        try:
+            async with asyncio.timeout(limit_s):
+                async with self._http().post(url, data=body, headers=headers) as response:
+                    payload = await response.read()
+                    status = response.status
+                    length = response.headers.get(HEADER_LENGTH)
+                    retry_after = response.headers.get("Retry-After")
+        except TimeoutError:
+            if timeout_s is not None:
+                raise DeadlineExceeded(
+                    f"request timed out after {timeout_s:.3f} s on host {self._name}"
+                ) from None
+            raise HostUnreachable(
+                f"host {self._name} did not answer within {self.timeout_s:.1f} s",
+                retry_after_s=1.0,
+            ) from None
+        except _CONNECTION_ERRORS as exc:
+            raise self._lost(exc) from None
+        if status == 200:
+            return decode_response(payload, int(length) if length is not None else None)
+        raise self._error(status, payload, retry_after)
+
+    def _error(self, status: int, payload: bytes, retry_after: str | None) -> GatewayError:
+        text = f"host {self._name}: {_message(payload)}"
+        retry_s = float(retry_after) if retry_after and retry_after.isdigit() else 1.0
+        if status == 429:
+            return Overloaded(text, retry_after_s=retry_s)
+        if status == 503:
+            return Unavailable(text, retry_after_s=retry_s)
+        if status == 404:
+            return ModelNotReady(text, retry_after_s=retry_s)
+        if status == 504:
+            return DeadlineExceeded(text)
+        if 400 <= status < 500:
+            return InvalidInput(text)
+        return GatewayError(f"{text} (HTTP {status})")
+
+    async def _get_ok(self, path: str) -> bool:
+        try:
+            async with asyncio.timeout(self.probe_timeout_s):
+                async with self._http().get(self.url + path) as response:
+                    await response.read()
+                    return response.status == 200
+        except (TimeoutError, *_CONNECTION_ERRORS):
+            return False
+
+    async def ready(self) -> bool:
+        return await self._get_ok("/v2/health/ready")
+
+    async def model_ready(self, model: str, version: int) -> bool:
+        return await self._get_ok(f"/v2/models/{model}/versions/{version}/ready")
+
+    async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
+        if await self.model_ready(source.name, version):
+            return
+        if not self.push:
+            if not await self.ready():
+                raise HostUnreachable(f"host {self._name} is not ready")
+            raise ModelNotReady(
+                f"model '{source.name}' version {version} is not ready on host {self._name}"
+            )
+        files = await asyncio.to_thread(
+            lambda: {
+                f"file:{v}/model.onnx": base64.b64encode(p.read_bytes()).decode()
+                for v, p in source.version_paths.items()
+            }
+        )
+        body = {"parameters": {"config": json.dumps(config.to_dict()), **files}}
+        url = f"{self.url}/v2/repository/models/{source.name}/load"
+        try:
+            async with asyncio.timeout(self.load_timeout_s):
+                async with self._http().post(url, json=body) as response:
+                    payload = await response.read()
+                    status = response.status
+        except (TimeoutError, *_CONNECTION_ERRORS) as exc:
+            raise self._lost(exc) from None
+        if status != 200:
+            raise ModelLoadError(f"host {self._name}: loading '{source.name}': {_message(payload)}")
+        self._pushed.add(source.name)
+
+    async def release(self, model: str) -> None:
+        if model not in self._pushed or self._closed:
+            return
+        self._pushed.discard(model)
+        url = f"{self.url}/v2/repository/models/{model}/unload"
+        try:
+            async with asyncio.timeout(self.probe_timeout_s + 5.0):
+                async with self._http().post(url, json={}) as response:
+                    await response.read()
+        except (TimeoutError, *_CONNECTION_ERRORS):
+            pass
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self._name,
+            "kind": "v2",
+            "url": self.url,
+            "labels": sorted(self._labels),
+            "push": self.push,
+        }

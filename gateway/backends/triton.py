@@ -1,0 +1,660 @@
+"""Serving through remote Triton Inference Server hosts.
+
+``TritonHost`` is one Triton server seen through the ``Host`` protocol: it pushes model versions
+there with Triton's repository API (``--model-control-mode explicit``), sends inference requests
+with binary tensors over a pooled keep-alive HTTP client, and probes the host in the background.
+A host that stops answering is marked down at once (its models are not ready there); when it
+answers again, models it lost (a restart comes back with an empty repository) are pushed again.
+
+How a model gets there, ``strategy``:
+
+- ``onnxruntime``: ``model.onnx`` with ``backend: "onnxruntime"``, what a stock Triton runs.
+- ``python``: the same ``model.onnx`` plus a small python-backend ``model.py`` that runs it with
+  ONNX Runtime (``gateway.backends.triton_python_model``), for builds without the onnxruntime
+  backend, such as the CPU-only one in the nvidia-pytriton wheel.
+- ``auto``: ``onnxruntime`` first; if Triton says that backend is missing, ``python``. The
+  host remembers what worked and goes straight to it next time.
+
+``TritonFactory`` is the simple deployment: every model is served through the Triton hosts in
+the settings (``[[hosts]]`` with ``kind = "triton"``), each request to the least busy host
+that has the model ready, failing over to the next when a host is unreachable. Multi-host
+routing policies build on ``TritonHost`` elsewhere (``gateway.routing``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import tritonclient.http.aio as triton_http
+from tritonclient.utils import InferenceServerException
+
+from gateway.backends.base import Tensors
+from gateway.backends.triton_python_model import python_backend_config, python_backend_files
+from gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    HostUnreachable,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotReady,
+    Unavailable,
+)
+from gateway.protocol.types import datatype_of
+from gateway.repository.config import ModelConfig
+from gateway.repository.local import ModelSource
+from gateway.settings import Settings, SettingsError
+
+__all__ = ["STRATEGIES", "TritonBackend", "TritonFactory", "TritonHost", "triton_hosts"]
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "onnxruntime", "python")
+UP, DOWN, UNKNOWN = "up", "down", "unknown"
+# What Triton says when a config names a backend it does not have; for ``onnxruntime`` on the
+# nvidia-pytriton build: "... unable to find backend library for backend 'onnxruntime', try
+# specifying runtime on the model configuration."
+_MISSING_BACKEND = "unable to find backend library for backend 'onnxruntime'"
+_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+
+
+@dataclass(slots=True)
+class _Placement:
+    """A model this gateway placed on the host: enough to push it again after a restart."""
+
+    source: ModelSource
+    config: ModelConfig
+    versions: dict[int, Path] = field(default_factory=dict)
+    refs: int = 0
+    error: str = ""
+
+
+def triton_config(
+    config: ModelConfig, versions: Sequence[int], device: str, backend: str
+) -> dict[str, Any]:
+    """The gateway's model config as Triton's JSON config for a repository-API load."""
+    cfg = config.to_dict()
+    cfg["platform"], cfg["backend"] = "onnxruntime_onnx", "onnxruntime"
+    cfg["version_policy"] = {"specific": {"versions": sorted(versions)}}
+    if device != "gpu":  # a CPU host refuses KIND_GPU instances
+        cfg["instance_group"] = [{**g, "kind": "KIND_CPU"} for g in cfg["instance_group"]]
+    if not cfg.get("parameters"):
+        cfg.pop("parameters", None)
+    return python_backend_config(cfg) if backend == "python" else cfg
+
+
+class TritonHost:
+    """One Triton server: push models, infer, probe. Implements ``gateway.backends.base.Host``.
+
+    ``prepare`` registers the model version before pushing it. If it raises ``HostUnreachable``
+    the registration stays (the monitor pushes it when the host is back; ``release`` gives up
+    on it); any other error leaves nothing behind. Each successful or unreachable ``prepare``
+    is undone by one ``release``; the model is unloaded from Triton by the last one.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        labels: frozenset[str] = frozenset(),
+        device: str = "cpu",
+        strategy: str = "auto",
+        conn_limit: int = 64,
+        timeout_s: float = 30.0,
+        load_timeout_s: float = 300.0,
+        probe_interval_s: float = 2.0,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise SettingsError(f"host {name}: strategy must be one of {STRATEGIES}")
+        self._name = name
+        self.url = url if "://" in url else f"http://{url}"
+        self._labels = labels | {device}
+        self.device = device
+        self.strategy = strategy
+        self.conn_limit = conn_limit
+        self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = max(0.5, min(2.0, probe_interval_s))
+        self.state = UNKNOWN
+        self.reason = ""
+        self._probe_error = ""
+        self.used_strategy: str | None = None  # the strategy that worked here
+        self.onnxruntime_error = ""  # Triton's words when the onnxruntime backend was missing
+        self.keep_models = False  # set on gateway shutdown: release() leaves models there
+        self._models: dict[str, _Placement] = {}
+        self._ready: set[str] = set()  # models believed loaded and ready there
+        self._lock = asyncio.Lock()  # one repository operation at a time
+        self._client: Any = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    # -- Host protocol ----------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def labels(self) -> frozenset[str]:
+        return self._labels
+
+    def serving(self, model: str) -> bool:
+        """Whether requests for ``model`` should go here now (no I/O)."""
+        return self.state != DOWN and model in self._ready
+
+    async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
+        self.start()
+        async with self._lock:
+            old = self._models.get(source.name)
+            # A new source (a reload) starts over; more versions of the same one add up.
+            kept = old.versions if old is not None and old.source == source else {}
+            placement = _Placement(
+                source,
+                config,
+                {**kept, version: source.version_paths[version]},
+                old.refs if old is not None else 0,
+            )
+            self._models[source.name] = placement
+            try:
+                await self._push(placement)
+            except HostUnreachable:
+                placement.refs += 1
+                raise
+            except BaseException:
+                if old is not None:
+                    self._models[source.name] = old
+                else:
+                    del self._models[source.name]
+                raise
+            placement.refs += 1
+
+    async def infer(
+        self,
+        model: str,
+        version: int,
+        inputs: Tensors,
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+    ) -> Tensors:
+        if self._closed:
+            raise HostUnreachable(f"Triton host {self._name} is closed")
+        if timeout_s is not None and timeout_s <= 0:
+            raise DeadlineExceeded(f"request timeout expired before reaching {self._name}")
+        request = []
+        for name, array in inputs.items():
+            tensor = triton_http.InferInput(name, list(array.shape), datatype_of(array))
+            tensor.set_data_from_numpy(array, binary_data=True)
+            request.append(tensor)
+        wanted = [triton_http.InferRequestedOutput(n, binary_data=True) for n in outputs]
+        try:
+            async with asyncio.timeout(timeout_s if timeout_s is not None else self.timeout_s):
+                result = await self._http().infer(
+                    model,
+                    request,
+                    model_version=str(version),
+                    outputs=wanted,
+                    timeout=int(timeout_s * 1e6) if timeout_s is not None else None,
+                )
+        except InferenceServerException as exc:
+            raise self._error(exc, model) from None
+        except TimeoutError:
+            if timeout_s is not None:
+                raise DeadlineExceeded(
+                    f"request timed out after {timeout_s:.3f} s on Triton host {self._name}"
+                ) from None
+            raise HostUnreachable(
+                f"Triton host {self._name} did not answer within {self.timeout_s:.1f} s",
+                retry_after_s=self.probe_interval_s,
+            ) from None
+        except _CONNECTION_ERRORS as exc:
+            raise self._lost(exc) from None
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def ready(self) -> bool:
+        return await self._probe_call(lambda c: c.is_server_ready())
+
+    async def model_ready(self, model: str, version: int) -> bool:
+        return await self._probe_call(lambda c: c.is_model_ready(model, str(version)))
+
+    async def release(self, model: str) -> None:
+        async with self._lock:
+            placement = self._models.get(model)
+            if placement is None:
+                return
+            placement.refs -= 1
+            if placement.refs > 0:
+                return
+            del self._models[model]
+            was_ready = model in self._ready
+            self._ready.discard(model)
+            if self.keep_models or self._closed or (self.state == DOWN and not was_ready):
+                return
+            try:
+                async with asyncio.timeout(self.probe_timeout_s + 5.0):
+                    await self._http().unload_model(model)
+            except (InferenceServerException, TimeoutError, *_CONNECTION_ERRORS) as exc:
+                log.warning("Triton host %s: unloading %s failed: %s", self._name, model, exc)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+            self._monitor = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def describe(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            "name": self._name,
+            "kind": "triton",
+            "url": self.url,
+            "device": self.device,
+            "state": self.state,
+            "strategy": self.used_strategy or self.strategy,
+            "models": sorted(self._ready),
+        }
+        if self.reason:
+            facts["reason"] = self.reason
+        if self.onnxruntime_error:
+            facts["onnxruntime_backend_error"] = self.onnxruntime_error
+        return facts
+
+    # -- pushing ----------------------------------------------------------------------------
+
+    async def _push(self, placement: _Placement) -> None:
+        """Load (or reload) every registered version of the model; caller holds the lock."""
+        name = placement.source.name
+        versions = sorted(placement.versions)
+        payload = await asyncio.to_thread(
+            lambda: {v: placement.versions[v].read_bytes() for v in versions}
+        )
+        strategy = self.used_strategy or self.strategy
+        if strategy in ("auto", "onnxruntime"):
+            try:
+                await self._load(name, placement, versions, "onnxruntime", payload)
+                self.used_strategy = "onnxruntime"
+                return
+            except ModelLoadError as exc:
+                if strategy != "auto" or _MISSING_BACKEND not in exc.message:
+                    placement.error = exc.message
+                    raise
+                self.onnxruntime_error = exc.message
+                log.warning(
+                    "Triton host %s has no onnxruntime backend; using the python backend (%s)",
+                    self._name,
+                    exc.message,
+                )
+        await self._load(name, placement, versions, "python", payload)
+        self.used_strategy = "python"
+
+    async def _load(
+        self,
+        name: str,
+        placement: _Placement,
+        versions: list[int],
+        backend: str,
+        payload: dict[int, bytes],
+    ) -> None:
+        cfg = triton_config(placement.config, versions, self.device, backend)
+        files: dict[str, bytes] = {}
+        for version, data in payload.items():
+            if backend == "python":
+                files.update(python_backend_files(data, version))
+            else:
+                files[f"file:{version}/model.onnx"] = data
+        try:
+            async with asyncio.timeout(self.load_timeout_s):
+                await self._http().load_model(name, config=json.dumps(cfg), files=files)
+        except InferenceServerException as exc:
+            message = f"Triton host {self._name}: {str(exc.message()).strip()}"
+            placement.error = message
+            raise ModelLoadError(message) from None
+        except TimeoutError:
+            raise HostUnreachable(
+                f"Triton host {self._name}: loading '{name}' took over {self.load_timeout_s} s"
+            ) from None
+        except _CONNECTION_ERRORS as exc:
+            raise self._lost(exc) from None
+        placement.error = ""
+        self._ready.add(name)
+        log.info("Triton host %s: %s versions %s loaded (%s)", self._name, name, versions, backend)
+
+    # -- health -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background monitor (needs a running event loop)."""
+        if self._monitor is None and not self._closed:
+            self._monitor = asyncio.get_running_loop().create_task(
+                self._watch(), name=f"triton-monitor-{self._name}"
+            )
+
+    async def _watch(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.probe_interval_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.probe()
+            except Exception:
+                log.exception("Triton host %s: probe failed", self._name)
+
+    async def probe(self) -> None:
+        """Check the server and each placed model; push back what it lost.
+
+        Triton's ``/v2/health/ready`` is strict: one model that failed to load (anyone's) makes
+        the whole server not ready. So a server that is not ready but live counts as up, and
+        each of our models is judged by its own readiness.
+        """
+        if not await self.ready() and not await self._probe_call(lambda c: c.is_server_live()):
+            self._mark_down(self._probe_error or "not live (/v2/health/live)")
+            return
+        for name in list(self._models):
+            async with self._lock:
+                placement = self._models.get(name)
+                if placement is None:
+                    continue
+                if await self.model_ready(name, max(placement.versions)):
+                    self._ready.add(name)
+                    continue
+                self._ready.discard(name)
+                log.warning("Triton host %s lost model %s; pushing it again", self._name, name)
+                try:
+                    await self._push(placement)
+                except HostUnreachable as exc:
+                    self._mark_down(exc.message)
+                    return
+                except GatewayError as exc:
+                    log.error("Triton host %s: %s", self._name, exc.message)
+        if self.state != UP:
+            log.info("Triton host %s is up", self._name)
+        self.state, self.reason = UP, ""
+
+    def _mark_down(self, reason: str) -> None:
+        if self.state != DOWN:
+            log.warning("Triton host %s is down: %s", self._name, reason)
+        self.state, self.reason = DOWN, reason
+        self._ready.clear()
+
+    def _lost(self, exc: BaseException) -> HostUnreachable:
+        """A connection-level failure: mark down, probe again now, and say so."""
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self._mark_down(reason)
+        self._wake.set()
+        return HostUnreachable(
+            f"Triton host {self._name} is unreachable ({reason})",
+            retry_after_s=self.probe_interval_s,
+        )
+
+    async def _probe_call(self, call: Any) -> bool:
+        if self._closed:
+            return False
+        self._probe_error = ""
+        try:
+            async with asyncio.timeout(self.probe_timeout_s):
+                return bool(await call(self._http()))
+        except (InferenceServerException, TimeoutError, *_CONNECTION_ERRORS) as exc:
+            self._probe_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return False
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _http(self) -> Any:
+        """The pooled client, created inside the event loop that uses it."""
+        if self._client is None:
+            address = self.url.split("://", 1)[1].rstrip("/")
+            self._client = triton_http.InferenceServerClient(
+                address,
+                conn_limit=self.conn_limit,
+                conn_timeout=self.load_timeout_s,
+                ssl=self.url.startswith("https://"),
+            )
+        return self._client
+
+    def _error(self, exc: InferenceServerException, model: str) -> GatewayError:
+        status = str(exc.status() or "")
+        message = f"Triton host {self._name}: {str(exc.message()).strip()}"
+        if status == "404" or "unknown model" in message:
+            self._ready.discard(model)
+            self._wake.set()
+            return ModelNotReady(message, retry_after_s=self.probe_interval_s)
+        if status in ("503", "429"):
+            return Unavailable(message, retry_after_s=self.probe_interval_s)
+        if status == "504" or "timeout" in message.lower():
+            return DeadlineExceeded(message)
+        if status.startswith("4"):
+            return InvalidInput(message)
+        return GatewayError(message)
+
+
+class TritonBackend:
+    """One model version served by Triton hosts: the least busy ready one, failing over."""
+
+    def __init__(
+        self,
+        factory: TritonFactory,
+        config: ModelConfig,
+        version: int,
+        hosts: list[TritonHost],
+        concurrency: int,
+    ) -> None:
+        self._factory = factory
+        self._config = config
+        self._version = version
+        self._hosts = hosts
+        self._count = concurrency * len(hosts)
+        self._in_flight = dict.fromkeys((h.name for h in hosts), 0)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._config
+
+    @property
+    def instance_count(self) -> int:
+        return self._count
+
+    async def execute(
+        self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
+    ) -> Tensors:
+        name = self._config.name
+        tried: list[str] = []
+        last: HostUnreachable | None = None
+        while True:
+            candidates = [h for h in self._hosts if h.serving(name) and h.name not in tried]
+            if not candidates:
+                break
+            host = min(candidates, key=lambda h: self._in_flight[h.name])
+            tried.append(host.name)
+            timeout_s = None if deadline_s is None else deadline_s - time.monotonic()
+            self._in_flight[host.name] += 1
+            try:
+                return await host.infer(name, self._version, inputs, outputs, timeout_s)
+            except HostUnreachable as exc:
+                last = exc
+            finally:
+                self._in_flight[host.name] -= 1
+        if last is not None:
+            raise last
+        states = ", ".join(
+            f"{h.name} {h.state}{': ' + h.reason if h.reason else ''}" for h in self._hosts
+        )
+        raise ModelNotReady(
+            f"model '{name}' is not ready on any Triton host ({states})",
+            retry_after_s=self._factory.probe_interval_s,
+        )
+
+    async def close(self) -> None:
+        for host in self._hosts:
+            await host.release(self._config.name)
+        await self._factory.backend_closed(self)
+
+    def describe(self) -> dict[str, Any]:
+        strategies = sorted({h.used_strategy or h.strategy for h in self._hosts})
+        return {
+            "backend": "triton",
+            "strategy": ",".join(strategies),
+            "hosts": [
+                {**h.describe(), "model_ready": h.serving(self._config.name)} for h in self._hosts
+            ],
+        }
+
+
+def triton_hosts(settings: Settings) -> list[tuple[TritonHost, frozenset[str] | None]]:
+    """The ``kind = "triton"`` hosts of the settings, each with its model list (None: all).
+
+    Table keys: ``url`` (required), ``name``, ``device`` (``cpu`` | ``gpu``), ``models``,
+    ``strategy``, ``conn_limit``, ``labels``.
+    """
+    hosts: list[tuple[TritonHost, frozenset[str] | None]] = []
+    for i, table in enumerate(settings.hosts):
+        if table.get("kind", "triton") != "triton":
+            continue
+        where = f"hosts[{i}]"
+        url = table.get("url")
+        if not isinstance(url, str) or not url:
+            raise SettingsError(f"{where}: 'url' is required")
+        device = table.get("device", "cpu")
+        if device not in ("cpu", "gpu"):
+            raise SettingsError(f"{where}: device must be cpu or gpu, got {device!r}")
+        models = table.get("models")
+        if models is not None and not (
+            isinstance(models, list) and all(isinstance(m, str) for m in models)
+        ):
+            raise SettingsError(f"{where}: 'models' must be a list of model names")
+        host = TritonHost(
+            str(table.get("name") or url),
+            url,
+            labels=frozenset(str(v) for v in table.get("labels", ())),
+            device=device,
+            strategy=str(table.get("strategy", settings.triton_strategy)),
+            conn_limit=int(table.get("conn_limit", 64)),
+            timeout_s=settings.host_timeout_s,
+            probe_interval_s=settings.host_probe_interval_s,
+        )
+        hosts.append((host, frozenset(models) if models is not None else None))
+    names = [h.name for h, _ in hosts]
+    if len(set(names)) != len(names):
+        raise SettingsError(f"host names must be unique, got {names}")
+    return hosts
+
+
+def _complete_config(source: ModelSource, version: int, default_max_batch_size: int) -> ModelConfig:
+    """Auto-complete and check the config against the ONNX graph, as the local backend does."""
+    # Lazily, and only to read the graph's inputs and outputs: nothing runs here.
+    import onnxruntime as ort
+
+    from gateway.backends.onnxruntime import complete_config
+
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(
+            str(source.version_paths[version]), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"model '{source.name}' version {version}: {exc}") from None
+    return complete_config(source.config, session, default_max_batch_size)
+
+
+class TritonFactory:
+    """Loads every model version onto the configured Triton hosts it is allowed on."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        hosts: Sequence[tuple[TritonHost, frozenset[str] | None]] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._hosts = list(hosts) if hosts is not None else triton_hosts(settings)
+        if not self._hosts:
+            raise SettingsError('no [[hosts]] with kind = "triton" are configured')
+        self.probe_interval_s = settings.host_probe_interval_s
+        self._backends: set[TritonBackend] = set()
+        self._shutting_down = False
+
+    @property
+    def hosts(self) -> list[TritonHost]:
+        return [h for h, _ in self._hosts]
+
+    def hosts_for(self, model: str) -> list[TritonHost]:
+        return [h for h, allowed in self._hosts if allowed is None or model in allowed]
+
+    async def load(self, source: ModelSource, version: int) -> TritonBackend:
+        for host in self.hosts:
+            host.start()
+        hosts = self.hosts_for(source.name)
+        if not hosts:
+            raise ModelLoadError(
+                f"model '{source.name}' is not in the 'models' list of any Triton host"
+            )
+        config = await asyncio.to_thread(
+            _complete_config, source, version, self._settings.default_max_batch_size
+        )
+        results = await asyncio.gather(
+            *(h.prepare(source, version, config) for h in hosts), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, GatewayError):
+                raise result
+        placed = [h for h, r in zip(hosts, results, strict=True) if r is None]
+        pending = [h for h, r in zip(hosts, results, strict=True) if isinstance(r, HostUnreachable)]
+        failures = [
+            f"{h.name}: {r.message}"
+            for h, r in zip(hosts, results, strict=True)
+            if isinstance(r, GatewayError)
+        ]
+        if not placed:
+            for host in pending:
+                await host.release(source.name)
+            raise ModelLoadError(
+                f"model '{source.name}' version {version} could not be loaded on any Triton "
+                f"host: {'; '.join(failures)}"
+            )
+        for failure in failures:
+            log.warning("model %s version %s: %s", source.name, version, failure)
+        backend = TritonBackend(
+            self, config, version, placed + pending, self._settings.host_concurrency
+        )
+        self._backends.add(backend)
+        return backend
+
+    async def backend_closed(self, backend: TritonBackend) -> None:
+        self._backends.discard(backend)
+        if self._shutting_down and not self._backends:
+            await self._close_hosts()
+
+    async def close(self) -> None:
+        """Gateway shutdown: backends closed from now on leave their models on the hosts (other
+        gateway replicas may be using them); the clients close with the last backend, after the
+        data plane has drained.
+        """
+        self._shutting_down = True
+        for host in self.hosts:
+            host.keep_models = True
+        if not self._backends:
+            await self._close_hosts()
+
+    async def _close_hosts(self) -> None:
+        await asyncio.gather(*(h.close() for h in self.hosts), return_exceptions=True)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [h.describe() for h in self.hosts]
+
+
+def triton_only(hosts: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the configured hosts are all Triton hosts (the ``TritonFactory`` deployment)."""
+    return bool(hosts) and all(h.get("kind", "triton") == "triton" for h in hosts)

@@ -1,0 +1,370 @@
+"""An edge replica's repository: models pulled once from an origin into a verified local cache.
+
+:class:`EdgeRepository` is a :class:`LocalRepository` whose directory is the cache's
+``models/``: :meth:`fetch` (awaited by the data plane before every load) reads the origin's
+index, fetches what the chosen versions need into the blob cache (peers first, then the
+origin), and materialises ``models/<name>``; :meth:`source` is then the local one.
+
+The origin is asked for its index at most every ``INDEX_TTL_S`` and with a validator (ETag or
+Last-Modified), so a restarted edge costs the origin one small, usually 304, request. When the
+origin cannot be reached the index and manifests saved in the cache are used: cached models
+keep loading, uncached ones fail with :class:`~gateway.errors.Unavailable` (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import GatewayError, ModelLoadError, ModelNotFound, Unavailable
+from gateway.repository.cache import (
+    BlobCache,
+    Progress,
+    Source,
+    Stream,
+    stats_dict,
+    write_atomic,
+)
+from gateway.repository.config import ModelConfig, parse_pbtxt
+from gateway.repository.local import LocalRepository, ModelSource, check_model_name
+from gateway.repository.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    ModelIndex,
+    parse_index,
+    parse_manifest,
+)
+from gateway.repository.origin import (
+    BLOB_PREFIX,
+    HttpOrigin,
+    Origin,
+    OriginError,
+    OriginMissing,
+    open_origin,
+)
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INDEX_TTL_S = 2.0
+FETCH_CONCURRENCY = 4
+PEER_WAIT_S = 300.0
+
+
+def default_cache_dir(model_repo: str) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "gateway" / hashlib.sha256(model_repo.encode()).hexdigest()[:16]
+
+
+class EdgeRepository(LocalRepository):
+    """Same interface as :class:`LocalRepository`; files come from an origin on first use."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        origin: Origin | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        root = (
+            Path(settings.cache_dir)
+            if settings.cache_dir
+            else default_cache_dir(settings.model_repo)
+        )
+        self.cache = BlobCache(root, settings.cache_size_bytes)
+        super().__init__(self.cache.models_dir)
+        self.url = settings.model_repo
+        self.origin = origin if origin is not None else open_origin(settings.model_repo)
+        self.peers = [
+            HttpOrigin(p, connect_timeout_s=1.0, read_timeout_s=PEER_WAIT_S) for p in settings.peers
+        ]
+        self.pinned = set(settings.prefetch)
+        self.in_use: Callable[[str], bool] = lambda name: False
+        self.clock = clock
+        self.reachable: bool | None = None  # None: not asked yet
+        self.origin_error = ""
+        self._index: dict[str, ModelIndex] | None = None
+        self._validator: str | None = None
+        self._checked_at = -1e18
+        self._index_task: asyncio.Future[None] | None = None
+        self._fetching: dict[str, asyncio.Future[None]] = {}
+        self._progress: dict[str, tuple[int, int]] = {}  # name -> (done, total) bytes
+        self._load_index()
+
+    # -- the origin's index -----------------------------------------------------------------
+
+    def _load_index(self) -> None:
+        path = self.cache.root / "index.json"
+        if not path.exists():
+            return
+        try:
+            self._index = parse_index(path.read_bytes(), str(path))
+            validator = self.cache.root / "index.validator"
+            self._validator = validator.read_text() or None if validator.exists() else None
+        except (GatewayError, OSError) as exc:
+            log.warning("cached index %s unusable: %s", path, exc)
+
+    async def refresh_index(self, force: bool = False) -> dict[str, ModelIndex]:
+        """The origin's index, asked again when older than ``INDEX_TTL_S`` (single-flight)."""
+        if force or self._index is None or self.clock() - self._checked_at >= INDEX_TTL_S:
+            if self._index_task is None:
+                self._index_task = asyncio.ensure_future(self._refresh())
+                self._index_task.add_done_callback(self._index_done)
+            await asyncio.shield(self._index_task)
+        if self._index is None:
+            raise Unavailable(
+                f"origin {self.url} is unreachable and no index is cached: {self.origin_error}",
+                retry_after_s=1.0,
+            )
+        return self._index
+
+    def _index_done(self, task: asyncio.Future[None]) -> None:
+        self._index_task = None
+        if not task.cancelled():
+            task.exception()
+
+    async def _refresh(self) -> None:
+        try:
+            raw, validator = await self.origin.index(self._validator if self._index else None)
+        except OriginError as exc:
+            self.reachable, self.origin_error = False, exc.message
+            self._checked_at = self.clock()
+            log.warning("origin unreachable, serving from the cache: %s", exc.message)
+            return
+        except OriginMissing as exc:
+            self.reachable, self.origin_error = False, exc.message
+            raise ModelLoadError(f"{exc.message} (publish it with `gateway manifest`)") from None
+        self.reachable, self.origin_error = True, ""
+        self._checked_at = self.clock()
+        if raw is None:
+            return
+        self._index = parse_index(raw, f"{self.url}/models.json")
+        write_atomic(self.cache.root / "index.json", raw)
+        write_atomic(self.cache.root / "index.validator", (validator or "").encode())
+        self._validator = validator
+
+    # -- LocalRepository interface ----------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        return sorted(set(self._index or {}) | set(self.cache.models))
+
+    async def startup_names(self) -> list[str]:
+        """Models to load at start: the pinned (prefetch) ones and those already cached."""
+        try:
+            index = await self.refresh_index()
+        except GatewayError as exc:
+            log.warning("repository index: %s", exc.message)
+            index = {}
+        cached = [n for n in self.cache.models if self.cache.cached(n) and n in index]
+        return sorted(self.pinned | set(cached))
+
+    def on_demand(self, name: str) -> bool:
+        """Whether a request for ``name`` should fetch and load it first."""
+        stale = self._index is None or self.clock() - self._checked_at >= INDEX_TTL_S
+        return stale or name in (self._index or {}) or name in self.cache.models
+
+    def note(self, name: str) -> str:
+        """Cache state for the repository index's ``reason``."""
+        progress = self._progress.get(name)
+        if progress is not None:
+            done, total = progress
+            return f"fetching: {done}/{total} bytes"
+        if self.cache.cached(name):
+            size = sum(self.cache.models[name].blobs.values())
+            return f"cached: {size} bytes"
+        return "not cached"
+
+    async def fetch(self, name: str) -> None:
+        """Bring ``models/<name>`` up to date with the origin (single-flight per model)."""
+        check_model_name(name)
+        future = self._fetching.get(name)
+        if future is None:
+            future = asyncio.ensure_future(self._fetch(name, None))
+            self._fetching[name] = future
+            future.add_done_callback(lambda f: self._fetch_done(name, f))
+        await asyncio.shield(future)
+
+    def _fetch_done(self, name: str, future: asyncio.Future[None]) -> None:
+        self._fetching.pop(name, None)
+        self._progress.pop(name, None)
+        if not future.cancelled():
+            future.exception()
+
+    async def pull(self, name: str, progress: Progress | None = None) -> None:
+        """``gateway pull``: fetch without loading, reporting bytes as they arrive."""
+        await self._fetch(check_model_name(name), progress)
+
+    def source(self, name: str, config: ModelConfig | None = None) -> ModelSource:
+        self.cache.touch(name)
+        return super().source(name, config)
+
+    def blob_path(self, sha256: str) -> Path | None:
+        """A complete cached blob, for peers (``GET /v2/repository/blobs/sha256/{hash}``)."""
+        return self.cache.complete(sha256)
+
+    async def peer_blob(self, sha256: str) -> Path | None:
+        """``blob_path`` for a peer, waiting (bounded) for a download from the origin in flight."""
+        return await self.cache.complete_soon(sha256, PEER_WAIT_S)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the metrics module: hits, misses, bytes, seconds, evictions, bytes used."""
+        return {
+            **stats_dict(self.cache.stats),
+            "bytes_used": self.cache.used_bytes,
+            "capacity_bytes": self.cache.capacity_bytes,
+            "models_cached": sum(1 for n in self.cache.models if self.cache.cached(n)),
+            "origin_reachable": bool(self.reachable),
+        }
+
+    def attach(self, dataplane: Any) -> None:
+        """Wire to the data plane: loaded models are never evicted; counters go to /metrics."""
+
+        def in_use(name: str) -> bool:
+            entry = dataplane.models.get(name)
+            return entry is not None and bool(entry.versions)
+
+        self.in_use = in_use
+        dataplane.metrics.add_source(self.metric_families)
+
+    def metric_families(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.stats()
+        counters = [
+            ("gateway_cache_hits", "Blobs found in the edge cache and verified", s["hits"]),
+            ("gateway_cache_misses", "Blobs fetched into the edge cache", s["misses"]),
+            ("gateway_cache_evictions", "Models evicted from the edge cache", s["evictions"]),
+            (
+                "gateway_cache_corrupt",
+                "Cached or fetched files that failed verification",
+                s["corrupt"],
+            ),
+            ("gateway_cache_fetch_seconds", "Time spent fetching blobs", s["fetch_s"]),
+        ]
+        families: list[Any] = [CounterMetricFamily(n, h, value=v) for n, h, v in counters]
+        fetched = CounterMetricFamily(
+            "gateway_cache_fetched_bytes", "Bytes fetched into the edge cache", labels=["source"]
+        )
+        fetched.add_metric(["origin"], s["bytes_from_origin"])
+        fetched.add_metric(["peer"], s["bytes_from_peers"])
+        families.append(fetched)
+        families.append(
+            GaugeMetricFamily(
+                "gateway_cache_used_bytes", "Bytes held by the edge cache", value=s["bytes_used"]
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "gateway_cache_capacity_bytes", "Edge cache bound", value=s["capacity_bytes"]
+            )
+        )
+        return families
+
+    async def close(self) -> None:
+        await self.origin.close()
+        for peer in self.peers:
+            await peer.close()
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    def _sources(self, sha256: str, relpath: str) -> list[Source]:
+        def reader(where: Origin, path: str) -> Stream:
+            return lambda offset: where.stream(path, offset)
+
+        sources = [Source("peer", p.url, reader(p, BLOB_PREFIX + sha256)) for p in self.peers]
+        sources.append(Source("origin", self.url, reader(self.origin, relpath)))
+        return sources
+
+    async def _blob(self, sha256: str, size: int | None, relpath: str) -> Path:
+        try:
+            return await self.cache.ensure(sha256, size, self._sources(sha256, relpath))
+        except OriginMissing as exc:
+            raise ModelLoadError(f"origin {self.url} lists {relpath} but has not: {exc}") from None
+
+    async def _fetch(self, name: str, progress: Progress | None) -> None:
+        try:
+            await self._fetch_files(name, progress)
+        except OriginError as exc:
+            raise OriginError(
+                f"model '{name}' is not cached and cannot be fetched from {self.url}: "
+                f"{exc.message}",
+                retry_after_s=5.0,
+            ) from None
+
+    async def _fetch_files(self, name: str, progress: Progress | None) -> None:
+        index = await self.refresh_index()
+        entry = index.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model '{name}' is not in the repository at {self.url}")
+        files: dict[str, FileEntry] = {f.path: f for f in entry.files}
+        config = ModelConfig(name=name)
+        if "config.pbtxt" in files:
+            spec = files["config.pbtxt"]
+            path = await self._blob(spec.sha256, spec.size, f"{name}/config.pbtxt")
+            text = await asyncio.to_thread(path.read_text)
+            config = parse_pbtxt(text, f"{self.url}/{name}/config.pbtxt", name)
+        chosen = config.version_policy.select(list(entry.versions))
+        if not chosen:
+            raise ModelLoadError(
+                f"model '{name}': no version at {self.url} matches the version policy "
+                f"(found {sorted(entry.versions) or 'none'})"
+            )
+        blobs: dict[str, int] = {}
+        for version in chosen:
+            sha = entry.versions[version]
+            relpath = f"{name}/{version}/{MANIFEST_NAME}"
+            raw = (await self._blob(sha, None, relpath)).read_bytes()
+            manifest = parse_manifest(raw, f"{self.url}/{relpath}")
+            blobs[sha] = len(raw)
+            for f in manifest.files:
+                files[f"{version}/{f.path}"] = f
+        blobs.update({f.sha256: f.size for f in files.values()})
+        total = sum(f.size for f in {f.sha256: f for f in files.values()}.values())
+        missing = {f.sha256: f for f in files.values() if self.cache.complete(f.sha256) is None}
+        needed = sum(f.size for f in missing.values())
+        self._progress[name] = (0, total)
+        done = 0
+
+        def advance(delta: int) -> None:
+            nonlocal done
+            done += delta
+            self._progress[name] = (done, total)
+            if progress is not None:
+                progress(delta)
+
+        protected = {n for n in self.cache.models if n in self.pinned or self.in_use(n)}
+        protected.add(name)
+        started = time.perf_counter()
+        limit = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def one(rel: str, f: FileEntry) -> None:
+            async with limit:
+                try:
+                    await self.cache.ensure(
+                        f.sha256, f.size, self._sources(f.sha256, f"{name}/{rel}"), advance
+                    )
+                except OriginMissing as exc:
+                    raise ModelLoadError(f"origin lists {name}/{rel} but has not: {exc}") from None
+
+        unique = {f.sha256: (rel, f) for rel, f in files.items()}
+        async with self.cache.reserve(needed, protected, set(blobs)):
+            await asyncio.gather(*(one(rel, f) for rel, f in unique.values()))
+        self.cache.materialise(name, {rel: f.sha256 for rel, f in files.items()})
+        self.cache.record(name, blobs)
+        if missing:
+            log.info(
+                "model %s: fetched %d of %d files (%d bytes) in %.2f s",
+                name,
+                len(missing),
+                len(unique),
+                needed,
+                time.perf_counter() - started,
+            )
+
+
+__all__ = ["EdgeRepository", "default_cache_dir"]

@@ -1,0 +1,312 @@
+"""Where an edge fetches a repository from: ``file://``, ``http(s)://`` and ``s3://`` origins.
+
+Every origin offers the same three calls over the published layout (see
+:mod:`gateway.repository.manifest`): the index with a cheap "unchanged?" validator, small
+files whole, and large files as a stream starting at a byte offset (resume). Library
+exceptions are mapped here to :class:`OriginError` (retry may work: 503) and
+:class:`OriginMissing` (the origin has no such file), so the cache never sees aiohttp or botocore.
+
+A gateway node is an HTTP origin too: give its base URL; when ``<base>/models.json`` is not
+there the client tries the node's ``<base>/v2/repository/tree/`` once and keeps that prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from gateway.errors import ModelNotFound, Unavailable
+from gateway.repository.manifest import INDEX_NAME
+from gateway.settings import SettingsError
+
+CHUNK_BYTES = 1 << 20
+TREE_PREFIX = "v2/repository/tree/"
+BLOB_PREFIX = "v2/repository/blobs/sha256/"
+
+
+class OriginError(Unavailable):
+    """The origin (or a peer) could not be reached or broke off; a retry may work."""
+
+
+class OriginMissing(ModelNotFound):
+    """The origin answered, and it has no such file."""
+
+
+class Origin(Protocol):
+    url: str
+
+    async def index(self, validator: str | None) -> tuple[bytes | None, str | None]:
+        """``models.json`` and its validator; ``None`` bytes when unchanged since ``validator``."""
+        ...
+
+    async def read(self, relpath: str) -> bytes: ...
+
+    def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+        """The file's bytes from ``offset`` on."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class FileOrigin:
+    """A repository directory reached through the file system (NFS, a mounted volume)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.root = Path(unquote(urlsplit(url).path))
+
+    def _path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    async def index(self, validator: str | None) -> tuple[bytes | None, str | None]:
+        path = self._path(INDEX_NAME)
+        try:
+            st = await asyncio.to_thread(path.stat)
+            tag = f"{st.st_mtime_ns}-{st.st_size}"
+            if tag == validator:
+                return None, tag
+            return await asyncio.to_thread(path.read_bytes), tag
+        except FileNotFoundError:
+            raise OriginMissing(f"{self.url}: no {INDEX_NAME} (run `gateway manifest`)") from None
+        except OSError as exc:
+            raise OriginError(f"{self.url}: {exc}") from None
+
+    async def read(self, relpath: str) -> bytes:
+        try:
+            return await asyncio.to_thread(self._path(relpath).read_bytes)
+        except FileNotFoundError:
+            raise OriginMissing(f"{self.url}: no {relpath}") from None
+        except OSError as exc:
+            raise OriginError(f"{self.url}/{relpath}: {exc}") from None
+
+    async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+        try:
+            f = await asyncio.to_thread(self._path(relpath).open, "rb")
+        except FileNotFoundError:
+            raise OriginMissing(f"{self.url}: no {relpath}") from None
+        except OSError as exc:
+            raise OriginError(f"{self.url}/{relpath}: {exc}") from None
+        try:
+            f.seek(offset)
+            while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
+                yield chunk
+        except OSError as exc:
+            raise OriginError(f"{self.url}/{relpath}: {exc}") from None
+        finally:
+            f.close()
+
+    async def close(self) -> None:
+        pass
+
+
+class HttpOrigin:
+    """A static server, a CDN, or another gateway node (or a peer edge's blob endpoint)."""
+
+    def __init__(self, url: str, connect_timeout_s: float = 5.0, read_timeout_s: float = 30.0):
+        self.url = url.rstrip("/")
+        self._prefix: str | None = None  # "" or TREE_PREFIX once known
+        self._timeouts = (connect_timeout_s, read_timeout_s)
+        self._session: Any = None
+
+    def _client(self) -> Any:
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            connect_s, read_s = self._timeouts
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=read_s),
+                auto_decompress=False,
+            )
+        return self._session
+
+    def _url(self, relpath: str) -> str:
+        return f"{self.url}/{self._prefix or ''}{relpath}"
+
+    async def _get(self, url: str, headers: dict[str, str]) -> Any:
+        import aiohttp
+
+        try:
+            response = await self._client().get(url, headers=headers, allow_redirects=True)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise OriginError(f"{url}: {type(exc).__name__}: {exc}") from None
+        if response.status == 404:
+            response.release()
+            raise OriginMissing(f"{url}: 404 not found")
+        if response.status not in (200, 206, 304):
+            response.release()
+            raise OriginError(f"{url}: HTTP {response.status}")
+        return response
+
+    async def index(self, validator: str | None) -> tuple[bytes | None, str | None]:
+        headers = {}
+        if validator:
+            kind, _, value = validator.partition(":")
+            headers["If-None-Match" if kind == "etag" else "If-Modified-Since"] = value
+        if self._prefix is None:
+            try:
+                response = await self._get(self._url(INDEX_NAME), headers)
+                self._prefix = ""
+            except OriginMissing:
+                self._prefix = TREE_PREFIX
+                response = await self._get(self._url(INDEX_NAME), headers)
+        else:
+            response = await self._get(self._url(INDEX_NAME), headers)
+        async with response:
+            if response.status == 304:
+                return None, validator
+            body = await self._body(response)
+            etag = response.headers.get("ETag")
+            modified = response.headers.get("Last-Modified")
+            tag = f"etag:{etag}" if etag else (f"date:{modified}" if modified else None)
+            return body, tag
+
+    async def _body(self, response: Any) -> bytes:
+        import aiohttp
+
+        try:
+            return bytes(await response.read())
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise OriginError(f"{response.url}: {type(exc).__name__}: {exc}") from None
+
+    async def read(self, relpath: str) -> bytes:
+        if self._prefix is None:
+            await self.index(None)
+        response = await self._get(self._url(relpath), {})
+        async with response:
+            return await self._body(response)
+
+    async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+        import aiohttp
+
+        if self._prefix is None and not relpath.startswith(BLOB_PREFIX):
+            await self.index(None)
+        url = self._url(relpath) if not relpath.startswith(BLOB_PREFIX) else f"{self.url}/{relpath}"
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        response = await self._get(url, headers)
+        async with response:
+            skip = offset if offset and response.status == 200 else 0  # no Range support
+            try:
+                async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                    if skip:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk, skip = chunk[skip:], 0
+                    yield chunk
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise OriginError(f"{url}: {type(exc).__name__}: {exc}") from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class S3Origin:
+    """``s3://bucket/prefix``: the S3 API through boto3 (run in threads).
+
+    Credentials, region and endpoint come from boto3's usual sources (``AWS_*`` variables,
+    ``AWS_ENDPOINT_URL_S3`` for S3-compatible stores such as MinIO).
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.url = url
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self._client: Any = None
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            try:
+                import boto3  # type: ignore[import-untyped,unused-ignore]
+            except ImportError:
+                raise SettingsError("s3:// origins need boto3: pip install 'gateway[s3]'") from None
+            self._client = boto3.client("s3")
+        return self._client
+
+    def _key(self, relpath: str) -> str:
+        return f"{self.prefix}/{relpath}" if self.prefix else relpath
+
+    def _map(self, exc: Exception, relpath: str) -> Exception:
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "404", "NoSuchBucket"):
+            return OriginMissing(f"{self.url}: no {relpath}")
+        return OriginError(f"{self.url}/{relpath}: {type(exc).__name__}: {exc}")
+
+    async def _get(self, relpath: str, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(
+                self._s3().get_object, Bucket=self.bucket, Key=self._key(relpath), **kwargs
+            )
+        except SettingsError:
+            raise
+        except Exception as exc:  # botocore's tree is wide; map them all at this edge
+            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            if code == "304":
+                return None
+            raise self._map(exc, relpath) from None
+
+    async def index(self, validator: str | None) -> tuple[bytes | None, str | None]:
+        kwargs = {"IfNoneMatch": validator} if validator else {}
+        response = await self._get(INDEX_NAME, **kwargs)
+        if response is None:
+            return None, validator
+        body = await self._read_all(response, INDEX_NAME)
+        return body, response.get("ETag")
+
+    async def _read_all(self, response: Any, relpath: str) -> bytes:
+        try:
+            return bytes(await asyncio.to_thread(response["Body"].read))
+        except Exception as exc:
+            raise self._map(exc, relpath) from None
+
+    async def read(self, relpath: str) -> bytes:
+        return await self._read_all(await self._get(relpath), relpath)
+
+    async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+        kwargs = {"Range": f"bytes={offset}-"} if offset else {}
+        response = await self._get(relpath, **kwargs)
+        body = response["Body"]
+        try:
+            while chunk := await asyncio.to_thread(body.read, CHUNK_BYTES):
+                yield chunk
+        except Exception as exc:
+            raise self._map(exc, relpath) from None
+        finally:
+            body.close()
+
+    async def close(self) -> None:
+        pass
+
+
+def open_origin(url: str) -> Origin:
+    """The origin client for a ``file://``, ``http(s)://`` or ``s3://`` URL."""
+    scheme = urlsplit(url).scheme
+    if scheme == "file":
+        return FileOrigin(url)
+    if scheme in ("http", "https"):
+        return HttpOrigin(url)
+    if scheme == "s3":
+        if not urlsplit(url).netloc:
+            raise SettingsError(f"model_repo {url!r}: s3:// needs a bucket")
+        return S3Origin(url)
+    raise SettingsError(f"model_repo {url!r}: scheme must be file, http, https or s3")
+
+
+def is_url(model_repo: str) -> bool:
+    return "://" in model_repo
+
+
+__all__ = [
+    "FileOrigin",
+    "HttpOrigin",
+    "Origin",
+    "OriginError",
+    "OriginMissing",
+    "S3Origin",
+    "is_url",
+    "open_origin",
+]

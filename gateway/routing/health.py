@@ -1,0 +1,137 @@
+"""Host health: passive outlier ejection (Envoy's ``outlier_detection``) and active probe state.
+
+Passive: ``consecutive_errors`` connection errors or 5xx in a row eject a host for
+``base_ejection_s * times_ejected`` (capped at ``max_ejection_s``), so a host that keeps failing
+stays out longer each time. No more than ``max_ejected_fraction`` of the hosts are ever ejected
+at once (at least one may be), so a wide outage degrades to retries instead of an empty pool.
+When the ejection time is over, the host comes back only once an active probe has succeeded
+since then. A host that stays healthy for ``max_ejection_s`` has its multiplier forgiven.
+
+Active: the router probes every host; a failed probe marks it down at once (no traffic), a
+successful one marks it up again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.routing.estimators import Clock
+
+__all__ = ["HostHealth", "OutlierDetector"]
+
+
+@dataclass(slots=True)
+class HostHealth:
+    """Health facts of one host."""
+
+    consecutive_errors: int = 0
+    times_ejected: int = 0
+    ejected_until_s: float | None = None  # set while ejected (and until re-admitted)
+    last_ejected_s: float = float("-inf")
+    probe_up: bool = True
+    last_probe_ok_s: float = float("-inf")
+    probe_failures: int = 0
+
+
+class OutlierDetector:
+    def __init__(
+        self,
+        consecutive_errors: int = 3,
+        base_ejection_s: float = 2.0,
+        max_ejection_s: float = 30.0,
+        max_ejected_fraction: float = 0.5,
+        probes: bool = True,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.consecutive_errors = consecutive_errors
+        self.base_ejection_s = base_ejection_s
+        self.max_ejection_s = max_ejection_s
+        self.max_ejected_fraction = max_ejected_fraction
+        self.probes = probes  # without probes, an ejection simply expires
+        self._clock = clock
+        self.hosts: dict[str, HostHealth] = {}
+
+    def add(self, name: str) -> None:
+        self.hosts.setdefault(name, HostHealth())
+
+    def remove(self, name: str) -> None:
+        self.hosts.pop(name, None)
+
+    def _ejected_count(self) -> int:
+        return sum(1 for h in self.hosts.values() if h.ejected_until_s is not None)
+
+    def record_success(self, name: str) -> None:
+        health = self.hosts[name]
+        health.consecutive_errors = 0
+        now = self._clock()
+        if health.times_ejected and now - health.last_ejected_s > self.max_ejection_s:
+            health.times_ejected = 0
+
+    def record_failure(self, name: str) -> bool:
+        """Count a connection error or 5xx; returns True when this ejects the host."""
+        health = self.hosts[name]
+        health.consecutive_errors += 1
+        if (
+            health.ejected_until_s is not None
+            or health.consecutive_errors < self.consecutive_errors
+        ):
+            return False
+        allowed = max(1, int(self.max_ejected_fraction * len(self.hosts)))
+        if self._ejected_count() >= allowed:
+            return False
+        now = self._clock()
+        health.times_ejected += 1
+        duration_s = min(self.max_ejection_s, self.base_ejection_s * health.times_ejected)
+        health.ejected_until_s = now + duration_s
+        health.last_ejected_s = now
+        health.consecutive_errors = 0
+        return True
+
+    def record_probe(self, name: str, ok: bool) -> None:
+        health = self.hosts.get(name)
+        if health is None:
+            return
+        health.probe_up = ok
+        if ok:
+            health.last_probe_ok_s = self._clock()
+            health.probe_failures = 0
+        else:
+            health.probe_failures += 1
+
+    def available(self, name: str) -> bool:
+        """Whether traffic may go to the host now (re-admitting it if its time is up)."""
+        health = self.hosts[name]
+        if not health.probe_up:
+            return False
+        if health.ejected_until_s is None:
+            return True
+        if self._clock() < health.ejected_until_s:
+            return False
+        if self.probes and health.last_probe_ok_s < health.ejected_until_s:
+            return False  # time served; waiting for a successful probe
+        health.ejected_until_s = None
+        return True
+
+    def state(self, name: str) -> str:
+        health = self.hosts[name]
+        if not health.probe_up:
+            return "down"
+        if health.ejected_until_s is not None and not self.available(name):
+            return "ejected"
+        return "up"
+
+    def to_dict(self, name: str) -> dict[str, Any]:
+        health = self.hosts[name]
+        now = self._clock()
+        return {
+            "state": self.state(name),
+            "consecutive_errors": health.consecutive_errors,
+            "times_ejected": health.times_ejected,
+            "ejected_for_s": (
+                round(max(0.0, health.ejected_until_s - now), 3)
+                if health.ejected_until_s is not None
+                else None
+            ),
+        }

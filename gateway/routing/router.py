@@ -1,0 +1,321 @@
+"""Routing *mechanism*: who is eligible, in-flight accounting, waiting for capacity, predictive
+admission, probing, and the numbers behind ``GET /admin/hosts``.
+
+The router knows targets by name only; what a target is (a remote host, the local ONNX Runtime)
+is the caller's business (``gateway.backends.routed``). Per target it keeps in-flight counts, a
+capacity, health (``OutlierDetector``) and per (target, model version) a ``LatencyEstimate`` and
+whether the model is ready there; the ``Policy`` picks among the eligible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import Overloaded, Unavailable
+from gateway.routing.budget import RetryBudget
+from gateway.routing.estimators import Clock, LatencyEstimate
+from gateway.routing.health import OutlierDetector
+from gateway.routing.policies import Candidate, Policy
+
+__all__ = ["FAILURE", "NEUTRAL", "SUCCESS", "Lease", "Router", "TargetState"]
+
+log = logging.getLogger(__name__)
+
+SUCCESS, FAILURE, NEUTRAL = "success", "failure", "neutral"
+Probe = Callable[[str], Awaitable[bool]]
+
+
+@dataclass(slots=True)
+class TargetState:
+    name: str
+    weight: float = 1.0
+    capacity: int = 16
+    models: frozenset[str] | None = None  # placement; None: every model
+    in_flight: int = 0
+    completed: int = 0
+    failed: int = 0
+    estimates: dict[str, LatencyEstimate] = field(default_factory=dict)
+    ready: dict[str, bool] = field(default_factory=dict)  # model key -> ready there
+    load_s: dict[str, float] = field(default_factory=dict)  # measured load (prepare) time
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+class Lease:
+    """One execution slot on one target; ``finish`` exactly once."""
+
+    __slots__ = ("_done", "in_flight", "key", "router", "rows", "started_s", "target")
+
+    def __init__(self, router: Router, target: TargetState, key: str, rows: int) -> None:
+        self.router = router
+        self.target = target
+        self.key = key
+        self.rows = rows
+        self.in_flight = target.in_flight  # others in flight there when this one started
+        self.started_s = router.clock()
+        self._done = False
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    def finish(self, outcome: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.router._finish(self, outcome)
+
+
+class Router:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        clock: Clock = time.monotonic,
+        outliers: OutlierDetector | None = None,
+        budget: RetryBudget | None = None,
+        decay_s: float = 2.0,
+        default_load_s: float = 5.0,
+        max_wait_s: float = 1.0,
+        probe_interval_s: float = 2.0,
+        probe_timeout_s: float = 1.0,
+    ) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.outliers = outliers or OutlierDetector(clock=clock)
+        self.budget = budget or RetryBudget()
+        self.decay_s = decay_s
+        self.default_load_s = default_load_s
+        self.max_wait_s = max_wait_s
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.targets: dict[str, TargetState] = {}
+        self._freed: asyncio.Event | None = None
+        self._prober: asyncio.Task[None] | None = None
+
+    # -- membership -------------------------------------------------------------------------
+
+    def add_target(
+        self,
+        name: str,
+        *,
+        weight: float = 1.0,
+        capacity: int = 16,
+        models: Iterable[str] | None = None,
+    ) -> TargetState:
+        state = TargetState(
+            name, weight, capacity, frozenset(models) if models is not None else None
+        )
+        self.targets[name] = state
+        self.outliers.add(name)
+        return state
+
+    def remove_target(self, name: str) -> None:
+        self.targets.pop(name, None)
+        self.outliers.remove(name)
+
+    def capacity_for(self, model: str) -> int:
+        return sum(t.capacity for t in self.targets.values() if t.allows(model))
+
+    def set_ready(self, name: str, key: str, ready: bool, load_s: float | None = None) -> None:
+        target = self.targets.get(name)
+        if target is None:
+            return
+        target.ready[key] = ready
+        if load_s is not None:
+            target.load_s[key] = load_s
+        self._wake()
+
+    # -- picking ----------------------------------------------------------------------------
+
+    def _estimate(self, target: TargetState, key: str) -> LatencyEstimate:
+        estimate = target.estimates.get(key)
+        if estimate is None:
+            estimate = target.estimates[key] = LatencyEstimate(self.decay_s, self.clock)
+        return estimate
+
+    def candidates(
+        self, model: str, key: str, rows: int, exclude: Iterable[str] = ()
+    ) -> tuple[list[Candidate], bool]:
+        """The eligible candidates with free capacity, and whether any are eligible at all."""
+        skip = set(exclude)
+        out: list[Candidate] = []
+        any_eligible = False
+        for target in self.targets.values():
+            if target.name in skip or not target.allows(model):
+                continue
+            if not self.outliers.available(target.name):
+                continue
+            any_eligible = True
+            if target.in_flight >= target.capacity:
+                continue
+            estimate = self._estimate(target, key)
+            ready = target.ready.get(key, False)
+            cold_s = 0.0 if ready else target.load_s.get(key, self.default_load_s)
+            out.append(
+                Candidate(
+                    target.name,
+                    target.in_flight,
+                    target.capacity,
+                    estimate.service_s(rows),
+                    estimate.samples > 0,
+                    cold_s,
+                    target.weight,
+                    estimate.typical_in_flight,
+                )
+            )
+        return out, any_eligible
+
+    def try_acquire(
+        self,
+        model: str,
+        key: str,
+        rows: int,
+        deadline_s: float | None = None,
+        exclude: Iterable[str] = (),
+    ) -> Lease | None:
+        """A lease now, None when every eligible target is full; raises when none is eligible
+        or (predictive admission) when no target can finish before the deadline."""
+        candidates, any_eligible = self.candidates(model, key, rows, exclude)
+        if not any_eligible:
+            raise Unavailable(
+                f"no healthy host for model '{model}'", retry_after_s=self.probe_interval_s
+            )
+        if not candidates:
+            return None
+        if deadline_s is not None and all(c.measured for c in candidates):
+            best_s = min(c.completion_s() for c in candidates)
+            remaining_s = deadline_s - self.clock()
+            if best_s > remaining_s:
+                raise Overloaded(
+                    f"model '{model}': no host can finish within the deadline (best estimate "
+                    f"{best_s * 1e3:.1f} ms, {max(0.0, remaining_s) * 1e3:.1f} ms left)",
+                    retry_after_s=best_s,
+                )
+        chosen = self.policy.choose(candidates)
+        target = self.targets[chosen.name]
+        lease = Lease(self, target, key, rows)
+        target.in_flight += 1
+        return lease
+
+    async def acquire(
+        self,
+        model: str,
+        key: str,
+        rows: int,
+        deadline_s: float | None = None,
+        exclude: Iterable[str] = (),
+    ) -> Lease:
+        """A lease, waiting (up to the deadline and ``max_wait_s``) while every host is full."""
+        exclude = tuple(exclude)
+        give_up_s = self.clock() + self.max_wait_s
+        if deadline_s is not None:
+            give_up_s = min(give_up_s, deadline_s)
+        while True:
+            lease = self.try_acquire(model, key, rows, deadline_s, exclude)
+            if lease is not None:
+                return lease
+            wait_s = give_up_s - self.clock()
+            if wait_s <= 0:
+                raise Overloaded(
+                    f"model '{model}': every host is at its in-flight limit",
+                    retry_after_s=1.0,
+                )
+            freed = self._event()
+            freed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await freed.wait()
+
+    def _event(self) -> asyncio.Event:
+        if self._freed is None:
+            self._freed = asyncio.Event()
+        return self._freed
+
+    def _wake(self) -> None:
+        if self._freed is not None:
+            self._freed.set()
+
+    def _finish(self, lease: Lease, outcome: str) -> None:
+        target = lease.target
+        target.in_flight -= 1
+        if outcome == SUCCESS:
+            target.completed += 1
+            target.ready[lease.key] = True
+            latency_s = self.clock() - lease.started_s
+            self._estimate(target, lease.key).observe(lease.rows, latency_s, lease.in_flight)
+            if target.name in self.outliers.hosts:
+                self.outliers.record_success(target.name)
+        elif outcome == FAILURE:
+            target.failed += 1
+            if target.name in self.outliers.hosts and self.outliers.record_failure(target.name):
+                log.warning("host %s ejected after consecutive failures", target.name)
+        self._wake()
+
+    # -- probing ----------------------------------------------------------------------------
+
+    def start(self, probe: Probe) -> None:
+        if self._prober is None:
+            self._prober = asyncio.get_running_loop().create_task(self._probe_loop(probe))
+
+    async def _probe_one(self, probe: Probe, name: str) -> None:
+        try:
+            async with asyncio.timeout(self.probe_timeout_s):
+                ok = await probe(name)
+        except Exception:
+            ok = False
+        before = self.outliers.hosts.get(name)
+        was_up = before.probe_up if before is not None else True
+        self.outliers.record_probe(name, ok)
+        if ok != was_up:
+            log.warning("host %s is %s", name, "up" if ok else "down")
+        self._wake()
+
+    async def _probe_loop(self, probe: Probe) -> None:
+        while True:
+            await asyncio.gather(*(self._probe_one(probe, n) for n in list(self.targets)))
+            await asyncio.sleep(self.probe_interval_s)
+
+    async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+            self._prober = None
+
+    # -- admin ------------------------------------------------------------------------------
+
+    def table(self) -> dict[str, Any]:
+        hosts = []
+        for target in self.targets.values():
+            hosts.append(
+                {
+                    "name": target.name,
+                    **self.outliers.to_dict(target.name),
+                    "weight": target.weight,
+                    "in_flight": target.in_flight,
+                    "capacity": target.capacity,
+                    "completed": target.completed,
+                    "failed": target.failed,
+                    "models": {
+                        key: {
+                            "ready": target.ready.get(key, False),
+                            "load_s": target.load_s.get(key),
+                            **est.to_dict(),
+                        }
+                        for key, est in sorted(target.estimates.items())
+                    },
+                }
+            )
+        return {
+            "policy": self.policy.name,
+            "retry_budget": self.budget.to_dict(),
+            "hosts": hosts,
+        }

@@ -1,0 +1,83 @@
+"""Serving a repository to edges: the published layout and blobs by hash, with Range support.
+
+``GET /v2/repository/tree/{path}`` serves ``models.json``, ``<model>/<v>/manifest.json`` (both
+computed from the repository directory, with an ETag) and the repository's files, so a gateway
+node's base URL works as an edge's origin. ``GET /v2/repository/blobs/sha256/{hash}`` serves a
+file by content: from the repository on a node with a local directory, from the cache on an
+edge (peer fill). Paths and hashes are validated strictly; files go out with starlette's
+``FileResponse`` (streamed, ``Range`` honoured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from gateway.dataplane import DataPlane
+from gateway.errors import ModelNotFound
+from gateway.repository.manifest import (
+    INDEX_NAME,
+    MANIFEST_NAME,
+    Publisher,
+    check_relpath,
+    check_sha256,
+)
+
+
+def _bytes(request: Request, data: bytes) -> Response:
+    etag = f'"{hashlib.sha256(data).hexdigest()}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return Response(data, media_type="application/json", headers={"ETag": etag})
+
+
+def _file(path: Path, sha256: str | None = None) -> Response:
+    headers = {"ETag": f'"{sha256}"'} if sha256 else None
+    return FileResponse(path, media_type="application/octet-stream", headers=headers)
+
+
+def distribution_routes(dataplane: DataPlane) -> list[Route]:
+    repository = dataplane.repository
+    edge_blob = getattr(repository, "peer_blob", None)
+    publisher = None if edge_blob is not None else Publisher(repository.root)
+
+    async def tree(request: Request) -> Response:
+        if publisher is None:
+            raise ModelNotFound("this node is an edge: it serves blobs by hash, not a tree")
+        path = check_relpath(request.path_params["path"])
+        parts = path.split("/")
+        if path == INDEX_NAME:
+            return _bytes(request, await asyncio.to_thread(publisher.index))
+        if len(parts) == 3 and parts[2] == MANIFEST_NAME and parts[1].isdigit():
+            if not (publisher.root / parts[0] / parts[1]).is_dir():
+                raise ModelNotFound(f"no version {parts[1]} of model '{parts[0]}'")
+            data = await asyncio.to_thread(publisher.manifest, parts[0], int(parts[1]))
+            return _bytes(request, data)
+        found = await asyncio.to_thread(publisher.file, path)
+        if found is None:
+            raise ModelNotFound(f"no file {path!r} in the repository")
+        return _file(found)
+
+    async def blob(request: Request) -> Response:
+        sha = check_sha256(request.path_params["sha256"])
+        if edge_blob is not None:
+            found = await edge_blob(sha)
+        else:
+            assert publisher is not None
+            found = await asyncio.to_thread(publisher.blob, sha)
+        if found is None:
+            raise ModelNotFound(f"no blob {sha}")
+        return _file(found, sha)
+
+    return [
+        Route("/v2/repository/tree/{path:path}", tree, methods=["GET", "HEAD"]),
+        Route("/v2/repository/blobs/sha256/{sha256}", blob, methods=["GET", "HEAD"]),
+    ]
+
+
+__all__ = ["distribution_routes"]

@@ -1,0 +1,1 @@
+"""Test helpers that start real processes (a standalone Triton server) on loopback ports."""

@@ -1,0 +1,174 @@
+"""Origins for the edge-cache tests, each on a free loopback port in a thread of its own.
+
+``FakeOrigin`` is a tiny HTTP/1.1 file server that logs every request (path, Range), honours
+``Range`` and ``If-None-Match``, can throttle, and can cut the connection partway through a file
+once (fault injection). ``StaticOrigin`` is Python's ``http.server`` (no Range support).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.server
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from tests import models
+
+SIMPLE_INPUTS = {
+    "inputs": [
+        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": list(range(16))},
+        {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": [1] * 16},
+    ]
+}
+
+
+def build_repo(root: Path) -> Path:
+    """``simple`` (config + v1), ``dense`` (v1, ~64 KiB) and ``other``, with manifests."""
+    from gateway.repository.manifest import write_manifests
+
+    models.add_sub(root, "simple")
+    models.dense(root, "dense", features=256, classes=64)
+    models.dense(root, "other", features=256, classes=60)
+    write_manifests(root)
+    return root
+
+
+class FakeOrigin:
+    def __init__(self, root: Path, chunk_delay_s: float = 0.0) -> None:
+        self.root = root
+        self.chunk_delay_s = chunk_delay_s
+        self.requests: list[tuple[str, str | None]] = []
+        self.cut_after: dict[str, int] = {}  # path -> bytes sent before dropping (once)
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def paths(self, suffix: str = "") -> list[str]:
+        return [p for p, _ in self.requests if p.endswith(suffix)]
+
+    def start(self) -> FakeOrigin:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+            self._ready.set()
+            async with self._server:
+                try:
+                    await self._server.serve_forever()
+                except asyncio.CancelledError:
+                    pass
+
+        self._loop.run_until_complete(main())
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.close)
+        self._thread.join(5)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = (await reader.readline()).decode()
+            headers: dict[str, str] = {}
+            while (h := (await reader.readline()).decode().strip()) != "":
+                key, _, value = h.partition(":")
+                headers[key.strip().lower()] = value.strip()
+            path = unquote(urlsplit(line.split()[1]).path).lstrip("/")
+            self.requests.append((path, headers.get("range")))
+            await self._respond(writer, path, headers)
+        except (ConnectionError, IndexError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _respond(
+        self, writer: asyncio.StreamWriter, path: str, headers: dict[str, str]
+    ) -> None:
+        file = self.root / path
+        if ".." in path or not file.is_file():
+            writer.write(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            return
+        data = file.read_bytes()
+        etag = f'"{hashlib.sha256(data).hexdigest()}"'
+        if headers.get("if-none-match") == etag:
+            writer.write(
+                f"HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nConnection: close\r\n\r\n".encode()
+            )
+            return
+        start = 0
+        status = "200 OK"
+        extra = ""
+        wanted = headers.get("range", "")
+        if wanted.startswith("bytes=") and wanted.endswith("-"):
+            start = int(wanted[6:-1])
+            status = "206 Partial Content"
+            extra = f"Content-Range: bytes {start}-{len(data) - 1}/{len(data)}\r\n"
+        body = data[start:]
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nETag: {etag}\r\n{extra}"
+            "Connection: close\r\n\r\n".encode()
+        )
+        cut = self.cut_after.pop(path, None)
+        step = 16384
+        for i in range(0, len(body), step):
+            if cut is not None and i >= cut:
+                await writer.drain()
+                writer.transport.abort()
+                return
+            writer.write(body[i : i + step])
+            await writer.drain()
+            if self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    log: list[str]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self.log.append(self.path)
+
+
+class StaticOrigin:
+    """``python -m http.server`` semantics: Last-Modified / If-Modified-Since, no Range."""
+
+    def __init__(self, root: Path) -> None:
+        self.requests: list[str] = []
+        handler = type("Handler", (_Handler,), {"log": self.requests})
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), partial(handler, directory=str(root))
+        )
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> StaticOrigin:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

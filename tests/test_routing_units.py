@@ -1,0 +1,382 @@
+"""Estimators, policies, ejection, retry budget and the routed backend, on a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.backends.base import Tensors
+from gateway.backends.routed import HostEntry, RoutedFactory
+from gateway.errors import HostUnreachable, Overloaded, Unavailable
+from gateway.repository.config import ModelConfig
+from gateway.repository.local import LocalRepository, ModelSource
+from gateway.routing import (
+    FAILURE,
+    SUCCESS,
+    BatchCostFit,
+    Candidate,
+    LatencyEstimate,
+    OutlierDetector,
+    PeakEwma,
+    RetryBudget,
+    Router,
+    make_policy,
+)
+from gateway.settings import Settings
+from tests import models
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+# -- estimators -----------------------------------------------------------------------------
+
+
+def test_peak_ewma_takes_spikes_at_once_and_decays() -> None:
+    clock = ManualClock()
+    ewma = PeakEwma(decay_s=1.0, clock=clock)
+    ewma.observe(0.010)
+    assert ewma.value_s == pytest.approx(0.010)
+    ewma.observe(0.100)  # a spike wins immediately
+    assert ewma.value_s == pytest.approx(0.100)
+    for _ in range(40):
+        clock.advance(0.001)
+        ewma.observe(0.010)
+    assert 0.010 <= ewma.value_s < 0.015  # pulled back toward the fast samples
+    clock.advance(3.0)  # idle: decays toward zero so the host gets tried again
+    assert ewma.value_s < 0.010 * 0.1
+
+
+def test_batch_cost_fit_recovers_a_n_plus_b() -> None:
+    fit = BatchCostFit()
+    for n in [1, 2, 4, 8, 16, 32] * 5:
+        fit.observe(n, 0.001 * n + 0.004)
+    a, b = fit.coefficients() or (0, 0)
+    assert a == pytest.approx(0.001, rel=1e-6)
+    assert b == pytest.approx(0.004, rel=1e-6)
+    assert fit.predict_s(10) == pytest.approx(0.014)
+    one_size = BatchCostFit()
+    one_size.observe(4, 0.02)
+    assert one_size.coefficients() == (0.0, pytest.approx(0.02))
+
+
+def test_latency_estimate_scales_by_batch_size() -> None:
+    clock = ManualClock()
+    est = LatencyEstimate(decay_s=10.0, clock=clock)
+    for n in [1, 8] * 20:
+        clock.advance(0.001)
+        est.observe(n, 0.001 * n + 0.002)
+    assert est.service_s(32) > 3 * est.service_s(1)
+
+
+# -- policies -------------------------------------------------------------------------------
+
+
+def cand(name: str, in_flight: int = 0, service_s: float = 0.01, **kw: Any) -> Candidate:
+    return Candidate(name, in_flight, 16, service_s, True, **kw)
+
+
+def test_round_robin_rotates_by_weight() -> None:
+    policy = make_policy("round_robin")
+    picks = Counter(policy.choose([cand("a"), cand("b", weight=2.0)]).name for _ in range(30))
+    assert picks == {"a": 10, "b": 20}
+
+
+def test_least_request_prefers_fewer_in_flight() -> None:
+    policy = make_policy("least_request", random.Random(1))
+    assert all(policy.choose([cand("a", 5), cand("b", 1)]).name == "b" for _ in range(20))
+
+
+def test_latency_policy_weighs_in_flight_latency_and_cold_start() -> None:
+    policy = make_policy("latency", random.Random(1))
+    fast_busy, slow_idle = cand("fast", 2, 0.010), cand("slow", 0, 0.050)
+    assert policy.choose([fast_busy, slow_idle]).name == "fast"  # 30 ms < 50 ms
+    assert policy.choose([cand("fast", 6, 0.010), slow_idle]).name == "slow"  # 70 ms > 50 ms
+    cold = cand("cold", 0, 0.001, cold_start_s=2.0)
+    assert policy.choose([cold, cand("warm", 3, 0.010)]).name == "warm"
+    # An unmeasured target gets one request, then waits for its first sample.
+    new = Candidate("new", 0, 16, 0.0, False)
+    assert policy.choose([new, cand("old", 0, 0.010)]).name == "new"
+    assert policy.choose([Candidate("new", 1, 16, 0.0, False), cand("old", 3)]).name == "old"
+
+
+def test_latency_policy_starves_a_slow_host_under_p2c() -> None:
+    policy = make_policy("latency", random.Random(7))
+    picks = Counter()
+    in_flight = {"a": 0, "b": 0, "slow": 0}
+    for _ in range(3000):
+        options = [
+            cand("a", in_flight["a"], 0.010),
+            cand("b", in_flight["b"], 0.010),
+            cand("slow", in_flight["slow"], 0.030),
+        ]
+        name = policy.choose(options).name
+        picks[name] += 1
+        in_flight[name] += 1
+        if sum(in_flight.values()) > 6:  # keep ~6 in flight: finish the oldest-ish at random
+            done = max(in_flight, key=lambda n: in_flight[n])
+            in_flight[done] -= 1
+    assert picks["slow"] < 0.5 * picks["a"]
+    assert picks["slow"] < 0.5 * picks["b"]
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        make_policy("random")
+
+
+# -- health ---------------------------------------------------------------------------------
+
+
+def test_ejection_backoff_grows_and_needs_a_probe_to_come_back() -> None:
+    clock = ManualClock()
+    det = OutlierDetector(consecutive_errors=3, base_ejection_s=2.0, clock=clock)
+    for name in ("a", "b", "c", "d"):
+        det.add(name)
+    assert not det.record_failure("a") and not det.record_failure("a")
+    assert det.record_failure("a")  # third in a row
+    assert det.state("a") == "ejected" and not det.available("a")
+    clock.advance(2.1)
+    assert not det.available("a")  # time served, no successful probe yet
+    det.record_probe("a", True)
+    assert det.available("a") and det.state("a") == "up"
+    for _ in range(3):
+        det.record_failure("a")
+    clock.advance(3.0)
+    det.record_probe("a", True)
+    assert not det.available("a")  # second ejection lasts 2 * 2 s
+    clock.advance(1.1)
+    det.record_probe("a", True)
+    assert det.available("a")
+
+
+def test_success_resets_consecutive_errors() -> None:
+    det = OutlierDetector(consecutive_errors=3, clock=ManualClock())
+    det.add("a")
+    det.add("b")
+    det.record_failure("a")
+    det.record_failure("a")
+    det.record_success("a")
+    assert not det.record_failure("a")
+
+
+def test_max_ejected_fraction_caps_ejections() -> None:
+    det = OutlierDetector(consecutive_errors=1, max_ejected_fraction=0.5, clock=ManualClock())
+    for name in ("a", "b", "c", "d"):
+        det.add(name)
+    assert det.record_failure("a") and det.record_failure("b")
+    assert not det.record_failure("c")  # 2 of 4 already out
+    assert det.available("c")
+
+
+def test_failed_probe_marks_down_at_once() -> None:
+    det = OutlierDetector(clock=ManualClock())
+    det.add("a")
+    det.record_probe("a", False)
+    assert det.state("a") == "down" and not det.available("a")
+    det.record_probe("a", True)
+    assert det.available("a")
+
+
+# -- retry budget ---------------------------------------------------------------------------
+
+
+def test_retry_budget_is_a_fraction_of_active_requests() -> None:
+    budget = RetryBudget(ratio=0.2, min_concurrency=1)
+    for _ in range(10):
+        budget.start_request()
+    assert budget.try_retry() and budget.try_retry()
+    assert not budget.try_retry()  # 2 = 20% of 10
+    budget.end_retry()
+    assert budget.try_retry()
+    assert budget.denied == 1
+
+
+# -- router ---------------------------------------------------------------------------------
+
+
+def make_router(clock: ManualClock, policy: str = "latency") -> Router:
+    router = Router(make_policy(policy, random.Random(3)), clock=clock, max_wait_s=0.05)
+    router.add_target("a", capacity=1)
+    router.add_target("b", capacity=1)
+    return router
+
+
+def test_router_caps_in_flight_per_host() -> None:
+    clock = ManualClock()
+    router = make_router(clock)
+    first = router.try_acquire("m", "m/1", 1)
+    second = router.try_acquire("m", "m/1", 1)
+    assert first is not None and second is not None and first.name != second.name
+    assert router.try_acquire("m", "m/1", 1) is None
+    first.finish(SUCCESS)
+    assert router.try_acquire("m", "m/1", 1) is not None
+
+
+def test_router_predictive_admission_refuses_impossible_deadlines() -> None:
+    clock = ManualClock()
+    router = make_router(clock)
+    for _ in range(3):
+        for name in ("a", "b"):
+            lease = router.try_acquire("m", "m/1", 1, exclude=["a" if name == "b" else "b"])
+            assert lease is not None
+            clock.advance(0.050)
+            lease.finish(SUCCESS)
+    with pytest.raises(Overloaded) as info:
+        router.try_acquire("m", "m/1", 1, deadline_s=clock() + 0.010)
+    assert info.value.retry_after_s is not None and info.value.retry_after_s > 0.01
+    assert router.try_acquire("m", "m/1", 1, deadline_s=clock() + 1.0) is not None
+
+
+def test_router_ejects_after_failures_and_reports_unavailable() -> None:
+    clock = ManualClock()
+    router = Router(
+        make_policy("round_robin"),
+        clock=clock,
+        outliers=OutlierDetector(consecutive_errors=2, max_ejected_fraction=1.0, clock=clock),
+    )
+    router.add_target("a")
+    for _ in range(2):
+        lease = router.try_acquire("m", "m/1", 1)
+        assert lease is not None
+        lease.finish(FAILURE)
+    with pytest.raises(Unavailable, match="no healthy host"):
+        router.try_acquire("m", "m/1", 1)
+    assert router.table()["hosts"][0]["state"] == "ejected"
+
+
+async def test_router_waits_for_a_slot_then_gives_up_with_429() -> None:
+    router = Router(make_policy("latency"), max_wait_s=0.05)
+    router.add_target("a", capacity=1)
+    held = await router.acquire("m", "m/1", 1)
+    waiter = asyncio.ensure_future(router.acquire("m", "m/1", 1))
+    await asyncio.sleep(0.01)
+    held.finish(SUCCESS)
+    lease = await waiter
+    with pytest.raises(Overloaded, match="in-flight limit"):
+        await router.acquire("m", "m/1", 1)
+    lease.finish(SUCCESS)
+
+
+# -- routed backend over fake hosts ---------------------------------------------------------
+
+
+class FakeHost:
+    def __init__(self, name: str, fail: bool = False) -> None:
+        self._name = name
+        self.fail = fail
+        self.calls = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def labels(self) -> frozenset[str]:
+        return frozenset()
+
+    async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
+        pass
+
+    async def infer(
+        self,
+        model: str,
+        version: int,
+        inputs: Tensors,
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+    ) -> Tensors:
+        self.calls += 1
+        if self.fail:
+            raise HostUnreachable(f"{self._name} refused")
+        a, b = inputs["INPUT0"], inputs["INPUT1"]
+        return {"OUTPUT0": a + b, "OUTPUT1": a - b}
+
+    async def ready(self) -> bool:
+        return True  # probes pass: failures show only on requests (passive detection)
+
+    async def model_ready(self, model: str, version: int) -> bool:
+        return True
+
+    async def release(self, model: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self._name}
+
+
+@pytest.fixture
+def simple_source(tmp_path: Path) -> ModelSource:
+    models.add_sub(tmp_path, "simple")
+    return LocalRepository(tmp_path).source("simple")
+
+
+def inputs() -> Tensors:
+    x = np.arange(16, dtype=np.int32).reshape(1, 16)
+    return {"INPUT0": x, "INPUT1": x}
+
+
+async def test_routed_backend_retries_once_elsewhere(simple_source: ModelSource) -> None:
+    hosts = [FakeHost("bad", fail=True), FakeHost("good")]
+    settings = Settings(local_execution=False, routing_policy="round_robin")
+    factory = RoutedFactory(settings, [HostEntry(h) for h in hosts])
+    backend = await factory.load(simple_source, 1)
+    for _ in range(4):
+        out = await backend.execute(inputs(), ["OUTPUT0", "OUTPUT1"])
+        assert out["OUTPUT0"][0, 3] == 6
+    assert hosts[0].calls >= 1 and hosts[1].calls == 4
+    assert factory.router.budget.granted == hosts[0].calls
+    await backend.close()
+    await factory.close()
+
+
+async def test_routed_backend_gives_up_after_one_retry(simple_source: ModelSource) -> None:
+    hosts = [FakeHost(n, fail=True) for n in ("x", "y", "z")]
+    factory = RoutedFactory(
+        Settings(local_execution=False, max_ejected_fraction=1.0), [HostEntry(h) for h in hosts]
+    )
+    backend = await factory.load(simple_source, 1)
+    with pytest.raises(HostUnreachable):
+        await backend.execute(inputs(), ["OUTPUT0"])
+    assert sum(h.calls for h in hosts) == 2  # first try + one retry, never a third
+    await backend.close()
+    await factory.close()
+
+
+async def test_routed_backend_serves_locally_too(simple_source: ModelSource) -> None:
+    factory = RoutedFactory(Settings(), [HostEntry(FakeHost("remote"))])
+    backend = await factory.load(simple_source, 1)
+    names = {t["name"] for t in factory.table()["hosts"]}
+    assert names == {"remote", "local"}
+    for _ in range(6):
+        out = await backend.execute(inputs(), ["OUTPUT0", "OUTPUT1"])
+        assert out["OUTPUT1"].sum() == 0
+    assert sum(t["completed"] for t in factory.table()["hosts"]) == 6
+    await backend.close()
+    await factory.close()
+
+
+def test_latency_policy_balances_equal_hosts_by_in_flight() -> None:
+    policy = make_policy("latency", random.Random(2))
+    # Same normalised cost (a usually carries more), so fewer in flight wins.
+    a = Candidate("a", 6, 16, 0.010, True, typical_in_flight=6.0)
+    b = Candidate("b", 1, 16, 0.010, True, typical_in_flight=1.0)
+    assert all(policy.choose([a, b]).name == "b" for _ in range(10))

@@ -1,0 +1,418 @@
+"""A real tritonserver (nvidia-pytriton's binary) with ONNX models pushed over the repository API.
+
+Checks the two things the gateway relies on: this Triton build rejects ``backend:
+"onnxruntime"`` (so the gateway must fall back), and the python-backend wrapper serves the same
+``model.onnx`` with results identical to ONNX Runtime in process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from gateway.backends.triton_python_model import (
+    PYTHON_BACKEND_MODEL_PY,
+    python_backend_config,
+    python_backend_files,
+)
+from gateway.errors import ModelLoadError
+from gateway.testing.tritonserver import (
+    TritonServer,
+    _pushed_model_dirs,
+    free_port,
+    tritonserver_unavailable_reason,
+)
+
+httpclient = pytest.importorskip("tritonclient.http")
+InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
+
+pytestmark = pytest.mark.triton
+
+NETWORK_TIMEOUT_S = 10.0
+
+
+def _skip_without_triton() -> None:
+    reason = tritonserver_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"tritonserver unavailable: {reason}")
+
+
+@pytest.fixture(scope="module")
+def triton() -> Iterator[TritonServer]:
+    _skip_without_triton()
+    server = TritonServer()
+    try:
+        server.start()
+        print(f"tritonserver ready in {server.startup_s:.2f} s at {server.http_url}")
+        yield server
+    finally:
+        server.stop()
+
+
+_open_clients: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close every client a test opened: Triton's SIGTERM waits for idle keep-alive sockets."""
+    yield
+    while _open_clients:
+        _open_clients.pop().close()
+
+
+def _client(server: TritonServer, timeout_s: float = NETWORK_TIMEOUT_S) -> Any:
+    client = httpclient.InferenceServerClient(
+        server.http_address, connection_timeout=timeout_s, network_timeout=timeout_s
+    )
+    _open_clients.append(client)
+    return client
+
+
+# -- models built at test time ------------------------------------------------------------
+
+
+def _model_bytes(graph: Any) -> bytes:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what onnxruntime 1.17+ and Triton's ORT backends all read
+    return bytes(model.SerializeToString())
+
+
+def simple_onnx() -> bytes:
+    """Triton's ``simple``: INT32 INPUT0, INPUT1 [-1, 16] -> OUTPUT0 = sum, OUTPUT1 = diff."""
+    shape = [None, 16]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        "simple",
+        [helper.make_tensor_value_info(n, TensorProto.INT32, shape) for n in ("INPUT0", "INPUT1")],
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT32, shape)
+            for n in ("OUTPUT0", "OUTPUT1")
+        ],
+    )
+    return _model_bytes(graph)
+
+
+def simple_config(name: str, *, dynamic_batching: bool = False) -> dict[str, Any]:
+    io = {"data_type": "TYPE_INT32", "dims": [16]}
+    config: dict[str, Any] = {
+        "name": name,
+        "backend": "onnxruntime",
+        "max_batch_size": 8,
+        "input": [{"name": n, **io} for n in ("INPUT0", "INPUT1")],
+        "output": [{"name": n, **io} for n in ("OUTPUT0", "OUTPUT1")],
+        "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+    }
+    if dynamic_batching:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": 20000}
+    return config
+
+
+# name, ONNX type, Triton type, numpy dtype, op applied (one input -> one output)
+DTYPE_CASES = [
+    ("FP32", TensorProto.FLOAT, "TYPE_FP32", np.float32, "Neg"),
+    ("FP16", TensorProto.FLOAT16, "TYPE_FP16", np.float16, "Neg"),
+    ("INT32", TensorProto.INT32, "TYPE_INT32", np.int32, "Neg"),
+    ("INT64", TensorProto.INT64, "TYPE_INT64", np.int64, "Neg"),
+    ("BOOL", TensorProto.BOOL, "TYPE_BOOL", np.bool_, "Not"),
+    ("BYTES", TensorProto.STRING, "TYPE_STRING", np.object_, "Identity"),
+]
+
+
+def dtypes_onnx() -> bytes:
+    """One input and output per datatype, ``IN_<T>`` -> ``OUT_<T>``, batched [-1, 3]."""
+    nodes = [helper.make_node(op, [f"IN_{t}"], [f"OUT_{t}"]) for t, _, _, _, op in DTYPE_CASES]
+    graph = helper.make_graph(
+        nodes,
+        "dtypes",
+        [helper.make_tensor_value_info(f"IN_{t}", o, [None, 3]) for t, o, *_ in DTYPE_CASES],
+        [helper.make_tensor_value_info(f"OUT_{t}", o, [None, 3]) for t, o, *_ in DTYPE_CASES],
+    )
+    return _model_bytes(graph)
+
+
+def dtypes_config(name: str) -> dict[str, Any]:
+    def io(prefix: str) -> list[dict[str, Any]]:
+        return [
+            {"name": f"{prefix}_{t}", "data_type": tt, "dims": [3]} for t, _, tt, *_ in DTYPE_CASES
+        ]
+
+    return {
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 4,
+        "input": io("IN"),
+        "output": io("OUT"),
+    }
+
+
+def dtype_inputs(batch: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    arrays: dict[str, np.ndarray] = {}
+    for t, _, _, dtype, _ in DTYPE_CASES:
+        if t == "BYTES":
+            words = np.array(["héllo", "", "triton", "x y", "42", "ünïcode"], dtype=object)
+            arrays[f"IN_{t}"] = rng.choice(words, size=(batch, 3)).astype(object)
+        elif t == "BOOL":
+            arrays[f"IN_{t}"] = rng.integers(0, 2, size=(batch, 3)).astype(bool)
+        else:
+            arrays[f"IN_{t}"] = (rng.standard_normal((batch, 3)) * 100).astype(dtype)
+    return arrays
+
+
+def ort_run(onnx_bytes: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def infer(
+    client: Any,
+    model: str,
+    feeds: dict[str, np.ndarray],
+    *,
+    binary: bool,
+    outputs: list[str] | None = None,
+    always_binary: frozenset[str] = frozenset(),
+) -> Any:
+    """One request; tensors named in ``always_binary`` go binary even in a JSON request."""
+    inputs = []
+    for name, array in feeds.items():
+        datatype = "BYTES" if array.dtype == np.object_ else _triton_dtype(array.dtype)
+        tensor = httpclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array, binary_data=binary or name in always_binary)
+        inputs.append(tensor)
+    requested = [
+        httpclient.InferRequestedOutput(n, binary_data=binary or n in always_binary)
+        for n in outputs or []
+    ]
+    return client.infer(model, inputs, outputs=requested or None)
+
+
+def _triton_dtype(dtype: np.dtype[Any]) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return str(np_to_triton_dtype(dtype))
+
+
+def _as_text(array: np.ndarray) -> np.ndarray:
+    return np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[object])(array)
+
+
+# -- tests without a server ---------------------------------------------------------------
+
+
+def test_model_py_is_valid_python() -> None:
+    compile(PYTHON_BACKEND_MODEL_PY, "model.py", "exec")
+
+
+def test_python_backend_files_layout() -> None:
+    files = python_backend_files(b"onnx", 3)
+    assert files == {
+        "file:3/model.py": PYTHON_BACKEND_MODEL_PY.encode(),
+        "file:3/model.onnx": b"onnx",
+    }
+    with pytest.raises(ValueError):
+        python_backend_files(b"onnx", 0)
+
+
+def test_python_backend_config_rewrites_only_the_backend() -> None:
+    original = {
+        **dtypes_config("m"),
+        "default_model_filename": "model.onnx",
+        "optimization": {"execution_accelerators": {"cpu_execution_accelerator": [{"name": "x"}]}},
+    }
+    converted = python_backend_config(original)
+    assert converted["backend"] == "python"
+    assert "platform" not in converted
+    assert "default_model_filename" not in converted
+    assert "optimization" not in converted
+    assert converted["input"] == original["input"] and original["platform"] == "onnxruntime_onnx"
+    assert python_backend_config(simple_config("s"))["backend"] == "python"
+    with pytest.raises(ModelLoadError):
+        python_backend_config({"platform": "tensorrt_plan"})
+
+
+def test_free_port_is_bindable() -> None:
+    import socket
+
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+# -- tests against the real server --------------------------------------------------------
+
+
+def test_server_is_ready_on_loopback(triton: TritonServer) -> None:
+    client = _client(triton)
+    assert client.is_server_live() and client.is_server_ready()
+    assert triton.http_url.startswith("http://127.0.0.1:")
+    assert triton.grpc_url.startswith("127.0.0.1:")
+    assert client.get_model_repository_index() == []
+    import urllib.request
+
+    with urllib.request.urlopen(triton.metrics_url, timeout=NETWORK_TIMEOUT_S) as response:
+        assert response.status == 200
+
+
+def test_onnxruntime_backend_is_missing(triton: TritonServer) -> None:
+    """This build has no onnxruntime backend: the gateway must detect this and fall back."""
+    client = _client(triton)
+    config = simple_config("simple_ort")
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model(
+            "simple_ort", config=json.dumps(config), files={"file:1/model.onnx": simple_onnx()}
+        )
+    message = info.value.message()
+    print(f"ORT-backend load failure: {message!r}")
+    assert "onnxruntime" in message
+    assert not client.is_model_ready("simple_ort")
+
+
+@pytest.fixture(scope="module")
+def simple_model(triton: TritonServer) -> str:
+    """The ``simple`` model pushed as python backend + model.onnx, with dynamic batching."""
+    name = "simple"
+    config = python_backend_config(simple_config(name, dynamic_batching=True))
+    _client(triton, 60.0).load_model(
+        name, config=json.dumps(config), files=python_backend_files(simple_onnx(), 1)
+    )
+    return name
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_python_backend_matches_onnxruntime(
+    triton: TritonServer, simple_model: str, binary: bool
+) -> None:
+    client = _client(triton)
+    assert client.is_model_ready(simple_model)
+    rng = np.random.default_rng(0)
+    feeds = {
+        n: rng.integers(-1000, 1000, size=(3, 16), dtype=np.int32) for n in ("INPUT0", "INPUT1")
+    }
+    expected = ort_run(simple_onnx(), feeds)
+    result = infer(client, simple_model, feeds, binary=binary)
+    for name, want in expected.items():
+        got = result.as_numpy(name)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want)
+    only_diff = infer(client, simple_model, feeds, binary=binary, outputs=["OUTPUT1"])
+    assert [o["name"] for o in only_diff.get_response()["outputs"]] == ["OUTPUT1"]
+
+
+def test_concurrent_requests_are_split_back_correctly(
+    triton: TritonServer, simple_model: str
+) -> None:
+    """Dynamic batching hands several requests to one ``execute``; each gets its own rows."""
+
+    def one(i: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = 1 + i % 3
+        feeds = {
+            "INPUT0": np.full((rows, 16), i, dtype=np.int32),
+            "INPUT1": np.arange(rows * 16, dtype=np.int32).reshape(rows, 16),
+        }
+        result = infer(_client(triton), simple_model, feeds, binary=True)
+        return result.as_numpy("OUTPUT0"), feeds["INPUT0"] + feeds["INPUT1"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for got, want in pool.map(one, range(32)):
+            np.testing.assert_array_equal(got, want)
+    stats = _client(triton).get_inference_statistics(simple_model)["model_stats"][0]
+    print(f"inferences {stats['inference_count']} in {stats['execution_count']} executions")
+
+
+def test_all_dtypes_round_trip(triton: TritonServer) -> None:
+    name = "dtypes"
+    onnx_bytes = dtypes_onnx()
+    client = _client(triton, 60.0)
+    client.load_model(
+        name,
+        config=json.dumps(python_backend_config(dtypes_config(name))),
+        files=python_backend_files(onnx_bytes, 1),
+    )
+    feeds = dtype_inputs(batch=2)
+    expected = ort_run(onnx_bytes, feeds)
+    # Triton refuses FP16 in JSON ("receiving FP16 data via JSON is not supported"), so a
+    # JSON request still carries FP16 tensors in binary.
+    fp16 = frozenset({"IN_FP16", "OUT_FP16"})
+    for binary in (True, False):
+        result = infer(
+            client, name, feeds, binary=binary, outputs=list(expected), always_binary=fp16
+        )
+        for out_name, want in expected.items():
+            got = result.as_numpy(out_name)
+            if want.dtype == np.object_:
+                np.testing.assert_array_equal(_as_text(got), want)
+            else:
+                assert got.dtype == want.dtype, out_name
+                np.testing.assert_array_equal(got, want)
+    client.unload_model(name)
+
+
+def test_bad_request_fails_alone(triton: TritonServer, simple_model: str) -> None:
+    """A shape the model rejects comes back as an error, and the model keeps serving."""
+    client = _client(triton)
+    bad = {"INPUT0": np.zeros((1, 16), np.int32), "INPUT1": np.zeros((2, 16), np.int32)}
+    with pytest.raises(InferenceServerException):
+        infer(client, simple_model, bad, binary=True)
+    good = {n: np.ones((1, 16), np.int32) for n in ("INPUT0", "INPUT1")}
+    np.testing.assert_array_equal(
+        infer(client, simple_model, good, binary=True).as_numpy("OUTPUT0"), good["INPUT0"] * 2
+    )
+
+
+def test_unload_makes_model_not_ready(triton: TritonServer, simple_model: str) -> None:
+    client = _client(triton)
+    client.unload_model(simple_model)
+    deadline = time.monotonic() + 10.0
+    while client.is_model_ready(simple_model) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not client.is_model_ready(simple_model)
+
+
+def test_kill_fails_fast_and_restart_reuses_ports() -> None:
+    """Its own server: a host crash must not poison the module's shared one."""
+    _skip_without_triton()
+    with TritonServer() as server:
+        client = _client(server, 60.0)
+        client.load_model(
+            "simple",
+            config=json.dumps(python_backend_config(simple_config("simple"))),
+            files=python_backend_files(simple_onnx(), 1),
+        )
+        port, pid = server.http_port, server.pid
+        assert pid is not None
+        pushed = _pushed_model_dirs(pid)
+        assert pushed and all(d.is_dir() for d in pushed)
+        server.kill()
+        assert not server.running
+        assert not any(d.exists() for d in pushed), "kill() leaves Triton's /tmp copies behind"
+
+        dead = _client(server, 2.0)
+        started = time.monotonic()
+        with pytest.raises(Exception):  # noqa: B017 - refused connection; type is the client's
+            dead.is_server_ready()
+        assert time.monotonic() - started < 2.0
+
+        server.restart()
+        print(f"restarted in {server.startup_s:.2f} s")
+        assert server.http_port == port and server.pid != pid
+        fresh = _client(server)
+        assert fresh.is_server_ready()
+        assert fresh.get_model_repository_index() == []
+        assert not fresh.is_model_ready("simple")
+        fresh.close()
+        started = time.monotonic()
+    assert not server.running
+    print(f"graceful stop took {time.monotonic() - started:.2f} s")
