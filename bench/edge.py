@@ -1,0 +1,393 @@
+"""Edge-cache benchmark: time to first prediction on cold and warm edges over a slow link.
+
+Run (from the repository root, with the project's virtual environment)::
+
+    python bench/edge.py                 # ~1.5 minutes with the defaults
+    python bench/edge.py --model-mb 200 --mbit-s 100 --rtt-ms 50
+
+What it does:
+
+1. builds a ``big`` model of ``--model-mb`` MB (one FP32 MatMul, random weights) in a temporary
+   repository (never committed) and starts a gateway node on it: the origin;
+2. puts an emulated slow link in front of the origin: a TCP proxy in this process that adds
+   ``--rtt-ms`` before each new connection and before forwarding each request (client -> origin
+   chunk), and shapes origin -> edge traffic with one token bucket shared by every connection
+   at ``--mbit-s`` (so concurrent edges share the link, as behind one uplink);
+3. measures, each from process spawn to the first successful prediction:
+   ``local`` (a gateway on the repository directory itself: start + ONNX Runtime load, the
+   baseline), ``cold`` (an edge with an empty cache), ``warm`` (the same edge restarted on its
+   cache), then three edges started together, without and with peer fill (each edge lists the
+   other two; the first gets its request first, the others 0.5 s later, and fill from the one
+   whose download from the origin is in flight);
+4. prints and writes ``bench/results/edge.md``: times, bytes that crossed the link, ratios against
+   ``model bytes / link bandwidth + local`` and cold/warm.
+
+Goals it reports against: warm >= 10x faster than cold; cold within 1.2x of bytes/bandwidth +
+load; origin bytes = model bytes per edge (a cold edge pulls the model once, a warm one never).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GOAL_WARM_X = 10.0
+GOAL_COLD_RATIO = 1.2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def build_repo(root: Path, model_mb: float) -> tuple[int, int]:
+    """``big``: Y = X @ W with W of n x n FP32, n chosen for ``model_mb`` MB. Returns (n, bytes)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gateway.repository.manifest import write_manifests
+
+    n = int((model_mb * 1e6 / 4) ** 0.5) + 1
+    weight = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        "big",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (root / "big" / "1").mkdir(parents=True)
+    onnx.save(model, root / "big" / "1" / "model.onnx")
+    (root / "big" / "config.pbtxt").write_text(
+        'name: "big"\nmax_batch_size: 0\n'
+        f'input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1, {n} ] }} ]\n'
+        f'output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1, {n} ] }} ]\n'
+    )
+    write_manifests(root)
+    return n, (root / "big" / "1" / "model.onnx").stat().st_size
+
+
+class SlowLink:
+    """A TCP proxy emulating a WAN link: added latency per connection and per request, and
+    downstream bandwidth shared by every connection (one token bucket)."""
+
+    def __init__(self, upstream_port: int, mbit_s: float, rtt_s: float) -> None:
+        self.upstream_port = upstream_port
+        self.rate_bytes_s = mbit_s * 1e6 / 8
+        self.rtt_s = rtt_s
+        self.bytes_down = 0
+        self.port = 0
+        self._free_at = 0.0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> SlowLink:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def _run(self) -> None:
+        async def main() -> None:
+            server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            await server.serve_forever()
+
+        with contextlib.suppress(RuntimeError):
+            self._loop.run_until_complete(main())
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(self.rtt_s)  # connection set-up
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def upstream() -> None:
+            while chunk := await reader.read(65536):
+                await asyncio.sleep(self.rtt_s)  # a request crosses the link and back
+                up_w.write(chunk)
+                await up_w.drain()
+            up_w.close()
+
+        async def downstream() -> None:
+            while chunk := await up_r.read(262144):
+                now = time.monotonic()
+                # a token bucket 20 ms deep: idle link time is credited up to that much
+                self._free_at = max(now - 0.02, self._free_at) + len(chunk) / self.rate_bytes_s
+                await asyncio.sleep(self._free_at - now)
+                self.bytes_down += len(chunk)
+                writer.write(chunk)
+                await writer.drain()
+            writer.close()
+
+        with contextlib.suppress(OSError, ConnectionError):
+            await asyncio.gather(upstream(), downstream())
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path, port: int, env: dict[str, str] | None = None):
+        self.port = port
+        self.log = log
+        self.started = time.perf_counter()
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, "GATEWAY_ACCESS_LOG": "false", **(env or {})},
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def _post(url: str, body: bytes, timeout_s: float = 300.0) -> int:
+    request = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as r:
+            r.read()
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def first_prediction(
+    proc: Proc, body: bytes, delay_s: float = 0.0, limit_s: float = 600.0
+) -> float:
+    """Seconds from spawn to the first 200 answer to an inference request."""
+    deadline = proc.started + limit_s
+    time.sleep(delay_s)
+    while time.perf_counter() < deadline:
+        if proc.process.poll() is not None:
+            raise RuntimeError(f"gateway exited:\n{proc.log.read_text()[-3000:]}")
+        if _post(f"{proc.url}/v2/models/big/infer", body) == 200:
+            return time.perf_counter() - proc.started
+        time.sleep(0.05)
+    raise RuntimeError(f"no prediction within {limit_s} s:\n{proc.log.read_text()[-3000:]}")
+
+
+def _drive(proc: Proc, body: bytes, delay_s: float, times: list[float], i: int) -> None:
+    """Wait until the edge listens (so the first edge asks first), then time a prediction."""
+    while _post(f"{proc.url}/v2/health/ready", b"") == 0:
+        time.sleep(0.05)
+    times[i] = first_prediction(proc, body, delay_s)
+
+
+def cache_counters(proc: Proc) -> dict[str, float]:
+    with urllib.request.urlopen(f"{proc.url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = {}
+    for name, label, value in re.findall(r"^(gateway_cache_\w+?)(\{[^}]*\})? (\S+)$", text, re.M):
+        found[name + label] = float(value)
+    return found
+
+
+@contextlib.contextmanager
+def running(*procs: Proc) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-mb", type=float, default=105.0)
+    parser.add_argument("--mbit-s", type=float, default=100.0)
+    parser.add_argument("--rtt-ms", type=float, default=50.0)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "edge.md"))
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-edge-bench-"))
+    repo = tmp / "repo"
+    started = time.perf_counter()
+    n, model_bytes = build_repo(repo, args.model_mb)
+    print(f"model: {model_bytes / 1e6:.1f} MB ({time.perf_counter() - started:.1f} s to build)")
+    body = json.dumps(
+        {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, n], "data": [0.5] * n}]}
+    ).encode()
+
+    rows: list[tuple[str, float, float, str]] = []  # name, seconds, MB over the link, note
+    node = Proc(["--model-repo", str(repo)], tmp / "node.log", free_port())
+    with running(node):
+        t_local = first_prediction(node, body)
+        urllib.request.urlopen(f"{node.url}/v2/repository/tree/models.json").read()  # hashed once
+    rows.append(("local (baseline: start + load)", t_local, 0.0, "repository on local disk"))
+    print(f"local: {t_local:.2f} s")
+
+    node = Proc(["--model-repo", str(repo)], tmp / "node.log", free_port())
+    link = SlowLink(node.port, args.mbit_s, args.rtt_ms / 1000).start()
+    origin = f"http://127.0.0.1:{link.port}"
+    ideal_s = model_bytes / link.rate_bytes_s
+    results: dict[str, Any] = {}
+    with running(node):
+        first_prediction(node, body)
+        urllib.request.urlopen(f"{node.url}/v2/repository/tree/models.json").read()
+
+        def edge(name: str, cache: Path, *extra: str, port: int | None = None) -> Proc:
+            return Proc(
+                ["--model-repo", origin, "--cache-dir", str(cache), *extra],
+                tmp / f"{name}.log",
+                port or free_port(),
+            )
+
+        # What the emulated link delivers to a plain HTTP client: the raw transfer time.
+        sha = json.loads((repo / "big" / "1" / "manifest.json").read_text())["files"][0]["sha256"]
+        raw_started = time.perf_counter()
+        with urllib.request.urlopen(f"{origin}/v2/repository/blobs/sha256/{sha}") as r:
+            while r.read(1 << 20):
+                pass
+        t_raw = time.perf_counter() - raw_started
+        rows.append(("raw transfer (urllib, no edge)", t_raw, model_bytes / 1e6, "the link"))
+        print(f"raw transfer: {t_raw:.2f} s")
+
+        before = link.bytes_down
+        cold = edge("cold", tmp / "cache-a")
+        with running(cold):
+            t_cold = first_prediction(cold, body)
+            counters = cache_counters(cold)
+        cold_bytes = link.bytes_down - before
+        rows.append(("cold edge (empty cache)", t_cold, cold_bytes / 1e6, "pull + verify + load"))
+        print(f"cold: {t_cold:.2f} s, {cold_bytes / 1e6:.1f} MB over the link")
+
+        before = link.bytes_down
+        warm = edge("warm", tmp / "cache-a")
+        with running(warm):
+            t_warm = first_prediction(warm, body)
+            load_started = time.perf_counter()
+            _post(f"{warm.url}/v2/repository/models/big/load", b"{}")
+            t_warm_load = time.perf_counter() - load_started
+        warm_bytes = link.bytes_down - before
+        rows.append(("warm edge (restart on cache)", t_warm, warm_bytes / 1e6, "verify + load"))
+        print(f"warm: {t_warm:.2f} s, {warm_bytes / 1e6:.3f} MB; reload API {t_warm_load:.2f} s")
+
+        group: dict[str, tuple[list[float], float, float]] = {}
+        for label, peer_fill in (
+            ("3 edges together, no peers", False),
+            ("3 edges, peer fill", True),
+        ):
+            ports = [free_port() for _ in range(3)]
+            before = link.bytes_down
+            edges = []
+            for i, port in enumerate(ports):
+                extra: list[str] = []
+                if peer_fill:
+                    others = [f"http://127.0.0.1:{p}" for p in ports if p != port]
+                    extra = ["--peers", ",".join(others)]
+                cache = tmp / f"cache-{label[:9].strip()}-{peer_fill}-{i}"
+                edges.append(edge(f"n{i}-{peer_fill}", cache, *extra, port=port))
+            times: list[float] = [0.0] * 3
+            with running(*edges):
+                threads = [
+                    threading.Thread(
+                        target=_drive, args=(e, body, 0.5 if peer_fill and i else 0.0, times, i)
+                    )
+                    for i, e in enumerate(edges)
+                ]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                peer_key = 'gateway_cache_fetched_bytes_total{source="peer"}'
+                peer_mb = sum(cache_counters(e).get(peer_key, 0) for e in edges) / 1e6
+            moved = (link.bytes_down - before) / 1e6
+            group[label] = (times, moved, peer_mb)
+            note = f"each: {', '.join(f'{t:.1f}' for t in times)} s; from peers {peer_mb:.1f} MB"
+            rows.append((label + " (slowest)", max(times), moved, note))
+            print(f"{label}: {note}; {moved:.1f} MB over the link")
+    link.stop()
+    results.update(counters=counters)
+
+    cold_ratio = t_cold / (ideal_s + t_local)
+    warm_x = t_cold / t_warm
+    per_edge_ok = abs(cold_bytes - model_bytes) / model_bytes < 0.01 and warm_bytes < 1e5
+    lines = [
+        "# Edge cache: time to first prediction over a slow link",
+        "",
+        f"Command: `python bench/edge.py --model-mb {args.model_mb:g} --mbit-s {args.mbit_s:g} "
+        f"--rtt-ms {args.rtt_ms:g}`  ",
+        f"Date: {dt.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}  ",
+        f"Model: `big`, one FP32 MatMul, {model_bytes / 1e6:.1f} MB. Origin: a gateway node "
+        f"serving its repository; link: {args.mbit_s:g} Mbit/s shared, +{args.rtt_ms:g} ms per "
+        "connection and per request (an in-process TCP proxy with one token bucket).",
+        "Times are from process spawn to the first 200 answer to an inference request.",
+        "",
+        "| scenario | time to first prediction (s) | MB over the origin link | note |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [f"| {name} | {t:.2f} | {mb:.2f} | {note} |" for name, t, mb, note in rows]
+    lines += [
+        "",
+        f"- bytes / bandwidth = {ideal_s:.2f} s; + local load = {ideal_s + t_local:.2f} s",
+        f"- cold / (raw transfer through the link + local load) = "
+        f"**{t_cold / (t_raw + t_local):.2f}**",
+        f"- cold / (bytes/bandwidth + local load) = **{cold_ratio:.2f}** "
+        f"(goal <= {GOAL_COLD_RATIO}: {'met' if cold_ratio <= GOAL_COLD_RATIO else 'NOT met'})",
+        f"- cold / warm = **{warm_x:.1f}x** "
+        f"(goal >= {GOAL_WARM_X:g}x: {'met' if warm_x >= GOAL_WARM_X else 'NOT met'}); "
+        f"warm model reload through the repository API (verify + load, no process start): "
+        f"{t_warm_load:.2f} s",
+        f"- origin bytes per cold edge = {cold_bytes / model_bytes:.3f} x model bytes, warm edge "
+        f"{warm_bytes} bytes (index check only): {'met' if per_edge_ok else 'NOT met'}",
+        "",
+        "With 3 edges started together and no peers each pulls the whole model over the shared "
+        "link. With peer fill the edges asked second wait for the first one's download from the "
+        "origin and copy it over the LAN; a peer asked for a blob it is itself fetching from a "
+        "peer answers 404 (no cycles), so requests arriving at exactly the same moment may still "
+        "each go to the origin.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
