@@ -41,6 +41,9 @@ def build_app(settings: Settings) -> Any:
         factory = RoutedFactory(settings)
         on_shutdown.append(factory.close)
     dataplane = DataPlane(settings, repository, factory)
+    families = getattr(factory, "metric_families", None)
+    if callable(families):
+        dataplane.metrics.add_source(families)
     if edge is not None:
         edge.attach(dataplane)
         on_shutdown.append(edge.close)

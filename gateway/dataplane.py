@@ -213,11 +213,13 @@ class DataPlane:
         return loaded
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
+        """Loaded, and (for remote backends that can tell) servable somewhere right now."""
         try:
-            self.resolve(name, version)
+            lv = self.resolve(name, version)
         except GatewayError:
             return False
-        return True
+        ready = getattr(lv.backend, "ready", None)
+        return bool(ready()) if callable(ready) else True
 
     # -- loading on first use (edge repositories) -------------------------------------------
 

@@ -44,6 +44,9 @@ class Settings:
     execution_provider: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
     inter_op_threads: int = 0
+    # ORT's pool threads busy-wait between ops by default; in a server that shares its cores with
+    # the event loop (and the next request's decoding) that spinning costs more than it saves.
+    ort_spinning: bool = False
     warmup: bool = True
     # Batching and queues.
     max_queue_size: int = 1024  # used where a model's config sets none

@@ -150,6 +150,12 @@ async def test_requests_spread_across_workers(cluster: Cluster) -> None:
     table = cluster.hosts()
     assert {h["state"] for h in table.values()} == {"up"}
     assert all(h["models"]["simple/1"]["ready"] for h in table.values())
+    with urllib.request.urlopen(f"{cluster.front.url}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    for name, count in after.items():  # the same counters, scraped by Prometheus
+        assert f'gateway_host_batches_total{{host="{name}",outcome="success"}} {count}.0' in metrics
+        assert f'gateway_host_up{{host="{name}"}} 1.0' in metrics
+    assert 'gateway_host_latency_estimate_seconds{host="w0",model="simple/1"}' in metrics
 
 
 async def test_slow_worker_gets_a_smaller_share(cluster: Cluster) -> None:

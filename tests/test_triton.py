@@ -260,6 +260,7 @@ def test_host_crash_fails_fast_and_restart_recovers(
         assert "retry-after" in headers and "t1" in body
     host = _client(gw.address).get_model_metadata("simple")["parameters"]["hosts"][0]
     assert host["state"] == "down" and host["model_ready"] is False
+    assert not _client(gw.address).is_model_ready("simple")  # no host serves it: not ready
 
     triton.restart()  # same ports, empty repository
     started = time.monotonic()
@@ -268,6 +269,7 @@ def test_host_crash_fails_fast_and_restart_recovers(
         time.sleep(0.1)
     print(f"serving again {time.monotonic() - started:.2f} s after the restart")
     assert status == 200
+    assert _client(gw.address).is_model_ready("simple")
     direct = _client(triton.http_address)
     assert direct.is_model_ready("simple", "1")
     deadline = time.monotonic() + 15.0

@@ -43,6 +43,9 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """Facts about where and how it runs, for metadata and the repository index."""
 
+    # Optional: ``def ready(self) -> bool`` -- remote backends say whether any host serves the
+    # version now; ``DataPlane.model_ready`` (``GET .../ready``) asks when it is there.
+
 
 class BackendFactory(Protocol):
     """Loads model versions into a kind of backend."""

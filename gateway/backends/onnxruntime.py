@@ -225,6 +225,9 @@ class OnnxRuntimeFactory:
         if self._settings.inter_op_threads:
             options.inter_op_num_threads = self._settings.inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = "1" if self._settings.ort_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         return options
 
     def _load_sync(self, source: ModelSource, version: int) -> OnnxRuntimeBackend:

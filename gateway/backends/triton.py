@@ -467,6 +467,10 @@ class TritonBackend:
     def instance_count(self) -> int:
         return self._count
 
+    def ready(self) -> bool:
+        """Whether some host serves this model now (Triton's model readiness, per host)."""
+        return any(h.serving(self._config.name) for h in self._hosts)
+
     async def execute(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
     ) -> Tensors:
