@@ -111,7 +111,12 @@ def serve(settings: Settings) -> None:
         ssl_certfile=settings.tls_certfile or None,
         ssl_keyfile=settings.tls_keyfile or None,
     )
-    DrainingServer(config).run()
+    if not settings.admin_port:
+        DrainingServer(config).run()
+        return
+    # One server on two sockets; AdminPortMiddleware tells them apart by the local port.
+    admin = uvicorn.Config(app, host=settings.admin_host or settings.host, port=settings.admin_port)
+    DrainingServer(config).run(sockets=[config.bind_socket(), admin.bind_socket()])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="address to bind [127.0.0.1]")
     serve_cmd.add_argument("--port", type=int, help="HTTP port [8000]")
     serve_cmd.add_argument("--grpc-port", type=int, help="gRPC port; 0 turns gRPC off [0]")
+    serve_cmd.add_argument(
+        "--admin-port", type=int, help="serve the repository/admin API only on this port [off]"
+    )
     serve_cmd.add_argument(
         "--grpc-max-message-bytes", type=int, help="gRPC message size limit [64 MiB]"
     )

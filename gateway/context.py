@@ -27,3 +27,6 @@ batch_request_ids: ContextVar[tuple[str, ...]] = ContextVar("batch_request_ids",
 execution: ContextVar[Execution | None] = ContextVar("execution", default=None)
 # Set by a backend inside the batch task; copied onto each request's Execution.
 executed_on: ContextVar[str] = ContextVar("executed_on", default="")
+# Set by a backend that knows how long the batch really ran (not counting a wait for a free
+# instance, as when the batcher hands batches ahead); the batcher counts the rest as queueing.
+compute_s: ContextVar[float | None] = ContextVar("compute_s", default=None)

@@ -91,6 +91,7 @@ def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchP
             max_batch_size=0,
             max_queue_size=settings.max_queue_size,
             instance_count=backend.instance_count,
+            pipeline=settings.batch_pipeline,
         )
     return BatchPolicy(
         max_batch_size=config.max_batch_size,
@@ -99,6 +100,7 @@ def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchP
         max_queue_size=db.max_queue_size or settings.max_queue_size,
         default_timeout_s=(db.default_timeout_us / 1e6) or None,
         instance_count=backend.instance_count,
+        pipeline=settings.batch_pipeline,
     )
 
 

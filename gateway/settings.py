@@ -50,6 +50,9 @@ class Settings:
     warmup: bool = True
     # Batching and queues.
     max_queue_size: int = 1024  # used where a model's config sets none
+    # Batches formed ahead per model version while all its instances are busy (0: form a batch
+    # only when an instance is free: larger batches, but the backend idles between them).
+    batch_pipeline: int = 1
     default_max_batch_size: int = 4  # for auto-completed batchable models (Triton's default)
     # Loading.
     load_models: tuple[str, ...] = ()  # empty: every model in the repository
@@ -62,6 +65,10 @@ class Settings:
     api_keys: tuple[str, ...] = ()  # inference credential(s); empty: no authentication
     admin_keys: tuple[str, ...] = ()  # repository load/unload and admin API credential(s)
     admin_api: bool = True  # false: no repository or admin endpoints at all
+    # Non-zero: repository/admin endpoints answer only on this port (bound on admin_host, default
+    # ``host``), and not on ``port``; e.g. a loopback-only or network-policy-guarded listener.
+    admin_port: int = 0
+    admin_host: str = ""
     max_connections: int = 0  # concurrent connections + requests before 503; 0: unlimited
     keepalive_timeout_s: float = 5.0
     body_timeout_s: float = 30.0  # a client must deliver its whole body within this
@@ -90,6 +97,8 @@ class Settings:
     dns_refresh_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.admin_port < 65536 or (self.admin_port and self.admin_port == self.port):
+            raise SettingsError(f"admin_port must be 0 or differ from port, got {self.admin_port}")
         if not 0 < self.port < 65536:
             raise SettingsError(f"port must be 1..65535, got {self.port}")
         if not 0 <= self.grpc_port < 65536 or (self.grpc_port and self.grpc_port == self.port):
@@ -133,6 +142,8 @@ class Settings:
             raise SettingsError("ejection_base_s must be > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise SettingsError(f"log_level {self.log_level!r} is not a logging level")
+        if not 0 <= self.batch_pipeline <= 16:
+            raise SettingsError(f"batch_pipeline must be in 0..16, got {self.batch_pipeline}")
         if self.cache_size_bytes < 1:
             raise SettingsError("cache_size_bytes must be >= 1")
 

@@ -69,8 +69,9 @@ class ModelStats:
         stat.compute_output.add(0)
         self.last_inference_ms = int(time.time() * 1000)
 
-    def record_queue(self, ns: int) -> None:
-        self.queue.add(ns)
+    def record_queue(self, ns: int, count: int = 1) -> None:
+        """``count=0`` adds time to requests already counted."""
+        self.queue.add(ns, count)
 
     def record_request(self, ok: bool, ns: int, reason: str = "") -> None:
         """One finished request; ``reason`` names the failure class (Triton's label values)."""

@@ -87,3 +87,27 @@ def test_admin_api_can_be_turned_off(tmp_path: Path) -> None:
         assert raw(gw, "POST", "/v2/models/simple/infer", BODY)[0] == 200
     finally:
         gw.stop()
+
+
+def test_admin_api_on_its_own_port(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    models.add_sub(tmp_path / "repo", "simple")
+    admin_port = free_port()
+    gw = start_gateway(tmp_path / "repo", tmp_path, "--admin-port", str(admin_port))
+    admin = GatewayProcess(gw.process, admin_port, gw.log_path)  # same process, other socket
+    try:
+        status, _, body = raw(gw, "POST", "/v2/repository/index", b"{}")
+        assert status == 404 and b"admin port" in body
+        assert raw(gw, "GET", "/admin/hosts")[0] == 404
+        status, _, body = raw(admin, "POST", "/v2/repository/index", b"{}")
+        assert status == 200 and json.loads(body)[0]["name"] == "simple"
+        status, _, body = raw(admin, "POST", "/v2/models/simple/infer", BODY)
+        assert status == 404 and b"main port" in body
+        assert raw(admin, "GET", "/v2/health/ready")[0] == 200
+        assert raw(gw, "POST", "/v2/models/simple/infer", BODY)[0] == 200
+        assert raw(admin, "POST", "/v2/repository/models/simple/unload", b"{}")[0] == 200
+        assert raw(gw, "POST", "/v2/models/simple/infer", BODY)[0] == 503  # unloaded there
+    finally:
+        gw.stop()
+

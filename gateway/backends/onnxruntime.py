@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from gateway import context
 from gateway.backends.base import Tensors
 from gateway.errors import InvalidInput, ModelLoadError
 from gateway.protocol.types import numpy_dtype
@@ -179,31 +181,35 @@ class OnnxRuntimeBackend:
     def instance_count(self) -> int:
         return self._count
 
-    def _run(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
+    def _run(self, inputs: Tensors, outputs: Sequence[str]) -> tuple[Tensors, float]:
         session = self._free.get()
+        started = time.perf_counter()
         try:
             feeds = {name: _to_ort(array, name) for name, array in inputs.items()}
             results = session.run(list(outputs), feeds)
         finally:
             self._free.put(session)
-        return {name: _from_ort(value) for name, value in zip(outputs, results, strict=True)}
+        named = {name: _from_ort(value) for name, value in zip(outputs, results, strict=True)}
+        return named, time.perf_counter() - started
 
     def run_sync(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
         """Blocking execution, for warm-up and benchmarks."""
-        return self._run(inputs, outputs)
+        return self._run(inputs, outputs)[0]
 
     async def execute(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
     ) -> Tensors:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, self._run, inputs, outputs)
+            result, seconds = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
         except Exception as exc:  # ORT raises its own exception types
             if type(exc).__module__.startswith("onnxruntime"):
                 raise InvalidInput(
                     f"model '{self._config.name}' rejected the input: {exc}"
                 ) from None
             raise
+        context.compute_s.set(seconds)
+        return result
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -25,7 +25,7 @@ from gateway.errors import ClientTimeout, GatewayError, InvalidInput, PayloadToo
 from gateway.logs import log_inference
 from gateway.metrics import CONTENT_TYPE
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
-from gateway.server.auth import AuthMiddleware
+from gateway.server.auth import ADMIN_PREFIXES, AdminPortMiddleware, AuthMiddleware
 from gateway.server.distribution import distribution_routes
 from gateway.server.errors import error_response, gateway_error_response, handle_gateway_error
 from gateway.server.openapi import OPENAPI
@@ -290,8 +290,10 @@ def create_app(
             await dataplane.stop()
 
     if not dataplane.settings.admin_api:
-        routes = [r for r in routes if not r.path.startswith(("/v2/repository", "/admin"))]
+        routes = [r for r in routes if not r.path.startswith(ADMIN_PREFIXES)]
     middleware = []
+    if dataplane.settings.admin_port and dataplane.settings.admin_api:
+        middleware.append(Middleware(AdminPortMiddleware, admin_port=dataplane.settings.admin_port))
     if dataplane.settings.api_keys or dataplane.settings.admin_keys:
         middleware.append(
             Middleware(

@@ -68,3 +68,26 @@ class AuthMiddleware:
             response = error_response(401, "missing or invalid credential")
             response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
+
+
+class AdminPortMiddleware:
+    """With ``admin_port`` set, the admin API answers only on that listener (and nothing else
+    but health there): one server, two sockets, told apart by the local port of the connection."""
+
+    def __init__(self, app: ASGIApp, admin_port: int) -> None:
+        self.app = app
+        self.admin_port = admin_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            server = scope.get("server") or ("", 0)
+            on_admin_port = server[1] == self.admin_port
+            path: str = scope["path"]
+            admin = path.startswith(ADMIN_PREFIXES)
+            if admin != on_admin_port and not (on_admin_port and path.startswith(OPEN_PREFIXES)):
+                where = "the admin port" if admin else "the main port"
+                response = error_response(404, f"{path[:200]} is served on {where} only")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
