@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,3 +112,55 @@ def test_admin_api_on_its_own_port(tmp_path: Path) -> None:
     finally:
         gw.stop()
 
+
+
+def test_grpc_needs_the_same_keys(tmp_path: Path) -> None:
+    import grpc
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from tests.conftest import free_port
+
+    models.add_sub(tmp_path / "repo", "simple")
+    grpc_port = free_port()
+    gw = start_gateway(
+        tmp_path / "repo",
+        tmp_path,
+        "--grpc-port",
+        str(grpc_port),
+        env={"GATEWAY_API_KEYS": "user-key", "GATEWAY_ADMIN_KEYS": "admin-key"},
+    )
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        tensor = grpcclient.InferInput(name, [1, 16], "INT32")
+        tensor.set_data_from_numpy(np.ones((1, 16), np.int32))
+        inputs.append(tensor)
+
+    def status(call: Any) -> str:
+        try:
+            call()
+        except InferenceServerException as exc:
+            return str(exc.status())
+        return "OK"
+
+    user = {"authorization": "Bearer user-key"}
+    admin = {"x-api-key": "admin-key"}
+    try:
+        assert client.is_server_live() and client.is_model_ready("simple")  # open, as HTTP health
+        assert status(lambda: client.infer("simple", inputs)) == str(
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert status(lambda: client.infer("simple", inputs, headers={"x-api-key": "nope"})) == (
+            str(grpc.StatusCode.UNAUTHENTICATED)
+        )
+        assert status(lambda: client.infer("simple", inputs, headers=user)) == "OK"
+        assert status(lambda: client.get_model_repository_index(headers=user)) == str(
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+        assert status(lambda: client.get_model_repository_index(headers=admin)) == "OK"
+        assert status(lambda: client.infer("simple", inputs, headers=admin)) == "OK"
+    finally:
+        client.close()
+        gw.stop()

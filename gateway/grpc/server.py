@@ -23,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from gateway.credentials import Credentials, Verdict, token_of
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, Unavailable
 from gateway.grpc.codec import decode_infer_request, encode_infer_response
@@ -224,6 +225,72 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+ADMIN_METHODS = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
+
+
+def _metadata_bytes(value: str | bytes | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The REST front end's rules over gRPC: keys from ``authorization`` (``Bearer <k>``) or
+    ``x-api-key`` metadata; the repository RPCs need the admin key, and are not served at all
+    when the admin API is off or bound to its own (HTTP) port."""
+
+    def __init__(self, credentials: Credentials, admin_here: bool) -> None:
+        self.credentials = credentials
+        self.admin_here = admin_here
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        method = details.method.rsplit("/", 1)[-1]
+        if handler is None or method in OPEN_METHODS:
+            return handler
+        admin = method in ADMIN_METHODS
+        if admin and not self.admin_here:
+            message = "the repository API is not served here"
+            return _refusal(handler, grpc.StatusCode.UNIMPLEMENTED, message)
+        if not self.credentials.enabled:
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        token = token_of(
+            _metadata_bytes(metadata.get("authorization")),
+            _metadata_bytes(metadata.get("x-api-key")),
+        )
+        verdict = self.credentials.check(token, admin)
+        if verdict is Verdict.ALLOWED:
+            return handler
+        code = (
+            grpc.StatusCode.PERMISSION_DENIED
+            if verdict is Verdict.FORBIDDEN
+            else grpc.StatusCode.UNAUTHENTICATED
+        )
+        return _refusal(handler, code, verdict.value)
+
+
+def _refusal(handler: Any, code: Any, message: str) -> Any:
+    """A handler of the same shape as ``handler`` that only aborts with ``code``."""
+
+    async def refuse(request: Any, context: Any) -> None:
+        await context.abort(code, message)
+
+    kinds = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler,
+        "unary_stream": grpc.unary_stream_rpc_method_handler,
+        "stream_unary": grpc.stream_unary_rpc_method_handler,
+        "stream_stream": grpc.stream_stream_rpc_method_handler,
+    }
+    for kind, make in kinds.items():
+        if getattr(handler, kind) is not None:
+            return make(
+                refuse,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
 class GrpcServer:
     """The gRPC front end's life cycle, for the app's start-up and shut-down hooks.
 
@@ -246,7 +313,13 @@ class GrpcServer:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
+        settings = self.dataplane.settings
+        interceptor = AccessInterceptor(
+            Credentials(settings.api_keys, settings.admin_keys),
+            admin_here=settings.admin_api and not settings.admin_port,
+        )
         server = grpc.aio.server(
+            interceptors=[interceptor],
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),

@@ -1,42 +1,30 @@
 """Optional bearer-token / API-key authentication, as pure ASGI middleware.
 
-Two credentials: inference keys (inference, metadata, statistics) and admin keys (repository
-load/unload/index and the admin API). An admin key also passes where an inference key is asked
-for. Health probes and ``/metrics`` stay open for orchestrators and scrapers. Keys are compared
-in constant time against every configured key, and never logged.
+Health probes and ``/metrics`` stay open for orchestrators and scrapers; the repository and admin
+API need an admin key (``gateway.credentials`` decides; this module only maps HTTP onto it).
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.credentials import Credentials, Verdict, token_of
 from gateway.server.errors import error_response
 
 OPEN_PREFIXES = ("/v2/health/", "/metrics")
 ADMIN_PREFIXES = ("/v2/repository/", "/admin")
 
 
-def _matches(token: bytes, keys: Sequence[bytes]) -> bool:
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(token, key)
-    return found
-
-
 def _token(scope: Scope) -> bytes:
-    name: bytes
-    value: bytes
+    authorization = api_key = None
     for name, value in scope["headers"]:
         if name == b"authorization":
-            scheme, _, rest = value.partition(b" ")
-            if scheme.lower() == b"bearer":
-                return rest.strip()
+            authorization = value
         elif name == b"x-api-key":
-            return value.strip()
-    return b""
+            api_key = value
+    return token_of(authorization, api_key)
 
 
 class AuthMiddleware:
@@ -46,26 +34,20 @@ class AuthMiddleware:
         self, app: ASGIApp, api_keys: Sequence[str], admin_keys: Sequence[str]
     ) -> None:
         self.app = app
-        self.admin = [k.encode() for k in admin_keys]
-        self.inference = [k.encode() for k in api_keys] + self.admin
+        self.credentials = Credentials(api_keys, admin_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
-        admin_path = scope["path"].startswith(ADMIN_PREFIXES)
-        required = self.admin if admin_path else self.inference
-        if not required:  # no keys of that kind configured: open
+        verdict = self.credentials.check(_token(scope), scope["path"].startswith(ADMIN_PREFIXES))
+        if verdict is Verdict.ALLOWED:
             await self.app(scope, receive, send)
             return
-        token = _token(scope)
-        if _matches(token, required):
-            await self.app(scope, receive, send)
-            return
-        if admin_path and token and _matches(token, self.inference):
-            response = error_response(403, "this endpoint needs the admin credential")
+        if verdict is Verdict.FORBIDDEN:
+            response = error_response(403, verdict.value)
         else:
-            response = error_response(401, "missing or invalid credential")
+            response = error_response(401, verdict.value)
             response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
 
