@@ -8,6 +8,8 @@ backend can propagate them upstream, and it reports back how the request ran thr
 
 from __future__ import annotations
 
+import itertools
+import os
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -30,3 +32,12 @@ executed_on: ContextVar[str] = ContextVar("executed_on", default="")
 # Set by a backend that knows how long the batch really ran (not counting a wait for a free
 # instance, as when the batcher hands batches ahead); the batcher counts the rest as queueing.
 compute_s: ContextVar[float | None] = ContextVar("compute_s", default=None)
+
+_PROCESS_TAG = os.urandom(6).hex()
+_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique across processes (a random tag per process) and cheap (a counter, no syscall)."""
+    return f"{_PROCESS_TAG}-{next(_counter):x}"
+

@@ -7,7 +7,6 @@ import base64
 import binascii
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -157,7 +156,7 @@ def create_app(
         """Request id in, access-log line out; the work is in ``_infer``."""
         started_ns = time.perf_counter_ns()
         name, version = _names(request)
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = request.headers.get("x-request-id") or context.new_request_id()
         context.request_id.set(rid)
         try:
             response = await _infer(request, name, version)
@@ -255,7 +254,9 @@ def create_app(
 
     m = "/v2/models/{model}"
     mv = "/v2/models/{model}/versions/{version}"
-    routes = [
+    routes = [  # the hot path first: starlette tries routes in order
+        Route(m + "/infer", infer, methods=["POST"]),
+        Route(mv + "/infer", infer, methods=["POST"]),
         Route("/v2/health/live", health_live, methods=["GET"]),
         Route("/v2/health/ready", health_ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
@@ -274,7 +275,6 @@ def create_app(
             Route(prefix + "/ready", model_ready, methods=["GET"]),
             Route(prefix + "/config", model_config, methods=["GET"]),
             Route(prefix + "/stats", model_stats, methods=["GET"]),
-            Route(prefix + "/infer", infer, methods=["POST"]),
         ]
 
     @contextlib.asynccontextmanager
