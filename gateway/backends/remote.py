@@ -6,7 +6,9 @@ extension both ways; the caller's remaining deadline travels as Triton's ``timeo
 (microseconds) and the ids of the batched requests as ``X-Request-ID``. Failures are mapped at
 this edge (as httpx maps httpcore's): refused / reset / timed-out connections become
 ``HostUnreachable`` (safe to retry elsewhere), 503 ``Unavailable``, 429 ``Overloaded``,
-404 ``ModelNotReady`` (not there), 504 ``DeadlineExceeded``, other 4xx ``InvalidInput``.
+404 ``ModelNotReady`` (not there), 504 ``DeadlineExceeded``, other 4xx ``InvalidInput``. A
+response that is not valid HTTP or not a decodable v2 answer is ``Unavailable`` (503): it counts
+against the host, and the router may retry elsewhere.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ __all__ = ["V2Host", "decode_response", "encode_request"]
 _LEN = struct.Struct("<I")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+# Anything else aiohttp raises: a response that is not HTTP (bad status line, bad headers).
+_CLIENT_ERRORS = (*_CONNECTION_ERRORS, aiohttp.ClientError)
 
 
 def _blob(array: np.ndarray[Any, Any]) -> bytes:
@@ -182,10 +186,15 @@ class V2Host:
             )
         return self._session
 
-    def _lost(self, exc: BaseException) -> HostUnreachable:
-        return HostUnreachable(
-            f"host {self._name} unreachable: {type(exc).__name__}: {exc}", retry_after_s=1.0
-        )
+    def _lost(self, exc: BaseException) -> Unavailable:
+        if isinstance(exc, (TimeoutError, *_CONNECTION_ERRORS)):
+            return HostUnreachable(
+                f"host {self._name} unreachable: {type(exc).__name__}: {exc}", retry_after_s=1.0
+            )
+        return self._malformed(f"{type(exc).__name__}: {exc}")
+
+    def _malformed(self, detail: str) -> Unavailable:
+        return Unavailable(f"host {self._name} sent a malformed response: {detail}", 1.0)
 
     async def infer(
         self,
@@ -227,10 +236,14 @@ class V2Host:
                 f"host {self._name} did not answer within {self.timeout_s:.1f} s",
                 retry_after_s=1.0,
             ) from None
-        except _CONNECTION_ERRORS as exc:
+        except _CLIENT_ERRORS as exc:
             raise self._lost(exc) from None
         if status == 200:
-            return decode_response(payload, int(length) if length is not None else None)
+            try:
+                return decode_response(payload, int(length) if length is not None else None)
+            except (GatewayError, ValueError) as exc:
+                detail = str(exc).removeprefix("malformed response from host: ")
+                raise self._malformed(detail) from None
         raise self._error(status, payload, retry_after)
 
     def _error(self, status: int, payload: bytes, retry_after: str | None) -> GatewayError:
@@ -254,7 +267,7 @@ class V2Host:
                 async with self._http().get(self.url + path) as response:
                     await response.read()
                     return response.status == 200
-        except (TimeoutError, *_CONNECTION_ERRORS):
+        except (TimeoutError, *_CLIENT_ERRORS):
             return False
 
     async def ready(self) -> bool:
@@ -285,7 +298,7 @@ class V2Host:
                 async with self._http().post(url, json=body) as response:
                     payload = await response.read()
                     status = response.status
-        except (TimeoutError, *_CONNECTION_ERRORS) as exc:
+        except (TimeoutError, *_CLIENT_ERRORS) as exc:
             raise self._lost(exc) from None
         if status != 200:
             raise ModelLoadError(f"host {self._name}: loading '{source.name}': {_message(payload)}")
@@ -300,7 +313,7 @@ class V2Host:
             async with asyncio.timeout(self.probe_timeout_s + 5.0):
                 async with self._http().post(url, json={}) as response:
                     await response.read()
-        except (TimeoutError, *_CONNECTION_ERRORS):
+        except (TimeoutError, *_CLIENT_ERRORS):
             pass
 
     async def close(self) -> None:

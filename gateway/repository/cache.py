@@ -13,13 +13,16 @@ mtime changes, so a corrupt or truncated file is never handed out: it is deleted
 again. Downloads are single-flight per hash, streamed to ``tmp/`` in 1 MiB chunks, resumed from
 the partial file's length after an interruption, and moved into place with ``os.replace``
 only once the hash matches. The byte bound is kept by evicting least-recently-used models that
-the caller does not protect (loaded or pinned ones).
+the caller does not protect (loaded or pinned ones). A write the cache's own disk refuses (full,
+quota, read-only) is :class:`CacheWriteError` (503, naming the reason), and that download's
+partial file is removed: it holds space and cannot be finished now.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -52,6 +55,22 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r}")
     number, unit = float(match.group(1)), match.group(2).lower()
     return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+class CacheWriteError(Unavailable):
+    """The cache directory's file system refused a write (no space left, quota, read-only)."""
+
+
+def write_error(root: Path, exc: OSError, what: str) -> CacheWriteError:
+    """The 503 for a write the cache's disk refused, naming the reason."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"the disk is full ({exc.strerror or exc})"
+    else:
+        reason = f"{exc.strerror or exc}"
+    log.error("the model cache at %s cannot store %s: %s", root, what, reason)
+    return CacheWriteError(
+        f"the model cache at {root} cannot store {what}: {reason}", retry_after_s=5.0
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +280,10 @@ class BlobCache:
                     digest = await asyncio.to_thread(_Digest.of_prefix, part, offset)
                 try:
                     await self._stream_into(part, digest, source, size, report)
+                except OSError as exc:  # our own disk (origins raise OriginError): no retry
+                    with contextlib.suppress(OSError):
+                        part.unlink()
+                    raise write_error(self.root, exc, f"blob {sha256[:12]}...") from None
                 except OriginMissing as exc:
                     errors.append(exc.message)
                     break
@@ -443,8 +466,13 @@ class _Digest:
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def stats_dict(stats: CacheStats) -> dict[str, Any]:
@@ -460,4 +488,12 @@ def stats_dict(stats: CacheStats) -> dict[str, Any]:
     }
 
 
-__all__ = ["BlobCache", "CacheStats", "Source", "parse_size", "stats_dict"]
+__all__ = [
+    "BlobCache",
+    "CacheStats",
+    "CacheWriteError",
+    "Source",
+    "parse_size",
+    "stats_dict",
+    "write_error",
+]

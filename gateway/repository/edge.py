@@ -25,11 +25,13 @@ from typing import Any
 from gateway.errors import GatewayError, ModelLoadError, ModelNotFound, Unavailable
 from gateway.repository.cache import (
     BlobCache,
+    CacheWriteError,
     Progress,
     Source,
     Stream,
     stats_dict,
     write_atomic,
+    write_error,
 )
 from gateway.repository.config import ModelConfig, parse_pbtxt
 from gateway.repository.local import LocalRepository, ModelSource, check_model_name
@@ -289,6 +291,12 @@ class EdgeRepository(LocalRepository):
     async def _fetch(self, name: str, progress: Progress | None) -> None:
         try:
             await self._fetch_files(name, progress)
+        except CacheWriteError as exc:
+            raise CacheWriteError(
+                f"model '{name}' cannot be cached: {exc.message}", exc.retry_after_s
+            ) from None
+        except OSError as exc:  # materialising, state files: the cache's disk refused a write
+            raise write_error(self.cache.root, exc, f"model '{name}'") from None
         except OriginError as exc:
             raise OriginError(
                 f"model '{name}' is not cached and cannot be fetched from {self.url}: "
