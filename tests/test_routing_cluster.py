@@ -7,12 +7,14 @@ from outside; the front has ``local_execution = false`` and lists them as ``kind
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import signal
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,8 +103,9 @@ async def drive(
     after: int | None = None,
     action: Any = None,
 ) -> Load:
-    """``total`` requests from ``concurrency`` workers; ``action()`` runs once ``after`` are
-    answered. A request without an HTTP answer within 10 s counts as lost."""
+    """``total`` requests from ``concurrency`` workers; ``action()`` runs (and is awaited, if
+    it returns an awaitable) once ``after`` are answered. A request without an HTTP answer
+    within 10 s counts as lost."""
     load = Load(statuses=Counter())
     body = json.loads(json.dumps(BODY))
     if timeout_us is not None:
@@ -129,7 +132,9 @@ async def drive(
             answered += 1
             if action is not None and after is not None and answered >= after and not fired:
                 fired = True
-                action()
+                result = action()
+                if inspect.isawaitable(result):  # this worker waits; the others keep going
+                    await result
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
@@ -213,3 +218,274 @@ async def test_killed_worker_is_ejected_and_every_request_answered(cluster: Clus
     assert (await drive(cluster.front.url, 60, 4)).ok == 60
     after = completed(cluster)
     assert after["w1"] == before["w1"]
+
+
+# -- hosts changed at run time (POST / DELETE /admin/hosts), recovery, overload -------------
+# A cluster of its own: these tests add, remove and kill hosts. The front starts with w0
+# (direct) and w1 (behind a proxy); w2 runs but joins only through the admin API.
+
+
+@dataclass
+class Elastic(Cluster):
+    overload: GatewayProcess  # a front of its own for the overload test, over ``slow``
+    slow: DelayProxy  # 100 ms in front of w2
+
+
+@pytest.fixture(scope="module")
+def elastic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Elastic]:
+    repo = tmp_path_factory.mktemp("elastic-repo")
+    models.add_sub(repo, "simple")
+    tmp = tmp_path_factory.mktemp("elastic-logs")
+    env = {"GATEWAY_ACCESS_LOG": "false"}
+    started: list[GatewayProcess] = []
+    proxies: list[DelayProxy] = []
+
+    def start_all(*configs: Path | None) -> list[GatewayProcess]:
+        """Side by side; each one that started is stopped at the end, whatever happens."""
+        args = [("--config", str(c)) if c is not None else () for c in configs]
+        with ThreadPoolExecutor(len(args)) as pool:
+            futures = [pool.submit(start_gateway, repo, tmp, *a, env=env) for a in args]
+            errors = []
+            for future in futures:
+                try:
+                    started.append(future.result())
+                except Exception as exc:
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+        return started[-len(args) :]
+
+    try:
+        workers = start_all(None, None, None)
+        proxies += [DelayProxy(workers[1].port).start()]
+        proxies += [DelayProxy(workers[2].port, delay_s=0.1).start()]
+        front_toml = front_config(
+            tmp / "elastic-front.toml", [workers[0].address, proxies[0].address]
+        )
+        overload_toml = front_config(
+            tmp / "overload-front.toml",
+            [proxies[1].address],
+            host_max_inflight=2,  # 2 batches in flight, 4 more formed ahead (pipeline) wait
+            host_wait_s=0.05,  # 50 ms for a slot, then 429
+            batch_pipeline=4,
+            max_queue_size=16,  # beyond: 503 at once
+        )
+        front, overload = start_all(front_toml, overload_toml)
+        yield Elastic(list(workers), proxies[0], front, repo, tmp, overload, proxies[1])
+    finally:
+        for process in started[3:]:  # fronts first
+            process.stop()
+        for proxy in proxies:
+            proxy.stop()
+        for process in started[:3]:
+            process.stop(signal.SIGKILL)
+
+
+async def admin(url: str, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session:
+        async with session.request(
+            method, url + path, json=body, timeout=aiohttp.ClientTimeout(40)
+        ) as r:
+            return r.status, await r.json(content_type=None)
+
+
+def rows_served(worker: GatewayProcess) -> int:
+    """Rows the worker itself ran for ``simple`` (its own statistics, not the front's)."""
+    with urllib.request.urlopen(f"{worker.url}/v2/models/simple/stats", timeout=5) as r:
+        return int(json.loads(r.read())["model_stats"][0]["inference_count"])
+
+
+def report(label: str, load: Load) -> int:
+    failed = load.sent - load.ok - load.lost
+    print(
+        f"{label}: sent={load.sent} ok={load.ok} failed={failed} lost={load.lost} {load.statuses}"
+    )
+    return failed
+
+
+async def test_host_added_at_run_time_takes_batches(elastic: Elastic) -> None:
+    w2 = elastic.workers[2]
+    assert set(elastic.hosts()) == {"w0", "w1"}
+    added: dict[str, Any] = {}
+
+    async def add() -> None:
+        status, body = await admin(
+            elastic.front.url,
+            "POST",
+            "/admin/hosts",
+            {"kind": "v2", "name": "w2", "url": w2.address},
+        )
+        added.update(body, status=status)
+
+    rows_before = rows_served(w2)
+    load = await drive(elastic.front.url, 400, 8, after=100, action=add)
+    assert report("add under load", load) == 0 and load.lost == 0
+    assert load.ok == 400, load.statuses
+    assert added["status"] == 200, added
+    assert added["replaced"] is False and added["models"]["simple/1"]["ready"] is True
+    table = elastic.hosts()
+    assert table["w2"]["state"] == "up" and table["w2"]["host"]["url"] == f"http://{w2.address}"
+    share = {n: h["completed"] for n, h in table.items()}
+    print(f"batches per host after the add: {share}")
+    assert share["w2"] >= 3, share  # it took batches from the moment it joined
+    assert rows_served(w2) - rows_before >= share["w2"]  # and really ran them
+
+
+async def put_host(cluster: Cluster, name: str, address: str, **extra: Any) -> dict[str, Any]:
+    status, body = await admin(
+        cluster.front.url,
+        "POST",
+        "/admin/hosts",
+        {"kind": "v2", "name": name, "url": address, **extra},
+    )
+    assert status == 200, body
+    return body
+
+
+async def test_host_removed_under_load_drains_and_loses_nothing(elastic: Elastic) -> None:
+    # w1 made slow (200 ms) but weighted up (a replacement: weight change at run time), so it
+    # keeps getting batches and one is in flight when it is removed: the drain has work to do.
+    body = await put_host(elastic, "w1", elastic.proxy.address, weight=50.0)
+    assert body["replaced"] is True
+    if "w2" not in elastic.hosts():  # run on its own: someone must take over
+        await put_host(elastic, "w2", elastic.workers[2].address)
+    removed: dict[str, Any] = {}
+
+    async def remove() -> None:
+        for _ in range(100):  # remove it with batches in flight there
+            if elastic.hosts()["w1"]["in_flight"]:
+                break
+            await asyncio.sleep(0.01)
+        status, body = await admin(elastic.front.url, "DELETE", "/admin/hosts/w1?wait=true")
+        removed.update(body, status=status, rows=rows_served(elastic.workers[1]))
+
+    elastic.proxy.delay_s = 0.2  # a batch there stays in flight long enough to be caught
+    try:
+        load = await drive(elastic.front.url, 300, 8, after=60, action=remove)
+    finally:
+        elastic.proxy.delay_s = 0.0
+    assert report("remove under load", load) == 0 and load.lost == 0
+    assert load.ok == 300, load.statuses
+    print(f"w1 had {removed['in_flight']} batches in flight when removed")
+    assert removed["status"] == 200 and removed["drained"] is True, removed
+    assert removed["in_flight"] >= 1, removed  # they finished there, none failed
+    table = await admin(elastic.front.url, "GET", "/admin/hosts")
+    assert "w1" not in {h["name"] for h in table[1]["hosts"]} and table[1]["draining"] == []
+    assert rows_served(elastic.workers[1]) == removed["rows"]  # not one batch after that
+    status, body = await admin(elastic.front.url, "DELETE", "/admin/hosts/w1")
+    assert status == 404 and "w1" in body["error"]
+
+
+async def test_killed_host_is_readmitted_when_it_comes_back(elastic: Elastic) -> None:
+    table = elastic.hosts()
+    if "w1" not in table:  # removed by the test before: back in through the admin API
+        await put_host(elastic, "w1", elastic.proxy.address)
+    if "w0" not in table and "w2" not in table:  # someone serves while w1 is away
+        await put_host(elastic, "w2", elastic.workers[2].address)
+    victim = elastic.workers[1]
+    load = await drive(
+        elastic.front.url, 300, 8, after=60, action=lambda: victim.stop(signal.SIGKILL)
+    )
+    failed = report("host killed under load", load)
+    assert load.lost == 0 and failed <= 6, load.statuses
+    assert elastic.hosts()["w1"]["state"] in ("down", "ejected")
+    # The same address comes back: a new worker process behind the proxy w1 goes through.
+    replacement = await asyncio.to_thread(
+        start_gateway, elastic.repo, elastic.tmp, env={"GATEWAY_ACCESS_LOG": "false"}
+    )
+    elastic.workers[1] = replacement  # the fixture stops it
+    elastic.proxy.upstream_port = replacement.port
+    started = time.perf_counter()
+    while elastic.hosts()["w1"]["state"] != "up":
+        assert time.perf_counter() - started < 10, elastic.hosts()["w1"]
+        await asyncio.sleep(0.05)
+    readmitted_s = time.perf_counter() - started
+    before = completed(elastic)
+    again = await drive(elastic.front.url, 200, 8)
+    after = completed(elastic)
+    share = {n: after[n] - before[n] for n in after}
+    print(f"w1 re-admitted {readmitted_s:.2f} s after it came back; batches then: {share}")
+    assert report("after re-admission", again) == 0 and again.ok == 200
+    assert share["w1"] >= 3, share
+    assert rows_served(replacement) >= share["w1"]
+
+
+async def test_overload_is_refused_fast_with_retry_after(elastic: Elastic) -> None:
+    front = elastic.overload
+    results: list[tuple[int, float, str | None]] = []
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=10)
+    ) as session:
+
+        async def one() -> None:
+            started = time.perf_counter()
+            async with session.post(f"{front.url}/v2/models/simple/infer", json=BODY) as r:
+                await r.read()
+                results.append(
+                    (r.status, time.perf_counter() - started, r.headers.get("Retry-After"))
+                )
+
+        assert (await drive(front.url, 4, 1)).ok == 4  # warm
+        began = time.perf_counter()
+        outcome = await asyncio.gather(*(one() for _ in range(200)), return_exceptions=True)
+        burst_s = time.perf_counter() - began
+        async with session.post(f"{front.url}/v2/models/simple/infer", json=BODY) as r:
+            assert r.status == 200  # normal service as soon as the burst is over
+    lost = [o for o in outcome if isinstance(o, BaseException)]
+    statuses = Counter(status for status, _, _ in results)
+    refused = [(s, t, h) for s, t, h in results if s in (429, 503)]
+    too_many = sorted(t for s, t, _ in results if s == 429)
+    full = sorted(t for s, t, _ in results if s == 503)
+    ok = sorted(t for s, t, _ in results if s == 200)
+
+    def p(values: list[float], q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+    print(
+        f"overload burst of 200 in {burst_s:.2f} s: {dict(statuses)}, lost {len(lost)}; "
+        f"429 p50/max {p(too_many, 0.5) * 1e3:.0f}/{p(too_many, 1.0) * 1e3:.0f} ms, "
+        f"503 p50/max {p(full, 0.5) * 1e3:.0f}/{p(full, 1.0) * 1e3:.0f} ms, "
+        f"200 p50/max {p(ok, 0.5) * 1e3:.0f}/{p(ok, 1.0) * 1e3:.0f} ms"
+    )
+    assert not lost and len(results) == 200
+    assert set(statuses) <= {200, 429, 503}, statuses
+    assert statuses[200] > 0 and too_many, statuses  # the router's wait-then-429 took part
+    assert all(h is not None and int(h) >= 1 for _, _, h in refused)
+    # Refused fast: the 429s after the 50 ms wait for a slot, the 503s at once (plus the time
+    # this client and the front take to get 200 requests through on a shared 2-core box).
+    assert p(too_many, 0.5) < 0.5 and p(full, 0.5) < 0.5
+    assert p(too_many, 1.0) < 1.0 and p(full, 1.0) < 1.0
+    assert max(t for _, t, _ in results) < 5.0  # nothing hangs
+
+
+async def test_admin_host_changes_validate_and_explain(elastic: Elastic) -> None:
+    url = elastic.front.url
+    status, body = await admin(
+        url, "POST", "/admin/hosts", {"kind": "v2", "url": "h:1", "weight": -1}
+    )
+    assert status == 400 and "'weight'" in body["error"]
+    status, body = await admin(url, "POST", "/admin/hosts", {"name": "x", "url": "h:1"})
+    assert status == 400 and "'kind'" in body["error"]
+    status, body = await admin(url, "POST", "/admin/hosts", ["not", "a", "table"])
+    assert status == 400 and "JSON object" in body["error"]
+    status, body = await admin(url, "DELETE", "/admin/hosts/nope")
+    assert status == 404 and "nope" in body["error"]
+    status, body = await admin(url, "DELETE", "/admin/hosts/local")
+    assert status == 409 and "local runtime" in body["error"]
+    status, body = await admin(url, "DELETE", "/admin/hosts/w1?wait=maybe")
+    assert status == 400 and "'wait'" in body["error"]
+    # A worker routes nowhere: nothing to change there.
+    status, body = await admin(
+        elastic.workers[2].url, "POST", "/admin/hosts", {"kind": "v2", "url": "h:1"}
+    )
+    assert status == 409 and 'kind = "v2"' in body["error"]
+    # A DNS group at run time: one host per address the name resolves to.
+    port = elastic.workers[2].port
+    table = {"kind": "v2", "name": "lo", "dns": "localhost", "port": port, "max_inflight": 2}
+    status, body = await admin(url, "POST", "/admin/hosts", table)
+    assert status == 200 and f"lo@127.0.0.1:{port}" in body["hosts"], body
+    status, body = await admin(url, "DELETE", f"/admin/hosts/lo@127.0.0.1:{port}")
+    assert status == 409 and "DNS group" in body["error"]
+    status, body = await admin(url, "DELETE", "/admin/hosts/lo?wait=1")
+    assert status == 200 and body["drained"] is True
+    assert not any(name.startswith("lo@") for name in elastic.hosts())

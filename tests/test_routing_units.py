@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gateway.backends.base import Tensors
-from gateway.backends.routed import HostEntry, RoutedFactory
+from gateway.backends.routed import DnsGroup, HostEntry, RoutedFactory, host_from_table
 from gateway.errors import HostUnreachable, Overloaded, Unavailable
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import LocalRepository, ModelSource
@@ -22,14 +22,17 @@ from gateway.routing import (
     SUCCESS,
     BatchCostFit,
     Candidate,
+    HostConflict,
     LatencyEstimate,
     OutlierDetector,
     PeakEwma,
     RetryBudget,
     Router,
+    UnknownHost,
+    check_host_table,
     make_policy,
 )
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from tests import models
 
 
@@ -380,3 +383,250 @@ def test_latency_policy_balances_equal_hosts_by_in_flight() -> None:
     a = Candidate("a", 6, 16, 0.010, True, typical_in_flight=6.0)
     b = Candidate("b", 1, 16, 0.010, True, typical_in_flight=1.0)
     assert all(policy.choose([a, b]).name == "b" for _ in range(10))
+
+
+# -- host tables and run-time host changes --------------------------------------------------
+
+
+def test_host_table_is_checked_and_completed() -> None:
+    table = check_host_table(
+        {"kind": "v2", "url": "127.0.0.1:9000", "weight": 2, "models": ["m"]}, strict=True
+    )
+    assert table["name"] == "127.0.0.1:9000" and table["weight"] == 2
+    dns = check_host_table({"kind": "v2", "dns": "workers", "port": 8000}, strict=True)
+    assert dns["name"] == "workers"
+    # The config file keeps its defaults and ignores keys it does not know.
+    lax = check_host_table({"url": "http://t:8000", "future_key": 1})
+    assert lax["kind"] == "triton" and lax["name"] == "http://t:8000"
+
+
+@pytest.mark.parametrize(
+    ("table", "field"),
+    [
+        ([], "object"),
+        ({"url": "h:1"}, "'kind' is required"),
+        ({"kind": "grpc", "url": "h:1"}, "'kind'"),
+        ({"kind": "v2", "url": "h:1", "max_in_flight": 4}, "unknown key(s) for kind 'v2': max_in"),
+        ({"kind": "triton", "url": "h:1", "push": True}, "unknown key(s) for kind 'triton': push"),
+        ({"kind": "v2"}, "'url'"),
+        ({"kind": "v2", "url": "ftp://h:1"}, "'url'"),
+        ({"kind": "v2", "url": "h:99999"}, "'url'"),
+        ({"kind": "v2", "url": "h:1", "name": "local"}, "'name'"),
+        ({"kind": "v2", "url": "h:1", "name": "g@1.2.3.4:80"}, "'name' must not contain '@'"),
+        ({"kind": "v2", "url": "h:1", "name": "a b"}, "'name'"),
+        ({"kind": "v2", "url": "h:1", "name": 7}, "'name'"),
+        ({"kind": "v2", "url": "h:1", "weight": 0}, "'weight'"),
+        ({"kind": "v2", "url": "h:1", "weight": True}, "'weight'"),
+        ({"kind": "v2", "url": "h:1", "max_inflight": 0}, "'max_inflight'"),
+        ({"kind": "v2", "url": "h:1", "max_inflight": "4"}, "'max_inflight'"),
+        ({"kind": "v2", "url": "h:1", "models": "simple"}, "'models'"),
+        ({"kind": "v2", "url": "h:1", "labels": [1]}, "'labels'"),
+        ({"kind": "v2", "url": "h:1", "push": "yes"}, "'push'"),
+        ({"kind": "v2", "dns": "workers"}, "'port'"),
+        ({"kind": "v2", "dns": "workers", "port": 80, "url": "h:1"}, "not both"),
+        ({"kind": "triton", "url": "h:1", "device": "tpu"}, "'device'"),
+    ],
+)
+def test_invalid_host_tables_name_the_field(table: Any, field: str) -> None:
+    with pytest.raises(SettingsError, match=r"^host: ") as info:
+        check_host_table(table, strict=True)
+    assert field in str(info.value)
+
+
+def test_host_from_table_builds_v2_hosts_and_dns_groups() -> None:
+    settings = Settings(host_max_inflight=5)
+    entry = host_from_table({"kind": "v2", "name": "w", "url": "h:1", "push": True}, settings)
+    assert isinstance(entry, HostEntry) and entry.host.name == "w"
+    assert entry.max_inflight == 5 and entry.models is None
+    assert entry.host.describe()["url"] == "http://h:1" and entry.host.describe()["push"]
+    group = host_from_table({"kind": "v2", "dns": "workers", "port": 8000}, settings)
+    assert isinstance(group, DnsGroup) and (group.name, group.port) == ("workers", 8000)
+    with pytest.raises(SettingsError, match="'weight'"):
+        host_from_table({"kind": "v2", "url": "h:1", "weight": -1}, settings)
+
+
+def test_replaced_target_drains_and_keeps_its_verdicts_to_itself() -> None:
+    clock = ManualClock()
+    router = Router(
+        make_policy("round_robin"),
+        clock=clock,
+        outliers=OutlierDetector(consecutive_errors=1, max_ejected_fraction=1.0, clock=clock),
+    )
+    old = router.add_target("a", capacity=1)
+    lease = router.try_acquire("m", "m/1", 1)
+    assert lease is not None and lease.target is old
+    new = router.add_target("a", capacity=4, weight=2.0)  # placement change: replaced
+    assert router.targets["a"] is new and not router.is_current(old)
+    assert router.draining == [old]
+    assert [d["name"] for d in router.table()["draining"]] == ["a"]
+    lease.finish(FAILURE)  # the old one's failure does not eject the new one
+    assert router.outliers.state("a") == "up" and old.failed == 1 and new.failed == 0
+    assert router.draining == [] and old.in_flight == 0
+    assert router.try_acquire("m", "m/1", 1) is not None  # the new one takes batches
+
+
+def test_removed_target_takes_no_new_leases() -> None:
+    router = make_router(ManualClock())
+    lease = router.try_acquire("m", "m/1", 1, exclude=["b"])
+    assert lease is not None and lease.name == "a"
+    removed = router.remove_target("a")
+    assert removed is not None and router.draining == [removed]
+    assert router.try_acquire("m", "m/1", 1) is not None  # b
+    assert router.try_acquire("m", "m/1", 1) is None  # b is full and a is gone
+    assert router.remove_target("b") is not None and router.draining[-1].name == "b"
+    with pytest.raises(Unavailable, match="no healthy host"):
+        router.try_acquire("m", "m/1", 1)
+    assert router.remove_target("nope") is None
+    idle = Router(make_policy("latency"))
+    idle.add_target("x")
+    idle.remove_target("x")
+    assert idle.draining == []  # nothing in flight: nothing to drain
+
+
+async def test_router_drained_waits_for_the_last_lease() -> None:
+    router = Router(make_policy("latency"))
+    router.add_target("a")
+    lease = await router.acquire("m", "m/1", 1)
+    state = router.remove_target("a")
+    assert state is not None
+    assert not await router.drained(state, 0.05)  # still in flight
+    waiter = asyncio.ensure_future(router.drained(state, 5.0))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    lease.finish(SUCCESS)
+    assert await asyncio.wait_for(waiter, 1.0)
+    assert state.completed == 1 and router.draining == []
+
+
+class GatedHost(FakeHost):
+    """A fake host whose inferences wait for ``gate``; records prepare and close."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.entered = asyncio.Event()
+        self.prepared: list[str] = []
+        self.closed = False
+
+    async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
+        self.prepared.append(f"{source.name}/{version}")
+
+    async def infer(
+        self,
+        model: str,
+        version: int,
+        inputs: Tensors,
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+    ) -> Tensors:
+        self.calls += 1
+        self.entered.set()
+        await self.gate.wait()
+        assert not self.closed, "a batch ran on a closed host"
+        a, b = inputs["INPUT0"], inputs["INPUT1"]
+        return {"OUTPUT0": a + b, "OUTPUT1": a - b}
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_added_host_is_prepared_and_takes_batches(simple_source: ModelSource) -> None:
+    a, b = GatedHost("a"), GatedHost("b")
+    factory = RoutedFactory(
+        Settings(local_execution=False, routing_policy="round_robin"), [HostEntry(a)]
+    )
+    backend = await factory.load(simple_source, 1)
+    result = await factory.add_entry(HostEntry(b, weight=1.0, max_inflight=3))
+    assert result["replaced"] is False and result["models"]["simple/1"]["ready"] is True
+    assert b.prepared == ["simple/1"]  # the loaded version, before it takes batches
+    assert factory.router.targets["b"].ready["simple/1"]
+    for _ in range(4):
+        await backend.execute(inputs(), ["OUTPUT0"])
+    assert a.calls == 2 and b.calls == 2
+    assert backend.instance_count == 16 + 3  # what the batcher of a new load would get
+    placed = GatedHost("p")
+    result = await factory.add_entry(HostEntry(placed, models=frozenset({"other"})))
+    assert result["models"] == {} and placed.prepared == []  # not placed there
+    await backend.close()
+    await factory.close()
+    assert a.closed and b.closed and placed.closed
+
+
+async def test_removed_host_drains_before_it_closes(simple_source: ModelSource) -> None:
+    a, b = GatedHost("a"), GatedHost("b")
+    factory = RoutedFactory(
+        Settings(local_execution=False, routing_policy="round_robin"), [HostEntry(a), HostEntry(b)]
+    )
+    backend = await factory.load(simple_source, 1)
+    a.gate.clear()
+    running = asyncio.ensure_future(backend.execute(inputs(), ["OUTPUT0"]))
+    await asyncio.wait_for(a.entered.wait(), 1.0)  # round robin: the first batch is on a
+    removing = asyncio.ensure_future(factory.remove_host("a", wait=True))
+    await asyncio.sleep(0.02)
+    assert "a" not in factory.router.targets and not removing.done() and not a.closed
+    assert [d["name"] for d in factory.table()["draining"]] == ["a"]
+    for _ in range(3):  # new batches go elsewhere at once
+        await backend.execute(inputs(), ["OUTPUT0"])
+    assert a.calls == 1 and b.calls == 3
+    a.gate.set()
+    out = await asyncio.wait_for(running, 1.0)  # the batch in flight finished there
+    assert out["OUTPUT0"][0, 3] == 6
+    result = await asyncio.wait_for(removing, 1.0)
+    assert result == {"name": "a", "hosts": ["a"], "in_flight": 1, "drained": True}
+    assert a.closed and not b.closed and factory.table()["draining"] == []
+    with pytest.raises(UnknownHost):
+        await factory.remove_host("a")
+    with pytest.raises(HostConflict):
+        await factory.remove_host("local")
+    await backend.close()
+    await factory.close()
+
+
+async def test_replacing_a_host_changes_placement_without_dropping_batches(
+    simple_source: ModelSource,
+) -> None:
+    old, other = GatedHost("w"), GatedHost("x")
+    factory = RoutedFactory(
+        Settings(local_execution=False, routing_policy="round_robin"),
+        [HostEntry(old), HostEntry(other)],
+    )
+    backend = await factory.load(simple_source, 1)
+    old.gate.clear()
+    running = asyncio.ensure_future(backend.execute(inputs(), ["OUTPUT0"]))
+    await asyncio.wait_for(old.entered.wait(), 1.0)
+    new = GatedHost("w")
+    result = await factory.add_entry(HostEntry(new, models=frozenset({"simple"}), weight=3.0))
+    assert result["replaced"] is True and new.prepared == ["simple/1"]
+    target = factory.router.targets["w"]
+    assert target.weight == 3.0 and target.models == frozenset({"simple"})
+    for _ in range(4):
+        await backend.execute(inputs(), ["OUTPUT0"])
+    assert old.calls == 1 and new.calls == 3 and other.calls == 1  # weights 3:1
+    assert not old.closed
+    old.gate.set()
+    assert (await asyncio.wait_for(running, 1.0))["OUTPUT0"][0, 3] == 6
+    for _ in range(50):
+        if old.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert old.closed and not new.closed
+    await backend.close()
+    await factory.close()
+
+
+async def test_dns_group_added_replaces_a_host_and_goes_as_a_whole() -> None:
+    settings = Settings(local_execution=False)
+    static = GatedHost("g")
+    factory = RoutedFactory(settings, [HostEntry(static), HostEntry(GatedHost("other"))])
+    result = await factory.add_entry(DnsGroup("g", "localhost", 1, {"kind": "v2"}))
+    assert result["replaced"] is True and "g@127.0.0.1:1" in result["hosts"]
+    assert "g" not in factory.router.targets and "g@127.0.0.1:1" in factory.router.targets
+    assert [g["name"] for g in factory.table()["dns_groups"]] == ["g"]
+    with pytest.raises(HostConflict, match="DNS group 'g'"):
+        await factory.remove_host("g@127.0.0.1:1")
+    removed = await factory.remove_host("g", wait=True)
+    assert removed["drained"] is True and "g@127.0.0.1:1" in removed["hosts"]
+    assert set(factory.router.targets) == {"other"} and factory.table()["dns_groups"] == []
+    assert static.closed  # the host the group replaced, once drained
+    await factory.close()

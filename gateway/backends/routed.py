@@ -7,6 +7,11 @@ configured ``[[hosts]]`` entry allowed to serve the model (``models`` placement;
 ``v2`` entry with ``dns`` + ``port`` instead of ``url`` is re-resolved every ``dns_refresh_s``,
 one host per address.
 
+Hosts change at run time (``add_host`` / ``remove_host``, behind ``POST`` and ``DELETE
+/admin/hosts``): a new host is prepared with the loaded model versions before it takes traffic;
+a removed or replaced one takes no new batches at once, finishes those in flight (drain), then
+its client is closed.
+
 Per batch, ``RoutedBackend.execute`` asks the router for a target (policy, health, in-flight
 caps, predictive admission against the deadline), runs there with the remaining deadline, and
 on ``HostUnreachable`` or a 503 tries once more on another target when the deadline and the
@@ -17,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway import context
 from gateway.backends.base import Backend, BackendFactory, Host, Tensors
@@ -43,19 +49,32 @@ from gateway.routing import (
     FAILURE,
     NEUTRAL,
     SUCCESS,
+    HostConflict,
     Lease,
     OutlierDetector,
     RetryBudget,
     Router,
+    TargetState,
+    UnknownHost,
+    check_host_table,
     make_policy,
 )
+from gateway.routing.hosts import LOCAL
 from gateway.settings import Settings, SettingsError
 
-__all__ = ["LOCAL", "HostEntry", "RoutedBackend", "RoutedFactory", "configured_hosts"]
+__all__ = [
+    "LOCAL",
+    "DnsGroup",
+    "HostEntry",
+    "RoutedBackend",
+    "RoutedFactory",
+    "configured_hosts",
+    "host_from_table",
+]
 
 log = logging.getLogger(__name__)
 
-LOCAL = "local"
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -66,6 +85,7 @@ class HostEntry:
     models: frozenset[str] | None = None
     weight: float = 1.0
     max_inflight: int = 16
+    target: TargetState | None = None  # its router state, once added
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +98,12 @@ class DnsGroup:
     table: dict[str, Any]
 
 
-def _models(table: dict[str, Any], where: str) -> frozenset[str] | None:
+def _models(table: Mapping[str, Any]) -> frozenset[str] | None:
     models = table.get("models")
-    if models is None or models == []:
-        return None
-    if not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
-        raise SettingsError(f"{where}: 'models' must be a list of model names")
-    return frozenset(models)
+    return frozenset(models) if models else None
 
 
-def _v2_host(name: str, url: str, table: dict[str, Any], settings: Settings) -> HostEntry:
+def _v2_host(name: str, url: str, table: Mapping[str, Any], settings: Settings) -> HostEntry:
     return HostEntry(
         V2Host(
             name,
@@ -97,10 +113,39 @@ def _v2_host(name: str, url: str, table: dict[str, Any], settings: Settings) -> 
             conn_limit=int(table.get("conn_limit", 64)),
             timeout_s=settings.host_timeout_s,
         ),
-        _models(table, name),
+        _models(table),
         float(table.get("weight", 1.0)),
         int(table.get("max_inflight", settings.host_max_inflight)),
     )
+
+
+def _triton_host(table: Mapping[str, Any], settings: Settings) -> HostEntry:
+    from gateway.backends.triton import triton_hosts
+
+    ((host, models),) = triton_hosts(dataclasses.replace(settings, hosts=(table,)))
+    return HostEntry(
+        host,
+        models,
+        float(table.get("weight", 1.0)),
+        int(table.get("max_inflight", settings.host_max_inflight)),
+    )
+
+
+def host_from_table(
+    table: object, settings: Settings, where: str = "host", *, strict: bool = True
+) -> HostEntry | DnsGroup:
+    """One host (or DNS group) from a host table; ``SettingsError`` naming the field when the
+    table is not valid (``gateway.routing.check_host_table``)."""
+    checked = check_host_table(table, where, strict=strict)
+    name = str(checked["name"])
+    if checked["kind"] == "triton":
+        try:
+            return _triton_host(checked, settings)
+        except SettingsError as exc:  # triton_hosts counts tables: say which one it was
+            raise SettingsError(exc.message.replace("hosts[0]", where)) from None
+    if checked.get("dns") is not None:
+        return DnsGroup(name, str(checked["dns"]), int(checked["port"]), checked)
+    return _v2_host(name, str(checked["url"]), checked, settings)
 
 
 def configured_hosts(settings: Settings) -> tuple[list[HostEntry], list[DnsGroup]]:
@@ -109,26 +154,13 @@ def configured_hosts(settings: Settings) -> tuple[list[HostEntry], list[DnsGroup
     groups: list[DnsGroup] = []
     triton_tables: list[dict[str, Any]] = []
     for i, raw in enumerate(settings.hosts):
-        table = dict(raw)
-        kind = table.get("kind", "triton")
-        where = f"hosts[{i}]"
-        if kind == "triton":
+        table = check_host_table(raw, f"hosts[{i}]")
+        if table["kind"] == "triton":
             triton_tables.append(table)
-            continue
-        if kind != "v2":
-            raise SettingsError(f"{where}: kind must be 'v2' or 'triton', got {kind!r}")
-        if table.get("dns"):
-            port = table.get("port")
-            if not isinstance(port, int) or not 0 < port < 65536:
-                raise SettingsError(f"{where}: 'dns' needs an integer 'port'")
-            groups.append(
-                DnsGroup(str(table.get("name") or table["dns"]), table["dns"], port, table)
-            )
-            continue
-        url = table.get("url")
-        if not isinstance(url, str) or not url:
-            raise SettingsError(f"{where}: 'url' (or 'dns' + 'port') is required")
-        entries.append(_v2_host(str(table.get("name") or url), url, table, settings))
+        elif table.get("dns") is not None:
+            groups.append(DnsGroup(str(table["name"]), table["dns"], table["port"], table))
+        else:
+            entries.append(_v2_host(str(table["name"]), table["url"], table, settings))
     if triton_tables:
         from gateway.backends.triton import triton_hosts
 
@@ -187,6 +219,14 @@ class RoutedBackend:
         return self._config
 
     @property
+    def source(self) -> ModelSource:
+        return self._source
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
     def instance_count(self) -> int:
         return max(1, self._factory.router.capacity_for(self._source.name))
 
@@ -237,13 +277,14 @@ class RoutedBackend:
                 assert self._local is not None
                 result = await self._local.execute(inputs, outputs, deadline_s)
             else:
-                host = self._factory.host(lease.name)
+                host = self._factory.host_for(lease.target)
                 if not lease.target.ready.get(self.key, False):
                     await self._factory.prepare_on(host, self._source, self._version, self._config)
                 timeout_s = None if deadline_s is None else deadline_s - self._factory.clock()
                 result = await host.infer(
                     self._source.name, self._version, inputs, outputs, timeout_s
                 )
+                self._check_answer(lease.name, inputs, outputs, result)
         except (HostUnreachable, ModelNotReady) as exc:
             if isinstance(exc, ModelNotReady):
                 self._factory.router.set_ready(lease.name, self.key, False)
@@ -266,6 +307,25 @@ class RoutedBackend:
             raise
         lease.finish(SUCCESS)
         return result
+
+    def _check_answer(
+        self, host: str, inputs: Tensors, outputs: Sequence[str], result: Tensors
+    ) -> None:
+        """A host's answer must hold every requested output, one row per input row when the
+        model batches (the batcher slices it per request); else it counts as the host's failure
+        and may be retried elsewhere, rather than handing callers missing or misaligned rows."""
+        missing = [name for name in outputs if name not in result]
+        if missing:
+            raise Unavailable(f"host {host} answered without output(s) {missing}", 1.0)
+        if self._config.batched:
+            rows = self._rows(inputs)
+            for name in outputs:
+                shape = result[name].shape
+                if not shape or shape[0] != rows:
+                    raise Unavailable(
+                        f"host {host} answered {name} with shape {list(shape)} for {rows} row(s)",
+                        1.0,
+                    )
 
     async def close(self) -> None:
         if self._local is not None:
@@ -322,13 +382,16 @@ class RoutedFactory:
             max_wait_s=settings.host_wait_s,
         )
         self._hosts: dict[str, HostEntry] = {}
+        self._draining: list[HostEntry] = []  # removed or replaced, batches still in flight
         for entry in entries:
             self._add(entry)
         if local is not None:
             self.router.add_target(LOCAL, capacity=settings.host_max_inflight)
-        self._groups = groups
+        self._groups: dict[str, DnsGroup] = {g.name: g for g in groups}
+        self._discovery: dict[str, asyncio.Task[None]] = {}  # DNS group name -> its loop
         self._backends: set[RoutedBackend] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._admin = asyncio.Lock()  # one run-time host change at a time
         self._started = False
         self._shutting_down = False
         if not self._hosts and not groups and local is None:
@@ -337,8 +400,10 @@ class RoutedFactory:
     # -- hosts ------------------------------------------------------------------------------
 
     def _add(self, entry: HostEntry) -> None:
+        """Into the table and the router; one of the same name is replaced (the caller drains
+        the old entry)."""
         self._hosts[entry.host.name] = entry
-        self.router.add_target(
+        entry.target = self.router.add_target(
             entry.host.name,
             weight=entry.weight,
             capacity=entry.max_inflight,
@@ -348,6 +413,21 @@ class RoutedFactory:
     def host(self, name: str) -> Host:
         return self._hosts[name].host
 
+    def host_for(self, target: TargetState) -> Host:
+        """The host behind a lease's target, also when it was removed or replaced since (its
+        batches in flight finish on the host they were leased on)."""
+        entry = self._hosts.get(target.name)
+        if entry is not None and entry.target is target:
+            return entry.host
+        for entry in self._draining:
+            if entry.target is target:
+                return entry.host
+        raise UnknownHost(f"host {target.name} is not in the table")
+
+    def _current(self, host: Host) -> bool:
+        entry = self._hosts.get(host.name)
+        return entry is not None and entry.host is host
+
     async def prepare_on(
         self, host: Host, source: ModelSource, version: int, config: ModelConfig
     ) -> None:
@@ -355,7 +435,77 @@ class RoutedFactory:
         key = f"{source.name}/{version}"
         started = self.clock()
         await host.prepare(source, version, config)
-        self.router.set_ready(host.name, key, True, load_s=self.clock() - started)
+        if self._current(host):  # not a host removed or replaced meanwhile
+            self.router.set_ready(host.name, key, True, load_s=self.clock() - started)
+
+    async def _prepare_loaded(
+        self, entry: HostEntry, backends: Sequence[RoutedBackend]
+    ) -> dict[str, tuple[bool, float | str]]:
+        """Prepare the loaded versions placed on ``entry`` there: key -> (ready, load time or
+        why not). Nothing is recorded in the router: the entry may not be in it yet."""
+        placed = [b for b in backends if entry.models is None or b.config.name in entry.models]
+
+        async def one(backend: RoutedBackend) -> tuple[bool, float | str]:
+            started = self.clock()
+            try:
+                await entry.host.prepare(backend.source, backend.version, backend.config)
+            except GatewayError as exc:
+                return False, exc.message
+            except Exception as exc:
+                log.exception("preparing %s on %s", backend.key, entry.host.name)
+                return False, f"{type(exc).__name__}: {exc}"
+            return True, self.clock() - started
+
+        results = await asyncio.gather(*(one(b) for b in placed))
+        return {b.key: r for b, r in zip(placed, results, strict=True)}
+
+    def _record_prepared(self, entry: HostEntry, results: dict[str, tuple[bool, Any]]) -> None:
+        if entry.target is None or not self.router.is_current(entry.target):
+            return
+        for key, (ok, detail) in results.items():
+            self.router.set_ready(entry.host.name, key, ok, load_s=detail if ok else None)
+            if not ok:
+                log.warning("host %s: %s not ready: %s", entry.host.name, key, detail)
+
+    async def _record_later(self, entry: HostEntry, backends: Sequence[RoutedBackend]) -> None:
+        """A host that joined while models were loaded (DNS discovery, or a load during an
+        admin change): prepare them there in the background."""
+        self._record_prepared(entry, await self._prepare_loaded(entry, backends))
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _retire(self, entry: HostEntry) -> asyncio.Task[bool]:
+        """Out of the table and the pool at once (if not replaced already); close its client
+        once the batches in flight on it have finished."""
+        if self._hosts.get(entry.host.name) is entry:
+            del self._hosts[entry.host.name]
+            self.router.remove_target(entry.host.name)
+        self._draining.append(entry)
+        return self._spawn(self._drain_and_close(entry))
+
+    async def _drain_and_close(self, entry: HostEntry) -> bool:
+        """Whether every batch in flight there finished before the client closed."""
+        drained = True
+        try:
+            if entry.target is not None:
+                drained = await self.router.drained(entry.target, self.settings.host_timeout_s)
+            if not drained:
+                assert entry.target is not None
+                log.warning(
+                    "host %s: %d batches still in flight after %.0f s; closing it",
+                    entry.host.name,
+                    entry.target.in_flight,
+                    self.settings.host_timeout_s,
+                )
+        finally:
+            self._draining = [e for e in self._draining if e is not entry]
+            await entry.host.close()
+            log.info("host %s removed", entry.host.name)
+        return drained
 
     async def _probe(self, name: str) -> bool:
         if name == LOCAL:
@@ -369,9 +519,9 @@ class RoutedFactory:
         if target is not None:
             for backend in list(self._backends):
                 if target.allows(backend.config.name) and not target.ready.get(backend.key):
-                    name_, version = backend.key.rsplit("/", 1)
-                    ok = await entry.host.model_ready(name_, int(version))
-                    self.router.set_ready(name, backend.key, ok)
+                    ok = await entry.host.model_ready(backend.source.name, backend.version)
+                    if self._current(entry.host):
+                        self.router.set_ready(name, backend.key, ok)
         return True
 
     def _start(self) -> None:
@@ -379,9 +529,13 @@ class RoutedFactory:
             return
         self._started = True
         self.router.start(self._probe)
-        loop = asyncio.get_running_loop()
-        for group in self._groups:
-            self._tasks.append(loop.create_task(self._discover(group)))
+        for group in self._groups.values():
+            self._discovery[group.name] = self._spawn(self._discover(group))
+
+    def _members(self, group: str) -> dict[str, HostEntry]:
+        """The hosts DNS group ``group`` resolved to, by address."""
+        prefix = f"{group}@"
+        return {n[len(prefix) :]: e for n, e in self._hosts.items() if n.startswith(prefix)}
 
     async def _resolve(self, group: DnsGroup) -> None:
         loop = asyncio.get_running_loop()
@@ -390,6 +544,8 @@ class RoutedFactory:
         except OSError as exc:
             log.warning("DNS %s: %s (keeping the hosts we had)", group.dns, exc)
             return
+        if self._groups.get(group.name) is not group:
+            return  # removed or replaced while resolving
         urls = {}
         for info in infos:
             ip = str(info[4][0])
@@ -397,32 +553,133 @@ class RoutedFactory:
                 f"http://[{ip}]:{group.port}" if ":" in ip else f"http://{ip}:{group.port}"
             )
         addresses = set(urls)
-        prefix = f"{group.name}@"
-        current = {n[len(prefix) :] for n in self._hosts if n.startswith(prefix)}
-        for address in sorted(addresses - current):
-            self._add(_v2_host(prefix + address, urls[address], group.table, self.settings))
+        current = self._members(group.name)
+        for address in sorted(addresses - set(current)):
+            entry = _v2_host(f"{group.name}@{address}", urls[address], group.table, self.settings)
+            self._add(entry)
+            if self._backends:  # the versions loaded so far; load() places the one it loads
+                self._spawn(self._record_later(entry, list(self._backends)))
             log.info("DNS %s: added host %s", group.dns, address)
-        for address in current - addresses:
-            entry = self._hosts.pop(prefix + address)
-            self.router.remove_target(prefix + address)
+        for address in set(current) - addresses:
+            self._retire(current[address])
             log.info("DNS %s: removed host %s", group.dns, address)
-            self._tasks.append(asyncio.get_running_loop().create_task(self._close_later(entry)))
-
-    async def _close_later(self, entry: HostEntry) -> None:
-        await asyncio.sleep(self.settings.host_timeout_s)  # let in-flight requests finish
-        await entry.host.close()
 
     async def _discover(self, group: DnsGroup) -> None:
         while True:
             await self._resolve(group)
             await asyncio.sleep(self.settings.dns_refresh_s)
 
+    # -- run-time changes (the admin API) ---------------------------------------------------
+
+    def _remove_name(self, name: str) -> list[asyncio.Task[bool]]:
+        """Retire the host or DNS group called ``name`` (every host it resolved to)."""
+        drains = []
+        entry = self._hosts.get(name)
+        if entry is not None:
+            drains.append(self._retire(entry))
+        group = self._groups.pop(name, None)
+        if group is not None:
+            task = self._discovery.pop(name, None)
+            if task is not None:
+                task.cancel()
+            drains += [self._retire(e) for e in self._members(name).values()]
+        return drains
+
+    def _check_changeable(self) -> None:
+        if self._shutting_down:
+            raise HostConflict("the gateway is shutting down")
+
+    async def add_host(self, table: object) -> dict[str, Any]:
+        """Add the host (or DNS group) a host table describes, or replace the one of that name
+        (placement, weight, URL ...). The loaded model versions placed on it are prepared there
+        first; then it joins the pool and the one it replaces drains. ``SettingsError`` for an
+        invalid table, ``HostConflict`` when no change is possible now."""
+        return await self.add_entry(host_from_table(table, self.settings, strict=True))
+
+    async def add_entry(self, spec: HostEntry | DnsGroup) -> dict[str, Any]:
+        """``add_host`` for an already built host (or DNS group)."""
+        async with self._admin:
+            self._check_changeable()
+            self._start()
+            name = spec.name if isinstance(spec, DnsGroup) else spec.host.name
+            replaced = name in self._hosts or name in self._groups
+            if isinstance(spec, DnsGroup):
+                self._remove_name(name)
+                self._groups[name] = spec
+                await self._resolve(spec)  # the first resolution, reported below
+                self._discovery[name] = self._spawn(self._discover(spec))
+                members = self._members(name)
+                log.info("admin: DNS group %s %s", name, "replaced" if replaced else "added")
+                return {
+                    "name": name,
+                    "replaced": replaced,
+                    "hosts": sorted(e.host.name for e in members.values()),
+                }
+            backends = list(self._backends)
+            results = await self._prepare_loaded(spec, backends)
+            self._check_changeable()
+            old = self._hosts.get(name)
+            if name in self._groups:
+                self._remove_name(name)
+            self._add(spec)  # from here on it takes new batches, the one it replaces none
+            if old is not None:
+                self._retire(old)
+            self._record_prepared(spec, results)
+            missed = [b for b in self._backends if b not in backends]
+            if missed:  # loaded while we prepared: not placed there by load()
+                self._spawn(self._record_later(spec, missed))
+            log.info("admin: host %s %s", name, "replaced" if replaced else "added")
+            return {
+                "name": name,
+                "replaced": replaced,
+                "models": {
+                    key: {"ready": True, "load_s": round(float(detail), 6)}
+                    if ok
+                    else {"ready": False, "error": str(detail)}
+                    for key, (ok, detail) in sorted(results.items())
+                },
+            }
+
+    async def remove_host(self, name: str, *, wait: bool = False) -> dict[str, Any]:
+        """Remove a host (or DNS group): no new batches from now on, those in flight finish,
+        then its client closes. ``wait``: return once that happened (at most
+        ``host_timeout_s``). ``UnknownHost`` when there is none of that name."""
+        async with self._admin:
+            self._check_changeable()
+            if name == LOCAL:
+                raise HostConflict("the local runtime is not a host (see local_execution)")
+            if name not in self._hosts and name not in self._groups:
+                raise UnknownHost(f"no host or DNS group named {name[:200]!r}")
+            group, _, _ = name.partition("@")
+            if group != name and group in self._groups:
+                raise HostConflict(
+                    f"host {name!r} was found through DNS group {group!r}: remove the group"
+                )
+            entries = [self._hosts[name]] if name in self._hosts else []
+            entries += list(self._members(name).values()) if name in self._groups else []
+            in_flight = sum(e.target.in_flight for e in entries if e.target is not None)
+            drains = self._remove_name(name)
+            log.info("admin: host %s removed, %d batches in flight drain", name, in_flight)
+        result: dict[str, Any] = {
+            "name": name,
+            "hosts": sorted(e.host.name for e in entries),
+            "in_flight": in_flight,
+        }
+        if wait and drains:
+            done, _ = await asyncio.wait(drains, timeout=self.settings.host_timeout_s + 5.0)
+            result["drained"] = len(done) == len(drains) and all(
+                not t.cancelled() and t.exception() is None and t.result() for t in done
+            )
+        elif wait:
+            result["drained"] = True
+        return result
+
     # -- BackendFactory ---------------------------------------------------------------------
 
     async def load(self, source: ModelSource, version: int) -> RoutedBackend:
         self._start()
-        for group in self._groups:  # the first resolution, before placing models
-            if not any(n.startswith(f"{group.name}@") for n in self._hosts):
+        for group in list(self._groups.values()):  # the first resolution, before placing
+            if not self._members(group.name):
                 await self._resolve(group)
         key = f"{source.name}/{version}"
         local = await self._local.load(source, version) if self._local is not None else None
@@ -444,7 +701,8 @@ class RoutedFactory:
             if isinstance(result, BaseException):
                 if not isinstance(result, GatewayError):
                     raise result
-                self.router.set_ready(host.name, key, False)
+                if self._current(host):
+                    self.router.set_ready(host.name, key, False)
                 failures.append(f"{host.name}: {result.message}")
         placed = sum(r is None for r in results)
         if (
@@ -480,13 +738,15 @@ class RoutedFactory:
 
     async def _close_hosts(self) -> None:
         await self.router.close()
-        for task in self._tasks:
+        for task in list(self._tasks):  # DNS loops, preparations; drains close their host
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self._discovery.clear()
         await asyncio.gather(
-            *(e.host.close() for e in self._hosts.values()), return_exceptions=True
+            *(e.host.close() for e in [*self._hosts.values(), *self._draining]),
+            return_exceptions=True,
         )
 
     def table(self) -> dict[str, Any]:
@@ -495,6 +755,15 @@ class RoutedFactory:
         for row in table["hosts"]:
             entry = self._hosts.get(row["name"])
             row["host"] = entry.host.describe() if entry is not None else {"kind": "local"}
+        table["dns_groups"] = [
+            {
+                "name": g.name,
+                "dns": g.dns,
+                "port": g.port,
+                "hosts": sorted(e.host.name for e in self._members(g.name).values()),
+            }
+            for g in self._groups.values()
+        ]
         return table
 
     def metric_families(self) -> list[Any]:
@@ -535,4 +804,3 @@ class RoutedFactory:
         retries.add_metric(["granted"], budget["granted"])
         retries.add_metric(["denied"], budget["denied"])
         return [in_flight, outcomes, up, ejections, estimate, retries]
-

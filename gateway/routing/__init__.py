@@ -1,10 +1,12 @@
-"""Multi-host routing: estimates, policies, health, retry budget, and the router mechanism."""
+"""Multi-host routing: estimates, policies, health, retry budget, host tables, and the router
+mechanism."""
 
 from gateway.routing.budget import RetryBudget
 from gateway.routing.estimators import BatchCostFit, LatencyEstimate, PeakEwma
 from gateway.routing.health import OutlierDetector
+from gateway.routing.hosts import HostConflict, UnknownHost, check_host_table
 from gateway.routing.policies import POLICIES, Candidate, Policy, make_policy
-from gateway.routing.router import FAILURE, NEUTRAL, SUCCESS, Lease, Router
+from gateway.routing.router import FAILURE, NEUTRAL, SUCCESS, Lease, Router, TargetState
 
 __all__ = [
     "FAILURE",
@@ -13,6 +15,7 @@ __all__ = [
     "SUCCESS",
     "BatchCostFit",
     "Candidate",
+    "HostConflict",
     "LatencyEstimate",
     "Lease",
     "OutlierDetector",
@@ -20,5 +23,8 @@ __all__ = [
     "Policy",
     "RetryBudget",
     "Router",
+    "TargetState",
+    "UnknownHost",
+    "check_host_table",
     "make_policy",
 ]

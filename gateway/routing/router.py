@@ -5,6 +5,10 @@ The router knows targets by name only; what a target is (a remote host, the loca
 is the caller's business (``gateway.backends.routed``). Per target it keeps in-flight counts, a
 capacity, health (``OutlierDetector``) and per (target, model version) a ``LatencyEstimate`` and
 whether the model is ready there; the ``Policy`` picks among the eligible.
+
+Membership changes at run time: a removed or replaced target leaves the pool at once (no new
+leases) and stays in ``draining`` until its leases in flight have finished; ``drained`` waits
+for that.
 """
 
 from __future__ import annotations
@@ -97,6 +101,9 @@ class Router:
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
         self.targets: dict[str, TargetState] = {}
+        # Removed or replaced targets with batches still in flight: no new leases, their
+        # leases finish normally (drain); dropped from here when the last one finishes.
+        self.draining: list[TargetState] = []
         self._freed: asyncio.Event | None = None
         self._prober: asyncio.Task[None] | None = None
 
@@ -110,16 +117,45 @@ class Router:
         capacity: int = 16,
         models: Iterable[str] | None = None,
     ) -> TargetState:
+        """A new target; one of the same name is replaced: it takes no new leases and drains
+        (``draining``), and the new one starts with fresh health and estimates."""
+        self.remove_target(name)
         state = TargetState(
             name, weight, capacity, frozenset(models) if models is not None else None
         )
         self.targets[name] = state
         self.outliers.add(name)
+        self._wake()  # waiters for a free slot may take one here
         return state
 
-    def remove_target(self, name: str) -> None:
-        self.targets.pop(name, None)
+    def remove_target(self, name: str) -> TargetState | None:
+        """Take a target out of the pool at once; its leases in flight still finish (drain).
+        Returns its state, None when there is no such target."""
+        state = self.targets.pop(name, None)
         self.outliers.remove(name)
+        if state is not None and state.in_flight > 0:
+            self.draining.append(state)
+        self._wake()  # waiters re-check: the model may have no eligible target left
+        return state
+
+    def is_current(self, state: TargetState) -> bool:
+        """Whether ``state`` is still in the pool (not removed or replaced)."""
+        return self.targets.get(state.name) is state
+
+    async def drained(self, state: TargetState, timeout_s: float) -> bool:
+        """Wait until no lease is in flight on ``state`` (removed from the pool beforehand, so
+        none can start); False if some still are after ``timeout_s``."""
+        give_up_s = self.clock() + timeout_s
+        while state.in_flight > 0:
+            left_s = give_up_s - self.clock()
+            if left_s <= 0:
+                return False
+            freed = self._event()
+            freed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left_s, 0.1)):
+                    await freed.wait()
+        return True
 
     def capacity_for(self, model: str) -> int:
         return sum(t.capacity for t in self.targets.values() if t.allows(model))
@@ -246,6 +282,17 @@ class Router:
     def _finish(self, lease: Lease, outcome: str) -> None:
         target = lease.target
         target.in_flight -= 1
+        if not self.is_current(target):
+            # Removed or replaced while this lease ran: count it, but the health verdicts
+            # belong to whatever has that name now (if anything).
+            if outcome == SUCCESS:
+                target.completed += 1
+            elif outcome == FAILURE:
+                target.failed += 1
+            if target.in_flight <= 0:
+                self.draining = [s for s in self.draining if s is not target]
+            self._wake()
+            return
         if outcome == SUCCESS:
             target.completed += 1
             target.ready[lease.key] = True
@@ -318,4 +365,13 @@ class Router:
             "policy": self.policy.name,
             "retry_budget": self.budget.to_dict(),
             "hosts": hosts,
+            "draining": [
+                {
+                    "name": t.name,
+                    "in_flight": t.in_flight,
+                    "completed": t.completed,
+                    "failed": t.failed,
+                }
+                for t in self.draining
+            ],
         }

@@ -24,12 +24,18 @@ from gateway.errors import ClientTimeout, GatewayError, InvalidInput, PayloadToo
 from gateway.logs import log_inference
 from gateway.metrics import CONTENT_TYPE
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
+from gateway.routing.hosts import HostConflict, UnknownHost
 from gateway.server.auth import ADMIN_PREFIXES, AdminPortMiddleware, AuthMiddleware
 from gateway.server.distribution import distribution_routes
 from gateway.server.errors import error_response, gateway_error_response, handle_gateway_error
 from gateway.server.openapi import OPENAPI
+from gateway.settings import SettingsError
 
 HEADER_LENGTH = "inference-header-content-length"
+NOT_ROUTED = (
+    "hosts can be changed at run time only when the gateway routes across hosts "
+    '(start it with at least one [[hosts]] table of kind = "v2")'
+)
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -245,6 +251,39 @@ def create_app(
         table = getattr(dataplane.factory, "table", None)
         return _json(table() if callable(table) else {"hosts": []})
 
+    async def _host_change(call: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
+        try:
+            return _json(await call())
+        except SettingsError as exc:  # an invalid host table
+            return error_response(400, exc.message)
+        except UnknownHost as exc:
+            return error_response(404, str(exc))
+        except HostConflict as exc:
+            return error_response(409, str(exc))
+
+    def _routed(method: str) -> Callable[..., Awaitable[dict[str, Any]]] | None:
+        call = getattr(dataplane.factory, method, None)
+        return call if callable(call) else None
+
+    async def admin_hosts_add(request: Request) -> Response:
+        """Add a host (a ``[[hosts]]`` table as JSON), or replace the one of that name."""
+        add = _routed("add_host")
+        if add is None:
+            return error_response(409, NOT_ROUTED)
+        body = await _json_body(request, limit)
+        return await _host_change(lambda: add(body))
+
+    async def admin_hosts_remove(request: Request) -> Response:
+        """Remove a host: no new batches at once, those in flight finish, then it closes."""
+        remove = _routed("remove_host")
+        if remove is None:
+            return error_response(409, NOT_ROUTED)
+        wait = request.query_params.get("wait", "false").lower()
+        if wait not in ("true", "1", "false", "0"):
+            raise InvalidInput("'wait' must be true or false")
+        name = request.path_params["name"]
+        return await _host_change(lambda: remove(name, wait=wait in ("true", "1")))
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return error_response(exc.status_code, exc.detail or "error")
@@ -267,6 +306,8 @@ def create_app(
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
         Route("/admin/hosts", admin_hosts, methods=["GET"]),
+        Route("/admin/hosts", admin_hosts_add, methods=["POST"]),
+        Route("/admin/hosts/{name:path}", admin_hosts_remove, methods=["DELETE"]),
     ]
     routes += distribution_routes(dataplane)  # edges pull models from here
     for prefix in (m, mv):
