@@ -458,6 +458,7 @@ class DataPlane:
                             _policy(backend.config, backend, self.settings),
                             stats,
                             self.clock,
+                            capacity=lambda b=backend: b.instance_count,  # type: ignore[misc]
                         )
                         new[version] = LoadedVersion(
                             version, backend.config, backend, batcher, stats

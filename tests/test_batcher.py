@@ -140,3 +140,44 @@ async def test_close_drains_queued_work() -> None:
     await asyncio.sleep(0)
     await batcher.close()
     assert [float(f.result()["Y"][0, 0]) for f in futures] == [2.0 * i for i in range(6)]
+
+
+class Concurrency(Recorder):
+    """Counts how many batches run at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.running = self.peak = 0
+
+    async def __call__(
+        self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
+    ) -> Tensors:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            return await super().__call__(inputs, outputs, deadline_s)
+        finally:
+            self.running -= 1
+
+
+async def test_capacity_is_asked_again_so_added_hosts_add_slots() -> None:
+    backend = Concurrency()
+    capacity = [1]
+    policy = BatchPolicy(max_batch_size=0, instance_count=1, pipeline=1)
+    batcher = Batcher(backend, ["Y"], policy, ModelStats("m", "1"), capacity=lambda: capacity[0])
+    first = [asyncio.ensure_future(batcher.submit(row(i))) for i in range(6)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert backend.running == 2  # one instance + one formed ahead
+    capacity[0] = 3  # e.g. two hosts joined: seen when the next batch forms
+    backend.gate.set()
+    await asyncio.gather(*first)
+    backend.gate.clear()
+    more = [asyncio.ensure_future(batcher.submit(row(i))) for i in range(6)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert backend.running == 4  # three instances + one ahead
+    backend.gate.set()
+    await asyncio.gather(*more)
+    await batcher.close()

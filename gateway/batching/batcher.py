@@ -76,7 +76,10 @@ class Batcher:
         policy: BatchPolicy,
         stats: ModelStats,
         clock: Clock = time.monotonic,
+        capacity: Callable[[], int] | None = None,
     ) -> None:
+        """``capacity``, when given, is asked for the instance count each time a batch is about
+        to form (a routed backend's grows and shrinks with its hosts); else the policy's."""
         self._execute = execute
         self._outputs = list(outputs)
         self._policy = policy
@@ -84,7 +87,9 @@ class Batcher:
         self._clock = clock
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
-        self._slots = asyncio.Semaphore(policy.instance_count + policy.pipeline)
+        self._capacity = capacity or (lambda: policy.instance_count)
+        self._busy = 0  # batches formed and not finished
+        self._freed = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
@@ -144,11 +149,14 @@ class Batcher:
     async def _schedule(self) -> None:
         policy = self._policy
         while True:
-            await self._slots.acquire()
+            while self._busy >= max(1, self._capacity()) + policy.pipeline:
+                self._freed.clear()
+                await self._freed.wait()
+            self._busy += 1
             first = self._take_live()
             while first is None:
                 if self._closed:
-                    self._slots.release()
+                    self._release()
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
@@ -240,7 +248,11 @@ class Batcher:
                     item.future.set_result({n: a[start:end] for n, a in outputs.items()})
                 start = end
         finally:
-            self._slots.release()
+            self._release()
+
+    def _release(self) -> None:
+        self._busy -= 1
+        self._freed.set()
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Stop taking requests, let queued and running ones finish, then stop the scheduler."""
