@@ -151,7 +151,10 @@ async def test_requests_spread_across_workers(cluster: Cluster) -> None:
     assert load.ok == 120, load.statuses
     after = completed(cluster)
     share = {n: after[n] - before[n] for n in after}
-    assert all(count >= 8 for count in share.values()), share
+    # Every worker takes part; none takes (nearly) all. The latency policy may favour whichever
+    # looks fastest at the moment, so the exact split depends on the machine's noise.
+    assert all(count >= 2 for count in share.values()), share
+    assert max(share.values()) <= 0.8 * sum(share.values()), share
     table = cluster.hosts()
     assert {h["state"] for h in table.values()} == {"up"}
     assert all(h["models"]["simple/1"]["ready"] for h in table.values())
@@ -239,6 +242,7 @@ def elastic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Elastic]:
     env = {"GATEWAY_ACCESS_LOG": "false"}
     started: list[GatewayProcess] = []
     proxies: list[DelayProxy] = []
+    state: Elastic | None = None
 
     def start_all(*configs: Path | None) -> list[GatewayProcess]:
         """Side by side; each one that started is stopped at the end, whatever happens."""
@@ -271,13 +275,16 @@ def elastic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Elastic]:
             max_queue_size=16,  # beyond: 503 at once
         )
         front, overload = start_all(front_toml, overload_toml)
-        yield Elastic(list(workers), proxies[0], front, repo, tmp, overload, proxies[1])
+        state = Elastic(list(workers), proxies[0], front, repo, tmp, overload, proxies[1])
+        yield state
     finally:
         for process in started[3:]:  # fronts first
             process.stop()
         for proxy in proxies:
             proxy.stop()
-        for process in started[:3]:
+        # The original workers and any a test started in their place (a restarted worker).
+        replaced = state.workers if state is not None else []
+        for process in {id(p): p for p in [*started[:3], *replaced]}.values():
             process.stop(signal.SIGKILL)
 
 
@@ -406,7 +413,7 @@ async def test_killed_host_is_readmitted_when_it_comes_back(elastic: Elastic) ->
     share = {n: after[n] - before[n] for n in after}
     print(f"w1 re-admitted {readmitted_s:.2f} s after it came back; batches then: {share}")
     assert report("after re-admission", again) == 0 and again.ok == 200
-    assert share["w1"] >= 3, share
+    assert share["w1"] >= 1, share  # back in rotation (its estimates start over: a small share)
     assert rows_served(replacement) >= share["w1"]
 
 
