@@ -95,7 +95,10 @@ def read_model(repo: Path, name: str) -> Model:
             continue
         dtype = re.search(r"data_type:\s*(\w+)", body)
         dims = tuple(int(d) for d in re.findall(r"dims:\s*(-?\d+)", body))
-        inputs.append(Tensor(tname.group(1), _PBTXT_TYPE[dtype.group(1) if dtype else ""], dims))
+        datatype = _PBTXT_TYPE.get(dtype.group(1) if dtype else "")
+        if datatype is None:
+            raise RuntimeError(f"{name}: only FP32/INT32 inputs are supported here")
+        inputs.append(Tensor(tname.group(1), datatype, dims))
     return Model(name, max_bs, tuple(inputs), tuple(outputs))
 
 

@@ -56,7 +56,6 @@ import re
 import resource
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -69,6 +68,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+from serving import Model, free_port, read_model  # bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -84,45 +84,6 @@ BATCHES = (1, 1, 2, 4)  # batch sizes of the valid bodies, cycled; mostly single
 
 
 # -- models and request bodies ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    datatype: str  # v2 name: FP32, INT32
-    dims: tuple[int, ...]  # without the batch dimension
-
-
-@dataclass(frozen=True)
-class Model:
-    name: str
-    max_batch_size: int
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[str, ...]
-
-
-_PBTXT_TYPE = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32"}
-
-
-def read_model(repo: Path, name: str) -> Model:
-    """The little of ``config.pbtxt`` needed here (max_batch_size, FP32/INT32 tensor specs)."""
-    text = (repo / name / "config.pbtxt").read_text()
-    max_bs = int(m.group(1)) if (m := re.search(r"max_batch_size:\s*(\d+)", text)) else 0
-    inputs, outputs = [], []
-    for kind, body in re.findall(r"\b(input|output)\s*\{([^}]*)\}", text):
-        tname = re.search(r'name:\s*"([^"]+)"', body)
-        if tname is None:
-            continue
-        if kind == "output":
-            outputs.append(tname.group(1))
-            continue
-        dtype = re.search(r"data_type:\s*(\w+)", body)
-        datatype = _PBTXT_TYPE.get(dtype.group(1) if dtype else "")
-        if datatype is None:
-            raise RuntimeError(f"{name}: only FP32/INT32 inputs are supported here")
-        dims = tuple(int(d) for d in re.findall(r"dims:\s*(-?\d+)", body))
-        inputs.append(Tensor(tname.group(1), datatype, dims))
-    return Model(name, max_bs, tuple(inputs), tuple(outputs))
 
 
 @dataclass(frozen=True)
@@ -298,13 +259,6 @@ def check_body(status: int, headers: Any, raw: bytes, body: Body) -> str | None:
 
 
 # -- the gateway process ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http(
