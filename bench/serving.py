@@ -250,7 +250,7 @@ def free_port() -> int:
 
 
 def stop(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL: only this one process, by its PID."""
+    """SIGTERM (the gateway drains), then SIGKILL: only this one process, by its PID."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -262,11 +262,11 @@ def stop(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
 
 
 def http(
-    url: str, data: bytes | None = None, headers: dict[str, str] | None = None
+    url: str, data: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30
 ) -> tuple[int, bytes, Any]:
     req = urllib.request.Request(url, data=data, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read(), resp.headers
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), exc.headers

@@ -59,8 +59,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +66,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from serving import Model, free_port, read_model  # bench/ is on sys.path
+from serving import Model, free_port, http, read_model, stop  # bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -261,29 +259,6 @@ def check_body(status: int, headers: Any, raw: bytes, body: Body) -> str | None:
 # -- the gateway process ----------------------------------------------------------------------
 
 
-def http(
-    url: str, data: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30
-) -> tuple[int, bytes, Any]:
-    req = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read(), resp.headers
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), exc.headers
-
-
-def stop(proc: subprocess.Popen[Any], timeout_s: float = 40.0) -> None:
-    """SIGTERM (the gateway drains), then SIGKILL: only this one process, by its PID."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when this script dies, even by SIGKILL (Linux)."""
     with contextlib.suppress(Exception):
@@ -329,7 +304,7 @@ def gateway(repo: Path, log: Path) -> Iterator[tuple[subprocess.Popen[Any], str,
         shown = ["gateway", *cmd[3:]]
         yield proc, url, shown
     finally:
-        stop(proc)
+        stop(proc, timeout_s=40.0)
 
 
 # -- sampling the gateway ---------------------------------------------------------------------
