@@ -1,29 +1,38 @@
-"""Triton direct vs gateway -> Triton vs the gateway's own ONNX Runtime, in one run.
+"""Triton direct vs gateway -> Triton (over HTTP and over gRPC) vs the gateway's own ORT.
 
 Starts a real ``tritonserver`` (the nvidia-pytriton build: python backend only, so models run
-as python-backend ``model.py`` + ONNX Runtime there), a gateway whose only host is that Triton
-(``TritonFactory``: it pushes the models), and a plain gateway (in-process ONNX Runtime), all on
-free loopback ports. For each model, the same load hits each target in turn: ``--concurrency``
-coroutines of ``tritonclient.http.aio`` sending batch-1 binary-tensor requests back to back for
-``--duration-s``. "Triton direct" talks to the very model the gateway pushed.
+as python-backend ``model.py`` + ONNX Runtime there), two gateways whose only host is that Triton
+(``TritonFactory``: they push the models), one with ``protocol = "http"`` and one with
+``protocol = "grpc"``, and a plain gateway (in-process ONNX Runtime), all on free loopback ports.
+For each model, the same load hits each target in turn: ``--concurrency`` coroutines of
+``tritonclient.http.aio`` sending batch-1 binary-tensor requests back to back for
+``--duration-s``. "Triton direct" talks to the very model the gateways pushed; only the
+gateway -> Triton leg differs between ``gateway_triton_http`` and ``gateway_triton_grpc``.
+Models: ``simple`` and ``mlp`` from ``model_repo/`` (64 B and 4 KiB inputs) and ``big``, built
+here: 1 MiB of FP32 in and out per request.
 
-    .venv/bin/python bench/triton.py --models simple,mlp --concurrency 16 --duration-s 10
+    .venv/bin/python bench/triton.py --models simple,mlp,big --concurrency 16 --duration-s 10
 
-Prints req/s, p50, p99, the gateway's added latency over Triton direct (p50, p99) and its
-throughput ratio; writes ``bench/results/triton.md``. The client, both gateways and Triton share
-this machine's CPUs, so read the ratios, not the absolute numbers.
+Prints req/s, p50, p99, the gateway's added latency over Triton direct (p50, p99), its
+throughput ratio, and gRPC vs HTTP to Triton; writes ``bench/results/triton.md``. The client,
+the gateways and Triton share this machine's CPUs, so read the ratios, not the absolute numbers.
+With ``--rounds N`` the target order is reversed every other round and the median round is kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
+import shutil
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +43,19 @@ import tritonclient.http.aio as httpaio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.testing.tritonserver import TritonServer  # noqa: E402
-from tests.conftest import start_gateway  # noqa: E402
+from gateway.backends.triton import DEFAULT_PROTOCOL  # noqa: E402
+from gateway.testing.tritonserver import TritonServer, process_cpu_s  # noqa: E402
+from tests.conftest import GatewayProcess, start_gateway  # noqa: E402
 
+BIG_ELEMENTS = 256 * 1024  # 1 MiB of FP32 in and out per request: where transports differ
 # model -> (input names, datatype, row shape, dtype, output name)
 MODELS: dict[str, tuple[tuple[str, ...], str, tuple[int, ...], Any, str]] = {
     "simple": (("INPUT0", "INPUT1"), "INT32", (16,), np.int32, "OUTPUT0"),
     "mlp": (("INPUT",), "FP32", (1024,), np.float32, "PROBS"),
+    "big": (("X",), "FP32", (BIG_ELEMENTS,), np.float32, "Y"),  # built here, not in model_repo
 }
-TARGETS = ("triton_direct", "gateway_triton", "gateway_ort")
+TARGETS = ("triton_direct", "gateway_triton_http", "gateway_triton_grpc", "gateway_ort")
+PROTOCOLS = {"gateway_triton_http": "http", "gateway_triton_grpc": "grpc"}
 
 
 @dataclass
@@ -53,10 +66,18 @@ class Result:
     errors: int
     elapsed_s: float
     latencies_s: list[float]
+    gateway_cpu_s: float | None  # of the gateway process while measuring (None: no gateway)
+    triton_cpu_s: float  # of tritonserver and its python-backend stubs while measuring
 
     @property
     def rps(self) -> float:
         return self.requests / self.elapsed_s
+
+    def cpu_us(self, seconds: float | None) -> str:
+        """CPU microseconds per request, as a table cell."""
+        if seconds is None or not self.requests:
+            return "-"
+        return f"{1e6 * seconds / self.requests:.0f}"
 
     def pct_ms(self, q: float) -> float:
         if not self.latencies_s:
@@ -78,8 +99,15 @@ def _inputs(model: str) -> list[Any]:
 
 
 async def run_load(
-    address: str, model: str, target: str, concurrency: int, duration_s: float, warmup_s: float
+    address: str,
+    model: str,
+    target: str,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    cpu: Callable[[], tuple[float | None, float]],
 ) -> Result:
+    """Load one target; ``cpu()`` is (gateway, Triton) CPU seconds so far."""
     client = httpaio.InferenceServerClient(address, conn_limit=concurrency)
     inputs = _inputs(model)
     outputs = [httpaio.InferRequestedOutput(MODELS[model][4], binary_data=True)]
@@ -104,16 +132,56 @@ async def run_load(
         await client.infer(model, inputs, outputs=outputs)  # fail loudly before the load
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
         await asyncio.sleep(warmup_s)
-        measuring, begin = True, time.perf_counter()
+        measuring, begin, cpu_before = True, time.perf_counter(), cpu()
         await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - begin
+        elapsed, cpu_after = time.perf_counter() - begin, cpu()
     finally:
         await client.close()
-    return Result(model, target, len(latencies), errors, elapsed, latencies)
+    gateway_cpu = None if cpu_after[0] is None else cpu_after[0] - (cpu_before[0] or 0.0)
+    return Result(
+        model,
+        target,
+        len(latencies),
+        errors,
+        elapsed,
+        latencies,
+        gateway_cpu,
+        cpu_after[1] - cpu_before[1],
+    )
+
+
+def _repo(root: Path, models: list[str]) -> Path:
+    """The shipped models asked for, plus ``big`` (Neg over FP32 [-1, BIG_ELEMENTS])."""
+    from onnx import TensorProto, helper, save
+
+    for model in models:
+        if model != "big":
+            shutil.copytree(ROOT / "model_repo" / model, root / model)
+    if "big" in models:
+        shape = [None, BIG_ELEMENTS]
+        graph = helper.make_graph(
+            [helper.make_node("Neg", ["X"], ["Y"])],
+            "big",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)],
+        )
+        onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        onnx_model.ir_version = 8
+        (root / "big" / "1").mkdir(parents=True)
+        save(onnx_model, root / "big" / "1" / "model.onnx")
+        (root / "big" / "config.pbtxt").write_text(
+            'name: "big"\nmax_batch_size: 8\ndynamic_batching { }\n'
+        )
+    return root
+
+
+def _cpu(gateway: GatewayProcess | None, triton: TritonServer) -> tuple[float | None, float]:
+    gateway_s = None if gateway is None else process_cpu_s(gateway.process.pid)
+    return gateway_s, triton.cpu_s()
 
 
 def _gateway_config(
-    path: Path, triton: TritonServer | None, models: list[str], probe_s: float
+    path: Path, triton: TritonServer | None, models: list[str], probe_s: float, protocol: str
 ) -> Path:
     lines = [f"load_models = {json.dumps(models)}"]
     if triton is not None:
@@ -123,16 +191,38 @@ def _gateway_config(
             'kind = "triton"',
             'name = "triton"',
             f'url = "{triton.http_url}"',
+            f'grpc_url = "{triton.grpc_url}"',
+            f'protocol = "{protocol}"',
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def protocol_table(results: list[Result], models: list[str]) -> list[str]:
+    """Gateway -> Triton over gRPC against over HTTP, per model."""
+    by_key = {(r.model, r.target): r for r in results}
+    lines = [
+        "| model | HTTP req/s | gRPC req/s | gRPC/HTTP throughput | HTTP p50 ms | gRPC p50 ms "
+        "| HTTP p99 ms | gRPC p99 ms | gateway CPU us/req HTTP | gRPC "
+        "| Triton CPU us/req HTTP | gRPC |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model in models:
+        h, g = by_key[(model, "gateway_triton_http")], by_key[(model, "gateway_triton_grpc")]
+        lines.append(
+            f"| {model} | {h.rps:.0f} | {g.rps:.0f} | {g.rps / h.rps:.2f}x | "
+            f"{h.pct_ms(0.5):.2f} | {g.pct_ms(0.5):.2f} | {h.pct_ms(0.99):.2f} | "
+            f"{g.pct_ms(0.99):.2f} | {h.cpu_us(h.gateway_cpu_s)} | {g.cpu_us(g.gateway_cpu_s)} "
+            f"| {h.cpu_us(h.triton_cpu_s)} | {g.cpu_us(g.triton_cpu_s)} |"
+        )
+    return lines
+
+
 def table(results: list[Result]) -> list[str]:
     lines = [
         "| model | target | req/s | p50 ms | p99 ms | errors | added p50 ms | added p99 ms "
-        "| throughput vs Triton direct |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| throughput vs Triton direct | gateway CPU us/req | Triton CPU us/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_key = {(r.model, r.target): r for r in results}
     for r in results:
@@ -145,18 +235,19 @@ def table(results: list[Result]) -> list[str]:
             ratio = f"{r.rps / base.rps:.2f}x"
         lines.append(
             f"| {r.model} | {r.target} | {r.rps:.0f} | {r.pct_ms(0.5):.2f} | "
-            f"{r.pct_ms(0.99):.2f} | {r.errors} | {added50} | {added99} | {ratio} |"
+            f"{r.pct_ms(0.99):.2f} | {r.errors} | {added50} | {added99} | {ratio} | "
+            f"{r.cpu_us(r.gateway_cpu_s)} | {r.cpu_us(r.triton_cpu_s)} |"
         )
     return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="simple,mlp")
+    parser.add_argument("--models", default="simple,mlp,big")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the three targets")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the four targets")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "triton.md"))
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
@@ -165,24 +256,26 @@ def main() -> int:
             parser.error(f"unknown model {model!r}; choose from {sorted(MODELS)}")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-triton-"))
-    repo = ROOT / "model_repo"
+    repo = _repo(tmp / "repo", models)
     results: list[Result] = []
     with TritonServer() as triton:
-        gw_triton = start_gateway(
-            repo, tmp, "--config", str(_gateway_config(tmp / "t.toml", triton, models, 2.0))
-        )
-        gw_ort = start_gateway(
-            repo, tmp, "--config", str(_gateway_config(tmp / "o.toml", None, models, 2.0))
-        )
-        addresses = {
-            "triton_direct": triton.http_address,
-            "gateway_triton": gw_triton.address,
-            "gateway_ort": gw_ort.address,
-        }
+        gateways = {}
         try:
+            # One after the other: the second push of a model reloads it in Triton.
+            for target, protocol in (*PROTOCOLS.items(), ("gateway_ort", "")):
+                config = _gateway_config(
+                    tmp / f"{target}.toml",
+                    triton if protocol else None,
+                    models,
+                    2.0,
+                    protocol,
+                )
+                gateways[target] = start_gateway(repo, tmp, "--config", str(config))
+            addresses = {"triton_direct": triton.http_address}
+            addresses.update({t: g.address for t, g in gateways.items()})
             for model in models:
-                for _ in range(args.rounds):
-                    for target in TARGETS:
+                for round_ in range(args.rounds):
+                    for target in TARGETS if round_ % 2 == 0 else TARGETS[::-1]:
                         result = asyncio.run(
                             run_load(
                                 addresses[target],
@@ -191,18 +284,21 @@ def main() -> int:
                                 args.concurrency,
                                 args.duration_s,
                                 args.warmup_s,
+                                functools.partial(_cpu, gateways.get(target), triton),
                             )
                         )
                         print(
-                            f"{model:7s} {target:15s} {result.rps:8.0f} req/s  "
+                            f"{model:7s} {target:19s} {result.rps:8.0f} req/s  "
                             f"p50 {result.pct_ms(0.5):6.2f} ms  p99 {result.pct_ms(0.99):6.2f} ms"
-                            f"  errors {result.errors}",
+                            f"  errors {result.errors}  CPU us/req gateway "
+                            f"{result.cpu_us(result.gateway_cpu_s)} Triton "
+                            f"{result.cpu_us(result.triton_cpu_s)}",
                             flush=True,
                         )
                         results.append(result)
         finally:
-            gw_triton.stop()
-            gw_ort.stop()
+            for gateway in gateways.values():
+                gateway.stop()
 
     if args.rounds > 1:  # the median round per (model, target)
         merged = []
@@ -214,28 +310,51 @@ def main() -> int:
     lines = table(results)
     by_key = {(r.model, r.target): r for r in results}
     for model in models:
-        base, via = by_key[(model, "triton_direct")], by_key[(model, "gateway_triton")]
-        added_ms, ratio = via.pct_ms(0.5) - base.pct_ms(0.5), via.rps / base.rps
-        met = "met" if added_ms <= 1.0 and ratio >= 0.8 else "NOT met"
-        lines.append(
-            f"\n`{model}`: gateway -> Triton adds {added_ms:+.2f} ms p50 and keeps "
-            f"{ratio:.2f}x Triton-direct throughput: goal {met}."
-        )
+        base = by_key[(model, "triton_direct")]
+        for target, protocol in PROTOCOLS.items():
+            via = by_key[(model, target)]
+            added_ms, ratio = via.pct_ms(0.5) - base.pct_ms(0.5), via.rps / base.rps
+            met = "met" if added_ms <= 1.0 and ratio >= 0.8 else "NOT met"
+            lines.append(
+                f"\n`{model}`: gateway -> Triton over {protocol} adds {added_ms:+.2f} ms p50 and "
+                f"keeps {ratio:.2f}x Triton-direct throughput: goal {met}."
+            )
+    ratios = [
+        by_key[(m, "gateway_triton_grpc")].rps / by_key[(m, "gateway_triton_http")].rps
+        for m in models
+    ]
+    lines += [
+        "",
+        "### Gateway -> Triton: gRPC vs HTTP",
+        "",
+        *protocol_table(results, models),
+        "",
+        f"gRPC/HTTP throughput, geometric mean over {', '.join(models)}: "
+        f"{statistics.geometric_mean(ratios):.2f}x. The gateway's default `protocol` for a Triton "
+        f"host with a `grpc_url` (`DEFAULT_PROTOCOL`): `{DEFAULT_PROTOCOL}`.",
+    ]
     print("\n".join(lines))
     command = "  ".join(["python bench/triton.py", *sys.argv[1:]]).replace("  ", " ")
     cpu = os.cpu_count()
     text = [
-        "# Gateway -> Triton vs Triton direct vs the gateway's own ONNX Runtime",
+        "# Gateway -> Triton (HTTP, gRPC) vs Triton direct vs the gateway's own ONNX Runtime",
         "",
         f"Command: `.venv/bin/{command}`",
         "",
         f"Machine: {platform.platform()}, {cpu} CPUs, Python {platform.python_version()}. "
-        "Client, Triton and both gateways share these CPUs. Triton is the nvidia-pytriton build "
-        "(python backend only): its models run as python-backend `model.py` + ONNX Runtime, "
-        "pushed there by the gateway. Batch-1 binary requests from "
+        "Client, Triton and the three gateways share these CPUs. Triton is the nvidia-pytriton "
+        "build (python backend only): its models run as python-backend `model.py` + ONNX "
+        "Runtime, pushed there by the gateways. `gateway_triton_http` and `gateway_triton_grpc` "
+        "differ only in the host's `protocol` (tritonclient.http.aio binary tensors vs "
+        "tritonclient.grpc.aio raw contents); the client always speaks HTTP to the gateway. "
+        "Batch-1 binary requests from "
         f"{args.concurrency} `tritonclient.http.aio` coroutines, {args.duration_s:g} s per "
         f"target after {args.warmup_s:g} s warm-up"
         + (f", median of {args.rounds} rounds." if args.rounds > 1 else "."),
+        "",
+        "CPU us/req: CPU time of the gateway process, and of tritonserver plus its "
+        "python-backend stubs, over the measured window divided by the requests served "
+        "(less sensitive than req/s to other load on the machine).",
         "",
         "Goal: gateway -> Triton adds <= 1 ms p50 and keeps >= 0.8x Triton-direct throughput.",
         "",

@@ -41,3 +41,13 @@ def new_request_id() -> str:
     """Unique across processes (a random tag per process) and cheap (a counter, no syscall)."""
     return f"{_PROCESS_TAG}-{next(_counter):x}"
 
+
+def upstream_request_id() -> str:
+    """The ids of the requests in the batch being executed (else this request's id), joined,
+    for the host that runs it (``X-Request-ID``, Triton's request ``id``)."""
+    ids = batch_request_ids.get()
+    if not ids:
+        one = request_id.get()
+        ids = (one,) if one else ()
+    return ",".join(ids)[:256]
+

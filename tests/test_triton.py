@@ -1,7 +1,9 @@
 """The gateway serving through a real Triton Inference Server host (``TritonFactory``).
 
-One tritonserver (python backend only, from the nvidia-pytriton wheel) and one gateway process
-for the module; the host-crash test runs last and leaves a restarted server behind.
+One tritonserver (python backend only, from the nvidia-pytriton wheel) and two gateway
+processes for the module, one talking HTTP to it and one gRPC (with its HTTP ``url`` pointing
+nowhere, so everything it does must go over gRPC); the host-crash test runs last and leaves a
+restarted server behind.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +21,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from gateway.backends.triton import TritonHost, triton_config, triton_hosts
+from gateway import context
+from gateway.backends.triton import DEFAULT_PROTOCOL, TritonHost, triton_config, triton_hosts
+from gateway.errors import HostUnreachable, InvalidInput, ModelNotReady
 from gateway.repository.config import ModelConfig, TensorConfig
 from gateway.settings import Settings, SettingsError
 from gateway.testing.tritonserver import TritonServer, free_port, tritonserver_unavailable_reason
 from tests import models
 from tests.conftest import GatewayProcess, start_gateway
+from tests.test_triton_harness import as_text, dtype_inputs, dtypes_onnx, ort_run
+from tests.test_triton_harness import infer as harness_infer
 
 httpclient = pytest.importorskip("tritonclient.http")
 InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
@@ -69,26 +76,129 @@ def test_hosts_from_settings() -> None:
     (a, a_models), (b, b_models) = triton_hosts(settings)
     assert (a.name, a.url, a_models, a.strategy) == ("a", "http://127.0.0.1:1", {"m"}, "python")
     assert (b.name, b_models, "gpu" in b.labels) == ("http://127.0.0.1:2", None, True)
-    for bad in ({"kind": "triton"}, {"url": "x:1", "device": "tpu"}, {"url": "x:1", "models": 1}):
+    assert (a.protocol, b.protocol, a.grpc_url) == ("http", "http", None)
+    (g, _), (h, _), (i, _) = triton_hosts(
+        Settings(
+            hosts=(
+                {"url": "10.0.0.5:8000", "grpc_url": "10.0.0.5:8001", "protocol": "grpc"},
+                {"url": "10.0.0.6:8000", "grpc_url": "10.0.0.6:8001", "protocol": "http"},
+                {"url": "10.0.0.7:8000", "grpc_url": "10.0.0.7:8001"},  # the measured default
+            )
+        )
+    )
+    assert (g.protocol, g.grpc_url, h.protocol) == ("grpc", "10.0.0.5:8001", "http")
+    assert i.protocol == DEFAULT_PROTOCOL == "grpc"
+    assert g.describe()["protocol"] == "grpc" and g.describe()["grpc_url"] == "10.0.0.5:8001"
+    for bad in (
+        {"kind": "triton"},
+        {"url": "x:1", "device": "tpu"},
+        {"url": "x:1", "models": 1},
+        {"url": "x:1", "protocol": "grpc"},  # no grpc_url
+        {"url": "x:1", "protocol": "thrift", "grpc_url": "x:2"},
+        {"url": "x:1", "grpc_url": "grpc://x:2"},
+        {"url": "x:1", "grpc_url": 8001},
+    ):
         with pytest.raises(SettingsError):
             triton_hosts(Settings(hosts=(bad,)))
     with pytest.raises(SettingsError):
         Settings(triton_strategy="tensorrt")
 
 
-async def test_unreachable_host_fails_fast() -> None:
-    host = TritonHost("dead", f"127.0.0.1:{free_port()}", probe_interval_s=0.2)
+def _host(protocol: str, url: str, grpc_url: str | None = None, **kwargs: Any) -> TritonHost:
+    return TritonHost(protocol, url, grpc_url=grpc_url, protocol=protocol, **kwargs)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+async def test_unreachable_host_fails_fast(protocol: str) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    host = _host(protocol, dead, dead, probe_interval_s=0.2)
     try:
         assert not await host.ready()
-        started = time.monotonic()
-        from gateway.errors import HostUnreachable
-
-        with pytest.raises(HostUnreachable):
-            await host.infer("m", 1, {"X": np.zeros((1, 4), np.float32)}, ["Y"])
-        assert time.monotonic() - started < 1.0
-        assert host.describe()["state"] == "down"
+        for _ in range(2):  # a new connection, then one the client already saw fail
+            started = time.monotonic()
+            with pytest.raises(HostUnreachable):
+                await host.infer("m", 1, {"X": np.zeros((1, 4), np.float32)}, ["Y"])
+            assert time.monotonic() - started < 1.0
+            assert host.describe()["state"] == "down"
     finally:
         await host.close()
+
+
+class _RecordingClient:
+    """Stands in for the pooled tritonclient client: records the ``infer`` call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    async def infer(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append((args, kwargs))
+        return self
+
+    def as_numpy(self, name: str) -> np.ndarray:
+        return np.zeros((1, 4), np.float32)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+async def test_request_ids_and_deadline_go_upstream(protocol: str) -> None:
+    host = _host(protocol, "127.0.0.1:1", "127.0.0.1:2")
+    client = _RecordingClient()
+    host._transport._client = client
+    try:
+        context.batch_request_ids.set(("a", "b"))
+        await host.infer("m", 3, {"X": np.ones((2, 4), np.float32)}, ["Y"], timeout_s=1.5)
+        context.batch_request_ids.set(())
+        context.request_id.set("solo")
+        await host.infer("m", 3, {"X": np.ones((1, 4), np.float32)}, ["Y"])
+    finally:
+        context.request_id.set(None)
+        await host.close()
+    (args, batched), (_, single) = client.calls
+    assert args[0] == "m" and batched["model_version"] == "3"
+    assert batched["request_id"] == "a,b" and batched["headers"] == {"x-request-id": "a,b"}
+    assert single["request_id"] == "solo" and single["timeout"] is None
+    assert batched["timeout"] == 1_500_000  # Triton's own request timeout, microseconds
+    (tensor,), (wanted,) = args[1], batched["outputs"]
+    assert type(tensor).__module__.startswith(f"tritonclient.{protocol}")
+    assert type(wanted).__module__.startswith(f"tritonclient.{protocol}")
+    if protocol == "grpc":  # the deadline travels as the gRPC deadline too; raw bytes
+        assert (batched["client_timeout"], single["client_timeout"]) == (1.5, host.timeout_s)
+        assert tensor._get_content() == np.ones((2, 4), np.float32).tobytes()
+    else:
+        assert "client_timeout" not in batched
+        assert tensor._get_binary_data() == np.ones((2, 4), np.float32).tobytes()
+
+
+def test_grpc_errors_become_what_the_http_client_raises() -> None:
+    """gRPC status codes -> HTTP-like statuses; UNAVAILABLE is a lost connection only when the
+    channel is no longer READY (else it is Triton's own, e.g. a full queue)."""
+    import grpc
+
+    from gateway.backends.triton import _GrpcTransport
+
+    transport = _GrpcTransport("127.0.0.1:1", reconnect_s=1.0)
+
+    def said(code: str) -> Exception:
+        return transport._translate(InferenceServerException(f"{code}!", f"StatusCode.{code}"))
+
+    assert isinstance(said("DEADLINE_EXCEEDED"), TimeoutError)
+    assert isinstance(said("UNAVAILABLE"), ConnectionError)  # no channel: never connected
+
+    class Channel:
+        def get_state(self) -> Any:
+            return grpc.ChannelConnectivity.READY
+
+    class Client:
+        _channel = Channel()
+
+    transport._client = Client()
+    for code, status in [("UNAVAILABLE", "503"), ("NOT_FOUND", "404"), ("INTERNAL", "500")]:
+        error = said(code)
+        assert isinstance(error, InferenceServerException)
+        assert (error.status(), error.message()) == (status, f"{code}!")
+    assert said("INVALID_ARGUMENT").status() == "400"
 
 
 # -- gateway -> real Triton -----------------------------------------------------------------
@@ -130,6 +240,37 @@ def gw(
         f'url = "127.0.0.1:{free_port()}"\nmodels = ["ghost"]\n'
     )
     process = start_gateway(triton_repo, tmp, "--config", str(config))
+    try:
+        yield process
+    finally:
+        process.stop()
+        print(process.log()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def grpc_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Models of their own (one Triton serves both gateways; names must not collide)."""
+    root = tmp_path_factory.mktemp("triton-grpc-repo")
+    models.add_sub(root, "simple_grpc")
+    (root / "dtypes" / "1").mkdir(parents=True)  # no config.pbtxt: auto-completed
+    (root / "dtypes" / "1" / "model.onnx").write_bytes(dtypes_onnx())
+    return root
+
+
+@pytest.fixture(scope="module")
+def gw_grpc(
+    triton: TritonServer, grpc_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """The gateway talking gRPC to the module's Triton; its HTTP ``url`` leads nowhere."""
+    tmp = tmp_path_factory.mktemp("triton-gw-grpc")
+    config = tmp / "gateway.toml"
+    config.write_text(
+        f"host_probe_interval_s = {PROBE_INTERVAL_S}\n"
+        "[[hosts]]\n"
+        'kind = "triton"\nname = "g1"\nprotocol = "grpc"\n'
+        f'url = "127.0.0.1:{free_port()}"\ngrpc_url = "{triton.grpc_url}"\n'
+    )
+    process = start_gateway(grpc_repo, tmp, "--config", str(config))
     try:
         yield process
     finally:
@@ -221,6 +362,57 @@ def test_unload_and_load_through_the_gateway(gw: GatewayProcess, triton: TritonS
     assert _infer(client, "dense", x, True).as_numpy("Y").shape == (2, 8)
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_grpc_host_outputs_match_onnxruntime(gw_grpc: GatewayProcess, binary: bool) -> None:
+    """tritonclient.http -> gateway -> Triton over gRPC, every datatype, against ORT."""
+    client = _client(gw_grpc.address)
+    feeds = dtype_inputs(batch=3)
+    expected = ort_run(dtypes_onnx(), feeds)
+    fp16 = frozenset({"IN_FP16", "OUT_FP16"})  # as in the harness: FP16 only binary
+    result = harness_infer(
+        client, "dtypes", feeds, binary=binary, outputs=list(expected), always_binary=fp16
+    )
+    for name, want in expected.items():
+        got = result.as_numpy(name)
+        if want.dtype == np.object_:
+            np.testing.assert_array_equal(as_text(got), want)
+        else:
+            assert got.dtype == want.dtype, name
+            np.testing.assert_array_equal(got, want)
+    pair = _simple_feeds()
+    simple = _infer(client, "simple_grpc", pair, binary)
+    np.testing.assert_array_equal(simple.as_numpy("OUTPUT1"), pair["INPUT0"] - pair["INPUT1"])
+    (host,) = client.get_model_metadata("dtypes")["parameters"]["hosts"]
+    assert (host["name"], host["protocol"], host["state"]) == ("g1", "grpc", "up")
+
+
+def test_grpc_host_unload_and_load(gw_grpc: GatewayProcess, triton: TritonServer) -> None:
+    """Repository unload and load through the gateway reach Triton over gRPC too."""
+    client, direct = _client(gw_grpc.address), _client(triton.http_address)
+    client.unload_model("simple_grpc")
+    assert not direct.is_model_ready("simple_grpc")
+    client.load_model("simple_grpc")
+    assert direct.is_model_ready("simple_grpc", "1") and client.is_model_ready("simple_grpc")
+
+
+async def test_grpc_host_maps_tritons_errors(triton: TritonServer, gw: GatewayProcess) -> None:
+    """Triton's own gRPC errors, seen by a ``TritonHost`` directly (``simple`` is on Triton)."""
+    host = _host("grpc", f"127.0.0.1:{free_port()}", triton.grpc_url)
+    good = {n: np.ones((2, 16), np.int32) for n in ("INPUT0", "INPUT1")}
+    try:
+        assert await host.ready() and await host.model_ready("simple", 1)
+        out = await host.infer("simple", 1, good, ["OUTPUT0"], timeout_s=TIMEOUT_S)
+        np.testing.assert_array_equal(out["OUTPUT0"], good["INPUT0"] * 2)
+        with pytest.raises(ModelNotReady, match="unknown model"):
+            await host.infer("no_such_model", 1, good, ["OUTPUT0"])
+        bad = {**good, "INPUT1": np.ones((1, 16), np.int32)}
+        with pytest.raises(InvalidInput, match="batch size"):
+            await host.infer("simple", 1, bad, ["OUTPUT0"])
+        assert host.describe()["state"] != "down"  # Triton answered: the host is fine
+    finally:
+        await host.close()
+
+
 def _post_json(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], str]:
     request = urllib.request.Request(
         url, json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -245,31 +437,46 @@ SIMPLE_JSON = {
 
 
 def test_host_crash_fails_fast_and_restart_recovers(
-    gw: GatewayProcess, triton: TritonServer
+    gw: GatewayProcess, gw_grpc: GatewayProcess, triton: TritonServer
 ) -> None:
-    """Runs last: kills the module's Triton and restarts it on the same ports."""
-    url = f"{gw.url}/v2/models/simple/infer"
-    assert _post_json(url, SIMPLE_JSON)[0] == 200
-    triton.kill()
-    for _ in range(3):  # the first finds the dead connection, the rest a host marked down
+    """Runs last: kills the module's Triton and restarts it on the same ports; both gateways
+    (HTTP and gRPC to Triton) answer 503 at once while it is down, and recover."""
+    gateways = [(gw, "simple", "t1"), (gw_grpc, "simple_grpc", "g1")]
+    urls = [f"{process.url}/v2/models/{model}/infer" for process, model, _ in gateways]
+    for url in urls:
+        assert _post_json(url, SIMPLE_JSON)[0] == 200
+
+    def post_after_kill(i: int) -> None:
         started = time.monotonic()
-        status, headers, body = _post_json(url, SIMPLE_JSON)
+        status, headers, body = _post_json(urls[i], SIMPLE_JSON)
         elapsed = time.monotonic() - started
-        print(f"after kill: {status} in {elapsed * 1000:.1f} ms: {body}")
+        host_name = gateways[i][2]
+        print(f"{host_name} after kill: {status} in {elapsed * 1000:.1f} ms: {body}")
         assert status == 503 and elapsed < 5.0
-        assert "retry-after" in headers and "t1" in body
-    host = _client(gw.address).get_model_metadata("simple")["parameters"]["hosts"][0]
-    assert host["state"] == "down" and host["model_ready"] is False
-    assert not _client(gw.address).is_model_ready("simple")  # no host serves it: not ready
+        assert "retry-after" in headers and host_name in body
+
+    triton.kill()
+    # The first request to each, at once (before a probe notices), finds the dead connection;
+    # the next ones a host marked down.
+    with ThreadPoolExecutor(len(gateways)) as pool:
+        list(pool.map(post_after_kill, range(len(gateways))))
+    for i, (process, model, _) in enumerate(gateways):
+        post_after_kill(i)
+        post_after_kill(i)
+        host = _client(process.address).get_model_metadata(model)["parameters"]["hosts"][0]
+        assert host["state"] == "down" and host["model_ready"] is False
+        assert not _client(process.address).is_model_ready(model)  # no host serves it
 
     triton.restart()  # same ports, empty repository
     started = time.monotonic()
     deadline = started + PROBE_INTERVAL_S + 15.0
-    while (status := _post_json(url, SIMPLE_JSON)[0]) != 200 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    print(f"serving again {time.monotonic() - started:.2f} s after the restart")
-    assert status == 200
-    assert _client(gw.address).is_model_ready("simple")
+    for process, model, host_name in gateways:
+        url = f"{process.url}/v2/models/{model}/infer"
+        while (status := _post_json(url, SIMPLE_JSON)[0]) != 200 and (time.monotonic() < deadline):
+            time.sleep(0.1)
+        print(f"{host_name} serving again {time.monotonic() - started:.2f} s after the restart")
+        assert status == 200
+        assert _client(process.address).is_model_ready(model)
     direct = _client(triton.http_address)
     assert direct.is_model_ready("simple", "1")
     deadline = time.monotonic() + 15.0

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from gateway.errors import ModelLoadError
 from gateway.testing.tritonserver import (
     TritonServer,
     _pushed_model_dirs,
+    _stubs,
     free_port,
     tritonserver_unavailable_reason,
 )
@@ -205,7 +207,7 @@ def _triton_dtype(dtype: np.dtype[Any]) -> str:
     return str(np_to_triton_dtype(dtype))
 
 
-def _as_text(array: np.ndarray) -> np.ndarray:
+def as_text(array: np.ndarray) -> np.ndarray:
     return np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[object])(array)
 
 
@@ -353,7 +355,7 @@ def test_all_dtypes_round_trip(triton: TritonServer) -> None:
         for out_name, want in expected.items():
             got = result.as_numpy(out_name)
             if want.dtype == np.object_:
-                np.testing.assert_array_equal(_as_text(got), want)
+                np.testing.assert_array_equal(as_text(got), want)
             else:
                 assert got.dtype == want.dtype, out_name
                 np.testing.assert_array_equal(got, want)
@@ -381,6 +383,15 @@ def test_unload_makes_model_not_ready(triton: TritonServer, simple_model: str) -
     assert not client.is_model_ready(simple_model)
 
 
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped by init)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def test_kill_fails_fast_and_restart_reuses_ports() -> None:
     """Its own server: a host crash must not poison the module's shared one."""
     _skip_without_triton()
@@ -395,9 +406,12 @@ def test_kill_fails_fast_and_restart_reuses_ports() -> None:
         assert pid is not None
         pushed = _pushed_model_dirs(pid)
         assert pushed and all(d.is_dir() for d in pushed)
+        stubs = [p for p, _ in _stubs(pid)]
+        assert stubs
         server.kill()
         assert not server.running
         assert not any(d.exists() for d in pushed), "kill() leaves Triton's /tmp copies behind"
+        assert not any(_alive(p) for p in stubs), "kill() leaves python-backend stubs behind"
 
         dead = _client(server, 2.0)
         started = time.monotonic()

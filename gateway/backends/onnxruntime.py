@@ -126,6 +126,20 @@ def complete_config(config: ModelConfig, session: Any, default_max_batch_size: i
     return config
 
 
+def inspect_config(source: ModelSource, version: int, default_max_batch_size: int) -> ModelConfig:
+    """The completed, checked config of a version that runs elsewhere (a Triton host, another
+    gateway): the graph is only read, with optimisations off, and nothing runs here."""
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(
+            str(source.version_paths[version]), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"model '{source.name}' version {version}: {exc}") from None
+    return complete_config(source.config, session, default_max_batch_size)
+
+
 def _to_ort(array: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
     """ORT string tensors hold text: BYTES elements must be UTF-8."""
     if array.dtype.kind != "O":

@@ -213,11 +213,9 @@ class V2Host:
             HEADER_LENGTH: str(head_length),
             "Content-Type": "application/octet-stream",
         }
-        ids = context.batch_request_ids.get() or (
-            (context.request_id.get() or "",) if context.request_id.get() else ()
-        )
+        ids = context.upstream_request_id()
         if ids:
-            headers["X-Request-ID"] = ",".join(ids)[:256]
+            headers["X-Request-ID"] = ids
         url = f"{self.url}/v2/models/{model}/versions/{version}/infer"
         limit_s = timeout_s if timeout_s is not None else self.timeout_s
         try:

@@ -179,23 +179,6 @@ def configured_hosts(settings: Settings) -> tuple[list[HostEntry], list[DnsGroup
     return entries, groups
 
 
-def _inspect_config(source: ModelSource, version: int, default_max_batch_size: int) -> ModelConfig:
-    """Auto-complete the config from the ONNX graph without running anything locally."""
-    import onnxruntime as ort
-
-    from gateway.backends.onnxruntime import complete_config
-
-    try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(
-            str(source.version_paths[version]), options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:
-        raise ModelLoadError(f"model '{source.name}' version {version}: {exc}") from None
-    return complete_config(source.config, session, default_max_batch_size)
-
-
 class RoutedBackend:
     """One model version served by the router's targets."""
 
@@ -687,8 +670,10 @@ class RoutedFactory:
             config = local.config
             self.router.set_ready(LOCAL, key, True)
         else:
+            from gateway.backends.onnxruntime import inspect_config  # reads the graph only
+
             config = await asyncio.to_thread(
-                _inspect_config, source, version, self.settings.default_max_batch_size
+                inspect_config, source, version, self.settings.default_max_batch_size
             )
         hosts = [
             e.host for e in self._hosts.values() if e.models is None or source.name in e.models

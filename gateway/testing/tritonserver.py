@@ -10,6 +10,7 @@ file); copying the ~30 MB tree takes well under 0.1 s here, so there is no cross
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -31,6 +32,7 @@ __all__ = [
     "TritonServerError",
     "find_tritonserver",
     "free_port",
+    "process_cpu_s",
     "tritonserver_unavailable_reason",
 ]
 
@@ -200,6 +202,13 @@ class TritonServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the server and its live python-backend stubs (benches)."""
+        pid = self.pid
+        if pid is None:
+            return 0.0
+        return process_cpu_s(pid) + sum(process_cpu_s(child) for child in _child_pids(pid))
+
     def log_text(self) -> str:
         """Server log plus its stdout/stderr, for assertions and failure messages."""
         parts = []
@@ -236,25 +245,24 @@ class TritonServer:
         """SIGTERM our own process, SIGKILL after ``stop_timeout_s``; then drop the scratch dir."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            pushed = _pushed_model_dirs(proc.pid)
+            stubs = _stubs(proc.pid)
             os.kill(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-            _remove_dirs(pushed)
+                _kill(proc, stubs)
+            _remove_dirs(_model_dirs(stubs))
         self._proc = None
         self._remove_scratch()
 
     def kill(self) -> None:
-        """SIGKILL, like a host crash; keeps the scratch dir so the log can still be read."""
+        """SIGKILL the server and its python-backend stubs, like a host crash (a stub that is busy
+        when its server dies can outlive it); keeps the scratch dir so the log can be read."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            pushed = _pushed_model_dirs(proc.pid)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            _remove_dirs(pushed)
+            stubs = _stubs(proc.pid)
+            _kill(proc, stubs)
+            _remove_dirs(_model_dirs(stubs))
 
     def restart(self) -> Self:
         """Stop (if needed) and start again on the same ports with an empty repository."""
@@ -386,19 +394,52 @@ def _pushed_model_dirs(server_pid: int) -> list[Path]:
     is a child of the server whose first argument is ``<that dir>/<version>/model.py``, so this
     finds exactly our server's directories and nobody else's.
     """
-    tmp = Path("/tmp")  # Triton hard-codes it
-    found: list[Path] = []
+    return _model_dirs(_stubs(server_pid))
+
+
+def _kill(proc: subprocess.Popen[bytes], stubs: list[tuple[int, Path]]) -> None:
+    """SIGKILL the server's stubs while they are still its children (a stub left behind exits
+    only once it notices, and a busy one may never), then the server."""
+    children = set(_child_pids(proc.pid))
+    for pid, _ in stubs:
+        if pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _stubs(server_pid: int) -> list[tuple[int, Path]]:
+    """The server's python-backend stub processes: (pid, the ``model.py`` each runs)."""
+    found = []
     for child in _child_pids(server_pid):
         try:
             argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(argv) < 2 or not argv[0].endswith(b"triton_python_backend_stub"):
-            continue
-        for parent in Path(os.fsdecode(argv[1])).parents:
+        if len(argv) >= 2 and argv[0].endswith(b"triton_python_backend_stub"):
+            found.append((child, Path(os.fsdecode(argv[1]))))
+    return found
+
+
+def _model_dirs(stubs: list[tuple[int, Path]]) -> list[Path]:
+    tmp = Path("/tmp")  # Triton hard-codes it
+    found: list[Path] = []
+    for _, model_py in stubs:
+        for parent in model_py.parents:
             if parent.parent == tmp and parent.name.startswith("folder") and parent not in found:
                 found.append(parent)
     return found
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one live process (its threads included), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # fields[0] is the state (field 3 of stat(5)); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _child_pids(pid: int) -> list[int]:
