@@ -90,6 +90,11 @@ class DelayProxy:
         async def _close() -> None:
             if self._server is not None:
                 self._server.close()
+            # Connections still being pumped end here, not as tasks destroyed while pending.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(_close(), self._loop).result(5)
