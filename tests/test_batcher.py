@@ -181,3 +181,20 @@ async def test_capacity_is_asked_again_so_added_hosts_add_slots() -> None:
     backend.gate.set()
     await asyncio.gather(*more)
     await batcher.close()
+
+
+async def test_batch_formed_ahead_grows_until_an_instance_is_about_to_free() -> None:
+    backend = Recorder(delay_s=0.08)
+    policy = BatchPolicy(
+        max_batch_size=16, preferred_batch_sizes=(2,), instance_count=1, pipeline=1
+    )
+    batcher, _ = make(policy, backend)
+    await batcher.submit(row(0))  # learns that one execution takes ~80 ms
+    running = asyncio.ensure_future(batcher.submit(row(1)))
+    await asyncio.sleep(0.005)  # it runs; what comes now forms the next batch, ahead
+    early = [asyncio.ensure_future(batcher.submit(row(i))) for i in range(2)]
+    await asyncio.sleep(0.02)  # the preferred size was reached, but the instance is busy
+    late = [asyncio.ensure_future(batcher.submit(row(i))) for i in range(3)]
+    await asyncio.gather(running, *early, *late)
+    assert backend.batches == [1, 1, 5]  # not [1, 1, 2, 3]
+    await batcher.close()

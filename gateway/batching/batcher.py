@@ -7,6 +7,12 @@ shape-compatible and fit ``max_batch_size``; it keeps waiting for more, up to
 own task and the outputs are split back, row ranges per caller. Waiting for a free slot before
 forming the batch means that under load batches grow by themselves, with no delay configured.
 
+With ``pipeline`` > 0, that many more batches may be formed while every instance is busy and
+handed to the backend ahead, so it starts the next one the moment it finishes instead of
+waiting for the event loop to notice. Such a batch keeps growing (past a preferred size, up to
+``max_batch_size``) until an instance is about to free up, as estimated from the running batch's
+start and the average execution time.
+
 The queue is bounded: a full queue fails fast (``QueueFull``). A request whose deadline passes
 while queued fails with ``DeadlineExceeded``; a caller that goes away (its future cancelled) is
 dropped before it takes a slot in a batch.
@@ -90,6 +96,8 @@ class Batcher:
         self._capacity = capacity or (lambda: policy.instance_count)
         self._busy = 0  # batches formed and not finished
         self._freed = asyncio.Event()
+        self._started: dict[int, float] = {}  # id(batch) -> when it went to the backend
+        self._compute_s: float | None = None  # moving average of one execution
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
@@ -179,9 +187,17 @@ class Batcher:
                         batch.append(head)
                         rows += head.rows
                         continue
-                    if rows in policy.preferred_batch_sizes or self._closed:
+                    if self._closed:
                         break
-                    wait_s = give_up_s - self._clock()
+                    # While every instance is busy, a batch formed ahead keeps growing until
+                    # one is about to free up: sending it earlier would only queue it there.
+                    free_at = self._instance_free_at()
+                    if free_at is None and rows in policy.preferred_batch_sizes:
+                        break
+                    wait_until = give_up_s if free_at is None else max(give_up_s, free_at)
+                    if first.deadline_s is not None:
+                        wait_until = min(wait_until, first.deadline_s)
+                    wait_s = wait_until - self._clock()
                     if wait_s <= 0:
                         break
                     self._arrived.clear()
@@ -201,6 +217,7 @@ class Batcher:
                 if not batch:
                     return
             started = self._clock()
+            self._started[id(batch)] = started
             for item in batch:
                 item.queue_ns = int((started - item.enqueued_s) * 1e9)
                 self._stats.record_queue(item.queue_ns)
@@ -227,6 +244,9 @@ class Batcher:
                 return
             compute_ns = int((self._clock() - started) * 1e9)
             ran_s = context.compute_s.get()
+            one_s = ran_s if ran_s is not None else compute_ns / 1e9
+            average = self._compute_s
+            self._compute_s = one_s if average is None else 0.8 * average + 0.2 * one_s
             if ran_s is not None and ran_s * 1e9 < compute_ns:  # the rest: waiting for an instance
                 waited_ns = compute_ns - int(ran_s * 1e9)
                 compute_ns -= waited_ns
@@ -248,11 +268,24 @@ class Batcher:
                     item.future.set_result({n: a[start:end] for n, a in outputs.items()})
                 start = end
         finally:
+            self._started.pop(id(batch), None)
             self._release()
 
     def _release(self) -> None:
         self._busy -= 1
         self._freed.set()
+        self._arrived.set()  # a batch formed ahead stops waiting for more
+
+    def _instance_free_at(self) -> float | None:
+        """When the batch being formed could start, if every instance is busy until then
+        (estimated from the oldest running batch and the average execution), less a margin for
+        the hand-over; None when an instance is free now or nothing is known yet."""
+        capacity = max(1, self._capacity())
+        ahead = self._busy - 1  # this batch is counted already
+        if ahead < capacity or self._compute_s is None or not self._started:
+            return None
+        rounds = -(-ahead // capacity)
+        return min(self._started.values()) + self._compute_s * (rounds - 0.25)
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Stop taking requests, let queued and running ones finish, then stop the scheduler."""
