@@ -166,6 +166,32 @@ async def test_requests_spread_across_workers(cluster: Cluster) -> None:
     assert 'gateway_host_latency_estimate_seconds{host="w0",model="simple/1"}' in metrics
 
 
+async def wait_for_tier(cluster: Cluster, host: str, tier: str) -> dict[str, Any]:
+    for _ in range(50):  # probes every 0.2 s
+        model: dict[str, Any] = cluster.hosts()[host]["models"]["simple/1"]
+        if model["tier"] == tier:
+            return model
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{host}: simple/1 never became {tier}: {model}")
+
+
+async def test_host_table_shows_cold_start_tiers(cluster: Cluster) -> None:
+    for name in ["w0", "w1", "w2"]:
+        model = await wait_for_tier(cluster, name, "loaded")
+        assert model["cold_start_s"] == 0.0
+    worker = cluster.workers[0].url + "/v2/repository/models/simple"
+    status, _ = await admin(worker, "POST", "/unload", {})
+    assert status == 200
+    try:
+        model = await wait_for_tier(cluster, "w0", "cached")  # its directory lists it
+        assert model["ready"] is False and model["cold_start_s"] > 0
+    finally:
+        status, _ = await admin(worker, "POST", "/load", {})
+        assert status == 200
+    model = await wait_for_tier(cluster, "w0", "loaded")
+    assert model["ready"] is True
+
+
 async def test_slow_worker_gets_a_smaller_share(cluster: Cluster) -> None:
     cluster.proxy.delay_s = 0.03
     try:

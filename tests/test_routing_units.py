@@ -32,6 +32,7 @@ from gateway.routing import (
     check_host_table,
     make_policy,
 )
+from gateway.routing.tiers import CACHED, LOADED, ORIGIN, HostModel, parse_index, tier_for
 from gateway.settings import Settings, SettingsError
 from tests import models
 
@@ -630,3 +631,103 @@ async def test_dns_group_added_replaces_a_host_and_goes_as_a_whole() -> None:
     assert set(factory.router.targets) == {"other"} and factory.table()["dns_groups"] == []
     assert static.closed  # the host the group replaced, once drained
     await factory.close()
+
+
+# -- cold-start tiers -----------------------------------------------------------------------
+
+
+def test_index_answer_parses_into_tiers() -> None:
+    index = parse_index(
+        [
+            {"name": "a", "version": "1", "state": "READY", "reason": ""},
+            {"name": "b", "state": "UNAVAILABLE", "reason": "cached: 4096 bytes"},
+            {"name": "c", "state": "UNAVAILABLE", "reason": "not cached"},
+            {"name": "d", "state": "UNAVAILABLE", "reason": "fetching: 300/1000 bytes"},
+            {"name": "e", "state": "UNAVAILABLE", "reason": "not loaded"},  # a plain directory
+            {"name": "f", "version": "2", "state": "UNAVAILABLE", "reason": "unloaded"},
+            "junk",
+        ]
+    )
+    assert index is not None
+    assert tier_for(index, "a", 1) == HostModel(LOADED)
+    assert tier_for(index, "a", 2).tier == ORIGIN  # another version: not there
+    assert tier_for(index, "b", 1) == HostModel(CACHED, size_bytes=4096)
+    assert tier_for(index, "c", 1).tier == ORIGIN
+    fetching = tier_for(index, "d", 3)
+    assert fetching.tier == ORIGIN and fetching.left_bytes == 700
+    assert tier_for(index, "e", 1).tier == CACHED
+    assert tier_for(index, "f", 2).tier == CACHED
+    assert tier_for(index, "unlisted", 1).tier == ORIGIN
+    assert parse_index({"error": "no"}) is None
+
+
+def test_cold_cost_orders_loaded_cached_origin() -> None:
+    clock = ManualClock()
+    router = Router(
+        make_policy("latency"), clock=clock, default_load_s=2.0, default_bandwidth_bps=1e6
+    )
+    for name in ["loaded", "cached", "origin", "unknown"]:
+        router.add_target(name)
+    key = "m/1"
+    router.set_model_bytes(key, 10_000_000)  # 10 MB: 10 s at the default 1 MB/s
+    router.set_tier("loaded", key, HostModel(LOADED))
+    router.set_tier("cached", key, HostModel(CACHED, 10_000_000))
+    router.set_ready("cached", key, False, load_s=0.5)  # measured load there
+    router.set_tier("origin", key, HostModel(ORIGIN))
+    costs = {n: router.cold_cost(t, key) for n, t in router.targets.items()}
+    assert costs["loaded"] == (LOADED, 0.0)
+    assert costs["cached"] == (CACHED, 0.5)
+    assert costs["origin"] == (ORIGIN, pytest.approx(10.0 + 2.0))
+    assert costs["unknown"] == costs["origin"]  # unknown is priced as origin
+    assert router.targets["loaded"].ready[key]
+    # A measured bandwidth (a push of 5 MB in 1 s) makes the origin cheaper there.
+    router.observe_transfer("origin", 5_000_000, 1.0)
+    assert router.cold_cost(router.targets["origin"], key) == (ORIGIN, pytest.approx(2.0 + 2.0))
+    # So does a fetch in progress seen twice by the probe: bandwidth and what is left.
+    router.set_tier("unknown", key, HostModel(ORIGIN, 10_000_000, 2_000_000))
+    clock.advance(1.0)
+    router.set_tier("unknown", key, HostModel(ORIGIN, 10_000_000, 6_000_000))
+    assert router.targets["unknown"].bandwidth_bps == pytest.approx(4e6)
+    assert router.cold_cost(router.targets["unknown"], key) == (ORIGIN, pytest.approx(1.0 + 2.0))
+    models = {h["name"]: h["models"][key] for h in router.table()["hosts"]}
+    assert models["loaded"]["tier"] == "loaded" and models["loaded"]["cold_start_s"] == 0.0
+    assert models["cached"]["tier"] == "cached" and models["cached"]["cold_start_s"] == 0.5
+    assert models["unknown"]["fetch_left_bytes"] == 4_000_000
+    # Not ready after all (a 404 there): a stale "loaded" is priced as cached.
+    router.set_ready("loaded", key, False)
+    assert router.cold_cost(router.targets["loaded"], key) == (CACHED, 2.0)
+
+
+def test_cold_host_wins_only_when_the_warm_one_is_slower() -> None:
+    clock = ManualClock()
+    router = Router(
+        make_policy("latency", random.Random(3)),
+        clock=clock,
+        default_load_s=0.2,
+        default_bandwidth_bps=1e6,
+    )
+    key = "m/1"
+    router.set_model_bytes(key, 1_000_000)  # 1 s from the origin
+    for name in ["warm", "cached", "origin"]:
+        router.add_target(name, capacity=64)
+        router.targets[name].estimates[key] = est = LatencyEstimate(10.0, clock)
+        est.observe(1, 0.010)
+    router.set_ready("warm", key, True)
+    router.set_tier("cached", key, HostModel(CACHED))
+    router.set_tier("origin", key, HostModel(ORIGIN))
+
+    def pick(*names: str) -> str:
+        lease = router.try_acquire("m", key, 1, exclude=set(router.targets) - set(names))
+        assert lease is not None
+        lease.finish("neutral")
+        return lease.name
+
+    warm = router.targets["warm"]
+    assert all(pick("warm", "cached") == "warm" for _ in range(10))  # 10 ms beats 200 ms
+    warm.in_flight = 30  # busy: 31 x 10 ms = 310 ms > 10 ms + 200 ms load
+    assert all(pick("warm", "cached") == "cached" for _ in range(10))
+    assert all(pick("warm", "origin") == "warm" for _ in range(10))  # 1.2 s from the origin
+    warm.in_flight = 60  # 610 ms: the cached host wins, the origin one still does not
+    assert pick("warm", "cached") == "cached"
+    assert all(pick("warm", "origin") == "warm" for _ in range(10))
+    assert all(pick("cached", "origin") == "cached" for _ in range(10))

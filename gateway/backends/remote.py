@@ -39,6 +39,7 @@ from gateway.errors import (
 from gateway.protocol.types import datatype_of, numpy_dtype
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import ModelSource
+from gateway.routing.tiers import HostModel, parse_index
 
 __all__ = ["V2Host", "decode_response", "encode_request"]
 
@@ -166,6 +167,8 @@ class V2Host:
         self.keepalive_s = keepalive_s  # below the server's keep-alive, so it never closes first
         self._session: aiohttp.ClientSession | None = None
         self._pushed: set[str] = set()
+        # "model/version" -> bytes the last ``prepare`` pushed there (0: it was ready already)
+        self.pushed_bytes: dict[str, int] = {}
         self._closed = False
 
     @property
@@ -274,7 +277,24 @@ class V2Host:
     async def model_ready(self, model: str, version: int) -> bool:
         return await self._get_ok(f"/v2/models/{model}/versions/{version}/ready")
 
+    async def repository_index(self) -> dict[str, HostModel] | None:
+        """Where each model is on this host (``gateway.routing.tiers.parse_index`` of its
+        ``POST /v2/repository/index``); None when it does not answer one. Never raises."""
+        try:
+            async with asyncio.timeout(self.probe_timeout_s):
+                async with self._http().post(
+                    self.url + "/v2/repository/index", json={}
+                ) as response:
+                    payload = await response.read()
+                    if response.status != 200:
+                        return None
+            return parse_index(orjson.loads(payload))
+        except (TimeoutError, orjson.JSONDecodeError, *_CLIENT_ERRORS):
+            return None
+
     async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
+        key = f"{source.name}/{version}"
+        self.pushed_bytes[key] = 0
         if await self.model_ready(source.name, version):
             return
         if not self.push:
@@ -290,6 +310,7 @@ class V2Host:
             }
         )
         body = {"parameters": {"config": json.dumps(config.to_dict()), **files}}
+        size = sum(len(v) * 3 // 4 for v in files.values())  # the files' bytes, about
         url = f"{self.url}/v2/repository/models/{source.name}/load"
         try:
             async with asyncio.timeout(self.load_timeout_s):
@@ -301,6 +322,7 @@ class V2Host:
         if status != 200:
             raise ModelLoadError(f"host {self._name}: loading '{source.name}': {_message(payload)}")
         self._pushed.add(source.name)
+        self.pushed_bytes[key] = size
 
     async def release(self, model: str) -> None:
         if model not in self._pushed or self._closed:

@@ -16,6 +16,11 @@ Per batch, ``RoutedBackend.execute`` asks the router for a target (policy, healt
 caps, predictive admission against the deadline), runs there with the remaining deadline, and
 on ``HostUnreachable`` or a 503 tries once more on another target when the deadline and the
 retry budget allow.
+
+Cold starts are priced by tier (``gateway.routing.tiers``): each probe of a v2 host also asks
+its repository index (one call per host) where each loaded model version is there (``loaded``,
+``cached``, only at the ``origin``); a push measures the bandwidth to that host; the model's
+size is known at load. ``GET /admin/hosts`` shows the tier and its cost per host and model.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import random
 import socket
@@ -60,6 +66,7 @@ from gateway.routing import (
     make_policy,
 )
 from gateway.routing.hosts import LOCAL
+from gateway.routing.tiers import LOADED, HostModel, tier_for
 from gateway.settings import Settings, SettingsError
 
 __all__ = [
@@ -177,6 +184,15 @@ def configured_hosts(settings: Settings) -> tuple[list[HostEntry], list[DnsGroup
     if len(set(names)) != len(names) or LOCAL in names:
         raise SettingsError(f"host names must be unique and not '{LOCAL}', got {names}")
     return entries, groups
+
+
+def _model_bytes(source: ModelSource, config: ModelConfig) -> int:
+    """What moving the model from the origin transfers: its versions' files and config."""
+    size = len(json.dumps(config.to_dict()))
+    for path in source.version_paths.values():
+        with contextlib.suppress(OSError):
+            size += path.stat().st_size
+    return size
 
 
 class RoutedBackend:
@@ -336,6 +352,8 @@ class RoutedFactory:
         dns_groups: Sequence[DnsGroup] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        default_bandwidth_bps: float = 12.5e6,
+        default_load_s: float = 5.0,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -363,6 +381,8 @@ class RoutedFactory:
             budget=RetryBudget(settings.retry_budget_ratio),
             probe_interval_s=settings.host_probe_interval_s,
             max_wait_s=settings.host_wait_s,
+            default_bandwidth_bps=default_bandwidth_bps,
+            default_load_s=default_load_s,
         )
         self._hosts: dict[str, HostEntry] = {}
         self._draining: list[HostEntry] = []  # removed or replaced, batches still in flight
@@ -419,7 +439,18 @@ class RoutedFactory:
         started = self.clock()
         await host.prepare(source, version, config)
         if self._current(host):  # not a host removed or replaced meanwhile
-            self.router.set_ready(host.name, key, True, load_s=self.clock() - started)
+            self._record_load(host, key, self.clock() - started)
+
+    def _record_load(self, host: Host, key: str, elapsed_s: float) -> None:
+        """Ready after a prepare that took ``elapsed_s``: its load time, unless the host had it
+        ready already (nothing was loaded); a push also measures the bandwidth there."""
+        pushed = host.pushed_bytes.get(key) if isinstance(host, V2Host) else None
+        if pushed == 0:
+            self.router.set_ready(host.name, key, True)
+            return
+        if pushed:
+            self.router.observe_transfer(host.name, pushed, elapsed_s)
+        self.router.set_ready(host.name, key, True, load_s=elapsed_s)
 
     async def _prepare_loaded(
         self, entry: HostEntry, backends: Sequence[RoutedBackend]
@@ -446,7 +477,10 @@ class RoutedFactory:
         if entry.target is None or not self.router.is_current(entry.target):
             return
         for key, (ok, detail) in results.items():
-            self.router.set_ready(entry.host.name, key, ok, load_s=detail if ok else None)
+            if ok:
+                self._record_load(entry.host, key, float(detail))
+            else:
+                self.router.set_ready(entry.host.name, key, False)
             if not ok:
                 log.warning("host %s: %s not ready: %s", entry.host.name, key, detail)
 
@@ -499,7 +533,25 @@ class RoutedFactory:
         if not await entry.host.ready():
             return False
         target = self.router.targets.get(name)
-        if target is not None:
+        index = None
+        if target is not None and isinstance(entry.host, V2Host) and self._backends:
+            # One call for every model there; a slow answer must not fail the health probe.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.router.probe_timeout_s / 2):
+                    index = await entry.host.repository_index()
+        if target is not None and index is not None:
+            if self._current(entry.host):
+                for backend in list(self._backends):
+                    if target.allows(backend.config.name):
+                        model = tier_for(index, backend.source.name, backend.version)
+                        if model.tier != LOADED and target.ready.get(backend.key):
+                            # Gone? Ask the model itself before believing an index (rare).
+                            if await entry.host.model_ready(backend.source.name, backend.version):
+                                model = HostModel(LOADED)
+                            if not self._current(entry.host):
+                                return True
+                        self.router.set_tier(name, backend.key, model)
+        elif target is not None:
             for backend in list(self._backends):
                 if target.allows(backend.config.name) and not target.ready.get(backend.key):
                     ok = await entry.host.model_ready(backend.source.name, backend.version)
@@ -701,6 +753,7 @@ class RoutedFactory:
             )
         for failure in failures:
             log.warning("model %s version %s: %s", source.name, version, failure)
+        self.router.set_model_bytes(key, await asyncio.to_thread(_model_bytes, source, config))
         backend = RoutedBackend(self, source, version, config, local)
         self._backends.add(backend)
         return backend

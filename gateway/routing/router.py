@@ -6,6 +6,14 @@ is the caller's business (``gateway.backends.routed``). Per target it keeps in-f
 capacity, health (``OutlierDetector``) and per (target, model version) a ``LatencyEstimate`` and
 whether the model is ready there; the ``Policy`` picks among the eligible.
 
+Cold start is priced by tier (``gateway.routing.tiers``): a model version ``loaded`` on a target
+costs nothing extra, one ``cached`` there its measured load time (``load_s``, else
+``default_load_s``), one only at the ``origin`` (or unknown) ``bytes / bandwidth`` plus that load
+time, with the bytes from ``set_model_bytes`` (or what a fetch in progress has left) and the
+bandwidth measured per target (``observe_transfer``, an edge's fetch progress between probes),
+else ``default_bandwidth_bps``. The policy adds it to the expected completion, so a cold target
+wins only when that total still beats the warm ones.
+
 Membership changes at run time: a removed or replaced target leaves the pool at once (no new
 leases) and stays in ``draining`` until its leases in flight have finished; ``drained`` waits
 for that.
@@ -26,6 +34,7 @@ from gateway.routing.budget import RetryBudget
 from gateway.routing.estimators import Clock, LatencyEstimate
 from gateway.routing.health import OutlierDetector
 from gateway.routing.policies import Candidate, Policy
+from gateway.routing.tiers import CACHED, LOADED, ORIGIN, HostModel
 
 __all__ = ["FAILURE", "NEUTRAL", "SUCCESS", "Lease", "Router", "TargetState"]
 
@@ -47,6 +56,9 @@ class TargetState:
     estimates: dict[str, LatencyEstimate] = field(default_factory=dict)
     ready: dict[str, bool] = field(default_factory=dict)  # model key -> ready there
     load_s: dict[str, float] = field(default_factory=dict)  # measured load (prepare) time
+    tiers: dict[str, HostModel] = field(default_factory=dict)  # model key -> where it is there
+    bandwidth_bps: float | None = None  # measured bytes/s of moving a model there
+    fetch_seen: dict[str, tuple[float, int]] = field(default_factory=dict)  # key -> (t, bytes)
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -87,6 +99,7 @@ class Router:
         budget: RetryBudget | None = None,
         decay_s: float = 2.0,
         default_load_s: float = 5.0,
+        default_bandwidth_bps: float = 12.5e6,
         max_wait_s: float = 1.0,
         probe_interval_s: float = 2.0,
         probe_timeout_s: float = 1.0,
@@ -97,6 +110,10 @@ class Router:
         self.budget = budget or RetryBudget()
         self.decay_s = decay_s
         self.default_load_s = default_load_s
+        if default_bandwidth_bps <= 0:
+            raise ValueError("default_bandwidth_bps must be > 0")
+        self.default_bandwidth_bps = default_bandwidth_bps
+        self.model_bytes: dict[str, int] = {}  # model key -> bytes of its files (when known)
         self.max_wait_s = max_wait_s
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
@@ -165,9 +182,67 @@ class Router:
         if target is None:
             return
         target.ready[key] = ready
+        tier = target.tiers.get(key)
+        if ready:
+            target.tiers[key] = HostModel(LOADED)
+        elif tier is not None and tier.tier == LOADED:
+            target.tiers[key] = HostModel(CACHED)  # not there after all: at best its files are
         if load_s is not None:
             target.load_s[key] = load_s
         self._wake()
+
+    def set_model_bytes(self, key: str, size: int) -> None:
+        """The size of a model version's files: what moving it from the origin transfers."""
+        self.model_bytes[key] = max(0, int(size))
+
+    def observe_transfer(self, name: str, size: int, seconds: float) -> None:
+        """``size`` bytes reached target ``name`` in ``seconds``: a bandwidth sample."""
+        target = self.targets.get(name)
+        if target is None or size <= 0 or seconds <= 0:
+            return
+        sample = size / seconds
+        if target.bandwidth_bps is None:
+            target.bandwidth_bps = sample
+        else:
+            target.bandwidth_bps = 0.5 * target.bandwidth_bps + 0.5 * sample
+
+    def set_tier(self, name: str, key: str, model: HostModel) -> None:
+        """Where model version ``key`` is on target ``name`` (from its repository index); a
+        fetch in progress seen twice gives a bandwidth sample. Sets readiness to match."""
+        target = self.targets.get(name)
+        if target is None:
+            return
+        now = self.clock()
+        if model.fetched_bytes is not None:
+            seen = target.fetch_seen.get(key)
+            if seen is not None and model.fetched_bytes > seen[1] and now > seen[0]:
+                self.observe_transfer(name, model.fetched_bytes - seen[1], now - seen[0])
+            target.fetch_seen[key] = (now, model.fetched_bytes)
+        else:
+            target.fetch_seen.pop(key, None)
+        target.tiers[key] = model
+        if target.ready.get(key, False) != (model.tier == LOADED):
+            target.ready[key] = model.tier == LOADED
+            self._wake()
+
+    def bandwidth_bps(self, target: TargetState) -> float:
+        return target.bandwidth_bps or self.default_bandwidth_bps
+
+    def cold_cost(self, target: TargetState, key: str) -> tuple[str, float]:
+        """The cold-start tier of ``key`` on ``target`` and its cost in seconds."""
+        if target.ready.get(key, False):
+            return LOADED, 0.0
+        model = target.tiers.get(key)
+        tier = ORIGIN if model is None else model.tier
+        load_s = target.load_s.get(key, self.default_load_s)
+        if tier in (LOADED, CACHED):  # LOADED but not ready: stale, price it as cached
+            return CACHED, load_s
+        left = model.left_bytes if model is not None else None
+        if left is None:
+            left = self.model_bytes.get(key)
+        if left is None and model is not None:
+            left = model.size_bytes
+        return ORIGIN, (left or 0) / self.bandwidth_bps(target) + load_s
 
     # -- picking ----------------------------------------------------------------------------
 
@@ -193,8 +268,7 @@ class Router:
             if target.in_flight >= target.capacity:
                 continue
             estimate = self._estimate(target, key)
-            ready = target.ready.get(key, False)
-            cold_s = 0.0 if ready else target.load_s.get(key, self.default_load_s)
+            _, cold_s = self.cold_cost(target, key)
             out.append(
                 Candidate(
                     target.name,
@@ -339,6 +413,20 @@ class Router:
 
     # -- admin ------------------------------------------------------------------------------
 
+    def _model_row(self, target: TargetState, key: str) -> dict[str, Any]:
+        tier, cold_s = self.cold_cost(target, key)
+        model = target.tiers.get(key)
+        row: dict[str, Any] = {
+            "ready": target.ready.get(key, False),
+            "load_s": target.load_s.get(key),
+            "tier": tier,
+            "cold_start_s": round(cold_s, 6),
+        }
+        if model is not None and model.left_bytes is not None:
+            row["fetch_left_bytes"] = model.left_bytes
+        row.update(self._estimate(target, key).to_dict())
+        return row
+
     def table(self) -> dict[str, Any]:
         hosts = []
         for target in self.targets.values():
@@ -351,13 +439,10 @@ class Router:
                     "capacity": target.capacity,
                     "completed": target.completed,
                     "failed": target.failed,
+                    "bandwidth_bps": target.bandwidth_bps,
                     "models": {
-                        key: {
-                            "ready": target.ready.get(key, False),
-                            "load_s": target.load_s.get(key),
-                            **est.to_dict(),
-                        }
-                        for key, est in sorted(target.estimates.items())
+                        key: self._model_row(target, key)
+                        for key in sorted({*target.estimates, *target.ready, *target.tiers})
                     },
                 }
             )
