@@ -339,7 +339,11 @@ class GarbageHost:
                 self.infers += 1
                 self.served[mode] += 1
                 writer.write(self._garbage(mode, body, headers))
-            elif path.startswith("/v2/health/") or path.endswith("/ready"):
+            elif (
+                path.startswith("/v2/health/")
+                or path.endswith("/ready")
+                or path.startswith("/v2/repository/models/")  # a Triton push / unload: "done"
+            ):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             else:
                 error = b'{"error": "not here"}'
@@ -426,6 +430,38 @@ async def test_host_that_answers_garbage(
         assert hosts["garbage"]["completed"] == 0, hosts["garbage"]  # never taken as an answer
         assert hosts["good"]["state"] == "up"
         await still_healthy(front.url)
+    finally:
+        if front is not None:
+            front.stop()
+        garbage.stop()
+
+
+async def test_triton_host_that_answers_garbage(
+    workers: tuple[Path, Path, list[GatewayProcess]],
+) -> None:
+    """The same garbage from a ``kind = "triton"`` host (tritonclient's parser): each answer is a
+    clear 503, never a 500, a hang or a wrong result."""
+    repo, tmp, _ = workers
+    garbage = GarbageHost().start()
+    front: GatewayProcess | None = None
+    try:
+        config = tmp / "garbage-triton.toml"
+        config.write_text(
+            "host_probe_interval_s = 0.1\n"
+            f'[[hosts]]\nname = "t"\nkind = "triton"\nurl = "http://{garbage.address}"\n'
+        )
+        front = start_gateway(repo, tmp, "--config", str(config), env=QUIET)
+        tally = Tally("garbage Triton host")
+        async with aiohttp.ClientSession() as session:
+            while len(garbage.served) < len(GarbageHost.MODES) and tally.sent < 200:
+                await infer(session, front.url, "simple", SIMPLE_INPUTS, simple_ok, tally, 2.0)
+                await asyncio.sleep(0.02)
+        print(f"garbage served: {dict(garbage.served)}")
+        tally.check()
+        assert tally.ok == 0, tally  # no garbage passed for an answer
+        assert set(garbage.served) == set(GarbageHost.MODES), garbage.served
+        status, _ = get(f"{front.url}/v2/health/live")
+        assert status == 200
     finally:
         if front is not None:
             front.stop()

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gateway.errors import Unavailable
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import ModelSource
 
@@ -97,3 +98,23 @@ class Host(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Facts for metadata, the admin API and the repository index."""
+
+
+def check_answer(
+    host: str, config: ModelConfig, inputs: Tensors, outputs: Sequence[str], result: Tensors
+) -> None:
+    """A remote host's answer must hold every requested output, one row per input row when the
+    model batches (the batcher slices it per request); else it is the host's failure (503, may
+    be retried elsewhere), rather than handing callers missing or misaligned rows."""
+    missing = [name for name in outputs if result.get(name) is None]
+    if missing:
+        raise Unavailable(f"host {host} answered without output(s) {missing}", 1.0)
+    if config.batched and inputs:
+        rows = int(next(iter(inputs.values())).shape[0])
+        for name in outputs:
+            shape = result[name].shape
+            if not shape or shape[0] != rows:
+                raise Unavailable(
+                    f"host {host} answered {name} with shape {list(shape)} for {rows} row(s)", 1.0
+                )
+

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gateway import context
-from gateway.backends.base import Backend, BackendFactory, Host, Tensors
+from gateway.backends.base import Backend, BackendFactory, Host, Tensors, check_answer
 from gateway.backends.remote import V2Host
 from gateway.errors import (
     DeadlineExceeded,
@@ -283,7 +283,7 @@ class RoutedBackend:
                 result = await host.infer(
                     self._source.name, self._version, inputs, outputs, timeout_s
                 )
-                self._check_answer(lease.name, inputs, outputs, result)
+                check_answer(lease.name, self._config, inputs, outputs, result)
         except (HostUnreachable, ModelNotReady) as exc:
             if isinstance(exc, ModelNotReady):
                 self._factory.router.set_ready(lease.name, self.key, False)
@@ -306,25 +306,6 @@ class RoutedBackend:
             raise
         lease.finish(SUCCESS)
         return result
-
-    def _check_answer(
-        self, host: str, inputs: Tensors, outputs: Sequence[str], result: Tensors
-    ) -> None:
-        """A host's answer must hold every requested output, one row per input row when the
-        model batches (the batcher slices it per request); else it counts as the host's failure
-        and may be retried elsewhere, rather than handing callers missing or misaligned rows."""
-        missing = [name for name in outputs if name not in result]
-        if missing:
-            raise Unavailable(f"host {host} answered without output(s) {missing}", 1.0)
-        if self._config.batched:
-            rows = self._rows(inputs)
-            for name in outputs:
-                shape = result[name].shape
-                if not shape or shape[0] != rows:
-                    raise Unavailable(
-                        f"host {host} answered {name} with shape {list(shape)} for {rows} row(s)",
-                        1.0,
-                    )
 
     async def close(self) -> None:
         if self._local is not None:

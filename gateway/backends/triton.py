@@ -50,7 +50,7 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from gateway import context
-from gateway.backends.base import Tensors
+from gateway.backends.base import Tensors, check_answer
 from gateway.backends.triton_python_model import python_backend_config, python_backend_files
 from gateway.errors import (
     DeadlineExceeded,
@@ -382,7 +382,18 @@ class TritonHost:
             ) from None
         except _CONNECTION_ERRORS as exc:
             raise self._lost(exc) from None
-        return {name: result.as_numpy(name) for name in outputs}
+        except (aiohttp.ClientError, ValueError) as exc:  # not HTTP, or a body that lies
+            raise Unavailable(
+                f"Triton host {self._name} sent a malformed response: {type(exc).__name__}: {exc}",
+                retry_after_s=1.0,
+            ) from None
+        try:
+            return {name: result.as_numpy(name) for name in outputs}
+        except (ValueError, TypeError, KeyError) as exc:
+            raise Unavailable(
+                f"Triton host {self._name} sent malformed tensors: {type(exc).__name__}: {exc}",
+                retry_after_s=1.0,
+            ) from None
 
     async def ready(self) -> bool:
         return await self._probe_call("is_server_ready")
@@ -638,7 +649,9 @@ class TritonBackend:
             self._in_flight[host.name] += 1
             context.executed_on.set(host.name)
             try:
-                return await host.infer(name, self._version, inputs, outputs, timeout_s)
+                result = await host.infer(name, self._version, inputs, outputs, timeout_s)
+                check_answer(host.name, self._config, inputs, outputs, result)
+                return result
             except HostUnreachable as exc:
                 last = exc
             finally:
