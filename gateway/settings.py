@@ -95,6 +95,9 @@ class Settings:
     ejection_base_s: float = 2.0  # passive ejection: base_s * times ejected (capped at 30 s)
     max_ejected_fraction: float = 0.5  # never eject more than this share of hosts
     dns_refresh_s: float = 10.0
+    # Cold-start pricing until measured: a host's bandwidth from the origin, a model's load time.
+    host_bandwidth_bps: float = 12.5e6  # bytes/s (100 Mbit/s)
+    host_load_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.admin_port < 65536 or (self.admin_port and self.admin_port == self.port):
@@ -138,6 +141,8 @@ class Settings:
             raise SettingsError("host_max_inflight >= 1, host_wait_s >= 0, dns_refresh_s > 0")
         if not 0 <= self.retry_budget_ratio <= 1 or not 0 <= self.max_ejected_fraction <= 1:
             raise SettingsError("retry_budget_ratio and max_ejected_fraction must be in 0..1")
+        if self.host_bandwidth_bps <= 0 or self.host_load_s < 0:
+            raise SettingsError("host_bandwidth_bps must be > 0 and host_load_s >= 0")
         if self.ejection_base_s <= 0:
             raise SettingsError("ejection_base_s must be > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):

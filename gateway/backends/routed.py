@@ -333,8 +333,8 @@ class RoutedFactory:
         dns_groups: Sequence[DnsGroup] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
-        default_bandwidth_bps: float = 12.5e6,
-        default_load_s: float = 5.0,
+        default_bandwidth_bps: float | None = None,
+        default_load_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -362,8 +362,12 @@ class RoutedFactory:
             budget=RetryBudget(settings.retry_budget_ratio),
             probe_interval_s=settings.host_probe_interval_s,
             max_wait_s=settings.host_wait_s,
-            default_bandwidth_bps=default_bandwidth_bps,
-            default_load_s=default_load_s,
+            default_bandwidth_bps=(
+                settings.host_bandwidth_bps
+                if default_bandwidth_bps is None
+                else default_bandwidth_bps
+            ),
+            default_load_s=settings.host_load_s if default_load_s is None else default_load_s,
         )
         self._hosts: dict[str, HostEntry] = {}
         self._draining: list[HostEntry] = []  # removed or replaced, batches still in flight
