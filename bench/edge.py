@@ -16,8 +16,9 @@ What it does:
 3. measures, each from process spawn to the first successful prediction:
    ``local`` (a gateway on the repository directory itself: start + ONNX Runtime load, the
    baseline), ``cold`` (an edge with an empty cache), ``warm`` (the same edge restarted on its
-   cache), then three edges started together, without and with peer fill (each edge lists the
-   other two; the first gets its request first, the others 0.5 s later, and fill from the one
+   cache, ``--warm-runs`` times: the median is reported, every run listed), then three edges
+   started together, without and with peer fill (each edge lists the other two; the first gets
+   its request first, the others 0.5 s later, and fill from the one
    whose download from the origin is in flight);
 4. prints and writes ``bench/results/edge.md``: times, bytes that crossed the link, ratios against
    ``model bytes / link bandwidth + local`` and cold/warm.
@@ -240,6 +241,7 @@ def main() -> int:
     parser.add_argument("--model-mb", type=float, default=105.0)
     parser.add_argument("--mbit-s", type=float, default=100.0)
     parser.add_argument("--rtt-ms", type=float, default=50.0)
+    parser.add_argument("--warm-runs", type=int, default=3, help="warm restarts (median)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "edge.md"))
     args = parser.parse_args()
 
@@ -295,16 +297,29 @@ def main() -> int:
         rows.append(("cold edge (empty cache)", t_cold, cold_bytes / 1e6, "pull + verify + load"))
         print(f"cold: {t_cold:.2f} s, {cold_bytes / 1e6:.1f} MB over the link")
 
-        before = link.bytes_down
-        warm = edge("warm", tmp / "cache-a")
-        with running(warm):
-            t_warm = first_prediction(warm, body)
-            load_started = time.perf_counter()
-            _post(f"{warm.url}/v2/repository/models/big/load", b"{}")
-            t_warm_load = time.perf_counter() - load_started
-        warm_bytes = link.bytes_down - before
-        rows.append(("warm edge (restart on cache)", t_warm, warm_bytes / 1e6, "verify + load"))
-        print(f"warm: {t_warm:.2f} s, {warm_bytes / 1e6:.3f} MB; reload API {t_warm_load:.2f} s")
+        warm_times: list[float] = []
+        warm_bytes = 0
+        for i in range(max(1, args.warm_runs)):
+            before = link.bytes_down
+            warm = edge(f"warm{i}", tmp / "cache-a")
+            with running(warm):
+                warm_times.append(first_prediction(warm, body))
+                # the index check runs in the background: let it finish before counting bytes
+                deadline = time.perf_counter() + 5
+                while link.bytes_down == before and time.perf_counter() < deadline:
+                    time.sleep(0.02)
+                if i == 0:
+                    load_started = time.perf_counter()
+                    _post(f"{warm.url}/v2/repository/models/big/load", b"{}")
+                    t_warm_load = time.perf_counter() - load_started
+            warm_bytes = max(warm_bytes, link.bytes_down - before)
+        t_warm = sorted(warm_times)[len(warm_times) // 2]
+        warm_note = (
+            f"verify + load, index check in the background; median of {len(warm_times)} "
+            f"restarts: {', '.join(f'{t:.2f}' for t in warm_times)} s"
+        )
+        rows.append(("warm edge (restart on cache)", t_warm, warm_bytes / 1e6, warm_note))
+        print(f"warm: {warm_note}, {warm_bytes / 1e6:.3f} MB; reload API {t_warm_load:.2f} s")
 
         group: dict[str, tuple[list[float], float, float]] = {}
         for label, peer_fill in (
@@ -374,7 +389,15 @@ def main() -> int:
         f"warm model reload through the repository API (verify + load, no process start): "
         f"{t_warm_load:.2f} s",
         f"- origin bytes per cold edge = {cold_bytes / model_bytes:.3f} x model bytes, warm edge "
-        f"{warm_bytes} bytes (index check only): {'met' if per_edge_ok else 'NOT met'}",
+        f"{warm_bytes} bytes (index check only, the most of any warm restart): "
+        f"{'met' if per_edge_ok else 'NOT met'}",
+        "",
+        "A warm edge loads its cached models from the index and manifests saved in its cache "
+        "(every file checked against its sha256; by inode/size/mtime/ctime, re-hashed only when "
+        "those changed) and revalidates the index with the origin in the background: the "
+        "conditional request over the slow link is not on the path to the first prediction. "
+        "What is left is process start (Python imports) and the ONNX Runtime session, as for "
+        "the local baseline.",
         "",
         "With 3 edges started together and no peers each pulls the whole model over the shared "
         "link. With peer fill the edges asked second wait for the first one's download from the "

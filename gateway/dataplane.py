@@ -141,6 +141,7 @@ class DataPlane:
         self.started = False
         self.draining = False
         self._pending: dict[str, asyncio.Future[None]] = {}  # loads started by a request
+        self._reloads: set[asyncio.Future[None]] = set()  # loads started by the repository
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -243,6 +244,16 @@ class DataPlane:
         self._pending.pop(name, None)
         if not future.cancelled():
             future.exception()  # retrieved: every waiter may have given up
+
+    def reload_soon(self, name: str) -> None:
+        """Load ``name`` again in the background (an edge's origin changed it), unless it was
+        never loaded here or was unloaded; requests keep using the loaded version meanwhile."""
+        entry = self.models.get(name)
+        if entry is None or entry.reason == "unloaded" or self.draining:
+            return
+        future = asyncio.ensure_future(self._load_quietly(name))
+        self._reloads.add(future)
+        future.add_done_callback(self._reloads.discard)
 
     def prepare(self, name: str, version: str | None = None) -> None:
         """``resolve`` as an early check (before a body is read), except that a model the

@@ -67,6 +67,7 @@ async def test_static_origin_first_fetch_then_restart_only_checks_index(
         again = edge(static.url, tmp_path)  # a restarted replica on the same cache
         assert await again.startup_names() == ["simple"]
         await again.fetch("simple")
+        await again.revalidated()  # in the background: the load did not wait for it
         assert static.requests == ["/models.json"]  # If-Modified-Since: 304, nothing else
         assert again.stats()["misses"] == 0 and again.stats()["hits"] >= 2
         await again.close()
@@ -166,6 +167,7 @@ async def test_origin_down_serves_cached_and_refuses_uncached(
     offline = edge(origin.url, tmp_path)
     await offline.fetch("simple")  # index and manifests come from the cache
     assert offline.source("simple").version_paths[1].is_file()
+    await offline.revalidated()
     assert offline.reachable is False
     started = time.monotonic()
     with pytest.raises(Unavailable, match="not cached and cannot be fetched"):
@@ -195,6 +197,57 @@ async def test_new_version_fetches_only_changed_files(fake: FakeOrigin, tmp_path
     shutil.rmtree(root / "simple/2")
     write_manifests(root)
     await repo.close()
+
+
+async def test_restart_loads_saved_index_then_revalidates_in_background(
+    fake: FakeOrigin, tmp_path: Path
+) -> None:
+    root = fake.root
+    repo = edge(fake.url, tmp_path)
+    await repo.fetch("simple")
+    await repo.close()
+    shutil.copytree(root / "simple/1", root / "simple/2")  # published while the edge was down
+    write_manifests(root)
+    try:
+        # An origin that never answers: a restart still loads what it has cached at once.
+        with socket.socket() as hanging:
+            hanging.bind(("127.0.0.1", 0))
+            hanging.listen(8)
+            stuck = edge(f"http://127.0.0.1:{hanging.getsockname()[1]}", tmp_path)
+            started = time.monotonic()
+            assert await stuck.startup_names() == ["simple"]
+            await stuck.fetch("simple")  # from the saved index: verified, nothing downloaded
+            assert time.monotonic() - started < 2
+            assert stuck.reachable is None  # the revalidation is still waiting
+            assert sorted(stuck.source("simple").version_paths) == [1]
+            assert stuck.stats()["misses"] == 0
+            await stuck.close()
+
+        fake.requests.clear()
+        again = edge(fake.url, tmp_path)
+        changed: list[str] = []
+        again.on_change = changed.append
+        assert await again.startup_names() == ["simple"]
+        await again.fetch("simple")
+        await again.revalidated()
+        assert changed == ["simple"]  # the data plane's reload_soon
+        assert [p for p, _ in fake.requests] == ["models.json"]
+        await again.fetch("simple")  # the reload: the fresh index, only new files fetched
+        assert sorted(again.source("simple").version_paths) == [2]
+        assert not fake.paths("model.onnx")
+        await again.close()
+
+        # Unchanged at the origin: revalidated (a 304), nothing to reload.
+        third = edge(fake.url, tmp_path)
+        third.on_change = changed.append
+        await third.fetch("simple")
+        await third.revalidated()
+        assert changed == ["simple"] and third.reachable is True
+        assert sorted(third.source("simple").version_paths) == [2]
+        await third.close()
+    finally:
+        shutil.rmtree(root / "simple/2")
+        write_manifests(root)
 
 
 async def test_file_origin(origin_repo: Path, tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.repository.edge import EdgeRepository
+from gateway.repository.manifest import write_manifests
 from gateway.settings import Settings
 from tests.conftest import GatewayProcess, start_gateway
 from tests.edge_origins import SIMPLE_INPUTS, FakeOrigin, build_repo
@@ -93,7 +96,10 @@ async def test_cold_requests_share_one_download_then_restart_uses_cache(
         status, _, _ = _get(f"{gw.url}/v2/models/simple/ready")
         assert status == 200
         assert _infer(gw)[0] == 200
-        assert [p for p, _ in fake.requests] == ["models.json"]  # the ETag check, a 304
+        deadline = time.monotonic() + 10  # the ETag check (a 304) runs in the background
+        while not fake.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [p for p, _ in fake.requests] == ["models.json"]
     finally:
         gw.stop()
 
@@ -115,6 +121,49 @@ def test_origin_down_cached_serve_uncached_503(
         assert "not cached and cannot be fetched" in str(body["error"])
         status = _get(f"{gw.url}/v2/health/ready")[0]
         assert status == 200
+    finally:
+        gw.stop()
+
+
+def test_warm_restart_revalidates_in_background_and_serves_with_origin_down(
+    tmp_path: Path,
+) -> None:
+    root = build_repo(tmp_path / "origin")
+    origin = FakeOrigin(root).start()
+    cache = tmp_path / "cache"
+    try:
+        gw = _edge(origin.url, cache, tmp_path)
+        try:
+            assert _infer(gw)[0] == 200
+        finally:
+            gw.stop()
+        shutil.copytree(root / "simple/1", root / "simple/2")  # a new version while down
+        write_manifests(root)
+        origin.requests.clear()
+
+        gw = _edge(origin.url, cache, tmp_path)  # loads version 1 from the cache at once
+        try:
+            assert _infer(gw)[0] == 200  # the old version until the new one is loaded
+            deadline = time.monotonic() + 30
+            versions: list[str] = []
+            while versions != ["2"] and time.monotonic() < deadline:
+                status, body, _ = _get(f"{gw.url}/v2/models/simple")
+                versions = json.loads(body).get("versions", []) if status == 200 else []
+                time.sleep(0.05)
+            assert versions == ["2"], gw.log()
+            status, result = _infer(gw)
+            assert status == 200 and result["model_version"] == "2"
+            assert not origin.paths("model.onnx")  # same content: nothing downloaded again
+        finally:
+            gw.stop()
+    finally:
+        origin.stop()
+
+    gw = _edge(origin.url, cache, tmp_path)  # the origin is down now: serve from the cache
+    try:
+        status, result = _infer(gw)
+        assert status == 200 and result["model_version"] == "2", gw.log()
+        assert _get(f"{gw.url}/v2/health/ready")[0] == 200
     finally:
         gw.stop()
 

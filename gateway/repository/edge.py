@@ -6,15 +6,22 @@ index, fetches what the chosen versions need into the blob cache (peers first, t
 origin), and materialises ``models/<name>``; :meth:`source` is then the local one.
 
 The origin is asked for its index at most every ``INDEX_TTL_S`` and with a validator (ETag or
-Last-Modified), so a restarted edge costs the origin one small, usually 304, request. When the
-origin cannot be reached the index and manifests saved in the cache are used: cached models
-keep loading, uncached ones fail with :class:`~gateway.errors.Unavailable` (503).
+Last-Modified), so a restarted edge costs the origin one small, usually 304, request. A
+restarted edge does not wait for that answer (stale-while-revalidate): a model whose files are
+all in the cache loads at once from the index and manifests saved there (each file still
+verified against its sha256), while the index is revalidated in the background; when the
+origin's index turns out to have changed such a model, ``on_change`` (the data plane's
+``reload_soon``) loads it again from the fresh index. When the origin cannot be reached, cached
+models keep loading and serving, the revalidation is retried with a backoff, and uncached
+models fail with :class:`~gateway.errors.Unavailable` (503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import time
@@ -57,6 +64,7 @@ log = logging.getLogger(__name__)
 INDEX_TTL_S = 2.0
 FETCH_CONCURRENCY = 4
 PEER_WAIT_S = 300.0
+REVALIDATE_RETRY_S = (1.0, 60.0)  # first and longest wait between retries while unreachable
 
 
 def default_cache_dir(model_repo: str) -> Path:
@@ -87,6 +95,9 @@ class EdgeRepository(LocalRepository):
         ]
         self.pinned = set(settings.prefetch)
         self.in_use: Callable[[str], bool] = lambda name: False
+        # called with a model's name when the revalidated index changed a model that was
+        # fetched from the saved index (the data plane's ``reload_soon``)
+        self.on_change: Callable[[str], None] = lambda name: None
         self.clock = clock
         self.reachable: bool | None = None  # None: not asked yet
         self.origin_error = ""
@@ -94,6 +105,10 @@ class EdgeRepository(LocalRepository):
         self._validator: str | None = None
         self._checked_at = -1e18
         self._index_task: asyncio.Future[None] | None = None
+        self._answered = False  # the origin has answered an index request in this process
+        self._revalidation: asyncio.Future[None] | None = None
+        self._revalidation_tried = asyncio.Event()  # its first attempt is over
+        self._stale_used: dict[str, ModelIndex] = {}  # fetched from the saved, unchecked index
         self._fetching: dict[str, asyncio.Future[None]] = {}
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (done, total) bytes
         self._load_index()
@@ -143,12 +158,55 @@ class EdgeRepository(LocalRepository):
             raise ModelLoadError(f"{exc.message} (publish it with `gateway manifest`)") from None
         self.reachable, self.origin_error = True, ""
         self._checked_at = self.clock()
+        self._answered = True
+        stale, self._stale_used = self._stale_used, {}
         if raw is None:
-            return
+            return  # unchanged: what was loaded from the saved index is current
         self._index = parse_index(raw, f"{self.url}/models.json")
         write_atomic(self.cache.root / "index.json", raw)
         write_atomic(self.cache.root / "index.validator", (validator or "").encode())
         self._validator = validator
+        for name, used in sorted(stale.items()):
+            if self._index.get(name) != used:
+                log.info("model %s changed at the origin; loading it again", name)
+                self.on_change(name)
+
+    def _revalidate_soon(self) -> None:
+        """Ask the origin for its index in the background, retrying while it is unreachable."""
+        if self._revalidation is None or self._revalidation.done():
+            self._revalidation = asyncio.ensure_future(self._revalidate())
+
+    async def _revalidate(self) -> None:
+        delay, longest = REVALIDATE_RETRY_S
+        if isinstance(self.origin, HttpOrigin):
+            # aiohttp takes ~0.1 s to import: not on the event loop while models load
+            await asyncio.to_thread(importlib.import_module, "aiohttp")
+        while True:
+            try:
+                await self.refresh_index(force=True)
+            except GatewayError as exc:
+                log.warning("repository index: %s", exc.message)
+            self._revalidation_tried.set()
+            if self._answered:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
+
+    async def revalidated(self) -> None:
+        """Wait for the first attempt of the background revalidation, if one was started
+        (answered, changed models handed to ``on_change``, or the origin found unreachable)."""
+        if self._revalidation is not None:
+            await self._revalidation_tried.wait()
+
+    def _saved_index(self, name: str) -> dict[str, ModelIndex] | None:
+        """The index saved in the cache, when ``name`` can be served from the cache before the
+        origin has answered in this process (and the revalidation is then started)."""
+        if self._answered or self._index is None or name not in self._index:
+            return None
+        if not self.cache.cached(name):
+            return None
+        self._revalidate_soon()
+        return self._index
 
     # -- LocalRepository interface ----------------------------------------------------------
 
@@ -156,12 +214,19 @@ class EdgeRepository(LocalRepository):
         return sorted(set(self._index or {}) | set(self.cache.models))
 
     async def startup_names(self) -> list[str]:
-        """Models to load at start: the pinned (prefetch) ones and those already cached."""
-        try:
-            index = await self.refresh_index()
-        except GatewayError as exc:
-            log.warning("repository index: %s", exc.message)
-            index = {}
+        """Models to load at start: the pinned (prefetch) ones and those already cached.
+
+        With an index saved in the cache this does not wait for the origin: the index is
+        revalidated in the background while cached models load."""
+        if self._index is not None and not self._answered:
+            self._revalidate_soon()
+            index = self._index
+        else:
+            try:
+                index = await self.refresh_index()
+            except GatewayError as exc:
+                log.warning("repository index: %s", exc.message)
+                index = {}
         cached = [n for n in self.cache.models if self.cache.cached(n) and n in index]
         return sorted(self.pinned | set(cached))
 
@@ -199,7 +264,7 @@ class EdgeRepository(LocalRepository):
 
     async def pull(self, name: str, progress: Progress | None = None) -> None:
         """``gateway pull``: fetch without loading, reporting bytes as they arrive."""
-        await self._fetch(check_model_name(name), progress)
+        await self._fetch(check_model_name(name), progress, latest=True)
 
     def source(self, name: str, config: ModelConfig | None = None) -> ModelSource:
         self.cache.touch(name)
@@ -224,13 +289,15 @@ class EdgeRepository(LocalRepository):
         }
 
     def attach(self, dataplane: Any) -> None:
-        """Wire to the data plane: loaded models are never evicted; counters go to /metrics."""
+        """Wire to the data plane: loaded models are never evicted, models changed at the origin
+        after a restart are loaded again, counters go to /metrics."""
 
         def in_use(name: str) -> bool:
             entry = dataplane.models.get(name)
             return entry is not None and bool(entry.versions)
 
         self.in_use = in_use
+        self.on_change = dataplane.reload_soon
         dataplane.metrics.add_source(self.metric_families)
 
     def metric_families(self) -> list[Any]:
@@ -268,6 +335,10 @@ class EdgeRepository(LocalRepository):
         return families
 
     async def close(self) -> None:
+        if self._revalidation is not None and not self._revalidation.done():
+            self._revalidation.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._revalidation
         await self.origin.close()
         for peer in self.peers:
             await peer.close()
@@ -288,9 +359,9 @@ class EdgeRepository(LocalRepository):
         except OriginMissing as exc:
             raise ModelLoadError(f"origin {self.url} lists {relpath} but has not: {exc}") from None
 
-    async def _fetch(self, name: str, progress: Progress | None) -> None:
+    async def _fetch(self, name: str, progress: Progress | None, latest: bool = False) -> None:
         try:
-            await self._fetch_files(name, progress)
+            await self._fetch_files(name, progress, latest)
         except CacheWriteError as exc:
             raise CacheWriteError(
                 f"model '{name}' cannot be cached: {exc.message}", exc.retry_after_s
@@ -304,8 +375,25 @@ class EdgeRepository(LocalRepository):
                 retry_after_s=5.0,
             ) from None
 
-    async def _fetch_files(self, name: str, progress: Progress | None) -> None:
-        index = await self.refresh_index()
+    async def _fetch_files(self, name: str, progress: Progress | None, latest: bool) -> None:
+        saved = None if latest else self._saved_index(name)
+        if saved is not None:
+            # A restart: serve what the cache holds now; the revalidation reloads on change.
+            self._stale_used[name] = saved[name]
+            if await self._fetch_from(name, saved, progress, cached_only=True):
+                return
+            self._stale_used.pop(name, None)  # not all cached after all: ask the origin now
+        await self._fetch_from(name, await self.refresh_index(), progress, cached_only=False)
+
+    async def _fetch_from(
+        self,
+        name: str,
+        index: dict[str, ModelIndex],
+        progress: Progress | None,
+        cached_only: bool,
+    ) -> bool:
+        """Fetch ``name`` as ``index`` describes it; with ``cached_only``, only when every file
+        it needs is in the cache already (else False, nothing done)."""
         entry = index.get(name)
         if entry is None:
             raise ModelNotFound(f"model '{name}' is not in the repository at {self.url}")
@@ -313,6 +401,8 @@ class EdgeRepository(LocalRepository):
         config = ModelConfig(name=name)
         if "config.pbtxt" in files:
             spec = files["config.pbtxt"]
+            if cached_only and self.cache.complete(spec.sha256) is None:
+                return False
             path = await self._blob(spec.sha256, spec.size, f"{name}/config.pbtxt")
             text = await asyncio.to_thread(path.read_text)
             config = parse_pbtxt(text, f"{self.url}/{name}/config.pbtxt", name)
@@ -326,6 +416,8 @@ class EdgeRepository(LocalRepository):
         for version in chosen:
             sha = entry.versions[version]
             relpath = f"{name}/{version}/{MANIFEST_NAME}"
+            if cached_only and self.cache.complete(sha) is None:
+                return False
             raw = (await self._blob(sha, None, relpath)).read_bytes()
             manifest = parse_manifest(raw, f"{self.url}/{relpath}")
             blobs[sha] = len(raw)
@@ -334,6 +426,8 @@ class EdgeRepository(LocalRepository):
         blobs.update({f.sha256: f.size for f in files.values()})
         total = sum(f.size for f in {f.sha256: f for f in files.values()}.values())
         missing = {f.sha256: f for f in files.values() if self.cache.complete(f.sha256) is None}
+        if cached_only and missing:
+            return False
         needed = sum(f.size for f in missing.values())
         self._progress[name] = (0, total)
         done = 0
@@ -373,6 +467,7 @@ class EdgeRepository(LocalRepository):
                 needed,
                 time.perf_counter() - started,
             )
+        return True
 
 
 __all__ = ["EdgeRepository", "default_cache_dir"]
