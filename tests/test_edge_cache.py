@@ -281,7 +281,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except OSError:
                 time.sleep(0.1)
         else:
-            pytest.skip(f"moto server did not start: {log.read_text()[-500:]}")
+            pytest.skip(reason=f"moto server did not start: {log.read_text()[-500:]}")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from gateway.errors import Unavailable
+from gateway.errors import DeadlineExceeded, GatewayError, HostUnreachable, Unavailable
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import ModelSource
 
@@ -117,4 +117,24 @@ def check_answer(
                 raise Unavailable(
                     f"host {host} answered {name} with shape {list(shape)} for {rows} row(s)", 1.0
                 )
+
+
+def check_dispatch(host: str, closed: bool, timeout_s: float | None) -> None:
+    """Before a call to a remote host: not to a closed client, not with no time left."""
+    if closed:
+        raise HostUnreachable(f"{host} is closed")
+    if timeout_s is not None and timeout_s <= 0:
+        raise DeadlineExceeded(f"request timeout expired before reaching {host}")
+
+
+def timed_out(
+    host: str, timeout_s: float | None, default_s: float, retry_after_s: float
+) -> GatewayError:
+    """A host call that ran out of time: the caller's deadline passed (504), or the host did not
+    answer within the gateway's own limit (unreachable: another host may be tried)."""
+    if timeout_s is not None:
+        return DeadlineExceeded(f"request timed out after {timeout_s:.3f} s on {host}")
+    return HostUnreachable(
+        f"{host} did not answer within {default_s:.1f} s", retry_after_s=retry_after_s
+    )
 

@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 
 from gateway import context
-from gateway.backends.base import Tensors
+from gateway.backends.base import Tensors, check_dispatch, timed_out
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -207,10 +207,7 @@ class V2Host:
         outputs: Sequence[str],
         timeout_s: float | None = None,
     ) -> Tensors:
-        if self._closed:
-            raise HostUnreachable(f"host {self._name} is closed")
-        if timeout_s is not None and timeout_s <= 0:
-            raise DeadlineExceeded(f"request timeout expired before reaching {self._name}")
+        check_dispatch(f"host {self._name}", self._closed, timeout_s)
         body, head_length = encode_request(inputs, outputs, timeout_s)
         headers = {
             HEADER_LENGTH: str(head_length),
@@ -229,14 +226,7 @@ class V2Host:
                     length = response.headers.get(HEADER_LENGTH)
                     retry_after = response.headers.get("Retry-After")
         except TimeoutError:
-            if timeout_s is not None:
-                raise DeadlineExceeded(
-                    f"request timed out after {timeout_s:.3f} s on host {self._name}"
-                ) from None
-            raise HostUnreachable(
-                f"host {self._name} did not answer within {self.timeout_s:.1f} s",
-                retry_after_s=1.0,
-            ) from None
+            raise timed_out(f"host {self._name}", timeout_s, self.timeout_s, 1.0) from None
         except _CLIENT_ERRORS as exc:
             raise self._lost(exc) from None
         if status == 200:

@@ -50,7 +50,7 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from gateway import context
-from gateway.backends.base import Tensors, check_answer
+from gateway.backends.base import Tensors, check_answer, check_dispatch, timed_out
 from gateway.backends.triton_python_model import python_backend_config, python_backend_files
 from gateway.errors import (
     DeadlineExceeded,
@@ -351,10 +351,7 @@ class TritonHost:
         outputs: Sequence[str],
         timeout_s: float | None = None,
     ) -> Tensors:
-        if self._closed:
-            raise HostUnreachable(f"Triton host {self._name} is closed")
-        if timeout_s is not None and timeout_s <= 0:
-            raise DeadlineExceeded(f"request timeout expired before reaching {self._name}")
+        check_dispatch(f"Triton host {self._name}", self._closed, timeout_s)
         request, wanted = self._transport.tensors(inputs, outputs)
         request_id = context.upstream_request_id()
         try:
@@ -372,13 +369,8 @@ class TritonHost:
         except InferenceServerException as exc:
             raise self._error(exc, model) from None
         except TimeoutError:
-            if timeout_s is not None:
-                raise DeadlineExceeded(
-                    f"request timed out after {timeout_s:.3f} s on Triton host {self._name}"
-                ) from None
-            raise HostUnreachable(
-                f"Triton host {self._name} did not answer within {self.timeout_s:.1f} s",
-                retry_after_s=self.probe_interval_s,
+            raise timed_out(
+                f"Triton host {self._name}", timeout_s, self.timeout_s, self.probe_interval_s
             ) from None
         except _CONNECTION_ERRORS as exc:
             raise self._lost(exc) from None
