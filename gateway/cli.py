@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -72,6 +73,16 @@ def _fastest(*names: str) -> str:
     return names[-1]
 
 
+def _http_protocol(header_timeout_s: float) -> Any:
+    """httptools with a header read timeout; h11 (no such timeout) when httptools is missing."""
+    if _fastest("httptools", "h11") == "h11":
+        logging.getLogger(__name__).warning("httptools is not installed: no header read timeout")
+        return "h11"
+    from gateway.server.connections import with_header_timeout
+
+    return with_header_timeout(header_timeout_s)
+
+
 def serve(settings: Settings) -> None:
     import threading
     import types
@@ -101,7 +112,7 @@ def serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         loop=_fastest("uvloop", "asyncio"),
-        http=_fastest("httptools", "h11"),
+        http=_http_protocol(settings.header_timeout_s),
         log_level=settings.log_level.lower(),
         log_config=None,
         access_log=False,

@@ -72,6 +72,7 @@ class Settings:
     max_connections: int = 0  # concurrent connections + requests before 503; 0: unlimited
     keepalive_timeout_s: float = 5.0
     body_timeout_s: float = 30.0  # a client must deliver its whole body within this
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within this
     tls_certfile: str = ""  # with tls_keyfile: serve HTTPS
     tls_keyfile: str = ""
     # Observability.
@@ -149,6 +150,8 @@ class Settings:
             raise SettingsError(f"log_level {self.log_level!r} is not a logging level")
         if not 0 <= self.batch_pipeline <= 16:
             raise SettingsError(f"batch_pipeline must be in 0..16, got {self.batch_pipeline}")
+        if self.header_timeout_s <= 0:
+            raise SettingsError("header_timeout_s must be > 0")
         if self.cache_size_bytes < 1:
             raise SettingsError("cache_size_bytes must be >= 1")
 

@@ -164,3 +164,43 @@ def test_grpc_needs_the_same_keys(tmp_path: Path) -> None:
     finally:
         client.close()
         gw.stop()
+
+
+def test_slow_or_silent_clients_get_408_on_headers(tmp_path: Path) -> None:
+    """Slowloris: a connection that sends nothing, or trickles its headers, is closed with a
+    408 once ``header_timeout_s`` has passed; others are served meanwhile."""
+    models.add_sub(tmp_path / "repo", "simple")
+    gw = start_gateway(tmp_path / "repo", tmp_path, env={"GATEWAY_HEADER_TIMEOUT_S": "1"})
+    silent = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    trickle = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    try:
+        started = time.monotonic()
+        trickle.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\n")
+        closed_at: float | None = None
+        answer = b""
+        for i in range(40):  # one header byte every 0.1 s: never complete within 1 s
+            try:
+                trickle.sendall(b"X-Slow-%d: 1\r\n" % i)
+            except OSError:
+                break
+            if i == 3:  # the gateway serves others meanwhile
+                assert raw(gw, "POST", "/v2/models/simple/infer", BODY)[0] == 200
+            time.sleep(0.1)
+            trickle.settimeout(0.01)
+            try:
+                chunk = trickle.recv(4096)
+            except TimeoutError:
+                continue
+            answer += chunk
+            if not chunk or b"408" in answer:
+                closed_at = time.monotonic() - started
+                break
+        assert closed_at is not None and closed_at < 3.0, (closed_at, answer)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        silent.settimeout(3.0)
+        assert silent.recv(4096).startswith(b"HTTP/1.1 408")  # never sent a byte
+        assert raw(gw, "POST", "/v2/models/simple/infer", BODY)[0] == 200
+    finally:
+        silent.close()
+        trickle.close()
+        gw.stop()
