@@ -48,6 +48,13 @@ def build_app(settings: Settings) -> Any:
     if edge is not None:
         edge.attach(dataplane)
         on_shutdown.append(edge.close)
+        if settings.forward_while_fetching:
+            from gateway.forwarding import Forwarder
+
+            forwarder = Forwarder(settings, edge)
+            dataplane.forwarder = forwarder
+            dataplane.metrics.add_source(forwarder.metric_families)
+            on_shutdown.append(forwarder.close)
     if not settings.grpc_port:
         return create_app(dataplane, on_shutdown=on_shutdown)
     from gateway.grpc import GrpcServer
@@ -170,6 +177,11 @@ def _edge_arguments(commands: Any, serve_cmd: argparse.ArgumentParser) -> None:
         )
         cmd.add_argument("--peers", help="comma-separated peer edge URLs, asked before the origin")
     serve_cmd.add_argument("--prefetch", help="comma-separated models to pull and load at start")
+    serve_cmd.add_argument(
+        "--forward-while-fetching",
+        help="comma-separated v2 base URLs ('origin': the origin node) to serve a model's "
+        "requests while it is fetched",
+    )
     manifest_cmd = commands.add_parser(
         "manifest", help="write manifest.json files and models.json for an origin"
     )

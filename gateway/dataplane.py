@@ -13,14 +13,14 @@ import posixpath
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from gateway import __version__
+from gateway import __version__, context
 from gateway.backends.base import Backend, BackendFactory, Tensors
 from gateway.batching import Batcher, BatchPolicy
 from gateway.errors import (
@@ -71,6 +71,19 @@ class ModelEntry:
     @property
     def latest(self) -> LoadedVersion:
         return self.versions[max(self.versions)]
+
+
+class Forwarder(Protocol):
+    """Runs a request elsewhere while its model is fetched (``gateway.forwarding``)."""
+
+    async def infer(
+        self,
+        model: str,
+        version: str | None,
+        inputs: Tensors,
+        outputs: Sequence[str],
+        timeout_s: float | None,
+    ) -> tuple[str, int, Tensors] | None: ...
 
 
 def failure_reason(exc: GatewayError) -> str:
@@ -142,6 +155,7 @@ class DataPlane:
         self.draining = False
         self._pending: dict[str, asyncio.Future[None]] = {}  # loads started by a request
         self._reloads: set[asyncio.Future[None]] = set()  # loads started by the repository
+        self.forwarder: Forwarder | None = None  # serves requests while a model is fetched
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -344,7 +358,10 @@ class DataPlane:
                         }
                     )
             else:
-                index.append({"name": name, "state": entry.state, "reason": entry.reason})
+                reason = entry.reason
+                if entry.state == LOADING and not reason:
+                    reason = self.repository.note(name)  # an edge: "fetching: x/y bytes"
+                index.append({"name": name, "state": entry.state, "reason": reason})
         return index
 
     # -- inference --------------------------------------------------------------------------
@@ -416,7 +433,20 @@ class DataPlane:
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """Validate, batch, execute, and cut this request's rows back out."""
-        lv = await self.ensure(name, version, request.timeout_us)
+        timeout_us = request.timeout_us
+        if self.forwarder is not None and (name in self._pending or self._wants_load(name)):
+            started = self.clock()
+            forwarded = await self._forward(self.forwarder, name, version, request)
+            if forwarded is not None:
+                return forwarded
+            if timeout_us:  # every target failed: wait for the local load in what is left
+                spent_us = int((self.clock() - started) * 1e6)
+                if spent_us >= timeout_us:
+                    raise DeadlineExceeded(
+                        f"model '{name}' is still being fetched; the request timeout expired"
+                    )
+                timeout_us -= spent_us
+        lv = await self.ensure(name, version, timeout_us)
         started = time.perf_counter_ns()
         try:
             inputs, rows = self._prepare(lv, request)
@@ -438,6 +468,36 @@ class DataPlane:
             result[out_name] = array
         return InferResponse(
             model_name=name, model_version=str(lv.version), outputs=result, id=request.id
+        )
+
+    async def _forward(
+        self, forwarder: Forwarder, name: str, version: str | None, request: InferRequest
+    ) -> InferResponse | None:
+        """Run ``request`` on another host while ``name`` loads here on first use."""
+        if self.draining:
+            return None
+        self._load_soon(name)  # the fetch goes on meanwhile
+        started = time.perf_counter_ns()
+        timeout_us = request.timeout_us
+        wanted = [o.name for o in request.outputs] if request.outputs else []
+        result = await forwarder.infer(
+            name, version, request.inputs, wanted, timeout_us / 1e6 if timeout_us else None
+        )
+        if result is None:
+            return None
+        target, served, outputs = result
+        missing = [n for n in wanted if n not in outputs]
+        if missing:
+            raise Unavailable(f"host {target} did not return output(s) {', '.join(missing)}")
+        rows = next(iter(request.inputs.values())).shape[:1] if request.inputs else ()
+        context.execution.set(
+            context.Execution(
+                int(rows[0]) if rows else 1, 0, time.perf_counter_ns() - started, target
+            )
+        )
+        chosen = {n: outputs[n] for n in wanted} if wanted else outputs
+        return InferResponse(
+            model_name=name, model_version=str(served), outputs=chosen, id=request.id
         )
 
     # -- repository -------------------------------------------------------------------------

@@ -33,6 +33,9 @@ class Settings:
     cache_size_bytes: int = 10 * 1024**3
     peers: tuple[str, ...] = ()  # other edges' base URLs, asked for blobs before the origin
     prefetch: tuple[str, ...] = ()  # pulled (and loaded) at start; never evicted
+    # v2 base URLs (``origin``: the origin, a gateway node) that serve a model's requests while
+    # this edge fetches it; empty: those requests wait for the fetch
+    forward_while_fetching: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 0  # 0: no gRPC front end

@@ -111,6 +111,7 @@ class EdgeRepository(LocalRepository):
         self._stale_used: dict[str, ModelIndex] = {}  # fetched from the saved, unchecked index
         self._fetching: dict[str, asyncio.Future[None]] = {}
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (done, total) bytes
+        self._versions: dict[str, int] = {}  # name -> newest version being fetched
         self._load_index()
 
     # -- the origin's index -----------------------------------------------------------------
@@ -246,6 +247,18 @@ class EdgeRepository(LocalRepository):
             return f"cached: {size} bytes"
         return "not cached"
 
+    def fetching_version(self, name: str) -> int | None:
+        """While ``name`` is not (fully) in the cache: the version a fetch would serve (the
+        newest one being fetched, else the newest in the index); None when it is cached (a load
+        from the cache is quick) or the index does not list it."""
+        if self.cache.cached(name):
+            return None
+        version = self._versions.get(name)
+        if version is not None:
+            return version
+        entry = (self._index or {}).get(name)
+        return max(entry.versions) if entry is not None and entry.versions else None
+
     async def fetch(self, name: str) -> None:
         """Bring ``models/<name>`` up to date with the origin (single-flight per model)."""
         check_model_name(name)
@@ -259,6 +272,7 @@ class EdgeRepository(LocalRepository):
     def _fetch_done(self, name: str, future: asyncio.Future[None]) -> None:
         self._fetching.pop(name, None)
         self._progress.pop(name, None)
+        self._versions.pop(name, None)
         if not future.cancelled():
             future.exception()
 
@@ -412,6 +426,8 @@ class EdgeRepository(LocalRepository):
                 f"model '{name}': no version at {self.url} matches the version policy "
                 f"(found {sorted(entry.versions) or 'none'})"
             )
+        if not cached_only:
+            self._versions[name] = max(chosen)
         blobs: dict[str, int] = {}
         for version in chosen:
             sha = entry.versions[version]
