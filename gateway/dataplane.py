@@ -97,6 +97,11 @@ def failure_reason(exc: GatewayError) -> str:
     return "OTHER"
 
 
+def _capacity_of(backend: Backend) -> Callable[[], int]:
+    """Asked by the batcher whenever a batch forms: a routed backend's grows with its hosts."""
+    return lambda: backend.instance_count
+
+
 def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchPolicy:
     db = config.dynamic_batching
     if not config.batched or db is None:
@@ -529,7 +534,7 @@ class DataPlane:
                             _policy(backend.config, backend, self.settings),
                             stats,
                             self.clock,
-                            capacity=lambda b=backend: b.instance_count,  # type: ignore[misc]
+                            capacity=_capacity_of(backend),
                         )
                         new[version] = LoadedVersion(
                             version, backend.config, backend, batcher, stats
