@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import context
 from gateway.dataplane import DataPlane
@@ -116,6 +118,32 @@ class _DisconnectWatch:
             self._task.uncancel()
             return True
         return False
+
+
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+class InferFastPath:
+    """``POST .../infer`` straight to its handler, past starlette's router and exception
+    middleware: the hot path. It sits inside the auth and admin-port middleware, so they still
+    apply; anything else (and any other path shape) goes through the router as before."""
+
+    def __init__(self, app: ASGIApp, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self.app = app
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                model, version = match.groups()
+                scope["path_params"] = (
+                    {"model": model} if version is None else {"model": model, "version": version}
+                )
+                response = await self.handler(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(
@@ -343,6 +371,7 @@ def create_app(
                 admin_keys=dataplane.settings.admin_keys,
             )
         )
+    middleware.append(Middleware(InferFastPath, handler=infer))  # innermost
     app = Starlette(
         routes=routes,
         middleware=middleware,
