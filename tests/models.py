@@ -23,6 +23,31 @@ def _save(model: onnx.ModelProto, repo: Path, name: str, version: int, config: s
     return path
 
 
+def graph_bytes(graph: onnx.GraphProto) -> bytes:
+    """A graph as a model file's bytes (for pushes through the repository API)."""
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = 8  # what onnxruntime 1.17+ and Triton's ORT backends all read
+    return bytes(model.SerializeToString())
+
+
+def simple_onnx() -> bytes:
+    """Triton's ``simple``: INT32 INPUT0, INPUT1 [-1, 16] -> OUTPUT0 = sum, OUTPUT1 = diff."""
+    shape = [None, 16]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        "simple",
+        [helper.make_tensor_value_info(n, TensorProto.INT32, shape) for n in ("INPUT0", "INPUT1")],
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT32, shape)
+            for n in ("OUTPUT0", "OUTPUT1")
+        ],
+    )
+    return graph_bytes(graph)
+
+
 def add_sub(
     repo: Path,
     name: str = "simple",

@@ -36,6 +36,7 @@ from gateway.errors import InvalidInput
 from gateway.grpc.codec import decode_infer_request, encode_infer_response, join_bytes
 from gateway.grpc.errors import status_of
 from gateway.protocol.types import InferResponse
+from tests.models import graph_bytes, simple_onnx
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 STARTUP_TIMEOUT_S = 60.0
@@ -64,30 +65,6 @@ dynamic_batching { }
 # -- models built at test time ------------------------------------------------------------
 
 
-def _model_bytes(graph: Any) -> bytes:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
-
-
-def simple_onnx() -> bytes:
-    """Triton's ``simple``: INT32 INPUT0, INPUT1 [-1, 16] -> OUTPUT0 = sum, OUTPUT1 = diff."""
-    shape = [None, 16]
-    graph = helper.make_graph(
-        [
-            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
-        ],
-        "simple",
-        [helper.make_tensor_value_info(n, TensorProto.INT32, shape) for n in ("INPUT0", "INPUT1")],
-        [
-            helper.make_tensor_value_info(n, TensorProto.INT32, shape)
-            for n in ("OUTPUT0", "OUTPUT1")
-        ],
-    )
-    return _model_bytes(graph)
-
-
 def echo_onnx() -> bytes:
     graph = helper.make_graph(
         [helper.make_node("Identity", ["TEXT"], ["TEXT_OUT"])],
@@ -95,7 +72,7 @@ def echo_onnx() -> bytes:
         [helper.make_tensor_value_info("TEXT", TensorProto.STRING, [None, 1])],
         [helper.make_tensor_value_info("TEXT_OUT", TensorProto.STRING, [None, 1])],
     )
-    return _model_bytes(graph)
+    return graph_bytes(graph)
 
 
 def _write_model(repo: Path, name: str, onnx_bytes: bytes, config: str) -> None:

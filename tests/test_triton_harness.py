@@ -32,6 +32,7 @@ from gateway.testing.tritonserver import (
     free_port,
     tritonserver_unavailable_reason,
 )
+from tests.models import graph_bytes, simple_onnx
 
 httpclient = pytest.importorskip("tritonclient.http")
 InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
@@ -81,30 +82,6 @@ def _client(server: TritonServer, timeout_s: float = NETWORK_TIMEOUT_S) -> Any:
 # -- models built at test time ------------------------------------------------------------
 
 
-def _model_bytes(graph: Any) -> bytes:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # what onnxruntime 1.17+ and Triton's ORT backends all read
-    return bytes(model.SerializeToString())
-
-
-def simple_onnx() -> bytes:
-    """Triton's ``simple``: INT32 INPUT0, INPUT1 [-1, 16] -> OUTPUT0 = sum, OUTPUT1 = diff."""
-    shape = [None, 16]
-    graph = helper.make_graph(
-        [
-            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
-        ],
-        "simple",
-        [helper.make_tensor_value_info(n, TensorProto.INT32, shape) for n in ("INPUT0", "INPUT1")],
-        [
-            helper.make_tensor_value_info(n, TensorProto.INT32, shape)
-            for n in ("OUTPUT0", "OUTPUT1")
-        ],
-    )
-    return _model_bytes(graph)
-
-
 def simple_config(name: str, *, dynamic_batching: bool = False) -> dict[str, Any]:
     io = {"data_type": "TYPE_INT32", "dims": [16]}
     config: dict[str, Any] = {
@@ -140,7 +117,7 @@ def dtypes_onnx() -> bytes:
         [helper.make_tensor_value_info(f"IN_{t}", o, [None, 3]) for t, o, *_ in DTYPE_CASES],
         [helper.make_tensor_value_info(f"OUT_{t}", o, [None, 3]) for t, o, *_ in DTYPE_CASES],
     )
-    return _model_bytes(graph)
+    return graph_bytes(graph)
 
 
 def dtypes_config(name: str) -> dict[str, Any]:
