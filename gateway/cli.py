@@ -98,7 +98,7 @@ def serve(settings: Settings) -> None:
 
     logs.configure(settings.log_level, settings.log_format)
     app = build_app(settings)
-    dataplane = app.state.dataplane
+    dataplane = app.dataplane
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM: turn not-ready and refuse new requests at once, keep serving what is in
@@ -123,6 +123,7 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level.lower(),
         log_config=None,
         access_log=False,
+        proxy_headers=False,  # nothing here reads the client address; it costs per request
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
         limit_concurrency=settings.max_connections or None,
         timeout_keep_alive=int(settings.keepalive_timeout_s),
@@ -132,8 +133,9 @@ def serve(settings: Settings) -> None:
     if not settings.admin_port:
         DrainingServer(config).run()
         return
-    # One server on two sockets; AdminPortMiddleware tells them apart by the local port.
-    admin = uvicorn.Config(app, host=settings.admin_host or settings.host, port=settings.admin_port)
+    # One server on two sockets; AdminPortGuard tells them apart by the local port.
+    admin_host = settings.admin_host or settings.host
+    admin = uvicorn.Config(app, host=admin_host, port=settings.admin_port, proxy_headers=False)
     DrainingServer(config).run(sockets=[config.bind_socket(), admin.bind_socket()])
 
 
@@ -219,8 +221,12 @@ def _pull(settings: Settings, names: Sequence[str]) -> int:
                     nonlocal done
                     done += delta
                     rate = done / max(time.monotonic() - started, 1e-6) / 1e6
-                    print(f"\r{name}: {done / 1e6:9.1f} MB  {rate:7.1f} MB/s", end="",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"\r{name}: {done / 1e6:9.1f} MB  {rate:7.1f} MB/s",
+                        end="",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
                 await edge.pull(name, advance)
                 print(f"\r{name}: {done / 1e6:9.1f} MB  done", file=sys.stderr)

@@ -50,4 +50,3 @@ def upstream_request_id() -> str:
         one = request_id.get()
         ids = (one,) if one else ()
     return ",".join(ids)[:256]
-

@@ -1,11 +1,23 @@
-"""Structured logging: JSON lines, one access-log line per inference request."""
+"""Structured logging: JSON lines, and one access-log line per inference request.
+
+The access log is the busiest log there is and it is written on the event loop, so it does not
+go through ``logging`` record by record. ``AccessLog`` turns each line into one ``orjson.dumps``
+and a list append, and writes the lines out together at most ``interval_s`` later (or once
+``max_lines`` pile up). Through ``logging`` every line cost a ``LogRecord``, a handler lock, a
+formatter and a write system call: about a quarter of the loop's CPU per request. The lines
+keep their own timestamps; only the write is late. The ``gateway.access`` logger's level still
+switches them off (above INFO), as does ``access_log = false``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -35,6 +47,60 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
+class AccessLog:
+    """Access-log lines, buffered and written in batches (see the module docstring)."""
+
+    def __init__(self, interval_s: float = 0.05, max_lines: int = 512) -> None:
+        self.interval_s = interval_s
+        self.max_lines = max_lines
+        self.stream: TextIO | None = None  # None: whatever sys.stderr is when writing
+        self.text = False  # the plain-text format of ``log_format = "text"``
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, fields: dict[str, Any]) -> None:
+        now = time.time()
+        if self.text:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+            line = f"{stamp},{int(now % 1 * 1000):03d} INFO gateway.access: infer {pairs}\n"
+        else:
+            head = {"ts": round(now, 6), "level": "info", "logger": access.name, "msg": "infer"}
+            line = orjson.dumps(head | fields, option=orjson.OPT_APPEND_NEWLINE).decode()
+        with self._lock:
+            self._lines.append(line)
+            full = len(self._lines) >= self.max_lines
+        if full:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on an event loop: nothing would flush later
+                self.flush()
+                return
+            self._timer = loop.call_later(self.interval_s, self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._lines = self._lines, []
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        if not lines:
+            return
+        stream = self.stream or sys.stderr
+        try:
+            stream.write("".join(lines))
+            stream.flush()
+        except (OSError, ValueError):  # stderr closed or full: drop them, as logging would
+            pass
+
+
+ACCESS = AccessLog()
+atexit.register(ACCESS.flush)
+
+
 def configure(level: str, fmt: str) -> None:
     """Root logging for ``gateway serve``."""
     handler = logging.StreamHandler(sys.stderr)
@@ -45,6 +111,8 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    ACCESS.stream = handler.stream
+    ACCESS.text = fmt != "json"
 
 
 def log_inference(
@@ -68,4 +136,4 @@ def log_inference(
             compute_ms=round(run.compute_ns / 1e6, 3),
             host=run.host or "local",
         )
-    access.info("infer", extra={"fields": fields})
+    ACCESS.write(fields)

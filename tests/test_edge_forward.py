@@ -165,11 +165,16 @@ def test_requests_forwarded_to_origin_while_fetching(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"{edge.url}/metrics", timeout=10) as r:
             metrics = r.read().decode()
         assert 'gateway_forwarded_requests_total{target="origin"} 1.0' in metrics
-        hosts = [
-            line.get("host")
-            for line in map(json.loads, (x for x in edge.log().splitlines() if x[:1] == "{"))
-            if line.get("logger") == "gateway.access"
-        ]
+        deadline = time.monotonic() + 5  # access-log lines are written in batches
+        while True:
+            hosts = [
+                line.get("host")
+                for line in map(json.loads, (x for x in edge.log().splitlines() if x[:1] == "{"))
+                if line.get("logger") == "gateway.access"
+            ]
+            if len(hosts) >= 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert hosts == ["origin", "local", "local", "local"], hosts
     finally:
         edge.stop()

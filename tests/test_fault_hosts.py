@@ -777,3 +777,38 @@ async def test_cache_disk_fills_up(
         if gateway is not None:
             await asyncio.to_thread(gateway.stop)
         origin.stop()
+
+
+def test_bug_in_the_hot_path_is_a_json_500_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that escapes the inference handler (here: the response encoder raising) answers that
+    one request with a JSON 500 and its request id; the next request is served as usual."""
+    import gateway.server.infer as hot
+    from gateway.settings import Settings
+
+    real = hot.encode_infer_response
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> tuple[bytes, int | None]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hot, "encode_infer_response", flaky)
+    settings = Settings(model_repo=str(ROOT / "model_repo"), port=free_port(), access_log=False)
+    gateway = InProcessGateway(settings).start()
+    try:
+        url = f"{gateway.url}/v2/models/simple/infer"
+        body = json.dumps(SIMPLE_INPUTS).encode()
+        request = urllib.request.Request(url, body, {"X-Request-ID": "bug-1"}, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(request, timeout=10)
+        assert failed.value.code == 500
+        assert failed.value.headers["X-Request-ID"] == "bug-1"
+        assert json.loads(failed.value.read()) == {"error": "internal error: RuntimeError"}
+        with urllib.request.urlopen(urllib.request.Request(url, body), timeout=10) as answer:
+            assert simple_ok(json.loads(answer.read()))
+    finally:
+        gateway.stop()

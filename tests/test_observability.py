@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import time
 
@@ -9,6 +11,7 @@ import numpy as np
 import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.logs import AccessLog
 from tests.conftest import GatewayProcess
 from tests.test_server import raw, simple_inputs
 
@@ -92,3 +95,36 @@ def test_access_log_is_json_with_request_id(gateway: GatewayProcess) -> None:
     assert entry["logger"] == "gateway.access" and entry["model"] == "simple"
     assert entry["status"] == 200 and entry["batch_size"] >= 1
     assert {"queue_ms", "compute_ms", "duration_ms", "host"} <= set(entry)
+
+
+def test_access_log_lines_are_written_in_batches() -> None:
+    """Lines wait (at most ``interval_s``) and go out together, in order; a full buffer goes out
+    at once; off an event loop each line is written straight away."""
+    stream = io.StringIO()
+    log = AccessLog(interval_s=0.05, max_lines=4)
+    log.stream = stream
+
+    async def burst() -> tuple[str, str]:
+        for i in range(3):
+            log.write({"request_id": f"r{i}", "status": 200})
+        before = stream.getvalue()
+        await asyncio.sleep(0.2)
+        return before, stream.getvalue()
+
+    before, after = asyncio.run(burst())
+    assert before == ""
+    lines = [json.loads(line) for line in after.splitlines()]
+    assert [line["request_id"] for line in lines] == ["r0", "r1", "r2"]
+    assert lines[0]["logger"] == "gateway.access" and lines[0]["msg"] == "infer"
+
+    async def flood() -> int:
+        for i in range(4):
+            log.write({"request_id": f"f{i}"})
+        return len(stream.getvalue().splitlines())
+
+    assert asyncio.run(flood()) == 3 + 4  # max_lines reached: written without waiting
+    log.text = True
+    log.write({"model": "simple", "status": 404})  # no running loop
+    assert stream.getvalue().splitlines()[-1].endswith(
+        "INFO gateway.access: infer model=simple status=404"
+    )

@@ -137,4 +137,3 @@ def timed_out(
     return HostUnreachable(
         f"{host} did not answer within {default_s:.1f} s", retry_after_s=retry_after_s
     )
-

@@ -324,7 +324,7 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second gateway on the port fails, not shares
-            ]
+            ],
         )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane), server

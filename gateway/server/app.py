@@ -1,13 +1,13 @@
-"""Starlette app factory: endpoints only translate HTTP <-> :class:`gateway.dataplane.DataPlane`."""
+"""The HTTP app: endpoints only translate HTTP <-> :class:`gateway.dataplane.DataPlane`.
+
+Inference goes through :class:`gateway.server.infer.HotPath`; every other route is starlette's.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
-import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -18,22 +18,19 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway import context
 from gateway.dataplane import DataPlane
-from gateway.errors import ClientTimeout, GatewayError, InvalidInput, PayloadTooLarge
-from gateway.logs import log_inference
+from gateway.errors import GatewayError, InvalidInput
+from gateway.logs import ACCESS
 from gateway.metrics import CONTENT_TYPE
-from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.routing.hosts import HostConflict, UnknownHost
-from gateway.server.auth import ADMIN_PREFIXES, AdminPortMiddleware, AuthMiddleware
+from gateway.server.auth import ADMIN_PREFIXES, AdminPortGuard, AuthGuard, Guard, GuardMiddleware
 from gateway.server.distribution import distribution_routes
-from gateway.server.errors import error_response, gateway_error_response, handle_gateway_error
+from gateway.server.errors import error_response, handle_gateway_error
+from gateway.server.infer import HotPath, read_body
 from gateway.server.openapi import OPENAPI
 from gateway.settings import SettingsError
 
-HEADER_LENGTH = "inference-header-content-length"
 NOT_ROUTED = (
     "hosts can be changed at run time only when the gateway routes across hosts "
     '(start it with at least one [[hosts]] table of kind = "v2")'
@@ -44,33 +41,8 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
-    """The whole body, refusing (before buffering) anything above ``limit`` bytes, and giving up
-    on clients that trickle it slower than ``timeout_s`` in total."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidInput("invalid Content-Length header")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            if declared is not None:
-                return await request.body()
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise ClientTimeout(f"request body not received within {timeout_s:g} s") from None
-    return b"".join(chunks)
-
-
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:
-    body = await read_body(request, limit, 30.0)
+    body = await read_body(request.receive, request.headers.get("content-length"), limit, 30.0)
     if not body.strip():
         return {}
     try:
@@ -82,83 +54,18 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
-class _DisconnectWatch:
-    """Cancels the handler's task if the client goes away, so it does not keep a batch slot.
-
-    One extra task per request waits on ``receive()``, which only returns once the body is read
-    when the client disconnects.
-    """
-
-    def __init__(self, request: Request) -> None:
-        self.gone = False
-        self._task = asyncio.current_task()
-        self._watcher: asyncio.Task[Any] = asyncio.get_running_loop().create_task(
-            self._receive(request)
-        )
-        self._watcher.add_done_callback(self._on_message)
-
-    @staticmethod
-    async def _receive(request: Request) -> Any:
-        return await request.receive()
-
-    def _on_message(self, done: asyncio.Task[Any]) -> None:
-        if done.cancelled() or done.exception() is not None:
-            return
-        if done.result().get("type") == "http.disconnect" and self._task is not None:
-            self.gone = True
-            self._task.cancel()
-
-    def close(self) -> None:
-        self._watcher.remove_done_callback(self._on_message)
-        self._watcher.cancel()
-
-    def absorb(self) -> bool:
-        """After a CancelledError: was it ours? If so, swallow it."""
-        if self.gone and self._task is not None:
-            self._task.uncancel()
-            return True
-        return False
-
-
-_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
-
-
-class InferFastPath:
-    """``POST .../infer`` straight to its handler, past starlette's router and exception
-    middleware: the hot path. It sits inside the auth and admin-port middleware, so they still
-    apply; anything else (and any other path shape) goes through the router as before."""
-
-    def __init__(self, app: ASGIApp, handler: Callable[[Request], Awaitable[Response]]) -> None:
-        self.app = app
-        self.handler = handler
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = _INFER_PATH.fullmatch(scope["path"])
-            if match is not None:
-                model, version = match.groups()
-                scope["path_params"] = (
-                    {"model": model} if version is None else {"model": model, "version": version}
-                )
-                response = await self.handler(Request(scope, receive, send))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(
     dataplane: DataPlane,
     on_startup: Sequence[Callable[[], Awaitable[None]]] = (),
     on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
-) -> Starlette:
+) -> HotPath:
     """The v2 REST surface over one data plane.
 
     ``on_startup`` hooks run once the data plane has started, ``on_shutdown`` hooks before it
     stops (other front ends on the same loop, such as gRPC).
     """
-    limit = dataplane.settings.max_body_bytes
-    access_log = dataplane.settings.access_log
-    body_timeout_s = dataplane.settings.body_timeout_s
+    settings = dataplane.settings
+    limit = settings.max_body_bytes
 
     async def health_live(request: Request) -> Response:
         return Response(status_code=200 if dataplane.live() else 503)
@@ -185,52 +92,6 @@ def create_app(
     async def model_stats(request: Request) -> Response:
         params = request.path_params
         return _json(dataplane.model_stats(params.get("model"), params.get("version")))
-
-    async def infer(request: Request) -> Response:
-        """Request id in, access-log line out; the work is in ``_infer``."""
-        started_ns = time.perf_counter_ns()
-        name, version = _names(request)
-        rid = request.headers.get("x-request-id") or context.new_request_id()
-        context.request_id.set(rid)
-        try:
-            response = await _infer(request, name, version)
-        except GatewayError as exc:
-            response = gateway_error_response(exc)
-        response.headers["X-Request-ID"] = rid
-        if access_log:
-            log_inference(name, version, response.status_code, started_ns, rid)
-        return response
-
-    async def _infer(request: Request, name: str, version: str | None) -> Response:
-        dataplane.prepare(name, version)  # 404/503 before reading a large body
-        body = await read_body(request, limit, body_timeout_s)
-        header = request.headers.get(HEADER_LENGTH)
-        header_length: int | None = None
-        if header is not None:
-            try:
-                header_length = int(header)
-            except ValueError:
-                raise InvalidInput(
-                    f"invalid Inference-Header-Content-Length {header[:32]!r}"
-                ) from None
-        req = decode_infer_request(body, header_length)
-        watch = _DisconnectWatch(request)
-        try:
-            result = await dataplane.infer(name, version, req)
-        except asyncio.CancelledError:
-            if watch.absorb():
-                return Response(status_code=499)  # nobody is listening; nginx's code
-            raise
-        finally:
-            watch.close()
-        payload, json_length = encode_infer_response(result, req.outputs, req.binary_output)
-        if json_length is None:
-            return Response(payload, media_type="application/json")
-        return Response(
-            payload,
-            media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(json_length)},
-        )
 
     async def openapi(request: Request) -> Response:
         return _json(OPENAPI)
@@ -321,9 +182,7 @@ def create_app(
 
     m = "/v2/models/{model}"
     mv = "/v2/models/{model}/versions/{version}"
-    routes = [  # the hot path first: starlette tries routes in order
-        Route(m + "/infer", infer, methods=["POST"]),
-        Route(mv + "/infer", infer, methods=["POST"]),
+    routes = [  # inference requests never get here: HotPath answers them
         Route("/v2/health/live", health_live, methods=["GET"]),
         Route("/v2/health/ready", health_ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
@@ -357,24 +216,18 @@ def create_app(
             for hook in on_shutdown:
                 await hook()
             await dataplane.stop()
+            ACCESS.flush()
 
-    if not dataplane.settings.admin_api:
+    if not settings.admin_api:
         routes = [r for r in routes if not r.path.startswith(ADMIN_PREFIXES)]
-    middleware = []
-    if dataplane.settings.admin_port and dataplane.settings.admin_api:
-        middleware.append(Middleware(AdminPortMiddleware, admin_port=dataplane.settings.admin_port))
-    if dataplane.settings.api_keys or dataplane.settings.admin_keys:
-        middleware.append(
-            Middleware(
-                AuthMiddleware,
-                api_keys=dataplane.settings.api_keys,
-                admin_keys=dataplane.settings.admin_keys,
-            )
-        )
-    middleware.append(Middleware(InferFastPath, handler=infer))  # innermost
+    guards: list[Guard] = []
+    if settings.admin_port and settings.admin_api:
+        guards.append(AdminPortGuard(settings.admin_port))
+    if settings.api_keys or settings.admin_keys:
+        guards.append(AuthGuard(settings.api_keys, settings.admin_keys))
     app = Starlette(
         routes=routes,
-        middleware=middleware,
+        middleware=[Middleware(GuardMiddleware, guard=guard) for guard in guards],
         lifespan=lifespan,
         exception_handlers={
             GatewayError: handle_gateway_error,
@@ -382,5 +235,4 @@ def create_app(
             Exception: internal_error,
         },
     )
-    app.state.dataplane = dataplane
-    return app
+    return HotPath(app, dataplane, guards)

@@ -1,0 +1,217 @@
+"""The hot path: ``POST /v2/models/{m}[/versions/{v}]/infer`` as plain ASGI.
+
+Every inference request pays for each layer it crosses on the one event-loop thread that also
+parses HTTP for every client, and that thread's CPU per request is what caps a small model's
+throughput. So this path skips starlette (its error middleware, router, ``Request`` and
+``Response`` objects) and speaks ASGI messages directly. Everything else goes on to the
+starlette app. The same guards apply: the admin-port and credential checks that wrap the other
+routes are handed in and asked first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway import context
+from gateway.dataplane import DataPlane
+from gateway.errors import ClientTimeout, GatewayError, InvalidInput, PayloadTooLarge
+from gateway.logs import log_inference
+from gateway.protocol.codec import decode_infer_request, encode_infer_response
+from gateway.server.auth import Guard
+from gateway.server.errors import error_response, gateway_error_response
+
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+log = logging.getLogger(__name__)
+_JSON = b"application/json"
+_BINARY = b"application/octet-stream"
+
+
+async def read_body(
+    receive: Receive, declared: bytes | str | None, limit: int, timeout_s: float
+) -> bytes:
+    """The whole body, refusing (before buffering) anything above ``limit`` bytes, and giving up
+    on clients that trickle it slower than ``timeout_s`` in total."""
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidInput("invalid Content-Length header")
+        if int(declared) > limit:
+            raise PayloadTooLarge(
+                f"request body of {int(declared)} bytes exceeds the limit of {limit}"
+            )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise InvalidInput("client disconnected before sending the whole body")
+                chunk: bytes = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                if not message.get("more_body", False):
+                    if not chunks:
+                        return chunk  # the usual case: one message, no copy
+                    chunks.append(chunk)
+                    return b"".join(chunks)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ClientTimeout(f"request body not received within {timeout_s:g} s") from None
+
+
+class DisconnectWatch:
+    """Cancels the handler's task if the client goes away, so it does not keep a batch slot.
+
+    One extra task per request waits on ``receive()``, which after the body only returns when
+    the client disconnects (or the response is complete, after ``close``).
+    """
+
+    __slots__ = ("_task", "_watcher", "gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.ensure_future(receive())
+        self._watcher.add_done_callback(self._on_message)
+
+    def _on_message(self, done: asyncio.Future[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        if done.result().get("type") == "http.disconnect" and self._task is not None:
+            self.gone = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        self._watcher.remove_done_callback(self._on_message)
+        self._watcher.cancel()
+
+    def absorb(self) -> bool:
+        """After a CancelledError: was it ours? If so, swallow it."""
+        if self.gone and self._task is not None:
+            self._task.uncancel()
+            return True
+        return False
+
+
+class HotPath:
+    """ASGI app: inference requests handled here, the rest passed to ``fallback``."""
+
+    def __init__(
+        self, fallback: ASGIApp, dataplane: DataPlane, guards: Sequence[Guard] = ()
+    ) -> None:
+        self.fallback = fallback
+        self.dataplane = dataplane
+        self.guards = tuple(guards)
+        settings = dataplane.settings
+        self.limit = settings.max_body_bytes
+        self.body_timeout_s = settings.body_timeout_s
+        self.access_log = settings.access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
+        if match is None:
+            await self.fallback(scope, receive, send)
+            return
+        for guard in self.guards:
+            refusal = guard(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        if scope["method"] != "POST":
+            refusal = error_response(405, "method not allowed: inference takes POST")
+            refusal.headers["Allow"] = "POST"
+            await refusal(scope, receive, send)
+            return
+        await self.infer(scope, receive, send, match[1], match[2])
+
+    async def infer(
+        self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
+    ) -> None:
+        """Request id in, response and access-log line out; the work is in ``_run``."""
+        started_ns = time.perf_counter_ns()
+        declared = header = rid = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                declared = value
+            elif key == b"inference-header-content-length":
+                header = value
+            elif key == b"x-request-id" and rid is None:
+                rid = value.decode("latin-1")
+        if not rid:
+            rid = context.new_request_id()
+        context.request_id.set(rid)
+        status = 200
+        try:
+            payload, json_length = await self._run(receive, name, version, declared, header)
+        except GatewayError as exc:
+            status = await self._refuse(gateway_error_response(exc), rid, scope, receive, send)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("inference request failed")
+            response = error_response(500, f"internal error: {type(exc).__name__}")
+            status = await self._refuse(response, rid, scope, receive, send)
+        else:
+            if payload is None:  # the client went away mid-request
+                status = 499  # nobody is listening; nginx's code
+            else:
+                headers = [
+                    (b"content-type", _JSON if json_length is None else _BINARY),
+                    (b"content-length", b"%d" % len(payload)),
+                    (b"x-request-id", rid.encode("latin-1")),
+                ]
+                if json_length is not None:
+                    headers.append((b"inference-header-content-length", b"%d" % json_length))
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": payload})
+        if self.access_log:
+            log_inference(name, version, status, started_ns, rid)
+
+    @staticmethod
+    async def _refuse(
+        response: Response, rid: str, scope: Scope, receive: Receive, send: Send
+    ) -> int:
+        response.headers["X-Request-ID"] = rid
+        await response(scope, receive, send)
+        return response.status_code
+
+    async def _run(
+        self,
+        receive: Receive,
+        name: str,
+        version: str | None,
+        declared: bytes | None,
+        header: bytes | None,
+    ) -> tuple[bytes | None, int | None]:
+        """(payload, JSON header length if binary); (None, None) if the client disconnected."""
+        dataplane = self.dataplane
+        dataplane.prepare(name, version)  # 404/503 before reading a large body
+        body = await read_body(receive, declared, self.limit, self.body_timeout_s)
+        header_length: int | None = None
+        if header is not None:
+            try:
+                header_length = int(header)
+            except ValueError:
+                text = header[:32].decode("latin-1")
+                raise InvalidInput(f"invalid Inference-Header-Content-Length {text!r}") from None
+        request = decode_infer_request(body, header_length)
+        watch = DisconnectWatch(receive)
+        try:
+            result = await dataplane.infer(name, version, request)
+        except asyncio.CancelledError:
+            if watch.absorb():
+                return None, None
+            raise
+        finally:
+            watch.close()
+        return encode_infer_response(result, request.outputs, request.binary_output)
