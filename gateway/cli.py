@@ -80,14 +80,15 @@ def _fastest(*names: str) -> str:
     return names[-1]
 
 
-def _http_protocol(header_timeout_s: float) -> Any:
-    """httptools with a header read timeout; h11 (no such timeout) when httptools is missing."""
+def _http_protocol(header_timeout_s: float, body_timeout_s: float) -> Any:
+    """httptools with per-connection timeouts and gathered writes; h11 (no header timeout, the
+    body timeout kept per request) when httptools is missing."""
     if _fastest("httptools", "h11") == "h11":
         logging.getLogger(__name__).warning("httptools is not installed: no header read timeout")
         return "h11"
-    from gateway.server.connections import with_header_timeout
+    from gateway.server.connections import connection_protocol
 
-    return with_header_timeout(header_timeout_s)
+    return connection_protocol(header_timeout_s, body_timeout_s)
 
 
 def serve(settings: Settings) -> None:
@@ -119,7 +120,7 @@ def serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         loop=_fastest("uvloop", "asyncio"),
-        http=_http_protocol(settings.header_timeout_s),
+        http=_http_protocol(settings.header_timeout_s, settings.body_timeout_s),
         log_level=settings.log_level.lower(),
         log_config=None,
         access_log=False,

@@ -125,6 +125,8 @@ def test_access_log_lines_are_written_in_batches() -> None:
     assert asyncio.run(flood()) == 3 + 4  # max_lines reached: written without waiting
     log.text = True
     log.write({"model": "simple", "status": 404})  # no running loop
-    assert stream.getvalue().splitlines()[-1].endswith(
-        "INFO gateway.access: infer model=simple status=404"
+    assert (
+        stream.getvalue()
+        .splitlines()[-1]
+        .endswith("INFO gateway.access: infer model=simple status=404")
     )

@@ -203,3 +203,40 @@ def test_errors_are_typed(gateway: GatewayProcess) -> None:
     with pytest.raises(InferenceServerException, match="data-type"):
         client.infer("simple", [bad, ins[1]])
     assert client.is_server_live()
+
+
+def test_pipelined_requests_on_one_connection(gateway: GatewayProcess) -> None:
+    """Several requests sent at once on one keep-alive connection (HTTP/1.1 pipelining) come
+    back whole and in order: the connection gathers each response's writes, never mixes them."""
+    import socket
+
+    bodies = [
+        json.dumps(
+            {
+                "id": f"p{i}",
+                "inputs": [
+                    {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [i] * 16},
+                    {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": [1] * 16},
+                ],
+            }
+        ).encode()
+        for i in range(5)
+    ]
+    wire = b"".join(
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+        for body in bodies
+    )
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(wire)
+        reader = sock.makefile("rb")
+        for i in range(5):
+            status = reader.readline().split()[1]
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            answer = json.loads(reader.read(length))
+            assert status == b"200" and answer["id"] == f"p{i}"
+            assert answer["outputs"][0]["data"] == [i + 1] * 16

@@ -1,68 +1,192 @@
-"""HTTP connections: a header read timeout, which uvicorn lacks.
+"""HTTP connections: what uvicorn's httptools protocol leaves to each request, done once per
+connection.
 
-A client that opens a connection and sends nothing, or trickles its request line and headers a
-byte at a time (slowloris), would otherwise hold its connection, and a slot of
-``max_connections``, for as long as it likes. Here the whole head of each request must arrive
-within ``header_timeout_s`` of the connection opening (first request) or of its first byte
-(later requests on a keep-alive connection); otherwise the client gets a 408 and the connection
-is closed. Body reads have their own limit (``body_timeout_s``, in the server module).
+- **Head timeout.** A client that opens a connection and sends nothing, or trickles its request
+  line and headers a byte at a time (slowloris), would otherwise hold its connection, and a slot
+  of ``max_connections``, for as long as it likes. The head of each request must arrive within
+  ``header_timeout_s`` of the connection opening (first request) or of its first byte (later
+  requests on a keep-alive connection).
+- **Body timeout.** The body must then arrive within ``body_timeout_s`` of the head.
+  Either miss gets a 408 (unless a response has started) and the connection is closed. Timers
+  are armed only when a read leaves a request unfinished; the usual request, head and body in
+  one read, arms none.
+- **Disconnect hook.** uvicorn tells a request that its client left only through ``receive()``,
+  which costs a task per request to watch. Each request's scope carries this connection's
+  ``Hooks`` under ``HOOKS``: a handler sets ``on_lost`` and is called when the connection drops.
+- **Gathered writes.** uvicorn writes a response's head and body in two ``transport.write``
+  calls, and uvloop sends each at once: two system calls per response. The writes made during
+  one event-loop callback are sent together instead, in one ``writelines``.
+
+Handlers must work without these (other protocols, such as h11, provide none): ``HOOKS`` absent
+means "keep your own timeouts and disconnect watch".
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-_BODY = b'{"error": "request headers not received in time"}'
-REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_BODY), _BODY)
-)
+HOOKS = "gateway.connection"  # scope key
 
 
-class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on each request's head."""
+def _timeout_response(what: str) -> bytes:
+    body = b'{"error": "request %s not received in time"}' % what.encode()
+    return (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
 
-    header_timeout_s = 10.0  # set by ``with_header_timeout``
+
+HEAD_TIMEOUT = _timeout_response("headers")
+BODY_TIMEOUT = _timeout_response("body")
+
+
+class Hooks:
+    """Per-connection hooks a request handler may use (see the module docstring)."""
+
+    __slots__ = ("on_lost",)
+
+    def __init__(self) -> None:
+        self.on_lost: Callable[[], None] | None = None
+
+
+class GatheringTransport:
+    """A transport whose writes during one loop callback leave together, at the end of it."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def writelines(self, chunks: Iterable[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.writelines(pending)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the transport interface
+        return getattr(self._transport, name)
+
+
+_IDLE, _HEAD, _BODY = 0, 1, 2
+
+
+class ConnectionProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the additions above."""
+
+    header_timeout_s = 10.0  # set by ``connection_protocol``
+    body_timeout_s = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed = _IDLE  # which stage the armed timer guards
+        self._stage = _HEAD  # the first request's head is due from the start
+        self.hooks = Hooks()
 
-    def _arm(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+    # timers: armed only while a stage is unfinished after a read
+
+    def _arm(self, stage: int) -> None:
+        if self._timed == stage:
+            return
+        self._disarm()
+        timeout_s = self.header_timeout_s if stage == _HEAD else self.body_timeout_s
+        self._timer = self.loop.call_later(timeout_s, self._late, stage)
+        self._timed = stage
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timed = _IDLE
 
-    def _head_late(self) -> None:
-        self._head_timer = None
-        if not self.transport.is_closing():
-            self.transport.write(REQUEST_TIMEOUT)
-            self.transport.close()
+    def _late(self, stage: int) -> None:
+        self._timer = None
+        self._timed = _IDLE
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle  # the latest request's; with a body due, that is the late one
+        if stage == _HEAD:
+            quiet = cycle is None or cycle.response_complete
+        else:
+            quiet = cycle is not None and not cycle.response_started and not self.pipeline
+        if quiet:  # the 408 cannot land in the middle of another response
+            self.transport.write(HEAD_TIMEOUT if stage == _HEAD else BODY_TIMEOUT)
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
+        gathering = GatheringTransport(transport, self.loop)
+        super().connection_made(gathering)  # type: ignore[arg-type]
+        self._arm(_HEAD)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._stage == _IDLE:
+            self._disarm()
+        else:
+            self._arm(self._stage)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()
+        self.scope[HOOKS] = self.hooks  # type: ignore[literal-required]
+        self._stage = _HEAD
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._stage = _BODY
+        self._disarm()  # the body's clock starts now
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._stage = _IDLE
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stage = _IDLE
         super().connection_lost(exc)
+        on_lost, self.hooks.on_lost = self.hooks.on_lost, None
+        if on_lost is not None:
+            on_lost()
 
 
-def with_header_timeout(timeout_s: float) -> type[HeaderTimeoutProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` with this header timeout."""
-    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": timeout_s})
+def connection_protocol(header_timeout_s: float, body_timeout_s: float) -> type[ConnectionProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` with these timeouts."""
+    return type(
+        "ConnectionProtocol",
+        (ConnectionProtocol,),
+        {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s},
+    )

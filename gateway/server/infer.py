@@ -11,6 +11,7 @@ routes are handed in and asked first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -26,6 +27,7 @@ from gateway.errors import ClientTimeout, GatewayError, InvalidInput, PayloadToo
 from gateway.logs import log_inference
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.server.auth import Guard
+from gateway.server.connections import HOOKS, Hooks
 from gateway.server.errors import error_response, gateway_error_response
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
@@ -36,10 +38,11 @@ _BINARY = b"application/octet-stream"
 
 
 async def read_body(
-    receive: Receive, declared: bytes | str | None, limit: int, timeout_s: float
+    receive: Receive, declared: bytes | str | None, limit: int, timeout_s: float | None
 ) -> bytes:
     """The whole body, refusing (before buffering) anything above ``limit`` bytes, and giving up
-    on clients that trickle it slower than ``timeout_s`` in total."""
+    on clients that trickle it slower than ``timeout_s`` in total (None: the connection keeps
+    that deadline, see ``gateway.server.connections``)."""
     if declared is not None:
         if not declared.isdigit():
             raise InvalidInput("invalid Content-Length header")
@@ -50,7 +53,7 @@ async def read_body(
     chunks: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(timeout_s) if timeout_s else contextlib.nullcontext():
             while True:
                 message = await receive()
                 if message["type"] != "http.request":
@@ -72,28 +75,41 @@ async def read_body(
 class DisconnectWatch:
     """Cancels the handler's task if the client goes away, so it does not keep a batch slot.
 
-    One extra task per request waits on ``receive()``, which after the body only returns when
-    the client disconnects (or the response is complete, after ``close``).
+    On connections with ``Hooks`` the connection calls back when it drops. Elsewhere one extra
+    task per request waits on ``receive()``, which after the body only returns when the client
+    disconnects (or the response is complete, after ``close``).
     """
 
-    __slots__ = ("_task", "_watcher", "gone")
+    __slots__ = ("_hooks", "_task", "_watcher", "gone")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, hooks: Hooks | None) -> None:
         self.gone = False
         self._task = asyncio.current_task()
-        self._watcher = asyncio.ensure_future(receive())
-        self._watcher.add_done_callback(self._on_message)
+        self._hooks = hooks
+        self._watcher: asyncio.Future[Any] | None = None
+        if hooks is not None:
+            hooks.on_lost = self._lost
+        else:
+            self._watcher = asyncio.ensure_future(receive())
+            self._watcher.add_done_callback(self._on_message)
+
+    def _lost(self) -> None:
+        self.gone = True
+        if self._task is not None:
+            self._task.cancel()
 
     def _on_message(self, done: asyncio.Future[Any]) -> None:
         if done.cancelled() or done.exception() is not None:
             return
-        if done.result().get("type") == "http.disconnect" and self._task is not None:
-            self.gone = True
-            self._task.cancel()
+        if done.result().get("type") == "http.disconnect":
+            self._lost()
 
     def close(self) -> None:
-        self._watcher.remove_done_callback(self._on_message)
-        self._watcher.cancel()
+        if self._hooks is not None:
+            self._hooks.on_lost = None
+        elif self._watcher is not None:
+            self._watcher.remove_done_callback(self._on_message)
+            self._watcher.cancel()
 
     def absorb(self) -> bool:
         """After a CancelledError: was it ours? If so, swallow it."""
@@ -152,7 +168,9 @@ class HotPath:
         context.request_id.set(rid)
         status = 200
         try:
-            payload, json_length = await self._run(receive, name, version, declared, header)
+            payload, json_length = await self._run(
+                receive, scope.get(HOOKS), name, version, declared, header
+            )
         except GatewayError as exc:
             status = await self._refuse(gateway_error_response(exc), rid, scope, receive, send)
         except asyncio.CancelledError:
@@ -188,6 +206,7 @@ class HotPath:
     async def _run(
         self,
         receive: Receive,
+        hooks: Hooks | None,
         name: str,
         version: str | None,
         declared: bytes | None,
@@ -196,7 +215,8 @@ class HotPath:
         """(payload, JSON header length if binary); (None, None) if the client disconnected."""
         dataplane = self.dataplane
         dataplane.prepare(name, version)  # 404/503 before reading a large body
-        body = await read_body(receive, declared, self.limit, self.body_timeout_s)
+        timeout_s = None if hooks is not None else self.body_timeout_s  # else the connection's
+        body = await read_body(receive, declared, self.limit, timeout_s)
         header_length: int | None = None
         if header is not None:
             try:
@@ -205,7 +225,7 @@ class HotPath:
                 text = header[:32].decode("latin-1")
                 raise InvalidInput(f"invalid Inference-Header-Content-Length {text!r}") from None
         request = decode_infer_request(body, header_length)
-        watch = DisconnectWatch(receive)
+        watch = DisconnectWatch(receive, hooks)
         try:
             result = await dataplane.infer(name, version, request)
         except asyncio.CancelledError:
