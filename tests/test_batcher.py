@@ -87,6 +87,24 @@ async def test_waits_up_to_the_queue_delay_for_a_fuller_batch() -> None:
     await batcher.close()
 
 
+async def test_a_request_that_cannot_join_sends_the_forming_batch() -> None:
+    """The scheduler is not woken for every arrival while a batch forms, only for enough rows
+    or for a request that cannot join: that one ends the batch at once, no queue delay."""
+    backend = Recorder()
+    policy = BatchPolicy(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_s=5.0)
+    batcher, _ = make(policy, backend)
+    first = [asyncio.ensure_future(batcher.submit(row(i), 1)) for i in range(2)]
+    await asyncio.sleep(0.05)
+    assert backend.batches == []  # 2 rows: waiting for a preferred size
+    other = asyncio.ensure_future(batcher.submit(row(9, width=5), 1))
+    await asyncio.wait_for(asyncio.gather(*first), 2.0)
+    assert backend.batches == [2]
+    more = [asyncio.ensure_future(batcher.submit(row(1, width=5), 1)) for _ in range(3)]
+    results = await asyncio.wait_for(asyncio.gather(other, *more), 2.0)  # 4 rows: preferred
+    assert backend.batches == [2, 4] and all(r["Y"].shape == (1, 5) for r in results)
+    await batcher.close()
+
+
 async def test_queue_bound_fails_fast() -> None:
     backend = Recorder()
     backend.gate = asyncio.Event()

@@ -100,6 +100,12 @@ class Batcher:
         self._compute_s: float | None = None  # moving average of one execution
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
+        # What wakes the scheduler while it waits: ``_wake_rows`` rows arriving (1 while it
+        # waits for a first request), or one that cannot join the batch being formed. Waking it
+        # for every arrival costs a task step and a timer per request.
+        self._wake_rows = 1
+        self._arrived_rows = 0
+        self._forming: tuple[Any, ...] | None = None
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     @property
@@ -127,7 +133,11 @@ class Batcher:
             inputs, rows, signature(inputs), future, now, deadline_s, context.request_id.get()
         )
         self._queue.append(item)
-        self._arrived.set()
+        self._arrived_rows += rows
+        if self._arrived_rows >= self._wake_rows or (
+            self._forming is not None and item.signature != self._forming
+        ):
+            self._arrived.set()
         try:
             if deadline_s is None:
                 result = await future
@@ -166,7 +176,7 @@ class Batcher:
                 if self._closed:
                     self._release()
                     return
-                self._arrived.clear()
+                self._wait_for(1, None)
                 await self._arrived.wait()
                 first = self._take_live()
             batch, rows = [first], first.rows
@@ -200,10 +210,18 @@ class Batcher:
                     wait_s = wait_until - self._clock()
                     if wait_s <= 0:
                         break
-                    self._arrived.clear()
+                    # Worth waking for: a full batch, or (with an instance free) the next
+                    # preferred size.
+                    target = policy.max_batch_size
+                    if free_at is None:
+                        target = min(
+                            (n for n in policy.preferred_batch_sizes if n > rows), default=target
+                        )
+                    self._wait_for(target - rows, first.signature)
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(wait_s):
                             await self._arrived.wait()
+                    self._forming = None
             task = asyncio.get_running_loop().create_task(self._run(batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -270,6 +288,13 @@ class Batcher:
         finally:
             self._started.pop(id(batch), None)
             self._release()
+
+    def _wait_for(self, rows: int, forming: tuple[Any, ...] | None) -> None:
+        """Arm the scheduler's wake-up (see ``__init__``) before it waits on ``_arrived``."""
+        self._arrived.clear()
+        self._arrived_rows = 0
+        self._wake_rows = rows
+        self._forming = forming
 
     def _release(self) -> None:
         self._busy -= 1

@@ -93,16 +93,23 @@ class ModelConfig:
     dynamic_batching: DynamicBatching | None = None
     default_model_filename: str = DEFAULT_MODEL_FILENAME
     parameters: tuple[tuple[str, str], ...] = ()
+    # Tensors by name, for the per-request lookups.
+    _inputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
+    _outputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_inputs_by_name", {t.name: t for t in self.inputs})
+        object.__setattr__(self, "_outputs_by_name", {t.name: t for t in self.outputs})
 
     @property
     def batched(self) -> bool:
         return self.max_batch_size > 0
 
     def input(self, name: str) -> TensorConfig | None:
-        return next((t for t in self.inputs if t.name == name), None)
+        return self._inputs_by_name.get(name)
 
     def output(self, name: str) -> TensorConfig | None:
-        return next((t for t in self.outputs if t.name == name), None)
+        return self._outputs_by_name.get(name)
 
     def with_changes(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
