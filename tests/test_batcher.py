@@ -105,6 +105,25 @@ async def test_a_request_that_cannot_join_sends_the_forming_batch() -> None:
     await batcher.close()
 
 
+async def test_a_burst_is_cut_at_the_largest_preferred_size_it_fills() -> None:
+    """Six requests queued at once with preferred sizes 4 and 8 make a batch of 4, then one of
+    2, not one of 6 (as Triton forms preferred sizes). Closed-loop clients then settle into even
+    halves that overlap, not a lopsided pair that leaves the backend idle."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    policy = BatchPolicy(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_s=0.0)
+    batcher, _ = make(policy, backend)
+    blocker = asyncio.ensure_future(batcher.submit(row(0), 1))
+    await asyncio.sleep(0)
+    burst = [asyncio.ensure_future(batcher.submit(row(i), 1)) for i in range(1, 7)]
+    await asyncio.sleep(0.01)
+    backend.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(blocker, *burst), 2.0)
+    assert [float(r["Y"][0, 0]) for r in results] == [2.0 * i for i in range(7)]
+    assert backend.batches == [1, 4, 2]
+    await batcher.close()
+
+
 async def test_queue_bound_fails_fast() -> None:
     backend = Recorder()
     backend.gate = asyncio.Event()

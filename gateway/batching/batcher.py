@@ -184,6 +184,8 @@ class Batcher:
                 give_up_s = first.enqueued_s + policy.max_queue_delay_s
                 while rows < policy.max_batch_size:
                     head = self._queue[0] if self._queue else None
+                    if head is not None and self._stop_at_preferred(rows, first.signature):
+                        break
                     if head is not None:
                         if head.future.done():
                             self._queue.popleft()
@@ -227,6 +229,7 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     async def _run(self, batch: list[_Pending], rows: int) -> None:
+        released = False
         try:
             # Callers may have gone away while the batch was forming.
             if any(p.future.done() for p in batch):
@@ -260,6 +263,12 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(error)
                 return
+            # Free the slot before handing results back: the scheduler's wake-up then runs
+            # ahead of the callers' tasks, so the next batch reaches the backend before the
+            # event loop spends a millisecond encoding this batch's responses.
+            self._started.pop(id(batch), None)
+            self._release()
+            released = True
             compute_ns = int((self._clock() - started) * 1e9)
             ran_s = context.compute_s.get()
             one_s = ran_s if ran_s is not None else compute_ns / 1e9
@@ -286,8 +295,32 @@ class Batcher:
                     item.future.set_result({n: a[start:end] for n, a in outputs.items()})
                 start = end
         finally:
-            self._started.pop(id(batch), None)
-            self._release()
+            if not released:
+                self._started.pop(id(batch), None)
+                self._release()
+
+    def _stop_at_preferred(self, rows: int, signature: tuple[Any, ...]) -> bool:
+        """At a preferred size, stop unless the queue holds enough to reach the next larger one,
+        as Triton forms the largest preferred batch it can. Without this a burst of arrivals
+        (the event loop reads sockets in rounds) is swallowed whole: with closed-loop clients
+        the batches then settle into a lopsided pair (say 61 and 3) with the backend idle while
+        the big one's responses go out, instead of two even halves that overlap."""
+        preferred = self._policy.preferred_batch_sizes
+        if rows not in preferred:
+            return False
+        target = min((n for n in preferred if n > rows), default=None)
+        if target is None:  # past the largest preferred size: fill up to the maximum
+            return False
+        need = target - rows
+        for item in self._queue:
+            if item.future.done():
+                continue
+            if item.signature != signature:
+                break
+            need -= item.rows
+            if need <= 0:
+                return False
+        return True
 
     def _wait_for(self, rows: int, forming: tuple[Any, ...] | None) -> None:
         """Arm the scheduler's wake-up (see ``__init__``) before it waits on ``_arrived``."""
