@@ -140,6 +140,15 @@ def _check_file_key(key: str) -> str:
     return norm
 
 
+def _shape_error(name: str, cfg: ModelConfig, shape: tuple[int, ...]) -> str:
+    spec = cfg.input(name)
+    expected = ([-1] if cfg.batched else []) + list(spec.dims if spec else ())
+    return (
+        f"unexpected shape for input '{name}' for model '{cfg.name}'. "
+        f"Expected {expected}, got {list(shape)}"
+    )
+
+
 class DataPlane:
     """ready / metadata / config / infer / load / unload / index / stats."""
 
@@ -387,12 +396,8 @@ class DataPlane:
                 )
             shape = array.shape
             dims = shape[1:] if cfg.batched else shape
-            expected = ([-1] if cfg.batched else []) + list(spec.dims)
-            if len(shape) != len(expected):
-                raise InvalidInput(
-                    f"unexpected shape for input '{name}' for model '{cfg.name}'. "
-                    f"Expected {expected}, got {list(shape)}"
-                )
+            if len(dims) != len(spec.dims) or (cfg.batched and not shape):
+                raise InvalidInput(_shape_error(name, cfg, shape))
             if cfg.batched:
                 if len(shape) == 0 or shape[0] < 1:
                     raise InvalidInput(
@@ -408,11 +413,10 @@ class DataPlane:
                         f"input '{name}': batch size {shape[0]} differs from other inputs' {rows}"
                     )
                 rows = shape[0]
-            if any(want != -1 and got != want for got, want in zip(dims, spec.dims, strict=True)):
-                raise InvalidInput(
-                    f"unexpected shape for input '{name}' for model '{cfg.name}'. "
-                    f"Expected {expected}, got {list(shape)}"
-                )
+            if dims != spec.dims and any(
+                want != -1 and got != want for got, want in zip(dims, spec.dims, strict=True)
+            ):
+                raise InvalidInput(_shape_error(name, cfg, shape))
             if spec.reshape is not None:
                 lead = (rows,) if cfg.batched else ()
                 try:

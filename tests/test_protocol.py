@@ -127,3 +127,71 @@ def test_garbage_never_escapes_as_another_error(body: bytes, header_length: int)
         decode_infer_request(body, header_length)
     except InvalidInput:
         pass
+
+
+def _binary_body(a: np.ndarray, b: np.ndarray) -> tuple[bytes, int]:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": n,
+                    "datatype": "INT32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+                for n, x in (("A", a), ("B", b))
+            ],
+            "outputs": [{"name": "Y", "parameters": {"binary_data": True}}],
+            "parameters": {"timeout": 5000},
+        }
+    ).encode()
+    return header + a.tobytes() + b.tobytes(), len(header)
+
+
+def test_a_repeated_header_is_parsed_once_and_decodes_the_same() -> None:
+    """The header of binary requests is cached by its bytes; each body still gets its own
+    tensors and its own copies of what a caller could change."""
+    from gateway.protocol import codec
+
+    codec._TEMPLATES.clear()
+    first, length = _binary_body(
+        np.arange(4, dtype=np.int32).reshape(1, 4), np.ones((1, 2), np.int32)
+    )
+    one = decode_infer_request(first, length)
+    assert len(codec._TEMPLATES) == 1
+    second, _ = _binary_body(np.full((1, 4), 7, np.int32), np.zeros((1, 2), np.int32))
+    two = decode_infer_request(second, length)
+    assert len(codec._TEMPLATES) == 1  # the same header: served from the cache
+    np.testing.assert_array_equal(one.inputs["A"], [[0, 1, 2, 3]])
+    np.testing.assert_array_equal(two.inputs["A"], [[7, 7, 7, 7]])
+    np.testing.assert_array_equal(two.inputs["B"], [[0, 0]])
+    assert two.outputs == one.outputs == [RequestedOutput("Y", True)]
+    assert two.parameters == {"timeout": 5000} and two.timeout_us == 5000
+    assert two.outputs is not one.outputs and two.parameters is not one.parameters
+    with pytest.raises(InvalidInput, match="binary data sizes add up"):
+        decode_infer_request(second + b"extra", length)  # same header, lying body: still caught
+    mixed = json.dumps(
+        {
+            "inputs": [
+                {"name": "A", "datatype": "INT32", "shape": [1], "data": [1]},
+                {
+                    "name": "B",
+                    "datatype": "INT32",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": 4},
+                },
+            ]
+        }
+    ).encode()
+    assert decode_infer_request(mixed + b"\x02\0\0\0", len(mixed)).inputs["B"][0] == 2
+    assert len(codec._TEMPLATES) == 1  # JSON data is in the header: nothing to reuse
+
+
+def test_header_cache_is_bounded() -> None:
+    from gateway.protocol import codec
+
+    codec._TEMPLATES.clear()
+    for width in range(1, codec._TEMPLATES_MAX + 50):
+        body, length = _binary_body(np.zeros((1, width), np.int32), np.zeros((1, 1), np.int32))
+        decode_infer_request(body, length)
+    assert 0 < len(codec._TEMPLATES) <= codec._TEMPLATES_MAX

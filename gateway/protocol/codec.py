@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -187,10 +188,82 @@ def _decode_outputs(header: dict[str, Any]) -> list[RequestedOutput] | None:
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """A decoded and validated JSON header whose tensors are all binary: what the next body
+    with the same header bytes needs besides its own tensor data."""
+
+    inputs: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int], ...]
+    data_size: int
+    id: str | None
+    outputs: tuple[RequestedOutput, ...] | None
+    binary_output: bool
+    parameters: dict[str, Any]
+
+
+# Clients send the same header with every request of a kind (same model, inputs and shapes;
+# only the binary data differs), so it is parsed and checked once. Bounded: past the limit the
+# cache starts over, so a client that varies its header costs a parse, never memory.
+_TEMPLATES: dict[tuple[bytes, int], _Template] = {}
+_TEMPLATES_MAX = 512
+_TEMPLATE_HEADER_MAX = 4096
+
+
+def _from_template(template: _Template, view: memoryview, offset: int) -> InferRequest:
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    for name, dtype, shape, size in template.inputs:
+        inputs[name] = np.frombuffer(view[offset : offset + size], dtype=dtype).reshape(shape)
+        offset += size
+    return InferRequest(
+        inputs=inputs,
+        id=template.id,
+        outputs=None if template.outputs is None else list(template.outputs),
+        binary_output=template.binary_output,
+        parameters=dict(template.parameters),
+    )
+
+
+def _remember(
+    key: tuple[bytes, int], request: InferRequest, header_length: int, body_length: int
+) -> None:
+    if not request.inputs or any(a.dtype.kind == "O" for a in request.inputs.values()):
+        return  # BYTES tensors are split per request
+    if len(_TEMPLATES) >= _TEMPLATES_MAX:
+        _TEMPLATES.clear()
+    _TEMPLATES[key] = _Template(
+        inputs=tuple((n, a.dtype, a.shape, a.nbytes) for n, a in request.inputs.items()),
+        data_size=body_length - header_length,
+        id=request.id,
+        outputs=None if request.outputs is None else tuple(request.outputs),
+        binary_output=request.binary_output,
+        parameters=dict(request.parameters),
+    )
+
+
 def decode_infer_request(
     body: bytes, header_length: int | None = None, max_elements: int = 1 << 28
 ) -> InferRequest:
     """Decode a v2 inference request body (JSON, optionally followed by binary tensors)."""
+    key = None
+    if (
+        header_length is not None
+        and 0 < header_length <= _TEMPLATE_HEADER_MAX
+        and header_length < len(body)  # binary tensors follow: the header may repeat
+        and isinstance(body, bytes)
+    ):
+        key = (body[:header_length], max_elements)
+        template = _TEMPLATES.get(key)
+        if template is not None and template.data_size == len(body) - header_length:
+            return _from_template(template, memoryview(body), header_length)
+    request, all_binary = _decode(body, header_length, max_elements)
+    if key is not None and all_binary:
+        _remember(key, request, len(key[0]), len(body))
+    return request
+
+
+def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[InferRequest, bool]:
+    """The request, and whether every input came as binary data."""
+    all_binary = True
     if header_length is None:
         header_length = len(body)
     elif header_length < 0 or header_length > len(body):
@@ -254,6 +327,7 @@ def decode_infer_request(
                 inputs[name] = np.frombuffer(chunk, dtype=dtype).reshape(shape)
         elif "data" in spec:
             inputs[name] = _json_data(spec["data"], datatype, shape, name)
+            all_binary = False
         else:
             raise _fail(f"input '{name}' has neither 'data' nor 'binary_data_size'")
     if offset != len(body):
@@ -261,13 +335,14 @@ def decode_infer_request(
             f"binary data sizes add up to {offset - header_length} bytes but the body carries "
             f"{len(body) - header_length}"
         )
-    return InferRequest(
+    request = InferRequest(
         inputs=inputs,
         id=request_id,
         outputs=_decode_outputs(header),
         binary_output=binary_output,
         parameters=params,
     )
+    return request, all_binary
 
 
 def _bytes_payload(array: np.ndarray[Any, Any]) -> bytes:
