@@ -40,6 +40,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -545,6 +546,23 @@ def render_markdown(result: dict[str, Any]) -> str:
         *cpu_table(result["points"]),
         "",
     ]
+    if result.get("paired"):
+        lines += [
+            "## Paired rounds: in-process best batch, then the gateway at once",
+            "",
+            "Each round measures in-process ONNX Runtime at its best batch size and then the "
+            "gateway (mlp, binary, batching ON), back to back and for as long, so both see the "
+            "machine at the same speed.",
+            "",
+            "| round | in-process items/s | gateway items/s | ratio | errors |",
+            "|---:|---:|---:|---:|---:|",
+            *(
+                f"| {r['round']} | {r['in_process_items_per_s']:.0f} | "
+                f"{r['gateway_items_per_s']:.0f} | {r['ratio']:.3f} | {r['errors']} |"
+                for r in result["paired"]
+            ),
+            "",
+        ]
     lines += ["## Goal", ""]
     lines += [f"- {g}" for g in result["goals"]]
     if result.get("profile"):
@@ -701,6 +719,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"wrk {p.cpu['wrk_cores']:.2f}, machine {p.cpu['machine_busy_cores']:.2f}",
                         flush=True,
                     )
+                if batching == "on" and args.paired_rounds and ("mlp", "binary") in bodies:
+                    result["paired"] = paired_rounds(
+                        args, repo, models["mlp"], measured["mlp"], gw, workdir
+                    )
             if gw.proc.returncode not in (0, None, -signal.SIGTERM):
                 print(f"  note: gateway exited with {gw.proc.returncode}", flush=True)
 
@@ -731,8 +753,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if off is not None and off.items_per_s > 0:
                 p.on_off = p.items_per_s / off.items_per_s
     result["points"] = [asdict(p) for p in points]
-    result["goals"] = goals(points)
+    result["goals"] = goals(points, result.get("paired", []))
     return result
+
+
+def paired_rounds(
+    args: argparse.Namespace,
+    repo: Path,
+    model: Model,
+    measured: list[dict[str, Any]],
+    gw: Gateway,
+    workdir: Path,
+) -> list[dict[str, Any]]:
+    """The goal's ratio measured in adjacent pairs: in-process ONNX Runtime at its best batch
+    size, then at once the gateway (mlp, binary, batching ON) for as long, ``--paired-rounds``
+    times. The machine is shared and its speed drifts by tens of percent within a run; a limit
+    taken as the best of many passes and set against one gateway run minutes away measures the
+    drift as much as the gateway. Each pair sees the same machine."""
+    best = max(measured, key=lambda p: p["items_per_s"])
+    url = f"{gw.url}/v2/models/{model.name}/infer"
+    script = workdir / f"{model.name}-binary-on.lua"
+    rounds = []
+    print(f"paired rounds: in-process b{best['batch']} then the gateway ...", flush=True)
+    for number in range(1, args.paired_rounds + 1):
+        limit = measure_in_process(repo, model, best["threads"], args.duration_s, [best["batch"]])
+        out = run_wrk(url, script, args.connections, args.threads, args.duration_s)
+        served = out["requests"] / (out["duration_us"] / 1e6)
+        errors = sum(out[k] for k in ("status_errors", "read_errors", "write_errors", "timeouts"))
+        rounds.append(
+            {
+                "round": number,
+                "in_process_items_per_s": limit[0]["items_per_s"],
+                "gateway_items_per_s": served,
+                "ratio": served / limit[0]["items_per_s"],
+                "errors": errors,
+            }
+        )
+        r = rounds[-1]
+        print(
+            f"  round {number}: in-process {r['in_process_items_per_s']:.0f}, gateway "
+            f"{served:.0f} items/s = {r['ratio']:.3f}x, errors {errors}",
+            flush=True,
+        )
+    return rounds
 
 
 def make_point(
@@ -787,22 +850,31 @@ def make_point(
     )
 
 
-def goals(points: list[Point]) -> list[str]:
+def goals(points: list[Point], paired: list[dict[str, Any]]) -> list[str]:
     lines = []
     on = next((p for p in points if (p.model, p.body, p.batching) == ("mlp", "binary", "on")), None)
     if on is not None:
         ok = on.vs_in_process >= GOAL_VS_INPROC
         lines.append(
-            f"mlp binary batching ON = {on.vs_in_process:.2f}x in-process best-batch items/s "
-            f"(goal >= {GOAL_VS_INPROC}): {'MET' if ok else 'MISSED'}"
+            f"mlp binary batching ON = {on.vs_in_process:.2f}x in-process best-batch items/s, "
+            f"the best of every pass (goal >= {GOAL_VS_INPROC}): {'MET' if ok else 'MISSED'}"
         )
+    if paired:
+        median = statistics.median(r["ratio"] for r in paired)
+        ok = median >= GOAL_VS_INPROC
+        each = ", ".join(f"{r['ratio']:.2f}" for r in paired)
+        lines.append(
+            f"mlp binary batching ON / in-process best batch, paired rounds: median "
+            f"{median:.2f}x ({each}) (goal >= {GOAL_VS_INPROC}): {'MET' if ok else 'MISSED'}"
+        )
+    if on is not None:
         if on.on_off is not None:
             ok = on.on_off >= GOAL_ON_OFF
             lines.append(
                 f"mlp binary batching ON / OFF = {on.on_off:.2f}x (goal >= {GOAL_ON_OFF}): "
                 f"{'MET' if ok else 'MISSED'}"
             )
-    errors = sum(p.errors for p in points)
+    errors = sum(p.errors for p in points) + sum(r["errors"] for r in paired)
     lines.append(f"errors (non-2xx, socket, timeouts) over all points: {errors} (must be 0)")
     return lines
 
@@ -837,6 +909,12 @@ def main() -> int:
     parser.add_argument("--warmup-s", type=float, default=2.0, help="wrk warm-up per point [2]")
     parser.add_argument("--connections", type=int, default=64, help="wrk -c [64]")
     parser.add_argument("--threads", type=int, default=1, help="wrk -t [1]")
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=3,
+        help="rounds of in-process best batch then gateway mlp binary ON, back to back [3]",
+    )
     parser.add_argument(
         "--in-process-s", type=float, default=1.5, help="seconds per in-process batch size [1.5]"
     )

@@ -455,7 +455,10 @@ class DataPlane:
                         f"model '{name}' is still being fetched; the request timeout expired"
                     )
                 timeout_us -= spent_us
-        lv = await self.ensure(name, version, timeout_us)
+        if name in self._pending or self._wants_load(name):
+            lv = await self.ensure(name, version, timeout_us)
+        else:  # loaded (or failed): no wait
+            lv = self.resolve(name, version)
         started = time.perf_counter_ns()
         try:
             inputs, rows = self._prepare(lv, request)

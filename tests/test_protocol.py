@@ -195,3 +195,34 @@ def test_header_cache_is_bounded() -> None:
         body, length = _binary_body(np.zeros((1, width), np.int32), np.zeros((1, 1), np.int32))
         decode_infer_request(body, length)
     assert 0 < len(codec._TEMPLATES) <= codec._TEMPLATES_MAX
+
+
+def test_binary_response_headers_are_reused_with_each_id() -> None:
+    """All-binary responses take their JSON header from a cache; the id is each response's own
+    (escaped), and the bytes match what the general encoder writes."""
+    out = np.arange(6, dtype=np.float32).reshape(2, 3)
+    expected = {
+        "model_name": "m",
+        "model_version": "1",
+        "outputs": [
+            {
+                "name": "Y",
+                "datatype": "FP32",
+                "shape": [2, 3],
+                "parameters": {"binary_data_size": 24},
+            }
+        ],
+    }
+    for rid in (None, 'say "hi"', None, "r2"):
+        body, length = encode_infer_response(
+            InferResponse("m", "1", {"Y": out}, id=rid), None, True
+        )
+        assert length is not None
+        header = json.loads(body[:length])
+        assert header == (expected if rid is None else {**expected, "id": rid})
+        np.testing.assert_array_equal(np.frombuffer(body[length:], np.float32).reshape(2, 3), out)
+    general, glength = encode_infer_response(
+        InferResponse("m", "1", {"Y": out}, id="r2", parameters={"x": 1}), None, True
+    )
+    assert json.loads(general[:glength]) == {**expected, "id": "r2", "parameters": {"x": 1}}
+    assert body[length:] == general[glength:]

@@ -363,6 +363,47 @@ def _json_values(array: np.ndarray[Any, Any]) -> Any:
     return np.ascontiguousarray(array).reshape(-1)
 
 
+# JSON headers of all-binary responses, without the id and the closing brace: the same for every
+# response of a model version with the same output shapes. Bounded like _TEMPLATES.
+_HEADS: dict[tuple[Any, ...], bytes] = {}
+
+
+def _encode_all_binary(
+    response: InferResponse, binary_of: dict[str, bool | None], binary_default: bool
+) -> tuple[bytes, int] | None:
+    """The common case (every output binary, none BYTES) from a cached header; None if not."""
+    shapes = []
+    for name, array in response.outputs.items():
+        binary = binary_of.get(name)
+        if not (binary if binary is not None else binary_default) or array.dtype.kind == "O":
+            return None
+        shapes.append((name, array.dtype.str, array.shape))
+    key = (response.model_name, response.model_version, *shapes)
+    head = _HEADS.get(key)
+    if head is None:
+        outputs = [
+            {
+                "name": name,
+                "datatype": datatype_of(array),
+                "shape": list(array.shape),
+                "parameters": {"binary_data_size": array.nbytes},
+            }
+            for name, array in response.outputs.items()
+        ]
+        header = {
+            "model_name": response.model_name,
+            "model_version": response.model_version,
+            "outputs": outputs,
+        }
+        if len(_HEADS) >= _TEMPLATES_MAX:
+            _HEADS.clear()
+        head = _HEADS[key] = orjson.dumps(header)[:-1]
+    tail = b',"id":' + orjson.dumps(response.id) + b"}" if response.id is not None else b"}"
+    json_bytes = head + tail
+    blobs = [np.ascontiguousarray(a).tobytes() for a in response.outputs.values()]
+    return b"".join([json_bytes, *blobs]), len(json_bytes)
+
+
 def encode_infer_response(
     response: InferResponse,
     requested: list[RequestedOutput] | None = None,
@@ -370,6 +411,10 @@ def encode_infer_response(
 ) -> tuple[bytes, int | None]:
     """Encode a response; returns the body and the JSON header length when binary is used."""
     binary_of = {r.name: r.binary for r in requested} if requested else {}
+    if not response.parameters:
+        fast = _encode_all_binary(response, binary_of, binary_default)
+        if fast is not None:
+            return fast
     outputs_json: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, array in response.outputs.items():
