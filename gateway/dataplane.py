@@ -114,7 +114,9 @@ def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchP
     return BatchPolicy(
         max_batch_size=config.max_batch_size,
         preferred_batch_sizes=db.preferred_batch_sizes,
-        max_queue_delay_s=db.max_queue_delay_us / 1e6,
+        max_queue_delay_s=0.0
+        if getattr(backend, "batches_upstream", False)
+        else db.max_queue_delay_us / 1e6,
         max_queue_size=db.max_queue_size or settings.max_queue_size,
         default_timeout_s=(db.default_timeout_us / 1e6) or None,
         instance_count=backend.instance_count,

@@ -235,3 +235,27 @@ async def test_batch_formed_ahead_grows_until_an_instance_is_about_to_free() -> 
     await asyncio.gather(running, *early, *late)
     assert backend.batches == [1, 1, 5]  # not [1, 1, 2, 3]
     await batcher.close()
+
+
+def test_no_second_queue_delay_in_front_of_a_batching_host() -> None:
+    """A backend that batches upstream (Triton, with the pushed dynamic_batching) gets the
+    model's batch sizes but no queue delay from the gateway: the delay is paid once, there."""
+    from gateway.dataplane import _policy
+    from gateway.repository.config import DynamicBatching, ModelConfig
+    from gateway.settings import Settings
+
+    class Local:
+        instance_count = 2
+
+    class Upstream(Local):
+        batches_upstream = True
+
+    config = ModelConfig(
+        name="m",
+        max_batch_size=8,
+        dynamic_batching=DynamicBatching(preferred_batch_sizes=(4,), max_queue_delay_us=2000),
+    )
+    here = _policy(config, Local(), Settings())  # type: ignore[arg-type]
+    there = _policy(config, Upstream(), Settings())  # type: ignore[arg-type]
+    assert here.max_queue_delay_s == 0.002 and there.max_queue_delay_s == 0.0
+    assert there.max_batch_size == 8 and there.preferred_batch_sizes == (4,)

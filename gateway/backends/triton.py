@@ -598,6 +598,8 @@ class TritonHost:
 class TritonBackend:
     """One model version served by Triton hosts: the least busy ready one, failing over."""
 
+    batches_upstream = True  # Triton batches with the pushed dynamic_batching: see base.Backend
+
     def __init__(
         self,
         factory: TritonFactory,
