@@ -80,6 +80,38 @@ def test_trickling_body_times_out(locked: GatewayProcess) -> None:
     assert ok[0] == 200
 
 
+def test_trickling_body_times_out_on_plain_uvicorn(tmp_path: Path) -> None:
+    """Without the gateway's connection protocol (uvicorn's own, as with h11) the hot path keeps
+    the body deadline itself: the same 408, and the gateway keeps serving."""
+    from gateway.settings import Settings
+    from tests.conftest import free_port
+    from tests.test_fault_hosts import InProcessGateway
+
+    models.add_sub(tmp_path / "repo", "simple")
+    port = free_port()
+    settings = Settings(
+        model_repo=str(tmp_path / "repo"), port=port, body_timeout_s=1.0, access_log=False
+    )
+    gw = InProcessGateway(settings).start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+            )
+            started = time.monotonic()
+            reply = sock.recv(4096)
+        assert b" 408 " in reply.split(b"\r\n")[0]
+        assert time.monotonic() - started < 5
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(BODY), BODY)
+            )
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        gw.stop()
+
+
 def test_admin_api_can_be_turned_off(tmp_path: Path) -> None:
     models.add_sub(tmp_path / "repo", "simple")
     gw = start_gateway(tmp_path / "repo", tmp_path, env={"GATEWAY_ADMIN_API": "false"})
@@ -111,7 +143,6 @@ def test_admin_api_on_its_own_port(tmp_path: Path) -> None:
         assert raw(gw, "POST", "/v2/models/simple/infer", BODY)[0] == 503  # unloaded there
     finally:
         gw.stop()
-
 
 
 def test_grpc_needs_the_same_keys(tmp_path: Path) -> None:
