@@ -731,3 +731,29 @@ def test_cold_host_wins_only_when_the_warm_one_is_slower() -> None:
     assert pick("warm", "cached") == "cached"
     assert all(pick("warm", "origin") == "warm" for _ in range(10))
     assert all(pick("cached", "origin") == "cached" for _ in range(10))
+
+
+def test_a_probe_that_has_not_come_back_keeps_traffic_off_a_slow_host() -> None:
+    """An idle slow host's estimate decays until it is tried again (a probe by traffic). While
+    that batch is out, its age is a floor on the host's latency: the next batches stay on the
+    fast host instead of following the probe until the first answer comes back."""
+    clock = ManualClock()
+    policy = make_policy("latency", random.Random(3))
+    router = Router(policy, clock=clock, max_wait_s=0.05, decay_s=2.0)
+    router.add_target("fast", capacity=4)
+    router.add_target("slow", capacity=4)
+    for name, seconds in (("fast", 0.05), ("slow", 0.15)):
+        lease = router.try_acquire("m", "m/1", 1, exclude=["slow" if name == "fast" else "fast"])
+        assert lease is not None
+        clock.advance(seconds)
+        lease.finish(SUCCESS)
+    for _ in range(200):  # 10 s of traffic on the fast host only: the slow one's estimate decays
+        lease = router.try_acquire("m", "m/1", 1, exclude=["slow"])
+        assert lease is not None
+        clock.advance(0.05)
+        lease.finish(SUCCESS)
+    probe = router.try_acquire("m", "m/1", 1)
+    assert probe is not None and probe.name == "slow"  # decayed below the fast host: tried
+    clock.advance(0.1)  # the probe has been out for 100 ms, longer than the fast host takes
+    after = [router.try_acquire("m", "m/1", 1) for _ in range(3)]
+    assert [lease.name for lease in after if lease is not None] == ["fast"] * 3
