@@ -184,7 +184,9 @@ def test_a_repeated_header_is_parsed_once_and_decodes_the_same() -> None:
         }
     ).encode()
     assert decode_infer_request(mixed + b"\x02\0\0\0", len(mixed)).inputs["B"][0] == 2
-    assert len(codec._TEMPLATES) == 1  # JSON data is in the header: nothing to reuse
+    with_id = b'{"id":"r-1",' + first[1:length]
+    assert decode_infer_request(with_id + first[length:], len(with_id)).id == "r-1"
+    assert len(codec._TEMPLATES) == 1  # JSON data and ids are per request: nothing to reuse
 
 
 def test_header_cache_is_bounded() -> None:

@@ -228,6 +228,8 @@ def _remember(
 ) -> None:
     if not request.inputs or any(a.dtype.kind == "O" for a in request.inputs.values()):
         return  # BYTES tensors are split per request
+    if request.id is not None:
+        return  # a header with a per-request id would never be seen again
     if len(_TEMPLATES) >= _TEMPLATES_MAX:
         _TEMPLATES.clear()
     _TEMPLATES[key] = _Template(
