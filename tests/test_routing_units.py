@@ -724,10 +724,12 @@ def test_cold_host_wins_only_when_the_warm_one_is_slower() -> None:
 
     warm = router.targets["warm"]
     assert all(pick("warm", "cached") == "warm" for _ in range(10))  # 10 ms beats 200 ms
-    warm.in_flight = 30  # busy: 31 x 10 ms = 310 ms > 10 ms + 200 ms load
+    warm.started = {-i: clock() for i in range(1, 31)}  # 30 batches out: 31 x 10 ms = 310 ms
+    # > 10 ms + 200 ms load
     assert all(pick("warm", "cached") == "cached" for _ in range(10))
     assert all(pick("warm", "origin") == "warm" for _ in range(10))  # 1.2 s from the origin
-    warm.in_flight = 60  # 610 ms: the cached host wins, the origin one still does not
+    warm.started = {-i: clock() for i in range(1, 61)}  # 60 out, 610 ms: the cached host wins,
+    # the origin one still does not
     assert pick("warm", "cached") == "cached"
     assert all(pick("warm", "origin") == "warm" for _ in range(10))
     assert all(pick("cached", "origin") == "cached" for _ in range(10))

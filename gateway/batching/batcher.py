@@ -266,8 +266,7 @@ class Batcher:
             # Free the slot before handing results back: the scheduler's wake-up then runs
             # ahead of the callers' tasks, so the next batch reaches the backend before the
             # event loop spends a millisecond encoding this batch's responses.
-            self._started.pop(id(batch), None)
-            self._release()
+            self._release(batch)
             released = True
             compute_ns = int((self._clock() - started) * 1e9)
             ran_s = context.compute_s.get()
@@ -296,8 +295,7 @@ class Batcher:
                 start = end
         finally:
             if not released:
-                self._started.pop(id(batch), None)
-                self._release()
+                self._release(batch)
 
     def _stop_at_preferred(self, rows: int, signature: tuple[Any, ...]) -> bool:
         """At a preferred size, stop unless the queue holds enough to reach the next larger one,
@@ -329,7 +327,10 @@ class Batcher:
         self._wake_rows = rows
         self._forming = forming
 
-    def _release(self) -> None:
+    def _release(self, batch: list[_Pending] | None = None) -> None:
+        """Give back a batch slot (and forget when ``batch`` started)."""
+        if batch is not None:
+            self._started.pop(id(batch), None)
         self._busy -= 1
         self._freed.set()
         self._arrived.set()  # a batch formed ahead stops waiting for more

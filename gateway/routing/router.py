@@ -50,7 +50,6 @@ class TargetState:
     weight: float = 1.0
     capacity: int = 16
     models: frozenset[str] | None = None  # placement; None: every model
-    in_flight: int = 0
     completed: int = 0
     failed: int = 0
     estimates: dict[str, LatencyEstimate] = field(default_factory=dict)
@@ -59,9 +58,13 @@ class TargetState:
     tiers: dict[str, HostModel] = field(default_factory=dict)  # model key -> where it is there
     bandwidth_bps: float | None = None  # measured bytes/s of moving a model there
     fetch_seen: dict[str, tuple[float, int]] = field(default_factory=dict)  # key -> (t, bytes)
-    # When each lease in flight there started (by id): the oldest one's age is a floor on the
-    # latency estimate (see ``candidates``).
+    # When each lease in flight there started (by id): how many are out, and the oldest one's
+    # age, a floor on the latency estimate (see ``candidates``).
     started: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.started)
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -325,7 +328,6 @@ class Router:
         chosen = self.policy.choose(candidates)
         target = self.targets[chosen.name]
         lease = Lease(self, target, key, rows)
-        target.in_flight += 1
         target.started[id(lease)] = lease.started_s
         return lease
 
@@ -369,7 +371,6 @@ class Router:
 
     def _finish(self, lease: Lease, outcome: str) -> None:
         target = lease.target
-        target.in_flight -= 1
         target.started.pop(id(lease), None)
         if not self.is_current(target):
             # Removed or replaced while this lease ran: count it, but the health verdicts

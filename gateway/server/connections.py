@@ -83,6 +83,7 @@ class GatheringTransport:
         self._pending = []
         self._transport.abort()
 
+    # Spelled out rather than left to ``__getattr__``: uvicorn calls these on every request.
     def is_closing(self) -> bool:
         return self._transport.is_closing()
 
