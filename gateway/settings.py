@@ -85,7 +85,9 @@ class Settings:
     # Remote Triton hosts (``[[hosts]]`` tables with ``kind = "triton"``).
     triton_strategy: str = "auto"  # auto | onnxruntime | python: the backend models get there
     host_probe_interval_s: float = 2.0  # health probe period; a host back up gets its models again
-    host_concurrency: int = 4  # batches in flight per model version and host
+    # Batches in flight per model version and Triton host; 0: the model's instance count + 1,
+    # so every instance there has a batch and one more waits (Triton queues and merges it).
+    host_concurrency: int = 0
     host_timeout_s: float = 30.0  # one request to a host, when the caller set no deadline
     # Multi-host routing (``gateway.routing``; used when ``[[hosts]]`` has ``kind = "v2"`` hosts).
     # Host tables: name, url (or dns + port: re-resolved every dns_refresh_s, one host per
@@ -132,9 +134,9 @@ class Settings:
             raise SettingsError(
                 f"triton_strategy must be auto, onnxruntime or python, got {self.triton_strategy!r}"
             )
-        if self.host_probe_interval_s <= 0 or self.host_timeout_s <= 0 or self.host_concurrency < 1:
+        if self.host_probe_interval_s <= 0 or self.host_timeout_s <= 0 or self.host_concurrency < 0:
             raise SettingsError(
-                "host_probe_interval_s and host_timeout_s must be > 0, host_concurrency >= 1"
+                "host_probe_interval_s and host_timeout_s must be > 0, host_concurrency >= 0"
             )
         if self.routing_policy not in ("latency", "least_request", "round_robin"):
             raise SettingsError(

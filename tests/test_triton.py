@@ -157,7 +157,7 @@ async def test_request_ids_and_deadline_go_upstream(protocol: str) -> None:
         await host.close()
     (args, batched), (_, single) = client.calls
     assert args[0] == "m" and batched["model_version"] == "3"
-    assert batched["request_id"] == "a,b" and batched["headers"] == {"x-request-id": "a,b"}
+    assert batched["request_id"] == "a,b" and batched["headers"]["x-request-id"] == "a,b"
     assert single["request_id"] == "solo" and single["timeout"] is None
     assert batched["timeout"] == 1_500_000  # Triton's own request timeout, microseconds
     (tensor,), (wanted,) = args[1], batched["outputs"]
@@ -166,8 +166,12 @@ async def test_request_ids_and_deadline_go_upstream(protocol: str) -> None:
     if protocol == "grpc":  # the deadline travels as the gRPC deadline too; raw bytes
         assert (batched["client_timeout"], single["client_timeout"]) == (1.5, host.timeout_s)
         assert tensor._get_content() == np.ones((2, 4), np.float32).tobytes()
+        assert batched["headers"] == {"x-request-id": "a,b"}
     else:
         assert "client_timeout" not in batched
+        # aiohttp would ask for gzip, and Triton would compress every response for it.
+        assert batched["headers"]["accept-encoding"] == single["headers"]["accept-encoding"]
+        assert single["headers"]["accept-encoding"] == "identity"
         assert tensor._get_binary_data() == np.ones((2, 4), np.float32).tobytes()
 
 
@@ -220,6 +224,12 @@ def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models.add_sub(root, "simple")
     models.dense(root, "dense")  # no config.pbtxt: auto-completed by the gateway
     models.add_sub(root, "ghost")  # only allowed on a host that does not exist
+    # ORT session entries reach the python-backend model; this one makes its session refuse
+    # an .onnx file.
+    config = models.SIMPLE_CONFIG.replace('"simple"', '"ortformat"') + (
+        'parameters { key: "session.load_model_format" value: { string_value: "ORT" } }\n'
+    )
+    models.add_sub(root, "ortformat", config=config)
     return root
 
 
@@ -234,7 +244,7 @@ def gw(
         "host_concurrency = 4\n"
         "[[hosts]]\n"
         'kind = "triton"\nname = "t1"\ndevice = "cpu"\n'
-        f'url = "{triton.http_url}"\nmodels = ["simple", "dense"]\n'
+        f'url = "{triton.http_url}"\nmodels = ["simple", "dense", "ortformat"]\n'
         "[[hosts]]\n"
         'kind = "triton"\nname = "nowhere"\n'
         f'url = "127.0.0.1:{free_port()}"\nmodels = ["ghost"]\n'
@@ -329,6 +339,7 @@ def test_metadata_config_and_readiness(gw: GatewayProcess, triton: TritonServer)
     print(f"metadata parameters: {json.dumps(params)}")
     assert params["backend"] == "triton"
     assert params["strategy"] == "python"  # this Triton build has no onnxruntime backend
+    assert params["host_concurrency"] == 4  # as configured
     (host,) = params["hosts"]
     assert (host["name"], host["state"], host["model_ready"]) == ("t1", "up", True)
     assert (
@@ -349,6 +360,10 @@ def test_load_failure_reason_in_index(gw: GatewayProcess) -> None:
     assert ghost["state"] == "UNAVAILABLE"
     assert "could not be loaded on any Triton host" in ghost["reason"]
     assert "nowhere" in ghost["reason"] and "unreachable" in ghost["reason"]
+    # The host answered, and said why its python-backend model could not start.
+    ortformat = index["ortformat"]
+    assert ortformat["state"] == "UNAVAILABLE"
+    assert "t1" in ortformat["reason"] and "ORT model verification" in ortformat["reason"]
 
 
 def test_unload_and_load_through_the_gateway(gw: GatewayProcess, triton: TritonServer) -> None:
@@ -382,7 +397,9 @@ def test_grpc_host_outputs_match_onnxruntime(gw_grpc: GatewayProcess, binary: bo
     pair = _simple_feeds()
     simple = _infer(client, "simple_grpc", pair, binary)
     np.testing.assert_array_equal(simple.as_numpy("OUTPUT1"), pair["INPUT0"] - pair["INPUT1"])
-    (host,) = client.get_model_metadata("dtypes")["parameters"]["hosts"]
+    params = client.get_model_metadata("dtypes")["parameters"]
+    assert params["host_concurrency"] == 2  # the default: one instance there, and one more
+    (host,) = params["hosts"]
     assert (host["name"], host["protocol"], host["state"]) == ("g1", "grpc", "up")
 
 
@@ -400,7 +417,11 @@ async def test_grpc_host_maps_tritons_errors(triton: TritonServer, gw: GatewayPr
     host = _host("grpc", f"127.0.0.1:{free_port()}", triton.grpc_url)
     good = {n: np.ones((2, 16), np.int32) for n in ("INPUT0", "INPUT1")}
     try:
-        assert await host.ready() and await host.model_ready("simple", 1)
+        # "ortformat" failed to load there, so Triton's strict /v2/health/ready says no; the
+        # server is live, and a host that is live counts as up.
+        assert not await host.ready()
+        await host.probe()
+        assert host.state == "up" and await host.model_ready("simple", 1)
         out = await host.infer("simple", 1, good, ["OUTPUT0"], timeout_s=TIMEOUT_S)
         np.testing.assert_array_equal(out["OUTPUT0"], good["INPUT0"] * 2)
         with pytest.raises(ModelNotReady, match="unknown model"):

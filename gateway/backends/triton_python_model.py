@@ -34,6 +34,7 @@ _THREAD_PARAMETERS = {
     "intra_op_thread_count": "intra_op_num_threads",
     "inter_op_thread_count": "inter_op_num_threads",
 }
+_NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 
 class TritonPythonModel:
@@ -45,6 +46,15 @@ class TritonPythonModel:
             value = (config.get("parameters") or {}).get(key, {}).get("string_value")
             if value:
                 setattr(options, attribute, int(value))
+        # ORT session config entries ("session.*" keys) pass through. Spinning is off unless
+        # asked for: the stub shares the host's cores with Triton's front end, and idle ORT
+        # threads spinning between batches took CPU from both (see bench/README.md).
+        entries = dict(_NO_SPINNING)
+        for key, value in (config.get("parameters") or {}).items():
+            if key.startswith("session.") and value.get("string_value") is not None:
+                entries[key] = value["string_value"]
+        for key, value in entries.items():
+            options.add_session_config_entry(key, value)
         self._session = ort.InferenceSession(
             path, sess_options=options, providers=["CPUExecutionProvider"]
         )
