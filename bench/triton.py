@@ -14,9 +14,13 @@ here: 1 MiB of FP32 in and out per request.
     .venv/bin/python bench/triton.py --models simple,mlp,big --concurrency 16 --duration-s 10
 
 Prints req/s, p50, p99, the gateway's added latency over Triton direct (p50, p99), its
-throughput ratio, and gRPC vs HTTP to Triton; writes ``bench/results/triton.md``. The client,
-the gateways and Triton share this machine's CPUs, so read the ratios, not the absolute numbers.
-With ``--rounds N`` the target order is reversed every other round and the median round is kept.
+throughput ratio, and gRPC vs HTTP to Triton; writes ``bench/results/triton.md``. Read the
+ratios, not the absolute numbers. With ``--rounds N`` the target order is reversed every other
+round and the median round is kept.
+
+Two CPU layouts (``--layouts``), each with its own Triton and gateways: ``shared``, where the
+client, the gateways and Triton share every CPU, and ``split``, where the gateways run alone on
+half the CPUs and Triton with the client on the other half, as a gateway on its own host would.
 """
 
 from __future__ import annotations
@@ -111,6 +115,9 @@ async def run_load(
     client = httpaio.InferenceServerClient(address, conn_limit=concurrency)
     inputs = _inputs(model)
     outputs = [httpaio.InferRequestedOutput(MODELS[model][4], binary_data=True)]
+    # aiohttp asks for gzip by default, and Triton would compress every response for it (about
+    # 40 ms of CPU per 1 MiB output); no target compresses, so Triton direct is at its best.
+    headers = {"accept-encoding": "identity"}
     latencies: list[float] = []
     errors = 0
     measuring = False
@@ -121,7 +128,7 @@ async def run_load(
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
             try:
-                await client.infer(model, inputs, outputs=outputs)
+                await client.infer(model, inputs, outputs=outputs, headers=headers)
             except Exception:
                 errors += measuring
                 continue
@@ -129,7 +136,8 @@ async def run_load(
                 latencies.append(time.perf_counter() - started)
 
     try:
-        await client.infer(model, inputs, outputs=outputs)  # fail loudly before the load
+        # Fail loudly before the load.
+        await client.infer(model, inputs, outputs=outputs, headers=headers)
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
         await asyncio.sleep(warmup_s)
         measuring, begin, cpu_before = True, time.perf_counter(), cpu()
@@ -241,65 +249,85 @@ def table(results: list[Result]) -> list[str]:
     return lines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="simple,mlp,big")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--duration-s", type=float, default=10.0)
-    parser.add_argument("--warmup-s", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the four targets")
-    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "triton.md"))
-    args = parser.parse_args()
-    models = [m for m in args.models.split(",") if m]
-    for model in models:
-        if model not in MODELS:
-            parser.error(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+LAYOUTS = ("shared", "split")
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-triton-"))
-    repo = _repo(tmp / "repo", models)
-    results: list[Result] = []
-    with TritonServer() as triton:
-        gateways = {}
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus``; threads and processes it starts later inherit it."""
+    for task in os.listdir(f"/proc/{pid}/task"):
         try:
-            # One after the other: the second push of a model reloads it in Triton.
-            for target, protocol in (*PROTOCOLS.items(), ("gateway_ort", "")):
-                config = _gateway_config(
-                    tmp / f"{target}.toml",
-                    triton if protocol else None,
-                    models,
-                    2.0,
-                    protocol,
-                )
-                gateways[target] = start_gateway(repo, tmp, "--config", str(config))
-            addresses = {"triton_direct": triton.http_address}
-            addresses.update({t: g.address for t, g in gateways.items()})
-            for model in models:
-                for round_ in range(args.rounds):
-                    for target in TARGETS if round_ % 2 == 0 else TARGETS[::-1]:
-                        result = asyncio.run(
-                            run_load(
-                                addresses[target],
-                                model,
-                                target,
-                                args.concurrency,
-                                args.duration_s,
-                                args.warmup_s,
-                                functools.partial(_cpu, gateways.get(target), triton),
-                            )
-                        )
-                        print(
-                            f"{model:7s} {target:19s} {result.rps:8.0f} req/s  "
-                            f"p50 {result.pct_ms(0.5):6.2f} ms  p99 {result.pct_ms(0.99):6.2f} ms"
-                            f"  errors {result.errors}  CPU us/req gateway "
-                            f"{result.cpu_us(result.gateway_cpu_s)} Triton "
-                            f"{result.cpu_us(result.triton_cpu_s)}",
-                            flush=True,
-                        )
-                        results.append(result)
-        finally:
-            for gateway in gateways.values():
-                gateway.stop()
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:  # the thread ended meanwhile
+            pass
 
+
+def _cpu_sets(layout: str) -> tuple[set[int], set[int]] | None:
+    """(gateway CPUs, Triton + client CPUs) for ``split``; None: everything shares every CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if layout == "shared":
+        return None
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
+def run_layout(
+    layout: str, args: argparse.Namespace, models: list[str], repo: Path
+) -> list[Result]:
+    """Every model against every target, with a fresh Triton and gateways placed per layout."""
+    everything = os.sched_getaffinity(0)
+    sets = _cpu_sets(layout)
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-triton-{layout}-"))
+    results: list[Result] = []
+    if sets is not None:
+        _pin(os.getpid(), sets[1])  # the load generator, beside Triton
+    try:
+        with TritonServer() as triton:
+            if sets is not None and triton.pid is not None:
+                _pin(triton.pid, sets[1])  # before any model (python-backend stub) starts
+            gateways = {}
+            try:
+                # One after the other: the second push of a model reloads it in Triton.
+                for target, protocol in (*PROTOCOLS.items(), ("gateway_ort", "")):
+                    config = _gateway_config(
+                        tmp / f"{target}.toml",
+                        triton if protocol else None,
+                        models,
+                        2.0,
+                        protocol,
+                    )
+                    gateways[target] = start_gateway(repo, tmp, "--config", str(config))
+                    if sets is not None:
+                        _pin(gateways[target].process.pid, sets[0])
+                addresses = {"triton_direct": triton.http_address}
+                addresses.update({t: g.address for t, g in gateways.items()})
+                for model in models:
+                    for round_ in range(args.rounds):
+                        for target in TARGETS if round_ % 2 == 0 else TARGETS[::-1]:
+                            result = asyncio.run(
+                                run_load(
+                                    addresses[target],
+                                    model,
+                                    target,
+                                    args.concurrency,
+                                    args.duration_s,
+                                    args.warmup_s,
+                                    functools.partial(_cpu, gateways.get(target), triton),
+                                )
+                            )
+                            print(
+                                f"{layout:6s} {model:7s} {target:19s} {result.rps:8.0f} req/s  "
+                                f"p50 {result.pct_ms(0.5):6.2f} ms  "
+                                f"p99 {result.pct_ms(0.99):6.2f} ms  errors {result.errors}  "
+                                f"CPU us/req gateway {result.cpu_us(result.gateway_cpu_s)} "
+                                f"Triton {result.cpu_us(result.triton_cpu_s)}",
+                                flush=True,
+                            )
+                            results.append(result)
+            finally:
+                for gateway in gateways.values():
+                    gateway.stop()
+    finally:
+        _pin(os.getpid(), everything)
     if args.rounds > 1:  # the median round per (model, target)
         merged = []
         for model in models:
@@ -307,6 +335,11 @@ def main() -> int:
                 runs = [r for r in results if (r.model, r.target) == (model, target)]
                 merged.append(sorted(runs, key=lambda r: r.rps)[len(runs) // 2])
         results = merged
+    return results
+
+
+def layout_report(layout: str, results: list[Result], models: list[str]) -> list[str]:
+    """The tables and verdicts of one layout."""
     lines = table(results)
     by_key = {(r.model, r.target): r for r in results}
     for model in models:
@@ -316,23 +349,71 @@ def main() -> int:
             added_ms, ratio = via.pct_ms(0.5) - base.pct_ms(0.5), via.rps / base.rps
             met = "met" if added_ms <= 1.0 and ratio >= 0.8 else "NOT met"
             lines.append(
-                f"\n`{model}`: gateway -> Triton over {protocol} adds {added_ms:+.2f} ms p50 and "
-                f"keeps {ratio:.2f}x Triton-direct throughput: goal {met}."
+                f"\n{layout}, `{model}`: gateway -> Triton over {protocol} adds "
+                f"{added_ms:+.2f} ms p50 and keeps {ratio:.2f}x Triton-direct throughput: "
+                f"goal {met}."
             )
     ratios = [
         by_key[(m, "gateway_triton_grpc")].rps / by_key[(m, "gateway_triton_http")].rps
         for m in models
     ]
-    lines += [
+    return [
+        *lines,
         "",
-        "### Gateway -> Triton: gRPC vs HTTP",
+        f"#### {layout}: gateway -> Triton, gRPC vs HTTP",
         "",
         *protocol_table(results, models),
         "",
         f"gRPC/HTTP throughput, geometric mean over {', '.join(models)}: "
-        f"{statistics.geometric_mean(ratios):.2f}x. The gateway's default `protocol` for a Triton "
-        f"host with a `grpc_url` (`DEFAULT_PROTOCOL`): `{DEFAULT_PROTOCOL}`.",
+        f"{statistics.geometric_mean(ratios):.2f}x.",
     ]
+
+
+LAYOUT_TEXT = {
+    "shared": "Client, Triton and the three gateways share every CPU: the gateway's CPU per "
+    "request competes with Triton's own (a gateway on the Triton host).",
+    "split": "The gateways alone on the first half of the CPUs, Triton and the client on the "
+    "other half (`sched_setaffinity`, every thread): the gateway as on a host of its own, "
+    "which is how a remote Triton host is deployed. Triton direct gets the same CPUs as "
+    "behind the gateway.",
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="simple,mlp,big")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the four targets")
+    parser.add_argument(
+        "--layouts", default=",".join(LAYOUTS), help="shared, split or both (see LAYOUT_TEXT)"
+    )
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "triton.md"))
+    args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    for model in models:
+        if model not in MODELS:
+            parser.error(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+    layouts = [x for x in args.layouts.split(",") if x]
+    for layout in layouts:
+        if layout not in LAYOUTS:
+            parser.error(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    if "split" in layouts and len(os.sched_getaffinity(0)) < 2:
+        parser.error("the split layout needs at least 2 CPUs")
+
+    repo = _repo(Path(tempfile.mkdtemp(prefix="bench-triton-")) / "repo", models)
+    lines: list[str] = []
+    for layout in layouts:
+        results = run_layout(layout, args, models, repo)
+        lines += [
+            "",
+            f"## Layout: {layout}",
+            "",
+            LAYOUT_TEXT[layout],
+            "",
+            *layout_report(layout, results, models),
+        ]
     print("\n".join(lines))
     command = "  ".join(["python bench/triton.py", *sys.argv[1:]]).replace("  ", " ")
     cpu = os.cpu_count()
@@ -342,22 +423,23 @@ def main() -> int:
         f"Command: `.venv/bin/{command}`",
         "",
         f"Machine: {platform.platform()}, {cpu} CPUs, Python {platform.python_version()}. "
-        "Client, Triton and the three gateways share these CPUs. Triton is the nvidia-pytriton "
+        "Triton is the nvidia-pytriton "
         "build (python backend only): its models run as python-backend `model.py` + ONNX "
         "Runtime, pushed there by the gateways. `gateway_triton_http` and `gateway_triton_grpc` "
         "differ only in the host's `protocol` (tritonclient.http.aio binary tensors vs "
         "tritonclient.grpc.aio raw contents); the client always speaks HTTP to the gateway. "
         "Batch-1 binary requests from "
-        f"{args.concurrency} `tritonclient.http.aio` coroutines, {args.duration_s:g} s per "
-        f"target after {args.warmup_s:g} s warm-up"
+        f"{args.concurrency} `tritonclient.http.aio` coroutines (asking for uncompressed "
+        f"responses), {args.duration_s:g} s per target after {args.warmup_s:g} s warm-up"
         + (f", median of {args.rounds} rounds." if args.rounds > 1 else "."),
         "",
         "CPU us/req: CPU time of the gateway process, and of tritonserver plus its "
         "python-backend stubs, over the measured window divided by the requests served "
         "(less sensitive than req/s to other load on the machine).",
         "",
-        "Goal: gateway -> Triton adds <= 1 ms p50 and keeps >= 0.8x Triton-direct throughput.",
-        "",
+        "Goal: gateway -> Triton adds <= 1 ms p50 and keeps >= 0.8x Triton-direct throughput. "
+        f"The gateway's default `protocol` for a Triton host with a `grpc_url` "
+        f"(`DEFAULT_PROTOCOL`): `{DEFAULT_PROTOCOL}`.",
         *lines,
         "",
     ]

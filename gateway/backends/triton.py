@@ -87,8 +87,9 @@ _MISSING_BACKEND = "unable to find backend library for backend 'onnxruntime'"
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
 PROTOCOLS = ("http", "grpc")
 # The protocol of a host with a ``grpc_url`` and no ``protocol`` (without one it is ``http``).
-# Measured in bench/results/triton.md: even with HTTP for small tensors, ~6x the throughput
-# with 1 MiB tensors (Triton's HTTP front end spends ~40 ms CPU per such request).
+# bench/results/triton.md: about the same throughput as HTTP (0.9-1.1x) from 64 B to 1 MiB
+# tensors. (An earlier ~6x at 1 MiB was Triton gzipping HTTP responses that aiohttp asked for.)
+# gRPC keeps one HTTP/2 channel per host instead of a connection pool, and carries the deadline.
 DEFAULT_PROTOCOL = "grpc"
 # What Triton's gRPC status codes mean as the HTTP statuses ``TritonHost._error`` reads.
 _GRPC_AS_HTTP = {
