@@ -6,8 +6,11 @@ as python-backend ``model.py`` + ONNX Runtime there), two gateways whose only ho
 ``protocol = "grpc"``, and a plain gateway (in-process ONNX Runtime), all on free loopback ports.
 For each model, the same load hits each target in turn: ``--concurrency`` coroutines of
 ``tritonclient.http.aio`` sending batch-1 binary-tensor requests back to back for
-``--duration-s``. "Triton direct" talks to the very model the gateways pushed; only the
-gateway -> Triton leg differs between ``gateway_triton_http`` and ``gateway_triton_grpc``.
+``--duration-s``. "Triton direct" talks to a copy of each model (``<model>_direct``) pushed
+with the model's own config, queue delay included, as Triton would run it alone; the gateways
+push theirs without the delay, which they wait themselves (``triton_batching = "gateway"``).
+Only the gateway -> Triton leg differs between ``gateway_triton_http`` and
+``gateway_triton_grpc``.
 Models: ``simple`` and ``mlp`` from ``model_repo/`` (64 B and 4 KiB inputs) and ``big``, built
 here: 1 MiB of FP32 in and out per request.
 
@@ -47,7 +50,7 @@ import tritonclient.http.aio as httpaio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.backends.triton import DEFAULT_PROTOCOL  # noqa: E402
+from gateway.backends.triton import DEFAULT_PROTOCOL, TritonHost  # noqa: E402
 from gateway.testing.tritonserver import TritonServer, process_cpu_s  # noqa: E402
 from tests.conftest import GatewayProcess, start_gateway  # noqa: E402
 
@@ -110,14 +113,17 @@ async def run_load(
     duration_s: float,
     warmup_s: float,
     cpu: Callable[[], tuple[float | None, float]],
+    served_as: str | None = None,
 ) -> Result:
-    """Load one target; ``cpu()`` is (gateway, Triton) CPU seconds so far."""
+    """Load one target; ``cpu()`` is (gateway, Triton) CPU seconds so far; ``served_as``: the
+    model's name there, when not ``model``."""
     client = httpaio.InferenceServerClient(address, conn_limit=concurrency)
     inputs = _inputs(model)
     outputs = [httpaio.InferRequestedOutput(MODELS[model][4], binary_data=True)]
     # aiohttp asks for gzip by default, and Triton would compress every response for it (about
     # 40 ms of CPU per 1 MiB output); no target compresses, so Triton direct is at its best.
     headers = {"accept-encoding": "identity"}
+    name = served_as or model
     latencies: list[float] = []
     errors = 0
     measuring = False
@@ -128,7 +134,7 @@ async def run_load(
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
             try:
-                await client.infer(model, inputs, outputs=outputs, headers=headers)
+                await client.infer(name, inputs, outputs=outputs, headers=headers)
             except Exception:
                 errors += measuring
                 continue
@@ -137,7 +143,7 @@ async def run_load(
 
     try:
         # Fail loudly before the load.
-        await client.infer(model, inputs, outputs=outputs, headers=headers)
+        await client.infer(name, inputs, outputs=outputs, headers=headers)
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
         await asyncio.sleep(warmup_s)
         measuring, begin, cpu_before = True, time.perf_counter(), cpu()
@@ -181,6 +187,38 @@ def _repo(root: Path, models: list[str]) -> Path:
             'name: "big"\nmax_batch_size: 8\ndynamic_batching { }\n'
         )
     return root
+
+
+def _push_direct(triton: TritonServer, repo: Path, models: list[str]) -> dict[str, str]:
+    """Each model again as ``<model>_direct``, with its own config as Triton would run it alone
+    (``batching = "triton"``: Triton waits the queue delay; the gateways push it without one,
+    since they wait it themselves). Returns model -> the name Triton direct is asked for."""
+    from gateway.backends.onnxruntime import inspect_config
+    from gateway.repository.local import LocalRepository
+
+    root = Path(tempfile.mkdtemp(prefix="bench-triton-direct-"))
+    names = {}
+    for model in models:
+        name = f"{model}_direct"
+        shutil.copytree(repo / model, root / name)
+        config = root / name / "config.pbtxt"
+        if config.exists():
+            config.write_text(config.read_text().replace(f'"{model}"', f'"{name}"', 1))
+        names[model] = name
+
+    async def push() -> None:
+        host = TritonHost("direct", triton.http_url, batching="triton", timeout_s=60.0)
+        host.keep_models = True
+        try:
+            for name in names.values():
+                source = LocalRepository(root).source(name)
+                for version in source.version_paths:
+                    await host.prepare(source, version, inspect_config(source, version, 4))
+        finally:
+            await host.close()
+
+    asyncio.run(push())
+    return names
 
 
 def _cpu(gateway: GatewayProcess | None, triton: TritonServer) -> tuple[float | None, float]:
@@ -298,6 +336,7 @@ def run_layout(
                     gateways[target] = start_gateway(repo, tmp, "--config", str(config))
                     if sets is not None:
                         _pin(gateways[target].process.pid, sets[0])
+                direct_names = _push_direct(triton, repo, models)
                 addresses = {"triton_direct": triton.http_address}
                 addresses.update({t: g.address for t, g in gateways.items()})
                 for model in models:
@@ -312,6 +351,7 @@ def run_layout(
                                     args.duration_s,
                                     args.warmup_s,
                                     functools.partial(_cpu, gateways.get(target), triton),
+                                    direct_names[model] if target == "triton_direct" else None,
                                 )
                             )
                             print(

@@ -18,6 +18,8 @@ from typing import Any
 
 from gateway.errors import GatewayError
 
+BATCHING_PLACES = ("gateway", "triton")  # where a Triton-served model's requests are batched
+
 
 class SettingsError(GatewayError):
     """The configuration is invalid; raised at start-up."""
@@ -84,6 +86,10 @@ class Settings:
     hosts: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     # Remote Triton hosts (``[[hosts]]`` tables with ``kind = "triton"``).
     triton_strategy: str = "auto"  # auto | onnxruntime | python: the backend models get there
+    # Where requests for a Triton-served model are batched: "gateway" (the gateway waits the
+    # model's max_queue_delay, Triton runs what arrives: one wait) or "triton" (the gateway
+    # forwards at once and Triton waits; for a Triton host that other clients also use).
+    triton_batching: str = "gateway"
     host_probe_interval_s: float = 2.0  # health probe period; a host back up gets its models again
     # Batches in flight per model version and Triton host; 0: the model's instance count + 1,
     # so every instance there has a batch and one more waits (Triton queues and merges it).
@@ -133,6 +139,10 @@ class Settings:
         if self.triton_strategy not in ("auto", "onnxruntime", "python"):
             raise SettingsError(
                 f"triton_strategy must be auto, onnxruntime or python, got {self.triton_strategy!r}"
+            )
+        if self.triton_batching not in BATCHING_PLACES:
+            raise SettingsError(
+                f"triton_batching must be gateway or triton, got {self.triton_batching!r}"
             )
         if self.host_probe_interval_s <= 0 or self.host_timeout_s <= 0 or self.host_concurrency < 0:
             raise SettingsError(

@@ -24,7 +24,7 @@ import pytest
 from gateway import context
 from gateway.backends.triton import DEFAULT_PROTOCOL, TritonHost, triton_config, triton_hosts
 from gateway.errors import HostUnreachable, InvalidInput, ModelNotReady
-from gateway.repository.config import ModelConfig, TensorConfig
+from gateway.repository.config import DynamicBatching, ModelConfig, TensorConfig
 from gateway.settings import Settings, SettingsError
 from gateway.testing.tritonserver import TritonServer, free_port, tritonserver_unavailable_reason
 from tests import models
@@ -52,6 +52,7 @@ def test_triton_config_for_each_strategy() -> None:
         outputs=(TensorConfig("Y", "FP32", (4,)),),
         instance_kind="KIND_GPU",
         instance_count=2,
+        dynamic_batching=DynamicBatching(preferred_batch_sizes=(4,), max_queue_delay_us=2000),
     )
     ort_cfg = triton_config(config, [2, 1], "cpu", "onnxruntime")
     assert ort_cfg["backend"] == "onnxruntime" and ort_cfg["platform"] == "onnxruntime_onnx"
@@ -63,6 +64,12 @@ def test_triton_config_for_each_strategy() -> None:
     py_cfg = triton_config(config, [1], "cpu", "python")
     assert py_cfg["backend"] == "python" and "platform" not in py_cfg
     assert py_cfg["input"] == ort_cfg["input"] and py_cfg["max_batch_size"] == 8
+    # The gateway batches (and waits) before Triton by default: Triton gets the sizes, no wait.
+    assert ort_cfg["dynamic_batching"] == {"preferred_batch_size": [4]}
+    assert py_cfg["dynamic_batching"] == {"preferred_batch_size": [4]}
+    waits_there = triton_config(config, [1], "cpu", "python", batching="triton")
+    assert waits_there["dynamic_batching"]["max_queue_delay_microseconds"] == 2000
+    assert config.dynamic_batching and config.dynamic_batching.max_queue_delay_us == 2000
 
 
 def test_hosts_from_settings() -> None:
@@ -77,6 +84,14 @@ def test_hosts_from_settings() -> None:
     assert (a.name, a.url, a_models, a.strategy) == ("a", "http://127.0.0.1:1", {"m"}, "python")
     assert (b.name, b_models, "gpu" in b.labels) == ("http://127.0.0.1:2", None, True)
     assert (a.protocol, b.protocol, a.grpc_url) == ("http", "http", None)
+    assert (a.batching, b.batching) == ("gateway", "gateway")
+    (shared, _), (own, _) = triton_hosts(
+        Settings(
+            hosts=({"url": "x:1", "batching": "triton"}, {"url": "x:2"}),
+            triton_batching="triton",
+        )
+    )
+    assert (shared.batching, own.batching) == ("triton", "triton")
     (g, _), (h, _), (i, _) = triton_hosts(
         Settings(
             hosts=(
@@ -97,11 +112,14 @@ def test_hosts_from_settings() -> None:
         {"url": "x:1", "protocol": "thrift", "grpc_url": "x:2"},
         {"url": "x:1", "grpc_url": "grpc://x:2"},
         {"url": "x:1", "grpc_url": 8001},
+        {"url": "x:1", "batching": "both"},
     ):
         with pytest.raises(SettingsError):
             triton_hosts(Settings(hosts=(bad,)))
     with pytest.raises(SettingsError):
         Settings(triton_strategy="tensorrt")
+    with pytest.raises(SettingsError):
+        Settings(triton_batching="client")
 
 
 def _host(protocol: str, url: str, grpc_url: str | None = None, **kwargs: Any) -> TritonHost:
@@ -221,7 +239,11 @@ def triton() -> Iterator[TritonServer]:
 @pytest.fixture(scope="module")
 def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("triton-repo")
-    models.add_sub(root, "simple")
+    # A queue delay, waited at the gateway and not pushed to Triton (``batching = "gateway"``).
+    delayed = models.SIMPLE_CONFIG.replace(
+        "dynamic_batching { }", "dynamic_batching { max_queue_delay_microseconds: 500 }"
+    )
+    models.add_sub(root, "simple", config=delayed)
     models.dense(root, "dense")  # no config.pbtxt: auto-completed by the gateway
     models.add_sub(root, "ghost")  # only allowed on a host that does not exist
     # ORT session entries reach the python-backend model; this one makes its session refuse
@@ -340,6 +362,7 @@ def test_metadata_config_and_readiness(gw: GatewayProcess, triton: TritonServer)
     assert params["backend"] == "triton"
     assert params["strategy"] == "python"  # this Triton build has no onnxruntime backend
     assert params["host_concurrency"] == 4  # as configured
+    assert params["batching"] == "gateway"  # the default: one wait, at the gateway
     (host,) = params["hosts"]
     assert (host["name"], host["state"], host["model_ready"]) == ("t1", "up", True)
     assert (
@@ -351,6 +374,10 @@ def test_metadata_config_and_readiness(gw: GatewayProcess, triton: TritonServer)
     direct = _client(triton.http_address)
     assert direct.is_model_ready("simple", "1") and direct.is_model_ready("dense", "1")
     assert direct.get_model_config("simple")["backend"] == "python"
+    waits = client.get_model_config("simple")["dynamic_batching"]["max_queue_delay_microseconds"]
+    assert int(waits) == 500
+    there = direct.get_model_config("simple")["dynamic_batching"]
+    assert int(there.get("max_queue_delay_microseconds", 0)) == 0
 
 
 def test_load_failure_reason_in_index(gw: GatewayProcess) -> None:

@@ -47,8 +47,9 @@ class Backend(Protocol):
     # Optional: ``def ready(self) -> bool`` -- remote backends say whether any host serves the
     # version now; ``DataPlane.model_ready`` (``GET .../ready``) asks when it is there.
     # Optional: ``batches_upstream = True`` -- the backend runs its own dynamic batcher with this
-    # model's settings (a Triton host): the gateway's batcher then merges what is queued when a
-    # slot frees but does not wait ``max_queue_delay`` for more, which would pay it twice.
+    # model's settings (a Triton host with ``batching = "triton"``): the gateway's batcher then
+    # merges what is queued when a slot frees but does not wait ``max_queue_delay`` for more,
+    # which would pay it twice.
 
 
 class BackendFactory(Protocol):

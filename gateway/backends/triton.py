@@ -64,7 +64,7 @@ from gateway.errors import (
 from gateway.protocol.types import datatype_of
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import ModelSource
-from gateway.settings import Settings, SettingsError
+from gateway.settings import BATCHING_PLACES, Settings, SettingsError
 
 __all__ = [
     "DEFAULT_PROTOCOL",
@@ -120,10 +120,23 @@ class _Placement:
 
 
 def triton_config(
-    config: ModelConfig, versions: Sequence[int], device: str, backend: str
+    config: ModelConfig,
+    versions: Sequence[int],
+    device: str,
+    backend: str,
+    batching: str = "gateway",
 ) -> dict[str, Any]:
-    """The gateway's model config as Triton's JSON config for a repository-API load."""
+    """The gateway's model config as Triton's JSON config for a repository-API load.
+
+    With ``batching="gateway"`` the gateway's batcher has already waited ``max_queue_delay``
+    for a fuller batch, so Triton gets no delay of its own: it runs what is queued at once.
+    Waiting in both places paid the delay twice, on batches that Triton could not fill anyway
+    (the gateway holds the rest back), and cost ``mlp`` ~5 ms at p50 (``bench/README.md``).
+    """
     cfg = config.to_dict()
+    batcher = cfg.get("dynamic_batching")
+    if batching == "gateway" and isinstance(batcher, dict):
+        batcher.pop("max_queue_delay_microseconds", None)
     cfg["platform"], cfg["backend"] = "onnxruntime_onnx", "onnxruntime"
     cfg["version_policy"] = {"specific": {"versions": sorted(versions)}}
     if device != "gpu":  # a CPU host refuses KIND_GPU instances
@@ -265,6 +278,7 @@ class TritonHost:
         labels: frozenset[str] = frozenset(),
         device: str = "cpu",
         strategy: str = "auto",
+        batching: str = "gateway",
         conn_limit: int = 64,
         timeout_s: float = 30.0,
         load_timeout_s: float = 300.0,
@@ -272,6 +286,8 @@ class TritonHost:
     ) -> None:
         if strategy not in STRATEGIES:
             raise SettingsError(f"host {name}: strategy must be one of {STRATEGIES}")
+        if batching not in BATCHING_PLACES:
+            raise SettingsError(f"host {name}: batching must be one of {BATCHING_PLACES}")
         if protocol is None:
             protocol = DEFAULT_PROTOCOL if grpc_url else "http"
         if protocol not in PROTOCOLS:
@@ -285,6 +301,7 @@ class TritonHost:
         self._labels = labels | {device}
         self.device = device
         self.strategy = strategy
+        self.batching = batching
         self.conn_limit = conn_limit
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s
@@ -486,7 +503,7 @@ class TritonHost:
         backend: str,
         payload: dict[int, bytes],
     ) -> None:
-        cfg = triton_config(placement.config, versions, self.device, backend)
+        cfg = triton_config(placement.config, versions, self.device, backend, self.batching)
         files: dict[str, bytes] = {}
         for version, data in payload.items():
             if backend == "python":
@@ -609,8 +626,6 @@ class TritonHost:
 class TritonBackend:
     """One model version served by Triton hosts: the least busy ready one, failing over."""
 
-    batches_upstream = True  # Triton batches with the pushed dynamic_batching: see base.Backend
-
     def __init__(
         self,
         factory: TritonFactory,
@@ -625,6 +640,8 @@ class TritonBackend:
         self._hosts = hosts
         self._concurrency = concurrency
         self._count = concurrency * len(hosts)
+        # Where every host batches for itself, the gateway does not wait: see base.Backend.
+        self.batches_upstream = all(h.batching == "triton" for h in hosts)
         self._in_flight = dict.fromkeys((h.name for h in hosts), 0)
 
     @property
@@ -683,6 +700,7 @@ class TritonBackend:
             "backend": "triton",
             "strategy": ",".join(strategies),
             "host_concurrency": self._concurrency,
+            "batching": "triton" if self.batches_upstream else "gateway",
             "hosts": [
                 {**h.describe(), "model_ready": h.serving(self._config.name)} for h in self._hosts
             ],
@@ -694,7 +712,7 @@ def triton_hosts(settings: Settings) -> list[tuple[TritonHost, frozenset[str] | 
 
     Table keys: ``url`` (required), ``grpc_url`` (``host:port``), ``protocol`` (``http`` |
     ``grpc``, which needs ``grpc_url``; default ``DEFAULT_PROTOCOL`` with a ``grpc_url``, else
-    ``http``), ``name``, ``device`` (``cpu`` | ``gpu``), ``models``, ``strategy``,
+    ``http``), ``name``, ``device`` (``cpu`` | ``gpu``), ``models``, ``strategy``, ``batching``,
     ``conn_limit``, ``labels``.
     """
     hosts: list[tuple[TritonHost, frozenset[str] | None]] = []
@@ -726,6 +744,7 @@ def triton_hosts(settings: Settings) -> list[tuple[TritonHost, frozenset[str] | 
             labels=frozenset(str(v) for v in table.get("labels", ())),
             device=device,
             strategy=str(table.get("strategy", settings.triton_strategy)),
+            batching=str(table.get("batching", settings.triton_batching)),
             conn_limit=int(table.get("conn_limit", 64)),
             timeout_s=settings.host_timeout_s,
             probe_interval_s=settings.host_probe_interval_s,
