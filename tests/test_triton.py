@@ -245,6 +245,11 @@ def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     models.add_sub(root, "simple", config=delayed)
     models.dense(root, "dense")  # no config.pbtxt: auto-completed by the gateway
+    # A long queue delay: concurrent requests meet in the gateway's batcher, deterministically.
+    patient = models.SIMPLE_CONFIG.replace('"simple"', '"patient"').replace(
+        "dynamic_batching { }", "dynamic_batching { max_queue_delay_microseconds: 2000000 }"
+    )
+    models.add_sub(root, "patient", config=patient, offset=7)
     models.add_sub(root, "ghost")  # only allowed on a host that does not exist
     # ORT session entries reach the python-backend model; this one makes its session refuse
     # an .onnx file.
@@ -266,7 +271,7 @@ def gw(
         "host_concurrency = 4\n"
         "[[hosts]]\n"
         'kind = "triton"\nname = "t1"\ndevice = "cpu"\n'
-        f'url = "{triton.http_url}"\nmodels = ["simple", "dense", "ortformat"]\n'
+        f'url = "{triton.http_url}"\nmodels = ["simple", "dense", "ortformat", "patient"]\n'
         "[[hosts]]\n"
         'kind = "triton"\nname = "nowhere"\n'
         f'url = "127.0.0.1:{free_port()}"\nmodels = ["ghost"]\n'
@@ -378,6 +383,32 @@ def test_metadata_config_and_readiness(gw: GatewayProcess, triton: TritonServer)
     assert int(waits) == 500
     there = direct.get_model_config("simple")["dynamic_batching"]
     assert int(there.get("max_queue_delay_microseconds", 0)) == 0
+
+
+def test_requests_are_batched_once_at_the_gateway(
+    gw: GatewayProcess, triton: TritonServer
+) -> None:
+    """Eight single-row requests at once fill the gateway's batch (max 8) before its 2 s queue
+    delay ends, and reach Triton as one request of 8 rows, run at once (Triton got no delay of
+    its own); each caller still gets its own row back. (Batching at Triton would have sent it
+    several requests, merged there.)"""
+    direct = _client(triton.http_address)
+    there = direct.get_model_config("patient")["dynamic_batching"]
+    assert int(there.get("max_queue_delay_microseconds", 0)) == 0
+
+    def one(i: int) -> tuple[int, np.ndarray]:
+        feeds = {n: np.full((1, 16), i, np.int32) for n in ("INPUT0", "INPUT1")}
+        return i, _infer(_client(gw.address), "patient", feeds, True).as_numpy("OUTPUT0")
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    assert time.monotonic() - started < 1.5  # a full batch does not wait for the delay
+    for i, out in answers:
+        np.testing.assert_array_equal(out, np.full((1, 16), 2 * i + 7, np.int32))
+    (stats,) = direct.get_inference_statistics("patient")["model_stats"]
+    requests = int(stats["inference_stats"]["success"]["count"])  # what Triton was sent
+    assert (requests, stats["inference_count"], stats["execution_count"]) == (1, 8, 1)
 
 
 def test_load_failure_reason_in_index(gw: GatewayProcess) -> None:
