@@ -379,6 +379,8 @@ def plots_for(res: Results) -> list[Plot]:
             continue
         if y_col and pcts and numeric(table, y_col):
             title = TITLES.get(res.name, res.name)
+            if table.title:  # the heading above the table: which layout, which part
+                title = f"{title} ({table.title})"
             if plot := bars(table, [y_col], f"{title}: throughput", y_col, "throughput"):
                 plots.append(plot)
             if plot := bars(table, pcts, f"{title}: latency", "ms", "latency"):
