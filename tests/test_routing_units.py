@@ -446,6 +446,23 @@ def test_host_from_table_builds_v2_hosts_and_dns_groups() -> None:
         host_from_table({"kind": "v2", "url": "h:1", "weight": -1}, settings)
 
 
+def test_routed_triton_hosts_leave_the_batching_to_the_gateway() -> None:
+    """The router batches before it picks a host; a Triton host that waited too would pay the
+    queue delay twice, so ``batching = "triton"`` is refused there (admin API and file)."""
+    from gateway.backends.routed import configured_hosts
+
+    table = {"kind": "triton", "name": "t", "url": "h:1"}
+    entry = host_from_table({**table, "batching": "gateway"}, Settings(), "hosts[3]")
+    assert isinstance(entry, HostEntry) and getattr(entry.host, "batching", None) == "gateway"
+    with pytest.raises(SettingsError, match=r"hosts\[3\]: batching = 'triton'"):
+        host_from_table({**table, "batching": "triton"}, Settings(), "hosts[3]")
+    v2 = {"kind": "v2", "name": "w", "url": "h:2"}
+    with pytest.raises(SettingsError, match="Triton host t: batching = 'triton'"):
+        configured_hosts(Settings(hosts=(v2, table), triton_batching="triton"))
+    entries, _ = configured_hosts(Settings(hosts=(v2, table)))
+    assert [e.host.name for e in entries] == ["w", "t"]
+
+
 def test_replaced_target_drains_and_keeps_its_verdicts_to_itself() -> None:
     clock = ManualClock()
     router = Router(

@@ -126,10 +126,21 @@ def _v2_host(name: str, url: str, table: Mapping[str, Any], settings: Settings) 
     )
 
 
+def _gateway_batches(host: Host, where: str) -> None:
+    """Routed batches are formed (and wait) here, whichever target gets them; a Triton host
+    told to wait as well would pay the queue delay twice."""
+    if getattr(host, "batching", "gateway") != "gateway":
+        raise SettingsError(
+            f"{where}: batching = 'triton' is for Triton-only deployments; when the gateway "
+            f"routes, it batches before choosing a host (use 'gateway')"
+        )
+
+
 def _triton_host(table: Mapping[str, Any], settings: Settings) -> HostEntry:
     from gateway.backends.triton import triton_hosts
 
     ((host, models),) = triton_hosts(dataclasses.replace(settings, hosts=(table,)))
+    _gateway_batches(host, "hosts[0]")
     return HostEntry(
         host,
         models,
@@ -172,6 +183,7 @@ def configured_hosts(settings: Settings) -> tuple[list[HostEntry], list[DnsGroup
         from gateway.backends.triton import triton_hosts
 
         for (host, models), table in zip(triton_hosts(settings), triton_tables, strict=True):
+            _gateway_batches(host, f"Triton host {host.name}")
             entries.append(
                 HostEntry(
                     host,

@@ -23,7 +23,7 @@ _COMMON = frozenset(
 KEYS: dict[str, frozenset[str]] = {
     "v2": _COMMON | {"push", "dns", "port"},
     # grpc_url / protocol: checked where Triton hosts are built (gateway.backends.triton)
-    "triton": _COMMON | {"device", "strategy", "grpc_url", "protocol"},
+    "triton": _COMMON | {"device", "strategy", "grpc_url", "protocol", "batching"},
 }
 MAX_NAME = 200
 
