@@ -152,8 +152,9 @@ async def test_requests_spread_across_workers(cluster: Cluster) -> None:
     after = completed(cluster)
     share = {n: after[n] - before[n] for n in after}
     # Every worker takes part; none takes (nearly) all. The latency policy may favour whichever
-    # looks fastest at the moment, so the exact split depends on the machine's noise.
-    assert all(count >= 2 for count in share.values()), share
+    # looks fastest at the moment, so the exact split depends on the machine's noise (seen with
+    # another process spinning a core: 30, 19, 1).
+    assert all(count >= 1 for count in share.values()), share
     assert max(share.values()) <= 0.8 * sum(share.values()), share
     table = cluster.hosts()
     assert {h["state"] for h in table.values()} == {"up"}
@@ -360,7 +361,9 @@ async def test_host_added_at_run_time_takes_batches(elastic: Elastic) -> None:
     assert table["w2"]["state"] == "up" and table["w2"]["host"]["url"] == f"http://{w2.address}"
     share = {n: h["completed"] for n, h in table.items()}
     print(f"batches per host after the add: {share}")
-    assert share["w2"] >= 3, share  # it took batches from the moment it joined
+    # It took batches once it joined. How many depends on the latency estimates of the other
+    # two, which a busy machine moves (seen: 2 of 400 with another process spinning a core).
+    assert share["w2"] >= 1, share
     assert rows_served(w2) - rows_before >= share["w2"]  # and really ran them
 
 
@@ -421,7 +424,12 @@ async def test_killed_host_is_readmitted_when_it_comes_back(elastic: Elastic) ->
     )
     failed = report("host killed under load", load)
     assert load.lost == 0 and failed <= 6, load.statuses
-    assert elastic.hosts()["w1"]["state"] in ("down", "ejected")
+    # Seen by a failed batch or by the probes (every 0.2 s), whichever comes first: the load can
+    # end before either when the router sent w1 nothing after the kill (a busy machine).
+    started = time.perf_counter()
+    while elastic.hosts()["w1"]["state"] not in ("down", "ejected"):
+        assert time.perf_counter() - started < 5, elastic.hosts()["w1"]
+        await asyncio.sleep(0.05)
     # The same address comes back: a new worker process behind the proxy w1 goes through.
     replacement = await asyncio.to_thread(
         start_gateway, elastic.repo, elastic.tmp, env={"GATEWAY_ACCESS_LOG": "false"}
