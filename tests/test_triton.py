@@ -370,6 +370,7 @@ def test_metadata_config_and_readiness(gw: GatewayProcess, triton: TritonServer)
     assert params["batching"] == "gateway"  # the default: one wait, at the gateway
     (host,) = params["hosts"]
     assert (host["name"], host["state"], host["model_ready"]) == ("t1", "up", True)
+    assert host["batching"] == "gateway"
     assert (
         "unable to find backend library for backend 'onnxruntime'"
         in (host["onnxruntime_backend_error"])

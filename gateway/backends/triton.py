@@ -457,6 +457,7 @@ class TritonHost:
             "device": self.device,
             "state": self.state,
             "strategy": self.used_strategy or self.strategy,
+            "batching": self.batching,
             "models": sorted(self._ready),
         }
         if self.grpc_url:
