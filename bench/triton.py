@@ -195,6 +195,7 @@ def _push_direct(triton: TritonServer, repo: Path, models: list[str]) -> dict[st
     since they wait it themselves). Returns model -> the name Triton direct is asked for."""
     from gateway.backends.onnxruntime import inspect_config
     from gateway.repository.local import LocalRepository
+    from gateway.settings import Settings
 
     root = Path(tempfile.mkdtemp(prefix="bench-triton-direct-"))
     names = {}
@@ -207,13 +208,14 @@ def _push_direct(triton: TritonServer, repo: Path, models: list[str]) -> dict[st
         names[model] = name
 
     async def push() -> None:
+        # Closing the host leaves what it pushed on Triton (only ``release`` unloads).
         host = TritonHost("direct", triton.http_url, batching="triton", timeout_s=60.0)
-        host.keep_models = True
+        max_batch = Settings().default_max_batch_size  # as the gateways complete configs
         try:
             for name in names.values():
                 source = LocalRepository(root).source(name)
                 for version in source.version_paths:
-                    await host.prepare(source, version, inspect_config(source, version, 4))
+                    await host.prepare(source, version, inspect_config(source, version, max_batch))
         finally:
             await host.close()
 

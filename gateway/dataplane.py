@@ -401,7 +401,7 @@ class DataPlane:
             if len(dims) != len(spec.dims) or (cfg.batched and not shape):
                 raise InvalidInput(_shape_error(name, cfg, shape))
             if cfg.batched:
-                if len(shape) == 0 or shape[0] < 1:
+                if shape[0] < 1:  # () was refused above
                     raise InvalidInput(
                         f"input '{name}': shape {list(shape)} needs a batch dimension >= 1"
                     )

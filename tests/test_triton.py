@@ -386,9 +386,7 @@ def test_metadata_config_and_readiness(gw: GatewayProcess, triton: TritonServer)
     assert int(there.get("max_queue_delay_microseconds", 0)) == 0
 
 
-def test_requests_are_batched_once_at_the_gateway(
-    gw: GatewayProcess, triton: TritonServer
-) -> None:
+def test_requests_are_batched_once_at_the_gateway(gw: GatewayProcess, triton: TritonServer) -> None:
     """Eight single-row requests at once fill the gateway's batch (max 8) before its 2 s queue
     delay ends, and reach Triton as one request of 8 rows, run at once (Triton got no delay of
     its own); each caller still gets its own row back. (Batching at Triton would have sent it

@@ -42,15 +42,16 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         options = ort.SessionOptions()
+        parameters = config.get("parameters") or {}
         for key, attribute in _THREAD_PARAMETERS.items():
-            value = (config.get("parameters") or {}).get(key, {}).get("string_value")
+            value = parameters.get(key, {}).get("string_value")
             if value:
                 setattr(options, attribute, int(value))
         # ORT session config entries ("session.*" keys) pass through. Spinning is off unless
         # asked for: the stub shares the host's cores with Triton's front end, and idle ORT
         # threads spinning between batches took CPU from both (see bench/README.md).
         entries = dict(_NO_SPINNING)
-        for key, value in (config.get("parameters") or {}).items():
+        for key, value in parameters.items():
             if key.startswith("session.") and value.get("string_value") is not None:
                 entries[key] = value["string_value"]
         for key, value in entries.items():

@@ -195,7 +195,6 @@ class _Template:
 
     inputs: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int], ...]
     data_size: int
-    id: str | None
     outputs: tuple[RequestedOutput, ...] | None
     binary_output: bool
     parameters: dict[str, Any]
@@ -216,7 +215,7 @@ def _from_template(template: _Template, view: memoryview, offset: int) -> InferR
         offset += size
     return InferRequest(
         inputs=inputs,
-        id=template.id,
+        id=None,  # a header with an id is never cached (see ``_remember``)
         outputs=None if template.outputs is None else list(template.outputs),
         binary_output=template.binary_output,
         parameters=dict(template.parameters),
@@ -235,7 +234,6 @@ def _remember(
     _TEMPLATES[key] = _Template(
         inputs=tuple((n, a.dtype, a.shape, a.nbytes) for n, a in request.inputs.items()),
         data_size=body_length - header_length,
-        id=request.id,
         outputs=None if request.outputs is None else tuple(request.outputs),
         binary_output=request.binary_output,
         parameters=dict(request.parameters),
