@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import logging
 import sys
@@ -91,6 +92,13 @@ def _http_protocol(header_timeout_s: float, body_timeout_s: float) -> Any:
     return connection_protocol(header_timeout_s, body_timeout_s)
 
 
+def tune_gc(threshold: int) -> None:
+    """Python's youngest-generation threshold for this process (0: leave Python's own)."""
+    if threshold:
+        _, older, oldest = gc.get_threshold()
+        gc.set_threshold(threshold, older, oldest)
+
+
 def serve(settings: Settings) -> None:
     import threading
     import types
@@ -98,6 +106,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logs.configure(settings.log_level, settings.log_format)
+    tune_gc(settings.gc_threshold)
     app = build_app(settings)
     dataplane = app.dataplane
 

@@ -1,14 +1,19 @@
-"""config.pbtxt parsing, validation and settings precedence."""
+"""config.pbtxt parsing, validation, settings precedence, and what reaches the process."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 
+from gateway.backends.onnxruntime import OnnxRuntimeFactory
+from gateway.cli import tune_gc
 from gateway.errors import ModelLoadError
 from gateway.repository.config import parse_pbtxt
-from gateway.settings import SettingsError, load_settings
+from gateway.repository.local import LocalRepository
+from gateway.settings import Settings, SettingsError, load_settings
+from tests import models
 
 
 def test_full_config() -> None:
@@ -77,3 +82,33 @@ def test_settings_precedence(tmp_path: Path) -> None:
         load_settings(path, env={})
     with pytest.raises(SettingsError, match="port"):
         load_settings(None, env={"GATEWAY_PORT": "abc"})
+
+
+def test_gc_threshold_setting() -> None:
+    with pytest.raises(SettingsError, match="gc_threshold"):
+        load_settings(None, env={"GATEWAY_GC_THRESHOLD": "-1"})
+    before = gc.get_threshold()
+    try:
+        tune_gc(12_345)
+        assert gc.get_threshold() == (12_345, *before[1:])
+        tune_gc(0)  # leaves it alone
+        assert gc.get_threshold() == (12_345, *before[1:])
+    finally:
+        gc.set_threshold(*before)
+
+
+async def test_model_session_parameters_reach_onnx_runtime(tmp_path: Path) -> None:
+    """``session.*`` config parameters are ONNX Runtime session config entries: asking for the
+    ORT file format on an ONNX file fails with ORT's own words, naming the model."""
+    config = models.SIMPLE_CONFIG.replace('"simple"', '"ortformat"') + (
+        'parameters { key: "session.load_model_format" value: { string_value: "ORT" } }\n'
+    )
+    models.add_sub(tmp_path, "ortformat", config=config)
+    models.add_sub(tmp_path, "plain", config=models.SIMPLE_CONFIG.replace('"simple"', '"plain"'))
+    factory = OnnxRuntimeFactory(Settings(warmup=False))
+    repo = LocalRepository(tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        await factory.load(repo.source("ortformat"), 1)
+    assert "ortformat" in info.value.message and "ORT model verification" in info.value.message
+    backend = await factory.load(repo.source("plain"), 1)
+    await backend.close()

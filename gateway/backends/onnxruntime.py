@@ -238,7 +238,9 @@ class OnnxRuntimeFactory:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 
-    def _session_options(self) -> Any:
+    def _session_options(self, config: ModelConfig) -> Any:
+        """The gateway's thread settings, then the model's own ``session.*`` config parameters
+        (ONNX Runtime session config entries, as the python-backend model on Triton honours)."""
         options = ort.SessionOptions()
         if self._settings.intra_op_threads:
             options.intra_op_num_threads = self._settings.intra_op_threads
@@ -248,6 +250,9 @@ class OnnxRuntimeFactory:
         spin = "1" if self._settings.ort_spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        for key, value in config.parameters:
+            if key.startswith("session."):
+                options.add_session_config_entry(key, value)
         return options
 
     def _load_sync(self, source: ModelSource, version: int) -> OnnxRuntimeBackend:
@@ -257,7 +262,9 @@ class OnnxRuntimeFactory:
         try:
             for _ in range(source.config.instance_count):
                 sessions.append(
-                    ort.InferenceSession(str(path), self._session_options(), providers=providers)
+                    ort.InferenceSession(
+                        str(path), self._session_options(source.config), providers=providers
+                    )
                 )
         except Exception as exc:
             raise ModelLoadError(f"model '{source.name}' version {version}: {exc}") from None

@@ -106,7 +106,9 @@ class Batcher:
         self._wake_rows = 1
         self._arrived_rows = 0
         self._forming: tuple[Any, ...] | None = None
-        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
+        self._scheduler = self._loop.create_task(self._schedule())
 
     @property
     def policy(self) -> BatchPolicy:
@@ -128,7 +130,7 @@ class Batcher:
         now = self._clock()
         if deadline_s is None and self._policy.default_timeout_s:
             deadline_s = now + self._policy.default_timeout_s
-        future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Tensors] = self._loop.create_future()
         item = _Pending(
             inputs, rows, signature(inputs), future, now, deadline_s, context.request_id.get()
         )
@@ -224,7 +226,7 @@ class Batcher:
                         async with asyncio.timeout(wait_s):
                             await self._arrived.wait()
                     self._forming = None
-            task = asyncio.get_running_loop().create_task(self._run(batch, rows))
+            task = self._loop.create_task(self._run(batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 

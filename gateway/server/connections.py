@@ -47,9 +47,10 @@ BODY_TIMEOUT = _timeout_response("body")
 class Hooks:
     """Per-connection hooks a request handler may use (see the module docstring)."""
 
-    __slots__ = ("on_lost",)
+    __slots__ = ("loop", "on_lost")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop  # the connection's: asking asyncio costs a getpid() on Python 3.11
         self.on_lost: Callable[[], None] | None = None
 
 
@@ -117,7 +118,7 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timed = _IDLE  # which stage the armed timer guards
         self._stage = _HEAD  # the first request's head is due from the start
-        self.hooks = Hooks()
+        self.hooks = Hooks(self.loop)
 
     # timers: armed only while a stage is unfinished after a read
 

@@ -84,12 +84,13 @@ class DisconnectWatch:
 
     def __init__(self, receive: Receive, hooks: Hooks | None) -> None:
         self.gone = False
-        self._task = asyncio.current_task()
         self._hooks = hooks
         self._watcher: asyncio.Future[Any] | None = None
         if hooks is not None:
+            self._task = asyncio.current_task(hooks.loop)
             hooks.on_lost = self._lost
         else:
+            self._task = asyncio.current_task()
             self._watcher = asyncio.ensure_future(receive())
             self._watcher.add_done_callback(self._on_message)
 
