@@ -92,11 +92,14 @@ def _http_protocol(header_timeout_s: float, body_timeout_s: float) -> Any:
     return connection_protocol(header_timeout_s, body_timeout_s)
 
 
-def tune_gc(threshold: int) -> None:
-    """Python's youngest-generation threshold for this process (0: leave Python's own)."""
-    if threshold:
+def tune_interpreter(gc_threshold: int, switch_interval_us: int) -> None:
+    """Python's youngest-generation GC threshold and GIL switch interval for this process (0
+    leaves Python's own); see ``Settings`` for why."""
+    if gc_threshold:
         _, older, oldest = gc.get_threshold()
-        gc.set_threshold(threshold, older, oldest)
+        gc.set_threshold(gc_threshold, older, oldest)
+    if switch_interval_us:
+        sys.setswitchinterval(switch_interval_us / 1e6)
 
 
 def serve(settings: Settings) -> None:
@@ -106,7 +109,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logs.configure(settings.log_level, settings.log_format)
-    tune_gc(settings.gc_threshold)
+    tune_interpreter(settings.gc_threshold, settings.gil_switch_interval_us)
     app = build_app(settings)
     dataplane = app.dataplane
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gc
+import sys
 from pathlib import Path
 
 import pytest
 
 from gateway.backends.onnxruntime import OnnxRuntimeFactory
-from gateway.cli import tune_gc
+from gateway.cli import tune_interpreter
 from gateway.errors import ModelLoadError
 from gateway.repository.config import parse_pbtxt
 from gateway.repository.local import LocalRepository
@@ -84,17 +85,22 @@ def test_settings_precedence(tmp_path: Path) -> None:
         load_settings(None, env={"GATEWAY_PORT": "abc"})
 
 
-def test_gc_threshold_setting() -> None:
+def test_interpreter_tuning() -> None:
     with pytest.raises(SettingsError, match="gc_threshold"):
         load_settings(None, env={"GATEWAY_GC_THRESHOLD": "-1"})
-    before = gc.get_threshold()
+    with pytest.raises(SettingsError, match="gil_switch_interval_us"):
+        load_settings(None, env={"GATEWAY_GIL_SWITCH_INTERVAL_US": "-1"})
+    before, interval = gc.get_threshold(), sys.getswitchinterval()
     try:
-        tune_gc(12_345)
+        tune_interpreter(12_345, 300)
         assert gc.get_threshold() == (12_345, *before[1:])
-        tune_gc(0)  # leaves it alone
+        assert sys.getswitchinterval() == pytest.approx(300e-6)
+        tune_interpreter(0, 0)  # leaves both alone
         assert gc.get_threshold() == (12_345, *before[1:])
+        assert sys.getswitchinterval() == pytest.approx(300e-6)
     finally:
         gc.set_threshold(*before)
+        sys.setswitchinterval(interval)
 
 
 async def test_model_session_parameters_reach_onnx_runtime(tmp_path: Path) -> None:
