@@ -419,6 +419,14 @@ def lua_script(body: Body, workdir: Path, tag: str) -> Path:
     return script
 
 
+WRK_ERRORS = ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts")
+
+
+def wrk_figures(out: dict[str, Any]) -> tuple[float, int]:
+    """(requests per second, errors: non-2xx, socket errors and timeouts) of one wrk run."""
+    return out["requests"] / (out["duration_us"] / 1e6), sum(out[k] for k in WRK_ERRORS)
+
+
 def run_wrk(url: str, script: Path, connections: int, threads: int, seconds: float) -> dict:
     cmd = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
@@ -778,8 +786,7 @@ def paired_rounds(
     for number in range(1, args.paired_rounds + 1):
         limit = measure_in_process(repo, model, best["threads"], args.duration_s, [best["batch"]])
         out = run_wrk(url, script, args.connections, args.threads, args.duration_s)
-        served = out["requests"] / (out["duration_us"] / 1e6)
-        errors = sum(out[k] for k in ("status_errors", "read_errors", "write_errors", "timeouts"))
+        served, errors = wrk_figures(out)
         rounds.append(
             {
                 "round": number,
@@ -809,17 +816,13 @@ def make_point(
     cpu: CpuWindow,
 ) -> Point:
     seconds = out["duration_us"] / 1e6
-    req_per_s = out["requests"] / seconds
+    req_per_s, errors = wrk_figures(out)
     executions = after["execution_count"] - before["execution_count"]
     items = after["inference_count"] - before["inference_count"]
     stats_a, stats_b = before["inference_stats"], after["inference_stats"]
     exec_ns = stats_b["compute_infer"]["ns"] - stats_a["compute_infer"]["ns"]
     queue = {k: stats_b["queue"][k] - stats_a["queue"][k] for k in ("count", "ns")}
     requests = max(1, out["requests"])
-    errors = sum(
-        out[k]
-        for k in ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts")
-    )
     return Point(
         scenario=f"{model} {kind} batching {batching.upper()}",
         model=model,

@@ -68,10 +68,7 @@ def main() -> int:
                 before = gw.stats(args.model)
                 out = serving.run_wrk(url, script, args.connections, 1, args.duration_s)
                 after = gw.stats(args.model)
-                served = out["requests"] / (out["duration_us"] / 1e6)
-                errors = sum(
-                    out[k] for k in ("status_errors", "read_errors", "write_errors", "timeouts")
-                )
+                served, errors = serving.wrk_figures(out)
                 runs = after["execution_count"] - before["execution_count"]
                 avg_batch = (after["inference_count"] - before["inference_count"]) / max(1, runs)
                 ratios[name].append(served / limit)
