@@ -447,7 +447,8 @@ async def test_killed_host_is_readmitted_when_it_comes_back(elastic: Elastic) ->
     share = {n: after[n] - before[n] for n in after}
     print(f"w1 re-admitted {readmitted_s:.2f} s after it came back; batches then: {share}")
     assert report("after re-admission", again) == 0 and again.ok == 200
-    assert share["w1"] >= 1, share  # back in rotation (its estimates start over: a small share)
+    # back in rotation (its estimates start over: a small share)
+    assert share["w1"] >= 1, (share, elastic.hosts())
     assert rows_served(replacement) >= share["w1"]
 
 
@@ -458,7 +459,8 @@ async def test_overload_is_refused_fast_with_retry_after(elastic: Elastic) -> No
         connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=10)
     ) as session:
 
-        async def one() -> None:
+        async def one(wave: int) -> None:
+            await asyncio.sleep(0.03 * wave)
             started = time.perf_counter()
             async with session.post(f"{front.url}/v2/models/simple/infer", json=BODY) as r:
                 await r.read()
@@ -468,7 +470,10 @@ async def test_overload_is_refused_fast_with_retry_after(elastic: Elastic) -> No
 
         assert (await drive(front.url, 4, 1)).ok == 4  # warm
         began = time.perf_counter()
-        outcome = await asyncio.gather(*(one() for _ in range(200)), return_exceptions=True)
+        # In waves of 50, 30 ms apart (batches there take 100 ms): one burst can be parsed whole
+        # before the batcher runs, so 16 are queued, the rest refused and no batch ever waits for
+        # a slot; between waves the batcher forms batches, which then wait for the 2 slots.
+        outcome = await asyncio.gather(*(one(i // 50) for i in range(200)), return_exceptions=True)
         burst_s = time.perf_counter() - began
         async with session.post(f"{front.url}/v2/models/simple/infer", json=BODY) as r:
             assert r.status == 200  # normal service as soon as the burst is over

@@ -776,3 +776,39 @@ def test_a_probe_that_has_not_come_back_keeps_traffic_off_a_slow_host() -> None:
     clock.advance(0.1)  # the probe has been out for 100 ms, longer than the fast host takes
     after = [router.try_acquire("m", "m/1", 1) for _ in range(3)]
     assert [lease.name for lease in after if lease is not None] == ["fast"] * 3
+
+
+def test_a_host_that_comes_back_up_is_measured_afresh() -> None:
+    """A host the probes saw go down and come back is most likely a new process: its old
+    estimate (here, slow) is dropped, so it is tried at once instead of waiting for the old
+    figure to decay while its peers take everything."""
+    clock = ManualClock()
+    router = Router(make_policy("latency", random.Random(3)), clock=clock, max_wait_s=0.05)
+    router.add_target("back", capacity=4)
+    router.add_target("peer", capacity=4)
+    for name, seconds in (("back", 0.5), ("peer", 0.01)):
+        lease = router.try_acquire("m", "m/1", 1, exclude=["peer" if name == "back" else "back"])
+        assert lease is not None
+        clock.advance(seconds)
+        lease.finish(SUCCESS)
+
+    def pick() -> str:
+        lease = router.try_acquire("m", "m/1", 1)
+        assert lease is not None
+        lease.finish(SUCCESS)  # no time passes: no sample moves the estimates
+        return lease.name
+
+    assert {pick() for _ in range(10)} == {"peer"}  # 0.5 s against 10 ms
+    up = False
+
+    async def probe(name: str) -> bool:
+        return up or name == "peer"
+
+    asyncio.run(router._probe_one(probe, "back"))
+    assert router.table()["hosts"][0]["state"] == "down"
+    assert router.targets["back"].estimates["m/1"].samples > 0  # kept while it is away
+    up = True
+    asyncio.run(router._probe_one(probe, "back"))
+    assert router.targets["back"].estimates == {}
+    lease = router.try_acquire("m", "m/1", 1)
+    assert lease is not None and lease.name == "back"

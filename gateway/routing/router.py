@@ -413,6 +413,12 @@ class Router:
         self.outliers.record_probe(name, ok)
         if ok != was_up:
             log.warning("host %s is %s", name, "up" if ok else "down")
+            target = self.targets.get(name)
+            if ok and target is not None:
+                # Back after being down: most likely a new process (restarted, rescheduled),
+                # so what was measured before says little. Unmeasured, it is tried at once,
+                # one batch at a time until it answers, as a newly added host is.
+                target.estimates.clear()
         self._wake()
 
     async def _probe_loop(self, probe: Probe) -> None:
