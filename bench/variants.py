@@ -73,7 +73,10 @@ def main() -> int:
                 avg_batch = (after["inference_count"] - before["inference_count"]) / max(1, runs)
                 ratios[name].append(served / limit)
                 ratio = served / limit
-                cells.append(f"{served:.0f} = {ratio:.3f}x (b{avg_batch:.1f}, errors {errors})")
+                cells.append(
+                    f"{served:.0f} = {ratio:.3f}x (b{avg_batch:.1f}, p50/p99 "
+                    f"{out['p50_us'] / 1e3:.1f}/{out['p99_us'] / 1e3:.1f} ms, errors {errors})"
+                )
             lines.append(f"| {number} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     head = f"| round | in-process b{batch} | " + " | ".join(n for n, _, _ in variants) + " |"
