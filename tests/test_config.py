@@ -118,3 +118,28 @@ async def test_model_session_parameters_reach_onnx_runtime(tmp_path: Path) -> No
     assert "ortformat" in info.value.message and "ORT model verification" in info.value.message
     backend = await factory.load(repo.source("plain"), 1)
     await backend.close()
+
+
+async def test_triton_thread_parameters_reach_onnx_runtime(tmp_path: Path) -> None:
+    """Triton's onnxruntime-backend ``intra_op_thread_count`` / ``inter_op_thread_count`` set the
+    session's threads in-process too (over the gateway's own setting); a bad one fails the load
+    with a message naming the model and the parameter."""
+    config = models.SIMPLE_CONFIG.replace('"simple"', '"threads"') + (
+        'parameters { key: "intra_op_thread_count" value: { string_value: "3" } }\n'
+        'parameters { key: "inter_op_thread_count" value: { string_value: "1" } }\n'
+    )
+    models.add_sub(tmp_path, "threads", config=config)
+    bad = models.SIMPLE_CONFIG.replace('"simple"', '"badthreads"') + (
+        'parameters { key: "intra_op_thread_count" value: { string_value: "two" } }\n'
+    )
+    models.add_sub(tmp_path, "badthreads", config=bad)
+    repo = LocalRepository(tmp_path)
+    factory = OnnxRuntimeFactory(Settings(warmup=False, intra_op_threads=2))
+    options = factory.session_options(repo.source("threads").config)
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
+    backend = await factory.load(repo.source("threads"), 1)
+    await backend.close()
+    with pytest.raises(ModelLoadError) as info:
+        await factory.load(repo.source("badthreads"), 1)
+    message = info.value.message
+    assert "badthreads" in message and "'intra_op_thread_count'" in message and "'two'" in message

@@ -49,6 +49,13 @@ _ORT_TO_V2 = {
     "tensor(string)": "BYTES",
 }
 
+# Triton onnxruntime-backend model parameters -> ``SessionOptions`` attributes. The generated
+# python-backend model (``triton_python_model.py``, standalone by necessity) maps the same keys.
+THREAD_PARAMETERS = {
+    "intra_op_thread_count": "intra_op_num_threads",
+    "inter_op_thread_count": "inter_op_num_threads",
+}
+
 
 def choose_providers(settings: Settings, config: ModelConfig) -> list[str]:
     """CUDA first when wanted and present, CPU always as the fallback."""
@@ -238,9 +245,11 @@ class OnnxRuntimeFactory:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 
-    def _session_options(self, config: ModelConfig) -> Any:
-        """The gateway's thread settings, then the model's own ``session.*`` config parameters
-        (ONNX Runtime session config entries, as the python-backend model on Triton honours)."""
+    def session_options(self, config: ModelConfig) -> Any:
+        """The gateway's thread settings, then the model's own: Triton's onnxruntime-backend
+        thread parameters and ``session.*`` config parameters (ONNX Runtime session config
+        entries), as the python-backend model on Triton honours them, so one ``config.pbtxt``
+        means the same wherever the model runs. Raises ``ValueError`` on a bad thread count."""
         options = ort.SessionOptions()
         if self._settings.intra_op_threads:
             options.intra_op_num_threads = self._settings.intra_op_threads
@@ -251,7 +260,18 @@ class OnnxRuntimeFactory:
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         for key, value in config.parameters:
-            if key.startswith("session."):
+            if key in THREAD_PARAMETERS:
+                try:
+                    count = int(value)
+                except ValueError:
+                    count = -1
+                if count < 0:
+                    raise ValueError(
+                        f"parameters '{key}' must be a whole number >= 0 (0: ONNX Runtime's "
+                        f"default), got {value!r}"
+                    )
+                setattr(options, THREAD_PARAMETERS[key], count)
+            elif key.startswith("session."):
                 options.add_session_config_entry(key, value)
         return options
 
@@ -263,7 +283,7 @@ class OnnxRuntimeFactory:
             for _ in range(source.config.instance_count):
                 sessions.append(
                     ort.InferenceSession(
-                        str(path), self._session_options(source.config), providers=providers
+                        str(path), self.session_options(source.config), providers=providers
                     )
                 )
         except Exception as exc:
