@@ -228,3 +228,28 @@ def test_binary_response_headers_are_reused_with_each_id() -> None:
     )
     assert json.loads(general[:glength]) == {**expected, "id": "r2", "parameters": {"x": 1}}
     assert body[length:] == general[glength:]
+
+
+def test_binary_outputs_are_the_arrays_bytes_whatever_their_layout() -> None:
+    """Outputs are joined from the arrays' own buffers (one copy): views, FP16, BOOL, empty and
+    0-d arrays come out byte for byte, in both the fast and the general encoder."""
+    outputs = {
+        "view": np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2],  # not contiguous
+        "half": np.linspace(0, 1, 5, dtype=np.float16),
+        "flags": np.array([[True, False, True]]),
+        "empty": np.zeros((0, 4), np.float32),
+        "scalar": np.array(7, np.int32),
+    }
+    for parameters in ({}, {"x": 1}):  # {} takes the fast path, parameters the general one
+        body, length = encode_infer_response(
+            InferResponse("m", "1", outputs, parameters=parameters), None, True
+        )
+        assert length is not None
+        header = json.loads(body[:length])
+        offset = length
+        for entry, (name, array) in zip(header["outputs"], outputs.items(), strict=True):
+            size = entry["parameters"]["binary_data_size"]
+            assert entry["name"] == name and size == array.nbytes
+            assert body[offset : offset + size] == array.tobytes()
+            offset += size
+        assert offset == len(body)
