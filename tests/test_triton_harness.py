@@ -11,7 +11,6 @@ import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from gateway.testing.tritonserver import (
     _pushed_model_dirs,
     _stubs,
     free_port,
+    process_running,
     tritonserver_unavailable_reason,
 )
 from tests.models import graph_bytes, simple_onnx
@@ -360,15 +360,6 @@ def test_unload_makes_model_not_ready(triton: TritonServer, simple_model: str) -
     assert not client.is_model_ready(simple_model)
 
 
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting to be reaped by init)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def test_kill_fails_fast_and_restart_reuses_ports() -> None:
     """Its own server: a host crash must not poison the module's shared one."""
     _skip_without_triton()
@@ -388,7 +379,7 @@ def test_kill_fails_fast_and_restart_reuses_ports() -> None:
         server.kill()
         assert not server.running
         assert not any(d.exists() for d in pushed), "kill() leaves Triton's /tmp copies behind"
-        assert not any(_alive(p) for p in stubs), "kill() leaves python-backend stubs behind"
+        assert not any(map(process_running, stubs)), "kill() leaves python-backend stubs behind"
 
         dead = _client(server, 2.0)
         started = time.monotonic()

@@ -33,6 +33,7 @@ __all__ = [
     "find_tritonserver",
     "free_port",
     "process_cpu_s",
+    "process_running",
     "tritonserver_unavailable_reason",
 ]
 
@@ -401,12 +402,28 @@ def _kill(proc: subprocess.Popen[bytes], stubs: list[tuple[int, Path]]) -> None:
     """SIGKILL the server's stubs while they are still its children (a stub left behind exits
     only once it notices, and a busy one may never), then the server."""
     children = set(_child_pids(proc.pid))
+    killed = []
     for pid, _ in stubs:
         if pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # A SIGKILLed process dies when it next runs, which on a busy machine is not at once; the
+    # stubs are Triton's children, not ours, so wait for their exit by watching /proc.
+    deadline = time.monotonic() + 10.0
+    while any(process_running(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def process_running(pid: int) -> bool:
+    """Not gone and not a zombie (dead, waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _stubs(server_pid: int) -> list[tuple[int, Path]]:
