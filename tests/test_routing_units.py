@@ -752,20 +752,27 @@ def test_cold_host_wins_only_when_the_warm_one_is_slower() -> None:
     assert all(pick("cached", "origin") == "cached" for _ in range(10))
 
 
+def measured_router(clock: ManualClock, latencies: dict[str, float], **options: Any) -> Router:
+    """A latency router over the hosts ``latencies`` names, each measured once at its latency."""
+    router = Router(
+        make_policy("latency", random.Random(3)), clock=clock, max_wait_s=0.05, **options
+    )
+    for name in latencies:
+        router.add_target(name, capacity=4)
+    for name, seconds in latencies.items():
+        lease = router.try_acquire("m", "m/1", 1, exclude=[n for n in latencies if n != name])
+        assert lease is not None
+        clock.advance(seconds)
+        lease.finish(SUCCESS)
+    return router
+
+
 def test_a_probe_that_has_not_come_back_keeps_traffic_off_a_slow_host() -> None:
     """An idle slow host's estimate decays until it is tried again (a probe by traffic). While
     that batch is out, its age is a floor on the host's latency: the next batches stay on the
     fast host instead of following the probe until the first answer comes back."""
     clock = ManualClock()
-    policy = make_policy("latency", random.Random(3))
-    router = Router(policy, clock=clock, max_wait_s=0.05, decay_s=2.0)
-    router.add_target("fast", capacity=4)
-    router.add_target("slow", capacity=4)
-    for name, seconds in (("fast", 0.05), ("slow", 0.15)):
-        lease = router.try_acquire("m", "m/1", 1, exclude=["slow" if name == "fast" else "fast"])
-        assert lease is not None
-        clock.advance(seconds)
-        lease.finish(SUCCESS)
+    router = measured_router(clock, {"fast": 0.05, "slow": 0.15}, decay_s=2.0)
     for _ in range(200):  # 10 s of traffic on the fast host only: the slow one's estimate decays
         lease = router.try_acquire("m", "m/1", 1, exclude=["slow"])
         assert lease is not None
@@ -783,14 +790,7 @@ def test_a_host_that_comes_back_up_is_measured_afresh() -> None:
     estimate (here, slow) is dropped, so it is tried at once instead of waiting for the old
     figure to decay while its peers take everything."""
     clock = ManualClock()
-    router = Router(make_policy("latency", random.Random(3)), clock=clock, max_wait_s=0.05)
-    router.add_target("back", capacity=4)
-    router.add_target("peer", capacity=4)
-    for name, seconds in (("back", 0.5), ("peer", 0.01)):
-        lease = router.try_acquire("m", "m/1", 1, exclude=["peer" if name == "back" else "back"])
-        assert lease is not None
-        clock.advance(seconds)
-        lease.finish(SUCCESS)
+    router = measured_router(clock, {"back": 0.5, "peer": 0.01})
 
     def pick() -> str:
         lease = router.try_acquire("m", "m/1", 1)
