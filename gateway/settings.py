@@ -88,6 +88,9 @@ class Settings:
     keepalive_timeout_s: float = 5.0
     body_timeout_s: float = 30.0  # a client must deliver its whole body within this
     header_timeout_s: float = 10.0  # the request line and headers must arrive within this
+    # Plain inference POSTs (HTTP/1.1, body <= 64 KiB, no auth) answered by the connection
+    # layer without an ASGI cycle (gateway/server/connections.py); false: all through uvicorn.
+    raw_infer: bool = True
     tls_certfile: str = ""  # with tls_keyfile: serve HTTPS
     tls_keyfile: str = ""
     # Observability.

@@ -17,6 +17,15 @@ connection.
   calls, and uvloop sends each at once: two system calls per response. The writes made during
   one event-loop callback are sent together instead, in one ``writelines``.
 
+- **Inference without ASGI.** An app may offer ``raw_route(path, length)`` and
+  ``answer_raw(exchange, route)`` (``RawHandler``). A plain ``POST`` it routes (HTTP/1.1, a
+  Content-Length of at most 64 KiB, no ``Expect``, nothing pipelined ahead of it, under the
+  concurrency limit) is then answered through a ``RawExchange``: no ASGI scope, no
+  ``RequestResponseCycle``, no ``receive``/``send`` messages, one write. Everything else,
+  including every request those conditions exclude, goes through uvicorn as before. Keep-alive,
+  pipelining behind it, graceful shutdown, timeouts and the concurrency limit stay uvicorn's and
+  this module's: the exchange stands in for the cycle in the attributes they use.
+
 Handlers must work without these (other protocols, such as h11, provide none): ``HOOKS`` absent
 means "keep your own timeouts and disconnect watch".
 """
@@ -24,10 +33,11 @@ means "keep your own timeouts and disconnect watch".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Protocol
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 HOOKS = "gateway.connection"  # scope key
 
@@ -67,6 +77,14 @@ class GatheringTransport:
             self._loop.call_soon(self._flush)
         self._pending.append(data)
 
+    def write_now(self, data: bytes) -> None:
+        """A whole response in one piece: no reason to wait for the end of the callback."""
+        if self._pending:
+            self._pending.append(data)
+            self._flush()
+        else:
+            self._transport.write(data)
+
     def writelines(self, chunks: Iterable[bytes]) -> None:
         for chunk in chunks:
             self.write(chunk)
@@ -105,6 +123,89 @@ class GatheringTransport:
 
 
 _IDLE, _HEAD, _BODY = 0, 1, 2
+RAW_MAX_BODY = 64 * 1024  # uvicorn pauses reading above this; larger bodies take the ASGI path
+
+
+class RawHandler(Protocol):
+    """What an app offers to answer some requests without ASGI (see the module docstring)."""
+
+    def raw_route(self, path: str, length: int) -> Any | None:
+        """Something to hand to ``answer_raw`` if this ``POST`` is answered raw, else None."""
+
+    def answer_raw(self, exchange: RawExchange, route: Any) -> Coroutine[Any, Any, None]:
+        """Answer with ``exchange.respond`` (or not at all if the client went away)."""
+
+
+class _Unwatched:
+    """uvicorn's callbacks set the cycle's event; nothing waits on a raw exchange's."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+
+_UNWATCHED = _Unwatched()
+
+
+class RawExchange:
+    """One request answered without ASGI. Stands in for uvicorn's ``RequestResponseCycle`` in
+    the attributes the protocol's callbacks and this module's timers read and set."""
+
+    __slots__ = (
+        "_protocol",
+        "body",
+        "disconnected",
+        "headers",
+        "hooks",
+        "keep_alive",
+        "message_event",
+        "more_body",
+        "response_complete",
+        "response_started",
+    )
+
+    def __init__(self, protocol: ConnectionProtocol, keep_alive: bool) -> None:
+        self._protocol = protocol
+        self.headers: list[tuple[bytes, bytes]] = protocol.headers  # names in lower case
+        self.hooks = protocol.hooks
+        self.body = bytearray()
+        self.more_body = True
+        self.message_event = _UNWATCHED
+        self.keep_alive = keep_alive
+        self.disconnected = False
+        self.response_started = False
+        self.response_complete = False
+
+    def respond(self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> None:
+        """Status line, uvicorn's default headers, ``headers`` and ``body`` in one write; then
+        what uvicorn does after a response (keep-alive timer, next pipelined request)."""
+        if self.response_started:
+            return
+        self.response_started = True
+        protocol = self._protocol
+        if self.disconnected or protocol.transport.is_closing():
+            return
+        parts = [STATUS_LINE[status]]
+        for name, value in (*protocol.server_state.default_headers, *headers):
+            parts += (name, b": ", value, b"\r\n")
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", body)
+        transport = protocol.transport
+        if isinstance(transport, GatheringTransport):
+            transport.write_now(b"".join(parts))
+        else:
+            transport.write(b"".join(parts))
+        self.response_complete = True
+        if not self.keep_alive:
+            protocol.transport.close()
+        protocol.on_response_complete()
+
+    def abort(self) -> None:
+        """No answer can be given (a bug): close the connection rather than leave it hanging."""
+        self.response_started = True
+        self._protocol.transport.close()
 
 
 class ConnectionProtocol(HttpToolsProtocol):
@@ -119,6 +220,9 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._timed = _IDLE  # which stage the armed timer guards
         self._stage = _HEAD  # the first request's head is due from the start
         self.hooks = Hooks(self.loop)
+        raw = self.app
+        self._raw: RawHandler | None = raw if hasattr(raw, "raw_route") else None
+        self._route: Any = None
 
     # timers: armed only while a stage is unfinished after a read
 
@@ -170,11 +274,51 @@ class ConnectionProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._stage = _BODY
         self._disarm()  # the body's clock starts now
-        super().on_headers_complete()
+        if self._raw is None or not self._take_raw():
+            super().on_headers_complete()
+
+    def _take_raw(self) -> bool:
+        """Set up a ``RawExchange`` for this request if it qualifies (module docstring)."""
+        parser = self.parser
+        if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
+            return False
+        if self.expect_100_continue or self.root_path or parser.should_upgrade():
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False  # pipelined behind an unfinished one: uvicorn queues it
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            return False  # uvicorn's 503
+        length = -1
+        for name, value in self.headers:
+            if name == b"content-length":
+                if length >= 0 or not value.isdigit():
+                    return False
+                length = int(value)
+            elif name == b"transfer-encoding":
+                return False
+        if not 0 <= length <= RAW_MAX_BODY:
+            return False
+        path = httptools.parse_url(self.url).path
+        if b"%" in path:
+            return False
+        assert self._raw is not None
+        route = self._raw.raw_route(path.decode("ascii"), length)
+        if route is None:
+            return False
+        self.cycle = RawExchange(self, parser.should_keep_alive())  # type: ignore[assignment]
+        self._route = route
+        return True
 
     def on_message_complete(self) -> None:
         self._stage = _IDLE
         super().on_message_complete()
+        exchange = self.cycle
+        if isinstance(exchange, RawExchange) and not exchange.more_body:
+            assert self._raw is not None
+            task = self.loop.create_task(self._raw.answer_raw(exchange, self._route))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

@@ -27,7 +27,7 @@ from gateway.errors import ClientTimeout, GatewayError, InvalidInput, PayloadToo
 from gateway.logs import log_inference
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.server.auth import Guard
-from gateway.server.connections import HOOKS, Hooks
+from gateway.server.connections import HOOKS, Hooks, RawExchange
 from gateway.server.errors import error_response, gateway_error_response
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
@@ -82,7 +82,7 @@ class DisconnectWatch:
 
     __slots__ = ("_hooks", "_task", "_watcher", "gone")
 
-    def __init__(self, receive: Receive, hooks: Hooks | None) -> None:
+    def __init__(self, receive: Receive | None, hooks: Hooks | None) -> None:
         self.gone = False
         self._hooks = hooks
         self._watcher: asyncio.Future[Any] | None = None
@@ -90,6 +90,7 @@ class DisconnectWatch:
             self._task = asyncio.current_task(hooks.loop)
             hooks.on_lost = self._lost
         else:
+            assert receive is not None, "a connection without hooks hands over receive()"
             self._task = asyncio.current_task()
             self._watcher = asyncio.ensure_future(receive())
             self._watcher.add_done_callback(self._on_message)
@@ -133,6 +134,7 @@ class HotPath:
         self.limit = settings.max_body_bytes
         self.body_timeout_s = settings.body_timeout_s
         self.access_log = settings.access_log
+        self.raw = settings.raw_infer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
@@ -154,10 +156,48 @@ class HotPath:
     async def infer(
         self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
     ) -> None:
-        """Request id in, response and access-log line out; the work is in ``_run``."""
+        status, headers, body = await self._answer(
+            name, version, scope["headers"], scope.get(HOOKS), receive
+        )
+        if body is not None:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+    def raw_route(self, path: str, length: int) -> tuple[str, str | None] | None:
+        """For the connection layer (``RawHandler``): an inference ``POST`` it may answer
+        without ASGI, as (model, version). Not when guards must see the request, nor when the
+        body is over the limit (the ASGI path refuses it with a 413)."""
+        if self.guards or length > self.limit or not self.raw:
+            return None
+        match = INFER_PATH.fullmatch(path)
+        return None if match is None else (match[1], match[2])
+
+    async def answer_raw(self, exchange: RawExchange, route: tuple[str, str | None]) -> None:
+        """``RawHandler.answer_raw``: the same answer as ``infer``, written in one piece."""
+        try:
+            status, headers, body = await self._answer(
+                route[0], route[1], exchange.headers, exchange.hooks, None, bytes(exchange.body)
+            )
+            if body is not None:
+                exchange.respond(status, headers, body)
+        except Exception:  # not one of ours (``_answer`` turns those into a 500): no hanging
+            log.exception("inference request failed on the raw path")
+            exchange.abort()
+
+    async def _answer(
+        self,
+        name: str,
+        version: str | None,
+        request_headers: Sequence[tuple[bytes, bytes]],
+        hooks: Hooks | None,
+        receive: Receive | None,
+        body: bytes | None = None,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes | None]:
+        """Request id in, (status, headers, body) and access-log line out; body None when the
+        client went away. The work is in ``_run``."""
         started_ns = time.perf_counter_ns()
         declared = header = rid = None
-        for key, value in scope["headers"]:
+        for key, value in request_headers:
             if key == b"content-length":
                 declared = value
             elif key == b"inference-header-content-length":
@@ -167,57 +207,56 @@ class HotPath:
         if not rid:
             rid = context.new_request_id()
         context.request_id.set(rid)
-        status = 200
+        refusal: Response | None = None
         try:
             payload, json_length = await self._run(
-                receive, scope.get(HOOKS), name, version, declared, header
+                receive, hooks, name, version, declared, header, body
             )
         except GatewayError as exc:
-            status = await self._refuse(gateway_error_response(exc), rid, scope, receive, send)
+            refusal = gateway_error_response(exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("inference request failed")
-            response = error_response(500, f"internal error: {type(exc).__name__}")
-            status = await self._refuse(response, rid, scope, receive, send)
+            refusal = error_response(500, f"internal error: {type(exc).__name__}")
+        answer: tuple[int, list[tuple[bytes, bytes]], bytes | None]
+        if refusal is not None:
+            refusal.headers["X-Request-ID"] = rid
+            answer = (refusal.status_code, refusal.raw_headers, bytes(refusal.body))
+        elif payload is None:  # the client went away mid-request
+            answer = (499, [], None)  # nobody is listening; nginx's code
         else:
-            if payload is None:  # the client went away mid-request
-                status = 499  # nobody is listening; nginx's code
-            else:
-                headers = [
-                    (b"content-type", _JSON if json_length is None else _BINARY),
-                    (b"content-length", b"%d" % len(payload)),
-                    (b"x-request-id", rid.encode("latin-1")),
-                ]
-                if json_length is not None:
-                    headers.append((b"inference-header-content-length", b"%d" % json_length))
-                await send({"type": "http.response.start", "status": 200, "headers": headers})
-                await send({"type": "http.response.body", "body": payload})
+            headers = [
+                (b"content-type", _JSON if json_length is None else _BINARY),
+                (b"content-length", b"%d" % len(payload)),
+                (b"x-request-id", rid.encode("latin-1")),
+            ]
+            if json_length is not None:
+                headers.append((b"inference-header-content-length", b"%d" % json_length))
+            answer = (200, headers, payload)
         if self.access_log:
-            log_inference(name, version, status, started_ns, rid)
-
-    @staticmethod
-    async def _refuse(
-        response: Response, rid: str, scope: Scope, receive: Receive, send: Send
-    ) -> int:
-        response.headers["X-Request-ID"] = rid
-        await response(scope, receive, send)
-        return response.status_code
+            log_inference(name, version, answer[0], started_ns, rid)
+        return answer
 
     async def _run(
         self,
-        receive: Receive,
+        receive: Receive | None,
         hooks: Hooks | None,
         name: str,
         version: str | None,
         declared: bytes | None,
         header: bytes | None,
+        body: bytes | None,
     ) -> tuple[bytes | None, int | None]:
-        """(payload, JSON header length if binary); (None, None) if the client disconnected."""
+        """(payload, JSON header length if binary); (None, None) if the client disconnected.
+        The body is read from ``receive`` unless it is given (the raw path has it already)."""
         dataplane = self.dataplane
         dataplane.prepare(name, version)  # 404/503 before reading a large body
-        timeout_s = None if hooks is not None else self.body_timeout_s  # else the connection's
-        body = await read_body(receive, declared, self.limit, timeout_s)
+        if body is None:
+            assert receive is not None
+            # With hooks, the connection keeps the body's deadline.
+            timeout_s = None if hooks is not None else self.body_timeout_s
+            body = await read_body(receive, declared, self.limit, timeout_s)
         header_length: int | None = None
         if header is not None:
             try:

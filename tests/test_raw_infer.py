@@ -1,0 +1,218 @@
+"""Inference answered by the connection layer without ASGI (``raw_infer``) is indistinguishable
+from the ASGI path: same answers, same errors, order kept on a connection, keep-alive and
+``Connection: close`` honoured, bodies that arrive in pieces, and every request the raw path
+leaves to uvicorn still served."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests import models
+from tests.conftest import GatewayProcess, start_gateway
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GatewayProcess]]:
+    """The same repository served with the raw path on and off."""
+    repo = tmp_path_factory.mktemp("raw-repo")
+    models.add_sub(repo, "simple")
+    tmp = tmp_path_factory.mktemp("raw-logs")
+    started: dict[str, GatewayProcess] = {}
+    try:
+        for name, flag in (("raw", "true"), ("asgi", "false")):
+            started[name] = start_gateway(
+                repo, tmp, env={"GATEWAY_RAW_INFER": flag, "GATEWAY_ACCESS_LOG": "false"}
+            )
+        yield started
+    finally:
+        for gw in started.values():
+            gw.stop()
+
+
+def json_body(a: int, b: int) -> bytes:
+    return json.dumps(
+        {
+            "inputs": [
+                {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [a] * 16},
+                {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": [b] * 16},
+            ]
+        }
+    ).encode()
+
+
+def binary_body(a: int, b: int) -> tuple[bytes, int]:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "datatype": "INT32",
+                    "shape": [1, 16],
+                    "parameters": {"binary_data_size": 64},
+                }
+                for name in ("INPUT0", "INPUT1")
+            ],
+            "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + struct.pack("<16i", *[a] * 16) + struct.pack("<16i", *[b] * 16), len(header)
+
+
+def request(
+    path: str, body: bytes, headers: dict[str, str] | None = None, method: str = "POST"
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class Reader:
+    """HTTP/1.1 responses, one after another, from one socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            assert self._fill(), f"connection closed mid-response: {self.buffer!r}"
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        size = int(headers["content-length"])
+        while len(self.buffer) < size:
+            assert self._fill(), "connection closed mid-body"
+        body, self.buffer = self.buffer[:size], self.buffer[size:]
+        return int(status_line.split()[1]), headers, body
+
+    def closed(self) -> bool:
+        return not self.buffer and not self._fill()
+
+
+def exchange(gw: GatewayProcess, *raw_requests: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"".join(raw_requests))
+        reader = Reader(sock)
+        return [reader.response() for _ in raw_requests]
+
+
+def test_raw_and_asgi_paths_answer_alike(pair: dict[str, GatewayProcess]) -> None:
+    binary, header_length = binary_body(5, 2)
+    cases = [
+        request("/v2/models/simple/infer", json_body(1, 2)),
+        request(
+            "/v2/models/simple/versions/1/infer",
+            binary,
+            {"Inference-Header-Content-Length": str(header_length)},
+        ),
+        request("/v2/models/nope/infer", json_body(1, 2)),  # 404
+        request("/v2/models/simple/versions/7/infer", json_body(1, 2)),  # no such version
+        request("/v2/models/simple/infer", b'{"inputs": ['),  # malformed JSON
+        request("/v2/models/simple/infer", json_body(1, 2)[:-3] + b"}]}"),  # shape vs data
+        request(
+            "/v2/models/simple/infer",
+            binary,
+            {"Inference-Header-Content-Length": str(len(binary) + 5)},  # header longer than body
+        ),
+    ]
+    for number, raw_request in enumerate(cases):
+        tagged = raw_request.replace(b"Host: x", b"Host: x\r\nX-Request-ID: case-%d" % number)
+        answers = {name: exchange(gw, tagged)[0] for name, gw in pair.items()}
+        for answer in answers.values():
+            answer[1].pop("date")
+        assert answers["raw"] == answers["asgi"], number
+        status, headers, body = answers["raw"]
+        assert headers["x-request-id"] == f"case-{number}"
+        if status != 200:
+            assert 400 <= status < 500 and "error" in json.loads(body), (number, body)
+    # Without an X-Request-ID each gets one of its own, on either path.
+    for gw in pair.values():
+        ((status, headers, _),) = exchange(gw, request("/v2/models/simple/infer", json_body(1, 2)))
+        assert status == 200 and headers["x-request-id"]
+
+
+def test_pipelined_requests_keep_their_order(pair: dict[str, GatewayProcess]) -> None:
+    """Raw, ASGI-only (GET) and raw again, in one write: three answers, in order."""
+    gw = pair["raw"]
+    answers = exchange(
+        gw,
+        request("/v2/models/simple/infer", json_body(1, 1), {"X-Request-ID": "first"}),
+        request("/v2/health/ready", b"", method="GET"),
+        request("/v2/models/simple/infer", json_body(7, 3), {"X-Request-ID": "third"}),
+        request("/v2/models/simple/infer", json_body(9, 9), {"X-Request-ID": "fourth"}),
+    )
+    assert [a[0] for a in answers] == [200, 200, 200, 200]
+    first, third, fourth = (json.loads(answers[i][2]) for i in (0, 2, 3))
+    assert answers[0][1]["x-request-id"] == "first" and first["outputs"][0]["data"] == [2] * 16
+    assert answers[2][1]["x-request-id"] == "third" and third["outputs"][0]["data"] == [10] * 16
+    assert fourth["outputs"][1]["data"] == [0] * 16
+
+
+def test_keep_alive_close_and_a_body_in_pieces(pair: dict[str, GatewayProcess]) -> None:
+    gw = pair["raw"]
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        reader = Reader(sock)
+        for i in range(3):  # one connection, several requests
+            sock.sendall(request("/v2/models/simple/infer", json_body(i, 0)))
+            status, headers, body = reader.response()
+            assert status == 200 and "connection" not in headers
+            assert json.loads(body)["outputs"][0]["data"] == [i] * 16
+        whole = request("/v2/models/simple/infer", json_body(4, 4))
+        for piece in (whole[:30], whole[30:-20], whole[-20:]):  # head and body in pieces
+            sock.sendall(piece)
+            time.sleep(0.05)
+        status, _, body = reader.response()
+        assert status == 200 and json.loads(body)["outputs"][0]["data"] == [8] * 16
+        sock.sendall(request("/v2/models/simple/infer", json_body(1, 1), {"Connection": "close"}))
+        status, headers, _ = reader.response()
+        assert status == 200 and headers["connection"] == "close"
+        assert reader.closed()
+
+
+def test_requests_the_raw_path_leaves_to_uvicorn(pair: dict[str, GatewayProcess]) -> None:
+    """HTTP/1.0, chunked bodies, ``Expect: 100-continue`` and bodies over 64 KiB still work."""
+    gw = pair["raw"]
+    body = json_body(2, 1)
+    http10 = request("/v2/models/simple/infer", body).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(http10)
+        status, _, answer = Reader(sock).response()
+        assert status == 200 and json.loads(answer)["outputs"][0]["data"] == [3] * 16
+    chunked = (
+        b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(chunked)
+        assert Reader(sock).response()[0] == 200
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        expect = request("/v2/models/simple/infer", body, {"Expect": "100-continue"})
+        sock.sendall(expect[: -len(body)])  # the head only, then wait to be asked for the body
+        reader = Reader(sock)
+        go_on = b"HTTP/1.1 100 Continue\r\n\r\n"
+        while len(reader.buffer) < len(go_on):
+            assert reader._fill()
+        assert reader.buffer.startswith(go_on)
+        reader.buffer = reader.buffer[len(go_on) :]
+        sock.sendall(body)
+        assert reader.response()[0] == 200
+    padded = json.loads(body)
+    padded["parameters"] = {"padding": "x" * 70_000}
+    status, _, answer = exchange(
+        gw, request("/v2/models/simple/infer", json.dumps(padded).encode())
+    )[0]
+    assert status == 200, answer
