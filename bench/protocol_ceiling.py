@@ -12,8 +12,9 @@ instrument, not a server to deploy.
     .venv/bin/python bench/protocol_ceiling.py --rounds 6
 
 Each round: in-process ONNX Runtime at batch 64 for ``--duration-s``, then under
-``wrk -t1 -c64`` for as long each of: the gateway as shipped, the gateway with
-``GATEWAY_ACCESS_LOG=false``, and the bare protocol. Prints and writes
+``wrk -t1 -c64`` for as long each of: the gateway as shipped (``raw_infer`` on: inference
+answered by the connection layer without ASGI), the gateway with ``GATEWAY_RAW_INFER=false``
+(every request through uvicorn's ASGI cycle), and the bare protocol. Prints and writes
 ``bench/results/protocol_ceiling.md``: items/s as a ratio to that round's in-process figure, and
 the event loop's CPU per request (the server's main thread, from ``/proc``).
 """
@@ -145,13 +146,13 @@ def main() -> int:
         work = Path(tmp)
         script = serving.lua_script(serving.binary_body(model), work, MODEL)
         shipped = stack.enter_context(serving.gateway(ROOT / "model_repo", {}, work, "shipped"))
-        nolog = stack.enter_context(
-            serving.gateway(ROOT / "model_repo", {"GATEWAY_ACCESS_LOG": "false"}, work, "nolog")
+        asgi = stack.enter_context(
+            serving.gateway(ROOT / "model_repo", {"GATEWAY_RAW_INFER": "false"}, work, "asgi")
         )
         bare_url, bare_pid = stack.enter_context(bare_server(work))
         targets = [
             ("gateway", shipped.url, shipped.proc.pid),
-            ("gateway, no access log", nolog.url, nolog.proc.pid),
+            ("gateway, raw_infer off (all ASGI)", asgi.url, asgi.proc.pid),
             ("bare httptools protocol", bare_url, bare_pid),
         ]
         for number in range(1, args.rounds + 1):
