@@ -26,9 +26,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Gateway
     started: dict[str, GatewayProcess] = {}
     try:
         for name, flag in (("raw", "true"), ("asgi", "false")):
-            started[name] = start_gateway(
-                repo, tmp, env={"GATEWAY_RAW_INFER": flag, "GATEWAY_ACCESS_LOG": "false"}
-            )
+            env = {
+                "GATEWAY_RAW_INFER": flag,
+                "GATEWAY_ACCESS_LOG": "false",
+                "GATEWAY_KEEPALIVE_TIMEOUT_S": "1",
+            }
+            started[name] = start_gateway(repo, tmp, env=env)
         yield started
     finally:
         for gw in started.values():
@@ -216,3 +219,19 @@ def test_requests_the_raw_path_leaves_to_uvicorn(pair: dict[str, GatewayProcess]
         gw, request("/v2/models/simple/infer", json.dumps(padded).encode())
     )[0]
     assert status == 200, answer
+
+
+def test_idle_keep_alive_connections_are_closed(pair: dict[str, GatewayProcess]) -> None:
+    """After an answer the keep-alive clock runs (1 s here), on either path; a request in time
+    restarts it."""
+    for gw in pair.values():
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            reader = Reader(sock)
+            sock.sendall(request("/v2/models/simple/infer", json_body(1, 1)))
+            assert reader.response()[0] == 200
+            time.sleep(0.5)
+            sock.sendall(request("/v2/models/simple/infer", json_body(2, 2)))
+            assert reader.response()[0] == 200
+            started = time.monotonic()
+            assert reader.closed()  # blocks until the server closes it
+            assert 0.8 < time.monotonic() - started < 5
