@@ -417,13 +417,19 @@ def _kill(proc: subprocess.Popen[bytes], stubs: list[tuple[int, Path]]) -> None:
         time.sleep(0.01)
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """``/proc/<pid>/stat`` after the command name: [0] is the state (field 3 of stat(5));
+    empty when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def process_running(pid: int) -> bool:
     """Not gone and not a zombie (dead, waiting to be reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def _stubs(server_pid: int) -> list[tuple[int, Path]]:
@@ -451,11 +457,10 @@ def _model_dirs(stubs: list[tuple[int, Path]]) -> list[Path]:
 
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of one live process (its threads included), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    fields = _stat_fields(pid)
+    if not fields:
         return 0.0
-    # fields[0] is the state (field 3 of stat(5)); utime and stime are fields 14 and 15.
+    # utime and stime are fields 14 and 15 of stat(5).
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
