@@ -17,7 +17,7 @@ connection.
   calls, and uvloop sends each at once: two system calls per response. The writes made during
   one event-loop callback are sent together instead, in one ``writelines``.
 
-- **Inference without ASGI.** An app may offer ``raw_route(path, length)`` and
+- **Inference without ASGI.** An app may offer ``raw_enabled``, ``raw_route(path, length)`` and
   ``answer_raw(exchange, route)`` (``RawHandler``). A plain ``POST`` it routes (HTTP/1.1, a
   Content-Length of at most 64 KiB, no ``Expect``, nothing pipelined ahead of it, under the
   concurrency limit) is then answered through a ``RawExchange``: no ASGI scope, no
@@ -37,6 +37,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 import httptools
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 HOOKS = "gateway.connection"  # scope key
@@ -123,11 +124,12 @@ class GatheringTransport:
 
 
 _IDLE, _HEAD, _BODY = 0, 1, 2
-RAW_MAX_BODY = 64 * 1024  # uvicorn pauses reading above this; larger bodies take the ASGI path
 
 
 class RawHandler(Protocol):
     """What an app offers to answer some requests without ASGI (see the module docstring)."""
+
+    raw_enabled: bool  # False: every request of this app goes through ASGI
 
     def raw_route(self, path: str, length: int) -> Any | None:
         """Something to hand to ``answer_raw`` if this ``POST`` is answered raw, else None."""
@@ -192,11 +194,7 @@ class RawExchange:
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
         parts += (b"\r\n", body)
-        transport = protocol.transport
-        if isinstance(transport, GatheringTransport):
-            transport.write_now(b"".join(parts))
-        else:
-            transport.write(b"".join(parts))
+        protocol.gathering.write_now(b"".join(parts))
         self.response_complete = True
         if not self.keep_alive:
             protocol.transport.close()
@@ -221,7 +219,7 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._stage = _HEAD  # the first request's head is due from the start
         self.hooks = Hooks(self.loop)
         raw = self.app
-        self._raw: RawHandler | None = raw if hasattr(raw, "raw_route") else None
+        self._raw: RawHandler | None = raw if getattr(raw, "raw_enabled", False) else None
         self._route: Any = None
 
     # timers: armed only while a stage is unfinished after a read
@@ -255,8 +253,8 @@ class ConnectionProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        gathering = GatheringTransport(transport, self.loop)
-        super().connection_made(gathering)  # type: ignore[arg-type]
+        self.gathering = GatheringTransport(transport, self.loop)
+        super().connection_made(self.gathering)  # type: ignore[arg-type]
         self._arm(_HEAD)
 
     def data_received(self, data: bytes) -> None:
@@ -297,7 +295,7 @@ class ConnectionProtocol(HttpToolsProtocol):
                 length = int(value)
             elif name == b"transfer-encoding":
                 return False
-        if not 0 <= length <= RAW_MAX_BODY:
+        if not 0 <= length <= HIGH_WATER_LIMIT:  # above, uvicorn pauses reading: ASGI path
             return False
         path = httptools.parse_url(self.url).path
         if b"%" in path:

@@ -134,7 +134,8 @@ class HotPath:
         self.limit = settings.max_body_bytes
         self.body_timeout_s = settings.body_timeout_s
         self.access_log = settings.access_log
-        self.raw = settings.raw_infer
+        # The connection layer's question (``RawHandler``): guards must see every request.
+        self.raw_enabled = settings.raw_infer and not self.guards
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
@@ -165,9 +166,9 @@ class HotPath:
 
     def raw_route(self, path: str, length: int) -> tuple[str, str | None] | None:
         """For the connection layer (``RawHandler``): an inference ``POST`` it may answer
-        without ASGI, as (model, version). Not when guards must see the request, nor when the
-        body is over the limit (the ASGI path refuses it with a 413)."""
-        if self.guards or length > self.limit or not self.raw:
+        without ASGI, as (model, version). Not when the body is over the limit (the ASGI path
+        refuses it with a 413)."""
+        if length > self.limit:
             return None
         match = INFER_PATH.fullmatch(path)
         return None if match is None else (match[1], match[2])
