@@ -235,3 +235,40 @@ def test_idle_keep_alive_connections_are_closed(pair: dict[str, GatewayProcess])
             started = time.monotonic()
             assert reader.closed()  # blocks until the server closes it
             assert 0.8 < time.monotonic() - started < 5
+
+
+def test_request_heads_read_alike(pair: dict[str, GatewayProcess]) -> None:
+    """The raw path reads a whole request in one piece itself; any head it does not accept in
+    full goes to the parser. Either way the answer is the ASGI path's, odd heads included."""
+    body = json_body(3, 1)
+    plain = b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(
+        body
+    )
+    heads = [  # the first four are read by the raw path itself
+        plain,
+        plain.replace(b"Host: x", b"host:x\t"),  # no space, trailing tab, lower-case name
+        plain + b"X-Empty:\r\nX-Spaced:  a  b  \r\n",  # empty value; inner spaces kept
+        plain.replace(b"/infer", b"/infer?trace=1"),  # a query string
+        plain.replace(b"/simple/", b"/si%6dple/"),  # percent-encoded: the parser's
+        plain + b"Content-Length: %d\r\n" % len(body),  # twice: refused
+        plain + b"Content-Length: 1\r\n",  # two different lengths: refused
+        plain + b"X-Folded: a\r\n b\r\n",  # obs-fold: the parser decides
+        plain + b"X-Latin: caf\xe9\r\n",  # obs-text in a value
+        plain + b"Bad Name: x\r\n",  # not a token
+        plain + b"Connection: keep-alive, Upgrade\r\nUpgrade: h2c\r\n",
+        plain.replace(b"POST", b"post"),  # methods are case-sensitive
+        plain.replace(b"Content-Length: %d" % len(body), b"Content-Length: +%d" % len(body)),
+    ]
+    statuses = []
+    for number, head in enumerate(heads):
+        answers = {}
+        for name, gw in pair.items():
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+                sock.sendall(head + b"X-Request-ID: head-%d\r\n\r\n" % number + body)
+                status, headers, answer = Reader(sock).response()
+            headers.pop("date", None)
+            answers[name] = (status, headers, answer)
+        assert answers["raw"] == answers["asgi"], (number, answers)
+        statuses.append(answers["raw"][0])
+    assert statuses[:5] == [200] * 5 and statuses[5] == statuses[6] == 400
+    assert "error" in json.loads(answers["raw"][2])  # what the parser refuses, too

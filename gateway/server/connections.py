@@ -25,6 +25,12 @@ connection.
   including every request those conditions exclude, goes through uvicorn as before. Keep-alive,
   pipelining behind it, graceful shutdown, timeouts and the concurrency limit stay uvicorn's and
   this module's: the exchange stands in for the cycle in the attributes they use.
+  When a read holds exactly one such request, whole, with a plain head (token names,
+  visible-ASCII values, an origin-form target), it is read here without the parser at all
+  (``_whole_post``); anything else goes to the parser untouched.
+- **Keep-alive.** One timer per connection, re-armed when it fires early, instead of uvicorn's
+  timer armed after every response and cancelled at the next request.
+- **Parser errors** are answered ``{"error": ...}`` like every other error, not in plain text.
 
 Handlers must work without these (other protocols, such as h11, provide none): ``HOOKS`` absent
 means "keep your own timeouts and disconnect watch".
@@ -33,14 +39,25 @@ means "keep your own timeouts and disconnect watch".
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 import httptools
+import orjson
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 HOOKS = "gateway.connection"  # scope key
+
+# A request head simple enough to read without httptools (``ConnectionProtocol._whole_post``):
+# an origin-form target and ``name: value`` fields of token names and visible-ASCII values.
+# Anything else (obs-fold, control or non-ASCII bytes, another method or version) is left to the
+# parser, which knows every rule.
+_REQUEST_LINE = re.compile(rb"POST (/[!-~]*) HTTP/1\.1\r\n")
+_FIELD = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[!-~]+(?:[ \t]+[!-~]+)*)?)[ \t]*\r\n"
+)
 
 
 def _timeout_response(what: str) -> bytes:
@@ -138,6 +155,18 @@ class RawHandler(Protocol):
         """Answer with ``exchange.respond`` (or not at all if the client went away)."""
 
 
+_defaults: tuple[object, bytes] = (None, b"")
+
+
+def _default_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default headers (``date``, ``server``) as one block, rebuilt when uvicorn
+    replaces the list (every second, for the date)."""
+    global _defaults
+    if _defaults[0] is not headers:
+        _defaults = (headers, b"".join(b"%s: %s\r\n" % pair for pair in headers))
+    return _defaults[1]
+
+
 class _Unwatched:
     """uvicorn's callbacks set the cycle's event; nothing waits on a raw exchange's."""
 
@@ -167,12 +196,19 @@ class RawExchange:
         "response_started",
     )
 
-    def __init__(self, protocol: ConnectionProtocol, keep_alive: bool) -> None:
+    def __init__(
+        self,
+        protocol: ConnectionProtocol,
+        keep_alive: bool,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | None = None,
+    ) -> None:
         self._protocol = protocol
-        self.headers: list[tuple[bytes, bytes]] = protocol.headers  # names in lower case
+        self.headers = headers  # names in lower case
         self.hooks = protocol.hooks
-        self.body = bytearray()
-        self.more_body = True
+        # None: the parser's ``on_body`` is still to add it (``+=``, as to uvicorn's cycle)
+        self.body: bytes | bytearray = bytearray() if body is None else body
+        self.more_body = body is None
         self.message_event = _UNWATCHED
         self.keep_alive = keep_alive
         self.disconnected = False
@@ -188,8 +224,8 @@ class RawExchange:
         protocol = self._protocol
         if self.disconnected or protocol.transport.is_closing():
             return
-        parts = [STATUS_LINE[status]]
-        for name, value in (*protocol.server_state.default_headers, *headers):
+        parts = [STATUS_LINE[status], _default_headers(protocol.server_state.default_headers)]
+        for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
@@ -221,6 +257,9 @@ class ConnectionProtocol(HttpToolsProtocol):
         raw = self.app
         self._raw: RawHandler | None = raw if getattr(raw, "raw_enabled", False) else None
         self._route: Any = None
+        self._partial = False  # the parser holds part of a request
+        self._idle_since: float | None = None  # the last response's end, while idle
+        self._keep_alive: asyncio.TimerHandle | None = None
 
     # timers: armed only while a stage is unfinished after a read
 
@@ -237,6 +276,21 @@ class ConnectionProtocol(HttpToolsProtocol):
             self._timer.cancel()
             self._timer = None
             self._timed = _IDLE
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request the parser rejects, as JSON like every other error."""
+        body = orjson.dumps({"error": msg})
+        self.transport.write(
+            b"%s%scontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s"
+            % (
+                STATUS_LINE[400],
+                _default_headers(self.server_state.default_headers),
+                len(body),
+                body,
+            )
+        )
+        self.transport.close()
 
     def _late(self, stage: int) -> None:
         self._timer = None
@@ -258,6 +312,8 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._arm(_HEAD)
 
     def data_received(self, data: bytes) -> None:
+        if self._raw is not None and not self._partial and self._whole_post(data):
+            return
         super().data_received(data)
         if self._stage == _IDLE:
             self._disarm()
@@ -265,6 +321,7 @@ class ConnectionProtocol(HttpToolsProtocol):
             self._arm(self._stage)
 
     def on_message_begin(self) -> None:
+        self._partial = True
         super().on_message_begin()
         self.scope[HOOKS] = self.hooks  # type: ignore[literal-required]
         self._stage = _HEAD
@@ -282,11 +339,8 @@ class ConnectionProtocol(HttpToolsProtocol):
             return False
         if self.expect_100_continue or self.root_path or parser.should_upgrade():
             return False
-        if self.cycle is not None and not self.cycle.response_complete:
-            return False  # pipelined behind an unfinished one: uvicorn queues it
-        limit = self.limit_concurrency
-        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
-            return False  # uvicorn's 503
+        if not self._free():
+            return False
         length = -1
         for name, value in self.headers:
             if name == b"content-length":
@@ -304,21 +358,122 @@ class ConnectionProtocol(HttpToolsProtocol):
         route = self._raw.raw_route(path.decode("ascii"), length)
         if route is None:
             return False
-        self.cycle = RawExchange(self, parser.should_keep_alive())  # type: ignore[assignment]
+        exchange = RawExchange(self, parser.should_keep_alive(), self.headers)
+        self.cycle = exchange  # type: ignore[assignment]
         self._route = route
         return True
 
+    def _free(self) -> bool:
+        """Whether a request arriving now may be answered raw: nothing in flight or queued on
+        this connection, and under the concurrency limit (else uvicorn answers 503)."""
+        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+            return False
+        limit = self.limit_concurrency
+        return limit is None or (len(self.connections) < limit and len(self.tasks) < limit)
+
+    def _whole_post(self, data: bytes) -> bool:
+        """Answer ``data`` raw without the parser if it is exactly one whole, plain inference
+        ``POST``: the usual request, head and body in one read. The parser's callbacks, the
+        scope uvicorn builds for each request and the copy of the body into the cycle cost about
+        a fifth of the event loop's time per request. Anything this reading does not accept in
+        full goes to the parser untouched (it has seen none of it)."""
+        line = _REQUEST_LINE.match(data)
+        if line is None or self.root_path or not self._free() or self.transport.is_closing():
+            return False
+        end = data.find(b"\r\n\r\n", line.end() - 2) + 2  # the blank line
+        if end < 2:
+            return False
+        headers: list[tuple[bytes, bytes]] = []
+        length = -1
+        keep_alive = True
+        position = line.end()
+        while position < end:
+            field = _FIELD.match(data, position, end)
+            if field is None:
+                return False
+            name = field[1].lower()
+            value = field[2]
+            if name == b"content-length":
+                if length >= 0 or not value.isdigit():
+                    return False
+                length = int(value)
+            elif name == b"connection":
+                tokens = [token.strip().lower() for token in value.split(b",")]
+                if b"upgrade" in tokens:
+                    return False
+                keep_alive = b"close" not in tokens
+            elif name in (b"transfer-encoding", b"expect", b"upgrade"):
+                return False
+            headers.append((name, value))
+            position = field.end()
+        body = data[end + 2 :]
+        if len(body) != length:  # partial, pipelined or no Content-Length: the parser's
+            return False
+        target = line[1]
+        path = target.partition(b"?")[0]
+        if b"%" in path or b"#" in target:
+            return False
+        assert self._raw is not None
+        route = self._raw.raw_route(path.decode("ascii"), length)
+        if route is None:
+            return False
+        self._unset_keepalive_if_required()
+        self._disarm()
+        self._stage = _IDLE
+        exchange = RawExchange(self, keep_alive, headers, body)
+        self.cycle = exchange  # type: ignore[assignment]
+        self._start_raw(exchange, route)
+        return True
+
+    def _start_raw(self, exchange: RawExchange, route: Any) -> None:
+        assert self._raw is not None
+        task = self.loop.create_task(self._raw.answer_raw(exchange, route))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
     def on_message_complete(self) -> None:
         self._stage = _IDLE
+        self._partial = False
         super().on_message_complete()
         exchange = self.cycle
         if isinstance(exchange, RawExchange) and not exchange.more_body:
-            assert self._raw is not None
-            task = self.loop.create_task(self._raw.answer_raw(exchange, self._route))
-            task.add_done_callback(self.tasks.discard)
-            self.tasks.add(task)
+            self._start_raw(exchange, self._route)
+
+    # keep-alive: uvicorn arms a timer after every response and cancels it at the next request.
+    # One timer per connection instead, re-armed when it fires early: a response costs a clock
+    # reading, not a timer handle.
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, but for the keep-alive timer."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self._keep_alive is None:
+            self._keep_alive = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None  # busy: the timer, when it fires, lets go
+
+    def _idle_check(self) -> None:
+        self._keep_alive = None
+        if self._idle_since is None or self.transport.is_closing():
+            return
+        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self._keep_alive = self.loop.call_later(left, self._idle_check)
+        else:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._keep_alive is not None:
+            self._keep_alive.cancel()
+            self._keep_alive = None
         self._disarm()
         self._stage = _IDLE
         super().connection_lost(exc)
