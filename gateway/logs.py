@@ -1,12 +1,12 @@
 """Structured logging: JSON lines, and one access-log line per inference request.
 
 The access log is the busiest log there is and it is written on the event loop, so it does not
-go through ``logging`` record by record. ``AccessLog`` turns each line into one ``orjson.dumps``
-and a list append, and writes the lines out together at most ``interval_s`` later (or once
-``max_lines`` pile up). Through ``logging`` every line cost a ``LogRecord``, a handler lock, a
-formatter and a write system call: about a quarter of the loop's CPU per request. The lines
-keep their own timestamps; only the write is late. The ``gateway.access`` logger's level still
-switches them off (above INFO), as does ``access_log = false``.
+go through ``logging`` record by record. ``AccessLog`` keeps each line's fields in a list (a
+tuple per inference request) and formats and writes them out together at most ``interval_s``
+later (or once ``max_lines`` pile up). Through ``logging`` every line cost a ``LogRecord``, a
+handler lock, a formatter and a write system call: about a quarter of the loop's CPU per
+request. The lines keep their own timestamps; only the write is late. The ``gateway.access``
+logger's level still switches them off (above INFO), as does ``access_log = false``.
 """
 
 from __future__ import annotations
@@ -55,21 +55,15 @@ class AccessLog:
         self.max_lines = max_lines
         self.stream: TextIO | None = None  # None: whatever sys.stderr is when writing
         self.text = False  # the plain-text format of ``log_format = "text"``
-        self._lines: list[str] = []
+        # (time, fields): a dict, or an inference request's ``_Inference`` tuple, turned into
+        # text when written out: a request pays for a tuple, not for the formatting
+        self._lines: list[tuple[float, dict[str, Any] | _Inference]] = []
         self._lock = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
 
-    def write(self, fields: dict[str, Any]) -> None:
-        now = time.time()
-        if self.text:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
-            line = f"{stamp},{int(now % 1 * 1000):03d} INFO gateway.access: infer {pairs}\n"
-        else:
-            head = {"ts": round(now, 6), "level": "info", "logger": access.name, "msg": "infer"}
-            line = orjson.dumps(head | fields, option=orjson.OPT_APPEND_NEWLINE).decode()
+    def write(self, fields: dict[str, Any] | _Inference) -> None:
         with self._lock:
-            self._lines.append(line)
+            self._lines.append((time.time(), fields))
             full = len(self._lines) >= self.max_lines
         if full:
             self.flush()
@@ -81,6 +75,16 @@ class AccessLog:
                 return
             self._timer = loop.call_later(self.interval_s, self.flush)
 
+    def _line(self, now: float, fields: dict[str, Any] | _Inference) -> str:
+        if isinstance(fields, tuple):
+            fields = _inference_fields(*fields)
+        if self.text:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+            return f"{stamp},{int(now % 1 * 1000):03d} INFO gateway.access: infer {pairs}\n"
+        head = {"ts": round(now, 6), "level": "info", "logger": access.name, "msg": "infer"}
+        return orjson.dumps(head | fields, option=orjson.OPT_APPEND_NEWLINE).decode()
+
     def flush(self) -> None:
         with self._lock:
             lines, self._lines = self._lines, []
@@ -91,10 +95,39 @@ class AccessLog:
             return
         stream = self.stream or sys.stderr
         try:
-            stream.write("".join(lines))
+            stream.write("".join([self._line(now, fields) for now, fields in lines]))
             stream.flush()
         except (OSError, ValueError):  # stderr closed or full: drop them, as logging would
             pass
+
+
+# request id, model, version, status, duration in ns, how it was executed
+_Inference = tuple[str | None, str, str | None, int, int, "context.Execution | None"]
+
+
+def _inference_fields(
+    request_id: str | None,
+    model: str,
+    version: str | None,
+    status: int,
+    duration_ns: int,
+    run: context.Execution | None,
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "model": model,
+        "version": version or "",
+        "status": status,
+        "duration_ms": round(duration_ns / 1e6, 3),
+    }
+    if run is not None:
+        fields.update(
+            batch_size=run.batch_size,
+            queue_ms=round(run.queue_ns / 1e6, 3),
+            compute_ms=round(run.compute_ns / 1e6, 3),
+            host=run.host or "local",
+        )
+    return fields
 
 
 ACCESS = AccessLog()
@@ -119,21 +152,6 @@ def log_inference(
     model: str, version: str | None, status: int, started_ns: int, request_id: str | None
 ) -> None:
     """The access-log line: who asked, what ran, how it was batched, where the time went."""
-    if not access.isEnabledFor(logging.INFO):
-        return
-    fields: dict[str, Any] = {
-        "request_id": request_id,
-        "model": model,
-        "version": version or "",
-        "status": status,
-        "duration_ms": round((time.perf_counter_ns() - started_ns) / 1e6, 3),
-    }
-    run = context.execution.get()
-    if run is not None:
-        fields.update(
-            batch_size=run.batch_size,
-            queue_ms=round(run.queue_ns / 1e6, 3),
-            compute_ms=round(run.compute_ns / 1e6, 3),
-            host=run.host or "local",
-        )
-    ACCESS.write(fields)
+    if access.isEnabledFor(logging.INFO):
+        duration_ns = time.perf_counter_ns() - started_ns
+        ACCESS.write((request_id, model, version, status, duration_ns, context.execution.get()))
