@@ -297,7 +297,9 @@ def gateway(repo: Path, env_extra: dict[str, str], workdir: Path, tag: str) -> I
         "--model-repo", str(repo), "--port", str(port), "--log-level", "warning",
     ]  # fmt: skip
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # Not from ROOT: there ``-m`` would put this checkout's ``gateway`` ahead of a
+        # PYTHONPATH given in ``env_extra`` (variants.py compares source trees that way).
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120

@@ -4,10 +4,14 @@ The machine's speed drifts by tens of percent within minutes, so comparing two s
 ``serving.py`` says little about a small change. This starts every variant at once (a gateway
 each: its own model repository and ``GATEWAY_*`` environment), then repeats rounds of: in-process
 ORT at one batch size, then each variant under ``wrk -c64`` for as long. Each variant's ratio to
-the round's in-process figure, and the median over rounds, is what to compare.
+the round's in-process figure, and the median over rounds, is what to compare; so is the event
+loop's CPU time per request (the main thread's), which the machine's drift moves less.
 
     .venv/bin/python bench/variants.py --rounds 5 shipped:: \
         b64:/tmp/repo64: nogc::GATEWAY_GC_THRESHOLD=0
+
+A variant's ``PYTHONPATH`` runs another source tree, e.g. the last commit checked out with
+``git worktree add /tmp/base HEAD``: ``base::PYTHONPATH=/tmp/base``.
 
 A variant is ``name:repo:ENV=V,ENV=V`` (an empty repo means ``model_repo/``). Writes a table to
 ``--out`` when given.
@@ -32,7 +36,7 @@ def parse_variant(text: str) -> tuple[str, Path, dict[str, str]]:
     name, _, rest = text.partition(":")
     repo, _, envs = rest.partition(":")
     env = dict(item.split("=", 1) for item in envs.split(",") if item)
-    return name, Path(repo) if repo else ROOT / "model_repo", env
+    return name, Path(repo).resolve() if repo else ROOT / "model_repo", env
 
 
 def main() -> int:
@@ -49,6 +53,7 @@ def main() -> int:
     model = serving.read_model(ROOT / "model_repo", args.model)
     batch = args.batch or model.max_batch_size
     ratios: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    loops: dict[str, list[float]] = {name: [] for name, _, _ in variants}  # loop CPU per request
     lines = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
@@ -66,15 +71,19 @@ def main() -> int:
                 url = f"{gw.url}/v2/models/{args.model}/infer"
                 serving.run_wrk(url, script, args.connections, 1, 1)  # warm-up
                 before = gw.stats(args.model)
-                out = serving.run_wrk(url, script, args.connections, 1, args.duration_s)
+                with serving.CpuWindow(gw.proc.pid) as cpu:
+                    out = serving.run_wrk(url, script, args.connections, 1, args.duration_s)
                 after = gw.stats(args.model)
                 served, errors = serving.wrk_figures(out)
                 runs = after["execution_count"] - before["execution_count"]
                 avg_batch = (after["inference_count"] - before["inference_count"]) / max(1, runs)
-                ratios[name].append(served / limit)
                 ratio = served / limit
+                ratios[name].append(ratio)
+                loop_us = cpu.loop_s / max(1, out["requests"]) * 1e6
+                loops[name].append(loop_us)
                 cells.append(
-                    f"{served:.0f} = {ratio:.3f}x (b{avg_batch:.1f}, p50/p99 "
+                    f"{served:.0f} = {ratio:.3f}x (b{avg_batch:.1f}, loop {loop_us:.0f} us/req, "
+                    f"p50/p99 "
                     f"{out['p50_us'] / 1e3:.1f}/{out['p99_us'] / 1e3:.1f} ms, errors {errors})"
                 )
             lines.append(f"| {number} | " + " | ".join(cells) + " |")
@@ -82,7 +91,12 @@ def main() -> int:
     head = f"| round | in-process b{batch} | " + " | ".join(n for n, _, _ in variants) + " |"
     rule = "|---:|---:|" + "---|" * len(variants)
     medians = (
-        "| median | | " + " | ".join(f"{statistics.median(r):.3f}x" for r in ratios.values()) + " |"
+        "| median | | "
+        + " | ".join(
+            f"{statistics.median(ratios[n]):.3f}x, loop {statistics.median(loops[n]):.0f} us/req"
+            for n, _, _ in variants
+        )
+        + " |"
     )
     table = "\n".join([head, rule, *lines, medians])
     print(table)
