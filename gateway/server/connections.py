@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
 import httptools
@@ -54,10 +54,48 @@ HOOKS = "gateway.connection"  # scope key
 # an origin-form target and ``name: value`` fields of token names and visible-ASCII values.
 # Anything else (obs-fold, control or non-ASCII bytes, another method or version) is left to the
 # parser, which knows every rule.
-_REQUEST_LINE = re.compile(rb"POST (/[!-~]*) HTTP/1\.1\r\n")
-_FIELD = re.compile(
-    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[!-~]+(?:[ \t]+[!-~]+)*)?)[ \t]*\r\n"
+_NAME = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE = rb"(?:[!-~]+(?:[ \t]+[!-~]+)*)?"  # without the whitespace around it
+_FIELD = re.compile(rb"(%s):[ \t]*(%s)[ \t]*\r\n" % (_NAME, _VALUE))
+_PLAIN_POST = re.compile(
+    rb"POST (/[!-~]*) HTTP/1\.1\r\n((?:%s:[ \t]*%s[ \t]*\r\n)*)\r\n" % (_NAME, _VALUE)
 )
+
+# target, fields (names in lower case), keep-alive, Content-Length
+_Head = tuple[bytes, tuple[tuple[bytes, bytes], ...], bool, int]
+# Clients repeat their heads byte for byte (same model, same tensor sizes): each distinct head is
+# read once. Bounded in entries and in the size of each.
+_HEADS: dict[bytes, _Head | None] = {}
+_HEADS_MAX = 256
+_HEAD_MAX_BYTES = 1024
+
+
+def _read_head(head: bytes) -> _Head | None:
+    """A plain inference ``POST`` head (through its blank line), or None: the parser's."""
+    match = _PLAIN_POST.fullmatch(head)
+    if match is None:
+        return None
+    fields = []
+    length = -1
+    keep_alive = True
+    for name, value in _FIELD.findall(match[2]):
+        name = name.lower()
+        if name == b"content-length":
+            if length >= 0 or not value.isdigit():
+                return None
+            length = int(value)
+        elif name == b"connection":
+            tokens = [token.strip().lower() for token in value.split(b",")]
+            if b"upgrade" in tokens:
+                return None
+            keep_alive = b"close" not in tokens
+        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
+            return None
+        fields.append((name, value))
+    target = match[1]
+    if length < 0 or b"%" in target.partition(b"?")[0] or b"#" in target:
+        return None
+    return target, tuple(fields), keep_alive, length
 
 
 def _timeout_response(what: str) -> bytes:
@@ -79,7 +117,7 @@ class Hooks:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop  # the connection's: asking asyncio costs a getpid() on Python 3.11
-        self.on_lost: Callable[[], None] | None = None
+        self.on_lost: Callable[[], object] | None = None
 
 
 class GatheringTransport:
@@ -151,8 +189,9 @@ class RawHandler(Protocol):
     def raw_route(self, path: str, length: int) -> Any | None:
         """Something to hand to ``answer_raw`` if this ``POST`` is answered raw, else None."""
 
-    def answer_raw(self, exchange: RawExchange, route: Any) -> Coroutine[Any, Any, None]:
-        """Answer with ``exchange.respond`` (or not at all if the client went away)."""
+    def answer_raw(self, exchange: RawExchange, route: Any) -> Coroutine[Any, Any, None] | None:
+        """Answer with ``exchange.respond`` (or not at all if the client went away), now or
+        later; or return a coroutine that will, to run as a task."""
 
 
 _defaults: tuple[object, bytes] = (None, b"")
@@ -200,7 +239,7 @@ class RawExchange:
         self,
         protocol: ConnectionProtocol,
         keep_alive: bool,
-        headers: list[tuple[bytes, bytes]],
+        headers: Sequence[tuple[bytes, bytes]],
         body: bytes | None = None,
     ) -> None:
         self._protocol = protocol
@@ -377,42 +416,28 @@ class ConnectionProtocol(HttpToolsProtocol):
         scope uvicorn builds for each request and the copy of the body into the cycle cost about
         a fifth of the event loop's time per request. Anything this reading does not accept in
         full goes to the parser untouched (it has seen none of it)."""
-        line = _REQUEST_LINE.match(data)
-        if line is None or self.root_path or not self._free() or self.transport.is_closing():
+        if not data.startswith(b"POST /"):
             return False
-        end = data.find(b"\r\n\r\n", line.end() - 2) + 2  # the blank line
-        if end < 2:
+        if self.root_path or not self._free() or self.transport.is_closing():
             return False
-        headers: list[tuple[bytes, bytes]] = []
-        length = -1
-        keep_alive = True
-        position = line.end()
-        while position < end:
-            field = _FIELD.match(data, position, end)
-            if field is None:
-                return False
-            name = field[1].lower()
-            value = field[2]
-            if name == b"content-length":
-                if length >= 0 or not value.isdigit():
-                    return False
-                length = int(value)
-            elif name == b"connection":
-                tokens = [token.strip().lower() for token in value.split(b",")]
-                if b"upgrade" in tokens:
-                    return False
-                keep_alive = b"close" not in tokens
-            elif name in (b"transfer-encoding", b"expect", b"upgrade"):
-                return False
-            headers.append((name, value))
-            position = field.end()
-        body = data[end + 2 :]
-        if len(body) != length:  # partial, pipelined or no Content-Length: the parser's
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4:
             return False
-        target = line[1]
+        head = data[:end]
+        if head in _HEADS:
+            read = _HEADS[head]
+        else:
+            read = _read_head(head)
+            if end <= _HEAD_MAX_BYTES:
+                if len(_HEADS) >= _HEADS_MAX:
+                    _HEADS.clear()
+                _HEADS[head] = read
+        if read is None:
+            return False
+        target, headers, keep_alive, length = read
+        if len(data) - end != length:  # partial or pipelined: the parser's
+            return False
         path = target.partition(b"?")[0]
-        if b"%" in path or b"#" in target:
-            return False
         assert self._raw is not None
         route = self._raw.raw_route(path.decode("ascii"), length)
         if route is None:
@@ -420,16 +445,18 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         self._disarm()
         self._stage = _IDLE
-        exchange = RawExchange(self, keep_alive, headers, body)
+        exchange = RawExchange(self, keep_alive, headers, data[end:])
         self.cycle = exchange  # type: ignore[assignment]
         self._start_raw(exchange, route)
         return True
 
     def _start_raw(self, exchange: RawExchange, route: Any) -> None:
         assert self._raw is not None
-        task = self.loop.create_task(self._raw.answer_raw(exchange, route))
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
+        work = self._raw.answer_raw(exchange, route)
+        if work is not None:
+            task = self.loop.create_task(work)
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
 
     def on_message_complete(self) -> None:
         self._stage = _IDLE
@@ -448,7 +475,8 @@ class ConnectionProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self.flow.resume_reading()
+        if self.flow.read_paused:
+            self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
