@@ -22,7 +22,7 @@ import numpy as np
 
 from gateway import __version__, context
 from gateway.backends.base import Backend, BackendFactory, Tensors
-from gateway.batching import Batcher, BatchPolicy
+from gateway.batching import Batcher, BatchPolicy, Queued
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -55,6 +55,15 @@ class LoadedVersion:
     backend: Backend
     batcher: Batcher
     stats: ModelStats
+
+
+@dataclass(slots=True)
+class Started:
+    """A request ``DataPlane.infer_nowait`` queued: where, and since when."""
+
+    version: LoadedVersion
+    queued: Queued
+    started_ns: int
 
 
 @dataclass(slots=True)
@@ -471,6 +480,50 @@ class DataPlane:
             lv.stats.record_request(False, time.perf_counter_ns() - started, failure_reason(exc))
             raise
         lv.stats.record_request(True, time.perf_counter_ns() - started)
+        return self._response(name, lv, request, outputs)
+
+    def infer_nowait(
+        self, name: str, version: str | None, request: InferRequest, request_id: str | None
+    ) -> Started | None:
+        """The start of ``infer`` without a task, for a request with nothing to wait for before
+        it joins a batch (the model loaded here, no deadline): validated and queued, or None
+        (use ``infer``). Raises what ``infer`` raises before the batch. ``infer_result`` ends
+        it once ``queued.future`` is done; cancelling that future withdraws it."""
+        if self.forwarder is not None or request.timeout_us:
+            return None
+        if name in self._pending or self._wants_load(name):
+            return None
+        lv = self.resolve(name, version)
+        if lv.batcher.policy.default_timeout_s:
+            return None
+        started = time.perf_counter_ns()
+        try:
+            inputs, rows = self._prepare(lv, request)
+            queued = lv.batcher.enqueue(inputs, rows, None, request_id)
+        except GatewayError as exc:
+            lv.stats.record_request(False, time.perf_counter_ns() - started, failure_reason(exc))
+            raise
+        return Started(lv, queued, started)
+
+    def infer_result(self, name: str, started: Started, request: InferRequest) -> InferResponse:
+        """The response to an ``infer_nowait`` request whose future is done (not cancelled), or
+        the error its batch failed with, raised."""
+        lv = started.version
+        future = started.queued.future
+        spent_ns = time.perf_counter_ns() - started.started_ns
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, GatewayError):
+                lv.stats.record_request(False, spent_ns, failure_reason(exc))
+            raise exc
+        lv.stats.record_request(True, spent_ns)
+        return self._response(name, lv, request, future.result())
+
+    @staticmethod
+    def _response(
+        name: str, lv: LoadedVersion, request: InferRequest, outputs: Tensors
+    ) -> InferResponse:
+        """The outputs asked for (all by default), reshaped as the config says."""
         wanted = [o.name for o in request.outputs] if request.outputs else list(outputs)
         result: dict[str, np.ndarray[Any, Any]] = {}
         for out_name in wanted:

@@ -149,9 +149,17 @@ def configure(level: str, fmt: str) -> None:
 
 
 def log_inference(
-    model: str, version: str | None, status: int, started_ns: int, request_id: str | None
+    model: str,
+    version: str | None,
+    status: int,
+    started_ns: int,
+    request_id: str | None,
+    run: context.Execution | None = None,
 ) -> None:
-    """The access-log line: who asked, what ran, how it was batched, where the time went."""
+    """The access-log line: who asked, what ran, how it was batched, where the time went
+    (``run``, else the ``context.execution`` of the task that waited for the batch)."""
     if access.isEnabledFor(logging.INFO):
         duration_ns = time.perf_counter_ns() - started_ns
-        ACCESS.write((request_id, model, version, status, duration_ns, context.execution.get()))
+        ACCESS.write(
+            (request_id, model, version, status, duration_ns, run or context.execution.get())
+        )

@@ -122,6 +122,11 @@ def test_raw_and_asgi_paths_answer_alike(pair: dict[str, GatewayProcess]) -> Non
             binary,
             {"Inference-Header-Content-Length": str(header_length)},
         ),
+        # with a deadline: answered through a task instead of the batch's callback
+        request(
+            "/v2/models/simple/infer",
+            json_body(1, 2)[:-1] + b', "parameters": {"timeout": 30000000}}',
+        ),
         request("/v2/models/nope/infer", json_body(1, 2)),  # 404
         request("/v2/models/simple/versions/7/infer", json_body(1, 2)),  # no such version
         request("/v2/models/simple/infer", b'{"inputs": ['),  # malformed JSON

@@ -1,5 +1,5 @@
 """Per-model dynamic batching."""
 
-from gateway.batching.batcher import Batcher, BatchPolicy
+from gateway.batching.batcher import Batcher, BatchPolicy, Queued
 
-__all__ = ["BatchPolicy", "Batcher"]
+__all__ = ["BatchPolicy", "Batcher", "Queued"]

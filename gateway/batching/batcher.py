@@ -55,7 +55,10 @@ class BatchPolicy:
 
 
 @dataclass(slots=True, eq=False)
-class _Pending:
+class Queued:
+    """One request in the queue (``Batcher.enqueue``): its future gets its rows of the outputs,
+    and ``execution`` says how it ran."""
+
     inputs: Tensors
     rows: int
     signature: tuple[Any, ...]
@@ -91,7 +94,7 @@ class Batcher:
         self._policy = policy
         self._stats = stats
         self._clock = clock
-        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queue: collections.deque[Queued] = collections.deque()
         self._arrived = asyncio.Event()
         self._capacity = capacity or (lambda: policy.instance_count)
         self._busy = 0  # batches formed and not finished
@@ -123,28 +126,13 @@ class Batcher:
         self, inputs: Tensors, rows: int = 1, deadline_s: float | None = None
     ) -> Tensors:
         """Queue one request of ``rows`` batch rows and wait for its own rows of the outputs."""
-        if self._closed:
-            raise ModelNotReady("model is unloading")
-        if len(self._queue) >= self._policy.max_queue_size:
-            raise QueueFull("Exceeds maximum queue size", retry_after_s=1.0)
-        now = self._clock()
-        if deadline_s is None and self._policy.default_timeout_s:
-            deadline_s = now + self._policy.default_timeout_s
-        future: asyncio.Future[Tensors] = self._loop.create_future()
-        item = _Pending(
-            inputs, rows, signature(inputs), future, now, deadline_s, context.request_id.get()
-        )
-        self._queue.append(item)
-        self._arrived_rows += rows
-        if self._arrived_rows >= self._wake_rows or (
-            self._forming is not None and item.signature != self._forming
-        ):
-            self._arrived.set()
+        item = self.enqueue(inputs, rows, deadline_s, context.request_id.get())
+        future = item.future
         try:
-            if deadline_s is None:
+            if item.deadline_s is None:
                 result = await future
             else:
-                async with asyncio.timeout(max(0.0, deadline_s - now)):
+                async with asyncio.timeout(max(0.0, item.deadline_s - item.enqueued_s)):
                     result = await future
         except TimeoutError:
             raise DeadlineExceeded("Request timeout expired") from None
@@ -153,7 +141,34 @@ class Batcher:
         context.execution.set(item.execution)
         return result
 
-    def _take_live(self) -> _Pending | None:
+    def enqueue(
+        self,
+        inputs: Tensors,
+        rows: int = 1,
+        deadline_s: float | None = None,
+        request_id: str | None = None,
+    ) -> Queued:
+        """``submit`` without the wait, for callers that take the result from the future in a
+        callback (cancel it to withdraw). A deadline only fails the request if it passes while
+        queued: waiting for the batch to finish is the caller's to bound."""
+        if self._closed:
+            raise ModelNotReady("model is unloading")
+        if len(self._queue) >= self._policy.max_queue_size:
+            raise QueueFull("Exceeds maximum queue size", retry_after_s=1.0)
+        now = self._clock()
+        if deadline_s is None and self._policy.default_timeout_s:
+            deadline_s = now + self._policy.default_timeout_s
+        future: asyncio.Future[Tensors] = self._loop.create_future()
+        item = Queued(inputs, rows, signature(inputs), future, now, deadline_s, request_id)
+        self._queue.append(item)
+        self._arrived_rows += rows
+        if self._arrived_rows >= self._wake_rows or (
+            self._forming is not None and item.signature != self._forming
+        ):
+            self._arrived.set()
+        return item
+
+    def _take_live(self) -> Queued | None:
         """Pop the head of the queue, failing expired entries and skipping abandoned ones."""
         now = self._clock()
         while self._queue:
@@ -230,7 +245,7 @@ class Batcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run(self, batch: list[_Pending], rows: int) -> None:
+    async def _run(self, batch: list[Queued], rows: int) -> None:
         released = False
         try:
             # Callers may have gone away while the batch was forming.
@@ -329,7 +344,7 @@ class Batcher:
         self._wake_rows = rows
         self._forming = forming
 
-    def _release(self, batch: list[_Pending] | None = None) -> None:
+    def _release(self, batch: list[Queued] | None = None) -> None:
         """Give back a batch slot (and forget when ``batch`` started)."""
         if batch is not None:
             self._started.pop(id(batch), None)

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import context
-from gateway.dataplane import DataPlane
+from gateway.dataplane import DataPlane, Started
 from gateway.errors import ClientTimeout, GatewayError, InvalidInput, PayloadTooLarge
 from gateway.logs import log_inference
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
+from gateway.protocol.types import InferRequest, InferResponse
 from gateway.server.auth import Guard
 from gateway.server.connections import HOOKS, Hooks, RawExchange
 from gateway.server.errors import error_response, gateway_error_response
@@ -173,15 +174,85 @@ class HotPath:
         match = INFER_PATH.fullmatch(path)
         return None if match is None else (match[1], match[2])
 
-    async def answer_raw(self, exchange: RawExchange, route: tuple[str, str | None]) -> None:
-        """``RawHandler.answer_raw``: the same answer as ``infer``, written in one piece."""
+    def answer_raw(
+        self, exchange: RawExchange, route: tuple[str, str | None]
+    ) -> Coroutine[Any, Any, None] | None:
+        """``RawHandler.answer_raw``: the same answer as ``infer``, written in one piece.
+
+        Usually without a task: the request is decoded and joins its batch here, and the
+        batch's end writes the answer (``_raw_done``). A task per request, and the chain of
+        coroutines it resumes twice, cost the event loop about as much as parsing the request.
+        A request with something to wait for first (a model still loading, a deadline) gets a
+        task: the coroutine returned."""
+        name, version = route
+        call = _Call(exchange.headers)
         try:
-            status, headers, body = await self._answer(
-                route[0], route[1], exchange.headers, exchange.hooks, None, bytes(exchange.body)
+            self.dataplane.prepare(name, version)  # 404/503 before decoding, as on ASGI
+            request = call.decode(bytes(exchange.body))
+            started = self.dataplane.infer_nowait(name, version, request, call.rid)
+        except Exception as exc:
+            exchange.respond(*self._reply(call, name, version, exc))
+            return None
+        if started is None:
+            return self._answer_later(exchange, call, name, version, request)
+        future = started.queued.future
+        exchange.hooks.on_lost = future.cancel  # a caller that left gives up its place
+        future.add_done_callback(
+            functools.partial(self._raw_done, exchange, call, name, version, request, started)
+        )
+        return None
+
+    def _raw_done(
+        self,
+        exchange: RawExchange,
+        call: _Call,
+        name: str,
+        version: str | None,
+        request: InferRequest,
+        started: Started,
+        future: asyncio.Future[Any],
+    ) -> None:
+        exchange.hooks.on_lost = None
+        try:
+            if future.cancelled():  # the client went away
+                self._log(call, name, version, 499)
+                return
+            try:
+                result: InferResponse | Exception = self.dataplane.infer_result(
+                    name, started, request
+                )
+            except Exception as exc:
+                result = exc
+            exchange.respond(
+                *self._reply(call, name, version, result, request, started.queued.execution)
             )
-            if body is not None:
-                exchange.respond(status, headers, body)
-        except Exception:  # not one of ours (``_answer`` turns those into a 500): no hanging
+        except Exception:  # a bug: close the connection rather than leave it hanging
+            log.exception("inference request failed on the raw path")
+            exchange.abort()
+
+    async def _answer_later(
+        self,
+        exchange: RawExchange,
+        call: _Call,
+        name: str,
+        version: str | None,
+        request: InferRequest,
+    ) -> None:
+        """The raw path's answer through a task (see ``answer_raw``)."""
+        try:
+            context.request_id.set(call.rid)
+            try:
+                result = await self._infer(None, exchange.hooks, name, version, request)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                exchange.respond(*self._reply(call, name, version, exc))
+                return
+            if result is None:
+                self._log(call, name, version, 499)
+            else:
+                exchange.respond(*self._reply(call, name, version, result, request))
+        except Exception:  # not one of ours (``_reply`` turns those into a 500): no hanging
             log.exception("inference request failed on the raw path")
             exchange.abort()
 
@@ -191,12 +262,107 @@ class HotPath:
         version: str | None,
         request_headers: Sequence[tuple[bytes, bytes]],
         hooks: Hooks | None,
-        receive: Receive | None,
-        body: bytes | None = None,
+        receive: Receive,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes | None]:
-        """Request id in, (status, headers, body) and access-log line out; body None when the
-        client went away. The work is in ``_run``."""
-        started_ns = time.perf_counter_ns()
+        """(status, headers, body) of the ASGI path; body None when the client went away."""
+        call = _Call(request_headers)
+        context.request_id.set(call.rid)
+        try:
+            self.dataplane.prepare(name, version)  # 404/503 before reading a large body
+            # With hooks, the connection keeps the body's deadline.
+            timeout_s = None if hooks is not None else self.body_timeout_s
+            body = await read_body(receive, call.declared, self.limit, timeout_s)
+            request = call.decode(body)
+            result = await self._infer(receive, hooks, name, version, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return self._reply(call, name, version, exc)
+        if result is None:  # the client went away mid-request
+            self._log(call, name, version, 499)  # nobody is listening; nginx's code
+            return 499, [], None
+        return self._reply(call, name, version, result, request)
+
+    async def _infer(
+        self,
+        receive: Receive | None,
+        hooks: Hooks | None,
+        name: str,
+        version: str | None,
+        request: InferRequest,
+    ) -> InferResponse | None:
+        """``dataplane.infer``, or None if the client disconnected meanwhile."""
+        watch = DisconnectWatch(receive, hooks)
+        try:
+            return await self.dataplane.infer(name, version, request)
+        except asyncio.CancelledError:
+            if watch.absorb():
+                return None
+            raise
+        finally:
+            watch.close()
+
+    def _reply(
+        self,
+        call: _Call,
+        name: str,
+        version: str | None,
+        result: InferResponse | Exception,
+        request: InferRequest | None = None,
+        run: context.Execution | None = None,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """(status, headers, body) for a response or an error, and its access-log line."""
+        exc: Exception | None = None
+        if isinstance(result, Exception):
+            exc = result
+        else:
+            assert request is not None
+            try:
+                payload, json_length = encode_infer_response(
+                    result, request.outputs, request.binary_output
+                )
+            except Exception as error:
+                exc = error
+        answer: tuple[int, list[tuple[bytes, bytes]], bytes]
+        if exc is not None:
+            if isinstance(exc, GatewayError):
+                refusal = gateway_error_response(exc)
+            else:
+                log.exception("inference request failed", exc_info=exc)
+                refusal = error_response(500, f"internal error: {type(exc).__name__}")
+            refusal.headers["X-Request-ID"] = call.rid
+            answer = (refusal.status_code, refusal.raw_headers, bytes(refusal.body))
+        else:
+            headers = [
+                (b"content-type", _JSON if json_length is None else _BINARY),
+                (b"content-length", b"%d" % len(payload)),
+                (b"x-request-id", call.rid.encode("latin-1")),
+            ]
+            if json_length is not None:
+                headers.append((b"inference-header-content-length", b"%d" % json_length))
+            answer = (200, headers, payload)
+        self._log(call, name, version, answer[0], run)
+        return answer
+
+    def _log(
+        self,
+        call: _Call,
+        name: str,
+        version: str | None,
+        status: int,
+        run: context.Execution | None = None,
+    ) -> None:
+        if self.access_log:
+            log_inference(name, version, status, call.started_ns, call.rid, run)
+
+
+class _Call:
+    """What one inference request's head says, read once; and when it arrived."""
+
+    __slots__ = ("declared", "header", "rid", "started_ns")
+
+    def __init__(self, request_headers: Sequence[tuple[bytes, bytes]]) -> None:
+        self.started_ns = time.perf_counter_ns()
         declared = header = rid = None
         for key, value in request_headers:
             if key == b"content-length":
@@ -205,74 +371,17 @@ class HotPath:
                 header = value
             elif key == b"x-request-id" and rid is None:
                 rid = value.decode("latin-1")
-        if not rid:
-            rid = context.new_request_id()
-        context.request_id.set(rid)
-        refusal: Response | None = None
-        try:
-            payload, json_length = await self._run(
-                receive, hooks, name, version, declared, header, body
-            )
-        except GatewayError as exc:
-            refusal = gateway_error_response(exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("inference request failed")
-            refusal = error_response(500, f"internal error: {type(exc).__name__}")
-        answer: tuple[int, list[tuple[bytes, bytes]], bytes | None]
-        if refusal is not None:
-            refusal.headers["X-Request-ID"] = rid
-            answer = (refusal.status_code, refusal.raw_headers, bytes(refusal.body))
-        elif payload is None:  # the client went away mid-request
-            answer = (499, [], None)  # nobody is listening; nginx's code
-        else:
-            headers = [
-                (b"content-type", _JSON if json_length is None else _BINARY),
-                (b"content-length", b"%d" % len(payload)),
-                (b"x-request-id", rid.encode("latin-1")),
-            ]
-            if json_length is not None:
-                headers.append((b"inference-header-content-length", b"%d" % json_length))
-            answer = (200, headers, payload)
-        if self.access_log:
-            log_inference(name, version, answer[0], started_ns, rid)
-        return answer
+        self.declared: bytes | None = declared
+        self.header: bytes | None = header
+        self.rid: str = rid or context.new_request_id()
 
-    async def _run(
-        self,
-        receive: Receive | None,
-        hooks: Hooks | None,
-        name: str,
-        version: str | None,
-        declared: bytes | None,
-        header: bytes | None,
-        body: bytes | None,
-    ) -> tuple[bytes | None, int | None]:
-        """(payload, JSON header length if binary); (None, None) if the client disconnected.
-        The body is read from ``receive`` unless it is given (the raw path has it already)."""
-        dataplane = self.dataplane
-        dataplane.prepare(name, version)  # 404/503 before reading a large body
-        if body is None:
-            assert receive is not None
-            # With hooks, the connection keeps the body's deadline.
-            timeout_s = None if hooks is not None else self.body_timeout_s
-            body = await read_body(receive, declared, self.limit, timeout_s)
+    def decode(self, body: bytes) -> InferRequest:
+        """The request in ``body``, binary if the head says so."""
         header_length: int | None = None
-        if header is not None:
+        if self.header is not None:
             try:
-                header_length = int(header)
+                header_length = int(self.header)
             except ValueError:
-                text = header[:32].decode("latin-1")
+                text = self.header[:32].decode("latin-1")
                 raise InvalidInput(f"invalid Inference-Header-Content-Length {text!r}") from None
-        request = decode_infer_request(body, header_length)
-        watch = DisconnectWatch(receive, hooks)
-        try:
-            result = await dataplane.infer(name, version, request)
-        except asyncio.CancelledError:
-            if watch.absorb():
-                return None, None
-            raise
-        finally:
-            watch.close()
-        return encode_infer_response(result, request.outputs, request.binary_output)
+        return decode_infer_request(body, header_length)
