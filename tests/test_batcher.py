@@ -170,6 +170,25 @@ async def test_abandoned_caller_loses_its_slot() -> None:
     await batcher.close()
 
 
+async def test_enqueued_requests_are_answered_through_their_futures() -> None:
+    """``enqueue`` (no waiting task): the same batches and rows as ``submit``; cancelling the
+    future withdraws the request; ``execution`` tells how it ran."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, stats = make(BatchPolicy(max_batch_size=8), backend)
+    running = batcher.enqueue(row(0), 1, request_id="r0")
+    await asyncio.sleep(0)
+    queued = [batcher.enqueue(row(i), 1, request_id=f"r{i}") for i in range(1, 4)]
+    queued[1].future.cancel()
+    backend.gate.set()
+    done = await asyncio.gather(running.future, queued[0].future, queued[2].future)
+    assert [float(r["Y"][0, 0]) for r in done] == [0.0, 2.0, 6.0]
+    assert backend.batches == [1, 2]  # the withdrawn one never reached the backend
+    assert queued[0].execution is not None and queued[0].execution.batch_size == 2
+    assert stats.inference_count == 3
+    await batcher.close()
+
+
 async def test_close_drains_queued_work() -> None:
     backend = Recorder(delay_s=0.02)
     batcher, _ = make(BatchPolicy(max_batch_size=2), backend)

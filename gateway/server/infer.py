@@ -6,6 +6,11 @@ throughput. So this path skips starlette (its error middleware, router, ``Reques
 ``Response`` objects) and speaks ASGI messages directly. Everything else goes on to the
 starlette app. The same guards apply: the admin-port and credential checks that wrap the other
 routes are handed in and asked first.
+
+It also answers for the connection layer (``answer_raw``, see ``gateway.server.connections``)
+when no guards apply: there a request is decoded and queued for its batch as it is read, and the
+batch's end writes the answer, with no task, scope or ASGI message in between. Both ways give
+the same answers: the head is read (``_Call``) and replies are built (``_reply``) in one place.
 """
 
 from __future__ import annotations
