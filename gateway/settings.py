@@ -49,8 +49,9 @@ class Settings:
     execution_provider: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
     inter_op_threads: int = 0
-    # ORT's pool threads busy-wait between ops by default; in a server that shares its cores with
-    # the event loop (and the next request's decoding) that spinning costs more than it saves.
+    # ORT's pool threads busy-wait between ops and after a run by default; in a server that
+    # shares its cores with the event loop the spinning after a run costs more than it saves.
+    # False: a single-instance model's threads spin only while a run goes, others' never.
     ort_spinning: bool = False
     warmup: bool = True
     # Python's cyclic GC runs its youngest generation every N net container allocations (700 by

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 from pathlib import Path
@@ -137,6 +138,12 @@ async def test_triton_thread_parameters_reach_onnx_runtime(tmp_path: Path) -> No
     factory = OnnxRuntimeFactory(Settings(warmup=False, intra_op_threads=2))
     options = factory.session_options(repo.source("threads").config)
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
+    # One instance: its threads spin while a run goes and stop when it returns.
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    pair = dataclasses.replace(repo.source("threads").config, instance_count=2)
+    options = factory.session_options(pair)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     backend = await factory.load(repo.source("threads"), 1)
     await backend.close()
     with pytest.raises(ModelLoadError) as info:
