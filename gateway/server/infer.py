@@ -190,20 +190,20 @@ class HotPath:
         A request with something to wait for first (a model still loading, a deadline) gets a
         task: the coroutine returned."""
         name, version = route
-        call = _Call(exchange.headers)
+        call = _Call(exchange.headers, name, version)
         try:
             self.dataplane.prepare(name, version)  # 404/503 before decoding, as on ASGI
             request = call.decode(bytes(exchange.body))
             started = self.dataplane.infer_nowait(name, version, request, call.rid)
         except Exception as exc:
-            exchange.respond(*self._reply(call, name, version, exc))
+            exchange.respond(*self._reply(call, exc))
             return None
         if started is None:
-            return self._answer_later(exchange, call, name, version, request)
+            return self._answer_later(exchange, call, request)
         future = started.queued.future
         exchange.hooks.on_lost = future.cancel  # a caller that left gives up its place
         future.add_done_callback(
-            functools.partial(self._raw_done, exchange, call, name, version, request, started)
+            functools.partial(self._raw_done, exchange, call, request, started)
         )
         return None
 
@@ -211,8 +211,6 @@ class HotPath:
         self,
         exchange: RawExchange,
         call: _Call,
-        name: str,
-        version: str | None,
         request: InferRequest,
         started: Started,
         future: asyncio.Future[Any],
@@ -220,43 +218,36 @@ class HotPath:
         exchange.hooks.on_lost = None
         try:
             if future.cancelled():  # the client went away
-                self._log(call, name, version, 499)
+                self._log(call, 499)
                 return
             try:
                 result: InferResponse | Exception = self.dataplane.infer_result(
-                    name, started, request
+                    call.name, started, request
                 )
             except Exception as exc:
                 result = exc
-            exchange.respond(
-                *self._reply(call, name, version, result, request, started.queued.execution)
-            )
+            exchange.respond(*self._reply(call, result, request, started.queued.execution))
         except Exception:  # a bug: close the connection rather than leave it hanging
             log.exception("inference request failed on the raw path")
             exchange.abort()
 
     async def _answer_later(
-        self,
-        exchange: RawExchange,
-        call: _Call,
-        name: str,
-        version: str | None,
-        request: InferRequest,
+        self, exchange: RawExchange, call: _Call, request: InferRequest
     ) -> None:
         """The raw path's answer through a task (see ``answer_raw``)."""
         try:
             context.request_id.set(call.rid)
             try:
-                result = await self._infer(None, exchange.hooks, name, version, request)
+                result = await self._infer(None, exchange.hooks, call, request)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                exchange.respond(*self._reply(call, name, version, exc))
+                exchange.respond(*self._reply(call, exc))
                 return
             if result is None:
-                self._log(call, name, version, 499)
+                self._log(call, 499)
             else:
-                exchange.respond(*self._reply(call, name, version, result, request))
+                exchange.respond(*self._reply(call, result, request))
         except Exception:  # not one of ours (``_reply`` turns those into a 500): no hanging
             log.exception("inference request failed on the raw path")
             exchange.abort()
@@ -270,7 +261,7 @@ class HotPath:
         receive: Receive,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes | None]:
         """(status, headers, body) of the ASGI path; body None when the client went away."""
-        call = _Call(request_headers)
+        call = _Call(request_headers, name, version)
         context.request_id.set(call.rid)
         try:
             self.dataplane.prepare(name, version)  # 404/503 before reading a large body
@@ -278,28 +269,23 @@ class HotPath:
             timeout_s = None if hooks is not None else self.body_timeout_s
             body = await read_body(receive, call.declared, self.limit, timeout_s)
             request = call.decode(body)
-            result = await self._infer(receive, hooks, name, version, request)
+            result = await self._infer(receive, hooks, call, request)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return self._reply(call, name, version, exc)
+            return self._reply(call, exc)
         if result is None:  # the client went away mid-request
-            self._log(call, name, version, 499)  # nobody is listening; nginx's code
+            self._log(call, 499)  # nobody is listening; nginx's code
             return 499, [], None
-        return self._reply(call, name, version, result, request)
+        return self._reply(call, result, request)
 
     async def _infer(
-        self,
-        receive: Receive | None,
-        hooks: Hooks | None,
-        name: str,
-        version: str | None,
-        request: InferRequest,
+        self, receive: Receive | None, hooks: Hooks | None, call: _Call, request: InferRequest
     ) -> InferResponse | None:
         """``dataplane.infer``, or None if the client disconnected meanwhile."""
         watch = DisconnectWatch(receive, hooks)
         try:
-            return await self.dataplane.infer(name, version, request)
+            return await self.dataplane.infer(call.name, call.version, request)
         except asyncio.CancelledError:
             if watch.absorb():
                 return None
@@ -310,8 +296,6 @@ class HotPath:
     def _reply(
         self,
         call: _Call,
-        name: str,
-        version: str | None,
         result: InferResponse | Exception,
         request: InferRequest | None = None,
         run: context.Execution | None = None,
@@ -346,28 +330,26 @@ class HotPath:
             if json_length is not None:
                 headers.append((b"inference-header-content-length", b"%d" % json_length))
             answer = (200, headers, payload)
-        self._log(call, name, version, answer[0], run)
+        self._log(call, answer[0], run)
         return answer
 
-    def _log(
-        self,
-        call: _Call,
-        name: str,
-        version: str | None,
-        status: int,
-        run: context.Execution | None = None,
-    ) -> None:
+    def _log(self, call: _Call, status: int, run: context.Execution | None = None) -> None:
         if self.access_log:
-            log_inference(name, version, status, call.started_ns, call.rid, run)
+            log_inference(call.name, call.version, status, call.started_ns, call.rid, run)
 
 
 class _Call:
-    """What one inference request's head says, read once; and when it arrived."""
+    """One inference request: the model asked for, what its head says (read once), and when it
+    arrived."""
 
-    __slots__ = ("declared", "header", "rid", "started_ns")
+    __slots__ = ("declared", "header", "name", "rid", "started_ns", "version")
 
-    def __init__(self, request_headers: Sequence[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, request_headers: Sequence[tuple[bytes, bytes]], name: str, version: str | None
+    ) -> None:
         self.started_ns = time.perf_counter_ns()
+        self.name = name
+        self.version = version
         declared = header = rid = None
         for key, value in request_headers:
             if key == b"content-length":
