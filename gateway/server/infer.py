@@ -228,7 +228,7 @@ class HotPath:
                 result = exc
             exchange.respond(*self._reply(call, result, request, started.queued.execution))
         except Exception:  # a bug: close the connection rather than leave it hanging
-            log.exception("inference request failed on the raw path")
+            log.exception("inference request failed on the raw path", extra=call.log_fields)
             exchange.abort()
 
     async def _answer_later(
@@ -249,7 +249,7 @@ class HotPath:
             else:
                 exchange.respond(*self._reply(call, result, request))
         except Exception:  # not one of ours (``_reply`` turns those into a 500): no hanging
-            log.exception("inference request failed on the raw path")
+            log.exception("inference request failed on the raw path", extra=call.log_fields)
             exchange.abort()
 
     async def _answer(
@@ -317,7 +317,7 @@ class HotPath:
             if isinstance(exc, GatewayError):
                 refusal = gateway_error_response(exc)
             else:
-                log.exception("inference request failed", exc_info=exc)
+                log.exception("inference request failed", exc_info=exc, extra=call.log_fields)
                 refusal = error_response(500, f"internal error: {type(exc).__name__}")
             refusal.headers["X-Request-ID"] = call.rid
             answer = (refusal.status_code, refusal.raw_headers, bytes(refusal.body))
@@ -361,6 +361,11 @@ class _Call:
         self.declared: bytes | None = declared
         self.header: bytes | None = header
         self.rid: str = rid or context.new_request_id()
+
+    @property
+    def log_fields(self) -> dict[str, Any]:
+        """``extra`` for a log line about this request: callbacks run outside its context."""
+        return {"fields": {"request_id": self.rid}}
 
     def decode(self, body: bytes) -> InferRequest:
         """The request in ``body``, binary if the head says so."""
