@@ -917,8 +917,8 @@ def main() -> int:
     parser.add_argument(
         "--paired-rounds",
         type=int,
-        default=3,
-        help="rounds of in-process best batch then gateway mlp binary ON, back to back [3]",
+        default=5,
+        help="rounds of in-process best batch then gateway mlp binary ON, back to back [5]",
     )
     parser.add_argument(
         "--in-process-s", type=float, default=1.5, help="seconds per in-process batch size [1.5]"
