@@ -185,6 +185,12 @@ def test_keep_alive_close_and_a_body_in_pieces(pair: dict[str, GatewayProcess]) 
             time.sleep(0.05)
         status, _, body = reader.response()
         assert status == 200 and json.loads(body)["outputs"][0]["data"] == [8] * 16
+        whole = request("/v2/models/simple/infer", json_body(5, 1))
+        for piece in (whole[:-20], whole[-20:]):  # a whole head, but not yet the whole body
+            sock.sendall(piece)
+            time.sleep(0.05)
+        status, _, body = reader.response()
+        assert status == 200 and json.loads(body)["outputs"][0]["data"] == [6] * 16
         sock.sendall(request("/v2/models/simple/infer", json_body(1, 1), {"Connection": "close"}))
         status, headers, _ = reader.response()
         assert status == 200 and headers["connection"] == "close"
