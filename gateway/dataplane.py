@@ -294,13 +294,13 @@ class DataPlane:
         self._reloads.add(future)
         future.add_done_callback(self._reloads.discard)
 
-    def prepare(self, name: str, version: str | None = None) -> None:
+    def prepare(self, name: str, version: str | None = None) -> LoadedVersion | None:
         """``resolve`` as an early check (before a body is read), except that a model the
-        repository fetches on first use starts loading here instead of failing."""
+        repository fetches on first use starts loading here instead of failing (None)."""
         if name in self._pending or self._wants_load(name):
             self._load_soon(name)
-            return
-        self.resolve(name, version)
+            return None
+        return self.resolve(name, version)
 
     async def ensure(
         self, name: str, version: str | None = None, timeout_us: int | None = None
@@ -483,18 +483,13 @@ class DataPlane:
         return self._response(name, lv, request, outputs)
 
     def infer_nowait(
-        self, name: str, version: str | None, request: InferRequest, request_id: str | None
+        self, lv: LoadedVersion, request: InferRequest, request_id: str | None
     ) -> Started | None:
-        """The start of ``infer`` without a task, for a request with nothing to wait for before
-        it joins a batch (the model loaded here, no deadline): validated and queued, or None
-        (use ``infer``). Raises what ``infer`` raises before the batch. ``infer_result`` ends
-        it once ``queued.future`` is done; cancelling that future withdraws it."""
-        if self.forwarder is not None or request.timeout_us:
-            return None
-        if name in self._pending or self._wants_load(name):
-            return None
-        lv = self.resolve(name, version)
-        if lv.batcher.policy.default_timeout_s:
+        """The start of ``infer`` without a task, for a request to a version ``prepare`` found
+        loaded and with no deadline: validated and queued, or None (use ``infer``). Raises what
+        ``infer`` raises before the batch. ``infer_result`` ends it once ``queued.future`` is
+        done; cancelling that future withdraws it."""
+        if request.timeout_us or lv.batcher.policy.default_timeout_s:
             return None
         started = time.perf_counter_ns()
         try:

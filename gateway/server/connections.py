@@ -61,8 +61,8 @@ _PLAIN_POST = re.compile(
     rb"POST (/[!-~]*) HTTP/1\.1\r\n((?:%s:[ \t]*%s[ \t]*\r\n)*)\r\n" % (_NAME, _VALUE)
 )
 
-# target, fields (names in lower case), keep-alive, Content-Length
-_Head = tuple[bytes, tuple[tuple[bytes, bytes], ...], bool, int]
+# path, fields (names in lower case), keep-alive, Content-Length
+_Head = tuple[str, tuple[tuple[bytes, bytes], ...], bool, int]
 # Clients repeat their heads byte for byte (same model, same tensor sizes): each distinct head is
 # read once. Bounded in entries and in the size of each.
 _HEADS: dict[bytes, _Head | None] = {}
@@ -70,16 +70,13 @@ _HEADS_MAX = 256
 _HEAD_MAX_BYTES = 1024
 
 
-def _read_head(head: bytes) -> _Head | None:
-    """A plain inference ``POST`` head (through its blank line), or None: the parser's."""
-    match = _PLAIN_POST.fullmatch(head)
-    if match is None:
-        return None
-    fields = []
+def _plain_fields(fields: Iterable[tuple[bytes, bytes]]) -> tuple[int, bool] | None:
+    """(Content-Length, keep-alive) of a request the raw path may answer, from its header fields
+    (names in lower case); None if they ask for more than it does: a missing, repeated or odd
+    Content-Length, a transfer coding, ``Expect`` or an upgrade."""
     length = -1
     keep_alive = True
-    for name, value in _FIELD.findall(match[2]):
-        name = name.lower()
+    for name, value in fields:
         if name == b"content-length":
             if length >= 0 or not value.isdigit():
                 return None
@@ -91,11 +88,21 @@ def _read_head(head: bytes) -> _Head | None:
             keep_alive = b"close" not in tokens
         elif name in (b"transfer-encoding", b"expect", b"upgrade"):
             return None
-        fields.append((name, value))
-    target = match[1]
-    if length < 0 or b"%" in target.partition(b"?")[0] or b"#" in target:
+    return (length, keep_alive) if length >= 0 else None
+
+
+def _read_head(head: bytes) -> _Head | None:
+    """A plain inference ``POST`` head (through its blank line), or None: the parser's."""
+    match = _PLAIN_POST.fullmatch(head)
+    if match is None:
         return None
-    return target, tuple(fields), keep_alive, length
+    fields = tuple((name.lower(), value) for name, value in _FIELD.findall(match[2]))
+    plain = _plain_fields(fields)
+    target = match[1]
+    path = target.partition(b"?")[0]
+    if plain is None or b"%" in path or b"#" in target:
+        return None
+    return path.decode("ascii"), fields, plain[1], plain[0]
 
 
 def _timeout_response(what: str) -> bytes:
@@ -376,20 +383,12 @@ class ConnectionProtocol(HttpToolsProtocol):
         parser = self.parser
         if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
             return False
-        if self.expect_100_continue or self.root_path or parser.should_upgrade():
+        if self.root_path or not self._free():
             return False
-        if not self._free():
+        plain = _plain_fields(self.headers)
+        if plain is None or plain[0] > HIGH_WATER_LIMIT:  # above, uvicorn pauses reading
             return False
-        length = -1
-        for name, value in self.headers:
-            if name == b"content-length":
-                if length >= 0 or not value.isdigit():
-                    return False
-                length = int(value)
-            elif name == b"transfer-encoding":
-                return False
-        if not 0 <= length <= HIGH_WATER_LIMIT:  # above, uvicorn pauses reading: ASGI path
-            return False
+        length = plain[0]
         path = httptools.parse_url(self.url).path
         if b"%" in path:
             return False
@@ -434,12 +433,11 @@ class ConnectionProtocol(HttpToolsProtocol):
                 _HEADS[head] = read
         if read is None:
             return False
-        target, headers, keep_alive, length = read
+        path, headers, keep_alive, length = read
         if len(data) - end != length:  # partial or pipelined: the parser's
             return False
-        path = target.partition(b"?")[0]
         assert self._raw is not None
-        route = self._raw.raw_route(path.decode("ascii"), length)
+        route = self._raw.raw_route(path, length)
         if route is None:
             return False
         self._unset_keepalive_if_required()

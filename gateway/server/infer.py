@@ -192,9 +192,11 @@ class HotPath:
         name, version = route
         call = _Call(exchange.headers, name, version)
         try:
-            self.dataplane.prepare(name, version)  # 404/503 before decoding, as on ASGI
+            loaded = self.dataplane.prepare(name, version)  # 404/503 before decoding
             request = call.decode(bytes(exchange.body))
-            started = self.dataplane.infer_nowait(name, version, request, call.rid)
+            started = (
+                None if loaded is None else self.dataplane.infer_nowait(loaded, request, call.rid)
+            )
         except Exception as exc:
             exchange.respond(*self._reply(call, exc))
             return None
