@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import statistics
 import sys
@@ -131,29 +130,28 @@ PHASES: list[tuple[str, Callable[[dict[str, Any]], float]]] = [
 
 
 def cycles(events: Events) -> list[dict[str, Any]]:
-    """Split the events at each ``resume``; keep the cycles that have every point once."""
+    """Split the events at each ``resume``; keep the cycles that have every point, the previous
+    cycle's ORT end and the next resume."""
     found: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
-    prev_end: float | None = None
     for name, t in sorted(events, key=lambda e: e[1]):
         if name == "resume":
-            if current is not None and prev_end is not None:
-                current["prev_end"] = prev_end
+            prev_end = None
+            if current is not None:
+                current["next_resume"] = t
                 found.append(current)
-            prev_end = current.get("end") if current else None
-            current = {"resume": t, "sent": [], "enqueue": []}
+                prev_end = current.get("end")
+            current = {"resume": t, "prev_end": prev_end, "sent": [], "enqueue": []}
         elif current is not None:
             if name in ("sent", "enqueue"):
                 current[name].append(t)
             else:
                 current.setdefault(name, t)
-    complete = [
+    return [
         c for c in found
-        if c["sent"] and c["enqueue"] and all(k in c for k in ("dispatch", "start", "end"))
+        if c["prev_end"] is not None and c["sent"] and c["enqueue"]
+        and all(k in c for k in ("dispatch", "start", "end"))
     ]  # fmt: skip
-    for before, after in itertools.pairwise(complete):
-        before["next_resume"] = after["resume"]
-    return [c for c in complete if "next_resume" in c]
 
 
 def summarize(found: list[dict[str, Any]]) -> dict[str, Any]:
