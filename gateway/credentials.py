@@ -20,6 +20,8 @@ class Verdict(Enum):
 
 
 def _matches(token: bytes, keys: Sequence[bytes]) -> bool:
+    if not token:  # no credential never matches, even a key configured as ""
+        return False
     found = False
     for key in keys:
         found |= hmac.compare_digest(token, key)
@@ -27,7 +29,13 @@ def _matches(token: bytes, keys: Sequence[bytes]) -> bool:
 
 
 class Credentials:
-    """The configured keys; an empty kind leaves what it guards open."""
+    """The configured keys.
+
+    No key at all: everything is open (a gateway on a trusted network). Any key configured:
+    inference needs an API or admin key, and the repository and admin API need an admin key;
+    with API keys but no admin keys the admin API is closed to every caller (safe by default:
+    a key handed to inference clients never opens load and unload).
+    """
 
     def __init__(self, api_keys: Sequence[str], admin_keys: Sequence[str]) -> None:
         self.admin = [k.encode() for k in admin_keys]
@@ -39,10 +47,11 @@ class Credentials:
 
     def check(self, token: bytes, admin: bool) -> Verdict:
         """May a caller presenting ``token`` use an endpoint (an admin one when ``admin``)?"""
-        required = self.admin if admin else self.inference
-        if not required or _matches(token, required):
+        if not self.enabled:
             return Verdict.ALLOWED
-        if admin and token and _matches(token, self.inference):
+        if _matches(token, self.admin if admin else self.inference):
+            return Verdict.ALLOWED
+        if admin and _matches(token, self.inference):
             return Verdict.FORBIDDEN
         return Verdict.UNAUTHENTICATED
 

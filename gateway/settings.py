@@ -45,6 +45,14 @@ class Settings:
     # Request limits.
     max_body_bytes: int = 64 * 1024 * 1024
     grpc_max_message_bytes: int = 64 * 1024 * 1024
+    # Request line + headers, on every HTTP listener; larger heads get 431 and the connection
+    # is closed (the header parser's cost grows faster than linearly with a value's size).
+    max_header_bytes: int = 64 * 1024
+    # Requests of one gRPC ModelStreamInfer stream read but not yet answered and written; at the
+    # bound the stream is not read further until the client takes answers (flow control).
+    grpc_stream_max_inflight: int = 16
+    # Edge replicas: the largest models.json or manifest.json accepted from an origin or peer.
+    max_index_bytes: int = 16 * 1024 * 1024
     # Execution.
     execution_provider: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
@@ -138,6 +146,12 @@ class Settings:
             raise SettingsError("grpc_max_message_bytes must be at least 1024")
         if self.max_body_bytes < 1024:
             raise SettingsError("max_body_bytes must be at least 1024")
+        if self.max_header_bytes < 1024:
+            raise SettingsError("max_header_bytes must be at least 1024")
+        if self.grpc_stream_max_inflight < 1:
+            raise SettingsError("grpc_stream_max_inflight must be at least 1")
+        if self.max_index_bytes < 1024:
+            raise SettingsError("max_index_bytes must be at least 1024")
         if self.execution_provider not in ("auto", "cpu", "cuda"):
             raise SettingsError(
                 f"execution_provider must be auto, cpu or cuda, got {self.execution_provider!r}"
@@ -187,6 +201,13 @@ class Settings:
             raise SettingsError("header_timeout_s must be > 0")
         if self.cache_size_bytes < 1:
             raise SettingsError("cache_size_bytes must be >= 1")
+        for name in ("api_keys", "admin_keys"):
+            keys: tuple[str, ...] = getattr(self, name)
+            # An empty key would match a request that sends no credential at all.
+            if any(not key.strip() or key != key.strip() for key in keys):
+                raise SettingsError(
+                    f"{name}: keys must be non-empty and have no leading or trailing whitespace"
+                )
 
     @property
     def model_repo_path(self) -> Path:
