@@ -5,7 +5,8 @@ data plane's calls, the same calls the REST endpoints make on the same instance,
 requests for one model share its batcher. Errors become gRPC statuses through
 :mod:`gateway.grpc.errors`; in ``ModelStreamInfer`` they go in ``error_message`` and the stream
 goes on. Stream requests run concurrently, so their responses may come back out of order (match
-them by ``id``), as with Triton.
+them by ``id``), as with Triton; at most ``stream_max_inflight`` of them are held at once, read
+but not yet answered and written (see :meth:`InferenceServicer.ModelStreamInfer`).
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     """The Open Inference Protocol's gRPC service; shared-memory, trace and log RPCs are left
     UNIMPLEMENTED (the generated base class's answer)."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, stream_max_inflight: int = 16) -> None:
+        if stream_max_inflight < 1:
+            raise ValueError("stream_max_inflight must be at least 1")
         self.dataplane = dataplane
+        self.stream_max_inflight = stream_max_inflight
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -151,7 +155,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
-        answers: asyncio.Queue[Any] = asyncio.Queue()
+        """Answer each request as it completes, holding at most ``stream_max_inflight`` requests
+        read but not yet answered and written.
+
+        A slot is taken before each read and given back only once its answer is written, so a
+        client that sends and never reads stops being read: its requests wait in gRPC's HTTP/2
+        flow-control window, not in this process. When the stream ends abnormally (the client
+        cancels or goes away), every request still running is cancelled.
+        """
+        slots = asyncio.Semaphore(self.stream_max_inflight)
+        answers: asyncio.Queue[Any] = asyncio.Queue()  # at most one per slot
         running: set[asyncio.Task[None]] = set()
         done = object()
 
@@ -160,8 +173,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
+                while True:
+                    await slots.acquire()
+                    try:
+                        request = await anext(request_iterator)
+                    except StopAsyncIteration:
+                        break
                     task = asyncio.create_task(answer(request))
+                    del request  # the task holds it until answered
                     running.add(task)
                     task.add_done_callback(running.discard)
                 if running:
@@ -173,11 +192,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         try:
             while (item := await answers.get()) is not done:
                 yield item
+                item = None  # written: drop it before the slot frees another read
+                slots.release()
             await reader  # surfaces a failed read (the client went away)
         finally:
             reader.cancel()
             for task in list(running):
                 task.cancel()
+            running.clear()
 
     # -- repository -------------------------------------------------------------------------
 
@@ -326,9 +348,8 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),  # a second gateway on the port fails, not shares
             ],
         )
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane), server
-        )
+        servicer = InferenceServicer(self.dataplane, settings.grpc_stream_max_inflight)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as exc:
