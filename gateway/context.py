@@ -37,6 +37,14 @@ _PROCESS_TAG = os.urandom(6).hex()
 _counter = itertools.count(1)
 
 
+MAX_REQUEST_ID_CHARS = 128  # a client's X-Request-ID beyond this is cut (echoed and logged)
+
+
+def client_request_id(value: bytes) -> str:
+    """A client's ``X-Request-ID`` as echoed and logged: at most ``MAX_REQUEST_ID_CHARS``."""
+    return value[:MAX_REQUEST_ID_CHARS].decode("latin-1")
+
+
 def new_request_id() -> str:
     """Unique across processes (a random tag per process) and cheap (a counter, no syscall)."""
     return f"{_PROCESS_TAG}-{next(_counter):x}"

@@ -36,7 +36,13 @@ from gateway.errors import (
 from gateway.metrics import Metrics
 from gateway.protocol.types import InferRequest, InferResponse, datatype_of
 from gateway.repository.config import ModelConfig, parse_json
-from gateway.repository.local import LocalRepository, check_model_name, locate_versions
+from gateway.repository.local import (
+    LocalRepository,
+    ModelSource,
+    check_model_name,
+    is_version,
+    locate_versions,
+)
 from gateway.settings import Settings
 from gateway.stats import ModelStats
 
@@ -145,10 +151,37 @@ def _check_file_key(key: str) -> str:
         or norm.startswith("/")
         or ".." in parts
         or len(parts) < 2
-        or not parts[0].isdigit()
+        or not is_version(parts[0])
     ):
         raise InvalidInput(f"invalid file path {rel[:128]!r}: expected '<version>/<file name>'")
     return norm
+
+
+def _write_scratch(name: str, files: dict[str, bytes]) -> Path:
+    """Files pushed with a load request, in a fresh directory laid out as a repository model."""
+    paths = {_check_file_key(key): data for key, data in files.items()}
+    for rel in paths:
+        parent = posixpath.dirname(rel)
+        while parent:
+            if parent in paths:
+                raise InvalidInput(f"file path '{parent}' is also a directory of '{rel}'")
+            parent = posixpath.dirname(parent)
+    scratch = Path(tempfile.mkdtemp(prefix=f"gateway-{name}-"))
+    try:
+        for rel, data in paths.items():
+            target = scratch / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return scratch
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, GatewayError):
+        return exc.message
+    return f"internal error ({type(exc).__name__})"
 
 
 def _shape_error(name: str, cfg: ModelConfig, shape: tuple[int, ...]) -> str:
@@ -245,7 +278,7 @@ class DataPlane:
             raise ModelNotReady(f"model '{name}' is not ready ({entry.state.lower()}{reason})")
         if not version:
             return entry.latest
-        if not version.isdigit() or len(version) > 18:
+        if not is_version(version):
             raise ModelNotFound(f"invalid version {version[:32]!r} for model '{name}'")
         loaded = entry.versions.get(int(version))
         if loaded is None:
@@ -570,42 +603,41 @@ class DataPlane:
         config_json: str | None = None,
         files: dict[str, bytes] | None = None,
     ) -> None:
-        """Load (or reload) a model; in-flight requests on the old versions finish first."""
+        """Load (or reload) a model; in-flight requests on the old versions finish first.
+
+        A load that fails leaves the versions that were serving, or the model unavailable with
+        the reason; never LOADING, never scratch files, and no entry at all for a name the
+        repository does not know (unknown names must not grow state)."""
         check_model_name(name)
         entry = self.models.setdefault(name, ModelEntry(name))
         async with entry.lock:
+            if self.models.get(name) is not entry:  # forgotten while this call waited
+                return await self.load(name, config_json, files)
             if not entry.versions:
                 entry.state, entry.reason = LOADING, ""
+            scratch: Path | None = None
             try:
-                if not files:
+                config = self._config(name, config_json)
+                if files:
+                    scratch = _write_scratch(name, files)
+                    source = locate_versions(scratch, config or ModelConfig(name=name))
+                else:
                     await self.repository.fetch(name)  # edge caches pull from their origin
-                source = self._source(name, entry, config_json, files)
-                new: dict[int, LoadedVersion] = {}
-                try:
-                    for version in source.version_paths:
-                        backend = await self.factory.load(source, version)
-                        stats = ModelStats(name, str(version))
-                        batcher = Batcher(
-                            backend.execute,
-                            [t.name for t in backend.config.outputs],
-                            _policy(backend.config, backend, self.settings),
-                            stats,
-                            self.clock,
-                            capacity=_capacity_of(backend),
-                        )
-                        new[version] = LoadedVersion(
-                            version, backend.config, backend, batcher, stats
-                        )
-                except BaseException:
-                    await self._retire(list(new.values()))
-                    raise
-            except GatewayError as exc:
-                if not entry.versions:
-                    entry.state = UNAVAILABLE
-                entry.reason = f"load failed: {exc.message}"
-                if isinstance(exc, Unavailable):
-                    raise  # e.g. an edge's origin is down: retrying later may work
+                    source = self.repository.source(name, config)
+                new = await self._load_versions(name, source)
+            except BaseException as exc:
+                if scratch is not None:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                self._load_failed(entry, exc)
+                if isinstance(exc, ModelNotFound | Unavailable) or not isinstance(
+                    exc, GatewayError
+                ):
+                    raise  # unknown name: 404; origin down: retry later; a bug: 500
                 raise ModelLoadError(exc.message) from None
+            if scratch is not None or not files:
+                if entry.scratch is not None:
+                    shutil.rmtree(entry.scratch, ignore_errors=True)
+                entry.scratch = scratch
             old = list(entry.versions.values())
             entry.versions = new
             entry.state, entry.reason = READY, ""
@@ -613,24 +645,42 @@ class DataPlane:
             await self._retire(old)
         log.info("model %s loaded, versions %s", name, sorted(new))
 
-    def _source(
-        self, name: str, entry: ModelEntry, config_json: str | None, files: dict[str, bytes] | None
-    ) -> Any:
-        config: ModelConfig | None = None
-        if config_json is not None:
-            config = parse_json(config_json, f"load request for '{name}'", name)
-        if not files:
-            return self.repository.source(name, config)
-        paths = {_check_file_key(key): data for key, data in files.items()}
-        scratch = Path(tempfile.mkdtemp(prefix=f"gateway-{name}-"))
-        for rel, data in paths.items():
-            target = scratch / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        if entry.scratch is not None:
-            shutil.rmtree(entry.scratch, ignore_errors=True)
-        entry.scratch = scratch
-        return locate_versions(scratch, config or ModelConfig(name=name))
+    def _config(self, name: str, config_json: str | None) -> ModelConfig | None:
+        if config_json is None:
+            return None
+        return parse_json(config_json, f"load request for '{name}'", name)
+
+    async def _load_versions(self, name: str, source: ModelSource) -> dict[int, LoadedVersion]:
+        new: dict[int, LoadedVersion] = {}
+        try:
+            for version in source.version_paths:
+                backend = await self.factory.load(source, version)
+                stats = ModelStats(name, str(version))
+                batcher = Batcher(
+                    backend.execute,
+                    [t.name for t in backend.config.outputs],
+                    _policy(backend.config, backend, self.settings),
+                    stats,
+                    self.clock,
+                    capacity=_capacity_of(backend),
+                )
+                new[version] = LoadedVersion(version, backend.config, backend, batcher, stats)
+        except BaseException:
+            await self._retire(list(new.values()))
+            raise
+        return new
+
+    def _load_failed(self, entry: ModelEntry, exc: BaseException) -> None:
+        if entry.versions:  # the versions loaded before keep serving
+            entry.reason = f"load failed: {_message(exc)}"
+            return
+        known = entry.name in self.repository.model_names()
+        if not known and self.models.get(entry.name) is entry:
+            del self.models[entry.name]
+            if entry.scratch is not None:
+                shutil.rmtree(entry.scratch, ignore_errors=True)
+            return
+        entry.state, entry.reason = UNAVAILABLE, f"load failed: {_message(exc)}"
 
     async def unload(self, name: str) -> None:
         entry = self._entry(name)
@@ -640,4 +690,7 @@ class DataPlane:
             entry.versions = {}
             with contextlib.suppress(Exception):
                 await self._retire(old)
+            if entry.scratch is not None:  # pushed files go with the model, as in Triton
+                shutil.rmtree(entry.scratch, ignore_errors=True)
+                entry.scratch = None
             entry.state, entry.reason = UNAVAILABLE, "unloaded"

@@ -19,6 +19,7 @@ from gateway.backends.base import Tensors
 from gateway.backends.remote import V2Host
 from gateway.errors import GatewayError
 from gateway.repository.edge import EdgeRepository
+from gateway.repository.local import is_version
 from gateway.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Forwarder:
         fetching = self.edge.fetching_version(model)
         if fetching is None:
             return None
-        chosen = int(version) if version and version.isdigit() else fetching
+        chosen = int(version) if version and is_version(version) else fetching
         started = time.monotonic()
         for host in self.hosts:
             left_s = None if timeout_s is None else timeout_s - (time.monotonic() - started)

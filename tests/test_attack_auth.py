@@ -186,8 +186,11 @@ def test_matrix_over_http_ports(
 
 @pytest.mark.parametrize(
     ("headers", "inference"),
-    [({}, "UNAUTHENTICATED"), ({"authorization": "Bearer user-key"}, "OK"),
-     ({"x-api-key": "admin-key"}, "OK")],
+    [
+        ({}, "UNAUTHENTICATED"),
+        ({"authorization": "Bearer user-key"}, "OK"),
+        ({"x-api-key": "admin-key"}, "OK"),
+    ],
     ids=["no-key", "api-key", "admin-key"],
 )
 def test_matrix_over_grpc(

@@ -14,6 +14,7 @@ import queue
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -143,8 +144,16 @@ def inspect_config(source: ModelSource, version: int, default_max_batch_size: in
             str(source.version_paths[version]), options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
-        raise ModelLoadError(f"model '{source.name}' version {version}: {exc}") from None
+        raise _load_error(source, version, exc) from None
     return complete_config(source.config, session, default_max_batch_size)
+
+
+def _load_error(source: ModelSource, version: int, exc: Exception) -> ModelLoadError:
+    """ORT's message names the file by where it lies on disk; clients see it as the repository
+    names it (``1/model.onnx``)."""
+    path = source.version_paths[version]
+    message = str(exc).replace(str(path), "/".join(path.parts[-2:]))
+    return ModelLoadError(f"model '{source.name}' version {version}: {message}")
 
 
 def _to_ort(array: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
@@ -236,7 +245,9 @@ class OnnxRuntimeBackend:
         self._pool.shutdown(wait=True)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "onnxruntime", "providers": self._providers, "path": self._path}
+        # The file as the repository names it (``1/model.onnx``), not where it lies on disk.
+        model_file = "/".join(Path(self._path).parts[-2:])
+        return {"backend": "onnxruntime", "providers": self._providers, "model_file": model_file}
 
 
 class OnnxRuntimeFactory:
@@ -294,7 +305,7 @@ class OnnxRuntimeFactory:
                     )
                 )
         except Exception as exc:
-            raise ModelLoadError(f"model '{source.name}' version {version}: {exc}") from None
+            raise _load_error(source, version, exc) from None
         providers = sessions[0].get_providers()
         config = complete_config(source.config, sessions[0], self._settings.default_max_batch_size)
         backend = OnnxRuntimeBackend(config, sessions, providers, str(path))

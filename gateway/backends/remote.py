@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import struct
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +36,7 @@ from gateway.errors import (
     Overloaded,
     Unavailable,
 )
+from gateway.protocol.codec import join_bytes, split_bytes
 from gateway.protocol.types import datatype_of, numpy_dtype
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import ModelSource
@@ -43,7 +44,8 @@ from gateway.routing.tiers import HostModel, parse_index
 
 __all__ = ["V2Host", "decode_response", "encode_request"]
 
-_LEN = struct.Struct("<I")
+log = logging.getLogger(__name__)
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
 # Anything else aiohttp raises: a response that is not HTTP (bad status line, bad headers).
@@ -53,11 +55,7 @@ _CLIENT_ERRORS = (*_CONNECTION_ERRORS, aiohttp.ClientError)
 def _blob(array: np.ndarray[Any, Any]) -> bytes:
     if datatype_of(array) != "BYTES":
         return np.ascontiguousarray(array).tobytes()
-    parts: list[bytes] = []
-    for item in array.reshape(-1):
-        data = item if isinstance(item, bytes) else str(item).encode()
-        parts += [_LEN.pack(len(data)), data]
-    return b"".join(parts)
+    return join_bytes(array)
 
 
 def encode_request(
@@ -87,20 +85,6 @@ def encode_request(
     return b"".join([head, *blobs]), len(head)
 
 
-def _bytes_elements(data: bytes, count: int) -> np.ndarray[Any, Any]:
-    items: list[bytes] = []
-    offset = 0
-    while offset < len(data):
-        (length,) = _LEN.unpack_from(data, offset)
-        items.append(data[offset + 4 : offset + 4 + length])
-        offset += 4 + length
-    array = np.empty(len(items), dtype=object)
-    array[:] = items
-    if len(items) != count:
-        raise GatewayError(f"host sent {len(items)} BYTES elements, shape needs {count}")
-    return array
-
-
 def decode_response(body: bytes, header_length: int | None) -> Tensors:
     """The outputs of a v2 response body (JSON or binary-tensor)."""
     head = body[:header_length] if header_length is not None else body
@@ -117,7 +101,7 @@ def decode_response(body: bytes, header_length: int | None) -> Tensors:
                 data = body[offset : offset + int(size)]
                 offset += int(size)
                 if dtype.kind == "O":
-                    array = _bytes_elements(data, count)
+                    array = split_bytes(data, count, entry["name"])
                 else:
                     array = np.frombuffer(data, dtype=dtype).copy()
             elif dtype.kind == "O":
@@ -125,7 +109,7 @@ def decode_response(body: bytes, header_length: int | None) -> Tensors:
             else:
                 array = np.asarray(entry["data"], dtype=dtype)
             out[entry["name"]] = array.reshape(shape)
-    except (KeyError, TypeError, ValueError, orjson.JSONDecodeError, struct.error) as exc:
+    except (KeyError, TypeError, ValueError, orjson.JSONDecodeError, InvalidInput) as exc:
         raise GatewayError(f"malformed response from host: {exc}") from None
     return out
 
@@ -190,11 +174,14 @@ class V2Host:
         return self._session
 
     def _lost(self, exc: BaseException) -> Unavailable:
+        # The client sees the host's name and the kind of failure; the text (which names the
+        # host's address) goes to the log only.
+        log.warning("host %s: %s: %s", self._name, type(exc).__name__, exc)
         if isinstance(exc, (TimeoutError, *_CONNECTION_ERRORS)):
             return HostUnreachable(
-                f"host {self._name} unreachable: {type(exc).__name__}: {exc}", retry_after_s=1.0
+                f"host {self._name} unreachable: {type(exc).__name__}", retry_after_s=1.0
             )
-        return self._malformed(f"{type(exc).__name__}: {exc}")
+        return self._malformed(type(exc).__name__)
 
     def _malformed(self, detail: str) -> Unavailable:
         return Unavailable(f"host {self._name} sent a malformed response: {detail}", 1.0)

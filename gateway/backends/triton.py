@@ -590,10 +590,10 @@ class TritonHost:
     def _lost(self, exc: BaseException) -> HostUnreachable:
         """A connection-level failure: mark down, probe again now, and say so."""
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        self._mark_down(reason)
+        self._mark_down(reason)  # the whole text for the log and GET /admin/hosts
         self._wake.set()
         return HostUnreachable(
-            f"Triton host {self._name} is unreachable ({reason})",
+            f"Triton host {self._name} is unreachable ({type(exc).__name__})",
             retry_after_s=self.probe_interval_s,
         )
 
@@ -623,6 +623,11 @@ class TritonHost:
         if status.startswith("4"):
             return InvalidInput(message)
         return GatewayError(message)
+
+
+_PUBLIC_HOST_FACTS = frozenset(
+    {"name", "kind", "protocol", "device", "state", "strategy", "batching"}
+)
 
 
 class TritonBackend:
@@ -703,8 +708,14 @@ class TritonBackend:
             "strategy": ",".join(strategies),
             "host_concurrency": self._concurrency,
             "batching": "triton" if self.batches_upstream else "gateway",
+            # Model metadata is open to every inference client: hosts by name and state, not
+            # their addresses or error texts (GET /admin/hosts has those).
             "hosts": [
-                {**h.describe(), "model_ready": h.serving(self._config.name)} for h in self._hosts
+                {
+                    **{k: v for k, v in h.describe().items() if k in _PUBLIC_HOST_FACTS},
+                    "model_ready": h.serving(self._config.name),
+                }
+                for h in self._hosts
             ],
         }
 

@@ -11,13 +11,19 @@ so a response holding FP16 is raw whatever was asked). Everything a client can g
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from gateway.errors import InvalidInput
+from gateway.protocol.codec import (
+    check_parameters,
+    check_shape,
+    join_bytes,
+    split_bytes,
+    tensor_from_buffer,
+)
 from gateway.protocol.types import (
     InferRequest,
     InferResponse,
@@ -25,9 +31,6 @@ from gateway.protocol.types import (
     datatype_of,
     numpy_dtype,
 )
-
-MAX_DIMS = 32
-_LEN = struct.Struct("<I")
 
 # v2 datatype -> the InferTensorContents field holding it, and the range its values must fit.
 _CONTENTS: dict[str, str] = {
@@ -76,52 +79,6 @@ def parameters_to_proto(values: dict[str, Any], target: Any) -> None:
             param.string_param = str(value)
 
 
-def _shape(tensor: Any) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in tensor.shape)
-    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
-        raise InvalidInput(
-            f"input '{tensor.name}': shape {list(shape)} must be at most {MAX_DIMS} "
-            "non-negative dimensions"
-        )
-    return shape
-
-
-def split_bytes(buffer: bytes, count: int, name: str) -> np.ndarray[Any, Any]:
-    """Length-prefixed BYTES elements -> a flat object array of ``count`` bytes."""
-    view = memoryview(buffer)
-    items: list[bytes] = []
-    offset, size = 0, len(view)
-    while offset < size:
-        if offset + 4 > size:
-            raise InvalidInput(f"input '{name}': truncated BYTES length prefix")
-        (length,) = _LEN.unpack_from(view, offset)
-        offset += 4
-        if offset + length > size:
-            raise InvalidInput(f"input '{name}': BYTES element length {length} overruns the data")
-        items.append(bytes(view[offset : offset + length]))
-        offset += length
-        if len(items) > count:
-            break
-    if len(items) != count or offset != size:
-        raise InvalidInput(
-            f"input '{name}': raw BYTES data holds more or fewer than the {count} elements "
-            "its shape needs"
-        )
-    array = np.empty(count, dtype=object)
-    array[:] = items
-    return array
-
-
-def join_bytes(array: np.ndarray[Any, Any]) -> bytes:
-    """A BYTES tensor (bytes or str elements) as length-prefixed bytes."""
-    parts: list[bytes] = []
-    for item in array.reshape(-1):
-        data = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(_LEN.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
-
-
 def _from_raw(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) -> Any:
     count = math.prod(shape)
     if datatype == "BYTES":
@@ -133,7 +90,7 @@ def _from_raw(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) -> A
             f"input '{name}': got {len(raw)} bytes of raw data, but shape {list(shape)} of "
             f"{datatype} needs {expected}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return tensor_from_buffer(raw, dtype, shape, name)
 
 
 def _from_contents(contents: Any, datatype: str, shape: tuple[int, ...], name: str) -> Any:
@@ -184,7 +141,7 @@ def decode_infer_request(message: Any) -> InferRequest:
             raise InvalidInput("every input needs a name")
         if name in inputs:
             raise InvalidInput(f"input '{name}' given twice")
-        shape = _shape(tensor)
+        shape = check_shape(list(tensor.shape), tensor.name)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
@@ -206,7 +163,7 @@ def decode_infer_request(message: Any) -> InferRequest:
         inputs=inputs,
         id=message.id or None,
         outputs=outputs,
-        parameters=parameters_from_proto(message.parameters),
+        parameters=check_parameters(parameters_from_proto(message.parameters)),
     )
 
 

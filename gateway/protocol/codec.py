@@ -27,6 +27,7 @@ from gateway.protocol.types import (
 
 MAX_DIMS = 32
 MAX_NAME_CHARS = 255
+MAX_ELEMENTS = 1 << 28  # elements of one tensor
 _LEN = struct.Struct("<I")
 
 
@@ -42,20 +43,23 @@ def _check_name(value: object, what: str) -> str:
     return value
 
 
-def _check_shape(value: object, name: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) > MAX_DIMS:
+def check_shape(value: object, name: str, max_elements: int = MAX_ELEMENTS) -> tuple[int, ...]:
+    """A tensor's shape as the client declared it, checked before anything is allocated.
+
+    Every dimension is bounded on its own, not only their product: ``[1, 0, 2**64 - 1]`` holds
+    no element, but no array of that shape can exist.
+    """
+    if not isinstance(value, list | tuple) or len(value) > MAX_DIMS:
         raise _fail(f"input '{name}': 'shape' must be a list of at most {MAX_DIMS} integers")
     for dim in value:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-            raise _fail(f"input '{name}': shape {value} must hold non-negative integers")
-    return tuple(value)
-
-
-def _element_count(shape: tuple[int, ...], name: str, max_elements: int) -> int:
-    count = math.prod(shape)
+            raise _fail(f"input '{name}': shape {list(value)} must hold non-negative integers")
+        if dim > max_elements:
+            raise _fail(f"input '{name}': shape {list(value)} is too large (limit {max_elements})")
+    count = math.prod(value)
     if count > max_elements:
-        raise _fail(f"input '{name}': shape {list(shape)} is too large ({count} elements)")
-    return count
+        raise _fail(f"input '{name}': shape {list(value)} is too large ({count} elements)")
+    return tuple(value)
 
 
 def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
@@ -65,27 +69,75 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def _bytes_elements(buffer: memoryview, count: int, name: str) -> np.ndarray[Any, Any]:
-    """Split length-prefixed BYTES elements (4-byte little-endian length, then the bytes)."""
+def split_bytes(buffer: bytes | memoryview, count: int, name: str) -> np.ndarray[Any, Any]:
+    """Length-prefixed BYTES elements (4-byte little-endian length, then the bytes) -> a flat
+    object array of exactly ``count`` elements.
+
+    The one reader of this framing (REST, gRPC, v2 hosts' answers). It stops at the first element
+    past ``count``: a small shape over a huge body costs one element's work, not the body's.
+    """
+    view = memoryview(buffer)
+    size = len(view)
+    if size < 4 * count:
+        raise _fail(
+            f"input '{name}': {size} bytes cannot hold the {count} BYTES elements of its shape"
+        )
     items: list[bytes] = []
-    offset, size = 0, len(buffer)
+    offset = 0
     while offset < size:
+        if len(items) == count:
+            raise _fail(
+                f"input '{name}': BYTES data holds more than the {count} elements of its shape"
+            )
         if offset + 4 > size:
             raise _fail(f"input '{name}': truncated BYTES length prefix")
-        (length,) = _LEN.unpack_from(buffer, offset)
+        (length,) = _LEN.unpack_from(view, offset)
         offset += 4
         if offset + length > size:
             raise _fail(f"input '{name}': BYTES element length {length} overruns the data")
-        items.append(bytes(buffer[offset : offset + length]))
+        items.append(bytes(view[offset : offset + length]))
         offset += length
     if len(items) != count:
-        raise _fail(f"input '{name}': got {len(items)} BYTES elements, shape needs {count}")
+        raise _fail(f"input '{name}': got {len(items)} BYTES elements, its shape needs {count}")
     array = np.empty(count, dtype=object)
     array[:] = items
     return array
 
 
-def _flatten_strings(data: list[Any], name: str) -> list[bytes]:
+def join_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    """A BYTES tensor (bytes or str elements) as length-prefixed bytes."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(_LEN.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def tensor_from_buffer(
+    buffer: bytes | memoryview, dtype: np.dtype[Any], shape: tuple[int, ...], name: str
+) -> np.ndarray[Any, Any]:
+    """Fixed-size binary tensor data as an array (no copy); BOOL bytes must be 0 or 1, as
+    Triton's, or a later ``not`` or comparison would see values no bool has."""
+    array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    if dtype == np.bool_ and array.size and array.view(np.uint8).max() > 1:
+        raise _fail(f"input '{name}': BOOL data must be bytes 0 or 1")
+    return array
+
+
+def check_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """Request parameters the gateway acts on, checked: a ``timeout`` it cannot honour is the
+    client's error, not a request that silently waits without one."""
+    timeout = params.get("timeout")
+    if timeout is not None and (
+        not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0
+    ):
+        raise _fail("parameter 'timeout' must be a non-negative integer (microseconds)")
+    return params
+
+
+def _flatten_strings(data: list[Any], name: str, count: int) -> list[bytes]:
+    """The strings of nested JSON lists, in order; refused at the first one past ``count``."""
     out: list[bytes] = []
     stack: list[Any] = [iter(data)]
     while stack:
@@ -93,6 +145,8 @@ def _flatten_strings(data: list[Any], name: str) -> list[bytes]:
             if isinstance(item, list):
                 stack.append(iter(item))
                 break
+            if len(out) == count:
+                raise _fail(f"input '{name}': BYTES data holds more than the {count} elements")
             if isinstance(item, str):
                 out.append(item.encode())
             elif isinstance(item, bytes):
@@ -114,7 +168,7 @@ def _json_data(
     count = math.prod(shape)
     dtype = numpy_dtype(datatype)
     if datatype == "BYTES":
-        flat = _flatten_strings(data, name)
+        flat = _flatten_strings(data, name, count)
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
     else:
@@ -211,7 +265,7 @@ _TEMPLATE_HEADER_MAX = 4096
 def _from_template(template: _Template, view: memoryview, offset: int) -> InferRequest:
     inputs: dict[str, np.ndarray[Any, Any]] = {}
     for name, dtype, shape, size in template.inputs:
-        inputs[name] = np.frombuffer(view[offset : offset + size], dtype=dtype).reshape(shape)
+        inputs[name] = tensor_from_buffer(view[offset : offset + size], dtype, shape, name)
         offset += size
     return InferRequest(
         inputs=inputs,
@@ -241,7 +295,7 @@ def _remember(
 
 
 def decode_infer_request(
-    body: bytes, header_length: int | None = None, max_elements: int = 1 << 28
+    body: bytes, header_length: int | None = None, max_elements: int = MAX_ELEMENTS
 ) -> InferRequest:
     """Decode a v2 inference request body (JSON, optionally followed by binary tensors)."""
     key = None
@@ -280,7 +334,7 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _fail("'id' must be a string")
-    params = _parameters(header, "request")
+    params = check_parameters(_parameters(header, "request"))
     binary_output = params.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise _fail("'binary_data_output' must be true or false")
@@ -301,8 +355,8 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
         dtype = numpy_dtype(datatype) if isinstance(datatype, str) else None
         if dtype is None or not isinstance(datatype, str):
             raise _fail(f"input '{name}': 'datatype' must be a string")
-        shape = _check_shape(spec.get("shape"), name)
-        count = _element_count(shape, name, max_elements)
+        shape = check_shape(spec.get("shape"), name, max_elements)
+        count = math.prod(shape)
         size = _parameters(spec, f"input '{name}'").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -317,14 +371,14 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
             chunk = view[offset : offset + size]
             offset += size
             if datatype == "BYTES":
-                inputs[name] = _bytes_elements(chunk, count, name).reshape(shape)
+                inputs[name] = split_bytes(chunk, count, name).reshape(shape)
             else:
                 if size != count * dtype.itemsize:
                     raise _fail(
                         f"input '{name}': binary_data_size {size} does not match shape "
                         f"{list(shape)} of {datatype} ({count * dtype.itemsize} bytes)"
                     )
-                inputs[name] = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+                inputs[name] = tensor_from_buffer(chunk, dtype, shape, name)
         elif "data" in spec:
             inputs[name] = _json_data(spec["data"], datatype, shape, name)
             all_binary = False
@@ -343,15 +397,6 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
         parameters=params,
     )
     return request, all_binary
-
-
-def _bytes_payload(array: np.ndarray[Any, Any]) -> bytes:
-    parts: list[bytes] = []
-    for item in array.reshape(-1):
-        data = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(_LEN.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
 
 
 def _json_values(array: np.ndarray[Any, Any]) -> Any:
@@ -424,7 +469,7 @@ def encode_infer_response(
         binary = binary_of.get(name)
         if binary if binary is not None else binary_default:
             blob: bytes | memoryview = (
-                _bytes_payload(array) if datatype == "BYTES" else np.ascontiguousarray(array).data
+                join_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).data
             )
             entry["parameters"] = {"binary_data_size": memoryview(blob).nbytes}
             blobs.append(blob)

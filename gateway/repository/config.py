@@ -302,8 +302,9 @@ def load_config(model_dir: Path) -> ModelConfig:
     path = model_dir / "config.pbtxt"
     if not path.exists():
         return ModelConfig(name=model_dir.name)
+    source = f"{model_dir.name}/config.pbtxt"  # named as in the repository, not where on disk
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise _bad(str(path), f"cannot read: {exc}") from None
-    return parse_pbtxt(text, str(path), model_dir.name)
+        raise _bad(source, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_pbtxt(text, source, model_dir.name)

@@ -13,14 +13,25 @@ from pathlib import Path
 from gateway.errors import InvalidInput, ModelLoadError, ModelNotFound
 from gateway.repository.config import ModelConfig, load_config
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
+_VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only: int("\u0661") is 1 too
+
+
+def is_model_name(name: str) -> bool:
+    """Directory-safe and unable to escape the repository (whole string: no trailing newline)."""
+    return _NAME.fullmatch(name) is not None and ".." not in name
 
 
 def check_model_name(name: str) -> str:
     """Reject names that could escape the repository or are not directory-safe."""
-    if not _NAME.match(name) or ".." in name:
+    if not is_model_name(name):
         raise InvalidInput(f"invalid model name {name[:64]!r}")
     return name
+
+
+def is_version(text: str) -> bool:
+    """A version number as written in a path or a URL: 1 to 18 ASCII digits."""
+    return _VERSION.fullmatch(text) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +53,7 @@ class LocalRepository:
     def model_names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_model_name(p.name))
 
     def model_dir(self, name: str) -> Path:
         path = self.root / check_model_name(name)
@@ -77,7 +88,7 @@ class LocalRepository:
 
 def locate_versions(directory: Path, config: ModelConfig) -> ModelSource:
     """Select the version directories the config's policy asks for and find their model files."""
-    available = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    available = [int(p.name) for p in directory.iterdir() if p.is_dir() and is_version(p.name)]
     chosen = config.version_policy.select(available)
     if not chosen:
         raise ModelLoadError(
@@ -88,6 +99,9 @@ def locate_versions(directory: Path, config: ModelConfig) -> ModelSource:
     for version in chosen:
         path = directory / str(version) / config.default_model_filename
         if not path.is_file():
-            raise ModelLoadError(f"model '{config.name}' version {version}: {path} is missing")
+            raise ModelLoadError(
+                f"model '{config.name}' version {version}: "
+                f"{version}/{config.default_model_filename} is missing"
+            )
         paths[version] = path
     return ModelSource(config.name, directory, config, paths)

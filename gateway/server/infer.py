@@ -50,7 +50,7 @@ async def read_body(
     on clients that trickle it slower than ``timeout_s`` in total (None: the connection keeps
     that deadline, see ``gateway.server.connections``)."""
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise InvalidInput("invalid Content-Length header")
         if int(declared) > limit:
             raise PayloadTooLarge(
@@ -359,7 +359,7 @@ class _Call:
             elif key == b"inference-header-content-length":
                 header = value
             elif key == b"x-request-id" and rid is None:
-                rid = value.decode("latin-1")
+                rid = context.client_request_id(value)
         self.declared: bytes | None = declared
         self.header: bytes | None = header
         self.rid: str = rid or context.new_request_id()
