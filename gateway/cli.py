@@ -81,15 +81,17 @@ def _fastest(*names: str) -> str:
     return names[-1]
 
 
-def _http_protocol(header_timeout_s: float, body_timeout_s: float) -> Any:
-    """httptools with per-connection timeouts and gathered writes; h11 (no header timeout, the
-    body timeout kept per request) when httptools is missing."""
+def _http_protocol(settings: Settings) -> Any:
+    """httptools with per-connection timeouts, the head cap and gathered writes; h11 (no header
+    timeout, the body timeout kept per request, its own head cap) when httptools is missing."""
     if _fastest("httptools", "h11") == "h11":
         logging.getLogger(__name__).warning("httptools is not installed: no header read timeout")
         return "h11"
     from gateway.server.connections import connection_protocol
 
-    return connection_protocol(header_timeout_s, body_timeout_s)
+    return connection_protocol(
+        settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes
+    )
 
 
 def tune_interpreter(gc_threshold: int, switch_interval_us: int) -> None:
@@ -132,7 +134,8 @@ def serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         loop=_fastest("uvloop", "asyncio"),
-        http=_http_protocol(settings.header_timeout_s, settings.body_timeout_s),
+        http=_http_protocol(settings),
+        h11_max_incomplete_event_size=settings.max_header_bytes,  # h11's head cap (400)
         log_level=settings.log_level.lower(),
         log_config=None,
         access_log=False,

@@ -10,6 +10,13 @@ connection.
   Either miss gets a 408 (unless a response has started) and the connection is closed. Timers
   are armed only when a read leaves a request unfinished; the usual request, head and body in
   one read, arms none.
+- **Head size.** The parser's cost grows faster than linearly with a header value's size
+  (httptools joins the pieces of a value one read at a time), so one client sending a huge head
+  would stall the event loop for every other. The bytes read while a head is unfinished are
+  counted; a head longer than ``max_header_bytes`` (request line, fields and the blank line) gets
+  a 431 (unless a response has started) and the connection is closed, the rest unread. A head
+  that begins in the same read as the end of the request before it is counted from the next
+  read on: the parser may see one read (256 KiB at most) more of it.
 - **Disconnect hook.** uvicorn tells a request that its client left only through ``receive()``,
   which costs a task per request to watch. Each request's scope carries this connection's
   ``Hooks`` under ``HOOKS``: a handler sets ``on_lost`` and is called when the connection drops.
@@ -115,6 +122,12 @@ def _timeout_response(what: str) -> bytes:
 
 HEAD_TIMEOUT = _timeout_response("headers")
 BODY_TIMEOUT = _timeout_response("body")
+_HEAD_TOO_LARGE_BODY = b'{"error": "request line and headers too large"}'
+HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+    % (len(_HEAD_TOO_LARGE_BODY), _HEAD_TOO_LARGE_BODY)
+)
 
 
 class Hooks:
@@ -293,6 +306,7 @@ class ConnectionProtocol(HttpToolsProtocol):
 
     header_timeout_s = 10.0  # set by ``connection_protocol``
     body_timeout_s = 30.0
+    max_header_bytes = 64 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -306,6 +320,7 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._partial = False  # the parser holds part of a request
         self._idle_since: float | None = None  # the last response's end, while idle
         self._keep_alive: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # read since the last head was complete, while one is unfinished
 
     # timers: armed only while a stage is unfinished after a read
 
@@ -360,6 +375,25 @@ class ConnectionProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._raw is not None and not self._partial and self._whole_post(data):
             return
+        while self._stage != _BODY and self._head_bytes + len(data) > self.max_header_bytes:
+            # The parser reads up to the cap, no further, unless a head ends within it.
+            room = self.max_header_bytes - self._head_bytes
+            self._head_bytes = self.max_header_bytes
+            self._feed(data[:room])
+            if self.transport.is_closing():
+                return
+            if self._head_bytes:  # not reset by ``on_headers_complete``: the head is too large
+                cycle = self.cycle
+                if cycle is None or cycle.response_complete:  # not inside another response
+                    self.transport.write(HEAD_TOO_LARGE)
+                self.transport.close()
+                return
+            data = data[room:]
+        if self._stage != _BODY:
+            self._head_bytes += len(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         super().data_received(data)
         if self._stage == _IDLE:
             self._disarm()
@@ -374,6 +408,7 @@ class ConnectionProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._stage = _BODY
+        self._head_bytes = 0
         self._disarm()  # the body's clock starts now
         if self._raw is None or not self._take_raw():
             super().on_headers_complete()
@@ -419,8 +454,8 @@ class ConnectionProtocol(HttpToolsProtocol):
             return False
         if self.root_path or not self._free() or self.transport.is_closing():
             return False
-        end = data.find(b"\r\n\r\n") + 4
-        if end < 4:
+        end = data.find(b"\r\n\r\n", 0, self.max_header_bytes) + 4
+        if end < 4:  # no head, or one over the cap (the parser's path answers 431)
             return False
         head = data[:end]
         if head in _HEADS:
@@ -508,10 +543,16 @@ class ConnectionProtocol(HttpToolsProtocol):
             on_lost()
 
 
-def connection_protocol(header_timeout_s: float, body_timeout_s: float) -> type[ConnectionProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` with these timeouts."""
+def connection_protocol(
+    header_timeout_s: float, body_timeout_s: float, max_header_bytes: int
+) -> type[ConnectionProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` with these timeouts and head cap."""
     return type(
         "ConnectionProtocol",
         (ConnectionProtocol,),
-        {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s},
+        {
+            "header_timeout_s": header_timeout_s,
+            "body_timeout_s": body_timeout_s,
+            "max_header_bytes": max_header_bytes,
+        },
     )
