@@ -315,7 +315,8 @@ class DataPlane:
     def _load_done(self, name: str, future: asyncio.Future[None]) -> None:
         self._pending.pop(name, None)
         if not future.cancelled():
-            future.exception()  # retrieved: every waiter may have given up
+            future.exception()  # retrieved: every waiter may have given up (load() forgot
+            # a name the repository does not know, so a name asked for in vain leaves nothing)
 
     def reload_soon(self, name: str) -> None:
         """Load ``name`` again in the background (an edge's origin changed it), unless it was
@@ -350,9 +351,7 @@ class DataPlane:
                     f"model '{name}' is still being fetched; the request timeout expired"
                 ) from None
             except ModelLoadError:
-                entry = self.models.get(name)
-                if name not in self.repository.model_names() and entry and not entry.versions:
-                    del self.models[name]
+                if name not in self.models and name not in self.repository.model_names():
                     raise ModelNotFound(
                         f"Request for unknown model: '{name}' is not found"
                     ) from None

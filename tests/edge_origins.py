@@ -3,6 +3,7 @@
 ``FakeOrigin`` is a tiny HTTP/1.1 file server that logs every request (path, Range), honours
 ``Range`` and ``If-None-Match``, can throttle, and can cut the connection partway through a file
 once (fault injection). ``StaticOrigin`` is Python's ``http.server`` (no Range support).
+``AppServer`` runs any aiohttp application (an origin that misbehaves on purpose).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.server
+import socket
 import threading
 from functools import partial
 from pathlib import Path
@@ -172,3 +174,41 @@ class StaticOrigin:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class AppServer:
+    """An aiohttp application on a loopback address (``127.0.0.2`` works too), in a thread."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
+        self.app = app
+        self.host = host
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> AppServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
+        return self
+
+    async def _listen(self) -> None:
+        from aiohttp import web
+
+        sock = socket.socket()
+        sock.bind((self.host, 0))
+        self.port = sock.getsockname()[1]
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()

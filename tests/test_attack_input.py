@@ -316,3 +316,22 @@ def test_grpc_refuses_zero_sized_huge_shape(tmp_path: Path) -> None:
             assert "too large" in (caught.value.details() or "")
     finally:
         gw.stop()
+
+
+def test_every_name_and_path_check_matches_the_whole_string() -> None:
+    """``$`` matches before a trailing newline: each validator must refuse ``x\\n``."""
+    from gateway.repository.local import check_model_name, is_version
+    from gateway.repository.manifest import check_relpath, check_sha256
+
+    digest = "0" * 64
+    assert check_sha256(digest) == digest and check_relpath("1/model.onnx") == "1/model.onnx"
+    for call, value in (
+        (check_model_name, "nl\n"),
+        (check_sha256, digest + "\n"),
+        (check_relpath, "1/model.onnx\n"),
+    ):
+        with pytest.raises(InvalidInput):
+            call(value)
+    assert is_version("1") and is_version("123456789012345678")
+    for text in ("1\n", "\u0661", "\u00b2", "1234567890123456789", "", "-1", "1.0"):
+        assert not is_version(text), text

@@ -12,10 +12,14 @@ A blob is hashed before its first use by this process and again whenever its ino
 mtime changes, so a corrupt or truncated file is never handed out: it is deleted and fetched
 again. Downloads are single-flight per hash, streamed to ``tmp/`` in 1 MiB chunks, resumed from
 the partial file's length after an interruption, and moved into place with ``os.replace``
-only once the hash matches. The byte bound is kept by evicting least-recently-used models that
-the caller does not protect (loaded or pinned ones). A write the cache's own disk refuses (full,
-quota, read-only) is :class:`CacheWriteError` (503, naming the reason), and that download's
-partial file is removed: it holds space and cannot be finished now.
+only once the hash matches. A download never writes more than the size it was asked for (a
+source sending more is cut off there), and small files of unknown size (manifests) are read
+into memory up to a bound and written only once verified (:meth:`BlobCache.document`), so
+every byte on disk is counted against the byte bound before it is written. The bound is kept
+by evicting least-recently-used models that the caller does not protect (loaded or pinned
+ones). A write the cache's own disk refuses (full, quota, read-only) is
+:class:`CacheWriteError` (503, naming the reason, not the path), and that download's partial
+file is removed: it holds space and cannot be finished now.
 """
 
 from __future__ import annotations
@@ -30,21 +34,21 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.errors import Unavailable
 from gateway.repository.manifest import sha256_file
-from gateway.repository.origin import OriginError, OriginMissing
+from gateway.repository.origin import OriginError, OriginMissing, too_large
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 4  # per source; an attempt that made progress does not count
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
-Stream = Callable[[int], AsyncIterator[bytes]]
+Stream = Callable[[int], AsyncGenerator[bytes, None]]
 Progress = Callable[[int], None]
 
 
@@ -62,15 +66,13 @@ class CacheWriteError(Unavailable):
 
 
 def write_error(root: Path, exc: OSError, what: str) -> CacheWriteError:
-    """The 503 for a write the cache's disk refused, naming the reason."""
+    """The 503 for a write the cache's disk refused, naming the reason (the path: logged)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         reason = f"the disk is full ({exc.strerror or exc})"
     else:
         reason = f"{exc.strerror or exc}"
     log.error("the model cache at %s cannot store %s: %s", root, what, reason)
-    return CacheWriteError(
-        f"the model cache at {root} cannot store {what}: {reason}", retry_after_s=5.0
-    )
+    return CacheWriteError(f"the model cache cannot store {what}: {reason}", retry_after_s=5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,11 +184,14 @@ class BlobCache:
     async def ensure(
         self,
         sha256: str,
-        size: int | None,
+        size: int,
         sources: Iterable[Source],
         progress: Progress | None = None,
     ) -> Path:
-        """A verified local copy of the blob: from the cache, else fetched (single-flight)."""
+        """A verified local copy of the blob: from the cache, else fetched (single-flight).
+
+        ``size`` bounds what is written: the caller has reserved room for it (:meth:`reserve`).
+        """
         future = self._inflight.get(sha256)
         if future is None:
             future = asyncio.ensure_future(self._obtain(sha256, size, list(sources), progress))
@@ -236,7 +241,7 @@ class BlobCache:
             self.blob_path(sha256).unlink()
 
     async def _obtain(
-        self, sha256: str, size: int | None, sources: list[Source], progress: Progress | None
+        self, sha256: str, size: int, sources: list[Source], progress: Progress | None
     ) -> Path:
         if sha256 in self._sizes and await self._verify(sha256):
             self.stats.hits += 1
@@ -251,7 +256,7 @@ class BlobCache:
             self.stats.fetch_s += time.perf_counter() - started
 
     async def _download(
-        self, sha256: str, size: int | None, sources: list[Source], progress: Progress | None
+        self, sha256: str, size: int, sources: list[Source], progress: Progress | None
     ) -> Path:
         part = self.tmp_dir / f"{sha256}.part"
         errors: list[str] = []
@@ -268,7 +273,7 @@ class BlobCache:
             failures = 0
             while failures < (1 if source.kind == "peer" else ATTEMPTS):
                 offset = part.stat().st_size if part.exists() else 0
-                if size is not None and offset > size:
+                if offset > size:
                     part.unlink()
                     offset = 0
                 if offset:
@@ -308,29 +313,40 @@ class BlobCache:
         part: Path,
         digest: _Digest,
         source: Source,
-        size: int | None,
+        size: int,
         report: Callable[[int], None],
     ) -> None:
-        """Append the source's bytes from ``digest.length`` on, hashing them as they pass.
+        """Append the source's bytes from ``digest.length`` on, hashing them as they pass, up
+        to ``size``: what a source sends past it is never written (the hash then decides).
 
         No fsync: a blob torn by a crash has a different size or mtime, so it is hashed (and
         refused) before its next use.
         """
         with part.open("ab") as f:
-            async for chunk in source.stream(digest.length):
-                f.write(chunk)
-                digest.update(chunk)
-                if source.kind == "peer":
-                    self.stats.bytes_from_peers += len(chunk)
-                else:
-                    self.stats.bytes_from_origin += len(chunk)
-                report(digest.length)
-                if size is not None and digest.length > size:
-                    break  # more than the manifest says: cannot be the right content
+            async with contextlib.aclosing(source.stream(digest.length)) as chunks:
+                async for chunk in chunks:
+                    more = len(chunk) > size - digest.length
+                    if more:
+                        chunk = chunk[: size - digest.length]
+                    self._append(f, chunk, digest, source)
+                    report(digest.length)
+                    if more:
+                        break
 
-    def _accept(self, part: Path, digest: _Digest, sha256: str, size: int | None) -> bool:
+    def _append(self, f: Any, chunk: bytes, digest: _Digest, source: Source) -> None:
+        f.write(chunk)
+        digest.update(chunk)
+        self._count(source, len(chunk))
+
+    def _count(self, source: Source, size_bytes: int) -> None:
+        if source.kind == "peer":
+            self.stats.bytes_from_peers += size_bytes
+        else:
+            self.stats.bytes_from_origin += size_bytes
+
+    def _accept(self, part: Path, digest: _Digest, sha256: str, size: int) -> bool:
         """Check a finished download's hash and move it into place atomically; drop it if wrong."""
-        if digest.hexdigest() != sha256 or (size is not None and digest.length != size):
+        if digest.hexdigest() != sha256 or digest.length != size:
             self.stats.corrupt += 1
             part.unlink()
             return False
@@ -339,6 +355,47 @@ class BlobCache:
         self._sizes[sha256] = digest.length
         self._remember(sha256)
         return True
+
+    async def document(
+        self,
+        sha256: str,
+        sources: Iterable[Source],
+        limit_bytes: int,
+        protected: set[str],
+        keep_blobs: set[str],
+    ) -> bytes:
+        """A small file of unknown size (a manifest), whole: from the cache, else read into
+        memory from the first source that has it, at most ``limit_bytes`` (a source without end
+        costs neither memory nor disk), checked against its hash, and written under a
+        reservation of its exact size. Small: neither resumed nor single-flight."""
+        path = self.complete(sha256)
+        if path is not None and await self._verify(sha256):
+            self.stats.hits += 1
+            return await asyncio.to_thread(path.read_bytes)
+        self.stats.misses += 1
+        errors: list[str] = []
+        for source in sources:
+            try:
+                data = await _read_whole(source, limit_bytes)
+            except (OriginError, OriginMissing) as exc:
+                errors.append(exc.message)
+                continue
+            self._count(source, len(data))
+            if hashlib.sha256(data).hexdigest() != sha256:
+                self.stats.corrupt += 1
+                errors.append(f"{source.name}: content does not match sha256 {sha256[:12]}...")
+                continue
+            async with self.reserve(len(data), protected, keep_blobs | {sha256}):
+                try:
+                    write_atomic(self.blob_path(sha256), data)
+                except OSError as exc:
+                    raise write_error(self.root, exc, f"blob {sha256[:12]}...") from None
+                self._sizes[sha256] = len(data)
+            self._remember(sha256)
+            return data
+        raise OriginError(
+            f"cannot fetch blob {sha256[:12]}...: " + (errors[-1] if errors else "no source")
+        )
 
     # -- room -------------------------------------------------------------------------------
 
@@ -462,6 +519,16 @@ class _Digest:
                     break
                 digest.update(chunk)
         return digest
+
+
+async def _read_whole(source: Source, limit_bytes: int) -> bytes:
+    data = bytearray()
+    async with contextlib.aclosing(source.stream(0)) as chunks:
+        async for chunk in chunks:
+            data += chunk
+            if len(data) > limit_bytes:
+                raise too_large(source.name, limit_bytes)
+    return bytes(data)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -6,7 +6,9 @@ index, fetches what the chosen versions need into the blob cache (peers first, t
 origin), and materialises ``models/<name>``; :meth:`source` is then the local one.
 
 The origin is asked for its index at most every ``INDEX_TTL_S`` and with a validator (ETag or
-Last-Modified), so a restarted edge costs the origin one small, usually 304, request. A
+Last-Modified), so a restarted edge costs the origin one small, usually 304, request; a request
+for a name the index does not list asks again at most every ``UNKNOWN_NAME_REFRESH_S`` (made-up
+names must not drive traffic to the origin). A
 restarted edge does not wait for that answer (stale-while-revalidate): a model whose files are
 all in the cache loads at once from the index and manifests saved there (each file still
 verified against its sha256), while the index is revalidated in the background; when the
@@ -14,6 +16,11 @@ origin's index turns out to have changed such a model, ``on_change`` (the data p
 ``reload_soon``) loads it again from the fresh index. When the origin cannot be reached, cached
 models keep loading and serving, the revalidation is retried with a backoff, and uncached
 models fail with :class:`~gateway.errors.Unavailable` (503).
+
+The origin is not trusted further than its hashes: the index, each manifest and each
+``config.pbtxt`` are read whole only up to ``max_index_bytes``; every file is written only up
+to the size the index or its manifest gives, within the cache's byte bound. Errors for clients
+name models, not the origin's URL or the cache's paths; the details go to the log.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from gateway.settings import Settings
 log = logging.getLogger(__name__)
 
 INDEX_TTL_S = 2.0
+UNKNOWN_NAME_REFRESH_S = 10.0
 FETCH_CONCURRENCY = 4
 PEER_WAIT_S = 300.0
 REVALIDATE_RETRY_S = (1.0, 60.0)  # first and longest wait between retries while unreachable
@@ -89,6 +97,7 @@ class EdgeRepository(LocalRepository):
         self.cache = BlobCache(root, settings.cache_size_bytes)
         super().__init__(self.cache.models_dir)
         self.url = settings.model_repo
+        self.max_index_bytes = settings.max_index_bytes
         self.origin = origin if origin is not None else open_origin(settings.model_repo)
         self.peers = [
             HttpOrigin(p, connect_timeout_s=1.0, read_timeout_s=PEER_WAIT_S) for p in settings.peers
@@ -127,18 +136,26 @@ class EdgeRepository(LocalRepository):
         except (GatewayError, OSError) as exc:
             log.warning("cached index %s unusable: %s", path, exc)
 
-    async def refresh_index(self, force: bool = False) -> dict[str, ModelIndex]:
-        """The origin's index, asked again when older than ``INDEX_TTL_S`` (single-flight)."""
-        if force or self._index is None or self.clock() - self._checked_at >= INDEX_TTL_S:
+    def _index_due(self, name: str | None) -> bool:
+        """Whether to ask the origin for its index again: when older than ``INDEX_TTL_S``; for
+        a name it does not list, only when older than ``UNKNOWN_NAME_REFRESH_S``."""
+        age_s = self.clock() - self._checked_at
+        if name is not None and name not in (self._index or {}):
+            return age_s >= UNKNOWN_NAME_REFRESH_S
+        return self._index is None or age_s >= INDEX_TTL_S
+
+    async def refresh_index(
+        self, force: bool = False, name: str | None = None
+    ) -> dict[str, ModelIndex]:
+        """The origin's index, asked again when due (single-flight); ``name``: the model a
+        request asks for."""
+        if force or self._index_due(name):
             if self._index_task is None:
                 self._index_task = asyncio.ensure_future(self._refresh())
                 self._index_task.add_done_callback(self._index_done)
             await asyncio.shield(self._index_task)
         if self._index is None:
-            raise Unavailable(
-                f"origin {self.url} is unreachable and no index is cached: {self.origin_error}",
-                retry_after_s=1.0,
-            )
+            raise Unavailable("the origin is unreachable and no index is cached", retry_after_s=1.0)
         return self._index
 
     def _index_done(self, task: asyncio.Future[None]) -> None:
@@ -148,7 +165,9 @@ class EdgeRepository(LocalRepository):
 
     async def _refresh(self) -> None:
         try:
-            raw, validator = await self.origin.index(self._validator if self._index else None)
+            raw, validator = await self.origin.index(
+                self._validator if self._index else None, self.max_index_bytes
+            )
         except OriginError as exc:
             self.reachable, self.origin_error = False, exc.message
             self._checked_at = self.clock()
@@ -156,14 +175,22 @@ class EdgeRepository(LocalRepository):
             return
         except OriginMissing as exc:
             self.reachable, self.origin_error = False, exc.message
-            raise ModelLoadError(f"{exc.message} (publish it with `gateway manifest`)") from None
+            self._checked_at = self.clock()
+            log.warning("origin has no index: %s", exc.message)
+            raise ModelLoadError(
+                "the origin has no models.json (publish it with `gateway manifest`)"
+            ) from None
         self.reachable, self.origin_error = True, ""
         self._checked_at = self.clock()
         self._answered = True
         stale, self._stale_used = self._stale_used, {}
         if raw is None:
             return  # unchanged: what was loaded from the saved index is current
-        self._index = parse_index(raw, f"{self.url}/models.json")
+        try:
+            self._index = parse_index(raw, "the origin's models.json")
+        except ModelLoadError as exc:
+            log.warning("%s: %s", self.url, exc.message)
+            raise
         write_atomic(self.cache.root / "index.json", raw)
         write_atomic(self.cache.root / "index.validator", (validator or "").encode())
         self._validator = validator
@@ -232,9 +259,11 @@ class EdgeRepository(LocalRepository):
         return sorted(self.pinned | set(cached))
 
     def on_demand(self, name: str) -> bool:
-        """Whether a request for ``name`` should fetch and load it first."""
-        stale = self._index is None or self.clock() - self._checked_at >= INDEX_TTL_S
-        return stale or name in (self._index or {}) or name in self.cache.models
+        """Whether a request for ``name`` should fetch and load it first (with no index yet,
+        the load answers: 503 while the origin cannot be asked)."""
+        if self._index is None or name in self._index or name in self.cache.models:
+            return True
+        return self._index_due(name)
 
     def note(self, name: str) -> str:
         """Cache state for the repository index's ``reason``."""
@@ -367,11 +396,15 @@ class EdgeRepository(LocalRepository):
         sources.append(Source("origin", self.url, reader(self.origin, relpath)))
         return sources
 
-    async def _blob(self, sha256: str, size: int | None, relpath: str) -> Path:
-        try:
-            return await self.cache.ensure(sha256, size, self._sources(sha256, relpath))
-        except OriginMissing as exc:
-            raise ModelLoadError(f"origin {self.url} lists {relpath} but has not: {exc}") from None
+    async def _blob(
+        self, spec: FileEntry, relpath: str, protected: set[str], keep_blobs: set[str]
+    ) -> Path:
+        """One file, fetched (if missing) under a reservation of its size."""
+        needed = 0 if self.cache.complete(spec.sha256) else spec.size
+        async with self.cache.reserve(needed, protected, keep_blobs):
+            return await self.cache.ensure(
+                spec.sha256, spec.size, self._sources(spec.sha256, relpath)
+            )
 
     async def _fetch(self, name: str, progress: Progress | None, latest: bool = False) -> None:
         try:
@@ -383,9 +416,9 @@ class EdgeRepository(LocalRepository):
         except OSError as exc:  # materialising, state files: the cache's disk refused a write
             raise write_error(self.cache.root, exc, f"model '{name}'") from None
         except OriginError as exc:
+            log.warning("model %s: cannot fetch from %s: %s", name, self.url, exc.message)
             raise OriginError(
-                f"model '{name}' is not cached and cannot be fetched from {self.url}: "
-                f"{exc.message}",
+                f"model '{name}' is not cached and cannot be fetched from the origin now",
                 retry_after_s=5.0,
             ) from None
 
@@ -397,7 +430,8 @@ class EdgeRepository(LocalRepository):
             if await self._fetch_from(name, saved, progress, cached_only=True):
                 return
             self._stale_used.pop(name, None)  # not all cached after all: ask the origin now
-        await self._fetch_from(name, await self.refresh_index(), progress, cached_only=False)
+        index = await self.refresh_index(name=name)
+        await self._fetch_from(name, index, progress, cached_only=False)
 
     async def _fetch_from(
         self,
@@ -410,20 +444,27 @@ class EdgeRepository(LocalRepository):
         it needs is in the cache already (else False, nothing done)."""
         entry = index.get(name)
         if entry is None:
-            raise ModelNotFound(f"model '{name}' is not in the repository at {self.url}")
+            raise ModelNotFound(f"model '{name}' is not in the repository")
+        # Models never evicted to make room, and the blobs this fetch has so far.
+        protected = {n for n in self.cache.models if n in self.pinned or self.in_use(n)}
+        protected.add(name)
+        keep: set[str] = set()
         files: dict[str, FileEntry] = {f.path: f for f in entry.files}
         config = ModelConfig(name=name)
         if "config.pbtxt" in files:
             spec = files["config.pbtxt"]
             if cached_only and self.cache.complete(spec.sha256) is None:
                 return False
-            path = await self._blob(spec.sha256, spec.size, f"{name}/config.pbtxt")
+            if spec.size > self.max_index_bytes:  # read whole below, like the index
+                raise ModelLoadError(f"model '{name}': config.pbtxt is over max_index_bytes")
+            keep.add(spec.sha256)
+            path = await self._blob(spec, f"{name}/config.pbtxt", protected, keep)
             text = await asyncio.to_thread(path.read_text)
-            config = parse_pbtxt(text, f"{self.url}/{name}/config.pbtxt", name)
+            config = parse_pbtxt(text, f"{name}/config.pbtxt", name)
         chosen = config.version_policy.select(list(entry.versions))
         if not chosen:
             raise ModelLoadError(
-                f"model '{name}': no version at {self.url} matches the version policy "
+                f"model '{name}': no version at the origin matches the version policy "
                 f"(found {sorted(entry.versions) or 'none'})"
             )
         if not cached_only:
@@ -434,8 +475,11 @@ class EdgeRepository(LocalRepository):
             relpath = f"{name}/{version}/{MANIFEST_NAME}"
             if cached_only and self.cache.complete(sha) is None:
                 return False
-            raw = (await self._blob(sha, None, relpath)).read_bytes()
-            manifest = parse_manifest(raw, f"{self.url}/{relpath}")
+            keep.add(sha)
+            raw = await self.cache.document(
+                sha, self._sources(sha, relpath), self.max_index_bytes, protected, keep
+            )
+            manifest = parse_manifest(raw, relpath)
             blobs[sha] = len(raw)
             for f in manifest.files:
                 files[f"{version}/{f.path}"] = f
@@ -455,8 +499,6 @@ class EdgeRepository(LocalRepository):
             if progress is not None:
                 progress(delta)
 
-        protected = {n for n in self.cache.models if n in self.pinned or self.in_use(n)}
-        protected.add(name)
         started = time.perf_counter()
         limit = asyncio.Semaphore(FETCH_CONCURRENCY)
 

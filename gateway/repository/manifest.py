@@ -39,18 +39,18 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import InvalidInput, ModelLoadError
-from gateway.repository.local import check_model_name
+from gateway.repository.local import check_model_name, is_version
 
 FORMAT = 1
 INDEX_NAME = "models.json"
 MANIFEST_NAME = "manifest.json"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # fullmatch: no trailing newline
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 _CHUNK_BYTES = 1 << 20
 
 
 def check_sha256(value: str) -> str:
-    if not _SHA256.match(value):
+    if not _SHA256.fullmatch(value):
         raise InvalidInput(f"invalid sha256 {value[:80]!r}")
     return value
 
@@ -58,7 +58,7 @@ def check_sha256(value: str) -> str:
 def check_relpath(path: str) -> str:
     """A relative ``a/b/c`` path of plain segments: nothing that can climb out of a directory."""
     parts = path.split("/")
-    if not path or len(path) > 1024 or any(not _SEGMENT.match(p) or ".." in p for p in parts):
+    if not path or len(path) > 1024 or any(not _SEGMENT.fullmatch(p) or ".." in p for p in parts):
         raise InvalidInput(f"invalid path {path[:128]!r}")
     return path
 
@@ -160,8 +160,9 @@ def parse_manifest(raw: bytes, source: str) -> Manifest:
 class Publisher:
     """Index, manifests, files and blobs of a repository directory, computed on demand.
 
-    Every method may hash files: call them from a thread. Symbolic links are not followed out
-    of the root, and only files the index lists are served.
+    Every method may hash files: call them from a thread. Nothing whose real path is outside
+    the root is listed or served, whichever link on the way (a file's, a version or a model
+    directory's) leads out; and only files the index lists are served.
     """
 
     def __init__(self, root: Path) -> None:
@@ -188,9 +189,9 @@ class Publisher:
             rel = path.relative_to(directory).as_posix()
             if path.name in (MANIFEST_NAME, INDEX_NAME) or not path.is_file():
                 continue
-            if path.is_symlink() and not self._inside(path):
+            if not self._inside(path):
                 continue
-            if any(not _SEGMENT.match(p) for p in rel.split("/")):
+            if any(not _SEGMENT.fullmatch(p) for p in rel.split("/")):
                 continue
             entry = self._hash(path)
             found.append(FileEntry(rel, entry.size, entry.sha256))
@@ -209,13 +210,24 @@ class Publisher:
             return []
         names = []
         for p in sorted(self.root.iterdir()):
-            if p.is_dir() and _SEGMENT.match(p.name) and ".." not in p.name:
+            if p.is_dir() and _SEGMENT.fullmatch(p.name) and ".." not in p.name and self._inside(p):
                 names.append(p.name)
         return names
 
+    def versions(self, model: str) -> list[int]:
+        """The model's version directories (inside the root), ascending."""
+        directory = self.root / check_model_name(model)
+        if not directory.is_dir() or not self._inside(directory):
+            return []
+        found = []
+        for sub in directory.iterdir():
+            if sub.is_dir() and is_version(sub.name) and int(sub.name) >= 1 and self._inside(sub):
+                found.append(int(sub.name))
+        return sorted(found)
+
     def manifest(self, model: str, version: int) -> bytes:
         directory = self.root / check_model_name(model) / str(version)
-        files = self._entries(directory, recursive=True)
+        files = self._entries(directory, recursive=True) if self._inside(directory) else ()
         body = {
             "format": FORMAT,
             "model": model,
@@ -229,10 +241,9 @@ class Publisher:
         for name in self.model_names():
             directory = self.root / name
             versions = {}
-            for sub in sorted(directory.iterdir()):
-                if sub.is_dir() and sub.name.isdigit() and int(sub.name) >= 1:
-                    raw = self.manifest(name, int(sub.name))
-                    versions[str(int(sub.name))] = hashlib.sha256(raw).hexdigest()
+            for version in self.versions(name):
+                raw = self.manifest(name, version)
+                versions[str(version)] = hashlib.sha256(raw).hexdigest()
             files = self._entries(directory, recursive=False)
             models[name] = {"files": [f.to_dict() for f in files], "versions": versions}
         return dumps({"format": FORMAT, "models": models})
@@ -252,7 +263,9 @@ class Publisher:
         if path is None:
             self.index()
             path = self._blobs.get(sha256)
-        if path is None or not path.is_file() or self._hash(path).sha256 != sha256:
+        if path is None or not path.is_file() or not self._inside(path):
+            return None  # gone, or a link on its way now leads out of the root
+        if self._hash(path).sha256 != sha256:
             return None
         return path
 
@@ -265,12 +278,12 @@ def write_manifests(root: Path) -> dict[str, int]:
     publisher = Publisher(root)
     counts: dict[str, int] = {}
     for name in publisher.model_names():
-        directory = root / name
         counts[name] = 0
-        for sub in sorted(directory.iterdir()):
-            if sub.is_dir() and sub.name.isdigit() and int(sub.name) >= 1:
-                _atomic_write(sub / MANIFEST_NAME, publisher.manifest(name, int(sub.name)))
-                counts[name] += 1
+        for version in publisher.versions(name):
+            _atomic_write(
+                root / name / str(version) / MANIFEST_NAME, publisher.manifest(name, version)
+            )
+            counts[name] += 1
     _atomic_write(root / INDEX_NAME, publisher.index())
     return counts
 

@@ -1,10 +1,15 @@
 """Where an edge fetches a repository from: ``file://``, ``http(s)://`` and ``s3://`` origins.
 
-Every origin offers the same three calls over the published layout (see
-:mod:`gateway.repository.manifest`): the index with a cheap "unchanged?" validator, small
-files whole, and large files as a stream starting at a byte offset (resume). Library
-exceptions are mapped here to :class:`OriginError` (retry may work: 503) and
+Every origin offers the same calls over the published layout (see
+:mod:`gateway.repository.manifest`): the index with a cheap "unchanged?" validator, read whole
+but never more than ``limit_bytes`` of it, and files as a stream starting at a byte offset
+(resume). Library exceptions are mapped here to :class:`OriginError` (retry may work: 503) and
 :class:`OriginMissing` (the origin has no such file), so the cache never sees aiohttp or botocore.
+Their messages name URLs: they are for the log; the edge tells clients less.
+
+An origin may be compromised, or reached through a man in the middle on plain http: an HTTP
+origin follows redirects only within its own origin (scheme, host and port), at most
+``MAX_REDIRECTS`` of them; a redirect to any other host is an :class:`OriginError`.
 
 A gateway node is an HTTP origin too: give its base URL; when ``<base>/models.json`` is not
 there the client tries the node's ``<base>/v2/repository/tree/`` once and keeps that prefix.
@@ -13,7 +18,7 @@ there the client tries the node's ``<base>/v2/repository/tree/`` once and keeps 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -25,6 +30,8 @@ from gateway.settings import SettingsError
 CHUNK_BYTES = 1 << 20
 TREE_PREFIX = "v2/repository/tree/"
 BLOB_PREFIX = "v2/repository/blobs/sha256/"
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class OriginError(Unavailable):
@@ -35,16 +42,25 @@ class OriginMissing(ModelNotFound):
     """The origin answered, and it has no such file."""
 
 
+class OriginTooLarge(OriginError):
+    """The origin sent more than the bound for a document read whole (an index, a manifest)."""
+
+
+def too_large(where: str, limit_bytes: int) -> OriginTooLarge:
+    return OriginTooLarge(f"{where}: more than {limit_bytes} bytes, refused (max_index_bytes)")
+
+
 class Origin(Protocol):
     url: str
 
-    async def index(self, validator: str | None) -> tuple[bytes | None, str | None]:
-        """``models.json`` and its validator; ``None`` bytes when unchanged since ``validator``."""
+    async def index(
+        self, validator: str | None, limit_bytes: int
+    ) -> tuple[bytes | None, str | None]:
+        """``models.json`` and its validator; ``None`` bytes when unchanged since ``validator``.
+        :class:`OriginTooLarge` when it is longer than ``limit_bytes``."""
         ...
 
-    async def read(self, relpath: str) -> bytes: ...
-
-    def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+    def stream(self, relpath: str, offset: int) -> AsyncGenerator[bytes, None]:
         """The file's bytes from ``offset`` on."""
         ...
 
@@ -61,28 +77,25 @@ class FileOrigin:
     def _path(self, relpath: str) -> Path:
         return self.root / relpath
 
-    async def index(self, validator: str | None) -> tuple[bytes | None, str | None]:
+    async def index(
+        self, validator: str | None, limit_bytes: int
+    ) -> tuple[bytes | None, str | None]:
         path = self._path(INDEX_NAME)
         try:
             st = await asyncio.to_thread(path.stat)
             tag = f"{st.st_mtime_ns}-{st.st_size}"
             if tag == validator:
                 return None, tag
-            return await asyncio.to_thread(path.read_bytes), tag
+            data = await asyncio.to_thread(_read_at_most, path, limit_bytes + 1)
         except FileNotFoundError:
             raise OriginMissing(f"{self.url}: no {INDEX_NAME} (run `gateway manifest`)") from None
         except OSError as exc:
             raise OriginError(f"{self.url}: {exc}") from None
+        if len(data) > limit_bytes:
+            raise too_large(f"{self.url}/{INDEX_NAME}", limit_bytes)
+        return data, tag
 
-    async def read(self, relpath: str) -> bytes:
-        try:
-            return await asyncio.to_thread(self._path(relpath).read_bytes)
-        except FileNotFoundError:
-            raise OriginMissing(f"{self.url}: no {relpath}") from None
-        except OSError as exc:
-            raise OriginError(f"{self.url}/{relpath}: {exc}") from None
-
-    async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+    async def stream(self, relpath: str, offset: int) -> AsyncGenerator[bytes, None]:
         try:
             f = await asyncio.to_thread(self._path(relpath).open, "rb")
         except FileNotFoundError:
@@ -126,21 +139,41 @@ class HttpOrigin:
         return f"{self.url}/{self._prefix or ''}{relpath}"
 
     async def _get(self, url: str, headers: dict[str, str]) -> Any:
+        """The response to a GET, following redirects only within this origin."""
         import aiohttp
+        from yarl import URL
 
-        try:
-            response = await self._client().get(url, headers=headers, allow_redirects=True)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise OriginError(f"{url}: {type(exc).__name__}: {exc}") from None
-        if response.status == 404:
-            response.release()
-            raise OriginMissing(f"{url}: 404 not found")
-        if response.status not in (200, 206, 304):
-            response.release()
-            raise OriginError(f"{url}: HTTP {response.status}")
-        return response
+        target = URL(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = await self._client().get(target, headers=headers, allow_redirects=False)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise OriginError(f"{target}: {type(exc).__name__}: {exc}") from None
+            if response.status in _REDIRECTS:
+                location = response.headers.get("Location", "")
+                response.release()
+                try:
+                    moved = target.join(URL(location))
+                except ValueError:
+                    raise OriginError(f"{target}: bad redirect {location[:200]!r}") from None
+                if _origin_of(moved) != _origin_of(target):
+                    raise OriginError(
+                        f"{target}: redirect to {moved} not followed (another origin)"
+                    )
+                target = moved
+                continue
+            if response.status == 404:
+                response.release()
+                raise OriginMissing(f"{target}: 404 not found")
+            if response.status not in (200, 206, 304):
+                response.release()
+                raise OriginError(f"{target}: HTTP {response.status}")
+            return response
+        raise OriginError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
-    async def index(self, validator: str | None) -> tuple[bytes | None, str | None]:
+    async def index(
+        self, validator: str | None, limit_bytes: int
+    ) -> tuple[bytes | None, str | None]:
         headers = {}
         if validator:
             kind, _, value = validator.partition(":")
@@ -157,32 +190,36 @@ class HttpOrigin:
         async with response:
             if response.status == 304:
                 return None, validator
-            body = await self._body(response)
+            body = await self._body(response, limit_bytes)
             etag = response.headers.get("ETag")
             modified = response.headers.get("Last-Modified")
             tag = f"etag:{etag}" if etag else (f"date:{modified}" if modified else None)
             return body, tag
 
-    async def _body(self, response: Any) -> bytes:
+    async def _body(self, response: Any, limit_bytes: int) -> bytes:
+        """The whole body, refused (and the connection closed) past ``limit_bytes``."""
         import aiohttp
 
+        declared = response.content_length
+        if declared is not None and declared > limit_bytes:
+            response.close()
+            raise too_large(str(response.url), limit_bytes)
+        body = bytearray()
         try:
-            return bytes(await response.read())
+            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                body += chunk
+                if len(body) > limit_bytes:
+                    response.close()
+                    raise too_large(str(response.url), limit_bytes)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise OriginError(f"{response.url}: {type(exc).__name__}: {exc}") from None
+        return bytes(body)
 
-    async def read(self, relpath: str) -> bytes:
-        if self._prefix is None:
-            await self.index(None)
-        response = await self._get(self._url(relpath), {})
-        async with response:
-            return await self._body(response)
-
-    async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+    async def stream(self, relpath: str, offset: int) -> AsyncGenerator[bytes, None]:
         import aiohttp
 
         if self._prefix is None and not relpath.startswith(BLOB_PREFIX):
-            await self.index(None)
+            await self._find_prefix()
         url = self._url(relpath) if not relpath.startswith(BLOB_PREFIX) else f"{self.url}/{relpath}"
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         response = await self._get(url, headers)
@@ -198,6 +235,17 @@ class HttpOrigin:
                     yield chunk
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise OriginError(f"{url}: {type(exc).__name__}: {exc}") from None
+
+    async def _find_prefix(self) -> None:
+        """Whether files are at ``<base>/`` or (a gateway node) ``<base>/v2/repository/tree/``."""
+        for prefix in ("", TREE_PREFIX):
+            self._prefix = prefix
+            try:
+                response = await self._get(self._url(INDEX_NAME), {})
+            except OriginMissing:
+                continue
+            response.close()  # the body is not needed
+            return
 
     async def close(self) -> None:
         if self._session is not None:
@@ -249,24 +297,29 @@ class S3Origin:
                 return None
             raise self._map(exc, relpath) from None
 
-    async def index(self, validator: str | None) -> tuple[bytes | None, str | None]:
+    async def index(
+        self, validator: str | None, limit_bytes: int
+    ) -> tuple[bytes | None, str | None]:
         kwargs = {"IfNoneMatch": validator} if validator else {}
         response = await self._get(INDEX_NAME, **kwargs)
         if response is None:
             return None, validator
-        body = await self._read_all(response, INDEX_NAME)
-        return body, response.get("ETag")
-
-    async def _read_all(self, response: Any, relpath: str) -> bytes:
+        body = response["Body"]
         try:
-            return bytes(await asyncio.to_thread(response["Body"].read))
+            if int(response.get("ContentLength") or 0) > limit_bytes:
+                raise too_large(f"{self.url}/{INDEX_NAME}", limit_bytes)
+            data = bytes(await asyncio.to_thread(body.read, limit_bytes + 1))
+        except OriginError:
+            raise
         except Exception as exc:
-            raise self._map(exc, relpath) from None
+            raise self._map(exc, INDEX_NAME) from None
+        finally:
+            body.close()
+        if len(data) > limit_bytes:
+            raise too_large(f"{self.url}/{INDEX_NAME}", limit_bytes)
+        return data, response.get("ETag")
 
-    async def read(self, relpath: str) -> bytes:
-        return await self._read_all(await self._get(relpath), relpath)
-
-    async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+    async def stream(self, relpath: str, offset: int) -> AsyncGenerator[bytes, None]:
         kwargs = {"Range": f"bytes={offset}-"} if offset else {}
         response = await self._get(relpath, **kwargs)
         body = response["Body"]
@@ -300,12 +353,22 @@ def is_url(model_repo: str) -> bool:
     return "://" in model_repo
 
 
+def _origin_of(url: Any) -> tuple[str, str | None, int | None]:
+    return (url.scheme, url.host, url.port)
+
+
+def _read_at_most(path: Path, size_bytes: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(size_bytes)
+
+
 __all__ = [
     "FileOrigin",
     "HttpOrigin",
     "Origin",
     "OriginError",
     "OriginMissing",
+    "OriginTooLarge",
     "S3Origin",
     "is_url",
     "open_origin",

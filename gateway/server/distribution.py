@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from gateway.dataplane import DataPlane
 from gateway.errors import ModelNotFound
+from gateway.repository.local import is_version
 from gateway.repository.manifest import (
     INDEX_NAME,
     MANIFEST_NAME,
@@ -53,8 +54,8 @@ def distribution_routes(dataplane: DataPlane) -> list[Route]:
         parts = path.split("/")
         if path == INDEX_NAME:
             return _bytes(request, await asyncio.to_thread(publisher.index))
-        if len(parts) == 3 and parts[2] == MANIFEST_NAME and parts[1].isdigit():
-            if not (publisher.root / parts[0] / parts[1]).is_dir():
+        if len(parts) == 3 and parts[2] == MANIFEST_NAME and is_version(parts[1]):
+            if int(parts[1]) not in await asyncio.to_thread(publisher.versions, parts[0]):
                 raise ModelNotFound(f"no version {parts[1]} of model '{parts[0]}'")
             data = await asyncio.to_thread(publisher.manifest, parts[0], int(parts[1]))
             return _bytes(request, data)
