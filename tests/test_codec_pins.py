@@ -798,3 +798,49 @@ def test_a_decoded_request_round_trips_through_the_encoder() -> None:
     assert request.inputs["S"].tolist() == [b"", b"xyz"]
     assert request.inputs["F"].dtype == np.float16
     assert request.inputs["F"].tolist() == [[1.25, -3.5]]
+
+
+# -- integers numpy would round, and numpy string outputs (found while pinning) -------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "datatype", "expected"),
+    [
+        ([0, 18446744073709551615], "UINT64", [0, 18446744073709551615]),
+        ([1, 2**63 + 1], "UINT64", [1, 2**63 + 1]),
+        ([0.0, 9223372036854775807], "INT64", [0, 9223372036854775807]),
+        ([1.0, 2.0], "INT32", [1, 2]),
+    ],
+)
+def test_integers_beyond_float_precision_are_exact(
+    data: list[Any], datatype: str, expected: list[int]
+) -> None:
+    body = {"inputs": [{"name": "x", "datatype": datatype, "shape": [len(data)], "data": data}]}
+    assert decode_infer_request(json.dumps(body).encode()).inputs["x"].tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "datatype"),
+    [
+        ("[9223372036854775808.0]", "INT64"),  # 2**63: rounded in float64 it wrapped to -2**63
+        ("[18446744073709551616]", "UINT64"),  # 2**64: orjson reads it as a float; wrapped to 0
+        ("[-1, 18446744073709551615]", "UINT64"),
+    ],
+)
+def test_integers_out_of_range_are_refused_exactly(text: str, datatype: str) -> None:
+    body = b'{"inputs": [{"name": "x", "datatype": "%s", "shape": [%d], "data": %s}]}' % (
+        datatype.encode(),
+        text.count(",") + 1,
+        text.encode(),
+    )
+    with pytest.raises(InvalidInput, match=f"value out of range for {datatype}"):
+        decode_infer_request(body)
+
+
+def test_numpy_string_outputs_are_length_prefixed_when_binary() -> None:
+    response = InferResponse("m", "1", {"T": np.array(["ab", "c"])})
+    body, length = encode_infer_response(response, binary_default=True)
+    assert length is not None
+    header = json.loads(body[:length])
+    assert header["outputs"][0]["datatype"] == "BYTES"
+    assert body[length:] == b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"

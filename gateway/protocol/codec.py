@@ -176,10 +176,31 @@ def _json_data(
             raw = np.array(data)
         except (ValueError, TypeError) as exc:
             raise _fail(f"input '{name}': data is ragged or not numeric ({exc})") from None
-        array = _convert(raw.reshape(-1), dtype, datatype, name)
+        if dtype.kind in "iu" and raw.dtype.kind == "f" and raw.size:
+            array = _exact_integers(raw, data, dtype, datatype, name)
+        else:
+            array = _convert(raw.reshape(-1), dtype, datatype, name)
     if array.size != count:
         raise _fail(f"input '{name}': got {array.size} elements, shape {list(shape)} needs {count}")
     return array.reshape(shape)
+
+
+def _exact_integers(
+    raw: np.ndarray[Any, Any], data: list[Any], dtype: np.dtype[Any], datatype: str, name: str
+) -> np.ndarray[Any, Any]:
+    """Integers for an integer tensor from JSON that numpy read as floats: whole-number floats,
+    or integers beyond int64 mixed with others (numpy then rounds them all to float64, so
+    2**64 - 1 became 2**64 and wrapped to 0). Checked exactly, on the values as parsed."""
+    if not np.all(np.isfinite(raw)) or not np.all(raw == np.floor(raw)):
+        raise _fail(f"input '{name}': {datatype} data must be integers")
+    values = np.array(data, dtype=object).reshape(-1)
+    if any(isinstance(v, bool) for v in values):
+        raise _fail(f"input '{name}': {datatype} data must be integers, not booleans")
+    exact = [int(v) for v in values]  # a float here is whole; orjson reads > 2**64 as float
+    info = np.iinfo(dtype)
+    if min(exact) < info.min or max(exact) > info.max:
+        raise _fail(f"input '{name}': value out of range for {datatype}")
+    return np.array(exact, dtype=dtype)
 
 
 def _convert(
@@ -420,8 +441,8 @@ def _encode_all_binary(
     shapes = []
     for name, array in response.outputs.items():
         binary = binary_of.get(name)
-        if not (binary if binary is not None else binary_default) or array.dtype.kind == "O":
-            return None
+        if not (binary if binary is not None else binary_default) or array.dtype.kind in "OSU":
+            return None  # BYTES (object or numpy strings) are length-prefixed, not raw
         shapes.append((name, array.dtype.str, array.shape))
     key = (response.model_name, response.model_version, *shapes)
     head = _HEADS.get(key)
