@@ -2,16 +2,22 @@
 #
 # gateway image. Build from the repository root:
 #   CPU: docker build -t gateway:0.1.0 .
-#   GPU: docker build -t gateway:0.1.0-gpu --build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]" .
+#   GPU, CUDA 12 (driver >= 525.60.13):
+#     docker build -t gateway:0.1.0-gpu --build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]==1.26.0" .
+#   GPU, CUDA 13 (driver >= 580.65.06; Turing or newer GPUs, compute capability >= 7.5):
+#     docker build -t gateway:0.1.0-gpu --build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]==1.31.1" .
 #
 # ORT_PACKAGE is the one ONNX Runtime distribution the image ships, as a pip requirement: a name,
 # optionally extras and a version (it is combined with pyproject.toml's bound on onnxruntime).
-# The `[cuda,cudnn]` extras bring CUDA and cuDNN as wheels, so the GPU image needs no CUDA base
-# image; the driver comes from the host through the NVIDIA container toolkit (`--gpus all`, or
-# `nvidia.com/gpu` in Kubernetes) and must support the CUDA major version the wheel was built for:
-# onnxruntime-gpu 1.27 and later use CUDA 13 (driver 580+), up to 1.26 CUDA 12 (driver 525+). For a
-# CUDA 12 host: --build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]==1.26.0". Plain
-# `onnxruntime-gpu` (no extras) builds too, for a PYTHON_IMAGE that already carries CUDA and cuDNN.
+# onnxruntime-gpu must be pinned (`==`): each release is built for one CUDA major (1.26.0 is the
+# last for CUDA 12; 1.27.0 and later are CUDA 13 builds), and an unpinned one moves to a new major
+# that the nodes' driver may not run. The pins above are gateway/backends/onnxruntime.py's
+# CUDA_BUILDS (tests/test_deploy.py keeps them in step). The `[cuda,cudnn]` extras bring CUDA and
+# cuDNN as wheels, so the GPU image needs no CUDA base image; the driver comes from the host
+# through the NVIDIA container toolkit (`--gpus all`, or `nvidia.com/gpu` in Kubernetes) and must
+# support the CUDA major of the build. Plain `onnxruntime-gpu==...` (no extras) builds too, for a
+# PYTHON_IMAGE that already carries CUDA and cuDNN. A GPU image on a host without a usable GPU does
+# not quietly serve on the CPU: see the README's GPU section (execution_provider).
 #
 # PYTHON_IMAGE is the base of both stages: the runtime stage copies the builder's virtual
 # environment, whose interpreter links point into the base image, so the two must be the same.
@@ -46,6 +52,8 @@ RUN python -c "import os, re, tomllib; \
         spec = re.compile(' *[<>=!~]'); \
         swap = lambda rest: ort + (',' if spec.search(ort) and spec.match(rest) else '') + rest; \
         assert any(pat.match(d) for d in deps), 'pyproject.toml lists no onnxruntime dependency'; \
+        gpu = re.match('onnxruntime[-_.]gpu(?![A-Za-z0-9._-])', ort, re.I); \
+        assert not gpu or '==' in ort, 'pin onnxruntime-gpu (==) to the build for your CUDA major: see the Dockerfile header'; \
         print('\n'.join(swap(d[pat.match(d).end():]) if pat.match(d) else d for d in deps))" \
         > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
@@ -59,7 +67,9 @@ RUN pip install --no-cache-dir --no-deps . \
         have = sorted({norm(d.metadata['Name']) for d in md.distributions()} & flavours); \
         assert have == [want], f'want exactly {want}, found {have}'; \
         import onnxruntime; \
-        print(want, onnxruntime.__version__, onnxruntime.get_available_providers())"
+        from onnxruntime.capi import build_and_package_info as info; \
+        cuda = getattr(info, 'cuda_version', '') or 'none'; \
+        print(want, onnxruntime.__version__, 'CUDA', cuda, onnxruntime.get_available_providers())"
 
 
 FROM ${PYTHON_IMAGE} AS runtime

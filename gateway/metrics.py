@@ -39,6 +39,22 @@ def _cumulative(counts: list[int], bounds: Iterable[float]) -> list[tuple[str, f
     return buckets
 
 
+def _placement(
+    facts: dict[str, Any],
+    values: list[str],
+    providers: GaugeMetricFamily,
+    fallback: GaugeMetricFamily,
+) -> None:
+    """Where a version runs, from the facts its backend describes (in-process ONNX Runtime
+    reports ``instance_providers`` and ``cpu_fallback``; other backends nothing)."""
+    counts = facts.get("instance_providers")
+    if isinstance(counts, dict):
+        for provider, count in sorted(counts.items()):
+            providers.add_metric([*values, str(provider)], float(count))
+    if isinstance(facts.get("cpu_fallback"), bool):
+        fallback.add_metric(values, 1.0 if facts["cpu_fallback"] else 0.0)
+
+
 class DataPlaneCollector(Collector):
     """Triton-compatible per model/version families plus the gateway's histograms."""
 
@@ -86,10 +102,21 @@ class DataPlaneCollector(Collector):
             "Request latency inside the gateway (decode excluded)",
             labels=labels,
         )
+        providers = GaugeMetricFamily(
+            "gateway_model_execution_provider",
+            "Sessions (instances) of a model version per execution provider they really run on",
+            labels=[*labels, "provider"],
+        )
+        fallback = GaugeMetricFamily(
+            "gateway_model_cpu_fallback",
+            "1: a GPU was asked for (execution_provider cuda, KIND_GPU) and the CPU runs it",
+            labels=labels,
+        )
         for entry in list(self._dataplane.models.values()):
             for lv in list(entry.versions.values()):
                 st = lv.stats
                 values = [st.name, st.version]
+                _placement(lv.backend.describe(), values, providers, fallback)
                 success.add_metric(values, st.success.count)
                 for reason, n in st.fail_reasons.items():
                     failure.add_metric([*values, reason], n)
@@ -113,7 +140,7 @@ class DataPlaneCollector(Collector):
                     (st.success.ns + st.fail.ns) / 1e9,
                 )
         yield from (success, failure, count, execs, request_us, queue_us, compute_us, pending)
-        yield from (batch, latency)
+        yield from (batch, latency, providers, fallback)
         for source in self.sources:
             yield from source()
 

@@ -54,7 +54,20 @@ class Settings:
     # Edge replicas: the largest models.json or manifest.json accepted from an origin or peer.
     max_index_bytes: int = 16 * 1024 * 1024
     # Execution.
+    # auto: KIND_GPU and KIND_AUTO models (no instance_group is KIND_AUTO) on CUDA where this
+    # ONNX Runtime has it, KIND_CPU ones on the CPU; a KIND_GPU model that gets the CPU is logged
+    # as an error (gateway_model_cpu_fallback = 1). cpu: never CUDA. cuda: every model on CUDA,
+    # or its load fails.
     execution_provider: str = "auto"  # auto | cpu | cuda
+    # CUDA sessions (ignored on the CPU). The device of models whose instance_group names no
+    # ``gpus``; the arena limit per session, 0: no limit; how the arena grows.
+    cuda_device_id: int = 0
+    cuda_mem_limit_bytes: int = 0
+    cuda_arena_extend_strategy: str = "next_power_of_two"  # next_power_of_two | same_as_requested
+    # cuDNN's convolution algorithm search: "exhaustive" (ORT's default) benchmarks every
+    # algorithm the first time each input shape is seen, which stalls the batch that brings a
+    # new batch size; "heuristic" picks from cuDNN's heuristics at once; "default": one fixed.
+    cudnn_conv_algo_search: str = "heuristic"  # heuristic | exhaustive | default
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
     inter_op_threads: int = 0
     # ORT's pool threads busy-wait between ops and after a run by default; in a server that
@@ -155,6 +168,18 @@ class Settings:
         if self.execution_provider not in ("auto", "cpu", "cuda"):
             raise SettingsError(
                 f"execution_provider must be auto, cpu or cuda, got {self.execution_provider!r}"
+            )
+        if self.cuda_device_id < 0 or self.cuda_mem_limit_bytes < 0:
+            raise SettingsError("cuda_device_id and cuda_mem_limit_bytes must be >= 0")
+        if self.cuda_arena_extend_strategy not in ("next_power_of_two", "same_as_requested"):
+            raise SettingsError(
+                "cuda_arena_extend_strategy must be next_power_of_two or same_as_requested, "
+                f"got {self.cuda_arena_extend_strategy!r}"
+            )
+        if self.cudnn_conv_algo_search not in ("heuristic", "exhaustive", "default"):
+            raise SettingsError(
+                "cudnn_conv_algo_search must be heuristic, exhaustive or default, "
+                f"got {self.cudnn_conv_algo_search!r}"
             )
         if self.max_queue_size < 1:
             raise SettingsError("max_queue_size must be >= 1")

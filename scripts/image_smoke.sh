@@ -11,7 +11,9 @@
 #   --install-only   stop after the builder stage's install steps
 # Environment:
 #   PYTHON            interpreter for the venv (default: python3.11, else python3; needs >= 3.11)
-#   ORT_PACKAGE       as the Dockerfile's build arg (default: onnxruntime)
+#   ORT_PACKAGE       as the Dockerfile's build arg (default: onnxruntime); e.g.
+#                     "onnxruntime-gpu==1.26.0" checks the GPU recipe without the CUDA wheels
+#                     (the gateway then serves on the CPU: execution_provider stays auto)
 #   READY_TIMEOUT_S   how long to wait for /v2/health/ready (default: 60)
 #
 # tests/test_deploy.py checks that the pip and python commands below match the Dockerfile's.
@@ -70,6 +72,8 @@ python -c "import os, re, tomllib; \
         spec = re.compile(' *[<>=!~]'); \
         swap = lambda rest: ort + (',' if spec.search(ort) and spec.match(rest) else '') + rest; \
         assert any(pat.match(d) for d in deps), 'pyproject.toml lists no onnxruntime dependency'; \
+        gpu = re.match('onnxruntime[-_.]gpu(?![A-Za-z0-9._-])', ort, re.I); \
+        assert not gpu or '==' in ort, 'pin onnxruntime-gpu (==) to the build for your CUDA major: see the Dockerfile header'; \
         print('\n'.join(swap(d[pat.match(d).end():]) if pat.match(d) else d for d in deps))" \
         > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
@@ -92,7 +96,9 @@ pip install --no-cache-dir --no-deps . \
         have = sorted({norm(d.metadata['Name']) for d in md.distributions()} & flavours); \
         assert have == [want], f'want exactly {want}, found {have}'; \
         import onnxruntime; \
-        print(want, onnxruntime.__version__, onnxruntime.get_available_providers())"
+        from onnxruntime.capi import build_and_package_info as info; \
+        cuda = getattr(info, 'cuda_version', '') or 'none'; \
+        print(want, onnxruntime.__version__, 'CUDA', cuda, onnxruntime.get_available_providers())"
 
 if [[ $install_only == 1 ]]; then
     step "install-only: done"

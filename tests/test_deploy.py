@@ -9,6 +9,7 @@ Kubernetes manifests against the API schemas bundled in kubernetes-validate, and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import http.server
 import json
 import os
@@ -28,6 +29,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from gateway.settings import Settings, load_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -35,6 +38,8 @@ COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 K8S_DIR = ROOT / "deploy" / "k8s"
 DASHBOARD = ROOT / "deploy" / "grafana" / "gateway-dashboard.json"
 SMOKE = ROOT / "scripts" / "image_smoke.sh"
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+COMPOSE_GPU = ROOT / "deploy" / "docker-compose.gpu.yml"
 
 # Bundled in kubernetes-validate, so validation needs no network. The oldest release the
 # manifests target: fields added later would fail here.
@@ -346,8 +351,7 @@ def test_healthcheck_passes_on_200_and_fails_on_503(
     ("ort_package", "expected_name", "extra_specifier"),
     [
         ("onnxruntime", "onnxruntime", ""),
-        ("onnxruntime-gpu", "onnxruntime-gpu", ""),
-        ("onnxruntime-gpu[cuda,cudnn]", "onnxruntime-gpu", ""),
+        ("onnxruntime-gpu==1.31.1", "onnxruntime-gpu", "==1.31.1"),
         ("onnxruntime-gpu[cuda,cudnn]==1.26.0", "onnxruntime-gpu", "==1.26.0"),
     ],
 )
@@ -380,6 +384,36 @@ def test_requirements_name_exactly_one_onnxruntime(
         assert ort[0].extras == {"cuda", "cudnn"}
     others = sorted(str(r) for r in produced if r.name.lower() not in ORT_FLAVOURS)
     assert others == sorted(str(r) for r in declared if r.name != "onnxruntime")
+
+
+@pytest.mark.parametrize(
+    "ort_package", ["onnxruntime-gpu", "onnxruntime-gpu[cuda,cudnn]", "onnxruntime_gpu>=1.26"]
+)
+def test_the_gpu_package_must_be_pinned(builder: Stage, tmp_path: Path, ort_package: str) -> None:
+    """Unpinned, onnxruntime-gpu resolves to the newest build, for whatever CUDA major that is
+    (1.27 moved to CUDA 13: driver 580+): the build stops instead."""
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    proc = run_python_piece(
+        piece_containing(builder, "tomllib"), tmp_path, {"ORT_PACKAGE": ort_package}
+    )
+    assert proc.returncode != 0
+    assert "pin onnxruntime-gpu (==) to the build for your CUDA major" in proc.stderr
+
+
+def test_gpu_pins_are_the_same_everywhere() -> None:
+    """The Dockerfile, the GPU manifest and gpu_check.sh name gateway's CUDA_BUILDS."""
+    from gateway.backends.onnxruntime import CUDA_BUILDS
+
+    header = DOCKERFILE.read_text().split("ARG PYTHON_IMAGE")[0]
+    manifest = (K8S_DIR / "worker-gpu.yaml").read_text()
+    for major, (version, driver) in CUDA_BUILDS.items():
+        build = f'--build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]=={version}"'
+        for text in (header, manifest):
+            assert build in text and f"CUDA {major}" in text and f"driver >= {driver}" in text
+    pinned = re.findall(r"onnxruntime-gpu(?:\[[a-z,]+\])?==(\d+\.\d+\.\d+)", header + manifest)
+    assert set(pinned) == {version for version, _ in CUDA_BUILDS.values()}
+    for script in (GPU_CHECK, ROOT / "scripts" / "gpu_wheel_venv.sh"):
+        assert "CUDA_BUILDS" in script.read_text(), f"{script.name} reads the pins from the code"
 
 
 def test_pip_installs_never_pull_the_cpu_package_beside_the_chosen_one(builder: Stage) -> None:
@@ -445,9 +479,12 @@ def test_dockerignore_keeps_the_context_small_but_complete(runtime: Stage, build
 # --------------------------------------------------------------------------- smoke script
 
 
-def test_smoke_script_is_valid_bash_and_executable() -> None:
-    assert os.access(SMOKE, os.X_OK)
-    proc = subprocess.run(["bash", "-n", str(SMOKE)], capture_output=True, text=True, timeout=30)
+@pytest.mark.parametrize(
+    "script", [SMOKE, GPU_CHECK, ROOT / "scripts" / "gpu_wheel_venv.sh"], ids=lambda p: p.name
+)
+def test_scripts_are_valid_bash_and_executable(script: Path) -> None:
+    assert os.access(script, os.X_OK)
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -622,12 +659,36 @@ def test_front_autoscales() -> None:
 def test_gpu_worker_lands_on_gpu_nodes_with_the_gpu_image() -> None:
     gpu = one("Deployment", "gateway-worker-gpu")
     pod = gpu["spec"]["template"]["spec"]
-    assert pod["nodeSelector"]
+    # The nvidia.com/gpu request places the pod; a GFD-only node label would keep it Pending
+    # on clusters without GPU Feature Discovery.
+    assert "nvidia.com/gpu.present" not in pod.get("nodeSelector", {})
+    assert "# runtimeClassName: nvidia" in (K8S_DIR / "worker-gpu.yaml").read_text()
     container = containers(gpu)[0]
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert container["image"].endswith("-gpu")
     cpu_image = containers(one("Deployment", "gateway-worker"))[0]["image"]
     assert container["image"] != cpu_image
+
+
+def test_gpu_worker_fails_loudly_without_its_gpu() -> None:
+    """execution_provider = cuda: a model that lands on the CPU fails to load; strict
+    readiness: then the pod is never Ready (no traffic, the rollout stops)."""
+    env = {
+        e["name"]: e["value"] for e in containers(one("Deployment", "gateway-worker-gpu"))[0]["env"]
+    }
+    settings = load_settings(env=env)
+    assert settings.execution_provider == "cuda" and settings.strict_readiness is True
+
+
+@pytest.mark.parametrize("workload", WORKLOADS, ids=[w["metadata"]["name"] for w in WORKLOADS])
+def test_workload_gateway_variables_are_settings(workload: dict[str, Any]) -> None:
+    """A misspelt GATEWAY_* variable would be ignored; every one is a setting that loads."""
+    known = {f"GATEWAY_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    for container in containers(workload):
+        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+        gateway_env = {k: v for k, v in env.items() if k.startswith("GATEWAY_")}
+        assert set(gateway_env) <= known, set(gateway_env) - known
+        load_settings(env={k: v for k, v in gateway_env.items() if k != "GATEWAY_CONFIG"})
 
 
 def test_edge_caches_on_a_bounded_volume_and_fetches_from_the_origin() -> None:
@@ -717,6 +778,44 @@ def test_compose_front_routes_to_the_workers_and_triton(compose: dict[str, Any])
         assert urlsplit(command[command.index("--model-repo") + 1]).hostname == "origin"
 
 
+def front_hosts(compose_data: dict[str, Any]) -> list[dict[str, Any]]:
+    hosts: list[dict[str, Any]] = tomllib.loads(compose_data["configs"]["front-config"]["content"])[
+        "hosts"
+    ]
+    return hosts
+
+
+def test_compose_gpu_file_gives_triton_the_gpu_and_gpu_instances(compose: dict[str, Any]) -> None:
+    """docker-compose.gpu.yml: Triton reserves an NVIDIA GPU and the front's Triton host is
+    ``device = "gpu"`` (pushed KIND_AUTO models get KIND_GPU); nothing else differs."""
+    gpu = yaml.safe_load(COMPOSE_GPU.read_text())
+    assert set(gpu["services"]) == {"triton"}
+    (device,) = gpu["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    base_hosts, gpu_hosts = front_hosts(compose), front_hosts(gpu)
+    triton = [h for h in base_hosts if h["kind"] == "triton"]
+    assert [h["device"] for h in triton] == ["cpu"]
+    assert [h.get("device") for h in gpu_hosts if h["kind"] == "triton"] == ["gpu"]
+    for host in base_hosts:
+        if host["kind"] == "triton":
+            host["device"] = "gpu"
+    assert gpu_hosts == base_hosts
+    assert set(gpu) <= {"services", "configs"}
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
+def test_compose_front_config_is_accepted_by_the_gateway(path: Path) -> None:
+    """The front's host tables pass the gateway's own validation (device included)."""
+    from gateway.backends.routed import configured_hosts
+
+    data = yaml.safe_load(path.read_text())
+    settings = Settings(hosts=tuple(front_hosts(data)))
+    entries, groups = configured_hosts(settings)
+    devices = {e.host.name: e.host.describe().get("device") for e in entries}
+    want = "gpu" if path == COMPOSE_GPU else "cpu"
+    assert devices["triton"] == want and not groups
+
+
 # --------------------------------------------------------------------------- Grafana
 
 DASHBOARD_METRICS = [
@@ -735,6 +834,8 @@ DASHBOARD_METRICS = [
     "gateway_ejections_total",
     "gateway_cache_hits_total",
     "gateway_cache_bytes",
+    "gateway_model_execution_provider",
+    "gateway_model_cpu_fallback",
 ]
 
 

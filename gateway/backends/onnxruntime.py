@@ -1,28 +1,44 @@
 """In-process ONNX Runtime execution.
 
 Each model version gets ``instance_group.count`` sessions and as many worker threads, so that
-many batches run at once while the event loop stays free. The CUDA execution provider is used
-when it is installed and asked for (``KIND_GPU`` or ``execution_provider = "cuda"``); otherwise,
-and always on a CPU-only host, the CPU provider — never a crash.
+many batches run at once while the event loop stays free.
+
+Where a session runs (:func:`plan_providers`): ``execution_provider = "cpu"`` never uses CUDA;
+``"cuda"`` puts every model on CUDA; ``"auto"`` asks CUDA for ``KIND_GPU`` and ``KIND_AUTO``
+models (no ``instance_group`` is ``KIND_AUTO``) and the CPU for ``KIND_CPU`` ones. ONNX Runtime
+never refuses a CUDA session: it falls back to the CPU when the driver, the CUDA libraries or
+the GPU itself are missing, and ``get_available_providers()`` lists CUDA whenever
+``onnxruntime-gpu`` is installed. So every session's ``get_providers()`` is compared with what
+was asked for: on the CPU against ``"cuda"``, the load fails; against ``KIND_GPU``, an error is
+logged and ``gateway_model_cpu_fallback`` says so; against ``KIND_AUTO``, a warning. ORT's
+run-time fallback (a failing CUDA run retried on the CPU, for good) is switched off: such a
+batch fails with 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import logging
 import queue
+import re
+import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
 from gateway import context
 from gateway.backends.base import Tensors
-from gateway.errors import InvalidInput, ModelLoadError
+from gateway.errors import InvalidInput, ModelLoadError, Unavailable
 from gateway.protocol.types import numpy_dtype
 from gateway.repository.config import (
     DynamicBatching,
@@ -58,17 +74,115 @@ THREAD_PARAMETERS = {
 }
 
 
-def choose_providers(settings: Settings, config: ModelConfig) -> list[str]:
-    """CUDA first when wanted and present, CPU always as the fallback."""
-    available = ort.get_available_providers()
-    want_gpu = settings.execution_provider == "cuda" or (
-        settings.execution_provider == "auto" and config.instance_kind == "KIND_GPU"
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+# The newest onnxruntime-gpu on PyPI built for each CUDA major, and the oldest Linux driver that
+# runs that major (CUDA minor-version compatibility). 1.27 was the first built for CUDA 13, which
+# also dropped GPUs older than Turing (Maxwell, Pascal, Volta). The Dockerfile, the manifests and
+# scripts/gpu_check.sh name these pins; tests/test_deploy.py keeps them in step.
+CUDA_BUILDS: dict[int, tuple[str, str]] = {12: ("1.26.0", "525.60.13"), 13: ("1.31.1", "580.65.06")}
+_ARENA_STRATEGIES = {
+    "next_power_of_two": "kNextPowerOfTwo",
+    "same_as_requested": "kSameAsRequested",
+}
+_CONV_SEARCH = {"heuristic": "HEURISTIC", "exhaustive": "EXHAUSTIVE", "default": "DEFAULT"}
+# How ORT words a CUDA library error in a run ("CUDA failure 700: an illegal memory access ...;
+# GPU=0 ; ...") or an arena that cannot grow: the device's fault, not the request's.
+_DEVICE_FAILURE = re.compile(
+    r"\b(?:CUDA|CUBLAS|CUDNN|CUFFT|CURAND|CUSPARSE|NCCL) failure \d+|Failed to allocate memory"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderPlan:
+    """Where one model version's sessions are to run, decided before any is created.
+
+    ``device_ids``: one CUDA device per session (empty: CPU sessions only). ``need``: what a
+    session that ends up on the CPU all the same means: ``required`` (``execution_provider =
+    "cuda"``: the load fails), ``expected`` (``KIND_GPU``: an error log, ``cpu_fallback``),
+    ``optional`` (``KIND_AUTO``: a warning), ``none`` (the CPU was asked for).
+    """
+
+    device_ids: tuple[int, ...]
+    need: str
+
+    @property
+    def cuda(self) -> bool:
+        return bool(self.device_ids)
+
+
+def build_info() -> str:
+    """``onnxruntime-gpu 1.26.0 (CUDA 12.8)``: the ONNX Runtime installed, for messages."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:  # pragma: no cover - present in every release the gateway supports
+        return f"onnxruntime {ort.__version__}"
+    cuda = getattr(info, "cuda_version", "")
+    return f"{info.package_name} {ort.__version__}" + (f" (CUDA {cuda})" if cuda else "")
+
+
+def _pins() -> str:
+    return ", ".join(
+        f"onnxruntime-gpu[cuda,cudnn]=={version} for CUDA {major} (driver >= {driver})"
+        for major, (version, driver) in sorted(CUDA_BUILDS.items())
     )
-    if want_gpu and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if want_gpu:
-        log.warning("model %s asks for a GPU but CUDA is not available; using CPU", config.name)
-    return ["CPUExecutionProvider"]
+
+
+def plan_providers(
+    settings: Settings, config: ModelConfig, available: Sequence[str]
+) -> ProviderPlan:
+    """CUDA or CPU sessions for a model, from the setting, its ``instance_group`` and whether
+    this ONNX Runtime has the CUDA provider at all. Raises ``ModelLoadError`` when CUDA is
+    required and cannot even be tried. ``instance_count`` sessions go on each of the group's
+    ``gpus``, as in Triton; without ``gpus``, on ``cuda_device_id``."""
+    mode, kind = settings.execution_provider, config.instance_kind
+    if mode == "cpu" or (mode == "auto" and kind == "KIND_CPU"):
+        return ProviderPlan((), "none")
+    need = "required" if mode == "cuda" else "expected" if kind == "KIND_GPU" else "optional"
+    if CUDA not in available:
+        if need == "required":
+            raise ModelLoadError(
+                f"model '{config.name}': execution_provider is \"cuda\" but {build_info()} has no "
+                f"CUDA execution provider (it has {list(available)}); install {_pins()}"
+            )
+        return ProviderPlan((), need)
+    gpus = config.instance_gpus or (settings.cuda_device_id,)
+    return ProviderPlan(tuple(g for g in gpus for _ in range(config.instance_count)), need)
+
+
+def cuda_options(settings: Settings, device_id: int) -> dict[str, str]:
+    """The CUDA execution provider's options for one session (ORT takes them as strings)."""
+    options = {
+        "device_id": str(device_id),
+        "arena_extend_strategy": _ARENA_STRATEGIES[settings.cuda_arena_extend_strategy],
+        "cudnn_conv_algo_search": _CONV_SEARCH[settings.cudnn_conv_algo_search],
+    }
+    if settings.cuda_mem_limit_bytes:
+        options["gpu_mem_limit"] = str(settings.cuda_mem_limit_bytes)
+    return options
+
+
+def preload_cuda_libraries() -> str:
+    """Load the CUDA and cuDNN libraries that pip's ``nvidia-*`` wheels installed, so the CUDA
+    provider finds them outside the image too (where ``ldconfig`` does not know their
+    directories). ``onnxruntime.preload_dlls`` (1.21+) prints what it could not load; that text
+    is returned, for the log and for the error if CUDA then fails."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return f"{build_info()} has no preload_dlls (1.21+)"
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            preload()
+    except Exception as exc:  # a bad directory, a library that loads but fails to initialise
+        return f"{printed.getvalue()}preload_dlls failed: {exc}".strip()
+    return printed.getvalue().strip()
+
+
+def _missing_libraries(preload_note: str) -> list[str]:
+    """``libcublasLt.so.12`` ... from preload_dlls' "Failed to load <path>: ..." lines."""
+    names = re.findall(r"Failed to load (\S+?):", preload_note)
+    return sorted({Path(name).name for name in names})
 
 
 def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
@@ -190,10 +304,27 @@ def warmup_inputs(config: ModelConfig, batch: int) -> Tensors:
     return feeds
 
 
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One session: the provider it really runs on (``get_providers()[0]``) and, on CUDA, the
+    device it was asked for."""
+
+    provider: str
+    device_id: int | None = None
+
+
 class OnnxRuntimeBackend:
     """``instance_count`` ONNX Runtime sessions of one model version."""
 
-    def __init__(self, config: ModelConfig, sessions: list[Any], providers: list[str], path: str):
+    def __init__(
+        self,
+        config: ModelConfig,
+        sessions: list[Any],
+        providers: list[str],
+        path: str,
+        instances: Sequence[Instance] = (),
+        cpu_fallback: bool = False,
+    ):
         self._config = config
         self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for session in sessions:
@@ -202,6 +333,10 @@ class OnnxRuntimeBackend:
         self._providers = providers
         self._path = path
         self._count = len(sessions)
+        self._instances = tuple(instances) or tuple(Instance(providers[0]) for _ in sessions)
+        self._cpu_fallback = cpu_fallback
+        self._on_gpu = any(i.provider == CUDA for i in self._instances)
+        self._device_failures = 0
 
     @property
     def config(self) -> ModelConfig:
@@ -233,6 +368,8 @@ class OnnxRuntimeBackend:
         try:
             result, seconds = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
         except Exception as exc:  # ORT raises its own exception types
+            if isinstance(exc, EPFail) or (self._on_gpu and _DEVICE_FAILURE.search(str(exc))):
+                raise self._device_failed(exc) from None
             if type(exc).__module__.startswith("onnxruntime"):
                 raise InvalidInput(
                     f"model '{self._config.name}' rejected the input: {exc}"
@@ -241,20 +378,68 @@ class OnnxRuntimeBackend:
         context.compute_s.set(seconds)
         return result
 
+    def _device_failed(self, exc: Exception) -> Unavailable:
+        """A run the execution provider failed (fallback is off): the server's fault (503),
+        logged at error level, the 1st time and every 1000th after."""
+        self._device_failures += 1
+        if self._device_failures % 1000 == 1:
+            log.error(
+                "model %s: execution provider failure (%d so far): %s",
+                self._config.name,
+                self._device_failures,
+                exc,
+            )
+        return Unavailable(f"model '{self._config.name}': the execution provider failed: {exc}")
+
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
 
     def describe(self) -> dict[str, Any]:
         # The file as the repository names it (``1/model.onnx``), not where it lies on disk.
         model_file = "/".join(Path(self._path).parts[-2:])
-        return {"backend": "onnxruntime", "providers": self._providers, "model_file": model_file}
+        facts: dict[str, Any] = {
+            "backend": "onnxruntime",
+            "providers": self._providers,
+            "model_file": model_file,
+            # Sessions per provider they really run on: gateway_model_execution_provider.
+            "instance_providers": dict(Counter(i.provider for i in self._instances)),
+            # A GPU was asked for (cuda, KIND_GPU) and some session runs on the CPU.
+            "cpu_fallback": self._cpu_fallback,
+        }
+        devices = sorted({i.device_id for i in self._instances if i.device_id is not None})
+        if devices:
+            facts["cuda_device_ids"] = devices
+        return facts
 
 
 class OnnxRuntimeFactory:
     """Loads model versions into in-process ONNX Runtime sessions."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        available_providers: Callable[[], Sequence[str]] = ort.get_available_providers,
+        new_session: Callable[..., Any] = ort.InferenceSession,
+        preload: Callable[[], str] = preload_cuda_libraries,
+    ) -> None:
+        """The ONNX Runtime seams are parameters so tests can stand in for a CUDA build on a
+        machine without one: what the build offers, how a session is made, the CUDA
+        library preload (run once, before the first CUDA session)."""
         self._settings = settings
+        self._available = available_providers
+        self._new_session = new_session
+        self._preload = preload
+        self._preload_lock = threading.Lock()
+        self._preload_note: str | None = None
+
+    def _preloaded(self) -> str:
+        with self._preload_lock:
+            if self._preload_note is None:
+                self._preload_note = self._preload()
+                if self._preload_note:
+                    log.info("CUDA library preload: %s", self._preload_note)
+            return self._preload_note
 
     def session_options(self, config: ModelConfig) -> Any:
         """The gateway's thread settings, then the model's own: Triton's onnxruntime-backend
@@ -295,23 +480,40 @@ class OnnxRuntimeFactory:
 
     def _load_sync(self, source: ModelSource, version: int) -> OnnxRuntimeBackend:
         path = source.version_paths[version]
-        providers = choose_providers(self._settings, source.config)
+        plan = plan_providers(self._settings, source.config, self._available())
+        note = self._preloaded() if plan.cuda else ""
+        wanted: list[int | None] = list(plan.device_ids) or [None] * source.config.instance_count
         sessions = []
         try:
-            for _ in range(source.config.instance_count):
-                sessions.append(
-                    ort.InferenceSession(
-                        str(path), self.session_options(source.config), providers=providers
-                    )
+            for device_id in wanted:
+                providers: list[Any] = [CPU]
+                if device_id is not None:
+                    providers = [(CUDA, cuda_options(self._settings, device_id)), CPU]
+                session = self._new_session(
+                    str(path), self.session_options(source.config), providers=providers
                 )
+                # ORT retries a run whose provider failed on the CPU, and keeps the session on
+                # the CPU from then on: a GPU that fails would turn into a slow success.
+                session.disable_fallback()
+                sessions.append(session)
         except Exception as exc:
             raise _load_error(source, version, exc) from None
-        providers = sessions[0].get_providers()
+        instances = []
+        for session, device_id in zip(sessions, wanted, strict=True):
+            provider = session.get_providers()[0]
+            instances.append(Instance(provider, device_id if provider == CUDA else None))
+        cpu_fallback = self._check_placement(source, version, plan, instances, note)
         config = complete_config(source.config, sessions[0], self._settings.default_max_batch_size)
-        backend = OnnxRuntimeBackend(config, sessions, providers, str(path))
+        backend = OnnxRuntimeBackend(
+            config, sessions, sessions[0].get_providers(), str(path), instances, cpu_fallback
+        )
         if self._settings.warmup:
             outputs = [t.name for t in config.outputs]
             sizes = {1, config.max_batch_size} if config.batched else {1}
+            if plan.cuda and config.batched and config.dynamic_batching is not None:
+                # CUDA picks kernels (cuDNN's convolution search) per input shape, at its first
+                # run: pay that now for the batch sizes the batcher aims at.
+                sizes |= set(config.dynamic_batching.preferred_batch_sizes)
             for size in sorted(sizes):
                 for _ in range(len(sessions)):
                     try:
@@ -321,6 +523,56 @@ class OnnxRuntimeFactory:
                             f"model '{source.name}' version {version}: warm-up failed: {exc}"
                         ) from None
         return backend
+
+    def _check_placement(
+        self,
+        source: ModelSource,
+        version: int,
+        plan: ProviderPlan,
+        instances: Sequence[Instance],
+        preload_note: str,
+    ) -> bool:
+        """Compare where the sessions run with the plan; True when a GPU was asked for (cuda
+        or KIND_GPU) and some session runs on the CPU. Raises ``ModelLoadError`` for cuda."""
+        where = f"model '{source.name}' version {version}"
+        if plan.need == "none":
+            return False
+        on_cpu = [i for i, instance in enumerate(instances) if instance.provider != CUDA]
+        if not on_cpu:
+            log.info(
+                "%s runs on CUDA devices %s",
+                where,
+                sorted({i.device_id for i in instances if i.device_id is not None}),
+            )
+            return False
+        if not plan.cuda:  # this ONNX Runtime has no CUDA provider (the CPU package)
+            if plan.need == "expected":
+                log.error(
+                    "%s: instance_group asks for KIND_GPU but %s has no CUDA execution "
+                    "provider; running on the CPU (install %s)",
+                    where,
+                    build_info(),
+                    _pins(),
+                )
+            return plan.need == "expected"
+        devices = sorted({plan.device_ids[i] for i in on_cpu})
+        missing = _missing_libraries(preload_note)
+        why = (
+            f"{build_info()} could not use CUDA device(s) {devices} and ONNX Runtime fell back to "
+            f"the CPU ({len(on_cpu)} of {len(instances)} sessions); ONNX Runtime's own log says "
+            "why. Usual causes: no GPU visible to the process (nvidia-smi, "
+            "NVIDIA_VISIBLE_DEVICES, the nvidia.com/gpu request), a driver too old for the "
+            "CUDA major the package was built for, missing CUDA/cuDNN libraries"
+            + (f" (not found: {', '.join(missing)})" if missing else "")
+            + f". Builds: {_pins()}"
+        )
+        if plan.need == "required":
+            raise ModelLoadError(f'{where}: execution_provider is "cuda" but {why}')
+        if plan.need == "expected":
+            log.error("%s: instance_group asks for KIND_GPU but %s", where, why)
+            return True
+        log.warning("%s (KIND_AUTO) runs on the CPU: %s", where, why)
+        return False
 
     async def load(self, source: ModelSource, version: int) -> OnnxRuntimeBackend:
         return await asyncio.to_thread(self._load_sync, source, version)

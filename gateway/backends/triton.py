@@ -132,6 +132,8 @@ def triton_config(
     for a fuller batch, so Triton gets no delay of its own: it runs what is queued at once.
     Waiting in both places paid the delay twice, on batches that Triton could not fill anyway
     (the gateway holds the rest back), and cost ``mlp`` ~5 ms at p50 (``bench/README.md``).
+
+    The instance group follows the host's ``device``: see :func:`instance_group_for`.
     """
     cfg = config.to_dict()
     batcher = cfg.get("dynamic_batching")
@@ -139,11 +141,39 @@ def triton_config(
         batcher.pop("max_queue_delay_microseconds", None)
     cfg["platform"], cfg["backend"] = "onnxruntime_onnx", "onnxruntime"
     cfg["version_policy"] = {"specific": {"versions": sorted(versions)}}
-    if device != "gpu":  # a CPU host refuses KIND_GPU instances
-        cfg["instance_group"] = [{**g, "kind": "KIND_CPU"} for g in cfg["instance_group"]]
+    cfg["instance_group"] = [instance_group_for(config, device, backend)]
     if not cfg.get("parameters"):
         cfg.pop("parameters", None)
     return python_backend_config(cfg) if backend == "python" else cfg
+
+
+def instance_group_for(config: ModelConfig, device: str, backend: str) -> dict[str, Any]:
+    """The instance group a model gets on a host of this ``device``.
+
+    On a ``gpu`` host, ``KIND_AUTO`` (and no ``instance_group``) become ``KIND_GPU``, and the
+    group's ``gpus`` go along, so the model runs on that host's GPU(s) or fails to load there,
+    never quietly on its CPU (Triton itself would fall back to CPU instances for ``KIND_AUTO``
+    when it sees no GPU). ``KIND_CPU`` stays: a model may ask for the CPU anywhere. On a ``cpu``
+    host every group is ``KIND_CPU`` without ``gpus``: Triton refuses ``KIND_GPU`` there.
+
+    The ``python`` strategy runs ONNX Runtime's CPU provider inside Triton's python backend
+    (``triton_python_model``), so it gets ``KIND_CPU`` everywhere: GPU instances would only
+    pretend, and the host's GPU is then unused (logged as a warning).
+    """
+    group = config.instance_group()
+    if device == "gpu" and backend != "python":
+        if group["kind"] == "KIND_AUTO":
+            group["kind"] = "KIND_GPU"
+        return group
+    if device == "gpu" and config.instance_kind != "KIND_CPU":
+        log.warning(
+            'model %s goes to a device = "gpu" Triton host through the python backend, which '
+            "runs ONNX Runtime on that host's CPU",
+            config.name,
+        )
+    group.pop("gpus", None)
+    group["kind"] = "KIND_CPU"
+    return group
 
 
 class _Transport:
@@ -625,8 +655,18 @@ class TritonHost:
         return GatewayError(message)
 
 
+# Why a host runs the python strategy is Triton's own words about its build, no address.
 _PUBLIC_HOST_FACTS = frozenset(
-    {"name", "kind", "protocol", "device", "state", "strategy", "batching"}
+    {
+        "name",
+        "kind",
+        "protocol",
+        "device",
+        "state",
+        "strategy",
+        "batching",
+        "onnxruntime_backend_error",
+    }
 )
 
 

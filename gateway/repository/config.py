@@ -89,7 +89,11 @@ class ModelConfig:
     outputs: tuple[TensorConfig, ...] = ()
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     instance_count: int = 1
-    instance_kind: str = "KIND_CPU"
+    # KIND_AUTO (also what no instance_group means, as in Triton): the GPU where one is usable,
+    # else the CPU; KIND_GPU / KIND_CPU: that device. ``instance_gpus``: the GPU device ids an
+    # instance group names; Triton starts ``instance_count`` instances on each of them.
+    instance_kind: str = "KIND_AUTO"
+    instance_gpus: tuple[int, ...] = ()
     dynamic_batching: DynamicBatching | None = None
     default_model_filename: str = DEFAULT_MODEL_FILENAME
     parameters: tuple[tuple[str, str], ...] = ()
@@ -113,6 +117,13 @@ class ModelConfig:
 
     def with_changes(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
+
+    def instance_group(self) -> dict[str, Any]:
+        """The one ``instance_group`` entry in Triton's JSON form."""
+        group: dict[str, Any] = {"count": self.instance_count, "kind": self.instance_kind}
+        if self.instance_gpus:
+            group["gpus"] = list(self.instance_gpus)
+        return group
 
     def to_dict(self) -> dict[str, Any]:
         """Triton's JSON form of the config (``GET .../config``, repository-API loads)."""
@@ -144,7 +155,7 @@ class ModelConfig:
             "max_batch_size": self.max_batch_size,
             "input": [tensor(t) for t in self.inputs],
             "output": [tensor(t) for t in self.outputs],
-            "instance_group": [{"count": self.instance_count, "kind": self.instance_kind}],
+            "instance_group": [self.instance_group()],
             "default_model_filename": self.default_model_filename,
             "parameters": {k: {"string_value": v} for k, v in self.parameters},
         }
@@ -222,7 +233,10 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
             raise _bad(source, "'version_policy.specific.versions' must list versions >= 1")
         policy = VersionPolicy("specific", versions=versions)
 
-    count, kind_name = 1, "KIND_CPU"
+    # KIND_AUTO stays KIND_AUTO: only where the model runs can tell (Triton resolves it per
+    # server: GPU if it has the listed GPUs, else CPU), so a GPU host gets GPU instances.
+    count, kind_name = 1, "KIND_AUTO"
+    gpus: tuple[int, ...] = ()
     if len(pb.instance_group) > 1:
         raise _bad(source, "only one 'instance_group' entry is supported")
     for group in pb.instance_group:
@@ -230,10 +244,13 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
         if count < 1 or count > 64:
             raise _bad(source, f"'instance_group.count' must be 1..64, got {count}")
         kind_name = mc.ModelInstanceGroup.Kind.Name(group.kind)
-        if kind_name == "KIND_AUTO":
-            kind_name = "KIND_CPU"
-        if kind_name not in ("KIND_CPU", "KIND_GPU"):
+        if kind_name not in ("KIND_AUTO", "KIND_CPU", "KIND_GPU"):
             raise _bad(source, f"'instance_group.kind' {kind_name} is not supported")
+        gpus = tuple(int(g) for g in group.gpus)
+        if any(g < 0 or g > 1023 for g in gpus) or len(set(gpus)) != len(gpus):
+            raise _bad(source, f"'instance_group.gpus' {list(gpus)} must be distinct ids 0..1023")
+        if gpus and kind_name == "KIND_CPU":
+            raise _bad(source, "'instance_group.gpus' is set but 'kind' is KIND_CPU")
 
     batching = None
     if pb.HasField("dynamic_batching"):
@@ -271,6 +288,7 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
         version_policy=policy,
         instance_count=count,
         instance_kind=kind_name,
+        instance_gpus=gpus,
         dynamic_batching=batching,
         default_model_filename=filename,
         parameters=params,
