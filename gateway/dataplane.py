@@ -1,7 +1,10 @@
-"""Where the parts meet: the one data plane behind every front end (REST now, gRPC later).
+"""Where the parts meet: the one data plane behind every front end (REST, the raw HTTP path,
+gRPC, streaming).
 
-It owns the set of loaded model versions, validates requests against each model's config,
-feeds the per-version batchers and keeps statistics. It knows nothing of HTTP.
+It owns the set of loaded model versions, loading on first use (an edge's pulls), readiness,
+deadlines and admission to the per-version batchers, and keeps statistics. Inference has one way
+in, ``submit``: front ends only decode requests and encode what its ``Pending`` ends with. It
+knows nothing of HTTP or gRPC.
 """
 
 from __future__ import annotations
@@ -18,11 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
 from gateway import __version__, context
 from gateway.backends.base import Backend, BackendFactory, Tensors
-from gateway.batching import Batcher, BatchPolicy, Queued
+from gateway.batching import Batcher, BatchPolicy
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -30,11 +31,11 @@ from gateway.errors import (
     ModelLoadError,
     ModelNotFound,
     ModelNotReady,
-    QueueFull,
     Unavailable,
 )
 from gateway.metrics import Metrics
-from gateway.protocol.types import InferRequest, InferResponse, datatype_of
+from gateway.pending import Pending
+from gateway.protocol.types import InferRequest, InferResponse
 from gateway.repository.config import ModelConfig, parse_json
 from gateway.repository.local import (
     LocalRepository,
@@ -64,15 +65,6 @@ class LoadedVersion:
 
 
 @dataclass(slots=True)
-class Started:
-    """A request ``DataPlane.infer_nowait`` queued: where, and since when."""
-
-    version: LoadedVersion
-    queued: Queued
-    started_ns: int
-
-
-@dataclass(slots=True)
 class ModelEntry:
     """What the gateway knows of one model name, loaded or not."""
 
@@ -99,17 +91,6 @@ class Forwarder(Protocol):
         outputs: Sequence[str],
         timeout_s: float | None,
     ) -> tuple[str, int, Tensors] | None: ...
-
-
-def failure_reason(exc: GatewayError) -> str:
-    """Triton's ``reason`` label of ``nv_inference_request_failure``."""
-    if isinstance(exc, QueueFull):
-        return "REJECTED"
-    if isinstance(exc, DeadlineExceeded):
-        return "CANCELED"
-    if isinstance(exc, InvalidInput):
-        return "BACKEND"  # Triton counts input the model rejects as a backend failure
-    return "OTHER"
 
 
 def _capacity_of(backend: Backend) -> Callable[[], int]:
@@ -184,17 +165,8 @@ def _message(exc: BaseException) -> str:
     return f"internal error ({type(exc).__name__})"
 
 
-def _shape_error(name: str, cfg: ModelConfig, shape: tuple[int, ...]) -> str:
-    spec = cfg.input(name)
-    expected = ([-1] if cfg.batched else []) + list(spec.dims if spec else ())
-    return (
-        f"unexpected shape for input '{name}' for model '{cfg.name}'. "
-        f"Expected {expected}, got {list(shape)}"
-    )
-
-
 class DataPlane:
-    """ready / metadata / config / infer / load / unload / index / stats."""
+    """ready / metadata / config / submit (inference) / load / unload / index / stats."""
 
     def __init__(
         self,
@@ -202,7 +174,10 @@ class DataPlane:
         repository: LocalRepository,
         factory: BackendFactory,
         clock: Callable[[], float] = time.monotonic,
+        forwarder: Forwarder | None = None,
     ) -> None:
+        """``clock`` (monotonic seconds) times deadlines and batching; ``forwarder`` serves
+        requests while their model is fetched on first use."""
         self.settings = settings
         self.repository = repository
         self.factory = factory
@@ -211,9 +186,9 @@ class DataPlane:
         self.metrics = Metrics(self)
         self.started = False
         self.draining = False
-        self._pending: dict[str, asyncio.Future[None]] = {}  # loads started by a request
+        self._loads: dict[str, asyncio.Future[None]] = {}  # loads started by a request
         self._reloads: set[asyncio.Future[None]] = set()  # loads started by the repository
-        self.forwarder: Forwarder | None = None  # serves requests while a model is fetched
+        self.forwarder = forwarder
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -268,7 +243,7 @@ class DataPlane:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         return entry
 
-    def resolve(self, name: str, version: str | None = None) -> LoadedVersion:
+    def _resolve(self, name: str, version: str | None = None) -> LoadedVersion:
         """The loaded version to serve (the newest when none is named)."""
         entry = self._entry(name)
         if self.draining:
@@ -290,7 +265,7 @@ class DataPlane:
     def model_ready(self, name: str, version: str | None = None) -> bool:
         """Loaded, and (for remote backends that can tell) servable somewhere right now."""
         try:
-            lv = self.resolve(name, version)
+            lv = self._resolve(name, version)
         except GatewayError:
             return False
         ready = getattr(lv.backend, "ready", None)
@@ -305,15 +280,15 @@ class DataPlane:
         return not self.draining and self.repository.on_demand(check_model_name(name))
 
     def _load_soon(self, name: str) -> asyncio.Future[None]:
-        future = self._pending.get(name)
+        future = self._loads.get(name)
         if future is None:
             future = asyncio.ensure_future(self.load(name))
-            self._pending[name] = future
+            self._loads[name] = future
             future.add_done_callback(lambda f: self._load_done(name, f))
         return future
 
     def _load_done(self, name: str, future: asyncio.Future[None]) -> None:
-        self._pending.pop(name, None)
+        self._loads.pop(name, None)
         if not future.cancelled():
             future.exception()  # retrieved: every waiter may have given up (load() forgot
             # a name the repository does not know, so a name asked for in vain leaves nothing)
@@ -328,38 +303,8 @@ class DataPlane:
         self._reloads.add(future)
         future.add_done_callback(self._reloads.discard)
 
-    def prepare(self, name: str, version: str | None = None) -> LoadedVersion | None:
-        """``resolve`` as an early check (before a body is read), except that a model the
-        repository fetches on first use starts loading here instead of failing (None)."""
-        if name in self._pending or self._wants_load(name):
-            self._load_soon(name)
-            return None
-        return self.resolve(name, version)
-
-    async def ensure(
-        self, name: str, version: str | None = None, timeout_us: int | None = None
-    ) -> LoadedVersion:
-        """``resolve``, first waiting (within the request's timeout) for a first-use load:
-        concurrent cold requests share one load, so one download."""
-        if name in self._pending or self._wants_load(name):
-            future = self._load_soon(name)
-            try:
-                async with asyncio.timeout(timeout_us / 1e6 if timeout_us else None):
-                    await asyncio.shield(future)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"model '{name}' is still being fetched; the request timeout expired"
-                ) from None
-            except ModelLoadError:
-                if name not in self.models and name not in self.repository.model_names():
-                    raise ModelNotFound(
-                        f"Request for unknown model: '{name}' is not found"
-                    ) from None
-                raise
-        return self.resolve(name, version)
-
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        lv = self.resolve(name, version)
+        lv = self._resolve(name, version)
         cfg = lv.config
         prefix = [-1] if cfg.batched else []
 
@@ -380,12 +325,12 @@ class DataPlane:
         }
 
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
-        return self.resolve(name, version).config.to_dict()
+        return self._resolve(name, version).config.to_dict()
 
     def model_stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
         if name:
             if version:
-                return {"model_stats": [self.resolve(name, version).stats.to_dict()]}
+                return {"model_stats": [self._resolve(name, version).stats.to_dict()]}
             entry = self._entry(name)
             chosen = [entry.versions[v] for v in sorted(entry.versions)]
         else:
@@ -421,178 +366,127 @@ class DataPlane:
                 index.append({"name": name, "state": entry.state, "reason": reason})
         return index
 
-    # -- inference --------------------------------------------------------------------------
+    # -- inference: the one way in ------------------------------------------------------------
 
-    def _prepare(self, lv: LoadedVersion, request: InferRequest) -> tuple[Tensors, int]:
-        cfg = lv.config
-        rows = 1
-        prepared: Tensors = {}
-        for name, array in request.inputs.items():
-            spec = cfg.input(name)
-            if spec is None:
-                raise InvalidInput(f"unexpected inference input '{name}' for model '{cfg.name}'")
-            datatype = datatype_of(array)
-            if datatype != spec.datatype:
-                raise InvalidInput(
-                    f"inference input '{name}' data-type is '{datatype}', but model "
-                    f"'{cfg.name}' expects '{spec.datatype}'"
-                )
-            shape = array.shape
-            dims = shape[1:] if cfg.batched else shape
-            if len(dims) != len(spec.dims) or (cfg.batched and not shape):
-                raise InvalidInput(_shape_error(name, cfg, shape))
-            if cfg.batched:
-                if shape[0] < 1:  # () was refused above
-                    raise InvalidInput(
-                        f"input '{name}': shape {list(shape)} needs a batch dimension >= 1"
-                    )
-                if shape[0] > cfg.max_batch_size:
-                    raise InvalidInput(
-                        f"inference request batch-size must be <= {cfg.max_batch_size} for "
-                        f"'{cfg.name}', got {shape[0]}"
-                    )
-                if prepared and shape[0] != rows:
-                    raise InvalidInput(
-                        f"input '{name}': batch size {shape[0]} differs from other inputs' {rows}"
-                    )
-                rows = shape[0]
-            if dims != spec.dims and any(
-                want != -1 and got != want for got, want in zip(dims, spec.dims, strict=True)
-            ):
-                raise InvalidInput(_shape_error(name, cfg, shape))
-            if spec.reshape is not None:
-                lead = (rows,) if cfg.batched else ()
-                try:
-                    array = array.reshape(lead + spec.reshape)
-                except ValueError:
-                    raise InvalidInput(
-                        f"input '{name}' cannot be reshaped to {list(spec.reshape)}"
-                    ) from None
-            prepared[name] = array
-        missing = [t.name for t in cfg.inputs if t.name not in prepared and not t.optional]
-        if missing:
-            raise InvalidInput(
-                f"expected {len(cfg.inputs)} inputs but got {len(prepared)} inputs for model "
-                f"'{cfg.name}'; missing: {', '.join(missing)}"
-            )
-        if request.outputs:
-            for out in request.outputs:
-                if cfg.output(out.name) is None:
-                    raise InvalidInput(
-                        f"unexpected inference output '{out.name}' for model '{cfg.name}'"
-                    )
-        return prepared, rows
+    def submit(
+        self,
+        name: str,
+        version: str | None,
+        request: InferRequest | Callable[[], InferRequest],
+        request_id: str | None = None,
+    ) -> Pending:
+        """Run one inference request: the only way in for every front end.
+
+        ``request`` is the decoded request, or a function that decodes it: called once the
+        model is known, so an unknown model is a 404 before its body is parsed, whatever the
+        front end. Everything else happens here, in this order: the model is resolved (or, for
+        one the repository fetches on first use, loaded, concurrent requests sharing one load,
+        and meanwhile forwarded if a forwarder is set), the request's deadline is fixed once
+        (from its ``timeout`` parameter, on ``clock``), the request is checked against the
+        model's config and queued for its batch (``QueueFull`` when the queue is at its bound).
+
+        The returned :class:`Pending` may be done already (an error found on the spot). A
+        request to a loaded model never needs a task: the batch's end, or a timer for its
+        deadline, ends it. Only a request that must wait for a load first runs in one."""
+        pending = Pending(name)
+        try:
+            cold = name in self._loads or self._wants_load(name)
+            lv = None if cold else self._resolve(name, version)  # 404 / 503 before decoding
+            decoded = request if isinstance(request, InferRequest) else request()
+            pending.request = decoded
+            timeout_us = decoded.timeout_us
+            deadline_s = self.clock() + timeout_us / 1e6 if timeout_us else None
+            if lv is None:
+                pending.start_task(self._serve_cold(pending, version, deadline_s, request_id))
+            else:
+                pending.enqueue(lv, deadline_s, request_id)
+        except Exception as exc:
+            pending.settle(error=exc)
+        return pending
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        """Validate, batch, execute, and cut this request's rows back out."""
-        timeout_us = request.timeout_us
-        if self.forwarder is not None and (name in self._pending or self._wants_load(name)):
-            started = self.clock()
-            forwarded = await self._forward(self.forwarder, name, version, request)
-            if forwarded is not None:
-                return forwarded
-            if timeout_us:  # every target failed: wait for the local load in what is left
-                spent_us = int((self.clock() - started) * 1e6)
-                if spent_us >= timeout_us:
-                    raise DeadlineExceeded(
-                        f"model '{name}' is still being fetched; the request timeout expired"
-                    )
-                timeout_us -= spent_us
-        if name in self._pending or self._wants_load(name):
-            lv = await self.ensure(name, version, timeout_us)
-        else:  # loaded (or failed): no wait
-            lv = self.resolve(name, version)
-        started = time.perf_counter_ns()
+        """``await submit(...)``, for in-process callers that want a coroutine."""
+        return await self.submit(name, version, request)
+
+    async def _serve_cold(
+        self,
+        pending: Pending,
+        version: str | None,
+        deadline_s: float | None,
+        request_id: str | None,
+    ) -> None:
+        """``submit`` for a model that loads on first use: forwarded while it is fetched (if a
+        forwarder is set and a target answers), else queued here once loaded."""
+        name = pending.name
+        if request_id is not None:
+            context.request_id.set(request_id)  # this task's own context
         try:
-            inputs, rows = self._prepare(lv, request)
-            timeout_us = request.timeout_us
-            deadline_s = self.clock() + timeout_us / 1e6 if timeout_us else None
-            outputs = await lv.batcher.submit(inputs, rows, deadline_s)
-        except GatewayError as exc:
-            lv.stats.record_request(False, time.perf_counter_ns() - started, failure_reason(exc))
+            if self.forwarder is not None and not self.draining:
+                if await self._forward(self.forwarder, pending, version, deadline_s):
+                    return
+            lv = await self._loaded(name, version, deadline_s)
+            pending.enqueue(lv, deadline_s, request_id)
+        except Exception as exc:
+            pending.settle(error=exc)
+        except asyncio.CancelledError:  # by ``pending.cancel`` (then a no-op), or the loop's end
+            pending.settle(error=Unavailable("server is shutting down", retry_after_s=1.0))
             raise
-        lv.stats.record_request(True, time.perf_counter_ns() - started)
-        return self._response(name, lv, request, outputs)
 
-    def infer_nowait(
-        self, lv: LoadedVersion, request: InferRequest, request_id: str | None
-    ) -> Started | None:
-        """The start of ``infer`` without a task, for a request to a version ``prepare`` found
-        loaded and with no deadline: validated and queued, or None (use ``infer``). Raises what
-        ``infer`` raises before the batch. ``infer_result`` ends it once ``queued.future`` is
-        done; cancelling that future withdraws it."""
-        if request.timeout_us or lv.batcher.policy.default_timeout_s:
-            return None
-        started = time.perf_counter_ns()
-        try:
-            inputs, rows = self._prepare(lv, request)
-            queued = lv.batcher.enqueue(inputs, rows, None, request_id)
-        except GatewayError as exc:
-            lv.stats.record_request(False, time.perf_counter_ns() - started, failure_reason(exc))
-            raise
-        return Started(lv, queued, started)
-
-    def infer_result(self, name: str, started: Started, request: InferRequest) -> InferResponse:
-        """The response to an ``infer_nowait`` request whose future is done (not cancelled), or
-        the error its batch failed with, raised."""
-        lv = started.version
-        future = started.queued.future
-        spent_ns = time.perf_counter_ns() - started.started_ns
-        exc = future.exception()
-        if exc is not None:
-            if isinstance(exc, GatewayError):
-                lv.stats.record_request(False, spent_ns, failure_reason(exc))
-            raise exc
-        lv.stats.record_request(True, spent_ns)
-        return self._response(name, lv, request, future.result())
-
-    @staticmethod
-    def _response(
-        name: str, lv: LoadedVersion, request: InferRequest, outputs: Tensors
-    ) -> InferResponse:
-        """The outputs asked for (all by default), reshaped as the config says."""
-        wanted = [o.name for o in request.outputs] if request.outputs else list(outputs)
-        result: dict[str, np.ndarray[Any, Any]] = {}
-        for out_name in wanted:
-            array = outputs[out_name]
-            spec = lv.config.output(out_name)
-            if spec is not None and spec.reshape is not None:
-                lead = (array.shape[0],) if lv.config.batched else ()
-                array = array.reshape(lead + tuple(spec.dims))
-            result[out_name] = array
-        return InferResponse(
-            model_name=name, model_version=str(lv.version), outputs=result, id=request.id
-        )
+    async def _loaded(
+        self, name: str, version: str | None, deadline_s: float | None
+    ) -> LoadedVersion:
+        """The version to serve once a first-use load is over, waited for until the deadline:
+        concurrent cold requests share one load, so one download."""
+        if name in self._loads or self._wants_load(name):
+            future = self._load_soon(name)
+            left_s = None if deadline_s is None else max(0.0, deadline_s - self.clock())
+            try:
+                async with asyncio.timeout(left_s):
+                    await asyncio.shield(future)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"model '{name}' is still being fetched; the request timeout expired"
+                ) from None
+            except ModelLoadError:
+                if name not in self.models and name not in self.repository.model_names():
+                    raise ModelNotFound(
+                        f"Request for unknown model: '{name}' is not found"
+                    ) from None
+                raise
+        return self._resolve(name, version)
 
     async def _forward(
-        self, forwarder: Forwarder, name: str, version: str | None, request: InferRequest
-    ) -> InferResponse | None:
-        """Run ``request`` on another host while ``name`` loads here on first use."""
-        if self.draining:
-            return None
+        self,
+        forwarder: Forwarder,
+        pending: Pending,
+        version: str | None,
+        deadline_s: float | None,
+    ) -> bool:
+        """Run ``pending`` on another host while its model loads here on first use; False when
+        no target ran it (the caller then waits for the local load, within the deadline)."""
+        name, request = pending.name, pending.request
+        assert request is not None
         self._load_soon(name)  # the fetch goes on meanwhile
-        started = time.perf_counter_ns()
-        timeout_us = request.timeout_us
+        forward_started_ns = time.perf_counter_ns()
+        left_s = None if deadline_s is None else deadline_s - self.clock()
         wanted = [o.name for o in request.outputs] if request.outputs else []
-        result = await forwarder.infer(
-            name, version, request.inputs, wanted, timeout_us / 1e6 if timeout_us else None
-        )
+        result = await forwarder.infer(name, version, request.inputs, wanted, left_s)
         if result is None:
-            return None
+            return False
         target, served, outputs = result
         missing = [n for n in wanted if n not in outputs]
         if missing:
             raise Unavailable(f"host {target} did not return output(s) {', '.join(missing)}")
         rows = next(iter(request.inputs.values())).shape[:1] if request.inputs else ()
-        context.execution.set(
-            context.Execution(
-                int(rows[0]) if rows else 1, 0, time.perf_counter_ns() - started, target
-            )
+        execution = context.Execution(
+            int(rows[0]) if rows else 1, 0, time.perf_counter_ns() - forward_started_ns, target
         )
         chosen = {n: outputs[n] for n in wanted} if wanted else outputs
-        return InferResponse(
+        response = InferResponse(
             model_name=name, model_version=str(served), outputs=chosen, id=request.id
         )
+        pending.settle(response, execution=execution)
+        return True
 
     # -- repository -------------------------------------------------------------------------
 

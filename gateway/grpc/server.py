@@ -1,8 +1,9 @@
 """``inference.GRPCInferenceService`` over :class:`gateway.dataplane.DataPlane`, with ``grpc.aio``.
 
 Each RPC only translates messages (tritonclient's generated ``service_pb2``) to and from the
-data plane's calls, the same calls the REST endpoints make on the same instance, so gRPC and REST
-requests for one model share its batcher. Errors become gRPC statuses through
+data plane's calls, the same calls the REST endpoints make on the same instance (for inference,
+``DataPlane.submit``: a model an edge has not pulled yet is pulled, as over REST), so gRPC and
+REST requests for one model share its batcher. Errors become gRPC statuses through
 :mod:`gateway.grpc.errors`; in ``ModelStreamInfer`` they go in ``error_message`` and the stream
 goes on. Stream requests run concurrently, so their responses may come back out of order (match
 them by ``id``), as with Triton; at most ``stream_max_inflight`` of them are held at once, read
@@ -129,10 +130,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     # -- inference --------------------------------------------------------------------------
 
     async def _infer(self, request: Any) -> Any:
+        """The one call into the data plane (decoding there, once the model is known: an
+        unknown model is NOT_FOUND whatever the message), then the answer encoded."""
+        decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
-        self.dataplane.resolve(request.model_name, version)  # NOT_FOUND before decoding
-        decoded = decode_infer_request(request)
-        result = await self.dataplane.infer(request.model_name, version, decoded)
+        result = await self.dataplane.submit(request.model_name, version, decode)
         return encode_infer_response(result, raw=bool(request.raw_input_contents))
 
     @_unary

@@ -8,9 +8,10 @@ starlette app. The same guards apply: the admin-port and credential checks that 
 routes are handed in and asked first.
 
 It also answers for the connection layer (``answer_raw``, see ``gateway.server.connections``)
-when no guards apply: there a request is decoded and queued for its batch as it is read, and the
-batch's end writes the answer, with no task, scope or ASGI message in between. Both ways give
-the same answers: the head is read (``_Call``) and replies are built (``_reply``) in one place.
+when no guards apply: there a request is handed to the data plane as it is read, and its end
+writes the answer, with no task, scope or ASGI message in between. Both ways make the same one
+call (``DataPlane.submit``) and give the same answers: the head is read (``_Call``), the end of
+a request turned into a reply or a 499 (``_answer``) and replies built (``_reply``) in one place.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import context
-from gateway.dataplane import DataPlane, Started
+from gateway.dataplane import DataPlane
 from gateway.errors import ClientTimeout, GatewayError, InvalidInput, PayloadTooLarge
 from gateway.logs import log_inference
+from gateway.pending import Pending
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.protocol.types import InferRequest, InferResponse
 from gateway.server.auth import Guard
@@ -41,6 +43,8 @@ INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 log = logging.getLogger(__name__)
 _JSON = b"application/json"
 _BINARY = b"application/octet-stream"
+
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 
 async def read_body(
@@ -163,12 +167,32 @@ class HotPath:
     async def infer(
         self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
     ) -> None:
-        status, headers, body = await self._answer(
-            name, version, scope["headers"], scope.get(HOOKS), receive
-        )
-        if body is not None:
+        hooks: Hooks | None = scope.get(HOOKS)
+        call = _Call(scope["headers"], name, version)
+        context.request_id.set(call.rid)
+        answer: Answer | None
+        try:
+            # With hooks, the connection keeps the body's deadline.
+            timeout_s = None if hooks is not None else self.body_timeout_s
+            call.body = await read_body(receive, call.declared, self.limit, timeout_s)
+        except Exception as exc:
+            answer = self._reply(call, exc)
+        else:
+            pending = self.dataplane.submit(name, version, call, call.rid)
+            if not pending.done():
+                watch = DisconnectWatch(receive, hooks)
+                try:
+                    await pending.wait()
+                except asyncio.CancelledError:
+                    if not watch.absorb():  # not the client leaving: the server's own
+                        raise
+                finally:
+                    watch.close()
+            answer = self._answer(call, pending)
+        if answer is not None:
+            status, headers, payload = answer
             await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await send({"type": "http.response.body", "body": payload})
 
     def raw_route(self, path: str, length: int) -> tuple[str, str | None] | None:
         """For the connection layer (``RawHandler``): an inference ``POST`` it may answer
@@ -179,121 +203,38 @@ class HotPath:
         match = INFER_PATH.fullmatch(path)
         return None if match is None else (match[1], match[2])
 
-    def answer_raw(
-        self, exchange: RawExchange, route: tuple[str, str | None]
-    ) -> Coroutine[Any, Any, None] | None:
-        """``RawHandler.answer_raw``: the same answer as ``infer``, written in one piece.
+    def answer_raw(self, exchange: RawExchange, route: tuple[str, str | None]) -> None:
+        """``RawHandler.answer_raw``: the same answer as ``infer``, written in one piece, with
+        no task: the request is handed to the data plane here, and its end (usually its
+        batch's) writes the answer (``_raw_done``). A task per request, and the chain of
+        coroutines it resumes twice, cost the event loop about as much as parsing the request;
+        what must wait in a task (for a model still loading) waits in the data plane's."""
+        call = _Call(exchange.headers, *route, bytes(exchange.body))
+        pending = self.dataplane.submit(call.name, call.version, call, call.rid)
+        # A caller that leaves gives up its place (``_raw_done`` unsets it, at once if done).
+        exchange.hooks.on_lost = pending.cancel
+        pending.add_done_callback(functools.partial(self._raw_done, exchange, call))
 
-        Usually without a task: the request is decoded and joins its batch here, and the
-        batch's end writes the answer (``_raw_done``). A task per request, and the chain of
-        coroutines it resumes twice, cost the event loop about as much as parsing the request.
-        A request with something to wait for first (a model still loading, a deadline) gets a
-        task: the coroutine returned."""
-        name, version = route
-        call = _Call(exchange.headers, name, version)
-        try:
-            loaded = self.dataplane.prepare(name, version)  # 404/503 before decoding
-            request = call.decode(bytes(exchange.body))
-            started = (
-                None if loaded is None else self.dataplane.infer_nowait(loaded, request, call.rid)
-            )
-        except Exception as exc:
-            exchange.respond(*self._reply(call, exc))
-            return None
-        if started is None:
-            return self._answer_later(exchange, call, request)
-        future = started.queued.future
-        exchange.hooks.on_lost = future.cancel  # a caller that left gives up its place
-        future.add_done_callback(
-            functools.partial(self._raw_done, exchange, call, request, started)
-        )
-        return None
-
-    def _raw_done(
-        self,
-        exchange: RawExchange,
-        call: _Call,
-        request: InferRequest,
-        started: Started,
-        future: asyncio.Future[Any],
-    ) -> None:
+    def _raw_done(self, exchange: RawExchange, call: _Call, pending: Pending) -> None:
         exchange.hooks.on_lost = None
         try:
-            if future.cancelled():  # the client went away
-                self._log(call, 499)
-                return
-            try:
-                result: InferResponse | Exception = self.dataplane.infer_result(
-                    call.name, started, request
-                )
-            except Exception as exc:
-                result = exc
-            exchange.respond(*self._reply(call, result, request, started.queued.execution))
+            answer = self._answer(call, pending)
+            if answer is not None:
+                exchange.respond(*answer)
         except Exception:  # a bug: close the connection rather than leave it hanging
             log.exception("inference request failed on the raw path", extra=call.log_fields)
             exchange.abort()
 
-    async def _answer_later(
-        self, exchange: RawExchange, call: _Call, request: InferRequest
-    ) -> None:
-        """The raw path's answer through a task (see ``answer_raw``)."""
-        try:
-            context.request_id.set(call.rid)
-            try:
-                result = await self._infer(None, exchange.hooks, call, request)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                exchange.respond(*self._reply(call, exc))
-                return
-            if result is None:
+    def _answer(self, call: _Call, pending: Pending) -> Answer | None:
+        """(status, headers, body) for a request that is done; None, logged as 499 (nginx's
+        code), when the client went away: nobody is listening."""
+        response = pending.response
+        if response is None:
+            if pending.cancelled():
                 self._log(call, 499)
-            else:
-                exchange.respond(*self._reply(call, result, request))
-        except Exception:  # not one of ours (``_reply`` turns those into a 500): no hanging
-            log.exception("inference request failed on the raw path", extra=call.log_fields)
-            exchange.abort()
-
-    async def _answer(
-        self,
-        name: str,
-        version: str | None,
-        request_headers: Sequence[tuple[bytes, bytes]],
-        hooks: Hooks | None,
-        receive: Receive,
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes | None]:
-        """(status, headers, body) of the ASGI path; body None when the client went away."""
-        call = _Call(request_headers, name, version)
-        context.request_id.set(call.rid)
-        try:
-            self.dataplane.prepare(name, version)  # 404/503 before reading a large body
-            # With hooks, the connection keeps the body's deadline.
-            timeout_s = None if hooks is not None else self.body_timeout_s
-            body = await read_body(receive, call.declared, self.limit, timeout_s)
-            request = call.decode(body)
-            result = await self._infer(receive, hooks, call, request)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return self._reply(call, exc)
-        if result is None:  # the client went away mid-request
-            self._log(call, 499)  # nobody is listening; nginx's code
-            return 499, [], None
-        return self._reply(call, result, request)
-
-    async def _infer(
-        self, receive: Receive | None, hooks: Hooks | None, call: _Call, request: InferRequest
-    ) -> InferResponse | None:
-        """``dataplane.infer``, or None if the client disconnected meanwhile."""
-        watch = DisconnectWatch(receive, hooks)
-        try:
-            return await self.dataplane.infer(call.name, call.version, request)
-        except asyncio.CancelledError:
-            if watch.absorb():
                 return None
-            raise
-        finally:
-            watch.close()
+            return self._reply(call, pending.outcome(), pending.request, pending.execution)
+        return self._reply(call, response, pending.request, pending.execution)
 
     def _reply(
         self,
@@ -301,7 +242,7 @@ class HotPath:
         result: InferResponse | Exception,
         request: InferRequest | None = None,
         run: context.Execution | None = None,
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    ) -> Answer:
         """(status, headers, body) for a response or an error, and its access-log line."""
         exc: Exception | None = None
         if isinstance(result, Exception):
@@ -314,7 +255,7 @@ class HotPath:
                 )
             except Exception as error:
                 exc = error
-        answer: tuple[int, list[tuple[bytes, bytes]], bytes]
+        answer: Answer
         if exc is not None:
             if isinstance(exc, GatewayError):
                 refusal = gateway_error_response(exc)
@@ -341,17 +282,23 @@ class HotPath:
 
 
 class _Call:
-    """One inference request: the model asked for, what its head says (read once), and when it
-    arrived."""
+    """One inference request: the model asked for, what its head says (read once), when it
+    arrived, and its body. Called, it decodes the body: the decoder ``DataPlane.submit`` calls
+    once the model is known."""
 
-    __slots__ = ("declared", "header", "name", "rid", "started_ns", "version")
+    __slots__ = ("body", "declared", "header", "name", "rid", "started_ns", "version")
 
     def __init__(
-        self, request_headers: Sequence[tuple[bytes, bytes]], name: str, version: str | None
+        self,
+        request_headers: Sequence[tuple[bytes, bytes]],
+        name: str,
+        version: str | None,
+        body: bytes = b"",
     ) -> None:
         self.started_ns = time.perf_counter_ns()
         self.name = name
         self.version = version
+        self.body = body  # the ASGI path sets it once read
         declared = header = rid = None
         for key, value in request_headers:
             if key == b"content-length":
@@ -369,8 +316,8 @@ class _Call:
         """``extra`` for a log line about this request: callbacks run outside its context."""
         return {"fields": {"request_id": self.rid}}
 
-    def decode(self, body: bytes) -> InferRequest:
-        """The request in ``body``, binary if the head says so."""
+    def __call__(self) -> InferRequest:
+        """The request in the body, binary if the head says so."""
         header_length: int | None = None
         if self.header is not None:
             try:
@@ -378,4 +325,4 @@ class _Call:
             except ValueError:
                 text = self.header[:32].decode("latin-1")
                 raise InvalidInput(f"invalid Inference-Header-Content-Length {text!r}") from None
-        return decode_infer_request(body, header_length)
+        return decode_infer_request(self.body, header_length)

@@ -1,0 +1,346 @@
+"""One inference request in flight: what ``DataPlane.submit`` hands back to every front end.
+
+A :class:`Pending` ends exactly once: with a response, with an error, or cancelled (its caller
+went away). A front end takes the end whichever way suits it, and only encodes it:
+
+- ``await pending`` (or ``await pending.wait()``, which does not raise the request's error) in a
+  task, as the ASGI and gRPC handlers do. Cancelling that task withdraws the request.
+- ``pending.add_done_callback(fn)``, with no task at all, as the raw HTTP path does: ``fn`` runs
+  where the request ends (usually the end of its batch), not scheduled for later.
+
+Whether anything runs in a task *inside* (a model to load first, a request to forward while the
+model is fetched) is the data plane's decision; a request to a loaded model is validated, queued
+for its batch, and ended by the batch's callback, its deadline (if any) kept by a timer.
+
+Also here: the checks of a request against its model's config (``validate``) and the cut of a
+batch's outputs to what the request asked for (``response_of``), pure functions of the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gateway import context
+from gateway.backends.base import Tensors
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, QueueFull
+from gateway.protocol.types import InferRequest, InferResponse, datatype_of
+from gateway.repository.config import ModelConfig
+
+if TYPE_CHECKING:
+    from gateway.batching import Queued
+    from gateway.dataplane import LoadedVersion
+
+DoneCallback = Callable[["Pending"], object]
+
+_WAITING, _DONE, _CANCELLED = 0, 1, 2
+
+
+def failure_reason(exc: GatewayError) -> str:
+    """Triton's ``reason`` label of ``nv_inference_request_failure``."""
+    if isinstance(exc, QueueFull):
+        return "REJECTED"
+    if isinstance(exc, DeadlineExceeded):
+        return "CANCELED"
+    if isinstance(exc, InvalidInput):
+        return "BACKEND"  # Triton counts input the model rejects as a backend failure
+    return "OTHER"
+
+
+class Pending:
+    """One request handed to the data plane, until it ends (see the module docstring)."""
+
+    __slots__ = (
+        "_callback",
+        "_more_callbacks",
+        "_queued",
+        "_state",
+        "_stats_started_ns",
+        "_task",
+        "_timer",
+        "_version",
+        "error",
+        "execution",
+        "name",
+        "request",
+        "response",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.request: InferRequest | None = None  # None until decoded (or if that failed)
+        self.response: InferResponse | None = None
+        self.error: Exception | None = None
+        self.execution: context.Execution | None = None  # how it ran, for the access log
+        self._state = _WAITING
+        self._callback: DoneCallback | None = None  # the usual one: its front end's
+        self._more_callbacks: list[DoneCallback] | None = None
+        self._version: LoadedVersion | None = None
+        self._queued: Queued | None = None
+        self._stats_started_ns = 0
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- for the front ends ------------------------------------------------------------------
+
+    def done(self) -> bool:
+        return self._state != _WAITING
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def outcome(self) -> InferResponse | Exception:
+        """The response or the error of a request that is done and was not cancelled."""
+        if self.error is not None:
+            return self.error
+        assert self.response is not None, "outcome() of a pending or cancelled request"
+        return self.response
+
+    def result(self) -> InferResponse:
+        """The response; raises the request's error (CancelledError if it was cancelled)."""
+        if self._state == _CANCELLED:
+            raise asyncio.CancelledError()
+        outcome = self.outcome()
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def add_done_callback(self, callback: DoneCallback) -> None:
+        """Call ``callback(self)`` once done: right away if done already, else where the request
+        ends (not scheduled: a callback that raises is the caller's bug)."""
+        if self._state != _WAITING:
+            callback(self)
+        elif self._callback is None:
+            self._callback = callback
+        elif self._more_callbacks is None:
+            self._more_callbacks = [callback]
+        else:
+            self._more_callbacks.append(callback)
+
+    def cancel(self) -> None:
+        """The caller went away: give up its place in the queue (or its wait for a model)."""
+        if self._state != _WAITING:
+            return
+        self._state = _CANCELLED
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._queued is not None:
+            self._queued.future.cancel()  # the batcher drops it before it takes a slot
+        if self._task is not None:
+            self._task.cancel()
+        self._run_callbacks()
+
+    async def wait(self) -> None:
+        """Until done, without raising its error; being cancelled cancels the request."""
+        if self._state != _WAITING:
+            return
+        # Waiting for something: its batch, or the data plane's task.
+        waiting = self._queued.future if self._queued is not None else self._task
+        assert waiting is not None
+        waiter: asyncio.Future[None] = waiting.get_loop().create_future()
+
+        def wake(_: Pending) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        self.add_done_callback(wake)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    def __await__(self) -> Generator[Any, None, InferResponse]:
+        yield from self.wait().__await__()
+        return self.result()
+
+    # -- for the data plane -----------------------------------------------------------------
+
+    def start_task(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (a coroutine that ends this request) as a task of its own."""
+        self._task = asyncio.ensure_future(work)
+
+    def enqueue(self, lv: LoadedVersion, deadline_s: float | None, request_id: str | None) -> None:
+        """Check the request against ``lv``'s config and queue it for a batch (raises
+        ``InvalidInput``, ``QueueFull``, counted as ``lv``'s failures); from then on the batch's
+        end, or the deadline's timer, ends it."""
+        request = self.request
+        assert request is not None
+        self._version = lv
+        self._stats_started_ns = stats_started_ns = time.perf_counter_ns()
+        try:
+            inputs, rows = validate(lv.config, request)
+            queued = lv.batcher.enqueue(inputs, rows, deadline_s, request_id)
+        except GatewayError as exc:
+            spent_ns = time.perf_counter_ns() - stats_started_ns
+            lv.stats.record_request(False, spent_ns, failure_reason(exc))
+            raise
+        self._queued = queued
+        queued.future.add_done_callback(self._batch_done)
+        if queued.deadline_s is not None:  # the request's, or the model's default timeout
+            delay_s = max(0.0, queued.deadline_s - queued.enqueued_s)
+            self._timer = queued.future.get_loop().call_later(delay_s, self._expired)
+
+    def settle(
+        self,
+        response: InferResponse | None = None,
+        error: Exception | None = None,
+        execution: context.Execution | None = None,
+    ) -> None:
+        """End it with ``response`` or ``error`` (no-op once done: a cancel came first)."""
+        if self._state != _WAITING:
+            return
+        self._state = _DONE
+        self.response = response
+        self.error = error
+        self.execution = execution
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback(self)
+        more, self._more_callbacks = self._more_callbacks, None
+        for callback in more or ():
+            callback(self)
+
+    def _batch_done(self, future: asyncio.Future[Tensors]) -> None:
+        """The batch's end: the usual way a request ends."""
+        if self._state != _WAITING:
+            return  # cancelled or expired: ended already
+        if future.cancelled():  # not by this request (the batcher never does): no hanging
+            self.settle(error=GatewayError("request withdrawn from its batch"))
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        lv, queued, request = self._version, self._queued, self.request
+        assert lv is not None and queued is not None and request is not None
+        spent_ns = time.perf_counter_ns() - self._stats_started_ns
+        exc = future.exception()
+        if exc is None:
+            lv.stats.record_request(True, spent_ns)
+            try:
+                self.response = response_of(
+                    self.name, lv.version, lv.config, request, future.result()
+                )
+            except Exception as error:  # a backend that left out an output asked for
+                self.error = error
+        else:
+            if isinstance(exc, GatewayError):
+                lv.stats.record_request(False, spent_ns, failure_reason(exc))
+            self.error = exc if isinstance(exc, Exception) else GatewayError(repr(exc))
+        self._state = _DONE
+        self.execution = queued.execution
+        self._run_callbacks()
+
+    def _expired(self) -> None:
+        """The deadline passed before the batch's end (queued or running): a 504, and its
+        place in the queue given up."""
+        self._timer = None
+        if self._state != _WAITING:
+            return
+        lv, queued = self._version, self._queued
+        assert lv is not None and queued is not None
+        error = DeadlineExceeded("Request timeout expired")
+        lv.stats.record_request(
+            False, time.perf_counter_ns() - self._stats_started_ns, failure_reason(error)
+        )
+        self.settle(error=error)
+        queued.future.cancel()
+
+
+# -- pure checks against a model's config ----------------------------------------------------
+
+
+def _shape_error(name: str, cfg: ModelConfig, shape: tuple[int, ...]) -> str:
+    spec = cfg.input(name)
+    expected = ([-1] if cfg.batched else []) + list(spec.dims if spec else ())
+    return (
+        f"unexpected shape for input '{name}' for model '{cfg.name}'. "
+        f"Expected {expected}, got {list(shape)}"
+    )
+
+
+def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
+    """The request's inputs as the backend takes them (reshaped where the config says), and its
+    batch rows; ``InvalidInput`` for anything the model does not accept."""
+    rows = 1
+    prepared: Tensors = {}
+    for name, array in request.inputs.items():
+        spec = cfg.input(name)
+        if spec is None:
+            raise InvalidInput(f"unexpected inference input '{name}' for model '{cfg.name}'")
+        datatype = datatype_of(array)
+        if datatype != spec.datatype:
+            raise InvalidInput(
+                f"inference input '{name}' data-type is '{datatype}', but model "
+                f"'{cfg.name}' expects '{spec.datatype}'"
+            )
+        shape = array.shape
+        dims = shape[1:] if cfg.batched else shape
+        if len(dims) != len(spec.dims) or (cfg.batched and not shape):
+            raise InvalidInput(_shape_error(name, cfg, shape))
+        if cfg.batched:
+            if shape[0] < 1:  # () was refused above
+                raise InvalidInput(
+                    f"input '{name}': shape {list(shape)} needs a batch dimension >= 1"
+                )
+            if shape[0] > cfg.max_batch_size:
+                raise InvalidInput(
+                    f"inference request batch-size must be <= {cfg.max_batch_size} for "
+                    f"'{cfg.name}', got {shape[0]}"
+                )
+            if prepared and shape[0] != rows:
+                raise InvalidInput(
+                    f"input '{name}': batch size {shape[0]} differs from other inputs' {rows}"
+                )
+            rows = shape[0]
+        if dims != spec.dims and any(
+            want != -1 and got != want for got, want in zip(dims, spec.dims, strict=True)
+        ):
+            raise InvalidInput(_shape_error(name, cfg, shape))
+        if spec.reshape is not None:
+            lead = (rows,) if cfg.batched else ()
+            try:
+                array = array.reshape(lead + spec.reshape)
+            except ValueError:
+                raise InvalidInput(
+                    f"input '{name}' cannot be reshaped to {list(spec.reshape)}"
+                ) from None
+        prepared[name] = array
+    missing = [t.name for t in cfg.inputs if t.name not in prepared and not t.optional]
+    if missing:
+        raise InvalidInput(
+            f"expected {len(cfg.inputs)} inputs but got {len(prepared)} inputs for model "
+            f"'{cfg.name}'; missing: {', '.join(missing)}"
+        )
+    if request.outputs:
+        for out in request.outputs:
+            if cfg.output(out.name) is None:
+                raise InvalidInput(
+                    f"unexpected inference output '{out.name}' for model '{cfg.name}'"
+                )
+    return prepared, rows
+
+
+def response_of(
+    name: str, version: int, cfg: ModelConfig, request: InferRequest, outputs: Tensors
+) -> InferResponse:
+    """The outputs asked for (all by default), reshaped as the config says."""
+    wanted = [o.name for o in request.outputs] if request.outputs else list(outputs)
+    result: dict[str, np.ndarray[Any, Any]] = {}
+    for out_name in wanted:
+        array = outputs[out_name]
+        spec = cfg.output(out_name)
+        if spec is not None and spec.reshape is not None:
+            lead = (array.shape[0],) if cfg.batched else ()
+            array = array.reshape(lead + tuple(spec.dims))
+        result[out_name] = array
+    return InferResponse(model_name=name, model_version=str(version), outputs=result, id=request.id)
+
+
+__all__ = ["Pending", "failure_reason", "response_of", "validate"]
