@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 
+from gateway import context
 from gateway.batching import Batcher, BatchPolicy
-from gateway.errors import DeadlineExceeded, QueueFull
+from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady, QueueFull, Unavailable
 from gateway.stats import ModelStats
 
 Tensors = dict[str, np.ndarray]
+
+# The batcher decides in milliseconds: a scheduler that stops answering (a bug that would hang
+# every caller) fails its test in seconds, not at the suite's default timeout.
+pytestmark = pytest.mark.timeout(5)
+
+# A queue delay short enough to wait for in real time and exact in binary, so that the clock
+# can be set to the very instant it expires.
+DELAY_S = 1 / 64
+
+
+class Clock:
+    """The batcher's injected clock: it moves only when the test moves it."""
+
+    def __init__(self, now_s: float = 100.0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
 
 
 class Recorder:
@@ -20,27 +40,66 @@ class Recorder:
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.batches: list[int] = []
+        self.deadlines: list[float | None] = []
+        self.request_ids: list[tuple[str, ...]] = []
         self.delay_s = delay_s
         self.gate: asyncio.Event | None = None
+        self.error: Exception | None = None
+        # Moves the test's clock by ``run_s`` while a batch runs (its compute time); a backend
+        # that knows its own compute time sets ``compute_s`` as a routed backend does.
+        self.clock: Clock | None = None
+        self.run_s = 0.0
+        self.compute_s: float | None = None
+        self.host = ""
 
     async def __call__(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
     ) -> Tensors:
         self.batches.append(len(inputs["X"]))
+        self.deadlines.append(deadline_s)
+        self.request_ids.append(context.batch_request_ids.get())
         if self.gate is not None:
             await self.gate.wait()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.clock is not None:
+            self.clock.now_s += self.run_s
+        if self.compute_s is not None:
+            context.compute_s.set(self.compute_s)
+        if self.host:
+            context.executed_on.set(self.host)
+        if self.error is not None:
+            raise self.error
         return {"Y": inputs["X"] * 2}
 
 
-def make(policy: BatchPolicy, backend: Recorder) -> tuple[Batcher, ModelStats]:
+def make(
+    policy: BatchPolicy, backend: Recorder, clock: Callable[[], float] = time.monotonic
+) -> tuple[Batcher, ModelStats]:
     stats = ModelStats("m", "1")
-    return Batcher(backend, ["Y"], policy, stats), stats
+    return Batcher(backend, ["Y"], policy, stats, clock=clock), stats
 
 
 def row(value: float, width: int = 4) -> Tensors:
     return {"X": np.full((1, width), value, dtype=np.float32)}
+
+
+def rows(value: float, count: int, width: int = 4) -> Tensors:
+    return {"X": np.full((count, width), value, dtype=np.float32)}
+
+
+async def ticks(count: int = 5) -> None:
+    """Let the scheduler and the batch tasks take their next steps."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def wait_for_batches(backend: Recorder, count: int) -> None:
+    """Give the batcher's own timers (a few ms) the time to hand ``count`` batches over."""
+    for _ in range(200):
+        if len(backend.batches) >= count:
+            return
+        await asyncio.sleep(0.001)
 
 
 async def test_requests_merge_and_split_back_in_order() -> None:
@@ -278,3 +337,588 @@ def test_no_second_queue_delay_in_front_of_a_batching_host() -> None:
     there = _policy(config, Upstream(), Settings())  # type: ignore[arg-type]
     assert here.max_queue_delay_s == 0.002 and there.max_queue_delay_s == 0.0
     assert there.max_batch_size == 8 and there.preferred_batch_sizes == (4,)
+
+
+# Behaviour pinned for the one-request-path redesign (issue 27): each test below fails when the
+# decision it names changes. Time is the injected clock's; the only real waits are the
+# batcher's own timers, a few milliseconds long.
+
+
+async def test_the_queue_delay_expiring_sends_a_partial_batch() -> None:
+    clock = Clock(100.0)
+    backend = Recorder()
+    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=DELAY_S), backend, clock)
+    items = [batcher.enqueue(row(i)) for i in range(3)]
+    clock.now_s = 100.0 + DELAY_S / 2
+    await asyncio.sleep(2 * DELAY_S)  # the batcher's timer fired, but the delay has not passed
+    assert backend.batches == []
+    clock.now_s = 100.0 + DELAY_S  # the very instant it passes
+    done = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)
+    assert backend.batches == [3]
+    assert [float(d["Y"][0, 0]) for d in done] == [0.0, 2.0, 4.0]
+    await batcher.close()
+
+
+async def test_a_full_batch_goes_at_once_without_preferred_sizes() -> None:
+    backend = Recorder()
+    batcher, _ = make(BatchPolicy(max_batch_size=4, max_queue_delay_s=10.0), backend, Clock())
+    items = [batcher.enqueue(row(i)) for i in range(4)]
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)  # no 10 s wait
+    assert backend.batches == [4]
+    await batcher.close()
+
+
+async def test_a_request_that_would_overfill_the_batch_starts_the_next() -> None:
+    """Multi-row requests: 3 + 1 rows fill a batch of 4 exactly; 2 + 3 would overfill it."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, stats = make(BatchPolicy(max_batch_size=4), backend, Clock())
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    items = [batcher.enqueue(rows(n, n), n) for n in (3, 1, 2, 3)]
+    backend.gate.set()
+    done = await asyncio.wait_for(asyncio.gather(blocker.future, *(i.future for i in items)), 1.0)
+    assert backend.batches == [1, 4, 2, 3]
+    assert [d["Y"].shape[0] for d in done] == [1, 3, 1, 2, 3]  # each caller gets its own rows
+    assert [float(d["Y"][0, 0]) for d in done[1:]] == [6.0, 2.0, 4.0, 6.0]
+    assert stats.inference_count == 10 and stats.execution_count == 4
+    await batcher.close()
+
+
+async def test_the_default_timeout_sets_a_deadline_that_expires_in_the_queue() -> None:
+    """``enqueue`` callers: the policy's default timeout gives a deadline; a request still
+    queued at its deadline (to the instant) fails and never reaches the backend, and the one
+    behind it is served all the same."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    policy = BatchPolicy(max_batch_size=1, default_timeout_s=2.0)
+    batcher, _ = make(policy, backend, clock)
+    blocker = batcher.enqueue(row(0), deadline_s=1000.0)
+    await ticks()
+    expiring = batcher.enqueue(row(1))
+    explicit = batcher.enqueue(row(2), deadline_s=150.0)
+    assert (expiring.enqueued_s, expiring.deadline_s, explicit.deadline_s) == (100.0, 102.0, 150.0)
+    clock.now_s = 102.0
+    backend.gate.set()
+    with pytest.raises(DeadlineExceeded, match=r"^Request timeout expired$"):
+        await asyncio.wait_for(expiring.future, 1.0)
+    await asyncio.wait_for(explicit.future, 1.0)
+    await blocker.future
+    assert backend.batches == [1, 1]  # the expired request never ran
+    await batcher.close()
+
+
+async def test_no_default_timeout_means_no_deadline() -> None:
+    for default_s in (None, 0.0):
+        batcher, _ = make(BatchPolicy(default_timeout_s=default_s), Recorder(), Clock())
+        item = batcher.enqueue(row(0))
+        assert item.deadline_s is None and item.rows == 1 and item.request_id is None
+        await asyncio.wait_for(item.future, 1.0)
+        await batcher.close()
+
+
+async def test_a_deadline_shortens_the_wait_for_a_fuller_batch() -> None:
+    clock = Clock(100.0)
+    backend = Recorder()
+    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=10.0), backend, clock)
+    item = batcher.enqueue(row(1), deadline_s=100.0 + DELAY_S)
+    await ticks()
+    assert backend.batches == []  # waiting for more, but only until its deadline
+    clock.now_s = 100.0 + DELAY_S
+    await asyncio.wait_for(item.future, 1.0)  # not 10 s
+    assert backend.batches == [1] and backend.deadlines == [100.0 + DELAY_S]
+    await batcher.close()
+
+
+async def test_the_backend_gets_the_earliest_deadline_of_the_batch() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=8), backend, Clock(100.0))
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    items = [batcher.enqueue(row(i), deadline_s=d) for i, d in ((1, 105.0), (2, None), (3, 103.0))]
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker.future, *(i.future for i in items)), 1.0)
+    assert backend.batches == [1, 3] and backend.deadlines == [None, 103.0]
+    await batcher.close()
+
+
+async def test_submit_with_a_deadline_already_past_fails_at_once() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=1), backend, Clock(100.0))
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    with pytest.raises(DeadlineExceeded, match=r"^Request timeout expired$") as failed:
+        await asyncio.wait_for(batcher.submit(row(1), 1, deadline_s=99.0), 0.5)
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__
+    backend.gate.set()
+    await blocker.future
+    assert backend.batches == [1]
+    await batcher.close()
+
+
+async def test_submit_sends_one_row_with_its_request_id_and_reports_the_execution() -> None:
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock, backend.run_s, backend.host = clock, 0.25, "h1"
+    batcher, stats = make(BatchPolicy(max_batch_size=8), backend, clock)
+    token = context.request_id.set("req-1")
+    try:
+        result = await batcher.submit(row(3))  # awaited here: it sets this task's context
+        assert float(result["Y"][0, 0]) == 6.0
+        assert context.execution.get() == context.Execution(1, 0, 250_000_000, "h1")
+    finally:
+        context.request_id.reset(token)
+    assert backend.request_ids == [("req-1",)] and stats.inference_count == 1
+    await batcher.close()
+
+
+async def test_queue_and_compute_time_are_counted_by_value() -> None:
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock, backend.run_s, backend.host = clock, 0.25, "h1"
+    batcher, stats = make(BatchPolicy(max_batch_size=8), backend, clock)
+    items = [batcher.enqueue(row(i), request_id=f"r{i}") for i in range(2)]
+    clock.now_s = 102.5  # two and a half seconds in the queue
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)
+    assert [i.queue_ns for i in items] == [2_500_000_000, 2_500_000_000]
+    assert [i.execution for i in items] == [
+        context.Execution(2, 2_500_000_000, 250_000_000, "h1")
+    ] * 2
+    assert backend.request_ids == [("r0", "r1")]
+    assert (stats.queue.count, stats.queue.ns) == (2, 5_000_000_000)
+    assert (stats.compute_infer.count, stats.compute_infer.ns) == (2, 250_000_000)
+    assert (stats.execution_count, stats.inference_count) == (1, 2)
+    assert (stats.batches[2].compute_infer.count, stats.batches[2].compute_infer.ns) == (
+        1,
+        250_000_000,
+    )
+    await batcher.close()
+
+
+@pytest.mark.parametrize(
+    ("run_s", "compute_s", "compute_ns", "waited_ns"),
+    [
+        (4.0, 1.0, 1_000_000_000, 3_000_000_000),
+        (64.000000032, 64.0, 64_000_000_000, 32),  # to the nanosecond
+        (0.25, 1.0, 250_000_000, 0),  # it claims more than the clock saw: nothing moves
+    ],
+)
+async def test_a_wait_for_an_instance_counts_as_queueing_not_compute(
+    run_s: float, compute_s: float, compute_ns: int, waited_ns: int
+) -> None:
+    """A backend that reports its own compute time (it waited for a free instance first): the
+    rest of the batch's time is counted as each request's queue time."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock, backend.run_s, backend.compute_s = clock, run_s, compute_s
+    batcher, stats = make(BatchPolicy(max_batch_size=8), backend, clock)
+    items = [batcher.enqueue(row(i)) for i in range(2)]
+    clock.now_s = 100.5
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)
+    queue_ns = 500_000_000 + waited_ns
+    assert [i.execution for i in items] == [context.Execution(2, queue_ns, compute_ns)] * 2
+    assert [i.queue_ns for i in items] == [queue_ns] * 2
+    assert (stats.queue.count, stats.queue.ns) == (2, 2 * queue_ns)
+    assert (stats.compute_infer.count, stats.compute_infer.ns) == (2, compute_ns)
+    await batcher.close()
+
+
+async def test_preferred_sizes_continue_only_when_the_queue_reaches_the_next() -> None:
+    """At a preferred size the batch goes on only if the live requests queued behind it, of the
+    same shape, reach the next preferred size (withdrawn ones are not counted, a different
+    shape ends the count); past the largest it fills up to the maximum."""
+    cases = [
+        # queued behind the running one: (rows, width) or "gone" -> the batches formed
+        ([(1, 4)] * 3, [1, 2, 1]),
+        ([(1, 4)] * 4, [1, 4]),
+        ([(1, 4), (1, 4), (2, 4)], [1, 4]),
+        ([(1, 4), (1, 4), "gone", (1, 4), (1, 4)], [1, 4]),
+        ([(1, 4), (1, 4), (1, 4), (1, 5), (1, 4)], [1, 2, 1, 1, 1]),
+        ([(1, 4)] * 6, [1, 6]),
+        ([(1, 4)] * 4 + [(4, 4)], [1, 8]),
+        ([(1, 4)] * 4 + [(5, 4)], [1, 4, 5]),
+    ]
+    for queued, expected in cases:
+        backend = Recorder()
+        backend.gate = asyncio.Event()
+        policy = BatchPolicy(max_batch_size=8, preferred_batch_sizes=(2, 4))
+        batcher, _ = make(policy, backend, Clock())
+        blocker = batcher.enqueue(row(0))
+        await ticks()
+        live = [blocker]
+        for spec in queued:
+            if spec == "gone":
+                batcher.enqueue(row(9)).future.cancel()
+            else:
+                n, width = spec
+                live.append(batcher.enqueue(rows(1, n, width), n))
+        backend.gate.set()
+        await asyncio.wait_for(asyncio.gather(*(i.future for i in live)), 1.0)
+        assert backend.batches == expected, queued
+        await batcher.close()
+
+
+async def test_backend_errors_reach_every_caller_and_free_the_slot() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, stats = make(BatchPolicy(max_batch_size=8), backend, Clock())
+    for error in (Unavailable("host down"), ValueError("boom")):
+        blocker = batcher.enqueue(row(0))
+        await ticks()
+        items = [blocker, batcher.enqueue(row(1)), batcher.enqueue(row(2))]
+        backend.error = error
+        backend.gate.set()
+        await asyncio.wait([i.future for i in items], timeout=1.0)
+        raised = [i.future.exception() for i in items]  # the blocker ran alone, then 2
+        if isinstance(error, GatewayError):
+            assert all(e is error for e in raised)
+        else:  # anything else is wrapped, once per batch, for every caller in it
+            assert all(type(e) is GatewayError for e in raised)
+            assert all(str(e) == "execution failed: ValueError: boom" for e in raised)
+            assert raised[1] is raised[2]
+        backend.gate.clear()
+        backend.error = None
+    assert stats.execution_count == 0
+    backend.gate.set()
+    ok = await asyncio.wait_for(batcher.submit(row(4)), 1.0)  # the slot was given back
+    assert float(ok["Y"][0, 0]) == 8.0
+    await batcher.close()
+
+
+async def test_a_caller_gone_during_a_failed_batch_is_skipped() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    backend.error = Unavailable("host down")
+    batcher, _ = make(BatchPolicy(max_batch_size=8), backend, Clock())
+    items = [batcher.enqueue(row(i)) for i in range(2)]
+    await ticks()
+    items[0].future.cancel()
+    backend.gate.set()
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(items[1].future, 1.0)
+    backend.error = None
+    await asyncio.wait_for(batcher.submit(row(1)), 1.0)
+    await batcher.close()
+
+
+async def test_one_instance_runs_one_batch_at_a_time_after_successes_and_failures() -> None:
+    """Each batch gives its slot back exactly once, whether it succeeded, failed or lost all
+    its callers, so one instance never runs two batches at once."""
+    backend = Concurrency()
+    batcher, _ = make(BatchPolicy(max_batch_size=1, instance_count=1), backend, Clock())
+    backend.gate.set()
+    await asyncio.wait_for(batcher.submit(row(0)), 1.0)
+    backend.error = ValueError("boom")
+    with pytest.raises(GatewayError):
+        await asyncio.wait_for(batcher.submit(row(1)), 1.0)
+    backend.error = None
+    backend.gate.clear()
+    items = [batcher.enqueue(row(i)) for i in range(4)]
+    await ticks(20)
+    assert backend.peak == 1 and backend.running == 1
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)
+    assert backend.peak == 1
+    await batcher.close()
+
+
+async def test_callers_gone_while_the_batch_formed_are_left_out() -> None:
+    clock = Clock(100.0)
+    backend = Recorder()
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay_s=DELAY_S)
+    batcher, stats = make(policy, backend, clock)
+    kept, gone = batcher.enqueue(row(1)), batcher.enqueue(rows(2, 2), 2)
+    await ticks()  # both joined the batch; it waits for more (the clock stands still)
+    gone.future.cancel()
+    other = batcher.enqueue(row(3, width=5))  # cannot join: the batch goes now
+    await asyncio.wait_for(kept.future, 1.0)
+    assert backend.batches == [1] and stats.inference_count == 1
+    assert kept.execution is not None and kept.execution.batch_size == 1
+    clock.now_s += DELAY_S  # ``other`` waited for company in vain
+    await asyncio.wait_for(other.future, 1.0)
+    # A batch whose callers all left never reaches the backend, and gives its slot back.
+    both = [batcher.enqueue(row(4)), batcher.enqueue(row(5))]
+    await ticks()
+    for item in both:
+        item.future.cancel()
+    late = batcher.enqueue(row(6, width=5))
+    await ticks()
+    clock.now_s += DELAY_S
+    await asyncio.wait_for(late.future, 1.0)
+    assert backend.batches == [1, 1, 1] and stats.execution_count == 3
+    await batcher.close()
+
+
+async def test_a_full_queue_asks_to_retry_in_a_second_and_a_closed_one_refuses() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=1, max_queue_size=1), backend, Clock())
+    running = batcher.enqueue(row(0))
+    await ticks()
+    queued = batcher.enqueue(row(1))
+    assert batcher.pending == 2 and batcher.policy.max_queue_size == 1
+    with pytest.raises(QueueFull, match=r"^Exceeds maximum queue size$") as full:
+        batcher.enqueue(row(2))
+    assert full.value.retry_after_s == 1.0
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(running.future, queued.future), 1.0)
+    await batcher.close()
+    assert batcher.pending == 0
+    with pytest.raises(ModelNotReady, match=r"^model is unloading$"):
+        batcher.enqueue(row(3))
+
+
+async def test_close_gives_up_on_a_batch_that_does_not_finish() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()  # never set: the batch hangs
+    batcher, _ = make(BatchPolicy(max_batch_size=1), backend, Clock())
+    running = batcher.enqueue(row(0))
+    await ticks()
+    queued = [batcher.enqueue(row(i)) for i in range(2)]
+    await asyncio.wait_for(batcher.close(drain_timeout_s=DELAY_S), 1.0)
+    for item in queued:
+        with pytest.raises(ModelNotReady, match=r"^model unloaded$"):
+            item.future.result()
+    assert not running.future.done() and backend.batches == [1]
+    running.future.cancel()
+
+
+async def test_two_is_already_a_batch() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=2), backend, Clock())
+    items = [batcher.enqueue(row(i)) for i in range(5)]
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)
+    assert backend.batches == [2, 2, 1]
+    await batcher.close()
+
+
+async def prime(
+    batcher: Batcher, backend: Recorder, runs: list[tuple[float, float | None]]
+) -> None:
+    """Run batches of 2 (the preferred size, so they go at once) taking ``run_s`` on the clock
+    (reporting ``compute_s`` when given): the batcher learns how long one execution takes."""
+    for run_s, compute_s in runs:
+        backend.run_s, backend.compute_s = run_s, compute_s
+        await asyncio.wait_for(batcher.enqueue(rows(0, 2), 2).future, 1.0)
+    backend.run_s, backend.compute_s = 0.0, None
+
+
+@pytest.mark.parametrize(
+    ("runs", "average_s"),
+    [
+        ([(1.0, None)], 1.0),
+        ([(1.0, None), (0.5, None)], 0.8 * 1.0 + 0.2 * 0.5),  # a moving average
+        ([(1.0, 0.5)], 0.5),  # the backend's own compute time, when it reports one
+    ],
+)
+async def test_a_batch_formed_ahead_goes_when_an_instance_is_about_to_free(
+    runs: list[tuple[float, float | None]], average_s: float
+) -> None:
+    """With every instance busy, the next batch keeps growing past its preferred size until
+    the running one's start plus three quarters of an average execution."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock = clock
+    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(2,), pipeline=1)
+    batcher, _ = make(policy, backend, clock)
+    await prime(batcher, backend, runs)
+    started_s = clock.now_s
+    free_at_s = started_s + average_s * 0.75
+    backend.gate = asyncio.Event()
+    running = batcher.enqueue(row(1))
+    await ticks()
+    clock.now_s = free_at_s - 1e-10  # not quite there: the batch formed ahead waits on
+    ahead = [batcher.enqueue(row(i)) for i in range(2)]
+    await ticks()
+    ahead += [batcher.enqueue(row(i)) for i in range(3)]
+    await asyncio.sleep(0.005)
+    assert backend.batches[len(runs) :] == [1]  # preferred size reached, the instance busy
+    clock.now_s = free_at_s
+    await wait_for_batches(backend, len(runs) + 2)
+    assert backend.batches[len(runs) :] == [1, 5]  # handed over while the instance is busy
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(running.future, *(i.future for i in ahead)), 1.0)
+    await batcher.close()
+
+
+async def test_with_an_instance_free_the_batch_goes_at_its_preferred_size() -> None:
+    """No estimate, or an instance free: a preferred size is reached, the batch goes (the
+    queue delay is not waited)."""
+    for instances, runs in ((1, []), (2, [(1.0, None)])):
+        clock = Clock(100.0)
+        backend = Recorder()
+        backend.clock = clock
+        policy = BatchPolicy(
+            max_batch_size=16,
+            preferred_batch_sizes=(2,),
+            max_queue_delay_s=10.0,
+            instance_count=instances,
+            pipeline=1,
+        )
+        batcher, _ = make(policy, backend, clock)
+        await prime(batcher, backend, runs)
+        backend.gate = asyncio.Event()
+        running = batcher.enqueue(rows(1, 2), 2)  # a preferred size: it goes at once
+        await ticks()
+        clock.now_s += 0.25
+        pair = [batcher.enqueue(row(i)) for i in range(2)]
+        await wait_for_batches(backend, len(runs) + 2)
+        assert backend.batches[len(runs) :] == [2, 2], instances
+        backend.gate.set()
+        await asyncio.wait_for(asyncio.gather(running.future, *(i.future for i in pair)), 1.0)
+        await batcher.close()
+
+
+async def test_a_second_batch_formed_ahead_waits_a_round_more() -> None:
+    """Two instances, two batches formed ahead: the first one ahead goes when an instance is
+    about to free (start of the oldest running + 3/4 of an execution), the second one a whole
+    execution later (it waits for a second round)."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock = clock
+    policy = BatchPolicy(
+        max_batch_size=16, preferred_batch_sizes=(2,), instance_count=2, pipeline=2
+    )
+    batcher, _ = make(policy, backend, clock)
+    await prime(batcher, backend, [(1.0, None)])
+    backend.gate = asyncio.Event()
+    started_s = clock.now_s
+    items = []
+    for count in (2, 3):  # both instances busy
+        items.append(batcher.enqueue(rows(1, 2), 2))
+        await wait_for_batches(backend, count)
+    clock.now_s = started_s + 0.75 - 0.001
+    items.append(batcher.enqueue(rows(1, 2), 2))  # the first formed ahead
+    await asyncio.sleep(0.005)
+    assert backend.batches == [2, 2, 2]
+    clock.now_s = started_s + 0.75
+    await wait_for_batches(backend, 4)
+    assert backend.batches == [2, 2, 2, 2]
+    clock.now_s = started_s + 1.75 - 0.001
+    items.append(batcher.enqueue(rows(1, 2), 2))  # the second formed ahead: one round more
+    await asyncio.sleep(0.005)
+    assert backend.batches == [2, 2, 2, 2]
+    clock.now_s = started_s + 1.75
+    await wait_for_batches(backend, 5)
+    assert backend.batches == [2, 2, 2, 2, 2]
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)
+    await batcher.close()
+
+
+async def test_closing_sends_the_batch_being_formed() -> None:
+    backend = Recorder()
+    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=10.0), backend, Clock())
+    items = [batcher.enqueue(row(i)) for i in range(2)]
+    await ticks()
+    assert backend.batches == []  # waiting 10 s for more
+    await asyncio.wait_for(batcher.close(), 1.0)
+    assert backend.batches == [2] and all(i.future.done() for i in items)
+
+
+async def test_a_failed_batch_is_not_taken_for_a_running_one() -> None:
+    """A batch that failed leaves nothing behind for the estimate of when an instance frees:
+    much later, a batch formed ahead still waits for the batch that is really running."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock = clock
+    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(2,), pipeline=1)
+    batcher, _ = make(policy, backend, clock)
+    await prime(batcher, backend, [(1.0, None)])
+    backend.error = ValueError("boom")
+    with pytest.raises(GatewayError):
+        await asyncio.wait_for(batcher.enqueue(rows(0, 2), 2).future, 1.0)
+    backend.error = None
+    started_s = clock.now_s = clock.now_s + 10.0
+    backend.gate = asyncio.Event()
+    running = batcher.enqueue(rows(1, 2), 2)
+    await wait_for_batches(backend, 3)
+    clock.now_s = started_s + 0.75 - 0.001
+    ahead = [batcher.enqueue(row(i)) for i in range(3)]
+    await asyncio.sleep(0.005)
+    assert backend.batches == [2, 2, 2]  # growing past 2: the instance is busy a while more
+    clock.now_s = started_s + 0.75
+    await wait_for_batches(backend, 4)
+    assert backend.batches == [2, 2, 2, 3]
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(running.future, *(i.future for i in ahead)), 1.0)
+    await batcher.close()
+
+
+async def test_close_waits_for_the_batches_still_running() -> None:
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=8, instance_count=2), backend, Clock())
+    item = batcher.enqueue(row(1))
+    await ticks()
+    closing = asyncio.ensure_future(batcher.close())
+    await ticks()
+    assert not closing.done() and batcher.pending == 1
+    backend.gate.set()
+    await asyncio.wait_for(closing, 1.0)
+    assert float(item.future.result()["Y"][0, 0]) == 2.0
+
+
+async def test_close_completes_when_a_running_batch_died() -> None:
+    """A backend that raises a BaseException (here a CancelledError from inside) ends its
+    batch task with it; ``close`` still completes instead of raising it."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    backend.error = asyncio.CancelledError()
+    batcher, _ = make(BatchPolicy(max_batch_size=8, instance_count=2), backend, Clock())
+    item = batcher.enqueue(row(1))
+    await ticks()
+    closing = asyncio.ensure_future(batcher.close())
+    await ticks()
+    backend.gate.set()
+    await asyncio.wait_for(closing, 1.0)
+    item.future.cancel()
+
+
+async def test_a_batch_formed_ahead_wakes_when_the_queue_can_fill_it() -> None:
+    """While every instance is busy the batch formed ahead is woken when the rows that arrived
+    can fill it, not one row earlier (then the preferred size 4 would end it: the queue could
+    not reach 16)."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock = clock
+    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(2, 4, 16), pipeline=1)
+    batcher, _ = make(policy, backend, clock)
+    await prime(batcher, backend, [(1.0, None)])
+    backend.gate = asyncio.Event()
+    items = [batcher.enqueue(rows(1, 2), 2)]  # runs, the instance busy for 3/4 s more
+    await wait_for_batches(backend, 2)
+    for i in range(16):  # one by one: the batch formed ahead waits for 15 more rows
+        items.append(batcher.enqueue(row(i)))
+        await ticks()
+    await wait_for_batches(backend, 3)
+    assert backend.batches == [2, 2, 16]
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)
+    await batcher.close()
+
+
+async def test_close_waits_30_s_by_default_for_a_batch_to_finish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[float | None] = []
+    real_timeout = asyncio.timeout
+
+    def timeout(delay_s: float | None) -> asyncio.Timeout:
+        asked.append(delay_s)
+        return real_timeout(DELAY_S)  # the test need not wait that long
+
+    backend = Recorder()
+    backend.gate = asyncio.Event()  # never set: the batch hangs
+    batcher, _ = make(BatchPolicy(max_batch_size=1), backend, Clock())
+    running = batcher.enqueue(row(0))
+    await ticks()
+    monkeypatch.setattr(asyncio, "timeout", timeout)
+    await asyncio.wait_for(batcher.close(), 1.0)
+    assert asked == [30.0]
+    running.future.cancel()
