@@ -30,15 +30,10 @@ def build_app(settings: Settings) -> Any:
         repository = edge = EdgeRepository(settings)
     factory: Any = OnnxRuntimeFactory(settings)
     on_shutdown: list[Any] = []
-    if settings.hosts and all(h.get("kind", "triton") == "triton" for h in settings.hosts):
-        # Only Triton hosts configured: serve every model through them, not in-process.
-        from gateway.backends.triton import TritonFactory
-
-        factory = TritonFactory(settings)
-        on_shutdown.append(factory.close)
-    elif any(h.get("kind") == "v2" for h in settings.hosts):
-        # v2 hosts (other gateway nodes): route per batch across them (+ local, + Triton hosts).
-        from gateway.backends.routed import RoutedFactory
+    if settings.hosts:
+        # Hosts of any kind (Triton, v2, DNS groups) and local execution are targets of one
+        # router; a Triton-only deployment is that router without the local runtime.
+        from gateway.backends.placement import RoutedFactory
 
         factory = RoutedFactory(settings)
         on_shutdown.append(factory.close)

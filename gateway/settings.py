@@ -126,11 +126,11 @@ class Settings:
     # forwards at once and Triton waits; for a Triton host that other clients also use).
     triton_batching: str = "gateway"
     host_probe_interval_s: float = 2.0  # health probe period; a host back up gets its models again
-    # Batches in flight per model version and Triton host; 0: the model's instance count + 1,
-    # so every instance there has a batch and one more waits (Triton queues and merges it).
+    # Batches in flight per model version and host (summed over its hosts); 0: the model's
+    # instance count + 1, so every instance has a batch and one more waits (Triton merges it).
     host_concurrency: int = 0
     host_timeout_s: float = 30.0  # one request to a host, when the caller set no deadline
-    # Multi-host routing (``gateway.routing``; used when ``[[hosts]]`` has ``kind = "v2"`` hosts).
+    # Multi-host routing (``gateway.routing``; used when there is any ``[[hosts]]`` table).
     # Host tables: name, url (or dns + port: re-resolved every dns_refresh_s, one host per
     # address), kind = "v2" | "triton", labels, weight, models (placement; empty: all),
     # max_inflight, push (v2: load missing models there through the repository API).

@@ -137,3 +137,41 @@ def strings(repo: Path, name: str = "echo") -> Path:
         [helper.make_tensor_value_info("TEXT_OUT", TensorProto.STRING, ["batch", 1])],
     )
     return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, None)
+
+
+# name, ONNX type, Triton type, numpy dtype, op applied (one input -> one output)
+DTYPE_CASES = [
+    ("FP32", TensorProto.FLOAT, "TYPE_FP32", np.float32, "Neg"),
+    ("FP16", TensorProto.FLOAT16, "TYPE_FP16", np.float16, "Neg"),
+    ("INT32", TensorProto.INT32, "TYPE_INT32", np.int32, "Neg"),
+    ("INT64", TensorProto.INT64, "TYPE_INT64", np.int64, "Neg"),
+    ("BOOL", TensorProto.BOOL, "TYPE_BOOL", np.bool_, "Not"),
+    ("BYTES", TensorProto.STRING, "TYPE_STRING", np.object_, "Identity"),
+]
+
+
+def dtypes_onnx() -> bytes:
+    """One input and output per datatype, ``IN_<T>`` -> ``OUT_<T>``, batched [-1, 3]."""
+    nodes = [helper.make_node(op, [f"IN_{t}"], [f"OUT_{t}"]) for t, _, _, _, op in DTYPE_CASES]
+    graph = helper.make_graph(
+        nodes,
+        "dtypes",
+        [helper.make_tensor_value_info(f"IN_{t}", o, [None, 3]) for t, o, *_ in DTYPE_CASES],
+        [helper.make_tensor_value_info(f"OUT_{t}", o, [None, 3]) for t, o, *_ in DTYPE_CASES],
+    )
+    return graph_bytes(graph)
+
+
+def dtype_inputs(batch: int) -> dict[str, np.ndarray]:
+    """Inputs for ``dtypes_onnx``: ``batch`` rows of each datatype, the same every run."""
+    rng = np.random.default_rng(7)
+    arrays: dict[str, np.ndarray] = {}
+    for t, _, _, dtype, _ in DTYPE_CASES:
+        if t == "BYTES":
+            words = np.array(["héllo", "", "triton", "x y", "42", "ünïcode"], dtype=object)
+            arrays[f"IN_{t}"] = rng.choice(words, size=(batch, 3)).astype(object)
+        elif t == "BOOL":
+            arrays[f"IN_{t}"] = rng.integers(0, 2, size=(batch, 3)).astype(bool)
+        else:
+            arrays[f"IN_{t}"] = (rng.standard_normal((batch, 3)) * 100).astype(dtype)
+    return arrays

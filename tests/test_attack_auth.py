@@ -22,8 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.credentials import Credentials, Verdict
 from tests import models
-from tests.conftest import GatewayProcess, free_port, start_gateway
-from tests.test_server import raw
+from tests.helpers import GatewayProcess, free_port, raw, start_gateway
 
 BODY = json.dumps(
     {

@@ -26,8 +26,8 @@ from gateway.repository.edge import EdgeRepository
 from gateway.repository.manifest import Publisher, write_manifests
 from gateway.settings import Settings
 from tests import models
-from tests.conftest import free_port, start_gateway
 from tests.edge_origins import SIMPLE_INPUTS, AppServer, FakeOrigin, build_repo
+from tests.helpers import free_port, start_gateway
 
 CAP_BYTES = 64 * 1024  # max_index_bytes in these tests
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -22,8 +22,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from gateway.grpc.server import InferenceServicer
 from tests import models
-from tests.conftest import GatewayProcess, free_port, start_gateway
-from tests.test_overload import rss_bytes
+from tests.helpers import GatewayProcess, free_port, rss_bytes, start_gateway
 
 MAX_INFLIGHT = 4
 REQUEST_BYTES = 1024 * 1024

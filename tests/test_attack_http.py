@@ -20,8 +20,7 @@ import pytest
 
 from gateway.settings import SettingsError, load_settings
 from tests import models
-from tests.conftest import GatewayProcess, free_port, start_gateway
-from tests.test_raw_infer import Reader
+from tests.helpers import GatewayProcess, Reader, free_port, start_gateway
 
 CAP_BYTES = 16 * 1024  # not the default: shows the setting reaches the protocol
 BODY = json.dumps(

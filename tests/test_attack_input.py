@@ -23,8 +23,7 @@ from gateway.errors import InvalidInput
 from gateway.grpc import codec as grpc_codec
 from gateway.protocol.codec import decode_infer_request, split_bytes
 from tests import models
-from tests.conftest import GatewayProcess, start_gateway
-from tests.test_server import raw
+from tests.helpers import GatewayProcess, raw, start_gateway
 
 HUGE = 18446744073709551615  # 2**64 - 1
 
@@ -291,7 +290,7 @@ def test_a_long_request_id_is_cut(served: tuple[GatewayProcess, Path]) -> None:
 
 
 def test_grpc_refuses_zero_sized_huge_shape(tmp_path: Path) -> None:
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     models.add_sub(tmp_path / "repo", "simple")
     port = free_port()

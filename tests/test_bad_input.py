@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import GatewayProcess
-from tests.test_server import raw
+from tests.helpers import GatewayProcess, raw
 
 
 def _simple(**overrides: object) -> dict[str, object]:

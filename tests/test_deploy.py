@@ -806,7 +806,7 @@ def test_compose_gpu_file_gives_triton_the_gpu_and_gpu_instances(compose: dict[s
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
 def test_compose_front_config_is_accepted_by_the_gateway(path: Path) -> None:
     """The front's host tables pass the gateway's own validation (device included)."""
-    from gateway.backends.routed import configured_hosts
+    from gateway.backends.hosts import configured_hosts
 
     data = yaml.safe_load(path.read_text())
     settings = Settings(hosts=tuple(front_hosts(data)))

@@ -9,8 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests import models
-from tests.conftest import free_port, start_gateway
-from tests.test_server import raw
+from tests.helpers import free_port, raw, start_gateway
 
 SLOW = """
 name: "slow"
@@ -32,7 +31,7 @@ def test_disconnected_clients_are_dropped_on_plain_uvicorn(tmp_path: Path) -> No
     """Without the gateway's connection protocol (uvicorn's own, as with h11), the hot path
     watches ``receive()`` for the disconnect instead; the outcome is the same."""
     from gateway.settings import Settings
-    from tests.test_fault_hosts import InProcessGateway, get
+    from tests.helpers import InProcessGateway, get
 
     models.add_sub(tmp_path / "repo", "slow", config=SLOW)
     port = free_port()

@@ -19,8 +19,8 @@ from gateway.repository.edge import EdgeRepository
 from gateway.repository.manifest import parse_manifest, write_manifests
 from gateway.settings import Settings
 from tests import models
-from tests.conftest import free_port
 from tests.edge_origins import FakeOrigin, StaticOrigin, build_repo
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="module")

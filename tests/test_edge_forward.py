@@ -22,8 +22,8 @@ from gateway.repository.edge import EdgeRepository
 from gateway.repository.manifest import write_manifests
 from gateway.settings import Settings, SettingsError
 from tests import models
-from tests.conftest import GatewayProcess, free_port, start_gateway
 from tests.edge_origins import SIMPLE_INPUTS, FakeOrigin, build_repo
+from tests.helpers import GatewayProcess, free_port, start_gateway
 
 FEATURES, CLASSES = 1024, 1024  # a 4 MiB model: ~4 s through the 1 MB/s link below
 RATE_BYTES_S = 1_000_000

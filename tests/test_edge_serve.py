@@ -18,8 +18,8 @@ import pytest
 from gateway.repository.edge import EdgeRepository
 from gateway.repository.manifest import write_manifests
 from gateway.settings import Settings
-from tests.conftest import GatewayProcess, start_gateway
 from tests.edge_origins import SIMPLE_INPUTS, FakeOrigin, build_repo
+from tests.helpers import GatewayProcess, start_gateway
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from tests import models
-from tests.conftest import start_gateway
+from tests.helpers import start_gateway
 
 CONFIG = """
 name: "m"

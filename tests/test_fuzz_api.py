@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 
 from gateway.server.openapi import OPENAPI
 from tests import models
-from tests.conftest import GatewayProcess, start_gateway
+from tests.helpers import GatewayProcess, start_gateway
 
 schema = schemathesis.openapi.from_dict(OPENAPI)
 

@@ -50,7 +50,7 @@ from gateway.repository.config import ModelConfig, TensorConfig, parse_json, par
 from gateway.repository.local import LocalRepository
 from gateway.settings import Settings, SettingsError
 from tests import models
-from tests.conftest import GatewayProcess, free_port
+from tests.helpers import GatewayProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_BUILD = [CUDA, CPU]  # what onnxruntime-gpu lists, GPU or not

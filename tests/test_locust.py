@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, start_gateway
+from tests.helpers import ROOT, start_gateway
 
 # loaded by path: importing the locustfile itself would import locust, which monkey-patches this
 # process with gevent

@@ -12,8 +12,7 @@ import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.logs import AccessLog
-from tests.conftest import GatewayProcess
-from tests.test_server import raw, simple_inputs
+from tests.helpers import GatewayProcess, raw, simple_inputs
 
 
 def scrape(gw: GatewayProcess) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -12,16 +12,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, start_gateway
+from tests.helpers import ROOT, rss_bytes, start_gateway
 
 pytestmark = pytest.mark.slow
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def binary_body(features: int) -> tuple[bytes, dict[str, str]]:

@@ -15,8 +15,7 @@ import tritonclient.http.aio as aiohttpclient
 from tritonclient.utils import InferenceServerException
 
 from tests import models
-from tests.conftest import GatewayProcess, start_gateway
-from tests.test_server import raw, simple_inputs
+from tests.helpers import GatewayProcess, raw, simple_inputs, start_gateway
 
 SLOW_BATCH = """
 name: "slow"

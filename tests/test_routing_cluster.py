@@ -23,8 +23,8 @@ import aiohttp
 import pytest
 
 from tests import models
-from tests.conftest import GatewayProcess, start_gateway
 from tests.delay_proxy import DelayProxy
+from tests.helpers import GatewayProcess, start_gateway
 
 BODY = {
     "inputs": [

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.backends.base import Tensors
-from gateway.backends.routed import DnsGroup, HostEntry, RoutedFactory, host_from_table
-from gateway.errors import HostUnreachable, Overloaded, Unavailable
+from gateway.backends.base import Host, Tensors
+from gateway.backends.hosts import build_host, configured_hosts
+from gateway.backends.placement import HostEntry, RoutedFactory
+from gateway.errors import HostUnreachable, ModelLoadError, Overloaded, Unavailable
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import LocalRepository, ModelSource
 from gateway.routing import (
@@ -32,6 +33,7 @@ from gateway.routing import (
     check_host_table,
     make_policy,
 )
+from gateway.routing.hosts import LOCAL, DnsSpec, V2Spec, parse_host
 from gateway.routing.tiers import CACHED, LOADED, ORIGIN, HostModel, parse_index, tier_for
 from gateway.settings import Settings, SettingsError
 from tests import models
@@ -280,7 +282,7 @@ async def test_router_waits_for_a_slot_then_gives_up_with_429() -> None:
 # -- routed backend over fake hosts ---------------------------------------------------------
 
 
-class FakeHost:
+class FakeHost(Host):
     def __init__(self, name: str, fail: bool = False) -> None:
         self._name = name
         self.fail = fail
@@ -378,6 +380,76 @@ async def test_routed_backend_serves_locally_too(simple_source: ModelSource) -> 
     await factory.close()
 
 
+class IdleHost(FakeHost):
+    """A host that knows it does not serve anything now (a Triton host marked down)."""
+
+    def serving(self, model: str) -> bool:
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "triton", "state": "down", "reason": "gone"}
+
+
+class UnreachableHost(FakeHost):
+    async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
+        raise HostUnreachable(f"{self.name} is unreachable")
+
+    async def release(self, model: str) -> None:
+        self.calls += 1
+
+
+async def test_hosts_that_do_not_serve_a_model_are_not_candidates(
+    simple_source: ModelSource,
+) -> None:
+    """A host that says it does not serve the model now is skipped before the router's next
+    probe; with no other target the answer names it and why (a 503, not a wasted call)."""
+    idle, good = IdleHost("idle"), FakeHost("good")
+    settings = Settings(local_execution=False, routing_policy="round_robin")
+    factory = RoutedFactory(settings, [HostEntry(idle), HostEntry(good)])
+    backend = await factory.load(simple_source, 1)
+    assert backend.ready()
+    for _ in range(4):
+        await backend.execute(inputs(), ["OUTPUT0"])
+    assert (idle.calls, good.calls) == (0, 4)
+    await factory.remove_host("good")
+    assert not backend.ready()
+    with pytest.raises(Unavailable, match="idle down: gone"):
+        await backend.execute(inputs(), ["OUTPUT0"])
+    assert idle.calls == 0
+    described = backend.describe()
+    assert described["backend"] == "triton" and described["hosts"] == [
+        {"name": "idle", "kind": "triton", "state": "down", "model_ready": False}
+    ]
+    await backend.close()
+    await factory.close()
+
+
+async def test_a_version_no_host_took_fails_to_load(simple_source: ModelSource) -> None:
+    """Without the local runtime, a version that no host took does not load (each host's reason
+    in the error), and unreachable hosts give up their pending registration."""
+    hosts = [UnreachableHost("a"), UnreachableHost("b")]
+    factory = RoutedFactory(Settings(local_execution=False), [HostEntry(h) for h in hosts])
+    with pytest.raises(ModelLoadError, match="could not be loaded on any host: a: a is unr"):
+        await factory.load(simple_source, 1)
+    assert [h.calls for h in hosts] == [1, 1]  # released
+    await factory.close()
+
+
+async def test_triton_only_deployment_is_the_router_without_local_execution() -> None:
+    """Triton hosts alone: no local target, and the host table and run-time changes of the
+    admin API work as for any routed deployment."""
+    table = {"kind": "triton", "name": "t1", "url": "127.0.0.1:1"}
+    factory = RoutedFactory(Settings(hosts=(table,), host_probe_interval_s=0.1))
+    assert set(factory.router.targets) == {"t1"}
+    result = await factory.add_host({**table, "name": "t2", "grpc_url": "127.0.0.1:2"})
+    assert result == {"name": "t2", "replaced": False, "models": {}}
+    rows = {row["name"]: row for row in factory.table()["hosts"]}
+    assert rows["t2"]["host"]["protocol"] == "grpc" and rows["t1"]["host"]["kind"] == "triton"
+    removed = await factory.remove_host("t1", wait=True)
+    assert removed["drained"] is True and set(factory.router.targets) == {"t2"}
+    await factory.close()
+
+
 def test_latency_policy_balances_equal_hosts_by_in_flight() -> None:
     policy = make_policy("latency", random.Random(2))
     # Same normalised cost (a usually carries more), so fewer in flight wins.
@@ -434,33 +506,42 @@ def test_invalid_host_tables_name_the_field(table: Any, field: str) -> None:
     assert field in str(info.value)
 
 
-def test_host_from_table_builds_v2_hosts_and_dns_groups() -> None:
+def test_host_tables_parse_into_v2_hosts_and_dns_groups() -> None:
     settings = Settings(host_max_inflight=5)
-    entry = host_from_table({"kind": "v2", "name": "w", "url": "h:1", "push": True}, settings)
+    spec = parse_host({"kind": "v2", "name": "w", "url": "h:1", "push": True}, settings)
+    assert isinstance(spec, V2Spec)
+    entry = build_host(spec, settings)
     assert isinstance(entry, HostEntry) and entry.host.name == "w"
     assert entry.max_inflight == 5 and entry.models is None
     assert entry.host.describe()["url"] == "http://h:1" and entry.host.describe()["push"]
-    group = host_from_table({"kind": "v2", "dns": "workers", "port": 8000}, settings)
-    assert isinstance(group, DnsGroup) and (group.name, group.port) == ("workers", 8000)
+    group = parse_host({"kind": "v2", "dns": "workers", "port": 8000}, settings)
+    assert isinstance(group, DnsSpec) and (group.name, group.port) == ("workers", 8000)
+    assert group.member("10.0.0.1").url == "http://10.0.0.1:8000"
     with pytest.raises(SettingsError, match="'weight'"):
-        host_from_table({"kind": "v2", "url": "h:1", "weight": -1}, settings)
+        parse_host({"kind": "v2", "url": "h:1", "weight": -1}, settings)
 
 
-def test_routed_triton_hosts_leave_the_batching_to_the_gateway() -> None:
+async def test_routed_triton_hosts_leave_the_batching_to_the_gateway() -> None:
     """The router batches before it picks a host; a Triton host that waited too would pay the
-    queue delay twice, so ``batching = "triton"`` is refused there (admin API and file)."""
-    from gateway.backends.routed import configured_hosts
-
+    queue delay twice, so ``batching = "triton"`` is refused wherever a target does not batch
+    for itself (a v2 host, the local runtime): in the file and through the admin API."""
     table = {"kind": "triton", "name": "t", "url": "h:1"}
-    entry = host_from_table({**table, "batching": "gateway"}, Settings(), "hosts[3]")
-    assert isinstance(entry, HostEntry) and getattr(entry.host, "batching", None) == "gateway"
-    with pytest.raises(SettingsError, match=r"hosts\[3\]: batching = 'triton'"):
-        host_from_table({**table, "batching": "triton"}, Settings(), "hosts[3]")
+    entry = build_host(parse_host({**table, "batching": "gateway"}, Settings()), Settings())
+    assert isinstance(entry, HostEntry) and not entry.host.batches_upstream
     v2 = {"kind": "v2", "name": "w", "url": "h:2"}
     with pytest.raises(SettingsError, match="Triton host t: batching = 'triton'"):
         configured_hosts(Settings(hosts=(v2, table), triton_batching="triton"))
     entries, _ = configured_hosts(Settings(hosts=(v2, table)))
     assert [e.host.name for e in entries] == ["w", "t"]
+    # Triton-only: allowed, and the backend says so (no local runtime either).
+    factory = RoutedFactory(Settings(hosts=(table,), triton_batching="triton"))
+    assert factory.pool.hosts["t"].host.batches_upstream and LOCAL not in factory.router.targets
+    with pytest.raises(SettingsError, match="Triton host t: batching = 'triton'"):
+        await factory.add_host(v2)
+    with pytest.raises(SettingsError, match="Triton host u: batching = 'triton'"):
+        await RoutedFactory(Settings(hosts=(v2,))).add_host(
+            {**table, "name": "u", "batching": "triton"}
+        )
 
 
 def test_replaced_target_drains_and_keeps_its_verdicts_to_itself() -> None:
@@ -637,7 +718,7 @@ async def test_dns_group_added_replaces_a_host_and_goes_as_a_whole() -> None:
     settings = Settings(local_execution=False)
     static = GatedHost("g")
     factory = RoutedFactory(settings, [HostEntry(static), HostEntry(GatedHost("other"))])
-    result = await factory.add_entry(DnsGroup("g", "localhost", 1, {"kind": "v2"}))
+    result = await factory.add_entry(DnsSpec("g", "localhost", 1, V2Spec("g", "")))
     assert result["replaced"] is True and "g@127.0.0.1:1" in result["hosts"]
     assert "g" not in factory.router.targets and "g@127.0.0.1:1" in factory.router.targets
     assert [g["name"] for g in factory.table()["dns_groups"]] == ["g"]

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 from tests import models
-from tests.conftest import GatewayProcess, start_gateway
-from tests.test_server import raw
+from tests.helpers import GatewayProcess, raw, start_gateway
 
 BODY = json.dumps(
     {
@@ -84,8 +83,7 @@ def test_trickling_body_times_out_on_plain_uvicorn(tmp_path: Path) -> None:
     """Without the gateway's connection protocol (uvicorn's own, as with h11) the hot path keeps
     the body deadline itself: the same 408, and the gateway keeps serving."""
     from gateway.settings import Settings
-    from tests.conftest import free_port
-    from tests.test_fault_hosts import InProcessGateway
+    from tests.helpers import InProcessGateway, free_port
 
     models.add_sub(tmp_path / "repo", "simple")
     port = free_port()
@@ -123,7 +121,7 @@ def test_admin_api_can_be_turned_off(tmp_path: Path) -> None:
 
 
 def test_admin_api_on_its_own_port(tmp_path: Path) -> None:
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     models.add_sub(tmp_path / "repo", "simple")
     admin_port = free_port()
@@ -151,7 +149,7 @@ def test_grpc_needs_the_same_keys(tmp_path: Path) -> None:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     models.add_sub(tmp_path / "repo", "simple")
     grpc_port = free_port()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -15,40 +13,13 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import GatewayProcess
+from tests.helpers import GatewayProcess, raw, simple_inputs
 
 
 def ort_run(repo: Path, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"))
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
-
-
-def raw(
-    gw: GatewayProcess,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
-def simple_inputs(batch: int = 1, binary: bool = True) -> tuple[list[Any], np.ndarray, np.ndarray]:
-    a = np.arange(16 * batch, dtype=np.int32).reshape(batch, 16)
-    b = np.full((batch, 16), 3, dtype=np.int32)
-    ins = []
-    for name, arr in (("INPUT0", a), ("INPUT1", b)):
-        tensor = httpclient.InferInput(name, list(arr.shape), "INT32")
-        tensor.set_data_from_numpy(arr, binary_data=binary)
-        ins.append(tensor)
-    return ins, a, b
 
 
 def test_health_and_metadata(gateway: GatewayProcess) -> None:

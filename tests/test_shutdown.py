@@ -11,7 +11,7 @@ import aiohttp
 import numpy as np
 
 from tests import models
-from tests.conftest import start_gateway
+from tests.helpers import start_gateway
 
 SLOW = """
 name: "slow"

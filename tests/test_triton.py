@@ -1,4 +1,5 @@
-"""The gateway serving through a real Triton Inference Server host (``TritonFactory``).
+"""The gateway serving through a real Triton Inference Server host (a Triton-only deployment:
+the router over Triton hosts, ``gateway.backends.routed``).
 
 One tritonserver (python backend only, from the nvidia-pytriton wheel) and two gateway
 processes for the module, one talking HTTP to it and one gRPC (with its HTTP ``url`` pointing
@@ -22,15 +23,15 @@ import onnxruntime as ort
 import pytest
 
 from gateway import context
-from gateway.backends.triton import DEFAULT_PROTOCOL, TritonHost, triton_config, triton_hosts
+from gateway.backends.hosts import configured_hosts
+from gateway.backends.triton import DEFAULT_PROTOCOL, TritonHost, triton_config
 from gateway.errors import HostUnreachable, InvalidInput, ModelNotReady
 from gateway.repository.config import DynamicBatching, ModelConfig, TensorConfig
 from gateway.settings import Settings, SettingsError
 from gateway.testing.tritonserver import TritonServer, free_port, tritonserver_unavailable_reason
 from tests import models
-from tests.conftest import GatewayProcess, start_gateway
-from tests.test_triton_harness import as_text, dtype_inputs, dtypes_onnx, ort_run
-from tests.test_triton_harness import infer as harness_infer
+from tests.helpers import GatewayProcess, as_text, ort_run, start_gateway, triton_infer
+from tests.models import dtype_inputs, dtypes_onnx
 
 httpclient = pytest.importorskip("tritonclient.http")
 InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
@@ -70,6 +71,11 @@ def test_triton_config_for_each_strategy() -> None:
     waits_there = triton_config(config, [1], "cpu", "python", batching="triton")
     assert waits_there["dynamic_batching"]["max_queue_delay_microseconds"] == 2000
     assert config.dynamic_batching and config.dynamic_batching.max_queue_delay_us == 2000
+
+
+def triton_hosts(settings: Settings) -> list[tuple[Any, frozenset[str] | None]]:
+    entries, _ = configured_hosts(settings)
+    return [(e.host, e.models) for e in entries]
 
 
 def test_hosts_from_settings() -> None:
@@ -441,7 +447,7 @@ def test_grpc_host_outputs_match_onnxruntime(gw_grpc: GatewayProcess, binary: bo
     feeds = dtype_inputs(batch=3)
     expected = ort_run(dtypes_onnx(), feeds)
     fp16 = frozenset({"IN_FP16", "OUT_FP16"})  # as in the harness: FP16 only binary
-    result = harness_infer(
+    result = triton_infer(
         client, "dtypes", feeds, binary=binary, outputs=list(expected), always_binary=fp16
     )
     for name, want in expected.items():

@@ -7,16 +7,16 @@ Checks the two things the gateway relies on: this Triton build rejects ``backend
 
 from __future__ import annotations
 
+import ast
 import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
 from gateway.backends.triton_python_model import (
     PYTHON_BACKEND_MODEL_PY,
@@ -32,7 +32,8 @@ from gateway.testing.tritonserver import (
     process_running,
     tritonserver_unavailable_reason,
 )
-from tests.models import graph_bytes, simple_onnx
+from tests.helpers import as_text, ort_run, triton_infer
+from tests.models import DTYPE_CASES, dtype_inputs, dtypes_onnx, simple_onnx
 
 httpclient = pytest.importorskip("tritonclient.http")
 InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
@@ -97,29 +98,6 @@ def simple_config(name: str, *, dynamic_batching: bool = False) -> dict[str, Any
     return config
 
 
-# name, ONNX type, Triton type, numpy dtype, op applied (one input -> one output)
-DTYPE_CASES = [
-    ("FP32", TensorProto.FLOAT, "TYPE_FP32", np.float32, "Neg"),
-    ("FP16", TensorProto.FLOAT16, "TYPE_FP16", np.float16, "Neg"),
-    ("INT32", TensorProto.INT32, "TYPE_INT32", np.int32, "Neg"),
-    ("INT64", TensorProto.INT64, "TYPE_INT64", np.int64, "Neg"),
-    ("BOOL", TensorProto.BOOL, "TYPE_BOOL", np.bool_, "Not"),
-    ("BYTES", TensorProto.STRING, "TYPE_STRING", np.object_, "Identity"),
-]
-
-
-def dtypes_onnx() -> bytes:
-    """One input and output per datatype, ``IN_<T>`` -> ``OUT_<T>``, batched [-1, 3]."""
-    nodes = [helper.make_node(op, [f"IN_{t}"], [f"OUT_{t}"]) for t, _, _, _, op in DTYPE_CASES]
-    graph = helper.make_graph(
-        nodes,
-        "dtypes",
-        [helper.make_tensor_value_info(f"IN_{t}", o, [None, 3]) for t, o, *_ in DTYPE_CASES],
-        [helper.make_tensor_value_info(f"OUT_{t}", o, [None, 3]) for t, o, *_ in DTYPE_CASES],
-    )
-    return graph_bytes(graph)
-
-
 def dtypes_config(name: str) -> dict[str, Any]:
     def io(prefix: str) -> list[dict[str, Any]]:
         return [
@@ -135,64 +113,28 @@ def dtypes_config(name: str) -> dict[str, Any]:
     }
 
 
-def dtype_inputs(batch: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(7)
-    arrays: dict[str, np.ndarray] = {}
-    for t, _, _, dtype, _ in DTYPE_CASES:
-        if t == "BYTES":
-            words = np.array(["héllo", "", "triton", "x y", "42", "ünïcode"], dtype=object)
-            arrays[f"IN_{t}"] = rng.choice(words, size=(batch, 3)).astype(object)
-        elif t == "BOOL":
-            arrays[f"IN_{t}"] = rng.integers(0, 2, size=(batch, 3)).astype(bool)
-        else:
-            arrays[f"IN_{t}"] = (rng.standard_normal((batch, 3)) * 100).astype(dtype)
-    return arrays
-
-
-def ort_run(onnx_bytes: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
-
-
-def infer(
-    client: Any,
-    model: str,
-    feeds: dict[str, np.ndarray],
-    *,
-    binary: bool,
-    outputs: list[str] | None = None,
-    always_binary: frozenset[str] = frozenset(),
-) -> Any:
-    """One request; tensors named in ``always_binary`` go binary even in a JSON request."""
-    inputs = []
-    for name, array in feeds.items():
-        datatype = "BYTES" if array.dtype == np.object_ else _triton_dtype(array.dtype)
-        tensor = httpclient.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(array, binary_data=binary or name in always_binary)
-        inputs.append(tensor)
-    requested = [
-        httpclient.InferRequestedOutput(n, binary_data=binary or n in always_binary)
-        for n in outputs or []
-    ]
-    return client.infer(model, inputs, outputs=requested or None)
-
-
-def _triton_dtype(dtype: np.dtype[Any]) -> str:
-    from tritonclient.utils import np_to_triton_dtype
-
-    return str(np_to_triton_dtype(dtype))
-
-
-def as_text(array: np.ndarray) -> np.ndarray:
-    return np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[object])(array)
-
-
 # -- tests without a server ---------------------------------------------------------------
 
 
 def test_model_py_is_valid_python() -> None:
     compile(PYTHON_BACKEND_MODEL_PY, "model.py", "exec")
+
+
+def test_model_py_stands_alone() -> None:
+    """What is pushed is the package's ``triton_model/model.py`` (the file ruff and mypy check),
+    and Triton runs it by path on the host's Python: it imports nothing the host lacks (the
+    gateway), and parses on Python 3.8, the oldest the python-backend stubs are built for."""
+    path = Path(__file__).resolve().parent.parent / "gateway/backends/triton_model/model.py"
+    assert PYTHON_BACKEND_MODEL_PY == path.read_text("utf-8")
+    tree = ast.parse(PYTHON_BACKEND_MODEL_PY, feature_version=(3, 8))
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    allowed = {"__future__", "json", "os", "typing", "numpy", "onnxruntime"}
+    assert imported <= allowed | {"triton_python_backend_utils"}, imported
 
 
 def test_python_backend_files_layout() -> None:
@@ -281,12 +223,12 @@ def test_python_backend_matches_onnxruntime(
         n: rng.integers(-1000, 1000, size=(3, 16), dtype=np.int32) for n in ("INPUT0", "INPUT1")
     }
     expected = ort_run(simple_onnx(), feeds)
-    result = infer(client, simple_model, feeds, binary=binary)
+    result = triton_infer(client, simple_model, feeds, binary=binary)
     for name, want in expected.items():
         got = result.as_numpy(name)
         assert got.dtype == np.int32
         np.testing.assert_array_equal(got, want)
-    only_diff = infer(client, simple_model, feeds, binary=binary, outputs=["OUTPUT1"])
+    only_diff = triton_infer(client, simple_model, feeds, binary=binary, outputs=["OUTPUT1"])
     assert [o["name"] for o in only_diff.get_response()["outputs"]] == ["OUTPUT1"]
 
 
@@ -301,7 +243,7 @@ def test_concurrent_requests_are_split_back_correctly(
             "INPUT0": np.full((rows, 16), i, dtype=np.int32),
             "INPUT1": np.arange(rows * 16, dtype=np.int32).reshape(rows, 16),
         }
-        result = infer(_client(triton), simple_model, feeds, binary=True)
+        result = triton_infer(_client(triton), simple_model, feeds, binary=True)
         return result.as_numpy("OUTPUT0"), feeds["INPUT0"] + feeds["INPUT1"]
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -326,7 +268,7 @@ def test_all_dtypes_round_trip(triton: TritonServer) -> None:
     # JSON request still carries FP16 tensors in binary.
     fp16 = frozenset({"IN_FP16", "OUT_FP16"})
     for binary in (True, False):
-        result = infer(
+        result = triton_infer(
             client, name, feeds, binary=binary, outputs=list(expected), always_binary=fp16
         )
         for out_name, want in expected.items():
@@ -344,10 +286,11 @@ def test_bad_request_fails_alone(triton: TritonServer, simple_model: str) -> Non
     client = _client(triton)
     bad = {"INPUT0": np.zeros((1, 16), np.int32), "INPUT1": np.zeros((2, 16), np.int32)}
     with pytest.raises(InferenceServerException):
-        infer(client, simple_model, bad, binary=True)
+        triton_infer(client, simple_model, bad, binary=True)
     good = {n: np.ones((1, 16), np.int32) for n in ("INPUT0", "INPUT1")}
     np.testing.assert_array_equal(
-        infer(client, simple_model, good, binary=True).as_numpy("OUTPUT0"), good["INPUT0"] * 2
+        triton_infer(client, simple_model, good, binary=True).as_numpy("OUTPUT0"),
+        good["INPUT0"] * 2,
     )
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from gateway.errors import DeadlineExceeded, GatewayError, HostUnreachable, Unavailable
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import ModelSource
+from gateway.routing.tiers import HostModel
 
 Tensors = dict[str, np.ndarray[Any, Any]]
 
@@ -65,6 +66,10 @@ class Host(Protocol):
 
     Connection-level failures raise ``HostUnreachable`` (safe to retry elsewhere); a host that
     answers with an error raises the matching ``GatewayError``.
+
+    What differs between kinds of host is a member here; the members after ``describe`` have
+    defaults, which a host gets by subclassing ``Host``. One router
+    (``gateway.backends.routed``) serves every kind through these members only.
     """
 
     @property
@@ -102,6 +107,39 @@ class Host(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Facts for metadata, the admin API and the repository index."""
+
+    # -- members with defaults --------------------------------------------------------------
+
+    async def health(self) -> bool:
+        """The router's probe: whether the host takes batches now, never raising. Default: its
+        server readiness."""
+        return await self.ready()
+
+    async def repository_index(self) -> dict[str, HostModel] | None:
+        """Where each model is there (``gateway.routing.tiers``), for cold-start tiers; None
+        when not known (the default: the router asks ``model_ready`` per model instead)."""
+        return None
+
+    def pushed_bytes(self, key: str) -> int | None:
+        """Bytes the last ``prepare`` of ``"model/version"`` moved there (a bandwidth sample;
+        0: it was there already); None when not known (the default)."""
+        return None
+
+    def serving(self, model: str) -> bool:
+        """Whether the host believes it serves ``model`` now (no I/O); False takes it out of
+        the candidates before the router's next probe. Default: True."""
+        return True
+
+    def concurrency(self, config: ModelConfig) -> int | None:
+        """Batches of this model to keep in flight there at once; None (the default): only the
+        host's ``max_inflight`` over all models applies."""
+        return None
+
+    @property
+    def batches_upstream(self) -> bool:
+        """Whether the host runs its own dynamic batcher with the model's queue delay (a Triton
+        host with ``batching = "triton"``). Default: False."""
+        return False
 
 
 def check_answer(

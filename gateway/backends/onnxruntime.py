@@ -66,8 +66,8 @@ _ORT_TO_V2 = {
     "tensor(string)": "BYTES",
 }
 
-# Triton onnxruntime-backend model parameters -> ``SessionOptions`` attributes. The generated
-# python-backend model (``triton_python_model.py``, standalone by necessity) maps the same keys.
+# Triton onnxruntime-backend model parameters -> ``SessionOptions`` attributes. The pushed
+# python-backend model (``triton_model/model.py``, standalone by necessity) maps the same keys.
 THREAD_PARAMETERS = {
     "intra_op_thread_count": "intra_op_num_threads",
     "inter_op_thread_count": "inter_op_num_threads",

@@ -2,13 +2,14 @@
 ``gateway.backends.base.Host``.
 
 Requests go over one pooled keep-alive ``aiohttp`` session with tensors in the binary-tensor
-extension both ways; the caller's remaining deadline travels as Triton's ``timeout`` parameter
-(microseconds) and the ids of the batched requests as ``X-Request-ID``. Failures are mapped at
-this edge (as httpx maps httpcore's): refused / reset / timed-out connections become
-``HostUnreachable`` (safe to retry elsewhere), 503 ``Unavailable``, 429 ``Overloaded``,
-404 ``ModelNotReady`` (not there), 504 ``DeadlineExceeded``, other 4xx ``InvalidInput``. A
-response that is not valid HTTP or not a decodable v2 answer is ``Unavailable`` (503): it counts
-against the host, and the router may retry elsewhere.
+extension both ways (the bytes are ``gateway.protocol.client``'s; answers are read as sent,
+never decompressed, and refused past ``max_response_bytes``); the caller's remaining deadline
+travels as Triton's ``timeout`` parameter (microseconds) and the ids of the batched requests as
+``X-Request-ID``. Failures are mapped at this edge (as httpx maps httpcore's): refused / reset /
+timed-out connections become ``HostUnreachable`` (safe to retry elsewhere), 503 ``Unavailable``,
+429 ``Overloaded``, 404 ``ModelNotReady`` (not there), 504 ``DeadlineExceeded``, other 4xx
+``InvalidInput``. A response that is not valid HTTP or not a decodable v2 answer is
+``Unavailable`` (503): it counts against the host, and the router may retry elsewhere.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
-import numpy as np
 import orjson
 
 from gateway import context
-from gateway.backends.base import Tensors, check_dispatch, timed_out
+from gateway.backends.base import Host, Tensors, check_dispatch, timed_out
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -36,93 +36,31 @@ from gateway.errors import (
     Overloaded,
     Unavailable,
 )
-from gateway.protocol.codec import join_bytes, split_bytes
-from gateway.protocol.types import datatype_of, numpy_dtype
+from gateway.protocol.client import (
+    HEADER_LENGTH,
+    decode_response,
+    encode_request,
+    error_message,
+    malformed,
+)
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import ModelSource
 from gateway.routing.tiers import HostModel, parse_index
 
-__all__ = ["V2Host", "decode_response", "encode_request"]
+__all__ = ["MAX_RESPONSE_BYTES", "V2Host"]
 
 log = logging.getLogger(__name__)
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
+# What one answer of a host may hold, read or not: a batch's outputs are rarely over a few
+# MiB, and a host that sends more (or an endless chunked body) fails the request instead of
+# filling this process's memory.
+MAX_RESPONSE_BYTES = 1 << 30
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
 # Anything else aiohttp raises: a response that is not HTTP (bad status line, bad headers).
 _CLIENT_ERRORS = (*_CONNECTION_ERRORS, aiohttp.ClientError)
 
 
-def _blob(array: np.ndarray[Any, Any]) -> bytes:
-    if datatype_of(array) != "BYTES":
-        return np.ascontiguousarray(array).tobytes()
-    return join_bytes(array)
-
-
-def encode_request(
-    inputs: Tensors, outputs: Sequence[str], timeout_s: float | None = None
-) -> tuple[bytes, int]:
-    """A binary-tensor request body and its JSON header length."""
-    blobs: list[bytes] = []
-    entries = []
-    for name, array in inputs.items():
-        blob = _blob(array)
-        blobs.append(blob)
-        entries.append(
-            {
-                "name": name,
-                "shape": list(array.shape),
-                "datatype": datatype_of(array),
-                "parameters": {"binary_data_size": len(blob)},
-            }
-        )
-    header: dict[str, Any] = {
-        "inputs": entries,
-        "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in outputs],
-    }
-    if timeout_s is not None:
-        header["parameters"] = {"timeout": max(1, int(timeout_s * 1e6))}
-    head = orjson.dumps(header)
-    return b"".join([head, *blobs]), len(head)
-
-
-def decode_response(body: bytes, header_length: int | None) -> Tensors:
-    """The outputs of a v2 response body (JSON or binary-tensor)."""
-    head = body[:header_length] if header_length is not None else body
-    try:
-        header = orjson.loads(head)
-        out: Tensors = {}
-        offset = header_length or 0
-        for entry in header["outputs"]:
-            shape = tuple(int(d) for d in entry["shape"])
-            dtype = numpy_dtype(entry["datatype"])
-            count = int(np.prod(shape)) if shape else 1
-            size = (entry.get("parameters") or {}).get("binary_data_size")
-            if size is not None:
-                data = body[offset : offset + int(size)]
-                offset += int(size)
-                if dtype.kind == "O":
-                    array = split_bytes(data, count, entry["name"])
-                else:
-                    array = np.frombuffer(data, dtype=dtype).copy()
-            elif dtype.kind == "O":
-                array = np.array([str(v).encode() for v in entry["data"]], dtype=object)
-            else:
-                array = np.asarray(entry["data"], dtype=dtype)
-            out[entry["name"]] = array.reshape(shape)
-    except (KeyError, TypeError, ValueError, orjson.JSONDecodeError, InvalidInput) as exc:
-        raise GatewayError(f"malformed response from host: {exc}") from None
-    return out
-
-
-def _message(body: bytes) -> str:
-    try:
-        data = orjson.loads(body)
-        return str(data.get("error", data)) if isinstance(data, dict) else str(data)
-    except orjson.JSONDecodeError:
-        return body[:200].decode(errors="replace")
-
-
-class V2Host:
+class V2Host(Host):
     """One v2 REST server. ``push``: ``prepare`` loads a model missing there through the
     repository API with its files (``parameters["file:<v>/model.onnx"]``, base64), as a
     gateway worker accepts; otherwise the model must already be ready there."""
@@ -139,6 +77,7 @@ class V2Host:
         probe_timeout_s: float = 1.0,
         load_timeout_s: float = 120.0,
         keepalive_s: float = 4.0,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self._name = name
         self.url = (url if "://" in url else f"http://{url}").rstrip("/")
@@ -149,10 +88,11 @@ class V2Host:
         self.probe_timeout_s = probe_timeout_s
         self.load_timeout_s = load_timeout_s
         self.keepalive_s = keepalive_s  # below the server's keep-alive, so it never closes first
+        self.max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
         self._pushed: set[str] = set()
         # "model/version" -> bytes the last ``prepare`` pushed there (0: it was ready already)
-        self.pushed_bytes: dict[str, int] = {}
+        self._pushed_bytes: dict[str, int] = {}
         self._closed = False
 
     @property
@@ -168,8 +108,13 @@ class V2Host:
             connector = aiohttp.TCPConnector(
                 limit=self.conn_limit, keepalive_timeout=self.keepalive_s
             )
+            # Bodies as sent: a compressed one would grow past what ``_read`` measured (and
+            # aiohttp would otherwise ask for gzip, which costs CPU on both sides of a fast link).
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                auto_decompress=False,
+                headers={"Accept-Encoding": "identity"},
             )
         return self._session
 
@@ -184,7 +129,25 @@ class V2Host:
         return self._malformed(type(exc).__name__)
 
     def _malformed(self, detail: str) -> Unavailable:
-        return Unavailable(f"host {self._name} sent a malformed response: {detail}", 1.0)
+        return malformed(self._name, detail)
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The body, refused (``Unavailable``) once it is over ``max_response_bytes``: from its
+        ``Content-Length`` before reading, or as a chunked body grows."""
+        limit = self.max_response_bytes
+        declared = response.content_length
+        if declared is not None:
+            if declared > limit:
+                raise self._malformed(f"a {declared}-byte body is over the {limit}-byte limit")
+            return await response.read()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise self._malformed(f"the body is over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def infer(
         self,
@@ -208,7 +171,7 @@ class V2Host:
         try:
             async with asyncio.timeout(limit_s):
                 async with self._http().post(url, data=body, headers=headers) as response:
-                    payload = await response.read()
+                    payload = await self._read(response)
                     status = response.status
                     length = response.headers.get(HEADER_LENGTH)
                     retry_after = response.headers.get("Retry-After")
@@ -217,15 +180,11 @@ class V2Host:
         except _CLIENT_ERRORS as exc:
             raise self._lost(exc) from None
         if status == 200:
-            try:
-                return decode_response(payload, int(length) if length is not None else None)
-            except (GatewayError, ValueError) as exc:
-                detail = str(exc).removeprefix("malformed response from host: ")
-                raise self._malformed(detail) from None
+            return decode_response(payload, length, self._name)
         raise self._error(status, payload, retry_after)
 
     def _error(self, status: int, payload: bytes, retry_after: str | None) -> GatewayError:
-        text = f"host {self._name}: {_message(payload)}"
+        text = f"host {self._name}: {error_message(payload)}"
         retry_s = float(retry_after) if retry_after and retry_after.isdigit() else 1.0
         if status == 429:
             return Overloaded(text, retry_after_s=retry_s)
@@ -243,9 +202,9 @@ class V2Host:
         try:
             async with asyncio.timeout(self.probe_timeout_s):
                 async with self._http().get(self.url + path) as response:
-                    await response.read()
+                    await self._read(response)
                     return response.status == 200
-        except (TimeoutError, *_CLIENT_ERRORS):
+        except (TimeoutError, Unavailable, *_CLIENT_ERRORS):
             return False
 
     async def ready(self) -> bool:
@@ -253,6 +212,9 @@ class V2Host:
 
     async def model_ready(self, model: str, version: int) -> bool:
         return await self._get_ok(f"/v2/models/{model}/versions/{version}/ready")
+
+    def pushed_bytes(self, key: str) -> int | None:
+        return self._pushed_bytes.get(key)
 
     async def repository_index(self) -> dict[str, HostModel] | None:
         """Where each model is on this host (``gateway.routing.tiers.parse_index`` of its
@@ -262,16 +224,16 @@ class V2Host:
                 async with self._http().post(
                     self.url + "/v2/repository/index", json={}
                 ) as response:
-                    payload = await response.read()
+                    payload = await self._read(response)
                     if response.status != 200:
                         return None
             return parse_index(orjson.loads(payload))
-        except (TimeoutError, orjson.JSONDecodeError, *_CLIENT_ERRORS):
+        except (TimeoutError, Unavailable, orjson.JSONDecodeError, *_CLIENT_ERRORS):
             return None
 
     async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
         key = f"{source.name}/{version}"
-        self.pushed_bytes[key] = 0
+        self._pushed_bytes[key] = 0
         if await self.model_ready(source.name, version):
             return
         if not self.push:
@@ -292,14 +254,16 @@ class V2Host:
         try:
             async with asyncio.timeout(self.load_timeout_s):
                 async with self._http().post(url, json=body) as response:
-                    payload = await response.read()
+                    payload = await self._read(response)
                     status = response.status
         except (TimeoutError, *_CLIENT_ERRORS) as exc:
             raise self._lost(exc) from None
         if status != 200:
-            raise ModelLoadError(f"host {self._name}: loading '{source.name}': {_message(payload)}")
+            raise ModelLoadError(
+                f"host {self._name}: loading '{source.name}': {error_message(payload)}"
+            )
         self._pushed.add(source.name)
-        self.pushed_bytes[key] = size
+        self._pushed_bytes[key] = size
 
     async def release(self, model: str) -> None:
         if model not in self._pushed or self._closed:
@@ -309,8 +273,8 @@ class V2Host:
         try:
             async with asyncio.timeout(self.probe_timeout_s + 5.0):
                 async with self._http().post(url, json={}) as response:
-                    await response.read()
-        except (TimeoutError, *_CLIENT_ERRORS):
+                    await self._read(response)
+        except (TimeoutError, Unavailable, *_CLIENT_ERRORS):
             pass
 
     async def close(self) -> None:

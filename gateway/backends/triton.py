@@ -25,10 +25,12 @@ How a model gets there, ``strategy``:
 - ``auto``: ``onnxruntime`` first; if Triton says that backend is missing, ``python``. The
   host remembers what worked and goes straight to it next time.
 
-``TritonFactory`` is the simple deployment: every model is served through the Triton hosts in
-the settings (``[[hosts]]`` with ``kind = "triton"``), each request to the least busy host
-that has the model ready, failing over to the next when a host is unreachable. Multi-host
-routing policies build on ``TritonHost`` elsewhere (``gateway.routing``).
+Which host gets a batch is not decided here: Triton hosts are hosts of the one router
+(``gateway.backends.routed``), a Triton-only deployment included. Host tables are checked and
+parsed in ``gateway.routing.hosts`` (``TritonSpec``).
+
+(Over 400 lines: the two transports, pushing with its strategies, and the monitor of one host;
+the transports are the natural next module, with the transport seam tests want.)
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,7 +51,7 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from gateway import context
-from gateway.backends.base import Tensors, check_answer, check_dispatch, timed_out
+from gateway.backends.base import Host, Tensors, check_dispatch, timed_out
 from gateway.backends.triton_python_model import python_backend_config, python_backend_files
 from gateway.errors import (
     DeadlineExceeded,
@@ -64,33 +65,26 @@ from gateway.errors import (
 from gateway.protocol.types import datatype_of
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import ModelSource
-from gateway.settings import BATCHING_PLACES, Settings, SettingsError
+from gateway.routing.hosts import DEFAULT_PROTOCOL, PROTOCOLS, STRATEGIES, TritonSpec
 
 __all__ = [
     "DEFAULT_PROTOCOL",
     "PROTOCOLS",
     "STRATEGIES",
-    "TritonBackend",
-    "TritonFactory",
     "TritonHost",
-    "triton_hosts",
+    "triton_host",
 ]
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "onnxruntime", "python")
 UP, DOWN, UNKNOWN = "up", "down", "unknown"
 # What Triton says when a config names a backend it does not have; for ``onnxruntime`` on the
 # nvidia-pytriton build: "... unable to find backend library for backend 'onnxruntime', try
 # specifying runtime on the model configuration."
 _MISSING_BACKEND = "unable to find backend library for backend 'onnxruntime'"
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
-PROTOCOLS = ("http", "grpc")
-# The protocol of a host with a ``grpc_url`` and no ``protocol`` (without one it is ``http``).
-# bench/results/triton.md: about the same throughput as HTTP (0.9-1.1x) from 64 B to 1 MiB
-# tensors. (An earlier ~6x at 1 MiB was Triton gzipping HTTP responses that aiohttp asked for.)
-# gRPC keeps one HTTP/2 channel per host instead of a connection pool, and carries the deadline.
-DEFAULT_PROTOCOL = "grpc"
+# DEFAULT_PROTOCOL (gateway.routing.hosts): gRPC for a host with a ``grpc_url``. An earlier ~6x
+# for HTTP at 1 MiB was Triton gzipping HTTP responses that aiohttp asked for.
 # What Triton's gRPC status codes mean as the HTTP statuses ``TritonHost._error`` reads.
 _GRPC_AS_HTTP = {
     "INVALID_ARGUMENT": "400",
@@ -115,7 +109,6 @@ class _Placement:
     source: ModelSource
     config: ModelConfig
     versions: dict[int, Path] = field(default_factory=dict)
-    refs: int = 0
     error: str = ""
 
 
@@ -290,13 +283,16 @@ class _GrpcTransport(_Transport):
         return channel is not None and channel.get_state() == grpc.ChannelConnectivity.READY
 
 
-class TritonHost:
+class TritonHost(Host):
     """One Triton server: push models, infer, probe. Implements ``gateway.backends.base.Host``.
 
     ``prepare`` registers the model version before pushing it. If it raises ``HostUnreachable``
     the registration stays (the monitor pushes it when the host is back; ``release`` gives up
-    on it); any other error leaves nothing behind. Each successful or unreachable ``prepare``
-    is undone by one ``release``; the model is unloaded from Triton by the last one.
+    on it); any other error leaves nothing behind. ``release`` forgets the model (every version)
+    and unloads it from Triton.
+
+    Its own monitor re-pushes what a restarted server lost; the router's probe (``health``)
+    only asks whether the server is live.
     """
 
     def __init__(
@@ -314,17 +310,12 @@ class TritonHost:
         timeout_s: float = 30.0,
         load_timeout_s: float = 300.0,
         probe_interval_s: float = 2.0,
+        host_concurrency: int = 0,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise SettingsError(f"host {name}: strategy must be one of {STRATEGIES}")
-        if batching not in BATCHING_PLACES:
-            raise SettingsError(f"host {name}: batching must be one of {BATCHING_PLACES}")
+        # Values checked where host tables are parsed (gateway.routing.hosts.check_host_table).
+        assert strategy in STRATEGIES and protocol in (None, *PROTOCOLS)
         if protocol is None:
             protocol = DEFAULT_PROTOCOL if grpc_url else "http"
-        if protocol not in PROTOCOLS:
-            raise SettingsError(f"host {name}: protocol must be one of {PROTOCOLS}")
-        if protocol == "grpc" and not grpc_url:
-            raise SettingsError(f"host {name}: protocol 'grpc' needs 'grpc_url' (host:port)")
         self._name = name
         self.url = url if "://" in url else f"http://{url}"
         self.grpc_url = grpc_url
@@ -338,12 +329,12 @@ class TritonHost:
         self.load_timeout_s = load_timeout_s
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = max(0.5, min(2.0, probe_interval_s))
+        self.host_concurrency = host_concurrency  # 0: the model's instance count + 1
         self.state = UNKNOWN
         self.reason = ""
         self._probe_error = ""
         self.used_strategy: str | None = None  # the strategy that worked here
         self.onnxruntime_error = ""  # Triton's words when the onnxruntime backend was missing
-        self.keep_models = False  # set on gateway shutdown: release() leaves models there
         self._models: dict[str, _Placement] = {}
         self._ready: set[str] = set()  # models believed loaded and ready there
         self._lock = asyncio.Lock()  # one repository operation at a time
@@ -376,31 +367,38 @@ class TritonHost:
         """Whether requests for ``model`` should go here now (no I/O)."""
         return self.state != DOWN and model in self._ready
 
+    def concurrency(self, config: ModelConfig) -> int:
+        """``host_concurrency``, or the model's instance count + 1: every instance there has a
+        batch and one more waits in Triton's queue."""
+        return self.host_concurrency or config.instance_count + 1
+
+    @property
+    def batches_upstream(self) -> bool:
+        return self.batching == "triton"
+
+    async def health(self) -> bool:
+        """Live counts as up: Triton's ``/v2/health/ready`` says no while any model (anyone's)
+        failed to load; each of our models is judged by its own readiness."""
+        return await self.ready() or await self._probe_call("is_server_live")
+
     async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
         self.start()
         async with self._lock:
             old = self._models.get(source.name)
             # A new source (a reload) starts over; more versions of the same one add up.
             kept = old.versions if old is not None and old.source == source else {}
-            placement = _Placement(
-                source,
-                config,
-                {**kept, version: source.version_paths[version]},
-                old.refs if old is not None else 0,
-            )
+            placement = _Placement(source, config, {**kept, version: source.version_paths[version]})
             self._models[source.name] = placement
             try:
                 await self._push(placement)
             except HostUnreachable:
-                placement.refs += 1
-                raise
+                raise  # the registration stays: the monitor pushes it when the host is back
             except BaseException:
                 if old is not None:
                     self._models[source.name] = old
                 else:
                     del self._models[source.name]
                 raise
-            placement.refs += 1
 
     async def infer(
         self,
@@ -454,16 +452,12 @@ class TritonHost:
 
     async def release(self, model: str) -> None:
         async with self._lock:
-            placement = self._models.get(model)
+            placement = self._models.pop(model, None)
             if placement is None:
                 return
-            placement.refs -= 1
-            if placement.refs > 0:
-                return
-            del self._models[model]
             was_ready = model in self._ready
             self._ready.discard(model)
-            if self.keep_models or self._closed or (self.state == DOWN and not was_ready):
+            if self._closed or (self.state == DOWN and not was_ready):
                 return
             try:
                 await self._transport.call("unload_model", self.probe_timeout_s + 5.0, model)
@@ -655,246 +649,21 @@ class TritonHost:
         return GatewayError(message)
 
 
-# Why a host runs the python strategy is Triton's own words about its build, no address.
-_PUBLIC_HOST_FACTS = frozenset(
-    {
-        "name",
-        "kind",
-        "protocol",
-        "device",
-        "state",
-        "strategy",
-        "batching",
-        "onnxruntime_backend_error",
-    }
-)
-
-
-class TritonBackend:
-    """One model version served by Triton hosts: the least busy ready one, failing over."""
-
-    def __init__(
-        self,
-        factory: TritonFactory,
-        config: ModelConfig,
-        version: int,
-        hosts: list[TritonHost],
-        concurrency: int,
-    ) -> None:
-        self._factory = factory
-        self._config = config
-        self._version = version
-        self._hosts = hosts
-        self._concurrency = concurrency
-        self._count = concurrency * len(hosts)
-        # Where every host batches for itself, the gateway does not wait: see base.Backend.
-        self.batches_upstream = all(h.batching == "triton" for h in hosts)
-        self._in_flight = dict.fromkeys((h.name for h in hosts), 0)
-
-    @property
-    def config(self) -> ModelConfig:
-        return self._config
-
-    @property
-    def instance_count(self) -> int:
-        return self._count
-
-    def ready(self) -> bool:
-        """Whether some host serves this model now (Triton's model readiness, per host)."""
-        return any(h.serving(self._config.name) for h in self._hosts)
-
-    async def execute(
-        self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
-    ) -> Tensors:
-        name = self._config.name
-        tried: list[str] = []
-        last: HostUnreachable | None = None
-        while True:
-            candidates = [h for h in self._hosts if h.serving(name) and h.name not in tried]
-            if not candidates:
-                break
-            host = min(candidates, key=lambda h: self._in_flight[h.name])
-            tried.append(host.name)
-            timeout_s = None if deadline_s is None else deadline_s - time.monotonic()
-            self._in_flight[host.name] += 1
-            context.executed_on.set(host.name)
-            try:
-                result = await host.infer(name, self._version, inputs, outputs, timeout_s)
-                check_answer(host.name, self._config, inputs, outputs, result)
-                return result
-            except HostUnreachable as exc:
-                last = exc
-            finally:
-                self._in_flight[host.name] -= 1
-        if last is not None:
-            raise last
-        states = ", ".join(
-            f"{h.name} {h.state}{': ' + h.reason if h.reason else ''}" for h in self._hosts
-        )
-        raise ModelNotReady(
-            f"model '{name}' is not ready on any Triton host ({states})",
-            retry_after_s=self._factory.probe_interval_s,
-        )
-
-    async def close(self) -> None:
-        for host in self._hosts:
-            await host.release(self._config.name)
-        await self._factory.backend_closed(self)
-
-    def describe(self) -> dict[str, Any]:
-        strategies = sorted({h.used_strategy or h.strategy for h in self._hosts})
-        return {
-            "backend": "triton",
-            "strategy": ",".join(strategies),
-            "host_concurrency": self._concurrency,
-            "batching": "triton" if self.batches_upstream else "gateway",
-            # Model metadata is open to every inference client: hosts by name and state, not
-            # their addresses or error texts (GET /admin/hosts has those).
-            "hosts": [
-                {
-                    **{k: v for k, v in h.describe().items() if k in _PUBLIC_HOST_FACTS},
-                    "model_ready": h.serving(self._config.name),
-                }
-                for h in self._hosts
-            ],
-        }
-
-
-def triton_hosts(settings: Settings) -> list[tuple[TritonHost, frozenset[str] | None]]:
-    """The ``kind = "triton"`` hosts of the settings, each with its model list (None: all).
-
-    Table keys: ``url`` (required), ``grpc_url`` (``host:port``), ``protocol`` (``http`` |
-    ``grpc``, which needs ``grpc_url``; default ``DEFAULT_PROTOCOL`` with a ``grpc_url``, else
-    ``http``), ``name``, ``device`` (``cpu`` | ``gpu``), ``models``, ``strategy``, ``batching``,
-    ``conn_limit``, ``labels``.
-    """
-    hosts: list[tuple[TritonHost, frozenset[str] | None]] = []
-    for i, table in enumerate(settings.hosts):
-        if table.get("kind", "triton") != "triton":
-            continue
-        where = f"hosts[{i}]"
-        url = table.get("url")
-        if not isinstance(url, str) or not url:
-            raise SettingsError(f"{where}: 'url' is required")
-        device = table.get("device", "cpu")
-        if device not in ("cpu", "gpu"):
-            raise SettingsError(f"{where}: device must be cpu or gpu, got {device!r}")
-        models = table.get("models")
-        if models is not None and not (
-            isinstance(models, list) and all(isinstance(m, str) for m in models)
-        ):
-            raise SettingsError(f"{where}: 'models' must be a list of model names")
-        grpc_url = table.get("grpc_url")
-        if grpc_url is not None and not (
-            isinstance(grpc_url, str) and ":" in grpc_url and "://" not in grpc_url
-        ):
-            raise SettingsError(f"{where}: 'grpc_url' must be host:port, got {grpc_url!r}")
-        host = TritonHost(
-            str(table.get("name") or url),
-            url,
-            grpc_url=grpc_url,
-            protocol=table.get("protocol"),
-            labels=frozenset(str(v) for v in table.get("labels", ())),
-            device=device,
-            strategy=str(table.get("strategy", settings.triton_strategy)),
-            batching=str(table.get("batching", settings.triton_batching)),
-            conn_limit=int(table.get("conn_limit", 64)),
-            timeout_s=settings.host_timeout_s,
-            probe_interval_s=settings.host_probe_interval_s,
-        )
-        hosts.append((host, frozenset(models) if models is not None else None))
-    names = [h.name for h, _ in hosts]
-    if len(set(names)) != len(names):
-        raise SettingsError(f"host names must be unique, got {names}")
-    return hosts
-
-
-class TritonFactory:
-    """Loads every model version onto the configured Triton hosts it is allowed on."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        hosts: Sequence[tuple[TritonHost, frozenset[str] | None]] | None = None,
-    ) -> None:
-        self._settings = settings
-        self._hosts = list(hosts) if hosts is not None else triton_hosts(settings)
-        if not self._hosts:
-            raise SettingsError('no [[hosts]] with kind = "triton" are configured')
-        self.probe_interval_s = settings.host_probe_interval_s
-        self._backends: set[TritonBackend] = set()
-        self._shutting_down = False
-
-    @property
-    def hosts(self) -> list[TritonHost]:
-        return [h for h, _ in self._hosts]
-
-    def hosts_for(self, model: str) -> list[TritonHost]:
-        return [h for h, allowed in self._hosts if allowed is None or model in allowed]
-
-    async def load(self, source: ModelSource, version: int) -> TritonBackend:
-        for host in self.hosts:
-            host.start()
-        hosts = self.hosts_for(source.name)
-        if not hosts:
-            raise ModelLoadError(
-                f"model '{source.name}' is not in the 'models' list of any Triton host"
-            )
-        from gateway.backends.onnxruntime import inspect_config  # reads the graph only
-
-        config = await asyncio.to_thread(
-            inspect_config, source, version, self._settings.default_max_batch_size
-        )
-        results = await asyncio.gather(
-            *(h.prepare(source, version, config) for h in hosts), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, GatewayError):
-                raise result
-        placed = [h for h, r in zip(hosts, results, strict=True) if r is None]
-        pending = [h for h, r in zip(hosts, results, strict=True) if isinstance(r, HostUnreachable)]
-        failures = [
-            f"{h.name}: {r.message}"
-            for h, r in zip(hosts, results, strict=True)
-            if isinstance(r, GatewayError)
-        ]
-        if not placed:
-            for host in pending:
-                await host.release(source.name)
-            raise ModelLoadError(
-                f"model '{source.name}' version {version} could not be loaded on any Triton "
-                f"host: {'; '.join(failures)}"
-            )
-        for failure in failures:
-            log.warning("model %s version %s: %s", source.name, version, failure)
-        concurrency = self._settings.host_concurrency or config.instance_count + 1
-        backend = TritonBackend(self, config, version, placed + pending, concurrency)
-        self._backends.add(backend)
-        return backend
-
-    async def backend_closed(self, backend: TritonBackend) -> None:
-        self._backends.discard(backend)
-        if self._shutting_down and not self._backends:
-            await self._close_hosts()
-
-    async def close(self) -> None:
-        """Gateway shutdown: backends closed from now on leave their models on the hosts (other
-        gateway replicas may be using them); the clients close with the last backend, after the
-        data plane has drained.
-        """
-        self._shutting_down = True
-        for host in self.hosts:
-            host.keep_models = True
-        if not self._backends:
-            await self._close_hosts()
-
-    async def _close_hosts(self) -> None:
-        await asyncio.gather(*(h.close() for h in self.hosts), return_exceptions=True)
-
-    def describe(self) -> list[dict[str, Any]]:
-        return [h.describe() for h in self.hosts]
-
-
-def triton_only(hosts: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether the configured hosts are all Triton hosts (the ``TritonFactory`` deployment)."""
-    return bool(hosts) and all(h.get("kind", "triton") == "triton" for h in hosts)
+def triton_host(
+    spec: TritonSpec, *, timeout_s: float, probe_interval_s: float, host_concurrency: int
+) -> TritonHost:
+    """The host a checked ``[[hosts]]`` table describes (``gateway.routing.hosts.parse_host``)."""
+    return TritonHost(
+        spec.name,
+        spec.url,
+        grpc_url=spec.grpc_url,
+        protocol=spec.protocol,
+        labels=spec.labels,
+        device=spec.device,
+        strategy=spec.strategy,
+        batching=spec.batching,
+        conn_limit=spec.conn_limit,
+        timeout_s=timeout_s,
+        probe_interval_s=probe_interval_s,
+        host_concurrency=host_concurrency,
+    )

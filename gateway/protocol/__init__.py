@@ -1,4 +1,6 @@
-"""Open Inference Protocol (KServe v2): types and the JSON + binary-tensor codec."""
+"""Open Inference Protocol (KServe v2) as pure functions: the value types (``types``), the
+server's JSON + binary-tensor codec with the one BYTES framing (``codec``), and the client codec
+for other v2 hosts (``client``). No I/O here: the front ends and backends do that."""
 
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.protocol.types import (

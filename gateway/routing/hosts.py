@@ -1,20 +1,41 @@
 """Host tables: a ``[[hosts]]`` table of the config file, or the JSON body of ``POST
-/admin/hosts`` at run time. Checking one, and the errors of run-time host changes.
+/admin/hosts`` at run time. The one validator (``check_host_table``), the typed specs it parses
+into (``V2Spec``, ``TritonSpec``, ``DnsSpec``), and the errors of run-time host changes.
 
-Pure: what a host *is* (``V2Host``, ``TritonHost``) is ``gateway.backends``' business; this
-module only says whether a table is well formed, naming the field when it is not.
+Pure: what a host *is* (``V2Host``, ``TritonHost``) is ``gateway.backends``' business
+(``gateway.backends.hosts.build_host``); this module only says whether a table is well formed,
+naming the field when it is not, and fills in the defaults from the settings.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.settings import SettingsError
+from gateway.settings import BATCHING_PLACES, Settings, SettingsError
 
-__all__ = ["KEYS", "LOCAL", "HostConflict", "UnknownHost", "check_host_table"]
+__all__ = [
+    "DEFAULT_PROTOCOL",
+    "KEYS",
+    "LOCAL",
+    "PROTOCOLS",
+    "STRATEGIES",
+    "DnsSpec",
+    "HostConflict",
+    "HostSpec",
+    "TritonSpec",
+    "UnknownHost",
+    "V2Spec",
+    "check_host_table",
+    "check_upstream_batching",
+    "kind_of",
+    "parse_host",
+    "parse_hosts",
+    "triton_only",
+]
 
 LOCAL = "local"  # the in-process runtime's target name; never a host's
 _COMMON = frozenset(
@@ -22,10 +43,15 @@ _COMMON = frozenset(
 )
 KEYS: dict[str, frozenset[str]] = {
     "v2": _COMMON | {"push", "dns", "port"},
-    # grpc_url / protocol: checked where Triton hosts are built (gateway.backends.triton)
     "triton": _COMMON | {"device", "strategy", "grpc_url", "protocol", "batching"},
 }
 MAX_NAME = 200
+STRATEGIES = ("auto", "onnxruntime", "python")  # how a model gets onto a Triton host
+PROTOCOLS = ("http", "grpc")  # how the gateway talks to a Triton host
+# The protocol of a Triton host with a ``grpc_url`` and no ``protocol`` (without one it is
+# ``http``). bench/results/triton.md: about the same throughput as HTTP (0.9-1.1x) from 64 B to
+# 1 MiB tensors; gRPC keeps one HTTP/2 channel per host and carries the deadline.
+DEFAULT_PROTOCOL = "grpc"
 
 
 class UnknownHost(LookupError):
@@ -131,8 +157,160 @@ def check_host_table(table: object, where: str = "host", *, strict: bool = False
     if "push" in out and not isinstance(out["push"], bool):
         raise SettingsError(f"{where}: 'push' must be true or false")
     if kind == "triton":
-        if out.get("device", "cpu") not in ("cpu", "gpu"):
-            raise SettingsError(f"{where}: 'device' must be 'cpu' or 'gpu'")
-        if "strategy" in out and not isinstance(out["strategy"], str):
-            raise SettingsError(f"{where}: 'strategy' must be a string")
+        _triton(out, where)
     return out
+
+
+def _triton(table: Mapping[str, Any], where: str) -> None:
+    device = table.get("device", "cpu")
+    if device not in ("cpu", "gpu"):
+        raise SettingsError(f"{where}: 'device' must be 'cpu' or 'gpu', got {str(device)[:50]!r}")
+    if table.get("strategy", "auto") not in STRATEGIES:
+        raise SettingsError(f"{where}: 'strategy' must be one of {STRATEGIES}")
+    if table.get("batching", "gateway") not in BATCHING_PLACES:
+        raise SettingsError(f"{where}: 'batching' must be one of {BATCHING_PLACES}")
+    grpc_url = table.get("grpc_url")
+    if grpc_url is not None and not (
+        isinstance(grpc_url, str) and ":" in grpc_url and "://" not in grpc_url
+    ):
+        raise SettingsError(f"{where}: 'grpc_url' must be host:port, got {str(grpc_url)[:200]!r}")
+    protocol = table.get("protocol")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise SettingsError(f"{where}: 'protocol' must be one of {PROTOCOLS}")
+    if protocol == "grpc" and grpc_url is None:
+        raise SettingsError(f"{where}: protocol 'grpc' needs 'grpc_url' (host:port)")
+
+
+# -- typed specs ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    """One checked host: what the router needs of every kind (placement, weight, cap)."""
+
+    name: str
+    url: str
+    labels: frozenset[str] = frozenset()
+    weight: float = 1.0
+    models: frozenset[str] | None = None  # placement; None: every model
+    max_inflight: int = 16
+    conn_limit: int = 64
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class V2Spec(HostSpec):
+    """Another gateway node or any v2 server."""
+
+    push: bool = False  # load missing models there through its repository API
+
+    @property
+    def kind(self) -> str:
+        return "v2"
+
+
+@dataclass(frozen=True, slots=True)
+class TritonSpec(HostSpec):
+    """A Triton server started with ``--model-control-mode explicit``."""
+
+    grpc_url: str | None = None
+    protocol: str = "http"
+    device: str = "cpu"
+    strategy: str = "auto"
+    batching: str = "gateway"
+
+    @property
+    def kind(self) -> str:
+        return "triton"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSpec:
+    """A ``kind = "v2"`` entry found through DNS: one ``member`` host per resolved address."""
+
+    name: str
+    dns: str
+    port: int
+    template: V2Spec  # what every member shares (its url and name are per address)
+
+    def member(self, ip: str) -> V2Spec:
+        address = f"{ip}:{self.port}"
+        url = f"http://[{ip}]:{self.port}" if ":" in ip else f"http://{address}"
+        return replace(self.template, name=f"{self.name}@{address}", url=url)
+
+
+def parse_host(
+    table: object, settings: Settings, where: str = "host", *, strict: bool = False
+) -> HostSpec | DnsSpec:
+    """One host table as a typed spec, defaults from ``settings``; ``SettingsError`` naming the
+    field when it is not valid (``check_host_table``; ``strict`` for the admin API)."""
+    out = check_host_table(table, where, strict=strict)
+    models = out.get("models")
+    common: dict[str, Any] = {
+        "name": str(out["name"]),
+        "url": str(out.get("url") or ""),
+        "labels": frozenset(str(v) for v in out.get("labels", ())),
+        "weight": float(out.get("weight", 1.0)),
+        "models": frozenset(models) if models else None,
+        "max_inflight": int(out.get("max_inflight", settings.host_max_inflight)),
+        "conn_limit": int(out.get("conn_limit", 64)),
+    }
+    if out["kind"] == "triton":
+        grpc_url = out.get("grpc_url")
+        return TritonSpec(
+            **common,
+            grpc_url=grpc_url,
+            protocol=out.get("protocol") or (DEFAULT_PROTOCOL if grpc_url else "http"),
+            device=out.get("device", "cpu"),
+            strategy=out.get("strategy", settings.triton_strategy),
+            batching=out.get("batching", settings.triton_batching),
+        )
+    spec = V2Spec(**common, push=bool(out.get("push", False)))
+    if out.get("dns") is not None:
+        return DnsSpec(spec.name, str(out["dns"]), int(out["port"]), spec)
+    return spec
+
+
+def parse_hosts(settings: Settings) -> list[HostSpec | DnsSpec]:
+    """Every ``[[hosts]]`` table of the settings, checked; names unique and not ``LOCAL``."""
+    specs = [parse_host(t, settings, f"hosts[{i}]") for i, t in enumerate(settings.hosts)]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise SettingsError(f"host names must be unique, got {names}")
+    return specs
+
+
+def triton_only(specs: Iterable[HostSpec | DnsSpec]) -> bool:
+    """Whether every host is a Triton host (and there is one): a deployment served through
+    Triton alone, where ``local_execution`` does not apply."""
+    specs = list(specs)
+    return bool(specs) and all(isinstance(s, TritonSpec) for s in specs)
+
+
+def kind_of(spec: HostSpec | DnsSpec) -> tuple[str, str, bool]:
+    """(name, kind, batches upstream) of a spec, for ``check_upstream_batching``."""
+    if isinstance(spec, TritonSpec):
+        return spec.name, "triton", spec.batching == "triton"
+    return spec.name, "v2", False
+
+
+def check_upstream_batching(targets: Iterable[tuple[str, str, bool]], *, local: bool) -> None:
+    """``batching = "triton"`` only where every target is a Triton host; ``targets`` are
+    (name, kind, batches upstream).
+
+    The gateway's batcher forms a batch (and waits for it) before the router picks a target. A
+    backend whose targets all batch for themselves tells the batcher not to wait
+    (``batches_upstream``); with any other target (local runtime, a v2 host) in the pool the
+    gateway waits, and a Triton host that waited too would pay the queue delay twice.
+    """
+    targets = list(targets)
+    upstream = [name for name, _, up in targets if up]
+    if upstream and (local or any(kind != "triton" for _, kind, _ in targets)):
+        raise SettingsError(
+            f"Triton host {upstream[0]}: batching = 'triton' is for Triton-only deployments; "
+            f"with the local runtime or a v2 host among the targets, the gateway batches before "
+            f"choosing one (use 'gateway')"
+        )

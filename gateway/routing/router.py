@@ -1,10 +1,11 @@
 """Routing *mechanism*: who is eligible, in-flight accounting, waiting for capacity, predictive
 admission, probing, and the numbers behind ``GET /admin/hosts``.
 
-The router knows targets by name only; what a target is (a remote host, the local ONNX Runtime)
-is the caller's business (``gateway.backends.routed``). Per target it keeps in-flight counts, a
-capacity, health (``OutlierDetector``) and per (target, model version) a ``LatencyEstimate`` and
-whether the model is ready there; the ``Policy`` picks among the eligible.
+The router knows targets by name only; what a target is (a remote host of any kind, the local
+ONNX Runtime) is the caller's business (``gateway.routing.pool``, ``gateway.backends.routed``).
+Per target it keeps in-flight counts, a capacity, health (``OutlierDetector``) and per
+(target, model version) a ``LatencyEstimate`` and whether the model is ready there; the
+``Policy`` picks among the eligible.
 
 Cold start is priced by tier (``gateway.routing.tiers``): a model version ``loaded`` on a target
 costs nothing extra, one ``cached`` there its measured load time (``load_s``, else

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.backends.placement import RoutedFactory
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput
 from gateway.logs import ACCESS
@@ -33,7 +34,7 @@ from gateway.settings import SettingsError
 
 NOT_ROUTED = (
     "hosts can be changed at run time only when the gateway routes across hosts "
-    '(start it with at least one [[hosts]] table of kind = "v2")'
+    '(start it with at least one [[hosts]] table: kind = "v2" or kind = "triton")'
 )
 
 
@@ -137,8 +138,8 @@ def create_app(
 
     async def admin_hosts(request: Request) -> Response:
         """The router's host table (state, in-flight, latency estimates, ejection, weights)."""
-        table = getattr(dataplane.factory, "table", None)
-        return _json(table() if callable(table) else {"hosts": []})
+        factory = _routed()
+        return _json(factory.table() if factory is not None else {"hosts": []})
 
     async def _host_change(call: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
         try:
@@ -150,28 +151,29 @@ def create_app(
         except HostConflict as exc:
             return error_response(409, str(exc))
 
-    def _routed(method: str) -> Callable[..., Awaitable[dict[str, Any]]] | None:
-        call = getattr(dataplane.factory, method, None)
-        return call if callable(call) else None
+    def _routed() -> RoutedFactory | None:
+        """The router's factory: a gateway with ``[[hosts]]`` (any kind) has one."""
+        factory = dataplane.factory
+        return factory if isinstance(factory, RoutedFactory) else None
 
     async def admin_hosts_add(request: Request) -> Response:
         """Add a host (a ``[[hosts]]`` table as JSON), or replace the one of that name."""
-        add = _routed("add_host")
-        if add is None:
+        factory = _routed()
+        if factory is None:
             return error_response(409, NOT_ROUTED)
         body = await _json_body(request, limit)
-        return await _host_change(lambda: add(body))
+        return await _host_change(lambda: factory.add_host(body))
 
     async def admin_hosts_remove(request: Request) -> Response:
         """Remove a host: no new batches at once, those in flight finish, then it closes."""
-        remove = _routed("remove_host")
-        if remove is None:
+        factory = _routed()
+        if factory is None:
             return error_response(409, NOT_ROUTED)
         wait = request.query_params.get("wait", "false").lower()
         if wait not in ("true", "1", "false", "0"):
             raise InvalidInput("'wait' must be true or false")
         name = request.path_params["name"]
-        return await _host_change(lambda: remove(name, wait=wait in ("true", "1")))
+        return await _host_change(lambda: factory.remove_host(name, wait=wait in ("true", "1")))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -1,0 +1,115 @@
+"""DNS discovery: a ``kind = "v2"`` host table with ``dns`` + ``port`` stands for every address
+that name resolves to, re-resolved every ``refresh_s``.
+
+Each address becomes one pool member named ``group@address``; an address that disappears is
+retired from the pool (it drains). A failed resolution keeps the members there were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+
+from gateway.routing.hosts import DnsSpec, V2Spec
+from gateway.routing.pool import HostEntry, HostPool
+
+__all__ = ["DnsDiscovery"]
+
+log = logging.getLogger(__name__)
+
+
+class DnsDiscovery:
+    """The DNS groups of one pool, and one resolve loop per group."""
+
+    def __init__(
+        self,
+        pool: HostPool,
+        make_entry: Callable[[V2Spec], HostEntry],
+        on_added: Callable[[HostEntry], None],
+        refresh_s: float,
+    ) -> None:
+        self._pool = pool
+        self._make_entry = make_entry  # a member's host, from the group's template
+        self._on_added = on_added  # a member joined (prepare what is loaded there)
+        self.refresh_s = refresh_s
+        self.groups: dict[str, DnsSpec] = {}
+        self._loops: dict[str, asyncio.Task[None]] = {}
+
+    def add(self, group: DnsSpec) -> None:
+        self.groups[group.name] = group
+
+    def start(self, group: DnsSpec) -> None:
+        """Resolve ``group`` every ``refresh_s`` in the background (once per group)."""
+        if group.name not in self._loops:
+            self._loops[group.name] = self._pool.spawn(self._loop(group))
+
+    def start_all(self) -> None:
+        for group in self.groups.values():
+            self.start(group)
+
+    def remove(self, name: str) -> list[asyncio.Task[bool]]:
+        """Forget group ``name`` and retire every host it resolved to (they drain)."""
+        if self.groups.pop(name, None) is None:
+            return []
+        task = self._loops.pop(name, None)
+        if task is not None:
+            task.cancel()
+        return [self._pool.retire(e) for e in self._pool.members(name).values()]
+
+    def member_of(self, name: str) -> str | None:
+        """The group a host called ``name`` was found through, if any."""
+        group, at, _ = name.partition("@")
+        return group if at and group in self.groups else None
+
+    async def resolve(self, group: DnsSpec) -> None:
+        """One resolution: members for new addresses join, those for gone ones retire."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(group.dns, group.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("DNS %s: %s (keeping the hosts we had)", group.dns, exc)
+            return
+        if self.groups.get(group.name) is not group:
+            return  # removed or replaced while resolving
+        specs = {}
+        for info in infos:
+            spec = group.member(str(info[4][0]))
+            specs[spec.name.partition("@")[2]] = spec
+        current = self._pool.members(group.name)
+        for address in sorted(set(specs) - set(current)):
+            entry = self._make_entry(specs[address])
+            self._pool.add(entry)
+            self._on_added(entry)
+            log.info("DNS %s: added host %s", group.dns, address)
+        for address in set(current) - set(specs):
+            self._pool.retire(current[address])
+            log.info("DNS %s: removed host %s", group.dns, address)
+
+    async def resolve_unresolved(self) -> None:
+        """The first resolution of each group that has no member yet (before placing)."""
+        for group in list(self.groups.values()):
+            if not self._pool.members(group.name):
+                await self.resolve(group)
+
+    async def _loop(self, group: DnsSpec) -> None:
+        while True:
+            await self.resolve(group)
+            await asyncio.sleep(self.refresh_s)
+
+    def close(self) -> None:
+        """The loops are the pool's tasks (cancelled with it); forget them."""
+        self._loops.clear()
+
+    def table(self) -> list[dict[str, object]]:
+        """The DNS groups for ``GET /admin/hosts``."""
+        return [
+            {
+                "name": g.name,
+                "dns": g.dns,
+                "port": g.port,
+                "hosts": sorted(e.name for e in self._pool.members(g.name).values()),
+            }
+            for g in self.groups.values()
+        ]

@@ -1,0 +1,168 @@
+"""``V2Host`` against a scripted v2 host on loopback: answers are read within a byte bound, as
+sent (never inflated), and whatever a hostile host sends is ``Unavailable`` naming it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import numpy as np
+import pytest
+
+from gateway.backends.remote import V2Host
+from gateway.errors import Unavailable
+from gateway.protocol import InferResponse, encode_infer_response
+
+Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+INPUTS = {"X": np.arange(4, dtype=np.float32).reshape(1, 4)}
+
+
+def http(status: int, body: bytes, *extra: str) -> bytes:
+    head = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}", *extra, "", ""]
+    return "\r\n".join(head).encode() + body
+
+
+class ScriptedHost:
+    """Answers every request with ``answer(path)``: bytes to send, or a coroutine that writes
+    them itself. Records each request's headers."""
+
+    def __init__(self, answer: Callable[[str], bytes | Writer]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                headers = {}
+                for line in head[1:]:
+                    key, _, value = line.partition(":")
+                    headers[key.strip().lower()] = value.strip()
+                await reader.readexactly(int(headers.get("content-length", "0")))
+                path = head[0].split()[1]
+                self.requests.append((path, headers))
+                answer = self.answer(path)
+                if isinstance(answer, bytes):
+                    writer.write(answer)
+                    await writer.drain()
+                else:
+                    await answer(writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def scripted(answer: Callable[[str], bytes | Writer]) -> AsyncIterator[ScriptedHost]:
+    host = ScriptedHost(answer)
+    host.server = await asyncio.start_server(host._handle, "127.0.0.1", 0)
+    try:
+        yield host
+    finally:
+        host.server.close()
+
+
+def good_answer(trailer: bytes = b"") -> bytes:
+    body, length = encode_infer_response(
+        InferResponse("m", "1", {"Y": np.full((1, 2), 7, np.float32)}), binary_default=True
+    )
+    return http(200, body + trailer, f"Inference-Header-Content-Length: {length}")
+
+
+async def test_a_good_answer_and_identity_encoding() -> None:
+    async with scripted(lambda path: good_answer()) as server:
+        host = V2Host("h1", server.url)
+        try:
+            out = await host.infer("m", 1, INPUTS, ["Y"], timeout_s=5.0)
+        finally:
+            await host.close()
+    np.testing.assert_array_equal(out["Y"], [[7, 7]])
+    assert server.requests[0][1]["accept-encoding"] == "identity"
+
+
+async def test_declared_oversized_body_is_refused_before_it_arrives() -> None:
+    """A host that announces 2 GiB and trickles it: refused at once, not read until the
+    deadline (nor into memory)."""
+
+    async def huge(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\n{")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with scripted(lambda path: huge) as server:
+        host = V2Host("h1", server.url)
+        started = time.monotonic()
+        try:
+            with pytest.raises(Unavailable, match=r"host h1 sent a malformed response: .*limit"):
+                await host.infer("m", 1, INPUTS, ["Y"], timeout_s=5.0)
+        finally:
+            await host.close()
+    assert time.monotonic() - started < 2.5
+
+
+async def test_endless_chunked_body_stops_at_the_limit() -> None:
+    async def endless(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+        while True:
+            writer.write(chunk)
+            await writer.drain()
+
+    async with scripted(lambda path: endless) as server:
+        host = V2Host("h1", server.url, max_response_bytes=1 << 20)
+        try:
+            with pytest.raises(Unavailable, match="over the 1048576-byte limit"):
+                await host.infer("m", 1, INPUTS, ["Y"], timeout_s=10.0)
+        finally:
+            await host.close()
+
+
+async def test_a_compressed_answer_is_not_inflated() -> None:
+    """A host that compresses although asked not to: its bytes are taken as sent (a small gzip
+    body could inflate far past the byte bound), so the answer is malformed."""
+    output = {"name": "Y", "datatype": "FP32", "shape": [1], "data": [1.0]}
+    body = gzip.compress(json.dumps({"outputs": [output]}).encode())
+    async with scripted(lambda path: http(200, body, "Content-Encoding: gzip")) as server:
+        host = V2Host("h1", server.url)
+        try:
+            with pytest.raises(Unavailable, match="host h1 sent a malformed response: not JSON"):
+                await host.infer("m", 1, INPUTS, ["Y"], timeout_s=5.0)
+        finally:
+            await host.close()
+
+
+async def test_a_malformed_answer_names_the_host() -> None:
+    async with scripted(lambda path: good_answer(trailer=bytes(4))) as server:
+        host = V2Host("h1", server.url)
+        try:
+            with pytest.raises(Unavailable, match="host h1 sent a malformed response: binary"):
+                await host.infer("m", 1, INPUTS, ["Y"], timeout_s=5.0)
+        finally:
+            await host.close()
+
+
+async def test_probes_with_oversized_bodies_are_not_ready() -> None:
+    async with scripted(lambda path: http(200, b"x" * 4096)) as server:
+        host = V2Host("h1", server.url, max_response_bytes=1024)
+        try:
+            assert not await host.ready()
+            assert not await host.model_ready("m", 1)
+            assert await host.repository_index() is None
+        finally:
+            await host.close()
+        bigger = V2Host("h1", server.url, max_response_bytes=8192)
+        try:
+            assert await bigger.ready()
+        finally:
+            await bigger.close()
