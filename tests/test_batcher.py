@@ -588,6 +588,26 @@ async def test_backend_errors_reach_every_caller_and_free_the_slot() -> None:
     await batcher.close()
 
 
+async def test_a_cancelled_execution_still_answers_its_callers() -> None:
+    """A CancelledError out of the backend (or the batch's task cancelled) is not an Exception:
+    the callers of that batch are answered anyway, never left waiting."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=8), backend, Clock())
+    item = batcher.enqueue(row(0))
+    await ticks()
+    backend.error = asyncio.CancelledError()
+    backend.gate.set()
+    await asyncio.wait([item.future], timeout=1.0)
+    assert item.future.done() and not item.future.cancelled()
+    error = item.future.exception()
+    assert type(error) is GatewayError and str(error) == "execution was cancelled"
+    backend.error = None
+    ok = await asyncio.wait_for(batcher.submit(row(4)), 1.0)  # the slot was given back
+    assert float(ok["Y"][0, 0]) == 8.0
+    await batcher.close()
+
+
 async def test_a_caller_gone_during_a_failed_batch_is_skipped() -> None:
     backend = Recorder()
     backend.gate = asyncio.Event()

@@ -280,6 +280,12 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(error)
                 return
+            except BaseException:  # cancelled (inside the backend or this task): answer, go on
+                error = GatewayError("execution was cancelled")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                raise
             # Free the slot before handing results back: the scheduler's wake-up then runs
             # ahead of the callers' tasks, so the next batch reaches the backend before the
             # event loop spends a millisecond encoding this batch's responses.
