@@ -32,10 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving  # the sibling benchmark: gateway, wrk and in-process helpers
+import harness
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = harness.ROOT
 Events = list[tuple[str, float]]
 
 
@@ -229,22 +228,22 @@ def main() -> int:
     parser.add_argument("--out", help="markdown file for the tables")
     args = parser.parse_args()
     repo = ROOT / "model_repo"
-    model = serving.read_model(repo, "mlp")
+    model = harness.read_model(repo, "mlp")
     batch = model.max_batch_size
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-cycle-") as tmp:
         work = Path(tmp)
         trace = work / "trace.json"
         launcher = [sys.executable, str(Path(__file__).resolve()), "--child", str(trace)]
-        script = serving.lua_script(serving.binary_body(model), work, "mlp")
-        with serving.gateway(repo, {}, work, "cycle", launcher) as gw:
+        script = harness.lua_script(harness.binary_body(model), work, "mlp")
+        with harness.gateway(repo, {}, work, "cycle", launcher) as gw:
             url = f"{gw.url}/v2/models/mlp/infer"
             for number in range(1, args.rounds + 1):
-                point = serving.measure_in_process(repo, model, 0, args.duration_s, [batch])[0]
-                serving.run_wrk(url, script, args.connections, 1, 1)  # warm-up
+                point = harness.measure_in_process(repo, model, 0, args.duration_s, [batch])[0]
+                harness.run_wrk(url, script, args.connections, 1, 1)  # warm-up
                 fetch(trace)  # drop the warm-up's events
-                out = serving.run_wrk(url, script, args.connections, 1, args.duration_s)
-                served, errors = serving.wrk_figures(out)
+                out = harness.run_wrk(url, script, args.connections, 1, args.duration_s)
+                served, errors = harness.wrk_figures(out)
                 if errors:
                     raise RuntimeError(f"round {number}: {errors} errors from wrk")
                 found = cycles(fetch(trace))

@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,18 +49,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import ROOT, free_port, stop
 
 GOAL_WARM_X = 10.0
 GOAL_COLD_RATIO = 1.2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def build_repo(root: Path, model_mb: float) -> tuple[int, int]:
@@ -175,13 +166,7 @@ class Proc:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop(self.process, timeout_s=20)
 
 
 def _post(url: str, body: bytes, timeout_s: float = 300.0) -> int:

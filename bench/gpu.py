@@ -30,26 +30,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
+from harness import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 CNN_SHAPE = (3, 224, 224)
 CNN_MAX_BATCH = 64
@@ -103,57 +99,30 @@ def write_cnn(repo: Path) -> None:
 # -- the gateway --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+def http(url: str, data: bytes | None = None) -> Any:
+    """The JSON answer of one request; anything but a 200 is an error."""
+    status, raw, _ = harness.http(url, data)
+    if status != 200:
+        raise RuntimeError(f"{url}: HTTP {status}: {raw[:200]!r}")
+    return json.loads(raw)
 
 
 @contextmanager
 def gateway(repo: Path, provider: str, log: Path, ready_s: float) -> Iterator[str]:
     """``gateway serve`` on a free loopback port with every model on ``provider``."""
-    port = free_port()
     env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
         "GATEWAY_EXECUTION_PROVIDER": provider,
         "GATEWAY_STRICT_READINESS": "true",
         "GATEWAY_ACCESS_LOG": "false",
     }
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--model-repo", str(repo)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + ready_s
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"gateway exited with {process.returncode}; log: {log}")
-            try:
-                urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    index = http(f"{url}/v2/repository/index", b"{}")
-                    raise SystemExit(f"gateway not ready in {ready_s:.0f} s: {index}") from None
-                time.sleep(0.25)
-        yield url
+        gw = harness.start_gateway(repo, log.parent, env=env, log=log, ready_s=ready_s)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    try:
+        yield gw.url
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        gw.stop(timeout_s=30)
 
 
 def check_providers(url: str, expected: str) -> list[dict[str, Any]]:

@@ -17,12 +17,9 @@ import argparse
 import asyncio
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +28,8 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http.aio as httpaio
+from harness import ROOT, free_port, process_cpu_s, start_gateway
 
-ROOT = Path(__file__).resolve().parent.parent
 MODES = ("rest_json", "rest_binary", "grpc")
 
 # model -> (input name, datatype, row shape, dtype, output name)
@@ -40,12 +37,6 @@ MODELS: dict[str, tuple[str, str, tuple[int, ...], Any, str]] = {
     "simple": ("INPUT0", "INT32", (16,), np.int32, "OUTPUT0"),
     "mlp": ("INPUT", "FP32", (1024,), np.float32, "PROBS"),
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -88,15 +79,6 @@ def _inputs(module: Any, model: str, binary: bool | None) -> tuple[list[Any], li
     return inputs, outputs
 
 
-def _cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process (Linux ``/proc``; None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _run(
     model: str,
     mode: str,
@@ -127,10 +109,10 @@ async def _run(
             if t0 >= measure_from:
                 latencies.append(time.perf_counter() - t0)
 
-    cpu_before = _cpu_s(server_pid)
+    cpu_before = process_cpu_s(server_pid)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - measure_from
-    cpu_after = _cpu_s(server_pid)
+    cpu_after = process_cpu_s(server_pid)
     result = Result(model, mode, len(latencies), errors, elapsed, latencies)
     if cpu_before is not None and cpu_after is not None and sent:
         result.server_cpu_us = (cpu_after - cpu_before) / sent * 1e6
@@ -195,21 +177,6 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def _wait_ready(process: subprocess.Popen[bytes], http_url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"gateway exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"gateway not ready after {timeout_s} s")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-repo", default=str(ROOT / "model_repo"))
@@ -224,35 +191,18 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; known: {sorted(MODELS)}")
 
-    http_port, grpc_port = free_port(), free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        "--model-repo",
-        args.model_repo,
-        "--port",
-        str(http_port),
-        "--grpc-port",
-        str(grpc_port),
-        "--log-level",
-        "warning",
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["GATEWAY_LOAD_MODELS"] = ",".join(models)
-    process = subprocess.Popen(command, env=env, cwd=ROOT)
-    try:
-        http_url, grpc_url = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
-        _wait_ready(process, http_url, 60.0)
-        results = asyncio.run(bench(http_url, grpc_url, process.pid, models, args))
-    finally:
-        os.kill(process.pid, signal.SIGTERM)
+    grpc_port = free_port()
+    env = {"GATEWAY_LOAD_MODELS": ",".join(models)}
+    with tempfile.TemporaryDirectory(prefix="bench-grpc-") as tmp:
+        gw = start_gateway(
+            Path(args.model_repo), Path(tmp), "--grpc-port", str(grpc_port),
+            "--log-level", "warning", env=env, inherit_gateway_env=False, ready_s=60.0,
+        )  # fmt: skip
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+            grpc_url = f"127.0.0.1:{grpc_port}"
+            results = asyncio.run(bench(gw.address, grpc_url, gw.pid, models, args))
+        finally:
+            gw.stop(timeout_s=30)
 
     text = table(results)
     print()

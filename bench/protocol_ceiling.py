@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving  # the sibling benchmark: gateway, wrk and in-process helpers
+import harness
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = harness.ROOT
 MODEL = "mlp"
 
 
@@ -46,7 +45,6 @@ def serve_bare(port: int) -> None:
     import httptools
     import uvloop
 
-    sys.path.insert(0, str(ROOT))
     from gateway.cli import build_app, tune_interpreter
     from gateway.protocol.codec import decode_infer_request, encode_infer_response
     from gateway.settings import Settings
@@ -106,7 +104,7 @@ def serve_bare(port: int) -> None:
 
 @contextlib.contextmanager
 def bare_server(workdir: Path) -> Any:
-    port = serving.free_port()
+    port = harness.free_port()
     log = workdir / "bare.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -123,7 +121,7 @@ def bare_server(workdir: Path) -> Any:
             time.sleep(0.2)
         yield f"http://127.0.0.1:{port}", proc.pid
     finally:
-        serving.stop(proc)
+        harness.stop(proc)
 
 
 # -- the rounds -------------------------------------------------------------------------------
@@ -139,15 +137,15 @@ def main() -> int:
     if args.serve:
         serve_bare(args.serve)
         return 0
-    model = serving.read_model(ROOT / "model_repo", MODEL)
+    model = harness.read_model(ROOT / "model_repo", MODEL)
     ratios: dict[str, list[float]] = {}
     lines = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        script = serving.lua_script(serving.binary_body(model), work, MODEL)
-        shipped = stack.enter_context(serving.gateway(ROOT / "model_repo", {}, work, "shipped"))
+        script = harness.lua_script(harness.binary_body(model), work, MODEL)
+        shipped = stack.enter_context(harness.gateway(ROOT / "model_repo", {}, work, "shipped"))
         asgi = stack.enter_context(
-            serving.gateway(ROOT / "model_repo", {"GATEWAY_RAW_INFER": "false"}, work, "asgi")
+            harness.gateway(ROOT / "model_repo", {"GATEWAY_RAW_INFER": "false"}, work, "asgi")
         )
         bare_url, bare_pid = stack.enter_context(bare_server(work))
         targets = [
@@ -156,17 +154,17 @@ def main() -> int:
             ("bare httptools protocol", bare_url, bare_pid),
         ]
         for number in range(1, args.rounds + 1):
-            limit = serving.measure_in_process(
+            limit = harness.measure_in_process(
                 ROOT / "model_repo", model, 0, args.duration_s, [model.max_batch_size]
             )[0]["items_per_s"]
             cells = [f"{limit:.0f}"]
             for name, base, pid in targets:
                 url = f"{base}/v2/models/{MODEL}/infer"
-                serving.run_wrk(url, script, 64, 1, 1)  # warm-up
-                before = serving.thread_cpu_s(pid).get(pid, 0.0)
-                out = serving.run_wrk(url, script, 64, 1, args.duration_s)
-                loop_s = serving.thread_cpu_s(pid).get(pid, 0.0) - before
-                served, errors = serving.wrk_figures(out)
+                harness.run_wrk(url, script, 64, 1, 1)  # warm-up
+                before = harness.thread_cpu_s(pid).get(pid, 0.0)
+                out = harness.run_wrk(url, script, 64, 1, args.duration_s)
+                loop_s = harness.thread_cpu_s(pid).get(pid, 0.0) - before
+                served, errors = harness.wrk_figures(out)
                 ratios.setdefault(name, []).append(served / limit)
                 loop_ms = loop_s / max(1, out["requests"]) * 1e3
                 cells.append(
@@ -184,7 +182,7 @@ def main() -> int:
     Path(args.out).write_text(
         f"# What the HTTP layer costs\n\nCommand: `{command}`  \n"
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: "
-        f"{serving.machine_info()['nproc']} CPUs, shared. `mlp`, binary bodies, one item per "
+        f"{harness.machine_info()['nproc']} CPUs, shared. `mlp`, binary bodies, one item per "
         f"request, `wrk -t1 -c64`, {args.duration_s:g} s per point after 1 s of warm-up.\n\n"
         f"{table}\n"
     )

@@ -6,7 +6,7 @@ Run (from the repository root, with the project's virtual environment)::
     python bench/routing.py --duration-s 10 --concurrency 32 --slow-factor 3
 
 One run starts three worker gateways (``gateway serve``, the tiny ``simple`` model) on loopback,
-each behind a ``tests.delay_proxy.DelayProxy`` that adds latency to its responses:
+each behind a ``harness.DelayProxy`` that adds latency to its responses:
 ``--host-delay-ms`` for the two fast hosts (standing in for network + model time, so that the
 hosts' latency is waiting, not CPU this machine lacks) and, for the third, a delay calibrated so
 that it is ``--slow-factor`` times slower than the others at low load. Then, with the same fixed
@@ -43,13 +43,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests import models  # noqa: E402
-from tests.conftest import GatewayProcess, start_gateway  # noqa: E402
-from tests.delay_proxy import DelayProxy  # noqa: E402
+from harness import ROOT, DelayProxy, Gateway, copy_repo, start_gateway
 
 BODY = {
     "inputs": [
@@ -147,7 +141,7 @@ async def drive(
     return result
 
 
-def host_table(front: GatewayProcess) -> dict[str, dict[str, Any]]:
+def host_table(front: Gateway) -> dict[str, dict[str, Any]]:
     with urllib.request.urlopen(f"{front.url}/admin/hosts", timeout=5) as r:
         return {h["name"]: h for h in json.loads(r.read())["hosts"]}
 
@@ -225,8 +219,8 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     repo = tmp / "repo"
-    models.add_sub(repo, "simple")
-    workers: list[GatewayProcess] = []
+    copy_repo(ROOT / "model_repo", repo, models=("simple",))
+    workers: list[Gateway] = []
     proxies: list[DelayProxy] = []
     results: list[Result] = []
     try:

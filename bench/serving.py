@@ -29,147 +29,48 @@ Every process it starts (gateways, wrk, py-spy) is stopped on exit, Ctrl-C and e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import re
-import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from harness import (
+    MODELS,
+    ROOT,
+    CpuWindow,
+    Gateway,
+    Model,
+    batch_sizes,
+    binary_body,
+    check_response,
+    copy_repo,
+    gateway,
+    http,
+    json_body,
+    lua_script,
+    machine_info,
+    measure_in_process,
+    read_model,
+    run_wrk,
+    stop,
+    wrk_figures,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("mlp", "simple")
 GOAL_VS_INPROC = 0.6
 GOAL_ON_OFF = 2.0
 
 
-# -- models -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    datatype: str  # v2 name: FP32, INT32
-    dims: tuple[int, ...]  # without the batch dimension
-
-
-@dataclass(frozen=True)
-class Model:
-    name: str
-    max_batch_size: int
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[str, ...]
-
-
-_NUMPY = {"FP32": np.float32, "INT32": np.int32}
-_PBTXT_TYPE = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32"}
-
-
-def read_model(repo: Path, name: str) -> Model:
-    """The little of ``config.pbtxt`` this benchmark needs (max_batch_size, tensor specs)."""
-    text = (repo / name / "config.pbtxt").read_text()
-    max_bs = int(m.group(1)) if (m := re.search(r"max_batch_size:\s*(\d+)", text)) else 0
-    inputs, outputs = [], []
-    for kind, body in re.findall(r"\b(input|output)\s*\{([^}]*)\}", text):
-        tname = re.search(r'name:\s*"([^"]+)"', body)
-        if tname is None:
-            continue
-        if kind == "output":
-            outputs.append(tname.group(1))
-            continue
-        dtype = re.search(r"data_type:\s*(\w+)", body)
-        dims = tuple(int(d) for d in re.findall(r"dims:\s*(-?\d+)", body))
-        datatype = _PBTXT_TYPE.get(dtype.group(1) if dtype else "")
-        if datatype is None:
-            raise RuntimeError(f"{name}: only FP32/INT32 inputs are supported here")
-        inputs.append(Tensor(tname.group(1), datatype, dims))
-    return Model(name, max_bs, tuple(inputs), tuple(outputs))
-
-
-def sample_inputs(model: Model, batch: int, seed: int = 0) -> dict[str, np.ndarray[Any, Any]]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for t in model.inputs:
-        shape = (batch, *t.dims)
-        if t.datatype == "FP32":
-            feeds[t.name] = rng.random(shape, dtype=np.float32)
-        else:
-            feeds[t.name] = rng.integers(-100, 100, shape, dtype=np.int32)
-    return feeds
-
-
 # -- 1. in-process limit ----------------------------------------------------------------------
-
-
-def batch_sizes(max_batch_size: int) -> list[int]:
-    sizes = [1]
-    while sizes[-1] * 2 <= max_batch_size:
-        sizes.append(sizes[-1] * 2)
-    if max_batch_size > sizes[-1]:
-        sizes.append(max_batch_size)
-    return sizes
-
-
-def measure_in_process(
-    repo: Path, model: Model, intra_op_threads: int, seconds: float, sizes: list[int]
-) -> list[dict[str, Any]]:
-    """items/s of ``session.run`` at each batch size, sessions set up as the gateway does."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if intra_op_threads:
-        options.intra_op_num_threads = intra_op_threads
-    session = ort.InferenceSession(
-        str(repo / model.name / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
-    )
-    outputs = list(model.outputs)
-    points = []
-    for batch in sizes:
-        feeds = sample_inputs(model, batch)
-        for _ in range(5):
-            session.run(outputs, feeds)
-        # Best of three slices: the machine is shared and noisy, we want what it can do.
-        # One clock reading after each run gives the slice's rate and each run's duration.
-        best, runs, spent = 0.0, 0, 0.0
-        durations: list[float] = []
-        for _ in range(3):
-            marks = [time.perf_counter()]
-            while marks[-1] - marks[0] < seconds / 3:
-                session.run(outputs, feeds)
-                marks.append(time.perf_counter())
-            elapsed = marks[-1] - marks[0]
-            best = max(best, (len(marks) - 1) * batch / elapsed)
-            runs, spent = runs + len(marks) - 1, spent + elapsed
-            durations += np.diff(marks).tolist()
-        points.append(
-            {
-                "threads": intra_op_threads,
-                "batch": batch,
-                "items_per_s": best,
-                "items_per_s_mean": runs * batch / spent,  # the whole window, as wrk counts
-                "ms_per_run": batch / best * 1e3,
-                "ms_per_run_median": statistics.median(durations) * 1e3,
-            }
-        )
-    return points
 
 
 def in_process_limit(points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -181,280 +82,6 @@ def in_process_limit(points: list[dict[str, Any]]) -> dict[str, Any]:
         "best_batch": top["batch"],
         "best_threads": top["threads"],
     }
-
-
-# -- request bodies ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Body:
-    data: bytes
-    headers: dict[str, str]
-
-
-def binary_body(model: Model) -> Body:
-    """JSON header + raw little-endian tensors (the binary tensor data extension)."""
-    feeds = sample_inputs(model, 1, seed=1)
-    header = {
-        "inputs": [
-            {
-                "name": t.name,
-                "datatype": t.datatype,
-                "shape": [1, *t.dims],
-                "parameters": {"binary_data_size": feeds[t.name].nbytes},
-            }
-            for t in model.inputs
-        ],
-        "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in model.outputs],
-    }
-    head = json.dumps(header, separators=(",", ":")).encode()
-    raw = b"".join(
-        feeds[t.name].astype(feeds[t.name].dtype.newbyteorder("<")).tobytes() for t in model.inputs
-    )
-    return Body(
-        head + raw,
-        {
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(len(head)),
-        },
-    )
-
-
-def json_body(model: Model) -> Body:
-    feeds = sample_inputs(model, 1, seed=1)
-    header = {
-        "inputs": [
-            {
-                "name": t.name,
-                "datatype": t.datatype,
-                "shape": [1, *t.dims],
-                "data": feeds[t.name].reshape(-1).tolist(),
-            }
-            for t in model.inputs
-        ],
-        "outputs": [{"name": o} for o in model.outputs],
-    }
-    return Body(json.dumps(header).encode(), {"Content-Type": "application/json"})
-
-
-def check_response(raw: bytes, headers: Any, model: Model) -> None:
-    """One request before the load: a 200 with every output of batch 1 (no silent 4xx runs)."""
-    length = headers.get("Inference-Header-Content-Length")
-    head = json.loads(raw[: int(length)] if length else raw)
-    got = {o["name"]: o["shape"] for o in head["outputs"]}
-    for name in model.outputs:
-        if name not in got or got[name][0] != 1:
-            raise RuntimeError(f"{model.name}: bad response outputs {got}")
-
-
-# -- processes --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def stop(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
-    """SIGTERM (the gateway drains), then SIGKILL: only this one process, by its PID."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def http(
-    url: str, data: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30
-) -> tuple[int, bytes, Any]:
-    req = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read(), resp.headers
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), exc.headers
-
-
-@dataclass
-class Gateway:
-    proc: subprocess.Popen[Any]
-    url: str
-    log: Path
-
-    def stats(self, model: str) -> dict[str, Any]:
-        status, raw, _ = http(f"{self.url}/v2/models/{model}/stats")
-        if status != 200:
-            raise RuntimeError(f"stats for {model}: HTTP {status}")
-        data: dict[str, Any] = json.loads(raw)["model_stats"][0]
-        return data
-
-
-@contextlib.contextmanager
-def gateway(
-    repo: Path,
-    env_extra: dict[str, str],
-    workdir: Path,
-    tag: str,
-    launcher: list[str] | None = None,
-) -> Iterator[Gateway]:
-    """A gateway on ``repo``, ready; ``launcher`` replaces ``python -m gateway.cli`` (cycle.py
-    starts it through a script that times it)."""
-    port = free_port()
-    log = workdir / f"gateway-{tag}.log"
-    env = {**os.environ, "GATEWAY_LOAD_MODELS": ",".join(MODELS), **env_extra}
-    cmd = [
-        *(launcher or [sys.executable, "-m", "gateway.cli"]), "serve",
-        "--model-repo", str(repo), "--port", str(port), "--log-level", "warning",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        # Not from ROOT: there ``-m`` would put this checkout's ``gateway`` ahead of a
-        # PYTHONPATH given in ``env_extra`` (variants.py compares source trees that way).
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {proc.returncode}; see {log}")
-            with contextlib.suppress(OSError):
-                if all(http(f"{url}/v2/models/{m}/ready")[0] == 200 for m in MODELS):
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway not ready after 120 s; see {log}")
-            time.sleep(0.2)
-        yield Gateway(proc, url, log)
-    finally:
-        stop(proc)
-
-
-def copy_repo(repo: Path, dest: Path, batching: bool, instance_count: int | None) -> Path:
-    """A copy of the benchmarked models; batching OFF removes the ``dynamic_batching`` block,
-    ``instance_count`` rewrites ``instance_group.count`` (both are config, not code)."""
-    for name in MODELS:
-        shutil.copytree(repo / name, dest / name)
-        cfg = dest / name / "config.pbtxt"
-        text = cfg.read_text()
-        if not batching:
-            text, count = re.subn(r"dynamic_batching\s*\{[^}]*\}", "", text)
-            if count != 1:
-                raise RuntimeError(f"{cfg}: expected one dynamic_batching block, found {count}")
-        if instance_count is not None:
-            text = re.sub(r"instance_group\s*\{[^}]*\}", "", text)
-            text += f"\ninstance_group {{\n  count: {instance_count}\n  kind: KIND_CPU\n}}\n"
-        cfg.write_text(text)
-    return dest
-
-
-# -- CPU accounting ---------------------------------------------------------------------------
-
-
-def _ticks_s() -> float:
-    return float(os.sysconf("SC_CLK_TCK"))
-
-
-def thread_cpu_s(pid: int) -> dict[int, float]:
-    """user+system CPU seconds of each thread of ``pid`` (Linux /proc; empty elsewhere)."""
-    out: dict[int, float] = {}
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = task.joinpath("stat").read_text().rsplit(")", 1)[1].split()
-                out[int(task.name)] = (int(fields[11]) + int(fields[12])) / _ticks_s()
-    return out
-
-
-def machine_cpu_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    with contextlib.suppress(OSError, ValueError):
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        idle = values[3] + values[4]
-        total = sum(values[:8])
-        return (total - idle) / _ticks_s(), total / _ticks_s()
-    return 0.0, 0.0
-
-
-class CpuWindow:
-    """CPU used during one measured wrk run: where did the machine's cores go?"""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.loop_s = self.workers_s = self.wrk_s = 0.0
-        self.machine_busy_s = self.machine_total_s = 0.0
-
-    def __enter__(self) -> CpuWindow:
-        self._threads = thread_cpu_s(self.pid)
-        self._machine = machine_cpu_s()
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self._children_s = usage.ru_utime + usage.ru_stime
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        threads = thread_cpu_s(self.pid)
-        busy, total = machine_cpu_s()
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        deltas = {t: v - self._threads.get(t, 0.0) for t, v in threads.items()}
-        self.loop_s = deltas.get(self.pid, 0.0)  # the main thread runs the event loop
-        self.workers_s = sum(v for t, v in deltas.items() if t != self.pid)
-        self.wrk_s = usage.ru_utime + usage.ru_stime - self._children_s
-        self.machine_busy_s = busy - self._machine[0]
-        self.machine_total_s = total - self._machine[1]
-
-
-# -- 2. wrk -----------------------------------------------------------------------------------
-
-_LUA = """\
-local f = assert(io.open({body_path}, "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-{headers}
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRK_JSON {{\\"requests\\":%d,\\"duration_us\\":%d,\\"bytes\\":%d,\\"status_errors\\":%d," ..
-    "\\"connect_errors\\":%d,\\"read_errors\\":%d,\\"write_errors\\":%d,\\"timeouts\\":%d," ..
-    "\\"p50_us\\":%d,\\"p90_us\\":%d,\\"p99_us\\":%d,\\"max_us\\":%d,\\"mean_us\\":%.1f}}\\n",
-    summary.requests, summary.duration, summary.bytes, e.status, e.connect, e.read, e.write,
-    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency.max, latency.mean))
-end
-"""
-
-
-def lua_script(body: Body, workdir: Path, tag: str) -> Path:
-    body_path = workdir / f"{tag}.body"
-    body_path.write_bytes(body.data)
-    headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in body.headers.items())
-    script = workdir / f"{tag}.lua"
-    script.write_text(_LUA.format(body_path=json.dumps(str(body_path)), headers=headers))
-    return script
-
-
-WRK_ERRORS = ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts")
-
-
-def wrk_figures(out: dict[str, Any]) -> tuple[float, int]:
-    """(requests per second, errors: non-2xx, socket errors and timeouts) of one wrk run."""
-    return out["requests"] / (out["duration_us"] / 1e6), sum(out[k] for k in WRK_ERRORS)
-
-
-def run_wrk(url: str, script: Path, connections: int, threads: int, seconds: float) -> dict:
-    cmd = [
-        "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-        "--timeout", "10s", "-s", str(script), url,
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    match = re.search(r"^WRK_JSON (.*)$", out.stdout, re.M)
-    if out.returncode != 0 or match is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout}\n{out.stderr}")
-    result: dict[str, Any] = json.loads(match.group(1))
-    return result
 
 
 # -- py-spy (optional) ------------------------------------------------------------------------
@@ -506,27 +133,6 @@ class Point:
     queue_ms: float = 0.0  # mean time a request waited in the batcher queue
     cpu: dict[str, float] = field(default_factory=dict)
     wrk: dict[str, Any] = field(default_factory=dict)
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import onnxruntime as ort
-
-    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "loadavg_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "wrk": (wrk_version.stdout or wrk_version.stderr).split("\n")[0].strip(),
-        "platform": platform.platform(),
-    }
 
 
 def render_markdown(result: dict[str, Any]) -> str:

@@ -46,11 +46,9 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import random
 import re
 import resource
@@ -66,7 +64,8 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from serving import Model, free_port, http, read_model, stop  # bench/ is on sys.path
+from harness import Model, http, percentile, read_model, start_gateway, stop
+from harness import machine_info as harness_machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -259,52 +258,19 @@ def check_body(status: int, headers: Any, raw: bytes, body: Body) -> str | None:
 # -- the gateway process ----------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when this script dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-
 @contextlib.contextmanager
 def gateway(repo: Path, log: Path) -> Iterator[tuple[subprocess.Popen[Any], str, list[str]]]:
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "gateway.cli", "serve", "--model-repo", str(repo),
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
-    ]  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GATEWAY_ACCESS_LOG": "true"}
-    with log.open("wb") as out:
-        # Its own session: a Ctrl-C in the terminal reaches this script only, which then stops
-        # the load and the gateway in order.
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+    args = ["--host", "127.0.0.1"]
+    gw = start_gateway(
+        repo, log.parent, *args, "--log-level", "info", env={"GATEWAY_ACCESS_LOG": "true"},
+        log=log, ready_s=180.0, detach=True,
+    )  # fmt: skip
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {proc.returncode}; see {log}")
-            with contextlib.suppress(OSError):
-                if http(f"{url}/v2/health/ready", timeout=5)[0] == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway not ready after 180 s; see {log}")
-            time.sleep(0.2)
-        shown = ["gateway", *cmd[3:]]
-        yield proc, url, shown
+        shown = ["gateway", "serve", "--model-repo", str(repo), *args, "--port", str(gw.port)]
+        yield gw.proc, gw.url, [*shown, "--log-level", "info"]
     finally:
-        stop(proc, timeout_s=40.0)
+        stop(gw.proc, timeout_s=40.0)
 
 
 # -- sampling the gateway ---------------------------------------------------------------------
@@ -520,10 +486,6 @@ def preflight(url: str, kinds: list[tuple[str, list[Body]]]) -> dict[str, str]:
 
 
 # -- summary ----------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
 
 
 def summarise(load: Load, args: argparse.Namespace) -> dict[str, Any]:
@@ -875,28 +837,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-
-    def version(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "?"
-
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "loadavg_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "onnxruntime": version("onnxruntime"),
-        "aiohttp": aiohttp.__version__,
-        "platform": platform.platform(),
-    }
+    return {**harness_machine_info(), "aiohttp": aiohttp.__version__}
 
 
 # -- main -------------------------------------------------------------------------------------

@@ -46,13 +46,10 @@ from typing import Any
 
 import numpy as np
 import tritonclient.http.aio as httpaio
+from harness import ROOT, Gateway, start_gateway
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from gateway.backends.triton import DEFAULT_PROTOCOL, TritonHost  # noqa: E402
-from gateway.testing.tritonserver import TritonServer, process_cpu_s  # noqa: E402
-from tests.conftest import GatewayProcess, start_gateway  # noqa: E402
+from gateway.backends.triton import DEFAULT_PROTOCOL, TritonHost
+from gateway.testing.tritonserver import TritonServer, process_cpu_s
 
 BIG_ELEMENTS = 256 * 1024  # 1 MiB of FP32 in and out per request: where transports differ
 # model -> (input names, datatype, row shape, dtype, output name)
@@ -223,8 +220,8 @@ def _push_direct(triton: TritonServer, repo: Path, models: list[str]) -> dict[st
     return names
 
 
-def _cpu(gateway: GatewayProcess | None, triton: TritonServer) -> tuple[float | None, float]:
-    gateway_s = None if gateway is None else process_cpu_s(gateway.process.pid)
+def _cpu(gateway: Gateway | None, triton: TritonServer) -> tuple[float | None, float]:
+    gateway_s = None if gateway is None else process_cpu_s(gateway.pid)
     return gateway_s, triton.cpu_s()
 
 
@@ -337,7 +334,7 @@ def run_layout(
                     )
                     gateways[target] = start_gateway(repo, tmp, "--config", str(config))
                     if sets is not None:
-                        _pin(gateways[target].process.pid, sets[0])
+                        _pin(gateways[target].pid, sets[0])
                 direct_names = _push_direct(triton, repo, models)
                 addresses = {"triton_direct": triton.http_address}
                 addresses.update({t: g.address for t, g in gateways.items()})

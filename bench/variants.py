@@ -26,10 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving  # the sibling benchmark: gateway, wrk and in-process helpers
+import harness
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = harness.ROOT
 
 
 def parse_variant(text: str) -> tuple[str, Path, dict[str, str]]:
@@ -42,7 +41,7 @@ def parse_variant(text: str) -> tuple[str, Path, dict[str, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="+", help="name:repo:ENV=V,ENV=V")
-    parser.add_argument("--model", default="mlp", choices=serving.MODELS)
+    parser.add_argument("--model", default="mlp", choices=harness.MODELS)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration-s", type=float, default=5.0, help="per point [5]")
     parser.add_argument("--batch", type=int, default=0, help="in-process batch [max_batch_size]")
@@ -50,31 +49,31 @@ def main() -> int:
     parser.add_argument("--out", help="markdown file for the table")
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variants]
-    model = serving.read_model(ROOT / "model_repo", args.model)
+    model = harness.read_model(ROOT / "model_repo", args.model)
     batch = args.batch or model.max_batch_size
     ratios: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     loops: dict[str, list[float]] = {name: [] for name, _, _ in variants}  # loop CPU per request
     lines = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        script = serving.lua_script(serving.binary_body(model), work, args.model)
+        script = harness.lua_script(harness.binary_body(model), work, args.model)
         gateways = [
-            (name, stack.enter_context(serving.gateway(repo, env, work, name)))
+            (name, stack.enter_context(harness.gateway(repo, env, work, name)))
             for name, repo, env in variants
         ]
         for number in range(1, args.rounds + 1):
-            limit = serving.measure_in_process(
+            limit = harness.measure_in_process(
                 ROOT / "model_repo", model, 0, args.duration_s, [batch]
             )[0]["items_per_s"]
             cells = [f"{limit:.0f}"]
             for name, gw in gateways:
                 url = f"{gw.url}/v2/models/{args.model}/infer"
-                serving.run_wrk(url, script, args.connections, 1, 1)  # warm-up
+                harness.run_wrk(url, script, args.connections, 1, 1)  # warm-up
                 before = gw.stats(args.model)
-                with serving.CpuWindow(gw.proc.pid) as cpu:
-                    out = serving.run_wrk(url, script, args.connections, 1, args.duration_s)
+                with harness.CpuWindow(gw.proc.pid) as cpu:
+                    out = harness.run_wrk(url, script, args.connections, 1, args.duration_s)
                 after = gw.stats(args.model)
-                served, errors = serving.wrk_figures(out)
+                served, errors = harness.wrk_figures(out)
                 runs = after["execution_count"] - before["execution_count"]
                 avg_batch = (after["inference_count"] - before["inference_count"]) / max(1, runs)
                 ratio = served / limit

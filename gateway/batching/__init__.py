@@ -1,5 +1,13 @@
-"""Per-model dynamic batching."""
+"""Per-model-version dynamic batching: everything that decides when a batch runs.
 
-from gateway.batching.batcher import Batcher, BatchPolicy, Queued
+``Batcher`` owns one model version's bounded queue and the task that forms batches from it
+(preferred sizes, queue delay, one input signature per batch, as many batches in flight as the
+backend has instances), hands each batch to the backend's ``execute`` and each caller its own
+rows of the outputs through a future (``Queued``). ``BatchPolicy`` is what it decides with, read
+from the model's config; ``Executed`` is what a backend's ``execute`` gives back. Deadlines and
+batching are timed on an injected clock.
+"""
 
-__all__ = ["BatchPolicy", "Batcher", "Queued"]
+from gateway.batching.batcher import Batcher, BatchPolicy, Executed, Queued
+
+__all__ = ["BatchPolicy", "Batcher", "Executed", "Queued"]

@@ -1,1 +1,3 @@
-"""Test helpers that start real processes (a standalone Triton server) on loopback ports."""
+"""Tooling for tests and benches, never imported by the gateway itself: a standalone Triton
+server (``tritonserver``, the build bundled in ``nvidia-pytriton``) started and stopped on
+loopback ports."""
