@@ -844,3 +844,32 @@ def test_numpy_string_outputs_are_length_prefixed_when_binary() -> None:
     header = json.loads(body[:length])
     assert header["outputs"][0]["datatype"] == "BYTES"
     assert body[length:] == b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([True, 2.0], "INT32 data must be integers, not booleans"),
+        ([2.0, False], "INT32 data must be integers, not booleans"),
+        ([1.0, 2.5], "INT32 data must be integers"),
+        ([[1.0], [2**31 + 0.0]], "value out of range for INT32"),
+        ([-(2**31) - 1.0, 0.0], "value out of range for INT32"),
+    ],
+)
+def test_floats_for_integers_are_checked_one_by_one(data: list[Any], message: str) -> None:
+    body = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [2], "data": data}]}
+    with pytest.raises(InvalidInput) as caught:
+        decode_infer_request(json.dumps(body).encode())
+    assert str(caught.value) == f"input 'x': {message}"
+
+
+def test_floats_at_the_integer_limits_are_exact() -> None:
+    body = {
+        "inputs": [
+            {"name": "x", "datatype": "INT32", "shape": [2], "data": [-(2**31) + 0.0, 2**31 - 1.0]}
+        ]
+    }
+    array = decode_infer_request(json.dumps(body).encode()).inputs["x"]
+    assert array.dtype == np.int32 and array.tolist() == [-(2**31), 2**31 - 1]
+    empty = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [0], "data": []}]}
+    assert decode_infer_request(json.dumps(empty).encode()).inputs["x"].dtype == np.int32

@@ -177,7 +177,7 @@ def _json_data(
         except (ValueError, TypeError) as exc:
             raise _fail(f"input '{name}': data is ragged or not numeric ({exc})") from None
         if dtype.kind in "iu" and raw.dtype.kind == "f" and raw.size:
-            array = _exact_integers(raw, data, dtype, datatype, name)
+            array = _exact_integers(data, dtype, datatype, name)
         else:
             array = _convert(raw.reshape(-1), dtype, datatype, name)
     if array.size != count:
@@ -186,17 +186,18 @@ def _json_data(
 
 
 def _exact_integers(
-    raw: np.ndarray[Any, Any], data: list[Any], dtype: np.dtype[Any], datatype: str, name: str
+    data: list[Any], dtype: np.dtype[Any], datatype: str, name: str
 ) -> np.ndarray[Any, Any]:
     """Integers for an integer tensor from JSON that numpy read as floats: whole-number floats,
     or integers beyond int64 mixed with others (numpy then rounds them all to float64, so
     2**64 - 1 became 2**64 and wrapped to 0). Checked exactly, on the values as parsed."""
-    if not np.all(np.isfinite(raw)) or not np.all(raw == np.floor(raw)):
-        raise _fail(f"input '{name}': {datatype} data must be integers")
-    values = np.array(data, dtype=object).reshape(-1)
-    if any(isinstance(v, bool) for v in values):
-        raise _fail(f"input '{name}': {datatype} data must be integers, not booleans")
-    exact = [int(v) for v in values]  # a float here is whole; orjson reads > 2**64 as float
+    exact: list[int] = []
+    for value in np.array(data, dtype=object).reshape(-1):
+        if isinstance(value, bool):
+            raise _fail(f"input '{name}': {datatype} data must be integers, not booleans")
+        if isinstance(value, float) and not value.is_integer():  # JSON has no inf or nan
+            raise _fail(f"input '{name}': {datatype} data must be integers")
+        exact.append(int(value))  # orjson reads integers past 2**64 as floats
     info = np.iinfo(dtype)
     if min(exact) < info.min or max(exact) > info.max:
         raise _fail(f"input '{name}': value out of range for {datatype}")
@@ -216,11 +217,8 @@ def _convert(
         return raw
     if kind not in "biuf":
         raise _fail(f"input '{name}': {datatype} data must be numbers")
-    if dtype.kind in "iu":
-        if kind == "f":
-            if not np.all(np.isfinite(raw)) or not np.all(raw == np.floor(raw)):
-                raise _fail(f"input '{name}': {datatype} data must be integers")
-        elif kind == "b":
+    if dtype.kind in "iu":  # floats for integers went to _exact_integers
+        if kind == "b":
             raise _fail(f"input '{name}': {datatype} data must be integers, not booleans")
         info = np.iinfo(dtype)
         if kind == "u" or raw.dtype == np.uint64:
