@@ -29,30 +29,33 @@ def build_app(settings: Settings) -> Any:
 
         repository = edge = EdgeRepository(settings)
     factory: Any = OnnxRuntimeFactory(settings)
+    hosts: Any = None  # the router's admin surface, for /admin/hosts
     on_shutdown: list[Any] = []
     if settings.hosts:
         # Hosts of any kind (Triton, v2, DNS groups) and local execution are targets of one
         # router; a Triton-only deployment is that router without the local runtime.
         from gateway.backends.placement import RoutedFactory
 
-        factory = RoutedFactory(settings)
+        factory = hosts = RoutedFactory(settings)
         on_shutdown.append(factory.close)
-    dataplane = DataPlane(settings, repository, factory)
-    families = getattr(factory, "metric_families", None)
-    if callable(families):
-        dataplane.metrics.add_source(families)
+    forwarder: Any = None
+    metric_sources: list[Any] = []
     if edge is not None:
-        edge.attach(dataplane)
         on_shutdown.append(edge.close)
+        metric_sources.append(edge.metric_families)
         if settings.forward_while_fetching:
             from gateway.forwarding import Forwarder
 
             forwarder = Forwarder(settings, edge)
-            dataplane.forwarder = forwarder
-            dataplane.metrics.add_source(forwarder.metric_families)
+            metric_sources.append(forwarder.metric_families)
             on_shutdown.append(forwarder.close)
+    dataplane = DataPlane(
+        settings, repository, factory, forwarder=forwarder, metric_sources=metric_sources
+    )
+    if edge is not None:
+        edge.attach(dataplane)  # loaded models are never evicted; changed ones reload
     if not settings.grpc_port:
-        return create_app(dataplane, on_shutdown=on_shutdown)
+        return create_app(dataplane, on_shutdown=on_shutdown, hosts=hosts)
     from gateway.grpc import GrpcServer
 
     grpc_server = GrpcServer(
@@ -63,7 +66,10 @@ def build_app(settings: Settings) -> Any:
         grace_s=settings.drain_timeout_s,
     )
     return create_app(
-        dataplane, on_startup=[grpc_server.start], on_shutdown=[grpc_server.stop, *on_shutdown]
+        dataplane,
+        on_startup=[grpc_server.start],
+        on_shutdown=[grpc_server.stop, *on_shutdown],
+        hosts=hosts,
     )
 
 

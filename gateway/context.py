@@ -2,8 +2,9 @@
 
 ``request_id`` is set by a front end for the request's task. The batcher copies the ids of the
 requests it merges into ``batch_request_ids`` for the task that executes the batch, so a remote
-backend can propagate them upstream, and it reports back how the request ran through
-``execution``, which the access log reads.
+backend can propagate them upstream. How a request ran goes back by value: a backend's
+``execute`` returns an ``Executed`` record (``gateway.batching``), and the batcher hands each
+request an ``Execution``, which the access log reads.
 """
 
 from __future__ import annotations
@@ -26,12 +27,6 @@ class Execution:
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 batch_request_ids: ContextVar[tuple[str, ...]] = ContextVar("batch_request_ids", default=())
-execution: ContextVar[Execution | None] = ContextVar("execution", default=None)
-# Set by a backend inside the batch task; copied onto each request's Execution.
-executed_on: ContextVar[str] = ContextVar("executed_on", default="")
-# Set by a backend that knows how long the batch really ran (not counting a wait for a free
-# instance, as when the batcher hands batches ahead); the batcher counts the rest as queueing.
-compute_s: ContextVar[float | None] = ContextVar("compute_s", default=None)
 
 _PROCESS_TAG = os.urandom(6).hex()
 _counter = itertools.count(1)

@@ -33,7 +33,7 @@ from gateway.errors import (
     ModelNotReady,
     Unavailable,
 )
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, Source
 from gateway.pending import Pending
 from gateway.protocol.types import InferRequest, InferResponse
 from gateway.repository.config import ModelConfig, parse_json
@@ -110,9 +110,7 @@ def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchP
     return BatchPolicy(
         max_batch_size=config.max_batch_size,
         preferred_batch_sizes=db.preferred_batch_sizes,
-        max_queue_delay_s=0.0
-        if getattr(backend, "batches_upstream", False)
-        else db.max_queue_delay_us / 1e6,
+        max_queue_delay_s=0.0 if backend.batches_upstream else db.max_queue_delay_us / 1e6,
         max_queue_size=db.max_queue_size or settings.max_queue_size,
         default_timeout_s=(db.default_timeout_us / 1e6) or None,
         instance_count=backend.instance_count,
@@ -175,20 +173,22 @@ class DataPlane:
         factory: BackendFactory,
         clock: Callable[[], float] = time.monotonic,
         forwarder: Forwarder | None = None,
+        metric_sources: Sequence[Source] = (),
     ) -> None:
         """``clock`` (monotonic seconds) times deadlines and batching; ``forwarder`` serves
-        requests while their model is fetched on first use."""
+        requests while their model is fetched on first use; ``metric_sources`` add other
+        parts' families to ``/metrics`` (the factory's own are added here)."""
         self.settings = settings
         self.repository = repository
         self.factory = factory
         self.clock = clock
+        self.forwarder = forwarder
         self.models: dict[str, ModelEntry] = {}
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self, (factory.metric_families, *metric_sources))
         self.started = False
         self.draining = False
         self._loads: dict[str, asyncio.Future[None]] = {}  # loads started by a request
         self._reloads: set[asyncio.Future[None]] = set()  # loads started by the repository
-        self.forwarder = forwarder
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -262,14 +262,18 @@ class DataPlane:
             )
         return loaded
 
+    def in_use(self, name: str) -> bool:
+        """Whether some version of ``name`` is loaded here (an edge never evicts it)."""
+        entry = self.models.get(name)
+        return entry is not None and bool(entry.versions)
+
     def model_ready(self, name: str, version: str | None = None) -> bool:
         """Loaded, and (for remote backends that can tell) servable somewhere right now."""
         try:
             lv = self._resolve(name, version)
         except GatewayError:
             return False
-        ready = getattr(lv.backend, "ready", None)
-        return bool(ready()) if callable(ready) else True
+        return lv.backend.ready()
 
     # -- loading on first use (edge repositories) -------------------------------------------
 

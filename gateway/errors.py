@@ -8,6 +8,8 @@ The core raises these; only ``gateway.server`` knows which status code each beco
     │   └── ClientTimeout     the client did not send its body in time
     ├── ModelNotFound         unknown model or version
     ├── ModelLoadError        a model (or its config) cannot be loaded
+    ├── UnknownHost           no host (or DNS group) of that name (admin API)
+    ├── HostConflict          a host change not possible now (admin API)
     ├── Unavailable           cannot serve right now; retrying later may work
     │   ├── ModelNotReady     known model, not loaded / unloading
     │   ├── QueueFull         the model's batch queue is at its bound
@@ -45,6 +47,15 @@ class ModelNotFound(GatewayError):
 
 class ModelLoadError(GatewayError):
     """A model or its configuration is invalid and cannot be loaded."""
+
+
+class UnknownHost(GatewayError):
+    """No host (or DNS group) of that name in the router's table."""
+
+
+class HostConflict(GatewayError):
+    """The host change is not possible in the current state (a DNS-discovered host, no
+    router, shutdown)."""
 
 
 class Unavailable(GatewayError):

@@ -157,9 +157,7 @@ def log_inference(
     run: context.Execution | None = None,
 ) -> None:
     """The access-log line: who asked, what ran, how it was batched, where the time went
-    (``run``, else the ``context.execution`` of the task that waited for the batch)."""
+    (``run``)."""
     if access.isEnabledFor(logging.INFO):
         duration_ns = time.perf_counter_ns() - started_ns
-        ACCESS.write(
-            (request_id, model, version, status, duration_ns, run or context.execution.get())
-        )
+        ACCESS.write((request_id, model, version, status, duration_ns, run))

@@ -3,12 +3,12 @@
 Nothing here sits on the request path: the collector walks the data plane's per-version
 statistics when ``/metrics`` is scraped. Names follow Triton's (``nv_inference_*``) so existing
 dashboards work; the gateway's own start with ``gateway_``. Other parts (routing, cache) add
-their families by registering a ``source`` callable.
+their families as ``source`` callables given when the data plane is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -58,9 +58,9 @@ def _placement(
 class DataPlaneCollector(Collector):
     """Triton-compatible per model/version families plus the gateway's histograms."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, sources: Sequence[Source] = ()) -> None:
         self._dataplane = dataplane
-        self.sources: list[Source] = []
+        self.sources: tuple[Source, ...] = tuple(sources)
 
     def collect(self) -> Iterator[Any]:
         labels = ["model", "version"]
@@ -148,14 +148,12 @@ class DataPlaneCollector(Collector):
 class Metrics:
     """A registry of our own (never the process-global one), so tests and apps do not share."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, sources: Sequence[Source] = ()) -> None:
+        """``sources``: other parts' families (routing, cache, forwarding), each asked at
+        scrape time; fixed when the data plane is built."""
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = DataPlaneCollector(dataplane)
+        self.collector = DataPlaneCollector(dataplane, sources)
         self.registry.register(self.collector)
-
-    def add_source(self, source: Source) -> None:
-        """Let another part (routing, cache) contribute metric families at scrape time."""
-        self.collector.sources.append(source)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

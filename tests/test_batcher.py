@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gateway import context
-from gateway.batching import Batcher, BatchPolicy
+from gateway.batching import Batcher, BatchPolicy, Executed
 from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady, QueueFull, Unavailable
 from gateway.stats import ModelStats
 
@@ -46,7 +46,7 @@ class Recorder:
         self.gate: asyncio.Event | None = None
         self.error: Exception | None = None
         # Moves the test's clock by ``run_s`` while a batch runs (its compute time); a backend
-        # that knows its own compute time sets ``compute_s`` as a routed backend does.
+        # that knows its own compute time reports ``compute_s`` as in-process runtimes do.
         self.clock: Clock | None = None
         self.run_s = 0.0
         self.compute_s: float | None = None
@@ -54,7 +54,7 @@ class Recorder:
 
     async def __call__(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
-    ) -> Tensors:
+    ) -> Executed:
         self.batches.append(len(inputs["X"]))
         self.deadlines.append(deadline_s)
         self.request_ids.append(context.batch_request_ids.get())
@@ -64,13 +64,9 @@ class Recorder:
             await asyncio.sleep(self.delay_s)
         if self.clock is not None:
             self.clock.now_s += self.run_s
-        if self.compute_s is not None:
-            context.compute_s.set(self.compute_s)
-        if self.host:
-            context.executed_on.set(self.host)
         if self.error is not None:
             raise self.error
-        return {"Y": inputs["X"] * 2}
+        return Executed({"Y": inputs["X"] * 2}, self.host, self.compute_s)
 
 
 def make(
@@ -267,7 +263,7 @@ class Concurrency(Recorder):
 
     async def __call__(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
-    ) -> Tensors:
+    ) -> Executed:
         self.running += 1
         self.peak = max(self.peak, self.running)
         try:
@@ -324,6 +320,7 @@ def test_no_second_queue_delay_in_front_of_a_batching_host() -> None:
 
     class Local:
         instance_count = 2
+        batches_upstream = False
 
     class Upstream(Local):
         batches_upstream = True
@@ -459,19 +456,19 @@ async def test_submit_with_a_deadline_already_past_fails_at_once() -> None:
     await batcher.close()
 
 
-async def test_submit_sends_one_row_with_its_request_id_and_reports_the_execution() -> None:
+async def test_submit_sends_one_row_with_its_request_id() -> None:
     clock = Clock(100.0)
     backend = Recorder()
     backend.clock, backend.run_s, backend.host = clock, 0.25, "h1"
     batcher, stats = make(BatchPolicy(max_batch_size=8), backend, clock)
     token = context.request_id.set("req-1")
     try:
-        result = await batcher.submit(row(3))  # awaited here: it sets this task's context
+        result = await batcher.submit(row(3))  # the request id is this task's context
         assert float(result["Y"][0, 0]) == 6.0
-        assert context.execution.get() == context.Execution(1, 0, 250_000_000, "h1")
     finally:
         context.request_id.reset(token)
     assert backend.request_ids == [("req-1",)] and stats.inference_count == 1
+    assert (stats.compute_infer.count, stats.compute_infer.ns) == (1, 250_000_000)
     await batcher.close()
 
 

@@ -312,7 +312,7 @@ async def test_cuda_sessions_get_their_devices_options_and_no_fallback(
         warmed = sorted({size for s in made for size in s.batch_sizes})
         assert warmed == [1, 2, 4, 8]
         result = await backend.execute(simple_inputs(3), ["OUTPUT0"])
-        assert result["OUTPUT0"].shape == (3, 16)
+        assert result.outputs["OUTPUT0"].shape == (3, 16)
     finally:
         await backend.close()
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.backends.base import Tensors
+from gateway.backends.base import Backend, BackendFactory, Executed, Tensors
 from gateway.dataplane import DataPlane
 from gateway.errors import (
     DeadlineExceeded,
@@ -39,13 +39,15 @@ def config_of(name: str) -> ModelConfig:
     )
 
 
-class FakeBackend:
+class FakeBackend(Backend):
     """``Backend``: Y = X + 1; ``gate`` (when set) holds every execution until opened."""
 
     def __init__(self, config: ModelConfig, gate: asyncio.Event | None) -> None:
         self._config = config
         self.gate = gate
         self.batches: list[int] = []  # rows of each batch executed
+        self.host = ""  # where it says each batch ran
+        self.servable = True  # what ``ready`` answers
 
     @property
     def config(self) -> ModelConfig:
@@ -57,11 +59,14 @@ class FakeBackend:
 
     async def execute(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
-    ) -> Tensors:
+    ) -> Executed:
         self.batches.append(int(inputs["X"].shape[0]))
         if self.gate is not None:
             await self.gate.wait()
-        return {"Y": inputs["X"] + 1}
+        return Executed({"Y": inputs["X"] + 1}, self.host, 0.001)
+
+    def ready(self) -> bool:
+        return self.servable
 
     async def close(self) -> None:
         pass
@@ -70,7 +75,7 @@ class FakeBackend:
         return {"kind": "fake"}
 
 
-class FakeFactory:
+class FakeFactory(BackendFactory):
     def __init__(self, gate: asyncio.Event | None = None) -> None:
         self.gate = gate
         self.loaded: dict[str, FakeBackend] = {}
@@ -348,3 +353,57 @@ async def test_forwarded_while_fetching_with_what_is_left_of_the_deadline(
     finally:
         repository.fetched.set()
         await dataplane.stop()
+
+
+async def test_how_a_batch_ran_reaches_its_requests_by_value(tmp_path: Path) -> None:
+    """The backend's ``Executed`` record (no contextvars): its host is each request's host in
+    the access log, its compute time counted as compute."""
+    dataplane, factory, _ = await plane(tmp_path)
+    try:
+        factory.loaded["ready"].host = "h9"
+        pending = dataplane.submit("ready", None, request(3))
+        await asyncio.wait_for(pending, 5)
+        assert pending.execution is not None
+        assert (pending.execution.host, pending.execution.batch_size) == ("h9", 3)
+        assert pending.execution.compute_ns <= 1_000_000
+    finally:
+        await dataplane.stop()
+
+
+async def test_model_ready_and_in_use_ask_the_backend_and_the_entries(tmp_path: Path) -> None:
+    dataplane, factory, _ = await plane(tmp_path)
+    try:
+        assert dataplane.model_ready("ready") and not dataplane.model_ready("cold")
+        assert dataplane.in_use("ready") and not dataplane.in_use("cold")
+        factory.loaded["ready"].servable = False  # a routed backend with no host serving it
+        assert not dataplane.model_ready("ready") and dataplane.in_use("ready")
+    finally:
+        await dataplane.stop()
+
+
+async def test_metric_sources_are_given_when_the_data_plane_is_built(tmp_path: Path) -> None:
+    """The factory's own families (``BackendFactory.metric_families``) and the sources passed
+    to the constructor are on every scrape; a factory without families of its own adds none."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    def family(name: str) -> list[Any]:
+        return [GaugeMetricFamily(name, name, value=1.0)]
+
+    class Reporting(FakeFactory):
+        def metric_families(self) -> list[Any]:
+            return family("from_factory")
+
+    plain = DataPlane(Settings(), FakeRepository(tmp_path), FakeFactory())
+    assert b"from_" not in plain.metrics.render()
+    dataplane = DataPlane(
+        Settings(),
+        FakeRepository(tmp_path),
+        Reporting(),
+        metric_sources=[lambda: family("from_edge"), lambda: family("from_forwarder")],
+    )
+    text = dataplane.metrics.render().decode()
+    assert [n for n in ("from_factory", "from_edge", "from_forwarder") if n + " 1.0" in text] == [
+        "from_factory",
+        "from_edge",
+        "from_forwarder",
+    ]

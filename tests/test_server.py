@@ -211,3 +211,33 @@ def test_pipelined_requests_on_one_connection(gateway: GatewayProcess) -> None:
             answer = json.loads(reader.read(length))
             assert status == b"200" and answer["id"] == f"p{i}"
             assert answer["outputs"][0]["data"] == [i + 1] * 16
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        ("InvalidInput", 400),
+        ("PayloadTooLarge", 413),
+        ("ModelNotFound", 404),
+        ("ModelLoadError", 400),
+        ("UnknownHost", 404),
+        ("HostConflict", 409),
+        ("QueueFull", 503),
+        ("Overloaded", 429),
+        ("DeadlineExceeded", 504),
+        ("GatewayError", 500),
+    ],
+)
+def test_one_status_table_for_every_route(error: str, status: int) -> None:
+    """Inference and admin routes answer through the same table (no second mapping)."""
+    from gateway import errors
+    from gateway.server.errors import status_of
+
+    assert status_of(getattr(errors, error)("x")) == status
+
+
+def test_an_invalid_host_table_is_a_400() -> None:
+    from gateway.server.errors import status_of
+    from gateway.settings import SettingsError
+
+    assert status_of(SettingsError("x")) == 400

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gateway.batching.batcher import Executed
 from gateway.errors import DeadlineExceeded, GatewayError, HostUnreachable, Unavailable
 from gateway.repository.config import ModelConfig
 from gateway.repository.local import ModelSource
@@ -18,9 +19,24 @@ from gateway.routing.tiers import HostModel
 
 Tensors = dict[str, np.ndarray[Any, Any]]
 
+__all__ = [
+    "Backend",
+    "BackendFactory",
+    "Executed",
+    "Host",
+    "Tensors",
+    "check_answer",
+    "check_dispatch",
+    "timed_out",
+]
+
 
 class Backend(Protocol):
-    """One loaded model version, able to run ``instance_count`` batches at once."""
+    """One loaded model version, able to run ``instance_count`` batches at once.
+
+    The members after ``describe`` have defaults, which a backend gets by subclassing
+    ``Backend``.
+    """
 
     @property
     def config(self) -> ModelConfig:
@@ -32,8 +48,8 @@ class Backend(Protocol):
 
     async def execute(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
-    ) -> Tensors:
-        """Run one batch and return the named outputs.
+    ) -> Executed:
+        """Run one batch: the named outputs, where it ran and (when known) its compute time.
 
         ``deadline_s`` (on the data plane's monotonic clock) is the earliest deadline of the
         requests in the batch; remote backends pass the remaining budget on to the host.
@@ -45,19 +61,33 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """Facts about where and how it runs, for metadata and the repository index."""
 
-    # Optional: ``def ready(self) -> bool`` -- remote backends say whether any host serves the
-    # version now; ``DataPlane.model_ready`` (``GET .../ready``) asks when it is there.
-    # Optional: ``batches_upstream = True`` -- the backend runs its own dynamic batcher with this
-    # model's settings (a Triton host with ``batching = "triton"``): the gateway's batcher then
-    # merges what is queued when a slot frees but does not wait ``max_queue_delay`` for more,
-    # which would pay it twice.
+    # -- members with defaults --------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Whether the version is servable right now (no I/O): remote backends say whether
+        some host serves it (``GET .../ready``). Default: True."""
+        return True
+
+    @property
+    def batches_upstream(self) -> bool:
+        """Whether the backend runs its own dynamic batcher with this model's settings (a
+        Triton host with ``batching = "triton"``): the gateway's batcher then merges what is
+        queued when a slot frees but does not wait ``max_queue_delay`` for more, which would
+        pay it twice. Default: False."""
+        return False
 
 
 class BackendFactory(Protocol):
-    """Loads model versions into a kind of backend."""
+    """Loads model versions into a kind of backend. ``metric_families`` has a default, which
+    a factory gets by subclassing ``BackendFactory``."""
 
     async def load(self, source: ModelSource, version: int) -> Backend:
         """Load one version; raises ``ModelLoadError`` with a reason the user can act on."""
+
+    def metric_families(self) -> list[Any]:
+        """Prometheus families of its own for ``/metrics`` (a router's host table), collected
+        on each scrape. Default: none."""
+        return []
 
 
 class Host(Protocol):

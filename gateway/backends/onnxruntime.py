@@ -36,8 +36,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
-from gateway import context
-from gateway.backends.base import Tensors
+from gateway.backends.base import Backend, BackendFactory, Executed, Tensors
 from gateway.errors import InvalidInput, ModelLoadError, Unavailable
 from gateway.protocol.types import numpy_dtype
 from gateway.repository.config import (
@@ -313,7 +312,7 @@ class Instance:
     device_id: int | None = None
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """``instance_count`` ONNX Runtime sessions of one model version."""
 
     def __init__(
@@ -363,7 +362,7 @@ class OnnxRuntimeBackend:
 
     async def execute(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
-    ) -> Tensors:
+    ) -> Executed:
         loop = asyncio.get_running_loop()
         try:
             result, seconds = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
@@ -375,8 +374,7 @@ class OnnxRuntimeBackend:
                     f"model '{self._config.name}' rejected the input: {exc}"
                 ) from None
             raise
-        context.compute_s.set(seconds)
-        return result
+        return Executed(result, compute_s=seconds)
 
     def _device_failed(self, exc: Exception) -> Unavailable:
         """A run the execution provider failed (fallback is off): the server's fault (503),
@@ -412,7 +410,7 @@ class OnnxRuntimeBackend:
         return facts
 
 
-class OnnxRuntimeFactory:
+class OnnxRuntimeFactory(BackendFactory):
     """Loads model versions into in-process ONNX Runtime sessions."""
 
     def __init__(

@@ -80,7 +80,7 @@ def _kind(host: Host) -> str:
     return str(host.describe().get("kind", "v2"))
 
 
-class RoutedFactory:
+class RoutedFactory(BackendFactory):
     """``BackendFactory`` over the local runtime and the hosts: the pool, its DNS groups and
     probes, the router, and the admin changes that tie them together."""
 

@@ -18,8 +18,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from gateway import context
-from gateway.backends.base import Backend, Tensors, check_answer
+from gateway.backends.base import Backend, Executed, Tensors, check_answer
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -58,7 +57,7 @@ _PUBLIC_HOST_FACTS = frozenset(
 )
 
 
-class RoutedBackend:
+class RoutedBackend(Backend):
     """One model version served by the router's targets."""
 
     def __init__(
@@ -126,7 +125,7 @@ class RoutedBackend:
 
     async def execute(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
-    ) -> Tensors:
+    ) -> Executed:
         router = self._factory.router
         rows = self._rows(inputs)
         # Hosts that know they do not serve it now (down, model lost) are not candidates.
@@ -175,19 +174,20 @@ class RoutedBackend:
 
     async def _run(
         self, lease: Lease, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None
-    ) -> Tensors:
-        context.executed_on.set(lease.name)
+    ) -> Executed:
         try:
             if lease.name == LOCAL:
                 assert self._local is not None
-                result = await self._local.execute(inputs, outputs, deadline_s)
+                local = await self._local.execute(inputs, outputs, deadline_s)
+                result = Executed(local.outputs, LOCAL, local.compute_s)
             else:
                 host = self._factory.pool.host_for(lease.target)
                 if not lease.target.ready.get(self.key, False):
                     await self._factory.prepare_on(host, self._source, self._version, self._config)
                 timeout_s = None if deadline_s is None else deadline_s - self._factory.clock()
-                result = await host.infer(self.model, self._version, inputs, outputs, timeout_s)
-                check_answer(lease.name, self._config, inputs, outputs, result)
+                answer = await host.infer(self.model, self._version, inputs, outputs, timeout_s)
+                check_answer(lease.name, self._config, inputs, outputs, answer)
+                result = Executed(answer, lease.name)
         except (HostUnreachable, ModelNotReady) as exc:
             if isinstance(exc, ModelNotReady):
                 self._factory.router.set_ready(lease.name, self.key, False)

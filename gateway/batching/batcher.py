@@ -35,8 +35,22 @@ from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady, QueueF
 from gateway.stats import ModelStats
 
 Tensors = dict[str, np.ndarray[Any, Any]]
-Execute = Callable[[Tensors, Sequence[str], float | None], Awaitable[Tensors]]
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Executed:
+    """What running one batch gave back (a backend's ``execute``): its outputs, where it ran
+    (a host's name; "" in-process), and how long it really computed when the backend knows
+    (not counting a wait for a free instance, as when the batcher hands batches ahead: the
+    batcher counts the rest as queueing)."""
+
+    outputs: Tensors
+    host: str = ""
+    compute_s: float | None = None
+
+
+Execute = Callable[[Tensors, Sequence[str], float | None], Awaitable[Executed]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +152,6 @@ class Batcher:
             raise DeadlineExceeded("Request timeout expired") from None
         finally:
             future.cancel()  # no-op when done; marks it dropped when we stop waiting
-        context.execution.set(item.execution)
         return result
 
     def enqueue(
@@ -268,7 +281,7 @@ class Batcher:
             try:
                 deadlines = [p.deadline_s for p in batch if p.deadline_s is not None]
                 deadline_s = min(deadlines) if deadlines else None
-                outputs = await self._execute(inputs, self._outputs, deadline_s)
+                ran = await self._execute(inputs, self._outputs, deadline_s)
             except GatewayError as exc:
                 for item in batch:
                     if not item.future.done():
@@ -292,7 +305,7 @@ class Batcher:
             self._release(batch)
             released = True
             compute_ns = int((self._clock() - started) * 1e9)
-            ran_s = context.compute_s.get()
+            outputs, ran_s = ran.outputs, ran.compute_s
             one_s = ran_s if ran_s is not None else compute_ns / 1e9
             average = self._compute_s
             self._compute_s = one_s if average is None else 0.8 * average + 0.2 * one_s
@@ -303,7 +316,7 @@ class Batcher:
                     item.queue_ns += waited_ns
                     self._stats.record_queue(waited_ns, count=0)
             self._stats.record_execution(rows, len(batch), compute_ns)
-            host = context.executed_on.get()
+            host = ran.host
             for item in batch:
                 item.execution = context.Execution(rows, item.queue_ns, compute_ns, host)
             if len(batch) == 1:

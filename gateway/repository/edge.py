@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.errors import GatewayError, ModelLoadError, ModelNotFound, Unavailable
 from gateway.repository.cache import (
@@ -78,6 +78,16 @@ REVALIDATE_RETRY_S = (1.0, 60.0)  # first and longest wait between retries while
 def default_cache_dir(model_repo: str) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "gateway" / hashlib.sha256(model_repo.encode()).hexdigest()[:16]
+
+
+class Served(Protocol):
+    """What an edge repository needs of the data plane that serves its models."""
+
+    def in_use(self, name: str) -> bool:
+        """Whether some version of ``name`` is loaded (never evicted then)."""
+
+    def reload_soon(self, name: str) -> None:
+        """Load ``name`` again: the origin changed it."""
 
 
 class EdgeRepository(LocalRepository):
@@ -331,17 +341,12 @@ class EdgeRepository(LocalRepository):
             "origin_reachable": bool(self.reachable),
         }
 
-    def attach(self, dataplane: Any) -> None:
+    def attach(self, served: Served) -> None:
         """Wire to the data plane: loaded models are never evicted, models changed at the origin
-        after a restart are loaded again, counters go to /metrics."""
-
-        def in_use(name: str) -> bool:
-            entry = dataplane.models.get(name)
-            return entry is not None and bool(entry.versions)
-
-        self.in_use = in_use
-        self.on_change = dataplane.reload_soon
-        dataplane.metrics.add_source(self.metric_families)
+        after a restart are loaded again. (Its counters reach /metrics as one of the data
+        plane's ``metric_sources``: ``metric_families``.)"""
+        self.in_use = served.in_use
+        self.on_change = served.reload_soon
 
     def metric_families(self) -> list[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

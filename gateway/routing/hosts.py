@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.errors import HostConflict, UnknownHost  # re-exported: the admin API's errors
 from gateway.settings import BATCHING_PLACES, Settings, SettingsError
 
 __all__ = [
@@ -52,14 +53,6 @@ PROTOCOLS = ("http", "grpc")  # how the gateway talks to a Triton host
 # ``http``). bench/results/triton.md: about the same throughput as HTTP (0.9-1.1x) from 64 B to
 # 1 MiB tensors; gRPC keeps one HTTP/2 channel per host and carries the deadline.
 DEFAULT_PROTOCOL = "grpc"
-
-
-class UnknownHost(LookupError):
-    """No host (or DNS group) of that name in the table."""
-
-
-class HostConflict(RuntimeError):
-    """The change is not possible in the current state (a DNS-discovered host, shutdown)."""
 
 
 def _int(table: Mapping[str, Any], key: str, where: str, low: int, high: int) -> None:

@@ -9,7 +9,7 @@ import base64
 import binascii
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.applications import Starlette
@@ -19,18 +19,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.backends.placement import RoutedFactory
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, InvalidInput
+from gateway.errors import GatewayError, HostConflict, InvalidInput
 from gateway.logs import ACCESS
 from gateway.metrics import CONTENT_TYPE
-from gateway.routing.hosts import HostConflict, UnknownHost
 from gateway.server.auth import ADMIN_PREFIXES, AdminPortGuard, AuthGuard, Guard, GuardMiddleware
 from gateway.server.distribution import distribution_routes
 from gateway.server.errors import error_response, handle_gateway_error
 from gateway.server.infer import HotPath, read_body
 from gateway.server.openapi import OPENAPI
-from gateway.settings import SettingsError
 
 NOT_ROUTED = (
     "hosts can be changed at run time only when the gateway routes across hosts "
@@ -55,15 +52,32 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
+class HostAdmin(Protocol):
+    """The router's admin surface (``gateway.backends.placement.RoutedFactory``), for
+    ``/admin/hosts``. Errors are typed (``SettingsError``, ``UnknownHost``, ``HostConflict``)
+    and answer through the one status table."""
+
+    def table(self) -> dict[str, Any]:
+        """Every host: state, in-flight, latency estimates, ejection, weights."""
+
+    async def add_host(self, table: object) -> dict[str, Any]:
+        """Add a host from a ``[[hosts]]`` table, or replace the one of that name."""
+
+    async def remove_host(self, name: str, *, wait: bool = False) -> dict[str, Any]:
+        """Take a host (or DNS group) out; with ``wait``, until its batches finished."""
+
+
 def create_app(
     dataplane: DataPlane,
     on_startup: Sequence[Callable[[], Awaitable[None]]] = (),
     on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+    hosts: HostAdmin | None = None,
 ) -> HotPath:
     """The v2 REST surface over one data plane.
 
     ``on_startup`` hooks run once the data plane has started, ``on_shutdown`` hooks before it
-    stops (other front ends on the same loop, such as gRPC).
+    stops (other front ends on the same loop, such as gRPC). ``hosts`` is the router, for the
+    admin API (a gateway with ``[[hosts]]`` has one).
     """
     settings = dataplane.settings
     limit = settings.max_body_bytes
@@ -138,42 +152,27 @@ def create_app(
 
     async def admin_hosts(request: Request) -> Response:
         """The router's host table (state, in-flight, latency estimates, ejection, weights)."""
-        factory = _routed()
-        return _json(factory.table() if factory is not None else {"hosts": []})
+        return _json(hosts.table() if hosts is not None else {"hosts": []})
 
-    async def _host_change(call: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
-        try:
-            return _json(await call())
-        except SettingsError as exc:  # an invalid host table
-            return error_response(400, exc.message)
-        except UnknownHost as exc:
-            return error_response(404, str(exc))
-        except HostConflict as exc:
-            return error_response(409, str(exc))
-
-    def _routed() -> RoutedFactory | None:
-        """The router's factory: a gateway with ``[[hosts]]`` (any kind) has one."""
-        factory = dataplane.factory
-        return factory if isinstance(factory, RoutedFactory) else None
+    def _router() -> HostAdmin:
+        if hosts is None:
+            raise HostConflict(NOT_ROUTED)
+        return hosts
 
     async def admin_hosts_add(request: Request) -> Response:
         """Add a host (a ``[[hosts]]`` table as JSON), or replace the one of that name."""
-        factory = _routed()
-        if factory is None:
-            return error_response(409, NOT_ROUTED)
+        router = _router()
         body = await _json_body(request, limit)
-        return await _host_change(lambda: factory.add_host(body))
+        return _json(await router.add_host(body))
 
     async def admin_hosts_remove(request: Request) -> Response:
         """Remove a host: no new batches at once, those in flight finish, then it closes."""
-        factory = _routed()
-        if factory is None:
-            return error_response(409, NOT_ROUTED)
+        router = _router()
         wait = request.query_params.get("wait", "false").lower()
         if wait not in ("true", "1", "false", "0"):
             raise InvalidInput("'wait' must be true or false")
         name = request.path_params["name"]
-        return await _host_change(lambda: factory.remove_host(name, wait=wait in ("true", "1")))
+        return _json(await router.remove_host(name, wait=wait in ("true", "1")))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -1,4 +1,5 @@
-"""The one table from gateway errors to HTTP status codes (Triton-compatible)."""
+"""The one table from gateway errors to HTTP status codes (Triton-compatible): every route,
+inference and admin alike, raises typed errors and answers through it."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from gateway.errors import (
     ClientTimeout,
     DeadlineExceeded,
     GatewayError,
+    HostConflict,
     InvalidInput,
     ModelLoadError,
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
     Unavailable,
+    UnknownHost,
 )
+from gateway.settings import SettingsError
 
 # Most specific first.
 STATUS: list[tuple[type[GatewayError], int]] = [
@@ -27,6 +31,9 @@ STATUS: list[tuple[type[GatewayError], int]] = [
     (InvalidInput, 400),
     (ModelNotFound, 404),
     (ModelLoadError, 400),
+    (SettingsError, 400),  # an invalid host table given to the admin API
+    (UnknownHost, 404),
+    (HostConflict, 409),
     (Overloaded, 429),
     (Unavailable, 503),
     (DeadlineExceeded, 504),
