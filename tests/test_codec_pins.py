@@ -873,3 +873,9 @@ def test_floats_at_the_integer_limits_are_exact() -> None:
     assert array.dtype == np.int32 and array.tolist() == [-(2**31), 2**31 - 1]
     empty = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [0], "data": []}]}
     assert decode_infer_request(json.dumps(empty).encode()).inputs["x"].dtype == np.int32
+
+
+def test_nested_floats_for_integers_keep_their_order() -> None:
+    data = [[1.0, 2.0], [3.0, 4.0]]
+    body = {"inputs": [{"name": "x", "datatype": "INT64", "shape": [2, 2], "data": data}]}
+    assert decode_infer_request(json.dumps(body).encode()).inputs["x"].tolist() == [[1, 2], [3, 4]]
