@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from gateway.dataplane import DataPlane
 from gateway.errors import ModelNotFound
+from gateway.repository.edge import EdgeRepository
 from gateway.repository.local import is_version
 from gateway.repository.manifest import (
     INDEX_NAME,
@@ -44,7 +45,8 @@ def _file(path: Path, sha256: str | None = None) -> Response:
 
 def distribution_routes(dataplane: DataPlane) -> list[Route]:
     repository = dataplane.repository
-    edge_blob = getattr(repository, "peer_blob", None)
+    # An edge serves the blobs it holds (peers ask it); any other node publishes its repository.
+    edge_blob = repository.peer_blob if isinstance(repository, EdgeRepository) else None
     publisher = None if edge_blob is not None else Publisher(repository.root)
 
     async def tree(request: Request) -> Response:
