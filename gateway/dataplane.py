@@ -5,6 +5,9 @@ It owns the set of loaded model versions, loading on first use (an edge's pulls)
 deadlines and admission to the per-version batchers, and keeps statistics. Inference has one way
 in, ``submit``: front ends only decode requests and encode what its ``Pending`` ends with. It
 knows nothing of HTTP or gRPC.
+
+Why one module of this size: inference (``submit``) and the model life cycle (load, unload,
+index) share the model entries and their locks; the life cycle is the next split.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ was asked for: on the CPU against ``"cuda"``, the load fails; against ``KIND_GPU
 logged and ``gateway_model_cpu_fallback`` says so; against ``KIND_AUTO``, a warning. ORT's
 run-time fallback (a failing CUDA run retried on the CPU, for good) is switched off: such a
 batch fails with 503.
+
+Why one module of this size: each session's providers are checked as it is made, so the CUDA
+placement, pins and fallback checks sit beside session creation; a providers module is the
+next split if it grows.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ by evicting least-recently-used models that the caller does not protect (loaded 
 ones). A write the cache's own disk refuses (full, quota, read-only) is
 :class:`CacheWriteError` (503, naming the reason, not the path), and that download's partial
 file is removed: it holds space and cannot be finished now.
+
+Why one module of this size: single-flight downloads, resume, verification and the LRU bound
+all act on one reservation ledger; split, the invariant "no byte written past the bound"
+would be spread over files.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ The origin is not trusted further than its hashes: the index, each manifest and 
 ``config.pbtxt`` are read whole only up to ``max_index_bytes``; every file is written only up
 to the size the index or its manifest gives, within the cache's byte bound. Errors for clients
 name models, not the origin's URL or the cache's paths; the details go to the log.
+
+Why one module of this size: index freshness, fetch planning and materialisation share the
+index state and the single-flight bookkeeping of fetches; the blob cache and origins are apart.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ wins only when that total still beats the warm ones.
 Membership changes at run time: a removed or replaced target leaves the pool at once (no new
 leases) and stays in ``draining`` until its leases in flight have finished; ``drained`` waits
 for that.
+
+Why one module of this size: its parts share per-target state (in-flight, capacity, health,
+estimates) kept consistent on the event loop; policy, estimators, pool, probing and discovery
+already live outside it.
 """
 
 from __future__ import annotations

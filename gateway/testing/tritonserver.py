@@ -6,6 +6,9 @@ HTTP/gRPC on loopback, models pushed with the repository API (``--model-control-
 
 Each ``start()`` gets a fresh scratch directory (copied server tree, empty model repository, log
 file); copying the ~30 MB tree takes well under 0.1 s here, so there is no cross-run cache.
+
+Why one module of this size: a test harness (start, readiness, logs, restart, kill, CPU
+accounting of one process) kept whole so tests and benches drive Triton one way.
 """
 
 from __future__ import annotations
