@@ -1,5 +1,7 @@
 """HTTP connections: what uvicorn's httptools protocol leaves to each request, done once per
-connection.
+connection. (Over 400 lines on purpose: one protocol class and what only it uses, a sixth of it
+this docstring and the list of uvicorn names it relies on; the next split is the head reading,
+``_raw_head`` to ``_HEADS``, into a module of its own.)
 
 - **Head timeout.** A client that opens a connection and sends nothing, or trickles its request
   line and headers a byte at a time (slowloris), would otherwise hold its connection, and a slot
@@ -26,90 +28,163 @@ connection.
 
 - **Inference without ASGI.** An app may offer ``raw_enabled``, ``raw_route(path, length)`` and
   ``answer_raw(exchange, route)`` (``RawHandler``). A plain ``POST`` it routes (HTTP/1.1, a
-  Content-Length of at most 64 KiB, no ``Expect``, nothing pipelined ahead of it, under the
-  concurrency limit) is then answered through a ``RawExchange``: no ASGI scope, no
-  ``RequestResponseCycle``, no ``receive``/``send`` messages, one write. Everything else,
-  including every request those conditions exclude, goes through uvicorn as before. Keep-alive,
-  pipelining behind it, graceful shutdown, timeouts and the concurrency limit stay uvicorn's and
-  this module's: the exchange stands in for the cycle in the attributes they use.
-  When a read holds exactly one such request, whole, with a plain head (token names,
-  visible-ASCII values, an origin-form target), it is read here without the parser at all
-  (``_whole_post``); anything else goes to the parser untouched.
+  Content-Length of at most 64 KiB, no transfer coding, ``Expect`` or upgrade, nothing in flight
+  or queued ahead of it on the connection, under the concurrency limit: ``_raw_head`` and
+  ``_free``, the one place that rule is written) is then answered through a ``RawExchange``:
+  uvicorn's ``RequestResponseCycle``, built by its constructor and filled by the parser's
+  callbacks as usual, but answered with one ``respond`` (one write) instead of an ASGI app run
+  in a task with ``receive``/``send`` messages. Everything else goes through uvicorn
+  unchanged. Pipelining behind a raw request, graceful shutdown and the concurrency limit stay
+  uvicorn's. httptools is the one parser: when a read holds exactly one whole request
+  whose head (at most 1 KiB) httptools has read before, byte for byte, that reading is used
+  again instead of feeding the parser (``_take_whole``). Clients repeat their heads (same
+  model, same tensor sizes), and the parser's callbacks and the scope uvicorn builds for each
+  request cost about a fifth of the event loop's time per request on a small model
+  (``docs/ARCHITECTURE.md``). The same rule decides, either way.
+
 - **Keep-alive.** One timer per connection, re-armed when it fires early, instead of uvicorn's
-  timer armed after every response and cancelled at the next request.
+  timer armed after every response and cancelled at the next request (5 to 9 % of a small
+  model's throughput, ``docs/ARCHITECTURE.md``).
 - **Parser errors** are answered ``{"error": ...}`` like every other error, not in plain text.
 
 Handlers must work without these (other protocols, such as h11, provide none): ``HOOKS`` absent
 means "keep your own timeouts and disconnect watch".
+
+What this relies on in uvicorn (its public-by-name members only; no ``_``-prefixed name is
+overridden or called, and the one method partly replaced, ``on_response_complete``, is held to
+uvicorn's source) is listed in ``RELIED_ON`` and checked by ``tests/test_uvicorn_seam.py``
+against the installed uvicorn, whose range ``pyproject.toml`` pins.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import httptools
 import orjson
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 HOOKS = "gateway.connection"  # scope key
 
-# A request head simple enough to read without httptools (``ConnectionProtocol._whole_post``):
-# an origin-form target and ``name: value`` fields of token names and visible-ASCII values.
-# Anything else (obs-fold, control or non-ASCII bytes, another method or version) is left to the
-# parser, which knows every rule.
-_NAME = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_VALUE = rb"(?:[!-~]+(?:[ \t]+[!-~]+)*)?"  # without the whitespace around it
-_FIELD = re.compile(rb"(%s):[ \t]*(%s)[ \t]*\r\n" % (_NAME, _VALUE))
-_PLAIN_POST = re.compile(
-    rb"POST (/[!-~]*) HTTP/1\.1\r\n((?:%s:[ \t]*%s[ \t]*\r\n)*)\r\n" % (_NAME, _VALUE)
-)
+# Every name of uvicorn's this module uses, beyond the two modules' constants imported above.
+# ``tests/test_uvicorn_seam.py`` checks each against the installed uvicorn (and that this module
+# uses no other), so a uvicorn release that renames or drops one fails there, not in production.
+RELIED_ON: dict[str, tuple[str, ...]] = {
+    # asyncio.Protocol's and httptools' callbacks, each extended around uvicorn's own; uvicorn's
+    # plain-text 400, replaced by a JSON one; and ``on_response_complete``, whose usual case is
+    # replaced for the keep-alive timer (the seam test holds uvicorn's to its current source)
+    "HttpToolsProtocol.overridden": tuple(
+        "connection_made data_received connection_lost on_message_begin on_headers_complete"
+        " on_message_complete on_response_complete send_400_response".split()
+    ),
+    # called or read, never replaced
+    "HttpToolsProtocol.used": tuple(
+        "access_log access_logger app connections cycle flow headers limit_concurrency logger"
+        " loop parser pipeline root_path scope server_state tasks timeout_keep_alive transport"
+        " url".split()
+    ),
+    # ``RawExchange`` is built by this constructor, with these keywords
+    "RequestResponseCycle.__init__": tuple(
+        "scope transport flow logger access_logger access_log default_headers message_event"
+        " expect_100_continue keep_alive on_response".split()
+    ),
+    # the cycle's state, read and set by uvicorn's protocol and by ``RawExchange.respond``
+    "RequestResponseCycle.used": tuple(
+        "body default_headers disconnected keep_alive more_body on_response response_complete"
+        " response_started transport".split()
+    ),
+    "ServerState.used": ("default_headers", "total_requests"),
+}
 
-# path, fields (names in lower case), keep-alive, Content-Length
-_Head = tuple[str, tuple[tuple[bytes, bytes], ...], bool, int]
-# Clients repeat their heads byte for byte (same model, same tensor sizes): each distinct head is
-# read once. Bounded in entries and in the size of each.
-_HEADS: dict[bytes, _Head | None] = {}
-_HEADS_MAX = 256
-_HEAD_MAX_BYTES = 1024
+
+# A head the raw path may answer, as httptools read it: path, header fields (names in lower
+# case), keep-alive, Content-Length.
+_Head = tuple[str, Sequence[tuple[bytes, bytes]], bool, int]
 
 
-def _plain_fields(fields: Iterable[tuple[bytes, bytes]]) -> tuple[int, bool] | None:
-    """(Content-Length, keep-alive) of a request the raw path may answer, from its header fields
-    (names in lower case); None if they ask for more than it does: a missing, repeated or odd
-    Content-Length, a transfer coding, ``Expect`` or an upgrade."""
+def _raw_head(
+    parser: httptools.HttpRequestParser, url: bytes, fields: Sequence[tuple[bytes, bytes]]
+) -> _Head | None:
+    """The raw path's rule for a request head read by ``parser``: a plain HTTP/1.1 ``POST`` with
+    one decimal Content-Length of at most 64 KiB (above, uvicorn pauses reading), no transfer
+    coding, ``Expect`` or upgrade, and a path without escapes. None: ASGI's to answer."""
+    if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
+        return None
     length = -1
-    keep_alive = True
     for name, value in fields:
         if name == b"content-length":
             if length >= 0 or not value.isdigit():
                 return None
             length = int(value)
         elif name == b"connection":
-            tokens = [token.strip().lower() for token in value.split(b",")]
-            if b"upgrade" in tokens:
+            if b"upgrade" in [token.strip().lower() for token in value.split(b",")]:
                 return None
-            keep_alive = b"close" not in tokens
         elif name in (b"transfer-encoding", b"expect", b"upgrade"):
             return None
-    return (length, keep_alive) if length >= 0 else None
+    if not 0 <= length <= HIGH_WATER_LIMIT:
+        return None
+    path = httptools.parse_url(url).path
+    if b"%" in path or not path.isascii():
+        return None
+    return path.decode("ascii"), fields, parser.should_keep_alive(), length
+
+
+class _HeadReader:
+    """httptools' reading of one request head on its own (``_read_head``): the fields as
+    uvicorn's ``on_header`` keeps them (names in lower case, no trailing whitespace)."""
+
+    __slots__ = ("complete", "extra", "fields", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.complete = False
+        self.extra = False  # anything past the head: the head did not end where it was cut
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+    def on_body(self, body: bytes) -> None:
+        self.extra = True
+
+    def on_message_begin(self) -> None:
+        self.extra = self.complete
 
 
 def _read_head(head: bytes) -> _Head | None:
-    """A plain inference ``POST`` head (through its blank line), or None: the parser's."""
-    match = _PLAIN_POST.fullmatch(head)
-    if match is None:
+    """``_raw_head`` of ``head`` (through its blank line), read by a parser of its own."""
+    reader = _HeadReader()
+    parser = httptools.HttpRequestParser(reader)
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
         return None
-    fields = tuple((name.lower(), value) for name, value in _FIELD.findall(match[2]))
-    plain = _plain_fields(fields)
-    target = match[1]
-    path = target.partition(b"?")[0]
-    if plain is None or b"%" in path or b"#" in target:
+    if not reader.complete or reader.extra:
         return None
-    return path.decode("ascii"), fields, plain[1], plain[0]
+    return _raw_head(parser, reader.url, tuple(reader.fields))
+
+
+# Each distinct head of a whole request read at once, with its reading (None: not the raw
+# path's). Bounded in entries and in the size of each.
+_HEADS: dict[bytes, _Head | None] = {}
+_HEADS_MAX = 256
+_HEAD_MAX_BYTES = 1024
+# The scope of an exchange read without the parser, which builds none: uvicorn's protocol never
+# reads a cycle's scope (only the cycle's ASGI methods do, never called on an exchange).
+_NO_SCOPE: dict[str, Any] = {"type": "http", "http_version": "1.1", "method": "POST"}
 
 
 def _timeout_response(what: str) -> bytes:
@@ -209,9 +284,9 @@ class RawHandler(Protocol):
     def raw_route(self, path: str, length: int) -> Any | None:
         """Something to hand to ``answer_raw`` if this ``POST`` is answered raw, else None."""
 
-    def answer_raw(self, exchange: RawExchange, route: Any) -> Coroutine[Any, Any, None] | None:
+    def answer_raw(self, exchange: RawExchange, route: Any) -> None:
         """Answer with ``exchange.respond`` (or not at all if the client went away), now or
-        later; or return a coroutine that will, to run as a task."""
+        later, from a callback: no task is started for it."""
 
 
 _defaults: tuple[object, bytes] = (None, b"")
@@ -226,79 +301,65 @@ def _default_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     return _defaults[1]
 
 
-class _Unwatched:
-    """uvicorn's callbacks set the cycle's event; nothing waits on a raw exchange's."""
-
-    __slots__ = ()
-
-    def set(self) -> None:
-        pass
+# A raw exchange's ``message_event``: uvicorn's callbacks set it, nothing waits on it (only the
+# cycle's ``receive`` would, and nothing calls that). Not bound to a loop until waited on.
+_UNWATCHED = asyncio.Event()
 
 
-_UNWATCHED = _Unwatched()
-
-
-class RawExchange:
-    """One request answered without ASGI. Stands in for uvicorn's ``RequestResponseCycle`` in
-    the attributes the protocol's callbacks and this module's timers read and set."""
-
-    __slots__ = (
-        "_protocol",
-        "body",
-        "disconnected",
-        "headers",
-        "hooks",
-        "keep_alive",
-        "message_event",
-        "more_body",
-        "response_complete",
-        "response_started",
-    )
+class RawExchange(RequestResponseCycle):
+    """One request answered without ASGI: a uvicorn cycle, so that uvicorn's protocol fills in
+    its body, marks it disconnected, holds pipelined requests behind it and lets graceful
+    shutdown wait for it as for any other; answered by ``respond`` rather than an app's
+    ``send`` messages (its ``run_asgi``, ``send`` and ``receive`` are never called)."""
 
     def __init__(
         self,
         protocol: ConnectionProtocol,
-        keep_alive: bool,
+        scope: Any,
         headers: Sequence[tuple[bytes, bytes]],
-        body: bytes | None = None,
+        keep_alive: bool,
     ) -> None:
-        self._protocol = protocol
+        super().__init__(
+            scope=scope,
+            transport=protocol.transport,
+            flow=protocol.flow,
+            logger=protocol.logger,
+            access_logger=protocol.access_logger,
+            access_log=protocol.access_log,
+            default_headers=protocol.server_state.default_headers,
+            message_event=_UNWATCHED,
+            expect_100_continue=False,
+            keep_alive=keep_alive,
+            on_response=protocol.on_response_complete,
+        )
         self.headers = headers  # names in lower case
         self.hooks = protocol.hooks
-        # None: the parser's ``on_body`` is still to add it (``+=``, as to uvicorn's cycle)
-        self.body: bytes | bytearray = bytearray() if body is None else body
-        self.more_body = body is None
-        self.message_event = _UNWATCHED
-        self.keep_alive = keep_alive
-        self.disconnected = False
-        self.response_started = False
-        self.response_complete = False
+        self._gathering = protocol.gathering
 
     def respond(self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> None:
         """Status line, uvicorn's default headers, ``headers`` and ``body`` in one write; then
-        what uvicorn does after a response (keep-alive timer, next pipelined request)."""
+        what ``send`` does at a response's end (close unless kept alive, ``on_response``)."""
         if self.response_started:
             return
         self.response_started = True
-        protocol = self._protocol
-        if self.disconnected or protocol.transport.is_closing():
+        if self.disconnected or self.transport.is_closing():
             return
-        parts = [STATUS_LINE[status], _default_headers(protocol.server_state.default_headers)]
+        parts = [STATUS_LINE[status], _default_headers(self.default_headers)]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
         parts += (b"\r\n", body)
-        protocol.gathering.write_now(b"".join(parts))
+        self._gathering.write_now(b"".join(parts))
         self.response_complete = True
         if not self.keep_alive:
-            protocol.transport.close()
-        protocol.on_response_complete()
+            self.transport.close()
+        self.on_response()
 
     def abort(self) -> None:
         """No answer can be given (a bug): close the connection rather than leave it hanging."""
         self.response_started = True
-        self._protocol.transport.close()
+        self.transport.close()
 
 
 class ConnectionProtocol(HttpToolsProtocol):
@@ -316,10 +377,11 @@ class ConnectionProtocol(HttpToolsProtocol):
         self.hooks = Hooks(self.loop)
         raw = self.app
         self._raw: RawHandler | None = raw if getattr(raw, "raw_enabled", False) else None
-        self._route: Any = None
+        self._exchange: RawExchange | None = None  # taken raw, its body still being read
         self._partial = False  # the parser holds part of a request
         self._idle_since: float | None = None  # the last response's end, while idle
         self._keep_alive: asyncio.TimerHandle | None = None
+        self._route: Any = None
         self._head_bytes = 0  # read since the last head was complete, while one is unfinished
 
     # timers: armed only while a stage is unfinished after a read
@@ -373,7 +435,8 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._arm(_HEAD)
 
     def data_received(self, data: bytes) -> None:
-        if self._raw is not None and not self._partial and self._whole_post(data):
+        self._idle_since = None  # busy: the keep-alive timer, when it fires, lets go
+        if self._raw is not None and not self._partial and self._take_whole(data):
             return
         while self._stage != _BODY and self._head_bytes + len(data) > self.max_header_bytes:
             # The parser reads up to the cap, no further, unless a head ends within it.
@@ -414,120 +477,100 @@ class ConnectionProtocol(HttpToolsProtocol):
             super().on_headers_complete()
 
     def _take_raw(self) -> bool:
-        """Set up a ``RawExchange`` for this request if it qualifies (module docstring)."""
-        parser = self.parser
-        if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
+        """Make the request whose head the parser just read a ``RawExchange`` if the raw path's
+        rule takes it; uvicorn's own ``on_headers_complete`` is then skipped."""
+        head = _raw_head(self.parser, self.url, self.headers)
+        if head is None or not self._free():
             return False
-        if self.root_path or not self._free():
+        return self._take(head, self.scope)
+
+    def _take_whole(self, data: bytes) -> bool:
+        """Answer ``data`` raw without feeding the parser if it is exactly one whole request
+        whose head httptools has read before (``_HEADS``) and the rule takes. Anything else goes
+        to the parser untouched (it has seen none of it)."""
+        if not data.startswith(b"POST /") or self.transport.is_closing():
             return False
-        plain = _plain_fields(self.headers)
-        if plain is None or plain[0] > HIGH_WATER_LIMIT:  # above, uvicorn pauses reading
+        end = data.find(b"\r\n\r\n", 0, _HEAD_MAX_BYTES) + 4
+        if end < 4:
             return False
-        length = plain[0]
-        path = httptools.parse_url(self.url).path
-        if b"%" in path:
+        head_bytes = data[:end]
+        if head_bytes in _HEADS:
+            head = _HEADS[head_bytes]
+        else:
+            if len(_HEADS) >= _HEADS_MAX:
+                _HEADS.clear()
+            head = _HEADS[head_bytes] = _read_head(head_bytes)
+        if head is None or len(data) - end != head[3] or not self._free():
             return False
-        assert self._raw is not None
-        route = self._raw.raw_route(path.decode("ascii"), length)
-        if route is None:
+        if not self._take(head, _NO_SCOPE):
             return False
-        exchange = RawExchange(self, parser.should_keep_alive(), self.headers)
-        self.cycle = exchange  # type: ignore[assignment]
-        self._route = route
+        self._stage = _IDLE
+        self._disarm()
+        exchange = self._exchange
+        assert exchange is not None and self._raw is not None
+        exchange.body += data[end:]
+        exchange.more_body = False
+        self._exchange = None
+        self._raw.answer_raw(exchange, self._route)
         return True
 
     def _free(self) -> bool:
-        """Whether a request arriving now may be answered raw: nothing in flight or queued on
-        this connection, and under the concurrency limit (else uvicorn answers 503)."""
-        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+        """The raw path's rule for the connection: nothing in flight or queued on it, no root
+        path, and under the concurrency limit (at the limit uvicorn answers 503)."""
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.pipeline:
+            return False
+        if self.root_path:
             return False
         limit = self.limit_concurrency
         return limit is None or (len(self.connections) < limit and len(self.tasks) < limit)
 
-    def _whole_post(self, data: bytes) -> bool:
-        """Answer ``data`` raw without the parser if it is exactly one whole, plain inference
-        ``POST``: the usual request, head and body in one read. The parser's callbacks, the
-        scope uvicorn builds for each request and the copy of the body into the cycle cost about
-        a fifth of the event loop's time per request. Anything this reading does not accept in
-        full goes to the parser untouched (it has seen none of it)."""
-        if not data.startswith(b"POST /"):
-            return False
-        if self.root_path or not self._free() or self.transport.is_closing():
-            return False
-        end = data.find(b"\r\n\r\n", 0, self.max_header_bytes) + 4
-        if end < 4:  # no head, or one over the cap (the parser's path answers 431)
-            return False
-        head = data[:end]
-        if head in _HEADS:
-            read = _HEADS[head]
-        else:
-            read = _read_head(head)
-            if end <= _HEAD_MAX_BYTES:
-                if len(_HEADS) >= _HEADS_MAX:
-                    _HEADS.clear()
-                _HEADS[head] = read
-        if read is None:
-            return False
-        path, headers, keep_alive, length = read
-        if len(data) - end != length:  # partial or pipelined: the parser's
-            return False
+    def _take(self, head: _Head, scope: Any) -> bool:
+        """Make this request a ``RawExchange`` if the app routes it."""
+        path, fields, keep_alive, length = head
         assert self._raw is not None
         route = self._raw.raw_route(path, length)
         if route is None:
             return False
-        self._unset_keepalive_if_required()
-        self._disarm()
-        self._stage = _IDLE
-        exchange = RawExchange(self, keep_alive, headers, data[end:])
-        self.cycle = exchange  # type: ignore[assignment]
-        self._start_raw(exchange, route)
+        self.cycle = self._exchange = RawExchange(self, scope, fields, keep_alive)
+        self._route = route
         return True
-
-    def _start_raw(self, exchange: RawExchange, route: Any) -> None:
-        assert self._raw is not None
-        work = self._raw.answer_raw(exchange, route)
-        if work is not None:
-            task = self.loop.create_task(work)
-            task.add_done_callback(self.tasks.discard)
-            self.tasks.add(task)
 
     def on_message_complete(self) -> None:
         self._stage = _IDLE
         self._partial = False
         super().on_message_complete()
-        exchange = self.cycle
-        if isinstance(exchange, RawExchange) and not exchange.more_body:
-            self._start_raw(exchange, self._route)
+        exchange = self._exchange
+        if exchange is not None:
+            self._exchange = None
+            assert self._raw is not None
+            self._raw.answer_raw(exchange, self._route)
 
-    # keep-alive: uvicorn arms a timer after every response and cancels it at the next request.
-    # One timer per connection instead, re-armed when it fires early: a response costs a clock
-    # reading, not a timer handle.
+    # keep-alive: uvicorn arms a timer after every response and cancels it at the next request,
+    # which costs 5 to 9 % of a small model's throughput. One timer per connection instead,
+    # re-armed when it fires early: a response costs a clock reading, not a timer.
 
     def on_response_complete(self) -> None:
-        """uvicorn's, but for the keep-alive timer."""
+        """uvicorn's, with the keep-alive timer above. Where uvicorn has more to do than count
+        the response, resume reading and wait (a pipelined request to start, a connection
+        closing) it does it; the rest of its statements are the three below, which
+        ``tests/test_uvicorn_seam.py`` holds uvicorn's method to."""
+        if self.pipeline or self.transport.is_closing():
+            super().on_response_complete()
+            return
         self.server_state.total_requests += 1
-        if self.transport.is_closing():
-            return
-        if self.flow.read_paused:
-            self.flow.resume_reading()
-        if self.pipeline:
-            cycle, app = self.pipeline.pop()
-            self._start_asgi_task(cycle, app)
-            return
+        self.flow.resume_reading()
         self._idle_since = self.loop.time()
         if self._keep_alive is None:
             self._keep_alive = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
-
-    def _unset_keepalive_if_required(self) -> None:
-        self._idle_since = None  # busy: the timer, when it fires, lets go
 
     def _idle_check(self) -> None:
         self._keep_alive = None
         if self._idle_since is None or self.transport.is_closing():
             return
-        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
-        if left > 0:
-            self._keep_alive = self.loop.call_later(left, self._idle_check)
+        left_s = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if left_s > 0:
+            self._keep_alive = self.loop.call_later(left_s, self._idle_check)
         else:
             self.transport.close()
 
