@@ -9,7 +9,6 @@ finds this file.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -22,7 +21,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gateway.testing.delay_proxy import DelayProxy as DelayProxy  # re-exported for the benches
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -541,86 +541,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-# -- a slow host ------------------------------------------------------------------------------
-
-
-class DelayProxy:
-    """A loopback TCP proxy that holds each response chunk ``delay_s`` before passing it on:
-    a host that looks slow from outside. Its own event loop runs in a thread."""
-
-    def __init__(self, upstream_port: int, delay_s: float = 0.0, host: str = "127.0.0.1") -> None:
-        self.upstream_port = upstream_port
-        self.delay_s = delay_s
-        self.host = host
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.Server | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def start(self) -> DelayProxy:
-        self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(5)
-        return self
-
-    async def _listen(self) -> int:
-        self._server = await asyncio.start_server(self._handle, self.host, 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float
-    ) -> None:
-        """Copy until EOF; each chunk leaves ``delay_s`` after it arrived (added latency, not a
-        slower link)."""
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def read() -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while chunk := await reader.read(65536):
-                    chunks.put_nowait((loop.time() + delay_s, chunk))
-            chunks.put_nowait((0.0, b""))
-
-        reading = loop.create_task(read())
-        try:
-            while (item := await chunks.get())[1]:
-                if (wait_s := item[0] - loop.time()) > 0:
-                    await asyncio.sleep(wait_s)
-                writer.write(item[1])
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            reading.cancel()
-            with contextlib.suppress(Exception):
-                writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.host, self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(
-            self._pump(reader, up_writer, 0.0), self._pump(up_reader, writer, self.delay_s)
-        )
-
-    def stop(self) -> None:
-        async def close() -> None:
-            if self._server is not None:
-                self._server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+# -- a slow host: gateway.testing.delay_proxy.DelayProxy (imported above) ----------------
 
 
 # -- results ----------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.testing.delay_proxy import DelayProxy
 from tests import models
-from tests.delay_proxy import DelayProxy
 from tests.helpers import GatewayProcess, start_gateway
 
 BODY = {

@@ -1,7 +1,7 @@
-"""A TCP proxy that adds latency to a host's responses, to make it look slow from outside.
+"""A loopback TCP proxy that adds latency to a host's responses, so it looks slow from outside.
 
-It runs its own event loop in a thread so synchronous tests and benchmarks can use it; change
-``delay_s`` at any time.
+Shared by the tests and the benches (routing under a slow host). Its own event loop runs in a
+thread so synchronous callers can use it; ``delay_s`` may be changed at any time.
 """
 
 from __future__ import annotations
@@ -10,8 +10,13 @@ import asyncio
 import contextlib
 import threading
 
+__all__ = ["DelayProxy"]
+
 
 class DelayProxy:
+    """A loopback TCP proxy that holds each response chunk ``delay_s`` before passing it on:
+    a host that looks slow from outside. Its own event loop runs in a thread."""
+
     def __init__(self, upstream_port: int, delay_s: float = 0.0, host: str = "127.0.0.1") -> None:
         self.upstream_port = upstream_port
         self.delay_s = delay_s
@@ -27,49 +32,33 @@ class DelayProxy:
 
     def start(self) -> DelayProxy:
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(self._listen(), self._loop)
-        self.port = future.result(5)
+        self.port = asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(5)
         return self
 
     async def _listen(self) -> int:
         self._server = await asyncio.start_server(self._handle, self.host, 0)
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while chunk := await reader.read(65536):
-                writer.write(chunk)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
-
-    async def _delayed_pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float
     ) -> None:
-        """Each chunk leaves ``delay_s`` after it arrived: added latency, not a slower link."""
+        """Copy until EOF; each chunk leaves ``delay_s`` after it arrived (added latency, not a
+        slower link)."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
         async def read() -> None:
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 while chunk := await reader.read(65536):
-                    chunks.put_nowait((loop.time() + self.delay_s, chunk))
-            except (ConnectionError, OSError):
-                pass
+                    chunks.put_nowait((loop.time() + delay_s, chunk))
             chunks.put_nowait((0.0, b""))
 
         reading = loop.create_task(read())
         try:
-            while True:
-                due, chunk = await chunks.get()
-                if not chunk:
-                    break
-                if (wait_s := due - loop.time()) > 0:
+            while (item := await chunks.get())[1]:
+                if (wait_s := item[0] - loop.time()) > 0:
                     await asyncio.sleep(wait_s)
-                writer.write(chunk)
+                writer.write(item[1])
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
@@ -84,19 +73,20 @@ class DelayProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pump(reader, up_writer), self._delayed_pump(up_reader, writer))
+        await asyncio.gather(
+            self._pump(reader, up_writer, 0.0), self._pump(up_reader, writer, self.delay_s)
+        )
 
     def stop(self) -> None:
-        async def _close() -> None:
+        async def close() -> None:
             if self._server is not None:
                 self._server.close()
-            # Connections still being pumped end here, not as tasks destroyed while pending.
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(_close(), self._loop).result(5)
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
