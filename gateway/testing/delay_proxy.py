@@ -40,17 +40,18 @@ class DelayProxy:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delayed: bool
     ) -> None:
-        """Copy until EOF; each chunk leaves ``delay_s`` after it arrived (added latency, not a
-        slower link)."""
+        """Copy until EOF; when ``delayed``, each chunk leaves ``delay_s`` (read as it arrives, so
+        a change applies to open connections too) after it arrived: added latency, not a slower
+        link."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
         async def read() -> None:
             with contextlib.suppress(ConnectionError, OSError):
                 while chunk := await reader.read(65536):
-                    chunks.put_nowait((loop.time() + delay_s, chunk))
+                    chunks.put_nowait((loop.time() + (self.delay_s if delayed else 0.0), chunk))
             chunks.put_nowait((0.0, b""))
 
         reading = loop.create_task(read())
@@ -74,7 +75,7 @@ class DelayProxy:
             writer.close()
             return
         await asyncio.gather(
-            self._pump(reader, up_writer, 0.0), self._pump(up_reader, writer, self.delay_s)
+            self._pump(reader, up_writer, False), self._pump(up_reader, writer, True)
         )
 
     def stop(self) -> None:
