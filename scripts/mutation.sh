@@ -33,28 +33,31 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=$(mkdir -p "$2" && cd "$2" && pwd); shift 2 ;;
     --timeout) TIMEOUT_S=$2; shift 2 ;;
     -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    batcher|codec|policies|estimators) MODULES+=("$1"); shift ;;
+    batcher|codec|tensors|policies|estimators) MODULES+=("$1"); shift ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#MODULES[@]} -gt 0 ] || MODULES=(batcher codec policies estimators)
+[ ${#MODULES[@]} -gt 0 ] || MODULES=(batcher codec tensors policies estimators)
 
 # module -> source file; tests run in-process; tests that reach it through a server subprocess
 declare -A SRC=(
   [batcher]=gateway/batching/batcher.py
   [codec]=gateway/protocol/codec.py
+  [tensors]=gateway/protocol/tensors.py
   [policies]=gateway/routing/policies.py
   [estimators]=gateway/routing/estimators.py
 )
 declare -A TESTS=(
   [batcher]="tests/test_batcher.py"
   [codec]="tests/test_protocol.py tests/test_codec_pins.py"
+  [tensors]="tests/test_protocol.py tests/test_codec_pins.py tests/test_attack_input.py"
   [policies]="tests/test_routing_units.py tests/test_routing_pins.py"
   [estimators]="tests/test_routing_units.py tests/test_routing_pins.py"
 )
 declare -A SERVER_TESTS=(
   [batcher]="tests/test_server.py"
   [codec]="tests/test_bad_input.py"
+  [tensors]="tests/test_bad_input.py"
   [policies]=""
   [estimators]=""
 )

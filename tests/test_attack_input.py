@@ -21,7 +21,8 @@ from tritonclient.grpc import service_pb2 as pb
 
 from gateway.errors import InvalidInput
 from gateway.grpc import codec as grpc_codec
-from gateway.protocol.codec import decode_infer_request, split_bytes
+from gateway.protocol.codec import decode_infer_request
+from gateway.protocol.tensors import split_bytes
 from tests import models
 from tests.helpers import GatewayProcess, raw, start_gateway
 

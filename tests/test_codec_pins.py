@@ -25,6 +25,7 @@ from gateway.protocol import (
     datatype_of,
     decode_infer_request,
     encode_infer_response,
+    tensors,
 )
 
 LIMIT = 1 << 28  # the default element limit of one tensor
@@ -181,8 +182,8 @@ def test_element_limit_from_the_caller() -> None:
 
 
 def test_check_shape_takes_tuples_from_grpc() -> None:
-    assert codec.check_shape((2, 3), "A") == (2, 3)
-    assert codec.check_shape([], "A") == ()
+    assert tensors.check_shape((2, 3), "A") == (2, 3)
+    assert tensors.check_shape([], "A") == ()
 
 
 # --- request fields -----------------------------------------------------------------------------
@@ -502,10 +503,10 @@ def test_split_and_join_bytes_are_inverse() -> None:
     """The one framing of BYTES elements: 4-byte little-endian length, then the bytes."""
     array = np.empty(3, dtype=object)
     array[:] = [b"ab", "c\u00e9", b""]
-    joined = codec.join_bytes(array.reshape(3, 1))
+    joined = tensors.join_bytes(array.reshape(3, 1))
     assert joined == b"\x02\0\0\0ab\x03\0\0\0c\xc3\xa9\x00\0\0\0"
-    assert codec.split_bytes(joined, 3, "S").tolist() == [b"ab", b"c\xc3\xa9", b""]
-    assert codec.join_bytes(np.array([7, 8])) == b"\x01\0\0\x007\x01\0\0\x008"
+    assert tensors.split_bytes(joined, 3, "S").tolist() == [b"ab", b"c\xc3\xa9", b""]
+    assert tensors.join_bytes(np.array([7, 8])) == b"\x01\0\0\x007\x01\0\0\x008"
 
 
 # --- the request header cache -------------------------------------------------------------------

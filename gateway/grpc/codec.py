@@ -17,7 +17,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from gateway.errors import InvalidInput
-from gateway.protocol.codec import (
+from gateway.protocol.tensors import (
     check_parameters,
     check_shape,
     join_bytes,

@@ -18,10 +18,10 @@ import numpy as np
 import orjson
 
 from gateway.errors import InvalidInput, Unavailable
-from gateway.protocol.codec import (
+from gateway.protocol.codec import _json_data
+from gateway.protocol.tensors import (
     MAX_ELEMENTS,
-    _check_name,
-    _json_data,
+    check_name,
     check_shape,
     join_bytes,
     split_bytes,
@@ -114,7 +114,7 @@ def decode_response(
         if not isinstance(entry, dict):
             raise malformed(host, "an entry of 'outputs' is not an object")
         try:
-            name = _check_name(entry.get("name"), "output 'name'")
+            name = check_name(entry.get("name"), "output 'name'")
             if name in out:
                 raise InvalidInput(f"output '{name}' given twice")
             array, offset = _output(entry, name, view, offset, max_elements)

@@ -5,14 +5,13 @@ Pure functions over bytes: the REST server hands in the body and the value of th
 Everything a client can get wrong raises :class:`~gateway.errors.InvalidInput` with a message
 that names the tensor and the field, before any large allocation happens.
 
-Why one module of this size: decoding, encoding and the two header caches share the validation
-helpers and the caches' keys; a third encoding would be the point to split.
+The rules every codec applies to one tensor (names, shapes, BYTES framing) are in
+``gateway.protocol.tensors``.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,15 @@ import numpy as np
 import orjson
 
 from gateway.errors import InvalidInput
+from gateway.protocol.tensors import (
+    MAX_ELEMENTS,
+    check_name,
+    check_parameters,
+    check_shape,
+    join_bytes,
+    split_bytes,
+    tensor_from_buffer,
+)
 from gateway.protocol.types import (
     InferRequest,
     InferResponse,
@@ -28,114 +36,15 @@ from gateway.protocol.types import (
     numpy_dtype,
 )
 
-MAX_DIMS = 32
-MAX_NAME_CHARS = 255
-MAX_ELEMENTS = 1 << 28  # elements of one tensor
-_LEN = struct.Struct("<I")
-
 
 def _fail(message: str) -> InvalidInput:
     return InvalidInput(message)
-
-
-def _check_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise _fail(f"{what} must be a non-empty string")
-    if len(value) > MAX_NAME_CHARS or "\x00" in value:
-        raise _fail(f"{what} is not a valid tensor name")
-    return value
-
-
-def check_shape(value: object, name: str, max_elements: int = MAX_ELEMENTS) -> tuple[int, ...]:
-    """A tensor's shape as the client declared it, checked before anything is allocated.
-
-    Every dimension is bounded on its own, not only their product: ``[1, 0, 2**64 - 1]`` holds
-    no element, but no array of that shape can exist.
-    """
-    if not isinstance(value, list | tuple) or len(value) > MAX_DIMS:
-        raise _fail(f"input '{name}': 'shape' must be a list of at most {MAX_DIMS} integers")
-    for dim in value:
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-            raise _fail(f"input '{name}': shape {list(value)} must hold non-negative integers")
-        if dim > max_elements:
-            raise _fail(f"input '{name}': shape {list(value)} is too large (limit {max_elements})")
-    count = math.prod(value)
-    if count > max_elements:
-        raise _fail(f"input '{name}': shape {list(value)} is too large ({count} elements)")
-    return tuple(value)
 
 
 def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     params = obj.get("parameters", {})
     if not isinstance(params, dict):
         raise _fail(f"{where}: 'parameters' must be an object")
-    return params
-
-
-def split_bytes(buffer: bytes | memoryview, count: int, name: str) -> np.ndarray[Any, Any]:
-    """Length-prefixed BYTES elements (4-byte little-endian length, then the bytes) -> a flat
-    object array of exactly ``count`` elements.
-
-    The one reader of this framing (REST, gRPC, v2 hosts' answers). It stops at the first element
-    past ``count``: a small shape over a huge body costs one element's work, not the body's.
-    """
-    view = memoryview(buffer)
-    size = len(view)
-    if size < 4 * count:
-        raise _fail(
-            f"input '{name}': {size} bytes cannot hold the {count} BYTES elements of its shape"
-        )
-    items: list[bytes] = []
-    offset = 0
-    while offset < size:
-        if len(items) == count:
-            raise _fail(
-                f"input '{name}': BYTES data holds more than the {count} elements of its shape"
-            )
-        if offset + 4 > size:
-            raise _fail(f"input '{name}': truncated BYTES length prefix")
-        (length,) = _LEN.unpack_from(view, offset)
-        offset += 4
-        if offset + length > size:
-            raise _fail(f"input '{name}': BYTES element length {length} overruns the data")
-        items.append(bytes(view[offset : offset + length]))
-        offset += length
-    if len(items) != count:
-        raise _fail(f"input '{name}': got {len(items)} BYTES elements, its shape needs {count}")
-    array = np.empty(count, dtype=object)
-    array[:] = items
-    return array
-
-
-def join_bytes(array: np.ndarray[Any, Any]) -> bytes:
-    """A BYTES tensor (bytes or str elements) as length-prefixed bytes."""
-    parts: list[bytes] = []
-    for item in array.reshape(-1):
-        data = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(_LEN.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
-
-
-def tensor_from_buffer(
-    buffer: bytes | memoryview, dtype: np.dtype[Any], shape: tuple[int, ...], name: str
-) -> np.ndarray[Any, Any]:
-    """Fixed-size binary tensor data as an array (no copy); BOOL bytes must be 0 or 1, as
-    Triton's, or a later ``not`` or comparison would see values no bool has."""
-    array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
-    if dtype == np.bool_ and array.size and array.view(np.uint8).max() > 1:
-        raise _fail(f"input '{name}': BOOL data must be bytes 0 or 1")
-    return array
-
-
-def check_parameters(params: dict[str, Any]) -> dict[str, Any]:
-    """Request parameters the gateway acts on, checked: a ``timeout`` it cannot honour is the
-    client's error, not a request that silently waits without one."""
-    timeout = params.get("timeout")
-    if timeout is not None and (
-        not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0
-    ):
-        raise _fail("parameter 'timeout' must be a non-negative integer (microseconds)")
     return params
 
 
@@ -253,7 +162,7 @@ def _decode_outputs(header: dict[str, Any]) -> list[RequestedOutput] | None:
     for spec in outputs:
         if not isinstance(spec, dict):
             raise _fail("each entry of 'outputs' must be an object")
-        name = _check_name(spec.get("name"), "output 'name'")
+        name = check_name(spec.get("name"), "output 'name'")
         if name in seen:
             raise _fail(f"output '{name}' requested twice")
         seen.add(name)
@@ -370,7 +279,7 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
     for spec in raw_inputs:
         if not isinstance(spec, dict):
             raise _fail("each entry of 'inputs' must be an object")
-        name = _check_name(spec.get("name"), "input 'name'")
+        name = check_name(spec.get("name"), "input 'name'")
         if name in inputs:
             raise _fail(f"input '{name}' given twice")
         datatype = spec.get("datatype")
