@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import posixpath
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +28,6 @@ from gateway.batching import Batcher, BatchPolicy
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
-    InvalidInput,
     ModelLoadError,
     ModelNotFound,
     ModelNotReady,
@@ -47,6 +44,7 @@ from gateway.repository.local import (
     is_version,
     locate_versions,
 )
+from gateway.repository.pushed import write_pushed_files
 from gateway.settings import Settings
 from gateway.stats import ModelStats
 
@@ -119,45 +117,6 @@ def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchP
         instance_count=backend.instance_count,
         pipeline=settings.batch_pipeline,
     )
-
-
-def _check_file_key(key: str) -> str:
-    """``file:<version>/<name>`` -> a safe relative path inside the model directory."""
-    rel = key[len("file:") :]
-    norm = posixpath.normpath(rel)
-    parts = norm.split("/")
-    if (
-        not rel
-        or "\\" in rel
-        or "\x00" in rel
-        or norm.startswith("/")
-        or ".." in parts
-        or len(parts) < 2
-        or not is_version(parts[0])
-    ):
-        raise InvalidInput(f"invalid file path {rel[:128]!r}: expected '<version>/<file name>'")
-    return norm
-
-
-def _write_scratch(name: str, files: dict[str, bytes]) -> Path:
-    """Files pushed with a load request, in a fresh directory laid out as a repository model."""
-    paths = {_check_file_key(key): data for key, data in files.items()}
-    for rel in paths:
-        parent = posixpath.dirname(rel)
-        while parent:
-            if parent in paths:
-                raise InvalidInput(f"file path '{parent}' is also a directory of '{rel}'")
-            parent = posixpath.dirname(parent)
-    scratch = Path(tempfile.mkdtemp(prefix=f"gateway-{name}-"))
-    try:
-        for rel, data in paths.items():
-            target = scratch / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    return scratch
 
 
 def _message(exc: BaseException) -> str:
@@ -519,7 +478,7 @@ class DataPlane:
             try:
                 config = self._config(name, config_json)
                 if files:
-                    scratch = _write_scratch(name, files)
+                    scratch = write_pushed_files(name, files)
                     source = locate_versions(scratch, config or ModelConfig(name=name))
                 else:
                     await self.repository.fetch(name)  # edge caches pull from their origin
