@@ -17,10 +17,8 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from gateway.testing.delay_proxy import DelayProxy as DelayProxy  # re-exported for the benches
+from gateway.testing.gateway_process import free_port as free_port  # re-exported for the benches
+from gateway.testing.gateway_process import serve_command, stop_process, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -158,17 +158,18 @@ class Body:
     headers: dict[str, str]
 
 
+def _input_entry(t: Tensor, **content: Any) -> dict[str, Any]:
+    """One input of a batch-1 request: name, datatype, shape, then ``content`` (its data, or
+    the parameters that point at its binary data)."""
+    return {"name": t.name, "datatype": t.datatype, "shape": [1, *t.dims], **content}
+
+
 def binary_body(model: Model) -> Body:
     """JSON header + raw little-endian tensors (the binary tensor data extension)."""
     feeds = sample_inputs(model, 1, seed=1)
     header = {
         "inputs": [
-            {
-                "name": t.name,
-                "datatype": t.datatype,
-                "shape": [1, *t.dims],
-                "parameters": {"binary_data_size": feeds[t.name].nbytes},
-            }
+            _input_entry(t, parameters={"binary_data_size": feeds[t.name].nbytes})
             for t in model.inputs
         ],
         "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in model.outputs],
@@ -190,12 +191,7 @@ def json_body(model: Model) -> Body:
     feeds = sample_inputs(model, 1, seed=1)
     header = {
         "inputs": [
-            {
-                "name": t.name,
-                "datatype": t.datatype,
-                "shape": [1, *t.dims],
-                "data": feeds[t.name].reshape(-1).tolist(),
-            }
+            _input_entry(t, data=feeds[t.name].reshape(-1).tolist())
             for t in model.inputs
         ],
         "outputs": [{"name": o} for o in model.outputs],
@@ -216,23 +212,9 @@ def check_response(raw: bytes, headers: Any, model: Model) -> None:
 # -- processes --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def stop(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
     """SIGTERM (the gateway drains), then SIGKILL: only this one process, by its PID."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, signal.SIGTERM, timeout_s)
 
 
 def http(
@@ -319,10 +301,7 @@ def start_gateway(
     }
     inherited.pop("GATEWAY_CONFIG", None)  # a bench passes its own file, or none
     full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [
-        *(launcher or [sys.executable, "-m", "gateway.cli"]), "serve",
-        "--model-repo", str(repo), "--port", str(port), *args,
-    ]  # fmt: skip
+    cmd = serve_command(repo, port, *args, launcher=launcher)
     with log.open("wb") as out:
         # Not from ROOT: there ``-m`` would put this checkout's ``gateway`` ahead of a
         # PYTHONPATH given in ``env`` (variants.py compares source trees that way).
@@ -338,17 +317,12 @@ def start_gateway(
         )
     gw = Gateway(proc, port, log)
     paths = [f"/v2/models/{m}/ready" for m in ready] or ["/v2/health/ready"]
-    deadline = time.monotonic() + ready_s
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {proc.returncode}; see {log}")
-            with contextlib.suppress(OSError):
-                if all(http(gw.url + p, timeout=2)[0] == 200 for p in paths):
-                    return gw
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway not ready after {ready_s:.0f} s; see {log}")
-            time.sleep(0.1)
+        if wait_ready(proc, gw.url, paths, ready_s, probe_timeout_s=2.0):
+            return gw
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}; see {log}")
+        raise RuntimeError(f"gateway not ready after {ready_s:.0f} s; see {log}")
     except BaseException:
         stop(proc)
         raise

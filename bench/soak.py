@@ -64,7 +64,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from harness import Model, http, percentile, read_model, start_gateway, stop
+from harness import Model, http, percentile, read_model, sample_inputs, start_gateway, stop
 from harness import machine_info as harness_machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,22 +93,10 @@ class Body:
     outputs: tuple[str, ...] = ()  # outputs a 200 must carry
 
 
-def feeds(model: Model, batch: int, seed: int) -> dict[str, np.ndarray[Any, Any]]:
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray[Any, Any]] = {}
-    for t in model.inputs:
-        shape = (batch, *t.dims)
-        if t.datatype == "FP32":
-            out[t.name] = rng.random(shape, dtype=np.float32)
-        else:
-            out[t.name] = rng.integers(-100, 100, shape, dtype=np.int32)
-    return out
-
-
 def json_request(
     model: Model, batch: int, seed: int, edit: Any = None
 ) -> tuple[bytes, dict[str, str]]:
-    arrays = feeds(model, batch, seed)
+    arrays = sample_inputs(model, batch, seed)
     header: dict[str, Any] = {
         "id": f"soak-{seed}",
         "inputs": [
@@ -131,7 +119,7 @@ def binary_request(
     model: Model, batch: int, seed: int, edit: Any = None, trim: int = 0
 ) -> tuple[bytes, dict[str, str]]:
     """JSON header + raw little-endian tensors (the binary tensor data extension)."""
-    arrays = feeds(model, batch, seed)
+    arrays = sample_inputs(model, batch, seed)
     header: dict[str, Any] = {
         "inputs": [
             {

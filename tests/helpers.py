@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -25,15 +24,12 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.http as httpclient
 
+from gateway.testing.gateway_process import free_port as free_port  # re-exported for the tests
+from gateway.testing.gateway_process import serve_command, stop_process, wait_ready
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # -- gateway processes ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -56,14 +52,9 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return int(self.process.returncode)
+        status = stop_process(self.process, sig, timeout_s, kill_wait_s=5)
+        assert status is not None, f"gateway {self.process.pid} outlived SIGKILL"
+        return status
 
 
 STARTED: list[GatewayProcess] = []  # every gateway process the tests started, by PID
@@ -84,17 +75,7 @@ def start_gateway(
     full_env.pop("GATEWAY_CONFIG", None)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "serve",
-                "--model-repo",
-                str(repo),
-                "--port",
-                str(port),
-                *args,
-            ],
+            serve_command(repo, port, *args),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -102,17 +83,10 @@ def start_gateway(
         )
     gw = GatewayProcess(process, port, log_path)
     STARTED.append(gw)  # stopped at the session's end if a test failed before stopping it
-    deadline = time.monotonic() + ready_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gw.log()}")
-        try:
-            with urllib.request.urlopen(f"{gw.url}/v2/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    return gw
-        except OSError:
-            pass
-        time.sleep(0.1)
+    if wait_ready(process, gw.url, ready_s=ready_s, probe_timeout_s=1.0):
+        return gw
+    if process.poll() is not None:
+        raise RuntimeError(f"gateway exited with {process.returncode}:\n{gw.log()}")
     gw.stop(signal.SIGKILL)
     raise RuntimeError(f"gateway not ready in {ready_s}s:\n{gw.log()}")
 

@@ -4,10 +4,7 @@ model is loaded the edge serves it itself."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,67 +18,13 @@ from gateway.forwarding import Forwarder
 from gateway.repository.edge import EdgeRepository
 from gateway.repository.manifest import write_manifests
 from gateway.settings import Settings, SettingsError
+from gateway.testing.delay_proxy import DelayProxy
 from tests import models
 from tests.edge_origins import SIMPLE_INPUTS, FakeOrigin, build_repo
 from tests.helpers import GatewayProcess, free_port, start_gateway
 
 FEATURES, CLASSES = 1024, 1024  # a 4 MiB model: ~4 s through the 1 MB/s link below
 RATE_BYTES_S = 1_000_000
-
-
-class Throttle:
-    """A TCP proxy limiting each connection's downstream bytes to ``rate_bytes_s``."""
-
-    def __init__(self, upstream_port: int, rate_bytes_s: float) -> None:
-        self.upstream_port = upstream_port
-        self.rate_bytes_s = rate_bytes_s
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Throttle:
-        self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(5)
-        return self
-
-    async def _listen(self) -> int:
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return int(server.sockets[0].getsockname()[1])
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool) -> None:
-            with contextlib.suppress(OSError, ConnectionError):
-                while chunk := await src.read(16384):
-                    if slow:
-                        await asyncio.sleep(len(chunk) / self.rate_bytes_s)
-                    dst.write(chunk)
-                    await dst.drain()
-            with contextlib.suppress(Exception):
-                dst.close()
-
-        await asyncio.gather(pump(reader, up_w, False), pump(up_r, writer, True))
-
-    def stop(self) -> None:
-        async def close() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
 
 
 def _call(url: str, body: object | None = None) -> tuple[int, dict[str, object]]:
@@ -117,7 +60,7 @@ def test_requests_forwarded_to_origin_while_fetching(tmp_path: Path) -> None:
     expected = session.run(None, {"X": x})[0]
 
     node = start_gateway(repo, tmp_path)
-    link = Throttle(node.port, RATE_BYTES_S).start()
+    link = DelayProxy(node.port, rate_bytes_s=RATE_BYTES_S).start()
     # The origin is reached through the slow link for the download and for forwarding alike:
     # a forwarded request is small, so the link's bandwidth costs it little.
     edge = start_gateway(

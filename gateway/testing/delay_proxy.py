@@ -1,7 +1,9 @@
-"""A loopback TCP proxy that adds latency to a host's responses, so it looks slow from outside.
+"""A loopback TCP proxy that adds latency to a host's responses, so it looks slow from outside,
+and can limit their bandwidth, so it looks like a slow link.
 
-Shared by the tests and the benches (routing under a slow host). Its own event loop runs in a
-thread so synchronous callers can use it; ``delay_s`` may be changed at any time.
+Shared by the tests and the benches (routing under a slow host, fetching over a slow link). Its
+own event loop runs in a thread so synchronous callers can use it; ``delay_s`` may be changed at
+any time.
 """
 
 from __future__ import annotations
@@ -12,14 +14,25 @@ import threading
 
 __all__ = ["DelayProxy"]
 
+_PACE_BYTES = 16384  # with a bandwidth limit, responses leave in slices of at most this size
+
 
 class DelayProxy:
     """A loopback TCP proxy that holds each response chunk ``delay_s`` before passing it on:
-    a host that looks slow from outside. Its own event loop runs in a thread."""
+    a host that looks slow from outside. With ``rate_bytes_s``, each connection's responses
+    also leave at no more than that many bytes a second: a slow link. Its own event loop runs in
+    a thread."""
 
-    def __init__(self, upstream_port: int, delay_s: float = 0.0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        delay_s: float = 0.0,
+        host: str = "127.0.0.1",
+        rate_bytes_s: float | None = None,
+    ) -> None:
         self.upstream_port = upstream_port
         self.delay_s = delay_s
+        self.rate_bytes_s = rate_bytes_s
         self.host = host
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -29,6 +42,10 @@ class DelayProxy:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
 
     def start(self) -> DelayProxy:
         self._thread.start()
@@ -43,8 +60,9 @@ class DelayProxy:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delayed: bool
     ) -> None:
         """Copy until EOF; when ``delayed``, each chunk leaves ``delay_s`` (read as it arrives, so
-        a change applies to open connections too) after it arrived: added latency, not a slower
-        link."""
+        a change applies to open connections too) after it arrived: added latency. With
+        ``rate_bytes_s`` too, each slice of up to ``_PACE_BYTES`` then waits its length over the
+        rate before it is written: a slower link."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -59,8 +77,15 @@ class DelayProxy:
             while (item := await chunks.get())[1]:
                 if (wait_s := item[0] - loop.time()) > 0:
                     await asyncio.sleep(wait_s)
-                writer.write(item[1])
-                await writer.drain()
+                if not delayed or not self.rate_bytes_s:
+                    writer.write(item[1])
+                    await writer.drain()
+                    continue
+                for start in range(0, len(item[1]), _PACE_BYTES):
+                    piece = item[1][start : start + _PACE_BYTES]
+                    await asyncio.sleep(len(piece) / self.rate_bytes_s)
+                    writer.write(piece)
+                    await writer.drain()
         except (ConnectionError, OSError):
             pass
         finally:
