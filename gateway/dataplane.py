@@ -239,6 +239,10 @@ class DataPlane:
 
     # -- loading on first use (edge repositories) -------------------------------------------
 
+    def _cold(self, name: str) -> bool:
+        """Loading (or to be loaded) on first use: a request for it waits or is forwarded."""
+        return name in self._loads or self._wants_load(name)
+
     def _wants_load(self, name: str) -> bool:
         entry = self.models.get(name)
         if entry is not None and (entry.versions or entry.reason == "unloaded"):
@@ -356,7 +360,7 @@ class DataPlane:
         deadline, ends it. Only a request that must wait for a load first runs in one."""
         pending = Pending(name)
         try:
-            cold = name in self._loads or self._wants_load(name)
+            cold = self._cold(name)
             lv = None if cold else self._resolve(name, version)  # 404 / 503 before decoding
             decoded = request if isinstance(request, InferRequest) else request()
             pending.request = decoded
@@ -403,7 +407,7 @@ class DataPlane:
     ) -> LoadedVersion:
         """The version to serve once a first-use load is over, waited for until the deadline:
         concurrent cold requests share one load, so one download."""
-        if name in self._loads or self._wants_load(name):
+        if self._cold(name):
             future = self._load_soon(name)
             left_s = None if deadline_s is None else max(0.0, deadline_s - self.clock())
             try:

@@ -221,21 +221,19 @@ class Pending:
         assert lv is not None and queued is not None and request is not None
         spent_ns = time.perf_counter_ns() - self._stats_started_ns
         exc = future.exception()
-        if exc is None:
-            lv.stats.record_request(True, spent_ns)
-            try:
-                self.response = response_of(
-                    self.name, lv.version, lv.config, request, future.result()
-                )
-            except Exception as error:  # a backend that left out an output asked for
-                self.error = error
-        else:
+        if exc is not None:
             if isinstance(exc, GatewayError):
                 lv.stats.record_request(False, spent_ns, failure_reason(exc))
-            self.error = exc if isinstance(exc, Exception) else GatewayError(repr(exc))
-        self._state = _DONE
-        self.execution = queued.execution
-        self._run_callbacks()
+            error = exc if isinstance(exc, Exception) else GatewayError(repr(exc))
+            self.settle(error=error, execution=queued.execution)
+            return
+        lv.stats.record_request(True, spent_ns)
+        try:
+            response = response_of(self.name, lv.version, lv.config, request, future.result())
+        except Exception as error:  # a backend that left out an output asked for
+            self.settle(error=error, execution=queued.execution)
+            return
+        self.settle(response, execution=queued.execution)
 
     def _expired(self) -> None:
         """The deadline passed before the batch's end (queued or running): a 504, and its

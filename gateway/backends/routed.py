@@ -242,4 +242,7 @@ class RoutedBackend(Backend):
             }
             for e, f in zip(hosts, facts, strict=True)
         ]
+        if self._local is not None:  # where the local instances run (the provider metrics)
+            local = self._local.describe()
+            out.update({k: local[k] for k in ("instance_providers", "cpu_fallback") if k in local})
         return out

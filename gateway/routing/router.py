@@ -188,9 +188,6 @@ class Router:
                     await freed.wait()
         return True
 
-    def capacity_for(self, model: str) -> int:
-        return sum(t.capacity for t in self.targets.values() if t.allows(model))
-
     def set_ready(self, name: str, key: str, ready: bool, load_s: float | None = None) -> None:
         target = self.targets.get(name)
         if target is None:

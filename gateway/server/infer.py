@@ -228,13 +228,10 @@ class HotPath:
     def _answer(self, call: _Call, pending: Pending) -> Answer | None:
         """(status, headers, body) for a request that is done; None, logged as 499 (nginx's
         code), when the client went away: nobody is listening."""
-        response = pending.response
-        if response is None:
-            if pending.cancelled():
-                self._log(call, 499)
-                return None
-            return self._reply(call, pending.outcome(), pending.request, pending.execution)
-        return self._reply(call, response, pending.request, pending.execution)
+        if pending.cancelled():
+            self._log(call, 499)
+            return None
+        return self._reply(call, pending.outcome(), pending.request, pending.execution)
 
     def _reply(
         self,
