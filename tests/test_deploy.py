@@ -810,7 +810,7 @@ def test_compose_front_config_is_accepted_by_the_gateway(path: Path) -> None:
 
     data = yaml.safe_load(path.read_text())
     settings = Settings(hosts=tuple(front_hosts(data)))
-    entries, groups = configured_hosts(settings)
+    entries, groups, _ = configured_hosts(settings)
     devices = {e.host.name: e.host.describe().get("device") for e in entries}
     want = "gpu" if path == COMPOSE_GPU else "cpu"
     assert devices["triton"] == want and not groups

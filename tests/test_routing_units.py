@@ -534,7 +534,7 @@ async def test_routed_triton_hosts_leave_the_batching_to_the_gateway() -> None:
     v2 = {"kind": "v2", "name": "w", "url": "h:2"}
     with pytest.raises(SettingsError, match="Triton host t: batching = 'triton'"):
         configured_hosts(Settings(hosts=(v2, table), triton_batching="triton"))
-    entries, _ = configured_hosts(Settings(hosts=(v2, table)))
+    entries, _, _ = configured_hosts(Settings(hosts=(v2, table)))
     assert [e.host.name for e in entries] == ["w", "t"]
     # Triton-only: allowed, and the backend says so (no local runtime either).
     factory = RoutedFactory(Settings(hosts=(table,), triton_batching="triton"))

@@ -74,7 +74,7 @@ def test_triton_config_for_each_strategy() -> None:
 
 
 def triton_hosts(settings: Settings) -> list[tuple[Any, frozenset[str] | None]]:
-    entries, _ = configured_hosts(settings)
+    entries, _, _ = configured_hosts(settings)
     return [(e.host, e.models) for e in entries]
 
 

@@ -15,6 +15,7 @@ from gateway.routing.hosts import (
     check_upstream_batching,
     kind_of,
     parse_hosts,
+    triton_only,
 )
 from gateway.routing.pool import HostEntry
 from gateway.settings import Settings
@@ -49,10 +50,16 @@ def build_host(spec: HostSpec, settings: Settings) -> HostEntry:
     return HostEntry(host, spec.models, spec.weight, spec.max_inflight)
 
 
-def configured_hosts(settings: Settings) -> tuple[list[HostEntry], list[DnsSpec]]:
-    """Static hosts and DNS groups from ``settings.hosts`` (one validator:
-    ``gateway.routing.hosts.parse_hosts``)."""
+def configured_hosts(
+    settings: Settings, local: bool | None = None
+) -> tuple[list[HostEntry], list[DnsSpec], bool]:
+    """Static hosts, DNS groups and whether the local runtime serves too, from
+    ``settings.hosts`` (one validator: ``gateway.routing.hosts.parse_hosts``). ``local``: a
+    local runtime given by the caller; None: ``local_execution``, except in a Triton-only
+    deployment, where every model is served through Triton."""
     specs = parse_hosts(settings)
-    check_upstream_batching(map(kind_of, specs), local=False)
+    if local is None:
+        local = settings.local_execution and not triton_only(specs)
+    check_upstream_batching(map(kind_of, specs), local=local)
     entries = [build_host(s, settings) for s in specs if isinstance(s, HostSpec)]
-    return entries, [s for s in specs if isinstance(s, DnsSpec)]
+    return entries, [s for s in specs if isinstance(s, DnsSpec)], local

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.backends.base import BackendFactory, Host
-from gateway.backends.hosts import build_host
+from gateway.backends.hosts import build_host, configured_hosts
 from gateway.backends.routed import RoutedBackend
 from gateway.errors import GatewayError, HostUnreachable, ModelLoadError
 from gateway.repository.config import ModelConfig
@@ -53,8 +53,6 @@ from gateway.routing.hosts import (
     check_upstream_batching,
     kind_of,
     parse_host,
-    parse_hosts,
-    triton_only,
 )
 from gateway.routing.pool import HostEntry, HostPool
 from gateway.routing.probing import Prober
@@ -100,12 +98,7 @@ class RoutedFactory(BackendFactory):
         self.clock = clock
         use_local = settings.local_execution
         if hosts is None:
-            specs = parse_hosts(settings)
-            # Triton-only: every model is served through Triton, never in-process.
-            use_local = use_local and not triton_only(specs)
-            check_upstream_batching(map(kind_of, specs), local=use_local or local is not None)
-            entries = [build_host(s, settings) for s in specs if isinstance(s, HostSpec)]
-            groups = [s for s in specs if isinstance(s, DnsSpec)]
+            entries, groups, use_local = configured_hosts(settings, True if local else None)
         else:
             entries, groups = list(hosts), list(dns_groups or ())
         if local is None and use_local:
