@@ -89,6 +89,13 @@ def signature(inputs: Tensors) -> tuple[Any, ...]:
     return tuple((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items())
 
 
+def _fail(batch: list[Queued], error: Exception) -> None:
+    """Answer every request of a failed batch that is still waiting with ``error``."""
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
 class Batcher:
     """Queue + scheduler for one model version."""
 
@@ -283,21 +290,13 @@ class Batcher:
                 deadline_s = min(deadlines) if deadlines else None
                 ran = await self._execute(inputs, self._outputs, deadline_s)
             except GatewayError as exc:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                _fail(batch, exc)
                 return
             except Exception as exc:
-                error = GatewayError(f"execution failed: {type(exc).__name__}: {exc}")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
+                _fail(batch, GatewayError(f"execution failed: {type(exc).__name__}: {exc}"))
                 return
             except BaseException:  # cancelled (inside the backend or this task): answer, go on
-                error = GatewayError("execution was cancelled")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
+                _fail(batch, GatewayError("execution was cancelled"))
                 raise
             # Free the slot before handing results back: the scheduler's wake-up then runs
             # ahead of the callers' tasks, so the next batch reaches the backend before the
