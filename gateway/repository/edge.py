@@ -404,16 +404,6 @@ class EdgeRepository(LocalRepository):
         sources.append(Source("origin", self.url, reader(self.origin, relpath)))
         return sources
 
-    async def _blob(
-        self, spec: FileEntry, relpath: str, protected: set[str], keep_blobs: set[str]
-    ) -> Path:
-        """One file, fetched (if missing) under a reservation of its size."""
-        needed = 0 if self.cache.complete(spec.sha256) else spec.size
-        async with self.cache.reserve(needed, protected, keep_blobs):
-            return await self.cache.ensure(
-                spec.sha256, spec.size, self._sources(spec.sha256, relpath)
-            )
-
     async def _fetch(self, name: str, progress: Progress | None, latest: bool = False) -> None:
         try:
             await self._fetch_files(name, progress, latest)
@@ -466,9 +456,11 @@ class EdgeRepository(LocalRepository):
             if spec.size > self.max_index_bytes:  # read whole below, like the index
                 raise ModelLoadError(f"model '{name}': config.pbtxt is over max_index_bytes")
             keep.add(spec.sha256)
-            path = await self._blob(spec, f"{name}/config.pbtxt", protected, keep)
-            text = await asyncio.to_thread(path.read_text)
-            config = parse_pbtxt(text, f"{name}/config.pbtxt", name)
+            sources = self._sources(spec.sha256, f"{name}/config.pbtxt")
+            raw = await self.cache.document(
+                spec.sha256, sources, self.max_index_bytes, protected, keep
+            )
+            config = parse_pbtxt(raw.decode(errors="replace"), f"{name}/config.pbtxt", name)
         chosen = config.version_policy.select(list(entry.versions))
         if not chosen:
             raise ModelLoadError(
