@@ -386,11 +386,13 @@ async def test_routed_backend_serves_locally_too(simple_source: ModelSource) -> 
 class IdleHost(FakeHost):
     """A host that knows it does not serve anything now (a Triton host marked down)."""
 
+    kind = "triton"
+
     def serving(self, model: str) -> bool:
         return False
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "triton", "state": "down", "reason": "gone"}
+        return {"name": self.name, "kind": self.kind, "state": "down", "reason": "gone"}
 
 
 class UnreachableHost(FakeHost):

@@ -140,6 +140,8 @@ class Host(Protocol):
 
     # -- members with defaults --------------------------------------------------------------
 
+    kind: str = "v2"  # "triton" for a Triton server: what its table said (``[[hosts]] kind``)
+
     async def health(self) -> bool:
         """The router's probe: whether the host takes batches now, never raising. Default: its
         server readiness."""

@@ -74,10 +74,6 @@ def _model_bytes(source: ModelSource, config: ModelConfig) -> int:
     return size
 
 
-def _kind(host: Host) -> str:
-    return str(host.describe().get("kind", "v2"))
-
-
 class RoutedFactory(BackendFactory):
     """``BackendFactory`` over the local runtime and the hosts: the pool, its DNS groups and
     probes, the router, and the admin changes that tie them together."""
@@ -248,7 +244,7 @@ class RoutedFactory(BackendFactory):
     def _check_batching(self, spec: HostSpec | DnsSpec) -> None:
         """``batching = "triton"`` stays coherent after the change (``check_upstream_batching``)."""
         targets = {
-            e.name: (e.name, _kind(e.host), e.host.batches_upstream)
+            e.name: (e.name, e.host.kind, e.host.batches_upstream)
             for e in self.pool.hosts.values()
         }
         targets.update({g: (g, "v2", False) for g in self.discovery.groups})
@@ -379,7 +375,7 @@ class RoutedFactory(BackendFactory):
                 for host, result in zip(hosts, results, strict=True):
                     if isinstance(result, HostUnreachable):
                         await host.release(source.name)  # give up its pending registration
-            kinds = {_kind(h) for h in hosts}
+            kinds = {h.kind for h in hosts}
             where = "Triton host" if kinds == {"triton"} else "host"
             raise ModelLoadError(
                 f"model '{source.name}' version {version} could not be loaded on any {where}: "

@@ -286,7 +286,7 @@ class V2Host(Host):
     def describe(self) -> dict[str, Any]:
         return {
             "name": self._name,
-            "kind": "v2",
+            "kind": self.kind,
             "url": self.url,
             "labels": sorted(self._labels),
             "push": self.push,

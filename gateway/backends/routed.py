@@ -220,8 +220,8 @@ class RoutedBackend(Backend):
         hosts = self._hosts()
         targets = ([LOCAL] if self._local is not None else []) + [e.name for e in hosts]
         facts = [e.host.describe() for e in hosts]
-        only_triton = self._local is None and bool(facts)
-        only_triton = only_triton and all(f.get("kind") == "triton" for f in facts)
+        only_triton = self._local is None and bool(hosts)
+        only_triton = only_triton and all(e.host.kind == "triton" for e in hosts)
         out: dict[str, Any] = {
             "backend": "triton" if only_triton else "routed",
             "policy": self._factory.router.policy.name,

@@ -295,6 +295,8 @@ class TritonHost(Host):
     only asks whether the server is live.
     """
 
+    kind = "triton"
+
     def __init__(
         self,
         name: str,
@@ -476,7 +478,7 @@ class TritonHost(Host):
     def describe(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
             "name": self._name,
-            "kind": "triton",
+            "kind": self.kind,
             "url": self.url,
             "protocol": self.protocol,
             "device": self.device,
