@@ -83,38 +83,31 @@ async def read_body(
 
 
 class DisconnectWatch:
-    """Cancels the handler's task if the client goes away, so it does not keep a batch slot.
+    """Cancels a request whose client went away, so it does not keep a batch slot.
 
     On connections with ``Hooks`` the connection calls back when it drops. Elsewhere one extra
     task per request waits on ``receive()``, which after the body only returns when the client
     disconnects (or the response is complete, after ``close``).
     """
 
-    __slots__ = ("_hooks", "_task", "_watcher", "gone")
+    __slots__ = ("_hooks", "_pending", "_watcher")
 
-    def __init__(self, receive: Receive | None, hooks: Hooks | None) -> None:
-        self.gone = False
+    def __init__(self, pending: Pending, receive: Receive | None, hooks: Hooks | None) -> None:
+        self._pending = pending
         self._hooks = hooks
         self._watcher: asyncio.Future[Any] | None = None
         if hooks is not None:
-            self._task = asyncio.current_task(hooks.loop)
-            hooks.on_lost = self._lost
+            hooks.on_lost = pending.cancel
         else:
             assert receive is not None, "a connection without hooks hands over receive()"
-            self._task = asyncio.current_task()
             self._watcher = asyncio.ensure_future(receive())
             self._watcher.add_done_callback(self._on_message)
-
-    def _lost(self) -> None:
-        self.gone = True
-        if self._task is not None:
-            self._task.cancel()
 
     def _on_message(self, done: asyncio.Future[Any]) -> None:
         if done.cancelled() or done.exception() is not None:
             return
         if done.result().get("type") == "http.disconnect":
-            self._lost()
+            self._pending.cancel()
 
     def close(self) -> None:
         if self._hooks is not None:
@@ -122,13 +115,6 @@ class DisconnectWatch:
         elif self._watcher is not None:
             self._watcher.remove_done_callback(self._on_message)
             self._watcher.cancel()
-
-    def absorb(self) -> bool:
-        """After a CancelledError: was it ours? If so, swallow it."""
-        if self.gone and self._task is not None:
-            self._task.uncancel()
-            return True
-        return False
 
 
 class HotPath:
@@ -180,12 +166,9 @@ class HotPath:
         else:
             pending = self.dataplane.submit(name, version, call, call.rid)
             if not pending.done():
-                watch = DisconnectWatch(receive, hooks)
+                watch = DisconnectWatch(pending, receive, hooks)
                 try:
-                    await pending.wait()
-                except asyncio.CancelledError:
-                    if not watch.absorb():  # not the client leaving: the server's own
-                        raise
+                    await pending.wait()  # a client gone cancels the request: logged as 499
                 finally:
                     watch.close()
             answer = self._answer(call, pending)
