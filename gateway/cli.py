@@ -177,6 +177,12 @@ def _parser() -> argparse.ArgumentParser:
         "--execution-provider", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider"
     )
     serve_cmd.add_argument("--max-queue-size", type=int, help="default per-model queue bound")
+    serve_cmd.add_argument(
+        "--batching-delay",
+        choices=["adaptive", "triton"],
+        help="wait for a fuller batch only when traffic says it fills (adaptive), or always "
+        "the model's max_queue_delay (triton) [adaptive]",
+    )
     _edge_arguments(commands, serve_cmd)
     return parser
 

@@ -116,6 +116,7 @@ def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchP
         default_timeout_s=(db.default_timeout_us / 1e6) or None,
         instance_count=backend.instance_count,
         pipeline=settings.batch_pipeline,
+        adaptive_delay=settings.batching_delay == "adaptive",
     )
 
 

@@ -131,7 +131,9 @@ async def test_mismatched_shapes_never_merge() -> None:
 
 async def test_waits_up_to_the_queue_delay_for_a_fuller_batch() -> None:
     backend = Recorder()
-    policy = BatchPolicy(max_batch_size=4, preferred_batch_sizes=(4,), max_queue_delay_s=5.0)
+    policy = BatchPolicy(
+        max_batch_size=4, preferred_batch_sizes=(4,), max_queue_delay_s=5.0, adaptive_delay=False
+    )
     batcher, _ = make(policy, backend)
     futures = []
     for i in range(4):
@@ -316,7 +318,7 @@ def test_no_second_queue_delay_in_front_of_a_batching_host() -> None:
     model's batch sizes but no queue delay from the gateway: the delay is paid once, there."""
     from gateway.dataplane import _policy
     from gateway.repository.config import DynamicBatching, ModelConfig
-    from gateway.settings import Settings
+    from gateway.settings import Settings, SettingsError
 
     class Local:
         instance_count = 2
@@ -334,6 +336,11 @@ def test_no_second_queue_delay_in_front_of_a_batching_host() -> None:
     there = _policy(config, Upstream(), Settings())  # type: ignore[arg-type]
     assert here.max_queue_delay_s == 0.002 and there.max_queue_delay_s == 0.0
     assert there.max_batch_size == 8 and there.preferred_batch_sizes == (4,)
+    assert here.adaptive_delay  # the default
+    triton = _policy(config, Local(), Settings(batching_delay="triton"))  # type: ignore[arg-type]
+    assert not triton.adaptive_delay and triton.max_queue_delay_s == 0.002
+    with pytest.raises(SettingsError, match="batching_delay must be adaptive or triton"):
+        Settings(batching_delay="never")
 
 
 # Behaviour pinned for the one-request-path redesign (issue 27): each test below fails when the
@@ -418,7 +425,8 @@ async def test_no_default_timeout_means_no_deadline() -> None:
 async def test_a_deadline_shortens_the_wait_for_a_fuller_batch() -> None:
     clock = Clock(100.0)
     backend = Recorder()
-    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=10.0), backend, clock)
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay_s=10.0, adaptive_delay=False)
+    batcher, _ = make(policy, backend, clock)
     item = batcher.enqueue(row(1), deadline_s=100.0 + DELAY_S)
     await ticks()
     assert backend.batches == []  # waiting for more, but only until its deadline
@@ -939,3 +947,140 @@ async def test_close_waits_30_s_by_default_for_a_batch_to_finish(
     await asyncio.wait_for(batcher.close(), 1.0)
     assert asked == [30.0]
     running.future.cancel()
+
+
+# The adaptive queue delay (issue 21): with an instance free, a short batch waits only when the
+# rate of rows arriving while the batcher is busy says one will join within the delay left.
+
+
+async def test_a_lone_request_goes_at_once_while_triton_mode_waits_the_delay() -> None:
+    """No traffic seen: nothing is expected to join, so the batch goes now (the old code waited
+    the whole delay); ``adaptive_delay=False`` keeps Triton's wait, to the clock's instant."""
+    for adaptive in (True, False):
+        clock = Clock(100.0)
+        backend = Recorder()
+        policy = BatchPolicy(max_batch_size=8, max_queue_delay_s=DELAY_S, adaptive_delay=adaptive)
+        batcher, _ = make(policy, backend, clock)
+        item = batcher.enqueue(row(1))
+        await asyncio.sleep(2 * DELAY_S)  # the batcher's timer fired; the clock stood still
+        assert backend.batches == ([1] if adaptive else []), adaptive
+        clock.now_s = 100.0 + DELAY_S
+        await asyncio.wait_for(item.future, 1.0)
+        assert backend.batches == [1]
+        await batcher.close()
+
+
+async def test_a_closed_loop_client_never_waits() -> None:
+    """One client sending its next request when the last one is answered never arrives while
+    the batcher is busy: however long the delay, every request goes at once."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock, backend.run_s = clock, 0.002
+    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=10.0), backend, clock)
+    for i in range(20):
+        await asyncio.wait_for(batcher.enqueue(row(i)).future, 1.0)  # not 10 s
+        clock.now_s += 0.001  # the client's own time between requests
+        assert batcher.arrival_rate() == 0.0
+    assert backend.batches == [1] * 20
+    await batcher.close()
+
+
+async def arrive_while_busy(gap_s: float, delay_s: float) -> tuple[Batcher, Recorder, Clock]:
+    """A runs (gated); B arrives ``gap_s`` later while A is out, which makes the arrival rate
+    one row per ``gap_s``; A ends at that instant and B forms a batch with ``delay_s`` left."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=delay_s), backend, clock)
+    first = batcher.enqueue(row(0))
+    await ticks()
+    clock.now_s += gap_s
+    batcher.enqueue(row(1))
+    assert batcher.arrival_rate() == 1 / gap_s
+    backend.gate.set()
+    await asyncio.wait_for(first.future, 1.0)
+    return batcher, backend, clock
+
+
+async def test_a_short_batch_waits_when_a_row_is_expected_within_the_delay() -> None:
+    """Rows arrive while busy one per 1/64 s and 1/64 s of delay is left: one row is expected
+    (to the exact boundary), so B waits for company, up to the delay."""
+    batcher, backend, clock = await arrive_while_busy(DELAY_S, DELAY_S)
+    await asyncio.sleep(2 * DELAY_S)
+    assert backend.batches == [1]  # B is waiting
+    clock.now_s += DELAY_S
+    await wait_for_batches(backend, 2)
+    assert backend.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_a_short_batch_goes_when_no_row_is_expected_within_the_delay() -> None:
+    """One row per 1/64 + 1/1024 s, and 1/64 s left: less than a row expected, B goes now."""
+    batcher, backend, _ = await arrive_while_busy(DELAY_S + 1 / 1024, DELAY_S)
+    await wait_for_batches(backend, 2)
+    assert backend.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_company_that_arrives_joins_the_waiting_batch() -> None:
+    batcher, backend, clock = await arrive_while_busy(DELAY_S / 4, DELAY_S)
+    third = batcher.enqueue(row(2))
+    await ticks()
+    assert backend.batches == [1]  # 2 rows: still waiting for a full batch
+    clock.now_s += DELAY_S
+    await asyncio.wait_for(third.future, 1.0)
+    assert backend.batches == [1, 2]
+    await batcher.close()
+
+
+async def test_the_arrival_rate_decays_and_counts_busy_time_without_arrivals() -> None:
+    """Rows arriving while busy over busy seconds, each observation (an arrival, the end of a
+    busy period) weighing the past by 0.9; time busy since the last arrival counts too."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=1), backend, clock)
+    assert batcher.arrival_rate() == 0.0
+    items = [batcher.enqueue(row(0))]  # found it idle: starts a busy period, not counted
+    assert batcher.arrival_rate() == 0.0
+    clock.now_s = 100.5
+    items.append(batcher.enqueue(rows(1, 2), 2))  # 2 rows after 0.5 s busy
+    assert batcher.arrival_rate() == 2 / 0.5
+    clock.now_s = 101.0  # busy another 0.5 s, no arrival yet
+    assert batcher.arrival_rate() == 2 / 1.0
+    clock.now_s = 101.5
+    items.append(batcher.enqueue(row(2)))  # decayed: (0.9 * 2 + 1) rows in (0.9 * 0.5 + 1) s
+    assert batcher.arrival_rate() == pytest.approx((0.9 * 2 + 1) / (0.9 * 0.5 + 1.0))
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)
+    # The busy period ended at 101.5 (no time passed): one more decayed observation, no rows.
+    assert batcher.arrival_rate() == pytest.approx(
+        (0.9 * (0.9 * 2 + 1)) / (0.9 * (0.9 * 0.5 + 1.0))
+    )
+    clock.now_s = 200.0  # idle time does not count
+    assert batcher.arrival_rate() == pytest.approx((0.9 * 2 + 1) / (0.9 * 0.5 + 1.0))
+    await batcher.close()
+
+
+async def test_requests_dropped_from_the_queue_end_the_busy_period_too() -> None:
+    """An abandoned or expired request leaves the busy period like an answered one: once none is
+    outstanding, time no longer counts as busy."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=1), backend, clock)
+    running = batcher.enqueue(row(0))
+    await ticks()
+    clock.now_s = 101.0
+    gone = batcher.enqueue(row(1))
+    expiring = batcher.enqueue(row(2), deadline_s=101.5)
+    gone.future.cancel()
+    clock.now_s = 102.0
+    backend.gate.set()
+    await asyncio.wait_for(running.future, 1.0)
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(expiring.future, 1.0)
+    rate = batcher.arrival_rate()
+    clock.now_s = 150.0
+    assert batcher.arrival_rate() == rate  # idle: nothing outstanding
+    await batcher.close()

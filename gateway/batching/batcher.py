@@ -13,6 +13,14 @@ waiting for the event loop to notice. Such a batch keeps growing (past a preferr
 ``max_batch_size``) until an instance is about to free up, as estimated from the running batch's
 start and the average execution time.
 
+The queue delay adapts to the traffic (``BatchPolicy.adaptive_delay``, the default): while an
+instance is free, waiting leaves it idle, so the batcher waits only when the recent arrival rate
+says a request will join before the delay runs out. The rate counted is that of requests
+arriving while the batcher is busy (a request queued, forming or running), per second busy:
+a lone closed-loop client never arrives while its own request is out, so its requests go at
+once, while independent traffic keeps Triton's wait. Off, every short batch waits the whole
+``max_queue_delay`` (Triton's behaviour).
+
 The queue is bounded: a full queue fails fast (``QueueFull``). A request whose deadline passes
 while queued fails with ``DeadlineExceeded``; a caller that goes away (its future cancelled) is
 dropped before it takes a slot in a batch.
@@ -66,6 +74,14 @@ class BatchPolicy:
     # Batches formed ahead while every instance is busy, handed to the backend at once so it
     # starts the next one the moment it finishes (no idle hop through the event loop between).
     pipeline: int = 0
+    # Wait for a fuller batch with an instance free only when the arrival rate says a request
+    # will join within the delay left (see the module docstring); False: Triton's fixed wait.
+    adaptive_delay: bool = True
+
+
+# How much each new observation of the arrival rate counts: the estimate follows about the
+# last ten arrivals or busy periods.
+ARRIVAL_DECAY = 0.9
 
 
 @dataclass(slots=True, eq=False)
@@ -130,6 +146,14 @@ class Batcher:
         self._wake_rows = 1
         self._arrived_rows = 0
         self._forming: tuple[Any, ...] | None = None
+        # The adaptive delay's arrival rate: rows that arrived while the batcher was busy and
+        # the busy seconds they arrived in, both decayed by ``ARRIVAL_DECAY`` per observation.
+        # ``_outstanding``: requests queued, forming or running; ``_busy_since``: when busy time
+        # was last counted (None while nothing is outstanding).
+        self._busy_rows = 0.0
+        self._busy_s = 0.0
+        self._outstanding = 0
+        self._busy_since: float | None = None
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self._scheduler = self._loop.create_task(self._schedule())
@@ -181,6 +205,11 @@ class Batcher:
         future: asyncio.Future[Tensors] = self._loop.create_future()
         item = Queued(inputs, rows, signature(inputs), future, now, deadline_s, request_id)
         self._queue.append(item)
+        self._outstanding += 1
+        if self._busy_since is None:
+            self._busy_since = now  # a busy period starts: this arrival found it idle
+        else:
+            self._observe(now, rows)
         self._arrived_rows += rows
         if self._arrived_rows >= self._wake_rows or (
             self._forming is not None and item.signature != self._forming
@@ -194,9 +223,11 @@ class Batcher:
         while self._queue:
             item = self._queue.popleft()
             if item.future.done():
+                self._left(1)
                 continue
             if item.deadline_s is not None and now >= item.deadline_s:
                 item.future.set_exception(DeadlineExceeded("Request timeout expired"))
+                self._left(1)
                 continue
             return item
         return None
@@ -226,6 +257,7 @@ class Batcher:
                     if head is not None:
                         if head.future.done():
                             self._queue.popleft()
+                            self._left(1)
                             continue
                         if (
                             head.signature != first.signature
@@ -246,8 +278,14 @@ class Batcher:
                     wait_until = give_up_s if free_at is None else max(give_up_s, free_at)
                     if first.deadline_s is not None:
                         wait_until = min(wait_until, first.deadline_s)
-                    wait_s = wait_until - self._clock()
+                    now = self._clock()
+                    wait_s = wait_until - now
                     if wait_s <= 0:
+                        break
+                    # An instance is free: waiting idles it, worth it only if company comes.
+                    if free_at is None and policy.adaptive_delay and not self._worth_waiting(
+                        now, wait_s
+                    ):
                         break
                     # Worth waking for: a full batch, or (with an instance free) the next
                     # preferred size.
@@ -267,6 +305,7 @@ class Batcher:
 
     async def _run(self, batch: list[Queued], rows: int) -> None:
         released = False
+        taken = len(batch)
         try:
             # Callers may have gone away while the batch was forming.
             if any(p.future.done() for p in batch):
@@ -331,6 +370,7 @@ class Batcher:
         finally:
             if not released:
                 self._release(batch)
+            self._left(taken)
 
     def _stop_at_preferred(self, rows: int, signature: tuple[Any, ...]) -> bool:
         """At a preferred size, stop unless the queue holds enough to reach the next larger one,
@@ -354,6 +394,36 @@ class Batcher:
             if need <= 0:
                 return False
         return True
+
+    def _observe(self, now: float, rows: int) -> None:
+        """Count busy time up to ``now`` and ``rows`` arriving in it (0: a busy period ended)."""
+        assert self._busy_since is not None
+        self._busy_s = ARRIVAL_DECAY * self._busy_s + (now - self._busy_since)
+        self._busy_rows = ARRIVAL_DECAY * self._busy_rows + rows
+        self._busy_since = now
+
+    def _left(self, count: int) -> None:
+        """``count`` requests are no longer outstanding; the last one ends a busy period."""
+        self._outstanding -= count
+        if self._outstanding == 0 and self._busy_since is not None:
+            self._observe(self._clock(), 0)
+            self._busy_since = None
+
+    def arrival_rate(self, now: float | None = None) -> float:
+        """Rows per second arriving while the batcher is busy, recently (0.0 before any; inf
+        when they all came at one instant); the busy time since the last arrival counts too."""
+        if now is None:
+            now = self._clock()
+        busy_s = self._busy_s
+        if self._busy_since is not None:
+            busy_s += now - self._busy_since
+        if self._busy_rows == 0:
+            return 0.0
+        return self._busy_rows / busy_s if busy_s > 0 else float("inf")
+
+    def _worth_waiting(self, now: float, wait_s: float) -> bool:
+        """Whether at least one row is expected to arrive within ``wait_s``."""
+        return self.arrival_rate(now) * wait_s >= 1.0
 
     def _wait_for(self, rows: int, forming: tuple[Any, ...] | None) -> None:
         """Arm the scheduler's wake-up (see ``__init__``) before it waits on ``_arrived``."""
