@@ -390,9 +390,10 @@ async def test_a_request_that_would_overfill_the_batch_starts_the_next() -> None
 
 
 async def test_the_default_timeout_sets_a_deadline_that_expires_in_the_queue() -> None:
-    """``enqueue`` callers: the policy's default timeout gives a deadline; a request still
-    queued at its deadline (to the instant) fails and never reaches the backend, and the one
-    behind it is served all the same."""
+    """``enqueue`` callers: the policy's default timeout gives a deadline, the earlier of it and
+    the request's own (Triton rejects at the queue's timeout whatever the request asks; the
+    request's timeout bounds the whole request here); a request still queued at its deadline
+    (to the instant) fails and never reaches the backend, and the one behind it is served."""
     clock = Clock(100.0)
     backend = Recorder()
     backend.gate = asyncio.Event()
@@ -401,15 +402,20 @@ async def test_the_default_timeout_sets_a_deadline_that_expires_in_the_queue() -
     blocker = batcher.enqueue(row(0), deadline_s=1000.0)
     await ticks()
     expiring = batcher.enqueue(row(1))
-    explicit = batcher.enqueue(row(2), deadline_s=150.0)
-    assert (expiring.enqueued_s, expiring.deadline_s, explicit.deadline_s) == (100.0, 102.0, 150.0)
+    late = batcher.enqueue(row(2), deadline_s=150.0)
+    early = batcher.enqueue(row(3), deadline_s=101.5)
+    clock.now_s = 101.0
+    served = batcher.enqueue(row(4))
+    assert expiring.enqueued_s == 100.0
+    assert [i.deadline_s for i in (expiring, late, early, served)] == [102.0, 102.0, 101.5, 103.0]
     clock.now_s = 102.0
     backend.gate.set()
-    with pytest.raises(DeadlineExceeded, match=r"^Request timeout expired$"):
-        await asyncio.wait_for(expiring.future, 1.0)
-    await asyncio.wait_for(explicit.future, 1.0)
+    for item in (expiring, late, early):
+        with pytest.raises(DeadlineExceeded, match=r"^Request timeout expired$"):
+            await asyncio.wait_for(item.future, 1.0)
+    await asyncio.wait_for(served.future, 1.0)
     await blocker.future
-    assert backend.batches == [1, 1]  # the expired request never ran
+    assert backend.batches == [1, 1]  # the expired requests never ran
     await batcher.close()
 
 

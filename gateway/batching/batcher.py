@@ -29,7 +29,6 @@ dropped before it takes a slot in a batch.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from gateway import context
-from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady, QueueFull
+from gateway.batching.queue import PriorityQueue, QueuePolicy
+from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady
 from gateway.stats import ModelStats
 
 Tensors = dict[str, np.ndarray[Any, Any]]
@@ -77,6 +77,35 @@ class BatchPolicy:
     # Wait for a fuller batch with an instance free only when the arrival rate says a request
     # will join within the delay left (see the module docstring); False: Triton's fixed wait.
     adaptive_delay: bool = True
+    # Triton's priorities: levels 1 (highest) .. ``priority_levels`` (0: none, one queue); a
+    # request's priority 0 (or one past the levels) is ``default_priority_level``. Each level
+    # queues under its ``queue_policies`` entry, else the default policy: ``max_queue_size``,
+    # ``default_timeout_s``, ``allow_timeout_override``, ``delay_on_timeout`` above and below.
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    queue_policies: tuple[tuple[int, QueuePolicy], ...] = ()
+    allow_timeout_override: bool = False
+    delay_on_timeout: bool = False
+
+    def level_policies(self) -> dict[int, QueuePolicy]:
+        """Every priority level's queue policy (level 0 alone without priorities)."""
+        default = QueuePolicy(
+            self.max_queue_size,
+            self.default_timeout_s,
+            self.allow_timeout_override,
+            self.delay_on_timeout,
+        )
+        if not self.priority_levels:
+            return {0: default}
+        given = dict(self.queue_policies)
+        return {n: given.get(n, default) for n in range(1, self.priority_levels + 1)}
+
+    def level_of(self, priority: int) -> int:
+        """The level a request of ``priority`` queues at (Triton: 0 or out of range, the
+        default level)."""
+        if 1 <= priority <= self.priority_levels:
+            return priority
+        return self.default_priority_level
 
 
 # How much each new observation of the arrival rate counts: the estimate follows about the
@@ -98,6 +127,8 @@ class Queued:
     request_id: str | None = None
     queue_ns: int = field(default=0)
     execution: context.Execution | None = None
+    level: int = 0  # its priority level
+    delay_at_s: float | None = None  # a DELAY queue policy moves it back from then on
 
 
 def signature(inputs: Tensors) -> tuple[Any, ...]:
@@ -131,7 +162,7 @@ class Batcher:
         self._policy = policy
         self._stats = stats
         self._clock = clock
-        self._queue: collections.deque[Queued] = collections.deque()
+        self._queue = PriorityQueue(policy.level_policies(), clock)
         self._arrived = asyncio.Event()
         self._capacity = capacity or (lambda: policy.instance_count)
         self._busy = 0  # batches formed and not finished
@@ -191,19 +222,40 @@ class Batcher:
         rows: int = 1,
         deadline_s: float | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> Queued:
         """``submit`` without the wait, for callers that take the result from the future in a
         callback (cancel it to withdraw). A deadline only fails the request if it passes while
-        queued: waiting for the batch to finish is the caller's to bound."""
+        queued: waiting for the batch to finish is the caller's to bound.
+
+        ``priority`` picks the level (see ``BatchPolicy``); the level's queue policy bounds it
+        (``QueueFull``) and times it out in the queue: its timeout (the request's own when
+        shorter and the policy allows that) becomes the deadline, the earlier one winning, or
+        with ``delay_on_timeout`` the instant it moves behind its level's other requests."""
         if self._closed:
             raise ModelNotReady("model is unloading")
-        if len(self._queue) >= self._policy.max_queue_size:
-            raise QueueFull("Exceeds maximum queue size", retry_after_s=1.0)
         now = self._clock()
-        if deadline_s is None and self._policy.default_timeout_s:
-            deadline_s = now + self._policy.default_timeout_s
+        level = self._policy.level_of(priority)
+        queue_policy = self._queue.policy(level)
+        timeout_s = queue_policy.default_timeout_s
+        if (
+            timeout_s
+            and queue_policy.allow_timeout_override
+            and deadline_s is not None
+            and deadline_s - now < timeout_s
+        ):
+            timeout_s = deadline_s - now
+        delay_at_s = None
+        if timeout_s:
+            if queue_policy.delay_on_timeout:
+                delay_at_s = now + timeout_s
+            elif deadline_s is None or now + timeout_s < deadline_s:
+                deadline_s = now + timeout_s
         future: asyncio.Future[Tensors] = self._loop.create_future()
-        item = Queued(inputs, rows, signature(inputs), future, now, deadline_s, request_id)
+        item = Queued(
+            inputs, rows, signature(inputs), future, now, deadline_s, request_id,
+            level=level, delay_at_s=delay_at_s,
+        )  # fmt: skip
         self._queue.append(item)
         self._outstanding += 1
         if self._busy_since is None:
@@ -220,7 +272,7 @@ class Batcher:
     def _take_live(self) -> Queued | None:
         """Pop the head of the queue, failing expired entries and skipping abandoned ones."""
         now = self._clock()
-        while self._queue:
+        while self._queue.head() is not None:
             item = self._queue.popleft()
             if item.future.done():
                 self._left(1)
@@ -251,7 +303,7 @@ class Batcher:
             if policy.max_batch_size > 1:
                 give_up_s = first.enqueued_s + policy.max_queue_delay_s
                 while rows < policy.max_batch_size:
-                    head = self._queue[0] if self._queue else None
+                    head = self._queue.head()
                     if head is not None and self._stop_at_preferred(rows, first.signature):
                         break
                     if head is not None:
