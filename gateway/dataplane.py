@@ -120,8 +120,7 @@ def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchP
         priority_levels=db.priority_levels,
         default_priority_level=db.default_priority_level,
         queue_policies=tuple(
-            (level, _queue_policy(policy, settings))
-            for level, policy in db.priority_queue_policy
+            (level, _queue_policy(policy, settings)) for level, policy in db.priority_queue_policy
         ),
         allow_timeout_override=db.allow_timeout_override,
         delay_on_timeout=db.timeout_action == "DELAY",

@@ -1090,3 +1090,171 @@ async def test_requests_dropped_from_the_queue_end_the_busy_period_too() -> None
     clock.now_s = 150.0
     assert batcher.arrival_rate() == rate  # idle: nothing outstanding
     await batcher.close()
+
+
+# Priorities (issue 23, Triton's priority_levels): level 1 is the highest; each level queues
+# under its own policy.
+
+
+def levels_policy(**changes: object) -> BatchPolicy:
+    """Three levels, default 2, batches of 2; level 3's queue holds 2 requests."""
+    from gateway.batching import QueuePolicy
+
+    fields: dict[str, object] = {
+        "max_batch_size": 2,
+        "priority_levels": 3,
+        "default_priority_level": 2,
+        "queue_policies": ((3, QueuePolicy(max_queue_size=2)),),
+    }
+    fields.update(changes)
+    return BatchPolicy(**fields)  # type: ignore[arg-type]
+
+
+async def test_higher_priorities_are_batched_first() -> None:
+    """Queued low to high, batched high to low: level 1, then the default level (priority 0
+    and priorities past the levels queue there), then level 3, FIFO within a level; a batch
+    with room fills from the next level down."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(levels_policy(), backend, Clock())
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    order = [(31, 3), (32, 3), (21, 0), (11, 1), (22, 9), (12, 1), (23, 2)]
+    items = [batcher.enqueue(row(v), priority=p) for v, p in order]
+    assert [i.level for i in items] == [3, 3, 2, 1, 2, 1, 2]
+    served: list[float] = []
+    for item in items:
+        item.future.add_done_callback(lambda f: served.append(float(f.result()["Y"][0, 0]) / 2))
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker.future, *(i.future for i in items)), 1.0)
+    assert served == [11, 12, 21, 22, 23, 31, 32]
+    assert backend.batches == [1, 2, 2, 2, 1]  # 23 and 31 share a batch
+    await batcher.close()
+
+
+async def test_a_full_level_refuses_while_the_others_take_requests() -> None:
+    """Level 3 holds two requests: the third is refused (shed), levels 1 and 2 still queue."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(levels_policy(max_queue_size=3), backend, Clock())
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    low = [batcher.enqueue(row(3), priority=3) for _ in range(2)]
+    with pytest.raises(QueueFull, match=r"^Exceeds maximum queue size$"):
+        batcher.enqueue(row(3), priority=3)
+    others = [batcher.enqueue(row(p), priority=p) for p in (1, 1, 1, 2, 2, 2)]
+    with pytest.raises(QueueFull):  # the default policy's bound, per level
+        batcher.enqueue(row(2), priority=2)
+    assert batcher.pending == 9
+    backend.gate.set()
+    await asyncio.wait_for(
+        asyncio.gather(blocker.future, *(i.future for i in low + others)), 1.0
+    )
+    await batcher.close()
+
+
+async def test_without_levels_a_priority_changes_nothing() -> None:
+    backend = Recorder()
+    batcher, _ = make(BatchPolicy(max_batch_size=2, max_queue_size=1), backend, Clock())
+    backend.gate = asyncio.Event()
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    item = batcher.enqueue(row(1), priority=1)
+    assert item.level == 0
+    with pytest.raises(QueueFull):
+        batcher.enqueue(row(2), priority=5)
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker.future, item.future), 1.0)
+    await batcher.close()
+
+
+async def test_a_level_timeout_rejects_queued_requests_of_that_level_only() -> None:
+    """timeout_action REJECT: the level's timeout is a deadline (the earlier of it and the
+    request's own); other levels keep theirs."""
+    from gateway.batching import QueuePolicy
+
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    policy = levels_policy(queue_policies=((3, QueuePolicy(default_timeout_s=1.0)),))
+    batcher, _ = make(policy, backend, clock)
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    low = batcher.enqueue(row(3), priority=3)
+    low_own = batcher.enqueue(row(3), deadline_s=100.5, priority=3)
+    high = batcher.enqueue(row(1), priority=1)
+    assert (low.deadline_s, low_own.deadline_s, high.deadline_s) == (101.0, 100.5, None)
+    assert low.delay_at_s is None
+    clock.now_s = 101.0
+    backend.gate.set()
+    for item in (low, low_own):
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(item.future, 1.0)
+    await asyncio.wait_for(asyncio.gather(blocker.future, high.future), 1.0)
+    assert backend.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_a_level_timeout_with_delay_moves_requests_behind_their_level() -> None:
+    """timeout_action DELAY: a request still queued at its level's timeout is not failed but
+    served after its level's requests that have not timed out, still before lower levels."""
+    from gateway.batching import QueuePolicy
+
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    delay = QueuePolicy(default_timeout_s=1.0, delay_on_timeout=True)
+    policy = levels_policy(max_batch_size=1, queue_policies=((1, delay),))
+    batcher, _ = make(policy, backend, clock)
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    old = batcher.enqueue(row(10), priority=1)
+    clock.now_s = 100.5
+    new = batcher.enqueue(row(11), priority=1)
+    low = batcher.enqueue(row(20), priority=2)
+    assert (old.delay_at_s, new.delay_at_s, old.deadline_s) == (101.0, 101.5, None)
+    clock.now_s = 101.0  # ``old`` timed out to the instant, ``new`` not yet
+    served: list[float] = []
+    for item in (old, new, low):
+        item.future.add_done_callback(lambda f: served.append(float(f.result()["Y"][0, 0]) / 2))
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker.future, old.future, new.future, low.future), 1)
+    assert served == [11, 10, 20]
+    await batcher.close()
+
+
+async def test_a_shorter_request_timeout_overrides_the_level_timeout_only_when_allowed() -> None:
+    from gateway.batching import QueuePolicy
+
+    for allow, delay_at_s in ((True, 100.25), (False, 101.0)):
+        clock = Clock(100.0)
+        delay = QueuePolicy(default_timeout_s=1.0, allow_timeout_override=allow,
+                            delay_on_timeout=True)  # fmt: skip
+        batcher, _ = make(levels_policy(queue_policies=((1, delay),)), Recorder(), clock)
+        short = batcher.enqueue(row(1), deadline_s=100.25, priority=1)
+        longer = batcher.enqueue(row(1), deadline_s=102.0, priority=1)
+        none = batcher.enqueue(row(1), priority=1)
+        assert short.delay_at_s == delay_at_s, allow
+        assert longer.delay_at_s == none.delay_at_s == 101.0
+        assert (short.deadline_s, longer.deadline_s) == (100.25, 102.0)  # the request's own
+        await asyncio.wait_for(asyncio.gather(short.future, longer.future, none.future), 1.0)
+        await batcher.close()
+
+
+def test_level_policies_fill_in_the_default_policy() -> None:
+    from gateway.batching import QueuePolicy
+
+    special = QueuePolicy(max_queue_size=5, delay_on_timeout=True)
+    policy = BatchPolicy(
+        max_queue_size=7,
+        default_timeout_s=2.0,
+        allow_timeout_override=True,
+        delay_on_timeout=True,
+        priority_levels=3,
+        default_priority_level=3,
+        queue_policies=((2, special),),
+    )
+    default = QueuePolicy(7, 2.0, True, True)
+    assert policy.level_policies() == {1: default, 2: special, 3: default}
+    assert BatchPolicy(max_queue_size=7).level_policies() == {0: QueuePolicy(7)}
+    assert [policy.level_of(p) for p in (0, 1, 2, 3, 4)] == [3, 1, 2, 3, 3]

@@ -274,15 +274,23 @@ class Batcher:
         now = self._clock()
         while self._queue.head() is not None:
             item = self._queue.popleft()
-            if item.future.done():
-                self._left(1)
-                continue
-            if item.deadline_s is not None and now >= item.deadline_s:
-                item.future.set_exception(DeadlineExceeded("Request timeout expired"))
+            if item.future.done() or self._expire(item, now):
                 self._left(1)
                 continue
             return item
         return None
+
+    def _expire(self, item: Queued, now: float | None = None) -> bool:
+        """Fail ``item`` if its deadline has passed (it is queued: the queue's timeout or the
+        request's own); True if it did."""
+        if item.deadline_s is None:
+            return False
+        if now is None:
+            now = self._clock()
+        if now < item.deadline_s:
+            return False
+        item.future.set_exception(DeadlineExceeded("Request timeout expired"))
+        return True
 
     async def _schedule(self) -> None:
         policy = self._policy
@@ -307,7 +315,7 @@ class Batcher:
                     if head is not None and self._stop_at_preferred(rows, first.signature):
                         break
                     if head is not None:
-                        if head.future.done():
+                        if head.future.done() or self._expire(head):
                             self._queue.popleft()
                             self._left(1)
                             continue
@@ -335,8 +343,10 @@ class Batcher:
                     if wait_s <= 0:
                         break
                     # An instance is free: waiting idles it, worth it only if company comes.
-                    if free_at is None and policy.adaptive_delay and not self._worth_waiting(
-                        now, wait_s
+                    if (
+                        free_at is None
+                        and policy.adaptive_delay
+                        and not self._worth_waiting(now, wait_s)
                     ):
                         break
                     # Worth waking for: a full batch, or (with an instance free) the next
