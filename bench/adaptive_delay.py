@@ -113,6 +113,49 @@ def in_process_latency(repo: Path, model_name: str, seconds: float) -> dict[str,
     }
 
 
+# ONNX Runtime thread wake-up: how one-item runs spaced like a lone client's requests (1 ms
+# apart, the pool idle in between) fare under each spinning choice. "gateway" is what the
+# gateway sets for a single-instance model: spin while a run goes, stop when it returns.
+ORT_VARIANTS = {
+    "gateway: spin during a run, stop after": {"threads": 0, "spin": "1", "stop": True},
+    "ORT default: spin after a run too": {"threads": 0, "spin": "1", "stop": False},
+    "never spin": {"threads": 0, "spin": "0", "stop": False},
+    "one intra-op thread": {"threads": 1, "spin": "0", "stop": False},
+}
+
+
+def ort_wakeup(repo: Path, model_name: str, runs: int, rounds: int) -> dict[str, float]:
+    """p50 ms of spaced one-item runs per spinning choice, the variants interleaved."""
+    import onnxruntime as ort
+
+    model = harness.read_model(repo, model_name)
+    feeds = harness.sample_inputs(model, 1)
+    outputs = list(model.outputs)
+    sessions = {}
+    for name, v in ORT_VARIANTS.items():
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if v["threads"]:
+            options.intra_op_num_threads = int(v["threads"])  # type: ignore[call-overload]
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(v["spin"]))
+        options.add_session_config_entry("session.inter_op.allow_spinning", str(v["spin"]))
+        if v["stop"]:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        path = str(repo / model_name / "1" / "model.onnx")
+        sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        for _ in range(10):
+            sessions[name].run(outputs, feeds)
+    durations: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            for _ in range(runs):
+                time.sleep(0.001)
+                started = time.perf_counter()
+                session.run(outputs, feeds)
+                durations[name].append(time.perf_counter() - started)
+    return {name: statistics.median(d) * 1e3 for name, d in durations.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mlp")
@@ -145,13 +188,17 @@ def main() -> None:
                     detach=True,
                 )
             for r in range(args.rounds):
-                results["in_process"].append(
-                    in_process_latency(repo, args.model, args.in_process_s)
+                results.setdefault("ort_wakeup", []).append(
+                    ort_wakeup(repo, args.model, 40 if args.quick else 100, 2)
                 )
                 for concurrency in (1, 64):
                     order = MODES if r % 2 == 0 else MODES[::-1]
                     for mode in order:
                         gw = gateways[mode]
+                        if concurrency == 1:  # the baseline right before each c=1 run
+                            results["in_process"].append(
+                                in_process_latency(repo, args.model, args.in_process_s / 2)
+                            )
                         point = run_perf_analyzer(
                             pa, gw.address, args.model, concurrency, args.window_ms, workdir
                         )
@@ -178,8 +225,9 @@ def main() -> None:
     for r in range(args.rounds):
         a1, t1 = results["adaptive"][1][r], results["triton"][1][r]
         a64, t64 = results["adaptive"][64][r], results["triton"][64][r]
+        in_process = results["in_process"][2 * r : 2 * r + 2]
         per_round.append(
-            f"| {r + 1} | {results['in_process'][r]['p50_ms']:.2f} | {a1['p50_ms']:.2f} | "
+            f"| {r + 1} | {med(in_process, 'p50_ms'):.2f} | {a1['p50_ms']:.2f} | "
             f"{t1['p50_ms']:.2f} | {a64['throughput']:.0f} | {t64['throughput']:.0f} | "
             f"{a64['throughput'] / t64['throughput']:.3f}x |"
         )
@@ -187,6 +235,12 @@ def main() -> None:
     tput_ratio = med(results["adaptive"][64], "throughput") / med(
         results["triton"][64], "throughput"
     )
+    wake = results["ort_wakeup"]
+    base = statistics.median(w["gateway: spin during a run, stop after"] for w in wake)
+    wake_rows = []
+    for name in ORT_VARIANTS:
+        p50 = statistics.median(w[name] for w in wake)
+        wake_rows.append(f"| {name} | {p50:.3f} | {p50 / base:.2f}x |")
     command = "bench/adaptive_delay.py " + " ".join(sys.argv[1:])
     markdown = f"""# Adaptive queue delay vs Triton's fixed delay (`{args.model}`)
 
@@ -195,7 +249,8 @@ Command: `.venv/bin/python {command.strip()}`
 Machine: {harness.machine_info()["nproc"]} CPUs shared with other work (load generator on the
 same cores); perf_analyzer, binary HTTP, one item per request, {args.window_ms} ms windows;
 {args.rounds} rounds, the two gateways alternating; medians over rounds.
-In-process: one-item `session.run` with the gateway's session options, p50 {ip50:.2f} ms.
+In-process: one-item `session.run` back to back with the gateway's session options, measured
+right before each c=1 run, p50 {ip50:.2f} ms (median of the slices).
 
 {TABLE_HEAD}
 {chr(10).join(rows)}
@@ -203,6 +258,14 @@ In-process: one-item `session.run` with the gateway's session options, p50 {ip50
 Goals: c=1 p50 <= in-process + 0.3 ms: adaptive **{adaptive_c1 - ip50:+.2f} ms**
 (triton {med(results["triton"][1], "p50_ms") - ip50:+.2f} ms); c=64 throughput >= 0.95x:
 **{tput_ratio:.3f}x**.
+
+ONNX Runtime thread wake-up, in-process: one-item `session.run` 1 ms apart (the pool idle in
+between, as under a lone client), p50 per spinning choice, variants interleaved, medians over
+rounds:
+
+| ORT threads | p50 ms | vs the gateway's choice |
+|---|---:|---:|
+{chr(10).join(wake_rows)}
 
 Per round:
 
