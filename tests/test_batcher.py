@@ -1258,3 +1258,26 @@ def test_level_policies_fill_in_the_default_policy() -> None:
     assert policy.level_policies() == {1: default, 2: special, 3: default}
     assert BatchPolicy(max_queue_size=7).level_policies() == {0: QueuePolicy(7)}
     assert [policy.level_of(p) for p in (0, 1, 2, 3, 4)] == [3, 1, 2, 3, 3]
+
+
+async def test_a_wait_in_vain_is_cut_short_after_two_expected_gaps() -> None:
+    """One row per 1/8 s while busy and 1/2 s of delay: B waits, but its timer is set for two
+    expected gaps (1/4 s), not the whole delay. When it fires, nothing came in the 1/4 s the
+    clock moved: the rate fell to one row per 3/8 s, less than a row is expected in the 1/4 s
+    left, and B goes, a quarter of a second before the delay's end."""
+    batcher, backend, clock = await arrive_while_busy(1 / 8, 1 / 2)
+    clock.now_s += 1 / 4
+    await asyncio.sleep(3 / 8)  # real time: past the 1/4 s timer, short of the 1/2 s one
+    assert backend.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_a_wait_that_still_pays_goes_on_after_its_timer() -> None:
+    """The same, with the clock still: at the timer the rate is unchanged, B waits on."""
+    batcher, backend, clock = await arrive_while_busy(DELAY_S / 4, DELAY_S)
+    await asyncio.sleep(DELAY_S)  # past the DELAY_S / 2 timer
+    assert backend.batches == [1]
+    clock.now_s += DELAY_S
+    await wait_for_batches(backend, 2)
+    assert backend.batches == [1, 1]
+    await batcher.close()

@@ -111,6 +111,9 @@ class BatchPolicy:
 # How much each new observation of the arrival rate counts: the estimate follows about the
 # last ten arrivals or busy periods.
 ARRIVAL_DECAY = 0.9
+# A batch waiting for company decides again after two expected gaps, but not more often than
+# this (at a very high rate, or all arrivals at one instant, a timer per gap would spin).
+MIN_RECHECK_S = 0.0005
 
 
 @dataclass(slots=True, eq=False)
@@ -342,13 +345,13 @@ class Batcher:
                     wait_s = wait_until - now
                     if wait_s <= 0:
                         break
-                    # An instance is free: waiting idles it, worth it only if company comes.
-                    if (
-                        free_at is None
-                        and policy.adaptive_delay
-                        and not self._worth_waiting(now, wait_s)
-                    ):
-                        break
+                    # An instance is free: waiting idles it, worth it only if company comes;
+                    # decided again after two expected gaps without any (the rate then fell).
+                    if free_at is None and policy.adaptive_delay:
+                        rate = self.arrival_rate(now)
+                        if rate * wait_s < 1.0:
+                            break
+                        wait_s = min(wait_s, max(2.0 / rate, MIN_RECHECK_S))
                     # Worth waking for: a full batch, or (with an instance free) the next
                     # preferred size.
                     target = policy.max_batch_size
@@ -482,10 +485,6 @@ class Batcher:
         if self._busy_rows == 0:
             return 0.0
         return self._busy_rows / busy_s if busy_s > 0 else float("inf")
-
-    def _worth_waiting(self, now: float, wait_s: float) -> bool:
-        """Whether at least one row is expected to arrive within ``wait_s``."""
-        return self.arrival_rate(now) * wait_s >= 1.0
 
     def _wait_for(self, rows: int, forming: tuple[Any, ...] | None) -> None:
         """Arm the scheduler's wake-up (see ``__init__``) before it waits on ``_arrived``."""
