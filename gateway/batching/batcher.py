@@ -21,9 +21,11 @@ a lone closed-loop client never arrives while its own request is out, so its req
 once, while independent traffic keeps Triton's wait. Off, every short batch waits the whole
 ``max_queue_delay`` (Triton's behaviour).
 
-The queue is bounded: a full queue fails fast (``QueueFull``). A request whose deadline passes
-while queued fails with ``DeadlineExceeded``; a caller that goes away (its future cancelled) is
-dropped before it takes a slot in a batch.
+The queue (``gateway.batching.queue``) has one FIFO per priority level (Triton's
+``priority_levels``; one level without them): batches take from the highest level first. Each
+level is bounded: a full one fails fast (``QueueFull``). A request whose deadline (its own, or
+its level's queue timeout) passes while queued fails with ``DeadlineExceeded``; a caller that
+goes away (its future cancelled) is dropped before it takes a slot in a batch.
 """
 
 from __future__ import annotations
