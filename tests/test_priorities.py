@@ -8,6 +8,7 @@ import asyncio
 import json
 import statistics
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
