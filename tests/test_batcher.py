@@ -148,7 +148,10 @@ async def test_a_request_that_cannot_join_sends_the_forming_batch() -> None:
     """The scheduler is not woken for every arrival while a batch forms, only for enough rows
     or for a request that cannot join: that one ends the batch at once, no queue delay."""
     backend = Recorder()
-    policy = BatchPolicy(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_s=5.0)
+    # Triton's fixed delay: no re-decision timer that would end the wait anyway.
+    policy = BatchPolicy(
+        max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_s=5.0, adaptive_delay=False
+    )
     batcher, _ = make(policy, backend)
     first = [asyncio.ensure_future(batcher.submit(row(i), 1)) for i in range(2)]
     await asyncio.sleep(0.05)
@@ -1122,13 +1125,15 @@ async def test_higher_priorities_are_batched_first() -> None:
     order = [(31, 3), (32, 3), (21, 0), (11, 1), (22, 9), (12, 1), (23, 2)]
     items = [batcher.enqueue(row(v), priority=p) for v, p in order]
     assert [i.level for i in items] == [3, 3, 2, 1, 2, 1, 2]
+    items.append(batcher.enqueue(row(24)))
+    assert items[-1].level == 2  # no priority given: the default level
     served: list[float] = []
     for item in items:
         item.future.add_done_callback(lambda f: served.append(float(f.result()["Y"][0, 0]) / 2))
     backend.gate.set()
     await asyncio.wait_for(asyncio.gather(blocker.future, *(i.future for i in items)), 1.0)
-    assert served == [11, 12, 21, 22, 23, 31, 32]
-    assert backend.batches == [1, 2, 2, 2, 1]  # 23 and 31 share a batch
+    assert served == [11, 12, 21, 22, 23, 24, 31, 32]
+    assert backend.batches == [1, 2, 2, 2, 2]
     await batcher.close()
 
 
@@ -1281,3 +1286,53 @@ async def test_a_wait_that_still_pays_goes_on_after_its_timer() -> None:
     await wait_for_batches(backend, 2)
     assert backend.batches == [1, 1]
     await batcher.close()
+
+
+async def test_an_expired_request_does_not_start_a_batch() -> None:
+    """The head of the queue timed out: it is failed and the live request behind it starts the
+    batch, which waits for company (Triton's delay) instead of going with a dead first."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    policy = BatchPolicy(max_batch_size=2, max_queue_delay_s=DELAY_S, adaptive_delay=False)
+    batcher, _ = make(policy, backend, clock)
+    blocker = batcher.enqueue(rows(0, 2), 2)  # a full batch: it goes at once
+    await ticks()
+    expiring = batcher.enqueue(row(1), deadline_s=100.5)
+    clock.now_s = 100.5
+    live = batcher.enqueue(row(2))
+    backend.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(expiring.future, 1.0)
+    await asyncio.sleep(2 * DELAY_S)
+    assert backend.batches == [2]  # ``live`` waits for company until its delay ends
+    clock.now_s += DELAY_S
+    await asyncio.wait_for(asyncio.gather(blocker.future, live.future), 1.0)
+    assert backend.batches == [2, 1]
+    await batcher.close()
+
+
+async def test_a_dropped_request_counts_once_so_busy_periods_still_end() -> None:
+    """A withdrawn request dropped from the queue (at the head, or while a batch forms) is one
+    request less outstanding, not two: later busy periods still end when their last request
+    does, and idle time never counts as busy."""
+    for max_batch_size in (1, 4):  # dropped by _take_live / by the forming loop
+        clock = Clock(100.0)
+        backend = Recorder()
+        backend.gate = asyncio.Event()
+        policy = BatchPolicy(max_batch_size=max_batch_size, adaptive_delay=False)
+        batcher, _ = make(policy, backend, clock)
+        blocker = batcher.enqueue(row(0))
+        await ticks()
+        clock.now_s = 101.0
+        ahead = batcher.enqueue(row(1))  # with batches of 4, it starts the batch
+        batcher.enqueue(row(9)).future.cancel()
+        behind = batcher.enqueue(row(2))
+        backend.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker.future, ahead.future, behind.future), 1)
+        assert backend.batches == ([1, 1, 1] if max_batch_size == 1 else [1, 2])
+        await asyncio.wait_for(batcher.enqueue(row(3)).future, 1.0)  # a busy period of its own
+        rate = batcher.arrival_rate()
+        clock.now_s = 110.0  # idle
+        assert batcher.arrival_rate() == rate > 0, max_batch_size
+        await batcher.close()
