@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import subprocess
 import sys
@@ -241,13 +242,15 @@ def main() -> None:
     for name in ORT_VARIANTS:
         p50 = statistics.median(w[name] for w in wake)
         wake_rows.append(f"| {name} | {p50:.3f} | {p50 / base:.2f}x |")
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     command = "bench/adaptive_delay.py " + " ".join(sys.argv[1:])
     markdown = f"""# Adaptive queue delay vs Triton's fixed delay (`{args.model}`)
 
 Command: `.venv/bin/python {command.strip()}`
 
 Machine: {harness.machine_info()["nproc"]} CPUs shared with other work (load generator on the
-same cores); perf_analyzer, binary HTTP, one item per request, {args.window_ms} ms windows;
+same cores; load average {load} at the end, 1/5/15 min); perf_analyzer, binary HTTP, one item
+per request, {args.window_ms} ms windows;
 {args.rounds} rounds, the two gateways alternating; medians over rounds.
 In-process: one-item `session.run` back to back with the gateway's session options, measured
 right before each c=1 run, p50 {ip50:.2f} ms (median of the slices).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -161,13 +162,15 @@ def main() -> None:
         results["one level/tripled"]["high"]["p99_ms"],
     )
     results["high_p99_priorities_vs_one_level_tripled"] = against
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     command = "bench/priorities.py " + " ".join(sys.argv[1:])
     markdown = f"""# Priorities under overload: low-priority traffic tripled
 
 Command: `.venv/bin/python {command.strip()}`
 
 Machine: {harness.machine_info()["nproc"]} CPUs shared with other work (the load generator
-on the same cores). One request alone took L = {one_s * 1e3:.1f} ms; open-loop load for
+on the same cores; load average {load} at the end, 1/5/15 min). One request alone took
+L = {one_s * 1e3:.1f} ms; open-loop load for
 {args.phase_s:.0f} s per phase: high at 0.25/L, low at 0.6/L, then 1.8/L (tripled, past what
 the model sustains). Level 2 (the default, where the low requests go) holds 24 requests.
 "one level": the same traffic with the high requests sent at priority 2.
