@@ -163,7 +163,7 @@ class DataPlane:
         try:
             await self.load(name)
         except GatewayError as exc:
-            log.error("model %s failed to load: %s", name, exc.message)
+            log.error("%s", exc.message)  # "failed to load '<name>', <why>"
 
     async def stop(self) -> None:
         """Drain: refuse new work, finish queued and running batches, release backends."""
@@ -417,7 +417,7 @@ class DataPlane:
                 raise DeadlineExceeded(
                     f"model '{name}' is still being fetched; the request timeout expired"
                 ) from None
-            except ModelLoadError:
+            except (ModelLoadError, ModelNotFound):
                 if name not in self.models and name not in self.repository.model_names():
                     raise ModelNotFound(
                         f"Request for unknown model: '{name}' is not found"
@@ -482,8 +482,12 @@ class DataPlane:
             try:
                 config = self._config(name, config_json)
                 if files:
-                    scratch = write_pushed_files(name, files)
-                    source = locate_versions(scratch, config or ModelConfig(name=name))
+                    scratch = write_pushed_files(name, files)  # bad paths first, as Triton
+                    if config is None:  # Triton refuses it, in these words
+                        raise ModelLoadError(
+                            "Load parameter 'config' must be specified for model file override"
+                        )
+                    source = locate_versions(scratch, config)
                 else:
                     await self.repository.fetch(name)  # edge caches pull from their origin
                     source = self.repository.source(name, config)
@@ -492,11 +496,12 @@ class DataPlane:
                 if scratch is not None:
                     shutil.rmtree(scratch, ignore_errors=True)
                 self._load_failed(entry, exc)
-                if isinstance(exc, ModelNotFound | Unavailable) or not isinstance(
-                    exc, GatewayError
-                ):
-                    raise  # unknown name: 404; origin down: retry later; a bug: 500
-                raise ModelLoadError(exc.message) from None
+                if isinstance(exc, Unavailable) or not isinstance(exc, GatewayError):
+                    raise  # origin down: retry later; a bug: 500
+                # Triton's form, which clients match on ("failed to load 'simple', ..."),
+                # with the detail after it. An unknown name stays a 404.
+                kind = ModelNotFound if isinstance(exc, ModelNotFound) else ModelLoadError
+                raise kind(f"failed to load '{name}', {exc.message}") from None
             if scratch is not None or not files:
                 if entry.scratch is not None:
                     shutil.rmtree(entry.scratch, ignore_errors=True)
@@ -511,7 +516,7 @@ class DataPlane:
     def _config(self, name: str, config_json: str | None) -> ModelConfig | None:
         if config_json is None:
             return None
-        return parse_json(config_json, f"load request for '{name}'", name)
+        return parse_json(config_json, "override config", name)
 
     async def _load_versions(self, name: str, source: ModelSource) -> dict[int, LoadedVersion]:
         new: dict[int, LoadedVersion] = {}
@@ -546,7 +551,11 @@ class DataPlane:
         entry.state, entry.reason = UNAVAILABLE, f"load failed: {_message(exc)}"
 
     async def unload(self, name: str) -> None:
-        entry = self._entry(name)
+        """Unload every version; a name with nothing loaded is a success, as in Triton."""
+        check_model_name(name)
+        entry = self.models.get(name)
+        if entry is None:
+            return
         async with entry.lock:
             old = list(entry.versions.values())
             entry.state, entry.reason = UNLOADING, ""

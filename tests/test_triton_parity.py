@@ -1,0 +1,78 @@
+"""Triton parity: where Triton's own clients and tools match on what Triton says and does, the
+gateway says and does the same (issue 20, sections 2 to 4).
+
+Each expected message, status and behaviour here was read from a real Triton 2.51 (the one
+bundled in nvidia-pytriton) answering the same request, or from Triton's sources where that
+build cannot show it. One test per behaviour, each against a real gateway process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests import models
+from tests.helpers import GatewayProcess, free_port, raw, start_gateway
+
+
+@pytest.fixture(scope="module")
+def parity_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("parity-repo")
+    models.add_sub(root, "simple")
+    return root
+
+
+@pytest.fixture(scope="module")
+def gw(parity_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    gateway = start_gateway(
+        parity_repo, tmp_path_factory.mktemp("parity-logs"), "--grpc-port", str(free_port())
+    )
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def _post(gw: GatewayProcess, path: str, body: object = None) -> tuple[int, dict[str, object]]:
+    payload = b"" if body is None else json.dumps(body).encode()
+    status, _, data = raw(gw, "POST", path, payload, {"Content-Type": "application/json"})
+    return status, (json.loads(data) if data else {})
+
+
+# -- section 2: Triton's words for load and unload ----------------------------------------
+
+
+def test_load_failures_use_tritons_words(gw: GatewayProcess) -> None:
+    """``simple_http_model_control.py`` checks for "failed to load" in both of these."""
+    client = httpclient.InferenceServerClient(gw.address)
+    with pytest.raises(InferenceServerException) as bad_config:
+        client.load_model("simple", config='"parameters": {"config": {{"max_batch_size": "16"}}}')
+    assert bad_config.value.message().startswith("failed to load 'simple', ")
+    assert "override config" in bad_config.value.message()  # the detail is kept
+    with pytest.raises(InferenceServerException) as unknown:
+        client.load_model("wrong_model_name")
+    assert unknown.value.message().startswith("failed to load 'wrong_model_name', ")
+    assert client.is_model_ready("simple")  # the bad override left the model serving
+
+
+def test_unload_of_a_model_not_loaded_succeeds(gw: GatewayProcess) -> None:
+    """Triton answers 200 to unloading a name it does not serve."""
+    assert _post(gw, "/v2/repository/models/never_loaded/unload") == (200, {})
+
+
+def test_file_override_without_config_is_refused(gw: GatewayProcess) -> None:
+    """Triton's LocalizeRepoAgent: pushed files need a config to go with them."""
+    onnx = models.simple_onnx()
+    body = {"parameters": {"file:1/model.onnx": base64.b64encode(onnx).decode()}}
+    status, answer = _post(gw, "/v2/repository/models/pushed_alone/load", body)
+    assert status == 400
+    assert answer["error"] == (
+        "failed to load 'pushed_alone', "
+        "Load parameter 'config' must be specified for model file override"
+    )
