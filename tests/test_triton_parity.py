@@ -13,18 +13,20 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests import models
-from tests.helpers import GatewayProcess, free_port, raw, start_gateway
+from tests.helpers import GatewayProcess, free_port, raw, simple_inputs, start_gateway
 
 
 @pytest.fixture(scope="module")
 def parity_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("parity-repo")
     models.add_sub(root, "simple")
+    models.add_sub(root, "model..1")  # dots inside a name: Triton serves it
     return root
 
 
@@ -76,3 +78,17 @@ def test_file_override_without_config_is_refused(gw: GatewayProcess) -> None:
         "failed to load 'pushed_alone', "
         "Load parameter 'config' must be specified for model file override"
     )
+
+
+# -- section 4: behaviours -----------------------------------------------------------------
+
+
+def test_a_name_with_dots_inside_is_served(gw: GatewayProcess) -> None:
+    """``model..1`` is one plain directory name (Triton 2.51 loads and serves it); names that
+    could climb out of the repository stay refused."""
+    client = httpclient.InferenceServerClient(gw.address)
+    assert client.is_model_ready("model..1")
+    inputs, a, b = simple_inputs()
+    result = client.infer("model..1", inputs)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    assert raw(gw, "GET", "/v2/models/..evil/config")[0] == 400

@@ -18,8 +18,11 @@ _VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only: int("\u0661") is 1 t
 
 
 def is_model_name(name: str) -> bool:
-    """Directory-safe and unable to escape the repository (whole string: no trailing newline)."""
-    return _NAME.fullmatch(name) is not None and ".." not in name
+    """Directory-safe and unable to escape the repository (whole string: no trailing newline).
+
+    One path segment that cannot start with a dot, so never ``.`` or ``..``; dots inside
+    (``model..1``) are a plain name, which Triton serves too."""
+    return _NAME.fullmatch(name) is not None
 
 
 def check_model_name(name: str) -> str:
