@@ -688,11 +688,12 @@ def test_requested_binary_overrides_the_default_per_output() -> None:
             {"name": "B", "datatype": "INT64", "shape": [2], "data": [2, 3]},
         ]
         assert "id" not in header and rest == a.tobytes()
-    for default in (False, True):  # binary None follows the default
+    for default in (False, True):  # a listed output without binary_data is JSON (Triton)
         body, length = encode_infer_response(response, [RequestedOutput("A", None)], default)
-        header, rest = _split(body, length)
-        assert (length is not None) is default
-        assert rest == (a.tobytes() + b.tobytes() if default else b"")
+        assert length is None and json.loads(body)["outputs"][0]["data"] == [1.5]
+    body, length = encode_infer_response(response, None, True)  # none listed: the default
+    header, rest = _split(body, length)
+    assert rest == a.tobytes() + b.tobytes()
 
 
 @pytest.fixture
@@ -716,7 +717,7 @@ def test_all_binary_response_headers_are_built_once(heads: list[str]) -> None:
     for requested, default in (
         (None, True),
         ([RequestedOutput("Y", True)], False),
-        ([RequestedOutput("Y", None)], True),
+        ([RequestedOutput("Y", True)], True),
         (None, True),
     ):
         body, length = encode_infer_response(

@@ -92,3 +92,25 @@ def test_a_name_with_dots_inside_is_served(gw: GatewayProcess) -> None:
     result = client.infer("model..1", inputs)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
     assert raw(gw, "GET", "/v2/models/..evil/config")[0] == 400
+
+
+def _simple_body(**extra: object) -> dict[str, object]:
+    data = list(range(16))
+    inputs = [
+        {"name": n, "datatype": "INT32", "shape": [1, 16], "data": data}
+        for n in ("INPUT0", "INPUT1")
+    ]
+    return {"inputs": inputs, **extra}
+
+
+def test_a_listed_output_without_binary_data_stays_json(gw: GatewayProcess) -> None:
+    """``binary_data_output: true`` covers the outputs of a request that lists none; a listed
+    output without ``binary_data`` is JSON, as Triton answers."""
+    body = _simple_body(parameters={"binary_data_output": True}, outputs=[{"name": "OUTPUT0"}])
+    status, headers, data = raw(gw, "POST", "/v2/models/simple/infer", json.dumps(body).encode())
+    assert status == 200 and "inference-header-content-length" not in headers
+    (output,) = json.loads(data)["outputs"]
+    assert output["name"] == "OUTPUT0" and output["data"] == [2 * i for i in range(16)]
+    body = _simple_body(parameters={"binary_data_output": True})  # none listed: all binary
+    status, headers, _ = raw(gw, "POST", "/v2/models/simple/infer", json.dumps(body).encode())
+    assert status == 200 and "inference-header-content-length" in headers

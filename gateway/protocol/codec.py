@@ -386,8 +386,13 @@ def encode_infer_response(
     requested: list[RequestedOutput] | None = None,
     binary_default: bool = False,
 ) -> tuple[bytes, int | None]:
-    """Encode a response; returns the body and the JSON header length when binary is used."""
+    """Encode a response; returns the body and the JSON header length when binary is used.
+
+    ``binary_default`` (the request's ``binary_data_output``) covers the outputs of a request
+    that lists none; a listed output is binary only if it says so (Triton does the same)."""
     binary_of = {r.name: r.binary for r in requested} if requested else {}
+    if requested:
+        binary_default = False
     if not response.parameters:
         fast = _encode_all_binary(response, binary_of, binary_default)
         if fast is not None:
