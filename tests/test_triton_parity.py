@@ -13,9 +13,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests import models
@@ -30,15 +34,24 @@ def parity_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def gw(parity_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     gateway = start_gateway(
-        parity_repo, tmp_path_factory.mktemp("parity-logs"), "--grpc-port", str(free_port())
+        parity_repo, tmp_path_factory.mktemp("parity-logs"), "--grpc-port", str(GRPC_PORT)
     )
     try:
         yield gateway
     finally:
         gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def gw_grpc(gw: GatewayProcess) -> str:
+    """The gRPC address of ``gw``."""
+    return f"127.0.0.1:{GRPC_PORT}"
 
 
 def _post(gw: GatewayProcess, path: str, body: object = None) -> tuple[int, dict[str, object]]:
@@ -114,3 +127,17 @@ def test_a_listed_output_without_binary_data_stays_json(gw: GatewayProcess) -> N
     body = _simple_body(parameters={"binary_data_output": True})  # none listed: all binary
     status, headers, _ = raw(gw, "POST", "/v2/models/simple/infer", json.dumps(body).encode())
     assert status == 200 and "inference-header-content-length" in headers
+
+
+def test_grpc_answers_typed_contents_in_raw_output_contents(gw_grpc: str) -> None:
+    """Triton always answers in ``raw_output_contents``; tritonclient's ``as_numpy`` reads
+    only that, so a request with typed ``contents`` must be answered the same way."""
+    request = pb.ModelInferRequest(model_name="simple", id="typed")
+    for name in ("INPUT0", "INPUT1"):
+        tensor = request.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+        tensor.contents.int_contents.extend(range(16))
+    with grpc.insecure_channel(gw_grpc) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    result = grpcclient.InferResult(response)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), [[2 * i for i in range(16)]])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), np.zeros((1, 16), np.int32))

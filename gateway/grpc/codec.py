@@ -2,9 +2,9 @@
 
 A ``ModelInferRequest`` carries its data either in each input's typed ``contents`` or, for all
 inputs at once, in ``raw_input_contents`` (little-endian bytes; BYTES elements as a 4-byte
-little-endian length then the bytes, the binary-tensor layout). Responses answer in kind, as
-Triton does: raw outputs for raw requests, typed ``contents`` otherwise (FP16 has no typed field,
-so a response holding FP16 is raw whatever was asked). Everything a client can get wrong raises
+little-endian length then the bytes, the binary-tensor layout). Responses always carry their
+data in ``raw_output_contents``, whatever the request used, as Triton's do: clients (tritonclient's
+``as_numpy``, perf_analyzer) index it. Everything a client can get wrong raises
 :class:`~gateway.errors.InvalidInput` naming the tensor.
 """
 
@@ -167,10 +167,9 @@ def decode_infer_request(message: Any) -> InferRequest:
     )
 
 
-def encode_infer_response(response: InferResponse, raw: bool) -> Any:
-    """An :class:`InferResponse` as a ``ModelInferResponse``; ``raw`` as the request was."""
-    datatypes = {name: datatype_of(array) for name, array in response.outputs.items()}
-    raw = raw or any(dt not in _CONTENTS for dt in datatypes.values())
+def encode_infer_response(response: InferResponse) -> Any:
+    """An :class:`InferResponse` as a ``ModelInferResponse``, every output's data in
+    ``raw_output_contents`` (Triton answers so even to requests with typed ``contents``)."""
     message = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
@@ -178,17 +177,9 @@ def encode_infer_response(response: InferResponse, raw: bool) -> Any:
     )
     parameters_to_proto(response.parameters, message.parameters)
     for name, array in response.outputs.items():
-        datatype = datatypes[name]
-        tensor = message.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        if raw:
-            message.raw_output_contents.append(
-                join_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
-            )
-        elif datatype == "BYTES":
-            tensor.contents.bytes_contents.extend(
-                item if isinstance(item, bytes) else str(item).encode()
-                for item in array.reshape(-1)
-            )
-        else:
-            getattr(tensor.contents, _CONTENTS[datatype]).extend(array.reshape(-1).tolist())
+        datatype = datatype_of(array)
+        message.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        message.raw_output_contents.append(
+            join_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
+        )
     return message

@@ -135,7 +135,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
         result = await self.dataplane.submit(request.model_name, version, decode)
-        return encode_infer_response(result, raw=bool(request.raw_input_contents))
+        return encode_infer_response(result)
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
