@@ -8,10 +8,12 @@ build cannot show it. One test per behaviour, each against a real gateway proces
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -22,6 +24,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from gateway.batching import Batcher, BatchPolicy, Executed
+from gateway.errors import QueueFull
+from gateway.stats import ModelStats
 from tests import models
 from tests.helpers import GatewayProcess, free_port, raw, simple_inputs, start_gateway
 
@@ -141,3 +146,23 @@ def test_grpc_answers_typed_contents_in_raw_output_contents(gw_grpc: str) -> Non
     result = grpcclient.InferResult(response)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), [[2 * i for i in range(16)]])
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), np.zeros((1, 16), np.int32))
+
+
+async def test_the_queue_admits_max_queue_size_requests_not_one_more() -> None:
+    """Triton's queue holds a request until its batch is sent, and refuses the next one when
+    it holds ``max_queue_size``: the batch being formed counts."""
+
+    async def double(inputs: dict[str, Any], outputs: Any, deadline_s: Any = None) -> Executed:
+        return Executed({"Y": inputs["X"] * 2})
+
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay_s=30.0, max_queue_size=2)
+    batcher = Batcher(double, ["Y"], policy, ModelStats("m", "1"))
+    row = {"X": np.ones((1, 2), np.float32)}
+    admitted = [batcher.enqueue(row), batcher.enqueue(row)]
+    for _ in range(5):
+        await asyncio.sleep(0)  # the scheduler takes the first into the batch it forms
+    with pytest.raises(QueueFull, match=r"^Exceeds maximum queue size$"):
+        batcher.enqueue(row)
+    for item in admitted:
+        item.future.cancel()
+    await batcher.close(drain_timeout_s=1.0)
