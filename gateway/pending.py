@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -254,12 +254,27 @@ class Pending:
 # -- pure checks against a model's config ----------------------------------------------------
 
 
+def _dims(dims: Sequence[int]) -> str:
+    """Dims as Triton prints them: ``[-1,16]``."""
+    return "[" + ",".join(str(d) for d in dims) + "]"
+
+
+# Triton's note after a shape error of a batched model (clients see it as the hint it is).
+BATCH_NOTE = (
+    " NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension "
+    "to be prepended to each input shape. If you want to specify the full shape including the "
+    "batch dim in your input dims config, try setting max_batch_size to zero. See the model "
+    "configuration docs for more info on max_batch_size."
+)
+
+
 def _shape_error(name: str, cfg: ModelConfig, shape: tuple[int, ...]) -> str:
+    """Triton's words for an input whose shape the config does not allow."""
     spec = cfg.input(name)
     expected = ([-1] if cfg.batched else []) + list(spec.dims if spec else ())
     return (
         f"unexpected shape for input '{name}' for model '{cfg.name}'. "
-        f"Expected {expected}, got {list(shape)}"
+        f"Expected {_dims(expected)}, got {_dims(shape)}." + (BATCH_NOTE if cfg.batched else "")
     )
 
 
@@ -312,9 +327,14 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
         prepared[name] = array
     missing = [t.name for t in cfg.inputs if t.name not in prepared and not t.optional]
     if missing:
-        raise InvalidInput(
+
+        def names(items: Sequence[str]) -> str:
+            return "[" + ",".join(f"'{n}'" for n in items) + "]"
+
+        raise InvalidInput(  # Triton's words
             f"expected {len(cfg.inputs)} inputs but got {len(prepared)} inputs for model "
-            f"'{cfg.name}'; missing: {', '.join(missing)}"
+            f"'{cfg.name}'. Got input(s) {names(list(prepared))}, but missing required input(s) "
+            f"{names(missing)}. Please provide all required input(s)."
         )
     if request.outputs:
         for out in request.outputs:
@@ -341,4 +361,4 @@ def response_of(
     return InferResponse(model_name=name, model_version=str(version), outputs=result, id=request.id)
 
 
-__all__ = ["Pending", "failure_reason", "response_of", "validate"]
+__all__ = ["BATCH_NOTE", "Pending", "failure_reason", "response_of", "validate"]

@@ -166,3 +166,42 @@ async def test_the_queue_admits_max_queue_size_requests_not_one_more() -> None:
     for item in admitted:
         item.future.cancel()
     await batcher.close(drain_timeout_s=1.0)
+
+
+def _error(gw: GatewayProcess, body: dict[str, object], model: str = "simple") -> tuple[int, str]:
+    status, answer = _post(gw, f"/v2/models/{model}/infer", body)
+    return status, str(answer.get("error"))
+
+
+def test_inference_errors_use_tritons_words(gw: GatewayProcess) -> None:
+    """The messages Triton 2.51 gave for the same requests (it prefixes them with
+    ``[request id: ...]``; the gateway names its request id in ``X-Request-ID``)."""
+    good = _simple_body()["inputs"]
+    assert isinstance(good, list)
+    status, message = _error(gw, {"inputs": [*good, good[0]]})
+    assert (status, message) == (400, "input 'INPUT0' already exists in request")
+    short = {"name": "INPUT0", "datatype": "INT32", "shape": [1, 8], "data": list(range(8))}
+    status, message = _error(gw, {"inputs": [short, good[1]]})
+    assert status == 400 and message == (
+        "unexpected shape for input 'INPUT0' for model 'simple'. Expected [-1,16], got [1,8]. "
+        "NOTE: Setting a non-zero max_batch_size in the model config requires a batch "
+        "dimension to be prepended to each input shape. If you want to specify the full shape "
+        "including the batch dim in your input dims config, try setting max_batch_size to zero. "
+        "See the model configuration docs for more info on max_batch_size."
+    )
+    status, message = _error(gw, {"inputs": [good[1]]})
+    assert status == 400 and message == (
+        "expected 2 inputs but got 1 inputs for model 'simple'. Got input(s) ['INPUT1'], but "
+        "missing required input(s) ['INPUT0']. Please provide all required input(s)."
+    )
+    fifteen = {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": list(range(15))}
+    status, message = _error(gw, {"inputs": [fifteen, good[1]]})
+    assert status == 400  # Triton answers 500 here; it is the client's error
+    assert "Unable to parse 'data': Shape does not match true shape of 'data' field" in message
+    status, message = _error(gw, {"inputs": good}, model="nope")
+    assert (status, message) == (404, "Request for unknown model: 'nope' is not found")
+    status, answer = _post(gw, "/v2/models/simple/versions/7/infer", {"inputs": good})
+    assert (status, answer["error"]) == (
+        404,
+        "Request for unknown model: 'simple' version 7 is not found",
+    )

@@ -140,7 +140,7 @@ def decode_infer_request(message: Any) -> InferRequest:
         if not name:
             raise InvalidInput("every input needs a name")
         if name in inputs:
-            raise InvalidInput(f"input '{name}' given twice")
+            raise InvalidInput(f"input '{name}' already exists in request")  # Triton's words
         shape = check_shape(list(tensor.shape), tensor.name)
         if raw:
             if tensor.HasField("contents"):

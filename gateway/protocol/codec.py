@@ -93,7 +93,10 @@ def _json_data(
         else:
             array = _convert(raw.reshape(-1), dtype, datatype, name)
     if array.size != count:
-        raise _fail(f"input '{name}': got {array.size} elements, shape {list(shape)} needs {count}")
+        raise _fail(  # which input, Triton's words, then how far off
+            f"input '{name}': Unable to parse 'data': Shape does not match true shape of 'data' "
+            f"field (got {array.size} elements, shape {list(shape)} needs {count})"
+        )
     return array.reshape(shape)
 
 
@@ -281,7 +284,7 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
             raise _fail("each entry of 'inputs' must be an object")
         name = check_name(spec.get("name"), "input 'name'")
         if name in inputs:
-            raise _fail(f"input '{name}' given twice")
+            raise _fail(f"input '{name}' already exists in request")  # Triton's words
         datatype = spec.get("datatype")
         dtype = numpy_dtype(datatype) if isinstance(datatype, str) else None
         if dtype is None or not isinstance(datatype, str):
