@@ -51,7 +51,7 @@ from gateway.stats import ModelStats
 log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
-EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data"]
+EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "logging"]
 
 
 @dataclass(slots=True)

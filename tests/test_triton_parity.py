@@ -205,3 +205,46 @@ def test_inference_errors_use_tritons_words(gw: GatewayProcess) -> None:
         404,
         "Request for unknown model: 'simple' version 7 is not found",
     )
+
+
+# -- section 3: logging extension ---------------------------------------------------------
+
+
+def test_logging_extension_changes_logging_at_run_time(parity_repo: Path, tmp_path: Path) -> None:
+    """``GET/POST /v2/logging`` with Triton's fields (tritonclient's ``get_log_settings`` /
+    ``update_log_settings``, and gRPC ``LogSettings``); the change shows in the log at once."""
+    port = free_port()
+    gateway = start_gateway(parity_repo, tmp_path, "--grpc-port", str(port))
+    try:
+        client = httpclient.InferenceServerClient(gateway.address)
+        assert "logging" in client.get_server_metadata()["extensions"]
+        assert client.get_log_settings() == {
+            "log_file": "",
+            "log_info": True,
+            "log_warning": True,
+            "log_error": True,
+            "log_verbose_level": 0,
+            "log_format": "json",
+        }
+        client.load_model("simple")
+        assert '"msg":"model simple loaded' in gateway.log()  # JSON lines
+        settings = client.update_log_settings({"log_format": "ISO8601", "unknown": 1})
+        assert settings["log_format"] == "ISO8601"
+        client.load_model("simple")
+        line = gateway.log().splitlines()[-1]
+        assert "INFO gateway.dataplane: model simple loaded" in line and line[10] == "T"
+        updated = client.update_log_settings({"log_info": False})
+        assert updated["log_info"] is False and updated["log_warning"] is True
+        lines = len(gateway.log().splitlines())
+        client.load_model("simple")
+        assert len(gateway.log().splitlines()) == lines  # info lines are off
+        status, answer = _post(gateway, "/v2/logging", {"log_verbose_level": "x"})
+        assert status == 400 and "log_verbose_level" in str(answer["error"])
+        status, answer = _post(gateway, "/v2/logging", {"log_file": "/tmp/elsewhere.log"})
+        assert status == 400 and client.get_log_settings()["log_file"] == ""
+        grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        answered = grpc_client.update_log_settings({"log_info": True}, as_json=True)
+        assert answered["settings"]["log_info"] == {"bool_param": True}
+        assert client.get_log_settings()["log_info"] is True
+    finally:
+        gateway.stop()

@@ -30,6 +30,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, Unavailable
 from gateway.grpc.codec import decode_infer_request, encode_infer_response
 from gateway.grpc.errors import status_of
+from gateway.logs import CONTROL
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _unary(method: H) -> H:
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """The Open Inference Protocol's gRPC service; shared-memory, trace and log RPCs are left
+    """The Open Inference Protocol's gRPC service; shared-memory and trace RPCs are left
     UNIMPLEMENTED (the generated base class's answer)."""
 
     def __init__(self, dataplane: DataPlane, stream_max_inflight: int = 16) -> None:
@@ -203,6 +204,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 task.cancel()
             running.clear()
 
+    # -- logging (Triton's extension; admin, as over REST) -----------------------------------
+
+    @_unary
+    async def LogSettings(self, request: Any, context: Any) -> Any:
+        changes = {}
+        for key, value in request.settings.items():
+            kind = value.WhichOneof("parameter_choice")
+            if kind is not None:
+                changes[key] = getattr(value, kind)
+        settings = CONTROL.update(changes) if changes else CONTROL.settings()
+        response = pb.LogSettingsResponse()
+        for key, item in settings.items():
+            target = response.settings[key]
+            if isinstance(item, bool):
+                target.bool_param = item
+            elif isinstance(item, int):
+                target.uint32_param = item
+            else:
+                target.string_param = str(item)
+        return response
+
     # -- repository -------------------------------------------------------------------------
 
     @_unary
@@ -250,7 +272,9 @@ def _address(host: str, port: int) -> str:
 
 
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
-ADMIN_METHODS = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
+ADMIN_METHODS = frozenset(
+    {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "LogSettings"}
+)
 
 
 def _metadata_bytes(value: str | bytes | None) -> bytes | None:

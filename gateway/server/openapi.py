@@ -109,5 +109,22 @@ OPENAPI: dict[str, Any] = {
         "/v2/repository/models/{model}/unload": {
             "post": _op("unload a model", [_NAME], {"type": "object"})
         },
+        "/v2/logging": {
+            "get": _op("log settings (Triton's logging extension)", []),
+            "post": _op(
+                "change log settings now",
+                [],
+                {
+                    "type": "object",
+                    "properties": {
+                        "log_info": {"type": "boolean"},
+                        "log_warning": {"type": "boolean"},
+                        "log_error": {"type": "boolean"},
+                        "log_verbose_level": {"type": "integer", "minimum": 0},
+                        "log_format": {"type": "string", "enum": ["default", "ISO8601", "json"]},
+                    },
+                },
+            ),
+        },
     },
 }
