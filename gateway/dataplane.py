@@ -43,6 +43,7 @@ from gateway.repository.local import (
     check_model_name,
     is_version,
     locate_versions,
+    read_labels,
 )
 from gateway.repository.pushed import write_pushed_files
 from gateway.settings import Settings
@@ -63,6 +64,7 @@ class LoadedVersion:
     backend: Backend
     batcher: Batcher
     stats: ModelStats
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per output (classes)
 
 
 @dataclass(slots=True)
@@ -532,7 +534,10 @@ class DataPlane:
                     self.clock,
                     capacity=_capacity_of(backend),
                 )
-                new[version] = LoadedVersion(version, backend.config, backend, batcher, stats)
+                labels = read_labels(source.directory, backend.config)
+                new[version] = LoadedVersion(
+                    version, backend.config, backend, batcher, stats, labels
+                )
         except BaseException:
             await self._retire(list(new.values()))
             raise

@@ -229,7 +229,9 @@ class Pending:
             return
         lv.stats.record_request(True, spent_ns)
         try:
-            response = response_of(self.name, lv.version, lv.config, request, future.result())
+            response = response_of(
+                self.name, lv.version, lv.config, request, future.result(), lv.labels
+            )
         except Exception as error:  # a backend that left out an output asked for
             self.settle(error=error, execution=queued.execution)
             return
@@ -338,18 +340,60 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
         )
     if request.outputs:
         for out in request.outputs:
-            if cfg.output(out.name) is None:
+            spec = cfg.output(out.name)
+            if spec is None:
                 raise InvalidInput(
                     f"unexpected inference output '{out.name}' for model '{cfg.name}'"
+                )
+            if out.classification and spec.datatype not in CLASSIFIABLE:
+                raise InvalidInput(  # Triton's words
+                    "class result not available for output due to unsupported type "
+                    f"'{spec.datatype}'"
                 )
     return prepared, rows
 
 
+# Triton's classification extension ranks these; others are refused in its words.
+CLASSIFIABLE = frozenset(
+    {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"}
+)
+
+
+def classify(
+    array: np.ndarray[Any, Any], count: int, labels: tuple[str, ...] | None, batched: bool
+) -> np.ndarray[Any, Any]:
+    """The top ``count`` classes of each batch row (of the whole tensor when not batched) as
+    Triton's BYTES ``"value:index"`` or ``"value:index:label"`` strings, best first (ties by
+    index); fewer when the row holds fewer. Values print as C's ``%f`` for floats."""
+    rows = array.reshape(array.shape[0], -1) if batched and array.ndim else array.reshape(1, -1)
+    floats = rows.dtype.kind == "f"
+    keep = min(count, rows.shape[1])
+    out = np.empty((rows.shape[0], keep), dtype=object)
+    for r, row in enumerate(rows):
+        # descending and stable: sort the reversed row ascending, then read it backwards
+        order = (len(row) - 1 - np.argsort(row[::-1], kind="stable")[::-1])[:keep]
+        for k, index in enumerate(order.tolist()):
+            value = row[index]
+            text = f"{float(value):f}" if floats else str(int(value))
+            text += f":{index}"
+            if labels is not None and index < len(labels):
+                text += f":{labels[index]}"
+            out[r, k] = text.encode()
+    return out if batched and array.ndim else out.reshape(keep)
+
+
 def response_of(
-    name: str, version: int, cfg: ModelConfig, request: InferRequest, outputs: Tensors
+    name: str,
+    version: int,
+    cfg: ModelConfig,
+    request: InferRequest,
+    outputs: Tensors,
+    labels: dict[str, tuple[str, ...]] | None = None,
 ) -> InferResponse:
-    """The outputs asked for (all by default), reshaped as the config says."""
+    """The outputs asked for (all by default), reshaped as the config says, or as their top
+    classes where the request asked for ``classification``."""
     wanted = [o.name for o in request.outputs] if request.outputs else list(outputs)
+    classes = {o.name: o.classification for o in request.outputs or () if o.classification}
     result: dict[str, np.ndarray[Any, Any]] = {}
     for out_name in wanted:
         array = outputs[out_name]
@@ -357,8 +401,11 @@ def response_of(
         if spec is not None and spec.reshape is not None:
             lead = (array.shape[0],) if cfg.batched else ()
             array = array.reshape(lead + tuple(spec.dims))
+        if out_name in classes:
+            names = (labels or {}).get(out_name)
+            array = classify(array, classes[out_name], names, cfg.batched)
         result[out_name] = array
     return InferResponse(model_name=name, model_version=str(version), outputs=result, id=request.id)
 
 
-__all__ = ["BATCH_NOTE", "Pending", "failure_reason", "response_of", "validate"]
+__all__ = ["BATCH_NOTE", "Pending", "classify", "failure_reason", "response_of", "validate"]

@@ -36,7 +36,18 @@ def parity_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("parity-repo")
     models.add_sub(root, "simple")
     models.add_sub(root, "model..1")  # dots inside a name: Triton serves it
+    models.dense(root, "classes", features=4, classes=8, config=CLASSES_CONFIG)
+    (root / "classes" / "labels.txt").write_text("".join(f"class-{i}\n" for i in range(8)))
+    models.strings(root, "echo")
     return root
+
+
+CLASSES_CONFIG = """
+name: "classes"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 8 ] label_filename: "labels.txt" } ]
+"""
 
 
 GRPC_PORT = free_port()
@@ -248,3 +259,61 @@ def test_logging_extension_changes_logging_at_run_time(parity_repo: Path, tmp_pa
         assert client.get_log_settings()["log_info"] is True
     finally:
         gateway.stop()
+
+
+# -- section 4: classification extension ---------------------------------------------------
+
+
+def _texts(array: np.ndarray) -> list[list[str]]:
+    """BYTES as tritonclient gives them (bytes when binary, str from JSON), as text rows."""
+    return [[v.decode() if isinstance(v, bytes) else v for v in row] for row in array]
+
+
+def _top(row: np.ndarray, count: int, labelled: bool) -> list[str]:
+    order = sorted(range(len(row)), key=lambda i: -float(row[i]))[:count]
+    return [f"{float(row[i]):f}:{i}" + (f":class-{i}" if labelled else "") for i in order]
+
+
+def test_classification_answers_top_classes_as_triton(gw: GatewayProcess, gw_grpc: str) -> None:
+    """``"classification": K`` (gRPC ``class_count``): per batch row the top K as BYTES
+    ``value:index:label`` (labels from the config's ``label_filename``), best first; K past
+    the row's size gives the whole row, as Triton 2.51 does."""
+    x = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
+    client = httpclient.InferenceServerClient(gw.address)
+    tensor = httpclient.InferInput("X", [2, 4], "FP32")
+    tensor.set_data_from_numpy(x, binary_data=False)
+    plain = client.infer("classes", [tensor]).as_numpy("Y")
+    for binary in (False, True):
+        wanted = httpclient.InferRequestedOutput("Y", binary_data=binary, class_count=3)
+        result = client.infer("classes", [tensor], outputs=[wanted])
+        assert result.get_output("Y")["datatype"] == "BYTES"
+        assert _texts(result.as_numpy("Y")) == [_top(row, 3, labelled=True) for row in plain]
+    wanted = httpclient.InferRequestedOutput("Y", binary_data=False, class_count=20)
+    result = client.infer("classes", [tensor], outputs=[wanted])
+    assert result.as_numpy("Y").shape == (2, 8)
+    grpc_client = grpcclient.InferenceServerClient(gw_grpc)
+    grpc_tensor = grpcclient.InferInput("X", [2, 4], "FP32")
+    grpc_tensor.set_data_from_numpy(x)
+    out = grpcclient.InferRequestedOutput("Y", class_count=2)
+    answer = grpc_client.infer("classes", [grpc_tensor], outputs=[out]).as_numpy("Y")
+    assert _texts(answer) == [_top(row, 2, labelled=True) for row in plain]
+    inputs, _, _ = simple_inputs()  # integers, no labels: "value:index"
+    wanted = httpclient.InferRequestedOutput("OUTPUT0", class_count=2)
+    result = client.infer("simple", inputs, outputs=[wanted])
+    assert _texts(result.as_numpy("OUTPUT0")) == [["18:15", "17:14"]]  # a + b: 15 + 3, 14 + 3
+
+
+def test_classification_refusals_use_tritons_words(gw: GatewayProcess) -> None:
+    """A BYTES output has no classes (Triton's message); K must be a non-negative integer."""
+    body = {
+        "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}],
+        "outputs": [{"name": "TEXT_OUT", "parameters": {"classification": 1}}],
+    }
+    assert _error(gw, body, model="echo") == (
+        400,
+        "class result not available for output due to unsupported type 'BYTES'",
+    )
+    for count in (-1, "2", 1.5):
+        body = _simple_body(outputs=[{"name": "OUTPUT0", "parameters": {"classification": count}}])
+        status, message = _error(gw, body)
+        assert status == 400 and "'classification'" in message

@@ -18,6 +18,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from gateway.errors import InvalidInput
 from gateway.protocol.tensors import (
+    check_classification,
     check_parameters,
     check_shape,
     join_bytes,
@@ -158,7 +159,8 @@ def decode_infer_request(message: Any) -> InferRequest:
             if out.name in seen:
                 raise InvalidInput(f"output '{out.name}' requested twice")
             seen.add(out.name)
-            outputs.append(RequestedOutput(out.name))
+            params = parameters_from_proto(out.parameters)  # class_count: "classification"
+            outputs.append(RequestedOutput(out.name, None, check_classification(params, out.name)))
     return InferRequest(
         inputs=inputs,
         id=message.id or None,

@@ -21,6 +21,7 @@ import orjson
 from gateway.errors import InvalidInput
 from gateway.protocol.tensors import (
     MAX_ELEMENTS,
+    check_classification,
     check_name,
     check_parameters,
     check_shape,
@@ -169,10 +170,11 @@ def _decode_outputs(header: dict[str, Any]) -> list[RequestedOutput] | None:
         if name in seen:
             raise _fail(f"output '{name}' requested twice")
         seen.add(name)
-        binary = _parameters(spec, f"output '{name}'").get("binary_data")
+        params = _parameters(spec, f"output '{name}'")
+        binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise _fail(f"output '{name}': 'binary_data' must be true or false")
-        result.append(RequestedOutput(name, binary))
+        result.append(RequestedOutput(name, binary, check_classification(params, name)))
     return result
 
 

@@ -50,10 +50,12 @@ def datatype_of(array: np.ndarray[Any, Any]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RequestedOutput:
-    """An output the client asked for, and whether it wants it as binary data."""
+    """An output the client asked for, whether it wants it as binary data, and whether as its
+    top ``classification`` classes (Triton's classification extension; 0: the tensor)."""
 
     name: str
     binary: bool | None = None  # None: follow the request's binary_data_output default
+    classification: int = 0
 
 
 @dataclass(slots=True)

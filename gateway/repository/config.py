@@ -48,6 +48,7 @@ class TensorConfig:
     dims: tuple[int, ...]
     reshape: tuple[int, ...] | None = None
     optional: bool = False
+    label_filename: str = ""  # an output's class labels, one a line (classification)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,8 @@ class ModelConfig:
                 out["reshape"] = {"shape": list(t.reshape)}
             if t.optional:
                 out["optional"] = True
+            if t.label_filename:
+                out["label_filename"] = t.label_filename
             return out
 
         policy: dict[str, Any]
@@ -196,7 +199,15 @@ def _tensor(pb: Any, source: str, kind: str, batched: bool) -> TensorConfig:
         if any(d == 0 or d < -1 for d in reshape):
             raise _bad(source, f"{where}: 'reshape.shape' {list(reshape)} is invalid")
     optional = bool(getattr(pb, "optional", False))
-    return TensorConfig(pb.name, _TRITON_TO_V2[type_name], dims, reshape, optional)
+    labels = str(getattr(pb, "label_filename", ""))
+    if labels and not _plain_file_name(labels):
+        raise _bad(source, f"{where}: 'label_filename' {labels!r} must be a plain file name")
+    return TensorConfig(pb.name, _TRITON_TO_V2[type_name], dims, reshape, optional, labels)
+
+
+def _plain_file_name(name: str) -> bool:
+    """A file of the model's directory, never a path out of it."""
+    return not ("/" in name or "\\" in name or "\x00" in name or name in (".", ".."))
 
 
 def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
@@ -275,7 +286,7 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
             default_timeout_us=int(queue.default_timeout_microseconds),
         )
     filename = pb.default_model_filename or DEFAULT_MODEL_FILENAME
-    if "/" in filename or "\\" in filename or filename in (".", ".."):
+    if not _plain_file_name(filename):
         raise _bad(source, f"'default_model_filename' {filename!r} must be a plain file name")
     params = tuple(sorted((k, v.string_value) for k, v in pb.parameters.items()))
     return ModelConfig(

@@ -89,6 +89,31 @@ class LocalRepository:
         return locate_versions(directory, config)
 
 
+MAX_LABEL_FILE_BYTES = 16 << 20
+
+
+def read_labels(directory: Path, config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Each output's class labels from its ``label_filename`` (one label a line, class ``i`` on
+    line ``i``), read at load time for the classification extension."""
+    labels: dict[str, tuple[str, ...]] = {}
+    for tensor in config.outputs:
+        if not tensor.label_filename:
+            continue
+        path = directory / tensor.label_filename
+        where = f"model '{config.name}' output '{tensor.name}'"
+        try:
+            if path.stat().st_size > MAX_LABEL_FILE_BYTES:
+                raise ModelLoadError(f"{where}: {tensor.label_filename} is over 16 MiB")
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise ModelLoadError(
+                f"{where}: label_filename {tensor.label_filename!r} cannot be read: {why}"
+            ) from None
+        labels[tensor.name] = tuple(text.splitlines())
+    return labels
+
+
 def locate_versions(directory: Path, config: ModelConfig) -> ModelSource:
     """Select the version directories the config's policy asks for and find their model files."""
     available = [int(p.name) for p in directory.iterdir() if p.is_dir() and is_version(p.name)]
