@@ -175,3 +175,30 @@ def dtype_inputs(batch: int) -> dict[str, np.ndarray]:
         else:
             arrays[f"IN_{t}"] = (rng.standard_normal((batch, 3)) * 100).astype(dtype)
     return arrays
+
+
+def string_add_sub(repo: Path, name: str = "simple_string", config: str | None = None) -> Path:
+    """Triton's ``simple_string``: BYTES INPUT0, INPUT1 [-1, 16] holding integers as text ->
+    OUTPUT0 = sum, OUTPUT1 = difference, as text. Empty strings are no numbers: the model
+    refuses them (a made-up warm-up input of empty strings fails)."""
+
+    def text(tensor: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(tensor, TensorProto.STRING, ["batch", 16])
+
+    nodes = [
+        helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+        helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+        helper.make_node("Add", ["a", "b"], ["sum"]),
+        helper.make_node("Sub", ["a", "b"], ["diff"]),
+        helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
+        helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [text(n) for n in ("INPUT0", "INPUT1")],
+        [text(n) for n in ("OUTPUT0", "OUTPUT1")],
+    )
+    if config is None:
+        config = SIMPLE_CONFIG.replace("simple", name).replace("TYPE_INT32", "TYPE_STRING")
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)

@@ -39,6 +39,7 @@ def parity_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models.dense(root, "classes", features=4, classes=8, config=CLASSES_CONFIG)
     (root / "classes" / "labels.txt").write_text("".join(f"class-{i}\n" for i in range(8)))
     models.strings(root, "echo")
+    models.string_add_sub(root, "simple_string")  # Triton's example: empty strings are no numbers
     return root
 
 
@@ -317,3 +318,54 @@ def test_classification_refusals_use_tritons_words(gw: GatewayProcess) -> None:
         body = _simple_body(outputs=[{"name": "OUTPUT0", "parameters": {"classification": count}}])
         status, message = _error(gw, body)
         assert status == 400 and "'classification'" in message
+
+
+# -- section 4: warm-up only as the config's model_warmup says ------------------------------
+
+
+def test_a_model_that_refuses_made_up_inputs_loads_and_serves(gw: GatewayProcess) -> None:
+    """Triton's ``simple_string`` parses its BYTES inputs as numbers, so the gateway's own
+    warm-up (empty strings) fails on it: that must not keep the model from loading."""
+    client = httpclient.InferenceServerClient(gw.address)
+    assert client.is_model_ready("simple_string")
+    numbers = np.array([[str(i).encode() for i in range(16)]], dtype=object)
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        tensor = httpclient.InferInput(name, [1, 16], "BYTES")
+        tensor.set_data_from_numpy(numbers)
+        inputs.append(tensor)
+    result = client.infer("simple_string", inputs)
+    assert [int(v) for v in result.as_numpy("OUTPUT0")[0]] == [2 * i for i in range(16)]
+
+
+def _warmup_config(name: str, data: str) -> str:
+    base = models.SIMPLE_CONFIG.replace("simple", name).replace("TYPE_INT32", "TYPE_STRING")
+    inputs = " ".join(
+        f'inputs {{ key: "{n}" value {{ data_type: TYPE_STRING dims: [ 16 ] {data} }} }}'
+        for n in ("INPUT0", "INPUT1")
+    )
+    return base + f'model_warmup [ {{ name: "sample" batch_size: 2 {inputs} count: 2 }} ]\n'
+
+
+def test_model_warmup_runs_as_triton_defines_it(tmp_path: Path) -> None:
+    """A config's ``model_warmup`` is run at load (``input_data_file`` from
+    ``<model>/warmup/``, ``batch_size`` rows); a sample the model refuses fails the load, as in
+    Triton, unlike the gateway's own made-up inputs."""
+    repo = tmp_path / "repo"
+    models.string_add_sub(repo, "from_file", _warmup_config("from_file", 'input_data_file: "n"'))
+    (repo / "from_file" / "warmup").mkdir()
+    (repo / "from_file" / "warmup" / "n").write_bytes(
+        b"".join(len(t).to_bytes(4, "little") + t for t in (b"7",) * 16)
+    )
+    models.string_add_sub(repo, "zeros", _warmup_config("zeros", "zero_data: true"))
+    gateway = start_gateway(repo, tmp_path)
+    try:
+        client = httpclient.InferenceServerClient(gateway.address)
+        assert client.is_model_ready("from_file")
+        config = client.get_model_config("from_file")["model_warmup"]
+        assert config[0]["inputs"]["INPUT0"]["input_data_file"] == "n"
+        assert not client.is_model_ready("zeros")
+        index = {m["name"]: m for m in client.get_model_repository_index()}
+        assert "model_warmup 'sample' failed" in index["zeros"]["reason"]
+    finally:
+        gateway.stop()

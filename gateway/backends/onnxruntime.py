@@ -42,11 +42,13 @@ from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
 from gateway.backends.base import Backend, BackendFactory, Executed, Tensors
 from gateway.errors import InvalidInput, ModelLoadError, Unavailable
+from gateway.protocol.tensors import split_bytes
 from gateway.protocol.types import numpy_dtype
 from gateway.repository.config import (
     DynamicBatching,
     ModelConfig,
     TensorConfig,
+    WarmupSample,
 )
 from gateway.repository.local import ModelSource
 from gateway.settings import Settings
@@ -307,6 +309,54 @@ def warmup_inputs(config: ModelConfig, batch: int) -> Tensors:
     return feeds
 
 
+def warmup_sample_inputs(config: ModelConfig, sample: WarmupSample, files: Path) -> Tensors:
+    """A ``model_warmup`` sample's inputs as the backend takes them: ``batch_size`` rows (none
+    when the model does not batch) of zeros, random values or a file's bytes (one row, repeated;
+    BYTES elements length-prefixed), reshaped where the config says."""
+    rng = np.random.default_rng(0)
+    feeds: Tensors = {}
+    for item in sample.inputs:
+        dtype = numpy_dtype(item.datatype)
+        count = int(np.prod(item.dims))
+        if item.data == "file":
+            try:
+                raw = (files / item.file).read_bytes()
+            except OSError as exc:
+                raise ModelLoadError(
+                    f"model '{config.name}': model_warmup '{sample.name}' input '{item.name}': "
+                    f"warmup/{item.file} cannot be read: {exc.strerror or exc}"
+                ) from None
+            try:
+                if dtype.kind == "O":
+                    row = split_bytes(raw, count, item.name)
+                else:
+                    row = np.frombuffer(raw, dtype=dtype, count=count)
+            except (InvalidInput, ValueError) as exc:
+                raise ModelLoadError(
+                    f"model '{config.name}': model_warmup '{sample.name}' input '{item.name}': "
+                    f"warmup/{item.file} does not hold {count} {item.datatype} elements ({exc})"
+                ) from None
+        elif dtype.kind == "O":
+            row = np.full(count, b"", dtype=object)  # Triton's zero (and random) strings
+        elif item.data == "random" and dtype.kind == "f":
+            row = rng.standard_normal(count).astype(dtype)
+        elif item.data == "random" and dtype.kind in "iu":
+            row = rng.integers(0, 128, count).astype(dtype)
+        elif item.data == "random" and dtype.kind == "b":
+            row = rng.integers(0, 2, count).astype(dtype)
+        else:
+            row = np.zeros(count, dtype)
+        spec = config.input(item.name)
+        dims = spec.reshape if spec is not None and spec.reshape is not None else item.dims
+        if config.batched:
+            feeds[item.name] = np.stack([row] * sample.batch_size).reshape(
+                (sample.batch_size, *dims)
+            )
+        else:
+            feeds[item.name] = row.reshape(dims)
+    return feeds
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     """One session: the provider it really runs on (``get_providers()[0]``) and, on CUDA, the
@@ -509,21 +559,32 @@ class OnnxRuntimeFactory(BackendFactory):
         backend = OnnxRuntimeBackend(
             config, sessions, sessions[0].get_providers(), str(path), instances, cpu_fallback
         )
-        if self._settings.warmup:
-            outputs = [t.name for t in config.outputs]
+        outputs = [t.name for t in config.outputs]
+        where = f"model '{source.name}' version {version}"
+        if config.model_warmup:  # Triton's: the config's samples, and a failure fails the load
+            for sample in config.model_warmup:
+                feeds = warmup_sample_inputs(config, sample, source.directory / "warmup")
+                for _ in range(sample.count * len(sessions)):
+                    try:
+                        backend.run_sync(feeds, outputs)
+                    except Exception as exc:
+                        raise ModelLoadError(
+                            f"{where}: model_warmup '{sample.name}' failed: {exc}"
+                        ) from None
+        elif self._settings.warmup:
+            # The gateway's own: made-up inputs, which a model may rightly refuse (a BYTES input
+            # it parses as numbers): then it only logs, and the first request pays ORT's start.
             sizes = {1, config.max_batch_size} if config.batched else {1}
             if plan.cuda and config.batched and config.dynamic_batching is not None:
                 # CUDA picks kernels (cuDNN's convolution search) per input shape, at its first
                 # run: pay that now for the batch sizes the batcher aims at.
                 sizes |= set(config.dynamic_batching.preferred_batch_sizes)
-            for size in sorted(sizes):
-                for _ in range(len(sessions)):
-                    try:
+            try:
+                for size in sorted(sizes):
+                    for _ in range(len(sessions)):
                         backend.run_sync(warmup_inputs(config, size), outputs)
-                    except Exception as exc:
-                        raise ModelLoadError(
-                            f"model '{source.name}' version {version}: warm-up failed: {exc}"
-                        ) from None
+            except Exception as exc:
+                log.warning("%s: warm-up with made-up inputs skipped: %s", where, exc)
         return backend
 
     def _check_placement(
