@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -369,3 +370,34 @@ def test_model_warmup_runs_as_triton_defines_it(tmp_path: Path) -> None:
         assert "model_warmup 'sample' failed" in index["zeros"]["reason"]
     finally:
         gateway.stop()
+
+
+# -- section 4: compressed request bodies --------------------------------------------------
+
+
+def test_compressed_request_bodies_are_decompressed_within_the_limit(gw: GatewayProcess) -> None:
+    """tritonclient's ``request_compression_algorithm`` (gzip, deflate) works; the inflated
+    size counts against ``max_body_bytes`` (64 MiB here): a zip bomb is a 413, and an unknown
+    coding a 415."""
+    client = httpclient.InferenceServerClient(gw.address)
+    for algorithm in ("gzip", "deflate"):
+        for binary in (True, False):
+            inputs, a, b = simple_inputs(batch=2, binary=binary)
+            result = client.infer("simple", inputs, request_compression_algorithm=algorithm)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    header = json.dumps(_simple_body()).encode()
+    bomb = gzip.compress(header + b" " * (65 * 1024 * 1024), compresslevel=9)
+    assert len(bomb) < 1024 * 1024
+    status, _, answer = raw(
+        gw, "POST", "/v2/models/simple/infer", bomb, {"Content-Encoding": "gzip"}
+    )
+    assert status == 413 and b"decompressed request body exceeds" in answer
+    assert raw(gw, "GET", "/v2/health/ready")[0] == 200
+    status, _, answer = raw(
+        gw, "POST", "/v2/models/simple/infer", header, {"Content-Encoding": "br"}
+    )
+    assert status == 415 and b"unsupported Content-Encoding 'br'" in answer
+    status, _, _ = raw(
+        gw, "POST", "/v2/models/simple/infer", b"not gzip", {"Content-Encoding": "gzip"}
+    )
+    assert status == 400
