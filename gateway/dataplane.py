@@ -299,6 +299,11 @@ class DataPlane:
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
         return self._resolve(name, version).config.to_dict()
 
+    def config_of(self, name: str, version: str | None = None) -> ModelConfig:
+        """The config of the version a request would be served by (for decoders that need the
+        model's metadata: Triton's raw binary request)."""
+        return self._resolve(name, version).config
+
     def model_stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
         if name:
             if version:

@@ -19,6 +19,7 @@ batch's outputs to what the request asked for (``response_of``), pure functions 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,8 @@ import numpy as np
 from gateway import context
 from gateway.backends.base import Tensors
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, QueueFull
-from gateway.protocol.types import InferRequest, InferResponse, datatype_of
+from gateway.protocol.tensors import tensor_from_buffer
+from gateway.protocol.types import InferRequest, InferResponse, datatype_of, numpy_dtype
 from gateway.repository.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -382,6 +384,47 @@ def classify(
     return out if batched and array.ndim else out.reshape(keep)
 
 
+def raw_binary_request(cfg: ModelConfig, body: bytes) -> InferRequest:
+    """Triton's raw binary request (``Inference-Header-Content-Length: 0``): the whole body is
+    the tensor of the model's one input, its shape deduced from the config (at most one
+    variable dimension, from the body's size; a BYTES input of dims ``[1]`` is one element,
+    the body), a batch of one for a batching model; every output answered as binary."""
+    if len(cfg.inputs) != 1:
+        raise InvalidInput(
+            f"raw binary request (Inference-Header-Content-Length: 0) needs a model with one "
+            f"input; '{cfg.name}' has {len(cfg.inputs)}"
+        )
+    spec = cfg.inputs[0]
+    lead = (1,) if cfg.batched else ()
+    dtype = numpy_dtype(spec.datatype)
+    if dtype.kind == "O":
+        if spec.dims != (1,):
+            raise InvalidInput(
+                f"raw binary request: BYTES input '{spec.name}' must have dims [1], "
+                f"not {_dims(spec.dims)}"
+            )
+        array = np.empty((*lead, 1), dtype=object)
+        array.reshape(-1)[0] = bytes(body)
+        return InferRequest(inputs={spec.name: array}, binary_output=True)
+    variable = [i for i, d in enumerate(spec.dims) if d == -1]
+    fixed = math.prod(d for d in spec.dims if d != -1) * dtype.itemsize
+    if len(variable) > 1:
+        raise InvalidInput(
+            f"raw binary request: input '{spec.name}' has dims {_dims(spec.dims)}; the size of "
+            "the body can tell at most one variable dimension"
+        )
+    dims = list(spec.dims)
+    if variable and fixed and len(body) % fixed == 0:
+        dims[variable[0]] = len(body) // fixed
+    elif variable or len(body) != fixed:
+        raise InvalidInput(
+            f"raw binary request: {len(body)} bytes do not make input '{spec.name}' of "
+            f"{spec.datatype} dims {_dims(spec.dims)}"
+        )
+    array = tensor_from_buffer(body, dtype, lead + tuple(dims), spec.name)
+    return InferRequest(inputs={spec.name: array}, binary_output=True)
+
+
 def response_of(
     name: str,
     version: int,
@@ -408,4 +451,12 @@ def response_of(
     return InferResponse(model_name=name, model_version=str(version), outputs=result, id=request.id)
 
 
-__all__ = ["BATCH_NOTE", "Pending", "classify", "failure_reason", "response_of", "validate"]
+__all__ = [
+    "BATCH_NOTE",
+    "Pending",
+    "classify",
+    "failure_reason",
+    "raw_binary_request",
+    "response_of",
+    "validate",
+]

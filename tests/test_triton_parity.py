@@ -401,3 +401,41 @@ def test_compressed_request_bodies_are_decompressed_within_the_limit(gw: Gateway
         gw, "POST", "/v2/models/simple/infer", b"not gzip", {"Content-Encoding": "gzip"}
     )
     assert status == 400
+
+
+# -- section 4: the raw binary request -----------------------------------------------------
+
+
+def _binary_outputs(body: bytes, headers: dict[str, str]) -> dict[str, tuple[dict, bytes]]:
+    """Each output of a binary response: its JSON entry and its bytes."""
+    length = int(headers["inference-header-content-length"])
+    header, offset, found = json.loads(body[:length]), length, {}
+    for output in header["outputs"]:
+        size = output["parameters"]["binary_data_size"]
+        found[output["name"]] = (output, body[offset : offset + size])
+        offset += size
+    return found
+
+
+def test_raw_binary_request_for_a_single_input_model(gw: GatewayProcess) -> None:
+    """``Inference-Header-Content-Length: 0``: the body is the one input's tensor, its shape
+    from the config (batch of one), every output answered as binary (Triton's extension)."""
+    x = np.array([0.5, 3.0, -1.0, 2.0], np.float32)
+    raw_header = {"Inference-Header-Content-Length": "0"}
+    status, headers, body = raw(gw, "POST", "/v2/models/classes/infer", x.tobytes(), raw_header)
+    assert status == 200, body
+    output, data = _binary_outputs(body, headers)["Y"]
+    assert output["shape"] == [1, 8] and output["datatype"] == "FP32"
+    client = httpclient.InferenceServerClient(gw.address)
+    tensor = httpclient.InferInput("X", [1, 4], "FP32")
+    tensor.set_data_from_numpy(x.reshape(1, 4))
+    expected = client.infer("classes", [tensor]).as_numpy("Y")
+    np.testing.assert_array_equal(np.frombuffer(data, np.float32).reshape(1, 8), expected)
+    status, headers, body = raw(gw, "POST", "/v2/models/echo/infer", b"h\xc3\xa9llo", raw_header)
+    assert status == 200, body
+    output, data = _binary_outputs(body, headers)["TEXT_OUT"]
+    assert output["shape"] == [1, 1] and data == b"\x06\x00\x00\x00h\xc3\xa9llo"
+    status, _, body = raw(gw, "POST", "/v2/models/classes/infer", x.tobytes()[:12], raw_header)
+    assert status == 400 and b"12 bytes do not make input 'X'" in body
+    status, _, body = raw(gw, "POST", "/v2/models/simple/infer", x.tobytes(), raw_header)
+    assert status == 400 and b"needs a model with one input" in body

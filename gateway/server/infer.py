@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -38,9 +38,10 @@ from gateway.errors import (
     UnsupportedEncoding,
 )
 from gateway.logs import log_inference
-from gateway.pending import Pending
+from gateway.pending import Pending, raw_binary_request
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.protocol.types import InferRequest, InferResponse
+from gateway.repository.config import ModelConfig
 from gateway.server.auth import Guard
 from gateway.server.connections import HOOKS, Hooks, RawExchange
 from gateway.server.errors import error_response, gateway_error_response
@@ -195,7 +196,7 @@ class HotPath:
         self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
     ) -> None:
         hooks: Hooks | None = scope.get(HOOKS)
-        call = _Call(scope["headers"], name, version)
+        call = _Call(scope["headers"], name, version, config_of=self.dataplane.config_of)
         context.request_id.set(call.rid)
         answer: Answer | None
         try:
@@ -235,7 +236,9 @@ class HotPath:
         batch's) writes the answer (``_raw_done``). A task per request, and the chain of
         coroutines it resumes twice, cost the event loop about as much as parsing the request;
         what must wait in a task (for a model still loading) waits in the data plane's."""
-        call = _Call(exchange.headers, *route, bytes(exchange.body))
+        call = _Call(
+            exchange.headers, *route, bytes(exchange.body), config_of=self.dataplane.config_of
+        )
         pending = self.dataplane.submit(call.name, call.version, call, call.rid)
         # A caller that leaves gives up its place (``_raw_done`` unsets it, at once if done).
         exchange.hooks.on_lost = pending.cancel
@@ -309,7 +312,17 @@ class _Call:
     arrived, and its body. Called, it decodes the body: the decoder ``DataPlane.submit`` calls
     once the model is known."""
 
-    __slots__ = ("body", "coding", "declared", "header", "name", "rid", "started_ns", "version")
+    __slots__ = (
+        "body",
+        "coding",
+        "config_of",
+        "declared",
+        "header",
+        "name",
+        "rid",
+        "started_ns",
+        "version",
+    )
 
     def __init__(
         self,
@@ -317,8 +330,10 @@ class _Call:
         name: str,
         version: str | None,
         body: bytes = b"",
+        config_of: Callable[[str, str | None], ModelConfig] | None = None,
     ) -> None:
         self.started_ns = time.perf_counter_ns()
+        self.config_of = config_of  # the model's config, for the raw binary request
         self.name = name
         self.version = version
         self.body = body  # the ASGI path sets it once read
@@ -351,4 +366,6 @@ class _Call:
             except ValueError:
                 text = self.header[:32].decode("latin-1")
                 raise InvalidInput(f"invalid Inference-Header-Content-Length {text!r}") from None
+        if header_length == 0 and self.config_of is not None:  # Triton's raw binary request
+            return raw_binary_request(self.config_of(self.name, self.version), self.body)
         return decode_infer_request(self.body, header_length)
