@@ -202,3 +202,47 @@ def string_add_sub(repo: Path, name: str = "simple_string", config: str | None =
     if config is None:
         config = SIMPLE_CONFIG.replace("simple", name).replace("TYPE_INT32", "TYPE_STRING")
     return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)
+
+
+def with_initializer_input(repo: Path, name: str = "biased") -> Path:
+    """FP32 X [3] + B [3] -> Y, where B is also an initializer (ones): an ONNX input a request
+    may leave out (``optional: true`` in the config)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["X", "B"], ["Y"])],
+        name,
+        [
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("B", TensorProto.FLOAT, [3]),
+        ],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3])],
+        [numpy_helper.from_array(np.ones(3, dtype=np.float32), "B")],
+    )
+    config = f"""
+name: "{name}"
+max_batch_size: 0
+input [
+  {{ name: "X" data_type: TYPE_FP32 dims: [ 3 ] }},
+  {{ name: "B" data_type: TYPE_FP32 dims: [ 3 ] optional: true }}
+]
+output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 3 ] }} ]
+"""
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)
+
+
+def scalar_double(repo: Path, name: str = "scalar") -> Path:
+    """A rank-0 FP32 X -> Y = 2 X, described in its config with dims [1] (as Triton's ORT
+    backend takes scalars)."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["X", "two"], ["Y"])],
+        name,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.array(2, dtype=np.float32), "two")],
+    )
+    config = f"""
+name: "{name}"
+max_batch_size: 0
+input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+"""
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)

@@ -41,6 +41,8 @@ def parity_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "classes" / "labels.txt").write_text("".join(f"class-{i}\n" for i in range(8)))
     models.strings(root, "echo")
     models.string_add_sub(root, "simple_string")  # Triton's example: empty strings are no numbers
+    models.with_initializer_input(root, "biased")
+    models.scalar_double(root, "scalar")
     return root
 
 
@@ -439,3 +441,34 @@ def test_raw_binary_request_for_a_single_input_model(gw: GatewayProcess) -> None
     assert status == 400 and b"12 bytes do not make input 'X'" in body
     status, _, body = raw(gw, "POST", "/v2/models/simple/infer", x.tobytes(), raw_header)
     assert status == 400 and b"needs a model with one input" in body
+
+
+# -- section 4: what ONNX models may declare -----------------------------------------------
+
+
+def _fp32(name: str, array: np.ndarray) -> httpclient.InferInput:
+    tensor = httpclient.InferInput(name, list(array.shape), "FP32")
+    tensor.set_data_from_numpy(array.astype(np.float32))
+    return tensor
+
+
+def test_optional_inputs_may_be_left_out(gw: GatewayProcess) -> None:
+    """``optional: true`` on an ONNX input with an initializer (which ORT lists apart from the
+    graph's inputs): the model loads; left out, the initializer is used; given, it is fed."""
+    client = httpclient.InferenceServerClient(gw.address)
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    result = client.infer("biased", [_fp32("X", x)])
+    np.testing.assert_array_equal(result.as_numpy("Y"), x + 1)
+    result = client.infer("biased", [_fp32("X", x), _fp32("B", np.full(3, 10.0))])
+    np.testing.assert_array_equal(result.as_numpy("Y"), x + 10)
+    inputs = client.get_model_config("biased")["input"]
+    assert {i["name"]: i.get("optional", False) for i in inputs} == {"X": False, "B": True}
+
+
+def test_a_scalar_onnx_tensor_is_served_with_config_dims_one(gw: GatewayProcess) -> None:
+    """A rank-0 ONNX input and output described with ``dims: [ 1 ]`` (Triton's way to declare
+    scalars): requests and answers are shape [1]."""
+    client = httpclient.InferenceServerClient(gw.address)
+    assert client.get_model_metadata("scalar")["inputs"][0]["shape"] == [1]
+    result = client.infer("scalar", [_fp32("X", np.array([4.5]))])
+    assert result.as_numpy("Y").shape == (1,) and result.as_numpy("Y")[0] == 9.0

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,8 +227,13 @@ def complete_config(config: ModelConfig, session: Any, default_max_batch_size: i
     if not config.outputs:
         cut = 1 if config.batched else 0
         config = config.with_changes(outputs=tuple(TensorConfig(n, t, s[cut:]) for n, t, s in outs))
-    graph = {n: (t, s) for n, t, s in ins + outs}
+    # Inputs with an initializer (ORT lists them apart) may be fed or left out: the config names
+    # them as ``optional: true`` inputs, as Triton's ORT backend allows.
+    overridable = _tensor_meta(session.get_overridable_initializers(), "input", config.name)
+    graph = {n: (t, s) for n, t, s in ins + overridable + outs}
+    checked: dict[str, tuple[TensorConfig, ...]] = {}
     for kind, tensors in (("input", config.inputs), ("output", config.outputs)):
+        kept = []
         for tensor in tensors:
             if tensor.name not in graph:
                 raise ModelLoadError(
@@ -241,6 +246,10 @@ def complete_config(config: ModelConfig, session: Any, default_max_batch_size: i
                     f"model '{config.name}': {kind} '{tensor.name}' is {datatype} in the graph "
                     f"but {tensor.datatype} in the config"
                 )
+            if not shape and not config.batched and tensor.dims == (1,) and tensor.reshape is None:
+                # A scalar (rank 0) in the graph, [1] in the config: the one element, reshaped
+                # on the way in and out, as Triton's ORT backend takes it.
+                tensor = replace(tensor, reshape=())
             dims = tensor.reshape if tensor.reshape is not None else tensor.dims
             expected = ((-1,) if config.batched else ()) + dims
             if len(shape) != len(expected) or any(
@@ -250,7 +259,9 @@ def complete_config(config: ModelConfig, session: Any, default_max_batch_size: i
                     f"model '{config.name}': {kind} '{tensor.name}' has shape {list(shape)} in "
                     f"the graph, config implies {list(expected)}"
                 )
-    return config
+            kept.append(tensor)
+        checked[kind] = tuple(kept)
+    return config.with_changes(inputs=checked["input"], outputs=checked["output"])
 
 
 def inspect_config(source: ModelSource, version: int, default_max_batch_size: int) -> ModelConfig:
