@@ -472,3 +472,16 @@ def test_a_scalar_onnx_tensor_is_served_with_config_dims_one(gw: GatewayProcess)
     assert client.get_model_metadata("scalar")["inputs"][0]["shape"] == [1]
     result = client.infer("scalar", [_fp32("X", np.array([4.5]))])
     assert result.as_numpy("Y").shape == (1,) and result.as_numpy("Y")[0] == 9.0
+
+
+def test_bytes_that_are_not_utf8_pass_through_a_model(gw: GatewayProcess) -> None:
+    """Triton's ORT backend hands BYTES to the model as they are; a model that passes them on
+    (here an Identity) gives back the very bytes, whether they are UTF-8 text or not."""
+    client = httpclient.InferenceServerClient(gw.address)
+    blobs = np.array(
+        [[b"\xff\xd8\xff\xe0\x00JFIF"], [b"h\xc3\xa9llo"], [bytes(range(256))]], object
+    )
+    tensor = httpclient.InferInput("TEXT", [3, 1], "BYTES")
+    tensor.set_data_from_numpy(blobs)
+    result = client.infer("echo", [tensor], outputs=[httpclient.InferRequestedOutput("TEXT_OUT")])
+    assert result.as_numpy("TEXT_OUT").tolist() == blobs.tolist()

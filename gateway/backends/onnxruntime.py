@@ -286,25 +286,42 @@ def _load_error(source: ModelSource, version: int, exc: Exception) -> ModelLoadE
     return ModelLoadError(f"model '{source.name}' version {version}: {message}")
 
 
-def _to_ort(array: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
-    """ORT string tensors hold text: BYTES elements must be UTF-8."""
+def _to_ort(array: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], bool]:
+    """An input as ORT's Python binding takes it, and whether it went as raw bytes.
+
+    ORT string tensors hold bytes (Triton's ORT backend passes BYTES through as they are), but
+    its Python binding only takes ``str``, which it writes as UTF-8. Text that is UTF-8 goes as
+    text. Anything else (raw bytes: an image, a serialized record) goes one character per byte
+    (latin-1), and the run's string outputs come back the same way (``_from_ort``): a model that
+    passes or slices the bytes sees and returns them unchanged."""
     if array.dtype.kind != "O":
-        return array
+        return array, False
+    flat = array.ravel()
     try:
-        items = [v.decode() if isinstance(v, bytes) else v for v in array.ravel()]
+        items = [v.decode() if isinstance(v, bytes) else v for v in flat]
+        raw = False
     except UnicodeDecodeError:
-        raise InvalidInput(
-            f"input '{name}': ONNX Runtime string tensors must be valid UTF-8"
-        ) from None
-    return np.array(items, dtype=object).reshape(array.shape)
+        items = [v.decode("latin-1") if isinstance(v, bytes) else v for v in flat]
+        raw = True
+    return np.array(items, dtype=object).reshape(array.shape), raw
 
 
-def _from_ort(array: Any) -> np.ndarray[Any, Any]:
+def _from_ort(array: Any, raw: bool = False) -> np.ndarray[Any, Any]:
     array = np.asarray(array)
     if array.dtype.kind in ("O", "U"):
-        items = [v.encode() if isinstance(v, str) else v for v in array.ravel()]
+        items = [_text_bytes(v, raw) if isinstance(v, str) else v for v in array.ravel()]
         return np.array(items, dtype=object).reshape(array.shape)
     return array  # type: ignore[no-any-return]
+
+
+def _text_bytes(text: str, raw: bool) -> bytes:
+    """A string output as bytes: back to the raw bytes when the inputs went as such."""
+    if raw:
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            pass
+    return text.encode()
 
 
 def warmup_inputs(config: ModelConfig, batch: int) -> Tensors:
@@ -414,11 +431,14 @@ class OnnxRuntimeBackend(Backend):
         session = self._free.get()
         started = time.perf_counter()
         try:
-            feeds = {name: _to_ort(array, name) for name, array in inputs.items()}
+            feeds, raw = {}, False
+            for name, array in inputs.items():
+                feeds[name], as_bytes = _to_ort(array)
+                raw = raw or as_bytes
             results = session.run(list(outputs), feeds)
         finally:
             self._free.put(session)
-        named = {name: _from_ort(value) for name, value in zip(outputs, results, strict=True)}
+        named = {name: _from_ort(value, raw) for name, value in zip(outputs, results, strict=True)}
         return named, time.perf_counter() - started
 
     def run_sync(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
