@@ -77,6 +77,7 @@ class ModelEntry:
     versions: dict[int, LoadedVersion] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     scratch: Path | None = None  # files pushed through the repository API
+    override: str | None = None  # the config a load was given; kept by plain reloads
 
     @property
     def latest(self) -> LoadedVersion:
@@ -477,7 +478,11 @@ class DataPlane:
 
         A load that fails leaves the versions that were serving, or the model unavailable with
         the reason; never LOADING, never scratch files, and no entry at all for a name the
-        repository does not know (unknown names must not grow state)."""
+        repository does not know (unknown names must not grow state).
+
+        As in Triton, a plain load (no config, no files) of a model that is loaded with an
+        override config keeps that override (and the files pushed with it) until an unload:
+        only a model not loaded is read from the repository afresh."""
         check_model_name(name)
         entry = self.models.setdefault(name, ModelEntry(name))
         async with entry.lock:
@@ -486,9 +491,14 @@ class DataPlane:
             if not entry.versions:
                 entry.state, entry.reason = LOADING, ""
             scratch: Path | None = None
+            kept = config_json is None and not files and bool(entry.versions)
+            if kept and entry.override is not None:
+                config_json = entry.override
             try:
                 config = self._config(name, config_json)
-                if files:
+                if kept and entry.scratch is not None and config is not None:
+                    source = locate_versions(entry.scratch, config)
+                elif files:
                     scratch = write_pushed_files(name, files)  # bad paths first, as Triton
                     if config is None:  # Triton refuses it, in these words
                         raise ModelLoadError(
@@ -509,10 +519,11 @@ class DataPlane:
                 # with the detail after it. An unknown name stays a 404.
                 kind = ModelNotFound if isinstance(exc, ModelNotFound) else ModelLoadError
                 raise kind(f"failed to load '{name}', {exc.message}") from None
-            if scratch is not None or not files:
+            if not (kept and entry.override is not None) and (scratch is not None or not files):
                 if entry.scratch is not None:
                     shutil.rmtree(entry.scratch, ignore_errors=True)
                 entry.scratch = scratch
+            entry.override = config_json
             old = list(entry.versions.values())
             entry.versions = new
             entry.state, entry.reason = READY, ""
@@ -575,4 +586,5 @@ class DataPlane:
             if entry.scratch is not None:  # pushed files go with the model, as in Triton
                 shutil.rmtree(entry.scratch, ignore_errors=True)
                 entry.scratch = None
+            entry.override = None  # the next load reads the repository afresh
             entry.state, entry.reason = UNAVAILABLE, "unloaded"

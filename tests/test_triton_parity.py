@@ -485,3 +485,22 @@ def test_bytes_that_are_not_utf8_pass_through_a_model(gw: GatewayProcess) -> Non
     tensor.set_data_from_numpy(blobs)
     result = client.infer("echo", [tensor], outputs=[httpclient.InferRequestedOutput("TEXT_OUT")])
     assert result.as_numpy("TEXT_OUT").tolist() == blobs.tolist()
+
+
+def test_an_override_config_stays_until_unload(parity_repo: Path, tmp_path: Path) -> None:
+    """Triton 2.51: a plain load of a model loaded with an override config keeps the override
+    (the model did not change); after an unload, a plain load reads the repository again."""
+    gateway = start_gateway(parity_repo, tmp_path)
+    try:
+        client = httpclient.InferenceServerClient(gateway.address)
+        client.load_model("simple", config='{"max_batch_size": 4}')
+        assert client.get_model_config("simple")["max_batch_size"] == 4
+        client.load_model("simple")
+        assert client.get_model_config("simple")["max_batch_size"] == 4
+        inputs, a, b = simple_inputs(batch=2)
+        np.testing.assert_array_equal(client.infer("simple", inputs).as_numpy("OUTPUT0"), a + b)
+        client.unload_model("simple")
+        client.load_model("simple")
+        assert client.get_model_config("simple")["max_batch_size"] == 8  # config.pbtxt's
+    finally:
+        gateway.stop()
