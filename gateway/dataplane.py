@@ -28,6 +28,7 @@ from gateway.batching import Batcher, BatchPolicy
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
+    InvalidInput,
     ModelLoadError,
     ModelNotFound,
     ModelNotReady,
@@ -306,10 +307,19 @@ class DataPlane:
         return self._resolve(name, version).config
 
     def model_stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Triton's statistics extension; an unknown model or version is a 400 in its words."""
         if name:
+            check_model_name(name)
+            entry = self.models.get(name)
+            if entry is None:
+                raise InvalidInput(f"requested model '{name}' is not available")
             if version:
-                return {"model_stats": [self._resolve(name, version).stats.to_dict()]}
-            entry = self._entry(name)
+                loaded = entry.versions.get(int(version)) if is_version(version) else None
+                if loaded is None:
+                    raise InvalidInput(
+                        f"requested model version is not available for model '{name}'"
+                    )
+                return {"model_stats": [loaded.stats.to_dict()]}
             chosen = [entry.versions[v] for v in sorted(entry.versions)]
         else:
             chosen = [e.versions[v] for e in self.models.values() for v in sorted(e.versions)]

@@ -97,6 +97,7 @@ class ModelStats:
                 "cache_hit": {"count": 0, "ns": 0},
                 "cache_miss": {"count": 0, "ns": 0},
             },
+            "response_stats": {},  # Triton's, for decoupled models (none here)
             "batch_stats": [
                 {
                     "batch_size": size,
@@ -106,4 +107,5 @@ class ModelStats:
                 }
                 for size, s in sorted(self.batches.items())
             ],
+            "memory_usage": [],
         }

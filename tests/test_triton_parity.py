@@ -504,3 +504,58 @@ def test_an_override_config_stays_until_unload(parity_repo: Path, tmp_path: Path
         assert client.get_model_config("simple")["max_batch_size"] == 8  # config.pbtxt's
     finally:
         gateway.stop()
+
+
+# -- section 3: statistics as Triton reports them -------------------------------------------
+
+
+def test_statistics_have_tritons_fields(gw: GatewayProcess, gw_grpc: str) -> None:
+    """Every field Triton 2.51 reports for a model version (perf_analyzer's server-side
+    section and model analyzer read them), over REST and gRPC; unknown names are 400s in
+    Triton's words."""
+    client = httpclient.InferenceServerClient(gw.address)
+    inputs, _, _ = simple_inputs(batch=2)
+    client.infer("simple", inputs)
+    (stats,) = client.get_inference_statistics("simple")["model_stats"]
+    assert set(stats) == {
+        "name",
+        "version",
+        "last_inference",
+        "inference_count",
+        "execution_count",
+        "inference_stats",
+        "response_stats",
+        "batch_stats",
+        "memory_usage",
+    }
+    assert set(stats["inference_stats"]) == {
+        "success",
+        "fail",
+        "queue",
+        "compute_input",
+        "compute_infer",
+        "compute_output",
+        "cache_hit",
+        "cache_miss",
+    }
+    assert stats["inference_count"] >= 2 and stats["execution_count"] >= 1
+    assert stats["last_inference"] > 1_600_000_000_000  # ms since the epoch
+    sizes = {b["batch_size"]: b for b in stats["batch_stats"]}
+    assert sizes[2]["compute_infer"]["count"] >= 1 and sizes[2]["compute_infer"]["ns"] > 0
+    grpc_stats = grpcclient.InferenceServerClient(gw_grpc).get_inference_statistics(
+        "simple", as_json=True
+    )
+    assert grpc_stats["model_stats"][0]["inference_count"] == str(stats["inference_count"])
+    assert _error_of(gw, "/v2/models/nope/stats") == (
+        400,
+        "requested model 'nope' is not available",
+    )
+    assert _error_of(gw, "/v2/models/simple/versions/3/stats") == (
+        400,
+        "requested model version is not available for model 'simple'",
+    )
+
+
+def _error_of(gw: GatewayProcess, path: str) -> tuple[int, str]:
+    status, _, body = raw(gw, "GET", path)
+    return status, json.loads(body)["error"]
