@@ -559,3 +559,25 @@ def test_statistics_have_tritons_fields(gw: GatewayProcess, gw_grpc: str) -> Non
 def _error_of(gw: GatewayProcess, path: str) -> tuple[int, str]:
     status, _, body = raw(gw, "GET", path)
     return status, json.loads(body)["error"]
+
+
+def test_data_nested_deeper_than_any_rank_is_refused(gw: GatewayProcess) -> None:
+    """No tensor has more than 32 dimensions, so no 'data' nests deeper (Triton 2.51 recurses
+    once per level without a bound; about 100,000 levels bring its HTTP server down)."""
+    deep = "a"
+    for _ in range(40):
+        deep = [deep]  # type: ignore[assignment]
+    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": deep}]}
+    status, message = _error(gw, body, model="echo")
+    assert (status, message) == (400, "input 'TEXT': 'data' is nested deeper than 32 levels")
+    within = "a"
+    for _ in range(31):
+        within = [within]  # type: ignore[assignment]
+    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": within}]}
+    assert _post(gw, "/v2/models/echo/infer", body)[0] == 200
+    number: object = 1.0
+    for _ in range(40):
+        number = [number]
+    x = {"name": "X", "datatype": "FP32", "shape": [1, 4], "data": [number, 1, 1, 1]}
+    assert _error(gw, {"inputs": [x]}, model="classes")[0] == 400
+    assert raw(gw, "GET", "/v2/health/ready")[0] == 200

@@ -20,6 +20,7 @@ import orjson
 
 from gateway.errors import InvalidInput
 from gateway.protocol.tensors import (
+    MAX_DIMS,
     MAX_ELEMENTS,
     check_classification,
     check_name,
@@ -49,6 +50,12 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
+def _deep(name: str) -> InvalidInput:
+    """Data nested deeper than any tensor's rank can be (Triton's HTTP server recurses once
+    per level, without a bound, and a deep enough body brings it down)."""
+    return _fail(f"input '{name}': 'data' is nested deeper than {MAX_DIMS} levels")
+
+
 def _flatten_strings(data: list[Any], name: str, count: int) -> list[bytes]:
     """The strings of nested JSON lists, in order; refused at the first one past ``count``."""
     out: list[bytes] = []
@@ -56,6 +63,8 @@ def _flatten_strings(data: list[Any], name: str, count: int) -> list[bytes]:
     while stack:
         for item in stack[-1]:
             if isinstance(item, list):
+                if len(stack) >= MAX_DIMS:
+                    raise _deep(name)
                 stack.append(iter(item))
                 break
             if len(out) == count:
@@ -89,6 +98,8 @@ def _json_data(
             raw = np.array(data)
         except (ValueError, TypeError) as exc:
             raise _fail(f"input '{name}': data is ragged or not numeric ({exc})") from None
+        if raw.ndim > MAX_DIMS:
+            raise _deep(name)
         if dtype.kind in "iu" and raw.dtype.kind == "f" and raw.size:
             array = _exact_integers(data, dtype, datatype, name)
         else:
