@@ -200,7 +200,7 @@ class DataPlane:
         return True
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": "gateway", "version": __version__, "extensions": EXTENSIONS}
+        return {"name": self.settings.server_name, "version": __version__, "extensions": EXTENSIONS}
 
     def _entry(self, name: str) -> ModelEntry:
         check_model_name(name)
