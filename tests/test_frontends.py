@@ -55,7 +55,7 @@ GRPC_CLASS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,  # QueueFull, as Triton (REST: 503)
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,  # a message above the limit, admission control
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 

@@ -598,7 +598,7 @@ def test_status_table() -> None:
     assert status_of(errors.ModelLoadError("x")) == grpc.StatusCode.INVALID_ARGUMENT
     assert status_of(errors.ModelNotReady("x")) == grpc.StatusCode.UNAVAILABLE
     assert status_of(errors.Unavailable("x")) == grpc.StatusCode.UNAVAILABLE
-    assert status_of(errors.QueueFull("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_of(errors.QueueFull("x")) == grpc.StatusCode.UNAVAILABLE  # as Triton 2.51
     assert status_of(errors.Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_of(errors.DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert status_of(errors.GatewayError("x")) == grpc.StatusCode.INTERNAL

@@ -581,3 +581,12 @@ def test_data_nested_deeper_than_any_rank_is_refused(gw: GatewayProcess) -> None
     x = {"name": "X", "datatype": "FP32", "shape": [1, 4], "data": [number, 1, 1, 1]}
     assert _error(gw, {"inputs": [x]}, model="classes")[0] == 400
     assert raw(gw, "GET", "/v2/health/ready")[0] == 200
+
+
+def test_a_full_queue_is_unavailable_over_grpc_as_over_rest() -> None:
+    """Triton 2.51 answers "Exceeds maximum queue size" with gRPC UNAVAILABLE (REST 503)."""
+    from gateway.grpc.errors import status_of as grpc_status
+    from gateway.server.errors import status_of as http_status
+
+    full = QueueFull("Exceeds maximum queue size")
+    assert (grpc_status(full), http_status(full)) == (grpc.StatusCode.UNAVAILABLE, 503)
