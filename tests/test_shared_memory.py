@@ -176,6 +176,12 @@ def test_grpc_register_infer_status_unregister(served: Any, regions: Regions) ->
     got = shm.get_contents_as_numpy(outs, np.int32, [1, 16], offset=NBYTES)
     np.testing.assert_array_equal(got, A - B)
 
+    # All inputs in shared memory (no raw input data): still one raw_output_contents entry per
+    # output, empty for those in shared memory, as Triton (its C++ client indexes them).
+    inputs[1].set_shared_memory("in", NBYTES, offset=NBYTES)
+    answer = client.infer("simple", inputs, outputs=outputs).get_response()
+    assert [len(raw) for raw in answer.raw_output_contents] == [NBYTES, 0]
+
     with pytest.raises(InferenceServerException) as err:
         client.register_system_shared_memory("in", in_key, NBYTES)
     assert err.value.status() == "StatusCode.ALREADY_EXISTS"

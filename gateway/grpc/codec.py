@@ -204,6 +204,7 @@ def encode_infer_response(response: InferResponse, raw: bool) -> Any:
     """An :class:`InferResponse` as a ``ModelInferResponse``; ``raw`` as the request was."""
     datatypes = {name: datatype_of(array) for name, array in response.outputs.items()}
     raw = raw or any(dt not in _CONTENTS for dt in datatypes.values())
+    raw = raw or bool(response.shared)  # Triton's clients index raw_output_contents per output
     message = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
