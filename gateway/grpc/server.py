@@ -142,7 +142,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
         result = await self.dataplane.submit(request.model_name, version, decode)
-        return encode_infer_response(result, raw=bool(request.raw_input_contents))
+        # Typed contents back only to a request that sent typed contents (one whose inputs all
+        # lie in shared memory sent none: raw, as Triton, whose clients read only raw).
+        typed = not request.raw_input_contents and any(
+            t.HasField("contents") for t in request.inputs
+        )
+        return encode_infer_response(result, raw=not typed)
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
