@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import RegionExists, SharedMemoryError, UnknownRegion
+from gateway.errors import InvalidInput, RegionExists, SharedMemoryError, UnknownRegion
 from gateway.protocol.tensors import join_bytes, split_bytes, tensor_from_buffer
 from gateway.protocol.types import (
     InferRequest,
@@ -239,7 +239,12 @@ class SharedMemoryRegistry:
         view = self._view(shared.ref)
         count = int(np.prod(shared.shape))
         if shared.datatype == "BYTES":
-            return split_bytes(view, count, name).reshape(shared.shape)
+            try:
+                return split_bytes(view, count, name).reshape(shared.shape)
+            except InvalidInput as exc:
+                raise SharedMemoryError(
+                    f"{exc.message} (shared memory region '{shared.ref.region}')"
+                ) from None
         expected = count * dtype.itemsize
         if len(view) != expected:
             raise SharedMemoryError(

@@ -417,7 +417,7 @@ def test_shared_memory_endpoints_need_a_key(tmp_path: Path, regions: Regions) ->
         env={"GATEWAY_API_KEYS": "user-key", "GATEWAY_ADMIN_KEYS": "admin-key"},
     )
     try:
-        _, key = regions.create("auth", 64)
+        handle, key = regions.create("auth", 64)
         body = {"key": key, "byte_size": 64}
         register = "/v2/systemsharedmemory/region/auth/register"
         assert _post(gw, register, body)[0] == 401
@@ -430,6 +430,12 @@ def test_shared_memory_endpoints_need_a_key(tmp_path: Path, regions: Regions) ->
         request.add_header("Authorization", "Bearer admin-key")
         with urllib.request.urlopen(request, timeout=5) as r:
             assert [s["name"] for s in json.load(r)] == ["auth"]
+        # Inference naming the region: the ASGI path (guards apply), with a key.
+        shm.set_shared_memory_region(handle, [A])
+        body = _shm_body("auth", 0, NBYTES)
+        assert _post(gw, "/v2/models/simple/infer", body)[0] == 401
+        status, answer = _post(gw, "/v2/models/simple/infer", body, {"X-API-Key": "user-key"})
+        assert status == 200 and answer["outputs"][0]["data"] == (A + B).ravel().tolist()
         assert _post(gw, "/v2/systemsharedmemory/unregister", b"")[0] == 401
         g = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         with pytest.raises(InferenceServerException) as err:
@@ -536,3 +542,51 @@ def test_a_shrunk_object_is_refused_not_read(regions: Regions, tmp_path: Path) -
     registry.close()
     with pytest.raises(SharedMemoryError, match="invalid key"):
         registry.register("s", "/a/b", 0, 1)
+
+
+def test_bytes_tensors_in_shared_memory(regions: Regions) -> None:
+    """BYTES inputs are read with the length-prefixed framing (bounded by the shape), BYTES
+    outputs written with it."""
+    words = np.array([b"shared", b"memory"], dtype=object)
+    framed = b"".join(len(w).to_bytes(4, "little") + w for w in words)
+    handle, key = regions.create("text", 64)
+    shm.set_shared_memory_region(handle, [np.frombuffer(framed, dtype=np.uint8)])
+    registry = SharedMemoryRegistry()
+    registry.register("text", key, 0, 64)
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "T",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "parameters": {
+                        "shared_memory_region": "text",
+                        "shared_memory_byte_size": len(framed),
+                    },
+                }
+            ],
+            "outputs": [
+                {
+                    "name": "T_OUT",
+                    "parameters": {
+                        "shared_memory_region": "text",
+                        "shared_memory_byte_size": 64 - 32,
+                        "shared_memory_offset": 32,
+                    },
+                }
+            ],
+        }
+    ).encode()
+    request = decode_infer_request(body)
+    registry.resolve(request)
+    assert request.inputs["T"].tolist() == [b"shared", b"memory"]
+    response = InferResponse("m", "1", {"T_OUT": words[::-1].copy()})
+    write_outputs(request, response)
+    raw = bytes(np.frombuffer(handle._mpsm_handle.buf, dtype=np.uint8)[32 : 32 + len(framed)])
+    assert raw == b"".join(len(w).to_bytes(4, "little") + w for w in words[::-1])
+    short = decode_infer_request(body.replace(b'"shape": [2]', b'"shape": [3]'))
+    with pytest.raises(SharedMemoryError, match=r"needs 3 \(shared memory region 'text'\)"):
+        registry.resolve(short)
+    del request, short, response
+    registry.close()
