@@ -181,6 +181,10 @@ def test_grpc_register_infer_status_unregister(served: Any, regions: Regions) ->
     inputs[1].set_shared_memory("in", NBYTES, offset=NBYTES)
     answer = client.infer("simple", inputs, outputs=outputs).get_response()
     assert [len(raw) for raw in answer.raw_output_contents] == [NBYTES, 0]
+    # ... and outputs in the body come raw too (tritonclient reads only raw_output_contents).
+    plain = [grpcclient.InferRequestedOutput(n) for n in ("OUTPUT0", "OUTPUT1")]
+    result = client.infer("simple", inputs, outputs=plain)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), A - B)
 
     with pytest.raises(InferenceServerException) as err:
         client.register_system_shared_memory("in", in_key, NBYTES)
