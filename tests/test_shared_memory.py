@@ -546,6 +546,13 @@ def test_a_shrunk_object_is_refused_not_read(regions: Regions, tmp_path: Path) -
     registry.close()
     with pytest.raises(SharedMemoryError, match="invalid key"):
         registry.register("s", "/a/b", 0, 1)
+    (tmp_path / "link").symlink_to(target)  # a link could point anywhere: not followed
+    with pytest.raises(SharedMemoryError, match="Unable to open shared memory region: '/link'"):
+        registry.register("s", "/link", 0, 1)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(SharedMemoryError, match="Unable to open|not a shared memory object"):
+        registry.register("s", "dir", 0, 1)
+    assert registry.status() == []
 
 
 def test_bytes_tensors_in_shared_memory(regions: Regions) -> None:
