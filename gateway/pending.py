@@ -32,6 +32,7 @@ from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, QueueFu
 from gateway.protocol.tensors import tensor_from_buffer
 from gateway.protocol.types import InferRequest, InferResponse, datatype_of, numpy_dtype
 from gateway.repository.config import ModelConfig
+from gateway.shared_memory import write_outputs
 
 if TYPE_CHECKING:
     from gateway.batching import Queued
@@ -234,6 +235,8 @@ class Pending:
             response = response_of(
                 self.name, lv.version, lv.config, request, future.result(), lv.labels
             )
+            if request.shared_targets:
+                write_outputs(request, response)  # into the client's shared memory
         except Exception as error:  # a backend that left out an output asked for
             self.settle(error=error, execution=queued.execution)
             return

@@ -6,8 +6,8 @@ them at a pinned tag into ``.cache/triton_examples`` (or ``TRITON_EXAMPLES_DIR``
 skips, saying so, where a script is not there (no network here). The repository holds the models
 they use (Triton's ``simple`` and ``simple_string``) and as many models as the model-control
 scripts count (read from the script). The gateway names itself "triton", as the health/metadata
-scripts check. The system shared-memory scripts run once the gateway advertises that extension,
-and are pending until then.
+scripts check. The system shared-memory scripts run where the gateway advertises that extension
+(it does since the shared-memory work merged).
 """
 
 from __future__ import annotations
