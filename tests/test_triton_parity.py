@@ -542,6 +542,8 @@ def test_statistics_have_tritons_fields(gw: GatewayProcess, gw_grpc: str) -> Non
     assert stats["last_inference"] > 1_600_000_000_000  # ms since the epoch
     sizes = {b["batch_size"]: b for b in stats["batch_stats"]}
     assert sizes[2]["compute_infer"]["count"] >= 1 and sizes[2]["compute_infer"]["ns"] > 0
+    for kind in ("compute_input", "compute_infer", "compute_output"):  # measured, not zeros
+        assert stats["inference_stats"][kind]["ns"] > 0, kind
     grpc_stats = grpcclient.InferenceServerClient(gw_grpc).get_inference_statistics(
         "simple", as_json=True
     )
@@ -590,3 +592,32 @@ def test_a_full_queue_is_unavailable_over_grpc_as_over_rest() -> None:
 
     full = QueueFull("Exceeds maximum queue size")
     assert (grpc_status(full), http_status(full)) == (grpc.StatusCode.UNAVAILABLE, 503)
+
+
+async def test_each_request_of_a_batch_counts_the_whole_execution() -> None:
+    """Triton 2.51: a batch of two that ran 0.6 s added 1.2 s to the model's compute_infer
+    (count 2) and 0.6 s to batch size 2's (count 1); perf_analyzer divides by the count."""
+
+    now = [100.0]  # the batcher's clock: a run moves it by the 0.5 s it reports
+
+    async def slow(inputs: dict[str, Any], outputs: Any, deadline_s: Any = None) -> Executed:
+        now[0] += 0.5
+        return Executed({"Y": inputs["X"]}, "", 0.5, input_s=0.125, output_s=0.0625)
+
+    stats = ModelStats("m", "1")
+    policy = BatchPolicy(max_batch_size=8, preferred_batch_sizes=(2,), max_queue_delay_s=1.0)
+    batcher = Batcher(slow, ["Y"], policy, stats, clock=lambda: now[0])
+    row = {"X": np.ones((1, 2), np.float32)}
+    items = [batcher.enqueue(row), batcher.enqueue(row)]
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 5.0)
+    await batcher.close(drain_timeout_s=1.0)
+    as_dict = stats.to_dict()
+    model, (batch,) = as_dict["inference_stats"], as_dict["batch_stats"]
+    assert batch["batch_size"] == 2
+    for kind, each_ns in (
+        ("compute_input", 125_000_000),
+        ("compute_infer", 312_500_000),
+        ("compute_output", 62_500_000),
+    ):
+        assert model[kind] == {"count": 2, "ns": 2 * each_ns}, kind
+        assert batch[kind] == {"count": 1, "ns": each_ns}, kind

@@ -427,7 +427,9 @@ class OnnxRuntimeBackend(Backend):
     def instance_count(self) -> int:
         return self._count
 
-    def _run(self, inputs: Tensors, outputs: Sequence[str]) -> tuple[Tensors, float]:
+    def _run(self, inputs: Tensors, outputs: Sequence[str]) -> Executed:
+        """One run: the outputs, and how long it took (of which, handing the inputs over and
+        reading the outputs back: Triton's compute_input and compute_output)."""
         session = self._free.get()
         started = time.perf_counter()
         try:
@@ -435,22 +437,25 @@ class OnnxRuntimeBackend(Backend):
             for name, array in inputs.items():
                 feeds[name], as_bytes = _to_ort(array)
                 raw = raw or as_bytes
+            fed = time.perf_counter()
             results = session.run(list(outputs), feeds)
         finally:
             self._free.put(session)
+        ran = time.perf_counter()
         named = {name: _from_ort(value, raw) for name, value in zip(outputs, results, strict=True)}
-        return named, time.perf_counter() - started
+        done = time.perf_counter()
+        return Executed(named, "", done - started, fed - started, done - ran)
 
     def run_sync(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
         """Blocking execution, for warm-up and benchmarks."""
-        return self._run(inputs, outputs)[0]
+        return self._run(inputs, outputs).outputs
 
     async def execute(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
     ) -> Executed:
         loop = asyncio.get_running_loop()
         try:
-            result, seconds = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
+            ran = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
         except Exception as exc:  # ORT raises its own exception types
             if isinstance(exc, EPFail) or (self._on_gpu and _DEVICE_FAILURE.search(str(exc))):
                 raise self._device_failed(exc) from None
@@ -459,7 +464,7 @@ class OnnxRuntimeBackend(Backend):
                     f"model '{self._config.name}' rejected the input: {exc}"
                 ) from None
             raise
-        return Executed(result, compute_s=seconds)
+        return ran
 
     def _device_failed(self, exc: Exception) -> Unavailable:
         """A run the execution provider failed (fallback is off): the server's fault (503),

@@ -48,6 +48,10 @@ class Executed:
     outputs: Tensors
     host: str = ""
     compute_s: float | None = None
+    # Of compute_s, the time spent handing inputs to the runtime and reading its outputs
+    # (Triton's compute_input / compute_output), when the backend knows.
+    input_s: float = 0.0
+    output_s: float = 0.0
 
 
 Execute = Callable[[Tensors, Sequence[str], float | None], Awaitable[Executed]]
@@ -324,7 +328,9 @@ class Batcher:
                 for item in batch:
                     item.queue_ns += waited_ns
                     self._stats.record_queue(waited_ns, count=0)
-            self._stats.record_execution(rows, len(batch), compute_ns)
+            self._stats.record_execution(
+                rows, len(batch), compute_ns, int(ran.input_s * 1e9), int(ran.output_s * 1e9)
+            )
             host = ran.host
             for item in batch:
                 item.execution = context.Execution(rows, item.queue_ns, compute_ns, host)
