@@ -246,3 +246,20 @@ input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 """
     return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)
+
+
+def bytes_identity(repo: Path, name: str = "simple_identity") -> Path:
+    """Triton's ``simple_identity``: BYTES INPUT0 [-1, -1] -> OUTPUT0, unchanged."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        name,
+        [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["batch", "n"])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["batch", "n"])],
+    )
+    config = f"""
+name: "{name}"
+max_batch_size: 8
+input [ {{ name: "INPUT0" data_type: TYPE_STRING dims: [ -1 ] }} ]
+output [ {{ name: "OUTPUT0" data_type: TYPE_STRING dims: [ -1 ] }} ]
+"""
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)

@@ -4,10 +4,10 @@ The scripts are NVIDIA's (triton-inference-server/client, src/python/examples, B
 third-party test inputs rather than the project's code: ``scripts/triton_examples.sh`` fetches
 them at a pinned tag into ``.cache/triton_examples`` (or ``TRITON_EXAMPLES_DIR``), and each test
 skips, saying so, where a script is not there (no network here). The repository holds the models
-they use (Triton's ``simple`` and ``simple_string``) and as many models as the model-control
-scripts count (read from the script). The gateway names itself "triton", as the health/metadata
-scripts check. The system shared-memory scripts run where the gateway advertises that extension
-(it does since the shared-memory work merged).
+they use (Triton's ``simple``, ``simple_string`` and ``simple_identity``) and as many models as
+the model-control scripts count (read from the script). The gateway names itself "triton", as
+the health/metadata scripts check. The system shared-memory scripts run where the gateway
+advertises that extension (it does since the shared-memory work merged).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _models_counted() -> int:
         for match in [_COUNT.search((EXAMPLES / name).read_text())]
         if match is not None
     ]
-    return max(counts, default=2)
+    return max(counts, default=3)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayPr
     repo = tmp_path_factory.mktemp("examples-repo")
     models.add_sub(repo, "simple")
     models.string_add_sub(repo, "simple_string")
-    for index in range(_models_counted() - 2):
+    models.bytes_identity(repo, "simple_identity")  # the string examples' second model
+    for index in range(_models_counted() - 3):
         models.add_sub(repo, f"filler_{index}")
     grpc_port = free_port()
     gateway = start_gateway(
