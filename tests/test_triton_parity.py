@@ -621,3 +621,30 @@ async def test_each_request_of_a_batch_counts_the_whole_execution() -> None:
     ):
         assert model[kind] == {"count": 2, "ns": 2 * each_ns}, kind
         assert batch[kind] == {"count": 1, "ns": each_ns}, kind
+
+
+def test_model_control_over_grpc_as_tritons_example_does_it(
+    parity_repo: Path, tmp_path: Path
+) -> None:
+    """The steps of Triton's ``simple_grpc_model_control.py``: a bad override config and an
+    unknown model both say "failed to load"; a good override changes ``max_batch_size``."""
+    port = free_port()
+    gateway = start_gateway(parity_repo, tmp_path, "--grpc-port", str(port))
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        client.load_model("simple")
+        assert client.is_model_ready("simple")
+        with pytest.raises(InferenceServerException) as bad:
+            client.load_model(
+                "simple", config='"parameters": {"config": {{"max_batch_size": "16"}}}'
+            )
+        assert "failed to load" in bad.value.message()
+        client.load_model("simple", config='{"max_batch_size":"16"}')
+        assert client.get_model_config("simple").config.max_batch_size == 16
+        client.unload_model("simple")
+        assert not client.is_model_ready("simple")
+        with pytest.raises(InferenceServerException) as unknown:
+            client.load_model("wrong_model_name")
+        assert "failed to load" in unknown.value.message()
+    finally:
+        gateway.stop()
