@@ -143,7 +143,7 @@ def test_under_overload_the_low_priority_is_shed_and_the_high_keeps_its_latency(
     """Open-loop load at a rate set from one request's latency L (so that it holds on a slow
     or busy machine): high priority at 0.25/L, low priority at 0.6/L, then tripled to 1.8/L,
     beyond what the model sustains. The high priority's requests all succeed and its p99 stays
-    within 4 L of the first phase's, while the low priority's queue fills and sheds (503);
+    within 6 L of the first phase's, while the low priority's queue fills and sheds (503);
     with one level for both, the high priority would queue behind 24 low requests (~24 L)."""
     url = f"{server.url}/v2/models/heavy/infer"
     latencies = []
@@ -176,4 +176,6 @@ def test_under_overload_the_low_priority_is_shed_and_the_high_keeps_its_latency(
         assert high.count(200) == len(high.statuses), (name, summary)
     before, tripled = summary["before"], summary["tripled"]
     assert tripled["low_shed"] > 0, summary
-    assert tripled["high_p99_ms"] <= before["high_p99_ms"] + 4 * one_s * 1e3, summary
+    # Loose enough for a busy machine (L drifts between phases), far below the ~24 L that
+    # one shared level costs the high priority.
+    assert tripled["high_p99_ms"] <= before["high_p99_ms"] + 6 * one_s * 1e3, summary

@@ -58,6 +58,10 @@ class Executed:
     outputs: Tensors
     host: str = ""
     compute_s: float | None = None
+    # Of compute_s, the time spent handing inputs to the runtime and reading its outputs
+    # (Triton's compute_input / compute_output), when the backend knows.
+    input_s: float = 0.0
+    output_s: float = 0.0
 
 
 Execute = Callable[[Tensors, Sequence[str], float | None], Awaitable[Executed]]
@@ -190,6 +194,9 @@ class Batcher:
         self._busy_s = 0.0
         self._outstanding = 0
         self._busy_since: float | None = None
+        # Requests per priority level taken into the batch being formed, not sent yet: they
+        # still count against their level's bound, as in Triton's queue.
+        self._held: dict[int, int] = {}
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self._scheduler = self._loop.create_task(self._schedule())
@@ -261,7 +268,10 @@ class Batcher:
             inputs, rows, signature(inputs), future, now, deadline_s, request_id,
             level=level, delay_at_s=delay_at_s,
         )  # fmt: skip
-        self._queue.append(item)
+        # The batch being formed still counts: its requests wait as those queued do, and
+        # Triton's queue holds them until the batch is sent (``max_queue_size`` admits that
+        # many waiting requests, not one more).
+        self._queue.append(item, self._held.get(level, 0))
         self._outstanding += 1
         if self._busy_since is None:
             self._busy_since = now  # a busy period starts: this arrival found it idle
@@ -313,6 +323,7 @@ class Batcher:
                 await self._arrived.wait()
                 first = self._take_live()
             batch, rows = [first], first.rows
+            self._held = {first.level: 1}
             if policy.max_batch_size > 1:
                 give_up_s = first.enqueued_s + policy.max_queue_delay_s
                 while rows < policy.max_batch_size:
@@ -331,6 +342,7 @@ class Batcher:
                             break
                         self._queue.popleft()
                         batch.append(head)
+                        self._held[head.level] = self._held.get(head.level, 0) + 1
                         rows += head.rows
                         continue
                     if self._closed:
@@ -366,9 +378,13 @@ class Batcher:
                         async with asyncio.timeout(wait_s):
                             await self._arrived.wait()
                     self._forming = None
+            self._held = {}
             task = self._loop.create_task(self._run(batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+            # Hold no request past its batch while waiting for the next one: its inputs may be
+            # views of a client's shared memory, unmapped only once the last view goes.
+            batch = first = head = None  # type: ignore[assignment]
 
     async def _run(self, batch: list[Queued], rows: int) -> None:
         released = False
@@ -420,7 +436,9 @@ class Batcher:
                 for item in batch:
                     item.queue_ns += waited_ns
                     self._stats.record_queue(waited_ns, count=0)
-            self._stats.record_execution(rows, len(batch), compute_ns)
+            self._stats.record_execution(
+                rows, len(batch), compute_ns, int(ran.input_s * 1e9), int(ran.output_s * 1e9)
+            )
             host = ran.host
             for item in batch:
                 item.execution = context.Execution(rows, item.queue_ns, compute_ns, host)

@@ -74,10 +74,11 @@ class PriorityQueue:
     def policy(self, level: int) -> QueuePolicy:
         return self._levels[level].policy
 
-    def append(self, item: Queued) -> None:
-        """Queue ``item`` at the back of its level; ``QueueFull`` when that level is full."""
+    def append(self, item: Queued, held: int = 0) -> None:
+        """Queue ``item`` at the back of its level; ``QueueFull`` when that level is full,
+        counting ``held`` more of its requests (taken into a batch being formed)."""
         level = self._levels[item.level]
-        if len(level) >= level.policy.max_queue_size:
+        if len(level) + held >= level.policy.max_queue_size:
             raise QueueFull("Exceeds maximum queue size", retry_after_s=1.0)
         level.waiting.append(item)
         self._size += 1
