@@ -1337,3 +1337,21 @@ async def test_a_dropped_request_counts_once_so_busy_periods_still_end() -> None
         clock.now_s = 110.0  # idle
         assert batcher.arrival_rate() == rate > 0, max_batch_size
         await batcher.close()
+
+
+async def test_the_batch_being_formed_counts_against_its_own_level() -> None:
+    """Level 3 holds two: one waiting in the batch being formed and one queued fill it (as
+    Triton's queue holds a request until its batch is sent); level 1 still takes requests."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    policy = levels_policy(max_batch_size=4, max_queue_delay_s=DELAY_S, adaptive_delay=False)
+    batcher, _ = make(policy, backend, clock)
+    low = [batcher.enqueue(row(3), priority=3)]
+    await ticks()  # taken into the batch being formed, waiting for company
+    low.append(batcher.enqueue(row(3), priority=3))
+    with pytest.raises(QueueFull):
+        batcher.enqueue(row(3), priority=3)
+    high = batcher.enqueue(row(1), priority=1)
+    clock.now_s += DELAY_S
+    await asyncio.wait_for(asyncio.gather(high.future, *(i.future for i in low)), 1.0)
+    await batcher.close()
