@@ -45,6 +45,7 @@ from gateway.repository.local import (
     locate_versions,
 )
 from gateway.repository.pushed import write_pushed_files
+from gateway.response_cache import ResponseCache, build_cache
 from gateway.settings import Settings
 from gateway.stats import ModelStats
 
@@ -136,17 +137,23 @@ class DataPlane:
         clock: Callable[[], float] = time.monotonic,
         forwarder: Forwarder | None = None,
         metric_sources: Sequence[Source] = (),
+        cache: ResponseCache | None = None,
     ) -> None:
         """``clock`` (monotonic seconds) times deadlines and batching; ``forwarder`` serves
         requests while their model is fetched on first use; ``metric_sources`` add other
-        parts' families to ``/metrics`` (the factory's own are added here)."""
+        parts' families to ``/metrics`` (the factory's own are added here); ``cache``: the
+        response cache (by default the one the settings ask for, if any)."""
         self.settings = settings
         self.repository = repository
         self.factory = factory
         self.clock = clock
         self.forwarder = forwarder
         self.models: dict[str, ModelEntry] = {}
-        self.metrics = Metrics(self, (factory.metric_families, *metric_sources))
+        self.cache = cache if cache is not None else build_cache(settings)
+        sources = (factory.metric_families, *metric_sources)
+        if self.cache is not None:
+            sources += (self.cache.metric_families,)
+        self.metrics = Metrics(self, sources)
         self.started = False
         self.draining = False
         self._loads: dict[str, asyncio.Future[None]] = {}  # loads started by a request
@@ -177,6 +184,8 @@ class DataPlane:
             entry.reason = "server shutting down"
             if entry.scratch is not None:
                 shutil.rmtree(entry.scratch, ignore_errors=True)
+        if self.cache is not None:
+            await self.cache.close()
 
     async def _retire(self, versions: list[LoadedVersion]) -> None:
         for lv in versions:
@@ -369,10 +378,23 @@ class DataPlane:
             if lv is None:
                 pending.start_task(self._serve_cold(pending, version, deadline_s, request_id))
             else:
-                pending.enqueue(lv, deadline_s, request_id)
+                self._admit(pending, lv, deadline_s, request_id)
         except Exception as exc:
             pending.settle(error=exc)
         return pending
+
+    def _admit(
+        self,
+        pending: Pending,
+        lv: LoadedVersion,
+        deadline_s: float | None,
+        request_id: str | None,
+    ) -> None:
+        """Queue ``pending`` for ``lv``'s batches, unless the response cache answers it."""
+        if self.cache is not None and lv.config.response_cache:
+            self.cache.serve(pending, lv, lambda: pending.enqueue(lv, deadline_s, request_id))
+        else:
+            pending.enqueue(lv, deadline_s, request_id)
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """``await submit(...)``, for in-process callers that want a coroutine."""
@@ -395,7 +417,7 @@ class DataPlane:
                 if await self._forward(self.forwarder, pending, version, deadline_s):
                     return
             lv = await self._loaded(name, version, deadline_s)
-            pending.enqueue(lv, deadline_s, request_id)
+            self._admit(pending, lv, deadline_s, request_id)
         except Exception as exc:
             pending.settle(error=exc)
         except asyncio.CancelledError:  # by ``pending.cancel`` (then a no-op), or the loop's end

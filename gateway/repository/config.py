@@ -97,6 +97,7 @@ class ModelConfig:
     dynamic_batching: DynamicBatching | None = None
     default_model_filename: str = DEFAULT_MODEL_FILENAME
     parameters: tuple[tuple[str, str], ...] = ()
+    response_cache: bool = False  # ``response_cache { enable: true }``: answers are cached
     # Tensors by name, for the per-request lookups.
     _inputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
     _outputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
@@ -171,6 +172,8 @@ class ModelConfig:
                     "default_timeout_microseconds": db.default_timeout_us,
                 }
             result["dynamic_batching"] = batching
+        if self.response_cache:
+            result["response_cache"] = {"enable": True}
         return result
 
 
@@ -292,6 +295,7 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
         dynamic_batching=batching,
         default_model_filename=filename,
         parameters=params,
+        response_cache=bool(pb.response_cache.enable),
     )
 
 
