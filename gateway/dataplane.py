@@ -47,6 +47,7 @@ from gateway.repository.local import (
 from gateway.repository.pushed import write_pushed_files
 from gateway.response_cache import ResponseCache, build_cache
 from gateway.settings import Settings
+from gateway.splits import HeaderLookup, VersionSplits
 from gateway.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,13 @@ class DataPlane:
         forwarder: Forwarder | None = None,
         metric_sources: Sequence[Source] = (),
         cache: ResponseCache | None = None,
+        splits: VersionSplits | None = None,
     ) -> None:
         """``clock`` (monotonic seconds) times deadlines and batching; ``forwarder`` serves
         requests while their model is fetched on first use; ``metric_sources`` add other
         parts' families to ``/metrics`` (the factory's own are added here); ``cache``: the
-        response cache (by default the one the settings ask for, if any)."""
+        response cache (by default the one the settings ask for, if any); ``splits``: traffic
+        splits between versions (by default the settings' ``version_weights``)."""
         self.settings = settings
         self.repository = repository
         self.factory = factory
@@ -153,6 +156,8 @@ class DataPlane:
         sources = (factory.metric_families, *metric_sources)
         if self.cache is not None:
             sources += (self.cache.metric_families,)
+        self.splits = splits if splits is not None else VersionSplits(settings.version_weights)
+        sources += (self.splits.metric_families,)
         self.metrics = Metrics(self, sources)
         self.started = False
         self.draining = False
@@ -353,6 +358,7 @@ class DataPlane:
         version: str | None,
         request: InferRequest | Callable[[], InferRequest],
         request_id: str | None = None,
+        header: HeaderLookup | None = None,
     ) -> Pending:
         """Run one inference request: the only way in for every front end.
 
@@ -366,9 +372,15 @@ class DataPlane:
 
         The returned :class:`Pending` may be done already (an error found on the spot). A
         request to a loaded model never needs a task: the batch's end, or a timer for its
-        deadline, ends it. Only a request that must wait for a load first runs in one."""
+        deadline, ends it. Only a request that must wait for a load first runs in one.
+
+        A request that names no version follows its model's traffic split, if it has one
+        (``header`` looks up the sticky header), and may be copied to a shadow version."""
         pending = Pending(name)
+        shadow = 0
         try:
+            if version is None and self.splits:
+                version, shadow = self._split(name, header)
             cold = self._cold(name)
             lv = None if cold else self._resolve(name, version)  # 404 / 503 before decoding
             decoded = request if isinstance(request, InferRequest) else request()
@@ -379,9 +391,26 @@ class DataPlane:
                 pending.start_task(self._serve_cold(pending, version, deadline_s, request_id))
             else:
                 self._admit(pending, lv, deadline_s, request_id)
+            if shadow:
+                self._shadow(name, shadow, decoded)
         except Exception as exc:
             pending.settle(error=exc)
         return pending
+
+    def _split(self, name: str, header: HeaderLookup | None) -> tuple[str | None, int]:
+        entry = self.models.get(name)
+        return self.splits.route(name, entry.versions if entry is not None else (), header)
+
+    def _shadow(self, name: str, version: int, request: InferRequest) -> None:
+        """A copy of ``request`` to ``version``: answer dropped, latency and outcome kept."""
+        started_s = time.perf_counter()
+        copy = self.submit(name, str(version), request)
+
+        def done(shadow: Pending) -> None:
+            error = shadow.error if not shadow.cancelled() else Unavailable("cancelled")
+            self.splits.shadow_done(name, version, time.perf_counter() - started_s, error)
+
+        copy.add_done_callback(done)
 
     def _admit(
         self,

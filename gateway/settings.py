@@ -153,6 +153,11 @@ class Settings:
     response_cache_redis_timeout_s: float = 0.05
     response_cache_redis_ttl_s: float = 0.0  # 0: entries never expire (Redis' maxmemory evicts)
     response_cache_redis_prefix: str = "gateway:response:"
+    # Traffic splits between versions (``[[version_weights]]`` tables, file only): model,
+    # weights = {"1" = 90, "2" = 10}, sticky_header (same value, same version), shadow (a
+    # version that gets a copy of each request, answer dropped), shadow_fraction. Changed at
+    # run time with the admin API (/admin/splits).
+    version_weights: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not 0 <= self.admin_port < 65536 or (self.admin_port and self.admin_port == self.port):
@@ -317,7 +322,7 @@ def load_settings(
             values[key] = _coerce(key, value, known[key])
     for key, kind in known.items():
         env_value = env.get(f"GATEWAY_{key.upper()}")
-        if env_value is not None and key != "hosts":
+        if env_value is not None and key not in ("hosts", "version_weights"):
             values[key] = _coerce(key, env_value, kind)
     for key, value in (overrides or {}).items():
         if value is None:

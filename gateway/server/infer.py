@@ -164,7 +164,7 @@ class HotPath:
         except Exception as exc:
             answer = self._reply(call, exc)
         else:
-            pending = self.dataplane.submit(name, version, call, call.rid)
+            pending = self.dataplane.submit(name, version, call, call.rid, call.header_value)
             if not pending.done():
                 watch = DisconnectWatch(pending, receive, hooks)
                 try:
@@ -193,7 +193,7 @@ class HotPath:
         coroutines it resumes twice, cost the event loop about as much as parsing the request;
         what must wait in a task (for a model still loading) waits in the data plane's."""
         call = _Call(exchange.headers, *route, bytes(exchange.body))
-        pending = self.dataplane.submit(call.name, call.version, call, call.rid)
+        pending = self.dataplane.submit(call.name, call.version, call, call.rid, call.header_value)
         # A caller that leaves gives up its place (``_raw_done`` unsets it, at once if done).
         exchange.hooks.on_lost = pending.cancel
         pending.add_done_callback(functools.partial(self._raw_done, exchange, call))
@@ -266,7 +266,9 @@ class _Call:
     arrived, and its body. Called, it decodes the body: the decoder ``DataPlane.submit`` calls
     once the model is known."""
 
-    __slots__ = ("body", "declared", "header", "name", "rid", "started_ns", "version")
+    __slots__ = (
+        "body", "declared", "header", "headers", "name", "rid", "started_ns", "version",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -279,6 +281,7 @@ class _Call:
         self.name = name
         self.version = version
         self.body = body  # the ASGI path sets it once read
+        self.headers = request_headers  # kept for ``header_value`` (a split's sticky header)
         declared = header = rid = None
         for key, value in request_headers:
             if key == b"content-length":
@@ -290,6 +293,14 @@ class _Call:
         self.declared: bytes | None = declared
         self.header: bytes | None = header
         self.rid: str = rid or context.new_request_id()
+
+    def header_value(self, name: str) -> str | None:
+        """The request header ``name`` (lower case), for the data plane."""
+        wanted = name.encode("latin-1")
+        for key, value in self.headers:
+            if key == wanted:
+                return value.decode("latin-1")
+        return None
 
     @property
     def log_fields(self) -> dict[str, Any]:
