@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import shutil
 import time
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 from gateway import __version__, context
 from gateway.backends.base import Backend, BackendFactory, Tensors
 from gateway.batching import Batcher, BatchPolicy
+from gateway.ensemble import EnsembleBackend, run_ensemble
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -419,9 +421,24 @@ class DataPlane:
         deadline_s: float | None,
         request_id: str | None,
     ) -> None:
-        """Queue ``pending`` for ``lv``'s batches, unless the response cache answers it."""
+        """Queue ``pending`` for ``lv``'s batches, unless the response cache answers it; an
+        ensemble's request runs its steps, each through ``submit``."""
         if self.cache is not None and lv.config.response_cache:
-            self.cache.serve(pending, lv, lambda: pending.enqueue(lv, deadline_s, request_id))
+            run = functools.partial(self._run, pending, lv, deadline_s, request_id)
+            self.cache.serve(pending, lv, run)
+        else:
+            self._run(pending, lv, deadline_s, request_id)
+
+    def _run(
+        self,
+        pending: Pending,
+        lv: LoadedVersion,
+        deadline_s: float | None,
+        request_id: str | None,
+    ) -> None:
+        if lv.config.is_ensemble:
+            steps = run_ensemble(self.submit, pending, lv, deadline_s, self.clock, request_id)
+            pending.start_task(steps)
         else:
             pending.enqueue(lv, deadline_s, request_id)
 
@@ -568,7 +585,10 @@ class DataPlane:
         new: dict[int, LoadedVersion] = {}
         try:
             for version in source.version_paths:
-                backend = await self.factory.load(source, version)
+                if source.config.is_ensemble:  # its steps are other models: nothing to load
+                    backend: Backend = EnsembleBackend(source.config)
+                else:
+                    backend = await self.factory.load(source, version)
                 stats = ModelStats(name, str(version))
                 batcher = Batcher(
                     backend.execute,

@@ -1,0 +1,202 @@
+"""Ensembles: Triton's ``platform: "ensemble"`` with ``ensemble_scheduling`` steps.
+
+An ensemble is not a model that runs; it is a DAG of other models. Each step is an ordinary
+request to its model through the data plane's ``submit`` (so it is batched with that model's
+other traffic and routed to whichever host serves it, the response cache and version splits
+included), started as soon as every tensor it takes exists. Intermediate tensors stay in this
+process as numpy arrays. An error names the step that failed.
+
+Statistics are Triton's for an ensemble: one success or failure per request with its whole
+duration, and the steps' queue and compute times summed into the ensemble's; the steps' own
+statistics count under their own models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gateway.backends.base import Backend, Executed, Tensors
+from gateway.context import Execution
+from gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    InvalidInput,
+    ModelNotFound,
+    Unavailable,
+)
+from gateway.pending import Pending, failure_reason, response_of, validate
+from gateway.protocol.types import InferRequest, RequestedOutput
+from gateway.repository.config import EnsembleStep, ModelConfig
+
+if TYPE_CHECKING:
+    from gateway.dataplane import LoadedVersion
+
+Submit = Callable[[str, str | None, InferRequest, str | None], Pending]
+
+__all__ = ["EnsembleBackend", "StepFailed", "run_ensemble"]
+
+
+class StepFailed(GatewayError):
+    """A step of an ensemble failed with something other than a gateway error (a bug)."""
+
+
+class EnsembleBackend(Backend):
+    """What the data plane holds for an ensemble version: its config, nothing to execute."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self._config = config
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._config
+
+    @property
+    def instance_count(self) -> int:
+        return 1
+
+    async def execute(
+        self, inputs: Tensors, output_names: Sequence[str], deadline_s: float | None = None
+    ) -> Executed:
+        raise GatewayError(f"ensemble '{self._config.name}' runs its steps, not a batch")
+
+    async def close(self) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"ensemble_steps": [s.model_name for s in self._config.ensemble_steps]}
+
+
+def _step_error(index: int, step: EnsembleStep, ensemble: str, exc: BaseException) -> Exception:
+    """The step's error, its class kept (so its status is the same), naming the step; a step
+    model that is not there makes the ensemble unavailable, not unknown."""
+    text = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+    message = f"ensemble '{ensemble}' step {index} ('{step.model_name}') failed: {text}"
+    if isinstance(exc, ModelNotFound):
+        return Unavailable(message)
+    if isinstance(exc, GatewayError):
+        error = copy.copy(exc)  # the same class and attributes (retry_after_s)
+        error.message = message
+        error.args = (message,)
+        return error
+    return StepFailed(message)
+
+
+async def run_ensemble(
+    submit: Submit,
+    pending: Pending,
+    lv: LoadedVersion,
+    deadline_s: float | None,
+    clock: Callable[[], float],
+    request_id: str | None,
+) -> None:
+    """Run ``pending`` (a request to ensemble ``lv``) step by step, and end it."""
+    started_ns = time.perf_counter_ns()
+    steps_started: dict[int, Pending] = {}
+    try:
+        request = pending.request
+        assert request is not None
+        inputs, rows = validate(lv.config, request)
+        left_s = None if deadline_s is None else max(0.0, deadline_s - clock())
+        try:
+            async with asyncio.timeout(left_s):
+                tensors, queue_ns, compute_ns = await _steps(
+                    submit, pending.name, lv, inputs, deadline_s, clock, request_id, steps_started
+                )
+        except TimeoutError:
+            raise DeadlineExceeded("Request timeout expired") from None
+        outputs = {t.name: tensors[t.name] for t in lv.config.outputs}
+        response = response_of(pending.name, lv.version, lv.config, request, outputs)
+    except asyncio.CancelledError:  # the caller went away (Pending.cancel), or the loop ends
+        for step in steps_started.values():
+            step.cancel()
+        pending.settle(error=Unavailable("server is shutting down", retry_after_s=1.0))
+        raise
+    except Exception as exc:
+        for step in steps_started.values():
+            step.cancel()
+        spent_ns = time.perf_counter_ns() - started_ns
+        reason = failure_reason(exc) if isinstance(exc, GatewayError) else "OTHER"
+        lv.stats.record_request(False, spent_ns, reason)
+        pending.settle(error=exc)
+        return
+    spent_ns = time.perf_counter_ns() - started_ns
+    lv.stats.record_request(True, spent_ns)
+    lv.stats.record_queue(queue_ns)
+    lv.stats.record_execution(rows if lv.config.batched else 1, 1, compute_ns)
+    pending.settle(response, execution=Execution(rows, queue_ns, compute_ns, "ensemble"))
+
+
+def _ended(
+    loop: asyncio.AbstractEventLoop, ended: asyncio.Queue[int], index: int, _: Pending
+) -> None:
+    loop.call_soon(ended.put_nowait, index)  # a done-callback may run inside submit
+
+
+async def _steps(
+    submit: Submit,
+    ensemble: str,
+    lv: LoadedVersion,
+    inputs: Tensors,
+    deadline_s: float | None,
+    clock: Callable[[], float],
+    request_id: str | None,
+    started: dict[int, Pending],
+) -> tuple[Tensors, int, int]:
+    """Every step, each as soon as its inputs exist; the ensemble's tensors at the end, and
+    the steps' queue and compute times summed."""
+    steps = lv.config.ensemble_steps
+    tensors: dict[str, np.ndarray[Any, Any]] = dict(inputs)
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Queue[int] = asyncio.Queue()
+    queue_ns = compute_ns = 0
+    done: set[int] = set()
+
+    def start_ready() -> None:
+        for index, step in enumerate(steps):
+            if index in started or any(t not in tensors for _, t in step.input_map):
+                continue
+            parameters: dict[str, Any] = {}
+            if deadline_s is not None:  # the time left, for the step's own deadline
+                parameters["timeout"] = max(1, int((deadline_s - clock()) * 1e6))
+            request = InferRequest(
+                inputs={name: tensors[tensor] for name, tensor in step.input_map},
+                outputs=[RequestedOutput(name) for name, _ in step.output_map],
+                parameters=parameters,
+            )
+            version = None if step.model_version < 0 else str(step.model_version)
+            step_pending = submit(step.model_name, version, request, request_id)
+            started[index] = step_pending
+            step_pending.add_done_callback(functools.partial(_ended, loop, ended, index))
+
+    start_ready()
+    while len(done) < len(steps):
+        if len(started) == len(done):  # nothing running and steps left: cannot happen for a
+            raise InvalidInput(f"ensemble '{ensemble}': steps left without their inputs")
+        index = await ended.get()
+        done.add(index)
+        step_pending, step = started[index], steps[index]
+        if step_pending.cancelled():
+            raise _step_error(index, step, ensemble, GatewayError("cancelled"))
+        outcome = step_pending.outcome()
+        if isinstance(outcome, Exception):
+            raise _step_error(index, step, ensemble, outcome)
+        for name, tensor in step.output_map:
+            array = outcome.outputs.get(name)
+            if array is None:
+                raise _step_error(
+                    index, step, ensemble, GatewayError(f"no output '{name}' in its answer")
+                )
+            tensors[tensor] = array
+        execution = step_pending.execution
+        if execution is not None:
+            queue_ns += execution.queue_ns
+            compute_ns += execution.compute_ns
+        start_ready()
+    return tensors, queue_ns, compute_ns
