@@ -246,11 +246,26 @@ class DataPlane:
         return entry is not None and bool(entry.versions)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        """Loaded, and (for remote backends that can tell) servable somewhere right now."""
+        """Loaded, and (for remote backends that can tell) servable somewhere right now; an
+        ensemble, as in Triton, only while every step is."""
+        return self._model_ready(name, version, ())
+
+    def _model_ready(self, name: str, version: str | None, within: tuple[str, ...]) -> bool:
         try:
             lv = self._resolve(name, version)
         except GatewayError:
             return False
+        if lv.config.is_ensemble:
+            if name in within:  # ensembles naming each other: never servable
+                return False
+            return all(
+                self._model_ready(
+                    step.model_name,
+                    None if step.model_version < 0 else str(step.model_version),
+                    (*within, name),
+                )
+                for step in lv.config.ensemble_steps
+            )
         return lv.backend.ready()
 
     # -- loading on first use (edge repositories) -------------------------------------------

@@ -14,6 +14,7 @@ statistics count under their own models.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import functools
 import time
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
     from gateway.dataplane import LoadedVersion
 
 Submit = Callable[[str, str | None, InferRequest, str | None], Pending]
+
+MAX_NESTING = 8  # ensembles of ensembles; deeper is taken for a cycle between them
+# How many ensembles enclose the running one: each runs in a task, which copies its context.
+_nesting: contextvars.ContextVar[int] = contextvars.ContextVar("ensemble_nesting", default=0)
 
 __all__ = ["EnsembleBackend", "StepFailed", "run_ensemble"]
 
@@ -99,7 +104,14 @@ async def run_ensemble(
     """Run ``pending`` (a request to ensemble ``lv``) step by step, and end it."""
     started_ns = time.perf_counter_ns()
     steps_started: dict[int, Pending] = {}
+    depth = _nesting.get() + 1
+    _nesting.set(depth)  # this task's own context
     try:
+        if depth > MAX_NESTING:
+            raise InvalidInput(
+                f"ensemble '{pending.name}' is nested in more than {MAX_NESTING} ensembles "
+                "(do ensembles name each other as steps?)"
+            )
         request = pending.request
         assert request is not None
         inputs, rows = validate(lv.config, request)

@@ -142,6 +142,8 @@ def dag_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
     )
     _write_ensemble(root, "orphan", _ensemble("orphan", [("missing", {"X": "IN"}, {"Y": "OUT"})]))
+    for name, other in (("loop_a", "loop_b"), ("loop_b", "loop_a")):  # name each other
+        _write_ensemble(root, name, _ensemble(name, [(other, {"IN": "IN"}, {"OUT": "OUT"})]))
     return root
 
 
@@ -253,6 +255,11 @@ async def test_errors_name_the_failing_step(dag_repo: Path) -> None:
             await dataplane.submit("orphan", None, InferRequest({"IN": _x()}))
         with pytest.raises(Exception, match="unexpected inference input"):
             await dataplane.submit("diamond", None, InferRequest({"NOPE": _x()}))
+        with pytest.raises(Exception, match="nested in more than 8 ensembles"):
+            await dataplane.submit("loop_a", None, InferRequest({"IN": _x()}))
+        assert dataplane.model_ready("diamond") and dataplane.model_ready("fails")
+        for unservable in ("orphan", "loop_a"):  # a step missing; a cycle
+            assert not dataplane.model_ready(unservable)
         stats = dataplane.model_stats("fails")["model_stats"][0]["inference_stats"]
         assert stats["fail"]["count"] == 1 and stats["success"]["count"] == 0
         # the deadline covers every step: a step that waits past it ends the ensemble with 504
