@@ -249,6 +249,10 @@ class Settings:
             raise SettingsError(
                 "response_cache_redis_url must be a redis://, rediss:// or unix:// URL"
             )
+        if self.version_weights:  # checked here, so a bad table stops the start with its reason
+            from gateway.splits import VersionSplits  # imports this module: only at call time
+
+            VersionSplits(self.version_weights)
         for name in ("api_keys", "admin_keys"):
             keys: tuple[str, ...] = getattr(self, name)
             # An empty key would match a request that sends no credential at all.

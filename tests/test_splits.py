@@ -254,3 +254,54 @@ def test_rollback_under_load_fails_no_request(ab_repo: Path, tmp_path: Path) -> 
         assert 'gateway_split_requests_total{model="ab",version="2"}' in metrics
     finally:
         gw.stop()
+
+
+def test_sticky_header_over_grpc_and_rest(ab_repo: Path, tmp_path: Path) -> None:
+    """The sticky header is read the same from gRPC metadata and HTTP headers: one user, one
+    version, whichever front end."""
+    import tritonclient.grpc as grpcclient
+
+    from tests.helpers import free_port
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        'warmup = false\n[[version_weights]]\nmodel = "ab"\nweights = { "1" = 50, "2" = 50 }\n'
+        'sticky_header = "x-user"\n'
+    )
+    grpc_port = free_port()
+    gw = start_gateway(ab_repo, tmp_path, "--config", str(config), "--grpc-port", str(grpc_port))
+    try:
+        rest = httpclient.InferenceServerClient(gw.address)
+        rpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        ones = np.ones((1, 16), np.int32)
+        rest_inputs, rpc_inputs = [], []
+        for name in ("INPUT0", "INPUT1"):
+            tensor = httpclient.InferInput(name, [1, 16], "INT32")
+            tensor.set_data_from_numpy(ones, binary_data=True)
+            rest_inputs.append(tensor)
+            rpc_tensor = grpcclient.InferInput(name, [1, 16], "INT32")
+            rpc_tensor.set_data_from_numpy(ones)
+            rpc_inputs.append(rpc_tensor)
+        seen: dict[str, set[str]] = {}
+        for user in range(12):
+            name = f"user-{user}"
+            for _ in range(3):  # (the HTTP client adds its own headers to the dict it gets)
+                by_rest = rest.infer("ab", rest_inputs, headers={"x-user": name}).get_response()
+                by_rpc = rpc.infer("ab", rpc_inputs, headers={"x-user": name}).get_response()
+                seen.setdefault(name, set()).update(
+                    {by_rest["model_version"], by_rpc.model_version}
+                )
+        assert all(len(versions) == 1 for versions in seen.values()), seen
+        assert set().union(*seen.values()) == {"1", "2"}  # 12 users land on both versions
+        rpc.close()
+    finally:
+        gw.stop()
+
+
+def test_a_bad_table_stops_the_start_with_its_reason(tmp_path: Path) -> None:
+    from gateway.settings import load_settings
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[[version_weights]]\nmodel = "ab"\nweights = { "one" = 1 }\n')
+    with pytest.raises(SettingsError, match="'one' is not a version"):
+        load_settings(config, env={})
