@@ -193,8 +193,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @contextlib.asynccontextmanager
 async def _replicas(repo: Path, url: str) -> AsyncIterator[tuple[DataPlane, DataPlane]]:
     """Two data planes sharing one Redis: two gateway replicas, in one loop."""
-    a = await _dataplane(repo, response_cache_redis_url=url)
-    b = await _dataplane(repo, response_cache_redis_url=url)
+    # A generous timeout: on a loaded machine 50 ms can pass, and a timeout is (rightly) a miss.
+    a = await _dataplane(repo, response_cache_redis_url=url, response_cache_redis_timeout_s=2.0)
+    b = await _dataplane(repo, response_cache_redis_url=url, response_cache_redis_timeout_s=2.0)
     try:
         yield a, b
     finally:
