@@ -7,8 +7,8 @@ included), started as soon as every tensor it takes exists. Intermediate tensors
 process as numpy arrays. An error names the step that failed.
 
 Statistics are Triton's for an ensemble: one success or failure per request with its whole
-duration, and the steps' queue and compute times summed into the ensemble's; the steps' own
-statistics count under their own models.
+duration, one execution of its rows, the wait before the first step as its queue time and the
+steps' whole time as its compute time; the steps' own statistics count under their own models.
 """
 
 from __future__ import annotations
@@ -116,13 +116,18 @@ async def run_ensemble(
         assert request is not None
         inputs, rows = validate(lv.config, request)
         left_s = None if deadline_s is None else max(0.0, deadline_s - clock())
+        steps_from_ns = time.perf_counter_ns()
         try:
             async with asyncio.timeout(left_s):
-                tensors, queue_ns, compute_ns = await _steps(
+                tensors = await _steps(
                     submit, pending.name, lv, inputs, deadline_s, clock, request_id, steps_started
                 )
         except TimeoutError:
             raise DeadlineExceeded("Request timeout expired") from None
+        # As Triton reports an ensemble: its queue is the wait before the first step, its
+        # compute the steps' whole time (their queues included), one execution per request.
+        queue_ns = steps_from_ns - started_ns
+        compute_ns = time.perf_counter_ns() - steps_from_ns
         outputs = {t.name: tensors[t.name] for t in lv.config.outputs}
         response = response_of(pending.name, lv.version, lv.config, request, outputs)
     except asyncio.CancelledError:  # the caller went away (Pending.cancel), or the loop ends
@@ -160,14 +165,12 @@ async def _steps(
     clock: Callable[[], float],
     request_id: str | None,
     started: dict[int, Pending],
-) -> tuple[Tensors, int, int]:
-    """Every step, each as soon as its inputs exist; the ensemble's tensors at the end, and
-    the steps' queue and compute times summed."""
+) -> Tensors:
+    """Every step, each as soon as its inputs exist; the ensemble's tensors at the end."""
     steps = lv.config.ensemble_steps
     tensors: dict[str, np.ndarray[Any, Any]] = dict(inputs)
     loop = asyncio.get_running_loop()
     ended: asyncio.Queue[int] = asyncio.Queue()
-    queue_ns = compute_ns = 0
     done: set[int] = set()
 
     def start_ready() -> None:
@@ -206,9 +209,5 @@ async def _steps(
                     index, step, ensemble, GatewayError(f"no output '{name}' in its answer")
                 )
             tensors[tensor] = array
-        execution = step_pending.execution
-        if execution is not None:
-            queue_ns += execution.queue_ns
-            compute_ns += execution.compute_ns
         start_ready()
-    return tensors, queue_ns, compute_ns
+    return tensors

@@ -222,7 +222,8 @@ async def test_steps_run_as_soon_as_their_inputs_exist(dag_repo: Path) -> None:
         assert all(calls[3][1][1:])  # add2 only once both had ended
         stats = {s["name"]: s for s in dataplane.model_stats()["model_stats"]}
         assert stats["diamond"]["inference_stats"]["success"]["count"] == 1
-        assert stats["diamond"]["inference_count"] == 2
+        assert stats["diamond"]["inference_count"] == 2  # rows, as Triton counts them
+        assert stats["diamond"]["execution_count"] == 1
         for step in ("double", "inc", "add2"):
             assert stats[step]["inference_stats"]["success"]["count"] == 1
         text = dataplane.metrics.render().decode()
@@ -391,7 +392,9 @@ def test_same_outputs_as_triton_serving_the_same_ensemble(
         gateway_stats = json.loads(get(f"{gw.url}/v2/models/mlp_pipeline/stats")[1])["model_stats"][
             0
         ]
-        for stats in (triton_stats, gateway_stats):
+        for stats in (triton_stats, gateway_stats):  # counted alike: requests, rows, executions
             assert int(stats["inference_stats"]["success"]["count"]) == 2
+            assert int(stats["inference_count"]) == 6 and int(stats["execution_count"]) == 2
+            assert [int(b["batch_size"]) for b in stats["batch_stats"]] == [1, 5]
     finally:
         gw.stop()
