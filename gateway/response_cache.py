@@ -322,10 +322,10 @@ class ResponseCache:
             batch = int(rows[0]) if rows else 1
             pending.settle(response, execution=context.Execution(batch, 0, 0, "cache"))
             return
+        run()  # a request its model refuses (raises here) is no miss: it was never servable
         self.misses += 1
         lv.stats.cache_miss.add(lookup_ns)
         pending.add_done_callback(lambda done: self._keep(done, lv, key))
-        run()
 
     def _keep(self, pending: Pending, lv: LoadedVersion, key: bytes) -> None:
         """A miss's end: store a successful answer; the time counts as the miss's."""

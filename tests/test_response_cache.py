@@ -172,6 +172,8 @@ async def test_failed_request_is_not_cached(cache_repo: Path) -> None:
             with pytest.raises(Exception, match="missing"):
                 await dataplane.infer("cached", None, bad)
         assert dataplane.cache is not None and len(dataplane.cache.store) == 0  # type: ignore[arg-type]
+        misses = _stats(dataplane, "cached")["inference_stats"]["cache_miss"]  # type: ignore[index]
+        assert misses["count"] == 0  # refused by the model: never a miss
     finally:
         await dataplane.stop()
 
