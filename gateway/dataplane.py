@@ -37,7 +37,7 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics, Source
 from gateway.pending import Pending
-from gateway.protocol.types import InferRequest, InferResponse
+from gateway.protocol.types import InferRequest, InferResponse, RequestedOutput
 from gateway.repository.config import ModelConfig, parse_json
 from gateway.repository.local import (
     LocalRepository,
@@ -49,6 +49,7 @@ from gateway.repository.local import (
 from gateway.repository.pushed import write_pushed_files
 from gateway.response_cache import ResponseCache, build_cache
 from gateway.settings import Settings
+from gateway.shared_memory import SharedMemoryRegistry, write_outputs
 from gateway.splits import HeaderLookup, VersionSplits
 from gateway.stats import ModelStats
 
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data"]
+EXTENSIONS.append("system_shared_memory")  # gateway/shared_memory.py
 
 
 @dataclass(slots=True)
@@ -140,12 +142,14 @@ class DataPlane:
         clock: Callable[[], float] = time.monotonic,
         forwarder: Forwarder | None = None,
         metric_sources: Sequence[Source] = (),
+        shared_memory: SharedMemoryRegistry | None = None,
         cache: ResponseCache | None = None,
         splits: VersionSplits | None = None,
     ) -> None:
         """``clock`` (monotonic seconds) times deadlines and batching; ``forwarder`` serves
         requests while their model is fetched on first use; ``metric_sources`` add other
-        parts' families to ``/metrics`` (the factory's own are added here); ``cache``: the
+        parts' families to ``/metrics`` (the factory's own are added here); ``shared_memory``
+        holds the clients' registered regions (a new, empty one by default); ``cache``: the
         response cache (by default the one the settings ask for, if any); ``splits``: traffic
         splits between versions (by default the settings' ``version_weights``)."""
         self.settings = settings
@@ -153,6 +157,9 @@ class DataPlane:
         self.factory = factory
         self.clock = clock
         self.forwarder = forwarder
+        self.shared_memory = shared_memory or SharedMemoryRegistry(
+            settings.shared_memory_max_regions
+        )
         self.models: dict[str, ModelEntry] = {}
         self.cache = cache if cache is not None else build_cache(settings)
         sources = (factory.metric_families, *metric_sources)
@@ -191,6 +198,7 @@ class DataPlane:
             entry.reason = "server shutting down"
             if entry.scratch is not None:
                 shutil.rmtree(entry.scratch, ignore_errors=True)
+        self.shared_memory.close()
         if self.cache is not None:
             await self.cache.close()
 
@@ -401,6 +409,8 @@ class DataPlane:
             cold = self._cold(name)
             lv = None if cold else self._resolve(name, version)  # 404 / 503 before decoding
             decoded = request if isinstance(request, InferRequest) else request()
+            if decoded.shared_inputs or decoded.outputs:  # shared memory: views, checked here
+                self.shared_memory.resolve(decoded)
             pending.request = decoded
             timeout_us = decoded.timeout_us
             deadline_s = self.clock() + timeout_us / 1e6 if timeout_us else None
@@ -421,7 +431,13 @@ class DataPlane:
     def _shadow(self, name: str, version: int, request: InferRequest) -> None:
         """A copy of ``request`` to ``version``: answer dropped, latency and outcome kept."""
         started_s = time.perf_counter()
-        copy = self.submit(name, str(version), request)
+        inputs = request.inputs
+        if request.shared_inputs:  # the client may reuse its region once answered: a copy
+            inputs = {n: a.copy() for n, a in inputs.items()}
+        outputs = [RequestedOutput(o.name) for o in request.outputs or ()] or None
+        # Nothing of the copy's answer reaches the client: no shared-memory outputs either.
+        twin = InferRequest(inputs, request.id, outputs, parameters=request.parameters)
+        copy = self.submit(name, str(version), twin)
 
         def done(shadow: Pending) -> None:
             error = shadow.error if not shadow.cancelled() else Unavailable("cancelled")
@@ -538,6 +554,8 @@ class DataPlane:
         response = InferResponse(
             model_name=name, model_version=str(served), outputs=chosen, id=request.id
         )
+        if request.shared_targets:
+            write_outputs(request, response)
         pending.settle(response, execution=execution)
         return True
 

@@ -35,6 +35,7 @@ from gateway.errors import (
 from gateway.pending import Pending, failure_reason, response_of, validate
 from gateway.protocol.types import InferRequest, RequestedOutput
 from gateway.repository.config import EnsembleStep, ModelConfig
+from gateway.shared_memory import write_outputs
 
 if TYPE_CHECKING:
     from gateway.dataplane import LoadedVersion
@@ -130,6 +131,8 @@ async def run_ensemble(
         compute_ns = time.perf_counter_ns() - steps_from_ns
         outputs = {t.name: tensors[t.name] for t in lv.config.outputs}
         response = response_of(pending.name, lv.version, lv.config, request, outputs)
+        if request.shared_targets:
+            write_outputs(request, response)  # into the client's shared memory
     except asyncio.CancelledError:  # the caller went away (Pending.cancel), or the loop ends
         for step in steps_started.values():
             step.cancel()

@@ -36,6 +36,7 @@ from gateway import context
 from gateway.backends.base import Tensors
 from gateway.protocol.tensors import join_bytes, split_bytes
 from gateway.protocol.types import InferRequest, InferResponse, datatype_of, numpy_dtype
+from gateway.shared_memory import write_outputs
 
 if TYPE_CHECKING:
     from gateway.dataplane import LoadedVersion
@@ -320,6 +321,8 @@ class ResponseCache:
                 id=request.id,
             )
             batch = int(rows[0]) if rows else 1
+            if request.shared_targets:
+                write_outputs(request, response)  # into the client's shared memory
             pending.settle(response, execution=context.Execution(batch, 0, 0, "cache"))
             return
         run()  # a request its model refuses (raises here) is no miss: it was never servable
