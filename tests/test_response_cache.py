@@ -306,3 +306,39 @@ def test_gateway_serves_hits_and_reports_them(cache_repo: Path, tmp_path: Path) 
         assert 'nv_cache_num_hits_per_model_total{model="cached",version="1"} 1.0' in metrics
     finally:
         gw.stop()
+
+
+def test_a_hit_writes_outputs_asked_for_in_shared_memory(cache_repo: Path, tmp_path: Path) -> None:
+    """Outputs asked for in a registered shared-memory region are written there on a hit too
+    (the cached answer is not only sent in the body)."""
+    import uuid
+
+    import tritonclient.utils.shared_memory as shm
+
+    gw = start_gateway(cache_repo, tmp_path, "--response-cache-bytes", "1048576")
+    tag = uuid.uuid4().hex[:8]
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 3, dtype=np.int32)
+    handles = []
+    try:
+        out = shm.create_shared_memory_region("out", f"/gwcache_{tag}", 64, create_only=True)
+        handles.append(out)
+        client = httpclient.InferenceServerClient(gw.address)
+        client.register_system_shared_memory("out", f"/gwcache_{tag}", 64)
+        inputs = [httpclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+        inputs[0].set_data_from_numpy(a)
+        inputs[1].set_data_from_numpy(b)
+        wanted = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
+        wanted.set_shared_memory("out", 64)
+        for _ in range(2):  # a miss, then a hit
+            shm.set_shared_memory_region(out, [np.zeros((1, 16), np.int32)])
+            client.infer("cached", inputs, outputs=[wanted])
+            written = shm.get_contents_as_numpy(out, np.int32, [1, 16])
+            np.testing.assert_array_equal(written, a + b + 0)
+        stats = json.loads(get(f"{gw.url}/v2/models/cached/stats")[1])["model_stats"][0]
+        assert stats["inference_stats"]["cache_hit"]["count"] == 1
+        client.unregister_system_shared_memory()
+    finally:
+        for handle in handles:
+            shm.destroy_shared_memory_region(handle)
+        gw.stop()
