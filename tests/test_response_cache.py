@@ -333,7 +333,7 @@ def test_a_hit_writes_outputs_asked_for_in_shared_memory(cache_repo: Path, tmp_p
         for _ in range(2):  # a miss, then a hit
             shm.set_shared_memory_region(out, [np.zeros((1, 16), np.int32)])
             client.infer("cached", inputs, outputs=[wanted])
-            written = shm.get_contents_as_numpy(out, np.int32, [1, 16])
+            written = shm.get_contents_as_numpy(out, np.int32, [1, 16]).copy()  # not a view
             np.testing.assert_array_equal(written, a + b + 0)
         stats = json.loads(get(f"{gw.url}/v2/models/cached/stats")[1])["model_stats"][0]
         assert stats["inference_stats"]["cache_hit"]["count"] == 1
