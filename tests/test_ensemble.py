@@ -398,3 +398,35 @@ def test_same_outputs_as_triton_serving_the_same_ensemble(
             assert [int(b["batch_size"]) for b in stats["batch_stats"]] == [1, 5]
     finally:
         gw.stop()
+
+
+@pytest.mark.triton
+def test_steps_are_routed_to_the_host_that_serves_them(
+    triton: TritonServer, pipeline_repo: Path, tmp_path: Path
+) -> None:
+    """A Triton-only deployment: the gateway pushes ``preprocess`` and ``mlp`` to Triton and
+    runs ``mlp_pipeline`` itself, each step routed there like any request to that model."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[[hosts]]\nkind = "triton"\nname = "t1"\nurl = "{triton.http_url}"\n')
+    gw = start_gateway(pipeline_repo, tmp_path, "--config", str(config))
+    local = start_gateway(pipeline_repo, tmp_path)
+    try:
+        tc = httpclient.InferenceServerClient(triton.http_address)
+
+        def step_count() -> int:
+            stats = tc.get_inference_statistics("preprocess")["model_stats"]
+            return sum(int(s["inference_stats"]["success"]["count"]) for s in stats)
+
+        before = step_count()
+        raw = _raw(4)
+        routed = _infer(
+            httpclient.InferenceServerClient(gw.address), "mlp_pipeline", "RAW", raw, "PROBS"
+        )
+        in_process = _infer(
+            httpclient.InferenceServerClient(local.address), "mlp_pipeline", "RAW", raw, "PROBS"
+        )
+        np.testing.assert_allclose(routed, in_process, rtol=1e-5, atol=1e-7)
+        assert step_count() == before + 1  # the step ran on Triton
+    finally:
+        gw.stop()
+        local.stop()
