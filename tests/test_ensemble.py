@@ -430,3 +430,26 @@ def test_steps_are_routed_to_the_host_that_serves_them(
     finally:
         gw.stop()
         local.stop()
+
+
+def test_an_edge_fetches_the_ensemble_and_then_its_steps_on_first_use(
+    pipeline_repo: Path, tmp_path: Path
+) -> None:
+    """An edge replica (models pulled from a ``file://`` origin on first use): the first
+    request loads ``mlp_pipeline``, and its steps' own requests load ``preprocess`` and ``mlp``."""
+    from gateway.repository.manifest import write_manifests
+
+    origin = tmp_path / "origin"
+    shutil.copytree(pipeline_repo, origin)
+    write_manifests(origin)
+    gw = start_gateway(f"file://{origin}", tmp_path, "--cache-dir", str(tmp_path / "cache"))
+    try:
+        client = httpclient.InferenceServerClient(gw.address)
+        before = {m["name"]: m["state"] for m in client.get_model_repository_index()}
+        assert "READY" not in before.values()  # nothing loaded until asked for
+        raw = _raw(2)
+        assert _infer(client, "mlp_pipeline", "RAW", raw, "PROBS").shape == (2, 10)
+        index = {m["name"]: m["state"] for m in client.get_model_repository_index()}
+        assert index == {"mlp_pipeline": "READY", "preprocess": "READY", "mlp": "READY"}
+    finally:
+        gw.stop()
