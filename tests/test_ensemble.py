@@ -142,6 +142,8 @@ def dag_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
     )
     _write_ensemble(root, "orphan", _ensemble("orphan", [("missing", {"X": "IN"}, {"Y": "OUT"})]))
+    cached = DIAMOND.replace('"diamond"', '"cached_diamond"') + "response_cache { enable: true }\n"
+    _write_ensemble(root, "cached_diamond", cached)
     for name, other in (("loop_a", "loop_b"), ("loop_b", "loop_a")):  # name each other
         _write_ensemble(root, name, _ensemble(name, [(other, {"IN": "IN"}, {"OUT": "OUT"})]))
     return root
@@ -293,6 +295,22 @@ async def test_cancelling_the_ensemble_cancels_its_steps(dag_repo: Path) -> None
         pending.cancel()
         await asyncio.sleep(0.05)
         assert pending.cancelled() and steps[0].cancelled()
+    finally:
+        await dataplane.stop()
+
+
+async def test_an_ensemble_answer_is_cached_when_its_config_says_so(dag_repo: Path) -> None:
+    settings = Settings(model_repo=str(dag_repo), warmup=False, response_cache_bytes=1 << 20)
+    dataplane = DataPlane(settings, LocalRepository(dag_repo), OnnxRuntimeFactory(settings))
+    await dataplane.start()
+    try:
+        x = _x()
+        first = await dataplane.submit("cached_diamond", None, InferRequest({"IN": x}))
+        hit = dataplane.submit("cached_diamond", None, InferRequest({"IN": x}))
+        assert hit.done()  # answered from the cache: no step ran
+        np.testing.assert_array_equal(hit.result().outputs["OUT"], first.outputs["OUT"])
+        steps = dataplane.model_stats("add2")["model_stats"][0]["inference_stats"]
+        assert steps["success"]["count"] == 1
     finally:
         await dataplane.stop()
 
