@@ -14,6 +14,7 @@ steps' whole time as its compute time; the steps' own statistics count under the
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import copy
 import functools
@@ -118,13 +119,17 @@ async def run_ensemble(
         inputs, rows = validate(lv.config, request)
         left_s = None if deadline_s is None else max(0.0, deadline_s - clock())
         steps_from_ns = time.perf_counter_ns()
-        try:
-            async with asyncio.timeout(left_s):
-                tensors = await _steps(
-                    submit, pending.name, lv, inputs, deadline_s, clock, request_id, steps_started
-                )
-        except TimeoutError:
-            raise DeadlineExceeded("Request timeout expired") from None
+        steps = _steps(
+            submit, pending.name, lv, inputs, deadline_s, clock, request_id, steps_started
+        )
+        if left_s is None:
+            tensors = await steps
+        else:
+            try:
+                async with asyncio.timeout(left_s):
+                    tensors = await steps
+            except TimeoutError:
+                raise DeadlineExceeded("Request timeout expired") from None
         # As Triton reports an ensemble: its queue is the wait before the first step, its
         # compute the steps' whole time (their queues included), one execution per request.
         queue_ns = steps_from_ns - started_ns
@@ -153,10 +158,29 @@ async def run_ensemble(
     pending.settle(response, execution=Execution(rows, queue_ns, compute_ns, "ensemble"))
 
 
-def _ended(
-    loop: asyncio.AbstractEventLoop, ended: asyncio.Queue[int], index: int, _: Pending
-) -> None:
-    loop.call_soon(ended.put_nowait, index)  # a done-callback may run inside submit
+class _Ended:
+    """The steps that ended, in order, for the ensemble's task to take one by one (cheaper
+    than a queue: one future while it waits, none when a step ended already)."""
+
+    __slots__ = ("indices", "waiter")
+
+    def __init__(self) -> None:
+        self.indices: collections.deque[int] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def __call__(self, index: int, _: Pending) -> None:
+        """A step's done-callback (it may run inside ``submit``, before anyone waits)."""
+        self.indices.append(index)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next(self) -> int:
+        while not self.indices:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        self.waiter = None
+        return self.indices.popleft()
 
 
 async def _steps(
@@ -172,8 +196,7 @@ async def _steps(
     """Every step, each as soon as its inputs exist; the ensemble's tensors at the end."""
     steps = lv.config.ensemble_steps
     tensors: dict[str, np.ndarray[Any, Any]] = dict(inputs)
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Queue[int] = asyncio.Queue()
+    ended = _Ended()
     done: set[int] = set()
 
     def start_ready() -> None:
@@ -191,13 +214,13 @@ async def _steps(
             version = None if step.model_version < 0 else str(step.model_version)
             step_pending = submit(step.model_name, version, request, request_id)
             started[index] = step_pending
-            step_pending.add_done_callback(functools.partial(_ended, loop, ended, index))
+            step_pending.add_done_callback(functools.partial(ended, index))
 
     start_ready()
     while len(done) < len(steps):
-        if len(started) == len(done):  # nothing running and steps left: cannot happen for a
+        if len(started) == len(done):  # nothing running, steps left (the config check forbids)
             raise InvalidInput(f"ensemble '{ensemble}': steps left without their inputs")
-        index = await ended.get()
+        index = await ended.next()
         done.add(index)
         step_pending, step = started[index], steps[index]
         if step_pending.cancelled():
