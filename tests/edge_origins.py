@@ -1,8 +1,9 @@
 """Origins for the edge-cache tests, each on a free loopback port in a thread of its own.
 
 ``FakeOrigin`` is a tiny HTTP/1.1 file server that logs every request (path, Range), honours
-``Range`` and ``If-None-Match``, can throttle, and can cut the connection partway through a file
-once (fault injection). ``StaticOrigin`` is Python's ``http.server`` (no Range support).
+``Range`` (``bytes=a-`` and ``bytes=a-b``) and ``If-None-Match``, can throttle, and can cut the
+connection partway through a file once or send one byte of it wrong once (fault injection).
+``StaticOrigin`` is Python's ``http.server`` (no Range support).
 ``AppServer`` runs any aiohttp application (an origin that misbehaves on purpose).
 """
 
@@ -45,6 +46,7 @@ class FakeOrigin:
         self.chunk_delay_s = chunk_delay_s
         self.requests: list[tuple[str, str | None]] = []
         self.cut_after: dict[str, int] = {}  # path -> bytes sent before dropping (once)
+        self.corrupt_at: dict[str, int] = {}  # path -> file offset of a byte sent wrong (once)
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -122,12 +124,18 @@ class FakeOrigin:
         start = 0
         status = "200 OK"
         extra = ""
+        end = len(data)
         wanted = headers.get("range", "")
-        if wanted.startswith("bytes=") and wanted.endswith("-"):
-            start = int(wanted[6:-1])
+        if wanted.startswith("bytes="):
+            first, _, last = wanted[6:].partition("-")
+            start, end = int(first), min(int(last) + 1, len(data)) if last else len(data)
             status = "206 Partial Content"
-            extra = f"Content-Range: bytes {start}-{len(data) - 1}/{len(data)}\r\n"
-        body = data[start:]
+            extra = f"Content-Range: bytes {start}-{end - 1}/{len(data)}\r\n"
+        body = bytearray(data[start:end])
+        wrong = self.corrupt_at.get(path)
+        if wrong is not None and start <= wrong < end:
+            del self.corrupt_at[path]
+            body[wrong - start] ^= 0xFF
         writer.write(
             f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nETag: {etag}\r\n{extra}"
             "Connection: close\r\n\r\n".encode()
