@@ -220,3 +220,27 @@ class AppServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+
+
+def two_layer(root: Path, name: str, version: int, head_seed: int, n: int = 1024) -> bytes:
+    """``Y = (X @ W1) @ W2``: W1 n x n (4 MiB at 1024) never changes, W2 n x 16 is the
+    "fine-tuned head" whose seed differs between versions. Returns the model file's bytes."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1 = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    w2 = np.random.default_rng(head_seed).standard_normal((n, 16), dtype=np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["X", "W1"], ["H"]),
+            helper.make_node("MatMul", ["H", "W2"], ["Y"]),
+        ],
+        name,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    data = models.graph_bytes(graph)
+    (root / name / str(version)).mkdir(parents=True, exist_ok=True)
+    (root / name / str(version) / "model.onnx").write_bytes(data)
+    return data

@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import numpy as np
 import pytest
 
 from gateway.errors import ModelLoadError
-from gateway.repository.edge import EdgeRepository
+from gateway.repository.edge import INDEX_TTL_S, EdgeRepository
 from gateway.repository.manifest import (
     Publisher,
     chunk_bounds,
@@ -29,7 +32,8 @@ from gateway.repository.manifest import (
     write_manifests,
 )
 from gateway.settings import Settings
-from tests.edge_origins import AppServer, FakeOrigin, StaticOrigin
+from tests.edge_origins import AppServer, FakeOrigin, StaticOrigin, two_layer
+from tests.helpers import start_gateway
 
 AVG = 16 * 1024  # small chunks: a 1 MiB file has ~50
 SIZE = 1 << 20
@@ -296,3 +300,71 @@ async def test_interrupted_assembly_resumes(repo: Path, fake: FakeOrigin, tmp_pa
     ranges = _ranges(fake, "m/2/model.onnx")
     assert len(ranges) == 2 and ranges[1][0] >= ranges[0][0] + 250_000  # went on, not over
     await repo_edge.close()
+
+
+# -- gateway processes: a node publishing chunks, an edge serving them to a peer ----------------
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _post(url: str, body: object) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _metric(url: str, key: str) -> float:
+    text = _get(f"{url}/metrics")[1].decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(key))
+
+
+async def test_gateway_node_and_edge_processes(tmp_path: Path) -> None:
+    root = tmp_path / "origin"
+    v1 = two_layer(root, "two", 1, head_seed=1)
+    node = start_gateway(root, tmp_path)
+    try:
+        status, raw = _get(f"{node.url}/v2/repository/tree/two/1/manifest.json")
+        chunks = parse_manifest(raw, "two/1").files[0].chunks
+        assert status == 200 and len(chunks) > 4  # cut by the node, default chunk size
+        status, data = _get(f"{node.url}/v2/repository/chunks/sha256/{chunks[2].sha256}")
+        assert status == 200 and data == v1[chunks[2].offset : chunks[2].end]
+        assert _get(f"{node.url}/v2/repository/chunks/sha256/{'0' * 64}")[0] == 404
+        assert _get(f"{node.url}/v2/repository/chunks/sha256/nothex")[0] == 400
+
+        infer = {
+            "inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 1024], "data": [1.0] * 1024}]
+        }
+        gw = start_gateway(node.url, tmp_path, "--cache-dir", str(tmp_path / "edge"))  # type: ignore[arg-type]
+        try:
+            assert _post(f"{gw.url}/v2/models/two/infer", infer)[0] == 200
+            origin_before = _metric(gw.url, 'gateway_cache_fetched_bytes_total{source="origin"}')
+            two_layer(root, "two", 2, head_seed=2)  # a new head: 64 KiB of 4 MiB changed
+            time.sleep(INDEX_TTL_S)  # the edge asks the origin for its index again after that
+            assert _post(f"{gw.url}/v2/repository/models/two/load", {})[0] == 200
+            status, body = _post(f"{gw.url}/v2/models/two/versions/2/infer", infer)
+            assert status == 200, body
+            moved = _metric(gw.url, 'gateway_cache_fetched_bytes_total{source="origin"}')
+            moved -= origin_before
+            reused = _metric(gw.url, 'gateway_cache_fetched_bytes_total{source="cached"}')
+            assert reused > 3_000_000 and moved < 1_500_000
+
+            # a peer edge gets v2's chunks from this edge by hash, none from the origin's files
+            peer = edge(node.url, tmp_path / "peer", peers=(gw.url,))
+            await peer.fetch("two")
+            stats = peer.stats()
+            assert stats["bytes_from_peers"] >= len(v1) - 1_000_000
+            assert stats["bytes_from_origin"] < 1_000_000
+            await peer.close()
+        finally:
+            gw.stop()
+    finally:
+        node.stop()
