@@ -15,7 +15,7 @@ Layout, beside the ordinary repository (all JSON, UTF-8, keys sorted)::
 ``<model>/<version>/manifest.json``::
 
     {"format": 1, "model": "simple", "version": 1,
-     "chunking": {"algorithm": "fastcdc2020", "avg": 262144, "min": 65536, "max": 1048576},
+     "chunking": {"algorithm": "fastcdc2020", "avg": 131072, "min": 32768, "max": 524288},
      "files": [{"path": "model.onnx", "size": 1234, "sha256": "…",
                 "chunks": [{"offset": 0, "size": 301234, "sha256": "…"}, …]}]}
 
@@ -54,10 +54,11 @@ from gateway.repository.local import check_model_name, is_version
 
 FORMAT = 1
 CHUNKING = "fastcdc2020"
-# Average chunk size: small enough that the chunks around a changed weight matrix of a few MB
-# add under 10 % to it (1 MiB adds 30-65 %: bench/results/edge_delta.md), large enough that a
-# 10 GB model's manifest stays a few MB.
-CHUNK_AVG_BYTES = 256 * 1024
+# Average chunk size (pyfastcdc's chunks come out ~1.25x this on average): small enough that
+# the chunks around a changed 4 MB weight matrix add under 10 % to it (1 MiB adds 30-65 %,
+# 256 KiB 8-23 %: bench/results/edge_delta.md), large enough that a 10 GB model's manifest
+# (~130 bytes a chunk) stays under max_index_bytes.
+CHUNK_AVG_BYTES = 128 * 1024
 MAX_CHUNK_BYTES = 16 * 1024 * 1024  # the largest chunk an edge accepts (pyfastcdc's own bound)
 INDEX_NAME = "models.json"
 MANIFEST_NAME = "manifest.json"
