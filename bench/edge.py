@@ -326,9 +326,13 @@ def delta(args: argparse.Namespace) -> int:
             return time.perf_counter() - started, link.bytes_down - before
 
         def local_load() -> float:
-            started = time.perf_counter()
-            _post(f"{node.url}/v2/repository/models/layers/load", b"{}")
-            return time.perf_counter() - started
+            """The node's own (re)load of the newest version from its disk: median of 3."""
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                _post(f"{node.url}/v2/repository/models/layers/load", b"{}")
+                times.append(time.perf_counter() - started)
+            return sorted(times)[1]
 
         versions = [1]
         publish()
@@ -366,6 +370,8 @@ def delta(args: argparse.Namespace) -> int:
                 meta = publish()
                 t_local = local_load()
                 t_new, moved = serve_new(edge_a, version)
+                fetched = [ln for ln in edge_a.log.read_text().splitlines() if "fetched" in ln]
+                print(f"  edge: {fetched[-1][-160:] if fetched else '?'}")
                 t_whole, moved_whole = serve_new(whole, version)
                 ideal = changed_bytes / link.rate_bytes_s * 1.2 + t_local
                 rows.append((label, t_new, moved / 1e6, t_whole, moved_whole / 1e6, ""))

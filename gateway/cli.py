@@ -208,7 +208,7 @@ def _edge_arguments(commands: Any, serve_cmd: argparse.ArgumentParser) -> None:
     manifest_cmd.add_argument(
         "--chunk-size",
         type=parse_size,
-        help="average content-defined chunk size, e.g. 1MiB [128KiB]; 0: no chunk lists",
+        help="average content-defined chunk size, e.g. 1MiB [64KiB]; 0: no chunk lists",
     )
 
 

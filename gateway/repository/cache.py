@@ -49,6 +49,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -459,39 +460,47 @@ class BlobCache:
         progress: Progress | None,
         transfer: Transfer,
     ) -> Path:
-        """Build the file from chunks: in place from a resumed part, copied from cached files,
-        then from peers by hash, then from the origin by byte range; verified whole at the end
-        (if that fails the chunk list was wrong: the file is fetched whole)."""
+        """Build the file from chunks: those a resumed part holds, those cached files hold, the
+        rest from peers by hash, then from the origin by byte range. The network fetch runs on
+        the loop while a thread copies the cached chunks and hashes the file in order as its
+        chunks come in, so copying and the whole-file check overlap the transfer. If the whole
+        file's hash is wrong, the chunk list was: the file is fetched whole."""
         part = self.tmp_dir / f"{sha256}.chunks.part"
-        try:
-            f = part.open("r+b" if part.exists() else "w+b")
-        except OSError as exc:
-            raise write_error(self.root, exc, f"blob {sha256[:12]}...") from None
         claimed: dict[str, asyncio.Future[bytes]] = {}
         try:
-            with f:
-                build = _Build(f, chunks, progress, transfer)
-                await self._fill_locally(build, part)
-                waiting: list[tuple[Chunk, asyncio.Future[bytes]]] = []
-                mine: list[Chunk] = []
-                for chunk in build.todo():
-                    other = self._chunk_inflight.get(chunk.sha256)
-                    if chunk.sha256 in claimed:
-                        continue  # the same bytes twice in this file: written together
-                    if other is not None:
-                        waiting.append((chunk, other))
-                        continue
-                    claimed[chunk.sha256] = asyncio.get_running_loop().create_future()
-                    self._chunk_inflight[chunk.sha256] = claimed[chunk.sha256]
-                    mine.append(chunk)
+            fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise write_error(self.root, exc, f"blob {sha256[:12]}...") from None
+        build = _Build(fd, chunks, progress, transfer, asyncio.get_running_loop())
+        try:
+            await self._plan(build, part)
+            waiting: list[tuple[Chunk, asyncio.Future[bytes]]] = []
+            mine: list[Chunk] = []
+            for chunk in build.todo():
+                other = self._chunk_inflight.get(chunk.sha256)
+                if chunk.sha256 in claimed or chunk.sha256 in build.seeded:
+                    continue  # the same bytes twice in this file, or copied: written together
+                if other is not None:
+                    waiting.append((chunk, other))
+                    continue
+                claimed[chunk.sha256] = build.loop.create_future()
+                self._chunk_inflight[chunk.sha256] = claimed[chunk.sha256]
+                mine.append(chunk)
+            sequencer = asyncio.ensure_future(asyncio.to_thread(build.sequence))
+            try:
                 await self._fetch_chunks(build, mine, sources, claimed)
                 for chunk, future in waiting:  # another assembly is fetching these
                     with contextlib.suppress(OriginError, asyncio.CancelledError):
                         build.report(build.put(chunk, await asyncio.shield(future)), "cached")
-                await self._fetch_chunks(build, build.todo(), sources, {})
-                f.truncate(size)
-                f.flush()
-            digest = await asyncio.to_thread(_Digest.of_prefix, part, size)
+                rest = [c for c in build.todo() if c.sha256 not in build.seeded]
+                await self._fetch_chunks(build, rest, sources, {})
+            except BaseException:
+                build.abort()
+                with contextlib.suppress(Exception):
+                    await sequencer
+                raise
+            digest = await sequencer
+            os.ftruncate(fd, size)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 part.unlink()
@@ -500,21 +509,27 @@ class BlobCache:
             part.unlink()  # the caller fetches the file whole
             raise
         finally:
+            os.close(fd)
             for key, future in claimed.items():
                 if self._chunk_inflight.get(key) is future:
                     del self._chunk_inflight[key]
                 if not future.done():
                     future.set_exception(OriginError(f"chunk {key[:12]}... not fetched"))
                     future.exception()
-        if not self._accept(part, digest, sha256, size):
+        self.stats.chunks_reused += build.reused
+        self.stats.bytes_cached += build.reused_bytes
+        if digest is None or not self._accept(part, digest, sha256, size):
             log.warning("blob %s: its chunks do not make up the file; fetching it whole", sha256)
+            with contextlib.suppress(OSError):
+                part.unlink()
             return await self._download(sha256, size, sources, progress, transfer)
         self.note_chunks(sha256, chunks)
         return self.blob_path(sha256)
 
-    async def _fill_locally(self, build: _Build, part: Path) -> None:
-        """Chunks a resumed part holds already, then chunks cached files hold (read in a thread,
-        each checked against its hash: a cached file found corrupt is dropped)."""
+    async def _plan(self, build: _Build, part: Path) -> None:
+        """Chunks a resumed part holds already (hashed in a thread), and the cached files to copy
+        the others from: each checked whole against its hash first unless known good, so the
+        copy itself need not hash (a corrupt one is dropped, its chunks fetched instead)."""
         if part.stat().st_size:
             found = await asyncio.to_thread(build.resume)
             if found:
@@ -522,21 +537,14 @@ class BlobCache:
                 for chunk in found:  # fetched before the interruption: counted then
                     if build.progress is not None:
                         build.progress(chunk.size)
-        seeds = [(c, self._chunk_at[c.sha256]) for c in build.todo() if c.sha256 in self._chunk_at]
-        if not seeds:
-            return
-        places = [(c, self.blob_path(where[0]), where[1]) for c, where in seeds]
-        written, bad = await asyncio.to_thread(build.copy, places)
-        for place in written:
-            build.report([place], "cached")
-        self.stats.chunks_reused += len(written)
-        self.stats.bytes_cached += sum(c.size for c in written)
-        for chunk in bad:
-            owner = self._chunk_at.get(chunk.sha256, ("",))[0]
-            if owner and owner not in self._inflight:
-                log.warning("cached blob %s is corrupt; deleting it", owner)
-                self.stats.corrupt += 1
-                self._forget(owner)
+        owners = {self._chunk_at[c.sha256][0] for c in build.todo() if c.sha256 in self._chunk_at}
+        for owner in owners:
+            if owner not in self._sizes or not await self._verify(owner):
+                continue
+            for chunk in build.todo():
+                where = self._chunk_at.get(chunk.sha256)
+                if where is not None and where[0] == owner:
+                    build.seeded[chunk.sha256] = (self.blob_path(owner), where[1])
 
     async def _fetch_chunks(
         self,
@@ -765,81 +773,112 @@ def _stat_key(st: os.stat_result) -> tuple[int, ...]:
 
 
 class _Build:
-    """A file being assembled from chunks: which are in place, writes at their offsets."""
+    """A file being assembled from chunks at their offsets (``pwrite``: the network on the loop
+    and the copying thread write at once), and the thread that hashes it in order."""
 
     def __init__(
-        self, f: Any, chunks: tuple[Chunk, ...], progress: Progress | None, transfer: Transfer
+        self,
+        fd: int,
+        chunks: tuple[Chunk, ...],
+        progress: Progress | None,
+        transfer: Transfer,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self.f = f
+        self.fd = fd
         self.chunks = chunks
         self.progress = progress
         self.transfer = transfer
-        self.done: set[int] = set()  # offsets of the chunks in place
+        self.loop = loop
+        self.seeded: dict[str, tuple[Path, Chunk]] = {}  # chunk -> cached file, where in it
+        self.reused = 0
+        self.reused_bytes = 0
+        self._done: set[int] = set()  # offsets of the chunks in place
+        self._ready = threading.Condition()
+        self._aborted = False
         self._by_sha: dict[str, list[Chunk]] = {}
         for chunk in chunks:
             self._by_sha.setdefault(chunk.sha256, []).append(chunk)
 
     def todo(self) -> list[Chunk]:
-        return [c for c in self.chunks if c.offset not in self.done]
+        with self._ready:
+            return [c for c in self.chunks if c.offset not in self._done]
 
     def has(self, chunk: Chunk) -> bool:
-        return chunk.offset in self.done
+        with self._ready:
+            return chunk.offset in self._done
 
     def put(self, chunk: Chunk, data: bytes) -> list[Chunk]:
         """Write verified bytes at every place the file has this chunk; returns the places."""
         written = []
         for place in self._by_sha[chunk.sha256]:
-            if place.offset in self.done:
+            if self.has(place):
                 continue
-            self.f.seek(place.offset)
-            self.f.write(data)
-            self.done.add(place.offset)
+            os.pwrite(self.fd, data, place.offset)
             written.append(place)
+            with self._ready:
+                self._done.add(place.offset)
+                self._ready.notify_all()
         return written
 
     def report(self, places: list[Chunk], kind: str) -> None:
         """Count placed chunks (on the event loop): the first as ``kind``, copies as cached."""
         for i, place in enumerate(places):
             self.transfer.add(kind if i == 0 else "cached", place.size)
+            if kind == "cached":
+                self.reused += 1
+                self.reused_bytes += place.size
             if self.progress is not None:
                 self.progress(place.size)
+
+    def abort(self) -> None:
+        with self._ready:
+            self._aborted = True
+            self._ready.notify_all()
 
     def resume(self) -> list[Chunk]:
         """(thread) Keep the chunks a partial file from before holds already."""
         found = []
         for chunk in self.chunks:
-            data = _read_at(None, chunk, self.f)
-            if data is not None and hashlib.sha256(data).hexdigest() == chunk.sha256:
-                self.done.add(chunk.offset)
+            data = os.pread(self.fd, chunk.size, chunk.offset)
+            if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
+                self._done.add(chunk.offset)
                 found.append(chunk)
         return found
 
-    def copy(self, places: list[tuple[Chunk, Path, Chunk]]) -> tuple[list[Chunk], list[Chunk]]:
-        """(thread) Copy chunks from cached files: (places written, chunks whose bytes there
-        did not match)."""
-        written: list[Chunk] = []
-        bad = []
-        for chunk, path, where in places:
-            if chunk.offset in self.done:
-                continue
-            data = _read_at(path, where)
-            if data is None or hashlib.sha256(data).hexdigest() != chunk.sha256:
-                bad.append(chunk)
-                continue
-            written += self.put(chunk, data)
-        return written, bad
+    def sequence(self) -> _Digest | None:
+        """(thread) In file order: copy each chunk a cached file holds, wait for the others,
+        and hash the file as it is written. None when aborted or a cached file came up short
+        (the whole-file check then fails and the file is fetched whole)."""
+        digest = _Digest()
+        for chunk in self.chunks:
+            seed = self.seeded.get(chunk.sha256)
+            if seed is not None and not self.has(chunk):
+                data = _read_at(seed[0], seed[1])
+                if data is None:
+                    self.abort()
+                    return None
+                places = self.put(chunk, data)
+                self.loop.call_soon_threadsafe(self.report, places, "cached")
+            with self._ready:
+                while chunk.offset not in self._done and not self._aborted:
+                    self._ready.wait()
+                if self._aborted:
+                    return None
+            data = os.pread(self.fd, chunk.size, chunk.offset)
+            if len(data) != chunk.size:
+                return None
+            digest.update(data)
+        return digest
 
 
-def _read_at(path: Path | None, chunk: Chunk, f: Any = None) -> bytes | None:
-    """The chunk's bytes from ``path`` (or the open file ``f``); None when it is shorter."""
-    if f is None:
-        try:
-            with open(path, "rb") as g:  # type: ignore[arg-type]
-                return _read_at(None, chunk, g)
-        except OSError:
-            return None
-    f.seek(chunk.offset)
-    data = f.read(chunk.size)
+def _read_at(path: Path, chunk: Chunk) -> bytes | None:
+    """The chunk's bytes from the file at ``path``; None when it is shorter or gone."""
+    try:
+        with path.open("rb") as f:
+            f.seek(chunk.offset)
+            data = f.read(chunk.size)
+    except OSError:
+        return None
     return data if len(data) == chunk.size else None
 
 

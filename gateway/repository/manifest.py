@@ -15,7 +15,8 @@ Layout, beside the ordinary repository (all JSON, UTF-8, keys sorted)::
 ``<model>/<version>/manifest.json``::
 
     {"format": 1, "model": "simple", "version": 1,
-     "chunking": {"algorithm": "fastcdc2020", "avg": 131072, "min": 32768, "max": 524288},
+     "chunking": {"algorithm": "fastcdc2020", "avg": 65536, "min": 16384, "max": 262144,
+                  "max_chunks": 65536},
      "files": [{"path": "model.onnx", "size": 1234, "sha256": "…",
                 "chunks": [{"offset": 0, "size": 301234, "sha256": "…"}, …]}]}
 
@@ -56,9 +57,12 @@ FORMAT = 1
 CHUNKING = "fastcdc2020"
 # Average chunk size (pyfastcdc's chunks come out ~1.25x this on average): small enough that
 # the chunks around a changed 4 MB weight matrix add under 10 % to it (1 MiB adds 30-65 %,
-# 256 KiB 8-23 %: bench/results/edge_delta.md), large enough that a 10 GB model's manifest
-# (~130 bytes a chunk) stays under max_index_bytes.
-CHUNK_AVG_BYTES = 128 * 1024
+# 256 KiB 8-23 %, 128 KiB 7-18 %: bench/results/edge_delta.md). A file of more than
+# MAX_CHUNKS of them is cut with the average doubled until it has fewer (so a 10 GB model's
+# manifest stays a few MB, under max_index_bytes); only a file crossing such a size between
+# versions (4 GiB, 8 GiB, ...) shares no chunks with its previous version.
+CHUNK_AVG_BYTES = 64 * 1024
+MAX_CHUNKS = 65536
 MAX_CHUNK_BYTES = 16 * 1024 * 1024  # the largest chunk an edge accepts (pyfastcdc's own bound)
 INDEX_NAME = "models.json"
 MANIFEST_NAME = "manifest.json"
@@ -123,8 +127,11 @@ class FileEntry:
         return body
 
 
-def chunk_bounds(avg_bytes: int) -> tuple[int, int, int]:
-    """(min, avg, max) chunk sizes for an average: FastCDC's usual avg/4 and avg*4."""
+def chunk_bounds(avg_bytes: int, size: int = 0) -> tuple[int, int, int]:
+    """(min, avg, max) chunk sizes for an average: FastCDC's usual avg/4 and avg*4; for a file
+    of ``size`` bytes the average doubled until it makes at most ``MAX_CHUNKS`` chunks."""
+    while size > avg_bytes * MAX_CHUNKS and avg_bytes < 4 * 1024 * 1024:
+        avg_bytes *= 2
     return avg_bytes // 4, avg_bytes, avg_bytes * 4
 
 
@@ -135,7 +142,7 @@ def hash_and_chunk(path: Path, avg_bytes: int) -> tuple[str, tuple[Chunk, ...]]:
         return sha256_file(path), ()
     from pyfastcdc import FastCDC
 
-    low, avg, high = chunk_bounds(avg_bytes)
+    low, avg, high = chunk_bounds(avg_bytes, path.stat().st_size)
     digest = hashlib.sha256()
     chunks = []
     for piece in FastCDC(avg, min_size=low, max_size=high).cut_file(str(path)):
@@ -321,7 +328,13 @@ class Publisher:
         }
         if self.chunk_avg_bytes:
             low, avg, high = chunk_bounds(self.chunk_avg_bytes)
-            body["chunking"] = {"algorithm": CHUNKING, "avg": avg, "min": low, "max": high}
+            body["chunking"] = {
+                "algorithm": CHUNKING,
+                "avg": avg,
+                "min": low,
+                "max": high,
+                "max_chunks": MAX_CHUNKS,  # a larger file: avg (and min, max) doubled
+            }
         return dumps(body)
 
     def index(self) -> bytes:
