@@ -10,8 +10,10 @@ chunk lists ignored), "old" origins publish manifests without chunk lists
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -368,3 +370,46 @@ async def test_gateway_node_and_edge_processes(tmp_path: Path) -> None:
             gw.stop()
     finally:
         node.stop()
+
+
+async def test_corrupt_cached_file_is_not_a_source_of_chunks(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """A cached file changed on disk is caught (hashed before its chunks are copied), dropped,
+    and the chunks it held come from the origin."""
+    v1 = (repo / "m/1/model.onnx").read_bytes()
+    v2 = _edit(v1, 300_000, 40_000)
+    repo_edge = edge(fake.url, tmp_path / "cache")
+    await repo_edge.fetch("m")
+    blob = repo_edge.cache.blob_path(hashlib.sha256(v1).hexdigest())
+    with blob.open("r+b") as f:  # bit rot, same size
+        f.seek(700_000)
+        f.write(b"\xff" * 16)
+    _publish(repo, "m", 2, v2)
+    await repo_edge.refresh_index(force=True)
+    fake.requests.clear()
+    await repo_edge.fetch("m")
+    assert repo_edge.source("m").version_paths[2].read_bytes() == v2
+    stats = repo_edge.stats()
+    assert stats["corrupt"] == 1 and stats["bytes_cached"] == 0
+    assert sum(e - s for s, e in _ranges(fake, "m/2/model.onnx")) == SIZE
+    await repo_edge.close()
+
+
+async def test_progress_note_splits_bytes_by_source(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+    repo_edge = edge(fake.url, tmp_path / "cache")
+    await repo_edge.fetch("m")
+    _publish(repo, "m", 2, v2)
+    await repo_edge.refresh_index(force=True)
+    notes: list[str] = []
+    await repo_edge.pull("m", lambda delta: notes.append(repo_edge.note("m")))
+    seen = [[int(x) for x in re.findall(r"\d+", n)] for n in notes if n.startswith("fetching:")]
+    assert len(seen) == len(notes) > 10
+    for done, total, origin, peer, cached in seen:
+        assert total == SIZE and peer == 0 and done == origin + cached
+    done, _, origin, _, cached = seen[-1]
+    assert done == SIZE and 40_000 <= origin < SIZE // 2 and cached > SIZE // 2
+    await repo_edge.close()

@@ -859,6 +859,9 @@ class _Build:
                     return None
                 places = self.put(chunk, data)
                 self.loop.call_soon_threadsafe(self.report, places, "cached")
+                if places and places[0] is chunk:
+                    digest.update(data)  # as written: no need to read it back
+                    continue
             with self._ready:
                 while chunk.offset not in self._done and not self._aborted:
                     self._ready.wait()
