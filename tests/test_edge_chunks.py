@@ -271,21 +271,32 @@ async def test_corrupt_chunk_from_peer_is_dropped(
 async def test_two_models_sharing_chunks_fetch_each_chunk_once(
     repo: Path, fake: FakeOrigin, tmp_path: Path
 ) -> None:
-    """Single-flight per chunk: two new files with most chunks in common, fetched together
-    into an empty cache, move the shared chunks once."""
+    """Chunks are shared between models, and single-flight per chunk: two models with most
+    bytes in common get new versions with the same new layer, fetched together; its chunks
+    cross the link once."""
     base = _bytes(SIZE, 7)
     _publish(repo, "a", 1, base)
     _publish(repo, "b", 1, _edit(base, 500_000, 20_000))
-    fake.chunk_delay_s = 0.002
     repo_edge = edge(fake.url, tmp_path / "cache")
-    await repo_edge.refresh_index()
+    await repo_edge.fetch("a")
+    origin = repo_edge.stats()["bytes_from_origin"]
+    await repo_edge.fetch("b")  # a's chunks serve b: only its own edit is fetched
+    _, _, high = chunk_bounds(AVG)
+    manifest = (repo / "b/1/manifest.json").stat().st_size
+    assert repo_edge.stats()["bytes_from_origin"] - origin - manifest < 20_000 + 2 * high
+
+    _publish(repo, "a", 2, _edit(base, 200_000, 30_000, seed=3))
+    _publish(repo, "b", 2, _edit(_edit(base, 500_000, 20_000), 200_000, 30_000, seed=3))
+    await repo_edge.refresh_index(force=True)
+    fake.chunk_delay_s = 0.05  # the two builds overlap
     fake.requests.clear()
     await asyncio.gather(repo_edge.fetch("a"), repo_edge.fetch("b"))
-    stats = repo_edge.stats()
-    _, _, high = chunk_bounds(AVG)
-    manifests = sum((repo / n / "1/manifest.json").stat().st_size for n in ("a", "b"))
-    files = stats["bytes_from_origin"] - manifests
-    assert SIZE <= files <= SIZE + 20_000 + 2 * high
+    assert (
+        repo_edge.source("b").version_paths[2].read_bytes()
+        == (repo / "b/2/model.onnx").read_bytes()
+    )
+    ranges = _ranges(fake, "a/2/model.onnx") + _ranges(fake, "b/2/model.onnx")
+    assert len(ranges) == 1 and 30_000 <= ranges[0][1] - ranges[0][0] < 30_000 + 2 * high
     await repo_edge.close()
 
 

@@ -22,8 +22,9 @@ ones). A write the cache's own disk refuses (full, quota, read-only) is
 :class:`CacheWriteError` (503, naming the reason, not the path), and that download's partial
 file is removed: it holds space and cannot be finished now.
 
-Files whose manifest lists chunks are assembled chunk by chunk (:meth:`BlobCache.ensure` with
-``chunks``): a chunk some cached file holds is copied from it (read back and checked against
+Files whose manifest lists chunks, some of which the cache holds, are assembled chunk by chunk
+(:meth:`BlobCache.ensure` with ``chunks``; a file none of whose chunks is cached is one download,
+whole, as above): a chunk some cached file holds is copied from it (read back and checked against
 its sha256 first), the others are asked of peers by hash, then of the origin by byte range
 (adjacent missing chunks in one ``Range`` request); each chunk is verified as it arrives (a
 wrong one is counted, dropped and fetched again, from the next source or in the next round),
@@ -342,7 +343,7 @@ class BlobCache:
         self.stats.misses += 1
         started = time.perf_counter()
         try:
-            if chunks and any(s.span is not None for s in sources):
+            if self._assembles(sha256, chunks, sources):
                 try:
                     return await self._assemble(sha256, size, chunks, sources, progress, transfer)
                 except RangeUnsupported as exc:
@@ -352,6 +353,17 @@ class BlobCache:
             return path
         finally:
             self.stats.fetch_s += time.perf_counter() - started
+
+    def _assembles(self, sha256: str, chunks: tuple[Chunk, ...], sources: list[Source]) -> bool:
+        """Whether to build the file from chunks: when it has a chunk list, a source reads byte
+        ranges, and the cache holds some of its chunks (or a build was interrupted). A file of
+        which nothing is cached is one stream, whole, as before: peers by blob first (a peer
+        fetching it from the origin answers once it has it), then the origin."""
+        if not chunks or all(s.span is None for s in sources):
+            return False
+        if (self.tmp_dir / f"{sha256}.chunks.part").exists():
+            return True
+        return any(c.sha256 in self._chunk_at for c in chunks)
 
     async def _download(
         self,
