@@ -357,8 +357,10 @@ async def test_gateway_node_and_edge_processes(tmp_path: Path) -> None:
             "inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 1024], "data": [1.0] * 1024}]
         }
         gw = start_gateway(node.url, tmp_path, "--cache-dir", str(tmp_path / "edge"))  # type: ignore[arg-type]
+        peer = edge(node.url, tmp_path / "peer", peers=(gw.url,))
         try:
             assert _post(f"{gw.url}/v2/models/two/infer", infer)[0] == 200
+            await peer.fetch("two")  # v1, as the edge has it
             origin_before = _metric(gw.url, 'gateway_cache_fetched_bytes_total{source="origin"}')
             two_layer(root, "two", 2, head_seed=2)  # a new head: 64 KiB of 4 MiB changed
             time.sleep(INDEX_TTL_S)  # the edge asks the origin for its index again after that
@@ -370,14 +372,21 @@ async def test_gateway_node_and_edge_processes(tmp_path: Path) -> None:
             reused = _metric(gw.url, 'gateway_cache_fetched_bytes_total{source="cached"}')
             assert reused > 3_000_000 and moved < 1_500_000
 
-            # a peer edge gets v2's chunks from this edge by hash, none from the origin's files
-            peer = edge(node.url, tmp_path / "peer", peers=(gw.url,))
+            head = chunks[-1]  # the edge serves chunks of the files it holds by hash
+            assert (
+                _get(f"{gw.url}/v2/repository/chunks/sha256/{head.sha256}")[1] == v1[head.offset :]
+            )
+
+            # a peer edge on v1 gets v2's new chunks from this edge by hash, not the origin
+            before = peer.stats()
+            await peer.refresh_index(force=True)
             await peer.fetch("two")
             stats = peer.stats()
-            assert stats["bytes_from_peers"] >= len(v1) - 1_000_000
-            assert stats["bytes_from_origin"] < 1_000_000
-            await peer.close()
+            assert 60_000 < stats["bytes_from_peers"] - before["bytes_from_peers"] < 1_500_000
+            assert stats["bytes_from_origin"] - before["bytes_from_origin"] < 100_000  # manifest
+            assert stats["bytes_cached"] > 3_000_000
         finally:
+            await peer.close()
             gw.stop()
     finally:
         node.stop()
