@@ -10,10 +10,12 @@ connection partway through a file once or send one byte of it wrong once (fault 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.server
 import socket
 import threading
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -244,3 +246,40 @@ def two_layer(root: Path, name: str, version: int, head_seed: int, n: int = 1024
     (root / name / str(version)).mkdir(parents=True, exist_ok=True)
     (root / name / str(version) / "model.onnx").write_bytes(data)
     return data
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """A moto S3 server on a free loopback port (its endpoint URL); skips when moto is missing."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import pytest
+
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                pytest.skip("moto server did not start")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)

@@ -34,7 +34,7 @@ from gateway.repository.manifest import (
     write_manifests,
 )
 from gateway.settings import Settings
-from tests.edge_origins import AppServer, FakeOrigin, StaticOrigin, two_layer
+from tests.edge_origins import AppServer, FakeOrigin, StaticOrigin, moto_s3, two_layer
 from tests.helpers import start_gateway
 
 AVG = 16 * 1024  # small chunks: a 1 MiB file has ~50
@@ -218,6 +218,45 @@ async def test_origin_without_range_support_gets_whole_files(repo: Path, tmp_pat
         static.stop()
 
 
+async def test_s3_origin_serves_chunks_by_range(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with moto_s3() as endpoint:
+        import boto3
+
+        for key, value in {
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="models")
+
+        def upload() -> None:
+            for path in repo.rglob("*"):
+                if path.is_file():
+                    s3.upload_file(str(path), "models", path.relative_to(repo).as_posix())
+
+        upload()
+        repo_edge = edge("s3://models", tmp_path / "cache")
+        await repo_edge.fetch("m")
+        before = repo_edge.stats()["bytes_from_origin"]
+        v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+        _publish(repo, "m", 2, v2)
+        upload()
+        await repo_edge.refresh_index(force=True)
+        await repo_edge.fetch("m")
+        assert repo_edge.source("m").version_paths[2].read_bytes() == v2
+        stats = repo_edge.stats()
+        manifest = (repo / "m/2/manifest.json").stat().st_size
+        _, _, high = chunk_bounds(AVG)
+        assert stats["bytes_from_origin"] - before - manifest < 40_000 + 2 * high
+        assert stats["bytes_cached"] > SIZE // 2
+        await repo_edge.close()
+
+
 async def test_corrupt_chunk_from_origin_is_fetched_again(
     repo: Path, fake: FakeOrigin, tmp_path: Path
 ) -> None:
@@ -261,7 +300,8 @@ async def test_corrupt_chunk_from_peer_is_dropped(
         await repo_edge.fetch("m")
         assert repo_edge.source("m").version_paths[2].read_bytes() == v2
         stats = repo_edge.stats()
-        assert asked and stats["corrupt"] == len(asked) and stats["bytes_from_peers"] == 0
+        assert asked and stats["corrupt"] == len(asked)
+        assert stats["bytes_from_peers"] == 100 * len(asked)  # transferred, all dropped
         assert _ranges(fake, "m/2/model.onnx")  # the chunks came from the origin instead
         await repo_edge.close()
     finally:

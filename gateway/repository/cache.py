@@ -571,13 +571,13 @@ class BlobCache:
         errors: list[str] = []
 
         def arrived(chunk: Chunk, data: bytes, source: Source) -> None:
+            """A chunk's bytes (counted as transferred already): verified, then placed."""
             if hashlib.sha256(data).hexdigest() != chunk.sha256 or len(data) != chunk.size:
                 self.stats.corrupt += 1
                 errors.append(f"{source.name}: chunk {chunk.sha256[:12]}... does not match")
                 log.warning("%s sent a corrupt chunk %s; dropped", source.name, chunk.sha256)
                 return
             self.stats.chunks_fetched += 1
-            self._count(source, len(data))
             build.report(build.put(chunk, data), source.kind)
             future = claimed.get(chunk.sha256)
             if future is not None and not future.done():
@@ -592,6 +592,7 @@ class BlobCache:
                     data = await _read_bounded(peer.chunk(chunk.sha256), peer.name, chunk.size)
                 except (OriginError, OriginMissing):
                     return
+                self._count(peer, len(data))
                 arrived(chunk, data, peer)
 
         for peer in [s for s in sources if s.chunk is not None]:
@@ -605,6 +606,7 @@ class BlobCache:
                 stream = origin.span(run[0].offset, run[-1].end)
                 async with contextlib.aclosing(stream) as pieces:
                     async for piece in pieces:
+                        self._count(origin, len(piece))  # what crossed the link, used or not
                         buffer += piece
                         while queue and len(buffer) >= queue[0].size:
                             chunk = queue.pop(0)
