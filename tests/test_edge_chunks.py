@@ -14,11 +14,14 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -473,3 +476,37 @@ async def test_progress_note_splits_bytes_by_source(
     done, _, origin, _, cached = seen[-1]
     assert done == SIZE and 40_000 <= origin < SIZE // 2 and cached > SIZE // 2
     await repo_edge.close()
+
+
+def test_manifest_cli_chunk_size(repo: Path) -> None:
+    def run(*args: str) -> Any:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "manifest", "--model-repo", str(repo), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads((repo / "m/1/manifest.json").read_bytes())
+
+    plain = run("--chunk-size", "0")
+    assert "chunking" not in plain and "chunks" not in plain["files"][0]
+    cut = run("--chunk-size", "16KiB")
+    assert cut["chunking"]["avg"] == 16384 and len(cut["files"][0]["chunks"]) > 10
+    assert run()["chunking"]["avg"] == 65536
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "manifest",
+            "--model-repo",
+            str(repo),
+            "--chunk-size",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "chunk-size" in bad.stderr
