@@ -187,6 +187,25 @@ async def test_old_format_origin_new_edge(repo: Path, fake: FakeOrigin, tmp_path
     await repo_edge.close()
 
 
+async def test_origin_starting_to_publish_chunks(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """v1 was cached from manifests without chunk lists; v2 comes with them: the edge cuts its
+    cached v1 as the origin would and fetches only v2's change."""
+    write_manifests(repo, 0)
+    v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+    repo_edge = edge(fake.url, tmp_path / "cache")
+    await repo_edge.fetch("m")
+    _publish(repo, "m", 2, v2)  # chunk lists from now on
+    await repo_edge.refresh_index(force=True)
+    fake.requests.clear()
+    await repo_edge.fetch("m")
+    assert repo_edge.source("m").version_paths[2].read_bytes() == v2
+    _, _, high = chunk_bounds(AVG)
+    assert sum(e - s for s, e in _ranges(fake, "m/2/model.onnx")) < 40_000 + 2 * high
+    await repo_edge.close()
+
+
 async def test_new_origin_old_edge(repo: Path, fake: FakeOrigin, tmp_path: Path) -> None:
     """An edge that ignores chunk lists (``edge_chunks = false``) reads a chunked origin."""
     v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import Unavailable
-from gateway.repository.manifest import Chunk, sha256_file
+from gateway.repository.manifest import Chunk, hash_and_chunk, sha256_file
 from gateway.repository.origin import OriginError, OriginMissing, RangeUnsupported, too_large
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,29 @@ class BlobCache:
         self._file_chunks[sha256] = chunks
         for chunk in chunks:
             self._chunk_at.setdefault(chunk.sha256, (sha256, chunk))
+
+    async def learn_chunks(self, sha256: str, avg_bytes: int) -> None:
+        """Cut a cached file whose chunks are unknown (fetched from a manifest without chunk
+        lists, or by an edge from before them) as an origin with this average would, so a new
+        version can be built from it; the cut also hashes it, and a file found corrupt is
+        dropped."""
+        if sha256 in self._file_chunks or sha256 not in self._sizes or not 0 < avg_bytes:
+            return
+        if not 1024 <= avg_bytes <= 4 * 1024 * 1024:
+            return
+        try:
+            found, chunks = await asyncio.to_thread(
+                hash_and_chunk, self.blob_path(sha256), avg_bytes
+            )
+        except (OSError, ValueError):
+            return
+        if found != sha256:
+            log.warning("cached blob %s is corrupt; deleting it", sha256)
+            self.stats.corrupt += 1
+            self._forget(sha256)
+            return
+        self._remember(sha256)
+        self.note_chunks(sha256, chunks)
 
     def seeds(self, chunks: Iterable[Chunk]) -> set[str]:
         """The cached files that hold some of these chunks (kept while a file is built)."""

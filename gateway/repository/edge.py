@@ -42,7 +42,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -437,6 +437,18 @@ class EdgeRepository(LocalRepository):
         sources.append(Source("origin", self.url, reader(origin, relpath), span=span))
         return sources
 
+    async def _learn_chunks(self, name: str, missing: Iterable[FileEntry], avg: int) -> None:
+        """When a missing file has chunks but the cache knows none of them, cut the files of
+        the model's cached version(s) as the origin would: after an origin starts publishing
+        chunk lists (or this edge is upgraded), the first new version already moves only its
+        change."""
+        chunked = [f for f in missing if f.chunks]
+        record = self.cache.models.get(name)
+        if not chunked or record is None or any(self.cache.seeds(f.chunks) for f in chunked):
+            return
+        for sha in record.blobs:
+            await self.cache.learn_chunks(sha, avg)
+
     async def _fetch(self, name: str, progress: Progress | None, latest: bool = False) -> None:
         try:
             await self._fetch_files(name, progress, latest)
@@ -503,6 +515,7 @@ class EdgeRepository(LocalRepository):
         if not cached_only:
             self._versions[name] = max(chosen)
         blobs: dict[str, int] = {}
+        chunk_avg = 0
         for version in chosen:
             sha = entry.versions[version]
             relpath = f"{name}/{version}/{MANIFEST_NAME}"
@@ -516,12 +529,15 @@ class EdgeRepository(LocalRepository):
             blobs[sha] = len(raw)
             for f in manifest.files:
                 files[f"{version}/{f.path}"] = f
+            chunk_avg = max(chunk_avg, manifest.chunk_avg_bytes)
         blobs.update({f.sha256: f.size for f in files.values()})
         total = sum(f.size for f in {f.sha256: f for f in files.values()}.values())
         missing = {f.sha256: f for f in files.values() if self.cache.complete(f.sha256) is None}
         if cached_only and missing:
             return False
         needed = sum(f.size for f in missing.values())
+        if self.chunks and chunk_avg and not cached_only:
+            await self._learn_chunks(name, missing.values(), chunk_avg)
         self._progress[name] = (0, total)
         transfer = self._transfers[name] = Transfer()
         done = 0

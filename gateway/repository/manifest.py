@@ -208,6 +208,7 @@ class Manifest:
     model: str
     version: int
     files: tuple[FileEntry, ...]
+    chunk_avg_bytes: int = 0  # how its chunks were cut (``chunking``); 0: unknown or none
 
     @property
     def size_bytes(self) -> int:
@@ -236,10 +237,12 @@ def parse_manifest(raw: bytes, source: str) -> Manifest:
         data = json.loads(raw)
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r} is not {FORMAT}")
+        chunking = data.get("chunking") or {}
         manifest = Manifest(
             check_model_name(str(data["model"])),
             int(data["version"]),
             _files(data["files"], source),
+            int(chunking.get("avg", 0)) if chunking.get("algorithm") == CHUNKING else 0,
         )
     except (ValueError, KeyError, TypeError, AttributeError, InvalidInput) as exc:
         raise ModelLoadError(f"{source}: not a manifest: {exc}") from None
