@@ -34,6 +34,9 @@ class Settings:
     cache_dir: str = ""  # empty: $XDG_CACHE_HOME/gateway/<hash of the origin URL>
     cache_size_bytes: int = 10 * 1024**3
     peers: tuple[str, ...] = ()  # other edges' base URLs, asked for blobs before the origin
+    # Build files from the chunks a manifest lists, fetching only those the cache lacks; false:
+    # fetch files whole, as edges did before chunk lists
+    edge_chunks: bool = True
     prefetch: tuple[str, ...] = ()  # pulled (and loaded) at start; never evicted
     # v2 base URLs (``origin``: the origin, a gateway node) that serve a model's requests while
     # this edge fetches it; empty: those requests wait for the fetch
