@@ -177,6 +177,12 @@ def _parser() -> argparse.ArgumentParser:
         "--execution-provider", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider"
     )
     serve_cmd.add_argument("--max-queue-size", type=int, help="default per-model queue bound")
+    serve_cmd.add_argument(
+        "--response-cache-bytes", type=int, help="in-process response cache size [0: none]"
+    )
+    serve_cmd.add_argument(
+        "--response-cache-redis-url", help="shared response cache in Redis (redis://host:port)"
+    )
     _edge_arguments(commands, serve_cmd)
     return parser
 
