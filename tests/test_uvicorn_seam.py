@@ -188,7 +188,7 @@ async def test_a_raw_exchange_rides_uvicorns_cycle() -> None:
     protocol.data_received(b"c" + b"GET /asgi HTTP/1.1\r\nHost: x\r\n\r\n")
     [(exchange, route)] = app.taken
     assert route == "/raw" and isinstance(exchange, RequestResponseCycle)
-    assert bytes(exchange.body) == b"abc" and not exchange.more_body
+    assert exchange.take_body() == b"abc" and not exchange.more_body
     assert exchange.hooks is protocol.scope[HOOKS]  # the GET's scope: the same connection
     assert len(protocol.pipeline) == 1 and transport.paused
     exchange.respond(200, [(b"content-length", b"2")], b"hi")
@@ -250,7 +250,7 @@ async def test_a_whole_request_read_again_is_read_as_httptools_read_it() -> None
     again = app.taken[-1][0]
     assert again is not parsed and protocol.cycle is again
     assert list(again.headers) == list(parsed.headers)
-    assert (bytes(again.body), again.keep_alive, again.more_body) == (b"abc", True, False)
+    assert (again.take_body(), again.keep_alive, again.more_body) == (b"abc", True, False)
     assert again.hooks is parsed.hooks
     again.respond(200, empty, b"")
     await asyncio.sleep(0.06)

@@ -30,6 +30,12 @@ from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, Unavailable
 from gateway.grpc.codec import decode_infer_request, encode_infer_response
 from gateway.grpc.errors import status_of
+from gateway.grpc.wire import (
+    RawResponse,
+    encode_raw_response,
+    parse_infer_request,
+    serialize_infer_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +137,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def _infer(self, request: Any) -> Any:
         """The one call into the data plane (decoding there, once the model is known: an
-        unknown model is NOT_FOUND whatever the message), then the answer encoded."""
+        unknown model is NOT_FOUND whatever the message), then the answer encoded (raw
+        outputs as a ``RawResponse``: see ``gateway.grpc.wire``)."""
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
         result = await self.dataplane.submit(request.model_name, version, decode)
-        return encode_infer_response(result, raw=bool(request.raw_input_contents))
+        if request.raw_input_contents:
+            return encode_raw_response(result)
+        return encode_infer_response(result, raw=False)
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -143,7 +152,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def _stream_one(self, request: Any) -> Any:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            response = await self._infer(request)
+            if isinstance(response, RawResponse):
+                response = response.to_message()
+            return pb.ModelStreamInferResponse(infer_response=response)
         except GatewayError as exc:
             message = exc.message
         except Exception as exc:
@@ -243,6 +255,41 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+_SERVICE = "inference.GRPCInferenceService"
+
+
+class _Capture:
+    """Stands in for the server while the generated code registers the service's methods."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same methods come again below, by name
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers.update(handlers)
+
+
+def _method_handlers(servicer: InferenceServicer) -> dict[str, Any]:
+    """The generated code's handlers, with ``ModelInfer`` and ``ModelStreamInfer`` reading and
+    writing raw tensors without protobuf's copies (``gateway.grpc.wire``)."""
+    capture = _Capture()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=parse_infer_request,
+        response_serializer=serialize_infer_response,
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=parse_infer_request,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
+    return handlers
 
 
 def _address(host: str, port: int) -> str:
@@ -351,7 +398,9 @@ class GrpcServer:
             ],
         )
         servicer = InferenceServicer(self.dataplane, settings.grpc_stream_max_inflight)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        handlers = _method_handlers(servicer)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+        server.add_registered_method_handlers(_SERVICE, handlers)
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as exc:

@@ -192,7 +192,7 @@ class HotPath:
         batch's) writes the answer (``_raw_done``). A task per request, and the chain of
         coroutines it resumes twice, cost the event loop about as much as parsing the request;
         what must wait in a task (for a model still loading) waits in the data plane's."""
-        call = _Call(exchange.headers, *route, bytes(exchange.body))
+        call = _Call(exchange.headers, *route, exchange.take_body())
         pending = self.dataplane.submit(call.name, call.version, call, call.rid)
         # A caller that leaves gives up its place (``_raw_done`` unsets it, at once if done).
         exchange.hooks.on_lost = pending.cancel
