@@ -14,9 +14,9 @@ built on demand by ``scripts/build_models.py``, see ``ensure_heavy``):
 3. **memory**: the RSS a gateway gains by loading each model (a gateway with that model alone
    against one with only ``simple``, both after one request) next to what an ONNX Runtime
    session of it alone adds to a bare Python process (after one run);
-4. **copies** (``resnet50``): a gateway under ``tracemalloc`` (this script, ``--traced``) answers
-   sequential requests; the most memory traced above the idle level during them, in units of
-   the request's input bytes, says how many copies of the payload were alive at once.
+4. **copies** (``resnet50``): a gateway (this script, ``--counted``) with an LD_PRELOAD shim
+   that counts memcpy/memmove bytes on its event-loop thread answers sequential requests: bytes
+   copied per request, in units of the request's input bytes (needs a C compiler).
 
 Writes ``sweep.md`` (tables, goals as ratios), ``sweep.json`` and one latency-vs-throughput plot
 per model (``sweep-<model>.png``, matplotlib from the ``bench`` extra) to ``--out-dir``.
@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-import tracemalloc
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -55,28 +54,78 @@ PROTOCOLS = ("http", "grpc", "shm")
 TARGETS = ("gateway", "triton")
 
 
-# -- the traced child: a gateway under tracemalloc --------------------------------------------
+# -- the counted child: a gateway whose payload-sized copies are counted ---------------------
+
+# An LD_PRELOAD shim around memcpy and memmove: every call of 4 KiB or more made on the thread
+# that called ``copycount_watch`` (the event loop's) adds its size to a counter. bytes joins and
+# concatenations, bytes() of a buffer, numpy's concatenate and tobytes, protobuf's parsing and
+# serializing all copy through these two; the kernel's copies in recv/send and ORT's own threads
+# are not counted.
+_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stddef.h>
+static void *(*real_memcpy)(void *, const void *, size_t);
+static void *(*real_memmove)(void *, const void *, size_t);
+static pthread_t watched;
+static volatile int watching;
+static unsigned long long copied, calls;
+void copycount_watch(void) { watched = pthread_self(); watching = 1; }
+unsigned long long copycount_bytes(void) { return copied; }
+unsigned long long copycount_calls(void) { return calls; }
+static void count(size_t n) {
+  if (n >= 4096 && watching && pthread_equal(pthread_self(), watched)) { copied += n; calls++; }
+}
+static void *slow_copy(void *d, const void *s, size_t n) {  /* only while dlsym resolves */
+  unsigned char *dd = d; const unsigned char *ss = s;
+  if (dd < ss) for (size_t i = 0; i < n; i++) dd[i] = ss[i];
+  else for (size_t i = n; i > 0; i--) dd[i - 1] = ss[i - 1];
+  return d;
+}
+void *memcpy(void *d, const void *s, size_t n) {
+  if (!real_memcpy) { real_memcpy = slow_copy; real_memcpy = dlsym(RTLD_NEXT, "memcpy"); }
+  count(n);
+  return real_memcpy(d, s, n);
+}
+void *memmove(void *d, const void *s, size_t n) {
+  if (!real_memmove) { real_memmove = slow_copy; real_memmove = dlsym(RTLD_NEXT, "memmove"); }
+  count(n);
+  return real_memmove(d, s, n);
+}
+"""
 
 
-def run_traced(control: Path, argv: list[str]) -> int:
-    """Serve as ``gateway`` does, under tracemalloc. A thread polls for ``<control>.reset``
-    (reset the peak, remember the level) and ``<control>.want`` (write the peak above that
-    level): under uvloop a signal handler may wait for the next request to run."""
+def build_shim(work: Path) -> Path | None:
+    """The shim compiled with the system's C compiler; None without one."""
+    source, lib = work / "copycount.c", work / "copycount.so"
+    source.write_text(_SHIM)
+    for cc in ("cc", "gcc", "clang"):
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            cmd = [cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(source), "-ldl"]
+            subprocess.run(cmd, check=True, capture_output=True)
+            return lib
+    return None
+
+
+def run_counted(control: Path, argv: list[str]) -> int:
+    """Serve as ``gateway`` does, counting copies on this (the event loop's) thread. A thread
+    polls for ``<control>.want`` and writes the counters: under uvloop a signal handler may
+    wait for the next request to run."""
+    import ctypes
+
     from gateway import cli
 
-    tracemalloc.start()
+    lib = ctypes.CDLL(None)
+    lib.copycount_bytes.restype = lib.copycount_calls.restype = ctypes.c_ulonglong
+    lib.copycount_watch()
 
     def poll() -> None:
-        base = 0
+        want = control.with_suffix(".want")
         while True:
-            reset, want = control.with_suffix(".reset"), control.with_suffix(".want")
-            if reset.exists():
-                base = tracemalloc.get_traced_memory()[0]
-                tracemalloc.reset_peak()
-                reset.unlink()
             if want.exists():
-                current, peak = tracemalloc.get_traced_memory()
-                control.write_text(json.dumps({"base": base, "current": current, "peak": peak}))
+                counts = {"bytes": lib.copycount_bytes(), "calls": lib.copycount_calls()}
+                control.write_text(json.dumps(counts))
                 want.unlink()
             time.sleep(0.01)
 
@@ -84,15 +133,16 @@ def run_traced(control: Path, argv: list[str]) -> int:
     return cli.main(argv)
 
 
-def _ask(control: Path, what: str) -> dict[str, int]:
+def _counts(control: Path) -> dict[str, int]:
     control.unlink(missing_ok=True)
-    control.with_suffix(f".{what}").touch()
+    control.with_suffix(".want").touch()
     deadline = time.monotonic() + 10
-    while control.with_suffix(f".{what}").exists() or (what == "want" and not control.exists()):
+    while not control.exists() or control.with_suffix(".want").exists():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the traced gateway did not answer {what}")
+            raise RuntimeError("the counted gateway did not answer")
         time.sleep(0.01)
-    return json.loads(control.read_text()) if what == "want" else {}
+    counts: dict[str, int] = json.loads(control.read_text())
+    return counts
 
 
 # -- models and the repository ----------------------------------------------------------------
@@ -320,35 +370,41 @@ def memory(repo: Path, models: list[str], work: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def copies(repo: Path, model_name: str, work: Path, requests: int) -> dict[str, Any]:
-    """Peak traced bytes above idle while a tracemalloc'ed gateway answers ``requests``
-    sequential requests, over HTTP binary and over gRPC with raw contents."""
+def copies(repo: Path, model_name: str, work: Path, requests: int) -> dict[str, Any] | None:
+    """Bytes copied on the event loop per request (``_SHIM``) while a gateway answers
+    ``requests`` sequential batch-1 requests, over HTTP binary and gRPC raw contents."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
+    shim = build_shim(work)
+    if shim is None:
+        print("copies: no C compiler, not measured", flush=True)
+        return None
     model = harness.read_model(repo, model_name)
-    payload = sum(
-        4 * math.prod(t.dims) if t.datatype in ("FP32", "INT32") else 8 * math.prod(t.dims)
-        for t in model.inputs
-    )
-    control = work / "traced.json"
-    launcher = [sys.executable, str(Path(__file__).resolve()), "--traced", str(control)]
+    feeds = harness.sample_inputs(model, 1, seed=1)
+    payload = sum(a.nbytes for a in feeds.values())
+    control = work / "counted.json"
+    launcher = [sys.executable, str(Path(__file__).resolve()), "--counted", str(control)]
     grpc_port = harness.free_port()
-    env = {"GATEWAY_LOAD_MODELS": model_name, "GATEWAY_GRPC_PORT": str(grpc_port)}
+    env = {
+        "GATEWAY_LOAD_MODELS": model_name,
+        "GATEWAY_GRPC_PORT": str(grpc_port),
+        "LD_PRELOAD": str(shim),
+    }
     found: dict[str, Any] = {"model": model_name, "payload_bytes": payload}
-    gw = harness.start_gateway(repo, work, "--log-level", "warning", env=env, tag="traced",
+    gw = harness.start_gateway(repo, work, "--log-level", "warning", env=env, tag="counted",
                                ready=(model_name,), launcher=launcher)  # fmt: skip
     try:
         body = harness.binary_body(model)
         url = f"{gw.url}/v2/models/{model_name}/infer"
         for _ in range(3):
             one_request(gw.url, model)
-        _ask(control, "reset")
+        before = _counts(control)
         for _ in range(requests):
             harness.http(url, body.data, body.headers)
-        http = _ask(control, "want")
+        after = _counts(control)
+        found["http"] = {k: (after[k] - before[k]) / requests for k in after}
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-        feeds = harness.sample_inputs(model, 1, seed=1)
         inputs = []
         for t in model.inputs:
             tensor = grpcclient.InferInput(t.name, [1, *t.dims], t.datatype)
@@ -356,18 +412,19 @@ def copies(repo: Path, model_name: str, work: Path, requests: int) -> dict[str, 
             inputs.append(tensor)
         for _ in range(3):
             client.infer(model_name, inputs)
-        _ask(control, "reset")
+        before = _counts(control)
         for _ in range(requests):
             client.infer(model_name, inputs)
-        grpc = _ask(control, "want")
+        after = _counts(control)
+        found["grpc"] = {k: (after[k] - before[k]) / requests for k in after}
         client.close()
     finally:
         gw.stop()
-    for name, got in (("http", http), ("grpc", grpc)):
-        extra = got["peak"] - got["base"]
-        found[name] = {"peak_extra_bytes": extra, "payloads": extra / payload}
-        print(f"copies {model_name} {name}: peak {extra:,d} B above idle = "
-              f"{extra / payload:.2f}x the {payload:,d} B input", flush=True)  # fmt: skip
+    for name in ("http", "grpc"):
+        got = found[name]
+        print(f"copies {model_name} {name}: {got['bytes']:,.0f} B in {got['calls']:.1f} copies "
+              f"per request = {got['bytes'] / payload:.2f}x the {payload:,d} B input",
+              flush=True)  # fmt: skip
     return found
 
 
@@ -563,18 +620,20 @@ def render(data: dict[str, Any]) -> str:
             "",
             "## Payload copies (`resnet50`)",
             "",
-            f"A gateway under `tracemalloc` answers {data['copy_requests']} sequential batch-1 "
-            "requests; the table gives the most memory traced (Python objects and numpy "
-            "buffers; ORT's own arena is not traced) above the idle level during them, in "
-            f"units of one request's input ({cp['payload_bytes']:,d} bytes). 1.0x: the body "
-            "alone, decoded as a view and run in place.",
+            f"A gateway with an LD_PRELOAD shim around memcpy/memmove (`_SHIM` in "
+            f"`bench/sweep.py`) answers {data['copy_requests']} sequential batch-1 requests; "
+            "every copy of 4 KiB or more made on the event loop's thread is counted (bytes "
+            "joins, `bytes()` of buffers, numpy concatenate/tobytes, protobuf parse and "
+            "serialize; not the kernel's socket copies, not ORT's threads). Per request, in "
+            f"units of one request's input ({cp['payload_bytes']:,d} bytes):",
             "",
-            "| transport | peak bytes above idle | in inputs |",
-            "|---|---:|---:|",
+            "| transport | bytes copied | copies | in inputs |",
+            "|---|---:|---:|---:|",
         ]
         for name in ("http", "grpc"):
-            lines.append(f"| {name} | {cp[name]['peak_extra_bytes']:,d} | "
-                         f"{cp[name]['payloads']:.2f}x |")  # fmt: skip
+            got = cp[name]
+            lines.append(f"| {name} | {got['bytes']:,.0f} | {got['calls']:.1f} | "
+                         f"{got['bytes'] / cp['payload_bytes']:.2f}x |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -586,8 +645,8 @@ def _levels(text: str) -> list[int]:
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] == "--traced":
-        return run_traced(Path(sys.argv[2]), sys.argv[3:])
+    if len(sys.argv) > 2 and sys.argv[1] == "--counted":
+        return run_counted(Path(sys.argv[2]), sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))

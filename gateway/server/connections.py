@@ -181,6 +181,8 @@ def _read_head(head: bytes) -> _Head | None:
 _HEADS: dict[bytes, _Head | None] = {}
 _HEADS_MAX = 256
 _HEAD_MAX_BYTES = 1024
+# A response body from this size on is written beside its head rather than joined to it.
+_JOIN_BELOW = 64 * 1024
 # The scope of an exchange read without the parser, which builds none: uvicorn's protocol never
 # reads a cycle's scope (only the cycle's ASGI methods do, never called on an exchange).
 _NO_SCOPE: dict[str, Any] = {"type": "http", "http_version": "1.1", "method": "POST"}
@@ -238,6 +240,15 @@ class GatheringTransport:
     def writelines(self, chunks: Iterable[bytes]) -> None:
         for chunk in chunks:
             self.write(chunk)
+
+    def writelines_now(self, chunks: list[bytes]) -> None:
+        """``write_now`` for a response in pieces (head, large body): sent as they are, with
+        no copy to join them (the transport gathers them into one system call)."""
+        if self._pending:
+            self._pending += chunks
+            self._flush()
+        else:
+            self._transport.writelines(chunks)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -356,8 +367,12 @@ class RawExchange(RequestResponseCycle):
             parts += (name, b": ", value, b"\r\n")
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
-        parts += (b"\r\n", body)
-        self._gathering.write_now(b"".join(parts))
+        parts.append(b"\r\n")
+        if len(body) < _JOIN_BELOW:
+            parts.append(body)
+            self._gathering.write_now(b"".join(parts))
+        else:  # a large body is not copied into the head's bytes
+            self._gathering.writelines_now([b"".join(parts), body])
         self.response_complete = True
         if not self.keep_alive:
             self.transport.close()
