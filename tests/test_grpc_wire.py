@@ -11,6 +11,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from gateway.grpc.codec import decode_infer_request, encode_infer_response
 from gateway.grpc.wire import (
+    WIRE_MIN_BYTES,
     RawRequest,
     RawResponse,
     encode_raw_response,
@@ -50,28 +51,34 @@ def test_raw_inputs_are_read_only_views_into_the_received_bytes() -> None:
 
 
 def test_fields_in_any_order_and_messages_without_raw_data_read_as_protobuf_reads_them() -> None:
-    a = np.ones((1, 4), dtype=np.float32)
+    a = np.ones((1, 20_000), dtype=np.float32)  # 80 KB: past WIRE_MIN_BYTES
     message = _request(a)
     # raw_input_contents (field 7) first, then the other fields: protobuf merges either way.
     raw_first = (
-        b"\x3a\x10"
+        b"\x3a\x80\xf1\x04"
         + a.tobytes()
         + pb.ModelInferRequest(model_name="m", inputs=message.inputs).SerializeToString()
     )
     parsed = parse_infer_request(raw_first)
+    assert isinstance(parsed, RawRequest)
     assert parsed.model_name == "m" and bytes(parsed.raw_input_contents[0]) == a.tobytes()
-    plain = pb.ModelInferRequest(model_name="m")
+    plain = pb.ModelInferRequest(model_name="m", id="x" * WIRE_MIN_BYTES)
     plain.inputs.add(name="X", datatype="INT32", shape=[1]).contents.int_contents.append(7)
     assert parse_infer_request(plain.SerializeToString()) == plain
+    small = _request(np.ones((1, 4), dtype=np.float32))  # protobuf's path, as before
+    assert parse_infer_request(small.SerializeToString()) == small
+
+
+_PAD = b"\x1a\x80\x80\x04" + b"x" * 65536  # field 3 (id), 64 KiB: past WIRE_MIN_BYTES
 
 
 @pytest.mark.parametrize(
     "wire",
     [
-        b"\x3a\xff\xff\xff\xff\x0f",  # a raw entry longer than the message
-        b"\x3a\x05ab",  # truncated
-        b"\x0b",  # a group start: not in these messages
-        b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",  # a varint that never ends
+        _PAD + b"\x3a\xff\xff\xff\xff\x0f",  # a raw entry longer than the message
+        _PAD + b"\x3a\x05ab",  # truncated
+        _PAD + b"\x0b",  # a group start: not in these messages
+        _PAD + b"\x08" + b"\xff" * 11,  # a varint that never ends
     ],
 )
 def test_malformed_bytes_are_protobufs_to_refuse(wire: bytes) -> None:
@@ -86,7 +93,7 @@ def _response() -> InferResponse:
         id="r1",
         parameters={"sequence_end": True},
         outputs={
-            "PROBS": np.linspace(0, 1, 2000, dtype=np.float32).reshape(2, 1000),
+            "PROBS": np.linspace(0, 1, 20_000, dtype=np.float32).reshape(2, 10_000),
             "HALF": np.arange(6, dtype=np.float16).reshape(2, 3),
             "FLAGS": np.array([[True], [False]]),
             "T": np.arange(6, dtype=np.int64).reshape(3, 2).T,  # not contiguous
@@ -104,10 +111,11 @@ def test_a_raw_response_serializes_to_what_protobuf_would_send() -> None:
     assert raw.to_message() == encode_infer_response(response, raw=True)
 
 
-def test_bytes_outputs_and_plain_messages_keep_protobufs_path() -> None:
-    words = InferResponse(
-        model_name="m", model_version="1", outputs={"W": np.array([b"ab", b"c"], dtype=object)}
-    )
-    message = encode_raw_response(words)
-    assert not isinstance(message, RawResponse)
-    assert serialize_infer_response(message) == message.SerializeToString()
+def test_bytes_small_outputs_and_plain_messages_keep_protobufs_path() -> None:
+    words = np.array([b"ab" * 40_000, b"c"], dtype=object)
+    for outputs in ({"W": words}, {"Y": np.ones((1, 10), dtype=np.float32)}):
+        response = InferResponse(model_name="m", model_version="1", outputs=outputs)
+        message = encode_raw_response(response)
+        assert not isinstance(message, RawResponse)
+        assert message == encode_infer_response(response, raw=True)
+        assert serialize_infer_response(message) == message.SerializeToString()

@@ -13,7 +13,9 @@ and written here at the level of the wire format, for those fields only:
   buffers; ``serialize_infer_response`` appends each as field 6 after the message's own bytes
   (protobuf merges a repeated field's entries wherever they appear), one copy in all.
 
-Anything this reader does not understand goes to protobuf whole, which then answers as before.
+Messages under ``WIRE_MIN_BYTES`` keep protobuf's path: copying a few KB costs less than
+walking the fields in Python. Anything this reader does not understand goes to protobuf whole,
+which then answers as before.
 """
 
 from __future__ import annotations
@@ -26,8 +28,16 @@ from tritonclient.grpc import service_pb2 as pb
 from gateway.grpc.codec import encode_infer_response, parameters_to_proto
 from gateway.protocol.types import InferResponse, datatype_of
 
-__all__ = ["RawRequest", "RawResponse", "parse_infer_request", "serialize_infer_response"]
+__all__ = [
+    "WIRE_MIN_BYTES",
+    "RawRequest",
+    "RawResponse",
+    "encode_raw_response",
+    "parse_infer_request",
+    "serialize_infer_response",
+]
 
+WIRE_MIN_BYTES = 64 * 1024
 _RAW_INPUTS = 7  # ModelInferRequest.raw_input_contents
 _RAW_OUTPUTS_TAG = bytes([6 << 3 | 2])  # ModelInferResponse.raw_output_contents, length-delimited
 
@@ -111,6 +121,8 @@ class RawRequest:
 
 def parse_infer_request(data: bytes) -> Any:
     """gRPC's request deserializer for ``ModelInfer`` / ``ModelStreamInfer``."""
+    if len(data) < WIRE_MIN_BYTES:
+        return pb.ModelInferRequest.FromString(data)
     try:
         header, raw = _split(data)
     except _Malformed:
@@ -138,9 +150,12 @@ class RawResponse:
 
 def encode_raw_response(response: InferResponse) -> Any:
     """The answer to a raw request: a ``RawResponse`` when no output is BYTES (whose elements
-    are framed, not raw), else the codec's message."""
+    are framed, not raw) and they hold ``WIRE_MIN_BYTES`` or more, else the codec's message."""
     arrays = list(response.outputs.items())
-    if any(array.dtype.kind in "OSU" for _, array in arrays):
+    if (
+        any(array.dtype.kind in "OSU" for _, array in arrays)
+        or sum(array.nbytes for _, array in arrays) < WIRE_MIN_BYTES
+    ):
         return encode_infer_response(response, raw=True)
     message = pb.ModelInferResponse(
         model_name=response.model_name,
