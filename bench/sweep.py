@@ -13,7 +13,7 @@ built on demand by ``scripts/build_models.py``, see ``ensure_heavy``):
      same protocols;
 3. **memory**: the RSS a gateway gains by loading each model (a gateway with that model alone
    against one with only ``simple``, both after one request) next to what an ONNX Runtime
-   session of it alone adds to a bare Python process (after one run);
+   session of it alone adds to a bare Python process (run at the gateway's warm-up batch sizes);
 4. **copies** (``resnet50``): a gateway (this script, ``--counted``) with an LD_PRELOAD shim
    that counts memcpy/memmove bytes on its event-loop thread answers sequential requests: bytes
    copied per request, in units of the request's input bytes (needs a C compiler).
@@ -319,16 +319,18 @@ def rss():
     for line in open('/proc/self/status'):
         if line.startswith('VmRSS:'):
             return int(line.split()[1]) / 1024
-path, feeds = sys.argv[1], {}
+path, sizes = sys.argv[1], sorted({1, int(sys.argv[2])})
 before = rss()
 options = ort.SessionOptions()
 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 s = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 types = {'tensor(float)': np.float32, 'tensor(int32)': np.int32, 'tensor(int64)': np.int64}
-for i in s.get_inputs():
-    shape = [1 if not isinstance(d, int) else d for d in i.shape]
-    feeds[i.name] = np.zeros(shape, dtype=types[i.type])
-s.run(None, feeds)
+for batch in sizes:  # what the gateway's warm-up runs: batch 1 and max_batch_size
+    feeds = {}
+    for i in s.get_inputs():
+        shape = [batch if not isinstance(d, int) else d for d in i.shape]
+        feeds[i.name] = np.zeros(shape, dtype=types[i.type])
+    s.run(None, feeds)
 print(rss() - before)
 """
 
@@ -357,8 +359,9 @@ def memory(repo: Path, models: list[str], work: Path) -> list[dict[str, Any]]:
             one_request(gw.url, simple)
             one_request(gw.url, model)
             loaded = rss_mb(gw.pid)
+        path = str(repo / name / "1" / "model.onnx")
         out = subprocess.run(
-            [sys.executable, "-c", _SESSION_RSS, str(repo / name / "1" / "model.onnx")],
+            [sys.executable, "-c", _SESSION_RSS, path, str(max(1, model.max_batch_size))],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         session = float(out.stdout.strip().splitlines()[-1])
@@ -605,7 +608,8 @@ def render(data: dict[str, Any]) -> str:
             "",
             "RSS gained by a gateway loading the model (a gateway serving `simple` and the model, "
             "against one serving `simple` alone, each after one request) and by a bare Python "
-            "process creating an ORT session of the file and running it once.",
+            "process creating an ORT session of the file and running it at batch 1 and "
+            "`max_batch_size` (the sizes the gateway's warm-up runs).",
             "",
             "| model | file MB | gateway +MB | ORT session +MB | gateway - session |",
             "|---|---:|---:|---:|---:|",
