@@ -395,9 +395,12 @@ def memory(repo: Path, models: list[str], work: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def copies(repo: Path, model_name: str, work: Path, requests: int) -> dict[str, Any] | None:
+def copies(
+    repo: Path, model_name: str, work: Path, requests: int, tree: str | None = None
+) -> dict[str, Any] | None:
     """Bytes copied on the event loop per request (``_SHIM``) while a gateway answers
-    ``requests`` sequential batch-1 requests, over HTTP binary and gRPC raw contents."""
+    ``requests`` sequential batch-1 requests, over HTTP binary and gRPC raw contents; with
+    ``tree``, the gateway of that source tree (``PYTHONPATH``), for a before/after."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -415,8 +418,9 @@ def copies(repo: Path, model_name: str, work: Path, requests: int) -> dict[str, 
         "GATEWAY_LOAD_MODELS": model_name,
         "GATEWAY_GRPC_PORT": str(grpc_port),
         "LD_PRELOAD": str(shim),
+        **({"PYTHONPATH": tree} if tree else {}),
     }
-    found: dict[str, Any] = {"model": model_name, "payload_bytes": payload}
+    found: dict[str, Any] = {"model": model_name, "payload_bytes": payload, "tree": tree}
     gw = harness.start_gateway(repo, work, "--log-level", "warning", env=env, tag="counted",
                                ready=(model_name,), launcher=launcher)  # fmt: skip
     try:
@@ -447,7 +451,8 @@ def copies(repo: Path, model_name: str, work: Path, requests: int) -> dict[str, 
         gw.stop()
     for name in ("http", "grpc"):
         got = found[name]
-        print(f"copies {model_name} {name}: {got['bytes']:,.0f} B in {got['calls']:.1f} copies "
+        print(f"copies {model_name} {name}{' ' + tree if tree else ''}: {got['bytes']:,.0f} B "
+              f"in {got['calls']:.1f} copies "
               f"per request = {got['bytes'] / payload:.2f}x the {payload:,d} B input",
               flush=True)  # fmt: skip
     return found
@@ -656,13 +661,17 @@ def render(data: dict[str, Any]) -> str:
             "serialize; not the kernel's socket copies, not ORT's threads). Per request, in "
             f"units of one request's input ({cp['payload_bytes']:,d} bytes):",
             "",
-            "| transport | bytes copied | copies | in inputs |",
-            "|---|---:|---:|---:|",
+            "| gateway | transport | bytes copied | copies | in inputs |",
+            "|---|---|---:|---:|---:|",
         ]
-        for name in ("http", "grpc"):
-            got = cp[name]
-            lines.append(f"| {name} | {got['bytes']:,.0f} | {got['calls']:.1f} | "
-                         f"{got['bytes'] / cp['payload_bytes']:.2f}x |")  # fmt: skip
+        for run in (cp, data.get("copies_baseline")):
+            if not run:
+                continue
+            for name in ("http", "grpc"):
+                got = run[name]
+                share = got["bytes"] / run["payload_bytes"]
+                lines.append(f"| {run['tree'] or 'this tree'} | {name} | {got['bytes']:,.0f} | "
+                             f"{got['calls']:.1f} | {share:.2f}x |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -690,6 +699,11 @@ def main() -> int:
     parser.add_argument("--window-ms", type=int, default=2000)
     parser.add_argument("--in-process-s", type=float, default=1.5)
     parser.add_argument("--copy-requests", type=int, default=20)
+    parser.add_argument(
+        "--copies-baseline",
+        metavar="TREE",
+        help="also count copies with the gateway of this source tree (before)",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-copies", action="store_true")
     parser.add_argument(
@@ -744,6 +758,10 @@ def main() -> int:
             data["memory"] = memory(repo, models, work)
         if not args.no_copies and "resnet50" in models:
             data["copies"] = copies(repo, "resnet50", work, args.copy_requests)
+            if args.copies_baseline:
+                data["copies_baseline"] = copies(
+                    repo, "resnet50", work, args.copy_requests, args.copies_baseline
+                )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     data["plots"] = [m for m in models if plot(data["points"], data["in_process"], m,
                                                 args.out_dir / f"sweep-{m}.png")]  # fmt: skip
