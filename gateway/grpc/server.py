@@ -27,7 +27,13 @@ from tritonclient.grpc import service_pb2_grpc
 
 from gateway.credentials import Credentials, Verdict, token_of
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, InvalidInput, Unavailable
+from gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    SharedMemoryError,
+    Unavailable,
+    UnknownRegion,
+)
 from gateway.grpc.codec import decode_infer_request, encode_infer_response
 from gateway.grpc.errors import status_of
 from gateway.grpc.wire import (
@@ -69,8 +75,9 @@ def _unary(method: H) -> H:
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """The Open Inference Protocol's gRPC service; shared-memory, trace and log RPCs are left
-    UNIMPLEMENTED (the generated base class's answer)."""
+    """The Open Inference Protocol's gRPC service, with Triton's system shared memory (CUDA
+    shared memory refused: not supported); trace and log RPCs are left UNIMPLEMENTED (the
+    generated base class's answer)."""
 
     def __init__(self, dataplane: DataPlane, stream_max_inflight: int = 16) -> None:
         if stream_max_inflight < 1:
@@ -142,9 +149,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
         result = await self.dataplane.submit(request.model_name, version, decode)
-        if request.raw_input_contents:
-            return encode_raw_response(result)
-        return encode_infer_response(result, raw=False)
+        # Typed contents back only to a request that sent typed contents (one whose inputs all
+        # lie in shared memory sent none: raw, as Triton, whose clients read only raw). Raw
+        # answers leave protobuf's copies out where that pays (gateway/grpc/wire.py).
+        typed = not request.raw_input_contents and any(
+            t.HasField("contents") for t in request.inputs
+        )
+        if typed:
+            return encode_infer_response(result, raw=False)
+        return encode_raw_response(result)
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -255,6 +268,47 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # -- shared memory (gateway/shared_memory.py; the REST side: server/shared_memory.py) ---
+
+    @_unary
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        regions = self.dataplane.shared_memory.status(request.name or None)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            response.regions[region["name"]].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return response
+
+    @_unary
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        self.dataplane.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_unary
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        self.dataplane.shared_memory.unregister(request.name or None)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_unary
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        if request.name:
+            raise UnknownRegion(f"Unable to find cuda shared memory region: '{request.name}'")
+        return pb.CudaSharedMemoryStatusResponse()  # nothing is ever registered
+
+    @_unary
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise SharedMemoryError(
+            f"failed to register CUDA shared memory region: '{request.name}', CUDA shared "
+            "memory is not supported by this gateway (use system shared memory)"
+        )
+
+    @_unary
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        return pb.CudaSharedMemoryUnregisterResponse()
 
 
 _SERVICE = "inference.GRPCInferenceService"

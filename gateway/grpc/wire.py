@@ -150,10 +150,12 @@ class RawResponse:
 
 def encode_raw_response(response: InferResponse) -> Any:
     """The answer to a raw request: a ``RawResponse`` when no output is BYTES (whose elements
-    are framed, not raw) and they hold ``WIRE_MIN_BYTES`` or more, else the codec's message."""
+    are framed, not raw) or in shared memory and they hold ``WIRE_MIN_BYTES`` or more, else the
+    codec's message."""
     arrays = list(response.outputs.items())
     if (
-        any(array.dtype.kind in "OSU" for _, array in arrays)
+        response.shared  # outputs written into shared memory: empty entries, as the codec's
+        or any(array.dtype.kind in "OSU" for _, array in arrays)
         or sum(array.nbytes for _, array in arrays) < WIRE_MIN_BYTES
     ):
         return encode_infer_response(response, raw=True)
