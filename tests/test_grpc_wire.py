@@ -119,3 +119,12 @@ def test_bytes_small_outputs_and_plain_messages_keep_protobufs_path() -> None:
         assert not isinstance(message, RawResponse)
         assert message == encode_infer_response(response, raw=True)
         assert serialize_infer_response(message) == message.SerializeToString()
+
+
+def test_outputs_in_shared_memory_keep_the_codecs_empty_entries() -> None:
+    response = _response()
+    response.shared = {"PROBS"}  # written into the client's region: an empty raw entry
+    message = encode_raw_response(response)
+    assert not isinstance(message, RawResponse)
+    assert message == encode_infer_response(response, raw=True)
+    assert message.raw_output_contents[0] == b""
