@@ -271,7 +271,7 @@ def sweep(
     repo: Path,
     models: list[str],
     levels: dict[str, list[int]],
-    window_ms: int,
+    windows_ms: dict[str, int],
     work: Path,
 ) -> list[dict[str, Any]]:
     """Every point, the targets (``servers``: target -> (urls, protocols)) one right after the
@@ -291,6 +291,7 @@ def sweep(
                     if protocol not in wanted:
                         continue
                     url = urls["grpc" if protocol == "grpc" else "http"]
+                    window_ms = windows_ms[model]
                     got = run_pa(pa, model, url, protocol, concurrency, window_ms, out_bytes, work)
                     points.append({"target": target, "model": model, "protocol": protocol,
                                    "concurrency": concurrency, **got})  # fmt: skip
@@ -577,7 +578,9 @@ def render(data: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.1f}' for x in data['machine']['loadavg_at_start'])}. "
         "perf_analyzer shares the cores with the servers; this machine was shared with other "
         "work during the run, so figures are noisy: compare within one run only.",
-        f"perf_analyzer windows {data['window_ms']} ms x 3 per point, batch 1 per request, "
+        f"perf_analyzer windows {data['window_ms']} ms (at least 4 in-process batch-1 runs: "
+        f"{', '.join(f'{m} {w} ms' for m, w in data.get('windows_ms', {}).items())}) x 3 per "
+        "point, batch 1 per request, "
         "`--input-data zero`. Triton: `tritonserver` (nvidia-pytriton build) running each "
         "model's ONNX file with ONNX Runtime in its python backend, the model's own config. "
         "Both servers run throughout; at each point they are measured back to back, in turns "
@@ -751,7 +754,11 @@ def main() -> int:
                 wanted = [p for p in protocols if p != "shm" or has_shm(triton.http_url)]
                 servers["triton"] = ({"http": triton.http_address, "grpc": triton.grpc_url},
                                      wanted)  # fmt: skip
-            data["points"] = sweep(pa, servers, repo, models, levels, args.window_ms, work)
+            # A window holds a few runs even of a slow model (0.5 s a run when the machine is
+            # busy): perf_analyzer refuses a window in which no request finished.
+            windows = {m: max(args.window_ms, round(4 * first[m]["batch1_p50_ms"])) for m in models}
+            data["windows_ms"] = windows
+            data["points"] = sweep(pa, servers, repo, models, levels, windows, work)
         # Again after the sweep: the better of the two is the limit (the machine is shared).
         data["in_process"] = best_of(first, in_process(repo, models, args.in_process_s))
         if not args.no_memory:
