@@ -107,8 +107,8 @@ def test_a_raw_response_serializes_to_what_protobuf_would_send() -> None:
     assert isinstance(raw, RawResponse)
     assert np.shares_memory(np.frombuffer(raw.blobs[0], np.uint8), response.outputs["PROBS"])
     wire = serialize_infer_response(raw)
-    assert pb.ModelInferResponse.FromString(wire) == encode_infer_response(response, raw=True)
-    assert raw.to_message() == encode_infer_response(response, raw=True)
+    assert pb.ModelInferResponse.FromString(wire) == encode_infer_response(response)
+    assert raw.to_message() == encode_infer_response(response)
 
 
 def test_bytes_small_outputs_and_plain_messages_keep_protobufs_path() -> None:
@@ -117,7 +117,7 @@ def test_bytes_small_outputs_and_plain_messages_keep_protobufs_path() -> None:
         response = InferResponse(model_name="m", model_version="1", outputs=outputs)
         message = encode_raw_response(response)
         assert not isinstance(message, RawResponse)
-        assert message == encode_infer_response(response, raw=True)
+        assert message == encode_infer_response(response)
         assert serialize_infer_response(message) == message.SerializeToString()
 
 
@@ -126,5 +126,5 @@ def test_outputs_in_shared_memory_keep_the_codecs_empty_entries() -> None:
     response.shared = {"PROBS"}  # written into the client's region: an empty raw entry
     message = encode_raw_response(response)
     assert not isinstance(message, RawResponse)
-    assert message == encode_infer_response(response, raw=True)
+    assert message == encode_infer_response(response)
     assert message.raw_output_contents[0] == b""

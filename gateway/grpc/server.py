@@ -34,7 +34,7 @@ from gateway.errors import (
     Unavailable,
     UnknownRegion,
 )
-from gateway.grpc.codec import decode_infer_request, encode_infer_response
+from gateway.grpc.codec import decode_infer_request
 from gateway.grpc.errors import status_of
 from gateway.grpc.wire import (
     RawResponse,
@@ -42,6 +42,7 @@ from gateway.grpc.wire import (
     parse_infer_request,
     serialize_infer_response,
 )
+from gateway.logs import CONTROL
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ def _unary(method: H) -> H:
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """The Open Inference Protocol's gRPC service, with Triton's system shared memory (CUDA
-    shared memory refused: not supported); trace and log RPCs are left UNIMPLEMENTED (the
-    generated base class's answer)."""
+    shared memory refused: not supported) and logging extension; trace RPCs are left
+    UNIMPLEMENTED (the generated base class's answer)."""
 
     def __init__(self, dataplane: DataPlane, stream_max_inflight: int = 16) -> None:
         if stream_max_inflight < 1:
@@ -149,14 +150,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
         result = await self.dataplane.submit(request.model_name, version, decode)
-        # Typed contents back only to a request that sent typed contents (one whose inputs all
-        # lie in shared memory sent none: raw, as Triton, whose clients read only raw). Raw
-        # answers leave protobuf's copies out where that pays (gateway/grpc/wire.py).
-        typed = not request.raw_input_contents and any(
-            t.HasField("contents") for t in request.inputs
-        )
-        if typed:
-            return encode_infer_response(result, raw=False)
+        # raw_output_contents always, as Triton; without protobuf's copies where that pays
+        # (gateway/grpc/wire.py)
         return encode_raw_response(result)
 
     @_unary
@@ -227,6 +222,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             for task in list(running):
                 task.cancel()
             running.clear()
+
+    # -- logging (Triton's extension; admin, as over REST) -----------------------------------
+
+    @_unary
+    async def LogSettings(self, request: Any, context: Any) -> Any:
+        changes = {}
+        for key, value in request.settings.items():
+            kind = value.WhichOneof("parameter_choice")
+            if kind is not None:
+                changes[key] = getattr(value, kind)
+        settings = CONTROL.update(changes) if changes else CONTROL.settings()
+        response = pb.LogSettingsResponse()
+        for key, item in settings.items():
+            target = response.settings[key]
+            if isinstance(item, bool):
+                target.bool_param = item
+            elif isinstance(item, int):
+                target.uint32_param = item
+            else:
+                target.string_param = str(item)
+        return response
 
     # -- repository -------------------------------------------------------------------------
 
@@ -351,7 +367,9 @@ def _address(host: str, port: int) -> str:
 
 
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
-ADMIN_METHODS = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
+ADMIN_METHODS = frozenset(
+    {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "LogSettings"}
+)
 
 
 def _metadata_bytes(value: str | bytes | None) -> bytes | None:

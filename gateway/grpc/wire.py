@@ -158,7 +158,7 @@ def encode_raw_response(response: InferResponse) -> Any:
         or any(array.dtype.kind in "OSU" for _, array in arrays)
         or sum(array.nbytes for _, array in arrays) < WIRE_MIN_BYTES
     ):
-        return encode_infer_response(response, raw=True)
+        return encode_infer_response(response)
     message = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
