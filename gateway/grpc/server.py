@@ -34,8 +34,14 @@ from gateway.errors import (
     Unavailable,
     UnknownRegion,
 )
-from gateway.grpc.codec import decode_infer_request, encode_infer_response
+from gateway.grpc.codec import decode_infer_request
 from gateway.grpc.errors import status_of
+from gateway.grpc.wire import (
+    RawResponse,
+    encode_raw_response,
+    parse_infer_request,
+    serialize_infer_response,
+)
 from gateway.logs import CONTROL
 
 log = logging.getLogger(__name__)
@@ -147,13 +153,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def _infer(self, request: Any, context: Any = None) -> Any:
         """The one call into the data plane (decoding there, once the model is known: an
-        unknown model is NOT_FOUND whatever the message), then the answer encoded. The call's
-        metadata are its headers (a traffic split's sticky header)."""
+        unknown model is NOT_FOUND whatever the message), then the answer encoded (raw
+        outputs as a ``RawResponse``: see ``gateway.grpc.wire``). The call's metadata are its
+        headers (a traffic split's sticky header)."""
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
         header = None if context is None else functools.partial(_metadata_value, context)
         result = await self.dataplane.submit(request.model_name, version, decode, None, header)
-        return encode_infer_response(result)  # raw_output_contents always, as Triton
+        # raw_output_contents always, as Triton; without protobuf's copies where that pays
+        # (gateway/grpc/wire.py)
+        return encode_raw_response(result)
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -161,7 +170,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def _stream_one(self, request: Any, context: Any = None) -> Any:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+            response = await self._infer(request, context)
+            if isinstance(response, RawResponse):
+                response = response.to_message()
+            return pb.ModelStreamInferResponse(infer_response=response)
         except GatewayError as exc:
             message = exc.message
         except Exception as exc:
@@ -325,6 +337,41 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return pb.CudaSharedMemoryUnregisterResponse()
 
 
+_SERVICE = "inference.GRPCInferenceService"
+
+
+class _Capture:
+    """Stands in for the server while the generated code registers the service's methods."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same methods come again below, by name
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers.update(handlers)
+
+
+def _method_handlers(servicer: InferenceServicer) -> dict[str, Any]:
+    """The generated code's handlers, with ``ModelInfer`` and ``ModelStreamInfer`` reading and
+    writing raw tensors without protobuf's copies (``gateway.grpc.wire``)."""
+    capture = _Capture()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=parse_infer_request,
+        response_serializer=serialize_infer_response,
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=parse_infer_request,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
+    return handlers
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -433,7 +480,9 @@ class GrpcServer:
             ],
         )
         servicer = InferenceServicer(self.dataplane, settings.grpc_stream_max_inflight)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        handlers = _method_handlers(servicer)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+        server.add_registered_method_handlers(_SERVICE, handlers)
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as exc:

@@ -237,7 +237,7 @@ class HotPath:
         coroutines it resumes twice, cost the event loop about as much as parsing the request;
         what must wait in a task (for a model still loading) waits in the data plane's."""
         call = _Call(
-            exchange.headers, *route, bytes(exchange.body), config_of=self.dataplane.config_of
+            exchange.headers, *route, exchange.take_body(), config_of=self.dataplane.config_of
         )
         pending = self.dataplane.submit(call.name, call.version, call, call.rid, call.header_value)
         # A caller that leaves gives up its place (``_raw_done`` unsets it, at once if done).
