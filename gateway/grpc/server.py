@@ -34,8 +34,14 @@ from gateway.errors import (
     Unavailable,
     UnknownRegion,
 )
-from gateway.grpc.codec import decode_infer_request, encode_infer_response
+from gateway.grpc.codec import decode_infer_request
 from gateway.grpc.errors import status_of
+from gateway.grpc.wire import (
+    RawResponse,
+    encode_raw_response,
+    parse_infer_request,
+    serialize_infer_response,
+)
 from gateway.logs import CONTROL
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,14 @@ def _unary(method: H) -> H:
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
     return wrapper  # type: ignore[return-value]
+
+
+def _metadata_value(context: Any, name: str) -> str | None:
+    """A call's metadata entry ``name`` (gRPC keys are lower case), for the data plane."""
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value if isinstance(value, str) else None
+    return None
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -137,21 +151,29 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     # -- inference --------------------------------------------------------------------------
 
-    async def _infer(self, request: Any) -> Any:
+    async def _infer(self, request: Any, context: Any = None) -> Any:
         """The one call into the data plane (decoding there, once the model is known: an
-        unknown model is NOT_FOUND whatever the message), then the answer encoded."""
+        unknown model is NOT_FOUND whatever the message), then the answer encoded (raw
+        outputs as a ``RawResponse``: see ``gateway.grpc.wire``). The call's metadata are its
+        headers (a traffic split's sticky header)."""
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
-        result = await self.dataplane.submit(request.model_name, version, decode)
-        return encode_infer_response(result)  # raw_output_contents always, as Triton
+        header = None if context is None else functools.partial(_metadata_value, context)
+        result = await self.dataplane.submit(request.model_name, version, decode, None, header)
+        # raw_output_contents always, as Triton; without protobuf's copies where that pays
+        # (gateway/grpc/wire.py)
+        return encode_raw_response(result)
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._infer(request)
+        return await self._infer(request, context)
 
-    async def _stream_one(self, request: Any) -> Any:
+    async def _stream_one(self, request: Any, context: Any = None) -> Any:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            response = await self._infer(request, context)
+            if isinstance(response, RawResponse):
+                response = response.to_message()
+            return pb.ModelStreamInferResponse(infer_response=response)
         except GatewayError as exc:
             message = exc.message
         except Exception as exc:
@@ -179,7 +201,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         done = object()
 
         async def answer(request: Any) -> None:
-            answers.put_nowait(await self._stream_one(request))
+            answers.put_nowait(await self._stream_one(request, context))
 
         async def read() -> None:
             try:
@@ -315,6 +337,41 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return pb.CudaSharedMemoryUnregisterResponse()
 
 
+_SERVICE = "inference.GRPCInferenceService"
+
+
+class _Capture:
+    """Stands in for the server while the generated code registers the service's methods."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same methods come again below, by name
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers.update(handlers)
+
+
+def _method_handlers(servicer: InferenceServicer) -> dict[str, Any]:
+    """The generated code's handlers, with ``ModelInfer`` and ``ModelStreamInfer`` reading and
+    writing raw tensors without protobuf's copies (``gateway.grpc.wire``)."""
+    capture = _Capture()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=parse_infer_request,
+        response_serializer=serialize_infer_response,
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=parse_infer_request,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
+    return handlers
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -423,7 +480,9 @@ class GrpcServer:
             ],
         )
         servicer = InferenceServicer(self.dataplane, settings.grpc_stream_max_inflight)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        handlers = _method_handlers(servicer)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+        server.add_registered_method_handlers(_SERVICE, handlers)
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as exc:
