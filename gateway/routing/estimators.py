@@ -68,6 +68,7 @@ class BatchCostFit:
         self.keep = keep
         self._s0 = self._sn = self._sy = self._snn = self._sny = 0.0
         self.samples = 0
+        self._coefficients: tuple[float, float] | None = None  # cached until the next sample
 
     def observe(self, rows: int, latency_s: float) -> None:
         k = self.keep
@@ -77,9 +78,15 @@ class BatchCostFit:
         self._snn = self._snn * k + rows * rows
         self._sny = self._sny * k + rows * latency_s
         self.samples += 1
+        self._coefficients = None
 
     def coefficients(self) -> tuple[float, float] | None:
         """``(a, b)``; ``a`` is 0 until batch sizes vary. None before any sample."""
+        if self._coefficients is None:
+            self._coefficients = self._solve()
+        return self._coefficients
+
+    def _solve(self) -> tuple[float, float] | None:
         if self._s0 <= 0:
             return None
         mean_y = self._sy / self._s0
@@ -127,11 +134,14 @@ class LatencyEstimate:
 
     def service_s(self, rows: int = 1) -> float:
         level = self.peak.value_s
-        typical = self.fit.predict_s(round(self._mean_rows) or 1)
-        wanted = self.fit.predict_s(rows)
-        if typical is None or wanted is None or typical <= 0:
+        coef = self.fit.coefficients()
+        if coef is None:
             return level
-        return level * wanted / typical
+        a, b = coef
+        typical = a * (round(self._mean_rows) or 1) + b
+        if typical <= 0:
+            return level
+        return level * (a * rows + b) / typical
 
     def to_dict(self) -> dict[str, float | int | None]:
         coef = self.fit.coefficients()

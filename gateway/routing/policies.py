@@ -4,7 +4,8 @@ Eligibility (health, ejection, in-flight caps, placement) and bookkeeping live i
 ``gateway.routing.router``; a policy only sees a snapshot per candidate and returns one of them.
 Policies are chosen by name (``POLICIES``), like uvicorn's protocol implementations.
 
-- ``round_robin``: smooth weighted round robin (nginx's), blind to load and latency.
+- ``round_robin``: smooth weighted round robin (nginx's), blind to load and latency; on a large
+  pool the router hands out targets in turn itself (``rotates``), in O(1) per pick.
 - ``least_request``: power of two choices on in-flight / weight.
 - ``latency``: power of two choices on expected completion time,
   ``expected_service_s * (in_flight + 1) / (typical_in_flight + 1) + cold_start_s``, divided by
@@ -60,6 +61,9 @@ class Candidate:
 
 class Policy(Protocol):
     name: str
+    # True: the router hands out targets in turn (``Router._rotate``) on large pools instead of
+    # sampling candidates for ``choose``.
+    rotates: bool
 
     def choose(self, candidates: Sequence[Candidate]) -> Candidate:
         """Pick one of a non-empty sequence."""
@@ -70,11 +74,16 @@ class RoundRobinPolicy:
     the total; equal weights degrade to plain rotation."""
 
     name = "round_robin"
+    rotates = True
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._current: dict[str, float] = {}
 
     def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+        if len(self._current) > 2 * len(candidates) + 16:
+            # Targets gone (DNS members churn): keep only the state of those still offered.
+            names = {c.name for c in candidates}
+            self._current = {n: v for n, v in self._current.items() if n in names}
         total = 0.0
         best: Candidate | None = None
         for c in candidates:
@@ -92,6 +101,7 @@ class _PowerOfTwo:
     """Sample two distinct candidates at random and keep the cheaper one."""
 
     name = ""
+    rotates = False
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
