@@ -3,15 +3,25 @@ thresholds, the file-descriptor check, aggregated metrics, paged host table, DNS
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections import Counter
+from dataclasses import dataclass
+from typing import Any
 
+import aiohttp
 import pytest
 
+from gateway.backends.base import Host
+from gateway.backends.remote import V2Host
 from gateway.errors import Overloaded
-from gateway.routing import SUCCESS, Router, make_policy
+from gateway.routing import SUCCESS, OutlierDetector, Router, make_policy
 from gateway.routing.policies import Candidate, RoundRobinPolicy
+from gateway.routing.pool import HostEntry, HostPool
+from gateway.routing.probing import Prober
 from gateway.routing.router import SCAN_BELOW
+from gateway.routing.tiers import LOADED, HostModel
 
 
 class ManualClock:
@@ -154,3 +164,165 @@ def test_round_robin_state_goes_with_its_targets() -> None:
         names = [f"g{generation}-{i}" for i in range(3)]
         policy.choose([Candidate(n, 0, 4, 0.0, False) for n in names])
     assert len(policy._current) <= 2 * 3 + 16 + 3
+
+
+# -- probes ---------------------------------------------------------------------------------
+
+
+def test_probe_thresholds_before_marking_down_or_up() -> None:
+    det = OutlierDetector(clock=ManualClock(), unhealthy_threshold=2, healthy_threshold=3)
+    det.add("a")
+    det.record_probe("a", False)
+    assert det.available("a")  # one lost probe is not an outage
+    det.record_probe("a", True)
+    det.record_probe("a", False)
+    assert det.available("a")  # not two in a row
+    det.record_probe("a", False)
+    assert det.state("a") == "down"
+    det.record_probe("a", True)
+    det.record_probe("a", True)
+    assert det.state("a") == "down"
+    det.record_probe("a", False)  # the run of successes starts again
+    for _ in range(2):
+        det.record_probe("a", True)
+    assert det.state("a") == "down"
+    det.record_probe("a", True)
+    assert det.state("a") == "up" and det.available("a")
+    with pytest.raises(ValueError):
+        OutlierDetector(unhealthy_threshold=0)
+
+
+def test_probe_periods_are_jittered_and_stretched_to_the_probe_rate() -> None:
+    router = fleet(10, probe_interval_s=2.0, probe_jitter=0.25, probe_rate=100.0)
+    target = router.targets["h1"]
+    gaps = [router._next_probe_s(target, 0.0) for _ in range(500)]
+    assert 1.5 <= min(gaps) < 1.6 and 2.4 < max(gaps) <= 2.5
+    assert router.probe_period_s() == 2.0
+    big = fleet(1000, probe_interval_s=2.0, probe_rate=100.0)
+    assert big.probe_period_s() == pytest.approx(10.0)  # 1000 hosts at 100 probes/s
+    # A host that is down waits for a probe to come back: it keeps the short interval.
+    big.outliers.hosts["h3"].probe_up = False
+    assert big._next_probe_s(big.targets["h3"], 0.0) <= 2.0 * 1.2
+
+
+async def _run_probes(router: Router, seconds: float, probe: Any) -> None:
+    router.start(probe)
+    await asyncio.sleep(seconds)
+    await router.close()
+
+
+def test_hosts_that_just_answered_traffic_are_not_probed() -> None:
+    router = fleet(20, probe_interval_s=10.0)
+    router.clock = time.monotonic
+    router.outliers._clock = time.monotonic
+    for i in range(10):
+        router.targets[f"h{i}"].last_success_s = time.monotonic()
+    probed: list[str] = []
+
+    async def probe(name: str) -> bool:
+        probed.append(name)
+        return True
+
+    asyncio.run(_run_probes(router, 0.3, probe))
+    assert sorted(probed) == sorted(f"h{i}" for i in range(10, 20))
+    assert router.probes_skipped == 10 and router.probes_sent == 10
+
+
+def test_probe_traffic_stays_within_the_probe_rate() -> None:
+    router = fleet(500, probe_interval_s=0.05, probe_rate=1000.0, probe_jitter=0.2)
+    router.clock = time.monotonic
+    router.outliers._clock = time.monotonic
+    per_host: Counter[str] = Counter()
+
+    async def probe(name: str) -> bool:
+        per_host[name] += 1
+        return True
+
+    asyncio.run(_run_probes(router, 1.0, probe))
+    # One round at once, then every 0.5 s (500 hosts at 1000/s), not every 0.05 s.
+    assert len(per_host) == 500
+    assert router.probes_sent <= 2000
+    assert max(per_host.values()) <= 4
+
+
+class CountingHost(Host):
+    """A host that answers health and its repository index, counting the requests."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self.requests: Counter[str] = Counter()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def labels(self) -> frozenset[str]:
+        return frozenset()
+
+    async def prepare(self, source: Any, version: int, config: Any) -> None:
+        pass
+
+    async def infer(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    async def ready(self) -> bool:
+        self.requests["ready"] += 1
+        return True
+
+    async def model_ready(self, model: str, version: int) -> bool:
+        self.requests["model_ready"] += 1
+        return True
+
+    async def repository_index(self) -> dict[str, HostModel] | None:
+        self.requests["index"] += 1
+        return {"m/1": HostModel(LOADED)}
+
+    async def release(self, model: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self._name}
+
+
+@dataclass
+class Version:
+    model: str = "m"
+    version: int = 1
+    key: str = "m/1"
+
+
+def test_a_probe_is_one_request_once_a_host_gave_its_index() -> None:
+    router = fleet(0)
+    pool = HostPool(router, 1.0)
+    host = CountingHost("a")
+    pool.add(HostEntry(host))
+    prober = Prober(pool, lambda: [Version()])
+
+    async def probe_three_times() -> None:
+        for _ in range(3):
+            assert await prober("a")
+
+    asyncio.run(probe_three_times())
+    # The first probe learns that the host lists its repository; after that, the index is it.
+    assert host.requests == Counter({"ready": 1, "index": 3})
+    assert router.targets["a"].ready["m/1"]
+
+
+def test_v2_hosts_share_one_probe_session_closed_with_the_last() -> None:
+    async def scenario() -> None:
+        a, b = V2Host("a", "http://127.0.0.1:9"), V2Host("b", "http://127.0.0.1:9")
+        assert not await a.ready() and not await b.ready()  # nothing listens on port 9
+        session = a._probe_http()
+        assert session is b._probe_http()
+        assert isinstance(session.connector, aiohttp.TCPConnector)
+        assert session.connector.limit_per_host == 1
+        await a.close()
+        assert not session.closed
+        await b.close()
+        assert session.closed
+
+    asyncio.run(scenario())

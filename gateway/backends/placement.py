@@ -114,9 +114,13 @@ class RoutedFactory(BackendFactory):
                 base_ejection_s=settings.ejection_base_s,
                 max_ejected_fraction=settings.max_ejected_fraction,
                 clock=clock,
+                unhealthy_threshold=settings.host_unhealthy_threshold,
+                healthy_threshold=settings.host_healthy_threshold,
             ),
             budget=RetryBudget(settings.retry_budget_ratio),
             probe_interval_s=settings.host_probe_interval_s,
+            probe_jitter=settings.host_probe_jitter,
+            probe_rate=settings.host_probe_rate,
             max_wait_s=settings.host_wait_s,
             default_bandwidth_bps=(
                 settings.host_bandwidth_bps

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import random
 import time
@@ -161,6 +162,9 @@ class Router:
         max_wait_s: float = 1.0,
         probe_interval_s: float = 2.0,
         probe_timeout_s: float = 1.0,
+        probe_jitter: float = 0.2,
+        probe_rate: float = 100.0,
+        probe_concurrency: int = 64,
         rng: random.Random | None = None,
     ) -> None:
         self.policy = policy
@@ -176,7 +180,15 @@ class Router:
         self.max_wait_s = max_wait_s
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
+        if not 0 <= probe_jitter < 1 or probe_rate <= 0 or probe_concurrency < 1:
+            raise ValueError("probe_jitter in [0, 1), probe_rate > 0, probe_concurrency >= 1")
+        self.probe_jitter = probe_jitter  # fraction of the period a probe moves at random
+        self.probe_rate = probe_rate  # probes per second over all hosts, at most (about)
+        self.probe_concurrency = probe_concurrency
+        self.probes_sent = 0
+        self.probes_skipped = 0  # the host had answered real traffic just before
         self.targets: dict[str, TargetState] = {}
+        self.changes = 0  # counts targets added and removed
         self._ring = _Members()  # every target, for random draws and rotation
         self._loaded: dict[str, _Members] = {}  # model key -> targets where it is ready
         self._rng = rng or random.Random()
@@ -205,6 +217,7 @@ class Router:
             name, weight, capacity, frozenset(models) if models is not None else None
         )
         self.targets[name] = state
+        self.changes += 1
         self._ring.add(state)
         self._max_weight = None
         self.outliers.add(name)
@@ -217,6 +230,7 @@ class Router:
         state = self.targets.pop(name, None)
         self.outliers.remove(name)
         if state is not None:
+            self.changes += 1
             self._ring.discard(name)
             self._max_weight = None
             for key, ready in state.ready.items():
@@ -626,19 +640,48 @@ class Router:
         if self._prober is None:
             self._prober = asyncio.get_running_loop().create_task(self._probe_loop(probe))
 
+    def probe_period_s(self) -> float:
+        """Time between two probes of a healthy host: ``probe_interval_s``, stretched so that
+        the probes of all hosts stay within ``probe_rate`` per second (passive detection
+        watches the hosts that take traffic in between)."""
+        return max(self.probe_interval_s, len(self.targets) / self.probe_rate)
+
+    def _next_probe_s(self, target: TargetState, now: float) -> float:
+        """When to probe ``target`` next: a host down or ejected every ``probe_interval_s``
+        (it is waiting for a probe to come back), any other every ``probe_period_s``; either
+        moved by up to ``probe_jitter`` of it at random, so probes do not come in waves."""
+        health = self.outliers.hosts.get(target.name)
+        away = health is not None and (not health.probe_up or health.ejected_until_s is not None)
+        period_s = self.probe_interval_s if away else self.probe_period_s()
+        return now + period_s * (1.0 + self.probe_jitter * (2.0 * self._rng.random() - 1.0))
+
+    def _busy_and_well(self, target: TargetState, now: float) -> bool:
+        """A host that answered real traffic within the last period and is up: its own answers
+        (passive detection) say what a probe would (Envoy's ``no_traffic_interval`` idea,
+        turned round: probe the hosts traffic does not)."""
+        health = self.outliers.hosts.get(target.name)
+        return (
+            health is not None
+            and health.probe_up
+            and health.ejected_until_s is None
+            and now - target.last_success_s < self.probe_period_s()
+        )
+
     async def _probe_one(self, probe: Probe, name: str) -> None:
         try:
             async with asyncio.timeout(self.probe_timeout_s):
                 ok = await probe(name)
         except Exception:
             ok = False
+        self.probes_sent += 1
         before = self.outliers.hosts.get(name)
         was_up = before.probe_up if before is not None else True
         self.outliers.record_probe(name, ok)
-        if ok != was_up:
-            log.warning("host %s is %s", name, "up" if ok else "down")
+        now_up = before.probe_up if before is not None else ok
+        if now_up != was_up:
+            log.warning("host %s is %s", name, "up" if now_up else "down")
             target = self.targets.get(name)
-            if ok and target is not None:
+            if now_up and target is not None:
                 # Back after being down: most likely a new process (restarted, rescheduled),
                 # so what was measured before says little. Unmeasured, it is tried at once,
                 # one batch at a time until it answers, as a newly added host is.
@@ -646,9 +689,56 @@ class Router:
         self._wake()
 
     async def _probe_loop(self, probe: Probe) -> None:
-        while True:
-            await asyncio.gather(*(self._probe_one(probe, n) for n in list(self.targets)))
-            await asyncio.sleep(self.probe_interval_s)
+        """Each target on its own jittered schedule (a heap of due times), at most
+        ``probe_concurrency`` probes at once; a new target's first probe falls at a random
+        point of its first period, so a thousand hosts added together are not probed
+        together."""
+        due: list[tuple[float, int, TargetState]] = []
+        scheduled: set[int] = set()  # id() of the targets in ``due``
+        running: set[asyncio.Task[None]] = set()
+        seq = 0
+
+        def push(at_s: float, target: TargetState) -> None:
+            nonlocal seq
+            seq += 1
+            heapq.heappush(due, (at_s, seq, target))
+            scheduled.add(id(target))
+
+        async def run(target: TargetState) -> None:
+            try:
+                await self._probe_one(probe, target.name)
+            finally:
+                if self.is_current(target):
+                    push(self._next_probe_s(target, self.clock()), target)
+
+        seen = -1  # ``self.changes`` when the targets were last looked at
+        try:
+            while True:
+                now = self.clock()
+                if seen != self.changes:
+                    for target in self.targets.values():  # joined since: first probe soon
+                        if id(target) not in scheduled:
+                            spread = 0.0 if seen < 0 else self._rng.random()
+                            push(now + self.probe_period_s() * spread, target)
+                    seen = self.changes
+                while due and due[0][0] <= now and len(running) < self.probe_concurrency:
+                    _, _, target = heapq.heappop(due)
+                    scheduled.discard(id(target))
+                    if not self.is_current(target):
+                        continue  # removed or replaced: its successor has its own turn
+                    if self._busy_and_well(target, now):
+                        self.probes_skipped += 1
+                        push(self._next_probe_s(target, now), target)
+                        continue
+                    scheduled.add(id(target))  # in flight: rescheduled when it is done
+                    task = asyncio.get_running_loop().create_task(run(target))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                wait_s = 0.05 if not due else min(0.05, max(0.0, due[0][0] - self.clock()))
+                await asyncio.sleep(max(wait_s, 0.001))
+        finally:
+            for task in running:
+                task.cancel()
 
     async def close(self) -> None:
         if self._prober is not None:
