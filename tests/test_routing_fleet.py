@@ -4,24 +4,34 @@ thresholds, the file-descriptor check, aggregated metrics, paged host table, DNS
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import resource
+import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.backends.base import Host
+from gateway.backends.hosts import build_host
 from gateway.backends.remote import V2Host
 from gateway.errors import Overloaded
 from gateway.routing import SUCCESS, OutlierDetector, Router, make_policy
+from gateway.routing.discovery import JOIN_BATCH, DnsDiscovery
+from gateway.routing.fds import ensure_fds, fds_needed
+from gateway.routing.hosts import DnsSpec, parse_host
 from gateway.routing.policies import Candidate, RoundRobinPolicy
 from gateway.routing.pool import HostEntry, HostPool
 from gateway.routing.probing import Prober
 from gateway.routing.router import SCAN_BELOW
 from gateway.routing.tiers import LOADED, HostModel
+from gateway.settings import Settings, SettingsError
 
 
 class ManualClock:
@@ -324,5 +334,106 @@ def test_v2_hosts_share_one_probe_session_closed_with_the_last() -> None:
         assert not session.closed
         await b.close()
         assert session.closed
+
+    asyncio.run(scenario())
+
+
+# -- file descriptors -----------------------------------------------------------------------
+
+
+class Limits:
+    def __init__(self, soft: int, hard: int) -> None:
+        self.soft, self.hard = soft, hard
+        self.set_to: tuple[int, int] | None = None
+
+    def get(self, which: int) -> tuple[int, int]:
+        return self.soft, self.hard
+
+    def set(self, which: int, limits: tuple[int, int]) -> None:
+        self.set_to = limits
+        self.soft = limits[0]
+
+
+def test_fd_limit_is_raised_when_the_hosts_need_it() -> None:
+    enough = Limits(100_000, 100_000)
+    assert ensure_fds(1000, getrlimit=enough.get, setrlimit=enough.set) == 100_000
+    assert enough.set_to is None
+    low = Limits(1024, 1_048_576)
+    soft = ensure_fds(1000, getrlimit=low.get, setrlimit=low.set)
+    assert soft >= fds_needed(1000) and low.set_to == (soft, 1_048_576)
+
+
+def test_fd_limit_too_low_fails_with_what_to_do() -> None:
+    tight = Limits(1024, 1024)
+    with pytest.raises(SettingsError, match=r"600 hosts need about \d+ file descriptors.*ulimit"):
+        ensure_fds(600, getrlimit=tight.get, setrlimit=tight.set)
+    assert ensure_fds(100, getrlimit=tight.get, setrlimit=tight.set) == 1024
+
+
+def test_serve_with_more_hosts_than_descriptors_exits_at_once(tmp_path: Path) -> None:
+    """The front used to hang without listening; now it says why and exits."""
+    lines = ["local_execution = false"]
+    for i in range(600):
+        lines += ["[[hosts]]", 'kind = "v2"', f'name = "h{i}"', f'url = "http://127.0.0.1:{i + 1}"']
+    config = tmp_path / "fleet.toml"
+    config.write_text("\n".join(lines) + "\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def tight() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
+        env={**os.environ, "GATEWAY_MODEL_REPO": str(repo), "GATEWAY_PORT": "1"},
+        preexec_fn=tight,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "600 hosts need about" in done.stderr and "ulimit -n" in done.stderr
+
+
+# -- DNS groups of thousands ----------------------------------------------------------------
+
+
+def test_a_dns_group_of_5000_joins_without_stalling_and_prunes_when_it_shrinks() -> None:
+    addresses = [f"10.{i // 250}.{i % 250}.1" for i in range(5000)]
+
+    async def resolver(name: str, port: int) -> list[tuple[Any, ...]]:
+        return [(0, 0, 0, "", (ip, port)) for ip in addresses]
+
+    async def scenario() -> None:
+        settings = Settings()
+        router = Router(make_policy("round_robin"))
+        pool = HostPool(router, 0.5)
+        discovery = DnsDiscovery(
+            pool, lambda spec: build_host(spec, settings), lambda entry: None, 10.0, resolver
+        )
+        group = parse_host({"kind": "v2", "dns": "fleet", "port": 8000}, settings)
+        assert isinstance(group, DnsSpec)
+        discovery.add(group)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        beat = asyncio.get_running_loop().create_task(ticker())
+        await discovery.resolve(group)
+        assert len(pool.hosts) == 5000 and len(router._ring) == 5000
+        assert ticks >= 5000 // JOIN_BATCH - 1  # the loop turned while members joined
+        del addresses[100:110]
+        await discovery.resolve(group)  # a refresh: ten gone, nothing new
+        assert len(pool.hosts) == 4990 and len(router._ring) == 4990
+        assert all(router.targets.get(t.name) is t for t in router._ring.items)
+        lease = router.try_acquire("m", "m/1", 1)
+        assert lease is not None and lease.name in pool.hosts
+        lease.finish(SUCCESS)
+        beat.cancel()
+        await pool.close()
 
     asyncio.run(scenario())

@@ -46,6 +46,7 @@ from gateway.routing import (
     make_policy,
 )
 from gateway.routing.discovery import DnsDiscovery
+from gateway.routing.fds import ensure_fds
 from gateway.routing.hosts import (
     LOCAL,
     DnsSpec,
@@ -129,6 +130,7 @@ class RoutedFactory(BackendFactory):
             ),
             default_load_s=settings.host_load_s if default_load_s is None else default_load_s,
         )
+        ensure_fds(len(entries))  # DNS groups are counted as they resolve
         self.pool = HostPool(self.router, settings.host_timeout_s)
         for entry in entries:
             self.pool.add(entry)
