@@ -4,6 +4,7 @@ thresholds, the file-descriptor check, aggregated metrics, paged host table, DNS
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import resource
@@ -29,9 +30,11 @@ from gateway.routing.hosts import DnsSpec, parse_host
 from gateway.routing.policies import Candidate, RoundRobinPolicy
 from gateway.routing.pool import HostEntry, HostPool
 from gateway.routing.probing import Prober
+from gateway.routing.report import host_metric_families
 from gateway.routing.router import SCAN_BELOW
 from gateway.routing.tiers import LOADED, HostModel
 from gateway.settings import Settings, SettingsError
+from tests.helpers import get, start_gateway
 
 
 class ManualClock:
@@ -437,3 +440,63 @@ def test_a_dns_group_of_5000_joins_without_stalling_and_prunes_when_it_shrinks()
         await pool.close()
 
     asyncio.run(scenario())
+
+
+# -- /metrics and /admin/hosts at fleet sizes -----------------------------------------------
+
+
+def _samples(families: list[Any]) -> dict[str, int]:
+    return {f.name: len(f.samples) for f in families}
+
+
+def test_metrics_aggregate_over_hosts_above_the_setting() -> None:
+    router = fleet(150)
+    for i, target in enumerate(router.targets.values()):
+        for m in range(10):
+            router._estimate(target, f"m{m}/1").observe(1, 0.001 * (i + 1))
+    per_host = _samples(host_metric_families(router, 1000))
+    assert per_host["gateway_host_up"] == 150
+    assert per_host["gateway_host_latency_estimate_seconds"] == 150 * 11  # and m/1, ready
+    aggregated = host_metric_families(router, 100)
+    counts = _samples(aggregated)
+    assert not any(name.startswith("gateway_host_") for name in counts)
+    assert sum(counts.values()) < 100  # not per host: states, sums, 5 figures per model
+    spread = next(f for f in aggregated if f.name == "gateway_hosts_latency_estimate_seconds")
+    m0 = {s.labels["stat"]: s.value for s in spread.samples if s.labels["model"] == "m0/1"}
+    assert m0["min"] == pytest.approx(0.001) and m0["max"] == pytest.approx(0.150)
+    assert m0["hosts"] == 150
+    states = next(f for f in aggregated if f.name == "gateway_hosts")
+    assert {s.labels["state"]: s.value for s in states.samples}["up"] == 150
+
+
+def test_host_table_pages() -> None:
+    router = fleet(250)
+    first = router.table(0, 100)
+    assert len(first["hosts"]) == 100 and first["total"] == 250 and first["next_offset"] == 100
+    last = router.table(200, 100)
+    assert [h["name"] for h in last["hosts"]] == [f"h{i}" for i in range(200, 250)]
+    assert last["next_offset"] is None
+    assert len(router.table()["hosts"]) == 250
+
+
+def test_admin_hosts_and_metrics_of_a_fleet_over_http(tmp_path: Path) -> None:
+    lines = ["local_execution = false", "host_probe_interval_s = 30.0", "access_log = false"]
+    for i in range(150):
+        lines += ["[[hosts]]", 'kind = "v2"', f'name = "h{i}"', f'url = "http://127.0.0.1:{i + 1}"']
+    config = tmp_path / "fleet.toml"
+    config.write_text("\n".join(lines) + "\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    gw = start_gateway(repo, tmp_path, "--config", str(config))
+    try:
+        status, body = get(f"{gw.url}/admin/hosts")
+        page = json.loads(body)
+        assert status == 200 and len(page["hosts"]) == 100 and page["next_offset"] == 100
+        page = json.loads(get(f"{gw.url}/admin/hosts?offset=100&limit=1000")[1])
+        assert len(page["hosts"]) == 50 and page["next_offset"] is None
+        assert get(f"{gw.url}/admin/hosts?limit=lots")[0] == 400
+        assert get(f"{gw.url}/admin/hosts?limit=1001")[0] == 400
+        metrics = get(f"{gw.url}/metrics")[1].decode()
+        assert "gateway_hosts{" in metrics and "gateway_host_up{" not in metrics
+    finally:
+        gw.stop()

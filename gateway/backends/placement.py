@@ -416,9 +416,10 @@ class RoutedFactory(BackendFactory):
         self.discovery.close()
         await self.pool.close()
 
-    def table(self) -> dict[str, Any]:
-        """The host table for ``GET /admin/hosts``."""
-        table = self.router.table()
+    def table(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The host table for ``GET /admin/hosts``: hosts ``offset`` to ``offset + limit``
+        (all when ``limit`` is None)."""
+        table = self.router.table(offset, limit)
         for row in table["hosts"]:
             entry = self.pool.hosts.get(row["name"])
             row["host"] = entry.host.describe() if entry is not None else {"kind": "local"}
@@ -427,4 +428,4 @@ class RoutedFactory(BackendFactory):
 
     def metric_families(self) -> list[Any]:
         """Per-host routing state for ``/metrics``: in flight, outcomes, ejection, estimates."""
-        return host_metric_families(self.router.table())
+        return host_metric_families(self.router, self.settings.metrics_host_series_max)

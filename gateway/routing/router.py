@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
 import random
 import time
@@ -763,9 +764,13 @@ class Router:
         row.update(self._estimate(target, key).to_dict())
         return row
 
-    def table(self) -> dict[str, Any]:
+    def table(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The host table (``GET /admin/hosts``), one page: ``limit`` hosts from ``offset`` (all
+        when None); ``total`` and ``next_offset`` (None on the last page) say what is left."""
+        total = len(self.targets)
+        end = total if limit is None else min(total, offset + limit)
         hosts = []
-        for target in self.targets.values():
+        for target in itertools.islice(self.targets.values(), offset, end):
             hosts.append(
                 {
                     "name": target.name,
@@ -785,6 +790,14 @@ class Router:
         return {
             "policy": self.policy.name,
             "retry_budget": self.budget.to_dict(),
+            "total": total,
+            "offset": offset,
+            "next_offset": end if end < total else None,
+            "probes": {
+                "period_s": round(self.probe_period_s(), 3),
+                "sent": self.probes_sent,
+                "skipped": self.probes_skipped,
+            },
             "hosts": hosts,
             "draining": [
                 {
