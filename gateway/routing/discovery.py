@@ -25,7 +25,7 @@ __all__ = ["JOIN_BATCH", "DnsDiscovery"]
 
 log = logging.getLogger(__name__)
 
-JOIN_BATCH = 100  # members joined (or retired) between two turns of the event loop
+JOIN_BATCH = 50  # members joined (or retired) between two turns of the event loop
 Resolver = Callable[[str, int], Awaitable[list[tuple[Any, ...]]]]
 
 
@@ -95,13 +95,13 @@ class DnsDiscovery:
             return
         if self.groups.get(group.name) is not group:
             return  # removed or replaced while resolving
-        specs = {}
+        found = {}  # address -> ip; specs are built only for the members that join
         for info in infos:
-            spec = group.member(str(info[4][0]))
-            specs[spec.name.partition("@")[2]] = spec
+            ip = str(info[4][0])
+            found[group.address(ip)] = ip
         current = self._pool.members(group.name)
-        added = sorted(set(specs) - set(current))
-        removed = sorted(set(current) - set(specs))
+        added = sorted(found.keys() - current.keys())
+        removed = sorted(current.keys() - found.keys())
         if len(added) > len(removed):
             try:
                 ensure_fds(len(self._pool.hosts) + len(added) - len(removed))
@@ -116,7 +116,7 @@ class DnsDiscovery:
         for i, address in enumerate(added):
             if self.groups.get(group.name) is not group:
                 return  # removed or replaced meanwhile
-            entry = self._make_entry(specs[address])
+            entry = self._make_entry(group.member(found[address]))
             self._pool.add(entry)
             self._on_added(entry)
             log.info("DNS %s: added host %s", group.dns, address)

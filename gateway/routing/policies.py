@@ -38,9 +38,11 @@ __all__ = [
 UNMEASURED_PENALTY_S = 60.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Candidate:
-    """What a policy may know about one eligible target for one request."""
+    """What a policy may know about one eligible target for one request. (A snapshot, not
+    frozen only because a frozen dataclass takes four times as long to build, and a decision
+    builds one per target it looks at.)"""
 
     name: str
     in_flight: int
