@@ -62,10 +62,12 @@ _CLIENT_ERRORS = (*_CONNECTION_ERRORS, aiohttp.ClientError)
 
 # Probes (readiness, repository index) of every ``V2Host`` on one event loop share one session:
 # at most ``PROBE_CONNECTIONS_PER_HOST`` connections to a host, none kept idle past
-# ``PROBE_KEEPALIVE_S`` (below a probe period), so probing a thousand hosts does not hold
-# a thousand idle sockets on top of the ones traffic uses.
+# ``PROBE_KEEPALIVE_S``: long enough to carry the next probe of a small pool (every 2 s), below
+# a gateway's own keep-alive (uvicorn's 5 s, so the host never closes it first), and shorter
+# than the stretched period of a large pool (1000 hosts: 10 s), so probing a thousand hosts does
+# not hold a thousand idle sockets on top of the ones traffic uses.
 PROBE_CONNECTIONS_PER_HOST = 1
-PROBE_KEEPALIVE_S = 1.0
+PROBE_KEEPALIVE_S = 4.0
 PROBE_CONNECTIONS = 256  # over all hosts: the router's probe concurrency stays well below
 
 
@@ -254,9 +256,9 @@ class V2Host(Host):
         """The session of probes and readiness checks, shared by every host (``_ProbeSession``)."""
         return _ProbeSession.of(self)
 
-    async def _get_ok(self, path: str) -> bool:
+    async def _get_ok(self, path: str, timeout_s: float | None = None) -> bool:
         try:
-            async with asyncio.timeout(self.probe_timeout_s):
+            async with asyncio.timeout(timeout_s or self.probe_timeout_s):
                 async with self._probe_http().get(self.url + path) as response:
                     await self._read(response)
                     return response.status == 200
@@ -290,7 +292,10 @@ class V2Host(Host):
     async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
         key = f"{source.name}/{version}"
         self._pushed_bytes[key] = 0
-        if await self.model_ready(source.name, version):
+        # A load checks every host at once: the check may wait for one of the probe session's
+        # connections (bounded), so it gets a request's time, not a probe's.
+        path = f"/v2/models/{source.name}/versions/{version}/ready"
+        if await self._get_ok(path, self.timeout_s):
             return
         if not self.push:
             if not await self.ready():
