@@ -550,8 +550,8 @@ def render(
         "are noisy, ratios within one run less so).",
         "",
         "| tree | hosts | req/s | batches/s | front CPU | batches per CPU-s | paced p50 ms | "
-        "paced p99 ms | paced max ms | probe req/s (idle) | open conns per host (idle) | /metrics ms | "
-        "/metrics KB | series | /admin/hosts ms | /admin/hosts KB |",
+        "paced p99 ms | paced max ms | probe req/s (idle) | open conns per host (idle) | "
+        "/metrics ms | /metrics KB | series | /admin/hosts ms | /admin/hosts KB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
