@@ -41,7 +41,7 @@ class PeakEwma:
 
     def observe(self, latency_s: float) -> None:
         now = self._clock()
-        current = self._decayed(now)
+        current = self.decayed(now)
         if latency_s > current:
             self._value_s = latency_s
         else:
@@ -52,13 +52,14 @@ class PeakEwma:
         self._stamp_s = now
         self.samples += 1
 
-    def _decayed(self, now: float) -> float:
+    def decayed(self, now: float) -> float:
+        """The estimate at clock reading ``now`` (one clock reading for many estimates)."""
         return self._value_s * math.exp(-max(0.0, now - self._stamp_s) / self.decay_s)
 
     @property
     def value_s(self) -> float:
         """The estimate now (decayed toward zero with idle time)."""
-        return self._decayed(self._clock())
+        return self.decayed(self._clock())
 
 
 class BatchCostFit:

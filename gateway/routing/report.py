@@ -92,15 +92,16 @@ def _aggregated(router: Router) -> list[Any]:
     busy = completed = failed = ejected = 0
     estimates: dict[str, list[float]] = {}
     outliers = router.outliers
+    now = router.clock()
     for target in list(router.targets.values()):
         states[outliers.state(target.name)] += 1
-        busy += target.in_flight
+        busy += len(target.started)
         completed += target.completed
         failed += target.failed
         ejected += outliers.hosts[target.name].times_ejected
         for key, found in target.estimates.items():
-            if found.samples:
-                estimates.setdefault(key, []).append(found.peak.value_s)
+            if found.peak.samples:
+                estimates.setdefault(key, []).append(found.peak.decayed(now))
     for state, count in states.items():
         hosts.add_metric([state], count)
     in_flight.add_metric([], busy)
