@@ -700,11 +700,12 @@ def render(
     ]
     lines += [
         "",
-        "New connections per batch: traffic spread over hundreds of hosts rarely finds an idle "
-        "keep-alive connection to the host it picked (a host gets a batch every few seconds; "
-        "gateways close idle connections after 5 s), so a batch pays a TCP connect, the main "
-        "cost per batch that grows with the fleet. Finagle's aperture (each client talks to a "
-        "load-sized subset) is the known answer; not done here.",
+        "New connections per batch (probes' included): traffic spread over hundreds of hosts "
+        "rarely finds an idle keep-alive connection to the host it picked (a host gets a batch "
+        "every few seconds; gateways close idle connections after 5 s, and probes no longer "
+        "keep them open), so most batches pay a TCP connect: a cost per batch that grows with "
+        "the fleet. Finagle's aperture (each client talks to a load-sized subset of the hosts) "
+        "is the known answer; not done here.",
     ]
     lines += ["", "Goals (issue 25):", ""]
     lines += [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in goals]

@@ -226,6 +226,13 @@ class RoutedBackend(Backend):
             await self._local.close()
         await self._factory.backend_closed(self)
 
+    def placement(self) -> dict[str, Any]:
+        """Where the local instances run; not the hosts (``describe`` walks every one)."""
+        if self._local is None:
+            return {}
+        local = self._local.placement()
+        return {k: local[k] for k in ("instance_providers", "cpu_fallback") if k in local}
+
     def describe(self) -> dict[str, Any]:
         hosts = self._hosts()
         targets = ([LOCAL] if self._local is not None else []) + [e.name for e in hosts]
