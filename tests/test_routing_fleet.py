@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -21,8 +22,11 @@ import pytest
 
 from gateway.backends.base import Host
 from gateway.backends.hosts import build_host
+from gateway.backends.placement import RoutedFactory
 from gateway.backends.remote import V2Host
+from gateway.backends.routed import RoutedBackend
 from gateway.errors import Overloaded
+from gateway.repository.config import ModelConfig
 from gateway.routing import SUCCESS, OutlierDetector, Router, make_policy
 from gateway.routing.discovery import JOIN_BATCH, DnsDiscovery
 from gateway.routing.fds import ensure_fds, fds_needed
@@ -500,3 +504,23 @@ def test_admin_hosts_and_metrics_of_a_fleet_over_http(tmp_path: Path) -> None:
         assert "gateway_hosts{" in metrics and "gateway_host_up{" not in metrics
     finally:
         gw.stop()
+
+
+def test_metrics_placement_facts_do_not_walk_the_hosts() -> None:
+    """``/metrics`` asks each model version where it runs on every scrape; a routed version
+    answers from its local runtime alone, not by describing each of a thousand hosts."""
+    hosts = [CountingHost(f"h{i}") for i in range(200)]
+    described = Counter()
+
+    class Described(CountingHost):
+        def describe(self) -> dict[str, Any]:
+            described[self.name] += 1
+            return super().describe()
+
+    entries = [HostEntry(Described(h.name)) for h in hosts]
+    factory = RoutedFactory(Settings(local_execution=False), entries)
+    source = SimpleNamespace(name="m")
+    backend = RoutedBackend(factory, source, 1, ModelConfig(name="m"), None)  # type: ignore[arg-type]
+    assert backend.placement() == {}
+    assert not described
+    assert len(backend.describe()["hosts"]) == 200 and len(described) == 200
