@@ -19,6 +19,11 @@ Membership changes at run time: a removed or replaced target leaves the pool at 
 leases) and stays in ``draining`` until its leases in flight have finished; ``drained`` waits
 for that.
 
+At fleet sizes (hundreds to thousands of targets) nothing per decision or per probe round is
+O(targets): a decision draws a few targets at random (``try_acquire``), round robin hands them
+out in turn, each target is probed on its own jittered schedule within ``probe_rate``, and a
+target that just answered traffic is not probed at all.
+
 Why one module of this size: its parts share per-target state (in-flight, capacity, health,
 estimates) kept consistent on the event loop; policy, estimators, pool, probing and discovery
 already live outside it.
