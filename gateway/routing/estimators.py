@@ -133,8 +133,9 @@ class LatencyEstimate:
         else:
             self._mean_rows, self._mean_in_flight = float(rows), float(in_flight)
 
-    def service_s(self, rows: int = 1) -> float:
-        level = self.peak.value_s
+    def service_s(self, rows: int = 1, now: float | None = None) -> float:
+        """``now``: the clock reading, when the caller has one (a decision reads it once)."""
+        level = self.peak.value_s if now is None else self.peak.decayed(now)
         coef = self.fit.coefficients()
         if coef is None:
             return level

@@ -70,6 +70,9 @@ class Policy(Protocol):
     def choose(self, candidates: Sequence[Candidate]) -> Candidate:
         """Pick one of a non-empty sequence."""
 
+    def pick(self, a: Candidate, b: Candidate) -> Candidate:
+        """The better of two candidates already drawn at random (``Router`` on large pools)."""
+
 
 class RoundRobinPolicy:
     """Smooth weighted round robin: each pick adds every weight, takes the largest, subtracts
@@ -98,6 +101,9 @@ class RoundRobinPolicy:
         self._current[best.name] -= total
         return best
 
+    def pick(self, a: Candidate, b: Candidate) -> Candidate:
+        return self.choose((a, b))
+
 
 class _PowerOfTwo:
     """Sample two distinct candidates at random and keep the cheaper one."""
@@ -115,7 +121,9 @@ class _PowerOfTwo:
         if len(candidates) == 1:
             return candidates[0]
         first, second = self._rng.sample(range(len(candidates)), 2)
-        a, b = candidates[first], candidates[second]
+        return self.pick(candidates[first], candidates[second])
+
+    def pick(self, a: Candidate, b: Candidate) -> Candidate:
         cost_a, cost_b = self.cost(a), self.cost(b)
         if cost_a == cost_b:
             return a if self._rng.random() < 0.5 else b
@@ -139,11 +147,7 @@ class LatencyPolicy(_PowerOfTwo):
     def cost(self, c: Candidate) -> float:
         return c.completion_s() / c.weight
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        if len(candidates) == 1:
-            return candidates[0]
-        first, second = self._rng.sample(range(len(candidates)), 2)
-        a, b = candidates[first], candidates[second]
+    def pick(self, a: Candidate, b: Candidate) -> Candidate:
         cost_a, cost_b = self.cost(a), self.cost(b)
         if abs(cost_a - cost_b) <= self.tolerance * max(cost_a, cost_b):
             load_a, load_b = (a.in_flight + 1) / a.weight, (b.in_flight + 1) / b.weight

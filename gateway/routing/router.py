@@ -372,7 +372,7 @@ class Router:
     def _candidate(self, target: TargetState, key: str, rows: int, now: float) -> Candidate:
         estimate = self._estimate(target, key)
         cold_s = 0.0 if target.ready.get(key, False) else self.cold_cost(target, key)[1]
-        service_s = estimate.service_s(rows)
+        service_s = estimate.service_s(rows, now)
         if target.started:
             # A host idle for a while has a decayed estimate (so it is tried again), but a
             # batch sent there that has not come back in X seconds says its latency is at
@@ -519,10 +519,11 @@ class Router:
             )
 
     def _choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        """The policy's pick among two, then the winner against any further one."""
-        winner = candidates[0] if len(candidates) == 1 else self.policy.choose(candidates[:2])
-        for other in candidates[2:]:
-            winner = self.policy.choose([winner, other])
+        """The policy's pick of the first two (drawn at random already), then the winner
+        against any further one."""
+        winner = candidates[0]
+        for other in candidates[1:]:
+            winner = self.policy.pick(winner, other)
         return winner
 
     def try_acquire(
