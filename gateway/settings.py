@@ -113,11 +113,17 @@ class Settings:
     # Plain inference POSTs (HTTP/1.1, body <= 64 KiB, no auth) answered by the connection
     # layer without an ASGI cycle (gateway/server/connections.py); false: all through uvicorn.
     raw_infer: bool = True
+    # System shared memory (Triton's extension, gateway/shared_memory.py): regions clients may
+    # have registered at once (each one mapping and one file descriptor); 0 turns it off.
+    shared_memory_max_regions: int = 256
     tls_certfile: str = ""  # with tls_keyfile: serve HTTPS
     tls_keyfile: str = ""
     # Observability.
     access_log: bool = True  # one JSON line per inference request on the gateway.access logger
     log_format: str = "json"  # json | text
+    # The name in server metadata (GET /v2, gRPC ServerMetadata); "triton" for clients that
+    # check it (Triton's health/metadata examples do).
+    server_name: str = "gateway"
     hosts: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     # Remote Triton hosts (``[[hosts]]`` tables with ``kind = "triton"``).
     triton_strategy: str = "auto"  # auto | onnxruntime | python: the backend models get there
@@ -188,10 +194,14 @@ class Settings:
                 "cudnn_conv_algo_search must be heuristic, exhaustive or default, "
                 f"got {self.cudnn_conv_algo_search!r}"
             )
+        if self.shared_memory_max_regions < 0:
+            raise SettingsError("shared_memory_max_regions must be >= 0")
         if self.max_queue_size < 1:
             raise SettingsError("max_queue_size must be >= 1")
         if self.default_max_batch_size < 0:
             raise SettingsError("default_max_batch_size must be >= 0")
+        if not self.server_name.strip() or len(self.server_name) > 128:
+            raise SettingsError("server_name must be 1 to 128 characters")
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"log_format must be json or text, got {self.log_format!r}")
         if self.shutdown_delay_s < 0 or self.drain_timeout_s < 0:

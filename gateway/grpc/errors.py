@@ -15,18 +15,21 @@ from gateway.errors import (
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
-    QueueFull,
+    RegionExists,
     Unavailable,
+    UnknownRegion,
 )
 
 # Most specific first.
 STATUS: list[tuple[type[GatewayError], grpc.StatusCode]] = [
     (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnknownRegion, grpc.StatusCode.NOT_FOUND),  # shared memory, as Triton
+    (RegionExists, grpc.StatusCode.ALREADY_EXISTS),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (ModelLoadError, grpc.StatusCode.INVALID_ARGUMENT),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # QueueFull too ("Exceeds maximum queue size": UNAVAILABLE from Triton 2.51, as REST's 503)
     (Unavailable, grpc.StatusCode.UNAVAILABLE),  # ModelNotReady, shutting down
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]

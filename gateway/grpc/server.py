@@ -27,9 +27,16 @@ from tritonclient.grpc import service_pb2_grpc
 
 from gateway.credentials import Credentials, Verdict, token_of
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, InvalidInput, Unavailable
+from gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    SharedMemoryError,
+    Unavailable,
+    UnknownRegion,
+)
 from gateway.grpc.codec import decode_infer_request, encode_infer_response
 from gateway.grpc.errors import status_of
+from gateway.logs import CONTROL
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,8 @@ def _unary(method: H) -> H:
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """The Open Inference Protocol's gRPC service; shared-memory, trace and log RPCs are left
+    """The Open Inference Protocol's gRPC service, with Triton's system shared memory (CUDA
+    shared memory refused: not supported) and logging extension; trace RPCs are left
     UNIMPLEMENTED (the generated base class's answer)."""
 
     def __init__(self, dataplane: DataPlane, stream_max_inflight: int = 16) -> None:
@@ -135,7 +143,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
         result = await self.dataplane.submit(request.model_name, version, decode)
-        return encode_infer_response(result, raw=bool(request.raw_input_contents))
+        return encode_infer_response(result)  # raw_output_contents always, as Triton
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -203,6 +211,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 task.cancel()
             running.clear()
 
+    # -- logging (Triton's extension; admin, as over REST) -----------------------------------
+
+    @_unary
+    async def LogSettings(self, request: Any, context: Any) -> Any:
+        changes = {}
+        for key, value in request.settings.items():
+            kind = value.WhichOneof("parameter_choice")
+            if kind is not None:
+                changes[key] = getattr(value, kind)
+        settings = CONTROL.update(changes) if changes else CONTROL.settings()
+        response = pb.LogSettingsResponse()
+        for key, item in settings.items():
+            target = response.settings[key]
+            if isinstance(item, bool):
+                target.bool_param = item
+            elif isinstance(item, int):
+                target.uint32_param = item
+            else:
+                target.string_param = str(item)
+        return response
+
     # -- repository -------------------------------------------------------------------------
 
     @_unary
@@ -244,13 +273,56 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # -- shared memory (gateway/shared_memory.py; the REST side: server/shared_memory.py) ---
+
+    @_unary
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        regions = self.dataplane.shared_memory.status(request.name or None)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            response.regions[region["name"]].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return response
+
+    @_unary
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        self.dataplane.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_unary
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        self.dataplane.shared_memory.unregister(request.name or None)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_unary
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        if request.name:
+            raise UnknownRegion(f"Unable to find cuda shared memory region: '{request.name}'")
+        return pb.CudaSharedMemoryStatusResponse()  # nothing is ever registered
+
+    @_unary
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise SharedMemoryError(
+            f"failed to register CUDA shared memory region: '{request.name}', CUDA shared "
+            "memory is not supported by this gateway (use system shared memory)"
+        )
+
+    @_unary
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        return pb.CudaSharedMemoryUnregisterResponse()
+
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
-ADMIN_METHODS = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
+ADMIN_METHODS = frozenset(
+    {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "LogSettings"}
+)
 
 
 def _metadata_bytes(value: str | bytes | None) -> bytes | None:

@@ -20,11 +20,14 @@ import orjson
 
 from gateway.errors import InvalidInput
 from gateway.protocol.tensors import (
+    MAX_DIMS,
     MAX_ELEMENTS,
+    check_classification,
     check_name,
     check_parameters,
     check_shape,
     join_bytes,
+    shared_memory_ref,
     split_bytes,
     tensor_from_buffer,
 )
@@ -32,6 +35,7 @@ from gateway.protocol.types import (
     InferRequest,
     InferResponse,
     RequestedOutput,
+    SharedInput,
     datatype_of,
     numpy_dtype,
 )
@@ -48,6 +52,12 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
+def _deep(name: str) -> InvalidInput:
+    """Data nested deeper than any tensor's rank can be (Triton's HTTP server recurses once
+    per level, without a bound, and a deep enough body brings it down)."""
+    return _fail(f"input '{name}': 'data' is nested deeper than {MAX_DIMS} levels")
+
+
 def _flatten_strings(data: list[Any], name: str, count: int) -> list[bytes]:
     """The strings of nested JSON lists, in order; refused at the first one past ``count``."""
     out: list[bytes] = []
@@ -55,6 +65,8 @@ def _flatten_strings(data: list[Any], name: str, count: int) -> list[bytes]:
     while stack:
         for item in stack[-1]:
             if isinstance(item, list):
+                if len(stack) >= MAX_DIMS:
+                    raise _deep(name)
                 stack.append(iter(item))
                 break
             if len(out) == count:
@@ -88,12 +100,17 @@ def _json_data(
             raw = np.array(data)
         except (ValueError, TypeError) as exc:
             raise _fail(f"input '{name}': data is ragged or not numeric ({exc})") from None
+        if raw.ndim > MAX_DIMS:
+            raise _deep(name)
         if dtype.kind in "iu" and raw.dtype.kind == "f" and raw.size:
             array = _exact_integers(data, dtype, datatype, name)
         else:
             array = _convert(raw.reshape(-1), dtype, datatype, name)
     if array.size != count:
-        raise _fail(f"input '{name}': got {array.size} elements, shape {list(shape)} needs {count}")
+        raise _fail(  # which input, Triton's words, then how far off
+            f"input '{name}': Unable to parse 'data': Shape does not match true shape of 'data' "
+            f"field (got {array.size} elements, shape {list(shape)} needs {count})"
+        )
     return array.reshape(shape)
 
 
@@ -166,10 +183,13 @@ def _decode_outputs(header: dict[str, Any]) -> list[RequestedOutput] | None:
         if name in seen:
             raise _fail(f"output '{name}' requested twice")
         seen.add(name)
-        binary = _parameters(spec, f"output '{name}'").get("binary_data")
+        params = _parameters(spec, f"output '{name}'")
+        binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise _fail(f"output '{name}': 'binary_data' must be true or false")
-        result.append(RequestedOutput(name, binary))
+        shared = shared_memory_ref(params, f"output '{name}'")
+        classes = check_classification(params, name)
+        result.append(RequestedOutput(name, binary, shared, classification=classes))
     return result
 
 
@@ -276,18 +296,24 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
     view = memoryview(body)
     offset = header_length
     inputs: dict[str, np.ndarray[Any, Any]] = {}
+    shared_inputs: dict[str, SharedInput] = {}
     for spec in raw_inputs:
         if not isinstance(spec, dict):
             raise _fail("each entry of 'inputs' must be an object")
         name = check_name(spec.get("name"), "input 'name'")
-        if name in inputs:
-            raise _fail(f"input '{name}' given twice")
+        if name in inputs or name in shared_inputs:
+            raise _fail(f"input '{name}' already exists in request")  # Triton's words
         datatype = spec.get("datatype")
         dtype = numpy_dtype(datatype) if isinstance(datatype, str) else None
         if dtype is None or not isinstance(datatype, str):
             raise _fail(f"input '{name}': 'datatype' must be a string")
         shape = check_shape(spec.get("shape"), name, max_elements)
         count = math.prod(shape)
+        shared = _shared_input(spec, name, datatype, shape)
+        if shared is not None:  # resolved by the data plane (gateway/shared_memory.py)
+            shared_inputs[name] = shared
+            all_binary = False
+            continue
         size = _parameters(spec, f"input '{name}'").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -326,8 +352,22 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
         outputs=_decode_outputs(header),
         binary_output=binary_output,
         parameters=params,
+        shared_inputs=shared_inputs,
     )
     return request, all_binary
+
+
+def _shared_input(
+    spec: dict[str, Any], name: str, datatype: str, shape: tuple[int, ...]
+) -> SharedInput | None:
+    """An input given by Triton's shared-memory parameters, which then carries no data."""
+    params = _parameters(spec, f"input '{name}'")
+    ref = shared_memory_ref(params, f"input '{name}'")
+    if ref is None:
+        return None
+    if "data" in spec or "binary_data_size" in params:
+        raise _fail(f"input '{name}': has shared memory parameters and data; send one")
+    return SharedInput(datatype, shape, ref)
 
 
 def _json_values(array: np.ndarray[Any, Any]) -> Any:
@@ -386,9 +426,14 @@ def encode_infer_response(
     requested: list[RequestedOutput] | None = None,
     binary_default: bool = False,
 ) -> tuple[bytes, int | None]:
-    """Encode a response; returns the body and the JSON header length when binary is used."""
+    """Encode a response; returns the body and the JSON header length when binary is used.
+
+    ``binary_default`` (the request's ``binary_data_output``) covers the outputs of a request
+    that lists none; a listed output is binary only if it says so (Triton does the same)."""
     binary_of = {r.name: r.binary for r in requested} if requested else {}
-    if not response.parameters:
+    if requested:
+        binary_default = False
+    if not response.parameters and not response.shared:
         fast = _encode_all_binary(response, binary_of, binary_default)
         if fast is not None:
             return fast
@@ -398,7 +443,9 @@ def encode_infer_response(
         datatype = datatype_of(array)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         binary = binary_of.get(name)
-        if binary if binary is not None else binary_default:
+        if name in response.shared:
+            pass  # written into the client's shared memory: no data here, as Triton
+        elif binary if binary is not None else binary_default:
             blob: bytes | memoryview = (
                 join_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).data
             )

@@ -21,13 +21,14 @@ from starlette.routing import Route
 
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, HostConflict, InvalidInput
-from gateway.logs import ACCESS
+from gateway.logs import ACCESS, CONTROL
 from gateway.metrics import CONTENT_TYPE
 from gateway.server.auth import ADMIN_PREFIXES, AdminPortGuard, AuthGuard, Guard, GuardMiddleware
 from gateway.server.distribution import distribution_routes
 from gateway.server.errors import error_response, handle_gateway_error
 from gateway.server.infer import HotPath, read_body
 from gateway.server.openapi import OPENAPI
+from gateway.server.shared_memory import shared_memory_routes
 
 NOT_ROUTED = (
     "hosts can be changed at run time only when the gateway routes across hosts "
@@ -162,6 +163,14 @@ def create_app(
             raise InvalidInput(f"'{name}' must be an integer in 0..{high}")
         return int(text)
 
+    async def logging_get(request: Request) -> Response:
+        """Triton's logging extension: the log settings in force."""
+        return _json(CONTROL.settings())
+
+    async def logging_post(request: Request) -> Response:
+        """Triton's logging extension: change log settings now; answers the new ones."""
+        return _json(CONTROL.update(await _json_body(request, limit)))
+
     async def admin_hosts(request: Request) -> Response:
         """The router's host table (state, in-flight, latency estimates, ejection, weights),
         a page at a time: ``?offset=&limit=`` (``ADMIN_HOSTS_PAGE`` hosts by default)."""
@@ -208,11 +217,14 @@ def create_app(
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        Route("/v2/logging", logging_get, methods=["GET"]),
+        Route("/v2/logging", logging_post, methods=["POST"]),
         Route("/admin/hosts", admin_hosts, methods=["GET"]),
         Route("/admin/hosts", admin_hosts_add, methods=["POST"]),
         Route("/admin/hosts/{name:path}", admin_hosts_remove, methods=["DELETE"]),
     ]
     routes += distribution_routes(dataplane)  # edges pull models from here
+    routes += shared_memory_routes(dataplane.shared_memory)  # Triton's extension
     for prefix in (m, mv):
         routes += [
             Route(prefix, model_metadata, methods=["GET"]),
