@@ -507,10 +507,15 @@ class Router:
         remaining_s = deadline_s - self.clock()
         if any(not c.measured or c.completion_s() <= remaining_s for c in sampled):
             return
-        candidates, _ = self.candidates(model, key, rows, skip, serving)
+        self._refuse_late(model, self.candidates(model, key, rows, skip, serving)[0], deadline_s)
+
+    def _refuse_late(self, model: str, candidates: Sequence[Candidate], deadline_s: float) -> None:
+        """``Overloaded`` when every candidate (all of them) is measured and none is expected
+        to finish before the deadline."""
         if not candidates or not all(c.measured for c in candidates):
             return
         best_s = min(c.completion_s() for c in candidates)
+        remaining_s = deadline_s - self.clock()
         if best_s > remaining_s:
             raise Overloaded(
                 f"model '{model}': no host can finish within the deadline (best estimate "
@@ -567,7 +572,7 @@ class Router:
             if not candidates:
                 return None
             if deadline_s is not None:
-                self._deadline_check(model, key, rows, deadline_s, (), skip, serving)
+                self._refuse_late(model, candidates, deadline_s)
             chosen = self.targets[self.policy.choose(candidates).name]
         lease = Lease(self, chosen, key, rows)
         chosen.started[id(lease)] = lease.started_s
