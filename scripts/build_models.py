@@ -249,6 +249,74 @@ def build_mlp() -> Built:
     return Built("mlp", _model(graph, doc), config, check)
 
 
+# --- preprocess, and the ensemble that feeds mlp through it ----------------------------------
+
+
+def _preprocess_stats(rng: np.random.Generator) -> tuple[Array, Array]:
+    """Per-feature mean and 1/std of the raw data `preprocess` normalises (bytes, 0..255)."""
+    mean = rng.uniform(96.0, 160.0, MLP_FEATURES).astype(np.float32)
+    inv_std = (1.0 / rng.uniform(32.0, 96.0, MLP_FEATURES)).astype(np.float32)
+    return mean, inv_std
+
+
+def build_preprocess() -> Built:
+    """The first step of `mlp_pipeline`: raw features (0..255) -> what `mlp` takes."""
+    f32 = TensorProto.FLOAT
+    mean, inv_std = _preprocess_stats(np.random.default_rng(SEED + 1))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["RAW", "mean"], ["centred"]),
+            helper.make_node("Mul", ["centred", "inv_std"], ["NORMALIZED"]),
+        ],
+        "preprocess",
+        [_vi("RAW", f32, ["batch", MLP_FEATURES])],
+        [_vi("NORMALIZED", f32, ["batch", MLP_FEATURES])],
+        [numpy_helper.from_array(mean, "mean"), numpy_helper.from_array(inv_std, "inv_std")],
+    )
+    config = _config(
+        "preprocess",
+        64,
+        [("RAW", f32, [MLP_FEATURES])],
+        [("NORMALIZED", f32, [MLP_FEATURES])],
+        batching=mc.ModelDynamicBatching(),
+    )
+
+    def check(sess: ort.InferenceSession, rng: np.random.Generator) -> None:
+        x = rng.uniform(0, 255, (8, MLP_FEATURES)).astype(np.float32)
+        (got,) = sess.run(["NORMALIZED"], {"RAW": x})
+        _close(got, (x - mean) * inv_std, "NORMALIZED", rtol=1e-6)
+
+    return Built("preprocess", _model(graph, "NORMALIZED = (RAW - mean) * inv_std"), config, check)
+
+
+def ensemble_mlp_pipeline() -> mc.ModelConfig:
+    """Triton's ensemble of `preprocess` then `mlp`: RAW -> NORMALIZED -> PROBS."""
+    f32 = mc.TYPE_FP32
+    cfg = mc.ModelConfig(name="mlp_pipeline", platform="ensemble", max_batch_size=64)
+    cfg.input.add(name="RAW", data_type=f32, dims=[MLP_FEATURES])
+    cfg.output.add(name="PROBS", data_type=f32, dims=[MLP_CLASSES])
+    first = cfg.ensemble_scheduling.step.add(model_name="preprocess", model_version=-1)
+    first.input_map["RAW"] = "RAW"
+    first.output_map["NORMALIZED"] = "normalized"
+    second = cfg.ensemble_scheduling.step.add(model_name="mlp", model_version=-1)
+    second.input_map["INPUT"] = "normalized"
+    second.output_map["PROBS"] = "PROBS"
+    return cfg
+
+
+ENSEMBLES: list[Callable[[], mc.ModelConfig]] = [ensemble_mlp_pipeline]
+
+
+def write_ensemble(config: mc.ModelConfig, out: Path) -> None:
+    """An ensemble is a config and an empty version directory (kept in git by a README)."""
+    version_dir = out / config.name / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    (version_dir / "README").write_text(
+        "An ensemble's version directory: its steps are other models of this repository.\n"
+    )
+    (out / config.name / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+
 def mlp_params() -> int:
     """Parameters stored in the file (the shared matrix counted once)."""
     return sum(v.size for v in _mlp_weights(np.random.default_rng(SEED)).values())
@@ -384,6 +452,7 @@ def build_autocomplete_add() -> Built:
 BUILDERS: list[Callable[[], Built]] = [
     build_simple,
     build_mlp,
+    build_preprocess,
     build_multi,
     build_identity_nobatch,
     build_bytes_echo,
@@ -491,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         check_written(built, args.out)
         size = (args.out / built.name / "1" / "model.onnx").stat().st_size
         print(f"ok  {built.name:<24} {size:>10,d} bytes")
+    for make in ENSEMBLES:
+        ensemble = make()
+        write_ensemble(ensemble, args.out)
+        print(f"ok  {ensemble.name:<24} (ensemble of {len(ensemble.ensemble_scheduling.step)})")
     print(f"mlp: {mlp_params():,d} stored parameters")
 
     if args.measure:

@@ -69,6 +69,14 @@ def _unary(method: H) -> H:
     return wrapper  # type: ignore[return-value]
 
 
+def _metadata_value(context: Any, name: str) -> str | None:
+    """A call's metadata entry ``name`` (gRPC keys are lower case), for the data plane."""
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value if isinstance(value, str) else None
+    return None
+
+
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """The Open Inference Protocol's gRPC service, with Triton's system shared memory (CUDA
     shared memory refused: not supported) and logging extension; trace RPCs are left
@@ -137,21 +145,23 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     # -- inference --------------------------------------------------------------------------
 
-    async def _infer(self, request: Any) -> Any:
+    async def _infer(self, request: Any, context: Any = None) -> Any:
         """The one call into the data plane (decoding there, once the model is known: an
-        unknown model is NOT_FOUND whatever the message), then the answer encoded."""
+        unknown model is NOT_FOUND whatever the message), then the answer encoded. The call's
+        metadata are its headers (a traffic split's sticky header)."""
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
-        result = await self.dataplane.submit(request.model_name, version, decode)
+        header = None if context is None else functools.partial(_metadata_value, context)
+        result = await self.dataplane.submit(request.model_name, version, decode, None, header)
         return encode_infer_response(result)  # raw_output_contents always, as Triton
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._infer(request)
+        return await self._infer(request, context)
 
-    async def _stream_one(self, request: Any) -> Any:
+    async def _stream_one(self, request: Any, context: Any = None) -> Any:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
         except GatewayError as exc:
             message = exc.message
         except Exception as exc:
@@ -179,7 +189,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         done = object()
 
         async def answer(request: Any) -> None:
-            answers.put_nowait(await self._stream_one(request))
+            answers.put_nowait(await self._stream_one(request, context))
 
         async def read() -> None:
             try:

@@ -208,7 +208,7 @@ class HotPath:
         except Exception as exc:
             answer = self._reply(call, exc)
         else:
-            pending = self.dataplane.submit(name, version, call, call.rid)
+            pending = self.dataplane.submit(name, version, call, call.rid, call.header_value)
             if not pending.done():
                 watch = DisconnectWatch(pending, receive, hooks)
                 try:
@@ -239,7 +239,7 @@ class HotPath:
         call = _Call(
             exchange.headers, *route, bytes(exchange.body), config_of=self.dataplane.config_of
         )
-        pending = self.dataplane.submit(call.name, call.version, call, call.rid)
+        pending = self.dataplane.submit(call.name, call.version, call, call.rid, call.header_value)
         # A caller that leaves gives up its place (``_raw_done`` unsets it, at once if done).
         exchange.hooks.on_lost = pending.cancel
         pending.add_done_callback(functools.partial(self._raw_done, exchange, call))
@@ -318,6 +318,7 @@ class _Call:
         "config_of",
         "declared",
         "header",
+        "headers",
         "name",
         "rid",
         "started_ns",
@@ -337,6 +338,7 @@ class _Call:
         self.name = name
         self.version = version
         self.body = body  # the ASGI path sets it once read
+        self.headers = request_headers  # kept for ``header_value`` (a split's sticky header)
         declared = header = rid = coding = None
         for key, value in request_headers:
             if key == b"content-length":
@@ -351,6 +353,14 @@ class _Call:
         self.header: bytes | None = header
         self.rid: str = rid or context.new_request_id()
         self.coding: bytes | None = coding  # Content-Encoding (the raw path never has one)
+
+    def header_value(self, name: str) -> str | None:
+        """The request header ``name`` (lower case), for the data plane."""
+        wanted = name.encode("latin-1")
+        for key, value in self.headers:
+            if key == wanted:
+                return value.decode("latin-1")
+        return None
 
     @property
     def log_fields(self) -> dict[str, Any]:
