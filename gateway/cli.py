@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway import logs
 from gateway.errors import GatewayError
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, SettingsError, load_settings
 
 
 def build_app(settings: Settings) -> Any:
@@ -291,7 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gateway: {exc.message}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        serve(settings)
+        try:
+            serve(settings)
+        except SettingsError as exc:  # found while building (the hosts' file descriptors)
+            print(f"gateway: {exc.message}", file=sys.stderr)
+            return 2
     if args.command == "pull":
         return _pull(settings, args.models)
     return 0

@@ -136,7 +136,7 @@ class DataPlaneCollector(Collector):
             for lv in list(entry.versions.values()):
                 st = lv.stats
                 values = [st.name, st.version]
-                _placement(lv.backend.describe(), values, providers, fallback)
+                _placement(lv.backend.placement(), values, providers, fallback)
                 success.add_metric(values, st.success.count)
                 for reason, n in st.fail_reasons.items():
                     failure.add_metric([*values, reason], n)

@@ -158,6 +158,13 @@ class Settings:
     # Cold-start pricing until measured: a host's bandwidth from the origin, a model's load time.
     host_bandwidth_bps: float = 12.5e6  # bytes/s (100 Mbit/s)
     host_load_s: float = 5.0
+    # Routing at fleet sizes (hundreds to thousands of hosts).
+    host_probe_jitter: float = 0.2  # a probe moves by up to this fraction of its period
+    host_probe_rate: float = 100.0  # probes/s over all hosts, at most: the period stretches
+    host_unhealthy_threshold: int = 2  # failed probes in a row before a host is marked down
+    host_healthy_threshold: int = 2  # successful probes in a row before it is marked up again
+    # /metrics: per-host series up to this many hosts; above, families aggregated over hosts.
+    metrics_host_series_max: int = 100
     # Response cache (models whose config.pbtxt says ``response_cache { enable: true }``): in
     # this process, LRU within this many bytes (0: none), or shared in Redis when a URL is set
     # (redis://host:port/db); each Redis call gives up after the timeout and counts as a miss.
@@ -244,6 +251,12 @@ class Settings:
             raise SettingsError("host_bandwidth_bps must be > 0 and host_load_s >= 0")
         if self.ejection_base_s <= 0:
             raise SettingsError("ejection_base_s must be > 0")
+        if not 0 <= self.host_probe_jitter < 1 or self.host_probe_rate <= 0:
+            raise SettingsError("host_probe_jitter must be in [0, 1) and host_probe_rate > 0")
+        if self.host_unhealthy_threshold < 1 or self.host_healthy_threshold < 1:
+            raise SettingsError("host_unhealthy_threshold and host_healthy_threshold must be >= 1")
+        if self.metrics_host_series_max < 0:
+            raise SettingsError("metrics_host_series_max must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise SettingsError(f"log_level {self.log_level!r} is not a logging level")
         if not 0 <= self.batch_pipeline <= 16:

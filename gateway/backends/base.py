@@ -76,6 +76,12 @@ class Backend(Protocol):
         pay it twice. Default: False."""
         return False
 
+    def placement(self) -> dict[str, Any]:
+        """The facts ``/metrics`` reads on every scrape (``instance_providers``,
+        ``cpu_fallback``): a backend whose ``describe`` walks many hosts returns only these.
+        Default: ``describe()``."""
+        return self.describe()
+
 
 class BackendFactory(Protocol):
     """Loads model versions into a kind of backend. ``metric_families`` has a default, which

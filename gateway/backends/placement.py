@@ -46,6 +46,7 @@ from gateway.routing import (
     make_policy,
 )
 from gateway.routing.discovery import DnsDiscovery
+from gateway.routing.fds import ensure_fds
 from gateway.routing.hosts import (
     LOCAL,
     DnsSpec,
@@ -114,9 +115,13 @@ class RoutedFactory(BackendFactory):
                 base_ejection_s=settings.ejection_base_s,
                 max_ejected_fraction=settings.max_ejected_fraction,
                 clock=clock,
+                unhealthy_threshold=settings.host_unhealthy_threshold,
+                healthy_threshold=settings.host_healthy_threshold,
             ),
             budget=RetryBudget(settings.retry_budget_ratio),
             probe_interval_s=settings.host_probe_interval_s,
+            probe_jitter=settings.host_probe_jitter,
+            probe_rate=settings.host_probe_rate,
             max_wait_s=settings.host_wait_s,
             default_bandwidth_bps=(
                 settings.host_bandwidth_bps
@@ -125,6 +130,7 @@ class RoutedFactory(BackendFactory):
             ),
             default_load_s=settings.host_load_s if default_load_s is None else default_load_s,
         )
+        ensure_fds(len(entries))  # DNS groups are counted as they resolve
         self.pool = HostPool(self.router, settings.host_timeout_s)
         for entry in entries:
             self.pool.add(entry)
@@ -410,9 +416,10 @@ class RoutedFactory(BackendFactory):
         self.discovery.close()
         await self.pool.close()
 
-    def table(self) -> dict[str, Any]:
-        """The host table for ``GET /admin/hosts``."""
-        table = self.router.table()
+    def table(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The host table for ``GET /admin/hosts``: hosts ``offset`` to ``offset + limit``
+        (all when ``limit`` is None)."""
+        table = self.router.table(offset, limit)
         for row in table["hosts"]:
             entry = self.pool.hosts.get(row["name"])
             row["host"] = entry.host.describe() if entry is not None else {"kind": "local"}
@@ -421,4 +428,4 @@ class RoutedFactory(BackendFactory):
 
     def metric_families(self) -> list[Any]:
         """Per-host routing state for ``/metrics``: in flight, outcomes, ejection, estimates."""
-        return host_metric_families(self.router.table())
+        return host_metric_families(self.router, self.settings.metrics_host_series_max)

@@ -19,7 +19,7 @@ import base64
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
@@ -58,6 +58,60 @@ MAX_RESPONSE_BYTES = 1 << 30
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
 # Anything else aiohttp raises: a response that is not HTTP (bad status line, bad headers).
 _CLIENT_ERRORS = (*_CONNECTION_ERRORS, aiohttp.ClientError)
+
+
+# Probes (readiness, repository index) of every ``V2Host`` on one event loop share one session:
+# at most ``PROBE_CONNECTIONS_PER_HOST`` connections to a host, none kept idle past
+# ``PROBE_KEEPALIVE_S``: long enough to carry the next probe of a small pool (every 2 s), below
+# a gateway's own keep-alive (uvicorn's 5 s, so the host never closes it first), and shorter
+# than the stretched period of a large pool (1000 hosts: 10 s), so probing a thousand hosts does
+# not hold a thousand idle sockets on top of the ones traffic uses.
+PROBE_CONNECTIONS_PER_HOST = 1
+PROBE_KEEPALIVE_S = 4.0
+PROBE_CONNECTIONS = 256  # over all hosts: the router's probe concurrency stays well below
+
+
+class _ProbeSession:
+    """The probe session of one event loop and the hosts using it (closed with the last)."""
+
+    sessions: ClassVar[dict[int, _ProbeSession]] = {}  # id(loop) -> its probe session
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.users: set[int] = set()  # id() of the hosts that used it
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=PROBE_CONNECTIONS,
+                limit_per_host=PROBE_CONNECTIONS_PER_HOST,
+                keepalive_timeout=PROBE_KEEPALIVE_S,
+            ),
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=False,
+            headers={"Accept-Encoding": "identity"},
+        )
+
+    @classmethod
+    def of(cls, user: object) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        shared = cls.sessions.get(id(loop))
+        if shared is None or shared.loop is not loop or shared.session.closed:
+            for key in [k for k, v in cls.sessions.items() if v.loop.is_closed()]:
+                del cls.sessions[key]  # loops that ended without closing their hosts
+            shared = cls.sessions[id(loop)] = cls(loop)
+        shared.users.add(id(user))
+        return shared.session
+
+    @classmethod
+    async def leave(cls, user: object) -> None:
+        """``user`` closed: the session closes with its last user (on its own loop)."""
+        loop = asyncio.get_running_loop()
+        shared = cls.sessions.get(id(loop))
+        if shared is None or shared.loop is not loop:
+            return
+        shared.users.discard(id(user))
+        if not shared.users:
+            del cls.sessions[id(loop)]
+            await shared.session.close()
 
 
 class V2Host(Host):
@@ -198,10 +252,14 @@ class V2Host(Host):
             return InvalidInput(text)
         return GatewayError(f"{text} (HTTP {status})")
 
-    async def _get_ok(self, path: str) -> bool:
+    def _probe_http(self) -> aiohttp.ClientSession:
+        """The session of probes and readiness checks, shared by every host (``_ProbeSession``)."""
+        return _ProbeSession.of(self)
+
+    async def _get_ok(self, path: str, timeout_s: float | None = None) -> bool:
         try:
-            async with asyncio.timeout(self.probe_timeout_s):
-                async with self._http().get(self.url + path) as response:
+            async with asyncio.timeout(timeout_s or self.probe_timeout_s):
+                async with self._probe_http().get(self.url + path) as response:
                     await self._read(response)
                     return response.status == 200
         except (TimeoutError, Unavailable, *_CLIENT_ERRORS):
@@ -221,7 +279,7 @@ class V2Host(Host):
         ``POST /v2/repository/index``); None when it does not answer one. Never raises."""
         try:
             async with asyncio.timeout(self.probe_timeout_s):
-                async with self._http().post(
+                async with self._probe_http().post(
                     self.url + "/v2/repository/index", json={}
                 ) as response:
                     payload = await self._read(response)
@@ -234,7 +292,10 @@ class V2Host(Host):
     async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
         key = f"{source.name}/{version}"
         self._pushed_bytes[key] = 0
-        if await self.model_ready(source.name, version):
+        # A load checks every host at once: the check may wait for one of the probe session's
+        # connections (bounded), so it gets a request's time, not a probe's.
+        path = f"/v2/models/{source.name}/versions/{version}/ready"
+        if await self._get_ok(path, self.timeout_s):
             return
         if not self.push:
             if not await self.ready():
@@ -279,6 +340,7 @@ class V2Host(Host):
 
     async def close(self) -> None:
         self._closed = True
+        await _ProbeSession.leave(self)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -74,6 +74,7 @@ class RoutedBackend(Backend):
         self._config = config
         self._local = local
         self.key = f"{source.name}/{version}"
+        self._count: tuple[int, int] | None = None  # (pool changes, instance_count) cached
 
     @property
     def config(self) -> ModelConfig:
@@ -97,12 +98,17 @@ class RoutedBackend(Backend):
     @property
     def instance_count(self) -> int:
         """Batches in flight at once: per target its ``max_inflight``, or less where the host
-        keeps fewer of this model in flight (a Triton host's ``host_concurrency``)."""
+        keeps fewer of this model in flight (a Triton host's ``host_concurrency``). Asked as
+        each batch forms: summed again only when the pool changed."""
+        changes = self._factory.pool.changes
+        if self._count is not None and self._count[0] == changes:
+            return self._count[1]
         count = self._factory.local_capacity if self._local is not None else 0
         for entry in self._hosts():
             wanted = entry.host.concurrency(self._config)
             count += entry.max_inflight if wanted is None else min(wanted, entry.max_inflight)
-        return max(1, count)
+        self._count = (changes, max(1, count))
+        return self._count[1]
 
     @property
     def batches_upstream(self) -> bool:
@@ -128,11 +134,9 @@ class RoutedBackend(Backend):
     ) -> Executed:
         router = self._factory.router
         rows = self._rows(inputs)
-        # Hosts that know they do not serve it now (down, model lost) are not candidates.
-        idle = tuple(e.name for e in self._hosts() if not e.host.serving(self.model))
         router.budget.start_request()
         try:
-            lease = await self._acquire(rows, deadline_s, idle)
+            lease = await self._acquire(rows, deadline_s)
             try:
                 return await self._run(lease, inputs, outputs, deadline_s)
             except Unavailable as exc:
@@ -142,7 +146,7 @@ class RoutedBackend(Backend):
             try:
                 try:
                     retry = await router.acquire(
-                        self.model, self.key, rows, deadline_s, exclude=(*idle, first)
+                        self.model, self.key, rows, deadline_s, (first,), self._serving
                     )
                 except Unavailable:
                     raise original from None  # nowhere else to go: report the original failure
@@ -153,10 +157,16 @@ class RoutedBackend(Backend):
         finally:
             router.budget.end_request()
 
-    async def _acquire(self, rows: int, deadline_s: float | None, idle: tuple[str, ...]) -> Lease:
+    def _serving(self, name: str) -> bool:
+        """Hosts that know they do not serve the model now (down, model lost) are not
+        candidates; asked only of the targets a decision looks at."""
+        entry = self._factory.pool.hosts.get(name)
+        return entry is None or entry.host.serving(self.model)
+
+    async def _acquire(self, rows: int, deadline_s: float | None) -> Lease:
         try:
             return await self._factory.router.acquire(
-                self.model, self.key, rows, deadline_s, exclude=idle
+                self.model, self.key, rows, deadline_s, serving=self._serving
             )
         except Overloaded:
             raise
@@ -217,6 +227,13 @@ class RoutedBackend(Backend):
         if self._local is not None:
             await self._local.close()
         await self._factory.backend_closed(self)
+
+    def placement(self) -> dict[str, Any]:
+        """Where the local instances run; not the hosts (``describe`` walks every one)."""
+        if self._local is None:
+            return {}
+        local = self._local.placement()
+        return {k: local[k] for k in ("instance_providers", "cpu_fallback") if k in local}
 
     def describe(self) -> dict[str, Any]:
         hosts = self._hosts()

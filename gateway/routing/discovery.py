@@ -2,7 +2,10 @@
 that name resolves to, re-resolved every ``refresh_s``.
 
 Each address becomes one pool member named ``group@address``; an address that disappears is
-retired from the pool (it drains). A failed resolution keeps the members there were.
+retired from the pool (it drains). A failed resolution keeps the members there were, and so
+does one whose new members would not fit in the file-descriptor limit (``gateway.routing.fds``;
+logged as an error). A large group joins ``JOIN_BATCH`` members at a time, the event loop served
+in between, so thousands of addresses do not stall traffic.
 """
 
 from __future__ import annotations
@@ -10,14 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+from gateway.routing.fds import ensure_fds
 from gateway.routing.hosts import DnsSpec, V2Spec
 from gateway.routing.pool import HostEntry, HostPool
+from gateway.settings import SettingsError
 
-__all__ = ["DnsDiscovery"]
+__all__ = ["JOIN_BATCH", "DnsDiscovery"]
 
 log = logging.getLogger(__name__)
+
+JOIN_BATCH = 50  # members joined (or retired) between two turns of the event loop
+Resolver = Callable[[str, int], Awaitable[list[tuple[Any, ...]]]]
 
 
 class DnsDiscovery:
@@ -29,8 +38,11 @@ class DnsDiscovery:
         make_entry: Callable[[V2Spec], HostEntry],
         on_added: Callable[[HostEntry], None],
         refresh_s: float,
+        resolver: Resolver | None = None,
     ) -> None:
         self._pool = pool
+        self._resolver = resolver  # (name, port) -> getaddrinfo's answer; None: the loop's
+        self._lock: asyncio.Lock | None = None
         self._make_entry = make_entry  # a member's host, from the group's template
         self._on_added = on_added  # a member joined (prepare what is loaded there)
         self.refresh_s = refresh_s
@@ -64,28 +76,52 @@ class DnsDiscovery:
         return group if at and group in self.groups else None
 
     async def resolve(self, group: DnsSpec) -> None:
-        """One resolution: members for new addresses join, those for gone ones retire."""
+        """One resolution: members for new addresses join, those for gone ones retire (one
+        resolution at a time: a large one yields to the loop while it adds)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            await self._resolve(group)
+
+    async def _resolve(self, group: DnsSpec) -> None:
         loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(group.dns, group.port, type=socket.SOCK_STREAM)
+            if self._resolver is not None:
+                infos = await self._resolver(group.dns, group.port)
+            else:
+                infos = await loop.getaddrinfo(group.dns, group.port, type=socket.SOCK_STREAM)
         except OSError as exc:
             log.warning("DNS %s: %s (keeping the hosts we had)", group.dns, exc)
             return
         if self.groups.get(group.name) is not group:
             return  # removed or replaced while resolving
-        specs = {}
+        found = {}  # address -> ip; specs are built only for the members that join
         for info in infos:
-            spec = group.member(str(info[4][0]))
-            specs[spec.name.partition("@")[2]] = spec
+            ip = str(info[4][0])
+            found[group.address(ip)] = ip
         current = self._pool.members(group.name)
-        for address in sorted(set(specs) - set(current)):
-            entry = self._make_entry(specs[address])
+        added = sorted(found.keys() - current.keys())
+        removed = sorted(current.keys() - found.keys())
+        if len(added) > len(removed):
+            try:
+                ensure_fds(len(self._pool.hosts) + len(added) - len(removed))
+            except SettingsError as exc:
+                log.error("DNS %s: %d new addresses not added: %s", group.dns, len(added), exc)
+                added = []
+        for i, address in enumerate(removed):
+            self._pool.retire(current[address])
+            log.info("DNS %s: removed host %s", group.dns, address)
+            if i % JOIN_BATCH == JOIN_BATCH - 1:
+                await asyncio.sleep(0)
+        for i, address in enumerate(added):
+            if self.groups.get(group.name) is not group:
+                return  # removed or replaced meanwhile
+            entry = self._make_entry(group.member(found[address]))
             self._pool.add(entry)
             self._on_added(entry)
             log.info("DNS %s: added host %s", group.dns, address)
-        for address in set(current) - set(specs):
-            self._pool.retire(current[address])
-            log.info("DNS %s: removed host %s", group.dns, address)
+            if i % JOIN_BATCH == JOIN_BATCH - 1:
+                await asyncio.sleep(0)
 
     async def resolve_unresolved(self) -> None:
         """The first resolution of each group that has no member yet (before placing)."""

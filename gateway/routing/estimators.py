@@ -41,7 +41,7 @@ class PeakEwma:
 
     def observe(self, latency_s: float) -> None:
         now = self._clock()
-        current = self._decayed(now)
+        current = self.decayed(now)
         if latency_s > current:
             self._value_s = latency_s
         else:
@@ -52,13 +52,14 @@ class PeakEwma:
         self._stamp_s = now
         self.samples += 1
 
-    def _decayed(self, now: float) -> float:
+    def decayed(self, now: float) -> float:
+        """The estimate at clock reading ``now`` (one clock reading for many estimates)."""
         return self._value_s * math.exp(-max(0.0, now - self._stamp_s) / self.decay_s)
 
     @property
     def value_s(self) -> float:
         """The estimate now (decayed toward zero with idle time)."""
-        return self._decayed(self._clock())
+        return self.decayed(self._clock())
 
 
 class BatchCostFit:
@@ -68,6 +69,7 @@ class BatchCostFit:
         self.keep = keep
         self._s0 = self._sn = self._sy = self._snn = self._sny = 0.0
         self.samples = 0
+        self._coefficients: tuple[float, float] | None = None  # cached until the next sample
 
     def observe(self, rows: int, latency_s: float) -> None:
         k = self.keep
@@ -77,9 +79,15 @@ class BatchCostFit:
         self._snn = self._snn * k + rows * rows
         self._sny = self._sny * k + rows * latency_s
         self.samples += 1
+        self._coefficients = None
 
     def coefficients(self) -> tuple[float, float] | None:
         """``(a, b)``; ``a`` is 0 until batch sizes vary. None before any sample."""
+        if self._coefficients is None:
+            self._coefficients = self._solve()
+        return self._coefficients
+
+    def _solve(self) -> tuple[float, float] | None:
         if self._s0 <= 0:
             return None
         mean_y = self._sy / self._s0
@@ -125,13 +133,17 @@ class LatencyEstimate:
         else:
             self._mean_rows, self._mean_in_flight = float(rows), float(in_flight)
 
-    def service_s(self, rows: int = 1) -> float:
-        level = self.peak.value_s
-        typical = self.fit.predict_s(round(self._mean_rows) or 1)
-        wanted = self.fit.predict_s(rows)
-        if typical is None or wanted is None or typical <= 0:
+    def service_s(self, rows: int = 1, now: float | None = None) -> float:
+        """``now``: the clock reading, when the caller has one (a decision reads it once)."""
+        level = self.peak.value_s if now is None else self.peak.decayed(now)
+        coef = self.fit.coefficients()
+        if coef is None:
             return level
-        return level * wanted / typical
+        a, b = coef
+        typical = a * (round(self._mean_rows) or 1) + b
+        if typical <= 0:
+            return level
+        return level * (a * rows + b) / typical
 
     def to_dict(self) -> dict[str, float | int | None]:
         coef = self.fit.coefficients()

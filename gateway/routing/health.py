@@ -7,8 +7,11 @@ at once (at least one may be), so a wide outage degrades to retries instead of a
 When the ejection time is over, the host comes back only once an active probe has succeeded
 since then. A host that stays healthy for ``max_ejection_s`` has its multiplier forgiven.
 
-Active: the router probes every host; a failed probe marks it down at once (no traffic), a
-successful one marks it up again.
+Active (Envoy's health check thresholds): ``unhealthy_threshold`` failed probes in a row mark a
+host down (no traffic), ``healthy_threshold`` successful ones in a row mark it up again; one
+probe that times out on a busy network does not take a host out. Both are 1 here by default (a
+probe decides at once); the gateway's settings ask for more (``host_unhealthy_threshold``,
+``host_healthy_threshold``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class HostHealth:
     last_ejected_s: float = float("-inf")
     probe_up: bool = True
     last_probe_ok_s: float = float("-inf")
-    probe_failures: int = 0
+    probe_failures: int = 0  # failed probes in a row
+    probe_successes: int = 0  # successful probes in a row
 
 
 class OutlierDetector:
@@ -44,7 +48,13 @@ class OutlierDetector:
         max_ejected_fraction: float = 0.5,
         probes: bool = True,
         clock: Clock = time.monotonic,
+        unhealthy_threshold: int = 1,
+        healthy_threshold: int = 1,
     ) -> None:
+        if unhealthy_threshold < 1 or healthy_threshold < 1:
+            raise ValueError("probe thresholds must be >= 1")
+        self.unhealthy_threshold = unhealthy_threshold
+        self.healthy_threshold = healthy_threshold
         self.consecutive_errors = consecutive_errors
         self.base_ejection_s = base_ejection_s
         self.max_ejection_s = max_ejection_s
@@ -93,12 +103,17 @@ class OutlierDetector:
         health = self.hosts.get(name)
         if health is None:
             return
-        health.probe_up = ok
         if ok:
             health.last_probe_ok_s = self._clock()
             health.probe_failures = 0
+            health.probe_successes += 1
+            if health.probe_successes >= self.healthy_threshold:
+                health.probe_up = True
         else:
+            health.probe_successes = 0
             health.probe_failures += 1
+            if health.probe_failures >= self.unhealthy_threshold:
+                health.probe_up = False
 
     def available(self, name: str) -> bool:
         """Whether traffic may go to the host now (re-admitting it if its time is up)."""

@@ -229,8 +229,12 @@ class DnsSpec:
     port: int
     template: V2Spec  # what every member shares (its url and name are per address)
 
+    def address(self, ip: str) -> str:
+        """What names the member for ``ip`` (``group@address``)."""
+        return f"{ip}:{self.port}"
+
     def member(self, ip: str) -> V2Spec:
-        address = f"{ip}:{self.port}"
+        address = self.address(ip)
         url = f"http://[{ip}]:{self.port}" if ":" in ip else f"http://{address}"
         return replace(self.template, name=f"{self.name}@{address}", url=url)
 

@@ -4,7 +4,8 @@ Eligibility (health, ejection, in-flight caps, placement) and bookkeeping live i
 ``gateway.routing.router``; a policy only sees a snapshot per candidate and returns one of them.
 Policies are chosen by name (``POLICIES``), like uvicorn's protocol implementations.
 
-- ``round_robin``: smooth weighted round robin (nginx's), blind to load and latency.
+- ``round_robin``: smooth weighted round robin (nginx's), blind to load and latency; on a large
+  pool the router hands out targets in turn itself (``rotates``), in O(1) per pick.
 - ``least_request``: power of two choices on in-flight / weight.
 - ``latency``: power of two choices on expected completion time,
   ``expected_service_s * (in_flight + 1) / (typical_in_flight + 1) + cold_start_s``, divided by
@@ -37,9 +38,11 @@ __all__ = [
 UNMEASURED_PENALTY_S = 60.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Candidate:
-    """What a policy may know about one eligible target for one request."""
+    """What a policy may know about one eligible target for one request. (A snapshot, not
+    frozen only because a frozen dataclass takes four times as long to build, and a decision
+    builds one per target it looks at.)"""
 
     name: str
     in_flight: int
@@ -60,9 +63,15 @@ class Candidate:
 
 class Policy(Protocol):
     name: str
+    # True: the router hands out targets in turn (``Router._rotate``) on large pools instead of
+    # sampling candidates for ``choose``.
+    rotates: bool
 
     def choose(self, candidates: Sequence[Candidate]) -> Candidate:
         """Pick one of a non-empty sequence."""
+
+    def pick(self, a: Candidate, b: Candidate) -> Candidate:
+        """The better of two candidates already drawn at random (``Router`` on large pools)."""
 
 
 class RoundRobinPolicy:
@@ -70,11 +79,16 @@ class RoundRobinPolicy:
     the total; equal weights degrade to plain rotation."""
 
     name = "round_robin"
+    rotates = True
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._current: dict[str, float] = {}
 
     def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+        if len(self._current) > 2 * len(candidates) + 16:
+            # Targets gone (DNS members churn): keep only the state of those still offered.
+            names = {c.name for c in candidates}
+            self._current = {n: v for n, v in self._current.items() if n in names}
         total = 0.0
         best: Candidate | None = None
         for c in candidates:
@@ -87,11 +101,15 @@ class RoundRobinPolicy:
         self._current[best.name] -= total
         return best
 
+    def pick(self, a: Candidate, b: Candidate) -> Candidate:
+        return self.choose((a, b))
+
 
 class _PowerOfTwo:
     """Sample two distinct candidates at random and keep the cheaper one."""
 
     name = ""
+    rotates = False
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
@@ -103,7 +121,9 @@ class _PowerOfTwo:
         if len(candidates) == 1:
             return candidates[0]
         first, second = self._rng.sample(range(len(candidates)), 2)
-        a, b = candidates[first], candidates[second]
+        return self.pick(candidates[first], candidates[second])
+
+    def pick(self, a: Candidate, b: Candidate) -> Candidate:
         cost_a, cost_b = self.cost(a), self.cost(b)
         if cost_a == cost_b:
             return a if self._rng.random() < 0.5 else b
@@ -127,11 +147,7 @@ class LatencyPolicy(_PowerOfTwo):
     def cost(self, c: Candidate) -> float:
         return c.completion_s() / c.weight
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        if len(candidates) == 1:
-            return candidates[0]
-        first, second = self._rng.sample(range(len(candidates)), 2)
-        a, b = candidates[first], candidates[second]
+    def pick(self, a: Candidate, b: Candidate) -> Candidate:
         cost_a, cost_b = self.cost(a), self.cost(b)
         if abs(cost_a - cost_b) <= self.tolerance * max(cost_a, cost_b):
             load_a, load_b = (a.in_flight + 1) / a.weight, (b.in_flight + 1) / b.weight

@@ -58,11 +58,13 @@ class HostPool:
         self.hosts: dict[str, HostEntry] = {}
         self.draining: list[HostEntry] = []  # removed or replaced, batches still in flight
         self.tasks: set[asyncio.Task[Any]] = set()  # background work: drains, preparations
+        self.changes = 0  # counts adds and removals: what is computed over the hosts is cached
 
     def add(self, entry: HostEntry) -> None:
         """Into the table and the router; one of the same name is replaced (the caller retires
         the old entry)."""
         self.hosts[entry.name] = entry
+        self.changes += 1
         entry.target = self.router.add_target(
             entry.name, weight=entry.weight, capacity=entry.max_inflight, models=entry.models
         )
@@ -99,6 +101,7 @@ class HostPool:
         client once the batches in flight on it have finished."""
         if self.hosts.get(entry.name) is entry:
             del self.hosts[entry.name]
+            self.changes += 1
             self.router.remove_target(entry.name)
         self.draining.append(entry)
         return self.spawn(self._drain_and_close(entry))

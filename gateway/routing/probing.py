@@ -4,12 +4,17 @@ A host answers its own ``health`` (a v2 server's readiness; a Triton server's li
 for the versions placed there: a host that lists its repository (``repository_index``, one call
 per host per probe; a v2 host's) gives each a cold-start tier (``gateway.routing.tiers``);
 for any other host, the versions not ready there are asked about one by one (``model_ready``).
+
+One request per probe where it can be: once a host has answered an index, its index alone is
+the probe (answering it is being up), so a fleet of v2 hosts costs one request per host and
+period, not two.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -39,15 +44,24 @@ class Prober:
     def __init__(self, pool: HostPool, loaded: Callable[[], Sequence[Loaded]]) -> None:
         self._pool = pool
         self._loaded = loaded
+        self._indexed: weakref.WeakSet[object] = weakref.WeakSet()  # hosts that gave an index
 
     async def __call__(self, name: str) -> bool:
         if name == LOCAL:
             return True
         entry = self._pool.hosts.get(name)
-        if entry is None or not await entry.host.health():
+        if entry is None:
             return False
         target = self._pool.router.targets.get(name)
         placed = [v for v in self._loaded() if target is not None and target.allows(v.model)]
+        if placed and entry.host in self._indexed:
+            index = await entry.host.repository_index()  # the one request of this probe
+            if index is None:
+                return False
+            await self._tiers(entry, index, placed)
+            return True
+        if not await entry.host.health():
+            return False
         if not placed:
             return True
         index = None
@@ -55,6 +69,7 @@ class Prober:
             async with asyncio.timeout(self._pool.router.probe_timeout_s / 2):
                 index = await entry.host.repository_index()
         if index is not None:
+            self._indexed.add(entry.host)
             await self._tiers(entry, index, placed)
         else:
             await self._readiness(entry, placed)

@@ -19,6 +19,11 @@ Membership changes at run time: a removed or replaced target leaves the pool at 
 leases) and stays in ``draining`` until its leases in flight have finished; ``drained`` waits
 for that.
 
+At fleet sizes (hundreds to thousands of targets) nothing per decision or per probe round is
+O(targets): a decision draws a few targets at random (``try_acquire``), round robin hands them
+out in turn, each target is probed on its own jittered schedule within ``probe_rate``, and a
+target that just answered traffic is not probed at all.
+
 Why one module of this size: its parts share per-target state (in-flight, capacity, health,
 estimates) kept consistent on the event loop; policy, estimators, pool, probing and discovery
 already live outside it.
@@ -28,9 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +49,20 @@ from gateway.routing.health import OutlierDetector
 from gateway.routing.policies import Candidate, Policy
 from gateway.routing.tiers import CACHED, LOADED, ORIGIN, HostModel
 
-__all__ = ["FAILURE", "NEUTRAL", "SUCCESS", "Lease", "Router", "TargetState"]
+__all__ = ["FAILURE", "NEUTRAL", "SCAN_BELOW", "SUCCESS", "Lease", "Router", "TargetState"]
 
 log = logging.getLogger(__name__)
 
 SUCCESS, FAILURE, NEUTRAL = "success", "failure", "neutral"
 Probe = Callable[[str], Awaitable[bool]]
+Serving = Callable[[str], bool]  # whether a target serves the model now (no I/O)
+
+# Up to this many targets a decision looks at every one (exact, and cheap at that size); above
+# it, it samples (``Router.try_acquire``).
+SCAN_BELOW = 8
+# Random draws per sample before falling back to a full scan (most targets full, down or not
+# placed for the model: the rare case a scan is worth its cost).
+SAMPLE_DRAWS = 8
 
 
 @dataclass(slots=True)
@@ -66,6 +82,8 @@ class TargetState:
     # When each lease in flight there started (by id): how many are out, and the oldest one's
     # age, a floor on the latency estimate (see ``candidates``).
     started: dict[int, float] = field(default_factory=dict)
+    rr_credit: float = 0.0  # round robin: picks owed to it in the current turn (weighted)
+    last_success_s: float = float("-inf")  # when a batch there last succeeded (probes skip it)
 
     @property
     def in_flight(self) -> int:
@@ -73,6 +91,39 @@ class TargetState:
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+
+class _Members:
+    """Targets in a list, for O(1) add, remove (swap with the last) and random draws."""
+
+    __slots__ = ("_at", "items")
+
+    def __init__(self) -> None:
+        self.items: list[TargetState] = []
+        self._at: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __contains__(self, target: TargetState) -> bool:
+        at = self._at.get(target.name)
+        return at is not None and self.items[at] is target
+
+    def add(self, target: TargetState) -> None:
+        if target in self:
+            return
+        self.discard(target.name)
+        self._at[target.name] = len(self.items)
+        self.items.append(target)
+
+    def discard(self, name: str) -> None:
+        at = self._at.pop(name, None)
+        if at is None:
+            return
+        last = self.items.pop()
+        if at < len(self.items):
+            self.items[at] = last
+            self._at[last.name] = at
 
 
 class Lease:
@@ -117,6 +168,10 @@ class Router:
         max_wait_s: float = 1.0,
         probe_interval_s: float = 2.0,
         probe_timeout_s: float = 1.0,
+        probe_jitter: float = 0.2,
+        probe_rate: float = 100.0,
+        probe_concurrency: int = 64,
+        rng: random.Random | None = None,
     ) -> None:
         self.policy = policy
         self.clock = clock
@@ -131,7 +186,20 @@ class Router:
         self.max_wait_s = max_wait_s
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
+        if not 0 <= probe_jitter < 1 or probe_rate <= 0 or probe_concurrency < 1:
+            raise ValueError("probe_jitter in [0, 1), probe_rate > 0, probe_concurrency >= 1")
+        self.probe_jitter = probe_jitter  # fraction of the period a probe moves at random
+        self.probe_rate = probe_rate  # probes per second over all hosts, at most (about)
+        self.probe_concurrency = probe_concurrency
+        self.probes_sent = 0
+        self.probes_skipped = 0  # the host had answered real traffic just before
         self.targets: dict[str, TargetState] = {}
+        self.changes = 0  # counts targets added and removed
+        self._ring = _Members()  # every target, for random draws and rotation
+        self._loaded: dict[str, _Members] = {}  # model key -> targets where it is ready
+        self._rng = rng or random.Random()
+        self._rr_at = 0  # round robin: index into the ring
+        self._max_weight: float | None = None  # of the targets (round robin); None: recompute
         # Removed or replaced targets with batches still in flight: no new leases, their
         # leases finish normally (drain); dropped from here when the last one finishes.
         self.draining: list[TargetState] = []
@@ -155,6 +223,9 @@ class Router:
             name, weight, capacity, frozenset(models) if models is not None else None
         )
         self.targets[name] = state
+        self.changes += 1
+        self._ring.add(state)
+        self._max_weight = None
         self.outliers.add(name)
         self._wake()  # waiters for a free slot may take one here
         return state
@@ -164,6 +235,16 @@ class Router:
         Returns its state, None when there is no such target."""
         state = self.targets.pop(name, None)
         self.outliers.remove(name)
+        if state is not None:
+            self.changes += 1
+            self._ring.discard(name)
+            self._max_weight = None
+            for key, ready in state.ready.items():
+                members = self._loaded.get(key)
+                if ready and members is not None:
+                    members.discard(name)
+                    if not members:
+                        del self._loaded[key]
         if state is not None and state.in_flight > 0:
             self.draining.append(state)
         self._wake()  # waiters re-check: the model may have no eligible target left
@@ -192,7 +273,7 @@ class Router:
         target = self.targets.get(name)
         if target is None:
             return
-        target.ready[key] = ready
+        self._set_ready(target, key, ready)
         tier = target.tiers.get(key)
         if ready:
             target.tiers[key] = HostModel(LOADED)
@@ -233,8 +314,22 @@ class Router:
             target.fetch_seen.pop(key, None)
         target.tiers[key] = model
         if target.ready.get(key, False) != (model.tier == LOADED):
-            target.ready[key] = model.tier == LOADED
+            self._set_ready(target, key, model.tier == LOADED)
             self._wake()
+
+    def _set_ready(self, target: TargetState, key: str, ready: bool) -> None:
+        """``target.ready[key]``, and the index of where each key is ready (a current target's)."""
+        target.ready[key] = ready
+        if not self.is_current(target):
+            return
+        if ready:
+            self._loaded.setdefault(key, _Members()).add(target)
+        else:
+            members = self._loaded.get(key)
+            if members is not None:
+                members.discard(target.name)
+                if not members:
+                    del self._loaded[key]
 
     def bandwidth_bps(self, target: TargetState) -> float:
         return target.bandwidth_bps or self.default_bandwidth_bps
@@ -263,43 +358,178 @@ class Router:
             estimate = target.estimates[key] = LatencyEstimate(self.decay_s, self.clock)
         return estimate
 
+    def _usable(
+        self, target: TargetState, model: str, skip: Collection[str], serving: Serving | None
+    ) -> bool:
+        """Eligible: placed for the model, not excluded, serving it, healthy."""
+        return (
+            target.allows(model)
+            and target.name not in skip
+            and (serving is None or serving(target.name))
+            and self.outliers.available(target.name)
+        )
+
+    def _candidate(self, target: TargetState, key: str, rows: int, now: float) -> Candidate:
+        estimate = self._estimate(target, key)
+        cold_s = 0.0 if target.ready.get(key, False) else self.cold_cost(target, key)[1]
+        service_s = estimate.service_s(rows, now)
+        if target.started:
+            # A host idle for a while has a decayed estimate (so it is tried again), but a
+            # batch sent there that has not come back in X seconds says its latency is at
+            # least X now: without this floor, every batch until the first answer would
+            # follow the probe to a slow host. (Leases are kept in start order: the first
+            # one is the oldest.)
+            service_s = max(service_s, now - next(iter(target.started.values())))
+        return Candidate(
+            target.name,
+            target.in_flight,
+            target.capacity,
+            service_s,
+            estimate.samples > 0,
+            cold_s,
+            target.weight,
+            estimate.typical_in_flight,
+        )
+
     def candidates(
-        self, model: str, key: str, rows: int, exclude: Iterable[str] = ()
+        self,
+        model: str,
+        key: str,
+        rows: int,
+        exclude: Iterable[str] = (),
+        serving: Serving | None = None,
     ) -> tuple[list[Candidate], bool]:
-        """The eligible candidates with free capacity, and whether any are eligible at all."""
-        skip = set(exclude)
+        """Every eligible candidate with free capacity (a full scan), and whether any are
+        eligible at all."""
+        skip = exclude if isinstance(exclude, set | frozenset) else set(exclude)
         out: list[Candidate] = []
         any_eligible = False
+        now = self.clock()
         for target in self.targets.values():
-            if target.name in skip or not target.allows(model):
-                continue
-            if not self.outliers.available(target.name):
+            if not self._usable(target, model, skip, serving):
                 continue
             any_eligible = True
-            if target.in_flight >= target.capacity:
-                continue
-            estimate = self._estimate(target, key)
-            _, cold_s = self.cold_cost(target, key)
-            service_s = estimate.service_s(rows)
-            if target.started:
-                # A host idle for a while has a decayed estimate (so it is tried again), but a
-                # batch sent there that has not come back in X seconds says its latency is at
-                # least X now: without this floor, every batch until the first answer would
-                # follow the probe to a slow host.
-                service_s = max(service_s, self.clock() - min(target.started.values()))
-            out.append(
-                Candidate(
-                    target.name,
-                    target.in_flight,
-                    target.capacity,
-                    service_s,
-                    estimate.samples > 0,
-                    cold_s,
-                    target.weight,
-                    estimate.typical_in_flight,
-                )
-            )
+            if target.in_flight < target.capacity:
+                out.append(self._candidate(target, key, rows, now))
         return out, any_eligible
+
+    def _draw(
+        self,
+        members: _Members,
+        want: int,
+        picked: list[TargetState],
+        model: str,
+        skip: Collection[str],
+        serving: Serving | None,
+    ) -> None:
+        """Add up to ``want`` distinct eligible targets with free capacity to ``picked``, drawn
+        at random from ``members`` (at most ``SAMPLE_DRAWS`` draws)."""
+        items = members.items
+        n = len(items)
+        if n == 0:
+            return
+        draw = self._rng.random
+        for _ in range(SAMPLE_DRAWS):
+            if want <= 0:
+                return
+            target = items[int(draw() * n)]
+            if target.in_flight >= target.capacity or any(t is target for t in picked):
+                continue
+            if self._usable(target, model, skip, serving):
+                picked.append(target)
+                want -= 1
+
+    def _sampled(
+        self,
+        model: str,
+        key: str,
+        rows: int,
+        skip: Collection[str],
+        serving: Serving | None,
+    ) -> list[Candidate]:
+        """The candidates of a sampled decision, in the order the policy should see them: two
+        drawn among the targets where the version is loaded, then one (two when none is
+        loaded) from all, so a cold target can still win when it is worth its start. Empty
+        when the draws found none (the caller scans)."""
+        picked: list[TargetState] = []
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            self._draw(loaded, 2, picked, model, skip, serving)
+        warm = len(picked)
+        if warm < 2 or len(loaded or ()) < len(self._ring):  # else every target is warm
+            self._draw(self._ring, 2 - warm if warm < 2 else 1, picked, model, skip, serving)
+        if warm == 2 and len(picked) == 3 and picked[2].ready.get(key, False):
+            picked.pop()  # a third warm one adds nothing to the two drawn among them
+        now = self.clock()
+        return [self._candidate(t, key, rows, now) for t in picked]
+
+    def _rotate(
+        self, model: str, skip: Collection[str], serving: Serving | None
+    ) -> TargetState | None:
+        """Weighted round robin over the ring in O(1) per pick: a target's turn lasts while
+        it has credit (its weight over the largest weight, added each time its turn comes, so
+        a target of half the weight is picked every other round). None when a full turn of
+        the ring found none eligible with a free slot (the caller scans)."""
+        items = self._ring.items
+        n = len(items)
+        if n == 0:
+            return None
+        if self._max_weight is None:
+            self._max_weight = max(t.weight for t in items)
+        top = self._max_weight
+        for _ in range(2 * n + 1):
+            self._rr_at %= n
+            target = items[self._rr_at]
+            if target.rr_credit >= 1.0:
+                target.rr_credit -= 1.0
+                if target.in_flight < target.capacity and self._usable(
+                    target, model, skip, serving
+                ):
+                    return target
+            self._rr_at = (self._rr_at + 1) % n
+            following = items[self._rr_at]
+            following.rr_credit = min(2.0, following.rr_credit + following.weight / top)
+        return None
+
+    def _deadline_check(
+        self,
+        model: str,
+        key: str,
+        rows: int,
+        deadline_s: float,
+        sampled: Sequence[Candidate],
+        skip: Collection[str],
+        serving: Serving | None,
+    ) -> None:
+        """Predictive admission: ``Overloaded`` when every eligible target is measured and
+        none is expected to finish before the deadline. The sampled candidates settle it
+        when one of them can (or is unmeasured); only otherwise are all looked at."""
+        remaining_s = deadline_s - self.clock()
+        if any(not c.measured or c.completion_s() <= remaining_s for c in sampled):
+            return
+        self._refuse_late(model, self.candidates(model, key, rows, skip, serving)[0], deadline_s)
+
+    def _refuse_late(self, model: str, candidates: Sequence[Candidate], deadline_s: float) -> None:
+        """``Overloaded`` when every candidate (all of them) is measured and none is expected
+        to finish before the deadline."""
+        if not candidates or not all(c.measured for c in candidates):
+            return
+        best_s = min(c.completion_s() for c in candidates)
+        remaining_s = deadline_s - self.clock()
+        if best_s > remaining_s:
+            raise Overloaded(
+                f"model '{model}': no host can finish within the deadline (best estimate "
+                f"{best_s * 1e3:.1f} ms, {max(0.0, remaining_s) * 1e3:.1f} ms left)",
+                retry_after_s=best_s,
+            )
+
+    def _choose(self, candidates: Sequence[Candidate]) -> Candidate:
+        """The policy's pick of the first two (drawn at random already), then the winner
+        against any further one."""
+        winner = candidates[0]
+        for other in candidates[1:]:
+            winner = self.policy.pick(winner, other)
+        return winner
 
     def try_acquire(
         self,
@@ -308,29 +538,44 @@ class Router:
         rows: int,
         deadline_s: float | None = None,
         exclude: Iterable[str] = (),
+        serving: Serving | None = None,
     ) -> Lease | None:
         """A lease now, None when every eligible target is full; raises when none is eligible
-        or (predictive admission) when no target can finish before the deadline."""
-        candidates, any_eligible = self.candidates(model, key, rows, exclude)
-        if not any_eligible:
-            raise Unavailable(
-                f"no healthy host for model '{model}'", retry_after_s=self.probe_interval_s
-            )
-        if not candidates:
-            return None
-        if deadline_s is not None and all(c.measured for c in candidates):
-            best_s = min(c.completion_s() for c in candidates)
-            remaining_s = deadline_s - self.clock()
-            if best_s > remaining_s:
-                raise Overloaded(
-                    f"model '{model}': no host can finish within the deadline (best estimate "
-                    f"{best_s * 1e3:.1f} ms, {max(0.0, remaining_s) * 1e3:.1f} ms left)",
-                    retry_after_s=best_s,
+        or (predictive admission) when no target can finish before the deadline.
+
+        Up to ``SCAN_BELOW`` targets, the policy sees every eligible one. Above, a decision
+        costs the same at any pool size: power-of-two-choices policies see a few drawn at
+        random (``_sampled``), round robin takes the next in turn (``_rotate``); a full scan
+        happens only when the draws find nothing (most targets full or down), or to confirm
+        that no target at all can meet the deadline."""
+        skip = exclude if isinstance(exclude, set | frozenset) else set(exclude)
+        chosen: TargetState | None = None
+        if len(self._ring) >= SCAN_BELOW:
+            if self.policy.rotates:
+                chosen = self._rotate(model, skip, serving)
+                if chosen is not None and deadline_s is not None:
+                    now = self.clock()
+                    candidate = self._candidate(chosen, key, rows, now)
+                    self._deadline_check(model, key, rows, deadline_s, [candidate], skip, serving)
+            else:
+                sampled = self._sampled(model, key, rows, skip, serving)
+                if sampled:
+                    if deadline_s is not None:
+                        self._deadline_check(model, key, rows, deadline_s, sampled, skip, serving)
+                    chosen = self.targets[self._choose(sampled).name]
+        if chosen is None:
+            candidates, any_eligible = self.candidates(model, key, rows, skip, serving)
+            if not any_eligible:
+                raise Unavailable(
+                    f"no healthy host for model '{model}'", retry_after_s=self.probe_interval_s
                 )
-        chosen = self.policy.choose(candidates)
-        target = self.targets[chosen.name]
-        lease = Lease(self, target, key, rows)
-        target.started[id(lease)] = lease.started_s
+            if not candidates:
+                return None
+            if deadline_s is not None:
+                self._refuse_late(model, candidates, deadline_s)
+            chosen = self.targets[self.policy.choose(candidates).name]
+        lease = Lease(self, chosen, key, rows)
+        chosen.started[id(lease)] = lease.started_s
         return lease
 
     async def acquire(
@@ -340,14 +585,15 @@ class Router:
         rows: int,
         deadline_s: float | None = None,
         exclude: Iterable[str] = (),
+        serving: Serving | None = None,
     ) -> Lease:
         """A lease, waiting (up to the deadline and ``max_wait_s``) while every host is full."""
-        exclude = tuple(exclude)
+        exclude = frozenset(exclude)
         give_up_s = self.clock() + self.max_wait_s
         if deadline_s is not None:
             give_up_s = min(give_up_s, deadline_s)
         while True:
-            lease = self.try_acquire(model, key, rows, deadline_s, exclude)
+            lease = self.try_acquire(model, key, rows, deadline_s, exclude, serving)
             if lease is not None:
                 return lease
             wait_s = give_up_s - self.clock()
@@ -387,7 +633,9 @@ class Router:
             return
         if outcome == SUCCESS:
             target.completed += 1
-            target.ready[lease.key] = True
+            target.last_success_s = self.clock()
+            if not target.ready.get(lease.key, False):
+                self._set_ready(target, lease.key, True)
             latency_s = self.clock() - lease.started_s
             self._estimate(target, lease.key).observe(lease.rows, latency_s, lease.in_flight)
             if target.name in self.outliers.hosts:
@@ -404,19 +652,48 @@ class Router:
         if self._prober is None:
             self._prober = asyncio.get_running_loop().create_task(self._probe_loop(probe))
 
+    def probe_period_s(self) -> float:
+        """Time between two probes of a healthy host: ``probe_interval_s``, stretched so that
+        the probes of all hosts stay within ``probe_rate`` per second (passive detection
+        watches the hosts that take traffic in between)."""
+        return max(self.probe_interval_s, len(self.targets) / self.probe_rate)
+
+    def _next_probe_s(self, target: TargetState, now: float) -> float:
+        """When to probe ``target`` next: a host down or ejected every ``probe_interval_s``
+        (it is waiting for a probe to come back), any other every ``probe_period_s``; either
+        moved by up to ``probe_jitter`` of it at random, so probes do not come in waves."""
+        health = self.outliers.hosts.get(target.name)
+        away = health is not None and (not health.probe_up or health.ejected_until_s is not None)
+        period_s = self.probe_interval_s if away else self.probe_period_s()
+        return now + period_s * (1.0 + self.probe_jitter * (2.0 * self._rng.random() - 1.0))
+
+    def _busy_and_well(self, target: TargetState, now: float) -> bool:
+        """A host that answered real traffic within the last period and is up: its own answers
+        (passive detection) say what a probe would (Envoy's ``no_traffic_interval`` idea,
+        turned round: probe the hosts traffic does not)."""
+        health = self.outliers.hosts.get(target.name)
+        return (
+            health is not None
+            and health.probe_up
+            and health.ejected_until_s is None
+            and now - target.last_success_s < self.probe_period_s()
+        )
+
     async def _probe_one(self, probe: Probe, name: str) -> None:
         try:
             async with asyncio.timeout(self.probe_timeout_s):
                 ok = await probe(name)
         except Exception:
             ok = False
+        self.probes_sent += 1
         before = self.outliers.hosts.get(name)
         was_up = before.probe_up if before is not None else True
         self.outliers.record_probe(name, ok)
-        if ok != was_up:
-            log.warning("host %s is %s", name, "up" if ok else "down")
+        now_up = before.probe_up if before is not None else ok
+        if now_up != was_up:
+            log.warning("host %s is %s", name, "up" if now_up else "down")
             target = self.targets.get(name)
-            if ok and target is not None:
+            if now_up and target is not None:
                 # Back after being down: most likely a new process (restarted, rescheduled),
                 # so what was measured before says little. Unmeasured, it is tried at once,
                 # one batch at a time until it answers, as a newly added host is.
@@ -424,9 +701,56 @@ class Router:
         self._wake()
 
     async def _probe_loop(self, probe: Probe) -> None:
-        while True:
-            await asyncio.gather(*(self._probe_one(probe, n) for n in list(self.targets)))
-            await asyncio.sleep(self.probe_interval_s)
+        """Each target on its own jittered schedule (a heap of due times), at most
+        ``probe_concurrency`` probes at once; a new target's first probe falls at a random
+        point of its first period, so a thousand hosts added together are not probed
+        together."""
+        due: list[tuple[float, int, TargetState]] = []
+        scheduled: set[int] = set()  # id() of the targets in ``due``
+        running: set[asyncio.Task[None]] = set()
+        seq = 0
+
+        def push(at_s: float, target: TargetState) -> None:
+            nonlocal seq
+            seq += 1
+            heapq.heappush(due, (at_s, seq, target))
+            scheduled.add(id(target))
+
+        async def run(target: TargetState) -> None:
+            try:
+                await self._probe_one(probe, target.name)
+            finally:
+                if self.is_current(target):
+                    push(self._next_probe_s(target, self.clock()), target)
+
+        seen = -1  # ``self.changes`` when the targets were last looked at
+        try:
+            while True:
+                now = self.clock()
+                if seen != self.changes:
+                    for target in self.targets.values():  # joined since: first probe soon
+                        if id(target) not in scheduled:
+                            spread = 0.0 if seen < 0 else self._rng.random()
+                            push(now + self.probe_period_s() * spread, target)
+                    seen = self.changes
+                while due and due[0][0] <= now and len(running) < self.probe_concurrency:
+                    _, _, target = heapq.heappop(due)
+                    scheduled.discard(id(target))
+                    if not self.is_current(target):
+                        continue  # removed or replaced: its successor has its own turn
+                    if self._busy_and_well(target, now):
+                        self.probes_skipped += 1
+                        push(self._next_probe_s(target, now), target)
+                        continue
+                    scheduled.add(id(target))  # in flight: rescheduled when it is done
+                    task = asyncio.get_running_loop().create_task(run(target))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                wait_s = 0.05 if not due else min(0.05, max(0.0, due[0][0] - self.clock()))
+                await asyncio.sleep(max(wait_s, 0.001))
+        finally:
+            for task in running:
+                task.cancel()
 
     async def close(self) -> None:
         if self._prober is not None:
@@ -451,9 +775,13 @@ class Router:
         row.update(self._estimate(target, key).to_dict())
         return row
 
-    def table(self) -> dict[str, Any]:
+    def table(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The host table (``GET /admin/hosts``), one page: ``limit`` hosts from ``offset`` (all
+        when None); ``total`` and ``next_offset`` (None on the last page) say what is left."""
+        total = len(self.targets)
+        end = total if limit is None else min(total, offset + limit)
         hosts = []
-        for target in self.targets.values():
+        for target in itertools.islice(self.targets.values(), offset, end):
             hosts.append(
                 {
                     "name": target.name,
@@ -473,6 +801,14 @@ class Router:
         return {
             "policy": self.policy.name,
             "retry_budget": self.budget.to_dict(),
+            "total": total,
+            "offset": offset,
+            "next_offset": end if end < total else None,
+            "probes": {
+                "period_s": round(self.probe_period_s(), 3),
+                "sent": self.probes_sent,
+                "skipped": self.probes_skipped,
+            },
             "hosts": hosts,
             "draining": [
                 {

@@ -35,6 +35,10 @@ NOT_ROUTED = (
     '(start it with at least one [[hosts]] table: kind = "v2" or kind = "triton")'
 )
 
+# GET /admin/hosts pages: a thousand hosts' rows are some 450 KB of JSON.
+ADMIN_HOSTS_PAGE = 100
+ADMIN_HOSTS_MAX_PAGE = 1000
+
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
@@ -58,8 +62,8 @@ class HostAdmin(Protocol):
     ``/admin/hosts``. Errors are typed (``SettingsError``, ``UnknownHost``, ``HostConflict``)
     and answer through the one status table."""
 
-    def table(self) -> dict[str, Any]:
-        """Every host: state, in-flight, latency estimates, ejection, weights."""
+    def table(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """Hosts ``offset`` to ``offset + limit``: state, in-flight, estimates, ejection."""
 
     async def add_host(self, table: object) -> dict[str, Any]:
         """Add a host from a ``[[hosts]]`` table, or replace the one of that name."""
@@ -151,6 +155,14 @@ def create_app(
         await dataplane.unload(name)
         return Response(status_code=200)
 
+    def _page_param(request: Request, name: str, default: int, high: int) -> int:
+        text = request.query_params.get(name)
+        if text is None:
+            return default
+        if not text.isdigit() or not 0 <= int(text) <= high:
+            raise InvalidInput(f"'{name}' must be an integer in 0..{high}")
+        return int(text)
+
     async def logging_get(request: Request) -> Response:
         """Triton's logging extension: the log settings in force."""
         return _json(CONTROL.settings())
@@ -160,8 +172,11 @@ def create_app(
         return _json(CONTROL.update(await _json_body(request, limit)))
 
     async def admin_hosts(request: Request) -> Response:
-        """The router's host table (state, in-flight, latency estimates, ejection, weights)."""
-        return _json(hosts.table() if hosts is not None else {"hosts": []})
+        """The router's host table (state, in-flight, latency estimates, ejection, weights),
+        a page at a time: ``?offset=&limit=`` (``ADMIN_HOSTS_PAGE`` hosts by default)."""
+        offset = _page_param(request, "offset", 0, 10_000_000)
+        limit = _page_param(request, "limit", ADMIN_HOSTS_PAGE, ADMIN_HOSTS_MAX_PAGE)
+        return _json(hosts.table(offset, limit) if hosts is not None else {"hosts": []})
 
     def _router() -> HostAdmin:
         if hosts is None:
