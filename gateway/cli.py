@@ -178,6 +178,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument("--max-queue-size", type=int, help="default per-model queue bound")
     serve_cmd.add_argument(
+        "--batching-delay",
+        choices=["adaptive", "triton"],
+        help="wait for a fuller batch only when traffic says it fills (adaptive), or always "
+        "the model's max_queue_delay (triton) [adaptive]",
+    )
+    serve_cmd.add_argument(
         "--response-cache-bytes", type=int, help="in-process response cache size [0: none]"
     )
     serve_cmd.add_argument(

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from gateway import __version__, context
 from gateway.backends.base import Backend, BackendFactory, Tensors
-from gateway.batching import Batcher, BatchPolicy
+from gateway.batching import Batcher, BatchPolicy, QueuePolicy
 from gateway.ensemble import EnsembleBackend, run_ensemble
 from gateway.errors import (
     DeadlineExceeded,
@@ -39,7 +39,7 @@ from gateway.errors import (
 from gateway.metrics import Metrics, Source
 from gateway.pending import Pending
 from gateway.protocol.types import InferRequest, InferResponse, RequestedOutput
-from gateway.repository.config import ModelConfig, parse_json
+from gateway.repository.config import ModelConfig, QueuePolicyConfig, parse_json
 from gateway.repository.local import (
     LocalRepository,
     ModelSource,
@@ -126,6 +126,24 @@ def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchP
         default_timeout_s=(db.default_timeout_us / 1e6) or None,
         instance_count=backend.instance_count,
         pipeline=settings.batch_pipeline,
+        adaptive_delay=settings.batching_delay == "adaptive",
+        priority_levels=db.priority_levels,
+        default_priority_level=db.default_priority_level,
+        queue_policies=tuple(
+            (level, _queue_policy(policy, settings)) for level, policy in db.priority_queue_policy
+        ),
+        allow_timeout_override=db.allow_timeout_override,
+        delay_on_timeout=db.timeout_action == "DELAY",
+    )
+
+
+def _queue_policy(policy: QueuePolicyConfig, settings: Settings) -> QueuePolicy:
+    """A config's queue policy for the batcher: a bound of 0 is the gateway's default one."""
+    return QueuePolicy(
+        max_queue_size=policy.max_queue_size or settings.max_queue_size,
+        default_timeout_s=(policy.default_timeout_us / 1e6) or None,
+        allow_timeout_override=policy.allow_timeout_override,
+        delay_on_timeout=policy.timeout_action == "DELAY",
     )
 
 

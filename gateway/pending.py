@@ -177,7 +177,7 @@ class Pending:
         self._stats_started_ns = stats_started_ns = time.perf_counter_ns()
         try:
             inputs, rows = validate(lv.config, request)
-            queued = lv.batcher.enqueue(inputs, rows, deadline_s, request_id)
+            queued = lv.batcher.enqueue(inputs, rows, deadline_s, request_id, request.priority)
         except GatewayError as exc:
             spent_ns = time.perf_counter_ns() - stats_started_ns
             lv.stats.record_request(False, spent_ns, failure_reason(exc))

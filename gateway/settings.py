@@ -93,6 +93,10 @@ class Settings:
     # Batches formed ahead per model version while all its instances are busy (0: form a batch
     # only when an instance is free: larger batches, but the backend idles between them).
     batch_pipeline: int = 1
+    # adaptive: with an instance free, a short batch waits for more only when the recent arrival
+    # rate says a request will join within the delay left (README, "Batching"); triton: every
+    # short batch waits the model's whole max_queue_delay_microseconds, as Triton does.
+    batching_delay: str = "adaptive"  # adaptive | triton
     default_max_batch_size: int = 4  # for auto-completed batchable models (Triton's default)
     # Loading.
     load_models: tuple[str, ...] = ()  # empty: every model in the repository
@@ -257,6 +261,10 @@ class Settings:
             raise SettingsError(f"log_level {self.log_level!r} is not a logging level")
         if not 0 <= self.batch_pipeline <= 16:
             raise SettingsError(f"batch_pipeline must be in 0..16, got {self.batch_pipeline}")
+        if self.batching_delay not in ("adaptive", "triton"):
+            raise SettingsError(
+                f"batching_delay must be adaptive or triton, got {self.batching_delay!r}"
+            )
         if self.gc_threshold < 0 or self.gil_switch_interval_us < 0:
             raise SettingsError(
                 "gc_threshold and gil_switch_interval_us must be >= 0 (0: Python's default)"

@@ -177,6 +177,31 @@ def dtype_inputs(batch: int) -> dict[str, np.ndarray]:
     return arrays
 
 
+def heavy(repo: Path, name: str, config: str, width: int = 1024, layers: int = 16) -> Path:
+    """FP32 [-1,8] -> [-1,1] through ``layers`` dense ``width`` x ``width`` layers (one weight
+    matrix, reused): a model that takes milliseconds per row, to overload on purpose."""
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((8, width)).astype(np.float32)
+    dense_w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["X", "W0"], ["h0"])]
+    for i in range(1, layers + 1):
+        nodes.append(helper.make_node("MatMul", [f"h{i - 1}", "W"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i}"]))
+    nodes.append(helper.make_node("ReduceSum", [f"h{layers}", "axes"], ["Y"], keepdims=1))
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 1])],
+        [
+            numpy_helper.from_array(first, "W0"),
+            numpy_helper.from_array(dense_w, "W"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)
+
+
 def string_add_sub(repo: Path, name: str = "simple_string", config: str | None = None) -> Path:
     """Triton's ``simple_string``: BYTES INPUT0, INPUT1 [-1, 16] holding integers as text ->
     OUTPUT0 = sum, OUTPUT1 = difference, as text. Empty strings are no numbers: the model

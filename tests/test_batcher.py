@@ -131,7 +131,9 @@ async def test_mismatched_shapes_never_merge() -> None:
 
 async def test_waits_up_to_the_queue_delay_for_a_fuller_batch() -> None:
     backend = Recorder()
-    policy = BatchPolicy(max_batch_size=4, preferred_batch_sizes=(4,), max_queue_delay_s=5.0)
+    policy = BatchPolicy(
+        max_batch_size=4, preferred_batch_sizes=(4,), max_queue_delay_s=5.0, adaptive_delay=False
+    )
     batcher, _ = make(policy, backend)
     futures = []
     for i in range(4):
@@ -146,7 +148,10 @@ async def test_a_request_that_cannot_join_sends_the_forming_batch() -> None:
     """The scheduler is not woken for every arrival while a batch forms, only for enough rows
     or for a request that cannot join: that one ends the batch at once, no queue delay."""
     backend = Recorder()
-    policy = BatchPolicy(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_s=5.0)
+    # Triton's fixed delay: no re-decision timer that would end the wait anyway.
+    policy = BatchPolicy(
+        max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_s=5.0, adaptive_delay=False
+    )
     batcher, _ = make(policy, backend)
     first = [asyncio.ensure_future(batcher.submit(row(i), 1)) for i in range(2)]
     await asyncio.sleep(0.05)
@@ -316,7 +321,7 @@ def test_no_second_queue_delay_in_front_of_a_batching_host() -> None:
     model's batch sizes but no queue delay from the gateway: the delay is paid once, there."""
     from gateway.dataplane import _policy
     from gateway.repository.config import DynamicBatching, ModelConfig
-    from gateway.settings import Settings
+    from gateway.settings import Settings, SettingsError
 
     class Local:
         instance_count = 2
@@ -334,6 +339,11 @@ def test_no_second_queue_delay_in_front_of_a_batching_host() -> None:
     there = _policy(config, Upstream(), Settings())  # type: ignore[arg-type]
     assert here.max_queue_delay_s == 0.002 and there.max_queue_delay_s == 0.0
     assert there.max_batch_size == 8 and there.preferred_batch_sizes == (4,)
+    assert here.adaptive_delay  # the default
+    triton = _policy(config, Local(), Settings(batching_delay="triton"))  # type: ignore[arg-type]
+    assert not triton.adaptive_delay and triton.max_queue_delay_s == 0.002
+    with pytest.raises(SettingsError, match="batching_delay must be adaptive or triton"):
+        Settings(batching_delay="never")
 
 
 # Behaviour pinned for the one-request-path redesign (issue 27): each test below fails when the
@@ -383,9 +393,10 @@ async def test_a_request_that_would_overfill_the_batch_starts_the_next() -> None
 
 
 async def test_the_default_timeout_sets_a_deadline_that_expires_in_the_queue() -> None:
-    """``enqueue`` callers: the policy's default timeout gives a deadline; a request still
-    queued at its deadline (to the instant) fails and never reaches the backend, and the one
-    behind it is served all the same."""
+    """``enqueue`` callers: the policy's default timeout gives a deadline, the earlier of it and
+    the request's own (Triton rejects at the queue's timeout whatever the request asks; the
+    request's timeout bounds the whole request here); a request still queued at its deadline
+    (to the instant) fails and never reaches the backend, and the one behind it is served."""
     clock = Clock(100.0)
     backend = Recorder()
     backend.gate = asyncio.Event()
@@ -394,15 +405,20 @@ async def test_the_default_timeout_sets_a_deadline_that_expires_in_the_queue() -
     blocker = batcher.enqueue(row(0), deadline_s=1000.0)
     await ticks()
     expiring = batcher.enqueue(row(1))
-    explicit = batcher.enqueue(row(2), deadline_s=150.0)
-    assert (expiring.enqueued_s, expiring.deadline_s, explicit.deadline_s) == (100.0, 102.0, 150.0)
+    late = batcher.enqueue(row(2), deadline_s=150.0)
+    early = batcher.enqueue(row(3), deadline_s=101.5)
+    clock.now_s = 101.0
+    served = batcher.enqueue(row(4))
+    assert expiring.enqueued_s == 100.0
+    assert [i.deadline_s for i in (expiring, late, early, served)] == [102.0, 102.0, 101.5, 103.0]
     clock.now_s = 102.0
     backend.gate.set()
-    with pytest.raises(DeadlineExceeded, match=r"^Request timeout expired$"):
-        await asyncio.wait_for(expiring.future, 1.0)
-    await asyncio.wait_for(explicit.future, 1.0)
+    for item in (expiring, late, early):
+        with pytest.raises(DeadlineExceeded, match=r"^Request timeout expired$"):
+            await asyncio.wait_for(item.future, 1.0)
+    await asyncio.wait_for(served.future, 1.0)
     await blocker.future
-    assert backend.batches == [1, 1]  # the expired request never ran
+    assert backend.batches == [1, 1]  # the expired requests never ran
     await batcher.close()
 
 
@@ -418,7 +434,8 @@ async def test_no_default_timeout_means_no_deadline() -> None:
 async def test_a_deadline_shortens_the_wait_for_a_fuller_batch() -> None:
     clock = Clock(100.0)
     backend = Recorder()
-    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=10.0), backend, clock)
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay_s=10.0, adaptive_delay=False)
+    batcher, _ = make(policy, backend, clock)
     item = batcher.enqueue(row(1), deadline_s=100.0 + DELAY_S)
     await ticks()
     assert backend.batches == []  # waiting for more, but only until its deadline
@@ -940,3 +957,401 @@ async def test_close_waits_30_s_by_default_for_a_batch_to_finish(
     await asyncio.wait_for(batcher.close(), 1.0)
     assert asked == [30.0]
     running.future.cancel()
+
+
+# The adaptive queue delay (issue 21): with an instance free, a short batch waits only when the
+# rate of rows arriving while the batcher is busy says one will join within the delay left.
+
+
+async def test_a_lone_request_goes_at_once_while_triton_mode_waits_the_delay() -> None:
+    """No traffic seen: nothing is expected to join, so the batch goes now (the old code waited
+    the whole delay); ``adaptive_delay=False`` keeps Triton's wait, to the clock's instant."""
+    for adaptive in (True, False):
+        clock = Clock(100.0)
+        backend = Recorder()
+        policy = BatchPolicy(max_batch_size=8, max_queue_delay_s=DELAY_S, adaptive_delay=adaptive)
+        batcher, _ = make(policy, backend, clock)
+        item = batcher.enqueue(row(1))
+        await asyncio.sleep(2 * DELAY_S)  # the batcher's timer fired; the clock stood still
+        assert backend.batches == ([1] if adaptive else []), adaptive
+        clock.now_s = 100.0 + DELAY_S
+        await asyncio.wait_for(item.future, 1.0)
+        assert backend.batches == [1]
+        await batcher.close()
+
+
+async def test_a_closed_loop_client_never_waits() -> None:
+    """One client sending its next request when the last one is answered never arrives while
+    the batcher is busy: however long the delay, every request goes at once."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock, backend.run_s = clock, 0.002
+    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=10.0), backend, clock)
+    for i in range(20):
+        await asyncio.wait_for(batcher.enqueue(row(i)).future, 1.0)  # not 10 s
+        clock.now_s += 0.001  # the client's own time between requests
+        assert batcher.arrival_rate() == 0.0
+    assert backend.batches == [1] * 20
+    await batcher.close()
+
+
+async def arrive_while_busy(gap_s: float, delay_s: float) -> tuple[Batcher, Recorder, Clock]:
+    """A runs (gated); B arrives ``gap_s`` later while A is out, which makes the arrival rate
+    one row per ``gap_s``; A ends at that instant and B forms a batch with ``delay_s`` left."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=delay_s), backend, clock)
+    first = batcher.enqueue(row(0))
+    await ticks()
+    clock.now_s += gap_s
+    batcher.enqueue(row(1))
+    assert batcher.arrival_rate() == 1 / gap_s
+    backend.gate.set()
+    await asyncio.wait_for(first.future, 1.0)
+    return batcher, backend, clock
+
+
+async def test_a_short_batch_waits_when_a_row_is_expected_within_the_delay() -> None:
+    """Rows arrive while busy one per 1/64 s and 1/64 s of delay is left: one row is expected
+    (to the exact boundary), so B waits for company, up to the delay."""
+    batcher, backend, clock = await arrive_while_busy(DELAY_S, DELAY_S)
+    await asyncio.sleep(2 * DELAY_S)
+    assert backend.batches == [1]  # B is waiting
+    clock.now_s += DELAY_S
+    await wait_for_batches(backend, 2)
+    assert backend.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_a_short_batch_goes_when_no_row_is_expected_within_the_delay() -> None:
+    """One row per 1/64 + 1/1024 s, and 1/64 s left: less than a row expected, B goes now."""
+    batcher, backend, _ = await arrive_while_busy(DELAY_S + 1 / 1024, DELAY_S)
+    await wait_for_batches(backend, 2)
+    assert backend.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_company_that_arrives_joins_the_waiting_batch() -> None:
+    batcher, backend, clock = await arrive_while_busy(DELAY_S / 4, DELAY_S)
+    third = batcher.enqueue(row(2))
+    await ticks()
+    assert backend.batches == [1]  # 2 rows: still waiting for a full batch
+    clock.now_s += DELAY_S
+    await asyncio.wait_for(third.future, 1.0)
+    assert backend.batches == [1, 2]
+    await batcher.close()
+
+
+async def test_the_arrival_rate_decays_and_counts_busy_time_without_arrivals() -> None:
+    """Rows arriving while busy over busy seconds, each observation (an arrival, the end of a
+    busy period) weighing the past by 0.9; time busy since the last arrival counts too."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=1), backend, clock)
+    assert batcher.arrival_rate() == 0.0
+    items = [batcher.enqueue(row(0))]  # found it idle: starts a busy period, not counted
+    assert batcher.arrival_rate() == 0.0
+    clock.now_s = 100.5
+    items.append(batcher.enqueue(rows(1, 2), 2))  # 2 rows after 0.5 s busy
+    assert batcher.arrival_rate() == 2 / 0.5
+    clock.now_s = 101.0  # busy another 0.5 s, no arrival yet
+    assert batcher.arrival_rate() == 2 / 1.0
+    clock.now_s = 101.5
+    items.append(batcher.enqueue(row(2)))  # decayed: (0.9 * 2 + 1) rows in (0.9 * 0.5 + 1) s
+    assert batcher.arrival_rate() == pytest.approx((0.9 * 2 + 1) / (0.9 * 0.5 + 1.0))
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)
+    # The busy period ended at 101.5 (no time passed): one more decayed observation, no rows.
+    assert batcher.arrival_rate() == pytest.approx(
+        (0.9 * (0.9 * 2 + 1)) / (0.9 * (0.9 * 0.5 + 1.0))
+    )
+    clock.now_s = 200.0  # idle time does not count
+    assert batcher.arrival_rate() == pytest.approx((0.9 * 2 + 1) / (0.9 * 0.5 + 1.0))
+    await batcher.close()
+
+
+async def test_requests_dropped_from_the_queue_end_the_busy_period_too() -> None:
+    """An abandoned or expired request leaves the busy period like an answered one: once none is
+    outstanding, time no longer counts as busy."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=1), backend, clock)
+    running = batcher.enqueue(row(0))
+    await ticks()
+    clock.now_s = 101.0
+    gone = batcher.enqueue(row(1))
+    expiring = batcher.enqueue(row(2), deadline_s=101.5)
+    gone.future.cancel()
+    clock.now_s = 102.0
+    backend.gate.set()
+    await asyncio.wait_for(running.future, 1.0)
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(expiring.future, 1.0)
+    rate = batcher.arrival_rate()
+    clock.now_s = 150.0
+    assert batcher.arrival_rate() == rate  # idle: nothing outstanding
+    await batcher.close()
+
+
+# Priorities (issue 23, Triton's priority_levels): level 1 is the highest; each level queues
+# under its own policy.
+
+
+def levels_policy(**changes: object) -> BatchPolicy:
+    """Three levels, default 2, batches of 2; level 3's queue holds 2 requests."""
+    from gateway.batching import QueuePolicy
+
+    fields: dict[str, object] = {
+        "max_batch_size": 2,
+        "priority_levels": 3,
+        "default_priority_level": 2,
+        "queue_policies": ((3, QueuePolicy(max_queue_size=2)),),
+    }
+    fields.update(changes)
+    return BatchPolicy(**fields)  # type: ignore[arg-type]
+
+
+async def test_higher_priorities_are_batched_first() -> None:
+    """Queued low to high, batched high to low: level 1, then the default level (priority 0
+    and priorities past the levels queue there), then level 3, FIFO within a level; a batch
+    with room fills from the next level down."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(levels_policy(), backend, Clock())
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    order = [(31, 3), (32, 3), (21, 0), (11, 1), (22, 9), (12, 1), (23, 2)]
+    items = [batcher.enqueue(row(v), priority=p) for v, p in order]
+    assert [i.level for i in items] == [3, 3, 2, 1, 2, 1, 2]
+    items.append(batcher.enqueue(row(24)))
+    assert items[-1].level == 2  # no priority given: the default level
+    served: list[float] = []
+    for item in items:
+        item.future.add_done_callback(lambda f: served.append(float(f.result()["Y"][0, 0]) / 2))
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker.future, *(i.future for i in items)), 1.0)
+    assert served == [11, 12, 21, 22, 23, 24, 31, 32]
+    assert backend.batches == [1, 2, 2, 2, 2]
+    await batcher.close()
+
+
+async def test_a_full_level_refuses_while_the_others_take_requests() -> None:
+    """Level 3 holds two requests: the third is refused (shed), levels 1 and 2 still queue."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(levels_policy(max_queue_size=3), backend, Clock())
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    low = [batcher.enqueue(row(3), priority=3) for _ in range(2)]
+    with pytest.raises(QueueFull, match=r"^Exceeds maximum queue size$"):
+        batcher.enqueue(row(3), priority=3)
+    others = [batcher.enqueue(row(p), priority=p) for p in (1, 1, 1, 2, 2, 2)]
+    with pytest.raises(QueueFull):  # the default policy's bound, per level
+        batcher.enqueue(row(2), priority=2)
+    assert batcher.pending == 9
+    backend.gate.set()
+    await asyncio.wait_for(
+        asyncio.gather(blocker.future, *(i.future for i in low + others)), 1.0
+    )
+    await batcher.close()
+
+
+async def test_without_levels_a_priority_changes_nothing() -> None:
+    backend = Recorder()
+    batcher, _ = make(BatchPolicy(max_batch_size=2, max_queue_size=1), backend, Clock())
+    backend.gate = asyncio.Event()
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    item = batcher.enqueue(row(1), priority=1)
+    assert item.level == 0
+    with pytest.raises(QueueFull):
+        batcher.enqueue(row(2), priority=5)
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker.future, item.future), 1.0)
+    await batcher.close()
+
+
+async def test_a_level_timeout_rejects_queued_requests_of_that_level_only() -> None:
+    """timeout_action REJECT: the level's timeout is a deadline (the earlier of it and the
+    request's own); other levels keep theirs."""
+    from gateway.batching import QueuePolicy
+
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    policy = levels_policy(queue_policies=((3, QueuePolicy(default_timeout_s=1.0)),))
+    batcher, _ = make(policy, backend, clock)
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    low = batcher.enqueue(row(3), priority=3)
+    low_own = batcher.enqueue(row(3), deadline_s=100.5, priority=3)
+    high = batcher.enqueue(row(1), priority=1)
+    assert (low.deadline_s, low_own.deadline_s, high.deadline_s) == (101.0, 100.5, None)
+    assert low.delay_at_s is None
+    clock.now_s = 101.0
+    backend.gate.set()
+    for item in (low, low_own):
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(item.future, 1.0)
+    await asyncio.wait_for(asyncio.gather(blocker.future, high.future), 1.0)
+    assert backend.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_a_level_timeout_with_delay_moves_requests_behind_their_level() -> None:
+    """timeout_action DELAY: a request still queued at its level's timeout is not failed but
+    served after its level's requests that have not timed out, still before lower levels."""
+    from gateway.batching import QueuePolicy
+
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    delay = QueuePolicy(default_timeout_s=1.0, delay_on_timeout=True)
+    policy = levels_policy(max_batch_size=1, queue_policies=((1, delay),))
+    batcher, _ = make(policy, backend, clock)
+    blocker = batcher.enqueue(row(0))
+    await ticks()
+    old = batcher.enqueue(row(10), priority=1)
+    clock.now_s = 100.5
+    new = batcher.enqueue(row(11), priority=1)
+    low = batcher.enqueue(row(20), priority=2)
+    assert (old.delay_at_s, new.delay_at_s, old.deadline_s) == (101.0, 101.5, None)
+    clock.now_s = 101.0  # ``old`` timed out to the instant, ``new`` not yet
+    served: list[float] = []
+    for item in (old, new, low):
+        item.future.add_done_callback(lambda f: served.append(float(f.result()["Y"][0, 0]) / 2))
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker.future, old.future, new.future, low.future), 1)
+    assert served == [11, 10, 20]
+    await batcher.close()
+
+
+async def test_a_shorter_request_timeout_overrides_the_level_timeout_only_when_allowed() -> None:
+    from gateway.batching import QueuePolicy
+
+    for allow, delay_at_s in ((True, 100.25), (False, 101.0)):
+        clock = Clock(100.0)
+        delay = QueuePolicy(default_timeout_s=1.0, allow_timeout_override=allow,
+                            delay_on_timeout=True)  # fmt: skip
+        batcher, _ = make(levels_policy(queue_policies=((1, delay),)), Recorder(), clock)
+        short = batcher.enqueue(row(1), deadline_s=100.25, priority=1)
+        longer = batcher.enqueue(row(1), deadline_s=102.0, priority=1)
+        none = batcher.enqueue(row(1), priority=1)
+        assert short.delay_at_s == delay_at_s, allow
+        assert longer.delay_at_s == none.delay_at_s == 101.0
+        assert (short.deadline_s, longer.deadline_s) == (100.25, 102.0)  # the request's own
+        await asyncio.wait_for(asyncio.gather(short.future, longer.future, none.future), 1.0)
+        await batcher.close()
+
+
+def test_level_policies_fill_in_the_default_policy() -> None:
+    from gateway.batching import QueuePolicy
+
+    special = QueuePolicy(max_queue_size=5, delay_on_timeout=True)
+    policy = BatchPolicy(
+        max_queue_size=7,
+        default_timeout_s=2.0,
+        allow_timeout_override=True,
+        delay_on_timeout=True,
+        priority_levels=3,
+        default_priority_level=3,
+        queue_policies=((2, special),),
+    )
+    default = QueuePolicy(7, 2.0, True, True)
+    assert policy.level_policies() == {1: default, 2: special, 3: default}
+    assert BatchPolicy(max_queue_size=7).level_policies() == {0: QueuePolicy(7)}
+    assert [policy.level_of(p) for p in (0, 1, 2, 3, 4)] == [3, 1, 2, 3, 3]
+
+
+async def test_a_wait_in_vain_is_cut_short_after_two_expected_gaps() -> None:
+    """One row per 1/8 s while busy and 1/2 s of delay: B waits, but its timer is set for two
+    expected gaps (1/4 s), not the whole delay. When it fires, nothing came in the 1/4 s the
+    clock moved: the rate fell to one row per 3/8 s, less than a row is expected in the 1/4 s
+    left, and B goes, a quarter of a second before the delay's end."""
+    batcher, backend, clock = await arrive_while_busy(1 / 8, 1 / 2)
+    clock.now_s += 1 / 4
+    await asyncio.sleep(3 / 8)  # real time: past the 1/4 s timer, short of the 1/2 s one
+    assert backend.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_a_wait_that_still_pays_goes_on_after_its_timer() -> None:
+    """The same, with the clock still: at the timer the rate is unchanged, B waits on."""
+    batcher, backend, clock = await arrive_while_busy(DELAY_S / 4, DELAY_S)
+    await asyncio.sleep(DELAY_S)  # past the DELAY_S / 2 timer
+    assert backend.batches == [1]
+    clock.now_s += DELAY_S
+    await wait_for_batches(backend, 2)
+    assert backend.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_an_expired_request_does_not_start_a_batch() -> None:
+    """The head of the queue timed out: it is failed and the live request behind it starts the
+    batch, which waits for company (Triton's delay) instead of going with a dead first."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    policy = BatchPolicy(max_batch_size=2, max_queue_delay_s=DELAY_S, adaptive_delay=False)
+    batcher, _ = make(policy, backend, clock)
+    blocker = batcher.enqueue(rows(0, 2), 2)  # a full batch: it goes at once
+    await ticks()
+    expiring = batcher.enqueue(row(1), deadline_s=100.5)
+    clock.now_s = 100.5
+    live = batcher.enqueue(row(2))
+    backend.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(expiring.future, 1.0)
+    await asyncio.sleep(2 * DELAY_S)
+    assert backend.batches == [2]  # ``live`` waits for company until its delay ends
+    clock.now_s += DELAY_S
+    await asyncio.wait_for(asyncio.gather(blocker.future, live.future), 1.0)
+    assert backend.batches == [2, 1]
+    await batcher.close()
+
+
+async def test_a_dropped_request_counts_once_so_busy_periods_still_end() -> None:
+    """A withdrawn request dropped from the queue (at the head, or while a batch forms) is one
+    request less outstanding, not two: later busy periods still end when their last request
+    does, and idle time never counts as busy."""
+    for max_batch_size in (1, 4):  # dropped by _take_live / by the forming loop
+        clock = Clock(100.0)
+        backend = Recorder()
+        backend.gate = asyncio.Event()
+        policy = BatchPolicy(max_batch_size=max_batch_size, adaptive_delay=False)
+        batcher, _ = make(policy, backend, clock)
+        blocker = batcher.enqueue(row(0))
+        await ticks()
+        clock.now_s = 101.0
+        ahead = batcher.enqueue(row(1))  # with batches of 4, it starts the batch
+        batcher.enqueue(row(9)).future.cancel()
+        behind = batcher.enqueue(row(2))
+        backend.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker.future, ahead.future, behind.future), 1)
+        assert backend.batches == ([1, 1, 1] if max_batch_size == 1 else [1, 2])
+        await asyncio.wait_for(batcher.enqueue(row(3)).future, 1.0)  # a busy period of its own
+        rate = batcher.arrival_rate()
+        clock.now_s = 110.0  # idle
+        assert batcher.arrival_rate() == rate > 0, max_batch_size
+        await batcher.close()
+
+
+async def test_the_batch_being_formed_counts_against_its_own_level() -> None:
+    """Level 3 holds two: one waiting in the batch being formed and one queued fill it (as
+    Triton's queue holds a request until its batch is sent); level 1 still takes requests."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    policy = levels_policy(max_batch_size=4, max_queue_delay_s=DELAY_S, adaptive_delay=False)
+    batcher, _ = make(policy, backend, clock)
+    low = [batcher.enqueue(row(3), priority=3)]
+    await ticks()  # taken into the batch being formed, waiting for company
+    low.append(batcher.enqueue(row(3), priority=3))
+    with pytest.raises(QueueFull):
+        batcher.enqueue(row(3), priority=3)
+    high = batcher.enqueue(row(1), priority=1)
+    clock.now_s += DELAY_S
+    await asyncio.wait_for(asyncio.gather(high.future, *(i.future for i in low)), 1.0)
+    await batcher.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import sys
 from pathlib import Path
 
@@ -47,6 +48,73 @@ def test_full_config() -> None:
     assert config.to_dict()["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 7
 
 
+def test_priority_levels_and_queue_policies() -> None:
+    """Triton's priorities: levels, the default level, a policy per level, and the rest of the
+    default queue policy; the JSON form says them back as Triton's does."""
+    config = parse_pbtxt(
+        """
+        max_batch_size: 8
+        dynamic_batching {
+          priority_levels: 3
+          default_priority_level: 2
+          default_queue_policy { allow_timeout_override: true timeout_action: DELAY }
+          priority_queue_policy { key: 3 value: { max_queue_size: 4 default_timeout_microseconds:
+            5000 } }
+          priority_queue_policy [ { key: 1 value: { timeout_action: REJECT } } ]
+        }
+        """,
+        "m/config.pbtxt",
+        "m",
+    )
+    db = config.dynamic_batching
+    assert db is not None
+    assert (db.priority_levels, db.default_priority_level) == (3, 2)
+    assert (db.allow_timeout_override, db.timeout_action) == (True, "DELAY")
+    assert [level for level, _ in db.priority_queue_policy] == [1, 3]
+    low = db.priority_queue_policy[1][1]
+    assert (low.max_queue_size, low.default_timeout_us, low.timeout_action) == (4, 5000, "REJECT")
+    out = config.to_dict()["dynamic_batching"]
+    assert out["priority_levels"] == 3 and out["default_priority_level"] == 2
+    assert out["default_queue_policy"]["timeout_action"] == "DELAY"
+    assert out["priority_queue_policy"]["3"] == {
+        "timeout_action": "REJECT",
+        "default_timeout_microseconds": 5000,
+        "allow_timeout_override": False,
+        "max_queue_size": 4,
+    }
+    from gateway.repository.config import parse_json
+
+    assert parse_json(json.dumps(config.to_dict()), "load", "m").dynamic_batching == db
+
+
+def test_priority_policies_reach_the_batcher() -> None:
+    from gateway.batching import QueuePolicy
+    from gateway.dataplane import _policy
+
+    class Local:
+        instance_count = 1
+        batches_upstream = False
+
+    config = parse_pbtxt(
+        """
+        max_batch_size: 8
+        dynamic_batching {
+          priority_levels: 2 default_priority_level: 2
+          default_queue_policy { default_timeout_microseconds: 2000 allow_timeout_override: 1 }
+          priority_queue_policy { key: 2 value: { timeout_action: DELAY max_queue_size: 0 } }
+        }
+        """,
+        "m/config.pbtxt",
+        "m",
+    )
+    policy = _policy(config, Local(), Settings(max_queue_size=9))  # type: ignore[arg-type]
+    assert (policy.priority_levels, policy.default_priority_level) == (2, 2)
+    assert policy.level_policies() == {
+        1: QueuePolicy(9, 0.002, True, False),
+        2: QueuePolicy(9, None, False, True),
+    }
+
+
 @pytest.mark.parametrize(
     ("text", "field"),
     [
@@ -63,6 +131,21 @@ def test_full_config() -> None:
         ('default_model_filename: "../x.onnx"', "default_model_filename"),
         ("instance_group [ { count: 100 } ]", "count"),
         ("max_batch_size: four", "max_batch_size"),
+        ("dynamic_batching { priority_levels: 2 }", "default_priority_level"),
+        (
+            "dynamic_batching { priority_levels: 2 default_priority_level: 3 }",
+            "default_priority_level",
+        ),
+        ("dynamic_batching { default_priority_level: 1 }", "default_priority_level"),
+        (
+            "dynamic_batching { priority_levels: 2 default_priority_level: 1 "
+            "priority_queue_policy { key: 3 value: { max_queue_size: 1 } } }",
+            "priority_queue_policy",
+        ),
+        (
+            "dynamic_batching { default_queue_policy { timeout_action: LATER } }",
+            "timeout_action",
+        ),
     ],
 )
 def test_invalid_config_names_field(text: str, field: str) -> None:

@@ -16,11 +16,14 @@ name: "slow"
 max_batch_size: 8
 dynamic_batching { max_queue_delay_microseconds: 400000 preferred_batch_size: [ 8 ] }
 """
+# Lone requests wait in the 400 ms window only with Triton's fixed delay (the adaptive delay
+# sends a request at once when no traffic was seen).
+TRITON_DELAY = {"GATEWAY_BATCHING_DELAY": "triton"}
 
 
 def test_disconnected_clients_are_dropped(tmp_path: Path) -> None:
     models.add_sub(tmp_path / "repo", "slow", config=SLOW)
-    gw = start_gateway(tmp_path / "repo", tmp_path)
+    gw = start_gateway(tmp_path / "repo", tmp_path, env=TRITON_DELAY)
     try:
         _three_quit_one_stays(gw.port, lambda path: raw(gw, "GET", path)[2])
     finally:
@@ -35,7 +38,9 @@ def test_disconnected_clients_are_dropped_on_plain_uvicorn(tmp_path: Path) -> No
 
     models.add_sub(tmp_path / "repo", "slow", config=SLOW)
     port = free_port()
-    settings = Settings(model_repo=str(tmp_path / "repo"), port=port, access_log=False)
+    settings = Settings(
+        model_repo=str(tmp_path / "repo"), port=port, access_log=False, batching_delay="triton"
+    )
     gw = InProcessGateway(settings).start()  # uvicorn's httptools protocol, not ours
     try:
         _three_quit_one_stays(port, lambda path: get(f"{gw.url}{path}")[1])

@@ -150,7 +150,9 @@ def dag_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def _dataplane(repo: Path) -> DataPlane:
-    settings = Settings(model_repo=str(repo), warmup=False)
+    # Triton's fixed batching delay: ``slow``'s lone requests wait in its batch window (the
+    # adaptive delay sends a request at once when no traffic was seen).
+    settings = Settings(model_repo=str(repo), warmup=False, batching_delay="triton")
     dataplane = DataPlane(settings, LocalRepository(repo), OnnxRuntimeFactory(settings))
     await dataplane.start()
     return dataplane

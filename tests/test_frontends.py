@@ -301,7 +301,10 @@ def local(
 ) -> Iterator[dict[str, Node]]:
     """The repository served from disk; a SIGTERM drains for 30 s before the process stops."""
     tmp = tmp_path_factory.mktemp("frontends-local")
-    pair = _start_pair(str(frontends_repo), tmp, {"GATEWAY_SHUTDOWN_DELAY_S": "30"})
+    # Triton's fixed batching delay: ``tight``'s lone requests wait in their batch window (the
+    # adaptive delay would send them at once, no traffic having been seen).
+    env = {"GATEWAY_SHUTDOWN_DELAY_S": "30", "GATEWAY_BATCHING_DELAY": "triton"}
+    pair = _start_pair(str(frontends_repo), tmp, env)
     try:
         yield pair
     finally:

@@ -275,6 +275,9 @@ def gw(
     config.write_text(
         f"host_probe_interval_s = {PROBE_INTERVAL_S}\n"
         "host_concurrency = 4\n"
+        # ``patient``'s eight requests at once make one batch: Triton's fixed delay (the
+        # adaptive one sends the first of a burst after a quiet spell at once).
+        'batching_delay = "triton"\n'
         "[[hosts]]\n"
         'kind = "triton"\nname = "t1"\ndevice = "cpu"\n'
         f'url = "{triton.http_url}"\nmodels = ["simple", "dense", "ortformat", "patient"]\n'

@@ -13,15 +13,24 @@ waiting for the event loop to notice. Such a batch keeps growing (past a preferr
 ``max_batch_size``) until an instance is about to free up, as estimated from the running batch's
 start and the average execution time.
 
-The queue is bounded: a full queue fails fast (``QueueFull``). A request whose deadline passes
-while queued fails with ``DeadlineExceeded``; a caller that goes away (its future cancelled) is
-dropped before it takes a slot in a batch.
+The queue delay adapts to the traffic (``BatchPolicy.adaptive_delay``, the default): while an
+instance is free, waiting leaves it idle, so the batcher waits only when the recent arrival rate
+says a request will join before the delay runs out. The rate counted is that of requests
+arriving while the batcher is busy (a request queued, forming or running), per second busy:
+a lone closed-loop client never arrives while its own request is out, so its requests go at
+once, while independent traffic keeps Triton's wait. Off, every short batch waits the whole
+``max_queue_delay`` (Triton's behaviour).
+
+The queue (``gateway.batching.queue``) has one FIFO per priority level (Triton's
+``priority_levels``; one level without them): batches take from the highest level first. Each
+level is bounded: a full one fails fast (``QueueFull``). A request whose deadline (its own, or
+its level's queue timeout) passes while queued fails with ``DeadlineExceeded``; a caller that
+goes away (its future cancelled) is dropped before it takes a slot in a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from gateway import context
-from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady, QueueFull
+from gateway.batching.queue import PriorityQueue, QueuePolicy
+from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady
 from gateway.stats import ModelStats
 
 Tensors = dict[str, np.ndarray[Any, Any]]
@@ -70,6 +80,46 @@ class BatchPolicy:
     # Batches formed ahead while every instance is busy, handed to the backend at once so it
     # starts the next one the moment it finishes (no idle hop through the event loop between).
     pipeline: int = 0
+    # Wait for a fuller batch with an instance free only when the arrival rate says a request
+    # will join within the delay left (see the module docstring); False: Triton's fixed wait.
+    adaptive_delay: bool = True
+    # Triton's priorities: levels 1 (highest) .. ``priority_levels`` (0: none, one queue); a
+    # request's priority 0 (or one past the levels) is ``default_priority_level``. Each level
+    # queues under its ``queue_policies`` entry, else the default policy: ``max_queue_size``,
+    # ``default_timeout_s``, ``allow_timeout_override``, ``delay_on_timeout`` above and below.
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    queue_policies: tuple[tuple[int, QueuePolicy], ...] = ()
+    allow_timeout_override: bool = False
+    delay_on_timeout: bool = False
+
+    def level_policies(self) -> dict[int, QueuePolicy]:
+        """Every priority level's queue policy (level 0 alone without priorities)."""
+        default = QueuePolicy(
+            self.max_queue_size,
+            self.default_timeout_s,
+            self.allow_timeout_override,
+            self.delay_on_timeout,
+        )
+        if not self.priority_levels:
+            return {0: default}
+        given = dict(self.queue_policies)
+        return {n: given.get(n, default) for n in range(1, self.priority_levels + 1)}
+
+    def level_of(self, priority: int) -> int:
+        """The level a request of ``priority`` queues at (Triton: 0 or out of range, the
+        default level)."""
+        if 1 <= priority <= self.priority_levels:
+            return priority
+        return self.default_priority_level
+
+
+# How much each new observation of the arrival rate counts: the estimate follows about the
+# last ten arrivals or busy periods.
+ARRIVAL_DECAY = 0.9
+# A batch waiting for company decides again after two expected gaps, but not more often than
+# this (at a very high rate, or all arrivals at one instant, a timer per gap would spin).
+MIN_RECHECK_S = 0.0005
 
 
 @dataclass(slots=True, eq=False)
@@ -86,6 +136,8 @@ class Queued:
     request_id: str | None = None
     queue_ns: int = field(default=0)
     execution: context.Execution | None = None
+    level: int = 0  # its priority level
+    delay_at_s: float | None = None  # a DELAY queue policy moves it back from then on
 
 
 def signature(inputs: Tensors) -> tuple[Any, ...]:
@@ -119,7 +171,7 @@ class Batcher:
         self._policy = policy
         self._stats = stats
         self._clock = clock
-        self._queue: collections.deque[Queued] = collections.deque()
+        self._queue = PriorityQueue(policy.level_policies(), clock)
         self._arrived = asyncio.Event()
         self._capacity = capacity or (lambda: policy.instance_count)
         self._busy = 0  # batches formed and not finished
@@ -134,7 +186,17 @@ class Batcher:
         self._wake_rows = 1
         self._arrived_rows = 0
         self._forming: tuple[Any, ...] | None = None
-        self._held = 0  # requests taken into the batch being formed, not sent yet
+        # The adaptive delay's arrival rate: rows that arrived while the batcher was busy and
+        # the busy seconds they arrived in, both decayed by ``ARRIVAL_DECAY`` per observation.
+        # ``_outstanding``: requests queued, forming or running; ``_busy_since``: when busy time
+        # was last counted (None while nothing is outstanding).
+        self._busy_rows = 0.0
+        self._busy_s = 0.0
+        self._outstanding = 0
+        self._busy_since: float | None = None
+        # Requests per priority level taken into the batch being formed, not sent yet: they
+        # still count against their level's bound, as in Triton's queue.
+        self._held: dict[int, int] = {}
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self._scheduler = self._loop.create_task(self._schedule())
@@ -172,23 +234,49 @@ class Batcher:
         rows: int = 1,
         deadline_s: float | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> Queued:
         """``submit`` without the wait, for callers that take the result from the future in a
         callback (cancel it to withdraw). A deadline only fails the request if it passes while
-        queued: waiting for the batch to finish is the caller's to bound."""
+        queued: waiting for the batch to finish is the caller's to bound.
+
+        ``priority`` picks the level (see ``BatchPolicy``); the level's queue policy bounds it
+        (``QueueFull``) and times it out in the queue: its timeout (the request's own when
+        shorter and the policy allows that) becomes the deadline, the earlier one winning, or
+        with ``delay_on_timeout`` the instant it moves behind its level's other requests."""
         if self._closed:
             raise ModelNotReady("model is unloading")
+        now = self._clock()
+        level = self._policy.level_of(priority)
+        queue_policy = self._queue.policy(level)
+        timeout_s = queue_policy.default_timeout_s
+        if (
+            timeout_s
+            and queue_policy.allow_timeout_override
+            and deadline_s is not None
+            and deadline_s - now < timeout_s
+        ):
+            timeout_s = deadline_s - now
+        delay_at_s = None
+        if timeout_s:
+            if queue_policy.delay_on_timeout:
+                delay_at_s = now + timeout_s
+            elif deadline_s is None or now + timeout_s < deadline_s:
+                deadline_s = now + timeout_s
+        future: asyncio.Future[Tensors] = self._loop.create_future()
+        item = Queued(
+            inputs, rows, signature(inputs), future, now, deadline_s, request_id,
+            level=level, delay_at_s=delay_at_s,
+        )  # fmt: skip
         # The batch being formed still counts: its requests wait as those queued do, and
         # Triton's queue holds them until the batch is sent (``max_queue_size`` admits that
         # many waiting requests, not one more).
-        if len(self._queue) + self._held >= self._policy.max_queue_size:
-            raise QueueFull("Exceeds maximum queue size", retry_after_s=1.0)
-        now = self._clock()
-        if deadline_s is None and self._policy.default_timeout_s:
-            deadline_s = now + self._policy.default_timeout_s
-        future: asyncio.Future[Tensors] = self._loop.create_future()
-        item = Queued(inputs, rows, signature(inputs), future, now, deadline_s, request_id)
-        self._queue.append(item)
+        self._queue.append(item, self._held.get(level, 0))
+        self._outstanding += 1
+        if self._busy_since is None:
+            self._busy_since = now  # a busy period starts: this arrival found it idle
+        else:
+            self._observe(now, rows)
         self._arrived_rows += rows
         if self._arrived_rows >= self._wake_rows or (
             self._forming is not None and item.signature != self._forming
@@ -199,15 +287,25 @@ class Batcher:
     def _take_live(self) -> Queued | None:
         """Pop the head of the queue, failing expired entries and skipping abandoned ones."""
         now = self._clock()
-        while self._queue:
+        while self._queue.head() is not None:
             item = self._queue.popleft()
-            if item.future.done():
-                continue
-            if item.deadline_s is not None and now >= item.deadline_s:
-                item.future.set_exception(DeadlineExceeded("Request timeout expired"))
+            if item.future.done() or self._expire(item, now):
+                self._left(1)
                 continue
             return item
         return None
+
+    def _expire(self, item: Queued, now: float | None = None) -> bool:
+        """Fail ``item`` if its deadline has passed (it is queued: the queue's timeout or the
+        request's own); True if it did."""
+        if item.deadline_s is None:
+            return False
+        if now is None:
+            now = self._clock()
+        if now < item.deadline_s:
+            return False
+        item.future.set_exception(DeadlineExceeded("Request timeout expired"))
+        return True
 
     async def _schedule(self) -> None:
         policy = self._policy
@@ -225,16 +323,17 @@ class Batcher:
                 await self._arrived.wait()
                 first = self._take_live()
             batch, rows = [first], first.rows
-            self._held = 1
+            self._held = {first.level: 1}
             if policy.max_batch_size > 1:
                 give_up_s = first.enqueued_s + policy.max_queue_delay_s
                 while rows < policy.max_batch_size:
-                    head = self._queue[0] if self._queue else None
+                    head = self._queue.head()
                     if head is not None and self._stop_at_preferred(rows, first.signature):
                         break
                     if head is not None:
-                        if head.future.done():
+                        if head.future.done() or self._expire(head):
                             self._queue.popleft()
+                            self._left(1)
                             continue
                         if (
                             head.signature != first.signature
@@ -243,7 +342,7 @@ class Batcher:
                             break
                         self._queue.popleft()
                         batch.append(head)
-                        self._held = len(batch)
+                        self._held[head.level] = self._held.get(head.level, 0) + 1
                         rows += head.rows
                         continue
                     if self._closed:
@@ -256,9 +355,17 @@ class Batcher:
                     wait_until = give_up_s if free_at is None else max(give_up_s, free_at)
                     if first.deadline_s is not None:
                         wait_until = min(wait_until, first.deadline_s)
-                    wait_s = wait_until - self._clock()
+                    now = self._clock()
+                    wait_s = wait_until - now
                     if wait_s <= 0:
                         break
+                    # An instance is free: waiting idles it, worth it only if company comes;
+                    # decided again after two expected gaps without any (the rate then fell).
+                    if free_at is None and policy.adaptive_delay:
+                        rate = self.arrival_rate(now)
+                        if rate * wait_s < 1.0:
+                            break
+                        wait_s = min(wait_s, max(2.0 / rate, MIN_RECHECK_S))
                     # Worth waking for: a full batch, or (with an instance free) the next
                     # preferred size.
                     target = policy.max_batch_size
@@ -271,7 +378,7 @@ class Batcher:
                         async with asyncio.timeout(wait_s):
                             await self._arrived.wait()
                     self._forming = None
-            self._held = 0
+            self._held = {}
             task = self._loop.create_task(self._run(batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -281,6 +388,7 @@ class Batcher:
 
     async def _run(self, batch: list[Queued], rows: int) -> None:
         released = False
+        taken = len(batch)
         try:
             # Callers may have gone away while the batch was forming.
             if any(p.future.done() for p in batch):
@@ -347,6 +455,7 @@ class Batcher:
         finally:
             if not released:
                 self._release(batch)
+            self._left(taken)
 
     def _stop_at_preferred(self, rows: int, signature: tuple[Any, ...]) -> bool:
         """At a preferred size, stop unless the queue holds enough to reach the next larger one,
@@ -370,6 +479,32 @@ class Batcher:
             if need <= 0:
                 return False
         return True
+
+    def _observe(self, now: float, rows: int) -> None:
+        """Count busy time up to ``now`` and ``rows`` arriving in it (0: a busy period ended)."""
+        assert self._busy_since is not None
+        self._busy_s = ARRIVAL_DECAY * self._busy_s + (now - self._busy_since)
+        self._busy_rows = ARRIVAL_DECAY * self._busy_rows + rows
+        self._busy_since = now
+
+    def _left(self, count: int) -> None:
+        """``count`` requests are no longer outstanding; the last one ends a busy period."""
+        self._outstanding -= count
+        if self._outstanding == 0 and self._busy_since is not None:
+            self._observe(self._clock(), 0)
+            self._busy_since = None
+
+    def arrival_rate(self, now: float | None = None) -> float:
+        """Rows per second arriving while the batcher is busy, recently (0.0 before any; inf
+        when they all came at one instant); the busy time since the last arrival counts too."""
+        if now is None:
+            now = self._clock()
+        busy_s = self._busy_s
+        if self._busy_since is not None:
+            busy_s += now - self._busy_since
+        if self._busy_rows == 0:
+            return 0.0
+        return self._busy_rows / busy_s if busy_s > 0 else float("inf")
 
     def _wait_for(self, rows: int, forming: tuple[Any, ...] | None) -> None:
         """Arm the scheduler's wake-up (see ``__init__``) before it waits on ``_arrived``."""

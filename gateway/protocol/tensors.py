@@ -150,6 +150,13 @@ def check_parameters(params: dict[str, Any]) -> dict[str, Any]:
         not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0
     ):
         raise InvalidInput("parameter 'timeout' must be a non-negative integer (microseconds)")
+    priority = params.get("priority")
+    if priority is not None and (
+        not isinstance(priority, int) or isinstance(priority, bool) or priority < 0
+    ):
+        raise InvalidInput(
+            "parameter 'priority' must be a non-negative integer (0: the model's default level)"
+        )
     return params
 
 

@@ -103,6 +103,15 @@ class InferRequest:
             return value
         return None
 
+    @property
+    def priority(self) -> int:
+        """Triton's per-request ``priority`` parameter (0 or absent: the model's default level;
+        1 is the highest). Checked by the codecs; anything else reads as 0."""
+        value = self.parameters.get("priority")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        return 0
+
 
 @dataclass(slots=True)
 class InferResponse:

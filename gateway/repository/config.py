@@ -53,6 +53,24 @@ class TensorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuePolicyConfig:
+    """Triton's ``ModelQueuePolicy`` (a ``priority_queue_policy`` entry)."""
+
+    max_queue_size: int = 0  # 0: the gateway's default bound
+    default_timeout_us: int = 0
+    allow_timeout_override: bool = False
+    timeout_action: str = "REJECT"  # REJECT | DELAY
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "timeout_action": self.timeout_action,
+            "default_timeout_microseconds": self.default_timeout_us,
+            "allow_timeout_override": self.allow_timeout_override,
+            "max_queue_size": self.max_queue_size,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class DynamicBatching:
     """Triton's ``dynamic_batching`` block."""
 
@@ -60,6 +78,21 @@ class DynamicBatching:
     max_queue_delay_us: int = 0
     max_queue_size: int = 0  # 0: the gateway's default bound
     default_timeout_us: int = 0
+    # The rest of default_queue_policy, and Triton's priorities (0 levels: none).
+    allow_timeout_override: bool = False
+    timeout_action: str = "REJECT"
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    priority_queue_policy: tuple[tuple[int, QueuePolicyConfig], ...] = ()
+
+    @property
+    def default_queue_policy(self) -> QueuePolicyConfig:
+        return QueuePolicyConfig(
+            self.max_queue_size,
+            self.default_timeout_us,
+            self.allow_timeout_override,
+            self.timeout_action,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +247,14 @@ class ModelConfig:
                     "max_queue_size": db.max_queue_size,
                     "default_timeout_microseconds": db.default_timeout_us,
                 }
+            if db.allow_timeout_override or db.timeout_action != "REJECT":
+                batching["default_queue_policy"] = db.default_queue_policy.to_dict()
+            if db.priority_levels:
+                batching["priority_levels"] = db.priority_levels
+                batching["default_priority_level"] = db.default_priority_level
+                batching["priority_queue_policy"] = {
+                    str(level): policy.to_dict() for level, policy in db.priority_queue_policy
+                }
             result["dynamic_batching"] = batching
         if self.model_warmup:
             result["model_warmup"] = [_warmup_dict(w) for w in self.model_warmup]
@@ -319,6 +360,16 @@ def _plain_file_name(name: str) -> bool:
     return not ("/" in name or "\\" in name or "\x00" in name or name in (".", ".."))
 
 
+def _queue_policy(pb: Any) -> QueuePolicyConfig:
+    """A ``ModelQueuePolicy`` message (its fields are unsigned: protobuf refuses negatives)."""
+    return QueuePolicyConfig(
+        max_queue_size=int(pb.max_queue_size),
+        default_timeout_us=int(pb.default_timeout_microseconds),
+        allow_timeout_override=bool(pb.allow_timeout_override),
+        timeout_action=mc.ModelQueuePolicy.TimeoutAction.Name(pb.timeout_action),
+    )
+
+
 def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
     """Validate a parsed ``ModelConfig`` protobuf and convert it."""
     name = pb.name or default_name
@@ -394,14 +445,38 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
                 )
         if db.max_queue_delay_microseconds < 0:
             raise _bad(source, "'dynamic_batching.max_queue_delay_microseconds' must be >= 0")
-        queue = db.default_queue_policy
-        if queue.max_queue_size < 0:
-            raise _bad(source, "'default_queue_policy.max_queue_size' must be >= 0")
+        queue = _queue_policy(db.default_queue_policy)
+        levels = int(db.priority_levels)
+        default_level = int(db.default_priority_level)
+        # As Triton's model config checks: a default level among the levels, policies only
+        # for levels that exist.
+        if levels and not 1 <= default_level <= levels:
+            raise _bad(
+                source,
+                f"'dynamic_batching.default_priority_level' must be in 1..{levels} "
+                f"(priority_levels), got {default_level}",
+            )
+        if not levels and default_level:
+            raise _bad(source, "'dynamic_batching.default_priority_level' needs priority_levels")
+        for level in db.priority_queue_policy:
+            if not 1 <= level <= levels:
+                raise _bad(
+                    source,
+                    f"'dynamic_batching.priority_queue_policy' level {level} is not in "
+                    f"1..{levels} (priority_levels)",
+                )
         batching = DynamicBatching(
             preferred_batch_sizes=preferred,
             max_queue_delay_us=int(db.max_queue_delay_microseconds),
-            max_queue_size=int(queue.max_queue_size),
-            default_timeout_us=int(queue.default_timeout_microseconds),
+            max_queue_size=queue.max_queue_size,
+            default_timeout_us=queue.default_timeout_us,
+            allow_timeout_override=queue.allow_timeout_override,
+            timeout_action=queue.timeout_action,
+            priority_levels=levels,
+            default_priority_level=default_level,
+            priority_queue_policy=tuple(
+                sorted((int(k), _queue_policy(v)) for k, v in db.priority_queue_policy.items())
+            ),
         )
     filename = pb.default_model_filename or DEFAULT_MODEL_FILENAME
     if not _plain_file_name(filename):
