@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway import __version__, context
+from gateway import __version__, context, tracing
 from gateway.backends.base import Backend, BackendFactory, Tensors
 from gateway.batching import Batcher, BatchPolicy
 from gateway.errors import (
@@ -51,7 +51,7 @@ from gateway.stats import ModelStats
 log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
-EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data"]
+EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "trace"]
 
 
 @dataclass(slots=True)
@@ -344,6 +344,7 @@ class DataPlane:
         version: str | None,
         request: InferRequest | Callable[[], InferRequest],
         request_id: str | None = None,
+        trace: tracing.Incoming | None = None,
     ) -> Pending:
         """Run one inference request: the only way in for every front end.
 
@@ -357,8 +358,13 @@ class DataPlane:
 
         The returned :class:`Pending` may be done already (an error found on the spot). A
         request to a loaded model never needs a task: the batch's end, or a timer for its
-        deadline, ends it. Only a request that must wait for a load first runs in one."""
+        deadline, ends it. Only a request that must wait for a load first runs in one.
+
+        With tracing on, the request's span starts here, a child of ``trace`` (the caller's
+        context, as its front end read it); the front end ends it (``Pending.answered``)."""
         pending = Pending(name)
+        if tracing.enabled:
+            pending.span = tracing.start_request(name, version, request_id, trace)
         try:
             cold = self._cold(name)
             lv = None if cold else self._resolve(name, version)  # 404 / 503 before decoding
@@ -376,7 +382,12 @@ class DataPlane:
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """``await submit(...)``, for in-process callers that want a coroutine."""
-        return await self.submit(name, version, request)
+        pending = self.submit(name, version, request)
+        try:
+            return await pending
+        finally:
+            if pending.span is not None:
+                pending.answered("in-process")
 
     async def _serve_cold(
         self,
@@ -390,6 +401,7 @@ class DataPlane:
         name = pending.name
         if request_id is not None:
             context.request_id.set(request_id)  # this task's own context
+        tracing.use(pending.span)  # a first-use load (an edge fetch) joins the request's trace
         try:
             if self.forwarder is not None and not self.draining:
                 if await self._forward(self.forwarder, pending, version, deadline_s):
@@ -440,7 +452,8 @@ class DataPlane:
         forward_started_ns = time.perf_counter_ns()
         left_s = None if deadline_s is None else deadline_s - self.clock()
         wanted = [o.name for o in request.outputs] if request.outputs else []
-        result = await forwarder.infer(name, version, request.inputs, wanted, left_s)
+        with tracing.span(tracing.FORWARD):
+            result = await forwarder.infer(name, version, request.inputs, wanted, left_s)
         if result is None:
             return False
         target, served, outputs = result

@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.errors import GatewayError
 
-BATCHING_PLACES = ("gateway", "triton")  # where a Triton-served model's requests are batched
+BATCHING_PLACES = ("gateway", "triton")
+_TRACE_SCHEMES = ("http", "https", "grpc")  # where a Triton-served model's requests are batched
 
 
 class SettingsError(GatewayError):
@@ -145,6 +147,13 @@ class Settings:
     # Cold-start pricing until measured: a host's bandwidth from the origin, a model's load time.
     host_bandwidth_bps: float = 12.5e6  # bytes/s (100 Mbit/s)
     host_load_s: float = 5.0
+    # Tracing (OpenTelemetry, gateway/tracing.py): spans sent over OTLP to this collector URL
+    # (a path, e.g. http://collector:4318/v1/traces: OTLP/HTTP; none, http://collector:4317:
+    # OTLP/gRPC); empty: tracing off, at no cost. Requests without a caller's traceparent are
+    # sampled at this ratio (the trace extension's trace_rate changes it at run time).
+    trace_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
+    trace_service_name: str = "gateway"
 
     def __post_init__(self) -> None:
         if not 0 <= self.admin_port < 65536 or (self.admin_port and self.admin_port == self.port):
@@ -226,6 +235,13 @@ class Settings:
             raise SettingsError("header_timeout_s must be > 0")
         if self.cache_size_bytes < 1:
             raise SettingsError("cache_size_bytes must be >= 1")
+        if not 0 <= self.trace_sample_ratio <= 1:
+            raise SettingsError(f"trace_sample_ratio must be 0..1, got {self.trace_sample_ratio}")
+        if self.trace_endpoint and urlsplit(self.trace_endpoint).scheme not in _TRACE_SCHEMES:
+            raise SettingsError(
+                f"trace_endpoint must be an http://, https:// or grpc:// URL, "
+                f"got {self.trace_endpoint!r}"
+            )
         for name in ("api_keys", "admin_keys"):
             keys: tuple[str, ...] = getattr(self, name)
             # An empty key would match a request that sends no credential at all.

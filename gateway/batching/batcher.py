@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway import context
+from gateway import context, tracing
 from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady, QueueFull
 from gateway.stats import ModelStats
 
@@ -82,6 +82,7 @@ class Queued:
     request_id: str | None = None
     queue_ns: int = field(default=0)
     execution: context.Execution | None = None
+    trace: Any = None  # the request's trace span (gateway.tracing), set by its Pending
 
 
 def signature(inputs: Tensors) -> tuple[Any, ...]:
@@ -266,7 +267,7 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     async def _run(self, batch: list[Queued], rows: int) -> None:
-        released = False
+        released, span = False, None
         try:
             # Callers may have gone away while the batch was forming.
             if any(p.future.done() for p in batch):
@@ -280,6 +281,7 @@ class Batcher:
                 item.queue_ns = int((started - item.enqueued_s) * 1e9)
                 self._stats.record_queue(item.queue_ns)
             context.batch_request_ids.set(tuple(p.request_id for p in batch if p.request_id))
+            span = tracing.batch_begins(batch, rows) if tracing.enabled else None
             if len(batch) == 1:
                 inputs = batch[0].inputs
             else:
@@ -331,6 +333,8 @@ class Batcher:
         finally:
             if not released:
                 self._release(batch)
+            if span is not None:
+                span.end()
 
     def _stop_at_preferred(self, rows: int, signature: tuple[Any, ...]) -> bool:
         """At a preferred size, stop unless the queue holds enough to reach the next larger one,

@@ -25,11 +25,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from gateway import tracing
 from gateway.credentials import Credentials, Verdict, token_of
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, Unavailable
 from gateway.grpc.codec import decode_infer_request, encode_infer_response
 from gateway.grpc.errors import status_of
+from gateway.pending import Pending
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +131,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     # -- inference --------------------------------------------------------------------------
 
-    async def _infer(self, request: Any) -> Any:
+    async def _infer(self, request: Any, context: Any) -> Any:
         """The one call into the data plane (decoding there, once the model is known: an
         unknown model is NOT_FOUND whatever the message), then the answer encoded."""
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
-        result = await self.dataplane.submit(request.model_name, version, decode)
+        trace = None
+        if tracing.enabled:
+            trace = tracing.from_metadata(context.invocation_metadata(), request.ByteSize())
+        pending = self.dataplane.submit(request.model_name, version, decode, None, trace)
+        if pending.span is not None:
+            return await _traced(pending, request)
+        result = await pending
         return encode_infer_response(result, raw=bool(request.raw_input_contents))
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._infer(request)
+        return await self._infer(request, context)
 
-    async def _stream_one(self, request: Any) -> Any:
+    async def _stream_one(self, request: Any, context: Any) -> Any:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
         except GatewayError as exc:
             message = exc.message
         except Exception as exc:
@@ -171,7 +179,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         done = object()
 
         async def answer(request: Any) -> None:
-            answers.put_nowait(await self._stream_one(request))
+            answers.put_nowait(await self._stream_one(request, context))
 
         async def read() -> None:
             try:
@@ -243,6 +251,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+async def _traced(pending: Pending, request: Any) -> Any:
+    """``_infer``'s wait and answer for a traced request: its span ends with the status code
+    and the answer's size."""
+    status, size = "OK", 0
+    try:
+        answer = encode_infer_response(await pending, raw=bool(request.raw_input_contents))
+        size = answer.ByteSize()
+        return answer
+    except GatewayError as exc:
+        status = status_of(exc).name
+        raise
+    except asyncio.CancelledError:
+        status = "CANCELLED"
+        raise
+    except Exception:
+        status = "INTERNAL"
+        raise
+    finally:
+        pending.answered(status, size)
 
 
 def _address(host: str, port: int) -> str:

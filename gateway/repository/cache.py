@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway import tracing
 from gateway.errors import Unavailable
 from gateway.repository.manifest import sha256_file
 from gateway.repository.origin import OriginError, OriginMissing, too_large
@@ -288,7 +289,8 @@ class BlobCache:
                 if digest.length != offset:  # a partial file from before: hash what it has
                     digest = await asyncio.to_thread(_Digest.of_prefix, part, offset)
                 try:
-                    await self._stream_into(part, digest, source, size, report)
+                    with tracing.fetching(source.kind, source.name, sha256, digest):
+                        await self._stream_into(part, digest, source, size, report)
                 except OSError as exc:  # our own disk (origins raise OriginError): no retry
                     with contextlib.suppress(OSError):
                         part.unlink()

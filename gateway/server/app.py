@@ -28,6 +28,7 @@ from gateway.server.distribution import distribution_routes
 from gateway.server.errors import error_response, handle_gateway_error
 from gateway.server.infer import HotPath, read_body
 from gateway.server.openapi import OPENAPI
+from gateway.server.trace_setting import trace_routes
 
 NOT_ROUTED = (
     "hosts can be changed at run time only when the gateway routes across hosts "
@@ -198,6 +199,7 @@ def create_app(
         Route("/admin/hosts/{name:path}", admin_hosts_remove, methods=["DELETE"]),
     ]
     routes += distribution_routes(dataplane)  # edges pull models from here
+    routes += trace_routes(dataplane)  # Triton's trace extension
     for prefix in (m, mv):
         routes += [
             Route(prefix, model_metadata, methods=["GET"]),

@@ -1,0 +1,264 @@
+"""Distributed tracing (``gateway.tracing``): one trace per request across gateways, Triton hosts
+and edge fetches, read from the OpenTelemetry SDK's in-memory exporter.
+
+Every gateway here runs in this process (uvicorn in a thread), so all of them hand their spans
+to the one exporter; which gateway made a span is told by its place in the trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.request
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gateway import tracing
+from gateway.settings import Settings
+from gateway.testing.delay_proxy import DelayProxy
+from gateway.testing.tritonserver import TritonServer, tritonserver_unavailable_reason
+from tests import models
+from tests.edge_origins import SIMPLE_INPUTS, FakeOrigin, build_repo
+from tests.helpers import InProcessGateway, free_port, get
+
+# A long queue delay: requests sent together meet in one batch, deterministically.
+DENSE_CONFIG = (
+    'name: "dense"\nmax_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 500000 }'
+)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    tracing.install(exporter, ratio=1.0)
+    try:
+        yield exporter
+    finally:
+        tracing.shutdown()
+
+
+def _caller() -> tuple[str, str]:
+    """A client's own trace id and span id (hex), as its tracer would make them."""
+    return os.urandom(16).hex(), os.urandom(8).hex()
+
+
+def _post(url: str, body: object, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **headers}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status, json.loads(response.read())
+
+
+def _dense_body(seed: int) -> dict[str, Any]:
+    x = np.random.default_rng(seed).standard_normal((1, 4)).astype(np.float32)
+    return {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 4], "data": x[0].tolist()}]}
+
+
+def _named(finished: Sequence[ReadableSpan], name: str) -> list[ReadableSpan]:
+    return [s for s in finished if s.name == name]
+
+
+def _sid(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return span.context.span_id
+
+
+def _tid(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return span.context.trace_id
+
+
+def _parent_sid(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+def test_off_by_default_and_no_spans() -> None:
+    assert not tracing.enabled
+    assert tracing.span(tracing.EXECUTE) is tracing.NULL
+    assert tracing.outbound(None) is None
+    assert tracing.inject({"a": "b"}) == {"a": "b"}
+    assert Settings().trace_endpoint == ""
+
+
+def test_one_trace_client_gateway_gateway_onnxruntime(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """Three clients' requests meet in one batch at the front gateway (the raw HTTP path); the
+    batch goes on to a second gateway (the ASGI path), which runs it in ONNX Runtime. Each
+    client's request span continues its caller's trace; the batch span is linked to all three
+    and carries the first one's trace through the second gateway down to ONNX Runtime."""
+    repo = tmp_path / "repo"
+    models.dense(repo, "dense", features=4, classes=2, config=DENSE_CONFIG)
+    back = InProcessGateway(Settings(model_repo=str(repo), port=free_port())).start()
+    front_settings = Settings(
+        model_repo=str(repo),
+        port=free_port(),
+        local_execution=False,
+        hosts=({"name": "back", "kind": "v2", "url": back.url.removeprefix("http://")},),
+    )
+    front = InProcessGateway(front_settings, raw=True).start()
+    callers = [_caller() for _ in range(3)]
+
+    def call(i: int) -> int:
+        trace_id, span_id = callers[i]
+        headers = {"traceparent": f"00-{trace_id}-{span_id}-01", "X-Request-ID": f"client-{i}"}
+        return _post(f"{front.url}/v2/models/dense/infer", _dense_body(i), headers)[0]
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(call, range(3))) == [200, 200, 200]
+    finally:
+        front.stop()
+        back.stop()
+    finished = spans.get_finished_spans()
+    requests = _named(finished, tracing.REQUEST)
+    by_caller = {int(span_id, 16): int(trace_id, 16) for trace_id, span_id in callers}
+    front_requests = [s for s in requests if _parent_sid(s) in by_caller]
+    assert len(front_requests) == 3
+    for span in front_requests:
+        assert span.parent is not None and span.parent.is_remote
+        assert _tid(span) == by_caller[span.parent.span_id]  # the caller's trace continues
+        assert span.attributes is not None
+        assert span.attributes[tracing.REQUEST_ID].startswith("client-")  # type: ignore[union-attr]
+        assert span.attributes["gateway.protocol"] == "http"
+        assert span.attributes["gateway.status"] == 200
+        assert span.attributes["gateway.host"] == "back"
+        queue = [q for q in _named(finished, tracing.QUEUE) if _parent_sid(q) == _sid(span)]
+        assert len(queue) == 1 and _tid(queue[0]) == _tid(span)
+    # One batch at the front, linked to every member's request span.
+    front_ids = {_sid(s) for s in front_requests}
+    batches = [b for b in _named(finished, tracing.BATCH) if _parent_sid(b) in front_ids]
+    assert len(batches) == 1, [b.attributes for b in _named(finished, tracing.BATCH)]
+    batch = batches[0]
+    assert {link.context.span_id for link in batch.links} == front_ids
+    assert batch.attributes is not None and batch.attributes["gateway.batch.size"] == 3
+    trace_id = _tid(batch)
+    assert trace_id in by_caller.values()
+    # The batch's call to the second gateway, and that gateway's own spans, in the same trace.
+    [execute] = [e for e in _named(finished, tracing.EXECUTE) if _parent_sid(e) == _sid(batch)]
+    assert execute.attributes is not None and execute.attributes["gateway.host"] == "back"
+    [back_request] = [r for r in requests if _parent_sid(r) == _sid(execute)]
+    assert _tid(back_request) == trace_id
+    [back_batch] = [
+        b for b in _named(finished, tracing.BATCH) if _parent_sid(b) == _sid(back_request)
+    ]
+    [ort] = _named(finished, tracing.ORT_RUN)
+    assert _parent_sid(ort) == _sid(back_batch) and _tid(ort) == trace_id
+
+
+def test_grpc_metadata_continues_the_callers_trace(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    import tritonclient.grpc as grpcclient
+
+    repo = tmp_path / "repo"
+    models.dense(repo, "dense", features=4, classes=2)
+    grpc_port = free_port()
+    gw = InProcessGateway(
+        Settings(model_repo=str(repo), port=free_port(), grpc_port=grpc_port)
+    ).start()
+    trace_id, span_id = _caller()
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        x = grpcclient.InferInput("X", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        client.infer("dense", [x], headers={"traceparent": f"00-{trace_id}-{span_id}-01"})
+        client.close()
+    finally:
+        gw.stop()
+    [request] = _named(spans.get_finished_spans(), tracing.REQUEST)
+    assert format(_tid(request), "032x") == trace_id
+    assert _parent_sid(request) == int(span_id, 16)
+    assert request.attributes is not None
+    assert request.attributes["gateway.protocol"] == "grpc"
+    assert request.attributes["gateway.status"] == "OK"
+
+
+@pytest.mark.triton
+def test_traceparent_reaches_tritonserver(tmp_path: Path, spans: InMemorySpanExporter) -> None:
+    """gateway -> real tritonserver over HTTP, through a proxy that keeps what the gateway
+    sent: the inference call carries the request's trace, with the gateway's execution span as
+    the parent Triton sees."""
+    reason = tritonserver_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"tritonserver unavailable: {reason}")
+    repo = tmp_path / "repo"
+    models.add_sub(repo, "simple")
+    trace_id, span_id = _caller()
+    with TritonServer() as server:
+        assert server.http_port is not None
+        proxy = DelayProxy(server.http_port, capture=True).start()
+        host = {
+            "kind": "triton",
+            "name": "t1",
+            "device": "cpu",
+            "url": proxy.address,
+            "models": ["simple"],
+        }
+        settings = Settings(
+            model_repo=str(repo),
+            port=free_port(),
+            local_execution=False,
+            host_probe_interval_s=0.5,
+            hosts=(host,),
+        )
+        gw = InProcessGateway(settings).start()
+        try:
+            headers = {"traceparent": f"00-{trace_id}-{span_id}-01"}
+            status, _ = _post(f"{gw.url}/v2/models/simple/infer", SIMPLE_INPUTS, headers)
+            assert status == 200
+        finally:
+            gw.stop()
+            proxy.stop()
+    finished = spans.get_finished_spans()
+    [execute] = [
+        e for e in _named(finished, tracing.EXECUTE) if format(_tid(e), "032x") == trace_id
+    ]
+    assert execute.attributes is not None and execute.attributes["gateway.host"] == "t1"
+    sent = b"".join(proxy.sent)
+    infer_calls = [
+        m.start() for m in re.finditer(rb"POST /v2/models/simple/versions/1/infer", sent)
+    ]
+    assert infer_calls, sent[:2000]
+    seen = re.findall(rb"(?i)traceparent: 00-([0-9a-f]{32})-([0-9a-f]{16})-01", sent)
+    assert (trace_id.encode(), format(_sid(execute), "016x").encode()) in seen
+
+
+def test_edge_fetch_in_the_trace_of_the_request_that_caused_it(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    origin = FakeOrigin(build_repo(tmp_path / "origin")).start()
+    settings = Settings(model_repo=origin.url, cache_dir=str(tmp_path / "cache"), port=free_port())
+    edge = InProcessGateway(settings).start()
+    trace_id, span_id = _caller()
+    try:
+        assert get(f"{edge.url}/v2/health/ready")[0] == 200
+        headers = {"traceparent": f"00-{trace_id}-{span_id}-01"}
+        status, _ = _post(f"{edge.url}/v2/models/simple/infer", SIMPLE_INPUTS, headers)
+        assert status == 200
+    finally:
+        edge.stop()
+        origin.stop()
+    finished = spans.get_finished_spans()
+    [request] = [r for r in _named(finished, tracing.REQUEST) if _parent_sid(r) == int(span_id, 16)]
+    fetches = _named(finished, tracing.EDGE_FETCH)
+    assert fetches, [s.name for s in finished]
+    for fetch in fetches:
+        assert format(_tid(fetch), "032x") == trace_id
+        assert fetch.attributes is not None
+        assert fetch.attributes["edge.source"] == "origin"
+        assert fetch.attributes["edge.resumed"] is False
+        assert int(fetch.attributes["edge.bytes"]) > 0  # type: ignore[arg-type]
+    assert _tid(request) == int(trace_id, 16)
+    # The origin was asked in the same trace.
+    blob_gets = [h for h in origin.headers if "traceparent" in h]
+    assert blob_gets and all(h["traceparent"].split("-")[1] == trace_id for h in blob_gets)
