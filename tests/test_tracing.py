@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -262,3 +263,102 @@ def test_edge_fetch_in_the_trace_of_the_request_that_caused_it(
     # The origin was asked in the same trace.
     blob_gets = [h for h in origin.headers if "traceparent" in h]
     assert blob_gets and all(h["traceparent"].split("-")[1] == trace_id for h in blob_gets)
+
+
+def _setting(url: str, body: object | None = None) -> tuple[int, dict[str, Any]]:
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture
+def dense_gateway(tmp_path: Path) -> Iterator[InProcessGateway]:
+    repo = tmp_path / "repo"
+    models.dense(repo, "dense", features=4, classes=2)
+    gw = InProcessGateway(Settings(model_repo=str(repo), port=free_port()), raw=True).start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+def _requests_traced(gw: InProcessGateway, spans: InMemorySpanExporter, count: int) -> int:
+    spans.clear()
+    for i in range(count):
+        assert _post(f"{gw.url}/v2/models/dense/infer", _dense_body(i), {})[0] == 200
+    return len(_named(spans.get_finished_spans(), tracing.REQUEST))
+
+
+def test_trace_setting_extension(
+    dense_gateway: InProcessGateway, spans: InMemorySpanExporter
+) -> None:
+    """Triton's trace extension changes sampling at run time, globally and per model."""
+    url = dense_gateway.url
+    assert "trace" in json.loads(get(f"{url}/v2")[1])["extensions"]
+    status, setting = _setting(f"{url}/v2/trace/setting")
+    assert status == 200
+    assert setting["trace_level"] == ["TIMESTAMPS"] and setting["trace_rate"] == "1"
+    assert setting["trace_count"] == "-1" and setting["trace_mode"] == "opentelemetry"
+    assert _requests_traced(dense_gateway, spans, 2) == 2
+    # The model's own level OFF: none of its requests is traced, even with a sampled caller.
+    status, setting = _setting(f"{url}/v2/models/dense/trace/setting", {"trace_level": ["OFF"]})
+    assert (status, setting["trace_level"]) == (200, ["OFF"])
+    assert _setting(f"{url}/v2/trace/setting")[1]["trace_level"] == ["TIMESTAMPS"]
+    assert _requests_traced(dense_gateway, spans, 2) == 0
+    trace_id, span_id = _caller()
+    headers = {"traceparent": f"00-{trace_id}-{span_id}-01"}
+    assert _post(f"{url}/v2/models/dense/infer", _dense_body(0), headers)[0] == 200
+    assert not _named(spans.get_finished_spans(), tracing.REQUEST)
+    # null clears the model's setting: the global one applies again.
+    status, setting = _setting(f"{url}/v2/models/dense/trace/setting", {"trace_level": None})
+    assert (status, setting["trace_level"]) == (200, ["TIMESTAMPS"])
+    # trace_count: that many more traces, then none; counted down in the GET.
+    status, setting = _setting(f"{url}/v2/trace/setting", {"trace_count": "1"})
+    assert (status, setting["trace_count"]) == (200, "1")
+    assert _requests_traced(dense_gateway, spans, 3) == 1
+    assert _setting(f"{url}/v2/trace/setting")[1]["trace_count"] == "0"
+    status, setting = _setting(f"{url}/v2/trace/setting", {"trace_count": "-1", "trace_rate": "4"})
+    assert (setting["trace_rate"], setting["trace_sample_ratio"]) == ("4", "0.25")
+    # What does not apply or is not valid is refused, and the settings stay as they were.
+    for body in (
+        {"trace_file": "/tmp/t.json"},
+        {"log_frequency": "10"},
+        {"trace_rate": "0"},
+        {"trace_rate": "many"},
+        {"trace_level": ["LOUD"]},
+        {"trace_count": "-2"},
+        {"something": "1"},
+        ["trace_rate"],
+    ):
+        status, answer = _setting(f"{url}/v2/trace/setting", body)
+        assert status == 400 and answer["error"], body
+    assert _setting(f"{url}/v2/trace/setting")[1]["trace_rate"] == "4"
+    assert _setting(f"{url}/v2/models/nope/trace/setting")[0] == 404
+    assert _setting(f"{url}/v2/models/nope/trace/setting", {"trace_rate": "2"})[0] == 404
+
+
+def test_trace_setting_when_tracing_is_off(dense_gateway: InProcessGateway) -> None:
+    status, setting = _setting(f"{dense_gateway.url}/v2/trace/setting")
+    assert (status, setting["trace_level"]) == (200, ["OFF"])
+    status, answer = _setting(f"{dense_gateway.url}/v2/trace/setting", {"trace_rate": "1"})
+    assert status == 400 and "trace_endpoint" in answer["error"]
+
+
+def test_sampling_ratio_and_the_callers_flag(
+    dense_gateway: InProcessGateway, spans: InMemorySpanExporter
+) -> None:
+    """At ratio 0 only requests whose caller sampled them are traced; a caller's "not sampled"
+    flag is followed too."""
+    assert _setting(f"{dense_gateway.url}/v2/trace/setting", {"trace_sample_ratio": 0})[0] == 200
+    assert _requests_traced(dense_gateway, spans, 3) == 0
+    for flags, traced in (("01", 1), ("00", 0)):
+        trace_id, span_id = _caller()
+        headers = {"traceparent": f"00-{trace_id}-{span_id}-{flags}"}
+        spans.clear()
+        assert (
+            _post(f"{dense_gateway.url}/v2/models/dense/infer", _dense_body(0), headers)[0] == 200
+        )
+        assert len(_named(spans.get_finished_spans(), tracing.REQUEST)) == traced
