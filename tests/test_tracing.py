@@ -362,3 +362,92 @@ def test_sampling_ratio_and_the_callers_flag(
             _post(f"{dense_gateway.url}/v2/models/dense/infer", _dense_body(0), headers)[0] == 200
         )
         assert len(_named(spans.get_finished_spans(), tracing.REQUEST)) == traced
+
+
+def test_compose_gateways_trace_to_jaeger_and_dashboard_links_by_request_id() -> None:
+    import yaml
+
+    from gateway.settings import load_settings
+
+    root = Path(__file__).resolve().parent.parent
+    compose = yaml.safe_load((root / "deploy" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "jaeger" in services and "16686:16686" in services["jaeger"]["ports"]
+    for name in ("front", "worker-1", "worker-2", "origin"):
+        settings = load_settings(env=services[name]["environment"])
+        assert settings.trace_endpoint.startswith("http://jaeger:")
+        assert settings.trace_service_name == name
+    assert "--trace-config=mode=opentelemetry" in services["triton"]["command"]
+    dashboard = json.loads((root / "deploy" / "grafana" / "gateway-dashboard.json").read_text())
+    [link] = dashboard["links"]
+    assert "${request_id}" in link["url"] and "gateway.request_id" in link["url"].replace("%22", "")
+    names = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"request_id", "trace_ui", "trace_service"} <= names
+
+
+def test_trace_settings_are_checked() -> None:
+    from gateway.settings import SettingsError, load_settings
+
+    settings = load_settings(
+        env={
+            "GATEWAY_TRACE_ENDPOINT": "http://collector:4318/v1/traces",
+            "GATEWAY_TRACE_SAMPLE_RATIO": "0.25",
+            "GATEWAY_TRACE_SERVICE_NAME": "edge-3",
+        }
+    )
+    assert (settings.trace_sample_ratio, settings.trace_service_name) == (0.25, "edge-3")
+    for bad in ({"trace_sample_ratio": 1.5}, {"trace_endpoint": "collector:4317"}):
+        with pytest.raises(SettingsError):
+            load_settings(env={}, overrides=bad)
+
+
+def test_spans_reach_an_otlp_http_collector(tmp_path: Path) -> None:
+    """``trace_endpoint`` with a path: spans are exported over OTLP/HTTP (protobuf POSTs to it),
+    flushed at the latest when tracing shuts down."""
+    import http.server
+    import threading
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    repo = tmp_path / "repo"
+    models.dense(repo, "dense", features=4, classes=2)
+    endpoint = f"http://127.0.0.1:{collector.server_address[1]}/v1/traces"
+    settings = Settings(
+        model_repo=str(repo), port=free_port(), trace_endpoint=endpoint, trace_service_name="gw-a"
+    )
+    tracing.setup(settings)
+    try:
+        gw = InProcessGateway(settings).start()
+        try:
+            assert _post(f"{gw.url}/v2/models/dense/infer", _dense_body(0), {})[0] == 200
+        finally:
+            gw.stop()
+    finally:
+        tracing.shutdown()
+        collector.shutdown()
+    assert received and all(path == "/v1/traces" for path, _ in received)
+    names = set()
+    for _, body in received:
+        export = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in export.resource_spans:
+            service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            assert service["service.name"] == "gw-a"
+            names |= {s.name for scope in resource_spans.scope_spans for s in scope.spans}
+    assert {tracing.REQUEST, tracing.QUEUE, tracing.BATCH, tracing.ORT_RUN} <= names
