@@ -9,7 +9,7 @@ On, a request gets these spans (names are the constants below):
 - ``gateway.request`` (SERVER): from ``DataPlane.submit`` to the front end's answer, a child of
   the caller's W3C ``traceparent`` (HTTP header or gRPC metadata) when it sent one. Attributes:
   model, version, protocol, request id (the access log's), status, request and response bytes,
-  and how it ran (batch size, queue and compute time, host).
+  the batch size it ran in and the host.
 - ``gateway.queue``: its wait in the batcher's queue (timed from the batcher's own figures).
 - ``gateway.batch``: one per batch, a child of its first sampled member and linked to every
   sampled member's request span, with the batch size; the execution below is its child, so
@@ -441,11 +441,9 @@ def end_request(span: trace.Span, pending: Pending, status: int | str, response_
             "gateway.status": status,
             "gateway.response.bytes": response_bytes,
         }
-        run = pending.execution
+        run = pending.execution  # queue and compute time are spans of their own
         if run is not None:
             attributes["gateway.batch.size"] = run.batch_size
-            attributes["gateway.queue_us"] = run.queue_ns // 1000
-            attributes["gateway.compute_us"] = run.compute_ns // 1000
             if run.host:
                 attributes["gateway.host"] = run.host
         span.set_attributes(attributes)
