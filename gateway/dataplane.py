@@ -229,6 +229,14 @@ class DataPlane:
         entry = self.models.get(name)
         return entry is not None and bool(entry.versions)
 
+    def check_known(self, name: str) -> str:
+        """``name`` if it is a model here or in the repository (loaded or not), else
+        ``ModelNotFound``: for settings kept per model (the trace extension's)."""
+        check_model_name(name)
+        if name not in self.models and name not in self.repository.model_names():
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+        return name
+
     def model_ready(self, name: str, version: str | None = None) -> bool:
         """Loaded, and (for remote backends that can tell) servable somewhere right now."""
         try:

@@ -160,6 +160,7 @@ def test_grpc_metadata_continues_the_callers_trace(
     tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
     repo = tmp_path / "repo"
     models.dense(repo, "dense", features=4, classes=2)
@@ -173,6 +174,18 @@ def test_grpc_metadata_continues_the_callers_trace(
         x = grpcclient.InferInput("X", [1, 4], "FP32")
         x.set_data_from_numpy(np.ones((1, 4), np.float32))
         client.infer("dense", [x], headers={"traceparent": f"00-{trace_id}-{span_id}-01"})
+        # Triton's trace extension over gRPC too.
+        got = client.get_trace_settings(as_json=True)["settings"]
+        assert got["trace_level"]["value"] == ["TIMESTAMPS"] and got["trace_rate"]["value"] == ["1"]
+        changed = client.update_trace_settings("dense", {"trace_rate": "10"}, as_json=True)
+        assert changed["settings"]["trace_rate"]["value"] == ["10"]
+        assert client.get_trace_settings(as_json=True)["settings"]["trace_rate"]["value"] == ["1"]
+        cleared = client.update_trace_settings("dense", {"trace_rate": None}, as_json=True)
+        assert cleared["settings"]["trace_rate"]["value"] == ["1"]
+        with pytest.raises(InferenceServerException, match="does not apply"):
+            client.update_trace_settings(settings={"trace_file": "x"})
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            client.get_trace_settings("nope")
         client.close()
     finally:
         gw.stop()

@@ -13,8 +13,7 @@ from starlette.routing import Route
 
 from gateway import tracing
 from gateway.dataplane import DataPlane
-from gateway.errors import InvalidInput, ModelNotFound
-from gateway.repository.local import check_model_name
+from gateway.errors import InvalidInput
 from gateway.server.infer import read_body
 
 MAX_SETTING_BYTES = 64 * 1024
@@ -29,12 +28,7 @@ def trace_routes(dataplane: DataPlane) -> list[Route]:
 
     def model_of(request: Request) -> str | None:
         name = request.path_params.get("model")
-        if name is None:
-            return None
-        check_model_name(name)
-        if name not in dataplane.models and name not in dataplane.repository.model_names():
-            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
-        return str(name)
+        return None if name is None else dataplane.check_known(name)
 
     async def get_setting(request: Request) -> Response:
         return _json(tracing.trace_setting(model_of(request)))
