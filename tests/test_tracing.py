@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -464,3 +467,43 @@ def test_spans_reach_an_otlp_http_collector(tmp_path: Path) -> None:
             assert service["service.name"] == "gw-a"
             names |= {s.name for scope in resource_spans.scope_spans for s in scope.spans}
     assert {tracing.REQUEST, tracing.QUEUE, tracing.BATCH, tracing.ORT_RUN} <= names
+
+
+@pytest.fixture(scope="module")
+def traced_once() -> Iterator[None]:
+    """Tracing on for a property test's many examples (one tracer, not one per example)."""
+    tracing.install(InMemorySpanExporter(), ratio=1.0)
+    try:
+        yield
+    finally:
+        tracing.shutdown()
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["trace_level", "trace_rate", "trace_count", "trace_sample_ratio", "trace_mode", "x"]
+        ),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner),
+            max_leaves=4,
+        ),
+    ),
+    st.sampled_from([None, "dense"]),
+)
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_any_trace_setting_body_is_applied_whole_or_refused(
+    traced_once: None, body: dict[str, Any], model: str | None
+) -> None:
+    """Whatever JSON a POST holds, the settings change as a whole or not at all (a 400)."""
+    from gateway.errors import InvalidInput
+
+    before = tracing.trace_setting(model)
+    try:
+        after = tracing.update_trace_setting(model, body)
+    except InvalidInput:
+        assert tracing.trace_setting(model) == before
+        return
+    assert after == tracing.trace_setting(model)
+    assert float(after["trace_sample_ratio"]) <= 1 and int(after["trace_count"]) >= -1
