@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,13 +54,28 @@ class _Sink(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _median(table: str, name: str, names: list[str]) -> tuple[float, float]:
-    """(ratio to in-process, loop us per request) of ``name`` in the table's median row."""
-    row = next(line for line in table.splitlines() if line.startswith("| median"))
-    cells = [c.strip() for c in row.strip("|").split("|")][2:]
-    found = re.match(r"([\d.]+)x, loop (\d+) us/req", cells[names.index(name)])
-    assert found, row
-    return float(found[1]), float(found[2])
+def _rounds(table: str, names: list[str]) -> list[dict[str, tuple[float, float]]]:
+    """Each round's (requests/s, loop us per request) per variant, from the table's rows."""
+    rounds = []
+    for line in table.splitlines():
+        if not re.match(r"\| \d+ \|", line):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")][2:]
+        figures = {}
+        for name, cell in zip(names, cells, strict=True):
+            found = re.match(r"(\d+) = [\d.]+x \(b[\d.]+, loop (\d+) us/req", cell)
+            assert found, cell
+            figures[name] = (float(found[1]), float(found[2]))
+        rounds.append(figures)
+    return rounds
+
+
+def _paired(rounds: list[dict[str, tuple[float, float]]], a: str, b: str) -> tuple[float, float]:
+    """Medians over rounds of ``a``'s throughput and loop CPU per request relative to ``b``'s
+    in the same round (both saw the machine at about the same speed)."""
+    served = statistics.median(r[a][0] / r[b][0] for r in rounds)
+    loop = statistics.median(r[a][1] / r[b][1] for r in rounds)
+    return served, loop
 
 
 def main() -> int:
@@ -103,15 +119,17 @@ def main() -> int:
             table = table_file.read_text().split("\n\n", 1)[1]
     finally:
         sink.shutdown()
-    base_ratio, base_loop = _median(table, "base", names)
-    off_ratio, off_loop = _median(table, "off", names)
-    on_ratio, on_loop = _median(table, "on", names)
+    rounds = _rounds(table, names)
+    off_served, off_loop = _paired(rounds, "off", "base")
+    on_served, on_loop = _paired(rounds, "on", "off")
+    extra_us = statistics.median(r["on"][1] - r["off"][1] for r in rounds)
     exports, size = RECEIVED
     summary = (
-        f"- off / base: throughput {off_ratio / base_ratio:.3f}x, event-loop CPU "
-        f"{off_loop:.0f} vs {base_loop:.0f} us per request\n"
-        f"- on (ratio 1.0) / off: throughput {on_ratio / off_ratio:.3f}x, event-loop CPU "
-        f"+{on_loop - off_loop:.0f} us per request ({on_loop:.0f} vs {off_loop:.0f})\n"
+        "Medians over rounds of each round's paired ratio:\n\n"
+        f"- off / base: throughput {off_served:.3f}x, event-loop CPU per request "
+        f"{off_loop:.3f}x\n"
+        f"- on (ratio 1.0) / off: throughput {on_served:.3f}x, event-loop CPU per request "
+        f"{on_loop:.3f}x: +{extra_us:.0f} us per request traced\n"
         f"- the OTLP sink got {exports} exports, {size / 1e6:.1f} MB of spans\n"
     )
     print(summary)
