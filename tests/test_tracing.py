@@ -507,3 +507,44 @@ def test_any_trace_setting_body_is_applied_whole_or_refused(
         return
     assert after == tracing.trace_setting(model)
     assert float(after["trace_sample_ratio"]) <= 1 and int(after["trace_count"]) >= -1
+
+
+def test_cold_start_forwarding_in_the_requests_trace(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """An edge fetching a model over a slow link forwards the request to its origin (a gateway
+    node): the origin's request span is a child of the edge's forward span, in the client's
+    trace, and the fetch the request started is in that trace too."""
+    from gateway.repository.manifest import write_manifests
+
+    repo = tmp_path / "origin"
+    models.dense(repo, "big", features=256, classes=256)  # 256 KiB: ~2.5 s over the link
+    write_manifests(repo)
+    node = InProcessGateway(Settings(model_repo=str(repo), port=free_port())).start()
+    link = DelayProxy(int(node.url.rsplit(":", 1)[1]), rate_bytes_s=100_000).start()
+    edge = InProcessGateway(
+        Settings(
+            model_repo=link.url,
+            cache_dir=str(tmp_path / "cache"),
+            forward_while_fetching=("origin",),
+            port=free_port(),
+        )
+    ).start()
+    trace_id, span_id = _caller()
+    x = np.ones((1, 256), np.float32)
+    body = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 256], "data": x[0].tolist()}]}
+    try:
+        headers = {"traceparent": f"00-{trace_id}-{span_id}-01"}
+        assert _post(f"{edge.url}/v2/models/big/infer", body, headers)[0] == 200
+    finally:
+        edge.stop()
+        link.stop()
+        node.stop()
+    finished = spans.get_finished_spans()
+    [request] = [r for r in _named(finished, tracing.REQUEST) if _parent_sid(r) == int(span_id, 16)]
+    assert request.attributes is not None and request.attributes["gateway.host"] == "origin"
+    [forward] = _named(finished, tracing.FORWARD)
+    assert _parent_sid(forward) == _sid(request)
+    [served] = [r for r in _named(finished, tracing.REQUEST) if _parent_sid(r) == _sid(forward)]
+    assert _tid(served) == _tid(request) == int(trace_id, 16)
+    assert all(_tid(f) == _tid(request) for f in _named(finished, tracing.EDGE_FETCH))
