@@ -78,13 +78,116 @@ def _paired(rounds: list[dict[str, tuple[float, float]]], a: str, b: str) -> tup
     return served, loop
 
 
+_PROBE_BODY = {
+    "inputs": [
+        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": list(range(16))},
+        {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": [1] * 16},
+    ]
+}
+
+
+def _probe(seconds: float, traced: bool) -> None:
+    """In this process, with the ``gateway`` on PYTHONPATH: ``DataPlane.submit`` of ``simple``
+    requests in waves of 64 for ``seconds``; prints process CPU us per request (JSON). With
+    ``traced``, every request is traced to an exporter that drops the spans."""
+    import asyncio
+    import json
+    import time
+
+    from gateway.backends.onnxruntime import OnnxRuntimeFactory
+    from gateway.dataplane import DataPlane
+    from gateway.protocol.codec import decode_infer_request
+    from gateway.repository.local import LocalRepository
+    from gateway.settings import Settings
+
+    if traced:
+        from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+        from gateway import tracing
+
+        class Drop(SpanExporter):
+            def export(self, spans: object) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        tracing.install(Drop(), ratio=1.0)
+    settings = Settings(
+        model_repo=str(ROOT / "model_repo"), load_models=("simple",), access_log=False
+    )
+    body = json.dumps(_PROBE_BODY).encode()
+
+    async def run() -> None:
+        repository = LocalRepository(settings.model_repo_path)
+        dataplane = DataPlane(settings, repository, OnnxRuntimeFactory(settings))
+        await dataplane.start()
+        for warm in (True, False):
+            count, started, cpu = 0, time.monotonic(), time.process_time()
+            while time.monotonic() - started < (0.5 if warm else seconds):
+                wave = [
+                    dataplane.submit("simple", None, decode_infer_request(body, None))
+                    for _ in range(64)
+                ]
+                for pending in wave:
+                    await pending
+                count += len(wave)
+        print(json.dumps({"us": (time.process_time() - cpu) / count * 1e6, "requests": count}))
+        await dataplane.stop()
+
+    asyncio.run(run())
+
+
+def _core(base: Path, rounds: int, seconds: float) -> str:
+    """``DataPlane.submit`` alone (no HTTP, no wrk), process CPU per request: the tree before,
+    this tree off, this tree on, one after the other in each round."""
+    import json
+    import os
+
+    runs: list[dict[str, float]] = []
+    for _ in range(rounds):
+        figures = {}
+        for name, tree, traced in (("base", base, False), ("off", ROOT, False), ("on", ROOT, True)):
+            command = [sys.executable, __file__, "--probe", "--duration-s", str(seconds)]
+            if traced:
+                command.append("--traced")
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+            figures[name] = json.loads(out.stdout.strip().splitlines()[-1])["us"]
+        runs.append(figures)
+        print(figures, flush=True)
+    rows = [
+        f"| {i} | {r['base']:.1f} | {r['off']:.1f} | {r['on']:.1f} | {r['off'] / r['base']:.3f} "
+        f"| +{r['on'] - r['off']:.1f} |"
+        for i, r in enumerate(runs, 1)
+    ]
+    off_base = statistics.median(r["off"] / r["base"] for r in runs)
+    on_off = statistics.median(r["on"] - r["off"] for r in runs)
+    return "\n".join(
+        [
+            "In-process `DataPlane.submit` (`simple`, waves of 64, no HTTP), process CPU "
+            "us per request:",
+            "",
+            "| round | base | off | on | off / base | on - off |",
+            "|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            f"- median off / base: {off_base:.3f}x; median on - off: +{on_off:.1f} us per request "
+            "(spans made and handed to an exporter that drops them: no OTLP encoding)",
+        ]
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="main", help="commit before tracing [main]")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration-s", type=float, default=3.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "tracing.md"))
+    parser.add_argument("--core-rounds", type=int, default=5, help="in-process A/B rounds [5]")
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        _probe(args.duration_s, args.traced)
+        return 0
     sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{sink.server_address[1]}/v1/traces"
@@ -117,6 +220,7 @@ def main() -> int:
             ]
             subprocess.run(command, cwd=ROOT, check=True)
             table = table_file.read_text().split("\n\n", 1)[1]
+            core = _core(base, args.core_rounds, args.duration_s) if args.core_rounds else ""
     finally:
         sink.shutdown()
     rounds = _rounds(table, names)
@@ -136,7 +240,7 @@ def main() -> int:
     command_line = " ".join(["python", "bench/tracing.py", *sys.argv[1:]])
     Path(args.out).write_text(
         f"Command: `{command_line}` (variants.py rounds; base = `{args.base}`)\n\n"
-        f"{table}\n\n{summary}"
+        f"{table}\n\n{summary}\n{core}\n"
     )
     return 0
 
