@@ -177,6 +177,17 @@ def test_grpc_metadata_continues_the_callers_trace(
         x = grpcclient.InferInput("X", [1, 4], "FP32")
         x.set_data_from_numpy(np.ones((1, 4), np.float32))
         client.infer("dense", [x], headers={"traceparent": f"00-{trace_id}-{span_id}-01"})
+        # A stream's metadata is the context of each of its requests.
+        answers: list[object] = []
+        stream_trace, stream_span = _caller()
+        client.start_stream(
+            lambda result, error: answers.append(error or result),
+            headers={"traceparent": f"00-{stream_trace}-{stream_span}-01"},
+        )
+        for _ in range(2):
+            client.async_stream_infer("dense", [x])
+        client.stop_stream()
+        assert len(answers) == 2 and not any(isinstance(a, Exception) for a in answers)
         # Triton's trace extension over gRPC too.
         got = client.get_trace_settings(as_json=True)["settings"]
         assert got["trace_level"]["value"] == ["TIMESTAMPS"] and got["trace_rate"]["value"] == ["1"]
@@ -192,8 +203,10 @@ def test_grpc_metadata_continues_the_callers_trace(
         client.close()
     finally:
         gw.stop()
-    [request] = _named(spans.get_finished_spans(), tracing.REQUEST)
-    assert format(_tid(request), "032x") == trace_id
+    requests = _named(spans.get_finished_spans(), tracing.REQUEST)
+    [request] = [r for r in requests if format(_tid(r), "032x") == trace_id]
+    streamed = [r for r in requests if format(_tid(r), "032x") == stream_trace]
+    assert len(streamed) == 2 and {_parent_sid(r) for r in streamed} == {int(stream_span, 16)}
     assert _parent_sid(request) == int(span_id, 16)
     assert request.attributes is not None
     assert request.attributes["gateway.protocol"] == "grpc"

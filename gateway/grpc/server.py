@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import grpc  # type: ignore[import-untyped]  # no stubs in the venv
@@ -131,14 +132,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     # -- inference --------------------------------------------------------------------------
 
-    async def _infer(self, request: Any, context: Any) -> Any:
+    async def _infer(self, request: Any, context: Any = None) -> Any:
         """The one call into the data plane (decoding there, once the model is known: an
         unknown model is NOT_FOUND whatever the message), then the answer encoded."""
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
         trace = None
-        if tracing.enabled:
-            trace = tracing.from_metadata(context.invocation_metadata(), request.ByteSize())
+        if tracing.enabled:  # the call's metadata (a stream's, for each of its requests)
+            call = context if context is not None else _STREAM.get()
+            metadata = call.invocation_metadata() if call is not None else None
+            trace = tracing.from_metadata(metadata, request.ByteSize())
         pending = self.dataplane.submit(request.model_name, version, decode, None, trace)
         if pending.span is not None:
             return await _traced(pending, request)
@@ -149,9 +152,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self._infer(request, context)
 
-    async def _stream_one(self, request: Any, context: Any) -> Any:
+    async def _stream_one(self, request: Any) -> Any:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
         except GatewayError as exc:
             message = exc.message
         except Exception as exc:
@@ -173,13 +176,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         flow-control window, not in this process. When the stream ends abnormally (the client
         cancels or goes away), every request still running is cancelled.
         """
+        if tracing.enabled:
+            _STREAM.set(context)  # this handler's context: its requests' tasks inherit it
         slots = asyncio.Semaphore(self.stream_max_inflight)
         answers: asyncio.Queue[Any] = asyncio.Queue()  # at most one per slot
         running: set[asyncio.Task[None]] = set()
         done = object()
 
         async def answer(request: Any) -> None:
-            answers.put_nowait(await self._stream_one(request, context))
+            answers.put_nowait(await self._stream_one(request))
 
         async def read() -> None:
             try:
@@ -290,6 +295,10 @@ async def _traced(pending: Pending, request: Any) -> Any:
         raise
     finally:
         pending.answered(status, size)
+
+
+# The ModelStreamInfer call whose requests are being answered, for their trace context.
+_STREAM: ContextVar[Any] = ContextVar("grpc_stream", default=None)
 
 
 def _address(host: str, port: int) -> str:
