@@ -51,7 +51,8 @@ from gateway.stats import ModelStats
 log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
-EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "trace"]
+EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data"]
+EXTENSIONS.append("trace")  # gateway/tracing.py, gateway/server/trace_setting.py
 
 
 @dataclass(slots=True)
