@@ -14,7 +14,8 @@ On, a request gets these spans (names are the constants below):
 - ``gateway.batch``: one per batch, a child of its first sampled member and linked to every
   sampled member's request span, with the batch size; the execution below is its child, so
   outbound calls carry the batch's context.
-- ``gateway.execute`` (one per attempt: host name, retry or not) and ``onnxruntime.run``.
+- ``gateway.execute`` (one per attempt: host name, retry or not), ``onnxruntime.run``, and
+  ``gateway.forward`` (a request forwarded while its model is fetched).
 - ``edge.fetch``: one per download attempt of a blob (source peer or origin, bytes, resumed
   or not), in the trace of the request whose first use started the fetch.
 
@@ -22,8 +23,8 @@ Outbound calls (v2 hosts, Triton hosts over HTTP or gRPC, origin and peer fetche
 forwarding) carry ``traceparent`` / ``tracestate`` from the current context (``inject``).
 
 Sampling follows Triton's trace extension (``GET/POST /v2[/models/{m}]/trace/setting``, served
-by ``gateway.server.trace_setting``), global and per model, mapped onto OpenTelemetry as
-``TraceSampler`` says.
+by ``gateway.server.trace_setting``, and gRPC ``TraceSetting``), global and per model, mapped
+onto OpenTelemetry as ``TraceSampler`` and ``update_trace_setting`` say.
 """
 
 from __future__ import annotations
@@ -565,20 +566,27 @@ def current_trace_id() -> str:
 
 __all__ = [
     "CONFIG",
+    "NULL",
     "Incoming",
     "TraceConfig",
     "TraceSampler",
     "TraceSetting",
     "batch_begins",
+    "configured",
+    "current_trace_id",
     "enabled",
     "end_request",
+    "fetching",
     "from_headers",
     "from_metadata",
     "inject",
     "install",
+    "outbound",
     "setup",
     "shutdown",
     "span",
     "start_request",
+    "trace_setting",
+    "update_trace_setting",
     "use",
 ]
