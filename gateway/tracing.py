@@ -558,12 +558,6 @@ def outbound(headers: dict[str, str] | None) -> dict[str, str] | None:
     return inject({} if headers is None else headers)
 
 
-def current_trace_id() -> str:
-    """The current trace id in hex ("" when none): for a log line that should meet its trace."""
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else ""
-
-
 __all__ = [
     "CONFIG",
     "NULL",
@@ -573,7 +567,6 @@ __all__ = [
     "TraceSetting",
     "batch_begins",
     "configured",
-    "current_trace_id",
     "enabled",
     "end_request",
     "fetching",
