@@ -4,7 +4,8 @@ before tracing existed, in interleaved rounds (``variants.py``).
 Three variants, each a gateway of its own under ``wrk -c64`` (``mlp``, binary bodies, batching
 on), after in-process ONNX Runtime in every round:
 
-- ``base``: the commit given by ``--base`` (default ``main``), exported with ``git archive``;
+- ``base``: the commit given by ``--base`` (default: where this branch left ``main``, so the
+  trees differ only by this branch's work), exported with ``git archive``;
 - ``off``: this tree, no ``trace_endpoint`` (the shipped default);
 - ``on``: this tree, ``trace_endpoint`` an OTLP/HTTP sink in this process (it answers 200 and
   counts what it gets), ``trace_sample_ratio`` 1.0: every request traced and exported.
@@ -177,7 +178,9 @@ def _core(base: Path, rounds: int, seconds: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="main", help="commit before tracing [main]")
+    parser.add_argument(
+        "--base", default="", help="commit before tracing [where this branch left main]"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration-s", type=float, default=3.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "tracing.md"))
@@ -188,6 +191,14 @@ def main() -> int:
     if args.probe:
         _probe(args.duration_s, args.traced)
         return 0
+    if not args.base:
+        args.base = subprocess.run(
+            ["git", "merge-base", "HEAD", "main"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{sink.server_address[1]}/v1/traces"
