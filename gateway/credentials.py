@@ -1,9 +1,10 @@
 """API keys and admin keys, checked the same way by every front end (REST and gRPC).
 
-Inference keys open inference, metadata and statistics; admin keys open the repository and
-admin API, and also pass wherever an inference key is asked for. Keys are compared in constant
-time against every configured key (no early exit that would time which one matched), and are
-never logged.
+Inference keys open inference, metadata, statistics and system shared memory (registering a
+region is as much the client's business as the requests that use it); admin keys open the
+repository and admin API, and also pass wherever an inference key is asked for. Keys are
+compared in constant time against every configured key (no early exit that would time which one
+matched), and are never logged.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from gateway.repository.local import (
 )
 from gateway.repository.pushed import write_pushed_files
 from gateway.settings import Settings
+from gateway.shared_memory import SharedMemoryRegistry, write_outputs
 from gateway.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data"]
 EXTENSIONS.append("trace")  # gateway/tracing.py, gateway/server/trace_setting.py
+EXTENSIONS.append("system_shared_memory")  # gateway/shared_memory.py
 
 
 @dataclass(slots=True)
@@ -137,15 +139,20 @@ class DataPlane:
         clock: Callable[[], float] = time.monotonic,
         forwarder: Forwarder | None = None,
         metric_sources: Sequence[Source] = (),
+        shared_memory: SharedMemoryRegistry | None = None,
     ) -> None:
         """``clock`` (monotonic seconds) times deadlines and batching; ``forwarder`` serves
         requests while their model is fetched on first use; ``metric_sources`` add other
-        parts' families to ``/metrics`` (the factory's own are added here)."""
+        parts' families to ``/metrics`` (the factory's own are added here); ``shared_memory``
+        holds the clients' registered regions (a new, empty one by default)."""
         self.settings = settings
         self.repository = repository
         self.factory = factory
         self.clock = clock
         self.forwarder = forwarder
+        self.shared_memory = shared_memory or SharedMemoryRegistry(
+            settings.shared_memory_max_regions
+        )
         self.models: dict[str, ModelEntry] = {}
         self.metrics = Metrics(self, (factory.metric_families, *metric_sources))
         self.started = False
@@ -178,6 +185,7 @@ class DataPlane:
             entry.reason = "server shutting down"
             if entry.scratch is not None:
                 shutil.rmtree(entry.scratch, ignore_errors=True)
+        self.shared_memory.close()
 
     async def _retire(self, versions: list[LoadedVersion]) -> None:
         for lv in versions:
@@ -378,6 +386,8 @@ class DataPlane:
             cold = self._cold(name)
             lv = None if cold else self._resolve(name, version)  # 404 / 503 before decoding
             decoded = request if isinstance(request, InferRequest) else request()
+            if decoded.shared_inputs or decoded.outputs:  # shared memory: views, checked here
+                self.shared_memory.resolve(decoded)
             pending.request = decoded
             timeout_us = decoded.timeout_us
             deadline_s = self.clock() + timeout_us / 1e6 if timeout_us else None
@@ -477,6 +487,8 @@ class DataPlane:
         response = InferResponse(
             model_name=name, model_version=str(served), outputs=chosen, id=request.id
         )
+        if request.shared_targets:
+            write_outputs(request, response)
         pending.settle(response, execution=execution)
         return True
 

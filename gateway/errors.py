@@ -5,7 +5,10 @@ The core raises these; only ``gateway.server`` knows which status code each beco
     GatewayError
     ├── InvalidInput          malformed request: bad JSON, shape, dtype, binary lengths
     │   ├── PayloadTooLarge   body above the configured limit
-    │   └── ClientTimeout     the client did not send its body in time
+    │   ├── ClientTimeout     the client did not send its body in time
+    │   └── SharedMemoryError a shared-memory region, offset or size that cannot be used
+    │       ├── UnknownRegion     no region of that name is registered
+    │       └── RegionExists      a region of that name is registered already
     ├── ModelNotFound         unknown model or version
     ├── ModelLoadError        a model (or its config) cannot be loaded
     ├── UnknownHost           no host (or DNS group) of that name (admin API)
@@ -39,6 +42,18 @@ class PayloadTooLarge(InvalidInput):
 
 class ClientTimeout(InvalidInput):
     """The client was too slow delivering its request (slow-loris protection)."""
+
+
+class SharedMemoryError(InvalidInput):
+    """A shared-memory region cannot be registered or used as asked (400, naming it)."""
+
+
+class UnknownRegion(SharedMemoryError):
+    """No shared-memory region of that name is registered (gRPC: NOT_FOUND)."""
+
+
+class RegionExists(SharedMemoryError):
+    """A shared-memory region of that name is registered already (gRPC: ALREADY_EXISTS)."""
 
 
 class ModelNotFound(GatewayError):

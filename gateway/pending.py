@@ -30,6 +30,7 @@ from gateway.backends.base import Tensors
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, QueueFull
 from gateway.protocol.types import InferRequest, InferResponse, datatype_of
 from gateway.repository.config import ModelConfig
+from gateway.shared_memory import write_outputs
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -242,6 +243,8 @@ class Pending:
         lv.stats.record_request(True, spent_ns)
         try:
             response = response_of(self.name, lv.version, lv.config, request, future.result())
+            if request.shared_targets:
+                write_outputs(request, response)  # into the client's shared memory
         except Exception as error:  # a backend that left out an output asked for
             self.settle(error=error, execution=queued.execution)
             return

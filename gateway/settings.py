@@ -115,6 +115,9 @@ class Settings:
     # Plain inference POSTs (HTTP/1.1, body <= 64 KiB, no auth) answered by the connection
     # layer without an ASGI cycle (gateway/server/connections.py); false: all through uvicorn.
     raw_infer: bool = True
+    # System shared memory (Triton's extension, gateway/shared_memory.py): regions clients may
+    # have registered at once (each one mapping and one file descriptor); 0 turns it off.
+    shared_memory_max_regions: int = 256
     tls_certfile: str = ""  # with tls_keyfile: serve HTTPS
     tls_keyfile: str = ""
     # Observability.
@@ -190,6 +193,8 @@ class Settings:
                 "cudnn_conv_algo_search must be heuristic, exhaustive or default, "
                 f"got {self.cudnn_conv_algo_search!r}"
             )
+        if self.shared_memory_max_regions < 0:
+            raise SettingsError("shared_memory_max_regions must be >= 0")
         if self.max_queue_size < 1:
             raise SettingsError("max_queue_size must be >= 1")
         if self.default_max_batch_size < 0:

@@ -265,6 +265,9 @@ class Batcher:
             task = self._loop.create_task(self._run(batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+            # Hold no request past its batch while waiting for the next one: its inputs may be
+            # views of a client's shared memory, unmapped only once the last view goes.
+            batch = first = head = None  # type: ignore[assignment]
 
     async def _run(self, batch: list[Queued], rows: int) -> None:
         released, span = False, None

@@ -21,6 +21,7 @@ from gateway.protocol.tensors import (
     check_parameters,
     check_shape,
     join_bytes,
+    shared_memory_ref,
     split_bytes,
     tensor_from_buffer,
 )
@@ -28,6 +29,7 @@ from gateway.protocol.types import (
     InferRequest,
     InferResponse,
     RequestedOutput,
+    SharedInput,
     datatype_of,
     numpy_dtype,
 )
@@ -129,18 +131,25 @@ def _from_contents(contents: Any, datatype: str, shape: tuple[int, ...], name: s
 def decode_infer_request(message: Any) -> InferRequest:
     """A ``ModelInferRequest`` as an :class:`InferRequest`."""
     raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
+    shared_inputs = _shared_inputs(message)
+    if raw and len(raw) != len(message.inputs) - len(shared_inputs):
         raise InvalidInput(
-            f"got {len(raw)} raw_input_contents for {len(message.inputs)} inputs; "
-            "raw data must be given for every input or none"
+            f"got {len(raw)} raw_input_contents for "
+            f"{len(message.inputs) - len(shared_inputs)} inputs not in shared memory; "
+            "raw data must be given for every input or none (but those in shared memory)"
         )
     inputs: dict[str, np.ndarray[Any, Any]] = {}
-    for index, tensor in enumerate(message.inputs):
+    index = 0  # into raw_input_contents: inputs in shared memory have no entry there
+    given: set[str] = set()
+    for tensor in message.inputs:
         name = tensor.name
         if not name:
             raise InvalidInput("every input needs a name")
-        if name in inputs:
+        if name in given:
             raise InvalidInput(f"input '{name}' given twice")
+        given.add(name)
+        if name in shared_inputs:
+            continue
         shape = check_shape(list(tensor.shape), tensor.name)
         if raw:
             if tensor.HasField("contents"):
@@ -148,6 +157,7 @@ def decode_infer_request(message: Any) -> InferRequest:
                     f"input '{name}' has both 'contents' and raw_input_contents; send one"
                 )
             inputs[name] = _from_raw(raw[index], tensor.datatype, shape, name)
+            index += 1
         else:
             inputs[name] = _from_contents(tensor.contents, tensor.datatype, shape, name)
     outputs: list[RequestedOutput] | None = None
@@ -158,19 +168,43 @@ def decode_infer_request(message: Any) -> InferRequest:
             if out.name in seen:
                 raise InvalidInput(f"output '{out.name}' requested twice")
             seen.add(out.name)
-            outputs.append(RequestedOutput(out.name))
+            what = f"output '{out.name}'"
+            shared = shared_memory_ref(parameters_from_proto(out.parameters), what)
+            outputs.append(RequestedOutput(out.name, shared=shared))
     return InferRequest(
         inputs=inputs,
         id=message.id or None,
         outputs=outputs,
         parameters=check_parameters(parameters_from_proto(message.parameters)),
+        shared_inputs=shared_inputs,
     )
+
+
+def _shared_inputs(message: Any) -> dict[str, SharedInput]:
+    """Inputs given by Triton's shared-memory parameters (no contents, no raw entry);
+    resolved by the data plane (gateway/shared_memory.py)."""
+    shared: dict[str, SharedInput] = {}
+    for tensor in message.inputs:
+        if not tensor.parameters:
+            continue
+        what = f"input '{tensor.name}'"
+        ref = shared_memory_ref(parameters_from_proto(tensor.parameters), what)
+        if ref is None:
+            continue
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"{what}: has shared memory parameters and 'contents'; send one")
+        if tensor.name in shared:
+            raise InvalidInput(f"input '{tensor.name}' given twice")
+        shape = check_shape(list(tensor.shape), tensor.name)
+        shared[tensor.name] = SharedInput(tensor.datatype, shape, ref)
+    return shared
 
 
 def encode_infer_response(response: InferResponse, raw: bool) -> Any:
     """An :class:`InferResponse` as a ``ModelInferResponse``; ``raw`` as the request was."""
     datatypes = {name: datatype_of(array) for name, array in response.outputs.items()}
     raw = raw or any(dt not in _CONTENTS for dt in datatypes.values())
+    raw = raw or bool(response.shared)  # Triton's clients index raw_output_contents per output
     message = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
@@ -180,7 +214,10 @@ def encode_infer_response(response: InferResponse, raw: bool) -> Any:
     for name, array in response.outputs.items():
         datatype = datatypes[name]
         tensor = message.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        if raw:
+        if name in response.shared:  # written into the client's shared memory, as Triton:
+            if raw:  # an empty entry keeps raw_output_contents aligned with outputs
+                message.raw_output_contents.append(b"")
+        elif raw:
             message.raw_output_contents.append(
                 join_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
             )

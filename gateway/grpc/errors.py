@@ -16,12 +16,16 @@ from gateway.errors import (
     Overloaded,
     PayloadTooLarge,
     QueueFull,
+    RegionExists,
     Unavailable,
+    UnknownRegion,
 )
 
 # Most specific first.
 STATUS: list[tuple[type[GatewayError], grpc.StatusCode]] = [
     (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnknownRegion, grpc.StatusCode.NOT_FOUND),  # shared memory, as Triton
+    (RegionExists, grpc.StatusCode.ALREADY_EXISTS),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (ModelLoadError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -29,7 +29,13 @@ from tritonclient.grpc import service_pb2_grpc
 from gateway import tracing
 from gateway.credentials import Credentials, Verdict, token_of
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, InvalidInput, Unavailable
+from gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    SharedMemoryError,
+    Unavailable,
+    UnknownRegion,
+)
 from gateway.grpc.codec import decode_infer_request, encode_infer_response
 from gateway.grpc.errors import status_of
 from gateway.pending import Pending
@@ -66,8 +72,9 @@ def _unary(method: H) -> H:
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """The Open Inference Protocol's gRPC service; shared-memory, trace and log RPCs are left
-    UNIMPLEMENTED (the generated base class's answer)."""
+    """The Open Inference Protocol's gRPC service, with Triton's system shared memory (CUDA
+    shared memory refused: not supported); trace and log RPCs are left UNIMPLEMENTED (the
+    generated base class's answer)."""
 
     def __init__(self, dataplane: DataPlane, stream_max_inflight: int = 16) -> None:
         if stream_max_inflight < 1:
@@ -143,10 +150,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             metadata = call.invocation_metadata() if call is not None else None
             trace = tracing.from_metadata(metadata, request.ByteSize())
         pending = self.dataplane.submit(request.model_name, version, decode, None, trace)
+        # Typed contents back only to a request that sent typed contents (one whose inputs all
+        # lie in shared memory sent none: raw, as Triton, whose clients read only raw).
+        typed = not request.raw_input_contents and any(
+            t.HasField("contents") for t in request.inputs
+        )
         if pending.span is not None:
-            return await _traced(pending, request)
+            return await _traced(pending, raw=not typed)
         result = await pending
-        return encode_infer_response(result, raw=bool(request.raw_input_contents))
+        return encode_infer_response(result, raw=not typed)
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -275,13 +287,54 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # -- shared memory (gateway/shared_memory.py; the REST side: server/shared_memory.py) ---
 
-async def _traced(pending: Pending, request: Any) -> Any:
+    @_unary
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        regions = self.dataplane.shared_memory.status(request.name or None)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            response.regions[region["name"]].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return response
+
+    @_unary
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        self.dataplane.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_unary
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        self.dataplane.shared_memory.unregister(request.name or None)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_unary
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        if request.name:
+            raise UnknownRegion(f"Unable to find cuda shared memory region: '{request.name}'")
+        return pb.CudaSharedMemoryStatusResponse()  # nothing is ever registered
+
+    @_unary
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise SharedMemoryError(
+            f"failed to register CUDA shared memory region: '{request.name}', CUDA shared "
+            "memory is not supported by this gateway (use system shared memory)"
+        )
+
+    @_unary
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+
+async def _traced(pending: Pending, raw: bool) -> Any:
     """``_infer``'s wait and answer for a traced request: its span ends with the status code
     and the answer's size."""
     status, size = "OK", 0
     try:
-        answer = encode_infer_response(await pending, raw=bool(request.raw_input_contents))
+        answer = encode_infer_response(await pending, raw=raw)
         size = answer.ByteSize()
         return answer
     except GatewayError as exc:

@@ -25,6 +25,7 @@ from gateway.protocol.tensors import (
     check_parameters,
     check_shape,
     join_bytes,
+    shared_memory_ref,
     split_bytes,
     tensor_from_buffer,
 )
@@ -32,6 +33,7 @@ from gateway.protocol.types import (
     InferRequest,
     InferResponse,
     RequestedOutput,
+    SharedInput,
     datatype_of,
     numpy_dtype,
 )
@@ -166,10 +168,12 @@ def _decode_outputs(header: dict[str, Any]) -> list[RequestedOutput] | None:
         if name in seen:
             raise _fail(f"output '{name}' requested twice")
         seen.add(name)
-        binary = _parameters(spec, f"output '{name}'").get("binary_data")
+        params = _parameters(spec, f"output '{name}'")
+        binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise _fail(f"output '{name}': 'binary_data' must be true or false")
-        result.append(RequestedOutput(name, binary))
+        shared = shared_memory_ref(params, f"output '{name}'")
+        result.append(RequestedOutput(name, binary, shared))
     return result
 
 
@@ -276,11 +280,12 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
     view = memoryview(body)
     offset = header_length
     inputs: dict[str, np.ndarray[Any, Any]] = {}
+    shared_inputs: dict[str, SharedInput] = {}
     for spec in raw_inputs:
         if not isinstance(spec, dict):
             raise _fail("each entry of 'inputs' must be an object")
         name = check_name(spec.get("name"), "input 'name'")
-        if name in inputs:
+        if name in inputs or name in shared_inputs:
             raise _fail(f"input '{name}' given twice")
         datatype = spec.get("datatype")
         dtype = numpy_dtype(datatype) if isinstance(datatype, str) else None
@@ -288,6 +293,11 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
             raise _fail(f"input '{name}': 'datatype' must be a string")
         shape = check_shape(spec.get("shape"), name, max_elements)
         count = math.prod(shape)
+        shared = _shared_input(spec, name, datatype, shape)
+        if shared is not None:  # resolved by the data plane (gateway/shared_memory.py)
+            shared_inputs[name] = shared
+            all_binary = False
+            continue
         size = _parameters(spec, f"input '{name}'").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -326,8 +336,22 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
         outputs=_decode_outputs(header),
         binary_output=binary_output,
         parameters=params,
+        shared_inputs=shared_inputs,
     )
     return request, all_binary
+
+
+def _shared_input(
+    spec: dict[str, Any], name: str, datatype: str, shape: tuple[int, ...]
+) -> SharedInput | None:
+    """An input given by Triton's shared-memory parameters, which then carries no data."""
+    params = _parameters(spec, f"input '{name}'")
+    ref = shared_memory_ref(params, f"input '{name}'")
+    if ref is None:
+        return None
+    if "data" in spec or "binary_data_size" in params:
+        raise _fail(f"input '{name}': has shared memory parameters and data; send one")
+    return SharedInput(datatype, shape, ref)
 
 
 def _json_values(array: np.ndarray[Any, Any]) -> Any:
@@ -388,7 +412,7 @@ def encode_infer_response(
 ) -> tuple[bytes, int | None]:
     """Encode a response; returns the body and the JSON header length when binary is used."""
     binary_of = {r.name: r.binary for r in requested} if requested else {}
-    if not response.parameters:
+    if not response.parameters and not response.shared:
         fast = _encode_all_binary(response, binary_of, binary_default)
         if fast is not None:
             return fast
@@ -398,7 +422,9 @@ def encode_infer_response(
         datatype = datatype_of(array)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         binary = binary_of.get(name)
-        if binary if binary is not None else binary_default:
+        if name in response.shared:
+            pass  # written into the client's shared memory: no data here, as Triton
+        elif binary if binary is not None else binary_default:
             blob: bytes | memoryview = (
                 join_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).data
             )

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import InvalidInput
+from gateway.protocol.types import SharedMemoryRef
 
 __all__ = [
     "MAX_DIMS",
@@ -24,6 +25,7 @@ __all__ = [
     "check_parameters",
     "check_shape",
     "join_bytes",
+    "shared_memory_ref",
     "split_bytes",
     "tensor_from_buffer",
 ]
@@ -133,3 +135,31 @@ def check_parameters(params: dict[str, Any]) -> dict[str, Any]:
     ):
         raise InvalidInput("parameter 'timeout' must be a non-negative integer (microseconds)")
     return params
+
+
+def _non_negative(value: object, key: str, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInput(f"{what}: '{key}' must be a non-negative integer")
+    return value
+
+
+def shared_memory_ref(params: dict[str, Any], what: str) -> SharedMemoryRef | None:
+    """The shared-memory parameters of an input or a requested output (``what`` names it), or
+    None when it has none. As Triton: region and byte size together or neither, the offset
+    optional (0)."""
+    region = params.get("shared_memory_region")
+    size = params.get("shared_memory_byte_size")
+    offset = params.get("shared_memory_offset")
+    if region is None and size is None and offset is None:
+        return None
+    if region is None or size is None:
+        raise InvalidInput(
+            f"{what}: 'shared_memory_region' and 'shared_memory_byte_size' must be given together"
+        )
+    if not isinstance(region, str) or not region:
+        raise InvalidInput(f"{what}: 'shared_memory_region' must be a non-empty string")
+    return SharedMemoryRef(
+        region=region,
+        byte_size=_non_negative(size, "shared_memory_byte_size", what),
+        offset=0 if offset is None else _non_negative(offset, "shared_memory_offset", what),
+    )

@@ -49,11 +49,34 @@ def datatype_of(array: np.ndarray[Any, Any]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedMemoryRef:
+    """Where a tensor lies in a registered shared-memory region: Triton's
+    ``shared_memory_region``, ``shared_memory_offset`` (into the region) and
+    ``shared_memory_byte_size`` parameters, as a client sent them (checked against the region
+    by ``gateway.shared_memory``)."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SharedInput:
+    """An input whose data lies in shared memory: what the body says of it."""
+
+    datatype: str
+    shape: tuple[int, ...]
+    ref: SharedMemoryRef
+
+
+@dataclass(frozen=True, slots=True)
 class RequestedOutput:
-    """An output the client asked for, and whether it wants it as binary data."""
+    """An output the client asked for, and whether it wants it as binary data (or written into
+    a shared-memory region, ``shared``)."""
 
     name: str
     binary: bool | None = None  # None: follow the request's binary_data_output default
+    shared: SharedMemoryRef | None = None
 
 
 @dataclass(slots=True)
@@ -65,6 +88,10 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None
     binary_output: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+    # Inputs in shared memory, until ``gateway.shared_memory`` resolves them into ``inputs``
+    # (views of the mapping), and where outputs asked for in shared memory are to be written.
+    shared_inputs: dict[str, SharedInput] = field(default_factory=dict)
+    shared_targets: dict[str, memoryview] = field(default_factory=dict)
 
     @property
     def timeout_us(self) -> int | None:
@@ -84,3 +111,4 @@ class InferResponse:
     outputs: dict[str, np.ndarray[Any, Any]]
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    shared: set[str] = field(default_factory=set)  # outputs written into shared memory

@@ -28,6 +28,7 @@ from gateway.server.distribution import distribution_routes
 from gateway.server.errors import error_response, handle_gateway_error
 from gateway.server.infer import HotPath, read_body
 from gateway.server.openapi import OPENAPI
+from gateway.server.shared_memory import shared_memory_routes
 from gateway.server.trace_setting import trace_routes
 
 NOT_ROUTED = (
@@ -200,6 +201,7 @@ def create_app(
     ]
     routes += distribution_routes(dataplane)  # edges pull models from here
     routes += trace_routes(dataplane)  # Triton's trace extension
+    routes += shared_memory_routes(dataplane.shared_memory)  # Triton's extension
     for prefix in (m, mv):
         routes += [
             Route(prefix, model_metadata, methods=["GET"]),

@@ -95,6 +95,42 @@ def _trace_paths(path: str, params: list[Any]) -> dict[str, Any]:
     }
 
 
+_REGION = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _shared_memory_paths(prefix: str, kind: str, register: dict[str, Any]) -> dict[str, Any]:
+    """Triton's shared-memory extension (``gateway/server/shared_memory.py``)."""
+    return {
+        prefix + "/status": {"get": _op(f"every {kind} shared-memory region", [])},
+        prefix + "/region/{name}/status": {"get": _op(f"one {kind} region", [_REGION])},
+        prefix + "/region/{name}/register": {
+            "post": _op(f"register a {kind} shared-memory region", [_REGION], register)
+        },
+        prefix + "/region/{name}/unregister": {
+            "post": _op(f"unregister a {kind} region", [_REGION])
+        },
+        prefix + "/unregister": {"post": _op(f"unregister every {kind} region", [])},
+    }
+
+
+_SYSTEM_REGISTER = {
+    "type": "object",
+    "required": ["key", "byte_size"],
+    "properties": {
+        "key": {"type": "string"},
+        "offset": {"type": "integer"},
+        "byte_size": {"type": "integer"},
+    },
+}
+_CUDA_REGISTER = {  # refused: not supported
+    "type": "object",
+    "properties": {
+        "raw_handle": {"type": "object", "properties": {"b64": {"type": "string"}}},
+        "device_id": {"type": "integer"},
+        "byte_size": {"type": "integer"},
+    },
+}
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "gateway: Open Inference Protocol (KServe v2)", "version": __version__},
@@ -132,5 +168,7 @@ OPENAPI: dict[str, Any] = {
         },
         **_trace_paths("/v2/trace/setting", []),
         **_trace_paths("/v2/models/{model}/trace/setting", [_NAME]),
+        **_shared_memory_paths("/v2/systemsharedmemory", "system", _SYSTEM_REGISTER),
+        **_shared_memory_paths("/v2/cudasharedmemory", "CUDA", _CUDA_REGISTER),
     },
 }
