@@ -561,3 +561,48 @@ def test_cold_start_forwarding_in_the_requests_trace(
     [served] = [r for r in _named(finished, tracing.REQUEST) if _parent_sid(r) == _sid(forward)]
     assert _tid(served) == _tid(request) == int(trace_id, 16)
     assert all(_tid(f) == _tid(request) for f in _named(finished, tracing.EDGE_FETCH))
+
+
+def test_trace_settings_need_the_admin_key(tmp_path: Path, spans: InMemorySpanExporter) -> None:
+    """The trace extension changes what the whole server traces: the repository / admin API's
+    rule (admin key; not served with ``admin_api`` off), over HTTP and gRPC."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    repo = tmp_path / "repo"
+    models.dense(repo, "dense", features=4, classes=2)
+    grpc_port = free_port()
+    settings = Settings(
+        model_repo=str(repo),
+        port=free_port(),
+        grpc_port=grpc_port,
+        api_keys=("user-key",),
+        admin_keys=("admin-key",),
+    )
+    gw = InProcessGateway(settings).start()
+    try:
+        for path in ("/v2/trace/setting", "/v2/models/dense/trace/setting"):
+            for key, status in (("user-key", 403), ("admin-key", 200), (None, 401)):
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                for data in (None, b'{"trace_rate": "2"}'):
+                    request = urllib.request.Request(f"{gw.url}{path}", data=data, headers=headers)
+                    try:
+                        with urllib.request.urlopen(request, timeout=10) as response:
+                            got = response.status
+                    except urllib.error.HTTPError as exc:
+                        got = exc.code
+                    assert got == status, (path, key, data)
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        with pytest.raises(InferenceServerException, match="admin"):
+            client.get_trace_settings(headers={"authorization": "Bearer user-key"})
+        got = client.get_trace_settings(headers={"authorization": "Bearer admin-key"}, as_json=True)
+        assert got["settings"]["trace_rate"]["value"] == ["2"]
+        client.close()
+    finally:
+        gw.stop()
+    closed = Settings(model_repo=str(repo), port=free_port(), admin_api=False)
+    gw = InProcessGateway(closed).start()
+    try:
+        assert get(f"{gw.url}/v2/trace/setting")[0] == 404
+    finally:
+        gw.stop()

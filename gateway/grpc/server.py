@@ -359,7 +359,9 @@ def _address(host: str, port: int) -> str:
 
 
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
-ADMIN_METHODS = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
+ADMIN_METHODS = frozenset(
+    {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "TraceSetting"}
+)
 
 
 def _metadata_bytes(value: str | bytes | None) -> bytes | None:

@@ -23,7 +23,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, HostConflict, InvalidInput
 from gateway.logs import ACCESS
 from gateway.metrics import CONTENT_TYPE
-from gateway.server.auth import ADMIN_PREFIXES, AdminPortGuard, AuthGuard, Guard, GuardMiddleware
+from gateway.server.auth import AdminPortGuard, AuthGuard, Guard, GuardMiddleware, is_admin
 from gateway.server.distribution import distribution_routes
 from gateway.server.errors import error_response, handle_gateway_error
 from gateway.server.infer import HotPath, read_body
@@ -224,7 +224,7 @@ def create_app(
             ACCESS.flush()
 
     if not settings.admin_api:
-        routes = [r for r in routes if not r.path.startswith(ADMIN_PREFIXES)]
+        routes = [r for r in routes if not is_admin(r.path)]
     guards: list[Guard] = []
     if settings.admin_port and settings.admin_api:
         guards.append(AdminPortGuard(settings.admin_port))
