@@ -229,24 +229,16 @@ def main() -> int:
                 str(table_file),
                 *variants,
             ]
-            subprocess.run(command, cwd=ROOT, check=True)
-            table = table_file.read_text().split("\n\n", 1)[1]
+            table = ""
+            if args.rounds:  # 0: the in-process A/B only
+                subprocess.run(command, cwd=ROOT, check=True)
+                table = table_file.read_text().split("\n\n", 1)[1]
             core = _core(base, args.core_rounds, args.duration_s) if args.core_rounds else ""
     finally:
         sink.shutdown()
-    rounds = _rounds(table, names)
-    off_served, off_loop = _paired(rounds, "off", "base")
-    on_served, on_loop = _paired(rounds, "on", "off")
-    extra_us = statistics.median(r["on"][1] - r["off"][1] for r in rounds)
-    exports, size = RECEIVED
-    summary = (
-        "Medians over rounds of each round's paired ratio:\n\n"
-        f"- off / base: throughput {off_served:.3f}x, event-loop CPU per request "
-        f"{off_loop:.3f}x\n"
-        f"- on (ratio 1.0) / off: throughput {on_served:.3f}x, event-loop CPU per request "
-        f"{on_loop:.3f}x: +{extra_us:.0f} us per request traced\n"
-        f"- the OTLP sink got {exports} exports, {size / 1e6:.1f} MB of spans\n"
-    )
+    summary = ""
+    if table:
+        summary = _summary(table, names)
     print(summary)
     command_line = " ".join(["python", "bench/tracing.py", *sys.argv[1:]])
     Path(args.out).write_text(
@@ -254,6 +246,22 @@ def main() -> int:
         f"{table}\n\n{summary}\n{core}\n"
     )
     return 0
+
+
+def _summary(table: str, names: list[str]) -> str:
+    rounds = _rounds(table, names)
+    off_served, off_loop = _paired(rounds, "off", "base")
+    on_served, on_loop = _paired(rounds, "on", "off")
+    extra_us = statistics.median(r["on"][1] - r["off"][1] for r in rounds)
+    exports, size = RECEIVED
+    return (
+        "Medians over rounds of each round's paired ratio:\n\n"
+        f"- off / base: throughput {off_served:.3f}x, event-loop CPU per request "
+        f"{off_loop:.3f}x\n"
+        f"- on (ratio 1.0) / off: throughput {on_served:.3f}x, event-loop CPU per request "
+        f"{on_loop:.3f}x: +{extra_us:.0f} us per request traced\n"
+        f"- the OTLP sink got {exports} exports, {size / 1e6:.1f} MB of spans\n"
+    )
 
 
 if __name__ == "__main__":
