@@ -467,7 +467,8 @@ def use(span: trace.Span | None) -> None:
 def batch_begins(batch: Sequence[Queued], rows: int) -> trace.Span | None:
     """At a batch's start (the batcher's task): each traced member's queue wait as a span, and
     the batch's span, made current for its execution; None when no member is sampled (the first
-    member's context is made current anyway, so hosts learn it was not sampled)."""
+    member's context is made current anyway, so hosts learn it was not sampled; with no member
+    traced at all, no context)."""
     tracer = _tracer
     if tracer is None:
         return None
@@ -486,7 +487,11 @@ def batch_begins(batch: Sequence[Queued], rows: int) -> trace.Span | None:
             )
             waited.end(now)
     if not members:
-        use(first)
+        # Current, whatever this task inherited (a batcher made during a traced first-use load
+        # has that request's span): the first member's context (unsampled), or none at all.
+        otel_context.attach(
+            trace.set_span_in_context(first) if first is not None else otel_context.Context()
+        )
         return None
     attributes = {"gateway.batch.size": rows, "gateway.batch.requests": len(batch)}
     batch_span = tracer.start_span(

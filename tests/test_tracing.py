@@ -606,3 +606,36 @@ def test_trace_settings_need_the_admin_key(tmp_path: Path, spans: InMemorySpanEx
         assert get(f"{gw.url}/v2/trace/setting")[0] == 404
     finally:
         gw.stop()
+
+
+async def test_untraced_batches_carry_no_stale_context(spans: InMemorySpanExporter) -> None:
+    """A batcher made while a request's span was current (a first-use load runs in the
+    request's trace) must not hand that span to later batches: a batch with no traced member
+    sends no ``traceparent`` upstream, one with a traced member sends that member's trace."""
+    from gateway.batching import Batcher, BatchPolicy, Executed
+    from gateway.stats import ModelStats
+
+    sent: list[dict[str, str]] = []
+
+    async def execute(inputs: Any, outputs: Any, deadline_s: float | None) -> Executed:
+        sent.append(tracing.inject({}))
+        return Executed({"Y": inputs["X"]})
+
+    loader = tracing.start_request("m", None, "loader", None)
+    assert loader is not None
+    tracing.use(loader)  # as in DataPlane._serve_cold: the load (and the batcher) in its trace
+    batcher = Batcher(execute, ["Y"], BatchPolicy(max_batch_size=4), ModelStats("m", "1"))
+    x = {"X": np.ones((1, 2), np.float32)}
+    await batcher.enqueue(x).future  # an untraced request
+    caller_trace, caller_span = _caller()  # another client's request, in its own trace
+    incoming = tracing.Incoming("http", f"00-{caller_trace}-{caller_span}-01")
+    traced = tracing.start_request("m", None, "later", incoming)
+    assert traced is not None
+    item = batcher.enqueue(x)
+    item.trace = traced
+    await item.future
+    await batcher.close(1.0)
+    loader_trace = format(loader.get_span_context().trace_id, "032x")
+    assert "traceparent" not in sent[0], sent[0]
+    assert loader_trace not in sent[1]["traceparent"]
+    assert caller_trace in sent[1]["traceparent"]
