@@ -28,6 +28,7 @@ from gateway.batching import Batcher, BatchPolicy
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
+    InvalidInput,
     ModelLoadError,
     ModelNotFound,
     ModelNotReady,
@@ -43,6 +44,7 @@ from gateway.repository.local import (
     check_model_name,
     is_version,
     locate_versions,
+    read_labels,
 )
 from gateway.repository.pushed import write_pushed_files
 from gateway.settings import Settings
@@ -52,7 +54,7 @@ from gateway.stats import ModelStats
 log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
-EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data"]
+EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "logging"]
 EXTENSIONS.append("trace")  # gateway/tracing.py, gateway/server/trace_setting.py
 EXTENSIONS.append("system_shared_memory")  # gateway/shared_memory.py
 
@@ -66,6 +68,7 @@ class LoadedVersion:
     backend: Backend
     batcher: Batcher
     stats: ModelStats
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per output (classes)
 
 
 @dataclass(slots=True)
@@ -78,6 +81,7 @@ class ModelEntry:
     versions: dict[int, LoadedVersion] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     scratch: Path | None = None  # files pushed through the repository API
+    override: str | None = None  # the config a load was given; kept by plain reloads
 
     @property
     def latest(self) -> LoadedVersion:
@@ -171,7 +175,7 @@ class DataPlane:
         try:
             await self.load(name)
         except GatewayError as exc:
-            log.error("model %s failed to load: %s", name, exc.message)
+            log.error("%s", exc.message)  # "failed to load '<name>', <why>"
 
     async def stop(self) -> None:
         """Drain: refuse new work, finish queued and running batches, release backends."""
@@ -205,7 +209,7 @@ class DataPlane:
         return True
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": "gateway", "version": __version__, "extensions": EXTENSIONS}
+        return {"name": self.settings.server_name, "version": __version__, "extensions": EXTENSIONS}
 
     def _entry(self, name: str) -> ModelEntry:
         check_model_name(name)
@@ -314,11 +318,25 @@ class DataPlane:
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
         return self._resolve(name, version).config.to_dict()
 
+    def config_of(self, name: str, version: str | None = None) -> ModelConfig:
+        """The config of the version a request would be served by (for decoders that need the
+        model's metadata: Triton's raw binary request)."""
+        return self._resolve(name, version).config
+
     def model_stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Triton's statistics extension; an unknown model or version is a 400 in its words."""
         if name:
+            check_model_name(name)
+            entry = self.models.get(name)
+            if entry is None:
+                raise InvalidInput(f"requested model '{name}' is not available")
             if version:
-                return {"model_stats": [self._resolve(name, version).stats.to_dict()]}
-            entry = self._entry(name)
+                loaded = entry.versions.get(int(version)) if is_version(version) else None
+                if loaded is None:
+                    raise InvalidInput(
+                        f"requested model version is not available for model '{name}'"
+                    )
+                return {"model_stats": [loaded.stats.to_dict()]}
             chosen = [entry.versions[v] for v in sorted(entry.versions)]
         else:
             chosen = [e.versions[v] for e in self.models.values() for v in sorted(e.versions)]
@@ -448,7 +466,7 @@ class DataPlane:
                 raise DeadlineExceeded(
                     f"model '{name}' is still being fetched; the request timeout expired"
                 ) from None
-            except ModelLoadError:
+            except (ModelLoadError, ModelNotFound):
                 if name not in self.models and name not in self.repository.model_names():
                     raise ModelNotFound(
                         f"Request for unknown model: '{name}' is not found"
@@ -504,7 +522,11 @@ class DataPlane:
 
         A load that fails leaves the versions that were serving, or the model unavailable with
         the reason; never LOADING, never scratch files, and no entry at all for a name the
-        repository does not know (unknown names must not grow state)."""
+        repository does not know (unknown names must not grow state).
+
+        As in Triton, a plain load (no config, no files) of a model that is loaded with an
+        override config keeps that override (and the files pushed with it) until an unload:
+        only a model not loaded is read from the repository afresh."""
         check_model_name(name)
         entry = self.models.setdefault(name, ModelEntry(name))
         async with entry.lock:
@@ -513,11 +535,20 @@ class DataPlane:
             if not entry.versions:
                 entry.state, entry.reason = LOADING, ""
             scratch: Path | None = None
+            kept = config_json is None and not files and bool(entry.versions)
+            if kept and entry.override is not None:
+                config_json = entry.override
             try:
                 config = self._config(name, config_json)
-                if files:
-                    scratch = write_pushed_files(name, files)
-                    source = locate_versions(scratch, config or ModelConfig(name=name))
+                if kept and entry.scratch is not None and config is not None:
+                    source = locate_versions(entry.scratch, config)
+                elif files:
+                    scratch = write_pushed_files(name, files)  # bad paths first, as Triton
+                    if config is None:  # Triton refuses it, in these words
+                        raise ModelLoadError(
+                            "Load parameter 'config' must be specified for model file override"
+                        )
+                    source = locate_versions(scratch, config)
                 else:
                     await self.repository.fetch(name)  # edge caches pull from their origin
                     source = self.repository.source(name, config)
@@ -526,15 +557,17 @@ class DataPlane:
                 if scratch is not None:
                     shutil.rmtree(scratch, ignore_errors=True)
                 self._load_failed(entry, exc)
-                if isinstance(exc, ModelNotFound | Unavailable) or not isinstance(
-                    exc, GatewayError
-                ):
-                    raise  # unknown name: 404; origin down: retry later; a bug: 500
-                raise ModelLoadError(exc.message) from None
-            if scratch is not None or not files:
+                if isinstance(exc, Unavailable) or not isinstance(exc, GatewayError):
+                    raise  # origin down: retry later; a bug: 500
+                # Triton's form, which clients match on ("failed to load 'simple', ..."),
+                # with the detail after it. An unknown name stays a 404.
+                kind = ModelNotFound if isinstance(exc, ModelNotFound) else ModelLoadError
+                raise kind(f"failed to load '{name}', {exc.message}") from None
+            if not (kept and entry.override is not None) and (scratch is not None or not files):
                 if entry.scratch is not None:
                     shutil.rmtree(entry.scratch, ignore_errors=True)
                 entry.scratch = scratch
+            entry.override = config_json
             old = list(entry.versions.values())
             entry.versions = new
             entry.state, entry.reason = READY, ""
@@ -545,7 +578,7 @@ class DataPlane:
     def _config(self, name: str, config_json: str | None) -> ModelConfig | None:
         if config_json is None:
             return None
-        return parse_json(config_json, f"load request for '{name}'", name)
+        return parse_json(config_json, "override config", name)
 
     async def _load_versions(self, name: str, source: ModelSource) -> dict[int, LoadedVersion]:
         new: dict[int, LoadedVersion] = {}
@@ -561,7 +594,10 @@ class DataPlane:
                     self.clock,
                     capacity=_capacity_of(backend),
                 )
-                new[version] = LoadedVersion(version, backend.config, backend, batcher, stats)
+                labels = read_labels(source.directory, backend.config)
+                new[version] = LoadedVersion(
+                    version, backend.config, backend, batcher, stats, labels
+                )
         except BaseException:
             await self._retire(list(new.values()))
             raise
@@ -580,7 +616,11 @@ class DataPlane:
         entry.state, entry.reason = UNAVAILABLE, f"load failed: {_message(exc)}"
 
     async def unload(self, name: str) -> None:
-        entry = self._entry(name)
+        """Unload every version; a name with nothing loaded is a success, as in Triton."""
+        check_model_name(name)
+        entry = self.models.get(name)
+        if entry is None:
+            return
         async with entry.lock:
             old = list(entry.versions.values())
             entry.state, entry.reason = UNLOADING, ""
@@ -590,4 +630,5 @@ class DataPlane:
             if entry.scratch is not None:  # pushed files go with the model, as in Triton
                 shutil.rmtree(entry.scratch, ignore_errors=True)
                 entry.scratch = None
+            entry.override = None  # the next load reads the repository afresh
             entry.state, entry.reason = UNAVAILABLE, "unloaded"

@@ -4,7 +4,8 @@ The core raises these; only ``gateway.server`` knows which status code each beco
 
     GatewayError
     ├── InvalidInput          malformed request: bad JSON, shape, dtype, binary lengths
-    │   ├── PayloadTooLarge   body above the configured limit
+    │   ├── PayloadTooLarge   body above the configured limit (decompressed, if compressed)
+    │   ├── UnsupportedEncoding  a Content-Encoding the gateway cannot decode
     │   ├── ClientTimeout     the client did not send its body in time
     │   └── SharedMemoryError a shared-memory region, offset or size that cannot be used
     │       ├── UnknownRegion     no region of that name is registered
@@ -38,6 +39,10 @@ class InvalidInput(GatewayError):
 
 class PayloadTooLarge(InvalidInput):
     """The request body exceeds the configured size limit."""
+
+
+class UnsupportedEncoding(InvalidInput):
+    """The request body is compressed with a coding the gateway does not decode."""
 
 
 class ClientTimeout(InvalidInput):

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import orjson
 
 from gateway import context
+from gateway.errors import InvalidInput
 
 access = logging.getLogger("gateway.access")
 
@@ -134,18 +135,127 @@ ACCESS = AccessLog()
 atexit.register(ACCESS.flush)
 
 
+_TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _formatter(fmt: str) -> logging.Formatter:
+    if fmt == "json":
+        return JsonFormatter()
+    if fmt == "ISO8601":
+        return logging.Formatter(_TEXT, datefmt="%Y-%m-%dT%H:%M:%S%z")
+    return logging.Formatter(_TEXT)
+
+
 def configure(level: str, fmt: str) -> None:
     """Root logging for ``gateway serve``."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     ACCESS.stream = handler.stream
     ACCESS.text = fmt != "json"
+    number = logging.getLevelName(level.upper())
+    CONTROL.reset(
+        info=number <= logging.INFO,
+        warning=number <= logging.WARNING,
+        error=number <= logging.ERROR,
+        verbose=1 if number <= logging.DEBUG else 0,
+        fmt="json" if fmt == "json" else "default",
+    )
+
+
+class LogControl(logging.Filter):
+    """Triton's logging extension (``GET/POST /v2/logging``, gRPC ``LogSettings``) over the
+    gateway's logging, changed at run time.
+
+    Triton switches info, warning and error lines on and off one by one and has verbose levels;
+    here the root logger's level is the lowest switched on (DEBUG for any verbose level) and
+    this filter, on the root's handlers, drops the levels switched off above it. The access log
+    (INFO) follows ``log_info``. ``log_format`` is Triton's ``default`` or ``ISO8601`` (text
+    lines) or the gateway's ``json``. ``log_file`` stays where ``gateway serve`` writes (standard
+    error): a request never makes the server open a file."""
+
+    FORMATS = ("default", "ISO8601", "json")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.info, self.warning, self.error, self.verbose = True, True, True, 0
+        self.format = "json"
+
+    def reset(self, *, info: bool, warning: bool, error: bool, verbose: int, fmt: str) -> None:
+        self.info, self.warning, self.error, self.verbose = info, warning, error, verbose
+        self.format = fmt
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        level = record.levelno
+        if level >= logging.ERROR:
+            return self.error
+        if level >= logging.WARNING:
+            return self.warning
+        if level >= logging.INFO:
+            return self.info
+        return self.verbose > 0
+
+    def settings(self) -> dict[str, Any]:
+        """Triton's fields, as ``GET /v2/logging`` answers them."""
+        return {
+            "log_file": "",
+            "log_info": self.info,
+            "log_warning": self.warning,
+            "log_error": self.error,
+            "log_verbose_level": self.verbose,
+            "log_format": self.format,
+        }
+
+    def update(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Apply Triton's fields (others are ignored, as Triton does); every value is checked
+        before any is applied. Raises ``InvalidInput`` naming the field."""
+        new = self.settings()
+        for key in ("log_info", "log_warning", "log_error"):
+            if key in changes:
+                if not isinstance(changes[key], bool):
+                    raise InvalidInput(f"'{key}' must be true or false")
+                new[key] = changes[key]
+        if "log_verbose_level" in changes:
+            verbose = changes["log_verbose_level"]
+            if not isinstance(verbose, int) or isinstance(verbose, bool) or not 0 <= verbose:
+                raise InvalidInput("'log_verbose_level' must be a non-negative integer")
+            new["log_verbose_level"] = verbose
+        if "log_format" in changes:
+            if changes["log_format"] not in self.FORMATS:
+                raise InvalidInput(f"'log_format' must be one of {', '.join(self.FORMATS)}")
+            new["log_format"] = changes["log_format"]
+        if "log_file" in changes and changes["log_file"] != "":
+            raise InvalidInput("'log_file' cannot be changed at run time (logs go to stderr)")
+        self.info, self.warning, self.error = new["log_info"], new["log_warning"], new["log_error"]
+        self.verbose = new["log_verbose_level"]
+        self.format = new["log_format"]
+        self._apply()
+        return self.settings()
+
+    def _apply(self) -> None:
+        switched_on = [
+            level
+            for level, on in (
+                (logging.DEBUG, self.verbose > 0),
+                (logging.INFO, self.info),
+                (logging.WARNING, self.warning),
+                (logging.ERROR, self.error),
+            )
+            if on
+        ]
+        root = logging.getLogger()
+        root.setLevel(min(switched_on, default=logging.CRITICAL + 1))
+        for handler in root.handlers:
+            if self not in handler.filters:
+                handler.addFilter(self)
+            handler.setFormatter(_formatter(self.format))
+        access.setLevel(logging.INFO if self.info else logging.WARNING)
+        ACCESS.text = self.format != "json"
+
+
+CONTROL = LogControl()
 
 
 def log_inference(

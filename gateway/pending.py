@@ -19,8 +19,9 @@ batch's outputs to what the request asked for (``response_of``), pure functions 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +29,8 @@ import numpy as np
 from gateway import context, tracing
 from gateway.backends.base import Tensors
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, QueueFull
-from gateway.protocol.types import InferRequest, InferResponse, datatype_of
+from gateway.protocol.tensors import tensor_from_buffer
+from gateway.protocol.types import InferRequest, InferResponse, datatype_of, numpy_dtype
 from gateway.repository.config import ModelConfig
 from gateway.shared_memory import write_outputs
 
@@ -242,7 +244,9 @@ class Pending:
             return
         lv.stats.record_request(True, spent_ns)
         try:
-            response = response_of(self.name, lv.version, lv.config, request, future.result())
+            response = response_of(
+                self.name, lv.version, lv.config, request, future.result(), lv.labels
+            )
             if request.shared_targets:
                 write_outputs(request, response)  # into the client's shared memory
         except Exception as error:  # a backend that left out an output asked for
@@ -269,12 +273,27 @@ class Pending:
 # -- pure checks against a model's config ----------------------------------------------------
 
 
+def _dims(dims: Sequence[int]) -> str:
+    """Dims as Triton prints them: ``[-1,16]``."""
+    return "[" + ",".join(str(d) for d in dims) + "]"
+
+
+# Triton's note after a shape error of a batched model (clients see it as the hint it is).
+BATCH_NOTE = (
+    " NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension "
+    "to be prepended to each input shape. If you want to specify the full shape including the "
+    "batch dim in your input dims config, try setting max_batch_size to zero. See the model "
+    "configuration docs for more info on max_batch_size."
+)
+
+
 def _shape_error(name: str, cfg: ModelConfig, shape: tuple[int, ...]) -> str:
+    """Triton's words for an input whose shape the config does not allow."""
     spec = cfg.input(name)
     expected = ([-1] if cfg.batched else []) + list(spec.dims if spec else ())
     return (
         f"unexpected shape for input '{name}' for model '{cfg.name}'. "
-        f"Expected {expected}, got {list(shape)}"
+        f"Expected {_dims(expected)}, got {_dims(shape)}." + (BATCH_NOTE if cfg.batched else "")
     )
 
 
@@ -327,24 +346,112 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
         prepared[name] = array
     missing = [t.name for t in cfg.inputs if t.name not in prepared and not t.optional]
     if missing:
-        raise InvalidInput(
+
+        def names(items: Sequence[str]) -> str:
+            return "[" + ",".join(f"'{n}'" for n in items) + "]"
+
+        raise InvalidInput(  # Triton's words
             f"expected {len(cfg.inputs)} inputs but got {len(prepared)} inputs for model "
-            f"'{cfg.name}'; missing: {', '.join(missing)}"
+            f"'{cfg.name}'. Got input(s) {names(list(prepared))}, but missing required input(s) "
+            f"{names(missing)}. Please provide all required input(s)."
         )
     if request.outputs:
         for out in request.outputs:
-            if cfg.output(out.name) is None:
+            spec = cfg.output(out.name)
+            if spec is None:
                 raise InvalidInput(
                     f"unexpected inference output '{out.name}' for model '{cfg.name}'"
+                )
+            if out.classification and spec.datatype not in CLASSIFIABLE:
+                raise InvalidInput(  # Triton's words
+                    "class result not available for output due to unsupported type "
+                    f"'{spec.datatype}'"
                 )
     return prepared, rows
 
 
+# Triton's classification extension ranks these; others are refused in its words.
+CLASSIFIABLE = frozenset(
+    {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"}
+)
+
+
+def classify(
+    array: np.ndarray[Any, Any], count: int, labels: tuple[str, ...] | None, batched: bool
+) -> np.ndarray[Any, Any]:
+    """The top ``count`` classes of each batch row (of the whole tensor when not batched) as
+    Triton's BYTES ``"value:index"`` or ``"value:index:label"`` strings, best first (ties by
+    index); fewer when the row holds fewer. Values print as C's ``%f`` for floats."""
+    rows = array.reshape(array.shape[0], -1) if batched and array.ndim else array.reshape(1, -1)
+    floats = rows.dtype.kind == "f"
+    keep = min(count, rows.shape[1])
+    out = np.empty((rows.shape[0], keep), dtype=object)
+    for r, row in enumerate(rows):
+        # descending and stable: sort the reversed row ascending, then read it backwards
+        order = (len(row) - 1 - np.argsort(row[::-1], kind="stable")[::-1])[:keep]
+        for k, index in enumerate(order.tolist()):
+            value = row[index]
+            text = f"{float(value):f}" if floats else str(int(value))
+            text += f":{index}"
+            if labels is not None and index < len(labels):
+                text += f":{labels[index]}"
+            out[r, k] = text.encode()
+    return out if batched and array.ndim else out.reshape(keep)
+
+
+def raw_binary_request(cfg: ModelConfig, body: bytes) -> InferRequest:
+    """Triton's raw binary request (``Inference-Header-Content-Length: 0``): the whole body is
+    the tensor of the model's one input, its shape deduced from the config (at most one
+    variable dimension, from the body's size; a BYTES input of dims ``[1]`` is one element,
+    the body), a batch of one for a batching model; every output answered as binary."""
+    if len(cfg.inputs) != 1:
+        raise InvalidInput(
+            f"raw binary request (Inference-Header-Content-Length: 0) needs a model with one "
+            f"input; '{cfg.name}' has {len(cfg.inputs)}"
+        )
+    spec = cfg.inputs[0]
+    lead = (1,) if cfg.batched else ()
+    dtype = numpy_dtype(spec.datatype)
+    if dtype.kind == "O":
+        if spec.dims != (1,):
+            raise InvalidInput(
+                f"raw binary request: BYTES input '{spec.name}' must have dims [1], "
+                f"not {_dims(spec.dims)}"
+            )
+        array = np.empty((*lead, 1), dtype=object)
+        array.reshape(-1)[0] = bytes(body)
+        return InferRequest(inputs={spec.name: array}, binary_output=True)
+    variable = [i for i, d in enumerate(spec.dims) if d == -1]
+    fixed = math.prod(d for d in spec.dims if d != -1) * dtype.itemsize
+    if len(variable) > 1:
+        raise InvalidInput(
+            f"raw binary request: input '{spec.name}' has dims {_dims(spec.dims)}; the size of "
+            "the body can tell at most one variable dimension"
+        )
+    dims = list(spec.dims)
+    if variable and fixed and len(body) % fixed == 0:
+        dims[variable[0]] = len(body) // fixed
+    elif variable or len(body) != fixed:
+        raise InvalidInput(
+            f"raw binary request: {len(body)} bytes do not make input '{spec.name}' of "
+            f"{spec.datatype} dims {_dims(spec.dims)}"
+        )
+    array = tensor_from_buffer(body, dtype, lead + tuple(dims), spec.name)
+    return InferRequest(inputs={spec.name: array}, binary_output=True)
+
+
 def response_of(
-    name: str, version: int, cfg: ModelConfig, request: InferRequest, outputs: Tensors
+    name: str,
+    version: int,
+    cfg: ModelConfig,
+    request: InferRequest,
+    outputs: Tensors,
+    labels: dict[str, tuple[str, ...]] | None = None,
 ) -> InferResponse:
-    """The outputs asked for (all by default), reshaped as the config says."""
+    """The outputs asked for (all by default), reshaped as the config says, or as their top
+    classes where the request asked for ``classification``."""
     wanted = [o.name for o in request.outputs] if request.outputs else list(outputs)
+    classes = {o.name: o.classification for o in request.outputs or () if o.classification}
     result: dict[str, np.ndarray[Any, Any]] = {}
     for out_name in wanted:
         array = outputs[out_name]
@@ -352,8 +459,19 @@ def response_of(
         if spec is not None and spec.reshape is not None:
             lead = (array.shape[0],) if cfg.batched else ()
             array = array.reshape(lead + tuple(spec.dims))
+        if out_name in classes:
+            names = (labels or {}).get(out_name)
+            array = classify(array, classes[out_name], names, cfg.batched)
         result[out_name] = array
     return InferResponse(model_name=name, model_version=str(version), outputs=result, id=request.id)
 
 
-__all__ = ["Pending", "failure_reason", "response_of", "validate"]
+__all__ = [
+    "BATCH_NOTE",
+    "Pending",
+    "classify",
+    "failure_reason",
+    "raw_binary_request",
+    "response_of",
+    "validate",
+]

@@ -123,6 +123,9 @@ class Settings:
     # Observability.
     access_log: bool = True  # one JSON line per inference request on the gateway.access logger
     log_format: str = "json"  # json | text
+    # The name in server metadata (GET /v2, gRPC ServerMetadata); "triton" for clients that
+    # check it (Triton's health/metadata examples do).
+    server_name: str = "gateway"
     hosts: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     # Remote Triton hosts (``[[hosts]]`` tables with ``kind = "triton"``).
     triton_strategy: str = "auto"  # auto | onnxruntime | python: the backend models get there
@@ -199,6 +202,8 @@ class Settings:
             raise SettingsError("max_queue_size must be >= 1")
         if self.default_max_batch_size < 0:
             raise SettingsError("default_max_batch_size must be >= 0")
+        if not self.server_name.strip() or len(self.server_name) > 128:
+            raise SettingsError("server_name must be 1 to 128 characters")
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"log_format must be json or text, got {self.log_format!r}")
         if self.shutdown_delay_s < 0 or self.drain_timeout_s < 0:

@@ -175,3 +175,91 @@ def dtype_inputs(batch: int) -> dict[str, np.ndarray]:
         else:
             arrays[f"IN_{t}"] = (rng.standard_normal((batch, 3)) * 100).astype(dtype)
     return arrays
+
+
+def string_add_sub(repo: Path, name: str = "simple_string", config: str | None = None) -> Path:
+    """Triton's ``simple_string``: BYTES INPUT0, INPUT1 [-1, 16] holding integers as text ->
+    OUTPUT0 = sum, OUTPUT1 = difference, as text. Empty strings are no numbers: the model
+    refuses them (a made-up warm-up input of empty strings fails)."""
+
+    def text(tensor: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(tensor, TensorProto.STRING, ["batch", 16])
+
+    nodes = [
+        helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+        helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+        helper.make_node("Add", ["a", "b"], ["sum"]),
+        helper.make_node("Sub", ["a", "b"], ["diff"]),
+        helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
+        helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [text(n) for n in ("INPUT0", "INPUT1")],
+        [text(n) for n in ("OUTPUT0", "OUTPUT1")],
+    )
+    if config is None:
+        config = SIMPLE_CONFIG.replace("simple", name).replace("TYPE_INT32", "TYPE_STRING")
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)
+
+
+def with_initializer_input(repo: Path, name: str = "biased") -> Path:
+    """FP32 X [3] + B [3] -> Y, where B is also an initializer (ones): an ONNX input a request
+    may leave out (``optional: true`` in the config)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["X", "B"], ["Y"])],
+        name,
+        [
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("B", TensorProto.FLOAT, [3]),
+        ],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3])],
+        [numpy_helper.from_array(np.ones(3, dtype=np.float32), "B")],
+    )
+    config = f"""
+name: "{name}"
+max_batch_size: 0
+input [
+  {{ name: "X" data_type: TYPE_FP32 dims: [ 3 ] }},
+  {{ name: "B" data_type: TYPE_FP32 dims: [ 3 ] optional: true }}
+]
+output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 3 ] }} ]
+"""
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)
+
+
+def scalar_double(repo: Path, name: str = "scalar") -> Path:
+    """A rank-0 FP32 X -> Y = 2 X, described in its config with dims [1] (as Triton's ORT
+    backend takes scalars)."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["X", "two"], ["Y"])],
+        name,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.array(2, dtype=np.float32), "two")],
+    )
+    config = f"""
+name: "{name}"
+max_batch_size: 0
+input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+"""
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)
+
+
+def bytes_identity(repo: Path, name: str = "simple_identity") -> Path:
+    """Triton's ``simple_identity``: BYTES INPUT0 [-1, -1] -> OUTPUT0, unchanged."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        name,
+        [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["batch", "n"])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["batch", "n"])],
+    )
+    config = f"""
+name: "{name}"
+max_batch_size: 8
+input [ {{ name: "INPUT0" data_type: TYPE_STRING dims: [ -1 ] }} ]
+output [ {{ name: "OUTPUT0" data_type: TYPE_STRING dims: [ -1 ] }} ]
+"""
+    return _save(helper.make_model(graph, opset_imports=OPSET), repo, name, 1, config)

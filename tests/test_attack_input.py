@@ -191,6 +191,7 @@ def test_zero_sized_huge_shape_is_a_400(served: tuple[GatewayProcess, Path]) -> 
 
 def _load(gw: GatewayProcess, name: str, **files: bytes) -> tuple[int, dict[str, Any]]:
     parameters = {key: base64.b64encode(value).decode() for key, value in files.items()}
+    parameters["config"] = "{}"  # files need a config to go with them (as in Triton)
     status, _, body = raw(
         gw,
         "POST",
@@ -268,7 +269,12 @@ def test_clients_see_names_not_paths(served: tuple[GatewayProcess, Path]) -> Non
         "POST",
         "/v2/repository/models/pushed2/load",
         json.dumps(
-            {"parameters": {"file:1/model.onnx": base64.b64encode(b"junk").decode()}}
+            {
+                "parameters": {
+                    "config": "{}",
+                    "file:1/model.onnx": base64.b64encode(b"junk").decode(),
+                }
+            }
         ).encode(),
     )
     assert status == 400 and b"1/model.onnx" in answer and b"gateway-pushed2" not in answer

@@ -30,6 +30,8 @@ from gateway.protocol import (
 
 LIMIT = 1 << 28  # the default element limit of one tensor
 
+UNPARSED = "Unable to parse 'data': Shape does not match true shape of 'data' field"
+
 
 def _body(*inputs: dict[str, Any], **top: Any) -> bytes:
     return json.dumps({"inputs": list(inputs), **top}).encode()
@@ -259,7 +261,7 @@ def test_timeout_parameter_must_be_whole_microseconds(timeout: object) -> None:
         (b'{"inputs": "abc"}', "'inputs' must be a non-empty list"),
         (b'{"inputs": {"name": "A"}}', "'inputs' must be a non-empty list"),
         (b'{"inputs": [5]}', "each entry of 'inputs' must be an object"),
-        (_body(_inp(data=[1]), _inp(data=[2])), "input 'A' given twice"),
+        (_body(_inp(data=[1]), _inp(data=[2])), "input 'A' already exists in request"),
         (_body(_inp(datatype=5, data=[1])), "input 'A': 'datatype' must be a string"),
         (_body({"name": "A", "shape": [1], "data": [1]}), "input 'A': 'datatype' must be a string"),
         (_body(_inp(parameters=[1], data=[1])), "input 'A': 'parameters' must be an object"),
@@ -294,7 +296,7 @@ def test_bytes_as_json_strings_in_nested_lists() -> None:
 @pytest.mark.parametrize(
     ("data", "shape", "message"),
     [
-        (["a", "b"], [3], "input 'S': got 2 elements, shape [3] needs 3"),
+        (["a", "b"], [3], f"input 'S': {UNPARSED} (got 2 elements, shape [3] needs 3)"),
         # refused at the first string past the shape: a huge list costs no more than that
         (["a", "b"], [1], "input 'S': BYTES data holds more than the 1 elements"),
         (["a", 5, {}], [1], "input 'S': BYTES data holds more than the 1 elements"),
@@ -313,10 +315,10 @@ def test_numbers_fill_the_shape_in_order() -> None:
     array = _one(_inp(shape=[3, 2], data=[[1, 2, 3], [4, 5, 6]]))
     assert array.tolist() == [[1, 2], [3, 4], [5, 6]] and array.dtype == np.int32
     assert _error(_body(_inp(shape=[3], data=[1, 2]))) == (
-        "input 'A': got 2 elements, shape [3] needs 3"
+        f"input 'A': {UNPARSED} (got 2 elements, shape [3] needs 3)"
     )
     assert _error(_body(_inp(shape=[1], data=[1, 2]))) == (
-        "input 'A': got 2 elements, shape [1] needs 1"
+        f"input 'A': {UNPARSED} (got 2 elements, shape [1] needs 1)"
     )
     assert _error(_body(_inp(shape=[2, 2], data=[[1, 2], [3]]))).startswith(
         "input 'A': data is ragged or not numeric ("
@@ -688,11 +690,12 @@ def test_requested_binary_overrides_the_default_per_output() -> None:
             {"name": "B", "datatype": "INT64", "shape": [2], "data": [2, 3]},
         ]
         assert "id" not in header and rest == a.tobytes()
-    for default in (False, True):  # binary None follows the default
+    for default in (False, True):  # a listed output without binary_data is JSON (Triton)
         body, length = encode_infer_response(response, [RequestedOutput("A", None)], default)
-        header, rest = _split(body, length)
-        assert (length is not None) is default
-        assert rest == (a.tobytes() + b.tobytes() if default else b"")
+        assert length is None and json.loads(body)["outputs"][0]["data"] == [1.5]
+    body, length = encode_infer_response(response, None, True)  # none listed: the default
+    header, rest = _split(body, length)
+    assert rest == a.tobytes() + b.tobytes()
 
 
 @pytest.fixture
@@ -716,7 +719,7 @@ def test_all_binary_response_headers_are_built_once(heads: list[str]) -> None:
     for requested, default in (
         (None, True),
         ([RequestedOutput("Y", True)], False),
-        ([RequestedOutput("Y", None)], True),
+        ([RequestedOutput("Y", True)], True),
         (None, True),
     ):
         body, length = encode_infer_response(

@@ -11,6 +11,7 @@ import os
 import queue
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -319,15 +320,13 @@ def test_infer_tensor_contents(stub: Any) -> None:
         tensor.contents.int_contents.extend(data.reshape(-1).tolist())
     response = stub.ModelInfer(request, timeout=10)
     assert response.id == "typed"
-    assert len(response.raw_output_contents) == 0  # typed in, typed out
-    by_name = {o.name: o for o in response.outputs}
-    assert list(by_name["OUTPUT0"].shape) == [2, 16]
-    np.testing.assert_array_equal(
-        np.array(by_name["OUTPUT0"].contents.int_contents).reshape(2, 16), a + b
-    )
-    np.testing.assert_array_equal(
-        np.array(by_name["OUTPUT1"].contents.int_contents).reshape(2, 16), a - b
-    )
+    # typed in, raw out: Triton answers in raw_output_contents whatever the request used
+    assert not any(o.HasField("contents") for o in response.outputs)
+    assert [o.name for o in response.outputs] == ["OUTPUT0", "OUTPUT1"]
+    assert list(response.outputs[0].shape) == [2, 16]
+    out0, out1 = (np.frombuffer(c, np.int32).reshape(2, 16) for c in response.raw_output_contents)
+    np.testing.assert_array_equal(out0, a + b)
+    np.testing.assert_array_equal(out1, a - b)
 
 
 def test_infer_bytes_raw_and_contents(client: grpcclient.InferenceServerClient, stub: Any) -> None:
@@ -341,7 +340,8 @@ def test_infer_bytes_raw_and_contents(client: grpcclient.InferenceServerClient, 
     typed = request.inputs.add(name="TEXT", datatype="BYTES", shape=[3, 1])
     typed.contents.bytes_contents.extend(text.reshape(-1).tolist())
     response = stub.ModelInfer(request, timeout=10)
-    assert list(response.outputs[0].contents.bytes_contents) == text.reshape(-1).tolist()
+    framed = b"".join(struct.pack("<I", len(t)) + t for t in text.reshape(-1).tolist())
+    assert list(response.raw_output_contents) == [framed]  # raw out, as Triton
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -578,16 +578,16 @@ def test_codec_parameters_round_trip() -> None:
     assert decoded.inputs["X"].dtype == np.float64
 
 
-def test_codec_fp16_output_is_raw_even_for_typed_requests() -> None:
+def test_codec_outputs_are_always_raw() -> None:
     response = InferResponse(
         "m", "1", {"H": np.ones((2,), np.float16), "I": np.arange(2, dtype=np.int16)}
     )
-    message = encode_infer_response(response, raw=False)
+    message = encode_infer_response(response)
     assert len(message.raw_output_contents) == 2
     assert np.frombuffer(message.raw_output_contents[0], np.float16).tolist() == [1.0, 1.0]
-    typed = encode_infer_response(InferResponse("m", "1", {"I": np.arange(3)}), raw=False)
-    assert list(typed.outputs[0].contents.int64_contents) == [0, 1, 2]
-    assert typed.outputs[0].datatype == "INT64"
+    other = encode_infer_response(InferResponse("m", "1", {"I": np.arange(3)}))
+    assert np.frombuffer(other.raw_output_contents[0], np.int64).tolist() == [0, 1, 2]
+    assert other.outputs[0].datatype == "INT64" and not other.outputs[0].HasField("contents")
 
 
 def test_status_table() -> None:
@@ -598,7 +598,7 @@ def test_status_table() -> None:
     assert status_of(errors.ModelLoadError("x")) == grpc.StatusCode.INVALID_ARGUMENT
     assert status_of(errors.ModelNotReady("x")) == grpc.StatusCode.UNAVAILABLE
     assert status_of(errors.Unavailable("x")) == grpc.StatusCode.UNAVAILABLE
-    assert status_of(errors.QueueFull("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_of(errors.QueueFull("x")) == grpc.StatusCode.UNAVAILABLE  # as Triton 2.51
     assert status_of(errors.Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_of(errors.DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert status_of(errors.GatewayError("x")) == grpc.StatusCode.INTERNAL

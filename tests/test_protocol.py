@@ -72,7 +72,7 @@ def test_binary_and_json_inputs_mix() -> None:
         (
             b'{"inputs": [{"name": "A", "datatype": "FP32", "shape": [1], "data": [1]},'
             b' {"name": "A", "datatype": "FP32", "shape": [1], "data": [1]}]}',
-            "twice",
+            "already exists in request",
         ),
         (b'{"inputs": [{"name": "A", "datatype": "BYTES", "shape": [1], "data": [1]}]}', "strings"),
         (b"[" * 2000 + b"]" * 2000, "JSON"),

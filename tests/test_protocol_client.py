@@ -142,7 +142,7 @@ MALFORMED: list[tuple[str, bytes, str | int | None, str]] = [
         "json count",
         b'{"outputs": [{"name": "Y", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}',
         None,
-        "output 'Y': got 2 elements",
+        "output 'Y': Unable to parse 'data': Shape does not match",
     ),
     (
         "json range",

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,13 @@ from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 from gateway import tracing
 from gateway.backends.base import Backend, BackendFactory, Executed, Tensors
 from gateway.errors import InvalidInput, ModelLoadError, Unavailable
+from gateway.protocol.tensors import split_bytes
 from gateway.protocol.types import numpy_dtype
 from gateway.repository.config import (
     DynamicBatching,
     ModelConfig,
     TensorConfig,
+    WarmupSample,
 )
 from gateway.repository.local import ModelSource
 from gateway.settings import Settings
@@ -226,8 +228,13 @@ def complete_config(config: ModelConfig, session: Any, default_max_batch_size: i
     if not config.outputs:
         cut = 1 if config.batched else 0
         config = config.with_changes(outputs=tuple(TensorConfig(n, t, s[cut:]) for n, t, s in outs))
-    graph = {n: (t, s) for n, t, s in ins + outs}
+    # Inputs with an initializer (ORT lists them apart) may be fed or left out: the config names
+    # them as ``optional: true`` inputs, as Triton's ORT backend allows.
+    overridable = _tensor_meta(session.get_overridable_initializers(), "input", config.name)
+    graph = {n: (t, s) for n, t, s in ins + overridable + outs}
+    checked: dict[str, tuple[TensorConfig, ...]] = {}
     for kind, tensors in (("input", config.inputs), ("output", config.outputs)):
+        kept = []
         for tensor in tensors:
             if tensor.name not in graph:
                 raise ModelLoadError(
@@ -240,6 +247,10 @@ def complete_config(config: ModelConfig, session: Any, default_max_batch_size: i
                     f"model '{config.name}': {kind} '{tensor.name}' is {datatype} in the graph "
                     f"but {tensor.datatype} in the config"
                 )
+            if not shape and not config.batched and tensor.dims == (1,) and tensor.reshape is None:
+                # A scalar (rank 0) in the graph, [1] in the config: the one element, reshaped
+                # on the way in and out, as Triton's ORT backend takes it.
+                tensor = replace(tensor, reshape=())
             dims = tensor.reshape if tensor.reshape is not None else tensor.dims
             expected = ((-1,) if config.batched else ()) + dims
             if len(shape) != len(expected) or any(
@@ -249,7 +260,9 @@ def complete_config(config: ModelConfig, session: Any, default_max_batch_size: i
                     f"model '{config.name}': {kind} '{tensor.name}' has shape {list(shape)} in "
                     f"the graph, config implies {list(expected)}"
                 )
-    return config
+            kept.append(tensor)
+        checked[kind] = tuple(kept)
+    return config.with_changes(inputs=checked["input"], outputs=checked["output"])
 
 
 def inspect_config(source: ModelSource, version: int, default_max_batch_size: int) -> ModelConfig:
@@ -274,25 +287,42 @@ def _load_error(source: ModelSource, version: int, exc: Exception) -> ModelLoadE
     return ModelLoadError(f"model '{source.name}' version {version}: {message}")
 
 
-def _to_ort(array: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
-    """ORT string tensors hold text: BYTES elements must be UTF-8."""
+def _to_ort(array: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], bool]:
+    """An input as ORT's Python binding takes it, and whether it went as raw bytes.
+
+    ORT string tensors hold bytes (Triton's ORT backend passes BYTES through as they are), but
+    its Python binding only takes ``str``, which it writes as UTF-8. Text that is UTF-8 goes as
+    text. Anything else (raw bytes: an image, a serialized record) goes one character per byte
+    (latin-1), and the run's string outputs come back the same way (``_from_ort``): a model that
+    passes or slices the bytes sees and returns them unchanged."""
     if array.dtype.kind != "O":
-        return array
+        return array, False
+    flat = array.ravel()
     try:
-        items = [v.decode() if isinstance(v, bytes) else v for v in array.ravel()]
+        items = [v.decode() if isinstance(v, bytes) else v for v in flat]
+        raw = False
     except UnicodeDecodeError:
-        raise InvalidInput(
-            f"input '{name}': ONNX Runtime string tensors must be valid UTF-8"
-        ) from None
-    return np.array(items, dtype=object).reshape(array.shape)
+        items = [v.decode("latin-1") if isinstance(v, bytes) else v for v in flat]
+        raw = True
+    return np.array(items, dtype=object).reshape(array.shape), raw
 
 
-def _from_ort(array: Any) -> np.ndarray[Any, Any]:
+def _from_ort(array: Any, raw: bool = False) -> np.ndarray[Any, Any]:
     array = np.asarray(array)
     if array.dtype.kind in ("O", "U"):
-        items = [v.encode() if isinstance(v, str) else v for v in array.ravel()]
+        items = [_text_bytes(v, raw) if isinstance(v, str) else v for v in array.ravel()]
         return np.array(items, dtype=object).reshape(array.shape)
     return array  # type: ignore[no-any-return]
+
+
+def _text_bytes(text: str, raw: bool) -> bytes:
+    """A string output as bytes: back to the raw bytes when the inputs went as such."""
+    if raw:
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            pass
+    return text.encode()
 
 
 def warmup_inputs(config: ModelConfig, batch: int) -> Tensors:
@@ -305,6 +335,54 @@ def warmup_inputs(config: ModelConfig, batch: int) -> Tensors:
         feeds[tensor.name] = (
             np.full(shape, b"", dtype=object) if dtype.kind == "O" else np.zeros(shape, dtype)
         )
+    return feeds
+
+
+def warmup_sample_inputs(config: ModelConfig, sample: WarmupSample, files: Path) -> Tensors:
+    """A ``model_warmup`` sample's inputs as the backend takes them: ``batch_size`` rows (none
+    when the model does not batch) of zeros, random values or a file's bytes (one row, repeated;
+    BYTES elements length-prefixed), reshaped where the config says."""
+    rng = np.random.default_rng(0)
+    feeds: Tensors = {}
+    for item in sample.inputs:
+        dtype = numpy_dtype(item.datatype)
+        count = int(np.prod(item.dims))
+        if item.data == "file":
+            try:
+                raw = (files / item.file).read_bytes()
+            except OSError as exc:
+                raise ModelLoadError(
+                    f"model '{config.name}': model_warmup '{sample.name}' input '{item.name}': "
+                    f"warmup/{item.file} cannot be read: {exc.strerror or exc}"
+                ) from None
+            try:
+                if dtype.kind == "O":
+                    row = split_bytes(raw, count, item.name)
+                else:
+                    row = np.frombuffer(raw, dtype=dtype, count=count)
+            except (InvalidInput, ValueError) as exc:
+                raise ModelLoadError(
+                    f"model '{config.name}': model_warmup '{sample.name}' input '{item.name}': "
+                    f"warmup/{item.file} does not hold {count} {item.datatype} elements ({exc})"
+                ) from None
+        elif dtype.kind == "O":
+            row = np.full(count, b"", dtype=object)  # Triton's zero (and random) strings
+        elif item.data == "random" and dtype.kind == "f":
+            row = rng.standard_normal(count).astype(dtype)
+        elif item.data == "random" and dtype.kind in "iu":
+            row = rng.integers(0, 128, count).astype(dtype)
+        elif item.data == "random" and dtype.kind == "b":
+            row = rng.integers(0, 2, count).astype(dtype)
+        else:
+            row = np.zeros(count, dtype)
+        spec = config.input(item.name)
+        dims = spec.reshape if spec is not None and spec.reshape is not None else item.dims
+        if config.batched:
+            feeds[item.name] = np.stack([row] * sample.batch_size).reshape(
+                (sample.batch_size, *dims)
+            )
+        else:
+            feeds[item.name] = row.reshape(dims)
     return feeds
 
 
@@ -350,20 +428,28 @@ class OnnxRuntimeBackend(Backend):
     def instance_count(self) -> int:
         return self._count
 
-    def _run(self, inputs: Tensors, outputs: Sequence[str]) -> tuple[Tensors, float]:
+    def _run(self, inputs: Tensors, outputs: Sequence[str]) -> Executed:
+        """One run: the outputs, and how long it took (of which, handing the inputs over and
+        reading the outputs back: Triton's compute_input and compute_output)."""
         session = self._free.get()
         started = time.perf_counter()
         try:
-            feeds = {name: _to_ort(array, name) for name, array in inputs.items()}
+            feeds, raw = {}, False
+            for name, array in inputs.items():
+                feeds[name], as_bytes = _to_ort(array)
+                raw = raw or as_bytes
+            fed = time.perf_counter()
             results = session.run(list(outputs), feeds)
         finally:
             self._free.put(session)
-        named = {name: _from_ort(value) for name, value in zip(outputs, results, strict=True)}
-        return named, time.perf_counter() - started
+        ran = time.perf_counter()
+        named = {name: _from_ort(value, raw) for name, value in zip(outputs, results, strict=True)}
+        done = time.perf_counter()
+        return Executed(named, "", done - started, fed - started, done - ran)
 
     def run_sync(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
         """Blocking execution, for warm-up and benchmarks."""
-        return self._run(inputs, outputs)[0]
+        return self._run(inputs, outputs).outputs
 
     async def execute(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
@@ -371,7 +457,7 @@ class OnnxRuntimeBackend(Backend):
         loop = asyncio.get_running_loop()
         try:
             with tracing.span(tracing.ORT_RUN):
-                result, seconds = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
+                ran = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
         except Exception as exc:  # ORT raises its own exception types
             if isinstance(exc, EPFail) or (self._on_gpu and _DEVICE_FAILURE.search(str(exc))):
                 raise self._device_failed(exc) from None
@@ -380,7 +466,7 @@ class OnnxRuntimeBackend(Backend):
                     f"model '{self._config.name}' rejected the input: {exc}"
                 ) from None
             raise
-        return Executed(result, compute_s=seconds)
+        return ran
 
     def _device_failed(self, exc: Exception) -> Unavailable:
         """A run the execution provider failed (fallback is off): the server's fault (503),
@@ -511,21 +597,32 @@ class OnnxRuntimeFactory(BackendFactory):
         backend = OnnxRuntimeBackend(
             config, sessions, sessions[0].get_providers(), str(path), instances, cpu_fallback
         )
-        if self._settings.warmup:
-            outputs = [t.name for t in config.outputs]
+        outputs = [t.name for t in config.outputs]
+        where = f"model '{source.name}' version {version}"
+        if config.model_warmup:  # Triton's: the config's samples, and a failure fails the load
+            for sample in config.model_warmup:
+                feeds = warmup_sample_inputs(config, sample, source.directory / "warmup")
+                for _ in range(sample.count * len(sessions)):
+                    try:
+                        backend.run_sync(feeds, outputs)
+                    except Exception as exc:
+                        raise ModelLoadError(
+                            f"{where}: model_warmup '{sample.name}' failed: {exc}"
+                        ) from None
+        elif self._settings.warmup:
+            # The gateway's own: made-up inputs, which a model may rightly refuse (a BYTES input
+            # it parses as numbers): then it only logs, and the first request pays ORT's start.
             sizes = {1, config.max_batch_size} if config.batched else {1}
             if plan.cuda and config.batched and config.dynamic_batching is not None:
                 # CUDA picks kernels (cuDNN's convolution search) per input shape, at its first
                 # run: pay that now for the batch sizes the batcher aims at.
                 sizes |= set(config.dynamic_batching.preferred_batch_sizes)
-            for size in sorted(sizes):
-                for _ in range(len(sessions)):
-                    try:
+            try:
+                for size in sorted(sizes):
+                    for _ in range(len(sessions)):
                         backend.run_sync(warmup_inputs(config, size), outputs)
-                    except Exception as exc:
-                        raise ModelLoadError(
-                            f"model '{source.name}' version {version}: warm-up failed: {exc}"
-                        ) from None
+            except Exception as exc:
+                log.warning("%s: warm-up with made-up inputs skipped: %s", where, exc)
         return backend
 
     def _check_placement(

@@ -182,7 +182,9 @@ class RoutedBackend(Backend):
             if lease.name == LOCAL:
                 assert self._local is not None
                 local = await self._local.execute(inputs, outputs, deadline_s)
-                result = Executed(local.outputs, LOCAL, local.compute_s)
+                result = Executed(
+                    local.outputs, LOCAL, local.compute_s, local.input_s, local.output_s
+                )
             else:
                 host = self._factory.pool.host_for(lease.target)
                 if not lease.target.ready.get(self.key, False):

@@ -48,6 +48,10 @@ class Executed:
     outputs: Tensors
     host: str = ""
     compute_s: float | None = None
+    # Of compute_s, the time spent handing inputs to the runtime and reading its outputs
+    # (Triton's compute_input / compute_output), when the backend knows.
+    input_s: float = 0.0
+    output_s: float = 0.0
 
 
 Execute = Callable[[Tensors, Sequence[str], float | None], Awaitable[Executed]]
@@ -131,6 +135,7 @@ class Batcher:
         self._wake_rows = 1
         self._arrived_rows = 0
         self._forming: tuple[Any, ...] | None = None
+        self._held = 0  # requests taken into the batch being formed, not sent yet
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self._scheduler = self._loop.create_task(self._schedule())
@@ -174,7 +179,10 @@ class Batcher:
         queued: waiting for the batch to finish is the caller's to bound."""
         if self._closed:
             raise ModelNotReady("model is unloading")
-        if len(self._queue) >= self._policy.max_queue_size:
+        # The batch being formed still counts: its requests wait as those queued do, and
+        # Triton's queue holds them until the batch is sent (``max_queue_size`` admits that
+        # many waiting requests, not one more).
+        if len(self._queue) + self._held >= self._policy.max_queue_size:
             raise QueueFull("Exceeds maximum queue size", retry_after_s=1.0)
         now = self._clock()
         if deadline_s is None and self._policy.default_timeout_s:
@@ -218,6 +226,7 @@ class Batcher:
                 await self._arrived.wait()
                 first = self._take_live()
             batch, rows = [first], first.rows
+            self._held = 1
             if policy.max_batch_size > 1:
                 give_up_s = first.enqueued_s + policy.max_queue_delay_s
                 while rows < policy.max_batch_size:
@@ -235,6 +244,7 @@ class Batcher:
                             break
                         self._queue.popleft()
                         batch.append(head)
+                        self._held = len(batch)
                         rows += head.rows
                         continue
                     if self._closed:
@@ -262,6 +272,7 @@ class Batcher:
                         async with asyncio.timeout(wait_s):
                             await self._arrived.wait()
                     self._forming = None
+            self._held = 0
             task = self._loop.create_task(self._run(batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -319,7 +330,9 @@ class Batcher:
                 for item in batch:
                     item.queue_ns += waited_ns
                     self._stats.record_queue(waited_ns, count=0)
-            self._stats.record_execution(rows, len(batch), compute_ns)
+            self._stats.record_execution(
+                rows, len(batch), compute_ns, int(ran.input_s * 1e9), int(ran.output_s * 1e9)
+            )
             host = ran.host
             for item in batch:
                 item.execution = context.Execution(rows, item.queue_ns, compute_ns, host)

@@ -2,9 +2,9 @@
 
 A ``ModelInferRequest`` carries its data either in each input's typed ``contents`` or, for all
 inputs at once, in ``raw_input_contents`` (little-endian bytes; BYTES elements as a 4-byte
-little-endian length then the bytes, the binary-tensor layout). Responses answer in kind, as
-Triton does: raw outputs for raw requests, typed ``contents`` otherwise (FP16 has no typed field,
-so a response holding FP16 is raw whatever was asked). Everything a client can get wrong raises
+little-endian length then the bytes, the binary-tensor layout). Responses always carry their
+data in ``raw_output_contents``, whatever the request used, as Triton's do: clients (tritonclient's
+``as_numpy``, perf_analyzer) index it. Everything a client can get wrong raises
 :class:`~gateway.errors.InvalidInput` naming the tensor.
 """
 
@@ -18,6 +18,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from gateway.errors import InvalidInput
 from gateway.protocol.tensors import (
+    check_classification,
     check_parameters,
     check_shape,
     join_bytes,
@@ -146,7 +147,7 @@ def decode_infer_request(message: Any) -> InferRequest:
         if not name:
             raise InvalidInput("every input needs a name")
         if name in given:
-            raise InvalidInput(f"input '{name}' given twice")
+            raise InvalidInput(f"input '{name}' already exists in request")  # Triton's words
         given.add(name)
         if name in shared_inputs:
             continue
@@ -168,9 +169,11 @@ def decode_infer_request(message: Any) -> InferRequest:
             if out.name in seen:
                 raise InvalidInput(f"output '{out.name}' requested twice")
             seen.add(out.name)
+            params = parameters_from_proto(out.parameters)  # class_count: "classification"
             what = f"output '{out.name}'"
-            shared = shared_memory_ref(parameters_from_proto(out.parameters), what)
-            outputs.append(RequestedOutput(out.name, shared=shared))
+            shared = shared_memory_ref(params, what)
+            classes = check_classification(params, out.name)
+            outputs.append(RequestedOutput(out.name, shared=shared, classification=classes))
     return InferRequest(
         inputs=inputs,
         id=message.id or None,
@@ -194,17 +197,16 @@ def _shared_inputs(message: Any) -> dict[str, SharedInput]:
         if tensor.HasField("contents"):
             raise InvalidInput(f"{what}: has shared memory parameters and 'contents'; send one")
         if tensor.name in shared:
-            raise InvalidInput(f"input '{tensor.name}' given twice")
+            raise InvalidInput(f"input '{tensor.name}' already exists in request")
         shape = check_shape(list(tensor.shape), tensor.name)
         shared[tensor.name] = SharedInput(tensor.datatype, shape, ref)
     return shared
 
 
-def encode_infer_response(response: InferResponse, raw: bool) -> Any:
-    """An :class:`InferResponse` as a ``ModelInferResponse``; ``raw`` as the request was."""
-    datatypes = {name: datatype_of(array) for name, array in response.outputs.items()}
-    raw = raw or any(dt not in _CONTENTS for dt in datatypes.values())
-    raw = raw or bool(response.shared)  # Triton's clients index raw_output_contents per output
+def encode_infer_response(response: InferResponse) -> Any:
+    """An :class:`InferResponse` as a ``ModelInferResponse``, every output's data in
+    ``raw_output_contents`` (Triton answers so even to requests with typed ``contents``);
+    an output written into the client's shared memory has an empty entry there."""
     message = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
@@ -212,20 +214,12 @@ def encode_infer_response(response: InferResponse, raw: bool) -> Any:
     )
     parameters_to_proto(response.parameters, message.parameters)
     for name, array in response.outputs.items():
-        datatype = datatypes[name]
-        tensor = message.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        datatype = datatype_of(array)
+        message.outputs.add(name=name, datatype=datatype, shape=array.shape)
         if name in response.shared:  # written into the client's shared memory, as Triton:
-            if raw:  # an empty entry keeps raw_output_contents aligned with outputs
-                message.raw_output_contents.append(b"")
-        elif raw:
+            message.raw_output_contents.append(b"")  # keeps the entries aligned with outputs
+        else:
             message.raw_output_contents.append(
                 join_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
             )
-        elif datatype == "BYTES":
-            tensor.contents.bytes_contents.extend(
-                item if isinstance(item, bytes) else str(item).encode()
-                for item in array.reshape(-1)
-            )
-        else:
-            getattr(tensor.contents, _CONTENTS[datatype]).extend(array.reshape(-1).tolist())
     return message

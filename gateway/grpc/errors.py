@@ -15,7 +15,6 @@ from gateway.errors import (
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
-    QueueFull,
     RegionExists,
     Unavailable,
     UnknownRegion,
@@ -30,7 +29,7 @@ STATUS: list[tuple[type[GatewayError], grpc.StatusCode]] = [
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (ModelLoadError, grpc.StatusCode.INVALID_ARGUMENT),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # QueueFull too ("Exceeds maximum queue size": UNAVAILABLE from Triton 2.51, as REST's 503)
     (Unavailable, grpc.StatusCode.UNAVAILABLE),  # ModelNotReady, shutting down
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]

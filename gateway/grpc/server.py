@@ -38,6 +38,7 @@ from gateway.errors import (
 )
 from gateway.grpc.codec import decode_infer_request, encode_infer_response
 from gateway.grpc.errors import status_of
+from gateway.logs import CONTROL
 from gateway.pending import Pending
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,8 @@ def _unary(method: H) -> H:
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """The Open Inference Protocol's gRPC service, with Triton's system shared memory (CUDA
-    shared memory refused: not supported); trace and log RPCs are left UNIMPLEMENTED (the
-    generated base class's answer)."""
+    shared memory refused: not supported) and logging extension; trace RPCs are left
+    UNIMPLEMENTED (the generated base class's answer)."""
 
     def __init__(self, dataplane: DataPlane, stream_max_inflight: int = 16) -> None:
         if stream_max_inflight < 1:
@@ -150,15 +151,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             metadata = call.invocation_metadata() if call is not None else None
             trace = tracing.from_metadata(metadata, request.ByteSize())
         pending = self.dataplane.submit(request.model_name, version, decode, None, trace)
-        # Typed contents back only to a request that sent typed contents (one whose inputs all
-        # lie in shared memory sent none: raw, as Triton, whose clients read only raw).
-        typed = not request.raw_input_contents and any(
-            t.HasField("contents") for t in request.inputs
-        )
         if pending.span is not None:
-            return await _traced(pending, raw=not typed)
+            return await _traced(pending)
         result = await pending
-        return encode_infer_response(result, raw=not typed)
+        return encode_infer_response(result)  # raw_output_contents always, as Triton
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -246,6 +242,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             response.settings[key].value.extend(value if isinstance(value, list) else [value])
         return response
 
+    # -- logging (Triton's extension; admin, as over REST) -----------------------------------
+
+    @_unary
+    async def LogSettings(self, request: Any, context: Any) -> Any:
+        changes = {}
+        for key, value in request.settings.items():
+            kind = value.WhichOneof("parameter_choice")
+            if kind is not None:
+                changes[key] = getattr(value, kind)
+        settings = CONTROL.update(changes) if changes else CONTROL.settings()
+        response = pb.LogSettingsResponse()
+        for key, item in settings.items():
+            target = response.settings[key]
+            if isinstance(item, bool):
+                target.bool_param = item
+            elif isinstance(item, int):
+                target.uint32_param = item
+            else:
+                target.string_param = str(item)
+        return response
+
     # -- repository -------------------------------------------------------------------------
 
     @_unary
@@ -329,12 +346,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return pb.CudaSharedMemoryUnregisterResponse()
 
 
-async def _traced(pending: Pending, raw: bool) -> Any:
+async def _traced(pending: Pending) -> Any:
     """``_infer``'s wait and answer for a traced request: its span ends with the status code
     and the answer's size."""
     status, size = "OK", 0
     try:
-        answer = encode_infer_response(await pending, raw=raw)
+        answer = encode_infer_response(await pending)
         size = answer.ByteSize()
         return answer
     except GatewayError as exc:
@@ -360,7 +377,13 @@ def _address(host: str, port: int) -> str:
 
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 ADMIN_METHODS = frozenset(
-    {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "TraceSetting"}
+    {
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+        "LogSettings",
+        "TraceSetting",
+    }
 )
 
 

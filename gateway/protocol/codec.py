@@ -20,7 +20,9 @@ import orjson
 
 from gateway.errors import InvalidInput
 from gateway.protocol.tensors import (
+    MAX_DIMS,
     MAX_ELEMENTS,
+    check_classification,
     check_name,
     check_parameters,
     check_shape,
@@ -50,6 +52,12 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
+def _deep(name: str) -> InvalidInput:
+    """Data nested deeper than any tensor's rank can be (Triton's HTTP server recurses once
+    per level, without a bound, and a deep enough body brings it down)."""
+    return _fail(f"input '{name}': 'data' is nested deeper than {MAX_DIMS} levels")
+
+
 def _flatten_strings(data: list[Any], name: str, count: int) -> list[bytes]:
     """The strings of nested JSON lists, in order; refused at the first one past ``count``."""
     out: list[bytes] = []
@@ -57,6 +65,8 @@ def _flatten_strings(data: list[Any], name: str, count: int) -> list[bytes]:
     while stack:
         for item in stack[-1]:
             if isinstance(item, list):
+                if len(stack) >= MAX_DIMS:
+                    raise _deep(name)
                 stack.append(iter(item))
                 break
             if len(out) == count:
@@ -90,12 +100,17 @@ def _json_data(
             raw = np.array(data)
         except (ValueError, TypeError) as exc:
             raise _fail(f"input '{name}': data is ragged or not numeric ({exc})") from None
+        if raw.ndim > MAX_DIMS:
+            raise _deep(name)
         if dtype.kind in "iu" and raw.dtype.kind == "f" and raw.size:
             array = _exact_integers(data, dtype, datatype, name)
         else:
             array = _convert(raw.reshape(-1), dtype, datatype, name)
     if array.size != count:
-        raise _fail(f"input '{name}': got {array.size} elements, shape {list(shape)} needs {count}")
+        raise _fail(  # which input, Triton's words, then how far off
+            f"input '{name}': Unable to parse 'data': Shape does not match true shape of 'data' "
+            f"field (got {array.size} elements, shape {list(shape)} needs {count})"
+        )
     return array.reshape(shape)
 
 
@@ -173,7 +188,8 @@ def _decode_outputs(header: dict[str, Any]) -> list[RequestedOutput] | None:
         if binary is not None and not isinstance(binary, bool):
             raise _fail(f"output '{name}': 'binary_data' must be true or false")
         shared = shared_memory_ref(params, f"output '{name}'")
-        result.append(RequestedOutput(name, binary, shared))
+        classes = check_classification(params, name)
+        result.append(RequestedOutput(name, binary, shared, classification=classes))
     return result
 
 
@@ -286,7 +302,7 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
             raise _fail("each entry of 'inputs' must be an object")
         name = check_name(spec.get("name"), "input 'name'")
         if name in inputs or name in shared_inputs:
-            raise _fail(f"input '{name}' given twice")
+            raise _fail(f"input '{name}' already exists in request")  # Triton's words
         datatype = spec.get("datatype")
         dtype = numpy_dtype(datatype) if isinstance(datatype, str) else None
         if dtype is None or not isinstance(datatype, str):
@@ -410,8 +426,13 @@ def encode_infer_response(
     requested: list[RequestedOutput] | None = None,
     binary_default: bool = False,
 ) -> tuple[bytes, int | None]:
-    """Encode a response; returns the body and the JSON header length when binary is used."""
+    """Encode a response; returns the body and the JSON header length when binary is used.
+
+    ``binary_default`` (the request's ``binary_data_output``) covers the outputs of a request
+    that lists none; a listed output is binary only if it says so (Triton does the same)."""
     binary_of = {r.name: r.binary for r in requested} if requested else {}
+    if requested:
+        binary_default = False
     if not response.parameters and not response.shared:
         fast = _encode_all_binary(response, binary_of, binary_default)
         if fast is not None:

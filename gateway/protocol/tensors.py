@@ -18,9 +18,11 @@ from gateway.errors import InvalidInput
 from gateway.protocol.types import SharedMemoryRef
 
 __all__ = [
+    "MAX_CLASSES",
     "MAX_DIMS",
     "MAX_ELEMENTS",
     "MAX_NAME_CHARS",
+    "check_classification",
     "check_name",
     "check_parameters",
     "check_shape",
@@ -124,6 +126,20 @@ def tensor_from_buffer(
     if dtype == np.bool_ and array.size and array.view(np.uint8).max() > 1:
         raise InvalidInput(f"input '{name}': BOOL data must be bytes 0 or 1")
     return array
+
+
+MAX_CLASSES = 1 << 32  # Triton reads the count as a uint32
+
+
+def check_classification(params: dict[str, Any], name: str) -> int:
+    """An output's ``classification`` parameter (Triton's classification extension): how many
+    top classes to answer with; 0 (or none) for the tensor itself."""
+    count = params.get("classification", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count < MAX_CLASSES:
+        raise InvalidInput(
+            f"output '{name}': 'classification' must be a non-negative integer (classes)"
+        )
+    return count
 
 
 def check_parameters(params: dict[str, Any]) -> dict[str, Any]:

@@ -71,12 +71,14 @@ class SharedInput:
 
 @dataclass(frozen=True, slots=True)
 class RequestedOutput:
-    """An output the client asked for, and whether it wants it as binary data (or written into
-    a shared-memory region, ``shared``)."""
+    """An output the client asked for, whether it wants it as binary data (or written into
+    a shared-memory region, ``shared``), and whether as its top ``classification`` classes
+    (Triton's classification extension; 0: the tensor)."""
 
     name: str
     binary: bool | None = None  # None: follow the request's binary_data_output default
     shared: SharedMemoryRef | None = None
+    classification: int = 0
 
 
 @dataclass(slots=True)

@@ -48,6 +48,7 @@ class TensorConfig:
     dims: tuple[int, ...]
     reshape: tuple[int, ...] | None = None
     optional: bool = False
+    label_filename: str = ""  # an output's class labels, one a line (classification)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,28 @@ class DynamicBatching:
     max_queue_delay_us: int = 0
     max_queue_size: int = 0  # 0: the gateway's default bound
     default_timeout_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupInput:
+    """One input of a ``model_warmup`` sample: dims without the batch dimension, and its data:
+    ``zero``, ``random`` or ``file`` (``<model>/warmup/<file>``, raw little-endian bytes)."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    data: str = "zero"
+    file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupSample:
+    """One entry of Triton's ``model_warmup``: run ``count`` times (at least once) at load."""
+
+    name: str
+    batch_size: int
+    inputs: tuple[WarmupInput, ...]
+    count: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +120,7 @@ class ModelConfig:
     dynamic_batching: DynamicBatching | None = None
     default_model_filename: str = DEFAULT_MODEL_FILENAME
     parameters: tuple[tuple[str, str], ...] = ()
+    model_warmup: tuple[WarmupSample, ...] = ()
     # Tensors by name, for the per-request lookups.
     _inputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
     _outputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
@@ -138,6 +162,8 @@ class ModelConfig:
                 out["reshape"] = {"shape": list(t.reshape)}
             if t.optional:
                 out["optional"] = True
+            if t.label_filename:
+                out["label_filename"] = t.label_filename
             return out
 
         policy: dict[str, Any]
@@ -171,7 +197,58 @@ class ModelConfig:
                     "default_timeout_microseconds": db.default_timeout_us,
                 }
             result["dynamic_batching"] = batching
+        if self.model_warmup:
+            result["model_warmup"] = [_warmup_dict(w) for w in self.model_warmup]
         return result
+
+
+def _warmup_dict(sample: WarmupSample) -> dict[str, Any]:
+    inputs: dict[str, Any] = {}
+    for item in sample.inputs:
+        entry: dict[str, Any] = {"data_type": _V2_TO_TRITON[item.datatype], "dims": list(item.dims)}
+        if item.data == "file":
+            entry["input_data_file"] = item.file
+        else:
+            entry[f"{item.data}_data"] = True
+        inputs[item.name] = entry
+    return {
+        "name": sample.name,
+        "batch_size": sample.batch_size,
+        "inputs": inputs,
+        "count": sample.count,
+    }
+
+
+def _warmup(pb: Any, source: str, batched: bool) -> tuple[WarmupSample, ...]:
+    """Triton's ``model_warmup``, checked: what the model is run with at load time."""
+    samples = []
+    for sample in pb.model_warmup:
+        where = f"model_warmup '{sample.name}'"
+        if not sample.name:
+            raise _bad(source, "model_warmup: 'name' is required")
+        batch = int(sample.batch_size)
+        if batch < 1 or (batched and batch > pb.max_batch_size) or (not batched and batch != 1):
+            limit = f"1..{pb.max_batch_size}" if batched else "1 (max_batch_size is 0)"
+            raise _bad(source, f"{where}: 'batch_size' must be {limit}, got {batch}")
+        inputs = []
+        for name, item in sorted(sample.inputs.items()):
+            type_name = mc.DataType.Name(item.data_type)
+            if type_name not in _TRITON_TO_V2:
+                raise _bad(source, f"{where} input '{name}': 'data_type' {type_name} unsupported")
+            dims = tuple(int(d) for d in item.dims)
+            if any(d < 1 for d in dims):
+                raise _bad(source, f"{where} input '{name}': 'dims' {list(dims)} must be > 0")
+            kind = item.WhichOneof("input_data_type")
+            data, file = "zero", ""
+            if kind == "random_data":
+                data = "random"
+            elif kind == "input_data_file":
+                data, file = "file", item.input_data_file
+                if not _plain_file_name(file):
+                    raise _bad(source, f"{where} input '{name}': 'input_data_file' {file!r}")
+            inputs.append(WarmupInput(name, _TRITON_TO_V2[type_name], dims, data, file))
+        samples.append(WarmupSample(sample.name, batch, tuple(inputs), max(1, int(sample.count))))
+    return tuple(samples)
 
 
 def _bad(source: str, message: str) -> ModelLoadError:
@@ -196,7 +273,15 @@ def _tensor(pb: Any, source: str, kind: str, batched: bool) -> TensorConfig:
         if any(d == 0 or d < -1 for d in reshape):
             raise _bad(source, f"{where}: 'reshape.shape' {list(reshape)} is invalid")
     optional = bool(getattr(pb, "optional", False))
-    return TensorConfig(pb.name, _TRITON_TO_V2[type_name], dims, reshape, optional)
+    labels = str(getattr(pb, "label_filename", ""))
+    if labels and not _plain_file_name(labels):
+        raise _bad(source, f"{where}: 'label_filename' {labels!r} must be a plain file name")
+    return TensorConfig(pb.name, _TRITON_TO_V2[type_name], dims, reshape, optional, labels)
+
+
+def _plain_file_name(name: str) -> bool:
+    """A file of the model's directory, never a path out of it."""
+    return not ("/" in name or "\\" in name or "\x00" in name or name in (".", ".."))
 
 
 def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
@@ -275,7 +360,7 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
             default_timeout_us=int(queue.default_timeout_microseconds),
         )
     filename = pb.default_model_filename or DEFAULT_MODEL_FILENAME
-    if "/" in filename or "\\" in filename or filename in (".", ".."):
+    if not _plain_file_name(filename):
         raise _bad(source, f"'default_model_filename' {filename!r} must be a plain file name")
     params = tuple(sorted((k, v.string_value) for k, v in pb.parameters.items()))
     return ModelConfig(
@@ -292,6 +377,7 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
         dynamic_batching=batching,
         default_model_filename=filename,
         parameters=params,
+        model_warmup=_warmup(pb, source, batched),
     )
 
 

@@ -18,8 +18,11 @@ _VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only: int("\u0661") is 1 t
 
 
 def is_model_name(name: str) -> bool:
-    """Directory-safe and unable to escape the repository (whole string: no trailing newline)."""
-    return _NAME.fullmatch(name) is not None and ".." not in name
+    """Directory-safe and unable to escape the repository (whole string: no trailing newline).
+
+    One path segment that cannot start with a dot, so never ``.`` or ``..``; dots inside
+    (``model..1``) are a plain name, which Triton serves too."""
+    return _NAME.fullmatch(name) is not None
 
 
 def check_model_name(name: str) -> str:
@@ -84,6 +87,31 @@ class LocalRepository:
         if config is None:
             config = load_config(directory)
         return locate_versions(directory, config)
+
+
+MAX_LABEL_FILE_BYTES = 16 << 20
+
+
+def read_labels(directory: Path, config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Each output's class labels from its ``label_filename`` (one label a line, class ``i`` on
+    line ``i``), read at load time for the classification extension."""
+    labels: dict[str, tuple[str, ...]] = {}
+    for tensor in config.outputs:
+        if not tensor.label_filename:
+            continue
+        path = directory / tensor.label_filename
+        where = f"model '{config.name}' output '{tensor.name}'"
+        try:
+            if path.stat().st_size > MAX_LABEL_FILE_BYTES:
+                raise ModelLoadError(f"{where}: {tensor.label_filename} is over 16 MiB")
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise ModelLoadError(
+                f"{where}: label_filename {tensor.label_filename!r} cannot be read: {why}"
+            ) from None
+        labels[tensor.name] = tuple(text.splitlines())
+    return labels
 
 
 def locate_versions(directory: Path, config: ModelConfig) -> ModelSource:

@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, HostConflict, InvalidInput
-from gateway.logs import ACCESS
+from gateway.logs import ACCESS, CONTROL
 from gateway.metrics import CONTENT_TYPE
 from gateway.server.auth import AdminPortGuard, AuthGuard, Guard, GuardMiddleware, is_admin
 from gateway.server.distribution import distribution_routes
@@ -152,6 +152,14 @@ def create_app(
         await dataplane.unload(name)
         return Response(status_code=200)
 
+    async def logging_get(request: Request) -> Response:
+        """Triton's logging extension: the log settings in force."""
+        return _json(CONTROL.settings())
+
+    async def logging_post(request: Request) -> Response:
+        """Triton's logging extension: change log settings now; answers the new ones."""
+        return _json(CONTROL.update(await _json_body(request, limit)))
+
     async def admin_hosts(request: Request) -> Response:
         """The router's host table (state, in-flight, latency estimates, ejection, weights)."""
         return _json(hosts.table() if hosts is not None else {"hosts": []})
@@ -195,6 +203,8 @@ def create_app(
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        Route("/v2/logging", logging_get, methods=["GET"]),
+        Route("/v2/logging", logging_post, methods=["POST"]),
         Route("/admin/hosts", admin_hosts, methods=["GET"]),
         Route("/admin/hosts", admin_hosts_add, methods=["POST"]),
         Route("/admin/hosts/{name:path}", admin_hosts_remove, methods=["DELETE"]),

@@ -19,7 +19,7 @@ from gateway.credentials import Credentials, Verdict, token_of
 from gateway.server.errors import error_response
 
 OPEN_PREFIXES = ("/v2/health/", "/metrics")
-ADMIN_PREFIXES = ("/v2/repository/", "/admin")
+ADMIN_PREFIXES = ("/v2/repository/", "/admin", "/v2/logging")
 # Triton's trace extension, global and per model: it changes what the whole server traces.
 ADMIN_SUFFIXES = ("/trace/setting",)
 

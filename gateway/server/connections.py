@@ -114,7 +114,8 @@ def _raw_head(
 ) -> _Head | None:
     """The raw path's rule for a request head read by ``parser``: a plain HTTP/1.1 ``POST`` with
     one decimal Content-Length of at most 64 KiB (above, uvicorn pauses reading), no transfer
-    coding, ``Expect`` or upgrade, and a path without escapes. None: ASGI's to answer."""
+    or content coding, ``Expect`` or upgrade, and a path without escapes. None: ASGI's to
+    answer."""
     if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
         return None
     length = -1
@@ -126,8 +127,8 @@ def _raw_head(
         elif name == b"connection":
             if b"upgrade" in [token.strip().lower() for token in value.split(b",")]:
                 return None
-        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
-            return None
+        elif name in (b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"):
+            return None  # (a compressed body is inflated, within the limit, on the ASGI path)
     if not 0 <= length <= HIGH_WATER_LIMIT:
         return None
     path = httptools.parse_url(url).path

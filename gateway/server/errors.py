@@ -21,12 +21,14 @@ from gateway.errors import (
     PayloadTooLarge,
     Unavailable,
     UnknownHost,
+    UnsupportedEncoding,
 )
 from gateway.settings import SettingsError
 
 # Most specific first.
 STATUS: list[tuple[type[GatewayError], int]] = [
     (PayloadTooLarge, 413),
+    (UnsupportedEncoding, 415),
     (ClientTimeout, 408),
     (InvalidInput, 400),
     (ModelNotFound, 404),

@@ -22,18 +22,26 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import context, tracing
 from gateway.dataplane import DataPlane
-from gateway.errors import ClientTimeout, GatewayError, InvalidInput, PayloadTooLarge
+from gateway.errors import (
+    ClientTimeout,
+    GatewayError,
+    InvalidInput,
+    PayloadTooLarge,
+    UnsupportedEncoding,
+)
 from gateway.logs import log_inference
-from gateway.pending import Pending
+from gateway.pending import Pending, raw_binary_request
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.protocol.types import InferRequest, InferResponse
+from gateway.repository.config import ModelConfig
 from gateway.server.auth import Guard
 from gateway.server.connections import HOOKS, Hooks, RawExchange
 from gateway.server.errors import error_response, gateway_error_response
@@ -80,6 +88,40 @@ async def read_body(
                 chunks.append(chunk)
     except TimeoutError:
         raise ClientTimeout(f"request body not received within {timeout_s:g} s") from None
+
+
+# Content-Encoding -> zlib's wbits: tritonclient's request_compression_algorithm sends gzip
+# (gzip.compress) or deflate (zlib.compress, the zlib format HTTP calls deflate).
+_CODINGS = {
+    b"gzip": 16 + zlib.MAX_WBITS,
+    b"x-gzip": 16 + zlib.MAX_WBITS,
+    b"deflate": zlib.MAX_WBITS,
+}
+
+
+def inflate(body: bytes, coding: bytes, limit: int) -> bytes:
+    """A compressed request body, decompressed; its decompressed size counts against ``limit``
+    as an uncompressed body's does: a small body that inflates past it (a zip bomb) is a 413
+    after ``limit`` bytes of work, never the whole expansion in memory."""
+    coding = coding.strip().lower()
+    if coding in (b"", b"identity"):
+        return body
+    wbits = _CODINGS.get(coding)
+    if wbits is None:
+        shown = coding[:32].decode("latin-1")
+        raise UnsupportedEncoding(
+            f"unsupported Content-Encoding '{shown}': send gzip, deflate or identity"
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"request body is not valid {coding.decode()} data: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise InvalidInput(f"request body is not one complete {coding.decode()} stream")
+    return data
 
 
 class DisconnectWatch:
@@ -154,13 +196,15 @@ class HotPath:
         self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
     ) -> None:
         hooks: Hooks | None = scope.get(HOOKS)
-        call = _Call(scope["headers"], name, version)
+        call = _Call(scope["headers"], name, version, config_of=self.dataplane.config_of)
         context.request_id.set(call.rid)
         answer: Answer | None
         try:
             # With hooks, the connection keeps the body's deadline.
             timeout_s = None if hooks is not None else self.body_timeout_s
             call.body = await read_body(receive, call.declared, self.limit, timeout_s)
+            if call.coding is not None:
+                call.body = inflate(call.body, call.coding, self.limit)
         except Exception as exc:
             answer = self._reply(call, exc)
         else:
@@ -195,7 +239,9 @@ class HotPath:
         batch's) writes the answer (``_raw_done``). A task per request, and the chain of
         coroutines it resumes twice, cost the event loop about as much as parsing the request;
         what must wait in a task (for a model still loading) waits in the data plane's."""
-        call = _Call(exchange.headers, *route, bytes(exchange.body))
+        call = _Call(
+            exchange.headers, *route, bytes(exchange.body), config_of=self.dataplane.config_of
+        )
         trace = None
         if tracing.enabled:
             trace = tracing.from_headers(exchange.headers, "http", len(call.body))
@@ -277,7 +323,17 @@ class _Call:
     arrived, and its body. Called, it decodes the body: the decoder ``DataPlane.submit`` calls
     once the model is known."""
 
-    __slots__ = ("body", "declared", "header", "name", "rid", "started_ns", "version")
+    __slots__ = (
+        "body",
+        "coding",
+        "config_of",
+        "declared",
+        "header",
+        "name",
+        "rid",
+        "started_ns",
+        "version",
+    )
 
     def __init__(
         self,
@@ -285,15 +341,19 @@ class _Call:
         name: str,
         version: str | None,
         body: bytes = b"",
+        config_of: Callable[[str, str | None], ModelConfig] | None = None,
     ) -> None:
         self.started_ns = time.perf_counter_ns()
+        self.config_of = config_of  # the model's config, for the raw binary request
         self.name = name
         self.version = version
         self.body = body  # the ASGI path sets it once read
-        declared = header = rid = None
+        declared = header = rid = coding = None
         for key, value in request_headers:
             if key == b"content-length":
                 declared = value
+            elif key == b"content-encoding":
+                coding = value
             elif key == b"inference-header-content-length":
                 header = value
             elif key == b"x-request-id" and rid is None:
@@ -301,6 +361,7 @@ class _Call:
         self.declared: bytes | None = declared
         self.header: bytes | None = header
         self.rid: str = rid or context.new_request_id()
+        self.coding: bytes | None = coding  # Content-Encoding (the raw path never has one)
 
     @property
     def log_fields(self) -> dict[str, Any]:
@@ -316,4 +377,6 @@ class _Call:
             except ValueError:
                 text = self.header[:32].decode("latin-1")
                 raise InvalidInput(f"invalid Inference-Header-Content-Length {text!r}") from None
+        if header_length == 0 and self.config_of is not None:  # Triton's raw binary request
+            return raw_binary_request(self.config_of(self.name, self.version), self.body)
         return decode_infer_request(self.body, header_length)

@@ -170,5 +170,22 @@ OPENAPI: dict[str, Any] = {
         **_trace_paths("/v2/models/{model}/trace/setting", [_NAME]),
         **_shared_memory_paths("/v2/systemsharedmemory", "system", _SYSTEM_REGISTER),
         **_shared_memory_paths("/v2/cudasharedmemory", "CUDA", _CUDA_REGISTER),
+        "/v2/logging": {
+            "get": _op("log settings (Triton's logging extension)", []),
+            "post": _op(
+                "change log settings now",
+                [],
+                {
+                    "type": "object",
+                    "properties": {
+                        "log_info": {"type": "boolean"},
+                        "log_warning": {"type": "boolean"},
+                        "log_error": {"type": "boolean"},
+                        "log_verbose_level": {"type": "integer", "minimum": 0},
+                        "log_format": {"type": "string", "enum": ["default", "ISO8601", "json"]},
+                    },
+                },
+            ),
+        },
     },
 }
