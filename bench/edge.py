@@ -25,6 +25,22 @@ What it does:
 
 Goals it reports against: warm >= 10x faster than cold; cold within 1.2x of bytes/bandwidth +
 load; origin bytes = model bytes per edge (a cold edge pulls the model once, a warm one never).
+
+``--delta`` runs the new-version case instead (``bench/results/edge_delta.md``, ~1 minute)::
+
+    python bench/edge.py --delta                 # 100 MB model, 100 Mbit/s, 25 ms
+    python bench/edge.py --delta --model-mb 20   # quick
+
+A ``layers`` model (a chain of 1024 x 1024 FP32 MatMuls, ~4.2 MB each) is pulled by an edge
+through the link; then version 2 changes one matrix (a fine-tuned layer), and version 3 is
+version 2 with its initializers stored in reverse order (a re-ordered graph: every tensor moves
+in the file). For each, the edge is told to load the model (``POST .../load``) and the bench
+times the load plus the first prediction of the new version, and counts the bytes that crossed
+the link; an edge with ``GATEWAY_EDGE_CHUNKS=false`` (whole files, as before chunk lists) does
+the same from a copy of the same cache: the baseline. Goals: bytes <= 1.1 x (changed bytes +
+manifest + index) and time <= (changed bytes / bandwidth) x 1.2 + the local load time (the
+origin node's own load of that version from its disk). It also times chunking (manifest
+writing) against plain sha256 on the same file.
 """
 
 from __future__ import annotations
@@ -182,7 +198,7 @@ def _post(url: str, body: bytes, timeout_s: float = 300.0) -> int:
 
 
 def first_prediction(
-    proc: Proc, body: bytes, delay_s: float = 0.0, limit_s: float = 600.0
+    proc: Proc, body: bytes, delay_s: float = 0.0, limit_s: float = 600.0, model: str = "big"
 ) -> float:
     """Seconds from spawn to the first 200 answer to an inference request."""
     deadline = proc.started + limit_s
@@ -190,7 +206,7 @@ def first_prediction(
     while time.perf_counter() < deadline:
         if proc.process.poll() is not None:
             raise RuntimeError(f"gateway exited:\n{proc.log.read_text()[-3000:]}")
-        if _post(f"{proc.url}/v2/models/big/infer", body) == 200:
+        if _post(f"{proc.url}/v2/models/{model}/infer", body) == 200:
             return time.perf_counter() - proc.started
         time.sleep(0.05)
     raise RuntimeError(f"no prediction within {limit_s} s:\n{proc.log.read_text()[-3000:]}")
@@ -221,14 +237,245 @@ def running(*procs: Proc) -> Iterator[None]:
             p.stop()
 
 
+def write_layers(root: Path, version: int, layers: int, changed: int | None, reverse: bool) -> int:
+    """``layers`` vN: X @ W0 @ W1 ... (1024 x 1024 FP32 each); layer ``changed`` gets other
+    weights; ``reverse``: initializers stored in reverse order. Returns the file's size."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = 1024
+    weights = []
+    for i in range(layers):
+        seed = 1000 + i if i == changed else i
+        w = np.random.default_rng(seed).standard_normal((n, n), dtype=np.float32) / 32
+        weights.append(numpy_helper.from_array(w, f"W{i}"))
+    nodes = [
+        helper.make_node("MatMul", ["X" if i == 0 else f"H{i}", f"W{i}"], [f"H{i + 1}"])
+        for i in range(layers)
+    ]
+    nodes[-1].output[0] = "Y"
+    graph = helper.make_graph(
+        nodes,
+        "layers",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])],
+        list(reversed(weights)) if reverse else weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = root / "layers" / str(version) / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path.stat().st_size
+
+
+def chunk_sweep(old: Path, new: Path) -> list[str]:
+    """Table rows: for several average chunk sizes, v2's bytes in chunks v1 lacks / 4 MiB."""
+    from gateway.repository.manifest import FileEntry, hash_and_chunk
+
+    rows = []
+    for avg in (1 << 20, 256 << 10, 128 << 10, 64 << 10):
+        _, a = hash_and_chunk(old, avg)
+        sha, b = hash_and_chunk(new, avg)
+        have = {c.sha256 for c in a}
+        moved = sum(c.size for c in b if c.sha256 not in have)
+        manifest = len(json.dumps(FileEntry("model.onnx", new.stat().st_size, sha, b).to_dict()))
+        rows.append(
+            f"| {avg >> 10} KiB | {len(b)} | {moved / (4 << 20):.3f} | {manifest / 1e3:.0f} |"
+        )
+    return rows
+
+
+def delta(args: argparse.Namespace) -> int:
+    """The new-version case: see the module docstring (``--delta``)."""
+    import shutil
+
+    from gateway.repository.manifest import CHUNK_AVG_BYTES, hash_and_chunk, sha256_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-edge-delta-"))
+    repo = tmp / "repo"
+    layers = max(2, round(args.model_mb * 1e6 / (1024 * 1024 * 4)))
+    model_bytes = write_layers(repo, 1, layers, None, False)
+    changed_bytes = 1024 * 1024 * 4
+    path = repo / "layers" / "1" / "model.onnx"
+    started = time.perf_counter()
+    sha256_file(path)
+    t_sha = time.perf_counter() - started
+    started = time.perf_counter()
+    _, chunks = hash_and_chunk(path, CHUNK_AVG_BYTES)
+    t_chunk = time.perf_counter() - started
+    chunk_line = (
+        f"chunking (sha256 + FastCDC + a sha256 per chunk) {model_bytes / t_chunk / 1e6:.0f} MB/s "
+        f"vs sha256 alone {model_bytes / t_sha / 1e6:.0f} MB/s (x{t_chunk / t_sha:.2f} the time); "
+        f"{len(chunks)} chunks of {model_bytes / len(chunks) / 1024:.0f} KiB on average"
+    )
+    print(f"model: {layers} layers, {model_bytes / 1e6:.1f} MB; {chunk_line}")
+    body = json.dumps(
+        {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 1024], "data": [0.5] * 1024}]}
+    ).encode()
+
+    node = Proc(["--model-repo", str(repo)], tmp / "node.log", free_port())
+    link = SlowLink(node.port, args.mbit_s, args.rtt_ms / 1000).start()
+    origin = f"http://127.0.0.1:{link.port}"
+    rows: list[tuple[str, float, float, float, float, str]] = []
+    with running(node):
+        first_prediction(node, body, model="layers")
+
+        def publish() -> int:
+            """The node computes manifests on first ask: not on the timed path."""
+            urllib.request.urlopen(f"{node.url}/v2/repository/tree/models.json").read()
+            return sum(
+                len(urllib.request.urlopen(f"{node.url}/v2/repository/tree/{p}").read())
+                for p in ("models.json", f"layers/{max(versions)}/manifest.json")
+            )
+
+        def serve_new(edge_proc: Proc, version: int) -> tuple[float, int]:
+            """Seconds for the edge to load ``version`` and answer with it; link bytes."""
+            time.sleep(2.1)  # the edge's index TTL: the load below asks the origin again
+            before = link.bytes_down
+            started = time.perf_counter()
+            status = _post(f"{edge_proc.url}/v2/repository/models/layers/load", b"{}")
+            url = f"{edge_proc.url}/v2/models/layers/versions/{version}/infer"
+            if status != 200 or _post(url, body) != 200:
+                raise RuntimeError(
+                    f"load of v{version}: {status}\n{edge_proc.log.read_text()[-3000:]}"
+                )
+            return time.perf_counter() - started, link.bytes_down - before
+
+        def local_load() -> float:
+            """The node's own (re)load of the newest version from its disk: median of 3."""
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                _post(f"{node.url}/v2/repository/models/layers/load", b"{}")
+                times.append(time.perf_counter() - started)
+            return sorted(times)[1]
+
+        versions = [1]
+        publish()
+        cache = tmp / "cache"
+        edge_a = Proc(
+            ["--model-repo", origin, "--cache-dir", str(cache)], tmp / "a.log", free_port()
+        )
+        with running(edge_a):
+            before = link.bytes_down
+            t_cold = first_prediction(edge_a, body, model="layers")
+            cold_mb = (link.bytes_down - before) / 1e6
+        print(f"v1 cold pull: {t_cold:.2f} s, {cold_mb:.1f} MB over the link")
+        shutil.copytree(cache, tmp / "cache-whole")
+
+        cases = [
+            (2, f"v2: one {changed_bytes / 1e6:.1f} MB matrix changed", 1, False),
+            (3, "v3: v2 with its initializers in reverse order", 1, True),
+        ]
+        edge_a = Proc(
+            ["--model-repo", origin, "--cache-dir", str(cache)], tmp / "a2.log", free_port()
+        )
+        whole = Proc(
+            ["--model-repo", origin, "--cache-dir", str(tmp / "cache-whole")],
+            tmp / "whole.log",
+            free_port(),
+            env={"GATEWAY_EDGE_CHUNKS": "false"},
+        )
+        with running(edge_a, whole):
+            first_prediction(edge_a, body, model="layers")
+            first_prediction(whole, body, model="layers")
+            time.sleep(3)  # a restarted edge revalidates its index in the background: let it
+            for version, label, changed_layer, reverse in cases:
+                write_layers(repo, version, layers, changed_layer, reverse)
+                versions.append(version)
+                meta = publish()
+                if version == 2:
+                    sweep = chunk_sweep(repo / "layers/1/model.onnx", repo / "layers/2/model.onnx")
+                t_local = local_load()
+                t_new, moved = serve_new(edge_a, version)
+                fetched = [ln for ln in edge_a.log.read_text().splitlines() if "fetched" in ln]
+                print(f"  edge: {fetched[-1][-160:] if fetched else '?'}")
+                t_whole, moved_whole = serve_new(whole, version)
+                ideal = changed_bytes / link.rate_bytes_s * 1.2 + t_local
+                rows.append((label, t_new, moved / 1e6, t_whole, moved_whole / 1e6, ""))
+                if reverse:  # no content changed: every tensor moved in the file
+                    ideal = moved / link.rate_bytes_s * 1.2 + t_local
+                    what = f"{moved / model_bytes:.3f} of the model's bytes crossed the link"
+                else:
+                    ratio = moved / (changed_bytes + meta)
+                    verdict = "met" if ratio <= 1.1 else "NOT met"
+                    what = f"bytes / (changed + manifest + index) = {ratio:.3f} (<= 1.1: {verdict})"
+                rows[-1] = (
+                    *rows[-1][:5],
+                    f"{what}; time / ((bytes / bandwidth) x 1.2 + local load {t_local:.2f} s) = "
+                    f"{t_new / ideal:.2f} (<= 1: {'met' if t_new <= ideal else 'NOT met'}); "
+                    f"vs whole file: x{moved_whole / moved:.1f} fewer bytes, "
+                    f"x{t_whole / t_new:.1f} faster",
+                )
+                print(f"{label}: {rows[-1][5]}")
+    link.stop()
+
+    goal_lines = [f"- {r[0]}: {r[5]}" for r in rows]
+    lines = [
+        "# Edge cache: a new model version over a slow link (content-defined chunks)",
+        "",
+        f"Command: `python bench/edge.py --delta --model-mb {args.model_mb:g} "
+        f"--mbit-s {args.mbit_s:g} --rtt-ms {args.rtt_ms:g}`  ",
+        f"Date: {dt.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared with other "
+        f"work: times are noisy), Python {platform.python_version()}  ",
+        f"Model: `layers`, {layers} FP32 1024 x 1024 MatMuls, {model_bytes / 1e6:.1f} MB; "
+        f"origin: a gateway node; link: {args.mbit_s:g} Mbit/s, +{args.rtt_ms:g} ms per "
+        f"connection and per request. v1 cold pull: {t_cold:.2f} s, {cold_mb:.1f} MB.  ",
+        f"{chunk_line}.",
+        "",
+        "Time: from the edge's `POST /v2/repository/models/layers/load` to the first answer of "
+        "the new version. Whole file: an edge with `GATEWAY_EDGE_CHUNKS=false` on a copy of the "
+        "same cache (what an edge did before chunk lists).",
+        "",
+        "| new version | chunked: time (s) | chunked: MB over the link | whole file: time (s) "
+        "| whole file: MB over the link |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} |" for r in rows]
+    lines += ["", *goal_lines, ""]
+    lines += [
+        "Why a 64 KiB average: bytes of v2's chunks not in v1 / changed bytes, and the manifest's "
+        "size, by average chunk size (the same two files, cut offline):",
+        "",
+        "| average chunk | chunks | new-chunk bytes / changed bytes | manifest (KB) |",
+        "|---:|---:|---:|---:|",
+        *sweep,
+        "",
+    ]
+    lines += [
+        "Goals: bytes <= 1.1 x (changed + manifest + index); time <= (changed / bandwidth) x 1.2 "
+        "+ local load. The re-ordered graph is the honest worst case: every tensor moved, yet "
+        "chunks are cut by content, so only the chunks that straddle a tensor boundary (and the "
+        "protobuf framing around it) are new.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(
+        args.out if args.out != DEFAULT_OUT else ROOT / "bench" / "results" / "edge_delta.md"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+DEFAULT_OUT = str(ROOT / "bench" / "results" / "edge.md")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-mb", type=float, default=105.0)
     parser.add_argument("--mbit-s", type=float, default=100.0)
-    parser.add_argument("--rtt-ms", type=float, default=50.0)
+    parser.add_argument("--rtt-ms", type=float, default=None, help="[50; --delta: 25]")
     parser.add_argument("--warm-runs", type=int, default=3, help="warm restarts (median)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "edge.md"))
+    parser.add_argument("--delta", action="store_true", help="the new-version case only")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
+    if args.rtt_ms is None:
+        args.rtt_ms = 25.0 if args.delta else 50.0
+    if args.delta:
+        return delta(args)
 
     tmp = Path(tempfile.mkdtemp(prefix="gateway-edge-bench-"))
     repo = tmp / "repo"
@@ -242,7 +489,7 @@ def main() -> int:
     rows: list[tuple[str, float, float, str]] = []  # name, seconds, MB over the link, note
     node = Proc(["--model-repo", str(repo)], tmp / "node.log", free_port())
     with running(node):
-        t_local = first_prediction(node, body)
+        t_local = first_prediction(node, body, model="big")
         urllib.request.urlopen(f"{node.url}/v2/repository/tree/models.json").read()  # hashed once
     rows.append(("local (baseline: start + load)", t_local, 0.0, "repository on local disk"))
     print(f"local: {t_local:.2f} s")
@@ -253,7 +500,7 @@ def main() -> int:
     ideal_s = model_bytes / link.rate_bytes_s
     results: dict[str, Any] = {}
     with running(node):
-        first_prediction(node, body)
+        first_prediction(node, body, model="big")
         urllib.request.urlopen(f"{node.url}/v2/repository/tree/models.json").read()
 
         def edge(name: str, cache: Path, *extra: str, port: int | None = None) -> Proc:

@@ -55,8 +55,8 @@ class Model:
     outputs: tuple[str, ...]
 
 
-_NUMPY = {"FP32": np.float32, "INT32": np.int32}
-_PBTXT_TYPE = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32"}
+_NUMPY = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64}
+_PBTXT_TYPE = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64"}
 
 
 def read_model(repo: Path, name: str) -> Model:
@@ -75,7 +75,7 @@ def read_model(repo: Path, name: str) -> Model:
         dims = tuple(int(d) for d in re.findall(r"dims:\s*(-?\d+)", body))
         datatype = _PBTXT_TYPE.get(dtype.group(1) if dtype else "")
         if datatype is None:
-            raise RuntimeError(f"{name}: only FP32/INT32 inputs are supported here")
+            raise RuntimeError(f"{name}: only FP32/INT32/INT64 inputs are supported here")
         inputs.append(Tensor(tname.group(1), datatype, dims))
     return Model(name, max_bs, tuple(inputs), tuple(outputs))
 
@@ -87,6 +87,8 @@ def sample_inputs(model: Model, batch: int, seed: int = 0) -> dict[str, np.ndarr
         shape = (batch, *t.dims)
         if t.datatype == "FP32":
             feeds[t.name] = rng.random(shape, dtype=np.float32)
+        elif t.datatype == "INT64":  # token ids and masks: small non-negative values
+            feeds[t.name] = rng.integers(0, 2, shape, dtype=np.int64)
         else:
             feeds[t.name] = rng.integers(-100, 100, shape, dtype=np.int32)
     return feeds

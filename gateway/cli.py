@@ -183,6 +183,12 @@ def _parser() -> argparse.ArgumentParser:
         "--trace-sample-ratio", type=float, help="share of requests traced, 0..1 [1.0]"
     )
     serve_cmd.add_argument("--trace-service-name", help="service.name of the spans [gateway]")
+    serve_cmd.add_argument(
+        "--response-cache-bytes", type=int, help="in-process response cache size [0: none]"
+    )
+    serve_cmd.add_argument(
+        "--response-cache-redis-url", help="shared response cache in Redis (redis://host:port)"
+    )
     _edge_arguments(commands, serve_cmd)
     return parser
 
@@ -211,14 +217,23 @@ def _edge_arguments(commands: Any, serve_cmd: argparse.ArgumentParser) -> None:
         "manifest", help="write manifest.json files and models.json for an origin"
     )
     manifest_cmd.add_argument("--model-repo", required=True, help="repository directory")
+    manifest_cmd.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        help="average content-defined chunk size, e.g. 1MiB [64KiB]; 0: no chunk lists",
+    )
 
 
-def _manifest(model_repo: str) -> int:
+def _manifest(model_repo: str, chunk_avg_bytes: int | None = None) -> int:
     from pathlib import Path
 
-    from gateway.repository.manifest import write_manifests
+    from gateway.repository.manifest import CHUNK_AVG_BYTES, write_manifests
 
-    for name, versions in write_manifests(Path(model_repo)).items():
+    avg = CHUNK_AVG_BYTES if chunk_avg_bytes is None else chunk_avg_bytes
+    if avg and not 1024 <= avg <= 4 * 1024**2:
+        print("gateway manifest: --chunk-size must be 0 or 1KiB..4MiB", file=sys.stderr)
+        return 2
+    for name, versions in write_manifests(Path(model_repo), avg).items():
         print(f"{name}: {versions} version(s)", file=sys.stderr)
     return 0
 
@@ -267,7 +282,7 @@ def _pull(settings: Settings, names: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "manifest":
-        return _manifest(args.model_repo)
+        return _manifest(args.model_repo, args.chunk_size)
     skip = ("command", "config", "models")
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     try:

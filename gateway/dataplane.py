@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import shutil
 import time
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 from gateway import __version__, context, tracing
 from gateway.backends.base import Backend, BackendFactory, Tensors
 from gateway.batching import Batcher, BatchPolicy
+from gateway.ensemble import EnsembleBackend, run_ensemble
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -36,7 +38,7 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics, Source
 from gateway.pending import Pending
-from gateway.protocol.types import InferRequest, InferResponse
+from gateway.protocol.types import InferRequest, InferResponse, RequestedOutput
 from gateway.repository.config import ModelConfig, parse_json
 from gateway.repository.local import (
     LocalRepository,
@@ -47,8 +49,10 @@ from gateway.repository.local import (
     read_labels,
 )
 from gateway.repository.pushed import write_pushed_files
+from gateway.response_cache import ResponseCache, build_cache
 from gateway.settings import Settings
 from gateway.shared_memory import SharedMemoryRegistry, write_outputs
+from gateway.splits import HeaderLookup, VersionSplits
 from gateway.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -144,11 +148,15 @@ class DataPlane:
         forwarder: Forwarder | None = None,
         metric_sources: Sequence[Source] = (),
         shared_memory: SharedMemoryRegistry | None = None,
+        cache: ResponseCache | None = None,
+        splits: VersionSplits | None = None,
     ) -> None:
         """``clock`` (monotonic seconds) times deadlines and batching; ``forwarder`` serves
         requests while their model is fetched on first use; ``metric_sources`` add other
         parts' families to ``/metrics`` (the factory's own are added here); ``shared_memory``
-        holds the clients' registered regions (a new, empty one by default)."""
+        holds the clients' registered regions (a new, empty one by default); ``cache``: the
+        response cache (by default the one the settings ask for, if any); ``splits``: traffic
+        splits between versions (by default the settings' ``version_weights``)."""
         self.settings = settings
         self.repository = repository
         self.factory = factory
@@ -158,7 +166,13 @@ class DataPlane:
             settings.shared_memory_max_regions
         )
         self.models: dict[str, ModelEntry] = {}
-        self.metrics = Metrics(self, (factory.metric_families, *metric_sources))
+        self.cache = cache if cache is not None else build_cache(settings)
+        sources = (factory.metric_families, *metric_sources)
+        if self.cache is not None:
+            sources += (self.cache.metric_families,)
+        self.splits = splits if splits is not None else VersionSplits(settings.version_weights)
+        sources += (self.splits.metric_families,)
+        self.metrics = Metrics(self, sources)
         self.started = False
         self.draining = False
         self._loads: dict[str, asyncio.Future[None]] = {}  # loads started by a request
@@ -190,6 +204,8 @@ class DataPlane:
             if entry.scratch is not None:
                 shutil.rmtree(entry.scratch, ignore_errors=True)
         self.shared_memory.close()
+        if self.cache is not None:
+            await self.cache.close()
 
     async def _retire(self, versions: list[LoadedVersion]) -> None:
         for lv in versions:
@@ -251,11 +267,26 @@ class DataPlane:
         return name
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        """Loaded, and (for remote backends that can tell) servable somewhere right now."""
+        """Loaded, and (for remote backends that can tell) servable somewhere right now; an
+        ensemble, as in Triton, only while every step is."""
+        return self._model_ready(name, version, ())
+
+    def _model_ready(self, name: str, version: str | None, within: tuple[str, ...]) -> bool:
         try:
             lv = self._resolve(name, version)
         except GatewayError:
             return False
+        if lv.config.is_ensemble:
+            if name in within:  # ensembles naming each other: never servable
+                return False
+            return all(
+                self._model_ready(
+                    step.model_name,
+                    None if step.model_version < 0 else str(step.model_version),
+                    (*within, name),
+                )
+                for step in lv.config.ensemble_steps
+            )
         return lv.backend.ready()
 
     # -- loading on first use (edge repositories) -------------------------------------------
@@ -379,6 +410,7 @@ class DataPlane:
         version: str | None,
         request: InferRequest | Callable[[], InferRequest],
         request_id: str | None = None,
+        header: HeaderLookup | None = None,
         trace: tracing.Incoming | None = None,
     ) -> Pending:
         """Run one inference request: the only way in for every front end.
@@ -395,12 +427,18 @@ class DataPlane:
         request to a loaded model never needs a task: the batch's end, or a timer for its
         deadline, ends it. Only a request that must wait for a load first runs in one.
 
+        A request that names no version follows its model's traffic split, if it has one
+        (``header`` looks up the sticky header), and may be copied to a shadow version.
+
         With tracing on, the request's span starts here, a child of ``trace`` (the caller's
         context, as its front end read it); the front end ends it (``Pending.answered``)."""
         pending = Pending(name)
+        shadow = 0
         if tracing.enabled:
             pending.span = tracing.start_request(name, version, request_id, trace)
         try:
+            if version is None and self.splits:
+                version, shadow = self._split(name, header)
             cold = self._cold(name)
             lv = None if cold else self._resolve(name, version)  # 404 / 503 before decoding
             decoded = request if isinstance(request, InferRequest) else request()
@@ -412,10 +450,61 @@ class DataPlane:
             if lv is None:
                 pending.start_task(self._serve_cold(pending, version, deadline_s, request_id))
             else:
-                pending.enqueue(lv, deadline_s, request_id)
+                self._admit(pending, lv, deadline_s, request_id)
+            if shadow:
+                self._shadow(name, shadow, decoded)
         except Exception as exc:
             pending.settle(error=exc)
         return pending
+
+    def _split(self, name: str, header: HeaderLookup | None) -> tuple[str | None, int]:
+        entry = self.models.get(name)
+        return self.splits.route(name, entry.versions if entry is not None else (), header)
+
+    def _shadow(self, name: str, version: int, request: InferRequest) -> None:
+        """A copy of ``request`` to ``version``: answer dropped, latency and outcome kept."""
+        started_s = time.perf_counter()
+        inputs = request.inputs
+        if request.shared_inputs:  # the client may reuse its region once answered: a copy
+            inputs = {n: a.copy() for n, a in inputs.items()}
+        outputs = [RequestedOutput(o.name) for o in request.outputs or ()] or None
+        # Nothing of the copy's answer reaches the client: no shared-memory outputs either.
+        twin = InferRequest(inputs, request.id, outputs, parameters=request.parameters)
+        copy = self.submit(name, str(version), twin)
+
+        def done(shadow: Pending) -> None:
+            error = shadow.error if not shadow.cancelled() else Unavailable("cancelled")
+            self.splits.shadow_done(name, version, time.perf_counter() - started_s, error)
+
+        copy.add_done_callback(done)
+
+    def _admit(
+        self,
+        pending: Pending,
+        lv: LoadedVersion,
+        deadline_s: float | None,
+        request_id: str | None,
+    ) -> None:
+        """Queue ``pending`` for ``lv``'s batches, unless the response cache answers it; an
+        ensemble's request runs its steps, each through ``submit``."""
+        if self.cache is not None and lv.config.response_cache:
+            run = functools.partial(self._run, pending, lv, deadline_s, request_id)
+            self.cache.serve(pending, lv, run)
+        else:
+            self._run(pending, lv, deadline_s, request_id)
+
+    def _run(
+        self,
+        pending: Pending,
+        lv: LoadedVersion,
+        deadline_s: float | None,
+        request_id: str | None,
+    ) -> None:
+        if lv.config.is_ensemble:
+            steps = run_ensemble(self.submit, pending, lv, deadline_s, self.clock, request_id)
+            pending.start_task(steps)
+        else:
+            pending.enqueue(lv, deadline_s, request_id)
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """``await submit(...)``, for in-process callers that want a coroutine."""
@@ -444,7 +533,7 @@ class DataPlane:
                 if await self._forward(self.forwarder, pending, version, deadline_s):
                     return
             lv = await self._loaded(name, version, deadline_s)
-            pending.enqueue(lv, deadline_s, request_id)
+            self._admit(pending, lv, deadline_s, request_id)
         except Exception as exc:
             pending.settle(error=exc)
         except asyncio.CancelledError:  # by ``pending.cancel`` (then a no-op), or the loop's end
@@ -584,7 +673,10 @@ class DataPlane:
         new: dict[int, LoadedVersion] = {}
         try:
             for version in source.version_paths:
-                backend = await self.factory.load(source, version)
+                if source.config.is_ensemble:  # its steps are other models: nothing to load
+                    backend: Backend = EnsembleBackend(source.config)
+                else:
+                    backend = await self.factory.load(source, version)
                 stats = ModelStats(name, str(version))
                 batcher = Batcher(
                     backend.execute,

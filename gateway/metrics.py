@@ -112,6 +112,26 @@ class DataPlaneCollector(Collector):
             "1: a GPU was asked for (execution_provider cuda, KIND_GPU) and the CPU runs it",
             labels=labels,
         )
+        cache_counts = (
+            CounterMetricFamily(
+                "nv_cache_num_hits_per_model", "Response cache hits per model", labels=labels
+            ),
+            CounterMetricFamily(
+                "nv_cache_num_misses_per_model", "Response cache misses per model", labels=labels
+            ),
+        )
+        cache_us = (
+            CounterMetricFamily(
+                "nv_cache_hit_duration_per_model",
+                "Cumulative time looking up cached responses on hits (us)",
+                labels=labels,
+            ),
+            CounterMetricFamily(
+                "nv_cache_miss_duration_per_model",
+                "Cumulative time looking up and inserting responses on misses (us)",
+                labels=labels,
+            ),
+        )
         for entry in list(self._dataplane.models.values()):
             for lv in list(entry.versions.values()):
                 st = lv.stats
@@ -126,6 +146,12 @@ class DataPlaneCollector(Collector):
                 queue_us.add_metric(values, st.queue.ns / 1000)
                 compute_us.add_metric(values, st.compute_infer.ns / 1000)
                 pending.add_metric(values, lv.batcher.pending)
+                if lv.config.response_cache:
+                    kept = (st.cache_hit, st.cache_miss)
+                    for family, duration in zip(cache_counts, kept, strict=True):
+                        family.add_metric(values, duration.count)
+                    for family, duration in zip(cache_us, kept, strict=True):
+                        family.add_metric(values, duration.ns / 1000)
                 sizes = [0] * (len(BATCH_BUCKETS) + 1)
                 total_items = 0
                 for size, stat in st.batches.items():
@@ -140,7 +166,7 @@ class DataPlaneCollector(Collector):
                     (st.success.ns + st.fail.ns) / 1e9,
                 )
         yield from (success, failure, count, execs, request_us, queue_us, compute_us, pending)
-        yield from (batch, latency, providers, fallback)
+        yield from (batch, latency, providers, fallback, *cache_counts, *cache_us)
         for source in self.sources:
             yield from source()
 

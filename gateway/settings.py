@@ -36,6 +36,9 @@ class Settings:
     cache_dir: str = ""  # empty: $XDG_CACHE_HOME/gateway/<hash of the origin URL>
     cache_size_bytes: int = 10 * 1024**3
     peers: tuple[str, ...] = ()  # other edges' base URLs, asked for blobs before the origin
+    # Build files from the chunks a manifest lists, fetching only those the cache lacks; false:
+    # fetch files whole, as edges did before chunk lists
+    edge_chunks: bool = True
     prefetch: tuple[str, ...] = ()  # pulled (and loaded) at start; never evicted
     # v2 base URLs (``origin``: the origin, a gateway node) that serve a model's requests while
     # this edge fetches it; empty: those requests wait for the fetch
@@ -160,6 +163,19 @@ class Settings:
     trace_endpoint: str = ""
     trace_sample_ratio: float = 1.0
     trace_service_name: str = "gateway"
+    # Response cache (models whose config.pbtxt says ``response_cache { enable: true }``): in
+    # this process, LRU within this many bytes (0: none), or shared in Redis when a URL is set
+    # (redis://host:port/db); each Redis call gives up after the timeout and counts as a miss.
+    response_cache_bytes: int = 0
+    response_cache_redis_url: str = ""
+    response_cache_redis_timeout_s: float = 0.05
+    response_cache_redis_ttl_s: float = 0.0  # 0: entries never expire (Redis' maxmemory evicts)
+    response_cache_redis_prefix: str = "gateway:response:"
+    # Traffic splits between versions (``[[version_weights]]`` tables, file only): model,
+    # weights = {"1" = 90, "2" = 10}, sticky_header (same value, same version), shadow (a
+    # version that gets a copy of each request, answer dropped), shadow_fraction. Changed at
+    # run time with the admin API (/admin/splits).
+    version_weights: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not 0 <= self.admin_port < 65536 or (self.admin_port and self.admin_port == self.port):
@@ -252,6 +268,20 @@ class Settings:
                 f"trace_endpoint must be an http://, https:// or grpc:// URL, "
                 f"got {self.trace_endpoint!r}"
             )
+        if self.response_cache_bytes < 0 or self.response_cache_redis_ttl_s < 0:
+            raise SettingsError("response_cache_bytes and response_cache_redis_ttl_s must be >= 0")
+        if self.response_cache_redis_timeout_s <= 0:
+            raise SettingsError("response_cache_redis_timeout_s must be > 0")
+        if self.response_cache_redis_url and not self.response_cache_redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise SettingsError(
+                "response_cache_redis_url must be a redis://, rediss:// or unix:// URL"
+            )
+        if self.version_weights:  # checked here, so a bad table stops the start with its reason
+            from gateway.splits import VersionSplits  # imports this module: only at call time
+
+            VersionSplits(self.version_weights)
         for name in ("api_keys", "admin_keys"):
             keys: tuple[str, ...] = getattr(self, name)
             # An empty key would match a request that sends no credential at all.
@@ -325,7 +355,7 @@ def load_settings(
             values[key] = _coerce(key, value, known[key])
     for key, kind in known.items():
         env_value = env.get(f"GATEWAY_{key.upper()}")
-        if env_value is not None and key != "hosts":
+        if env_value is not None and key not in ("hosts", "version_weights"):
             values[key] = _coerce(key, env_value, kind)
     for key, value in (overrides or {}).items():
         if value is None:

@@ -50,6 +50,8 @@ class ModelStats:
     compute_input: _Duration = field(default_factory=_Duration)
     compute_infer: _Duration = field(default_factory=_Duration)
     compute_output: _Duration = field(default_factory=_Duration)
+    cache_hit: _Duration = field(default_factory=_Duration)  # lookup time of hits
+    cache_miss: _Duration = field(default_factory=_Duration)  # lookup + insertion of misses
     batches: dict[int, _BatchStat] = field(default_factory=dict)
     fail_reasons: dict[str, int] = field(default_factory=dict)
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
@@ -108,8 +110,8 @@ class ModelStats:
                 "compute_input": self.compute_input.to_dict(),
                 "compute_infer": self.compute_infer.to_dict(),
                 "compute_output": self.compute_output.to_dict(),
-                "cache_hit": {"count": 0, "ns": 0},
-                "cache_miss": {"count": 0, "ns": 0},
+                "cache_hit": self.cache_hit.to_dict(),
+                "cache_miss": self.cache_miss.to_dict(),
             },
             "response_stats": {},  # Triton's, for decoupled models (none here)
             "batch_stats": [

@@ -8,6 +8,8 @@ against a numpy reference and each config.pbtxt is parsed back with Triton's own
     python scripts/build_models.py                 # build + check into model_repo/
     python scripts/build_models.py --out DIR       # somewhere else
     python scripts/build_models.py --measure       # also time the `mlp` model in-process
+    python scripts/build_models.py --heavy         # also resnet50 + bert_encoder (~250 MB)
+                                                   # into bench/out/models (never committed)
 """
 
 from __future__ import annotations
@@ -249,6 +251,74 @@ def build_mlp() -> Built:
     return Built("mlp", _model(graph, doc), config, check)
 
 
+# --- preprocess, and the ensemble that feeds mlp through it ----------------------------------
+
+
+def _preprocess_stats(rng: np.random.Generator) -> tuple[Array, Array]:
+    """Per-feature mean and 1/std of the raw data `preprocess` normalises (bytes, 0..255)."""
+    mean = rng.uniform(96.0, 160.0, MLP_FEATURES).astype(np.float32)
+    inv_std = (1.0 / rng.uniform(32.0, 96.0, MLP_FEATURES)).astype(np.float32)
+    return mean, inv_std
+
+
+def build_preprocess() -> Built:
+    """The first step of `mlp_pipeline`: raw features (0..255) -> what `mlp` takes."""
+    f32 = TensorProto.FLOAT
+    mean, inv_std = _preprocess_stats(np.random.default_rng(SEED + 1))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["RAW", "mean"], ["centred"]),
+            helper.make_node("Mul", ["centred", "inv_std"], ["NORMALIZED"]),
+        ],
+        "preprocess",
+        [_vi("RAW", f32, ["batch", MLP_FEATURES])],
+        [_vi("NORMALIZED", f32, ["batch", MLP_FEATURES])],
+        [numpy_helper.from_array(mean, "mean"), numpy_helper.from_array(inv_std, "inv_std")],
+    )
+    config = _config(
+        "preprocess",
+        64,
+        [("RAW", f32, [MLP_FEATURES])],
+        [("NORMALIZED", f32, [MLP_FEATURES])],
+        batching=mc.ModelDynamicBatching(),
+    )
+
+    def check(sess: ort.InferenceSession, rng: np.random.Generator) -> None:
+        x = rng.uniform(0, 255, (8, MLP_FEATURES)).astype(np.float32)
+        (got,) = sess.run(["NORMALIZED"], {"RAW": x})
+        _close(got, (x - mean) * inv_std, "NORMALIZED", rtol=1e-6)
+
+    return Built("preprocess", _model(graph, "NORMALIZED = (RAW - mean) * inv_std"), config, check)
+
+
+def ensemble_mlp_pipeline() -> mc.ModelConfig:
+    """Triton's ensemble of `preprocess` then `mlp`: RAW -> NORMALIZED -> PROBS."""
+    f32 = mc.TYPE_FP32
+    cfg = mc.ModelConfig(name="mlp_pipeline", platform="ensemble", max_batch_size=64)
+    cfg.input.add(name="RAW", data_type=f32, dims=[MLP_FEATURES])
+    cfg.output.add(name="PROBS", data_type=f32, dims=[MLP_CLASSES])
+    first = cfg.ensemble_scheduling.step.add(model_name="preprocess", model_version=-1)
+    first.input_map["RAW"] = "RAW"
+    first.output_map["NORMALIZED"] = "normalized"
+    second = cfg.ensemble_scheduling.step.add(model_name="mlp", model_version=-1)
+    second.input_map["INPUT"] = "normalized"
+    second.output_map["PROBS"] = "PROBS"
+    return cfg
+
+
+ENSEMBLES: list[Callable[[], mc.ModelConfig]] = [ensemble_mlp_pipeline]
+
+
+def write_ensemble(config: mc.ModelConfig, out: Path) -> None:
+    """An ensemble is a config and an empty version directory (kept in git by a README)."""
+    version_dir = out / config.name / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    (version_dir / "README").write_text(
+        "An ensemble's version directory: its steps are other models of this repository.\n"
+    )
+    (out / config.name / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+
 def mlp_params() -> int:
     """Parameters stored in the file (the shared matrix counted once)."""
     return sum(v.size for v in _mlp_weights(np.random.default_rng(SEED)).values())
@@ -384,11 +454,256 @@ def build_autocomplete_add() -> Built:
 BUILDERS: list[Callable[[], Built]] = [
     build_simple,
     build_mlp,
+    build_preprocess,
     build_multi,
     build_identity_nobatch,
     build_bytes_echo,
     build_autocomplete_add,
 ]
+
+
+# --- heavy models: built on demand, never committed -----------------------------------------
+#
+# Shaped like the workloads users serve (an image CNN, a transformer encoder) so benches see
+# the payload copies, codec and batch concatenation of real requests. Random weights: shapes and
+# operators are what matter. ~100 MB and ~150 MB of FP32, so they are built into a cache
+# directory (``--heavy``; ``ensure_heavy``), never into ``model_repo/``.
+
+RESNET_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # width, blocks, stride
+RESNET_CLASSES = 1000
+BERT_VOCAB = 30522
+BERT_SEQ = 128
+BERT_HIDDEN = 768
+BERT_HEADS = 12
+BERT_FFN = 3072
+BERT_LAYERS = 2  # "a few layers": 12 would only multiply the compute on a 2-core machine
+HEAVY_VERSION = "2"  # bump when a heavy builder changes: cached copies are rebuilt
+
+
+class _Graph:
+    """Nodes and FP32 initializers of a graph under construction, with unique names."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def name(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}_{self._n}"
+
+    def const(self, prefix: str, value: Array) -> str:
+        name = self.name(prefix)
+        self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def weight(self, prefix: str, shape: tuple[int, ...], fan_in: int, gain: float = 2.0) -> str:
+        value = self.rng.standard_normal(shape, dtype=np.float32) * np.float32(
+            np.sqrt(gain / fan_in)
+        )
+        return self.const(prefix, value)
+
+    def op(self, op_type: str, inputs: list[str], prefix: str = "", **attrs: Any) -> str:
+        out = self.name(prefix or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+
+def _conv(
+    g: _Graph, x: str, cin: int, cout: int, k: int, stride: int, relu: bool, gain: float = 2.0
+) -> str:
+    """Conv with bias (BatchNorm folded in, as exported ResNets are), optionally ReLU."""
+    w = g.weight("conv_w", (cout, cin, k, k), cin * k * k, gain)
+    b = g.const("conv_b", np.zeros(cout, dtype=np.float32))
+    pad = k // 2
+    y = g.op(
+        "Conv", [x, w, b], kernel_shape=[k, k], strides=[stride, stride], pads=[pad, pad, pad, pad]
+    )
+    return g.op("Relu", [y]) if relu else y
+
+
+def build_resnet50() -> Built:
+    """ResNet-50 v1.5's layer shapes (bottleneck blocks 3-4-6-3, stride on the 3x3 conv),
+    FP32 [3, 224, 224] -> logits [1000], ~25.6 M parameters (~100 MB). The last conv of each
+    block is scaled down so 16 residual additions keep activations in range."""
+    f32 = TensorProto.FLOAT
+    g = _Graph(np.random.default_rng(SEED + 50))
+    x = _conv(g, "INPUT", 3, 64, 7, 2, relu=True)
+    x = g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for width, blocks, stride in RESNET_STAGES:
+        for i in range(blocks):
+            s = stride if i == 0 else 1
+            cout = width * 4
+            y = _conv(g, x, cin, width, 1, 1, relu=True)
+            y = _conv(g, y, width, width, 3, s, relu=True)
+            y = _conv(g, y, width, cout, 1, 1, relu=False, gain=0.2)
+            short = _conv(g, x, cin, cout, 1, s, relu=False) if i == 0 else x
+            x = g.op("Relu", [g.op("Add", [y, short])])
+            cin = cout
+    x = g.op("GlobalAveragePool", [x])
+    x = g.op("Flatten", [x], axis=1)
+    w = g.weight("fc_w", (cin, RESNET_CLASSES), cin, 1.0)
+    b = g.const("fc_b", np.zeros(RESNET_CLASSES, dtype=np.float32))
+    g.nodes.append(helper.make_node("Gemm", [x, w, b], ["OUTPUT"]))
+    graph = helper.make_graph(
+        g.nodes,
+        "resnet50",
+        [_vi("INPUT", f32, ["batch", 3, 224, 224])],
+        [_vi("OUTPUT", f32, ["batch", RESNET_CLASSES])],
+        g.inits,
+    )
+    config = _config(
+        "resnet50",
+        8,
+        [("INPUT", f32, [3, 224, 224])],
+        [("OUTPUT", f32, [RESNET_CLASSES])],
+        # No queue delay: a run takes 100+ ms on a CPU, so a request that finds the instance
+        # free goes at once, and those that arrive while it runs form the next batch anyway.
+        batching=mc.ModelDynamicBatching(),
+        instances=[mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)],
+    )
+
+    def check(sess: ort.InferenceSession, rng: np.random.Generator) -> None:
+        x = rng.standard_normal((2, 3, 224, 224)).astype(np.float32)
+        (both,) = sess.run(["OUTPUT"], {"INPUT": x})
+        (one,) = sess.run(["OUTPUT"], {"INPUT": x[1:]})
+        if both.shape != (2, RESNET_CLASSES) or not np.all(np.isfinite(both)):
+            raise AssertionError(f"resnet50: {both.shape}, finite={np.isfinite(both).all()}")
+        np.testing.assert_allclose(one[0], both[1], rtol=1e-3, atol=1e-3 * np.abs(both).max())
+        if np.allclose(both[0], both[1]) or both.std() == 0:
+            raise AssertionError("resnet50: the answer does not depend on the input")
+
+    doc = "ResNet-50 v1.5 layer shapes, BatchNorm folded into Conv biases, random weights"
+    return Built("resnet50", _model(graph, doc), config, check)
+
+
+def _layer_norm(g: _Graph, x: str) -> str:
+    scale = g.const("ln_scale", np.ones(BERT_HIDDEN, dtype=np.float32))
+    bias = g.const("ln_bias", np.zeros(BERT_HIDDEN, dtype=np.float32))
+    return g.op("LayerNormalization", [x, scale, bias], axis=-1, epsilon=1e-12)
+
+
+def _dense(g: _Graph, x: str, cin: int, cout: int) -> str:
+    w = g.weight("dense_w", (cin, cout), cin, 1.0)
+    b = g.const("dense_b", np.zeros(cout, dtype=np.float32))
+    return g.op("Add", [g.op("MatMul", [x, w]), b])
+
+
+def _gelu(g: _Graph, x: str) -> str:
+    """0.5 x (1 + erf(x / sqrt 2)): BERT's exact GELU, which opset 17 spells out."""
+    inv_sqrt2 = g.const("inv_sqrt2", np.array(1 / np.sqrt(2), dtype=np.float32))
+    half = g.const("half", np.array(0.5, dtype=np.float32))
+    one = g.const("one", np.array(1.0, dtype=np.float32))
+    erf = g.op("Erf", [g.op("Mul", [x, inv_sqrt2])])
+    return g.op("Mul", [g.op("Mul", [x, half]), g.op("Add", [erf, one])])
+
+
+def build_bert_encoder() -> Built:
+    """BERT-base's shapes (vocabulary 30522, hidden 768, 12 heads, FFN 3072, post-LayerNorm)
+    with ``BERT_LAYERS`` layers: INT64 ``input_ids`` and ``attention_mask`` [128] ->
+    ``last_hidden_state`` [128, 768] and ``pooler_output`` [768]."""
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    g = _Graph(np.random.default_rng(SEED + 768))
+    heads, head_dim = BERT_HEADS, BERT_HIDDEN // BERT_HEADS
+    word = g.weight("word_emb", (BERT_VOCAB, BERT_HIDDEN), 1, 0.02**2)
+    pos = g.weight("pos_emb", (BERT_SEQ, BERT_HIDDEN), 1, 0.02**2)
+    x = g.op("Add", [g.op("Gather", [word, "input_ids"], axis=0), pos])
+    x = _layer_norm(g, x)
+    # [B, 128] mask of 1/0 -> additive bias [B, 1, 1, 128] of 0 / -10000, as BERT does.
+    mask = g.op("Cast", ["attention_mask"], to=f32)
+    mask = g.op("Unsqueeze", [mask, g.const("axes", np.array([1, 2], dtype=np.int64))])
+    one = g.const("one", np.array(1.0, dtype=np.float32))
+    big = g.const("neg", np.array(-10000.0, dtype=np.float32))
+    bias = g.op("Mul", [g.op("Sub", [one, mask]), big])
+    split_shape = g.const("shape", np.array([0, BERT_SEQ, heads, head_dim], dtype=np.int64))
+    merge_shape = g.const("shape", np.array([0, BERT_SEQ, BERT_HIDDEN], dtype=np.int64))
+    scale = g.const("scale", np.array(1 / np.sqrt(head_dim), dtype=np.float32))
+    for _ in range(BERT_LAYERS):
+
+        def heads_of(t: str, perm: list[int]) -> str:
+            return g.op("Transpose", [g.op("Reshape", [t, split_shape])], perm=perm)
+
+        q = heads_of(_dense(g, x, BERT_HIDDEN, BERT_HIDDEN), [0, 2, 1, 3])
+        k = heads_of(_dense(g, x, BERT_HIDDEN, BERT_HIDDEN), [0, 2, 3, 1])
+        v = heads_of(_dense(g, x, BERT_HIDDEN, BERT_HIDDEN), [0, 2, 1, 3])
+        scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, k]), scale]), bias])
+        ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), merge_shape])
+        x = _layer_norm(g, g.op("Add", [x, _dense(g, ctx, BERT_HIDDEN, BERT_HIDDEN)]))
+        ffn = _dense(g, _gelu(g, _dense(g, x, BERT_HIDDEN, BERT_FFN)), BERT_FFN, BERT_HIDDEN)
+        x = _layer_norm(g, g.op("Add", [x, ffn]))
+    g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
+    cls = g.op("Gather", [x, g.const("zero", np.array(0, dtype=np.int64))], axis=1)
+    g.nodes.append(
+        helper.make_node("Tanh", [_dense(g, cls, BERT_HIDDEN, BERT_HIDDEN)], ["pooler_output"])
+    )
+    graph = helper.make_graph(
+        g.nodes,
+        "bert_encoder",
+        [
+            _vi("input_ids", i64, ["batch", BERT_SEQ]),
+            _vi("attention_mask", i64, ["batch", BERT_SEQ]),
+        ],
+        [
+            _vi("last_hidden_state", f32, ["batch", BERT_SEQ, BERT_HIDDEN]),
+            _vi("pooler_output", f32, ["batch", BERT_HIDDEN]),
+        ],
+        g.inits,
+    )
+    config = _config(
+        "bert_encoder",
+        8,
+        [("input_ids", i64, [BERT_SEQ]), ("attention_mask", i64, [BERT_SEQ])],
+        [
+            ("last_hidden_state", f32, [BERT_SEQ, BERT_HIDDEN]),
+            ("pooler_output", f32, [BERT_HIDDEN]),
+        ],
+        batching=mc.ModelDynamicBatching(),  # as resnet50's: no queue delay
+        instances=[mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)],
+    )
+
+    def check(sess: ort.InferenceSession, rng: np.random.Generator) -> None:
+        ids = rng.integers(0, BERT_VOCAB, (2, BERT_SEQ), dtype=np.int64)
+        mask = np.ones((2, BERT_SEQ), dtype=np.int64)
+        mask[1, 100:] = 0
+        hidden, pooled = sess.run(None, {"input_ids": ids, "attention_mask": mask})
+        if hidden.shape != (2, BERT_SEQ, BERT_HIDDEN) or pooled.shape != (2, BERT_HIDDEN):
+            raise AssertionError(f"bert_encoder: {hidden.shape} {pooled.shape}")
+        if not (np.all(np.isfinite(hidden)) and np.all(np.isfinite(pooled))):
+            raise AssertionError("bert_encoder: non-finite output")
+        # Masked positions must not change the unmasked ones' answers.
+        ids2 = ids.copy()
+        ids2[1, 100:] = 0
+        hidden2, _ = sess.run(None, {"input_ids": ids2, "attention_mask": mask})
+        np.testing.assert_allclose(hidden2[1, :100], hidden[1, :100], rtol=1e-4, atol=1e-4)
+        if np.allclose(hidden[0], hidden[1]):
+            raise AssertionError("bert_encoder: the answer does not depend on the input")
+
+    doc = f"BERT-base shapes, {BERT_LAYERS} encoder layers, random weights"
+    return Built("bert_encoder", _model(graph, doc), config, check)
+
+
+HEAVY_BUILDERS: list[Callable[[], Built]] = [build_resnet50, build_bert_encoder]
+HEAVY_CACHE = Path(__file__).resolve().parent.parent / "bench" / "out" / "models"
+
+
+def ensure_heavy(out: Path = HEAVY_CACHE, names: list[str] | None = None) -> Path:
+    """The heavy models built and checked into ``out`` (once: a ``.version`` stamp per model
+    says the cached copy is this script's); returns ``out``, a Triton-style repository."""
+    for builder in HEAVY_BUILDERS:
+        name = builder.__name__.removeprefix("build_")
+        if names is not None and name not in names:
+            continue
+        stamp = out / name / ".version"
+        if stamp.is_file() and stamp.read_text() == HEAVY_VERSION:
+            continue
+        built = builder()
+        write(built, out)
+        check_written(built, out)
+        stamp.write_text(HEAVY_VERSION)
+    return out
 
 
 # --- writing and checking -------------------------------------------------------------------
@@ -475,6 +790,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("model_repo"), help="repository dir")
     parser.add_argument("--measure", action="store_true", help="time mlp with onnxruntime")
+    parser.add_argument(
+        "--heavy",
+        nargs="?",
+        const=HEAVY_CACHE,
+        type=Path,
+        help=f"also build resnet50 and bert_encoder (~250 MB) into this dir ({HEAVY_CACHE})",
+    )
     parser.add_argument("--window-s", type=float, default=0.25, help="one timing window")
     parser.add_argument("--rounds", type=int, default=6, help="timing windows per batch size")
     parser.add_argument(
@@ -491,7 +813,21 @@ def main(argv: list[str] | None = None) -> int:
         check_written(built, args.out)
         size = (args.out / built.name / "1" / "model.onnx").stat().st_size
         print(f"ok  {built.name:<24} {size:>10,d} bytes")
+    for make in ENSEMBLES:
+        ensemble = make()
+        write_ensemble(ensemble, args.out)
+        print(f"ok  {ensemble.name:<24} (ensemble of {len(ensemble.ensemble_scheduling.step)})")
     print(f"mlp: {mlp_params():,d} stored parameters")
+    if args.heavy is not None:
+        for builder in HEAVY_BUILDERS:
+            started = time.perf_counter()
+            built = builder()
+            write(built, args.heavy)
+            check_written(built, args.heavy)
+            (args.heavy / built.name / ".version").write_text(HEAVY_VERSION)
+            size = (args.heavy / built.name / "1" / "model.onnx").stat().st_size
+            took = time.perf_counter() - started
+            print(f"ok  {built.name:<24} {size:>10,d} bytes  {took:.1f} s  -> {args.heavy}")
 
     if args.measure:
         rates = measure(args.out, args.batch_sizes, args.window_s, args.rounds)

@@ -1,18 +1,21 @@
 """Origins for the edge-cache tests, each on a free loopback port in a thread of its own.
 
 ``FakeOrigin`` is a tiny HTTP/1.1 file server that logs every request (path, Range), honours
-``Range`` and ``If-None-Match``, can throttle, and can cut the connection partway through a file
-once (fault injection). ``StaticOrigin`` is Python's ``http.server`` (no Range support).
+``Range`` (``bytes=a-`` and ``bytes=a-b``) and ``If-None-Match``, can throttle, and can cut the
+connection partway through a file once or send one byte of it wrong once (fault injection).
+``StaticOrigin`` is Python's ``http.server`` (no Range support).
 ``AppServer`` runs any aiohttp application (an origin that misbehaves on purpose).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.server
 import socket
 import threading
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ class FakeOrigin:
         self.requests: list[tuple[str, str | None]] = []
         self.headers: list[dict[str, str]] = []  # each request's headers, names in lower case
         self.cut_after: dict[str, int] = {}  # path -> bytes sent before dropping (once)
+        self.corrupt_at: dict[str, int] = {}  # path -> file offset of a byte sent wrong (once)
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -124,12 +128,18 @@ class FakeOrigin:
         start = 0
         status = "200 OK"
         extra = ""
+        end = len(data)
         wanted = headers.get("range", "")
-        if wanted.startswith("bytes=") and wanted.endswith("-"):
-            start = int(wanted[6:-1])
+        if wanted.startswith("bytes="):
+            first, _, last = wanted[6:].partition("-")
+            start, end = int(first), min(int(last) + 1, len(data)) if last else len(data)
             status = "206 Partial Content"
-            extra = f"Content-Range: bytes {start}-{len(data) - 1}/{len(data)}\r\n"
-        body = data[start:]
+            extra = f"Content-Range: bytes {start}-{end - 1}/{len(data)}\r\n"
+        body = bytearray(data[start:end])
+        wrong = self.corrupt_at.get(path)
+        if wrong is not None and start <= wrong < end:
+            del self.corrupt_at[path]
+            body[wrong - start] ^= 0xFF
         writer.write(
             f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nETag: {etag}\r\n{extra}"
             "Connection: close\r\n\r\n".encode()
@@ -214,3 +224,64 @@ class AppServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+
+
+def two_layer(root: Path, name: str, version: int, head_seed: int, n: int = 1024) -> bytes:
+    """``Y = (X @ W1) @ W2``: W1 n x n (4 MiB at 1024) never changes, W2 n x 16 is the
+    "fine-tuned head" whose seed differs between versions. Returns the model file's bytes."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1 = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    w2 = np.random.default_rng(head_seed).standard_normal((n, 16), dtype=np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["X", "W1"], ["H"]),
+            helper.make_node("MatMul", ["H", "W2"], ["Y"]),
+        ],
+        name,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    data = models.graph_bytes(graph)
+    (root / name / str(version)).mkdir(parents=True, exist_ok=True)
+    (root / name / str(version) / "model.onnx").write_bytes(data)
+    return data
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """A moto S3 server on a free loopback port (its endpoint URL); skips when moto is missing."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import pytest
+
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                pytest.skip("moto server did not start")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)

@@ -150,7 +150,7 @@ class FakeServicer(InferenceServicer):
         self.started = 0
         self.cancelled = 0
 
-    async def _stream_one(self, request: Any) -> Any:
+    async def _stream_one(self, request: Any, context: Any = None) -> Any:
         self.started += 1
         try:
             await self.release.wait()

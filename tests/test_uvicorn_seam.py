@@ -188,7 +188,7 @@ async def test_a_raw_exchange_rides_uvicorns_cycle() -> None:
     protocol.data_received(b"c" + b"GET /asgi HTTP/1.1\r\nHost: x\r\n\r\n")
     [(exchange, route)] = app.taken
     assert route == "/raw" and isinstance(exchange, RequestResponseCycle)
-    assert bytes(exchange.body) == b"abc" and not exchange.more_body
+    assert exchange.take_body() == b"abc" and not exchange.more_body
     assert exchange.hooks is protocol.scope[HOOKS]  # the GET's scope: the same connection
     assert len(protocol.pipeline) == 1 and transport.paused
     exchange.respond(200, [(b"content-length", b"2")], b"hi")
@@ -202,6 +202,31 @@ async def test_a_raw_exchange_rides_uvicorns_cycle() -> None:
     assert protocol.server_state.total_requests == 2
     await asyncio.sleep(0.2)
     assert transport.closed  # uvicorn's keep-alive timer, armed after the last response
+
+
+async def test_a_large_body_goes_raw_kept_as_read_and_answered_without_a_join() -> None:
+    """A body far over uvicorn's 64 KiB flow-control mark still takes the raw path: its pieces
+    are kept as the parser hands them (reading is never paused: its length was checked against
+    the limit first) and joined once; a large answer is written beside its head, not copied
+    into one bytes with it."""
+    app = _App()
+    protocol, transport = _connect(app)
+    body = bytes(range(256)) * 1024  # 256 KiB
+    protocol.data_received(
+        b"POST /raw HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    for start in range(0, len(body), 100_000):
+        protocol.data_received(body[start : start + 100_000])
+        assert not transport.paused
+    [(exchange, route)] = app.taken
+    assert route == "/raw" and app.served == []
+    assert len(exchange.chunks) == 3 and not exchange.body  # uvicorn's bytearray never filled
+    assert exchange.take_body() == body and exchange.chunks == []
+    answer = bytes(100_000)
+    exchange.respond(200, [(b"content-length", b"%d" % len(answer))], answer)
+    [[head, written]] = transport.lines
+    assert written is answer and head.endswith(b"\r\n\r\n")
+    await _drain(protocol)
 
 
 async def test_shutdown_and_disconnect_reach_a_raw_exchange() -> None:
@@ -250,7 +275,7 @@ async def test_a_whole_request_read_again_is_read_as_httptools_read_it() -> None
     again = app.taken[-1][0]
     assert again is not parsed and protocol.cycle is again
     assert list(again.headers) == list(parsed.headers)
-    assert (bytes(again.body), again.keep_alive, again.more_body) == (b"abc", True, False)
+    assert (again.take_body(), again.keep_alive, again.more_body) == (b"abc", True, False)
     assert again.hooks is parsed.hooks
     again.respond(200, empty, b"")
     await asyncio.sleep(0.06)
@@ -291,6 +316,7 @@ class _Transport:
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
+        self.lines: list[list[bytes]] = []  # what each writelines call was handed
         self.closed = False
         self.paused = False
 
@@ -298,6 +324,7 @@ class _Transport:
         self.chunks.append(bytes(data))
 
     def writelines(self, chunks: list[bytes]) -> None:
+        self.lines.append(list(chunks))
         self.chunks.append(b"".join(chunks))
 
     def close(self) -> None:

@@ -36,8 +36,14 @@ from gateway.errors import (
     Unavailable,
     UnknownRegion,
 )
-from gateway.grpc.codec import decode_infer_request, encode_infer_response
+from gateway.grpc.codec import decode_infer_request
 from gateway.grpc.errors import status_of
+from gateway.grpc.wire import (
+    RawResponse,
+    encode_raw_response,
+    parse_infer_request,
+    serialize_infer_response,
+)
 from gateway.logs import CONTROL
 from gateway.pending import Pending
 
@@ -70,6 +76,14 @@ def _unary(method: H) -> H:
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
     return wrapper  # type: ignore[return-value]
+
+
+def _metadata_value(context: Any, name: str) -> str | None:
+    """A call's metadata entry ``name`` (gRPC keys are lower case), for the data plane."""
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value if isinstance(value, str) else None
+    return None
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -142,27 +156,35 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def _infer(self, request: Any, context: Any = None) -> Any:
         """The one call into the data plane (decoding there, once the model is known: an
-        unknown model is NOT_FOUND whatever the message), then the answer encoded."""
+        unknown model is NOT_FOUND whatever the message), then the answer encoded (raw
+        outputs as a ``RawResponse``: see ``gateway.grpc.wire``). The call's metadata are its
+        headers (a traffic split's sticky header)."""
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
+        header = None if context is None else functools.partial(_metadata_value, context)
         trace = None
         if tracing.enabled:  # the call's metadata (a stream's, for each of its requests)
             call = context if context is not None else _STREAM.get()
             metadata = call.invocation_metadata() if call is not None else None
             trace = tracing.from_metadata(metadata, request.ByteSize())
-        pending = self.dataplane.submit(request.model_name, version, decode, None, trace)
+        pending = self.dataplane.submit(request.model_name, version, decode, None, header, trace)
         if pending.span is not None:
             return await _traced(pending)
         result = await pending
-        return encode_infer_response(result)  # raw_output_contents always, as Triton
+        # raw_output_contents always, as Triton; without protobuf's copies where that pays
+        # (gateway/grpc/wire.py)
+        return encode_raw_response(result)
 
     @_unary
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self._infer(request, context)
 
-    async def _stream_one(self, request: Any) -> Any:
+    async def _stream_one(self, request: Any, context: Any = None) -> Any:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            response = await self._infer(request, context)
+            if isinstance(response, RawResponse):
+                response = response.to_message()
+            return pb.ModelStreamInferResponse(infer_response=response)
         except GatewayError as exc:
             message = exc.message
         except Exception as exc:
@@ -192,7 +214,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         done = object()
 
         async def answer(request: Any) -> None:
-            answers.put_nowait(await self._stream_one(request))
+            answers.put_nowait(await self._stream_one(request, context))
 
         async def read() -> None:
             try:
@@ -351,9 +373,9 @@ async def _traced(pending: Pending) -> Any:
     and the answer's size."""
     status, size = "OK", 0
     try:
-        answer = encode_infer_response(await pending)
-        size = answer.ByteSize()
-        return answer
+        result = await pending
+        size = sum(array.nbytes for array in result.outputs.values())  # the tensors' bytes
+        return encode_raw_response(result)
     except GatewayError as exc:
         status = status_of(exc).name
         raise
@@ -369,6 +391,41 @@ async def _traced(pending: Pending) -> Any:
 
 # The ModelStreamInfer call whose requests are being answered, for their trace context.
 _STREAM: ContextVar[Any] = ContextVar("grpc_stream", default=None)
+
+
+_SERVICE = "inference.GRPCInferenceService"
+
+
+class _Capture:
+    """Stands in for the server while the generated code registers the service's methods."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same methods come again below, by name
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers.update(handlers)
+
+
+def _method_handlers(servicer: InferenceServicer) -> dict[str, Any]:
+    """The generated code's handlers, with ``ModelInfer`` and ``ModelStreamInfer`` reading and
+    writing raw tensors without protobuf's copies (``gateway.grpc.wire``)."""
+    capture = _Capture()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=parse_infer_request,
+        response_serializer=serialize_infer_response,
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=parse_infer_request,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
+    return handlers
 
 
 def _address(host: str, port: int) -> str:
@@ -485,7 +542,9 @@ class GrpcServer:
             ],
         )
         servicer = InferenceServicer(self.dataplane, settings.grpc_stream_max_inflight)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        handlers = _method_handlers(servicer)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+        server.add_registered_method_handlers(_SERVICE, handlers)
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as exc:

@@ -7,6 +7,7 @@ Layout under the cache directory::
     models/<model>/...       materialised model directories: hard links to blobs (copies where
                              links cannot be made), what ONNX Runtime is pointed at
     state.json               which blobs each model uses and when it was last used (for LRU)
+    chunks.json              the content-defined chunks of cached files (from their manifests)
 
 A blob is hashed before its first use by this process and again whenever its inode, size or
 mtime changes, so a corrupt or truncated file is never handed out: it is deleted and fetched
@@ -20,6 +21,18 @@ by evicting least-recently-used models that the caller does not protect (loaded 
 ones). A write the cache's own disk refuses (full, quota, read-only) is
 :class:`CacheWriteError` (503, naming the reason, not the path), and that download's partial
 file is removed: it holds space and cannot be finished now.
+
+Files whose manifest lists chunks, some of which the cache holds, are assembled chunk by chunk
+(:meth:`BlobCache.ensure` with ``chunks``; a file none of whose chunks is cached is one download,
+whole, as above): a chunk some cached file holds is copied from it (read back and checked against
+its sha256 first), the others are asked of peers by hash, then of the origin by byte range
+(adjacent missing chunks in one ``Range`` request); each chunk is verified as it arrives (a
+wrong one is counted, dropped and fetched again, from the next source or in the next round),
+and the assembled file is verified whole before it is moved into place. A chunk wanted by two
+assemblies at once is fetched once (single-flight per chunk). Chunks are not stored a second
+time: the cache knows where each lies in the files it holds (``chunks.json``), so the bytes a
+new version shares with an old one cross the link once and the room they take is the files'.
+An interrupted assembly resumes: the chunks already in its partial file are hashed and kept.
 
 Why one module of this size: single-flight downloads, resume, verification and the LRU bound
 all act on one reservation ledger; split, the invariant "no byte written past the bound"
@@ -37,6 +50,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,8 +59,8 @@ from typing import Any
 
 from gateway import tracing
 from gateway.errors import Unavailable
-from gateway.repository.manifest import sha256_file
-from gateway.repository.origin import OriginError, OriginMissing, too_large
+from gateway.repository.manifest import Chunk, hash_and_chunk, sha256_file
+from gateway.repository.origin import OriginError, OriginMissing, RangeUnsupported, too_large
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +68,10 @@ ATTEMPTS = 4  # per source; an attempt that made progress does not count
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 Stream = Callable[[int], AsyncGenerator[bytes, None]]
+Span = Callable[[int, int], AsyncGenerator[bytes, None]]  # bytes [start, end) of the file
+ChunkStream = Callable[[str], AsyncGenerator[bytes, None]]  # a chunk by its sha256
 Progress = Callable[[int], None]
+CHUNK_CONCURRENCY = 4  # chunk requests to peers, byte ranges to the origin, per file
 
 
 def parse_size(text: str) -> int:
@@ -87,6 +104,20 @@ class Source:
     kind: str  # "peer" | "origin"
     name: str
     stream: Stream
+    span: Span | None = None  # byte ranges of the file (origins)
+    chunk: ChunkStream | None = None  # chunks by hash (peers)
+
+
+@dataclass(slots=True)
+class Transfer:
+    """One fetch's bytes by where they came from: what progress notes show."""
+
+    origin: int = 0
+    peer: int = 0
+    cached: int = 0  # chunks (or whole files) the cache held already
+
+    def add(self, kind: str, size_bytes: int) -> None:
+        setattr(self, kind, getattr(self, kind) + size_bytes)
 
 
 @dataclass(slots=True)
@@ -99,6 +130,9 @@ class CacheStats:
     evictions: int = 0  # models evicted
     corrupt: int = 0  # cached or downloaded files whose hash did not match
     resumes: int = 0  # downloads continued from a partial file
+    bytes_cached: int = 0  # chunks of new files copied from cached files instead of fetched
+    chunks_fetched: int = 0
+    chunks_reused: int = 0
 
 
 @dataclass(slots=True)
@@ -127,10 +161,14 @@ class BlobCache:
         self._from_origin: set[str] = set()  # in flight, being read from the origin
         self._reserved_bytes = 0
         self._room = asyncio.Lock()
+        self._file_chunks: dict[str, tuple[Chunk, ...]] = {}  # cached file -> its chunks
+        self._chunk_at: dict[str, tuple[str, Chunk]] = {}  # chunk sha256 -> (file, where)
+        self._chunk_inflight: dict[str, asyncio.Future[bytes]] = {}
         for path in self.blob_dir.iterdir():
             if len(path.name) == 64:
                 self._sizes[path.name] = path.stat().st_size
         self._load_state()
+        self._load_chunks()
         with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
             data = json.loads((root / "verified.json").read_text())
             self._verified = {str(k): tuple(int(x) for x in v) for k, v in data.items()}
@@ -150,7 +188,63 @@ class BlobCache:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("cache state %s unreadable (%s); starting with no model records", path, exc)
 
+    def _load_chunks(self) -> None:
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+            data = json.loads((self.root / "chunks.json").read_text())
+            for sha, rows in data.items():
+                if sha in self._sizes:
+                    self.note_chunks(sha, tuple(Chunk(int(o), int(n), str(h)) for o, n, h in rows))
+
+    def note_chunks(self, sha256: str, chunks: tuple[Chunk, ...]) -> None:
+        """Remember where the chunks of a cached file lie, to build other files from them."""
+        if not chunks or sha256 in self._file_chunks:
+            return
+        self._file_chunks[sha256] = chunks
+        for chunk in chunks:
+            self._chunk_at.setdefault(chunk.sha256, (sha256, chunk))
+
+    async def learn_chunks(self, sha256: str, avg_bytes: int) -> None:
+        """Cut a cached file whose chunks are unknown (fetched from a manifest without chunk
+        lists, or by an edge from before them) as an origin with this average would, so a new
+        version can be built from it; the cut also hashes it, and a file found corrupt is
+        dropped."""
+        if sha256 in self._file_chunks or sha256 not in self._sizes or not 0 < avg_bytes:
+            return
+        if not 1024 <= avg_bytes <= 4 * 1024 * 1024:
+            return
+        try:
+            found, chunks = await asyncio.to_thread(
+                hash_and_chunk, self.blob_path(sha256), avg_bytes
+            )
+        except (OSError, ValueError):
+            return
+        if found != sha256:
+            log.warning("cached blob %s is corrupt; deleting it", sha256)
+            self.stats.corrupt += 1
+            self._forget(sha256)
+            return
+        self._remember(sha256)
+        self.note_chunks(sha256, chunks)
+
+    def seeds(self, chunks: Iterable[Chunk]) -> set[str]:
+        """The cached files that hold some of these chunks (kept while a file is built)."""
+        return {self._chunk_at[c.sha256][0] for c in chunks if c.sha256 in self._chunk_at}
+
+    async def chunk_bytes(self, sha256: str) -> bytes | None:
+        """A chunk of a cached file by its hash, for peers; checked before it goes out."""
+        found = self._chunk_at.get(sha256)
+        if found is None or found[0] not in self._sizes:
+            return None
+        data = await asyncio.to_thread(_read_at, self.blob_path(found[0]), found[1])
+        return data if data is not None and hashlib.sha256(data).hexdigest() == sha256 else None
+
     def save_state(self) -> None:
+        chunks = {
+            sha: [[c.offset, c.size, c.sha256] for c in rows]
+            for sha, rows in self._file_chunks.items()
+            if sha in self._sizes
+        }
+        write_atomic(self.root / "chunks.json", json.dumps(chunks).encode())
         body = {
             "models": {
                 name: {"blobs": rec.blobs, "last_used": rec.last_used}
@@ -192,14 +286,19 @@ class BlobCache:
         size: int,
         sources: Iterable[Source],
         progress: Progress | None = None,
+        chunks: tuple[Chunk, ...] = (),
+        transfer: Transfer | None = None,
     ) -> Path:
         """A verified local copy of the blob: from the cache, else fetched (single-flight).
 
         ``size`` bounds what is written: the caller has reserved room for it (:meth:`reserve`).
+        With ``chunks`` (the file's chunk list) only the chunks no cached file holds are
+        fetched, when a source can read byte ranges; ``transfer`` counts bytes by source.
         """
         future = self._inflight.get(sha256)
         if future is None:
-            future = asyncio.ensure_future(self._obtain(sha256, size, list(sources), progress))
+            work = self._obtain(sha256, size, list(sources), progress, chunks, transfer)
+            future = asyncio.ensure_future(work)
             self._inflight[sha256] = future
             future.add_done_callback(lambda f: self._done(sha256, f))
         return await asyncio.shield(future)
@@ -242,26 +341,61 @@ class BlobCache:
     def _forget(self, sha256: str) -> None:
         self._sizes.pop(sha256, None)
         self._verified.pop(sha256, None)
+        for chunk in self._file_chunks.pop(sha256, ()):
+            if self._chunk_at.get(chunk.sha256, ("",))[0] == sha256:
+                del self._chunk_at[chunk.sha256]
         with contextlib.suppress(FileNotFoundError):
             self.blob_path(sha256).unlink()
 
     async def _obtain(
-        self, sha256: str, size: int, sources: list[Source], progress: Progress | None
+        self,
+        sha256: str,
+        size: int,
+        sources: list[Source],
+        progress: Progress | None,
+        chunks: tuple[Chunk, ...],
+        transfer: Transfer | None,
     ) -> Path:
+        transfer = transfer if transfer is not None else Transfer()
         if sha256 in self._sizes and await self._verify(sha256):
             self.stats.hits += 1
+            self.note_chunks(sha256, chunks)
+            transfer.add("cached", size)
             if progress is not None and size:
                 progress(size)
             return self.blob_path(sha256)
         self.stats.misses += 1
         started = time.perf_counter()
         try:
-            return await self._download(sha256, size, sources, progress)
+            if self._assembles(sha256, chunks, sources):
+                try:
+                    return await self._assemble(sha256, size, chunks, sources, progress, transfer)
+                except RangeUnsupported as exc:
+                    log.info("%s; fetching blob %s... whole", exc.message, sha256[:12])
+            path = await self._download(sha256, size, sources, progress, transfer)
+            self.note_chunks(sha256, chunks)
+            return path
         finally:
             self.stats.fetch_s += time.perf_counter() - started
 
+    def _assembles(self, sha256: str, chunks: tuple[Chunk, ...], sources: list[Source]) -> bool:
+        """Whether to build the file from chunks: when it has a chunk list, a source reads byte
+        ranges, and the cache holds some of its chunks (or a build was interrupted). A file of
+        which nothing is cached is one stream, whole, as before: peers by blob first (a peer
+        fetching it from the origin answers once it has it), then the origin."""
+        if not chunks or all(s.span is None for s in sources):
+            return False
+        if (self.tmp_dir / f"{sha256}.chunks.part").exists():
+            return True
+        return any(c.sha256 in self._chunk_at for c in chunks)
+
     async def _download(
-        self, sha256: str, size: int, sources: list[Source], progress: Progress | None
+        self,
+        sha256: str,
+        size: int,
+        sources: list[Source],
+        progress: Progress | None,
+        transfer: Transfer,
     ) -> Path:
         part = self.tmp_dir / f"{sha256}.part"
         errors: list[str] = []
@@ -290,7 +424,7 @@ class BlobCache:
                     digest = await asyncio.to_thread(_Digest.of_prefix, part, offset)
                 try:
                     with tracing.fetching(source.kind, source.name, sha256, digest):
-                        await self._stream_into(part, digest, source, size, report)
+                        await self._stream_into(part, digest, source, size, report, transfer)
                 except OSError as exc:  # our own disk (origins raise OriginError): no retry
                     with contextlib.suppress(OSError):
                         part.unlink()
@@ -321,6 +455,7 @@ class BlobCache:
         source: Source,
         size: int,
         report: Callable[[int], None],
+        transfer: Transfer,
     ) -> None:
         """Append the source's bytes from ``digest.length`` on, hashing them as they pass, up
         to ``size``: what a source sends past it is never written (the hash then decides).
@@ -335,6 +470,7 @@ class BlobCache:
                     if more:
                         chunk = chunk[: size - digest.length]
                     self._append(f, chunk, digest, source)
+                    transfer.add(source.kind, len(chunk))
                     report(digest.length)
                     if more:
                         break
@@ -349,6 +485,180 @@ class BlobCache:
             self.stats.bytes_from_peers += size_bytes
         else:
             self.stats.bytes_from_origin += size_bytes
+
+    # -- files from chunks --------------------------------------------------------------------
+
+    async def _assemble(
+        self,
+        sha256: str,
+        size: int,
+        chunks: tuple[Chunk, ...],
+        sources: list[Source],
+        progress: Progress | None,
+        transfer: Transfer,
+    ) -> Path:
+        """Build the file from chunks: those a resumed part holds, those cached files hold, the
+        rest from peers by hash, then from the origin by byte range. The network fetch runs on
+        the loop while a thread copies the cached chunks and hashes the file in order as its
+        chunks come in, so copying and the whole-file check overlap the transfer. If the whole
+        file's hash is wrong, the chunk list was: the file is fetched whole."""
+        part = self.tmp_dir / f"{sha256}.chunks.part"
+        claimed: dict[str, asyncio.Future[bytes]] = {}
+        try:
+            fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise write_error(self.root, exc, f"blob {sha256[:12]}...") from None
+        build = _Build(fd, chunks, progress, transfer, asyncio.get_running_loop())
+        try:
+            await self._plan(build, part)
+            waiting: list[tuple[Chunk, asyncio.Future[bytes]]] = []
+            mine: list[Chunk] = []
+            for chunk in build.todo():
+                other = self._chunk_inflight.get(chunk.sha256)
+                if chunk.sha256 in claimed or chunk.sha256 in build.seeded:
+                    continue  # the same bytes twice in this file, or copied: written together
+                if other is not None:
+                    waiting.append((chunk, other))
+                    continue
+                claimed[chunk.sha256] = build.loop.create_future()
+                self._chunk_inflight[chunk.sha256] = claimed[chunk.sha256]
+                mine.append(chunk)
+            sequencer = asyncio.ensure_future(asyncio.to_thread(build.sequence))
+            try:
+                await self._fetch_chunks(build, mine, sources, claimed)
+                for chunk, future in waiting:  # another assembly is fetching these
+                    with contextlib.suppress(OriginError, asyncio.CancelledError):
+                        build.report(build.put(chunk, await asyncio.shield(future)), "cached")
+                rest = [c for c in build.todo() if c.sha256 not in build.seeded]
+                await self._fetch_chunks(build, rest, sources, {})
+            except BaseException:
+                build.abort()
+                with contextlib.suppress(Exception):
+                    await sequencer
+                raise
+            digest = await sequencer
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise write_error(self.root, exc, f"blob {sha256[:12]}...") from None
+        except RangeUnsupported:
+            part.unlink()  # the caller fetches the file whole
+            raise
+        finally:
+            os.close(fd)
+            for key, future in claimed.items():
+                if self._chunk_inflight.get(key) is future:
+                    del self._chunk_inflight[key]
+                if not future.done():
+                    future.set_exception(OriginError(f"chunk {key[:12]}... not fetched"))
+                    future.exception()
+        self.stats.chunks_reused += build.reused
+        self.stats.bytes_cached += build.reused_bytes
+        if digest is None or not self._accept(part, digest, sha256, size):
+            log.warning("blob %s: its chunks do not make up the file; fetching it whole", sha256)
+            with contextlib.suppress(OSError):
+                part.unlink()
+            return await self._download(sha256, size, sources, progress, transfer)
+        self.note_chunks(sha256, chunks)
+        return self.blob_path(sha256)
+
+    async def _plan(self, build: _Build, part: Path) -> None:
+        """Chunks a resumed part holds already (hashed in a thread), and the cached files to copy
+        the others from: each checked whole against its hash first unless known good, so the
+        copy itself need not hash (a corrupt one is dropped, its chunks fetched instead)."""
+        if part.stat().st_size:
+            found = await asyncio.to_thread(build.resume)
+            if found:
+                self.stats.resumes += 1
+                for chunk in found:  # fetched before the interruption: counted then
+                    if build.progress is not None:
+                        build.progress(chunk.size)
+        owners = {self._chunk_at[c.sha256][0] for c in build.todo() if c.sha256 in self._chunk_at}
+        for owner in owners:
+            if owner not in self._sizes or not await self._verify(owner):
+                continue
+            for chunk in build.todo():
+                where = self._chunk_at.get(chunk.sha256)
+                if where is not None and where[0] == owner:
+                    build.seeded[chunk.sha256] = (self.blob_path(owner), where[1])
+
+    async def _fetch_chunks(
+        self,
+        build: _Build,
+        wanted: list[Chunk],
+        sources: list[Source],
+        claimed: dict[str, asyncio.Future[bytes]],
+    ) -> None:
+        """Fetch ``wanted``: each from peers by hash, the rest from the origin by byte ranges
+        (runs of adjacent chunks), in rounds until all are in or ``ATTEMPTS`` rounds failed."""
+        limit = asyncio.Semaphore(CHUNK_CONCURRENCY)
+        errors: list[str] = []
+
+        def arrived(chunk: Chunk, data: bytes, source: Source) -> None:
+            """A chunk's bytes (counted as transferred already): verified, then placed."""
+            if hashlib.sha256(data).hexdigest() != chunk.sha256 or len(data) != chunk.size:
+                self.stats.corrupt += 1
+                errors.append(f"{source.name}: chunk {chunk.sha256[:12]}... does not match")
+                log.warning("%s sent a corrupt chunk %s; dropped", source.name, chunk.sha256)
+                return
+            self.stats.chunks_fetched += 1
+            build.report(build.put(chunk, data), source.kind)
+            future = claimed.get(chunk.sha256)
+            if future is not None and not future.done():
+                future.set_result(data)
+
+        async def from_peer(peer: Source, chunk: Chunk) -> None:
+            assert peer.chunk is not None
+            async with limit:
+                if build.has(chunk):
+                    return
+                try:
+                    data = await _read_bounded(peer.chunk(chunk.sha256), peer.name, chunk.size)
+                except (OriginError, OriginMissing):
+                    return
+                self._count(peer, len(data))
+                arrived(chunk, data, peer)
+
+        for peer in [s for s in sources if s.chunk is not None]:
+            await asyncio.gather(*(from_peer(peer, c) for c in wanted if not build.has(c)))
+
+        async def from_origin(origin: Source, run: list[Chunk]) -> None:
+            assert origin.span is not None
+            async with limit:
+                buffer = bytearray()
+                queue = list(run)
+                stream = origin.span(run[0].offset, run[-1].end)
+                async with contextlib.aclosing(stream) as pieces:
+                    async for piece in pieces:
+                        self._count(origin, len(piece))  # what crossed the link, used or not
+                        buffer += piece
+                        while queue and len(buffer) >= queue[0].size:
+                            chunk = queue.pop(0)
+                            arrived(chunk, bytes(buffer[: chunk.size]), origin)
+                            del buffer[: chunk.size]
+                        if not queue:
+                            break
+
+        for origin in [s for s in sources if s.span is not None]:
+            for attempt in range(ATTEMPTS):
+                runs = _runs([c for c in wanted if not build.has(c)])
+                if not runs:
+                    return
+                results = await asyncio.gather(
+                    *(from_origin(origin, run) for run in runs), return_exceptions=True
+                )
+                for result in results:
+                    if isinstance(result, (RangeUnsupported, OriginMissing)):
+                        raise result
+                    if isinstance(result, OriginError):
+                        errors.append(result.message)
+                    elif isinstance(result, BaseException):
+                        raise result
+                if any(not build.has(c) for c in wanted):
+                    await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
+        if any(not build.has(c) for c in wanted):
+            raise OriginError("cannot fetch chunks: " + (errors[-1] if errors else "no source"))
 
     def _accept(self, part: Path, digest: _Digest, sha256: str, size: int) -> bool:
         """Check a finished download's hash and move it into place atomically; drop it if wrong."""
@@ -501,6 +811,130 @@ def _stat_key(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+class _Build:
+    """A file being assembled from chunks at their offsets (``pwrite``: the network on the loop
+    and the copying thread write at once), and the thread that hashes it in order."""
+
+    def __init__(
+        self,
+        fd: int,
+        chunks: tuple[Chunk, ...],
+        progress: Progress | None,
+        transfer: Transfer,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.fd = fd
+        self.chunks = chunks
+        self.progress = progress
+        self.transfer = transfer
+        self.loop = loop
+        self.seeded: dict[str, tuple[Path, Chunk]] = {}  # chunk -> cached file, where in it
+        self.reused = 0
+        self.reused_bytes = 0
+        self._done: set[int] = set()  # offsets of the chunks in place
+        self._ready = threading.Condition()
+        self._aborted = False
+        self._by_sha: dict[str, list[Chunk]] = {}
+        for chunk in chunks:
+            self._by_sha.setdefault(chunk.sha256, []).append(chunk)
+
+    def todo(self) -> list[Chunk]:
+        with self._ready:
+            return [c for c in self.chunks if c.offset not in self._done]
+
+    def has(self, chunk: Chunk) -> bool:
+        with self._ready:
+            return chunk.offset in self._done
+
+    def put(self, chunk: Chunk, data: bytes) -> list[Chunk]:
+        """Write verified bytes at every place the file has this chunk; returns the places."""
+        written = []
+        for place in self._by_sha[chunk.sha256]:
+            if self.has(place):
+                continue
+            os.pwrite(self.fd, data, place.offset)
+            written.append(place)
+            with self._ready:
+                self._done.add(place.offset)
+                self._ready.notify_all()
+        return written
+
+    def report(self, places: list[Chunk], kind: str) -> None:
+        """Count placed chunks (on the event loop): the first as ``kind``, copies as cached."""
+        for i, place in enumerate(places):
+            self.transfer.add(kind if i == 0 else "cached", place.size)
+            if kind == "cached":
+                self.reused += 1
+                self.reused_bytes += place.size
+            if self.progress is not None:
+                self.progress(place.size)
+
+    def abort(self) -> None:
+        with self._ready:
+            self._aborted = True
+            self._ready.notify_all()
+
+    def resume(self) -> list[Chunk]:
+        """(thread) Keep the chunks a partial file from before holds already."""
+        found = []
+        for chunk in self.chunks:
+            data = os.pread(self.fd, chunk.size, chunk.offset)
+            if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
+                self._done.add(chunk.offset)
+                found.append(chunk)
+        return found
+
+    def sequence(self) -> _Digest | None:
+        """(thread) In file order: copy each chunk a cached file holds, wait for the others,
+        and hash the file as it is written. None when aborted or a cached file came up short
+        (the whole-file check then fails and the file is fetched whole)."""
+        digest = _Digest()
+        for chunk in self.chunks:
+            seed = self.seeded.get(chunk.sha256)
+            if seed is not None and not self.has(chunk):
+                data = _read_at(seed[0], seed[1])
+                if data is None:
+                    self.abort()
+                    return None
+                places = self.put(chunk, data)
+                self.loop.call_soon_threadsafe(self.report, places, "cached")
+                if places and places[0] is chunk:
+                    digest.update(data)  # as written: no need to read it back
+                    continue
+            with self._ready:
+                while chunk.offset not in self._done and not self._aborted:
+                    self._ready.wait()
+                if self._aborted:
+                    return None
+            data = os.pread(self.fd, chunk.size, chunk.offset)
+            if len(data) != chunk.size:
+                return None
+            digest.update(data)
+        return digest
+
+
+def _read_at(path: Path, chunk: Chunk) -> bytes | None:
+    """The chunk's bytes from the file at ``path``; None when it is shorter or gone."""
+    try:
+        with path.open("rb") as f:
+            f.seek(chunk.offset)
+            data = f.read(chunk.size)
+    except OSError:
+        return None
+    return data if len(data) == chunk.size else None
+
+
+def _runs(chunks: list[Chunk]) -> list[list[Chunk]]:
+    """Adjacent chunks grouped: each run is one byte range."""
+    runs: list[list[Chunk]] = []
+    for chunk in sorted(chunks, key=lambda c: c.offset):
+        if runs and runs[-1][-1].end == chunk.offset:
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return runs
+
+
 class _Digest:
     """A running sha256 and how many bytes went into it."""
 
@@ -528,12 +962,16 @@ class _Digest:
 
 
 async def _read_whole(source: Source, limit_bytes: int) -> bytes:
+    return await _read_bounded(source.stream(0), source.name, limit_bytes)
+
+
+async def _read_bounded(stream: AsyncGenerator[bytes, None], where: str, limit_bytes: int) -> bytes:
     data = bytearray()
-    async with contextlib.aclosing(source.stream(0)) as chunks:
+    async with contextlib.aclosing(stream) as chunks:
         async for chunk in chunks:
             data += chunk
             if len(data) > limit_bytes:
-                raise too_large(source.name, limit_bytes)
+                raise too_large(where, limit_bytes)
     return bytes(data)
 
 
@@ -558,6 +996,9 @@ def stats_dict(stats: CacheStats) -> dict[str, Any]:
         "evictions": stats.evictions,
         "corrupt": stats.corrupt,
         "resumes": stats.resumes,
+        "bytes_cached": stats.bytes_cached,
+        "chunks_fetched": stats.chunks_fetched,
+        "chunks_reused": stats.chunks_reused,
     }
 
 
@@ -566,6 +1007,7 @@ __all__ = [
     "CacheStats",
     "CacheWriteError",
     "Source",
+    "Transfer",
     "parse_size",
     "stats_dict",
     "write_error",

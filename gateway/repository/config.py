@@ -19,6 +19,7 @@ from gateway.errors import ModelLoadError
 
 DEFAULT_MODEL_FILENAME = "model.onnx"
 ONNX_PLATFORM = "onnxruntime_onnx"
+ENSEMBLE_PLATFORM = "ensemble"
 
 # Triton's TYPE_* names <-> v2 datatype names.
 _TRITON_TO_V2 = {
@@ -59,6 +60,17 @@ class DynamicBatching:
     max_queue_delay_us: int = 0
     max_queue_size: int = 0  # 0: the gateway's default bound
     default_timeout_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EnsembleStep:
+    """One step of an ensemble (Triton's ``ModelEnsembling.Step``): which model runs, and how
+    its tensors are named in the ensemble. ``model_version`` -1: the newest."""
+
+    model_name: str
+    model_version: int
+    input_map: tuple[tuple[str, str], ...]  # (the step model's input, the ensemble's tensor)
+    output_map: tuple[tuple[str, str], ...]  # (the step model's output, the ensemble's tensor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +133,8 @@ class ModelConfig:
     default_model_filename: str = DEFAULT_MODEL_FILENAME
     parameters: tuple[tuple[str, str], ...] = ()
     model_warmup: tuple[WarmupSample, ...] = ()
+    response_cache: bool = False  # ``response_cache { enable: true }``: answers are cached
+    ensemble_steps: tuple[EnsembleStep, ...] = ()  # platform "ensemble": its DAG
     # Tensors by name, for the per-request lookups.
     _inputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
     _outputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
@@ -132,6 +146,10 @@ class ModelConfig:
     @property
     def batched(self) -> bool:
         return self.max_batch_size > 0
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.platform == ENSEMBLE_PLATFORM
 
     def input(self, name: str) -> TensorConfig | None:
         return self._inputs_by_name.get(name)
@@ -199,6 +217,23 @@ class ModelConfig:
             result["dynamic_batching"] = batching
         if self.model_warmup:
             result["model_warmup"] = [_warmup_dict(w) for w in self.model_warmup]
+        if self.response_cache:
+            result["response_cache"] = {"enable": True}
+        if self.is_ensemble:
+            result["backend"] = ""
+            for key in ("instance_group", "default_model_filename"):
+                del result[key]
+            result["ensemble_scheduling"] = {
+                "step": [
+                    {
+                        "model_name": step.model_name,
+                        "model_version": step.model_version,
+                        "input_map": dict(step.input_map),
+                        "output_map": dict(step.output_map),
+                    }
+                    for step in self.ensemble_steps
+                ]
+            }
         return result
 
 
@@ -292,8 +327,17 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
     if pb.max_batch_size < 0:
         raise _bad(source, f"'max_batch_size' must be >= 0, got {pb.max_batch_size}")
     platform, backend = pb.platform, pb.backend
-    if platform and platform != ONNX_PLATFORM:
-        raise _bad(source, f"'platform' {platform!r} is not supported (only {ONNX_PLATFORM!r})")
+    if platform and platform not in (ONNX_PLATFORM, ENSEMBLE_PLATFORM):
+        raise _bad(
+            source,
+            f"'platform' {platform!r} is not supported (only {ONNX_PLATFORM!r} and "
+            f"{ENSEMBLE_PLATFORM!r})",
+        )
+    ensemble = platform == ENSEMBLE_PLATFORM
+    if ensemble and backend:
+        raise _bad(source, "an ensemble has no 'backend'")
+    if pb.HasField("ensemble_scheduling") and not ensemble:
+        raise _bad(source, "'ensemble_scheduling' needs platform: \"ensemble\"")
     if backend and backend not in ("onnxruntime", "python"):
         raise _bad(source, f"'backend' {backend!r} is not supported (only 'onnxruntime')")
     batched = pb.max_batch_size > 0
@@ -363,10 +407,18 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
     if not _plain_file_name(filename):
         raise _bad(source, f"'default_model_filename' {filename!r} must be a plain file name")
     params = tuple(sorted((k, v.string_value) for k, v in pb.parameters.items()))
+    steps: tuple[EnsembleStep, ...] = ()
+    if ensemble:
+        if not inputs or not outputs:
+            raise _bad(source, "an ensemble must declare its inputs and outputs")
+        if batching is not None:
+            raise _bad(source, "an ensemble has no 'dynamic_batching' (its steps batch)")
+        steps = _ensemble_steps(pb.ensemble_scheduling, source, inputs, outputs)
     return ModelConfig(
         name=name,
-        platform=ONNX_PLATFORM,
-        backend=backend or "onnxruntime",
+        platform=ENSEMBLE_PLATFORM if ensemble else ONNX_PLATFORM,
+        backend="" if ensemble else backend or "onnxruntime",
+        ensemble_steps=steps,
         max_batch_size=int(pb.max_batch_size),
         inputs=inputs,
         outputs=outputs,
@@ -378,7 +430,65 @@ def from_message(pb: Any, source: str, default_name: str) -> ModelConfig:
         default_model_filename=filename,
         parameters=params,
         model_warmup=_warmup(pb, source, batched),
+        response_cache=bool(pb.response_cache.enable),
     )
+
+
+def _ensemble_steps(
+    pb: Any, source: str, inputs: tuple[TensorConfig, ...], outputs: tuple[TensorConfig, ...]
+) -> tuple[EnsembleStep, ...]:
+    """The steps, checked as Triton checks them: every tensor made by one step only, every
+    step's inputs available, every ensemble output made, every input used, no cycle."""
+    if not pb.step:
+        raise _bad(source, "'ensemble_scheduling' needs at least one 'step'")
+    steps: list[EnsembleStep] = []
+    made: dict[str, int] = {}
+    ensemble_inputs = {t.name for t in inputs}
+    for index, step in enumerate(pb.step):
+        where = f"ensemble step {index} ('{step.model_name}')"
+        if not step.model_name:
+            raise _bad(source, f"ensemble step {index}: 'model_name' is required")
+        if step.model_version < -1 or step.model_version == 0:
+            raise _bad(source, f"{where}: 'model_version' must be -1 (newest) or >= 1")
+        if not step.input_map or not step.output_map:
+            raise _bad(source, f"{where}: 'input_map' and 'output_map' must not be empty")
+        for tensor in step.output_map.values():
+            if tensor in ensemble_inputs or tensor in made:
+                raise _bad(source, f"{where}: tensor '{tensor}' is made by more than one source")
+            made[tensor] = index
+        steps.append(
+            EnsembleStep(
+                step.model_name,
+                int(step.model_version),
+                tuple(sorted(step.input_map.items())),
+                tuple(sorted(step.output_map.items())),
+            )
+        )
+    used = {tensor for step in steps for _, tensor in step.input_map}
+    for index, step in enumerate(steps):
+        for _, tensor in step.input_map:
+            if tensor not in ensemble_inputs and tensor not in made:
+                raise _bad(
+                    source,
+                    f"ensemble step {index} ('{step.model_name}'): input tensor '{tensor}' is "
+                    "neither an ensemble input nor any step's output",
+                )
+    for t in outputs:
+        if t.name not in made:
+            raise _bad(source, f"ensemble output '{t.name}' is not made by any step")
+    for name in sorted(ensemble_inputs - used):
+        raise _bad(source, f"ensemble input '{name}' is not used by any step")
+    # No cycle: every step must become runnable from the ensemble's inputs alone.
+    available, pending = set(ensemble_inputs), list(range(len(steps)))
+    while pending:
+        runnable = [i for i in pending if all(t in available for _, t in steps[i].input_map)]
+        if not runnable:
+            names = ", ".join(f"'{steps[i].model_name}'" for i in pending)
+            raise _bad(source, f"ensemble steps {names} form a cycle")
+        for i in runnable:
+            available.update(t for _, t in steps[i].output_map)
+            pending.remove(i)
+    return tuple(steps)
 
 
 def parse_pbtxt(text: str, source: str, default_name: str) -> ModelConfig:

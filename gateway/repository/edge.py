@@ -17,6 +17,13 @@ origin's index turns out to have changed such a model, ``on_change`` (the data p
 models keep loading and serving, the revalidation is retried with a backoff, and uncached
 models fail with :class:`~gateway.errors.Unavailable` (503).
 
+A manifest that lists a file's chunks (and ``edge_chunks``, on by default) has the file built
+from chunks (:meth:`BlobCache.ensure`): a new version of a model fetches only the chunks no
+cached file holds, asking peers by chunk hash (``/v2/repository/chunks/sha256/{hash}``) and the
+origin by byte range. ``edge_chunks = false`` is the edge as it was before chunk lists: files
+whole, chunk lists ignored. Progress notes and ``gateway_cache_fetched_bytes`` split bytes by
+source: origin, peer, and cached (chunks the cache held already).
+
 The origin is not trusted further than its hashes: the index, each manifest and each
 ``config.pbtxt`` are read whole only up to ``max_index_bytes``; every file is written only up
 to the size the index or its manifest gives, within the cache's byte bound. Errors for clients
@@ -35,7 +42,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,9 +50,11 @@ from gateway.errors import GatewayError, ModelLoadError, ModelNotFound, Unavaila
 from gateway.repository.cache import (
     BlobCache,
     CacheWriteError,
+    ChunkStream,
     Progress,
     Source,
     Stream,
+    Transfer,
     stats_dict,
     write_atomic,
     write_error,
@@ -61,6 +70,7 @@ from gateway.repository.manifest import (
 )
 from gateway.repository.origin import (
     BLOB_PREFIX,
+    CHUNK_PREFIX,
     HttpOrigin,
     Origin,
     OriginError,
@@ -116,6 +126,7 @@ class EdgeRepository(LocalRepository):
             HttpOrigin(p, connect_timeout_s=1.0, read_timeout_s=PEER_WAIT_S) for p in settings.peers
         ]
         self.pinned = set(settings.prefetch)
+        self.chunks = settings.edge_chunks  # false: files whole, chunk lists ignored
         self.in_use: Callable[[str], bool] = lambda name: False
         # called with a model's name when the revalidated index changed a model that was
         # fetched from the saved index (the data plane's ``reload_soon``)
@@ -133,6 +144,7 @@ class EdgeRepository(LocalRepository):
         self._stale_used: dict[str, ModelIndex] = {}  # fetched from the saved, unchecked index
         self._fetching: dict[str, asyncio.Future[None]] = {}
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (done, total) bytes
+        self._transfers: dict[str, Transfer] = {}  # name -> bytes by source, while fetching
         self._versions: dict[str, int] = {}  # name -> newest version being fetched
         self._load_index()
 
@@ -283,7 +295,11 @@ class EdgeRepository(LocalRepository):
         progress = self._progress.get(name)
         if progress is not None:
             done, total = progress
-            return f"fetching: {done}/{total} bytes"
+            t = self._transfers.get(name, Transfer())
+            return (
+                f"fetching: {done}/{total} bytes "
+                f"(origin {t.origin}, peer {t.peer}, cached {t.cached})"
+            )
         if self.cache.cached(name):
             size = sum(self.cache.models[name].blobs.values())
             return f"cached: {size} bytes"
@@ -314,6 +330,7 @@ class EdgeRepository(LocalRepository):
     def _fetch_done(self, name: str, future: asyncio.Future[None]) -> None:
         self._fetching.pop(name, None)
         self._progress.pop(name, None)
+        self._transfers.pop(name, None)
         self._versions.pop(name, None)
         if not future.cancelled():
             future.exception()
@@ -333,6 +350,10 @@ class EdgeRepository(LocalRepository):
     async def peer_blob(self, sha256: str) -> Path | None:
         """``blob_path`` for a peer, waiting (bounded) for a download from the origin in flight."""
         return await self.cache.complete_soon(sha256, PEER_WAIT_S)
+
+    async def peer_chunk(self, sha256: str) -> bytes | None:
+        """A chunk of a cached file by hash, for peers (``GET /v2/repository/chunks/...``)."""
+        return await self.cache.chunk_bytes(sha256)
 
     def stats(self) -> dict[str, Any]:
         """Counters for the metrics module: hits, misses, bytes, seconds, evictions, bytes used."""
@@ -368,10 +389,14 @@ class EdgeRepository(LocalRepository):
         ]
         families: list[Any] = [CounterMetricFamily(n, h, value=v) for n, h, v in counters]
         fetched = CounterMetricFamily(
-            "gateway_cache_fetched_bytes", "Bytes fetched into the edge cache", labels=["source"]
+            "gateway_cache_fetched_bytes",
+            "Bytes of files fetched into the edge cache, by source (cached: chunks of new files "
+            "copied from files the cache held)",
+            labels=["source"],
         )
         fetched.add_metric(["origin"], s["bytes_from_origin"])
         fetched.add_metric(["peer"], s["bytes_from_peers"])
+        fetched.add_metric(["cached"], s["bytes_cached"])  # chunks reused from cached files
         families.append(fetched)
         families.append(
             GaugeMetricFamily(
@@ -400,9 +425,29 @@ class EdgeRepository(LocalRepository):
         def reader(where: Origin, path: str) -> Stream:
             return lambda offset: where.stream(path, offset)
 
-        sources = [Source("peer", p.url, reader(p, BLOB_PREFIX + sha256)) for p in self.peers]
-        sources.append(Source("origin", self.url, reader(self.origin, relpath)))
+        def chunk(peer: Origin) -> ChunkStream:
+            return lambda sha: peer.stream(CHUNK_PREFIX + sha, 0)
+
+        origin = self.origin
+        sources = [
+            Source("peer", p.url, reader(p, BLOB_PREFIX + sha256), chunk=chunk(p))
+            for p in self.peers
+        ]
+        span = lambda start, end: origin.stream(relpath, start, end)  # noqa: E731
+        sources.append(Source("origin", self.url, reader(origin, relpath), span=span))
         return sources
+
+    async def _learn_chunks(self, name: str, missing: Iterable[FileEntry], avg: int) -> None:
+        """When a missing file has chunks but the cache knows none of them, cut the files of
+        the model's cached version(s) as the origin would: after an origin starts publishing
+        chunk lists (or this edge is upgraded), the first new version already moves only its
+        change."""
+        chunked = [f for f in missing if f.chunks]
+        record = self.cache.models.get(name)
+        if not chunked or record is None or any(self.cache.seeds(f.chunks) for f in chunked):
+            return
+        for sha in record.blobs:
+            await self.cache.learn_chunks(sha, avg)
 
     async def _fetch(self, name: str, progress: Progress | None, latest: bool = False) -> None:
         try:
@@ -470,6 +515,7 @@ class EdgeRepository(LocalRepository):
         if not cached_only:
             self._versions[name] = max(chosen)
         blobs: dict[str, int] = {}
+        chunk_avg = 0
         for version in chosen:
             sha = entry.versions[version]
             relpath = f"{name}/{version}/{MANIFEST_NAME}"
@@ -483,13 +529,17 @@ class EdgeRepository(LocalRepository):
             blobs[sha] = len(raw)
             for f in manifest.files:
                 files[f"{version}/{f.path}"] = f
+            chunk_avg = max(chunk_avg, manifest.chunk_avg_bytes)
         blobs.update({f.sha256: f.size for f in files.values()})
         total = sum(f.size for f in {f.sha256: f for f in files.values()}.values())
         missing = {f.sha256: f for f in files.values() if self.cache.complete(f.sha256) is None}
         if cached_only and missing:
             return False
         needed = sum(f.size for f in missing.values())
+        if self.chunks and chunk_avg and not cached_only:
+            await self._learn_chunks(name, missing.values(), chunk_avg)
         self._progress[name] = (0, total)
+        transfer = self._transfers[name] = Transfer()
         done = 0
 
         def advance(delta: int) -> None:
@@ -504,25 +554,31 @@ class EdgeRepository(LocalRepository):
 
         async def one(rel: str, f: FileEntry) -> None:
             async with limit:
+                sources = self._sources(f.sha256, f"{name}/{rel}")
+                chunks = f.chunks if self.chunks else ()
                 try:
-                    await self.cache.ensure(
-                        f.sha256, f.size, self._sources(f.sha256, f"{name}/{rel}"), advance
-                    )
+                    await self.cache.ensure(f.sha256, f.size, sources, advance, chunks, transfer)
                 except OriginMissing as exc:
                     raise ModelLoadError(f"origin lists {name}/{rel} but has not: {exc}") from None
 
         unique = {f.sha256: (rel, f) for rel, f in files.items()}
-        async with self.cache.reserve(needed, protected, set(blobs)):
+        # cached files holding chunks of missing ones are kept until those are built
+        seeds = self.cache.seeds(c for f in missing.values() for c in f.chunks)
+        async with self.cache.reserve(needed, protected, set(blobs) | seeds):
             await asyncio.gather(*(one(rel, f) for rel, f in unique.values()))
         self.cache.materialise(name, {rel: f.sha256 for rel, f in files.items()})
         self.cache.record(name, blobs)
         if missing:
             log.info(
-                "model %s: fetched %d of %d files (%d bytes) in %.2f s",
+                "model %s: fetched %d of %d files (%d bytes: origin %d, peer %d, cached %d) "
+                "in %.2f s",
                 name,
                 len(missing),
                 len(unique),
                 needed,
+                transfer.origin,
+                transfer.peer,
+                transfer.cached,
                 time.perf_counter() - started,
             )
         return True

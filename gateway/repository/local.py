@@ -125,6 +125,9 @@ def locate_versions(directory: Path, config: ModelConfig) -> ModelSource:
         )
     paths: dict[int, Path] = {}
     for version in chosen:
+        if config.is_ensemble:  # its version directory holds nothing: the steps are models
+            paths[version] = directory / str(version)
+            continue
         path = directory / str(version) / config.default_model_filename
         if not path.is_file():
             raise ModelLoadError(

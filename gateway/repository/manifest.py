@@ -15,7 +15,19 @@ Layout, beside the ordinary repository (all JSON, UTF-8, keys sorted)::
 ``<model>/<version>/manifest.json``::
 
     {"format": 1, "model": "simple", "version": 1,
-     "files": [{"path": "model.onnx", "size": 1234, "sha256": "…"}]}
+     "chunking": {"algorithm": "fastcdc2020", "avg": 65536, "min": 16384, "max": 262144,
+                  "max_chunks": 65536},
+     "files": [{"path": "model.onnx", "size": 1234, "sha256": "…",
+                "chunks": [{"offset": 0, "size": 301234, "sha256": "…"}, …]}]}
+
+Versioning: ``format`` changes only when an old reader would misread the new one (readers
+refuse any other ``format``); additions that old readers may ignore keep it. Chunk lists are
+such an addition: a file's ``chunks`` (and the manifest's ``chunking``, which says how they were
+cut) are optional, an edge that does not know them fetches the file whole, and an edge that does
+fetches only the chunks it lacks from a manifest that has them. Chunks are cut by content
+(FastCDC 2020, :mod:`pyfastcdc`) so that an edit in one place of a file moves no boundary
+elsewhere: a new version of a model that changed one layer shares every other chunk with the
+old one. A file of a single chunk lists none.
 
 Model-level file paths are relative to the model directory (only plain files directly in it);
 version file paths to the version directory (sub-directories allowed). Because the index names
@@ -42,6 +54,17 @@ from gateway.errors import InvalidInput, ModelLoadError
 from gateway.repository.local import check_model_name, is_version
 
 FORMAT = 1
+CHUNKING = "fastcdc2020"
+# Average chunk size (pyfastcdc's chunks come out ~1.25x this on average): small enough that
+# the chunks around a changed 4 MB weight matrix add little to it (on bench/edge.py --delta's
+# 100 MB model: 1 MiB adds 39 %, 256 KiB 23 %, 128 KiB 18 %, 64 KiB 2 %; the manifest is
+# ~115 bytes a chunk: 150 KB there). A file of more than
+# MAX_CHUNKS of them is cut with the average doubled until it has fewer (so a 10 GB model's
+# manifest stays a few MB, under max_index_bytes); only a file crossing such a size between
+# versions (4 GiB, 8 GiB, ...) shares no chunks with its previous version.
+CHUNK_AVG_BYTES = 64 * 1024
+MAX_CHUNKS = 65536
+MAX_CHUNK_BYTES = 16 * 1024 * 1024  # the largest chunk an edge accepts (pyfastcdc's own bound)
 INDEX_NAME = "models.json"
 MANIFEST_NAME = "manifest.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # fullmatch: no trailing newline
@@ -77,13 +100,75 @@ def dumps(data: Any) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class Chunk:
+    """A byte range of a file, named by its content."""
+
+    offset: int
+    size: int
+    sha256: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     path: str
     size: int
     sha256: str
+    chunks: tuple[Chunk, ...] = ()  # empty: fetched whole
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+        body: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
+        if self.chunks:
+            body["chunks"] = [
+                {"offset": c.offset, "size": c.size, "sha256": c.sha256} for c in self.chunks
+            ]
+        return body
+
+
+def chunk_bounds(avg_bytes: int, size: int = 0) -> tuple[int, int, int]:
+    """(min, avg, max) chunk sizes for an average: FastCDC's usual avg/4 and avg*4; for a file
+    of ``size`` bytes the average doubled until it makes at most ``MAX_CHUNKS`` chunks."""
+    while size > avg_bytes * MAX_CHUNKS and avg_bytes < 4 * 1024 * 1024:
+        avg_bytes *= 2
+    return avg_bytes // 4, avg_bytes, avg_bytes * 4
+
+
+def hash_and_chunk(path: Path, avg_bytes: int) -> tuple[str, tuple[Chunk, ...]]:
+    """The file's sha256 and its content-defined chunks (none when ``avg_bytes`` is 0 or the
+    file is one chunk), in one pass over the file."""
+    if avg_bytes <= 0 or path.stat().st_size <= avg_bytes // 4:
+        return sha256_file(path), ()
+    from pyfastcdc import FastCDC
+
+    low, avg, high = chunk_bounds(avg_bytes, path.stat().st_size)
+    digest = hashlib.sha256()
+    chunks = []
+    for piece in FastCDC(avg, min_size=low, max_size=high).cut_file(str(path)):
+        digest.update(piece.data)
+        chunks.append(Chunk(piece.offset, piece.length, hashlib.sha256(piece.data).hexdigest()))
+    return digest.hexdigest(), tuple(chunks) if len(chunks) > 1 else ()
+
+
+def _parse_chunks(data: Any, size: int, source: str) -> tuple[Chunk, ...]:
+    """A file's chunk list, checked to tile the file exactly: in order, no gap, no overlap."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ValueError("'chunks' must be a list")
+    out = []
+    offset = 0
+    for item in data:
+        chunk = Chunk(int(item["offset"]), int(item["size"]), check_sha256(item["sha256"]))
+        if chunk.offset != offset or not 0 < chunk.size <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk at {chunk.offset} does not continue at {offset}")
+        offset = chunk.end
+        out.append(chunk)
+    if out and offset != size:
+        raise ValueError(f"chunks cover {offset} of {size} bytes")
+    return tuple(out)
 
 
 def _files(data: Any, source: str) -> tuple[FileEntry, ...]:
@@ -92,8 +177,12 @@ def _files(data: Any, source: str) -> tuple[FileEntry, ...]:
     out = []
     for item in data:
         try:
+            size = int(item["size"])
             entry = FileEntry(
-                check_relpath(str(item["path"])), int(item["size"]), check_sha256(item["sha256"])
+                check_relpath(str(item["path"])),
+                size,
+                check_sha256(item["sha256"]),
+                _parse_chunks(item.get("chunks"), size, source),
             )
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise ModelLoadError(f"{source}: bad file entry {str(item)[:200]}: {exc}") from None
@@ -119,6 +208,7 @@ class Manifest:
     model: str
     version: int
     files: tuple[FileEntry, ...]
+    chunk_avg_bytes: int = 0  # how its chunks were cut (``chunking``); 0: unknown or none
 
     @property
     def size_bytes(self) -> int:
@@ -147,10 +237,12 @@ def parse_manifest(raw: bytes, source: str) -> Manifest:
         data = json.loads(raw)
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r} is not {FORMAT}")
+        chunking = data.get("chunking") or {}
         manifest = Manifest(
             check_model_name(str(data["model"])),
             int(data["version"]),
             _files(data["files"], source),
+            int(chunking.get("avg", 0)) if chunking.get("algorithm") == CHUNKING else 0,
         )
     except (ValueError, KeyError, TypeError, AttributeError, InvalidInput) as exc:
         raise ModelLoadError(f"{source}: not a manifest: {exc}") from None
@@ -165,10 +257,12 @@ class Publisher:
     directory's) leads out; and only files the index lists are served.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, chunk_avg_bytes: int = CHUNK_AVG_BYTES) -> None:
         self.root = root
-        self._hashes: dict[Path, tuple[tuple[int, int, int], str]] = {}
+        self.chunk_avg_bytes = chunk_avg_bytes  # 0: no chunk lists (the format before them)
+        self._hashes: dict[Path, tuple[tuple[int, int, int], str, tuple[Chunk, ...]]] = {}
         self._blobs: dict[str, Path] = {}
+        self._chunks: dict[str, tuple[Path, Chunk]] = {}  # chunk sha256 -> file, where
         self._lock = threading.Lock()
 
     def _hash(self, path: Path) -> FileEntry:
@@ -177,10 +271,12 @@ class Publisher:
         with self._lock:
             known = self._hashes.get(path)
         if known is None or known[0] != key:
-            known = (key, sha256_file(path))
+            known = (key, *hash_and_chunk(path, self.chunk_avg_bytes))
             with self._lock:
                 self._hashes[path] = known
-        return FileEntry("", st.st_size, known[1])
+                for chunk in known[2]:
+                    self._chunks[chunk.sha256] = (path, chunk)
+        return FileEntry("", st.st_size, known[1], known[2])
 
     def _entries(self, directory: Path, recursive: bool) -> tuple[FileEntry, ...]:
         found: list[FileEntry] = []
@@ -194,7 +290,7 @@ class Publisher:
             if any(not _SEGMENT.fullmatch(p) for p in rel.split("/")):
                 continue
             entry = self._hash(path)
-            found.append(FileEntry(rel, entry.size, entry.sha256))
+            found.append(FileEntry(rel, entry.size, entry.sha256, entry.chunks))
             self._blobs[entry.sha256] = path
         return tuple(found)
 
@@ -228,12 +324,21 @@ class Publisher:
     def manifest(self, model: str, version: int) -> bytes:
         directory = self.root / check_model_name(model) / str(version)
         files = self._entries(directory, recursive=True) if self._inside(directory) else ()
-        body = {
+        body: dict[str, Any] = {
             "format": FORMAT,
             "model": model,
             "version": version,
             "files": [f.to_dict() for f in files],
         }
+        if self.chunk_avg_bytes:
+            low, avg, high = chunk_bounds(self.chunk_avg_bytes)
+            body["chunking"] = {
+                "algorithm": CHUNKING,
+                "avg": avg,
+                "min": low,
+                "max": high,
+                "max_chunks": MAX_CHUNKS,  # a larger file: avg (and min, max) doubled
+            }
         return dumps(body)
 
     def index(self) -> bytes:
@@ -269,13 +374,30 @@ class Publisher:
             return None
         return path
 
+    def chunk(self, sha256: str) -> bytes | None:
+        """A chunk's bytes by its hash (checked: the file may have changed since it was cut)."""
+        check_sha256(sha256)
+        if sha256 not in self._chunks:
+            self.index()
+        found = self._chunks.get(sha256)
+        if found is None:
+            return None
+        path, chunk = found
+        if not path.is_file() or not self._inside(path):
+            return None
+        with path.open("rb") as f:
+            f.seek(chunk.offset)
+            data = f.read(chunk.size)
+        return data if hashlib.sha256(data).hexdigest() == sha256 else None
 
-def write_manifests(root: Path) -> dict[str, int]:
+
+def write_manifests(root: Path, chunk_avg_bytes: int = CHUNK_AVG_BYTES) -> dict[str, int]:
     """Write every ``<model>/<version>/manifest.json`` and ``models.json`` under ``root``.
 
-    Files are replaced atomically. Returns model -> number of versions.
+    Files are replaced atomically. Returns model -> number of versions. ``chunk_avg_bytes`` 0:
+    no chunk lists (what edges before them published).
     """
-    publisher = Publisher(root)
+    publisher = Publisher(root, chunk_avg_bytes)
     counts: dict[str, int] = {}
     for name in publisher.model_names():
         counts[name] = 0

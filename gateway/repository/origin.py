@@ -3,7 +3,9 @@
 Every origin offers the same calls over the published layout (see
 :mod:`gateway.repository.manifest`): the index with a cheap "unchanged?" validator, read whole
 but never more than ``limit_bytes`` of it, and files as a stream starting at a byte offset
-(resume). Library exceptions are mapped here to :class:`OriginError` (retry may work: 503) and
+(resume), optionally ending before ``end`` (a byte range: the chunks an edge lacks; an HTTP
+server that ignores ``Range`` then is :class:`RangeUnsupported`, and the edge fetches whole).
+Library exceptions are mapped here to :class:`OriginError` (retry may work: 503) and
 :class:`OriginMissing` (the origin has no such file), so the cache never sees aiohttp or botocore.
 Their messages name URLs: they are for the log; the edge tells clients less.
 
@@ -31,6 +33,7 @@ from gateway.settings import SettingsError
 CHUNK_BYTES = 1 << 20
 TREE_PREFIX = "v2/repository/tree/"
 BLOB_PREFIX = "v2/repository/blobs/sha256/"
+CHUNK_PREFIX = "v2/repository/chunks/sha256/"
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -41,6 +44,10 @@ class OriginError(Unavailable):
 
 class OriginMissing(ModelNotFound):
     """The origin answered, and it has no such file."""
+
+
+class RangeUnsupported(OriginError):
+    """The origin answered a byte-range request with the whole file (no ``Range`` support)."""
 
 
 class OriginTooLarge(OriginError):
@@ -61,8 +68,10 @@ class Origin(Protocol):
         :class:`OriginTooLarge` when it is longer than ``limit_bytes``."""
         ...
 
-    def stream(self, relpath: str, offset: int) -> AsyncGenerator[bytes, None]:
-        """The file's bytes from ``offset`` on."""
+    def stream(
+        self, relpath: str, offset: int, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The file's bytes from ``offset`` on (up to ``end``, exclusive, when given)."""
         ...
 
     async def close(self) -> None: ...
@@ -96,7 +105,9 @@ class FileOrigin:
             raise too_large(f"{self.url}/{INDEX_NAME}", limit_bytes)
         return data, tag
 
-    async def stream(self, relpath: str, offset: int) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, relpath: str, offset: int, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
         try:
             f = await asyncio.to_thread(self._path(relpath).open, "rb")
         except FileNotFoundError:
@@ -105,7 +116,14 @@ class FileOrigin:
             raise OriginError(f"{self.url}/{relpath}: {exc}") from None
         try:
             f.seek(offset)
-            while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
+            left = end - offset if end is not None else None
+            while left is None or left > 0:
+                step = CHUNK_BYTES if left is None else min(CHUNK_BYTES, left)
+                chunk = await asyncio.to_thread(f.read, step)
+                if not chunk:
+                    break
+                if left is not None:
+                    left -= len(chunk)
                 yield chunk
         except OSError as exc:
             raise OriginError(f"{self.url}/{relpath}: {exc}") from None
@@ -218,15 +236,21 @@ class HttpOrigin:
             raise OriginError(f"{response.url}: {type(exc).__name__}: {exc}") from None
         return bytes(body)
 
-    async def stream(self, relpath: str, offset: int) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, relpath: str, offset: int, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
         import aiohttp
 
-        if self._prefix is None and not relpath.startswith(BLOB_PREFIX):
+        by_hash = relpath.startswith((BLOB_PREFIX, CHUNK_PREFIX))
+        if self._prefix is None and not by_hash:
             await self._find_prefix()
-        url = self._url(relpath) if not relpath.startswith(BLOB_PREFIX) else f"{self.url}/{relpath}"
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        url = f"{self.url}/{relpath}" if by_hash else self._url(relpath)
+        headers = {"Range": _range(offset, end)} if offset or end is not None else {}
         response = await self._get(url, headers)
         async with response:
+            if end is not None and response.status == 200:
+                response.close()
+                raise RangeUnsupported(f"{url}: no Range support (HTTP 200 to a range request)")
             skip = offset if offset and response.status == 200 else 0  # no Range support
             try:
                 async for chunk in response.content.iter_chunked(CHUNK_BYTES):
@@ -322,8 +346,10 @@ class S3Origin:
             raise too_large(f"{self.url}/{INDEX_NAME}", limit_bytes)
         return data, response.get("ETag")
 
-    async def stream(self, relpath: str, offset: int) -> AsyncGenerator[bytes, None]:
-        kwargs = {"Range": f"bytes={offset}-"} if offset else {}
+    async def stream(
+        self, relpath: str, offset: int, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        kwargs = {"Range": _range(offset, end)} if offset or end is not None else {}
         response = await self._get(relpath, **kwargs)
         body = response["Body"]
         try:
@@ -356,6 +382,11 @@ def is_url(model_repo: str) -> bool:
     return "://" in model_repo
 
 
+def _range(offset: int, end: int | None) -> str:
+    """The ``Range`` header value for bytes ``[offset, end)`` (``end`` None: to the end)."""
+    return f"bytes={offset}-" if end is None else f"bytes={offset}-{end - 1}"
+
+
 def _origin_of(url: Any) -> tuple[str, str | None, int | None]:
     return (url.scheme, url.host, url.port)
 
@@ -372,6 +403,7 @@ __all__ = [
     "OriginError",
     "OriginMissing",
     "OriginTooLarge",
+    "RangeUnsupported",
     "S3Origin",
     "is_url",
     "open_origin",

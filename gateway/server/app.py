@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, HostConflict, InvalidInput
+from gateway.errors import GatewayError, HostConflict, InvalidInput, ModelNotFound
 from gateway.logs import ACCESS, CONTROL
 from gateway.metrics import CONTENT_TYPE
 from gateway.server.auth import AdminPortGuard, AuthGuard, Guard, GuardMiddleware, is_admin
@@ -184,6 +184,22 @@ def create_app(
         name = request.path_params["name"]
         return _json(await router.remove_host(name, wait=wait in ("true", "1")))
 
+    async def admin_splits(request: Request) -> Response:
+        """Every model's traffic split between versions."""
+        return _json(dataplane.splits.table())
+
+    async def admin_splits_set(request: Request) -> Response:
+        """Set a model's split (weights, sticky_header, shadow); requests from now on follow
+        it. A rollback is this with all the weight on the old version."""
+        body = await _json_body(request, limit)
+        return _json(dataplane.splits.set(request.path_params["model"], body))
+
+    async def admin_splits_remove(request: Request) -> Response:
+        """Drop a model's split: requests without a version get the newest again."""
+        if not dataplane.splits.remove(request.path_params["model"]):
+            raise ModelNotFound(f"model '{request.path_params['model']}' has no traffic split")
+        return _json({})
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return error_response(exc.status_code, exc.detail or "error")
@@ -208,6 +224,9 @@ def create_app(
         Route("/admin/hosts", admin_hosts, methods=["GET"]),
         Route("/admin/hosts", admin_hosts_add, methods=["POST"]),
         Route("/admin/hosts/{name:path}", admin_hosts_remove, methods=["DELETE"]),
+        Route("/admin/splits", admin_splits, methods=["GET"]),
+        Route("/admin/splits/{model}", admin_splits_set, methods=["PUT"]),
+        Route("/admin/splits/{model}", admin_splits_remove, methods=["DELETE"]),
     ]
     routes += distribution_routes(dataplane)  # edges pull models from here
     routes += trace_routes(dataplane)  # Triton's trace extension

@@ -28,7 +28,7 @@ this docstring and the list of uvicorn names it relies on; the next split is the
 
 - **Inference without ASGI.** An app may offer ``raw_enabled``, ``raw_route(path, length)`` and
   ``answer_raw(exchange, route)`` (``RawHandler``). A plain ``POST`` it routes (HTTP/1.1, a
-  Content-Length of at most 64 KiB, no transfer coding, ``Expect`` or upgrade, nothing in flight
+  Content-Length, no transfer coding, ``Expect`` or upgrade, nothing in flight
   or queued ahead of it on the connection, under the concurrency limit: ``_raw_head`` and
   ``_free``, the one place that rule is written) is then answered through a ``RawExchange``:
   uvicorn's ``RequestResponseCycle``, built by its constructor and filled by the parser's
@@ -64,7 +64,6 @@ from typing import Any, Protocol
 
 import httptools
 import orjson
-from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
@@ -82,7 +81,7 @@ RELIED_ON: dict[str, tuple[str, ...]] = {
     # replaced for the keep-alive timer (the seam test holds uvicorn's to its current source)
     "HttpToolsProtocol.overridden": tuple(
         "connection_made data_received connection_lost on_message_begin on_headers_complete"
-        " on_message_complete on_response_complete send_400_response".split()
+        " on_body on_message_complete on_response_complete send_400_response".split()
     ),
     # called or read, never replaced
     "HttpToolsProtocol.used": tuple(
@@ -113,7 +112,7 @@ def _raw_head(
     parser: httptools.HttpRequestParser, url: bytes, fields: Sequence[tuple[bytes, bytes]]
 ) -> _Head | None:
     """The raw path's rule for a request head read by ``parser``: a plain HTTP/1.1 ``POST`` with
-    one decimal Content-Length of at most 64 KiB (above, uvicorn pauses reading), no transfer
+    one decimal Content-Length (``raw_route`` holds it to the app's body limit), no transfer
     or content coding, ``Expect`` or upgrade, and a path without escapes. None: ASGI's to
     answer."""
     if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
@@ -129,7 +128,7 @@ def _raw_head(
                 return None
         elif name in (b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"):
             return None  # (a compressed body is inflated, within the limit, on the ASGI path)
-    if not 0 <= length <= HIGH_WATER_LIMIT:
+    if length < 0:
         return None
     path = httptools.parse_url(url).path
     if b"%" in path or not path.isascii():
@@ -183,6 +182,8 @@ def _read_head(head: bytes) -> _Head | None:
 _HEADS: dict[bytes, _Head | None] = {}
 _HEADS_MAX = 256
 _HEAD_MAX_BYTES = 1024
+# A response body from this size on is written beside its head rather than joined to it.
+_JOIN_BELOW = 64 * 1024
 # The scope of an exchange read without the parser, which builds none: uvicorn's protocol never
 # reads a cycle's scope (only the cycle's ASGI methods do, never called on an exchange).
 _NO_SCOPE: dict[str, Any] = {"type": "http", "http_version": "1.1", "method": "POST"}
@@ -240,6 +241,15 @@ class GatheringTransport:
     def writelines(self, chunks: Iterable[bytes]) -> None:
         for chunk in chunks:
             self.write(chunk)
+
+    def writelines_now(self, chunks: list[bytes]) -> None:
+        """``write_now`` for a response in pieces (head, large body): sent as they are, with
+        no copy to join them (the transport gathers them into one system call)."""
+        if self._pending:
+            self._pending += chunks
+            self._flush()
+        else:
+            self._transport.writelines(chunks)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -336,6 +346,14 @@ class RawExchange(RequestResponseCycle):
         self.headers = headers  # names in lower case
         self.hooks = protocol.hooks
         self._gathering = protocol.gathering
+        # The body as read, not joined into uvicorn's bytearray (``body``) piece by piece and
+        # copied out again: one copy at most (``take_body``), none when it came in one piece.
+        self.chunks: list[bytes] = []
+
+    def take_body(self) -> bytes:
+        """The whole body, once (the exchange then holds none of it)."""
+        chunks, self.chunks = self.chunks, []
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def respond(self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> None:
         """Status line, uvicorn's default headers, ``headers`` and ``body`` in one write; then
@@ -350,8 +368,12 @@ class RawExchange(RequestResponseCycle):
             parts += (name, b": ", value, b"\r\n")
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
-        parts += (b"\r\n", body)
-        self._gathering.write_now(b"".join(parts))
+        parts.append(b"\r\n")
+        if len(body) < _JOIN_BELOW:
+            parts.append(body)
+            self._gathering.write_now(b"".join(parts))
+        else:  # a large body is not copied into the head's bytes
+            self._gathering.writelines_now([b"".join(parts), body])
         self.response_complete = True
         if not self.keep_alive:
             self.transport.close()
@@ -439,11 +461,14 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._idle_since = None  # busy: the keep-alive timer, when it fires, lets go
         if self._raw is not None and not self._partial and self._take_whole(data):
             return
-        while self._stage != _BODY and self._head_bytes + len(data) > self.max_header_bytes:
-            # The parser reads up to the cap, no further, unless a head ends within it.
+        chunk: bytes | memoryview = data
+        while self._stage != _BODY and self._head_bytes + len(chunk) > self.max_header_bytes:
+            # The parser reads up to the cap, no further, unless a head ends within it. Views:
+            # a large body read with its head is not copied to be cut.
             room = self.max_header_bytes - self._head_bytes
             self._head_bytes = self.max_header_bytes
-            self._feed(data[:room])
+            chunk = memoryview(chunk)
+            self._feed(chunk[:room])
             if self.transport.is_closing():
                 return
             if self._head_bytes:  # not reset by ``on_headers_complete``: the head is too large
@@ -452,13 +477,13 @@ class ConnectionProtocol(HttpToolsProtocol):
                     self.transport.write(HEAD_TOO_LARGE)
                 self.transport.close()
                 return
-            data = data[room:]
+            chunk = chunk[room:]
         if self._stage != _BODY:
-            self._head_bytes += len(data)
-        self._feed(data)
+            self._head_bytes += len(chunk)
+        self._feed(chunk)
 
-    def _feed(self, data: bytes) -> None:
-        super().data_received(data)
+    def _feed(self, data: bytes | memoryview) -> None:
+        super().data_received(data)  # type: ignore[arg-type]  # httptools reads any buffer
         if self._stage == _IDLE:
             self._disarm()
         else:
@@ -509,7 +534,7 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._disarm()
         exchange = self._exchange
         assert exchange is not None and self._raw is not None
-        exchange.body += data[end:]
+        exchange.chunks.append(data[end:])
         exchange.more_body = False
         self._exchange = None
         self._raw.answer_raw(exchange, self._route)
@@ -536,6 +561,15 @@ class ConnectionProtocol(HttpToolsProtocol):
         self.cycle = self._exchange = RawExchange(self, scope, fields, keep_alive)
         self._route = route
         return True
+
+    def on_body(self, body: bytes) -> None:
+        """A raw exchange's body piece is kept as it is, and reading goes on: its length was
+        checked against the limit before (``raw_route``). uvicorn's, for every other request."""
+        exchange = self._exchange
+        if exchange is not None:
+            exchange.chunks.append(body)
+        else:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._stage = _IDLE

@@ -4,7 +4,9 @@
 computed from the repository directory, with an ETag) and the repository's files, so a gateway
 node's base URL works as an edge's origin. ``GET /v2/repository/blobs/sha256/{hash}`` serves a
 file by content: from the repository on a node with a local directory, from the cache on an
-edge (peer fill). Paths and hashes are validated strictly; files go out with starlette's
+edge (peer fill). ``GET /v2/repository/chunks/sha256/{hash}`` serves one content-defined chunk
+of such a file (what manifests list) by its hash, checked before it goes out. Paths and hashes
+are validated strictly; files go out with starlette's
 ``FileResponse`` (streamed, ``Range`` honoured).
 """
 
@@ -47,6 +49,7 @@ def distribution_routes(dataplane: DataPlane) -> list[Route]:
     repository = dataplane.repository
     # An edge serves the blobs it holds (peers ask it); any other node publishes its repository.
     edge_blob = repository.peer_blob if isinstance(repository, EdgeRepository) else None
+    edge_chunk = repository.peer_chunk if isinstance(repository, EdgeRepository) else None
     publisher = None if edge_blob is not None else Publisher(repository.root)
 
     async def tree(request: Request) -> Response:
@@ -77,9 +80,21 @@ def distribution_routes(dataplane: DataPlane) -> list[Route]:
             raise ModelNotFound(f"no blob {sha}")
         return _file(found, sha)
 
+    async def chunk(request: Request) -> Response:
+        sha = check_sha256(request.path_params["sha256"])
+        if edge_chunk is not None:
+            data = await edge_chunk(sha)
+        else:
+            assert publisher is not None
+            data = await asyncio.to_thread(publisher.chunk, sha)
+        if data is None:
+            raise ModelNotFound(f"no chunk {sha}")
+        return Response(data, media_type="application/octet-stream", headers={"ETag": f'"{sha}"'})
+
     return [
         Route("/v2/repository/tree/{path:path}", tree, methods=["GET", "HEAD"]),
         Route("/v2/repository/blobs/sha256/{sha256}", blob, methods=["GET", "HEAD"]),
+        Route("/v2/repository/chunks/sha256/{sha256}", chunk, methods=["GET", "HEAD"]),
     ]
 
 

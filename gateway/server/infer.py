@@ -211,7 +211,7 @@ class HotPath:
             trace = None
             if tracing.enabled:
                 trace = tracing.from_headers(scope["headers"], "http", len(call.body))
-            pending = self.dataplane.submit(name, version, call, call.rid, trace)
+            pending = self.dataplane.submit(name, version, call, call.rid, call.header_value, trace)
             if not pending.done():
                 watch = DisconnectWatch(pending, receive, hooks)
                 try:
@@ -240,12 +240,14 @@ class HotPath:
         coroutines it resumes twice, cost the event loop about as much as parsing the request;
         what must wait in a task (for a model still loading) waits in the data plane's."""
         call = _Call(
-            exchange.headers, *route, bytes(exchange.body), config_of=self.dataplane.config_of
+            exchange.headers, *route, exchange.take_body(), config_of=self.dataplane.config_of
         )
         trace = None
         if tracing.enabled:
             trace = tracing.from_headers(exchange.headers, "http", len(call.body))
-        pending = self.dataplane.submit(call.name, call.version, call, call.rid, trace)
+        pending = self.dataplane.submit(
+            call.name, call.version, call, call.rid, call.header_value, trace
+        )
         # A caller that leaves gives up its place (``_raw_done`` unsets it, at once if done).
         exchange.hooks.on_lost = pending.cancel
         pending.add_done_callback(functools.partial(self._raw_done, exchange, call))
@@ -329,6 +331,7 @@ class _Call:
         "config_of",
         "declared",
         "header",
+        "headers",
         "name",
         "rid",
         "started_ns",
@@ -348,6 +351,7 @@ class _Call:
         self.name = name
         self.version = version
         self.body = body  # the ASGI path sets it once read
+        self.headers = request_headers  # kept for ``header_value`` (a split's sticky header)
         declared = header = rid = coding = None
         for key, value in request_headers:
             if key == b"content-length":
@@ -362,6 +366,14 @@ class _Call:
         self.header: bytes | None = header
         self.rid: str = rid or context.new_request_id()
         self.coding: bytes | None = coding  # Content-Encoding (the raw path never has one)
+
+    def header_value(self, name: str) -> str | None:
+        """The request header ``name`` (lower case), for the data plane."""
+        wanted = name.encode("latin-1")
+        for key, value in self.headers:
+            if key == wanted:
+                return value.decode("latin-1")
+        return None
 
     @property
     def log_fields(self) -> dict[str, Any]:

@@ -1,0 +1,783 @@
+"""Latency against throughput, side by side: the gateway, standalone Triton and in-process ORT.
+
+In one run, for each model (``simple``, ``mlp``, ``resnet50``, ``bert_encoder``; the last two
+built on demand by ``scripts/build_models.py``, see ``ensure_heavy``):
+
+1. **in-process ONNX Runtime**: ``session.run`` at batch 1, 2, 4, ... ``max_batch_size``
+   (``harness.measure_in_process``), before and after the sweep: the best items/s and the
+   lowest batch-1 latency of the two passes are the limits;
+2. **perf_analyzer** (``scripts/perf_analyzer.sh``) at concurrency 1, 2, 4, ... against
+   - the gateway (HTTP binary tensors, gRPC, and system shared memory when ``/v2`` lists
+     ``system_shared_memory``), and
+   - standalone ``tritonserver`` (``gateway.testing.tritonserver``, python backend running the
+     same ONNX file through ONNX Runtime, the model's own config and dynamic batching) over the
+     same protocols; both serve throughout, and at each point the two are measured one right
+     after the other, in turns which goes first;
+3. **memory**: the RSS a gateway gains by loading each model (a gateway with that model alone
+   against one with only ``simple``, both after one request) next to what an ONNX Runtime
+   session of it alone adds to a bare Python process (run at the gateway's warm-up batch sizes);
+4. **copies** (``resnet50``): a gateway (this script, ``--counted``) with an LD_PRELOAD shim
+   that counts memcpy/memmove bytes on its event-loop thread answers sequential requests: bytes
+   copied per request, in units of the request's input bytes (needs a C compiler).
+
+Writes ``sweep.md`` (tables, goals as ratios), ``sweep.json`` and one latency-vs-throughput plot
+per model (``sweep-<model>.png``, matplotlib from the ``bench`` extra) to ``--out-dir``.
+
+    .venv/bin/python bench/sweep.py                         # the reduced sweep (~15 min)
+    .venv/bin/python bench/sweep.py --quick --out-dir /tmp/sweep   # errors only (~3 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import harness
+
+ROOT = harness.ROOT
+sys.path.insert(0, str(ROOT / "scripts"))
+import build_models  # noqa: E402  (scripts/ is not a package)
+
+MODELS = ("simple", "mlp", "resnet50", "bert_encoder")
+HEAVY = ("resnet50", "bert_encoder")
+PROTOCOLS = ("http", "grpc", "shm")
+TARGETS = ("gateway", "triton")
+
+
+# -- the counted child: a gateway whose payload-sized copies are counted ---------------------
+
+# An LD_PRELOAD shim around memcpy and memmove: every call of 4 KiB or more made on the thread
+# that called ``copycount_watch`` (the event loop's) adds its size to a counter. bytes joins and
+# concatenations, bytes() of a buffer, numpy's concatenate and tobytes, protobuf's parsing and
+# serializing all copy through these two; the kernel's copies in recv/send and ORT's own threads
+# are not counted.
+_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stddef.h>
+static void *(*real_memcpy)(void *, const void *, size_t);
+static void *(*real_memmove)(void *, const void *, size_t);
+static pthread_t watched;
+static volatile int watching;
+static unsigned long long copied, calls;
+void copycount_watch(void) { watched = pthread_self(); watching = 1; }
+unsigned long long copycount_bytes(void) { return copied; }
+unsigned long long copycount_calls(void) { return calls; }
+static void count(size_t n) {
+  if (n >= 4096 && watching && pthread_equal(pthread_self(), watched)) { copied += n; calls++; }
+}
+static void *slow_copy(void *d, const void *s, size_t n) {  /* only while dlsym resolves */
+  unsigned char *dd = d; const unsigned char *ss = s;
+  if (dd < ss) for (size_t i = 0; i < n; i++) dd[i] = ss[i];
+  else for (size_t i = n; i > 0; i--) dd[i - 1] = ss[i - 1];
+  return d;
+}
+void *memcpy(void *d, const void *s, size_t n) {
+  if (!real_memcpy) { real_memcpy = slow_copy; real_memcpy = dlsym(RTLD_NEXT, "memcpy"); }
+  count(n);
+  return real_memcpy(d, s, n);
+}
+void *memmove(void *d, const void *s, size_t n) {
+  if (!real_memmove) { real_memmove = slow_copy; real_memmove = dlsym(RTLD_NEXT, "memmove"); }
+  count(n);
+  return real_memmove(d, s, n);
+}
+"""
+
+
+def build_shim(work: Path) -> Path | None:
+    """The shim compiled with the system's C compiler; None without one."""
+    source, lib = work / "copycount.c", work / "copycount.so"
+    source.write_text(_SHIM)
+    for cc in ("cc", "gcc", "clang"):
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            cmd = [cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(source), "-ldl"]
+            subprocess.run(cmd, check=True, capture_output=True)
+            return lib
+    return None
+
+
+def run_counted(control: Path, argv: list[str]) -> int:
+    """Serve as ``gateway`` does, counting copies on this (the event loop's) thread. A thread
+    polls for ``<control>.want`` and writes the counters: under uvloop a signal handler may
+    wait for the next request to run."""
+    import ctypes
+
+    from gateway import cli
+
+    lib = ctypes.CDLL(None)
+    lib.copycount_bytes.restype = lib.copycount_calls.restype = ctypes.c_ulonglong
+    lib.copycount_watch()
+
+    def poll() -> None:
+        want = control.with_suffix(".want")
+        while True:
+            if want.exists():
+                counts = {"bytes": lib.copycount_bytes(), "calls": lib.copycount_calls()}
+                control.write_text(json.dumps(counts))
+                want.unlink()
+            time.sleep(0.01)
+
+    threading.Thread(target=poll, daemon=True).start()
+    return cli.main(argv)
+
+
+def _counts(control: Path) -> dict[str, int]:
+    control.unlink(missing_ok=True)
+    control.with_suffix(".want").touch()
+    deadline = time.monotonic() + 10
+    while not control.exists() or control.with_suffix(".want").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the counted gateway did not answer")
+        time.sleep(0.01)
+    counts: dict[str, int] = json.loads(control.read_text())
+    return counts
+
+
+# -- models and the repository ----------------------------------------------------------------
+
+
+def build_repo(dest: Path, models: list[str]) -> Path:
+    """One repository with the shipped and the heavy models (links, not copies)."""
+    heavy = [m for m in models if m in HEAVY]
+    cache = build_models.ensure_heavy(names=heavy) if heavy else None
+    for name in models:
+        source = (cache if name in HEAVY and cache else ROOT / "model_repo") / name
+        (dest / name).symlink_to(source.resolve(), target_is_directory=True)
+    return dest
+
+
+def output_bytes(model: harness.Model, repo: Path) -> int:
+    """Bytes of every output of one item (for perf_analyzer's output shared memory)."""
+    text = (repo / model.name / "config.pbtxt").read_text()
+    total = 0
+    import re
+
+    for body in re.findall(r"\boutput\s*\{([^}]*)\}", text):
+        dims = [int(d) for d in re.findall(r"dims:\s*(-?\d+)", body)]
+        total += 8 * math.prod(dims)  # 8: the widest element of these models
+    return total
+
+
+def in_process(repo: Path, models: list[str], seconds: float) -> dict[str, dict[str, Any]]:
+    """Per model: every batch size's point, the best items/s and batch 1's median latency."""
+    found = {}
+    for name in models:
+        model = harness.read_model(repo, name)
+        points = harness.measure_in_process(
+            repo, model, 0, seconds, harness.batch_sizes(model.max_batch_size)
+        )
+        best = max(points, key=lambda p: p["items_per_s"])
+        found[name] = {
+            "points": points,
+            "best_items_per_s": best["items_per_s"],
+            "best_batch": best["batch"],
+            "batch1_p50_ms": points[0]["ms_per_run_median"],
+        }
+        print(
+            f"in-process {name:13s} best {best['items_per_s']:9.1f} items/s at batch "
+            f"{best['batch']}, batch 1 p50 {points[0]['ms_per_run_median']:.2f} ms",
+            flush=True,
+        )
+    return found
+
+
+def best_of(
+    first: dict[str, dict[str, Any]], second: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per model, the higher best items/s and the lower batch-1 latency of two passes."""
+    merged = {}
+    for name, one in first.items():
+        two = second[name]
+        better = one if one["best_items_per_s"] >= two["best_items_per_s"] else two
+        merged[name] = {
+            **better,
+            "batch1_p50_ms": min(one["batch1_p50_ms"], two["batch1_p50_ms"]),
+            "passes": [one, two],
+        }
+    return merged
+
+
+# -- perf_analyzer ----------------------------------------------------------------------------
+
+
+def perf_analyzer() -> str:
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "perf_analyzer.sh")], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def run_pa(
+    pa: str,
+    model: str,
+    url: str,
+    protocol: str,
+    concurrency: int,
+    window_ms: int,
+    out_bytes: int,
+    work: Path,
+) -> dict[str, Any]:
+    """One perf_analyzer point; {'error': ...} when it fails (the sweep goes on)."""
+    report = work / f"pa-{model}-{protocol}-{concurrency}-{time.monotonic_ns()}.csv"
+    cmd = [
+        pa, "-m", model, "-u", url, "-i", "grpc" if protocol == "grpc" else "http",
+        "--concurrency-range", str(concurrency), "-p", str(window_ms),
+        "-s", "999", "-r", "3",  # three windows, no stability retries: a bounded run
+        "--input-data", "zero", "-f", str(report),
+    ]  # fmt: skip
+    if protocol == "shm":
+        cmd += ["--shared-memory", "system", "--output-shared-memory-size", str(out_bytes)]
+    limit_s = 30 + 6 * window_ms / 1000 * max(1, concurrency / 8)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {limit_s:.0f} s"}
+    if out.returncode != 0 or not report.exists():
+        tail = (out.stdout + out.stderr).strip().splitlines()[-3:]
+        return {"error": " / ".join(tail)[:300]}
+    with report.open() as f:
+        row = next(csv.DictReader(f))
+    return {
+        "throughput": float(row["Inferences/Second"]),
+        "p50_ms": int(row["p50 latency"]) / 1e3,
+        "p99_ms": int(row["p99 latency"]) / 1e3,
+        "queue_ms": int(row["Server Queue"]) / 1e3,
+        "compute_ms": int(row["Server Compute Infer"]) / 1e3,
+    }
+
+
+def has_shm(http_url: str) -> bool:
+    with urllib.request.urlopen(f"{http_url}/v2", timeout=5) as resp:
+        return "system_shared_memory" in json.loads(resp.read()).get("extensions", [])
+
+
+def sweep(
+    pa: str,
+    servers: dict[str, tuple[dict[str, str], list[str]]],
+    repo: Path,
+    models: list[str],
+    levels: dict[str, list[int]],
+    windows_ms: dict[str, int],
+    work: Path,
+) -> list[dict[str, Any]]:
+    """Every point, the targets (``servers``: target -> (urls, protocols)) one right after the
+    other at each, in turns which goes first: the machine's speed drifts over minutes, so each
+    ratio compares two windows seconds apart."""
+    points = []
+    turn = 0
+    protocols = list(dict.fromkeys(p for _, wanted in servers.values() for p in wanted))
+    for model in models:
+        out_bytes = output_bytes(harness.read_model(repo, model), repo)
+        for protocol in protocols:
+            for concurrency in levels[model]:
+                order = list(servers) if turn % 2 == 0 else list(servers)[::-1]
+                turn += 1
+                for target in order:
+                    urls, wanted = servers[target]
+                    if protocol not in wanted:
+                        continue
+                    url = urls["grpc" if protocol == "grpc" else "http"]
+                    window_ms = windows_ms[model]
+                    got = run_pa(pa, model, url, protocol, concurrency, window_ms, out_bytes, work)
+                    points.append({"target": target, "model": model, "protocol": protocol,
+                                   "concurrency": concurrency, **got})  # fmt: skip
+                    head = f"{target:8s} {model:13s} {protocol:5s} c={concurrency:<3d}"
+                    if "error" in got:
+                        print(f"{head} ERROR {got['error']}", flush=True)
+                    else:
+                        print(f"{head} {got['throughput']:9.1f}/s  p50 {got['p50_ms']:8.2f}  "
+                              f"p99 {got['p99_ms']:8.2f} ms", flush=True)  # fmt: skip
+    return points
+
+
+def push_to_triton(http_url: str, repo: Path, models: list[str]) -> None:
+    """Each model with its own config, run by Triton's python backend through ONNX Runtime
+    (``gateway/backends/triton_model``), batching as Triton does it (``batching="triton"``)."""
+    from gateway.backends.onnxruntime import inspect_config
+    from gateway.backends.triton import TritonHost
+    from gateway.repository.local import LocalRepository
+    from gateway.settings import Settings
+
+    async def push() -> None:
+        host = TritonHost("sweep", http_url, batching="triton", timeout_s=300.0)
+        max_batch = Settings().default_max_batch_size
+        try:
+            for name in models:
+                source = LocalRepository(repo).source(name)
+                for version in source.version_paths:
+                    await host.prepare(source, version, inspect_config(source, version, max_batch))
+        finally:
+            await host.close()
+
+    asyncio.run(push())
+
+
+# -- memory and copies ------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+_SESSION_RSS = """
+import sys, numpy as np, onnxruntime as ort
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) / 1024
+path, sizes = sys.argv[1], sorted({1, int(sys.argv[2])})
+before = rss()
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+s = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+types = {'tensor(float)': np.float32, 'tensor(int32)': np.int32, 'tensor(int64)': np.int64}
+for batch in sizes:  # what the gateway's warm-up runs: batch 1 and max_batch_size
+    feeds = {}
+    for i in s.get_inputs():
+        shape = [batch if not isinstance(d, int) else d for d in i.shape]
+        feeds[i.name] = np.zeros(shape, dtype=types[i.type])
+    s.run(None, feeds)
+print(rss() - before)
+"""
+
+
+def one_request(url: str, model: harness.Model) -> None:
+    body = harness.binary_body(model)
+    status, raw, headers = harness.http(f"{url}/v2/models/{model.name}/infer", body.data,
+                                        body.headers)  # fmt: skip
+    if status != 200:
+        raise RuntimeError(f"{model.name}: HTTP {status}: {raw[:200]!r}")
+    harness.check_response(raw, headers, model)
+
+
+def memory(repo: Path, models: list[str], work: Path) -> list[dict[str, Any]]:
+    """Per model: the gateway's RSS gain for loading and running it against an ORT session's."""
+    rows = []
+    simple = harness.read_model(repo, "simple")
+    with harness.gateway(repo, {}, work, "mem-base", models=("simple",)) as gw:
+        one_request(gw.url, simple)
+        base = rss_mb(gw.pid)
+    for name in models:
+        if name == "simple":
+            continue
+        model = harness.read_model(repo, name)
+        with harness.gateway(repo, {}, work, f"mem-{name}", models=("simple", name)) as gw:
+            one_request(gw.url, simple)
+            one_request(gw.url, model)
+            loaded = rss_mb(gw.pid)
+        path = str(repo / name / "1" / "model.onnx")
+        out = subprocess.run(
+            [sys.executable, "-c", _SESSION_RSS, path, str(max(1, model.max_batch_size))],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        session = float(out.stdout.strip().splitlines()[-1])
+        size = (repo / name / "1" / "model.onnx").stat().st_size / 2**20
+        rows.append({"model": name, "file_mb": size, "gateway_mb": loaded - base,
+                     "session_mb": session})  # fmt: skip
+        print(f"memory {name:13s} gateway +{loaded - base:7.1f} MB, ORT session alone "
+              f"+{session:7.1f} MB (file {size:.1f} MB)", flush=True)  # fmt: skip
+    return rows
+
+
+def copies(
+    repo: Path, model_name: str, work: Path, requests: int, tree: str | None = None
+) -> dict[str, Any] | None:
+    """Bytes copied on the event loop per request (``_SHIM``) while a gateway answers
+    ``requests`` sequential batch-1 requests, over HTTP binary and gRPC raw contents; with
+    ``tree``, the gateway of that source tree (``PYTHONPATH``), for a before/after."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    shim = build_shim(work)
+    if shim is None:
+        print("copies: no C compiler, not measured", flush=True)
+        return None
+    model = harness.read_model(repo, model_name)
+    feeds = harness.sample_inputs(model, 1, seed=1)
+    payload = sum(a.nbytes for a in feeds.values())
+    control = work / "counted.json"
+    launcher = [sys.executable, str(Path(__file__).resolve()), "--counted", str(control)]
+    grpc_port = harness.free_port()
+    env = {
+        "GATEWAY_LOAD_MODELS": model_name,
+        "GATEWAY_GRPC_PORT": str(grpc_port),
+        "LD_PRELOAD": str(shim),
+        **({"PYTHONPATH": tree} if tree else {}),
+    }
+    found: dict[str, Any] = {"model": model_name, "payload_bytes": payload, "tree": tree}
+    gw = harness.start_gateway(repo, work, "--log-level", "warning", env=env, tag="counted",
+                               ready=(model_name,), launcher=launcher)  # fmt: skip
+    try:
+        body = harness.binary_body(model)
+        url = f"{gw.url}/v2/models/{model_name}/infer"
+        for _ in range(3):
+            one_request(gw.url, model)
+        before = _counts(control)
+        for _ in range(requests):
+            harness.http(url, body.data, body.headers)
+        after = _counts(control)
+        found["http"] = {k: (after[k] - before[k]) / requests for k in after}
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        inputs = []
+        for t in model.inputs:
+            tensor = grpcclient.InferInput(t.name, [1, *t.dims], t.datatype)
+            tensor.set_data_from_numpy(np.ascontiguousarray(feeds[t.name]))
+            inputs.append(tensor)
+        for _ in range(3):
+            client.infer(model_name, inputs)
+        before = _counts(control)
+        for _ in range(requests):
+            client.infer(model_name, inputs)
+        after = _counts(control)
+        found["grpc"] = {k: (after[k] - before[k]) / requests for k in after}
+        client.close()
+    finally:
+        gw.stop()
+    for name in ("http", "grpc"):
+        got = found[name]
+        print(f"copies {model_name} {name}{' ' + tree if tree else ''}: {got['bytes']:,.0f} B "
+              f"in {got['calls']:.1f} copies "
+              f"per request = {got['bytes'] / payload:.2f}x the {payload:,d} B input",
+              flush=True)  # fmt: skip
+    return found
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _point(points: list[dict[str, Any]], **key: Any) -> dict[str, Any] | None:
+    for p in points:
+        if all(p.get(k) == v for k, v in key.items()) and "error" not in p:
+            return p
+    return None
+
+
+def goals(
+    points: list[dict[str, Any]], ort: dict[str, dict[str, Any]], mem: list[dict[str, Any]],
+    models: list[str], protocols: list[str],
+) -> list[str]:  # fmt: skip
+    lines = ["| goal | figure | met |", "|---|---|---|"]
+    for model in ("mlp", "resnet50"):
+        p = _point(points, target="gateway", model=model, protocol="http", concurrency=1)
+        if model in ort and p is not None:
+            extra = p["p50_ms"] - ort[model]["batch1_p50_ms"]
+            lines.append(
+                f"| c=1 `{model}` p50 <= in-process p50 + 0.3 ms | {p['p50_ms']:.2f} ms vs "
+                f"{ort[model]['batch1_p50_ms']:.2f} ms: {extra:+.2f} ms | {extra <= 0.3} |"
+            )
+    if "resnet50" in ort:
+        for protocol, want in (("http", 0.9), ("grpc", 0.9), ("shm", 0.95)):
+            got = [
+                p["throughput"]
+                for p in points
+                if (p["target"], p["model"], p["protocol"]) == ("gateway", "resnet50", protocol)
+                and "error" not in p
+            ]
+            if got:
+                r = max(got) / ort["resnet50"]["best_items_per_s"]
+                lines.append(f"| `resnet50` {protocol} best >= {want}x in-process best batch | "
+                             f"{r:.2f}x | {r >= want} |")  # fmt: skip
+    p = _point(points, target="gateway", model="mlp", protocol="http", concurrency=64)
+    if p is not None and "mlp" in ort:
+        r = p["throughput"] / ort["mlp"]["best_items_per_s"]
+        lines.append(f"| `mlp` c=64 binary >= 0.55x in-process best | {r:.2f}x | {r >= 0.55} |")
+    for model in models:
+        wins, total, worst_tp, worst_p99 = 0, 0, math.inf, 0.0
+        for p in points:
+            if p["target"] != "gateway" or p["model"] != model or "error" in p:
+                continue
+            t = _point(points, target="triton", model=model, protocol=p["protocol"],
+                       concurrency=p["concurrency"])  # fmt: skip
+            if t is None:
+                continue
+            total += 1
+            tp, p99 = p["throughput"] / t["throughput"], p["p99_ms"] / t["p99_ms"]
+            worst_tp, worst_p99 = min(worst_tp, tp), max(worst_p99, p99)
+            wins += tp > 1 and p99 < 1
+        if total:
+            lines.append(
+                f"| `{model}` vs Triton: higher throughput and lower p99 at every point | "
+                f"{wins}/{total} points; worst throughput {worst_tp:.2f}x, worst p99 "
+                f"{worst_p99:.2f}x | {wins == total} |"
+            )
+    for row in mem:
+        gap = row["gateway_mb"] - row["session_mb"]
+        lines.append(f"| `{row['model']}` RSS <= ORT session + 50 MB | +{row['gateway_mb']:.0f} "
+                     f"vs +{row['session_mb']:.0f} MB ({gap:+.0f}) | {gap <= 50} |")  # fmt: skip
+    return lines
+
+
+def plot(points: list[dict[str, Any]], ort: dict[str, dict[str, Any]], model: str,
+         path: Path) -> bool:  # fmt: skip
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for target in TARGETS:
+        for protocol in PROTOCOLS:
+            curve = sorted(
+                (p for p in points if p["model"] == model and p["target"] == target
+                 and p["protocol"] == protocol and "error" not in p),
+                key=lambda p: p["concurrency"],
+            )  # fmt: skip
+            if not curve:
+                continue
+            style = "-o" if target == "gateway" else "--s"
+            color = {"http": "tab:blue", "grpc": "tab:orange", "shm": "tab:green"}[protocol]
+            ax.plot([p["throughput"] for p in curve], [p["p99_ms"] for p in curve], style,
+                    color=color, label=f"{target} {protocol} (p99)")  # fmt: skip
+            for p in curve:
+                ax.annotate(str(p["concurrency"]), (p["throughput"], p["p99_ms"]), fontsize=7)
+    if model in ort:
+        for q in ort[model]["points"]:
+            ax.plot(q["items_per_s"], q["ms_per_run_median"], "k^")
+        ax.plot([], [], "k^", label="in-process ORT, per batch size (run time)")
+    ax.set_xlabel("items/s")
+    ax.set_ylabel("latency ms (log)")
+    ax.set_yscale("log")
+    ax.set_title(f"{model}: latency vs throughput (labels: concurrency)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def render(data: dict[str, Any]) -> str:
+    points, ort, mem = data["points"], data["in_process"], data["memory"]
+    lines = [
+        "# Sweep: gateway vs standalone Triton vs in-process ONNX Runtime",
+        "",
+        f"`{data['command']}`, {data['date']}. {data['machine']['nproc']} CPUs "
+        f"({data['machine']['cpu']}), load average at start "
+        f"{', '.join(f'{x:.1f}' for x in data['machine']['loadavg_at_start'])}. "
+        "perf_analyzer shares the cores with the servers; this machine was shared with other "
+        "work during the run, so figures are noisy: compare within one run only.",
+        f"perf_analyzer windows {data['window_ms']} ms (at least 4 in-process batch-1 runs: "
+        f"{', '.join(f'{m} {w} ms' for m, w in data.get('windows_ms', {}).items())}) x 3 per "
+        "point, batch 1 per request, "
+        "`--input-data zero`. Triton: `tritonserver` (nvidia-pytriton build) running each "
+        "model's ONNX file with ONNX Runtime in its python backend, the model's own config. "
+        "Both servers run throughout; at each point they are measured back to back, in turns "
+        "which goes first. In-process: the better of a pass before and a pass after the sweep.",
+        "",
+        "## Goals (ratios from this run)",
+        "",
+        *goals(points, ort, mem, data["models"], data["protocols"]),
+        "",
+        "## In-process ONNX Runtime",
+        "",
+        "| model | best items/s | at batch | batch 1 p50 ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, o in ort.items():
+        lines.append(f"| {name} | {o['best_items_per_s']:.1f} | {o['best_batch']} | "
+                     f"{o['batch1_p50_ms']:.2f} |")  # fmt: skip
+    for model in data["models"]:
+        lines += [
+            "",
+            f"## `{model}`",
+            "",
+        ]
+        if model in data.get("plots", []):
+            lines += [f"![{model}](sweep-{model}.png)", ""]
+        lines += [
+            "| protocol | c | gateway /s | p50 ms | p99 ms | Triton /s | p50 ms | p99 ms | "
+            "throughput vs Triton | p99 vs Triton | vs in-process best |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        best = ort.get(model, {}).get("best_items_per_s")
+        for protocol in data["protocols"]:
+            for c in data["levels"][model]:
+                g = _point(points, target="gateway", model=model, protocol=protocol,
+                           concurrency=c)  # fmt: skip
+                t = _point(points, target="triton", model=model, protocol=protocol,
+                           concurrency=c)  # fmt: skip
+                if g is None and t is None:
+                    continue
+                gv = [g and g["throughput"], g and g["p50_ms"], g and g["p99_ms"]]
+                tv = [t and t["throughput"], t and t["p50_ms"], t and t["p99_ms"]]
+                lines.append(
+                    f"| {protocol} | {c} | {_fmt(gv[0], '.1f')} | {_fmt(gv[1])} | {_fmt(gv[2])} "
+                    f"| {_fmt(tv[0], '.1f')} | {_fmt(tv[1])} | {_fmt(tv[2])} "
+                    f"| {_fmt(harness.ratio(gv[0], tv[0]), '.2f', 'x')} "
+                    f"| {_fmt(harness.ratio(gv[2], tv[2]), '.2f', 'x')} "
+                    f"| {_fmt(harness.ratio(gv[0], best), '.2f', 'x')} |"
+                )
+    errors = [p for p in points if "error" in p]
+    if errors:
+        lines += ["", "## Points that failed", ""]
+        lines += [f"- {p['target']} {p['model']} {p['protocol']} c={p['concurrency']}: "
+                  f"{p['error']}" for p in errors]  # fmt: skip
+    if mem:
+        lines += [
+            "",
+            "## Memory",
+            "",
+            "RSS gained by a gateway loading the model (a gateway serving `simple` and the model, "
+            "against one serving `simple` alone, each after one request) and by a bare Python "
+            "process creating an ORT session of the file and running it at batch 1 and "
+            "`max_batch_size` (the sizes the gateway's warm-up runs).",
+            "",
+            "| model | file MB | gateway +MB | ORT session +MB | gateway - session |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for row in mem:
+            lines.append(f"| {row['model']} | {row['file_mb']:.1f} | {row['gateway_mb']:.1f} | "
+                         f"{row['session_mb']:.1f} | "
+                         f"{row['gateway_mb'] - row['session_mb']:+.1f} |")  # fmt: skip
+    cp = data.get("copies")
+    if cp:
+        lines += [
+            "",
+            "## Payload copies (`resnet50`)",
+            "",
+            f"A gateway with an LD_PRELOAD shim around memcpy/memmove (`_SHIM` in "
+            f"`bench/sweep.py`) answers {data['copy_requests']} sequential batch-1 requests; "
+            "every copy of 4 KiB or more made on the event loop's thread is counted (bytes "
+            "joins, `bytes()` of buffers, numpy concatenate/tobytes, protobuf parse and "
+            "serialize; not the kernel's socket copies, not ORT's threads). Per request, in "
+            f"units of one request's input ({cp['payload_bytes']:,d} bytes):",
+            "",
+            "| gateway | transport | bytes copied | copies | in inputs |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for run in (cp, data.get("copies_baseline")):
+            if not run:
+                continue
+            for name in ("http", "grpc"):
+                got = run[name]
+                share = got["bytes"] / run["payload_bytes"]
+                lines.append(f"| {run['tree'] or 'this tree'} | {name} | {got['bytes']:,.0f} | "
+                             f"{got['calls']:.1f} | {share:.2f}x |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def _levels(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--counted":
+        return run_counted(Path(sys.argv[2]), sys.argv[3:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument(
+        "--heavy-concurrency",
+        type=_levels,
+        default=[1, 2, 4, 8],
+        help="levels for resnet50 and bert_encoder (~0.1-0.2 s per item here)",
+    )
+    parser.add_argument("--window-ms", type=int, default=2000)
+    parser.add_argument("--in-process-s", type=float, default=1.5)
+    parser.add_argument("--copy-requests", type=int, default=20)
+    parser.add_argument(
+        "--copies-baseline",
+        metavar="TREE",
+        help="also count copies with the gateway of this source tree (before)",
+    )
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-copies", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="errors only: c=1,4,16 (heavy c=1,2), 500 ms windows"
+    )
+    parser.add_argument("--out-dir", type=Path, default=harness.RESULTS)
+    args = parser.parse_args()  # fmt: skip
+    if args.quick:
+        args.concurrency, args.heavy_concurrency = [1, 4, 16], [1, 2]
+        args.window_ms, args.in_process_s, args.copy_requests = 500, 0.3, 3
+    models = [m for m in args.models.split(",") if m]
+    protocols = [p for p in args.protocols.split(",") if p]
+    targets = [t for t in args.targets.split(",") if t]
+    levels = {m: args.heavy_concurrency if m in HEAVY else args.concurrency for m in models}
+    data: dict[str, Any] = {
+        "command": " ".join(["python bench/sweep.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": harness.machine_info(),
+        "models": models, "protocols": protocols, "levels": levels,
+        "window_ms": args.window_ms, "copy_requests": args.copy_requests,
+        "points": [], "memory": [], "copies": None,
+    }  # fmt: skip
+    pa = perf_analyzer()
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+        work = Path(tmp)
+        (work / "repo").mkdir()
+        repo = build_repo(work / "repo", models)
+        first = in_process(repo, models, args.in_process_s)
+        with contextlib.ExitStack() as stack:
+            servers: dict[str, tuple[dict[str, str], list[str]]] = {}
+            if "gateway" in targets:
+                grpc_port = harness.free_port()
+                env = {"GATEWAY_LOAD_MODELS": ",".join(models), "GATEWAY_GRPC_PORT": str(grpc_port)}
+                gw = harness.start_gateway(repo, work, "--log-level", "warning", env=env,
+                                           tag="sweep", ready=tuple(models))  # fmt: skip
+                stack.callback(gw.stop)
+                wanted = [p for p in protocols if p != "shm" or has_shm(gw.url)]
+                servers["gateway"] = ({"http": gw.address, "grpc": f"127.0.0.1:{grpc_port}"},
+                                      wanted)  # fmt: skip
+            if "triton" in targets:
+                from gateway.testing.tritonserver import TritonServer
+
+                triton = stack.enter_context(TritonServer(startup_timeout_s=120.0))
+                push_to_triton(triton.http_url, repo, models)
+                wanted = [p for p in protocols if p != "shm" or has_shm(triton.http_url)]
+                servers["triton"] = ({"http": triton.http_address, "grpc": triton.grpc_url},
+                                     wanted)  # fmt: skip
+            # A window holds a few runs even of a slow model (0.5 s a run when the machine is
+            # busy): perf_analyzer refuses a window in which no request finished.
+            windows = {m: max(args.window_ms, round(4 * first[m]["batch1_p50_ms"])) for m in models}
+            data["windows_ms"] = windows
+            data["points"] = sweep(pa, servers, repo, models, levels, windows, work)
+        # Again after the sweep: the better of the two is the limit (the machine is shared).
+        data["in_process"] = best_of(first, in_process(repo, models, args.in_process_s))
+        if not args.no_memory:
+            data["memory"] = memory(repo, models, work)
+        if not args.no_copies and "resnet50" in models:
+            data["copies"] = copies(repo, "resnet50", work, args.copy_requests)
+            if args.copies_baseline:
+                data["copies_baseline"] = copies(
+                    repo, "resnet50", work, args.copy_requests, args.copies_baseline
+                )
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    data["plots"] = [m for m in models if plot(data["points"], data["in_process"], m,
+                                                args.out_dir / f"sweep-{m}.png")]  # fmt: skip
+    text = render(data)
+    print(text)
+    harness.write_results(args.out_dir / "sweep.md", text, data)
+    return 1 if any("error" in p for p in data["points"]) else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
