@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from gateway import logs
+from gateway import logs, tracing
 from gateway.errors import GatewayError
 from gateway.settings import Settings, SettingsError, load_settings
 
@@ -113,6 +113,7 @@ def serve(settings: Settings) -> None:
 
     logs.configure(settings.log_level, settings.log_format)
     tune_interpreter(settings.gc_threshold, settings.gil_switch_interval_us)
+    tracing.setup(settings)
     app = build_app(settings)
     dataplane = app.dataplane
 
@@ -177,6 +178,11 @@ def _parser() -> argparse.ArgumentParser:
         "--execution-provider", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider"
     )
     serve_cmd.add_argument("--max-queue-size", type=int, help="default per-model queue bound")
+    serve_cmd.add_argument("--trace-endpoint", help="OTLP collector URL; empty: no tracing [off]")
+    serve_cmd.add_argument(
+        "--trace-sample-ratio", type=float, help="share of requests traced, 0..1 [1.0]"
+    )
+    serve_cmd.add_argument("--trace-service-name", help="service.name of the spans [gateway]")
     serve_cmd.add_argument(
         "--batching-delay",
         choices=["adaptive", "triton"],

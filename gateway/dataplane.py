@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway import __version__, context
+from gateway import __version__, context, tracing
 from gateway.backends.base import Backend, BackendFactory, Tensors
 from gateway.batching import Batcher, BatchPolicy, QueuePolicy
 from gateway.ensemble import EnsembleBackend, run_ensemble
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "logging"]
+EXTENSIONS.append("trace")  # gateway/tracing.py, gateway/server/trace_setting.py
 EXTENSIONS.append("system_shared_memory")  # gateway/shared_memory.py
 
 
@@ -275,6 +276,14 @@ class DataPlane:
         entry = self.models.get(name)
         return entry is not None and bool(entry.versions)
 
+    def check_known(self, name: str) -> str:
+        """``name`` if it is a model here or in the repository (loaded or not), else
+        ``ModelNotFound``: for settings kept per model (the trace extension's)."""
+        check_model_name(name)
+        if name not in self.models and name not in self.repository.model_names():
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+        return name
+
     def model_ready(self, name: str, version: str | None = None) -> bool:
         """Loaded, and (for remote backends that can tell) servable somewhere right now; an
         ensemble, as in Triton, only while every step is."""
@@ -420,6 +429,7 @@ class DataPlane:
         request: InferRequest | Callable[[], InferRequest],
         request_id: str | None = None,
         header: HeaderLookup | None = None,
+        trace: tracing.Incoming | None = None,
     ) -> Pending:
         """Run one inference request: the only way in for every front end.
 
@@ -436,9 +446,14 @@ class DataPlane:
         deadline, ends it. Only a request that must wait for a load first runs in one.
 
         A request that names no version follows its model's traffic split, if it has one
-        (``header`` looks up the sticky header), and may be copied to a shadow version."""
+        (``header`` looks up the sticky header), and may be copied to a shadow version.
+
+        With tracing on, the request's span starts here, a child of ``trace`` (the caller's
+        context, as its front end read it); the front end ends it (``Pending.answered``)."""
         pending = Pending(name)
         shadow = 0
+        if tracing.enabled:
+            pending.span = tracing.start_request(name, version, request_id, trace)
         try:
             if version is None and self.splits:
                 version, shadow = self._split(name, header)
@@ -511,7 +526,12 @@ class DataPlane:
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """``await submit(...)``, for in-process callers that want a coroutine."""
-        return await self.submit(name, version, request)
+        pending = self.submit(name, version, request)
+        try:
+            return await pending
+        finally:
+            if pending.span is not None:
+                pending.answered("in-process")
 
     async def _serve_cold(
         self,
@@ -525,6 +545,7 @@ class DataPlane:
         name = pending.name
         if request_id is not None:
             context.request_id.set(request_id)  # this task's own context
+        tracing.use(pending.span)  # a first-use load (an edge fetch) joins the request's trace
         try:
             if self.forwarder is not None and not self.draining:
                 if await self._forward(self.forwarder, pending, version, deadline_s):
@@ -575,7 +596,8 @@ class DataPlane:
         forward_started_ns = time.perf_counter_ns()
         left_s = None if deadline_s is None else deadline_s - self.clock()
         wanted = [o.name for o in request.outputs] if request.outputs else []
-        result = await forwarder.infer(name, version, request.inputs, wanted, left_s)
+        with tracing.span(tracing.FORWARD):
+            result = await forwarder.infer(name, version, request.inputs, wanted, left_s)
         if result is None:
             return False
         target, served, outputs = result

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gateway import context
+from gateway import context, tracing
 from gateway.backends.base import Tensors
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, QueueFull
 from gateway.protocol.tensors import tensor_from_buffer
@@ -35,6 +35,8 @@ from gateway.repository.config import ModelConfig
 from gateway.shared_memory import write_outputs
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from gateway.batching import Queued
     from gateway.dataplane import LoadedVersion
 
@@ -71,6 +73,7 @@ class Pending:
         "name",
         "request",
         "response",
+        "span",
     )
 
     def __init__(self, name: str) -> None:
@@ -87,6 +90,7 @@ class Pending:
         self._stats_started_ns = 0
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self.span: Span | None = None  # its trace span, when tracing samples it (submit sets it)
 
     # -- for the front ends ------------------------------------------------------------------
 
@@ -157,6 +161,13 @@ class Pending:
             self.cancel()
             raise
 
+    def answered(self, status: int | str, response_bytes: int = 0) -> None:
+        """The front end's last word (its status code and the bytes it wrote): ends the
+        request's trace span, if it has one; front ends call it where they log the request."""
+        span, self.span = self.span, None
+        if span is not None:
+            tracing.end_request(span, self, status, response_bytes)
+
     def __await__(self) -> Generator[Any, None, InferResponse]:
         yield from self.wait().__await__()
         return self.result()
@@ -183,6 +194,7 @@ class Pending:
             lv.stats.record_request(False, spent_ns, failure_reason(exc))
             raise
         self._queued = queued
+        queued.trace = self.span  # the batch's span links to it (gateway.tracing)
         queued.future.add_done_callback(self._batch_done)
         if queued.deadline_s is not None:  # the request's, or the model's default timeout
             delay_s = max(0.0, queued.deadline_s - queued.enqueued_s)

@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.errors import GatewayError
 
-BATCHING_PLACES = ("gateway", "triton")  # where a Triton-served model's requests are batched
+BATCHING_PLACES = ("gateway", "triton")
+_TRACE_SCHEMES = ("http", "https", "grpc")  # where a Triton-served model's requests are batched
 
 
 class SettingsError(GatewayError):
@@ -165,6 +167,13 @@ class Settings:
     host_healthy_threshold: int = 2  # successful probes in a row before it is marked up again
     # /metrics: per-host series up to this many hosts; above, families aggregated over hosts.
     metrics_host_series_max: int = 100
+    # Tracing (OpenTelemetry, gateway/tracing.py): spans sent over OTLP to this collector URL
+    # (a path, e.g. http://collector:4318/v1/traces: OTLP/HTTP; none, http://collector:4317:
+    # OTLP/gRPC); empty: tracing off, at no cost. Requests without a caller's traceparent are
+    # sampled at this ratio (the trace extension's trace_rate changes it at run time).
+    trace_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
+    trace_service_name: str = "gateway"
     # Response cache (models whose config.pbtxt says ``response_cache { enable: true }``): in
     # this process, LRU within this many bytes (0: none), or shared in Redis when a URL is set
     # (redis://host:port/db); each Redis call gives up after the timeout and counts as a miss.
@@ -273,6 +282,13 @@ class Settings:
             raise SettingsError("header_timeout_s must be > 0")
         if self.cache_size_bytes < 1:
             raise SettingsError("cache_size_bytes must be >= 1")
+        if not 0 <= self.trace_sample_ratio <= 1:
+            raise SettingsError(f"trace_sample_ratio must be 0..1, got {self.trace_sample_ratio}")
+        if self.trace_endpoint and urlsplit(self.trace_endpoint).scheme not in _TRACE_SCHEMES:
+            raise SettingsError(
+                f"trace_endpoint must be an http://, https:// or grpc:// URL, "
+                f"got {self.trace_endpoint!r}"
+            )
         if self.response_cache_bytes < 0 or self.response_cache_redis_ttl_s < 0:
             raise SettingsError("response_cache_bytes and response_cache_redis_ttl_s must be >= 0")
         if self.response_cache_redis_timeout_s <= 0:

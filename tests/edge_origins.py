@@ -47,6 +47,7 @@ class FakeOrigin:
         self.root = root
         self.chunk_delay_s = chunk_delay_s
         self.requests: list[tuple[str, str | None]] = []
+        self.headers: list[dict[str, str]] = []  # each request's headers, names in lower case
         self.cut_after: dict[str, int] = {}  # path -> bytes sent before dropping (once)
         self.corrupt_at: dict[str, int] = {}  # path -> file offset of a byte sent wrong (once)
         self.port = 0
@@ -101,6 +102,7 @@ class FakeOrigin:
                 headers[key.strip().lower()] = value.strip()
             path = unquote(urlsplit(line.split()[1]).path).lstrip("/")
             self.requests.append((path, headers.get("range")))
+            self.headers.append(headers)
             await self._respond(writer, path, headers)
         except (ConnectionError, IndexError, asyncio.CancelledError):
             pass

@@ -94,16 +94,19 @@ def start_gateway(
 class InProcessGateway:
     """``build_app`` served by uvicorn in a thread of this process (so a monkeypatch applies)."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, raw: bool = False) -> None:
+        """``raw``: the gateway's own connection protocol (the raw inference path), as served;
+        else uvicorn's (every request through ASGI)."""
         import uvicorn
 
-        from gateway.cli import build_app
+        from gateway.cli import _http_protocol, build_app
 
         self.url = f"http://127.0.0.1:{settings.port}"
         config = uvicorn.Config(
             build_app(settings),
             host="127.0.0.1",
             port=settings.port,
+            http=_http_protocol(settings) if raw else "auto",
             loop="asyncio",
             log_config=None,
             access_log=False,

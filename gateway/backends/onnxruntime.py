@@ -40,6 +40,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
+from gateway import tracing
 from gateway.backends.base import Backend, BackendFactory, Executed, Tensors
 from gateway.errors import InvalidInput, ModelLoadError, Unavailable
 from gateway.protocol.tensors import split_bytes
@@ -455,7 +456,8 @@ class OnnxRuntimeBackend(Backend):
     ) -> Executed:
         loop = asyncio.get_running_loop()
         try:
-            ran = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
+            with tracing.span(tracing.ORT_RUN):
+                ran = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
         except Exception as exc:  # ORT raises its own exception types
             if isinstance(exc, EPFail) or (self._on_gpu and _DEVICE_FAILURE.search(str(exc))):
                 raise self._device_failed(exc) from None

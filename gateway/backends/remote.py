@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
-from gateway import context
+from gateway import context, tracing
 from gateway.backends.base import Host, Tensors, check_dispatch, timed_out
 from gateway.errors import (
     DeadlineExceeded,
@@ -220,6 +220,8 @@ class V2Host(Host):
         ids = context.upstream_request_id()
         if ids:
             headers["X-Request-ID"] = ids
+        if tracing.enabled:
+            tracing.inject(headers)
         url = f"{self.url}/v2/models/{model}/versions/{version}/infer"
         limit_s = timeout_s if timeout_s is not None else self.timeout_s
         try:

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from gateway import tracing
 from gateway.backends.base import Backend, Executed, Tensors, check_answer
 from gateway.errors import (
     DeadlineExceeded,
@@ -138,7 +139,8 @@ class RoutedBackend(Backend):
         try:
             lease = await self._acquire(rows, deadline_s)
             try:
-                return await self._run(lease, inputs, outputs, deadline_s)
+                with tracing.span(tracing.EXECUTE, {"gateway.host": lease.name}):
+                    return await self._run(lease, inputs, outputs, deadline_s)
             except Unavailable as exc:
                 if not self._retryable(deadline_s) or not router.budget.try_retry():
                     raise
@@ -151,7 +153,8 @@ class RoutedBackend(Backend):
                 except Unavailable:
                     raise original from None  # nowhere else to go: report the original failure
                 log.info("retrying %s on %s after %s failed", self.key, retry.name, first)
-                return await self._run(retry, inputs, outputs, deadline_s)
+                with tracing.span(tracing.EXECUTE, {"gateway.host": retry.name, "retry": True}):
+                    return await self._run(retry, inputs, outputs, deadline_s)
             finally:
                 router.budget.end_retry()
         finally:

@@ -50,7 +50,7 @@ import tritonclient.grpc.aio as triton_grpc
 import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
-from gateway import context
+from gateway import context, tracing
 from gateway.backends.base import Host, Tensors, check_dispatch, timed_out
 from gateway.backends.triton_python_model import python_backend_config, python_backend_files
 from gateway.errors import (
@@ -422,7 +422,7 @@ class TritonHost(Host):
                 model_version=str(version),
                 outputs=wanted,
                 request_id=request_id,
-                headers=self._transport.headers(request_id),
+                headers=tracing.outbound(self._transport.headers(request_id)),
                 timeout=int(timeout_s * 1e6) if timeout_s is not None else None,
             )
         except InferenceServerException as exc:

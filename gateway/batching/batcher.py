@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway import context
+from gateway import context, tracing
 from gateway.batching.queue import PriorityQueue, QueuePolicy
 from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady
 from gateway.stats import ModelStats
@@ -138,6 +138,7 @@ class Queued:
     execution: context.Execution | None = None
     level: int = 0  # its priority level
     delay_at_s: float | None = None  # a DELAY queue policy moves it back from then on
+    trace: Any = None  # the request's trace span (gateway.tracing), set by its Pending
 
 
 def signature(inputs: Tensors) -> tuple[Any, ...]:
@@ -387,7 +388,7 @@ class Batcher:
             batch = first = head = None  # type: ignore[assignment]
 
     async def _run(self, batch: list[Queued], rows: int) -> None:
-        released = False
+        released, span = False, None
         taken = len(batch)
         try:
             # Callers may have gone away while the batch was forming.
@@ -402,6 +403,7 @@ class Batcher:
                 item.queue_ns = int((started - item.enqueued_s) * 1e9)
                 self._stats.record_queue(item.queue_ns)
             context.batch_request_ids.set(tuple(p.request_id for p in batch if p.request_id))
+            span = tracing.batch_begins(batch, rows) if tracing.enabled else None
             if len(batch) == 1:
                 inputs = batch[0].inputs
             else:
@@ -456,6 +458,8 @@ class Batcher:
             if not released:
                 self._release(batch)
             self._left(taken)
+            if span is not None:
+                span.end()
 
     def _stop_at_preferred(self, rows: int, signature: tuple[Any, ...]) -> bool:
         """At a preferred size, stop unless the queue holds enough to reach the next larger one,

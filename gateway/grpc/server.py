@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import grpc  # type: ignore[import-untyped]  # no stubs in the venv
@@ -25,6 +26,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from gateway import tracing
 from gateway.credentials import Credentials, Verdict, token_of
 from gateway.dataplane import DataPlane
 from gateway.errors import (
@@ -43,6 +45,7 @@ from gateway.grpc.wire import (
     serialize_infer_response,
 )
 from gateway.logs import CONTROL
+from gateway.pending import Pending
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +162,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
         header = None if context is None else functools.partial(_metadata_value, context)
-        result = await self.dataplane.submit(request.model_name, version, decode, None, header)
+        trace = None
+        if tracing.enabled:  # the call's metadata (a stream's, for each of its requests)
+            call = context if context is not None else _STREAM.get()
+            metadata = call.invocation_metadata() if call is not None else None
+            trace = tracing.from_metadata(metadata, request.ByteSize())
+        pending = self.dataplane.submit(request.model_name, version, decode, None, header, trace)
+        if pending.span is not None:
+            return await _traced(pending)
+        result = await pending
         # raw_output_contents always, as Triton; without protobuf's copies where that pays
         # (gateway/grpc/wire.py)
         return encode_raw_response(result)
@@ -195,6 +206,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         flow-control window, not in this process. When the stream ends abnormally (the client
         cancels or goes away), every request still running is cancelled.
         """
+        if tracing.enabled:
+            _STREAM.set(context)  # this handler's context: its requests' tasks inherit it
         slots = asyncio.Semaphore(self.stream_max_inflight)
         answers: asyncio.Queue[Any] = asyncio.Queue()  # at most one per slot
         running: set[asyncio.Task[None]] = set()
@@ -232,6 +245,24 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             for task in list(running):
                 task.cancel()
             running.clear()
+
+    @_unary
+    async def TraceSetting(self, request: Any, context: Any) -> Any:
+        """Triton's trace extension over gRPC: no settings reads them; a setting with no
+        value clears it (``gateway.tracing.update_trace_setting``)."""
+        model = self.dataplane.check_known(request.model_name) if request.model_name else None
+        if request.settings:
+            changes: dict[str, object] = {}
+            for key, setting in request.settings.items():
+                values = list(setting.value)
+                changes[key] = None if not values else values if key == "trace_level" else values[0]
+            current = tracing.update_trace_setting(model, changes)
+        else:
+            current = tracing.trace_setting(model)
+        response = pb.TraceSettingResponse()
+        for key, value in current.items():
+            response.settings[key].value.extend(value if isinstance(value, list) else [value])
+        return response
 
     # -- logging (Triton's extension; admin, as over REST) -----------------------------------
 
@@ -337,6 +368,31 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return pb.CudaSharedMemoryUnregisterResponse()
 
 
+async def _traced(pending: Pending) -> Any:
+    """``_infer``'s wait and answer for a traced request: its span ends with the status code
+    and the answer's size."""
+    status, size = "OK", 0
+    try:
+        result = await pending
+        size = sum(array.nbytes for array in result.outputs.values())  # the tensors' bytes
+        return encode_raw_response(result)
+    except GatewayError as exc:
+        status = status_of(exc).name
+        raise
+    except asyncio.CancelledError:
+        status = "CANCELLED"
+        raise
+    except Exception:
+        status = "INTERNAL"
+        raise
+    finally:
+        pending.answered(status, size)
+
+
+# The ModelStreamInfer call whose requests are being answered, for their trace context.
+_STREAM: ContextVar[Any] = ContextVar("grpc_stream", default=None)
+
+
 _SERVICE = "inference.GRPCInferenceService"
 
 
@@ -378,7 +434,13 @@ def _address(host: str, port: int) -> str:
 
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 ADMIN_METHODS = frozenset(
-    {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "LogSettings"}
+    {
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+        "LogSettings",
+        "TraceSetting",
+    }
 )
 
 

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway import tracing
 from gateway.errors import Unavailable
 from gateway.repository.manifest import Chunk, hash_and_chunk, sha256_file
 from gateway.repository.origin import OriginError, OriginMissing, RangeUnsupported, too_large
@@ -422,7 +423,8 @@ class BlobCache:
                 if digest.length != offset:  # a partial file from before: hash what it has
                     digest = await asyncio.to_thread(_Digest.of_prefix, part, offset)
                 try:
-                    await self._stream_into(part, digest, source, size, report, transfer)
+                    with tracing.fetching(source.kind, source.name, sha256, digest):
+                        await self._stream_into(part, digest, source, size, report, transfer)
                 except OSError as exc:  # our own disk (origins raise OriginError): no retry
                     with contextlib.suppress(OSError):
                         part.unlink()

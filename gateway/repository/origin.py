@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
+from gateway import tracing
 from gateway.errors import ModelNotFound, Unavailable
 from gateway.repository.manifest import INDEX_NAME
 from gateway.settings import SettingsError
@@ -162,6 +163,8 @@ class HttpOrigin:
         from yarl import URL
 
         target = URL(url)
+        if tracing.enabled:  # peers and gateway origins continue the trace
+            tracing.inject(headers)
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 response = await self._client().get(target, headers=headers, allow_redirects=False)

@@ -23,12 +23,13 @@ from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, HostConflict, InvalidInput, ModelNotFound
 from gateway.logs import ACCESS, CONTROL
 from gateway.metrics import CONTENT_TYPE
-from gateway.server.auth import ADMIN_PREFIXES, AdminPortGuard, AuthGuard, Guard, GuardMiddleware
+from gateway.server.auth import AdminPortGuard, AuthGuard, Guard, GuardMiddleware, is_admin
 from gateway.server.distribution import distribution_routes
 from gateway.server.errors import error_response, handle_gateway_error
 from gateway.server.infer import HotPath, read_body
 from gateway.server.openapi import OPENAPI
 from gateway.server.shared_memory import shared_memory_routes
+from gateway.server.trace_setting import trace_routes
 
 NOT_ROUTED = (
     "hosts can be changed at run time only when the gateway routes across hosts "
@@ -243,6 +244,7 @@ def create_app(
         Route("/admin/splits/{model}", admin_splits_remove, methods=["DELETE"]),
     ]
     routes += distribution_routes(dataplane)  # edges pull models from here
+    routes += trace_routes(dataplane)  # Triton's trace extension
     routes += shared_memory_routes(dataplane.shared_memory)  # Triton's extension
     for prefix in (m, mv):
         routes += [
@@ -266,7 +268,7 @@ def create_app(
             ACCESS.flush()
 
     if not settings.admin_api:
-        routes = [r for r in routes if not r.path.startswith(ADMIN_PREFIXES)]
+        routes = [r for r in routes if not is_admin(r.path)]
     guards: list[Guard] = []
     if settings.admin_port and settings.admin_api:
         guards.append(AdminPortGuard(settings.admin_port))

@@ -20,6 +20,14 @@ from gateway.server.errors import error_response
 
 OPEN_PREFIXES = ("/v2/health/", "/metrics")
 ADMIN_PREFIXES = ("/v2/repository/", "/admin", "/v2/logging")
+# Triton's trace extension, global and per model: it changes what the whole server traces.
+ADMIN_SUFFIXES = ("/trace/setting",)
+
+
+def is_admin(path: str) -> bool:
+    """Whether ``path`` belongs to the repository / admin API (admin key, admin port)."""
+    return path.startswith(ADMIN_PREFIXES) or path.endswith(ADMIN_SUFFIXES)
+
 
 Guard = Callable[[Scope], Response | None]
 
@@ -44,7 +52,7 @@ class AuthGuard:
         path: str = scope["path"]
         if path.startswith(OPEN_PREFIXES):
             return None
-        verdict = self.credentials.check(_token(scope), path.startswith(ADMIN_PREFIXES))
+        verdict = self.credentials.check(_token(scope), is_admin(path))
         if verdict is Verdict.ALLOWED:
             return None
         if verdict is Verdict.FORBIDDEN:
@@ -65,7 +73,7 @@ class AdminPortGuard:
         server = scope.get("server") or ("", 0)
         on_admin_port = server[1] == self.admin_port
         path: str = scope["path"]
-        admin = path.startswith(ADMIN_PREFIXES)
+        admin = is_admin(path)
         if admin != on_admin_port and not (on_admin_port and path.startswith(OPEN_PREFIXES)):
             where = "the admin port" if admin else "the main port"
             return error_response(404, f"{path[:200]} is served on {where} only")

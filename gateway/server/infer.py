@@ -28,7 +28,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway import context
+from gateway import context, tracing
 from gateway.dataplane import DataPlane
 from gateway.errors import (
     ClientTimeout,
@@ -208,7 +208,10 @@ class HotPath:
         except Exception as exc:
             answer = self._reply(call, exc)
         else:
-            pending = self.dataplane.submit(name, version, call, call.rid, call.header_value)
+            trace = None
+            if tracing.enabled:
+                trace = tracing.from_headers(scope["headers"], "http", len(call.body))
+            pending = self.dataplane.submit(name, version, call, call.rid, call.header_value, trace)
             if not pending.done():
                 watch = DisconnectWatch(pending, receive, hooks)
                 try:
@@ -239,7 +242,12 @@ class HotPath:
         call = _Call(
             exchange.headers, *route, exchange.take_body(), config_of=self.dataplane.config_of
         )
-        pending = self.dataplane.submit(call.name, call.version, call, call.rid, call.header_value)
+        trace = None
+        if tracing.enabled:
+            trace = tracing.from_headers(exchange.headers, "http", len(call.body))
+        pending = self.dataplane.submit(
+            call.name, call.version, call, call.rid, call.header_value, trace
+        )
         # A caller that leaves gives up its place (``_raw_done`` unsets it, at once if done).
         exchange.hooks.on_lost = pending.cancel
         pending.add_done_callback(functools.partial(self._raw_done, exchange, call))
@@ -259,8 +267,13 @@ class HotPath:
         code), when the client went away: nobody is listening."""
         if pending.cancelled():
             self._log(call, 499)
+            if pending.span is not None:
+                pending.answered(499)
             return None
-        return self._reply(call, pending.outcome(), pending.request, pending.execution)
+        answer = self._reply(call, pending.outcome(), pending.request, pending.execution)
+        if pending.span is not None:
+            pending.answered(answer[0], len(answer[2]))
+        return answer
 
     def _reply(
         self,

@@ -74,6 +74,27 @@ def _model_paths(prefix: str, params: list[Any]) -> dict[str, Any]:
     }
 
 
+_TRACE_SETTING = {
+    "type": "object",
+    "properties": {
+        "trace_level": {"type": "array", "items": {"type": "string"}},
+        "trace_rate": {"type": "string"},
+        "trace_count": {"type": "string"},
+        "trace_sample_ratio": {"type": "string"},
+    },
+}
+
+
+def _trace_paths(path: str, params: list[Any]) -> dict[str, Any]:
+    """Triton's trace extension (gateway.server.trace_setting)."""
+    return {
+        path: {
+            "get": _op("trace settings", params),
+            "post": _op("change trace settings", params, _TRACE_SETTING),
+        }
+    }
+
+
 _REGION = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -145,6 +166,8 @@ OPENAPI: dict[str, Any] = {
         "/v2/repository/models/{model}/unload": {
             "post": _op("unload a model", [_NAME], {"type": "object"})
         },
+        **_trace_paths("/v2/trace/setting", []),
+        **_trace_paths("/v2/models/{model}/trace/setting", [_NAME]),
         **_shared_memory_paths("/v2/systemsharedmemory", "system", _SYSTEM_REGISTER),
         **_shared_memory_paths("/v2/cudasharedmemory", "CUDA", _CUDA_REGISTER),
         "/v2/logging": {

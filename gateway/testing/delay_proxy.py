@@ -29,8 +29,13 @@ class DelayProxy:
         delay_s: float = 0.0,
         host: str = "127.0.0.1",
         rate_bytes_s: float | None = None,
+        capture: bool = False,
     ) -> None:
+        """``capture``: keep what clients send upstream in ``sent`` (what headers reached the
+        host)."""
         self.upstream_port = upstream_port
+        self.capture = capture
+        self.sent: list[bytes] = []
         self.delay_s = delay_s
         self.rate_bytes_s = rate_bytes_s
         self.host = host
@@ -69,6 +74,8 @@ class DelayProxy:
         async def read() -> None:
             with contextlib.suppress(ConnectionError, OSError):
                 while chunk := await reader.read(65536):
+                    if self.capture and not delayed:
+                        self.sent.append(chunk)
                     chunks.put_nowait((loop.time() + (self.delay_s if delayed else 0.0), chunk))
             chunks.put_nowait((0.0, b""))
 
