@@ -106,6 +106,7 @@ def test_one_trace_client_gateway_gateway_onnxruntime(
     front_settings = Settings(
         model_repo=str(repo),
         port=free_port(),
+        batching_delay="triton",  # the three wait for each other, whatever their arrival gaps
         local_execution=False,
         hosts=({"name": "back", "kind": "v2", "url": back.url.removeprefix("http://")},),
     )
