@@ -42,7 +42,7 @@ EOF
   chmod +x "$WRAPPER"
 fi
 
-if ! ldconfig -p | grep -q 'libb64\.so\.0d'; then
+if ! ldconfig -p 2>/dev/null | grep 'libb64\.so\.0d' >/dev/null; then  # no -q: an early exit would SIGPIPE ldconfig under pipefail
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get install -y -q libb64-0d >&2 || { apt-get update -q >&2 && apt-get install -y -q libb64-0d >&2; }
   else
