@@ -50,6 +50,7 @@ class Recorder:
         self.clock: Clock | None = None
         self.run_s = 0.0
         self.compute_s: float | None = None
+        self.input_s = self.output_s = 0.0
         self.host = ""
 
     async def __call__(
@@ -66,7 +67,9 @@ class Recorder:
             self.clock.now_s += self.run_s
         if self.error is not None:
             raise self.error
-        return Executed({"Y": inputs["X"] * 2}, self.host, self.compute_s)
+        return Executed(
+            {"Y": inputs["X"] * 2}, self.host, self.compute_s, self.input_s, self.output_s
+        )
 
 
 def make(
@@ -538,6 +541,23 @@ async def test_a_wait_for_an_instance_counts_as_queueing_not_compute(
     assert [i.queue_ns for i in items] == [queue_ns] * 2
     assert (stats.queue.count, stats.queue.ns) == (2, 2 * queue_ns)
     assert (stats.compute_infer.count, stats.compute_infer.ns) == (2, 2 * compute_ns)
+    await batcher.close()
+
+
+async def test_a_backends_input_and_output_time_count_as_compute_input_and_output() -> None:
+    """Of a batch's compute time, what the backend says it spent handing inputs over and
+    reading outputs is Triton's compute_input / compute_output, for each request of the batch;
+    the rest is compute_infer."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock, backend.run_s, backend.compute_s = clock, 4.0, 4.0
+    backend.input_s, backend.output_s = 0.5, 0.25
+    batcher, stats = make(BatchPolicy(max_batch_size=8), backend, clock)
+    items = [batcher.enqueue(row(i)) for i in range(2)]
+    await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 1.0)
+    assert (stats.compute_input.count, stats.compute_input.ns) == (2, 2 * 500_000_000)
+    assert (stats.compute_output.count, stats.compute_output.ns) == (2, 2 * 250_000_000)
+    assert (stats.compute_infer.count, stats.compute_infer.ns) == (2, 2 * 3_250_000_000)
     await batcher.close()
 
 
