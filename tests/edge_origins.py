@@ -280,7 +280,9 @@ def moto_s3() -> Iterator[str]:
                 except OSError:
                     time.sleep(0.1)
             else:
-                pytest.skip("moto server did not start")
+                # moto comes with the test extras: a server that does not start is a failure
+                out.seek(0)
+                pytest.fail(f"moto server did not start in 20 s: {out.read()[-500:]!r}")
             yield f"http://127.0.0.1:{port}"
         finally:
             proc.terminate()

@@ -53,6 +53,12 @@ BRIEF = [
 ]
 
 
+# Why these tests can skip: the binary comes from PyPI wheels (tritonclient 2.41.0,
+# nvidia-cuda-runtime-cu12) and Debian's libb64-0d, fetched on first use; a machine that can
+# reach neither cannot run it.
+NEEDS = "perf_analyzer needs the tritonclient 2.41.0 and CUDA runtime wheels and libb64-0d"
+
+
 @pytest.fixture(scope="module")
 def perf_analyzer() -> str:
     try:
@@ -64,10 +70,10 @@ def perf_analyzer() -> str:
             cwd=ROOT,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"perf_analyzer cannot be obtained: {exc}")
+        pytest.skip(reason=f"{NEEDS}: scripts/perf_analyzer.sh failed to run: {exc}")
     path = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     if done.returncode != 0 or not Path(path).is_file():
-        pytest.skip(f"perf_analyzer cannot be obtained: {done.stderr.strip()[-500:]}")
+        pytest.skip(reason=f"{NEEDS}: scripts/perf_analyzer.sh said: {done.stderr.strip()[-500:]}")
     return path
 
 
