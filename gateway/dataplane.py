@@ -6,8 +6,10 @@ deadlines and admission to the per-version batchers, and keeps statistics. Infer
 in, ``submit``: front ends only decode requests and encode what its ``Pending`` ends with. It
 knows nothing of HTTP or gRPC.
 
-Why one module of this size: inference (``submit``) and the model life cycle (load, unload,
-index) share the model entries and their locks; the life cycle is the next split.
+Why one module of this size: inference (``submit``, with the per-request features that hook into
+it: traffic splits, shadow copies, the response cache, ensembles, shared-memory views, each a
+call into its own module) and the model life cycle (load, unload, index) share the model entries
+and their locks; the life cycle is the next split.
 """
 
 from __future__ import annotations

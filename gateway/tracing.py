@@ -1,5 +1,10 @@
 """Distributed tracing with OpenTelemetry: one trace per request across edges, gateways and hosts.
 
+Why one module of this size: it is the one place that imports OpenTelemetry. Two concepts share
+it: the span helpers and W3C propagation the core calls, and the run-time sampling settings of
+Triton's trace extension (``TraceSetting`` to ``update_trace_setting``), which feed the sampler.
+The settings are the next split, into a module of their own.
+
 Off by default, and then free: every hook in the core is guarded by one read of ``enabled``
 (a module global, ``tracing.enabled``), and this module builds no span, context or header until
 ``setup`` (a ``trace_endpoint`` is set) or ``install`` (tests, benches) turns it on.

@@ -8,6 +8,11 @@ REST requests for one model share its batcher. Errors become gRPC statuses throu
 goes on. Stream requests run concurrently, so their responses may come back out of order (match
 them by ``id``), as with Triton; at most ``stream_max_inflight`` of them are held at once, read
 but not yet answered and written (see :meth:`InferenceServicer.ModelStreamInfer`).
+
+Why one module of this size: it is the gRPC front end, one servicer whose RPCs mirror the REST
+routes (inference, repository, statistics, shared memory, logging, trace settings), each a few
+lines of translation, plus the server that hosts it and its access/auth interceptor. The next
+split is the interceptor and ``GrpcServer`` (the transport) away from the servicer.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@
 (``model_config_pb2``), so anything Triton would reject as text is rejected here with protobuf's
 own line/column message, prefixed by the file path. The parsed message is then turned into a
 frozen :class:`ModelConfig` and checked field by field.
+
+Why one module of this size: one parse of one file. The frozen dataclasses mirror the protobuf
+messages the gateway honours (tensors, dynamic batching and its priority queue policies, warm-up,
+ensemble steps, version policy), and ``from_message`` checks them against each other (an
+ensemble's steps against its tensors, warm-up samples against the inputs), so they stay beside
+the parser. The ensemble checks are the next split if they grow.
 """
 
 from __future__ import annotations

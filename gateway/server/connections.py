@@ -1,7 +1,7 @@
 """HTTP connections: what uvicorn's httptools protocol leaves to each request, done once per
-connection. (Over 400 lines on purpose: one protocol class and what only it uses, a sixth of it
+connection. (Over 450 lines on purpose: one protocol class and what only it uses, a sixth of it
 this docstring and the list of uvicorn names it relies on; the next split is the head reading,
-``_raw_head`` to ``_HEADS``, into a module of its own.)
+``_raw_head`` to ``_read_head``, into a module of its own, then the gathered-write transport.)
 
 - **Head timeout.** A client that opens a connection and sends nothing, or trickles its request
   line and headers a byte at a time (slowloris), would otherwise hold its connection, and a slot
