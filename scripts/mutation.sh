@@ -3,8 +3,9 @@
 # the tree so that runs never collide with each other or with work in progress.
 #
 # Usage: scripts/mutation.sh [-j N] [--keep DIR] [--timeout S] [MODULE ...]
-#   MODULE: batcher, codec, policies, estimators (default: all four). Not part of the default
-#   CI run; a CI job may run it on demand.
+#   MODULE: batcher, queue, codec, tensors, policies, estimators, shared_memory, ensemble,
+#   response_cache, splits (default: all). Not part of the default CI run; a CI job may run it
+#   on demand.
 #   -j N        mutmut --max-children (default 1: the machines are shared)
 #   --keep DIR  work in DIR/<module> and keep it; a later run with the same DIR re-syncs the
 #               tree and retests only mutants not yet killed (and changed functions)
@@ -32,27 +33,39 @@ while [ $# -gt 0 ]; do
     -j) JOBS=$2; shift 2 ;;
     --keep) KEEP=$(mkdir -p "$2" && cd "$2" && pwd); shift 2 ;;
     --timeout) TIMEOUT_S=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    batcher|codec|tensors|policies|estimators) MODULES+=("$1"); shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    batcher|queue|codec|tensors|policies|estimators|shared_memory|ensemble|response_cache|splits)
+      MODULES+=("$1"); shift ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#MODULES[@]} -gt 0 ] || MODULES=(batcher codec tensors policies estimators)
+[ ${#MODULES[@]} -gt 0 ] || MODULES=(batcher queue codec tensors policies estimators shared_memory
+  ensemble response_cache splits)
 
 # module -> source file; tests run in-process; tests that reach it through a server subprocess
 declare -A SRC=(
   [batcher]=gateway/batching/batcher.py
+  [queue]=gateway/batching/queue.py
   [codec]=gateway/protocol/codec.py
   [tensors]=gateway/protocol/tensors.py
   [policies]=gateway/routing/policies.py
   [estimators]=gateway/routing/estimators.py
+  [shared_memory]=gateway/shared_memory.py
+  [ensemble]=gateway/ensemble.py
+  [response_cache]=gateway/response_cache.py
+  [splits]=gateway/splits.py
 )
 declare -A TESTS=(
-  [batcher]="tests/test_batcher.py"
+  [batcher]="tests/test_batcher.py tests/test_batcher_pins.py"
+  [queue]="tests/test_queue.py tests/test_batcher.py tests/test_batcher_pins.py"
   [codec]="tests/test_protocol.py tests/test_codec_pins.py"
   [tensors]="tests/test_protocol.py tests/test_codec_pins.py tests/test_attack_input.py"
   [policies]="tests/test_routing_units.py tests/test_routing_pins.py"
   [estimators]="tests/test_routing_units.py tests/test_routing_pins.py"
+  [shared_memory]="tests/test_shared_memory.py"
+  [ensemble]="tests/test_ensemble.py"
+  [response_cache]="tests/test_response_cache.py"
+  [splits]="tests/test_splits.py"
 )
 declare -A SERVER_TESTS=(
   [batcher]="tests/test_server.py"
@@ -60,6 +73,11 @@ declare -A SERVER_TESTS=(
   [tensors]="tests/test_bad_input.py"
   [policies]=""
   [estimators]=""
+  [queue]=""
+  [shared_memory]=""
+  [ensemble]=""
+  [response_cache]=""
+  [splits]=""
 )
 
 if ! "$VENV/bin/python" -c 'import mutmut, sys; sys.exit(mutmut.__version__ != "3.8.1")' 2>/dev/null; then

@@ -208,12 +208,17 @@ async def test_slow_worker_gets_a_smaller_share(cluster: Cluster) -> None:
 
 
 async def test_deadline_is_refused_fast_when_no_host_can_meet_it(cluster: Cluster) -> None:
-    slow = DelayProxy(cluster.workers[0].port, delay_s=0.1).start()
+    # The proxy keeps what the front sends the host: whether the refused request reached it.
+    slow = DelayProxy(cluster.workers[0].port, delay_s=0.1, capture=True).start()
     config = front_config(cluster.tmp / "slow-front.toml", [slow.address])
     front = start_gateway(cluster.repo, cluster.tmp, "--config", str(config))
+
+    def infers_sent() -> int:
+        return b"".join(slow.sent).count(b"/v2/models/simple/versions/1/infer")
+
     try:
         warm = await drive(front.url, 3, 1)
-        assert warm.ok == 3
+        assert warm.ok == 3 and infers_sent() == 3
         async with aiohttp.ClientSession() as session:
             body = {**BODY, "parameters": {"timeout": 20_000}}  # 20 ms, host needs ~100 ms
             started = time.perf_counter()
@@ -221,11 +226,16 @@ async def test_deadline_is_refused_fast_when_no_host_can_meet_it(cluster: Cluste
                 elapsed_s = time.perf_counter() - started
                 assert r.status == 429, await r.text()
                 assert int(r.headers["Retry-After"]) >= 1
-                assert "deadline" in (await r.json())["error"]
-            assert elapsed_s < 0.02  # refused before the 20 ms deadline, not after it
+                assert "no host can finish within the deadline" in (await r.json())["error"]
+            # Refused before any host was tried (predictive admission), not sent and timed out.
+            assert infers_sent() == 3
+            # Nothing waited: a bound 50 times the usual few ms, as load alone once took the
+            # answer to 20.6 ms; the behaviour is the line above, speed is for the benches.
+            assert elapsed_s < 1.0
             body = {**BODY, "parameters": {"timeout": 5_000_000}}
             async with session.post(f"{front.url}/v2/models/simple/infer", json=body) as r:
                 assert r.status == 200
+            assert infers_sent() == 4
     finally:
         front.stop()
         slow.stop()
