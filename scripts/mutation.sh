@@ -158,7 +158,7 @@ for line in Path(equivalents_file).read_text().splitlines() if Path(equivalents_
 killed = hangs = 0
 survivors, excluded, not_equivalent = [], [], []
 for name, code in sorted(codes.items()):
-    if code in (1, 3):
+    if code in (1, 3, -11, -7, -6):  # failed, or crashed it (SIGSEGV, SIGBUS, SIGABRT)
         killed += 1
         if name in equivalent:
             not_equivalent.append(name)
