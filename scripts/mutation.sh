@@ -2,7 +2,7 @@
 # Mutation testing of the core modules (mutmut 3.8, forkserver mode), each in a private copy of
 # the tree so that runs never collide with each other or with work in progress.
 #
-# Usage: scripts/mutation.sh [-j N] [--keep DIR] [--timeout S] [MODULE ...]
+# Usage: scripts/mutation.sh [-j N] [--keep DIR] [--timeout S] [--only GLOB] [MODULE ...]
 #   MODULE: batcher, queue, codec, tensors, policies, estimators, shared_memory, ensemble,
 #   response_cache, splits (default: all). Not part of the default CI run; a CI job may run it
 #   on demand.
@@ -11,6 +11,9 @@
 #               tree and retests only mutants not yet killed (and changed functions)
 #   --timeout S per-test timeout while mutants run (default 30): a mutant whose test it stops
 #               counts as a hang (detected, like a kill)
+#   --only GLOB run only the mutants whose names match (fnmatch; repeatable), e.g. to confirm
+#               that a new test kills them: 'gateway.batching.batcher.xǁBatcherǁ_run__mutmut_11?'
+#               (the others count as not run, outside the score)
 # Prints module / mutants / killed / hangs / survived / equivalents excluded / score, where
 # score = (killed + hangs) / (mutants - equivalents); the surviving mutants' names follow.
 # Equivalent mutants are listed in scripts/mutation-equivalents.txt, one per line:
@@ -27,13 +30,15 @@ VENV=${VENV:-$ROOT/.venv}
 JOBS=1
 KEEP=""
 TIMEOUT_S=30
+ONLY=()
 MODULES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -j) JOBS=$2; shift 2 ;;
     --keep) KEEP=$(mkdir -p "$2" && cd "$2" && pwd); shift 2 ;;
     --timeout) TIMEOUT_S=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --only) ONLY+=("$2"); shift 2 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     batcher|queue|codec|tensors|policies|estimators|shared_memory|ensemble|response_cache|splits)
       MODULES+=("$1"); shift ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -157,6 +162,8 @@ for line in Path(equivalents_file).read_text().splitlines() if Path(equivalents_
         equivalent[name.strip()] = reason.strip()
 killed = hangs = 0
 survivors, excluded, not_equivalent = [], [], []
+not_run = sum(code is None for code in codes.values())  # outside --only
+codes = {name: code for name, code in codes.items() if code is not None}
 for name, code in sorted(codes.items()):
     if code in (1, 3, -11, -7, -6):  # failed, or crashed it (SIGSEGV, SIGBUS, SIGABRT)
         killed += 1
@@ -170,7 +177,8 @@ for name, code in sorted(codes.items()):
         survivors.append((name, code))
 counted = len(codes) - len(excluded)
 score = 100.0 * (killed + hangs) / counted if counted else 0.0
-print(f"{module:<11} {len(codes):>7} {killed:>6} {hangs:>6} {len(survivors):>8} {len(excluded):>11} {score:>6.1f} %")
+print(f"{module:<11} {len(codes):>7} {killed:>6} {hangs:>6} {len(survivors):>8} {len(excluded):>11} {score:>6.1f} %"
+      + (f"  ({not_run} not run)" if not_run else ""))
 with open("survivors.txt", "w") as out:
     for name, code in survivors:
         out.write(f"{name}  (exit {code})\n")
@@ -224,8 +232,12 @@ EOF
     local again=()
     [ -f survivors.txt ] && mapfile -t again < <(cut -d' ' -f1 survivors.txt)
     : >mutmut.log
-    mutmut_run || return 1
-    if [ ${#again[@]} -gt 0 ]; then mutmut_run "${again[@]}" || return 1; fi
+    if [ ${#ONLY[@]} -gt 0 ]; then
+      mutmut_run "${ONLY[@]}" || return 1
+    else
+      mutmut_run || return 1
+      if [ ${#again[@]} -gt 0 ]; then mutmut_run "${again[@]}" || return 1; fi
+    fi
     "$VENV/bin/python" -c "$REPORT" "$module" "$src" "$ROOT/scripts/mutation-equivalents.txt" >>"$BASE/table.txt"
   )
 }
