@@ -194,7 +194,9 @@ async def test_host_table_shows_cold_start_tiers(cluster: Cluster) -> None:
 
 
 async def test_slow_worker_gets_a_smaller_share(cluster: Cluster) -> None:
-    cluster.proxy.delay_s = 0.03
+    # 100 ms more: on a loaded machine every worker's latency grows by tens of ms, which
+    # drowned a 30 ms difference (seen: 75, 25, 18 at load 10).
+    cluster.proxy.delay_s = 0.1
     try:
         before = completed(cluster)
         load = await drive(cluster.front.url, 240, 8)
@@ -448,7 +450,9 @@ async def test_killed_host_is_readmitted_when_it_comes_back(elastic: Elastic) ->
     elastic.proxy.upstream_port = replacement.port
     started = time.perf_counter()
     while elastic.hosts()["w1"]["state"] != "up":
-        assert time.perf_counter() - started < 10, elastic.hosts()["w1"]
+        # The ejection served (1 s) and then a probe that answers: about 1-2 s; 30 s as load
+        # alone once took it past 10 s (a bound only against "never").
+        assert time.perf_counter() - started < 30, elastic.hosts()["w1"]
         await asyncio.sleep(0.05)
     readmitted_s = time.perf_counter() - started
     before = completed(elastic)
