@@ -8,6 +8,7 @@ co-located client would; every test destroys what it created.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -661,6 +662,11 @@ def test_register_says_exactly_what_is_wrong(tmp_path: Path) -> None:
     _refused(
         lambda: registry.register("r", "dir", 0, 8),
         "Unable to open shared memory region: 'dir' (region 'r')",
+    )
+    os.mkfifo(tmp_path / "fifo")  # opens read-write without blocking, and is no file
+    _refused(
+        partial(registry.register, "r", "fifo", 0, 8),
+        fail + "'fifo' is not a shared memory object",
     )
     assert registry.status() == []  # nothing refused was kept
     registry.register("long", "k" * 255, 0, 8)  # 255 characters: a name the system takes
