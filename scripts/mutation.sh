@@ -215,7 +215,7 @@ run_module() {
 [tool.mutmut]
 source_paths = ["gateway"]
 only_mutate = ["$src"]
-also_copy = ["mutation_hangs.py"]
+also_copy = ["mutation_hangs.py", "model_repo"]
 pytest_add_cli_args_test_selection = [${tests%, }]
 pytest_add_cli_args = ["-p", "mutation_hangs", "-p", "no:cacheprovider", "--timeout", "$TIMEOUT_S"]
 process_isolation = "forkserver"
