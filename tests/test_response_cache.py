@@ -482,3 +482,30 @@ async def test_redis_store_prefix_ttl_pause_and_bounds(redis_server: RedisServer
     finally:
         await store.close()
         direct.close()
+
+
+def test_local_store_evictions_free_exactly_what_they_held() -> None:
+    big, small = {"Y": np.zeros(100, np.float32)}, {"Y": np.zeros(10, np.float32)}  # 464, 104
+    store = LocalStore(capacity_bytes=1000)
+    store.put(b"big", big)
+    store.put(b"small", small)
+    assert store.used_bytes == 568
+    store.put(b"big2", big)  # 1032 > 1000: the oldest (big) goes
+    assert store.used_bytes == 568 and store.evictions == 1
+    store.put(b"big3", big)  # then small goes
+    assert store.used_bytes == 928 and store.evictions == 2 and len(store) == 2
+    exact = LocalStore(capacity_bytes=464)
+    assert exact.put(b"a", big) and exact.used_bytes == 464  # an entry of exactly the bound
+    fortran = {"M": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))}
+    assert exact.put(b"f", fortran)
+    kept = exact.get(b"f")
+    assert kept is not None and kept["M"].flags.c_contiguous  # encoded on hits as it is
+    words = np.array([[b"ab", b"c"], [b"", b"defg"]], dtype=object)
+    assert size_of({"T": words}) == 64 + 7 + 4 * 8  # every element of a 2-D BYTES tensor
+
+
+def test_a_truncated_bytes_entry_names_its_tensor() -> None:
+    data = bytearray(encode_entry({"T": np.array([b"abc", b"de"], dtype=object)}))
+    data[-6] = 200  # the second element's length prefix now overruns the data
+    with pytest.raises(ValueError, match=r"^malformed cache entry: input 'T': "):
+        decode_entry(bytes(data))
