@@ -32,7 +32,7 @@ from gateway.response_cache import (
 from gateway.settings import Settings
 from gateway.testing.redis_server import RedisServer, redis_server_binary
 from tests import models
-from tests.helpers import get, start_gateway, triton_infer
+from tests.helpers import free_port, get, start_gateway, triton_infer
 
 CACHED = models.SIMPLE_CONFIG.replace('"simple"', '"cached"') + "response_cache { enable: true }\n"
 
@@ -471,6 +471,12 @@ async def test_redis_store_prefix_ttl_pause_and_bounds(redis_server: RedisServer
             await asyncio.sleep(0.01)
         assert direct.pttl(b"f:k") == -1  # no TTL: kept until Redis evicts it
         await forever.close()
+        brief = RedisStore(redis_server.url, 2.0, ttl_s=0.5, prefix="b:")
+        assert brief.put_soon(b"k", entry)
+        while brief._puts:
+            await asyncio.sleep(0.01)
+        assert 0 < direct.pttl(b"b:k") <= 500  # under a second is a TTL too
+        await brief.close()
         direct.set(b"t:bad", b"\x01\x00\x00\x00x")
         assert await store.get(b"bad") is None  # malformed: a miss, counted, Redis paused
         assert store.errors == {"get": 1, "put": 0} and not store.available()
@@ -509,3 +515,60 @@ def test_a_truncated_bytes_entry_names_its_tensor() -> None:
     data[-6] = 200  # the second element's length prefix now overruns the data
     with pytest.raises(ValueError, match=r"^malformed cache entry: input 'T': "):
         decode_entry(bytes(data))
+
+
+def test_cache_metric_help_and_miss_time() -> None:
+    local = {f.name: f.documentation for f in ResponseCache(LocalStore(10)).metric_families()}
+    assert local == {
+        "nv_cache_num_entries": "Responses in the cache",
+        "nv_cache_num_lookups": "Response cache lookups",
+        "nv_cache_num_hits": "Response cache hits",
+        "nv_cache_num_misses": "Response cache misses",
+        "nv_cache_num_evictions": "Responses evicted (LRU)",
+        "nv_cache_util": "Share of the cache's bytes in use (0..1)",
+    }
+    redis_cache = ResponseCache(RedisStore("redis://127.0.0.1:1/0", 0.1))
+    shared = {f.name: f.documentation for f in redis_cache.metric_families()}
+    assert shared["gateway_response_cache_errors"] == (
+        "Redis calls that failed or timed out (each a miss, never an error)"
+    )
+
+
+async def test_a_miss_counts_only_its_own_time(cache_repo: Path) -> None:
+    dataplane = await _dataplane(cache_repo, response_cache_bytes=1 << 20)
+    try:
+        await dataplane.infer("cached", None, _request(seed=11))
+        miss = _stats(dataplane, "cached")["inference_stats"]["cache_miss"]  # type: ignore[index]
+        assert miss["count"] == 1 and 0 < miss["ns"] < 10**10  # lookup + insertion, not a clock
+    finally:
+        await dataplane.stop()
+
+
+async def test_redis_failures_are_counted_per_call_and_in_flight_puts_bounded() -> None:
+    """A Redis that refuses connections: each failed call counts under its own name. One that
+    accepts and never answers: at most 256 writes wait at once, the next is not attempted."""
+    refused = RedisStore(f"redis://127.0.0.1:{free_port()}/0", 0.5, pause_s=0.0)
+    try:
+        assert refused.put_soon(b"k", {"Y": np.zeros(1, np.int32)})
+        while refused._puts:
+            await asyncio.sleep(0.01)
+        assert refused.errors == {"get": 0, "put": 1}
+        assert await refused.get(b"k") is None and await refused.get(b"k") is None
+        assert refused.errors == {"get": 2, "put": 1}
+    finally:
+        await refused.close()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    entry = {"Y": np.zeros(4, np.int32)}
+    exact = len(encode_entry(entry))
+    stuck = RedisStore(f"redis://127.0.0.1:{port}/0", 5.0, max_entry_bytes=exact)
+    try:
+        assert all(stuck.put_soon(b"k%d" % i, entry) for i in range(256))  # exactly the bound
+        assert not stuck.put_soon(b"one-more", entry)
+    finally:
+        await stuck.close()
+        server.close()
