@@ -56,7 +56,7 @@ def main() -> int:
         return null_server(int(sys.argv[2]), Path(sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="simple,mlp")
-    parser.add_argument("--protocols", default="grpc,http")
+    parser.add_argument("--protocols", default="grpc,stream,http", help="stream: gRPC streaming")
     parser.add_argument("--concurrency", type=_levels, default=[1, 4, 16, 64])
     parser.add_argument("--tree", action="append", default=[], help="name=PATH (another tree)")
     parser.add_argument("--env", action="append", default=[], help="name:ENV=V,ENV=V variant")
@@ -112,17 +112,16 @@ def main() -> int:
         turn = 0
         for rnd in range(args.rounds):
             for model in models:
-                out_bytes = sweep.output_bytes(harness.read_model(repo, model), repo)
                 for protocol in protocols:
                     for c in args.concurrency:
                         order = names[turn % len(names) :] + names[: turn % len(names)]
                         turn += 1
                         for name in order:
-                            url = targets[name].get("grpc" if protocol == "grpc" else "http")
+                            url = targets[name].get("http" if protocol == "http" else "grpc")
                             if url is None:
                                 continue
                             got = measure(pa, gateways.get(name), model, url, protocol, c,
-                                          args.window_ms, out_bytes, work)  # fmt: skip
+                                          args.window_ms, work)  # fmt: skip
                             head = f"r{rnd} {name:14s} {model:7s} {protocol:5s} c={c:<3d}"
                             if "error" in got:
                                 errors += 1
@@ -145,39 +144,35 @@ def measure(
     protocol: str,
     concurrency: int,
     window_ms: int,
-    out_bytes: int,
     work: Path,
 ) -> dict[str, Any]:
-    """One perf_analyzer point, with a gateway's CPU time per request."""
+    """One perf_analyzer point (``stream``: gRPC's bidirectional ``ModelStreamInfer``), with a
+    gateway's CPU time per request."""
+    report = work / f"pa-{model}-{protocol}-{concurrency}-{time.monotonic_ns()}.csv"
+    cmd = [pa, "-m", model, "-u", url, "-i", "http" if protocol == "http" else "grpc",
+           "--concurrency-range", str(concurrency), "-p", str(window_ms), "-s", "999", "-r", "3",
+           "--input-data", "zero", "-f", str(report)]  # fmt: skip
+    if protocol == "stream":
+        cmd.append("--streaming")
     before = _cpu_and_count(gw, model)
-    if gw is not None or protocol != "grpc":
-        got = sweep.run_pa(pa, model, url, protocol, concurrency, window_ms, out_bytes, work)
-    else:  # the null server or Triton: client-side figures only
-        got = _client_side(pa, model, url, concurrency, window_ms, work)
+    limit_s = 30 + 6 * window_ms / 1000 * max(1, concurrency / 8)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {limit_s:.0f} s"}
     after = _cpu_and_count(gw, model)
-    if before and after and after[1] > before[1]:
-        got["cpu_us"] = (after[0] - before[0]) / (after[1] - before[1]) * 1e6
-    return got
-
-
-def _client_side(
-    pa: str, model: str, url: str, concurrency: int, window_ms: int, work: Path
-) -> dict[str, Any]:
-    """``sweep.run_pa``'s figures without the server's columns (the null server has none)."""
-    report = work / f"pa-{model}-{concurrency}-{time.monotonic_ns()}.csv"
-    cmd = [pa, "-m", model, "-u", url, "-i", "grpc", "--concurrency-range", str(concurrency),
-           "-p", str(window_ms), "-s", "999", "-r", "3", "--input-data", "zero",
-           "-f", str(report)]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if out.returncode != 0 or not report.exists():
         return {"error": " / ".join((out.stdout + out.stderr).strip().splitlines()[-3:])[:300]}
     with report.open() as f:
         row = next(csv.DictReader(f))
-    return {
+    got: dict[str, Any] = {
         "throughput": float(row["Inferences/Second"]),
         "p50_ms": int(row["p50 latency"]) / 1e3,
         "p99_ms": int(row["p99 latency"]) / 1e3,
     }
+    if before and after and after[1] > before[1]:
+        got["cpu_us"] = (after[0] - before[0]) / (after[1] - before[1]) * 1e6
+    return got
 
 
 def _line(got: dict[str, Any]) -> str:
@@ -247,6 +242,14 @@ def null_server(port: int, repo: Path) -> int:
         served[name] = served.get(name, 0) + 1
         return answers[name]
 
+    async def stream(requests: Any, context: Any) -> Any:
+        async for raw in requests:
+            request = pb.ModelInferRequest.FromString(raw)
+            served[request.model_name] = served.get(request.model_name, 0) + 1
+            response = pb.ModelInferResponse.FromString(answers[request.model_name])
+            response.id = request.id
+            yield pb.ModelStreamInferResponse(infer_response=response).SerializeToString()
+
     async def metadata(request: Any, context: Any) -> Any:
         model = models[request.name]
         reply = pb.ModelMetadataResponse(name=request.name, versions=["1"], platform="null")
@@ -284,6 +287,7 @@ def null_server(port: int, repo: Path) -> int:
 
     handlers = {
         "ModelInfer": grpc.unary_unary_rpc_method_handler(infer),  # bytes in, bytes out
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(stream),
         "ModelMetadata": unary(metadata, "ModelMetadata"),
         "ModelConfig": unary(config, "ModelConfig"),
         "ServerMetadata": unary(server_metadata, "ServerMetadata"),
