@@ -8,12 +8,15 @@ Starts every target at once, each serving the same models:
 - unless ``--no-triton``, standalone ``tritonserver`` (``gateway.testing.tritonserver``: the
   same ONNX files through its python backend, pushed as ``bench/sweep.py`` does);
 - with ``--null``, a bare ``grpc.aio`` server on the gateway's event loop kind (uvloop) that
-  answers every ``ModelInfer`` with one fixed, pre-serialized response: no model, no data plane,
-  no decoding. Its figures are the ceiling of any front end built on ``grpc.aio`` here.
+  answers every ``ModelInfer`` (and each request of a ``ModelStreamInfer``) with one fixed,
+  pre-serialized response: protobuf parses the request for its model name, nothing else runs.
+  Its figures are the ceiling of any front end built on ``grpc.aio`` here.
 
-Then, for ``--rounds`` rounds, every (model, protocol, concurrency) point runs perf_analyzer
-(``scripts/perf_analyzer.sh``) against each target one right after the other, in an order that
-turns each round: the machine's speed drifts, so each ratio compares windows seconds apart.
+Then, for ``--rounds`` rounds, every (model, protocol, concurrency) point (protocols: ``grpc``
+unary calls, ``stream``: perf_analyzer's ``--streaming`` over ``ModelStreamInfer``, ``http``)
+runs perf_analyzer (``scripts/perf_analyzer.sh``) against each target one after the other, in
+an order that turns each round: the machine's speed drifts, so each ratio compares windows
+seconds apart.
 Besides throughput and latency, each gateway's CPU time per request (all its threads, from
 /proc, over the requests its statistics counted) is recorded: on a shared machine it moves
 less than throughput. Prints and writes (``--out``) the medians over rounds and the ratios
