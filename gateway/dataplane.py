@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "logging"]
-EXTENSIONS.append("trace")  # gateway/tracing.py, gateway/server/trace_setting.py
+EXTENSIONS.append("trace")  # gateway/trace_settings.py, gateway/server/trace_setting.py
 EXTENSIONS.append("system_shared_memory")  # gateway/shared_memory.py
 
 
