@@ -41,7 +41,8 @@ from gateway.errors import (
 from gateway.metrics import Metrics, Source
 from gateway.pending import Pending
 from gateway.protocol.types import InferRequest, InferResponse, RequestedOutput
-from gateway.repository.config import ModelConfig, QueuePolicyConfig, parse_json
+from gateway.repository.config import ModelConfig, QueuePolicyConfig
+from gateway.repository.config_parser import parse_json
 from gateway.repository.local import (
     LocalRepository,
     ModelSource,
