@@ -88,7 +88,7 @@ def in_process_latency(repo: Path, model_name: str, seconds: float) -> dict[str,
     import onnxruntime as ort
 
     from gateway.backends.onnxruntime import OnnxRuntimeFactory
-    from gateway.repository.config_parser import load_config
+    from gateway.repository.config import load_config
     from gateway.settings import Settings
 
     config = load_config(repo / model_name)

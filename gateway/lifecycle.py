@@ -35,8 +35,7 @@ from gateway.errors import (
     ModelNotReady,
     Unavailable,
 )
-from gateway.repository.config import ModelConfig, QueuePolicyConfig
-from gateway.repository.config_parser import parse_json
+from gateway.repository.config import ModelConfig, QueuePolicyConfig, parse_json
 from gateway.repository.local import (
     LocalRepository,
     ModelSource,

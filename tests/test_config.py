@@ -13,7 +13,7 @@ import pytest
 from gateway.backends.onnxruntime import OnnxRuntimeFactory
 from gateway.cli import tune_interpreter
 from gateway.errors import ModelLoadError
-from gateway.repository.config_parser import parse_pbtxt
+from gateway.repository.config import parse_pbtxt
 from gateway.repository.local import LocalRepository
 from gateway.settings import Settings, SettingsError, load_settings
 from tests import models
@@ -82,7 +82,7 @@ def test_priority_levels_and_queue_policies() -> None:
         "allow_timeout_override": False,
         "max_queue_size": 4,
     }
-    from gateway.repository.config_parser import parse_json
+    from gateway.repository.config import parse_json
 
     assert parse_json(json.dumps(config.to_dict()), "load", "m").dynamic_batching == db
 

@@ -26,7 +26,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import DeadlineExceeded, ModelLoadError, Unavailable
 from gateway.pending import Pending
 from gateway.protocol.types import InferRequest
-from gateway.repository.config_parser import load_config, parse_pbtxt
+from gateway.repository.config import load_config, parse_pbtxt
 from gateway.repository.local import LocalRepository
 from gateway.settings import Settings
 from gateway.testing.tritonserver import TritonServer, tritonserver_unavailable_reason

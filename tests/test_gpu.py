@@ -46,8 +46,7 @@ from gateway.backends.onnxruntime import (
 from gateway.backends.triton import triton_config
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput, ModelLoadError, Unavailable
-from gateway.repository.config import ModelConfig, TensorConfig
-from gateway.repository.config_parser import parse_json, parse_pbtxt
+from gateway.repository.config import ModelConfig, TensorConfig, parse_json, parse_pbtxt
 from gateway.repository.local import LocalRepository
 from gateway.settings import Settings, SettingsError
 from tests import models

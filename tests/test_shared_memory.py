@@ -28,7 +28,7 @@ from gateway.errors import SharedMemoryError, UnknownRegion
 from gateway.pending import validate
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
 from gateway.protocol.types import InferRequest, InferResponse, RequestedOutput, SharedMemoryRef
-from gateway.repository.config_parser import parse_json
+from gateway.repository.config import parse_json
 from gateway.shared_memory import SharedMemoryRegistry, write_outputs
 from tests import models
 from tests.helpers import GatewayProcess, free_port, start_gateway

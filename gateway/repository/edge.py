@@ -59,8 +59,7 @@ from gateway.repository.cache import (
     write_atomic,
     write_error,
 )
-from gateway.repository.config import ModelConfig
-from gateway.repository.config_parser import parse_pbtxt
+from gateway.repository.config import ModelConfig, parse_pbtxt
 from gateway.repository.local import LocalRepository, ModelSource, check_model_name
 from gateway.repository.manifest import (
     MANIFEST_NAME,

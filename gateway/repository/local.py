@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import InvalidInput, ModelLoadError, ModelNotFound
-from gateway.repository.config import ModelConfig
-from gateway.repository.config_parser import load_config
+from gateway.repository.config import ModelConfig, load_config
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 _VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only: int("\u0661") is 1 too

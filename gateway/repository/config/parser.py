@@ -4,13 +4,14 @@
 ``config.pbtxt`` is parsed with the protobuf schema that ships in ``tritonclient``
 (``model_config_pb2``), so anything Triton would reject as text is rejected here with protobuf's
 own line/column message, prefixed by the file path. The parsed message is then turned into a
-frozen :class:`~gateway.repository.config.ModelConfig` and checked field by field
+frozen :class:`~gateway.repository.config.types.ModelConfig` and checked field by field
 (``from_message``), fields against each other too (an ensemble's steps against its tensors,
 warm-up samples against the inputs).
 
-Why a module of its own: the types (``gateway.repository.config``) are read everywhere, the
-parse and its checks only where a config is loaded (the repository, edges, the repository load
-API). The ensemble checks are the next split if they grow.
+Why a module of its own: the types (``types.py`` beside it) are read everywhere, the parse and
+its checks only where a config is loaded (the repository, edges, the repository load API). The
+package (``gateway.repository.config``) offers both. The ensemble checks are the next split if
+they grow.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from gateway.errors import ModelLoadError
-from gateway.repository.config import (
+from gateway.repository.config.types import (
+    _TRITON_TO_V2,
     DEFAULT_MODEL_FILENAME,
     ENSEMBLE_PLATFORM,
     ONNX_PLATFORM,
-    TRITON_TO_V2,
     DynamicBatching,
     EnsembleStep,
     ModelConfig,
@@ -52,7 +53,7 @@ def _warmup(pb: Any, source: str, batched: bool) -> tuple[WarmupSample, ...]:
         inputs = []
         for name, item in sorted(sample.inputs.items()):
             type_name = mc.DataType.Name(item.data_type)
-            if type_name not in TRITON_TO_V2:
+            if type_name not in _TRITON_TO_V2:
                 raise _bad(source, f"{where} input '{name}': 'data_type' {type_name} unsupported")
             dims = tuple(int(d) for d in item.dims)
             if any(d < 1 for d in dims):
@@ -65,7 +66,7 @@ def _warmup(pb: Any, source: str, batched: bool) -> tuple[WarmupSample, ...]:
                 data, file = "file", item.input_data_file
                 if not _plain_file_name(file):
                     raise _bad(source, f"{where} input '{name}': 'input_data_file' {file!r}")
-            inputs.append(WarmupInput(name, TRITON_TO_V2[type_name], dims, data, file))
+            inputs.append(WarmupInput(name, _TRITON_TO_V2[type_name], dims, data, file))
         samples.append(WarmupSample(sample.name, batch, tuple(inputs), max(1, int(sample.count))))
     return tuple(samples)
 
@@ -79,7 +80,7 @@ def _tensor(pb: Any, source: str, kind: str, batched: bool) -> TensorConfig:
     if not pb.name:
         raise _bad(source, f"{kind}: 'name' is required")
     type_name = mc.DataType.Name(pb.data_type)
-    if type_name not in TRITON_TO_V2:
+    if type_name not in _TRITON_TO_V2:
         raise _bad(source, f"{where}: 'data_type' {type_name} is not supported")
     dims = tuple(int(d) for d in pb.dims)
     if not dims and not batched:
@@ -95,7 +96,7 @@ def _tensor(pb: Any, source: str, kind: str, batched: bool) -> TensorConfig:
     labels = str(getattr(pb, "label_filename", ""))
     if labels and not _plain_file_name(labels):
         raise _bad(source, f"{where}: 'label_filename' {labels!r} must be a plain file name")
-    return TensorConfig(pb.name, TRITON_TO_V2[type_name], dims, reshape, optional, labels)
+    return TensorConfig(pb.name, _TRITON_TO_V2[type_name], dims, reshape, optional, labels)
 
 
 def _plain_file_name(name: str) -> bool:

@@ -7,8 +7,8 @@ repository-API loads), and the Triton ``TYPE_*`` <-> v2 datatype names both dire
 
 Why a module of its own: most of the gateway reads a model's config and none of it needs the
 parser; reading ``config.pbtxt`` or Triton's JSON into a checked ``ModelConfig`` is
-``gateway.repository.config_parser``'s (which imports this); the auto-complete from the ONNX
-graph is ``backends/onnxruntime.py``'s (``complete_config``).
+``parser.py``'s (which imports this; the package, ``gateway.repository.config``, offers both);
+the auto-complete from the ONNX graph is ``backends/onnxruntime.py``'s (``complete_config``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ONNX_PLATFORM = "onnxruntime_onnx"
 ENSEMBLE_PLATFORM = "ensemble"
 
 # Triton's TYPE_* names <-> v2 datatype names.
-TRITON_TO_V2 = {
+_TRITON_TO_V2 = {
     "TYPE_BOOL": "BOOL",
     "TYPE_UINT8": "UINT8",
     "TYPE_UINT16": "UINT16",
@@ -36,7 +36,7 @@ TRITON_TO_V2 = {
     "TYPE_FP64": "FP64",
     "TYPE_STRING": "BYTES",
 }
-V2_TO_TRITON = {v: k for k, v in TRITON_TO_V2.items()}
+_V2_TO_TRITON = {v: k for k, v in _TRITON_TO_V2.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +205,7 @@ class ModelConfig:
         def tensor(t: TensorConfig) -> dict[str, Any]:
             out: dict[str, Any] = {
                 "name": t.name,
-                "data_type": V2_TO_TRITON[t.datatype],
+                "data_type": _V2_TO_TRITON[t.datatype],
                 "dims": list(t.dims),
             }
             if t.reshape is not None:
@@ -280,7 +280,7 @@ class ModelConfig:
 def _warmup_dict(sample: WarmupSample) -> dict[str, Any]:
     inputs: dict[str, Any] = {}
     for item in sample.inputs:
-        entry: dict[str, Any] = {"data_type": V2_TO_TRITON[item.datatype], "dims": list(item.dims)}
+        entry: dict[str, Any] = {"data_type": _V2_TO_TRITON[item.datatype], "dims": list(item.dims)}
         if item.data == "file":
             entry["input_data_file"] = item.file
         else:
