@@ -526,8 +526,11 @@ async def test_steps_get_the_time_left_and_their_version(dag_repo: Path, tmp_pat
     calls: list[tuple[str, str | None, dict[str, Any]]] = []
     submit = dataplane.submit
 
+    ids: list[object] = []
+
     def spy(name: str, version: str | None, request: InferRequest, *args: Any) -> Pending:
         calls.append((name, version, dict(request.parameters)))
+        ids.append(args[0] if args else None)
         return submit(name, version, request, *args)
 
     dataplane.submit = spy  # type: ignore[method-assign]
@@ -540,7 +543,9 @@ async def test_steps_get_the_time_left_and_their_version(dag_repo: Path, tmp_pat
         ]  # fmt: skip
         calls.clear()
         timed = InferRequest({"IN": x}, parameters={"timeout": 5_000_000})  # 5 s
-        await dataplane.submit("pinned", None, timed)
+        ids.clear()
+        await dataplane.submit("pinned", None, timed, "request-7")
+        assert ids == ["request-7"] * 4  # every step carries the ensemble's request id
         for name, _, parameters in calls[1:]:
             assert 0 < parameters["timeout"] <= 5_000_000, (name, parameters)
             assert parameters["timeout"] > 4_000_000  # the time left, not a default
@@ -555,6 +560,8 @@ async def test_an_ensemble_counts_as_one_request_with_its_reasons(dag_repo: Path
         stats = dataplane.model_stats("diamond")["model_stats"][0]
         inference = stats["inference_stats"]
         assert inference["queue"]["count"] == 1 and inference["compute_infer"]["count"] == 1
+        for kind in ("success", "queue", "compute_infer"):  # durations, not clock readings
+            assert 0 < inference[kind]["ns"] < 10**10, (kind, inference[kind])
         assert stats["inference_count"] == 3 and stats["execution_count"] == 1
         with pytest.raises(Exception, match="nested"):
             await dataplane.submit("loop_a", None, InferRequest({"IN": _x()}))
