@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -59,6 +60,7 @@ from typing import Any
 
 from gateway import tracing
 from gateway.errors import Unavailable
+from gateway.repository.chunks import ChunkStore
 from gateway.repository.manifest import Chunk, hash_and_chunk, sha256_file
 from gateway.repository.origin import OriginError, OriginMissing, RangeUnsupported, too_large
 
@@ -133,6 +135,16 @@ class CacheStats:
     bytes_cached: int = 0  # chunks of new files copied from cached files instead of fetched
     chunks_fetched: int = 0
     chunks_reused: int = 0
+    packed: int = 0  # files packed into the chunk store (their shared bytes given up)
+    peer_waits: int = 0  # chunk requests from peers that waited for a fetch in flight here
+
+
+@dataclass(slots=True)
+class Packed:
+    """A file held as chunks: those no whole file holds are in the chunk store."""
+
+    chunks: tuple[Chunk, ...]
+    last_used: float  # wall-clock seconds: chunks are evicted least recently used first
 
 
 @dataclass(slots=True)
@@ -164,6 +176,13 @@ class BlobCache:
         self._file_chunks: dict[str, tuple[Chunk, ...]] = {}  # cached file -> its chunks
         self._chunk_at: dict[str, tuple[str, Chunk]] = {}  # chunk sha256 -> (file, where)
         self._chunk_inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._chunk_from_origin: set[str] = set()  # in flight, being read from the origin
+        # Peer chunk requests carry the asker's rank: a peer waits for a fetch in flight here
+        # only when it is from the origin or the asker ranks higher, so waits never go round.
+        self.rank = secrets.randbits(62)
+        self.store = ChunkStore(root)
+        self._packed: dict[str, Packed] = {}  # file sha256 -> its chunks, file not on disk
+        self._seeding: dict[str, int] = {}  # stored chunks builds are about to copy
         for path in self.blob_dir.iterdir():
             if len(path.name) == 64:
                 self._sizes[path.name] = path.stat().st_size
@@ -194,6 +213,12 @@ class BlobCache:
             for sha, rows in data.items():
                 if sha in self._sizes:
                     self.note_chunks(sha, tuple(Chunk(int(o), int(n), str(h)) for o, n, h in rows))
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+            data = json.loads((self.root / "packed.json").read_text())
+            for sha, body in data.items():
+                if sha not in self._sizes:
+                    rows = tuple(Chunk(int(o), int(n), str(h)) for o, n, h in body["chunks"])
+                    self._packed[sha] = Packed(rows, float(body["last_used"]))
 
     def note_chunks(self, sha256: str, chunks: tuple[Chunk, ...]) -> None:
         """Remember where the chunks of a cached file lie, to build other files from them."""
@@ -227,16 +252,64 @@ class BlobCache:
         self.note_chunks(sha256, chunks)
 
     def seeds(self, chunks: Iterable[Chunk]) -> set[str]:
-        """The cached files that hold some of these chunks (kept while a file is built)."""
-        return {self._chunk_at[c.sha256][0] for c in chunks if c.sha256 in self._chunk_at}
+        """The cached files, whole or packed, that hold some of these chunks (kept while a
+        file is built)."""
+        wanted = {c.sha256 for c in chunks}
+        found = {self._chunk_at[c][0] for c in wanted if c in self._chunk_at}
+        stored = {c for c in wanted if c in self.store}
+        if stored:
+            found |= {
+                sha
+                for sha, packed in self._packed.items()
+                if any(c.sha256 in stored for c in packed.chunks)
+            }
+        return found
 
-    async def chunk_bytes(self, sha256: str) -> bytes | None:
-        """A chunk of a cached file by its hash, for peers; checked before it goes out."""
-        found = self._chunk_at.get(sha256)
-        if found is None or found[0] not in self._sizes:
+    def holds_chunk(self, sha256: str) -> bool:
+        return sha256 in self._chunk_at or sha256 in self.store
+
+    async def chunk_bytes(
+        self, sha256: str, asker_rank: int | None = None, wait_s: float = 0.0
+    ) -> bytes | None:
+        """A chunk by its hash, for peers, checked before it goes out: from a cached file or
+        the chunk store, else (within ``wait_s``) from a fetch of it in flight here, when that
+        fetch is from the origin or the asking edge ranks higher than this one (its fetch
+        then waits for ours, never the other way round: no cycles)."""
+        data = await self._held_chunk(sha256)
+        if data is not None:
+            return data
+        future = self._chunk_inflight.get(sha256)
+        if future is None or wait_s <= 0:
             return None
-        data = await asyncio.to_thread(_read_at, self.blob_path(found[0]), found[1])
-        return data if data is not None and hashlib.sha256(data).hexdigest() == sha256 else None
+        if sha256 not in self._chunk_from_origin and (
+            asker_rank is None or asker_rank <= self.rank
+        ):
+            return None
+        self.stats.peer_waits += 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), wait_s)
+        except Exception:  # timed out, or the fetch failed (its future is never cancelled)
+            return await self._held_chunk(sha256)
+
+    async def _held_chunk(self, sha256: str) -> bytes | None:
+        found = self._chunk_at.get(sha256)
+        if found is not None and found[0] in self._sizes:
+            data = await asyncio.to_thread(_read_at, self.blob_path(found[0]), found[1])
+            if data is not None and hashlib.sha256(data).hexdigest() == sha256:
+                return data
+        if sha256 in self.store:
+            data = await asyncio.to_thread(self.store.read, sha256)
+            if data is None:
+                self._drop_stored(sha256)
+            return data
+        return None
+
+    def _drop_stored(self, sha256: str) -> None:
+        """A stored chunk found missing or corrupt: dropped (fetched again when wanted)."""
+        if sha256 in self.store:
+            log.warning("stored chunk %s is corrupt; dropped", sha256)
+            self.stats.corrupt += 1
+            self.store.remove(sha256)
 
     def save_state(self) -> None:
         chunks = {
@@ -245,6 +318,14 @@ class BlobCache:
             if sha in self._sizes
         }
         write_atomic(self.root / "chunks.json", json.dumps(chunks).encode())
+        packed = {
+            sha: {
+                "chunks": [[c.offset, c.size, c.sha256] for c in p.chunks],
+                "last_used": p.last_used,
+            }
+            for sha, p in self._packed.items()
+        }
+        write_atomic(self.root / "packed.json", json.dumps(packed).encode())
         body = {
             "models": {
                 name: {"blobs": rec.blobs, "last_used": rec.last_used}
@@ -255,7 +336,8 @@ class BlobCache:
 
     @property
     def used_bytes(self) -> int:
-        return sum(self._sizes.values())
+        """Every byte the cache holds on disk, once: whole files and stored chunks."""
+        return sum(self._sizes.values()) + self.store.used_bytes
 
     def blob_path(self, sha256: str) -> Path:
         return self.blob_dir / sha256
@@ -341,9 +423,16 @@ class BlobCache:
     def _forget(self, sha256: str) -> None:
         self._sizes.pop(sha256, None)
         self._verified.pop(sha256, None)
+        lost = set()
         for chunk in self._file_chunks.pop(sha256, ()):
             if self._chunk_at.get(chunk.sha256, ("",))[0] == sha256:
                 del self._chunk_at[chunk.sha256]
+                lost.add(chunk.sha256)
+        if lost:  # chunks another whole file holds too are found there from now on
+            for other, rows in self._file_chunks.items():
+                for chunk in rows:
+                    if chunk.sha256 in lost and chunk.sha256 not in self._chunk_at:
+                        self._chunk_at[chunk.sha256] = (other, chunk)
         with contextlib.suppress(FileNotFoundError):
             self.blob_path(sha256).unlink()
 
@@ -383,11 +472,15 @@ class BlobCache:
         ranges, and the cache holds some of its chunks (or a build was interrupted). A file of
         which nothing is cached is one stream, whole, as before: peers by blob first (a peer
         fetching it from the origin answers once it has it), then the origin."""
-        if not chunks or all(s.span is None for s in sources):
+        if not chunks:
+            return False
+        if all(self.holds_chunk(c.sha256) for c in chunks):
+            return True  # a packed file: built here, nothing crosses the link
+        if all(s.span is None for s in sources):
             return False
         if (self.tmp_dir / f"{sha256}.chunks.part").exists():
             return True
-        return any(c.sha256 in self._chunk_at for c in chunks)
+        return any(self.holds_chunk(c.sha256) for c in chunks)
 
     async def _download(
         self,
@@ -509,6 +602,7 @@ class BlobCache:
         except OSError as exc:
             raise write_error(self.root, exc, f"blob {sha256[:12]}...") from None
         build = _Build(fd, chunks, progress, transfer, asyncio.get_running_loop())
+        self._from_origin.add(sha256)  # a peer asking for the whole file waits for it
         try:
             await self._plan(build, part)
             waiting: list[tuple[Chunk, asyncio.Future[bytes]]] = []
@@ -547,9 +641,14 @@ class BlobCache:
             raise
         finally:
             os.close(fd)
+            for key in build.pinned:
+                self._seeding[key] -= 1
+                if not self._seeding[key]:
+                    del self._seeding[key]
             for key, future in claimed.items():
                 if self._chunk_inflight.get(key) is future:
                     del self._chunk_inflight[key]
+                    self._chunk_from_origin.discard(key)
                 if not future.done():
                     future.set_exception(OriginError(f"chunk {key[:12]}... not fetched"))
                     future.exception()
@@ -561,6 +660,8 @@ class BlobCache:
                 part.unlink()
             return await self._download(sha256, size, sources, progress, transfer)
         self.note_chunks(sha256, chunks)
+        if self._packed.pop(sha256, None) is not None:
+            self.save_state()  # unpacked: whole again (its stored chunks go at the next sweep)
         return self.blob_path(sha256)
 
     async def _plan(self, build: _Build, part: Path) -> None:
@@ -582,6 +683,24 @@ class BlobCache:
                 where = self._chunk_at.get(chunk.sha256)
                 if where is not None and where[0] == owner:
                     build.seeded[chunk.sha256] = (self.blob_path(owner), where[1])
+        stored = {
+            c.sha256
+            for c in build.todo()
+            if c.sha256 in self.store and c.sha256 not in build.seeded
+        }
+        # the files and stored chunks copied from are kept (not packed, swept) until the end
+        build.pinned = stored | {sha for sha in owners if sha in self._sizes}
+        for sha in build.pinned:
+            self._seeding[sha] = self._seeding.get(sha, 0) + 1
+        good = await asyncio.to_thread(lambda: {c for c in stored if self.store.read(c)})
+        for sha in stored - good:
+            self._drop_stored(sha)  # fetched instead
+        for chunk in build.todo():
+            if chunk.sha256 in good:
+                build.seeded[chunk.sha256] = (
+                    self.store.path(chunk.sha256),
+                    Chunk(0, chunk.size, chunk.sha256),
+                )
 
     async def _fetch_chunks(
         self,
@@ -628,6 +747,7 @@ class BlobCache:
             async with limit:
                 buffer = bytearray()
                 queue = list(run)
+                self._chunk_from_origin.update(c.sha256 for c in run if c.sha256 in claimed)
                 stream = origin.span(run[0].offset, run[-1].end)
                 async with contextlib.aclosing(stream) as pieces:
                     async for piece in pieces:
@@ -719,50 +839,209 @@ class BlobCache:
     async def reserve(
         self, needed_bytes: int, protected: set[str], keep_blobs: set[str]
     ) -> AsyncIterator[None]:
-        """Make room for ``needed_bytes`` (evicting LRU unprotected models) and hold it."""
+        """Make room for ``needed_bytes`` (:meth:`_make_room`) and hold it."""
         async with self._room:
-            self._make_room(needed_bytes, protected, keep_blobs)
+            await self._make_room(needed_bytes, protected, keep_blobs)
             self._reserved_bytes += needed_bytes
         try:
             yield
         finally:
             self._reserved_bytes -= needed_bytes
 
-    def _make_room(self, needed: int, protected: set[str], keep_blobs: set[str]) -> None:
+    async def _make_room(self, needed: int, protected: set[str], keep_blobs: set[str]) -> None:
+        """Give up bytes, cheapest loss first, until ``needed`` more fit under the bound:
+
+        1. files no model uses: packed (when most of their bytes are in other files), else
+           dropped; stored chunks no packed file needs;
+        2. models neither loaded nor pinned, least recently used first: their files packed
+           where that gives up only bytes other files hold (a later load rebuilds them here);
+        3. chunks, least recently used first: packed files in the order of their last use,
+           each chunk deleted once no packed file needs it (a model listing one is evicted);
+        4. whole models, least recently used first, as before chunks.
+        """
+
         def over() -> int:
             return self.used_bytes + self._reserved_bytes + needed - self.capacity_bytes
 
         if over() <= 0:
             return
         referenced = {sha for rec in self.models.values() for sha in rec.blobs} | keep_blobs
-        for sha in [s for s in self._sizes if s not in referenced and s not in self._inflight]:
-            self._forget(sha)
+        for sha in [s for s in self._sizes if s not in referenced and self._loose(s)]:
+            if not await self._pack(sha, time.time()):
+                await self._drop_file(sha)
+        self._sweep()
         victims = sorted(
             (name for name in self.models if name not in protected),
             key=lambda n: self.models[n].last_used,
         )
         for name in victims:
             if over() <= 0:
+                return
+            await self._pack_model(name, keep_blobs)
+        kept = keep_blobs | {
+            sha for n in protected if n in self.models for sha in self.models[n].blobs
+        }
+        for sha in sorted(
+            (s for s in self._packed if s not in kept), key=lambda s: self._last_use(s)
+        ):
+            if over() <= 0:
+                return
+            await self._drop_packed(sha, keep_blobs)
+        for name in victims:
+            if over() <= 0:
                 break
-            self.evict(name, keep_blobs)
+            await self.evict(name, keep_blobs)
         if over() > 0:
             raise Unavailable(
                 f"model cache is full: {needed} more bytes needed, {self.used_bytes} bytes held "
                 f"by loaded or pinned models, capacity {self.capacity_bytes} bytes"
             )
 
-    def evict(self, name: str, keep_blobs: set[str] | None = None) -> None:
+    def _loose(self, sha256: str) -> bool:
+        """Whether nothing in flight is reading or writing the file."""
+        return sha256 not in self._inflight and sha256 not in self._seeding
+
+    def _last_use(self, sha256: str) -> float:
+        """A packed file's last use: its own, or that of a model listing it, if later."""
+        users = [r.last_used for r in self.models.values() if sha256 in r.blobs]
+        return max([self._packed[sha256].last_used, *users])
+
+    def _unique(self, sha256: str) -> dict[str, Chunk]:
+        """The chunks of a whole file that no other whole file and no stored chunk holds."""
+        elsewhere = set(self.store.sizes)
+        for other, rows in self._file_chunks.items():
+            if other != sha256 and other in self._sizes:
+                elsewhere.update(c.sha256 for c in rows)
+        rows = self._file_chunks.get(sha256, ())
+        return {c.sha256: c for c in rows if c.sha256 not in elsewhere}
+
+    async def _pack(self, sha256: str, last_used: float) -> bool:
+        """Pack a whole file no model directory links: store its chunks no other file holds,
+        then delete it. Only when that frees at least half of it and the stored chunks fit
+        under the bound before the file goes; else False (nothing done)."""
+        size = self._sizes.get(sha256)
+        if size is None or sha256 not in self._file_chunks or not self._loose(sha256):
+            return False
+        unique = self._unique(sha256)
+        unique_bytes = sum(c.size for c in unique.values())
+        if unique_bytes * 2 > size:
+            return False
+        if self.used_bytes + self._reserved_bytes + unique_bytes > self.capacity_bytes:
+            return False
+        if not await self._verify(sha256):
+            return False
+        written = await self._store_chunks(self.blob_path(sha256), list(unique.values()))
+        if written is None:
+            return False
+        self._packed[sha256] = Packed(self._file_chunks[sha256], last_used)
+        self._forget(sha256)
+        self.stats.packed += 1
+        self.save_state()
+        log.info("packed blob %s... (%d bytes of chunks kept apart)", sha256[:12], written)
+        return True
+
+    async def _store_chunks(self, path: Path, chunks: list[Chunk]) -> int | None:
+        """Copy these chunks of a verified file into the chunk store; None when the file came
+        up short or the disk refused (the store keeps what was counted)."""
+
+        def copy() -> list[Chunk] | None:
+            done = []
+            for chunk in chunks:
+                data = _read_at(path, chunk)
+                if data is None or hashlib.sha256(data).hexdigest() != chunk.sha256:
+                    return None
+                try:
+                    self.store.write(chunk.sha256, data)
+                except OSError:
+                    return None
+                done.append(chunk)
+            return done
+
+        done = await asyncio.to_thread(copy)
+        for chunk in chunks if done is not None else ():
+            self.store.add(chunk.sha256, chunk.size)
+        if done is None:  # count what may be on disk, so the sweep removes it
+            for chunk in chunks:
+                if self.store.path(chunk.sha256).exists():
+                    self.store.add(chunk.sha256, chunk.size)
+            return None
+        return sum(c.size for c in done)
+
+    async def _drop_file(self, sha256: str) -> None:
+        """Delete a whole file, first storing the chunks of it that packed files need and no
+        other file holds (chunks are evicted only when no file needs them)."""
+        needed = {c.sha256 for p in self._packed.values() for c in p.chunks}
+        unique = [c for s, c in self._unique(sha256).items() if s in needed]
+        if unique and await self._verify(sha256):
+            await self._store_chunks(self.blob_path(sha256), unique)
+        self._forget(sha256)
+
+    async def _pack_model(self, name: str, keep_blobs: set[str]) -> None:
+        """Pack the files of a model (not loaded, not pinned) that other files mostly hold;
+        its directory goes, its record stays: a later fetch rebuilds it from chunks here."""
+        record = self.models[name]
+        users: dict[str, int] = {}
+        for rec in self.models.values():
+            for sha in rec.blobs:
+                users[sha] = users.get(sha, 0) + 1
+        worth = [
+            sha
+            for sha in record.blobs
+            if sha in self._sizes
+            and sha in self._file_chunks
+            and sha not in keep_blobs
+            and users[sha] == 1
+            and self._loose(sha)
+            and sum(c.size for c in self._unique(sha).values()) * 2 <= self._sizes[sha]
+        ]
+        if not worth:
+            return
+        shutil.rmtree(self.models_dir / name, ignore_errors=True)
+        for sha in worth:
+            await self._pack(sha, record.last_used)
+
+    async def _drop_packed(self, sha256: str, keep_blobs: set[str]) -> None:
+        """Evict a packed file: a model listing it goes too; then the sweep."""
+        self._packed.pop(sha256, None)
+        for name in [n for n, r in self.models.items() if sha256 in r.blobs]:
+            await self.evict(name, keep_blobs)
+        self._sweep()
+        self.save_state()
+
+    def _sweep(self) -> None:
+        """Delete stored chunks that no packed file needs or that a whole file holds."""
+        needed = {c.sha256 for p in self._packed.values() for c in p.chunks}
+        for sha in list(self.store.sizes):
+            if sha in self._seeding:
+                continue
+            if sha not in needed or sha in self._chunk_at:
+                self.store.remove(sha)
+
+    async def evict(self, name: str, keep_blobs: set[str] | None = None) -> None:
         record = self.models.pop(name, None)
         if record is None:
             return
         still = {sha for rec in self.models.values() for sha in rec.blobs} | (keep_blobs or set())
-        for sha in record.blobs:
-            if sha not in still and sha not in self._inflight:
-                self._forget(sha)
         shutil.rmtree(self.models_dir / name, ignore_errors=True)
+        for sha in record.blobs:
+            if sha not in still and self._loose(sha):
+                if sha in self._sizes:
+                    await self._drop_file(sha)
+                self._packed.pop(sha, None)
+        self._sweep()
         self.stats.evictions += 1
         self.save_state()
         log.info("evicted model %s from the cache", name)
+
+    async def retire(self, blobs: Iterable[str]) -> None:
+        """Files a model no longer lists (an older version): packed at once when most of
+        their bytes are in other files (a roll-back then moves nothing over the link); else
+        left whole, to go when room is needed."""
+        referenced = {sha for rec in self.models.values() for sha in rec.blobs}
+        async with self._room:
+            for sha in blobs:
+                if sha not in referenced and sha in self._sizes:
+                    await self._pack(sha, time.time())
 
     # -- model directories ------------------------------------------------------------------
 
@@ -797,9 +1076,13 @@ class BlobCache:
                 path.unlink()
         return directory
 
-    def record(self, name: str, blobs: dict[str, int]) -> None:
+    async def record(self, name: str, blobs: dict[str, int]) -> None:
+        """Note what ``name`` uses now; files it used before and no model uses are retired."""
+        old = self.models.get(name)
         self.models[name] = ModelRecord(dict(blobs), time.time())
         self.save_state()
+        if old is not None:
+            await self.retire([sha for sha in old.blobs if sha not in blobs])
 
     def touch(self, name: str) -> None:
         record = self.models.get(name)
@@ -829,6 +1112,7 @@ class _Build:
         self.transfer = transfer
         self.loop = loop
         self.seeded: dict[str, tuple[Path, Chunk]] = {}  # chunk -> cached file, where in it
+        self.pinned: set[str] = set()  # files and stored chunks copied from
         self.reused = 0
         self.reused_bytes = 0
         self._done: set[int] = set()  # offsets of the chunks in place

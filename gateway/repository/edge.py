@@ -351,9 +351,11 @@ class EdgeRepository(LocalRepository):
         """``blob_path`` for a peer, waiting (bounded) for a download from the origin in flight."""
         return await self.cache.complete_soon(sha256, PEER_WAIT_S)
 
-    async def peer_chunk(self, sha256: str) -> bytes | None:
-        """A chunk of a cached file by hash, for peers (``GET /v2/repository/chunks/...``)."""
-        return await self.cache.chunk_bytes(sha256)
+    async def peer_chunk(self, sha256: str, rank: int | None = None) -> bytes | None:
+        """A chunk by hash, for peers (``GET /v2/repository/chunks/...?rank=``): held, or
+        awaited (bounded) from a fetch in flight here when that fetch is from the origin or
+        the asking edge's ``rank`` is higher than this edge's (waits never go round)."""
+        return await self.cache.chunk_bytes(sha256, rank, PEER_WAIT_S)
 
     def stats(self) -> dict[str, Any]:
         """Counters for the metrics module: hits, misses, bytes, seconds, evictions, bytes used."""
@@ -426,7 +428,7 @@ class EdgeRepository(LocalRepository):
             return lambda offset: where.stream(path, offset)
 
         def chunk(peer: Origin) -> ChunkStream:
-            return lambda sha: peer.stream(CHUNK_PREFIX + sha, 0)
+            return lambda sha: peer.stream(f"{CHUNK_PREFIX}{sha}?rank={self.cache.rank}", 0)
 
         origin = self.origin
         sources = [
@@ -567,7 +569,7 @@ class EdgeRepository(LocalRepository):
         async with self.cache.reserve(needed, protected, set(blobs) | seeds):
             await asyncio.gather(*(one(rel, f) for rel, f in unique.values()))
         self.cache.materialise(name, {rel: f.sha256 for rel, f in files.items()})
-        self.cache.record(name, blobs)
+        await self.cache.record(name, blobs)
         if missing:
             log.info(
                 "model %s: fetched %d of %d files (%d bytes: origin %d, peer %d, cached %d) "
