@@ -661,7 +661,8 @@ class BlobCache:
             return await self._download(sha256, size, sources, progress, transfer)
         self.note_chunks(sha256, chunks)
         if self._packed.pop(sha256, None) is not None:
-            self.save_state()  # unpacked: whole again (its stored chunks go at the next sweep)
+            self._sweep()  # whole again: the chunks stored for it alone go
+            self.save_state()
         return self.blob_path(sha256)
 
     async def _plan(self, build: _Build, part: Path) -> None:
@@ -878,19 +879,21 @@ class BlobCache:
             if over() <= 0:
                 return
             await self._pack_model(name, keep_blobs)
+        # chunks and whole models by their last use, oldest first
         kept = keep_blobs | {
             sha for n in protected if n in self.models for sha in self.models[n].blobs
         }
-        for sha in sorted(
-            (s for s in self._packed if s not in kept), key=lambda s: self._last_use(s)
-        ):
-            if over() <= 0:
-                return
-            await self._drop_packed(sha, keep_blobs)
-        for name in victims:
+        order: list[tuple[float, str, str]] = [
+            (self._last_use(sha), "packed", sha) for sha in self._packed if sha not in kept
+        ]
+        order += [(self.models[n].last_used, "model", n) for n in victims]
+        for _, kind, key in sorted(order):
             if over() <= 0:
                 break
-            await self.evict(name, keep_blobs)
+            if kind == "packed" and key in self._packed:
+                await self._drop_packed(key, keep_blobs)
+            elif kind == "model":
+                await self.evict(key, keep_blobs)
         if over() > 0:
             raise Unavailable(
                 f"model cache is full: {needed} more bytes needed, {self.used_bytes} bytes held "
@@ -969,11 +972,29 @@ class BlobCache:
 
     async def _drop_file(self, sha256: str) -> None:
         """Delete a whole file, first storing the chunks of it that packed files need and no
-        other file holds (chunks are evicted only when no file needs them)."""
+        other file holds (a chunk is evicted only when no file needs it). They are copied from
+        the end of the file back, cutting it short after each, so the disk holds at most one
+        chunk more than before."""
         needed = {c.sha256 for p in self._packed.values() for c in p.chunks}
         unique = [c for s, c in self._unique(sha256).items() if s in needed]
         if unique and await self._verify(sha256):
-            await self._store_chunks(self.blob_path(sha256), unique)
+            path = self.blob_path(sha256)
+            self._sizes.pop(sha256, None)  # from here on it is cut short: not a source
+
+            def move() -> list[Chunk]:
+                done = []
+                with contextlib.suppress(OSError):
+                    for chunk in sorted(unique, key=lambda c: -c.offset):
+                        data = _read_at(path, chunk)
+                        if data is None or hashlib.sha256(data).hexdigest() != chunk.sha256:
+                            break
+                        self.store.write(chunk.sha256, data)
+                        done.append(chunk)
+                        os.truncate(path, chunk.offset)
+                return done
+
+            for chunk in await asyncio.to_thread(move):
+                self.store.add(chunk.sha256, chunk.size)
         self._forget(sha256)
 
     async def _pack_model(self, name: str, keep_blobs: set[str]) -> None:
@@ -1283,6 +1304,8 @@ def stats_dict(stats: CacheStats) -> dict[str, Any]:
         "bytes_cached": stats.bytes_cached,
         "chunks_fetched": stats.chunks_fetched,
         "chunks_reused": stats.chunks_reused,
+        "packed": stats.packed,
+        "peer_waits": stats.peer_waits,
     }
 
 

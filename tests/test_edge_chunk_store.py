@@ -1,0 +1,227 @@
+"""The edge cache by chunk: room counted once for bytes files share, eviction least recently
+used first, and peers waiting for a chunk in flight instead of each asking the origin.
+
+Origins are ``FakeOrigin`` on loopback; peers are edges serving the real distribution routes
+(``gateway/server/distribution.py``) through uvicorn on the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gateway.repository.edge import EdgeRepository
+from gateway.repository.manifest import chunk_bounds, write_manifests
+from tests.edge_origins import (
+    AVG,
+    SIZE,
+    FakeOrigin,
+    edit,
+    open_edge,
+    publish,
+    random_bytes,
+    roll_out,
+)
+from tests.helpers import free_port
+
+HIGH = chunk_bounds(AVG)[2]  # the largest chunk
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[FakeOrigin]:
+    origin = FakeOrigin(tmp_path / "origin").start()
+    yield origin
+    origin.stop()
+
+
+def disk_bytes(cache: Path) -> int:
+    """What the cache's files take on disk: each inode once (model directories link blobs),
+    state files and partial downloads aside."""
+    seen: dict[int, int] = {}
+    for sub in ("blobs", "chunks", "models"):
+        for path in (cache / sub).rglob("*"):
+            if path.is_file():
+                st = path.stat()
+                seen[st.st_ino] = st.st_size
+    return sum(seen.values())
+
+
+def ranged(origin: FakeOrigin, suffix: str) -> int:
+    """Bytes asked of the origin for files ending in ``suffix`` (ranges, or whole files)."""
+    total = 0
+    for path, wanted in origin.requests:
+        if path.endswith(suffix):
+            assert wanted is not None, f"{path} fetched whole"
+            first, _, last = wanted[6:].partition("-")
+            total += int(last) + 1 - int(first)
+    return total
+
+
+async def test_two_versions_sharing_most_bytes_take_little_more_room(
+    fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """v2 changes ~5% of v1: the cache then holds v2 whole and only v1's own chunks (v1 is
+    packed), ~1.05x one version; rolling back to v1 rebuilds it here, nothing over the link."""
+    v1 = random_bytes(SIZE, 1)
+    v2 = edit(v1, 300_000, 50_000)
+    publish(fake.root, "m", 1, v1)
+    cache = tmp_path / "cache"
+    repo = open_edge(fake.url, cache)
+    await repo.fetch("m")
+    await roll_out(repo, fake.root, "m", 2, v2, origin=fake)
+    assert repo.source("m").version_paths[2].read_bytes() == v2
+    used = repo.cache.used_bytes
+    assert SIZE + 50_000 <= used <= SIZE + 50_000 + 2 * HIGH + 8192
+    assert used / SIZE < 1.1 and disk_bytes(cache) == used
+    assert repo.stats()["packed"] == 1
+
+    # roll back: v2 withdrawn at the origin; v1 is built from v2's file and the stored chunks
+    shutil.rmtree(fake.root / "m/2")
+    write_manifests(fake.root, AVG)
+    before = repo.stats()["bytes_from_origin"]
+    await repo.refresh_index(force=True)
+    fake.requests.clear()
+    await repo.fetch("m")
+    assert repo.source("m").version_paths[1].read_bytes() == v1
+    assert repo.stats()["bytes_from_origin"] == before and not fake.requests
+    assert repo.cache.used_bytes / SIZE < 1.1 and disk_bytes(cache) == repo.cache.used_bytes
+    await repo.close()
+
+    # a restarted edge knows what is packed
+    again = open_edge(fake.url, cache)
+    assert again.cache.used_bytes == disk_bytes(cache)
+    publish(fake.root, "m", 2, v2)
+    await again.refresh_index(force=True)
+    fake.requests.clear()
+    await again.fetch("m")
+    assert again.source("m").version_paths[2].read_bytes() == v2 and not fake.requests
+    await again.close()
+
+
+async def test_shared_chunks_count_once_and_evict_least_recently_used_first(
+    fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """``a`` and ``b`` share 95% of their bytes, ``c`` and ``d`` nothing. Room is made first by
+    packing ``a`` (its shared bytes are in ``b``: nothing lost), then by evicting the least
+    recently used; chunks a packed file needs outlive the file they were in."""
+    base = random_bytes(SIZE, 7)
+    for name, data in {
+        "a": base,
+        "b": edit(base, 500_000, 50_000),
+        "c": random_bytes(SIZE, 8),
+        "d": random_bytes(SIZE, 9),
+    }.items():
+        publish(fake.root, name, 1, data)
+    capacity = 3 * SIZE + SIZE // 2
+    cache = tmp_path / "cache"
+    repo = open_edge(fake.url, cache, cache_size_bytes=capacity)
+
+    async def fetch(name: str) -> int:
+        """Fetch; the bytes that crossed the link; the bound checked on disk."""
+        before = repo.stats()["bytes_from_origin"]
+        await repo.fetch(name)
+        assert repo.cache.used_bytes == disk_bytes(cache) <= capacity
+        return int(repo.stats()["bytes_from_origin"] - before)
+
+    for name in "abc":
+        await fetch(name)
+    assert repo.stats()["evictions"] == 0
+    await fetch("d")  # a (least recently used) is packed: b holds 95% of it
+    assert repo.stats()["packed"] == 1 and repo.stats()["evictions"] == 0
+    assert set(repo.cache.models) == set("abcd") and not repo.cache.cached("a")
+    assert not (cache / "models/a").exists()
+
+    # a again: b (least recently used) goes, but the chunks a needs from it are kept, then c
+    assert await fetch("a") < 8192  # its manifest at most: every chunk was here
+    assert repo.source("a").version_paths[1].read_bytes() == base
+    assert set(repo.cache.models) == {"a", "d"} and repo.stats()["evictions"] == 2
+    assert not repo.cache.store.sizes  # a is whole again: its stored chunks are gone
+    await repo.close()
+
+
+# -- peers: a chunk in flight is waited for, not fetched again ---------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(edge: EdgeRepository, port: int) -> AsyncIterator[None]:
+    """The distribution routes of an edge (what a gateway edge node serves its peers)."""
+    import uvicorn
+    from starlette.applications import Starlette
+
+    from gateway.errors import GatewayError
+    from gateway.server.distribution import distribution_routes
+    from gateway.server.errors import handle_gateway_error
+
+    plane: Any = SimpleNamespace(repository=edge)
+    app = Starlette(
+        routes=distribution_routes(plane),
+        exception_handlers={GatewayError: handle_gateway_error},
+    )
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        assert not task.done(), "the peer did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_three_edges_together_pull_each_chunk_once(fake: FakeOrigin, tmp_path: Path) -> None:
+    """Three edges holding v1 fetch v2 at the same moment, each listing the other two as
+    peers: each changed chunk crosses the origin link once (a peer asked for a chunk it is
+    fetching answers when it has it), and every edge ends with v2."""
+    v1 = random_bytes(SIZE, 1)
+    v2 = edit(v1, 300_000, 100_000)
+    publish(fake.root, "m", 1, v1)
+    first = open_edge(fake.url, tmp_path / "cache0")
+    await first.fetch("m")
+    await first.close()
+    for i in (1, 2):
+        shutil.copytree(tmp_path / "cache0", tmp_path / f"cache{i}")
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    edges = [
+        open_edge(fake.url, tmp_path / f"cache{i}", peers=tuple(u for u in urls if u != urls[i]))
+        for i in range(3)
+    ]
+    publish(fake.root, "m", 2, v2)
+    fake.chunk_delay_s = 0.02  # the fetches overlap
+    async with contextlib.AsyncExitStack() as stack:
+        for edge, port in zip(edges, ports, strict=True):
+            await stack.enter_async_context(serving(edge, port))
+        await asyncio.gather(*(e.refresh_index(force=True) for e in edges))
+        fake.requests.clear()
+        await asyncio.gather(*(e.fetch("m") for e in edges))
+    for edge in edges:
+        assert edge.source("m").version_paths[2].read_bytes() == v2
+        await edge.close()
+    moved = ranged(fake, "m/2/model.onnx")
+    assert 100_000 <= moved <= 100_000 + 2 * HIGH  # once, not three times
+    stats = [e.stats() for e in edges]
+    assert sum(s["bytes_from_peers"] for s in stats) >= 2 * 100_000
+    assert sum(s["peer_waits"] for s in stats) > 0
+
+
+def test_chunk_store_survives_a_crash_mid_write(tmp_path: Path) -> None:
+    """A chunk write interrupted before its rename leaves a temporary file, removed on start."""
+    from gateway.repository.chunks import ChunkStore
+
+    store = ChunkStore(tmp_path)
+    store.write("a" * 64, b"x")
+    store.add("a" * 64, 1)
+    (store.dir / f".{'b' * 64}.{os.getpid()}.1.tmp").write_bytes(b"partial")
+    again = ChunkStore(tmp_path)
+    assert again.sizes == {"a" * 64: 1} and len(list(again.dir.iterdir())) == 1
+    assert again.read("a" * 64) is None  # "x" does not hash to "aaa...": not handed out
