@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -78,6 +80,7 @@ async def test_two_versions_sharing_most_bytes_take_little_more_room(
     await repo.fetch("m")
     await roll_out(repo, fake.root, "m", 2, v2, origin=fake)
     assert repo.source("m").version_paths[2].read_bytes() == v2
+    await repo.cache.settled()  # v1 is packed in the background, after v2 is ready
     used = repo.cache.used_bytes
     assert SIZE + 50_000 <= used <= SIZE + 50_000 + 2 * HIGH + 8192
     assert used / SIZE < 1.1 and disk_bytes(cache) == used
@@ -92,6 +95,7 @@ async def test_two_versions_sharing_most_bytes_take_little_more_room(
     await repo.fetch("m")
     assert repo.source("m").version_paths[1].read_bytes() == v1
     assert repo.stats()["bytes_from_origin"] == before and not fake.requests
+    await repo.cache.settled()
     assert repo.cache.used_bytes / SIZE < 1.1 and disk_bytes(cache) == repo.cache.used_bytes
     await repo.close()
 
@@ -128,6 +132,7 @@ async def test_shared_chunks_count_once_and_evict_least_recently_used_first(
         """Fetch; the bytes that crossed the link; the bound checked on disk."""
         before = repo.stats()["bytes_from_origin"]
         await repo.fetch(name)
+        await repo.cache.settled()
         assert repo.cache.used_bytes == disk_bytes(cache) <= capacity
         return int(repo.stats()["bytes_from_origin"] - before)
 
@@ -144,6 +149,37 @@ async def test_shared_chunks_count_once_and_evict_least_recently_used_first(
     assert repo.source("a").version_paths[1].read_bytes() == base
     assert set(repo.cache.models) == {"a", "d"} and repo.stats()["evictions"] == 2
     assert not repo.cache.store.sizes  # a is whole again: its stored chunks are gone
+    await repo.close()
+
+
+async def test_chunks_that_do_not_make_up_the_named_file_are_caught_after_the_load(
+    fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """The whole-file sha256 of a file built from chunks is checked right after it is handed
+    out: an origin whose manifest names a file its (right) chunks do not make up has the file
+    dropped, and the models using it are loaded again (then the file is fetched whole)."""
+    v1 = random_bytes(SIZE, 1)
+    publish(fake.root, "m", 1, v1)
+    repo = open_edge(fake.url, tmp_path / "cache")
+    reloads: list[str] = []
+    repo.on_change = reloads.append
+    await repo.fetch("m")
+    publish(fake.root, "m", 2, edit(v1, 300_000, 40_000))
+    manifest = json.loads((fake.root / "m/2/manifest.json").read_bytes())
+    wrong = hashlib.sha256(b"not this file").hexdigest()
+    manifest["files"][0]["sha256"] = wrong  # the chunk list is still v2's
+    raw = json.dumps(manifest).encode()
+    (fake.root / "m/2/manifest.json").write_bytes(raw)
+    index = json.loads((fake.root / "models.json").read_bytes())
+    index["models"]["m"]["versions"]["2"] = hashlib.sha256(raw).hexdigest()
+    (fake.root / "models.json").write_text(json.dumps(index))
+    await repo.refresh_index(force=True)
+    await repo.fetch("m")  # handed out: every chunk was right
+    await repo.cache.settled()
+    assert repo.cache.complete(wrong) is None and repo.stats()["corrupt"] == 1
+    assert reloads == ["m"]
+    with pytest.raises(Exception, match="cannot be fetched"):
+        await repo.fetch("m")  # whole now, and the origin's file is not what it names
     await repo.close()
 
 

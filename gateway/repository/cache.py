@@ -53,7 +53,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,12 @@ class BlobCache:
         self.store = ChunkStore(root)
         self._packed: dict[str, Packed] = {}  # file sha256 -> its chunks, file not on disk
         self._seeding: dict[str, int] = {}  # stored chunks builds are about to copy
+        self._whole_only: set[str] = set()  # files whose chunk list did not make them up
+        self._unchecked: set[str] = set()  # built from chunks, whole-file check not started
+        self._tasks: set[asyncio.Future[None]] = set()  # background work (see ``settled``)
+        # called with a file's sha256 when a file built from chunks proved wrong and was dropped
+        # (the edge loads the models using it again)
+        self.on_dropped: Callable[[str], None] = lambda sha256: None
         for path in self.blob_dir.iterdir():
             if len(path.name) == 64:
                 self._sizes[path.name] = path.stat().st_size
@@ -472,7 +478,7 @@ class BlobCache:
         ranges, and the cache holds some of its chunks (or a build was interrupted). A file of
         which nothing is cached is one stream, whole, as before: peers by blob first (a peer
         fetching it from the origin answers once it has it), then the origin."""
-        if not chunks:
+        if not chunks or sha256 in self._whole_only:
             return False
         if all(self.holds_chunk(c.sha256) for c in chunks):
             return True  # a packed file: built here, nothing crosses the link
@@ -590,11 +596,15 @@ class BlobCache:
         progress: Progress | None,
         transfer: Transfer,
     ) -> Path:
-        """Build the file from chunks: those a resumed part holds, those cached files hold, the
-        rest from peers by hash, then from the origin by byte range. The network fetch runs on
-        the loop while a thread copies the cached chunks and hashes the file in order as its
-        chunks come in, so copying and the whole-file check overlap the transfer. If the whole
-        file's hash is wrong, the chunk list was: the file is fetched whole."""
+        """Build the file from chunks: those a resumed part holds, those cached files (or the
+        chunk store) hold, the rest from peers by hash, then from the origin by byte range.
+        The network fetch runs on the loop while a thread copies the held chunks in the kernel
+        (``copy_file_range``: no bytes through Python). Every chunk is checked before the file
+        is used: fetched ones by their sha256 as they arrive, copied ones come from files
+        checked whole (stored ones were hashed in :meth:`_plan`). The whole file's sha256, a
+        sequential pass that would start only once the last chunk is in, is checked right
+        after, in the background (:meth:`check_built`): a mismatch means the manifest's chunk
+        list does not make up the file it names; the file is dropped and fetched whole."""
         part = self.tmp_dir / f"{sha256}.chunks.part"
         claimed: dict[str, asyncio.Future[bytes]] = {}
         try:
@@ -617,7 +627,7 @@ class BlobCache:
                 claimed[chunk.sha256] = build.loop.create_future()
                 self._chunk_inflight[chunk.sha256] = claimed[chunk.sha256]
                 mine.append(chunk)
-            sequencer = asyncio.ensure_future(asyncio.to_thread(build.sequence))
+            copier = asyncio.ensure_future(asyncio.to_thread(build.copy_held))
             try:
                 await self._fetch_chunks(build, mine, sources, claimed)
                 for chunk, future in waiting:  # another assembly is fetching these
@@ -628,9 +638,9 @@ class BlobCache:
             except BaseException:
                 build.abort()
                 with contextlib.suppress(Exception):
-                    await sequencer
+                    await copier
                 raise
-            digest = await sequencer
+            copied = await copier
             os.ftruncate(fd, size)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -654,16 +664,60 @@ class BlobCache:
                     future.exception()
         self.stats.chunks_reused += build.reused
         self.stats.bytes_cached += build.reused_bytes
-        if digest is None or not self._accept(part, digest, sha256, size):
-            log.warning("blob %s: its chunks do not make up the file; fetching it whole", sha256)
+        if not copied or build.todo():
+            log.warning("blob %s: a cached file came up short; fetching it whole", sha256)
             with contextlib.suppress(OSError):
                 part.unlink()
             return await self._download(sha256, size, sources, progress, transfer)
+        os.replace(part, self.blob_path(sha256))
+        self._sizes[sha256] = size
+        self._unchecked.add(sha256)  # not yet in ``_verified``: hashed before any other use
         self.note_chunks(sha256, chunks)
         if self._packed.pop(sha256, None) is not None:
             self._sweep()  # whole again: the chunks stored for it alone go
             self.save_state()
         return self.blob_path(sha256)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def check_built(self) -> None:
+        """Start the whole-file checks of the files built from chunks since the last call
+        (the edge calls this once their model directory is made, before the load)."""
+        for sha256 in self._unchecked:
+            self._background(self._check_whole(sha256))
+        self._unchecked.clear()
+
+    async def settled(self) -> None:
+        """Wait for the work a fetch left running (whole-file checks, old versions packed)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _check_whole(self, sha256: str) -> None:
+        """The whole-file sha256 of a file built from chunks (see :meth:`_assemble`)."""
+        try:
+            found = await asyncio.to_thread(sha256_file, self.blob_path(sha256))
+        except OSError:
+            return  # gone meanwhile (evicted): nothing to check
+        if sha256 not in self._sizes:
+            return
+        if found == sha256:
+            self._remember(sha256)
+            self.save_verified()
+            return
+        log.error(
+            "blob %s: its chunks (each checked) do not make up the file its manifest names; "
+            "dropped, to be fetched whole",
+            sha256,
+        )
+        self.stats.corrupt += 1
+        self._whole_only.add(sha256)
+        async with self._room:
+            await self._drop_file(sha256)
+        self.save_state()
+        self.on_dropped(sha256)
 
     async def _plan(self, build: _Build, part: Path) -> None:
         """Chunks a resumed part holds already (hashed in a thread), and the cached files to copy
@@ -977,7 +1031,7 @@ class BlobCache:
         chunk more than before."""
         needed = {c.sha256 for p in self._packed.values() for c in p.chunks}
         unique = [c for s, c in self._unique(sha256).items() if s in needed]
-        if unique and await self._verify(sha256):
+        if unique:  # each chunk is checked as it is moved
             path = self.blob_path(sha256)
             self._sizes.pop(sha256, None)  # from here on it is cut short: not a source
 
@@ -1102,8 +1156,8 @@ class BlobCache:
         old = self.models.get(name)
         self.models[name] = ModelRecord(dict(blobs), time.time())
         self.save_state()
-        if old is not None:
-            await self.retire([sha for sha in old.blobs if sha not in blobs])
+        if old is not None:  # not on the way to the load: in the background
+            self._background(self.retire([sha for sha in old.blobs if sha not in blobs]))
 
     def touch(self, name: str) -> None:
         record = self.models.get(name)
@@ -1189,33 +1243,50 @@ class _Build:
                 found.append(chunk)
         return found
 
-    def sequence(self) -> _Digest | None:
-        """(thread) In file order: copy each chunk a cached file holds, wait for the others,
-        and hash the file as it is written. None when aborted or a cached file came up short
-        (the whole-file check then fails and the file is fetched whole)."""
-        digest = _Digest()
-        for chunk in self.chunks:
-            seed = self.seeded.get(chunk.sha256)
-            if seed is not None and not self.has(chunk):
-                data = _read_at(seed[0], seed[1])
-                if data is None:
-                    self.abort()
-                    return None
-                places = self.put(chunk, data)
-                self.loop.call_soon_threadsafe(self.report, places, "cached")
-                if places and places[0] is chunk:
-                    digest.update(data)  # as written: no need to read it back
-                    continue
-            with self._ready:
-                while chunk.offset not in self._done and not self._aborted:
-                    self._ready.wait()
+    def copy_held(self) -> bool:
+        """(thread) Copy every chunk a cached file or the chunk store holds to its places, in
+        the kernel; False when aborted or a source came up short."""
+        opened: dict[Path, int] = {}
+        try:
+            for sha, (path, where) in self.seeded.items():
+                places = [p for p in self._by_sha[sha] if not self.has(p)]
                 if self._aborted:
-                    return None
-            data = os.pread(self.fd, chunk.size, chunk.offset)
-            if len(data) != chunk.size:
-                return None
-            digest.update(data)
-        return digest
+                    return False
+                if not places:
+                    continue
+                src = opened.get(path)
+                if src is None:
+                    src = opened[path] = os.open(path, os.O_RDONLY)
+                for place in places:
+                    if not _copy_range(src, where.offset, self.fd, place.offset, where.size):
+                        return False
+                with self._ready:
+                    self._done.update(p.offset for p in places)
+                self.loop.call_soon_threadsafe(self.report, places, "cached")
+        except OSError:
+            return False
+        finally:
+            for fd in opened.values():
+                os.close(fd)
+        return True
+
+
+def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, size: int) -> bool:
+    """Copy ``size`` bytes between open files at these offsets, in the kernel where it can
+    (``copy_file_range``), else through a buffer; False when the source is shorter."""
+    done = 0
+    while done < size:
+        try:
+            n = os.copy_file_range(src, dst, size - done, src_offset + done, dst_offset + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data = os.pread(src, size - done, src_offset + done)
+            n = os.pwrite(dst, data, dst_offset + done) if data else 0
+        if n == 0:
+            return False
+        done += n
+    return True
 
 
 def _read_at(path: Path, chunk: Chunk) -> bytes | None:

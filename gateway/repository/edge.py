@@ -132,6 +132,7 @@ class EdgeRepository(LocalRepository):
         # fetched from the saved index (the data plane's ``reload_soon``)
         self.on_change: Callable[[str], None] = lambda name: None
         self.clock = clock
+        self.cache.on_dropped = self._dropped
         self.reachable: bool | None = None  # None: not asked yet
         self.origin_error = ""
         self._index: dict[str, ModelIndex] | None = None
@@ -412,7 +413,16 @@ class EdgeRepository(LocalRepository):
         )
         return families
 
+    def _dropped(self, sha256: str) -> None:
+        """A file built from chunks proved wrong after its load: load its models again (the
+        file is then fetched whole)."""
+        for name, record in self.cache.models.items():
+            if sha256 in record.blobs:
+                log.warning("model %s: a file proved wrong after its load; loading it again", name)
+                self.on_change(name)
+
     async def close(self) -> None:
+        await self.cache.settled()
         if self._revalidation is not None and not self._revalidation.done():
             self._revalidation.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -570,6 +580,7 @@ class EdgeRepository(LocalRepository):
             await asyncio.gather(*(one(rel, f) for rel, f in unique.values()))
         self.cache.materialise(name, {rel: f.sha256 for rel, f in files.items()})
         await self.cache.record(name, blobs)
+        self.cache.check_built()  # whole-file checks of files built from chunks, meanwhile
         if missing:
             log.info(
                 "model %s: fetched %d of %d files (%d bytes: origin %d, peer %d, cached %d) "
