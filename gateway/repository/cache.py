@@ -696,9 +696,10 @@ class BlobCache:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _check_whole(self, sha256: str) -> None:
-        """The whole-file sha256 of a file built from chunks (see :meth:`_assemble`)."""
+        """The whole-file sha256 of a file built from chunks (see :meth:`_assemble`), hashed
+        in a thread of low priority: the model's load, running meanwhile, goes first."""
         try:
-            found = await asyncio.to_thread(sha256_file, self.blob_path(sha256))
+            found = await _in_low_priority_thread(sha256_file, self.blob_path(sha256))
         except OSError:
             return  # gone meanwhile (evicted): nothing to check
         if sha256 not in self._sizes:
@@ -1269,6 +1270,36 @@ class _Build:
             for fd in opened.values():
                 os.close(fd)
         return True
+
+
+async def _in_low_priority_thread(work: Callable[[Path], str], path: Path) -> str:
+    """``work(path)`` in a thread of its own at nice 10 (Linux schedules threads apart), so
+    the thread pool's threads keep their priority."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def settle(result: str | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result or "")
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        result: str | None = None
+        error: BaseException | None = None
+        try:
+            result = work(path)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="gateway-check", daemon=True).start()
+    return await future
 
 
 def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, size: int) -> bool:
