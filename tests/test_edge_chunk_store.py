@@ -246,8 +246,9 @@ async def test_three_edges_together_pull_each_chunk_once(fake: FakeOrigin, tmp_p
     moved = ranged(fake, "m/2/model.onnx")
     assert 100_000 <= moved <= 100_000 + 2 * HIGH  # once, not three times
     stats = [e.stats() for e in edges]
+    # from peers: waiting for a fetch in flight there, or (on a slow machine, where one edge
+    # may be done before another asks) from its finished file
     assert sum(s["bytes_from_peers"] for s in stats) >= 2 * 100_000
-    assert sum(s["peer_waits"] for s in stats) > 0
 
 
 def test_chunk_store_survives_a_crash_mid_write(tmp_path: Path) -> None:
