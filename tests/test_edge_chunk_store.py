@@ -110,6 +110,36 @@ async def test_two_versions_sharing_most_bytes_take_little_more_room(
     await again.close()
 
 
+async def test_corrupt_stored_chunk_is_dropped_and_fetched_again(
+    fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """A stored chunk changed on disk is caught when read (for a build or a peer), dropped,
+    and fetched again; it is never copied into a file or served."""
+    v1 = random_bytes(SIZE, 1)
+    publish(fake.root, "m", 1, v1)
+    repo = open_edge(fake.url, tmp_path / "cache")
+    await repo.fetch("m")
+    await roll_out(repo, fake.root, "m", 2, edit(v1, 300_000, 50_000), origin=fake)
+    await repo.cache.settled()  # v1 packed: its own chunks stored
+    stored = sorted(repo.cache.store.sizes)
+    assert len(stored) >= 2
+    for sha in stored[:2]:  # bit rot, same size
+        path = repo.cache.store.path(sha)
+        data = bytearray(path.read_bytes())
+        data[10] ^= 0xFF
+        path.write_bytes(bytes(data))
+    assert await repo.peer_chunk(stored[0]) is None  # not served to a peer
+    shutil.rmtree(fake.root / "m/2")  # roll back to v1
+    write_manifests(fake.root, AVG)
+    await repo.refresh_index(force=True)
+    fake.requests.clear()
+    await repo.fetch("m")
+    assert repo.source("m").version_paths[1].read_bytes() == v1
+    assert repo.stats()["corrupt"] == 2
+    assert 0 < ranged(fake, "m/1/model.onnx") <= 2 * HIGH  # only the two bad chunks again
+    await repo.close()
+
+
 async def test_shared_chunks_count_once_and_evict_least_recently_used_first(
     fake: FakeOrigin, tmp_path: Path
 ) -> None:
