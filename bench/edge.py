@@ -321,6 +321,7 @@ def delta(args: argparse.Namespace) -> int:
 
     from gateway.repository.manifest import CHUNK_AVG_BYTES, hash_and_chunk, sha256_file
 
+    load_at_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="gateway-edge-delta-"))
     repo = tmp / "repo"
     layers = max(2, round(args.model_mb * 1e6 / (1024 * 1024 * 4)))
@@ -458,7 +459,8 @@ def delta(args: argparse.Namespace) -> int:
         f"Command: `python bench/edge.py --delta --model-mb {args.model_mb:g} "
         f"--mbit-s {args.mbit_s:g} --rtt-ms {args.rtt_ms:g}`  ",
         f"Date: {dt.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared with other "
-        f"work: times are noisy), Python {platform.python_version()}  ",
+        f"work: times are noisy; load average {load_at_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end), Python {platform.python_version()}  ",
         f"Model: `layers`, {layers} FP32 1024 x 1024 MatMuls, {model_bytes / 1e6:.1f} MB; "
         f"origin: a gateway node; link: {args.mbit_s:g} Mbit/s, +{args.rtt_ms:g} ms per "
         f"connection and per request. v1 cold pull: {t_cold:.2f} s, {cold_mb:.1f} MB.  ",
