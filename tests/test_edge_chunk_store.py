@@ -172,6 +172,7 @@ async def test_shared_chunks_count_once_and_evict_least_recently_used_first(
     await fetch("d")  # a (least recently used) is packed: b holds 95% of it
     assert repo.stats()["packed"] == 1 and repo.stats()["evictions"] == 0
     assert set(repo.cache.models) == set("abcd") and not repo.cache.cached("a")
+    assert repo.note("a").startswith("packed") and repo.note("b").startswith("cached")
     assert not (cache / "models/a").exists()
 
     # a again: b (least recently used) goes, but the chunks a needs from it are kept, then c

@@ -1307,11 +1307,13 @@ def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, size: int)
     (``copy_file_range``), else through a buffer; False when the source is shorter."""
     done = 0
     while done < size:
+        n = 0
         try:
             n = os.copy_file_range(src, dst, size - done, src_offset + done, dst_offset + done)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
+        if n == 0:  # not supported here (or the end of the source): through a buffer
             data = os.pread(src, size - done, src_offset + done)
             n = os.pwrite(dst, data, dst_offset + done) if data else 0
         if n == 0:

@@ -304,6 +304,8 @@ class EdgeRepository(LocalRepository):
         if self.cache.cached(name):
             size = sum(self.cache.models[name].blobs.values())
             return f"cached: {size} bytes"
+        if name in self.cache.models:
+            return "packed: rebuilt from the cache's chunks when loaded"
         return "not cached"
 
     def fetching_version(self, name: str) -> int | None:
