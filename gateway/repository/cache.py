@@ -8,6 +8,8 @@ Layout under the cache directory::
                              links cannot be made), what ONNX Runtime is pointed at
     state.json               which blobs each model uses and when it was last used (for LRU)
     chunks.json              the content-defined chunks of cached files (from their manifests)
+    chunks/sha256/<hash>     chunks of packed files that no whole file holds (``chunks.py``)
+    packed.json              packed files: their chunk lists and last use
 
 A blob is hashed before its first use by this process and again whenever its inode, size or
 mtime changes, so a corrupt or truncated file is never handed out: it is deleted and fetched
@@ -16,27 +18,33 @@ the partial file's length after an interruption, and moved into place with ``os.
 only once the hash matches. A download never writes more than the size it was asked for (a
 source sending more is cut off there), and small files of unknown size (manifests) are read
 into memory up to a bound and written only once verified (:meth:`BlobCache.document`), so
-every byte on disk is counted against the byte bound before it is written. The bound is kept
-by evicting least-recently-used models that the caller does not protect (loaded or pinned
-ones). A write the cache's own disk refuses (full, quota, read-only) is
-:class:`CacheWriteError` (503, naming the reason, not the path), and that download's partial
-file is removed: it holds space and cannot be finished now.
+every byte on disk is counted against the byte bound before it is written. A write the cache's
+own disk refuses (full, quota, read-only) is :class:`CacheWriteError` (503, naming the reason,
+not the path), and that download's partial file is removed: it holds space and cannot be
+finished now.
 
 Files whose manifest lists chunks, some of which the cache holds, are assembled chunk by chunk
 (:meth:`BlobCache.ensure` with ``chunks``; a file none of whose chunks is cached is one download,
-whole, as above): a chunk some cached file holds is copied from it (read back and checked against
-its sha256 first), the others are asked of peers by hash, then of the origin by byte range
-(adjacent missing chunks in one ``Range`` request); each chunk is verified as it arrives (a
-wrong one is counted, dropped and fetched again, from the next source or in the next round),
-and the assembled file is verified whole before it is moved into place. A chunk wanted by two
-assemblies at once is fetched once (single-flight per chunk). Chunks are not stored a second
-time: the cache knows where each lies in the files it holds (``chunks.json``), so the bytes a
-new version shares with an old one cross the link once and the room they take is the files'.
-An interrupted assembly resumes: the chunks already in its partial file are hashed and kept.
+whole, as above): a chunk a cached file or the chunk store holds is copied in the kernel, the
+others are asked of peers by hash, then of the origin by byte range (adjacent missing chunks in
+one ``Range`` request); each fetched chunk is verified as it arrives (a wrong one is counted,
+dropped and fetched again, from the next source or in the next round), and the file's own
+sha256 is checked right after it is handed out (:meth:`BlobCache.check_built`). A chunk wanted
+by two assemblies at once is fetched once (single-flight per chunk), and a peer asking for it
+waits for it (ranked: no cycles). An interrupted assembly resumes from its partial file.
 
-Why one module of this size: single-flight downloads, resume, verification and the LRU bound
-all act on one reservation ledger; split, the invariant "no byte written past the bound"
-would be spread over files.
+Room, by chunk: files stay whole while a model directory links them (the load path reads a
+plain file; sub-file ranges cannot be linked), and a file no directory needs (an older version,
+an idle model whose bytes other files mostly hold) is packed: its chunks no whole file holds go
+to the chunk store and the file is deleted, to be rebuilt here when wanted. Every byte on disk
+is counted once. :meth:`BlobCache._make_room` gives up bytes cheapest loss first, then least
+recently used first over packed files and whole models; a chunk a packed file needs is kept
+(moved out of a whole file evicted before it).
+
+Why one module of this size: single-flight downloads, resume, verification, packing and the LRU
+bound all act on one reservation ledger; split, the invariant "no byte written past the bound"
+would be spread over files. What splits next: the assembly (``_Build``, ``_assemble``,
+``_fetch_chunks``) into ``assembly.py``, taking the ledger as an argument.
 """
 
 from __future__ import annotations
