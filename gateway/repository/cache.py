@@ -82,6 +82,7 @@ Span = Callable[[int, int], AsyncGenerator[bytes, None]]  # bytes [start, end) o
 ChunkStream = Callable[[str], AsyncGenerator[bytes, None]]  # a chunk by its sha256
 Progress = Callable[[int], None]
 CHUNK_CONCURRENCY = 4  # chunk requests to peers, byte ranges to the origin, per file
+BACKGROUND_AFTER_S = 0.5  # whole-file checks and packing start this long after a fetch
 
 
 def parse_size(text: str) -> int:
@@ -194,6 +195,7 @@ class BlobCache:
         self._whole_only: set[str] = set()  # files whose chunk list did not make them up
         self._unchecked: set[str] = set()  # built from chunks, whole-file check not started
         self._tasks: set[asyncio.Future[None]] = set()  # background work (see ``settled``)
+        self._background_turn = asyncio.Lock()
         # called with a file's sha256 when a file built from chunks proved wrong and was dropped
         # (the edge loads the models using it again)
         self.on_dropped: Callable[[str], None] = lambda sha256: None
@@ -687,7 +689,15 @@ class BlobCache:
         return self.blob_path(sha256)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(work)
+        """Run ``work`` a moment from now, one piece at a time: the model's load, which
+        follows a fetch at once, goes first."""
+
+        async def later() -> None:
+            await asyncio.sleep(BACKGROUND_AFTER_S)
+            async with self._background_turn:
+                await work
+
+        task = asyncio.ensure_future(later())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
