@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from gateway.repository.edge import EdgeRepository
-from gateway.repository.manifest import chunk_bounds, write_manifests
+from gateway.repository.manifest import chunk_bounds, parse_manifest, write_manifests
 from tests.edge_origins import (
     AVG,
     SIZE,
@@ -274,12 +274,17 @@ async def test_three_edges_together_pull_each_chunk_once(fake: FakeOrigin, tmp_p
     for edge in edges:
         assert edge.source("m").version_paths[2].read_bytes() == v2
         await edge.close()
+    chunks = {
+        v: parse_manifest((fake.root / f"m/{v}/manifest.json").read_bytes(), "m").files[0].chunks
+        for v in (1, 2)
+    }
+    new = sum({c.sha256: c.size for c in chunks[2] if c not in set(chunks[1])}.values())
     moved = ranged(fake, "m/2/model.onnx")
-    assert 100_000 <= moved <= 100_000 + 2 * HIGH  # once, not three times
-    stats = [e.stats() for e in edges]
-    # from peers: waiting for a fetch in flight there, or (on a slow machine, where one edge
-    # may be done before another asks) from its finished file
-    assert sum(s["bytes_from_peers"] for s in stats) >= 2 * 100_000
+    peers = sum(e.stats()["bytes_from_peers"] for e in edges)
+    # Once: the other two edges get the new chunks from peers (waiting for a fetch in flight
+    # there, or from a finished file), also when an edge was told no by a lower-ranked one
+    # still reading its manifest (it asks again). Leeway for a request that falls between.
+    assert new <= moved < 1.5 * new and moved + peers == 3 * new, (new, moved, peers)
 
 
 def test_chunk_store_survives_a_crash_mid_write(tmp_path: Path) -> None:

@@ -186,6 +186,7 @@ class BlobCache:
         self._chunk_at: dict[str, tuple[str, Chunk]] = {}  # chunk sha256 -> (file, where)
         self._chunk_inflight: dict[str, asyncio.Future[bytes]] = {}
         self._chunk_from_origin: set[str] = set()  # in flight, being read from the origin
+        self._lower_asked: dict[str, bool] = {}  # in flight here; a lower peer was told no
         # Peer chunk requests carry the asker's rank: a peer waits for a fetch in flight here
         # only when it is from the origin or the asker ranks higher, so waits never go round.
         self.rank = secrets.randbits(62)
@@ -300,6 +301,8 @@ class BlobCache:
         if sha256 not in self._chunk_from_origin and (
             asker_rank is None or asker_rank <= self.rank
         ):
+            if asker_rank is not None:
+                self._lower_asked[sha256] = True  # see _fetch_chunks
             return None
         self.stats.peer_waits += 1
         try:
@@ -669,6 +672,7 @@ class BlobCache:
                 if self._chunk_inflight.get(key) is future:
                     del self._chunk_inflight[key]
                     self._chunk_from_origin.discard(key)
+                    self._lower_asked.pop(key, None)
                 if not future.done():
                     future.set_exception(OriginError(f"chunk {key[:12]}... not fetched"))
                     future.exception()
@@ -813,8 +817,20 @@ class BlobCache:
                 self._count(peer, len(data))
                 arrived(chunk, data, peer)
 
-        for peer in [s for s in sources if s.chunk is not None]:
+        peers = [s for s in sources if s.chunk is not None]
+        for peer in peers:
             await asyncio.gather(*(from_peer(peer, c) for c in wanted if not build.has(c)))
+        # A peer ranking lower asked for a chunk this edge is fetching, and was told no: it is
+        # going to the origin for it, so ask the peers again (it waits for us, we for it).
+        for _ in peers:
+            again = [
+                c for c in wanted if not build.has(c) and self._lower_asked.pop(c.sha256, False)
+            ]
+            if not again:
+                break
+            for peer in peers:
+                await asyncio.gather(*(from_peer(peer, c) for c in again if not build.has(c)))
+        self._chunk_from_origin.update(c.sha256 for c in wanted if c.sha256 in claimed)
 
         async def from_origin(origin: Source, run: list[Chunk]) -> None:
             assert origin.span is not None
