@@ -428,10 +428,12 @@ class OnnxRuntimeBackend(Backend):
     def instance_count(self) -> int:
         return self._count
 
-    def _run(self, inputs: Tensors, outputs: Sequence[str]) -> Executed:
-        """One run: the outputs, and how long it took (of which, handing the inputs over and
-        reading the outputs back: Triton's compute_input and compute_output)."""
-        session = self._free.get()
+    def _run(self, inputs: Tensors, outputs: Sequence[str], session: Any = None) -> Executed:
+        """One run (on ``session``, else the next free one): the outputs, and how long it took
+        (of which, handing the inputs over and reading the outputs back: Triton's
+        compute_input and compute_output)."""
+        if session is None:
+            session = self._free.get()
         started = time.perf_counter()
         try:
             feeds, raw = {}, False
@@ -459,14 +461,34 @@ class OnnxRuntimeBackend(Backend):
             with tracing.span(tracing.ORT_RUN):
                 ran = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
         except Exception as exc:  # ORT raises its own exception types
-            if isinstance(exc, EPFail) or (self._on_gpu and _DEVICE_FAILURE.search(str(exc))):
-                raise self._device_failed(exc) from None
-            if type(exc).__module__.startswith("onnxruntime"):
-                raise InvalidInput(
-                    f"model '{self._config.name}' rejected the input: {exc}"
-                ) from None
-            raise
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from None
         return ran
+
+    def execute_now(self, inputs: Tensors, outputs: Sequence[str]) -> Executed | None:
+        """``Backend.execute_now``: the run on this thread, if a session is free."""
+        try:
+            session = self._free.get_nowait()
+        except queue.Empty:
+            return None
+        try:
+            with tracing.span(tracing.ORT_RUN):
+                return self._run(inputs, outputs, session)
+        except Exception as exc:
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from None
+
+    def _failure(self, exc: Exception) -> Exception:
+        """What a failed run raises: the device's fault (503), the input's (400), or as is."""
+        if isinstance(exc, EPFail) or (self._on_gpu and _DEVICE_FAILURE.search(str(exc))):
+            return self._device_failed(exc)
+        if type(exc).__module__.startswith("onnxruntime"):
+            return InvalidInput(f"model '{self._config.name}' rejected the input: {exc}")
+        return exc
 
     def _device_failed(self, exc: Exception) -> Unavailable:
         """A run the execution provider failed (fallback is off): the server's fault (503),
