@@ -101,9 +101,8 @@ class Settings:
     batching_delay: str = "adaptive"  # adaptive | triton
     # A lone batch (nothing else outstanding, arrivals rare) of a model whose recent executions
     # took at most this long runs on the event loop's thread instead of a worker's: no thread
-    # hand-off there and back (README, "Lone requests"). 0: always on a worker thread (the
-    # default: on 2 oversubscribed cores it measured no faster, bench/results/lone_request.md).
-    inline_max_ms: float = 0.0
+    # hand-off there and back (README, "Lone requests"). 0: always on a worker thread.
+    inline_max_ms: float = 5.0
     default_max_batch_size: int = 4  # for auto-completed batchable models (Triton's default)
     # Loading.
     load_models: tuple[str, ...] = ()  # empty: every model in the repository

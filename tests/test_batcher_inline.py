@@ -214,7 +214,7 @@ async def test_an_inline_failure_fails_its_caller_and_the_next_request_is_served
 
 
 def test_the_setting_is_checked() -> None:
-    assert Settings().inline_max_ms == 0
+    assert Settings().inline_max_ms == 5.0
     with pytest.raises(SettingsError, match="inline_max_ms"):
         Settings(inline_max_ms=-1)
 
@@ -253,5 +253,7 @@ async def test_onnx_runtime_runs_a_lone_request_on_the_loops_thread(tmp_path: Pa
         with pytest.raises(InvalidInput, match="rejected the input"):
             backend.execute_now({"X": x.astype(np.float64)}, ["Y"])
         assert backend.execute_now({"X": x}, ["Y"]) is not None  # the session came back
+        backend.inline = False  # its pool would not fit beside the loop: never inline
+        assert backend.execute_now({"X": x}, ["Y"]) is None
     finally:
         await dataplane.stop()

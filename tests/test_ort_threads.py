@@ -71,3 +71,17 @@ def test_pools_that_do_not_fit_beside_the_event_loop_never_spin() -> None:
 
 def test_usable_cores_is_within_the_machines() -> None:
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_lone_batches_run_inline_only_where_the_pool_fits_beside_the_loop() -> None:
+    """The loop's thread joins the pool when it runs a lone batch (``inline_max_ms``)."""
+
+    def fits(cores: int, cfg: ModelConfig, **settings: object) -> bool:
+        settings = {"warmup": False, **settings}
+        factory = OnnxRuntimeFactory(Settings(**settings), cores=lambda: cores)  # type: ignore[arg-type]
+        return factory.pools_fit(cfg)
+
+    assert fits(2, config()) and fits(16, config()) and fits(1, config())
+    assert not fits(2, config(), intra_op_threads=2)
+    assert not fits(4, config(instances=2))
+    assert fits(4, config(instances=2), intra_op_threads=1)
