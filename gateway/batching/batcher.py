@@ -21,6 +21,10 @@ a lone closed-loop client never arrives while its own request is out, so its req
 once, while independent traffic keeps Triton's wait. Off, every short batch waits the whole
 ``max_queue_delay`` (Triton's behaviour).
 
+A lone batch (``BatchPolicy.inline_max_s``: all that is outstanding on the event loop, of a
+model whose recent runs were short, with arrivals rare) runs on the event loop's own thread
+through the backend's ``execute_now``, skipping the hand-off to a worker thread and back.
+
 The queue (``gateway.batching.queue``) has one FIFO per priority level (Triton's
 ``priority_levels``; one level without them): batches take from the highest level first. Each
 level is bounded: a full one fails fast (``QueueFull``). A request whose deadline (its own, or
@@ -409,8 +413,9 @@ class Batcher:
         it is all that is outstanding (queued, forming or running), in this batcher and in the
         process, this model's recent executions were short, and the arrival rate expects fewer
         than ``INLINE_MAX_ARRIVALS`` rows during one. The hand-off to a worker thread and back
-        costs two thread wake-ups (0.2-0.3 ms on a loaded 2-core machine); blocking the loop
-        costs nothing when nobody else is waiting. Arrivals that the blocked loop reads only
+        costs two thread wake-ups (the way back alone a median 2 ms on a loaded 2-core
+        machine, ``bench/lone_request.py``); blocking the loop costs nothing when nobody else
+        is waiting. Arrivals that the blocked loop reads only
         after the run still count as arriving while busy (``_run`` ends the busy period one
         loop turn later), so traffic that would have overlapped turns this off."""
         compute_s = self._compute_s
