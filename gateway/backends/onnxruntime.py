@@ -449,7 +449,9 @@ class OnnxRuntimeBackend(Backend):
         path: str,
         instances: Sequence[Instance] = (),
         cpu_fallback: bool = False,
+        inline: bool = True,
     ):
+        """``inline``: whether ``execute_now`` may run a batch on the caller's thread."""
         self._config = config
         self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for session in sessions:
@@ -462,7 +464,7 @@ class OnnxRuntimeBackend(Backend):
         self._cpu_fallback = cpu_fallback
         self._on_gpu = any(i.provider == CUDA for i in self._instances)
         self._device_failures = 0
-        self.inline = True  # whether ``execute_now`` may run (the factory says)
+        self.inline = inline
 
     @property
     def config(self) -> ModelConfig:
@@ -681,12 +683,17 @@ class OnnxRuntimeFactory(BackendFactory):
             instances.append(Instance(provider, device_id if provider == CUDA else None))
         cpu_fallback = self._check_placement(source, version, plan, instances, note)
         config = complete_config(source.config, sessions[0], self._settings.default_max_batch_size)
-        backend = OnnxRuntimeBackend(
-            config, sessions, sessions[0].get_providers(), str(path), instances, cpu_fallback
-        )
         # The loop's thread joins a run's pool when it runs a lone batch: only if it fits
         # (measured on 2 cores with a pool of 2: the run itself 1.2-1.4x slower).
-        backend.inline = self.pools_fit(source.config)
+        backend = OnnxRuntimeBackend(
+            config,
+            sessions,
+            sessions[0].get_providers(),
+            str(path),
+            instances,
+            cpu_fallback,
+            inline=self.pools_fit(source.config),
+        )
         outputs = [t.name for t in config.outputs]
         where = f"model '{source.name}' version {version}"
         if config.model_warmup:  # Triton's: the config's samples, and a failure fails the load

@@ -1,5 +1,10 @@
 """The per-model-version dynamic batcher.
 
+(Over 450 lines on purpose: the scheduler, the batch run and the decisions between them, the
+adaptive delay and the lone batch run inline, share one model version's queue, slots and
+arrival rate. The next split is that arrival-rate estimate with the two decisions it drives,
+into a policy module of its own.)
+
 Each caller gets a future. One scheduler task waits until an execution slot is free (there are
 ``instance_count`` of them), then takes requests from the head of the queue while they are
 shape-compatible and fit ``max_batch_size``; it keeps waiting for more, up to
