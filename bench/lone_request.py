@@ -333,7 +333,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.block = 2, 20
-    repo = args.repo or harness.ROOT / "model_repo"
+    repo = (args.repo or harness.ROOT / "model_repo").resolve()
     variants = [parse_variant(v) for v in args.variants] or [("shipped", {})]
     result = run(
         repo, args.model, variants, args.rounds, args.block, args.gap_ms / 1e3, args.serve_arg
