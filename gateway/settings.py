@@ -73,7 +73,9 @@ class Settings:
     # algorithm the first time each input shape is seen, which stalls the batch that brings a
     # new batch size; "heuristic" picks from cuDNN's heuristics at once; "default": one fixed.
     cudnn_conv_algo_search: str = "heuristic"  # heuristic | exhaustive | default
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default
+    # 0: one less than the usable cores, at least 1 (the event loop keeps a core; README,
+    # "ONNX Runtime threads").
+    intra_op_threads: int = 0
     inter_op_threads: int = 0
     # ORT's pool threads busy-wait between ops and after a run by default; in a server that
     # shares its cores with the event loop the spinning after a run costs more than it saves.
