@@ -31,7 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from gateway import tracing
+from gateway import trace_settings, tracing
 from gateway.credentials import Credentials, Verdict, token_of
 from gateway.dataplane import DataPlane
 from gateway.errors import (
@@ -254,16 +254,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     @_unary
     async def TraceSetting(self, request: Any, context: Any) -> Any:
         """Triton's trace extension over gRPC: no settings reads them; a setting with no
-        value clears it (``gateway.tracing.update_trace_setting``)."""
+        value clears it (``gateway.trace_settings.update_trace_setting``)."""
         model = self.dataplane.check_known(request.model_name) if request.model_name else None
         if request.settings:
             changes: dict[str, object] = {}
             for key, setting in request.settings.items():
                 values = list(setting.value)
                 changes[key] = None if not values else values if key == "trace_level" else values[0]
-            current = tracing.update_trace_setting(model, changes)
+            current = trace_settings.update_trace_setting(model, changes)
         else:
-            current = tracing.trace_setting(model)
+            current = trace_settings.trace_setting(model)
         response = pb.TraceSettingResponse()
         for key, value in current.items():
             response.settings[key].value.extend(value if isinstance(value, list) else [value])
