@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import csv
 import itertools
 import json
 import os
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -213,6 +215,20 @@ def in_process_session(repo: Path, model_name: str) -> tuple[Any, Any, list[str]
     return session, feeds, outputs
 
 
+def pa_point(pa: str, model: str, address: str, work: Path) -> float:
+    """perf_analyzer's p50 ms at concurrency 1 (binary HTTP, three 500 ms windows)."""
+    report = work / f"pa-{time.monotonic_ns()}.csv"
+    cmd = [
+        pa, "-m", model, "-u", address, "-i", "http", "--concurrency-range", "1", "-p", "500",
+        "-s", "999", "-r", "3", "--input-data", "zero", "-f", str(report),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    if out.returncode != 0 or not report.exists():
+        raise RuntimeError(f"perf_analyzer failed:\n{out.stdout[-500:]}\n{out.stderr[-500:]}")
+    with report.open() as f:
+        return int(next(csv.DictReader(f))["p50 latency"]) / 1e3
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     """``name:ENV=V,ENV=V`` (``PYTHONPATH=/tree`` runs another source tree)."""
     name, _, envs = text.partition(":")
@@ -242,9 +258,12 @@ def run(
     block: int,
     gap_s: float,
     extra: list[str],
+    perf_analyzer: str | None = None,
 ) -> dict[str, Any]:
     """Every variant's traced gateway at once; rounds of: in-process ``block`` runs, then
-    ``block`` lone requests to each variant (the order rotated per round)."""
+    ``block`` lone requests to each variant (the order rotated per round), and with
+    ``perf_analyzer`` (its path) one perf_analyzer point at concurrency 1 after each block: its
+    p50 beside this bench's client's says what the load generator itself costs."""
     import harness
 
     model = harness.read_model(repo, model_name)
@@ -254,6 +273,7 @@ def run(
     sent: dict[str, list[int]] = {name: [] for name, _ in variants}
     received: dict[str, list[int]] = {name: [] for name, _ in variants}
     stamps: dict[str, dict[str, list[int]]] = {}
+    pa_p50: dict[str, list[float]] = {name: [] for name, _ in variants}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         gateways = {}
@@ -287,6 +307,8 @@ def run(
                 sent[name] += s
                 received[name] += e
                 client[name] += [b - a for a, b in zip(s, e, strict=True)]
+                if perf_analyzer:
+                    pa_p50[name].append(pa_point(perf_analyzer, model_name, gw.address, Path(tmp)))
         for name, (gw, dump, _) in gateways.items():
             os.kill(gw.proc.pid, signal.SIGUSR1)
             deadline = time.monotonic() + 10
@@ -314,6 +336,7 @@ def run(
         "overhead_p50_ms": {n: statistics.median(v) / 1e6 for n, v in overhead.items() if v},
         "ort_p50_ms": {n: statistics.median(v) / 1e6 for n, v in ort.items() if v},
         "stages": stages,
+        "perf_analyzer_p50_ms": {n: statistics.median(v) for n, v in pa_p50.items() if v},
     }
 
 
@@ -330,13 +353,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 rounds of 20")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--serve-arg", action="append", default=[], help="for gateway serve")
+    parser.add_argument(
+        "--perf-analyzer", action="store_true", help="also perf_analyzer at c=1 each round"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.block = 2, 20
     repo = (args.repo or harness.ROOT / "model_repo").resolve()
     variants = [parse_variant(v) for v in args.variants] or [("shipped", {})]
+    pa = None
+    if args.perf_analyzer:
+        found = subprocess.run(
+            [str(harness.ROOT / "scripts" / "perf_analyzer.sh")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        pa = found.stdout.strip().splitlines()[-1]
     result = run(
-        repo, args.model, variants, args.rounds, args.block, args.gap_ms / 1e3, args.serve_arg
+        repo, args.model, variants, args.rounds, args.block, args.gap_ms / 1e3, args.serve_arg, pa
     )
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     ip50 = result["in_process_p50_ms"]
@@ -352,6 +387,15 @@ def main() -> None:
         + " | ".join(f"{result['p50_ms'][n] / result['p50_ms'][base]:.3f}x" for n, _ in variants)
         + " |",
         "| p90 ms | " + " | ".join(f"{result['p90_ms'][n]:.3f}" for n, _ in variants) + " |",
+        *(
+            [
+                "| perf_analyzer c=1 p50 ms | "
+                + " | ".join(f"{result['perf_analyzer_p50_ms'][n]:.3f}" for n, _ in variants)
+                + " |"
+            ]
+            if result["perf_analyzer_p50_ms"]
+            else []
+        ),
         "| ORT run p50 ms | "
         + " | ".join(f"{result['ort_p50_ms'].get(n, -1):.3f}" for n, _ in variants)
         + " |",
