@@ -120,7 +120,7 @@ async def test_a_lone_client_runs_inline_once_the_models_compute_time_is_known()
     await batcher.close()
 
 
-async def test_off_by_default_and_for_slow_models() -> None:
+async def test_off_without_inline_max_and_for_slow_models() -> None:
     """``inline_max_s`` 0 (the policy's default) never runs inline; a model whose runs take
     longer than ``inline_max_s`` neither: it would block the event loop that long."""
     for inline_max_s, run_s in ((0.0, 0.002), (0.01, 0.02)):
