@@ -45,16 +45,6 @@ ROUND_HEAD = (
 )
 
 
-def perf_analyzer_path() -> str:
-    out = subprocess.run(
-        [str(harness.ROOT / "scripts" / "perf_analyzer.sh")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip().splitlines()[-1]
-
-
 def run_perf_analyzer(
     pa: str, address: str, model: str, concurrency: int, window_ms: int, workdir: Path
 ) -> dict[str, float]:
@@ -175,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.window_ms, args.in_process_s = 1, 1000, 1.0
-    pa = perf_analyzer_path()
+    pa = harness.perf_analyzer_path()
     repo = harness.ROOT / "model_repo"
     results: dict[str, Any] = {
         "in_process": [],

@@ -361,15 +361,7 @@ def main() -> None:
         args.rounds, args.block = 2, 20
     repo = (args.repo or harness.ROOT / "model_repo").resolve()
     variants = [parse_variant(v) for v in args.variants] or [("shipped", {})]
-    pa = None
-    if args.perf_analyzer:
-        found = subprocess.run(
-            [str(harness.ROOT / "scripts" / "perf_analyzer.sh")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        pa = found.stdout.strip().splitlines()[-1]
+    pa = harness.perf_analyzer_path() if args.perf_analyzer else None
     result = run(
         repo, args.model, variants, args.rounds, args.block, args.gap_ms / 1e3, args.serve_arg, pa
     )

@@ -58,13 +58,6 @@ VARIANTS: dict[str, tuple[dict[str, str], str]] = {
 }
 
 
-def perf_analyzer() -> str:
-    out = subprocess.run(
-        [str(ROOT / "scripts" / "perf_analyzer.sh")], capture_output=True, text=True, check=True
-    )
-    return out.stdout.strip().splitlines()[-1]
-
-
 def run_pa(
     pa: str, model: str, address: str, concurrency: int, window_ms: int, work: Path
 ) -> dict[str, float]:
@@ -130,7 +123,7 @@ def main() -> None:
     models = args.models.split(",")
     light = [int(c) for c in args.concurrency.split(",")]
     heavy = [int(c) for c in args.heavy_concurrency.split(",")]
-    pa = perf_analyzer()
+    pa = harness.perf_analyzer_path()
     points: dict[tuple[str, int, str], list[dict[str, float]]] = {}
     loads: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
