@@ -437,6 +437,7 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+REGISTERED_METHODS = ("ModelInfer",)
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 ADMIN_METHODS = frozenset(
     {
@@ -534,12 +535,12 @@ class GrpcServer:
 
     async def start(self) -> None:
         settings = self.dataplane.settings
-        interceptor = AccessInterceptor(
-            Credentials(settings.api_keys, settings.admin_keys),
-            admin_here=settings.admin_api and not settings.admin_port,
-        )
+        credentials = Credentials(settings.api_keys, settings.admin_keys)
+        admin_here = bool(settings.admin_api and not settings.admin_port)
+        # The interceptor runs a coroutine chain on every call: only when keys are checked.
+        interceptors = [AccessInterceptor(credentials, admin_here)] if credentials.enabled else []
         server = grpc.aio.server(
-            interceptors=[interceptor],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
@@ -548,8 +549,17 @@ class GrpcServer:
         )
         servicer = InferenceServicer(self.dataplane, settings.grpc_stream_max_inflight)
         handlers = _method_handlers(servicer)
+        if not admin_here:  # refused whoever asks, so without a per-call check
+            message, code = "the repository API is not served here", grpc.StatusCode.UNIMPLEMENTED
+            for method in ADMIN_METHODS:
+                handlers[method] = _refusal(handlers[method], code, message)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
-        server.add_registered_method_handlers(_SERVICE, handlers)
+        # Only ModelInfer as a registered method: grpc.aio waits on one pending request per
+        # registered method and every accepted call re-arms that wait over all of them, so
+        # registering the service's 22 methods costs each call a wait over 23 futures.
+        server.add_registered_method_handlers(
+            _SERVICE, {name: handlers[name] for name in REGISTERED_METHODS}
+        )
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as exc:
