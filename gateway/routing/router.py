@@ -43,9 +43,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import Overloaded, Unavailable
+from gateway.routing.aperture import Aperture
 from gateway.routing.budget import RetryBudget
 from gateway.routing.estimators import Clock, LatencyEstimate
 from gateway.routing.health import OutlierDetector
+from gateway.routing.members import Members
 from gateway.routing.policies import Candidate, Policy
 from gateway.routing.tiers import CACHED, LOADED, ORIGIN, HostModel
 
@@ -91,39 +93,6 @@ class TargetState:
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
-
-
-class _Members:
-    """Targets in a list, for O(1) add, remove (swap with the last) and random draws."""
-
-    __slots__ = ("_at", "items")
-
-    def __init__(self) -> None:
-        self.items: list[TargetState] = []
-        self._at: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __contains__(self, target: TargetState) -> bool:
-        at = self._at.get(target.name)
-        return at is not None and self.items[at] is target
-
-    def add(self, target: TargetState) -> None:
-        if target in self:
-            return
-        self.discard(target.name)
-        self._at[target.name] = len(self.items)
-        self.items.append(target)
-
-    def discard(self, name: str) -> None:
-        at = self._at.pop(name, None)
-        if at is None:
-            return
-        last = self.items.pop()
-        if at < len(self.items):
-            self.items[at] = last
-            self._at[last.name] = at
 
 
 class Lease:
@@ -172,6 +141,7 @@ class Router:
         probe_rate: float = 100.0,
         probe_concurrency: int = 64,
         rng: random.Random | None = None,
+        aperture: Aperture | None = None,
     ) -> None:
         self.policy = policy
         self.clock = clock
@@ -195,9 +165,13 @@ class Router:
         self.probes_skipped = 0  # the host had answered real traffic just before
         self.targets: dict[str, TargetState] = {}
         self.changes = 0  # counts targets added and removed
-        self._ring = _Members()  # every target, for random draws and rotation
-        self._loaded: dict[str, _Members] = {}  # model key -> targets where it is ready
+        self._ring = Members()  # every target, for random draws and rotation
+        self._loaded: dict[str, Members] = {}  # model key -> targets where it is ready
         self._rng = rng or random.Random()
+        # The hosts this front sends its traffic to on a large pool (``gateway.routing.aperture``);
+        # off (every host) unless given.
+        self.aperture = aperture or Aperture(0, 1.0, 0.0)
+        self.leases_out = 0  # leases in flight over all targets: the aperture's load
         self._rr_at = 0  # round robin: index into the ring
         self._max_weight: float | None = None  # of the targets (round robin); None: recompute
         # Removed or replaced targets with batches still in flight: no new leases, their
@@ -225,6 +199,7 @@ class Router:
         self.targets[name] = state
         self.changes += 1
         self._ring.add(state)
+        self.aperture.add(state)
         self._max_weight = None
         self.outliers.add(name)
         self._wake()  # waiters for a free slot may take one here
@@ -238,6 +213,7 @@ class Router:
         if state is not None:
             self.changes += 1
             self._ring.discard(name)
+            self.aperture.discard(name)
             self._max_weight = None
             for key, ready in state.ready.items():
                 members = self._loaded.get(key)
@@ -322,8 +298,9 @@ class Router:
         target.ready[key] = ready
         if not self.is_current(target):
             return
+        self.aperture.note_ready(target, key, ready)
         if ready:
-            self._loaded.setdefault(key, _Members()).add(target)
+            self._loaded.setdefault(key, Members()).add(target)
         else:
             members = self._loaded.get(key)
             if members is not None:
@@ -415,7 +392,7 @@ class Router:
 
     def _draw(
         self,
-        members: _Members,
+        members: Members,
         want: int,
         picked: list[TargetState],
         model: str,
@@ -446,36 +423,45 @@ class Router:
         rows: int,
         skip: Collection[str],
         serving: Serving | None,
-    ) -> list[Candidate]:
+        aperture: Aperture | None,
+        now: float,
+    ) -> tuple[list[Candidate], bool]:
         """The candidates of a sampled decision, in the order the policy should see them: two
-        drawn among the targets where the version is loaded, then one (two when none is
+        drawn among the targets where the version is loaded (in the aperture when there is
+        one, else or when it has too few free: among all), then one (two when none is
         loaded) from all, so a cold target can still win when it is worth its start. Empty
-        when the draws found none (the caller scans)."""
+        when the draws found none (the caller scans). And whether the aperture had hosts
+        with the version loaded but too few of them free (it should grow)."""
         picked: list[TargetState] = []
+        pressure = False
+        if aperture is not None:
+            near = aperture.loaded.get(key)
+            if near is not None:
+                self._draw(near, 2, picked, model, skip, serving)
+                pressure = len(picked) < min(2, len(near))
         loaded = self._loaded.get(key)
-        if loaded is not None:
-            self._draw(loaded, 2, picked, model, skip, serving)
+        if len(picked) < 2 and loaded is not None:
+            self._draw(loaded, 2 - len(picked), picked, model, skip, serving)
         warm = len(picked)
         if warm < 2 or len(loaded or ()) < len(self._ring):  # else every target is warm
             self._draw(self._ring, 2 - warm if warm < 2 else 1, picked, model, skip, serving)
         if warm == 2 and len(picked) == 3 and picked[2].ready.get(key, False):
             picked.pop()  # a third warm one adds nothing to the two drawn among them
-        now = self.clock()
-        return [self._candidate(t, key, rows, now) for t in picked]
+        return [self._candidate(t, key, rows, now) for t in picked], pressure
 
     def _rotate(
-        self, model: str, skip: Collection[str], serving: Serving | None
+        self, members: Members, model: str, skip: Collection[str], serving: Serving | None
     ) -> TargetState | None:
-        """Weighted round robin over the ring in O(1) per pick: a target's turn lasts while
-        it has credit (its weight over the largest weight, added each time its turn comes, so
-        a target of half the weight is picked every other round). None when a full turn of
-        the ring found none eligible with a free slot (the caller scans)."""
-        items = self._ring.items
+        """Weighted round robin over ``members`` (the ring, or the aperture) in O(1) per pick:
+        a target's turn lasts while it has credit (its weight over the largest weight, added
+        each time its turn comes, so a target of half the weight is picked every other round).
+        None when a full turn found none eligible with a free slot (the caller scans)."""
+        items = members.items
         n = len(items)
         if n == 0:
             return None
         if self._max_weight is None:
-            self._max_weight = max(t.weight for t in items)
+            self._max_weight = max(t.weight for t in self._ring.items)
         top = self._max_weight
         for _ in range(2 * n + 1):
             self._rr_at %= n
@@ -551,18 +537,25 @@ class Router:
         skip = exclude if isinstance(exclude, set | frozenset) else set(exclude)
         chosen: TargetState | None = None
         if len(self._ring) >= SCAN_BELOW:
+            now = self.clock()
+            aperture = self.aperture if self.aperture.active(len(self._ring)) else None
+            if aperture is not None:
+                aperture.refresh(now, self.outliers.available)
             if self.policy.rotates:
-                chosen = self._rotate(model, skip, serving)
+                members = self._ring if aperture is None else aperture.members
+                chosen = self._rotate(members, model, skip, serving)
+                pressure = chosen is None and len(members) > 0
                 if chosen is not None and deadline_s is not None:
-                    now = self.clock()
                     candidate = self._candidate(chosen, key, rows, now)
                     self._deadline_check(model, key, rows, deadline_s, [candidate], skip, serving)
             else:
-                sampled = self._sampled(model, key, rows, skip, serving)
+                sampled, pressure = self._sampled(model, key, rows, skip, serving, aperture, now)
                 if sampled:
                     if deadline_s is not None:
                         self._deadline_check(model, key, rows, deadline_s, sampled, skip, serving)
                     chosen = self.targets[self._choose(sampled).name]
+            if aperture is not None:
+                aperture.resize(self.leases_out + 1, len(self._ring), now, pressure)
         if chosen is None:
             candidates, any_eligible = self.candidates(model, key, rows, skip, serving)
             if not any_eligible:
@@ -576,6 +569,7 @@ class Router:
             chosen = self.targets[self.policy.choose(candidates).name]
         lease = Lease(self, chosen, key, rows)
         chosen.started[id(lease)] = lease.started_s
+        self.leases_out += 1
         return lease
 
     async def acquire(
@@ -620,6 +614,7 @@ class Router:
     def _finish(self, lease: Lease, outcome: str) -> None:
         target = lease.target
         target.started.pop(id(lease), None)
+        self.leases_out -= 1
         if not self.is_current(target):
             # Removed or replaced while this lease ran: count it, but the health verdicts
             # belong to whatever has that name now (if anything).
@@ -644,6 +639,7 @@ class Router:
             target.failed += 1
             if target.name in self.outliers.hosts and self.outliers.record_failure(target.name):
                 log.warning("host %s ejected after consecutive failures", target.name)
+                self.aperture.changed()  # the next host along the ring takes its place
         self._wake()
 
     # -- probing ----------------------------------------------------------------------------
@@ -692,6 +688,7 @@ class Router:
         now_up = before.probe_up if before is not None else ok
         if now_up != was_up:
             log.warning("host %s is %s", name, "up" if now_up else "down")
+            self.aperture.changed()
             target = self.targets.get(name)
             if now_up and target is not None:
                 # Back after being down: most likely a new process (restarted, rescheduled),
@@ -702,9 +699,9 @@ class Router:
 
     async def _probe_loop(self, probe: Probe) -> None:
         """Each target on its own jittered schedule (a heap of due times), at most
-        ``probe_concurrency`` probes at once; a new target's first probe falls at a random
-        point of its first period, so a thousand hosts added together are not probed
-        together."""
+        ``probe_concurrency`` probes at once and ``probe_rate`` per second; a target that
+        joins later has its first probe at a random point of its first period, so a thousand
+        hosts added together are not probed together."""
         due: list[tuple[float, int, TargetState]] = []
         scheduled: set[int] = set()  # id() of the targets in ``due``
         running: set[asyncio.Task[None]] = set()
@@ -724,16 +721,28 @@ class Router:
                     push(self._next_probe_s(target, self.clock()), target)
 
         seen = -1  # ``self.changes`` when the targets were last looked at
+        # A token bucket holds the probes sent to ``probe_rate`` per second whatever the
+        # schedule says: the first round (every target due at once) and rounds that drift
+        # together are spread out instead of sent in a burst.
+        burst = max(1.0, self.probe_rate * 0.1)
+        tokens, filled_s = burst, self.clock()
         try:
             while True:
                 now = self.clock()
+                tokens = min(burst, tokens + (now - filled_s) * self.probe_rate)
+                filled_s = now
                 if seen != self.changes:
                     for target in self.targets.values():  # joined since: first probe soon
                         if id(target) not in scheduled:
                             spread = 0.0 if seen < 0 else self._rng.random()
                             push(now + self.probe_period_s() * spread, target)
                     seen = self.changes
-                while due and due[0][0] <= now and len(running) < self.probe_concurrency:
+                while (
+                    due
+                    and due[0][0] <= now
+                    and len(running) < self.probe_concurrency
+                    and tokens >= 1.0
+                ):
                     _, _, target = heapq.heappop(due)
                     scheduled.discard(id(target))
                     if not self.is_current(target):
@@ -743,10 +752,13 @@ class Router:
                         push(self._next_probe_s(target, now), target)
                         continue
                     scheduled.add(id(target))  # in flight: rescheduled when it is done
+                    tokens -= 1.0
                     task = asyncio.get_running_loop().create_task(run(target))
                     running.add(task)
                     task.add_done_callback(running.discard)
                 wait_s = 0.05 if not due else min(0.05, max(0.0, due[0][0] - self.clock()))
+                if due and tokens < 1.0:
+                    wait_s = max(wait_s, (1.0 - tokens) / self.probe_rate)
                 await asyncio.sleep(max(wait_s, 0.001))
         finally:
             for task in running:
@@ -781,6 +793,7 @@ class Router:
         total = len(self.targets)
         end = total if limit is None else min(total, offset + limit)
         hosts = []
+        whole = not self.aperture.active(len(self._ring))  # no aperture: every host is in it
         for target in itertools.islice(self.targets.values(), offset, end):
             hosts.append(
                 {
@@ -792,6 +805,7 @@ class Router:
                     "completed": target.completed,
                     "failed": target.failed,
                     "bandwidth_bps": target.bandwidth_bps,
+                    "in_aperture": whole or target in self.aperture.members,
                     "models": {
                         key: self._model_row(target, key)
                         for key in sorted({*target.estimates, *target.ready, *target.tiers})
@@ -801,6 +815,7 @@ class Router:
         return {
             "policy": self.policy.name,
             "retry_budget": self.budget.to_dict(),
+            "aperture": self.aperture.to_dict(len(self._ring)),
             "total": total,
             "offset": offset,
             "next_offset": end if end < total else None,
