@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -39,28 +38,7 @@ from gateway.routing.router import SCAN_BELOW
 from gateway.routing.tiers import LOADED, HostModel
 from gateway.settings import Settings, SettingsError
 from tests.helpers import get, start_gateway
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
-
-
-def fleet(n: int, policy: str = "latency", *, ready: bool = True, **kw: object) -> Router:
-    clock = ManualClock()
-    router = Router(make_policy(policy, random.Random(3)), clock=clock, rng=random.Random(4), **kw)  # type: ignore[arg-type]
-    for i in range(n):
-        router.add_target(f"h{i}", capacity=4)
-        if ready:
-            router.set_ready(f"h{i}", "m/1", True)
-    return router
-
+from tests.routing_setup import ManualClock, fleet
 
 # -- sampled decisions ----------------------------------------------------------------------
 
@@ -260,6 +238,19 @@ def test_probe_traffic_stays_within_the_probe_rate() -> None:
     assert len(per_host) == 500
     assert router.probes_sent <= 2000
     assert max(per_host.values()) <= 4
+
+
+def test_the_first_probe_round_is_spread_at_the_probe_rate() -> None:
+    router = fleet(300, probe_interval_s=2.0, probe_rate=100.0)
+    router.clock = time.monotonic
+    router.outliers._clock = time.monotonic
+
+    async def probe(name: str) -> bool:
+        return True
+
+    asyncio.run(_run_probes(router, 0.5, probe))
+    # Every host is due at once when probing starts; 100/s lets about 10 + 50 go in 0.5 s.
+    assert 20 <= router.probes_sent <= 75
 
 
 class CountingHost(Host):

@@ -398,23 +398,29 @@ class Router:
         model: str,
         skip: Collection[str],
         serving: Serving | None,
-    ) -> None:
+    ) -> bool:
         """Add up to ``want`` distinct eligible targets with free capacity to ``picked``, drawn
-        at random from ``members`` (at most ``SAMPLE_DRAWS`` draws)."""
+        at random from ``members`` (at most ``SAMPLE_DRAWS`` draws); whether one of those
+        drawn was full."""
         items = members.items
         n = len(items)
+        full = False
         if n == 0:
-            return
+            return full
         draw = self._rng.random
         for _ in range(SAMPLE_DRAWS):
             if want <= 0:
-                return
+                return full
             target = items[int(draw() * n)]
-            if target.in_flight >= target.capacity or any(t is target for t in picked):
+            if target.in_flight >= target.capacity:
+                full = True
+                continue
+            if any(t is target for t in picked):
                 continue
             if self._usable(target, model, skip, serving):
                 picked.append(target)
                 want -= 1
+        return full
 
     def _sampled(
         self,
@@ -430,15 +436,15 @@ class Router:
         drawn among the targets where the version is loaded (in the aperture when there is
         one, else or when it has too few free: among all), then one (two when none is
         loaded) from all, so a cold target can still win when it is worth its start. Empty
-        when the draws found none (the caller scans). And whether the aperture had hosts
-        with the version loaded but too few of them free (it should grow)."""
+        when the draws found none (the caller scans). And whether the draws in the aperture
+        found too few because its hosts were full (it should grow)."""
         picked: list[TargetState] = []
         pressure = False
         if aperture is not None:
             near = aperture.loaded.get(key)
             if near is not None:
-                self._draw(near, 2, picked, model, skip, serving)
-                pressure = len(picked) < min(2, len(near))
+                full = self._draw(near, 2, picked, model, skip, serving)
+                pressure = full and len(picked) < 2
         loaded = self._loaded.get(key)
         if len(picked) < 2 and loaded is not None:
             self._draw(loaded, 2 - len(picked), picked, model, skip, serving)
