@@ -362,7 +362,13 @@ def measure_front(
             ready=tuple(f"simple_{i}" for i in range(args.models)),
             ready_s=args.start_s,
             detach=True,
-        )
+            launcher=(
+                [sys.executable, "-m", "cProfile", "-o",
+                 str(Path(args.profile).resolve() / f"front-{tree}-{n}.prof"), "-m", "gateway.cli"]
+                if args.profile
+                else None
+            ),
+        )  # fmt: skip
     except RuntimeError as exc:  # its models did not load in time: a finding, not a crash
         print(f"{tree} at {n} hosts did not start: {exc}")
         front = None
@@ -754,6 +760,9 @@ def main() -> int:
     parser.add_argument("--host-delay-ms", type=float, default=1.0)
     parser.add_argument("--start-s", type=float, default=90.0, help="longest wait for a front")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet.md"))
+    parser.add_argument(
+        "--profile", help="a folder: run each front under cProfile, front-<tree>-<N>.prof there"
+    )
     args = parser.parse_args()
     raise_fd_limit()
     if args.serve_hosts:

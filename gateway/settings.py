@@ -172,6 +172,7 @@ class Settings:
     host_aperture: int = 12
     host_aperture_load: float = 2.0
     host_aperture_coordinate: float = -1.0
+    host_probe_idle_interval_s: float = 30.0  # probe period of hosts outside the aperture
     # /metrics: per-host series up to this many hosts; above, families aggregated over hosts.
     metrics_host_series_max: int = 100
     # Tracing (OpenTelemetry, gateway/tracing.py): spans sent over OTLP to this collector URL
@@ -273,6 +274,8 @@ class Settings:
             raise SettingsError("host_unhealthy_threshold and host_healthy_threshold must be >= 1")
         if self.host_aperture < 0 or self.host_aperture_load <= 0:
             raise SettingsError("host_aperture must be >= 0 and host_aperture_load > 0")
+        if self.host_probe_idle_interval_s <= 0:
+            raise SettingsError("host_probe_idle_interval_s must be > 0")
         if not (0 <= self.host_aperture_coordinate < 1 or self.host_aperture_coordinate == -1):
             raise SettingsError("host_aperture_coordinate must be in [0, 1), or -1 (random)")
         if self.metrics_host_series_max < 0:

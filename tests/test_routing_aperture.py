@@ -188,3 +188,17 @@ def test_aperture_settings_reach_the_router_and_are_checked() -> None:
     ):
         with pytest.raises(SettingsError, match="host_aperture"):
             Settings(**bad)  # type: ignore[arg-type]
+
+
+def test_hosts_outside_the_aperture_are_probed_at_the_idle_interval() -> None:
+    router = apertured(1000, probe_interval_s=2.0, probe_rate=1000.0, probe_idle_interval_s=30.0)
+    router.try_acquire("m", "m/1", 1).finish(SUCCESS)  # type: ignore[union-attr]
+    inside = router.targets[sorted(members(router))[0]]
+    outside = next(t for t in router.targets.values() if t.name not in members(router))
+    now = router.clock()
+    for _ in range(50):
+        assert 1.6 <= router._next_probe_s(inside, now) - now <= 2.4
+        assert 24.0 <= router._next_probe_s(outside, now) - now <= 36.0
+    router.outliers.record_probe(outside.name, False)
+    router.outliers.record_probe(outside.name, False)  # down: probed every interval to come back
+    assert 1.6 <= router._next_probe_s(outside, now) - now <= 2.4

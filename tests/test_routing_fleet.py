@@ -303,21 +303,32 @@ class Version:
     key: str = "m/1"
 
 
-def test_a_probe_is_one_request_once_a_host_gave_its_index() -> None:
+class NoIndexHost(CountingHost):
+    async def repository_index(self) -> dict[str, HostModel] | None:
+        self.requests["index"] += 1
+        return None
+
+
+def test_a_probe_is_one_request_where_the_host_gives_its_index() -> None:
     router = fleet(0)
     pool = HostPool(router, 1.0)
-    host = CountingHost("a")
+    host, plain = CountingHost("a"), NoIndexHost("b")
     pool.add(HostEntry(host))
+    pool.add(HostEntry(plain))
     prober = Prober(pool, lambda: [Version()])
 
     async def probe_three_times() -> None:
         for _ in range(3):
             assert await prober("a")
+            assert await prober("b")
 
     asyncio.run(probe_three_times())
-    # The first probe learns that the host lists its repository; after that, the index is it.
-    assert host.requests == Counter({"ready": 1, "index": 3})
+    # The index is the probe, the first one included (answering it is being up).
+    assert host.requests == Counter({"index": 3})
     assert router.targets["a"].ready["m/1"]
+    # A host without one is asked its health, then the readiness of what is not ready there.
+    assert plain.requests == Counter({"index": 3, "ready": 3, "model_ready": 1})
+    assert router.targets["b"].ready["m/1"]
 
 
 def test_v2_hosts_share_one_probe_session_closed_with_the_last() -> None:

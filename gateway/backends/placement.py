@@ -123,6 +123,7 @@ class RoutedFactory(BackendFactory):
             probe_interval_s=settings.host_probe_interval_s,
             probe_jitter=settings.host_probe_jitter,
             probe_rate=settings.host_probe_rate,
+            probe_idle_interval_s=settings.host_probe_idle_interval_s,
             max_wait_s=settings.host_wait_s,
             default_bandwidth_bps=(
                 settings.host_bandwidth_bps

@@ -136,6 +136,7 @@ class Router:
         default_bandwidth_bps: float = 12.5e6,
         max_wait_s: float = 1.0,
         probe_interval_s: float = 2.0,
+        probe_idle_interval_s: float = 30.0,
         probe_timeout_s: float = 1.0,
         probe_jitter: float = 0.2,
         probe_rate: float = 100.0,
@@ -155,6 +156,10 @@ class Router:
         self.model_bytes: dict[str, int] = {}  # model key -> bytes of its files (when known)
         self.max_wait_s = max_wait_s
         self.probe_interval_s = probe_interval_s
+        # Hosts outside the aperture take no traffic from this front: probed this often
+        # (Envoy's ``no_traffic_interval``), what they are matters only when the aperture
+        # reaches them, a version is loaded only there, or a cold placement picks one.
+        self.probe_idle_interval_s = max(probe_idle_interval_s, probe_interval_s)
         self.probe_timeout_s = probe_timeout_s
         if not 0 <= probe_jitter < 1 or probe_rate <= 0 or probe_concurrency < 1:
             raise ValueError("probe_jitter in [0, 1), probe_rate > 0, probe_concurrency >= 1")
@@ -662,11 +667,17 @@ class Router:
 
     def _next_probe_s(self, target: TargetState, now: float) -> float:
         """When to probe ``target`` next: a host down or ejected every ``probe_interval_s``
-        (it is waiting for a probe to come back), any other every ``probe_period_s``; either
-        moved by up to ``probe_jitter`` of it at random, so probes do not come in waves."""
+        (it is waiting for a probe to come back), one outside the aperture every
+        ``probe_idle_interval_s``, any other every ``probe_period_s``; each moved by up to
+        ``probe_jitter`` of it at random, so probes do not come in waves."""
         health = self.outliers.hosts.get(target.name)
         away = health is not None and (not health.probe_up or health.ejected_until_s is not None)
-        period_s = self.probe_interval_s if away else self.probe_period_s()
+        if away:
+            period_s = self.probe_interval_s
+        elif self.aperture.active(len(self._ring)) and target not in self.aperture.members:
+            period_s = max(self.probe_idle_interval_s, self.probe_period_s())
+        else:
+            period_s = self.probe_period_s()
         return now + period_s * (1.0 + self.probe_jitter * (2.0 * self._rng.random() - 1.0))
 
     def _busy_and_well(self, target: TargetState, now: float) -> bool:
@@ -738,10 +749,18 @@ class Router:
                 tokens = min(burst, tokens + (now - filled_s) * self.probe_rate)
                 filled_s = now
                 if seen != self.changes:
-                    for target in self.targets.values():  # joined since: first probe soon
+                    # The first look at a small pool probes it at once. A large one (whose
+                    # load asked every host already) and hosts that join later get their first
+                    # probe at a random point of the period; with an aperture, of the idle
+                    # interval (most of them will be outside it).
+                    at_once = seen < 0 and self.probe_period_s() <= self.probe_interval_s
+                    first_s = self.probe_period_s()
+                    if self.aperture.active(len(self._ring)):
+                        first_s = max(first_s, self.probe_idle_interval_s)
+                    for target in self.targets.values():
                         if id(target) not in scheduled:
-                            spread = 0.0 if seen < 0 else self._rng.random()
-                            push(now + self.probe_period_s() * spread, target)
+                            spread = 0.0 if at_once else self._rng.random()
+                            push(now + first_s * spread, target)
                     seen = self.changes
                 while (
                     due
