@@ -71,9 +71,13 @@ class Aperture:
         self.resizes = 0
         self._ring: list[tuple[float, str]] = []  # (position, name), sorted
         self._targets: dict[str, TargetState] = {}
-        self._dirty = True
-        self._refreshed_s = float("-inf")
         self._resized_s = float("-inf")
+        # Checked by the router on every decision, so that most cost a comparison, not a call:
+        # when to recompute the members (-inf: now), and the in-flight counts that resize.
+        self.due_s = float("-inf")
+        self.grow_above = 0.0
+        self.shrink_below = 0.0
+        self._bounds()
 
     def active(self, hosts: int) -> bool:
         """Whether there is an aperture at all: on, and more hosts than its least size."""
@@ -85,7 +89,7 @@ class Aperture:
         self.discard(target.name)
         bisect.insort(self._ring, (ring_position(target.name), target.name))
         self._targets[target.name] = target
-        self._dirty = True
+        self.due_s = float("-inf")
 
     def discard(self, name: str) -> None:
         """Off the ring and out of the aperture at once (never drawn again)."""
@@ -97,11 +101,11 @@ class Aperture:
         if at < len(self._ring) and self._ring[at] == entry:
             del self._ring[at]
         self._leave(target)
-        self._dirty = True
+        self.due_s = float("-inf")
 
     def changed(self) -> None:
         """A host's health changed: recompute the members before the next draw."""
-        self._dirty = True
+        self.due_s = float("-inf")
 
     def note_ready(self, target: TargetState, key: str, ready: bool) -> None:
         """Keep ``loaded`` in step with the router's readiness of a member."""
@@ -118,10 +122,9 @@ class Aperture:
         """Recompute the members when something changed or ``refresh_s`` passed: the first
         ``size`` available hosts clockwise from the coordinate. Costs the hosts walked past
         (the aperture plus those skipped as unavailable), not the ring."""
-        if not self._dirty and now - self._refreshed_s < self.refresh_s:
+        if now < self.due_s:
             return
-        self._dirty = False
-        self._refreshed_s = now
+        self.due_s = now + self.refresh_s
         ring = self._ring
         n = len(ring)
         want = min(self.size, n)
@@ -144,14 +147,15 @@ class Aperture:
 
     def resize(self, in_flight: int, hosts: int, now: float, pressure: bool) -> None:
         """Size for the load: ``in_flight`` batches over all hosts now; ``pressure``: a
-        decision found no free host for its model in the aperture although it has some."""
-        high = self.load * self.size
+        decision found the aperture's hosts for its model full. (The router calls it only
+        when ``in_flight`` is past ``grow_above`` or ``shrink_below``, or under pressure.)"""
+        high = self.grow_above
         if (in_flight > high or pressure) and self.size < hosts:
             grown = max(self.size + 1, math.ceil(in_flight / self.load))
             self._set_size(min(hosts, grown), now)
         elif (
             self.size > self.min_size
-            and in_flight < high / 2
+            and in_flight < self.shrink_below
             and now - self._resized_s >= self.shrink_after_s
         ):
             self._set_size(max(self.min_size, self.size - 1), now)
@@ -160,7 +164,12 @@ class Aperture:
         self.size = size
         self._resized_s = now
         self.resizes += 1
-        self._dirty = True
+        self.due_s = float("-inf")
+        self._bounds()
+
+    def _bounds(self) -> None:
+        self.grow_above = self.load * self.size
+        self.shrink_below = self.grow_above / 2 if self.size > self.min_size else float("-inf")
 
     def _leave(self, target: TargetState) -> None:
         if target not in self.members:

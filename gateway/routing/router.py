@@ -65,6 +65,7 @@ SCAN_BELOW = 8
 # Random draws per sample before falling back to a full scan (most targets full, down or not
 # placed for the model: the rare case a scan is worth its cost).
 SAMPLE_DRAWS = 8
+_SETS = (set, frozenset)
 
 
 @dataclass(slots=True)
@@ -100,13 +101,20 @@ class Lease:
 
     __slots__ = ("_done", "in_flight", "key", "router", "rows", "started_s", "target")
 
-    def __init__(self, router: Router, target: TargetState, key: str, rows: int) -> None:
+    def __init__(
+        self,
+        router: Router,
+        target: TargetState,
+        key: str,
+        rows: int,
+        started_s: float | None = None,
+    ) -> None:
         self.router = router
         self.target = target
         self.key = key
         self.rows = rows
-        self.in_flight = target.in_flight  # others in flight there when this one started
-        self.started_s = router.clock()
+        self.in_flight = len(target.started)  # others in flight there when this one started
+        self.started_s = router.clock() if started_s is None else started_s
         self._done = False
 
     @property
@@ -345,7 +353,7 @@ class Router:
     ) -> bool:
         """Eligible: placed for the model, not excluded, serving it, healthy."""
         return (
-            target.allows(model)
+            (target.models is None or model in target.models)
             and target.name not in skip
             and (serving is None or serving(target.name))
             and self.outliers.available(target.name)
@@ -417,14 +425,16 @@ class Router:
             if want <= 0:
                 return full
             target = items[int(draw() * n)]
-            if target.in_flight >= target.capacity:
+            if len(target.started) >= target.capacity:
                 full = True
                 continue
-            if any(t is target for t in picked):
-                continue
-            if self._usable(target, model, skip, serving):
-                picked.append(target)
-                want -= 1
+            for other in picked:
+                if other is target:
+                    break
+            else:
+                if self._usable(target, model, skip, serving):
+                    picked.append(target)
+                    want -= 1
         return full
 
     def _sampled(
@@ -502,8 +512,9 @@ class Router:
         none is expected to finish before the deadline. The sampled candidates settle it
         when one of them can (or is unmeasured); only otherwise are all looked at."""
         remaining_s = deadline_s - self.clock()
-        if any(not c.measured or c.completion_s() <= remaining_s for c in sampled):
-            return
+        for c in sampled:
+            if not c.measured or c.completion_s() <= remaining_s:
+                return
         self._refuse_late(model, self.candidates(model, key, rows, skip, serving)[0], deadline_s)
 
     def _refuse_late(self, model: str, candidates: Sequence[Candidate], deadline_s: float) -> None:
@@ -545,12 +556,12 @@ class Router:
         random (``_sampled``), round robin takes the next in turn (``_rotate``); a full scan
         happens only when the draws find nothing (most targets full or down), or to confirm
         that no target at all can meet the deadline."""
-        skip = exclude if isinstance(exclude, set | frozenset) else set(exclude)
+        skip = exclude if isinstance(exclude, _SETS) else set(exclude)
         chosen: TargetState | None = None
+        now = self.clock()
         if len(self._ring) >= SCAN_BELOW:
-            now = self.clock()
             aperture = self.aperture if self.aperture.active(len(self._ring)) else None
-            if aperture is not None:
+            if aperture is not None and now >= aperture.due_s:
                 aperture.refresh(now, self.outliers.available)
             if self.policy.rotates:
                 members = self._ring if aperture is None else aperture.members
@@ -566,7 +577,9 @@ class Router:
                         self._deadline_check(model, key, rows, deadline_s, sampled, skip, serving)
                     chosen = self.targets[self._choose(sampled).name]
             if aperture is not None:
-                aperture.resize(self.leases_out + 1, len(self._ring), now, pressure)
+                out = self.leases_out + 1
+                if pressure or out > aperture.grow_above or out < aperture.shrink_below:
+                    aperture.resize(out, len(self._ring), now, pressure)
         if chosen is None:
             candidates, any_eligible = self.candidates(model, key, rows, skip, serving)
             if not any_eligible:
@@ -578,8 +591,8 @@ class Router:
             if deadline_s is not None:
                 self._refuse_late(model, candidates, deadline_s)
             chosen = self.targets[self.policy.choose(candidates).name]
-        lease = Lease(self, chosen, key, rows)
-        chosen.started[id(lease)] = lease.started_s
+        lease = Lease(self, chosen, key, rows, now)
+        chosen.started[id(lease)] = now
         self.leases_out += 1
         return lease
 
