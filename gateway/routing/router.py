@@ -144,7 +144,7 @@ class Router:
         default_bandwidth_bps: float = 12.5e6,
         max_wait_s: float = 1.0,
         probe_interval_s: float = 2.0,
-        probe_idle_interval_s: float = 30.0,
+        probe_idle_interval_s: float = 60.0,
         probe_timeout_s: float = 1.0,
         probe_jitter: float = 0.2,
         probe_rate: float = 100.0,
