@@ -172,7 +172,7 @@ class Settings:
     host_aperture: int = 12
     host_aperture_load: float = 2.0
     host_aperture_coordinate: float = -1.0
-    host_probe_idle_interval_s: float = 60.0  # probe period of hosts outside the aperture (Envoy: 60)
+    host_probe_idle_interval_s: float = 60.0  # probe period of hosts outside the aperture
     # /metrics: per-host series up to this many hosts; above, families aggregated over hosts.
     metrics_host_series_max: int = 100
     # Tracing (OpenTelemetry, gateway/tracing.py): spans sent over OTLP to this collector URL

@@ -11,6 +11,7 @@ import pytest
 from gateway.backends.placement import RoutedFactory
 from gateway.routing import FAILURE, SUCCESS, Router
 from gateway.routing.aperture import Aperture, ring_position
+from gateway.routing.report import host_metric_families
 from gateway.settings import Settings, SettingsError
 from tests.routing_setup import ManualClock, fleet
 
@@ -202,3 +203,16 @@ def test_hosts_outside_the_aperture_are_probed_at_the_idle_interval() -> None:
     router.outliers.record_probe(outside.name, False)
     router.outliers.record_probe(outside.name, False)  # down: probed every interval to come back
     assert 1.6 <= router._next_probe_s(outside, now) - now <= 2.4
+
+
+def test_metrics_say_the_aperture_size_where_there_is_one() -> None:
+    router = apertured(1000)
+    leases = [router.try_acquire("m", "m/1", 1) for _ in range(40)]
+    families = {f.name: f for f in host_metric_families(router, 100)}
+    assert families["gateway_hosts_aperture"].samples[0].value == 20
+    assert families["gateway_hosts_aperture_resizes"].samples[0].value >= 1
+    for lease in leases:
+        assert lease is not None
+        lease.finish(SUCCESS)
+    small = {f.name for f in host_metric_families(apertured(10), 100)}
+    assert "gateway_hosts_aperture" not in small
