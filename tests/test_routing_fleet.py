@@ -487,6 +487,7 @@ def test_host_table_pages() -> None:
 
 def test_admin_hosts_and_metrics_of_a_fleet_over_http(tmp_path: Path) -> None:
     lines = ["local_execution = false", "host_probe_interval_s = 30.0", "access_log = false"]
+    lines += ["host_aperture_coordinate = 0.5"]
     for i in range(150):
         lines += ["[[hosts]]", 'kind = "v2"', f'name = "h{i}"', f'url = "http://127.0.0.1:{i + 1}"']
     config = tmp_path / "fleet.toml"
@@ -498,6 +499,8 @@ def test_admin_hosts_and_metrics_of_a_fleet_over_http(tmp_path: Path) -> None:
         status, body = get(f"{gw.url}/admin/hosts")
         page = json.loads(body)
         assert status == 200 and len(page["hosts"]) == 100 and page["next_offset"] == 100
+        aperture = page["aperture"]
+        assert aperture["active"] and aperture["min_size"] == 12 and aperture["coordinate"] == 0.5
         page = json.loads(get(f"{gw.url}/admin/hosts?offset=100&limit=1000")[1])
         assert len(page["hosts"]) == 50 and page["next_offset"] is None
         assert get(f"{gw.url}/admin/hosts?limit=lots")[0] == 400
