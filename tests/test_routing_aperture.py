@@ -11,6 +11,7 @@ import pytest
 from gateway.backends.placement import RoutedFactory
 from gateway.routing import FAILURE, SUCCESS, Router
 from gateway.routing.aperture import Aperture, ring_position
+from gateway.routing.hosts import LOCAL
 from gateway.routing.report import host_metric_families
 from gateway.settings import Settings, SettingsError
 from tests.routing_setup import ManualClock, fleet
@@ -216,3 +217,17 @@ def test_metrics_say_the_aperture_size_where_there_is_one() -> None:
         lease.finish(SUCCESS)
     small = {f.name for f in host_metric_families(apertured(10), 100)}
     assert "gateway_hosts_aperture" not in small
+
+
+def test_the_local_runtime_is_always_in_the_aperture() -> None:
+    router = apertured(1000)
+    router.add_target(LOCAL, capacity=4)
+    router.set_ready(LOCAL, "m/1", True)
+    chosen = set()
+    for _ in range(500):
+        lease = router.try_acquire("m", "m/1", 1)
+        assert lease is not None
+        chosen.add(lease.name)
+        lease.finish(SUCCESS)
+    assert LOCAL in members(router) and len(members(router)) == 13
+    assert LOCAL in chosen and chosen == members(router)

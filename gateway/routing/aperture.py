@@ -16,6 +16,8 @@ connections stay open and are reused.
   model full; shrunk by one host at most every ``shrink_after_s`` while below half of that.
   Latency counts through the load: slower hosts hold their batches longer, so the same traffic
   keeps more in flight (Little's law) and widens the aperture.
+- **The local runtime** (``local_execution``) is always in it, on top of ``size``: it has no
+  connection to keep warm.
 - **Health**: a host down or ejected is not in it; the next one along the ring takes its place
   until it is well again (re-checked on every change of health the router sees, and at least
   every ``refresh_s``).
@@ -32,6 +34,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from gateway.routing.hosts import LOCAL
 from gateway.routing.members import Members
 
 if TYPE_CHECKING:
@@ -129,12 +132,16 @@ class Aperture:
         n = len(ring)
         want = min(self.size, n)
         chosen: dict[str, TargetState] = {}
+        local = self._targets.get(LOCAL)
+        if local is not None and available(LOCAL):
+            chosen[LOCAL] = local  # in-process: no connection to keep, always in (and extra)
+            want += 1
         start = bisect.bisect_left(ring, (self.coordinate, ""))
         for step in range(n):
             if len(chosen) >= want:
                 break
             name = ring[(start + step) % n][1]
-            if available(name):
+            if name not in chosen and available(name):
                 chosen[name] = self._targets[name]
         for target in [t for t in self.members.items if t.name not in chosen]:
             self._leave(target)
