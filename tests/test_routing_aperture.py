@@ -231,3 +231,16 @@ def test_the_local_runtime_is_always_in_the_aperture() -> None:
         lease.finish(SUCCESS)
     assert LOCAL in members(router) and len(members(router)) == 13
     assert LOCAL in chosen and chosen == members(router)
+
+
+def test_round_robin_grows_its_aperture_when_full_not_when_told_to_skip_it() -> None:
+    router = apertured(1000, "round_robin", capacity=1)
+    router.try_acquire("m", "m/1", 1).finish(SUCCESS)  # type: ignore[union-attr]
+    inside = members(router)
+    lease = router.try_acquire("m", "m/1", 1, exclude=inside)  # a retry elsewhere, say
+    assert lease is not None and lease.name not in inside
+    lease.finish(SUCCESS)
+    assert router.aperture.size == 12
+    leases = [router.try_acquire("m", "m/1", 1) for _ in range(13)]  # one more than it holds
+    assert all(lease is not None for lease in leases)
+    assert router.aperture.size > 12

@@ -566,7 +566,9 @@ class Router:
             if self.policy.rotates:
                 members = self._ring if aperture is None else aperture.members
                 chosen = self._rotate(members, model, skip, serving)
-                pressure = chosen is None and len(members) > 0
+                pressure = chosen is None and any(  # rare: the aperture's hosts are full
+                    len(t.started) >= t.capacity for t in members.items
+                )
                 if chosen is not None and deadline_s is not None:
                     candidate = self._candidate(chosen, key, rows, now)
                     self._deadline_check(model, key, rows, deadline_s, [candidate], skip, serving)
