@@ -721,10 +721,11 @@ def render(
         "",
         "New connections per batch (probes' included): traffic spread over hundreds of hosts "
         "rarely finds an idle keep-alive connection to the host it picked (a host gets a batch "
-        "every few seconds; gateways close idle connections after 5 s, and probes no longer "
-        "keep them open), so most batches pay a TCP connect: a cost per batch that grows with "
-        "the fleet. Finagle's aperture (each client talks to a load-sized subset of the hosts) "
-        "is the known answer; not done here.",
+        "every few seconds; gateways close idle connections after 5 s), so without an aperture "
+        "most batches pay a TCP connect. With one (a tree that has `host_aperture`), a front "
+        "keeps its batches on a load-sized subset of the hosts and reuses its connections; "
+        "what is left is mostly probes of the hosts outside it (a new connection each, every "
+        "`host_probe_idle_interval_s`).",
     ]
     lines += ["", "Goals (issue 25):", ""]
     lines += [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in goals]
