@@ -22,7 +22,10 @@ for that.
 At fleet sizes (hundreds to thousands of targets) nothing per decision or per probe round is
 O(targets): a decision draws a few targets at random (``try_acquire``), round robin hands them
 out in turn, each target is probed on its own jittered schedule within ``probe_rate``, and a
-target that just answered traffic is not probed at all.
+target that just answered traffic is not probed at all. Decisions draw within the aperture
+(``gateway.routing.aperture``: a stable, load-sized subset, so connections are reused), and
+outside it only for what the aperture lacks: a version loaded only there, a cold placement,
+free slots when all of its hosts are full.
 
 Why one module of this size: its parts share per-target state (in-flight, capacity, health,
 estimates) kept consistent on the event loop; policy, estimators, pool, probing and discovery
