@@ -441,15 +441,17 @@ MICRO = r"""
 import asyncio, json, random, sys, time
 from gateway.routing import Router, make_policy, SUCCESS
 
-def decision_us(n, policy):
-    try:  # as a front builds it: with its default aperture
+def front_aperture():  # the router's aperture as a front builds it, where the tree has one
+    try:
         from gateway.routing.aperture import Aperture
         from gateway.settings import Settings
-        s = Settings()
-        aperture = {"aperture": Aperture(s.host_aperture, s.host_aperture_load, 0.5)}
     except ImportError:  # a tree before the aperture
-        aperture = {}
-    router = Router(make_policy(policy, random.Random(1)), **aperture)
+        return {}
+    s = Settings()
+    return {"aperture": Aperture(s.host_aperture, s.host_aperture_load, 0.5)}
+
+def decision_us(n, policy):
+    router = Router(make_policy(policy, random.Random(1)), **front_aperture())
     for i in range(n):
         router.add_target(f"h{i}", capacity=16)
         router.set_ready(f"h{i}", "m/1", True)
@@ -482,7 +484,7 @@ async def dns_stalls(count):
 
     loop.getaddrinfo = getaddrinfo
     settings = Settings()
-    router = Router(make_policy("round_robin"))
+    router = Router(make_policy("round_robin"), **front_aperture())
     pool = HostPool(router, 0.5)
     discovery = DnsDiscovery(pool, lambda spec: build_host(spec, settings), lambda e: None, 10.0)
     group = parse_host({"kind": "v2", "dns": "fleet", "port": 8000}, settings)
