@@ -39,7 +39,7 @@ from gateway.repository.config import EnsembleStep, ModelConfig
 from gateway.shared_memory import write_outputs
 
 if TYPE_CHECKING:
-    from gateway.dataplane import LoadedVersion
+    from gateway.lifecycle import LoadedVersion
 
 Submit = Callable[[str, str | None, InferRequest, str | None], Pending]
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from gateway.batching import Queued
-    from gateway.dataplane import LoadedVersion
+    from gateway.lifecycle import LoadedVersion
 
 DoneCallback = Callable[["Pending"], object]
 

@@ -39,7 +39,7 @@ from gateway.protocol.types import InferRequest, InferResponse, datatype_of, num
 from gateway.shared_memory import write_outputs
 
 if TYPE_CHECKING:
-    from gateway.dataplane import LoadedVersion
+    from gateway.lifecycle import LoadedVersion
     from gateway.pending import Pending
     from gateway.settings import Settings
 

@@ -1,9 +1,9 @@
 """Distributed tracing with OpenTelemetry: one trace per request across edges, gateways and hosts.
 
-Why one module of this size: it is the one place that imports OpenTelemetry. Two concepts share
-it: the span helpers and W3C propagation the core calls, and the run-time sampling settings of
-Triton's trace extension (``TraceSetting`` to ``update_trace_setting``), which feed the sampler.
-The settings are the next split, into a module of their own.
+What it owns: turning tracing on and off (``setup``, ``install``, ``shutdown``), the span helpers
+and W3C propagation the core calls, and the sampler. It is the one place that imports
+OpenTelemetry. The run-time settings of Triton's trace extension, which the sampler reads, are
+``gateway.trace_settings``'s.
 
 Off by default, and then free: every hook in the core is guarded by one read of ``enabled``
 (a module global, ``tracing.enabled``), and this module builds no span, context or header until
@@ -29,17 +29,15 @@ forwarding) carry ``traceparent`` / ``tracestate`` from the current context (``i
 
 Sampling follows Triton's trace extension (``GET/POST /v2[/models/{m}]/trace/setting``, served
 by ``gateway.server.trace_setting``, and gRPC ``TraceSetting``), global and per model, mapped
-onto OpenTelemetry as ``TraceSampler`` and ``update_trace_setting`` say.
+onto OpenTelemetry as ``TraceSampler`` and ``trace_settings.update_trace_setting`` say.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
@@ -49,7 +47,7 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.errors import InvalidInput
+from gateway.trace_settings import CONFIG, TraceConfig, started, stopped
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -81,58 +79,7 @@ _propagator = TraceContextTextMapPropagator()
 NULL: AbstractContextManager[None] = nullcontext()  # the no-op ``with`` of a hook when off
 
 
-# -- sampling: Triton's trace settings ----------------------------------------------------------
-
-LEVELS = ("OFF", "TIMESTAMPS", "TENSORS")
-
-
-@dataclass(frozen=True, slots=True)
-class TraceSetting:
-    """One scope's trace settings as Triton names them (global, or a model's overrides: a
-    ``None`` field there falls back to the global one)."""
-
-    level: tuple[str, ...] | None = None  # ("OFF",) | ("TIMESTAMPS",) | ("TENSORS", ...)
-    ratio: float | None = None  # trace_rate N is 1/N
-    count: int | None = None  # traces left to take; -1: no limit
-
-
-@dataclass(slots=True)
-class TraceConfig:
-    """Global and per-model sampling, changed at run time by the trace extension."""
-
-    glob: TraceSetting = field(default_factory=lambda: TraceSetting(("TIMESTAMPS",), 1.0, -1))
-    models: dict[str, TraceSetting] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def effective(self, model: str | None) -> TraceSetting:
-        own = self.models.get(model) if model is not None else None
-        if own is None:
-            return self.glob
-        glob = self.glob
-        return TraceSetting(
-            own.level if own.level is not None else glob.level,
-            own.ratio if own.ratio is not None else glob.ratio,
-            own.count if own.count is not None else glob.count,
-        )
-
-    def take(self, model: str | None) -> bool:
-        """One more trace taken in ``model``'s scope: False when its ``trace_count`` is spent
-        (counted down where it is set: the model's own, else the global one)."""
-        with self.lock:
-            own = self.models.get(model) if model is not None else None
-            scoped = own is not None and own.count is not None
-            setting = own if scoped and own is not None else self.glob
-            if setting.count is None or setting.count < 0:
-                return True
-            if setting.count == 0:
-                return False
-            taken = replace(setting, count=setting.count - 1)
-            if scoped and model is not None:
-                self.models[model] = taken
-            else:
-                self.glob = taken
-            return True
-
+# -- sampling: OpenTelemetry's sampler over Triton's trace settings ---------------------------
 
 _MAX_ID = 1 << 64
 
@@ -193,113 +140,6 @@ class TraceSampler(Sampler):
         return "GatewayTraceSampler"
 
 
-CONFIG = TraceConfig()
-_STARTUP = TraceSetting(("TIMESTAMPS",), 1.0, -1)  # what a global ``null`` goes back to
-
-
-def _rate_of(ratio: float) -> str:
-    return str(round(1 / ratio)) if ratio > 0 else "0"
-
-
-def trace_setting(model: str | None = None) -> dict[str, Any]:
-    """The settings in force for ``model`` (global when None), as Triton's trace extension
-    reports them: strings, ``trace_level`` a list. Off (no tracer installed): level OFF."""
-    setting = CONFIG.effective(model)
-    ratio = setting.ratio if setting.ratio is not None else 0.0
-    level = list(setting.level or ("OFF",)) if configured() else ["OFF"]
-    return {
-        "trace_level": level,
-        "trace_rate": _rate_of(ratio),
-        "trace_count": str(setting.count if setting.count is not None else -1),
-        "trace_mode": "opentelemetry",
-        "trace_sample_ratio": format(ratio, "g"),  # the exact ratio (trace_rate is rounded)
-    }
-
-
-def _int_value(key: str, value: object, least: int) -> int:
-    text = value[0] if isinstance(value, list) and len(value) == 1 else value
-    if isinstance(text, bool) or not isinstance(text, str | int):
-        raise InvalidInput(f"trace setting '{key}' must be a string holding an integer")
-    try:
-        number = int(text)
-    except ValueError:
-        raise InvalidInput(f"trace setting '{key}': {str(text)[:32]!r} is not an integer") from None
-    if number < least:
-        raise InvalidInput(f"trace setting '{key}' must be >= {least}, got {number}")
-    return number
-
-
-def _level_value(value: object) -> tuple[str, ...]:
-    levels = [value] if isinstance(value, str) else value
-    if not isinstance(levels, list) or not levels or not all(isinstance(v, str) for v in levels):
-        raise InvalidInput("trace setting 'trace_level' must be a string or a list of strings")
-    unknown = [str(v)[:32] for v in levels if str(v).upper() not in LEVELS]
-    if unknown:
-        raise InvalidInput(f"trace_level {unknown[0]!r} is not one of {', '.join(LEVELS)}")
-    return tuple(str(v).upper() for v in levels)
-
-
-def _ratio_value(value: object) -> float:
-    text = value[0] if isinstance(value, list) and len(value) == 1 else value
-    if isinstance(text, bool) or not isinstance(text, str | int | float):
-        raise InvalidInput("trace setting 'trace_sample_ratio' must be a number in 0..1")
-    try:
-        ratio = float(text)
-    except ValueError:
-        raise InvalidInput("trace setting 'trace_sample_ratio' must be a number in 0..1") from None
-    if not 0 <= ratio <= 1:
-        raise InvalidInput(f"trace_sample_ratio must be in 0..1, got {ratio:g}")
-    return ratio
-
-
-NOT_HERE = ("trace_file", "log_frequency")  # Triton's file output: spans go to OTLP here
-
-
-def update_trace_setting(model: str | None, body: Mapping[str, object]) -> dict[str, Any]:
-    """Triton's ``POST /v2[/models/{m}]/trace/setting``: change what ``body`` names (a JSON
-    ``null`` clears it: a model's falls back to the global one, the global one to its start-up
-    value); a model with an empty body loses all its own settings. Returns ``trace_setting``.
-
-    Mapping: ``trace_level`` OFF stops sampling, TIMESTAMPS (and TENSORS, whose tensor dumps
-    are not recorded) samples; ``trace_rate`` N samples 1/N of requests (by trace id, not
-    every N-th); ``trace_count`` as Triton's; ``trace_file`` and ``log_frequency`` refused."""
-    if not configured():
-        raise InvalidInput("tracing is off on this gateway: start it with a trace_endpoint")
-    changes: dict[str, Any] = {}
-    for key, value in body.items():
-        if key in NOT_HERE:
-            raise InvalidInput(
-                f"trace setting '{key}' does not apply: spans are exported over OTLP "
-                "(trace_endpoint), not written to files"
-            )
-        if key == "trace_level":
-            changes["level"] = None if value is None else _level_value(value)
-        elif key == "trace_rate":
-            changes["ratio"] = None if value is None else 1 / _int_value(key, value, 1)
-        elif key == "trace_sample_ratio":
-            changes["ratio"] = None if value is None else _ratio_value(value)
-        elif key == "trace_count":
-            changes["count"] = None if value is None else _int_value(key, value, -1)
-        elif key != "trace_mode":
-            raise InvalidInput(f"unknown trace setting '{key[:64]}'")
-    with CONFIG.lock:
-        if model is None:
-            glob = CONFIG.glob
-            for name, value in changes.items():
-                fallback = getattr(_STARTUP, name)
-                glob = replace(glob, **{name: fallback if value is None else value})
-            CONFIG.glob = glob
-        elif not changes and not body:
-            CONFIG.models.pop(model, None)
-        else:
-            own = replace(CONFIG.models.get(model) or TraceSetting(), **changes)
-            if own == TraceSetting():
-                CONFIG.models.pop(model, None)
-            else:
-                CONFIG.models[model] = own
-    return trace_setting(model)
-
-
 # -- turning it on and off ----------------------------------------------------------------------
 
 
@@ -343,13 +183,12 @@ def install(exporter: SpanExporter, ratio: float = 1.0, service_name: str = "gat
 
 
 def _install(processor: Any, ratio: float, service_name: str) -> None:
-    global _tracer, _provider, enabled, _STARTUP
+    global _tracer, _provider, enabled
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
 
     shutdown()
-    CONFIG.glob = _STARTUP = TraceSetting(("TIMESTAMPS",), ratio, -1)
-    CONFIG.models.clear()
+    started(ratio)
     provider = TracerProvider(
         sampler=TraceSampler(CONFIG),
         resource=Resource.create({"service.name": service_name}),
@@ -364,13 +203,9 @@ def shutdown() -> None:
     global _tracer, _provider, enabled
     enabled = False
     provider, _provider, _tracer = _provider, None, None
+    stopped()
     if provider is not None:
         provider.shutdown()
-
-
-def configured() -> bool:
-    """Whether a tracer is installed (the trace extension can only sample when one is)."""
-    return _tracer is not None
 
 
 # -- incoming context -----------------------------------------------------------------------
@@ -569,14 +404,10 @@ def outbound(headers: dict[str, str] | None) -> dict[str, str] | None:
 
 
 __all__ = [
-    "CONFIG",
     "NULL",
     "Incoming",
-    "TraceConfig",
     "TraceSampler",
-    "TraceSetting",
     "batch_begins",
-    "configured",
     "enabled",
     "end_request",
     "fetching",
@@ -589,7 +420,5 @@ __all__ = [
     "shutdown",
     "span",
     "start_request",
-    "trace_setting",
-    "update_trace_setting",
     "use",
 ]

@@ -322,7 +322,7 @@ async def test_batch_formed_ahead_grows_until_an_instance_is_about_to_free() -> 
 def test_no_second_queue_delay_in_front_of_a_batching_host() -> None:
     """A backend that batches upstream (Triton, with the pushed dynamic_batching) gets the
     model's batch sizes but no queue delay from the gateway: the delay is paid once, there."""
-    from gateway.dataplane import _policy
+    from gateway.lifecycle import _policy
     from gateway.repository.config import DynamicBatching, ModelConfig
     from gateway.settings import Settings, SettingsError
 

@@ -89,7 +89,7 @@ def test_priority_levels_and_queue_policies() -> None:
 
 def test_priority_policies_reach_the_batcher() -> None:
     from gateway.batching import QueuePolicy
-    from gateway.dataplane import _policy
+    from gateway.lifecycle import _policy
 
     class Local:
         instance_count = 1

@@ -602,3 +602,46 @@ def test_status_table() -> None:
     assert status_of(errors.Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_of(errors.DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert status_of(errors.GatewayError("x")) == grpc.StatusCode.INTERNAL
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "headers"),
+    [
+        (["--admin-port", "0"], {}, None),  # port filled in below: the admin API on its own port
+        ([], {"GATEWAY_ADMIN_API": "false", "GATEWAY_ADMIN_KEYS": "adm"}, {"x-api-key": "adm"}),
+    ],
+    ids=["admin-port-no-keys", "admin-off-admin-key"],
+)
+def test_repository_rpcs_not_served_here_are_unimplemented(
+    model_repo: Path, tmp_path: Path, args: list[str], env: dict[str, str], headers: Any
+) -> None:
+    """Where the gRPC port does not serve the repository API, its RPCs answer UNIMPLEMENTED
+    to any caller, an admin key included, and inference still works (with or without keys:
+    both the interceptor's path and the one without it)."""
+    from tests.helpers import start_gateway
+
+    if args:
+        args = [args[0], str(free_port())]
+    grpc_port = free_port()
+    gw = start_gateway(model_repo, tmp_path, "--grpc-port", str(grpc_port), *args, env=env)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    try:
+        calls = {
+            "index": lambda: client.get_model_repository_index(headers=headers),
+            "unload": lambda: client.unload_model("spare", headers=headers),
+            "load": lambda: client.load_model("spare", headers=headers),
+            "log": lambda: client.get_log_settings(headers=headers),
+        }
+        for what, call in calls.items():
+            with pytest.raises(InferenceServerException) as info:
+                call()
+            assert _status(info.value) == str(grpc.StatusCode.UNIMPLEMENTED), what
+            assert "not served here" in str(info.value.message()), what
+        assert client.is_server_live()
+        a, b = _operands(1)
+        result = client.infer("simple", _simple_inputs(a, b), headers=headers)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+        assert client.is_model_ready("spare", headers=headers)  # unload was refused
+    finally:
+        client.close()
+        gw.stop()

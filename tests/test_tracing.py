@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway import tracing
+from gateway import trace_settings, tracing
 from gateway.settings import Settings
 from gateway.testing.delay_proxy import DelayProxy
 from gateway.testing.tritonserver import TritonServer, tritonserver_unavailable_reason
@@ -513,13 +513,13 @@ def test_any_trace_setting_body_is_applied_whole_or_refused(
     """Whatever JSON a POST holds, the settings change as a whole or not at all (a 400)."""
     from gateway.errors import InvalidInput
 
-    before = tracing.trace_setting(model)
+    before = trace_settings.trace_setting(model)
     try:
-        after = tracing.update_trace_setting(model, body)
+        after = trace_settings.update_trace_setting(model, body)
     except InvalidInput:
-        assert tracing.trace_setting(model) == before
+        assert trace_settings.trace_setting(model) == before
         return
-    assert after == tracing.trace_setting(model)
+    assert after == trace_settings.trace_setting(model)
     assert float(after["trace_sample_ratio"]) <= 1 and int(after["trace_count"]) >= -1
 
 

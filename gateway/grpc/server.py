@@ -31,7 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from gateway import tracing
+from gateway import trace_settings, tracing
 from gateway.credentials import Credentials, Verdict, token_of
 from gateway.dataplane import DataPlane
 from gateway.errors import (
@@ -254,16 +254,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     @_unary
     async def TraceSetting(self, request: Any, context: Any) -> Any:
         """Triton's trace extension over gRPC: no settings reads them; a setting with no
-        value clears it (``gateway.tracing.update_trace_setting``)."""
+        value clears it (``gateway.trace_settings.update_trace_setting``)."""
         model = self.dataplane.check_known(request.model_name) if request.model_name else None
         if request.settings:
             changes: dict[str, object] = {}
             for key, setting in request.settings.items():
                 values = list(setting.value)
                 changes[key] = None if not values else values if key == "trace_level" else values[0]
-            current = tracing.update_trace_setting(model, changes)
+            current = trace_settings.update_trace_setting(model, changes)
         else:
-            current = tracing.trace_setting(model)
+            current = trace_settings.trace_setting(model)
         response = pb.TraceSettingResponse()
         for key, value in current.items():
             response.settings[key].value.extend(value if isinstance(value, list) else [value])
@@ -437,6 +437,7 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+REGISTERED_METHODS = ("ModelInfer",)
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 ADMIN_METHODS = frozenset(
     {
@@ -534,12 +535,12 @@ class GrpcServer:
 
     async def start(self) -> None:
         settings = self.dataplane.settings
-        interceptor = AccessInterceptor(
-            Credentials(settings.api_keys, settings.admin_keys),
-            admin_here=settings.admin_api and not settings.admin_port,
-        )
+        credentials = Credentials(settings.api_keys, settings.admin_keys)
+        admin_here = bool(settings.admin_api and not settings.admin_port)
+        # The interceptor runs a coroutine chain on every call: only when keys are checked.
+        interceptors = [AccessInterceptor(credentials, admin_here)] if credentials.enabled else []
         server = grpc.aio.server(
-            interceptors=[interceptor],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
@@ -548,8 +549,17 @@ class GrpcServer:
         )
         servicer = InferenceServicer(self.dataplane, settings.grpc_stream_max_inflight)
         handlers = _method_handlers(servicer)
+        if not admin_here:  # refused whoever asks, so without a per-call check
+            message, code = "the repository API is not served here", grpc.StatusCode.UNIMPLEMENTED
+            for method in ADMIN_METHODS:
+                handlers[method] = _refusal(handlers[method], code, message)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
-        server.add_registered_method_handlers(_SERVICE, handlers)
+        # Only ModelInfer as a registered method: grpc.aio waits on one pending request per
+        # registered method and every accepted call re-arms that wait over all of them, so
+        # registering the service's 22 methods costs each call a wait over 23 futures.
+        server.add_registered_method_handlers(
+            _SERVICE, {name: handlers[name] for name in REGISTERED_METHODS}
+        )
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as exc:

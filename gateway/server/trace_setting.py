@@ -1,6 +1,6 @@
 """Triton's trace extension over HTTP: ``GET/POST /v2/trace/setting`` and
-``/v2/models/{m}/trace/setting`` read and change sampling at run time (``gateway.tracing``
-owns the settings and says how Triton's map onto OpenTelemetry)."""
+``/v2/models/{m}/trace/setting`` read and change sampling at run time (``gateway.trace_settings``
+owns the settings; ``gateway.tracing``'s sampler maps them onto OpenTelemetry)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway import tracing
+from gateway import trace_settings
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput
 from gateway.server.infer import read_body
@@ -31,7 +31,7 @@ def trace_routes(dataplane: DataPlane) -> list[Route]:
         return None if name is None else dataplane.check_known(name)
 
     async def get_setting(request: Request) -> Response:
-        return _json(tracing.trace_setting(model_of(request)))
+        return _json(trace_settings.trace_setting(model_of(request)))
 
     async def post_setting(request: Request) -> Response:
         model = model_of(request)
@@ -43,7 +43,7 @@ def trace_routes(dataplane: DataPlane) -> list[Route]:
             raise InvalidInput(f"request body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise InvalidInput("request body must be a JSON object of trace settings")
-        return _json(tracing.update_trace_setting(model, data))
+        return _json(trace_settings.update_trace_setting(model, data))
 
     routes = []
     for path in ("/v2/trace/setting", "/v2/models/{model}/trace/setting"):
