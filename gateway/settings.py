@@ -73,7 +73,9 @@ class Settings:
     # algorithm the first time each input shape is seen, which stalls the batch that brings a
     # new batch size; "heuristic" picks from cuDNN's heuristics at once; "default": one fixed.
     cudnn_conv_algo_search: str = "heuristic"  # heuristic | exhaustive | default
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default
+    # 0: one less than the usable cores, at least 1 (the event loop keeps a core; README,
+    # "ONNX Runtime threads").
+    intra_op_threads: int = 0
     inter_op_threads: int = 0
     # ORT's pool threads busy-wait between ops and after a run by default; in a server that
     # shares its cores with the event loop the spinning after a run costs more than it saves.
@@ -99,6 +101,10 @@ class Settings:
     # rate says a request will join within the delay left (README, "Batching"); triton: every
     # short batch waits the model's whole max_queue_delay_microseconds, as Triton does.
     batching_delay: str = "adaptive"  # adaptive | triton
+    # A lone batch (nothing else outstanding, arrivals rare) of a model whose recent executions
+    # took at most this long runs on the event loop's thread instead of a worker's: no thread
+    # hand-off there and back (README, "Lone requests"). 0: always on a worker thread.
+    inline_max_ms: float = 5.0
     default_max_batch_size: int = 4  # for auto-completed batchable models (Triton's default)
     # Loading.
     load_models: tuple[str, ...] = ()  # empty: every model in the repository
@@ -288,6 +294,8 @@ class Settings:
             raise SettingsError(
                 f"batching_delay must be adaptive or triton, got {self.batching_delay!r}"
             )
+        if self.inline_max_ms < 0:
+            raise SettingsError(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.gc_threshold < 0 or self.gil_switch_interval_us < 0:
             raise SettingsError(
                 "gc_threshold and gil_switch_interval_us must be >= 0 (0: Python's default)"
