@@ -45,16 +45,6 @@ ROUND_HEAD = (
 )
 
 
-def perf_analyzer_path() -> str:
-    out = subprocess.run(
-        [str(harness.ROOT / "scripts" / "perf_analyzer.sh")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip().splitlines()[-1]
-
-
 def run_perf_analyzer(
     pa: str, address: str, model: str, concurrency: int, window_ms: int, workdir: Path
 ) -> dict[str, float]:
@@ -83,8 +73,11 @@ def run_perf_analyzer(
     }
 
 
-def in_process_latency(repo: Path, model_name: str, seconds: float) -> dict[str, float]:
-    """p50 / p99 of one-item ``session.run`` with the gateway's own session options."""
+def in_process_latency(
+    repo: Path, model_name: str, seconds: float, ort_defaults: bool = False
+) -> dict[str, float]:
+    """p50 / p99 of one-item ``session.run`` with the gateway's own session options (or ORT's
+    defaults: one thread per core, spinning)."""
     import onnxruntime as ort
 
     from gateway.backends.onnxruntime import OnnxRuntimeFactory
@@ -93,6 +86,8 @@ def in_process_latency(repo: Path, model_name: str, seconds: float) -> dict[str,
 
     config = load_config(repo / model_name)
     options = OnnxRuntimeFactory(Settings()).session_options(config)
+    if ort_defaults:
+        options = ort.SessionOptions()
     session = ort.InferenceSession(
         str(repo / model_name / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
     )
@@ -115,10 +110,12 @@ def in_process_latency(repo: Path, model_name: str, seconds: float) -> dict[str,
 
 
 # ONNX Runtime thread wake-up: how one-item runs spaced like a lone client's requests (1 ms
-# apart, the pool idle in between) fare under each spinning choice. "gateway" is what the
-# gateway sets for a single-instance model: spin while a run goes, stop when it returns.
+# apart, the pool idle in between) fare under each spinning choice. The first is what the
+# gateway set before its thread rule (ORT's thread count; spin while a run goes, stop when it
+# returns); on 2 cores the gateway now runs "one intra-op thread" (README, "ONNX Runtime
+# threads").
 ORT_VARIANTS = {
-    "gateway: spin during a run, stop after": {"threads": 0, "spin": "1", "stop": True},
+    "ORT threads, spin during a run, stop after": {"threads": 0, "spin": "1", "stop": True},
     "ORT default: spin after a run too": {"threads": 0, "spin": "1", "stop": False},
     "never spin": {"threads": 0, "spin": "0", "stop": False},
     "one intra-op thread": {"threads": 1, "spin": "0", "stop": False},
@@ -168,9 +165,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.window_ms, args.in_process_s = 1, 1000, 1.0
-    pa = perf_analyzer_path()
+    pa = harness.perf_analyzer_path()
     repo = harness.ROOT / "model_repo"
-    results: dict[str, Any] = {"in_process": [], **{m: {1: [], 64: []} for m in MODES}}
+    results: dict[str, Any] = {
+        "in_process": [],
+        "in_process_ort": [],
+        **{m: {1: [], 64: []} for m in MODES},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         gateways = {}
@@ -200,6 +201,9 @@ def main() -> None:
                             results["in_process"].append(
                                 in_process_latency(repo, args.model, args.in_process_s / 2)
                             )
+                            results["in_process_ort"].append(
+                                in_process_latency(repo, args.model, args.in_process_s / 4, True)
+                            )
                         point = run_perf_analyzer(
                             pa, gw.address, args.model, concurrency, args.window_ms, workdir
                         )
@@ -213,6 +217,7 @@ def main() -> None:
         return statistics.median(p[key] for p in points)
 
     ip50 = med(results["in_process"], "p50_ms")
+    ort50 = med(results["in_process_ort"], "p50_ms")
     rows = []
     for mode in MODES:
         c1, c64 = results[mode][1], results[mode][64]
@@ -237,7 +242,7 @@ def main() -> None:
         results["triton"][64], "throughput"
     )
     wake = results["ort_wakeup"]
-    base = statistics.median(w["gateway: spin during a run, stop after"] for w in wake)
+    base = statistics.median(w["ORT threads, spin during a run, stop after"] for w in wake)
     wake_rows = []
     for name in ORT_VARIANTS:
         p50 = statistics.median(w[name] for w in wake)
@@ -253,7 +258,9 @@ same cores; load average {load} at the end, 1/5/15 min); perf_analyzer, binary H
 per request, {args.window_ms} ms windows;
 {args.rounds} rounds, the two gateways alternating; medians over rounds.
 In-process: one-item `session.run` back to back with the gateway's session options, measured
-right before each c=1 run, p50 {ip50:.2f} ms (median of the slices).
+right before each c=1 run, p50 {ip50:.2f} ms (median of the slices); with ORT's default
+session options instead (one thread per core, spinning) {ort50:.2f} ms, so adaptive c=1 is
+{adaptive_c1 - ort50:+.2f} ms over that.
 
 {TABLE_HEAD}
 {chr(10).join(rows)}
@@ -266,7 +273,7 @@ ONNX Runtime thread wake-up, in-process: one-item `session.run` 1 ms apart (the 
 between, as under a lone client), p50 per spinning choice, variants interleaved, medians over
 rounds:
 
-| ORT threads | p50 ms | vs the gateway's choice |
+| ORT threads | p50 ms | vs the first |
 |---|---:|---:|
 {chr(10).join(wake_rows)}
 

@@ -160,6 +160,14 @@ class Body:
     headers: dict[str, str]
 
 
+def perf_analyzer_path() -> str:
+    """A working Triton ``perf_analyzer`` (``scripts/perf_analyzer.sh`` finds or fetches it)."""
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "perf_analyzer.sh")], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
 def _input_entry(t: Tensor, **content: Any) -> dict[str, Any]:
     """One input of a batch-1 request: name, datatype, shape, then ``content`` (its data, or
     the parameters that point at its binary data)."""

@@ -107,6 +107,7 @@ def _policy(config: ModelConfig, backend: Backend, settings: Settings) -> BatchP
         instance_count=backend.instance_count,
         pipeline=settings.batch_pipeline,
         adaptive_delay=settings.batching_delay == "adaptive",
+        inline_max_s=settings.inline_max_ms / 1e3,
         priority_levels=db.priority_levels,
         default_priority_level=db.default_priority_level,
         queue_policies=tuple(
@@ -402,6 +403,7 @@ class ModelLifecycle:
                     stats,
                     self.clock,
                     capacity=_capacity_of(backend),
+                    execute_now=backend.execute_now,
                 )
                 labels = read_labels(source.directory, backend.config)
                 new[version] = LoadedVersion(

@@ -218,7 +218,9 @@ async def test_triton_thread_parameters_reach_onnx_runtime(tmp_path: Path) -> No
     )
     models.add_sub(tmp_path, "badthreads", config=bad)
     repo = LocalRepository(tmp_path)
-    factory = OnnxRuntimeFactory(Settings(warmup=False, intra_op_threads=2))
+    # Four cores: one instance's three threads and the event loop fit (they spin while a run
+    # goes), two instances' do not (tests/test_ort_threads.py has the rule).
+    factory = OnnxRuntimeFactory(Settings(warmup=False, intra_op_threads=2), cores=lambda: 4)
     options = factory.session_options(repo.source("threads").config)
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
     # One instance: its threads spin while a run goes and stop when it returns.

@@ -76,6 +76,12 @@ class Backend(Protocol):
         pay it twice. Default: False."""
         return False
 
+    def execute_now(self, inputs: Tensors, outputs: Sequence[str]) -> Executed | None:
+        """Run one batch on the calling thread (the event loop's, for a lone batch: see
+        ``BatchPolicy.inline_max_s``) if it can start at once, else None (the batcher then
+        awaits ``execute``). Default: None, always."""
+        return None
+
     def placement(self) -> dict[str, Any]:
         """The facts ``/metrics`` reads on every scrape (``instance_providers``,
         ``cpu_fallback``): a backend whose ``describe`` walks many hosts returns only these.

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import os
 import queue
 import re
 import threading
@@ -189,6 +190,48 @@ def _missing_libraries(preload_note: str) -> list[str]:
     """``libcublasLt.so.12`` ... from preload_dlls' "Failed to load <path>: ..." lines."""
     names = re.findall(r"Failed to load (\S+?):", preload_note)
     return sorted({Path(name).name for name in names})
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, hyperthread siblings counted once
+    (as ONNX Runtime counts its default threads), within a cgroup CPU quota when there is one
+    (a container's CPU limit)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("", str(cpu)))
+    count = len(cores) or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+def _fit(instances: int, threads: int, cores: int) -> bool:
+    """Whether ``instances`` pools of ``threads`` (0: ORT's one per core) and the event loop
+    fit in ``cores`` (a single core counts as two: one thread has no pool to wait on)."""
+    return instances * (threads or cores) + 1 <= max(2, cores)
+
+
+def default_intra_op_threads(cores: int) -> int:
+    """ONNX Runtime's intra-op threads per session when neither the setting nor the model says:
+    one less than the usable cores, at least one. ORT's own default (one per core) leaves the
+    event loop, which reads and answers every request, no core of its own: under load the loop
+    and ORT's pool preempt each other, and a parallel op waits at its barrier for a thread the
+    scheduler put aside (measured on 2 cores: ``mlp`` at 64 connections 1.2-6x the throughput
+    with one thread, bench/results/ort_threads.md)."""
+    return max(1, cores - 1)
 
 
 def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
@@ -406,7 +449,9 @@ class OnnxRuntimeBackend(Backend):
         path: str,
         instances: Sequence[Instance] = (),
         cpu_fallback: bool = False,
+        inline: bool = True,
     ):
+        """``inline``: whether ``execute_now`` may run a batch on the caller's thread."""
         self._config = config
         self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for session in sessions:
@@ -419,6 +464,7 @@ class OnnxRuntimeBackend(Backend):
         self._cpu_fallback = cpu_fallback
         self._on_gpu = any(i.provider == CUDA for i in self._instances)
         self._device_failures = 0
+        self.inline = inline
 
     @property
     def config(self) -> ModelConfig:
@@ -428,10 +474,12 @@ class OnnxRuntimeBackend(Backend):
     def instance_count(self) -> int:
         return self._count
 
-    def _run(self, inputs: Tensors, outputs: Sequence[str]) -> Executed:
-        """One run: the outputs, and how long it took (of which, handing the inputs over and
-        reading the outputs back: Triton's compute_input and compute_output)."""
-        session = self._free.get()
+    def _run(self, inputs: Tensors, outputs: Sequence[str], session: Any = None) -> Executed:
+        """One run (on ``session``, else the next free one): the outputs, and how long it took
+        (of which, handing the inputs over and reading the outputs back: Triton's
+        compute_input and compute_output)."""
+        if session is None:
+            session = self._free.get()
         started = time.perf_counter()
         try:
             feeds, raw = {}, False
@@ -459,14 +507,36 @@ class OnnxRuntimeBackend(Backend):
             with tracing.span(tracing.ORT_RUN):
                 ran = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
         except Exception as exc:  # ORT raises its own exception types
-            if isinstance(exc, EPFail) or (self._on_gpu and _DEVICE_FAILURE.search(str(exc))):
-                raise self._device_failed(exc) from None
-            if type(exc).__module__.startswith("onnxruntime"):
-                raise InvalidInput(
-                    f"model '{self._config.name}' rejected the input: {exc}"
-                ) from None
-            raise
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from None
         return ran
+
+    def execute_now(self, inputs: Tensors, outputs: Sequence[str]) -> Executed | None:
+        """``Backend.execute_now``: the run on this thread, if a session is free."""
+        if not self.inline:
+            return None
+        try:
+            session = self._free.get_nowait()
+        except queue.Empty:
+            return None
+        try:
+            with tracing.span(tracing.ORT_RUN):
+                return self._run(inputs, outputs, session)
+        except Exception as exc:
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from None
+
+    def _failure(self, exc: Exception) -> Exception:
+        """What a failed run raises: the device's fault (503), the input's (400), or as is."""
+        if isinstance(exc, EPFail) or (self._on_gpu and _DEVICE_FAILURE.search(str(exc))):
+            return self._device_failed(exc)
+        if type(exc).__module__.startswith("onnxruntime"):
+            return InvalidInput(f"model '{self._config.name}' rejected the input: {exc}")
+        return exc
 
     def _device_failed(self, exc: Exception) -> Unavailable:
         """A run the execution provider failed (fallback is off): the server's fault (503),
@@ -512,14 +582,16 @@ class OnnxRuntimeFactory(BackendFactory):
         available_providers: Callable[[], Sequence[str]] = ort.get_available_providers,
         new_session: Callable[..., Any] = ort.InferenceSession,
         preload: Callable[[], str] = preload_cuda_libraries,
+        cores: Callable[[], int] = usable_cores,
     ) -> None:
         """The ONNX Runtime seams are parameters so tests can stand in for a CUDA build on a
         machine without one: what the build offers, how a session is made, the CUDA
-        library preload (run once, before the first CUDA session)."""
+        library preload (run once, before the first CUDA session), the usable core count."""
         self._settings = settings
         self._available = available_providers
         self._new_session = new_session
         self._preload = preload
+        self._cores = cores
         self._preload_lock = threading.Lock()
         self._preload_note: str | None = None
 
@@ -537,21 +609,14 @@ class OnnxRuntimeFactory(BackendFactory):
         entries), as the python-backend model on Triton honours them, so one ``config.pbtxt``
         means the same wherever the model runs. Raises ``ValueError`` on a bad thread count."""
         options = ort.SessionOptions()
-        if self._settings.intra_op_threads:
-            options.intra_op_num_threads = self._settings.intra_op_threads
+        cores = self._cores()
+        options.intra_op_num_threads = self._settings.intra_op_threads or (
+            default_intra_op_threads(cores)
+        )
         if self._settings.inter_op_threads:
             options.inter_op_num_threads = self._settings.inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning between a run's ops keeps its threads in step (measured: a batch of 64 of
-        # mlp 6 % faster); spinning after the run returns takes a core from the event loop
-        # while it answers that batch. So: spin while a run goes, stop when it returns, unless
-        # several instances share the cores (a spinning thread would wait on a preempted one).
-        runs_alone = config.instance_count == 1
-        spin = "1" if self._settings.ort_spinning or runs_alone else "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        if not self._settings.ort_spinning and runs_alone:
-            options.add_session_config_entry("session.force_spinning_stop", "1")
+        given = set()
         for key, value in config.parameters:
             if key in THREAD_PARAMETERS:
                 try:
@@ -566,7 +631,31 @@ class OnnxRuntimeFactory(BackendFactory):
                 setattr(options, THREAD_PARAMETERS[key], count)
             elif key.startswith("session."):
                 options.add_session_config_entry(key, value)
+                given.add(key)
+        # Spinning between a run's ops keeps its threads in step (measured: a batch of 64 of
+        # mlp 6 % faster) while each has a core of its own; a thread that spins waiting for a
+        # preempted one wastes the core the other needs (measured on 2 oversubscribed cores:
+        # lone requests 1.5-3x slower, bench/results/ort_threads.md), and spinning after the
+        # run returns takes a core from the event loop while it answers that batch. So: spin
+        # while a run goes, stop when it returns, only while every instance's pool and the
+        # event loop fit in the cores; never otherwise. ``ort_spinning``: ORT's own default.
+        fits = _fit(config.instance_count, options.intra_op_num_threads, cores)
+        spin = "1" if self._settings.ort_spinning or fits else "0"
+        entries = {
+            "session.intra_op.allow_spinning": spin,
+            "session.inter_op.allow_spinning": spin,
+        }
+        if not self._settings.ort_spinning and fits:
+            entries["session.force_spinning_stop"] = "1"
+        for key, value in entries.items():
+            if key not in given:  # the model's own word wins
+                options.add_session_config_entry(key, value)
         return options
+
+    def pools_fit(self, config: ModelConfig) -> bool:
+        """Whether every instance's intra-op pool and the event loop fit in the usable cores."""
+        threads = self.session_options(config).intra_op_num_threads
+        return _fit(config.instance_count, threads, self._cores())
 
     def _load_sync(self, source: ModelSource, version: int) -> OnnxRuntimeBackend:
         path = source.version_paths[version]
@@ -594,8 +683,16 @@ class OnnxRuntimeFactory(BackendFactory):
             instances.append(Instance(provider, device_id if provider == CUDA else None))
         cpu_fallback = self._check_placement(source, version, plan, instances, note)
         config = complete_config(source.config, sessions[0], self._settings.default_max_batch_size)
+        # The loop's thread joins a run's pool when it runs a lone batch: only if it fits
+        # (measured on 2 cores with a pool of 2: the run itself 1.2-1.4x slower).
         backend = OnnxRuntimeBackend(
-            config, sessions, sessions[0].get_providers(), str(path), instances, cpu_fallback
+            config,
+            sessions,
+            sessions[0].get_providers(),
+            str(path),
+            instances,
+            cpu_fallback,
+            inline=self.pools_fit(source.config),
         )
         outputs = [t.name for t in config.outputs]
         where = f"model '{source.name}' version {version}"

@@ -1,5 +1,10 @@
 """The per-model-version dynamic batcher.
 
+(Over 450 lines on purpose: the scheduler, the batch run and the decisions between them, the
+adaptive delay and the lone batch run inline, share one model version's queue, slots and
+arrival rate. The next split is that arrival-rate estimate with the two decisions it drives,
+into a policy module of its own.)
+
 Each caller gets a future. One scheduler task waits until an execution slot is free (there are
 ``instance_count`` of them), then takes requests from the head of the queue while they are
 shape-compatible and fit ``max_batch_size``; it keeps waiting for more, up to
@@ -20,6 +25,10 @@ arriving while the batcher is busy (a request queued, forming or running), per s
 a lone closed-loop client never arrives while its own request is out, so its requests go at
 once, while independent traffic keeps Triton's wait. Off, every short batch waits the whole
 ``max_queue_delay`` (Triton's behaviour).
+
+A lone batch (``BatchPolicy.inline_max_s``: all that is outstanding on the event loop, of a
+model whose recent runs were short, with arrivals rare) runs on the event loop's own thread
+through the backend's ``execute_now``, skipping the hand-off to a worker thread and back.
 
 The queue (``gateway.batching.queue``) has one FIFO per priority level (Triton's
 ``priority_levels``; one level without them): batches take from the highest level first. Each
@@ -83,6 +92,10 @@ class BatchPolicy:
     # Wait for a fuller batch with an instance free only when the arrival rate says a request
     # will join within the delay left (see the module docstring); False: Triton's fixed wait.
     adaptive_delay: bool = True
+    # A lone batch (nothing else outstanding in this process, arrivals rare, its model's recent
+    # executions at most this long) runs on the event loop's thread, with no hand-off to a
+    # worker thread and back (see ``Batcher``); 0: never.
+    inline_max_s: float = 0.0
     # Triton's priorities: levels 1 (highest) .. ``priority_levels`` (0: none, one queue); a
     # request's priority 0 (or one past the levels) is ``default_priority_level``. Each level
     # queues under its ``queue_policies`` entry, else the default policy: ``max_queue_size``,
@@ -120,6 +133,15 @@ ARRIVAL_DECAY = 0.9
 # A batch waiting for company decides again after two expected gaps, but not more often than
 # this (at a very high rate, or all arrivals at one instant, a timer per gap would spin).
 MIN_RECHECK_S = 0.0005
+# A lone batch runs inline only while fewer rows than this are expected to arrive during it.
+INLINE_MAX_ARRIVALS = 0.25
+# Requests outstanding in every batcher of an event loop: a batch runs inline only when it
+# holds all of them (it blocks the loop, and with it every other model's requests).
+_LOOP_OUTSTANDING: dict[asyncio.AbstractEventLoop, int] = {}
+
+# Runs one batch on the calling thread if it can start at once (an in-process session free),
+# else returns None (``Backend.execute_now``).
+ExecuteNow = Callable[[Tensors, Sequence[str]], Executed | None]
 
 
 @dataclass(slots=True, eq=False)
@@ -164,10 +186,13 @@ class Batcher:
         stats: ModelStats,
         clock: Clock = time.monotonic,
         capacity: Callable[[], int] | None = None,
+        execute_now: ExecuteNow | None = None,
     ) -> None:
         """``capacity``, when given, is asked for the instance count each time a batch is about
-        to form (a routed backend's grows and shrinks with its hosts); else the policy's."""
+        to form (a routed backend's grows and shrinks with its hosts); else the policy's.
+        ``execute_now``, when given, runs a lone batch inline (``BatchPolicy.inline_max_s``)."""
         self._execute = execute
+        self._execute_now = execute_now if policy.inline_max_s > 0 else None
         self._outputs = list(outputs)
         self._policy = policy
         self._stats = stats
@@ -274,6 +299,7 @@ class Batcher:
         # many waiting requests, not one more).
         self._queue.append(item, self._held.get(level, 0))
         self._outstanding += 1
+        _LOOP_OUTSTANDING[self._loop] = _LOOP_OUTSTANDING.get(self._loop, 0) + 1
         if self._busy_since is None:
             self._busy_since = now  # a busy period starts: this arrival found it idle
         else:
@@ -387,9 +413,33 @@ class Batcher:
             # views of a client's shared memory, unmapped only once the last view goes.
             batch = first = head = None  # type: ignore[assignment]
 
+    def _inline(self, taken: int) -> bool:
+        """Whether the batch about to run (``taken`` requests) runs on the event loop's thread:
+        it is all that is outstanding (queued, forming or running), in this batcher and in the
+        process, this model's recent executions were short, and the arrival rate expects fewer
+        than ``INLINE_MAX_ARRIVALS`` rows during one. The hand-off to a worker thread and back
+        costs two thread wake-ups (the way back alone a median 2 ms on a loaded 2-core
+        machine, ``bench/lone_request.py``); blocking the loop costs nothing when nobody else
+        is waiting. Arrivals that the blocked loop reads only
+        after the run still count as arriving while busy (``_run`` ends the busy period one
+        loop turn later), so traffic that would have overlapped turns this off."""
+        compute_s = self._compute_s
+        if (
+            self._execute_now is None
+            or compute_s is None
+            or compute_s > self._policy.inline_max_s
+            or self._outstanding != taken
+            or _LOOP_OUTSTANDING.get(self._loop, 0) != taken
+        ):
+            return False
+        return self.arrival_rate() * compute_s < INLINE_MAX_ARRIVALS
+
     async def _run(self, batch: list[Queued], rows: int) -> None:
+        """Run one batch (inline when ``_inline`` says so and the backend can start it at
+        once) and answer its requests."""
         released, span = False, None
         taken = len(batch)
+        inline = False
         try:
             # Callers may have gone away while the batch was forming.
             if any(p.future.done() for p in batch):
@@ -412,7 +462,12 @@ class Batcher:
             try:
                 deadlines = [p.deadline_s for p in batch if p.deadline_s is not None]
                 deadline_s = min(deadlines) if deadlines else None
-                ran = await self._execute(inputs, self._outputs, deadline_s)
+                ran = None
+                if self._execute_now is not None and self._inline(taken):
+                    ran = self._execute_now(inputs, self._outputs)
+                    inline = ran is not None
+                if ran is None:
+                    ran = await self._execute(inputs, self._outputs, deadline_s)
             except GatewayError as exc:
                 _fail(batch, exc)
                 return
@@ -457,7 +512,10 @@ class Batcher:
         finally:
             if not released:
                 self._release(batch)
-            self._left(taken)
+            if inline:  # what the blocked loop reads next arrived while this batch ran
+                self._loop.call_soon(self._left, taken)
+            else:
+                self._left(taken)
             if span is not None:
                 span.end()
 
@@ -494,6 +552,11 @@ class Batcher:
     def _left(self, count: int) -> None:
         """``count`` requests are no longer outstanding; the last one ends a busy period."""
         self._outstanding -= count
+        left = _LOOP_OUTSTANDING.get(self._loop, 0) - count
+        if left > 0:
+            _LOOP_OUTSTANDING[self._loop] = left
+        else:
+            _LOOP_OUTSTANDING.pop(self._loop, None)
         if self._outstanding == 0 and self._busy_since is not None:
             self._observe(self._clock(), 0)
             self._busy_since = None
@@ -550,4 +613,7 @@ class Batcher:
             for item in self._queue:
                 if not item.future.done():
                     item.future.set_exception(ModelNotReady("model unloaded"))
+            dropped = len(self._queue)
             self._queue.clear()
+            if dropped:
+                self._left(dropped)

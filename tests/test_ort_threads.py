@@ -1,0 +1,87 @@
+"""ONNX Runtime's threads per session: how many (``intra_op_threads``, the model's
+``intra_op_thread_count``, else one less than the usable cores) and whether they spin."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+
+from gateway.backends.onnxruntime import (
+    OnnxRuntimeFactory,
+    default_intra_op_threads,
+    usable_cores,
+)
+from gateway.repository.config import ModelConfig, parse_pbtxt
+from gateway.settings import Settings
+from tests import models
+
+CONFIG = models.SIMPLE_CONFIG
+
+
+def config(extra: str = "", instances: int = 1) -> ModelConfig:
+    parsed = parse_pbtxt(CONFIG + extra, "simple/config.pbtxt", "simple")
+    return replace(parsed, instance_count=instances)
+
+
+def options(cores: int, cfg: ModelConfig | None = None, **settings: object) -> tuple[int, str, str]:
+    """(intra-op threads, allow_spinning, force_spinning_stop) of a session's options."""
+    factory = OnnxRuntimeFactory(Settings(warmup=False, **settings), cores=lambda: cores)  # type: ignore[arg-type]
+    opts = factory.session_options(cfg or config())
+    try:
+        stop = opts.get_session_config_entry("session.force_spinning_stop")
+    except Exception:  # ORT raises when the entry is not there
+        stop = ""
+    spin = opts.get_session_config_entry("session.intra_op.allow_spinning")
+    return opts.intra_op_num_threads, spin, stop
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (4, 3), (16, 15)])
+def test_by_default_one_thread_less_than_the_cores(cores: int, threads: int) -> None:
+    """The event loop keeps a core; the pool (and the loop) fit, so it spins while a run
+    goes and stops when it returns."""
+    assert default_intra_op_threads(cores) == threads
+    assert options(cores) == (threads, "1", "1")
+
+
+def test_the_setting_then_the_model_say_how_many() -> None:
+    assert options(8, intra_op_threads=2)[0] == 2
+    model = config('parameters { key: "intra_op_thread_count" value: { string_value: "5" } }\n')
+    assert options(8, model, intra_op_threads=2)[0] == 5
+
+
+def test_pools_that_do_not_fit_beside_the_event_loop_never_spin() -> None:
+    """Two threads on two cores, or two instances of three threads on four: a spinning
+    thread would wait on a preempted one. ``ort_spinning`` restores ORT's own default (spin
+    after a run too); the model's own ``session.`` entry wins over both."""
+    assert options(2, intra_op_threads=2) == (2, "0", "")
+    assert options(4, config(instances=2), intra_op_threads=3)[1:] == ("0", "")
+    assert options(4, config(instances=2), intra_op_threads=1)[1:] == ("1", "1")
+    assert options(2, intra_op_threads=2, ort_spinning=True)[1:] == ("1", "")
+    spins = config(
+        'parameters { key: "session.intra_op.allow_spinning" value: { string_value: "1" } }\n'
+    )
+    assert options(2, spins, intra_op_threads=2)[1] == "1"
+    still = config(
+        'parameters { key: "session.intra_op.allow_spinning" value: { string_value: "0" } }\n'
+    )
+    assert options(8, still)[1:] == ("0", "1")
+
+
+def test_usable_cores_is_within_the_machines() -> None:
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_lone_batches_run_inline_only_where_the_pool_fits_beside_the_loop() -> None:
+    """The loop's thread joins the pool when it runs a lone batch (``inline_max_ms``)."""
+
+    def fits(cores: int, cfg: ModelConfig, **settings: object) -> bool:
+        settings = {"warmup": False, **settings}
+        factory = OnnxRuntimeFactory(Settings(**settings), cores=lambda: cores)  # type: ignore[arg-type]
+        return factory.pools_fit(cfg)
+
+    assert fits(2, config()) and fits(16, config()) and fits(1, config())
+    assert not fits(2, config(), intra_op_threads=2)
+    assert not fits(4, config(instances=2))
+    assert fits(4, config(instances=2), intra_op_threads=1)
