@@ -2,14 +2,18 @@
 # Mutation testing of the core modules (mutmut 3.8, forkserver mode), each in a private copy of
 # the tree so that runs never collide with each other or with work in progress.
 #
-# Usage: scripts/mutation.sh [-j N] [--keep DIR] [--timeout S] [MODULE ...]
-#   MODULE: batcher, codec, policies, estimators (default: all four). Not part of the default
-#   CI run; a CI job may run it on demand.
+# Usage: scripts/mutation.sh [-j N] [--keep DIR] [--timeout S] [--only GLOB] [MODULE ...]
+#   MODULE: batcher, queue, codec, tensors, policies, estimators, shared_memory, ensemble,
+#   response_cache, splits (default: all). Not part of the default CI run; a CI job may run it
+#   on demand.
 #   -j N        mutmut --max-children (default 1: the machines are shared)
 #   --keep DIR  work in DIR/<module> and keep it; a later run with the same DIR re-syncs the
 #               tree and retests only mutants not yet killed (and changed functions)
 #   --timeout S per-test timeout while mutants run (default 30): a mutant whose test it stops
 #               counts as a hang (detected, like a kill)
+#   --only GLOB run only the mutants whose names match (fnmatch; repeatable), e.g. to confirm
+#               that a new test kills them: 'gateway.batching.batcher.xǁBatcherǁ_run__mutmut_11?'
+#               (the others count as not run, outside the score)
 # Prints module / mutants / killed / hangs / survived / equivalents excluded / score, where
 # score = (killed + hangs) / (mutants - equivalents); the surviving mutants' names follow.
 # Equivalent mutants are listed in scripts/mutation-equivalents.txt, one per line:
@@ -26,33 +30,47 @@ VENV=${VENV:-$ROOT/.venv}
 JOBS=1
 KEEP=""
 TIMEOUT_S=30
+ONLY=()
 MODULES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -j) JOBS=$2; shift 2 ;;
     --keep) KEEP=$(mkdir -p "$2" && cd "$2" && pwd); shift 2 ;;
     --timeout) TIMEOUT_S=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    batcher|codec|tensors|policies|estimators) MODULES+=("$1"); shift ;;
+    --only) ONLY+=("$2"); shift 2 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    batcher|queue|codec|tensors|policies|estimators|shared_memory|ensemble|response_cache|splits)
+      MODULES+=("$1"); shift ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#MODULES[@]} -gt 0 ] || MODULES=(batcher codec tensors policies estimators)
+[ ${#MODULES[@]} -gt 0 ] || MODULES=(batcher queue codec tensors policies estimators shared_memory
+  ensemble response_cache splits)
 
 # module -> source file; tests run in-process; tests that reach it through a server subprocess
 declare -A SRC=(
   [batcher]=gateway/batching/batcher.py
+  [queue]=gateway/batching/queue.py
   [codec]=gateway/protocol/codec.py
   [tensors]=gateway/protocol/tensors.py
   [policies]=gateway/routing/policies.py
   [estimators]=gateway/routing/estimators.py
+  [shared_memory]=gateway/shared_memory.py
+  [ensemble]=gateway/ensemble.py
+  [response_cache]=gateway/response_cache.py
+  [splits]=gateway/splits.py
 )
 declare -A TESTS=(
-  [batcher]="tests/test_batcher.py"
+  [batcher]="tests/test_batcher.py tests/test_batcher_pins.py"
+  [queue]="tests/test_queue.py tests/test_batcher.py tests/test_batcher_pins.py"
   [codec]="tests/test_protocol.py tests/test_codec_pins.py"
   [tensors]="tests/test_protocol.py tests/test_codec_pins.py tests/test_attack_input.py"
   [policies]="tests/test_routing_units.py tests/test_routing_pins.py"
   [estimators]="tests/test_routing_units.py tests/test_routing_pins.py"
+  [shared_memory]="tests/test_shared_memory.py"
+  [ensemble]="tests/test_ensemble.py"
+  [response_cache]="tests/test_response_cache.py"
+  [splits]="tests/test_splits.py"
 )
 declare -A SERVER_TESTS=(
   [batcher]="tests/test_server.py"
@@ -60,6 +78,11 @@ declare -A SERVER_TESTS=(
   [tensors]="tests/test_bad_input.py"
   [policies]=""
   [estimators]=""
+  [queue]=""
+  [shared_memory]=""
+  [ensemble]=""
+  [response_cache]=""
+  [splits]=""
 )
 
 if ! "$VENV/bin/python" -c 'import mutmut, sys; sys.exit(mutmut.__version__ != "3.8.1")' 2>/dev/null; then
@@ -139,8 +162,10 @@ for line in Path(equivalents_file).read_text().splitlines() if Path(equivalents_
         equivalent[name.strip()] = reason.strip()
 killed = hangs = 0
 survivors, excluded, not_equivalent = [], [], []
+not_run = sum(code is None for code in codes.values())  # outside --only
+codes = {name: code for name, code in codes.items() if code is not None}
 for name, code in sorted(codes.items()):
-    if code in (1, 3):
+    if code in (1, 3, -11, -7, -6):  # failed, or crashed it (SIGSEGV, SIGBUS, SIGABRT)
         killed += 1
         if name in equivalent:
             not_equivalent.append(name)
@@ -152,7 +177,8 @@ for name, code in sorted(codes.items()):
         survivors.append((name, code))
 counted = len(codes) - len(excluded)
 score = 100.0 * (killed + hangs) / counted if counted else 0.0
-print(f"{module:<11} {len(codes):>7} {killed:>6} {hangs:>6} {len(survivors):>8} {len(excluded):>11} {score:>6.1f} %")
+print(f"{module:<11} {len(codes):>7} {killed:>6} {hangs:>6} {len(survivors):>8} {len(excluded):>11} {score:>6.1f} %"
+      + (f"  ({not_run} not run)" if not_run else ""))
 with open("survivors.txt", "w") as out:
     for name, code in survivors:
         out.write(f"{name}  (exit {code})\n")
@@ -189,7 +215,7 @@ run_module() {
 [tool.mutmut]
 source_paths = ["gateway"]
 only_mutate = ["$src"]
-also_copy = ["mutation_hangs.py"]
+also_copy = ["mutation_hangs.py", "model_repo"]
 pytest_add_cli_args_test_selection = [${tests%, }]
 pytest_add_cli_args = ["-p", "mutation_hangs", "-p", "no:cacheprovider", "--timeout", "$TIMEOUT_S"]
 process_isolation = "forkserver"
@@ -206,8 +232,12 @@ EOF
     local again=()
     [ -f survivors.txt ] && mapfile -t again < <(cut -d' ' -f1 survivors.txt)
     : >mutmut.log
-    mutmut_run || return 1
-    if [ ${#again[@]} -gt 0 ]; then mutmut_run "${again[@]}" || return 1; fi
+    if [ ${#ONLY[@]} -gt 0 ]; then
+      mutmut_run "${ONLY[@]}" || return 1
+    else
+      mutmut_run || return 1
+      if [ ${#again[@]} -gt 0 ]; then mutmut_run "${again[@]}" || return 1; fi
+    fi
     "$VENV/bin/python" -c "$REPORT" "$module" "$src" "$ROOT/scripts/mutation-equivalents.txt" >>"$BASE/table.txt"
   )
 }

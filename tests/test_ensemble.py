@@ -23,7 +23,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 from gateway.backends.onnxruntime import OnnxRuntimeFactory
 from gateway.backends.triton_python_model import python_backend_config, python_backend_files
 from gateway.dataplane import DataPlane
-from gateway.errors import DeadlineExceeded, ModelLoadError, Unavailable
+from gateway.ensemble import EnsembleBackend, StepFailed, _step_error
+from gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    ModelLoadError,
+    ModelNotFound,
+    QueueFull,
+    Unavailable,
+)
 from gateway.pending import Pending
 from gateway.protocol.types import InferRequest
 from gateway.repository.config import load_config, parse_pbtxt
@@ -473,3 +481,106 @@ def test_an_edge_fetches_the_ensemble_and_then_its_steps_on_first_use(
         assert index == {"mlp_pipeline": "READY", "preprocess": "READY", "mlp": "READY"}
     finally:
         gw.stop()
+
+
+# -- pins found by mutation testing (scripts/mutation.sh ensemble) ----------------------------
+
+
+def test_the_ensemble_backend_runs_nothing_itself() -> None:
+    config = parse_pbtxt(DIAMOND, "diamond/config.pbtxt", "diamond")
+    backend = EnsembleBackend(config)
+    assert backend.config is config and backend.instance_count == 1
+    assert backend.describe() == {"ensemble_steps": ["double", "inc", "add2"]}
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(backend.execute({}, ["OUT"]))
+    assert str(caught.value) == "ensemble 'diamond' runs its steps, not a batch"
+    assert asyncio.run(backend.close()) is None
+
+
+def test_a_steps_error_keeps_its_class_and_names_the_step() -> None:
+    step = parse_pbtxt(DIAMOND, "diamond/config.pbtxt", "diamond").ensemble_steps[2]
+    full = QueueFull("Exceeds maximum queue size", retry_after_s=3.0)
+    error = _step_error(2, step, "diamond", full)
+    message = "ensemble 'diamond' step 2 ('add2') failed: Exceeds maximum queue size"
+    assert type(error) is QueueFull and error is not full  # the step's own error is left alone
+    assert str(error) == message and error.message == message and error.args == (message,)
+    assert error.retry_after_s == 3.0 and full.message == "Exceeds maximum queue size"
+    gone = _step_error(0, step, "diamond", ModelNotFound("unknown model: 'add2'"))
+    assert type(gone) is Unavailable  # a step model that is not there: not the caller's fault
+    assert str(gone) == "ensemble 'diamond' step 0 ('add2') failed: unknown model: 'add2'"
+    bug = _step_error(1, step, "diamond", ValueError("odd"))
+    assert type(bug) is StepFailed
+    assert str(bug) == "ensemble 'diamond' step 1 ('add2') failed: ValueError: odd"
+
+
+async def test_steps_get_the_time_left_and_their_version(dag_repo: Path, tmp_path: Path) -> None:
+    """Each step's request carries the ensemble's time left as its own timeout (none without a
+    deadline), and asks for the step's version (the newest for -1)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(dag_repo, repo, ignore=shutil.ignore_patterns("loop_*", "orphan"))
+    pinned = DIAMOND.replace('"diamond"', '"pinned"').replace(
+        'model_name: "inc" model_version: -1', 'model_name: "inc" model_version: 1'
+    )
+    _write_ensemble(repo, "pinned", pinned)
+    dataplane = await _dataplane(repo)
+    calls: list[tuple[str, str | None, dict[str, Any]]] = []
+    submit = dataplane.submit
+
+    ids: list[object] = []
+
+    def spy(name: str, version: str | None, request: InferRequest, *args: Any) -> Pending:
+        calls.append((name, version, dict(request.parameters)))
+        ids.append(args[0] if args else None)
+        return submit(name, version, request, *args)
+
+    dataplane.submit = spy  # type: ignore[method-assign]
+    try:
+        x = _x()
+        response = await dataplane.submit("pinned", None, InferRequest({"IN": x}))
+        np.testing.assert_array_equal(response.outputs["OUT"], 3 * x + 1)
+        assert [(n, v, p) for n, v, p in calls[1:]] == [
+            ("double", None, {}), ("inc", "1", {}), ("add2", None, {}),
+        ]  # fmt: skip
+        calls.clear()
+        timed = InferRequest({"IN": x}, parameters={"timeout": 5_000_000})  # 5 s
+        ids.clear()
+        await dataplane.submit("pinned", None, timed, "request-7")
+        assert ids == ["request-7"] * 4  # every step carries the ensemble's request id
+        for name, _, parameters in calls[1:]:
+            assert 0 < parameters["timeout"] <= 5_000_000, (name, parameters)
+            assert parameters["timeout"] > 4_000_000  # the time left, not a default
+    finally:
+        await dataplane.stop()
+
+
+async def test_an_ensemble_counts_as_one_request_with_its_reasons(dag_repo: Path) -> None:
+    dataplane = await _dataplane(dag_repo)
+    try:
+        await dataplane.submit("diamond", None, InferRequest({"IN": _x(3)}))
+        stats = dataplane.model_stats("diamond")["model_stats"][0]
+        inference = stats["inference_stats"]
+        assert inference["queue"]["count"] == 1 and inference["compute_infer"]["count"] == 1
+        for kind in ("success", "queue", "compute_infer"):  # durations, not clock readings
+            assert 0 < inference[kind]["ns"] < 10**10, (kind, inference[kind])
+        assert stats["inference_count"] == 3 and stats["execution_count"] == 1
+        with pytest.raises(Exception, match="nested"):
+            await dataplane.submit("loop_a", None, InferRequest({"IN": _x()}))
+        timed = InferRequest({"IN": _x(1)}, parameters={"timeout": 50_000})
+        with pytest.raises(DeadlineExceeded):
+            await dataplane.submit("via_slow", None, timed)
+        text = dataplane.metrics.render().decode()
+        failures = {
+            line for line in text.splitlines() if line.startswith("nv_inference_request_failure")
+        }
+        # Each nesting level is a request of its own (loop_a at levels 1, 3, 5, 7 and 9, refused
+        # at 9); a deadline that passes is CANCELED, as Triton labels it.
+        assert (
+            'nv_inference_request_failure_total{model="loop_a",reason="BACKEND",version="1"} 5.0'
+            in failures
+        ), failures
+        assert (
+            'nv_inference_request_failure_total{model="via_slow",reason="CANCELED",version="1"} 1.0'
+            in failures
+        ), failures
+    finally:
+        await dataplane.stop()

@@ -84,18 +84,30 @@ async def test_three_times_capacity(tmp_path: Path) -> None:
     lost = [r for r in results if isinstance(r, BaseException)]
     ok = [r for r in results if not isinstance(r, BaseException) and r[0] == 200]
     refused = [r for r in results if not isinstance(r, BaseException) and r[0] in (429, 503)]
+    ok_s = [r[1] for r in ok]
+    refused_s = [r[1] for r in refused]
     print(
         f"capacity {capacity:.0f}/s, offered {rate:.0f}/s x 3 s: sent {total}, ok {len(ok)}, "
-        f"refused {len(refused)}, lost {len(lost)}; rss {rss_before >> 20} -> {rss_after >> 20} MiB"
+        f"refused {len(refused)}, lost {len(lost)}; ok p50/p99 "
+        f"{np.percentile(ok_s, 50) * 1e3:.0f}/{np.percentile(ok_s, 99) * 1e3:.0f} ms, refused "
+        f"p50/p99 {np.percentile(refused_s, 50) * 1e3:.0f}/{np.percentile(refused_s, 99) * 1e3:.0f}"
+        f" ms; after {after_s * 1e3:.0f} ms; rss {rss_before >> 20} -> {rss_after >> 20} MiB"
     )
     assert not lost
     assert len(ok) + len(refused) == total
-    assert refused and all(r[2] is not None for r in refused)
-    ok_p99 = float(np.percentile([r[1] for r in ok], 99))
-    refused_p99 = float(np.percentile([r[1] for r in refused], 99))
-    # A queue of 8 at a few ms per execution: admitted requests wait tens of ms, not seconds.
-    assert ok_p99 < 1.0, ok_p99
-    assert refused_p99 < 0.5, refused_p99
+    assert refused and all(r[2] is not None and int(r[2]) >= 1 for r in refused)
+    # Times in units of this run's own service time (1 / capacity: one execution at a time),
+    # so that a loaded machine, slower for both, does not fail them (load took a few-ms
+    # service to 60-75 ms here). Admitted requests wait for at most the queue of 8 ahead and
+    # the one running, each slower under overload than alone (p99 18-30 service times seen):
+    # 60 leaves room for noise; an unbounded queue at 3x capacity would be 6 s (300 or more
+    # service times) deep by the end, and refuse nothing.
+    service_s = 1.0 / capacity
+    assert np.percentile(ok_s, 99) < max(1.0, 60 * service_s), service_s
+    # Refused without waiting in the queue: faster than the requests that did wait.
+    assert np.percentile(refused_s, 50) < np.percentile(ok_s, 50)
+    assert np.percentile(refused_s, 99) < max(1.0, 60 * service_s)  # nothing waits long
     assert len(ok) >= 0.5 * capacity * 3  # the gateway kept working at capacity meanwhile
-    assert status == 200 and after_s < 0.5
+    # Load gone: the next request is served at once, not after a queue left behind.
+    assert status == 200 and after_s < max(0.5, 5 * service_s)
     assert rss_after - rss_before < 64 << 20

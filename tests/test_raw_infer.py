@@ -210,9 +210,11 @@ def test_idle_keep_alive_connections_are_closed(pair: dict[str, GatewayProcess])
             sock.sendall(request("/v2/models/simple/infer", json_body(1, 1)))
             assert reader.response()[0] == 200
             time.sleep(0.5)
+            # Timed from before the second request, so a slow client only adds to it: the
+            # clock restarted at its answer gives at least 1 s; left running, about 0.5 s.
+            started = time.monotonic()
             sock.sendall(request("/v2/models/simple/infer", json_body(2, 2)))
             assert reader.response()[0] == 200
-            started = time.monotonic()
             assert reader.closed()  # blocks until the server closes it
             assert 0.8 < time.monotonic() - started < 5
 

@@ -23,14 +23,16 @@ from gateway.response_cache import (
     LocalStore,
     RedisStore,
     ResponseCache,
+    build_cache,
     decode_entry,
     encode_entry,
     request_key,
+    size_of,
 )
 from gateway.settings import Settings
 from gateway.testing.redis_server import RedisServer, redis_server_binary
 from tests import models
-from tests.helpers import get, start_gateway, triton_infer
+from tests.helpers import free_port, get, start_gateway, triton_infer
 
 CACHED = models.SIMPLE_CONFIG.replace('"simple"', '"cached"') + "response_cache { enable: true }\n"
 
@@ -342,3 +344,231 @@ def test_a_hit_writes_outputs_asked_for_in_shared_memory(cache_repo: Path, tmp_p
         for handle in handles:
             shm.destroy_shared_memory_region(handle)
         gw.stop()
+
+
+# -- pins: sizes, copies, wording, the stores' edges, metrics, the choice of store ------------
+
+
+def test_entry_sizes_count_bytes_and_each_bytes_element() -> None:
+    assert size_of({"Y": np.zeros(100, np.float32)}) == 64 + 400
+    mixed = np.array([b"ab", "cde", 5], dtype=object)  # 2 + 3 bytes, 8 for the non-text one
+    assert size_of({"T": mixed, "Y": np.zeros(2, np.int64)}) == 64 + (2 + 3 + 8) + 3 * 8 + 16
+    assert size_of({}) == 64
+
+
+def test_local_store_keeps_read_only_copies_and_counts_bytes_exactly() -> None:
+    entry = {"Y": np.arange(100, dtype=np.float32)}  # 464 bytes with the overhead
+    store = LocalStore(capacity_bytes=2 * 464)
+    assert store.put(b"a", entry) and store.used_bytes == 464
+    assert store.put(b"a", entry) and store.used_bytes == 464 and len(store) == 1  # replaced
+    assert store.put(b"b", entry) and store.used_bytes == 928 and store.evictions == 0  # full
+    entry["Y"][:] = -1  # the answer the batch handed over changes later: the cache does not
+    kept = store.get(b"a")
+    assert kept is not None and kept["Y"][5] == 5 and not np.shares_memory(kept["Y"], entry["Y"])
+    strided = {"Y": np.arange(200, dtype=np.float32)[::2]}  # a view into a bigger output
+    assert store.put(b"c", strided)  # evicts b (a was used last)
+    assert store.get(b"b") is None and store.evictions == 1 and store.used_bytes == 928
+    copy = store.get(b"c")
+    assert copy is not None and copy["Y"].flags.c_contiguous and copy["Y"].base is None
+    assert not LocalStore(463).put(b"a", {"Y": np.arange(100, dtype=np.float32)})
+
+
+def test_malformed_entries_say_why() -> None:
+    data = encode_entry({"F": np.arange(3, dtype=np.float32)})
+    for broken, why in (
+        (data[:-1], "malformed cache entry: truncated entry"),
+        (data + b"x", "malformed cache entry: trailing bytes"),
+    ):
+        with pytest.raises(ValueError) as caught:
+            decode_entry(broken)
+        assert str(caught.value) == why
+    with pytest.raises(ValueError, match=r"^malformed cache entry: "):
+        decode_entry(b"\x02\x00\x00\x00[")
+    back = decode_entry(data)
+    assert not back["F"].flags.writeable  # hits share it
+
+
+async def test_local_cache_metrics_and_counts(cache_repo: Path) -> None:
+    dataplane = await _dataplane(cache_repo, response_cache_bytes=1 << 20)
+    try:
+        cache = dataplane.cache
+        assert cache is not None and isinstance(cache.store, LocalStore)
+        first = await dataplane.infer("cached", None, _request(seed=9))
+        hit = dataplane.submit("cached", None, _request(seed=9))
+        assert hit.done() and hit.execution is not None
+        assert (hit.execution.batch_size, hit.execution.host) == (1, "cache")
+        assert (hit.result().outputs["OUTPUT0"] == first.outputs["OUTPUT0"]).all()
+        assert hit.result().model_version == "1"
+        assert (cache.lookups, cache.hits, cache.misses) == (2, 1, 1)
+        stats = _stats(dataplane, "cached")["inference_stats"]
+        assert isinstance(stats, dict)
+        assert stats["success"]["count"] == 2 and stats["cache_hit"]["count"] == 1
+        assert stats["cache_miss"]["count"] == 1
+        values = {f.name: f.samples[0].value for f in cache.metric_families()}
+        assert values == {
+            "nv_cache_num_entries": 1,
+            "nv_cache_num_lookups": 2,
+            "nv_cache_num_hits": 1,
+            "nv_cache_num_misses": 1,
+            "nv_cache_num_evictions": 0,
+            "nv_cache_util": cache.store.used_bytes / (1 << 20),
+        }
+        assert 0 < values["nv_cache_util"] < 1
+    finally:
+        await dataplane.stop()
+
+
+def test_build_cache_takes_redis_then_local_bytes_then_none() -> None:
+    assert build_cache(Settings(warmup=False)) is None
+    local = build_cache(Settings(response_cache_bytes=1000))
+    assert local is not None and isinstance(local.store, LocalStore)
+    assert local.store.capacity_bytes == 1000
+    redis_cache = build_cache(
+        Settings(
+            response_cache_bytes=1000,
+            response_cache_redis_url="redis://127.0.0.1:1/0",
+            response_cache_redis_timeout_s=0.25,
+            response_cache_redis_ttl_s=3.0,
+            response_cache_redis_prefix="p:",
+        )
+    )
+    assert redis_cache is not None
+    store = redis_cache.store
+    assert isinstance(store, RedisStore)
+    assert (store.url, store.timeout_s, store.ttl_s, store.prefix) == (
+        "redis://127.0.0.1:1/0", 0.25, 3.0, b"p:",
+    )  # fmt: skip
+    errors = {f.name: f for f in redis_cache.metric_families()}
+    assert set(errors) == {
+        "nv_cache_num_lookups", "nv_cache_num_hits", "nv_cache_num_misses",
+        "gateway_response_cache_errors",
+    }  # fmt: skip
+    assert {s.labels["op"]: s.value for s in errors["gateway_response_cache_errors"].samples} == {
+        "get": 0,
+        "put": 0,
+    }
+
+
+async def test_redis_store_prefix_ttl_pause_and_bounds(redis_server: RedisServer) -> None:
+    import redis
+
+    direct = redis.Redis.from_url(redis_server.url)
+    store = RedisStore(redis_server.url, 2.0, ttl_s=30.0, prefix="t:", max_entry_bytes=200)
+    try:
+        assert store.available() and await store.get(b"k") is None  # absent: a miss, no error
+        entry = {"Y": np.arange(4, dtype=np.int32)}
+        assert store.put_soon(b"k", entry)
+        while store._puts:
+            await asyncio.sleep(0.01)
+        assert direct.get(b"t:k") == encode_entry(entry)  # under the prefix
+        assert 0 < direct.pttl(b"t:k") <= 30_000  # with the TTL, in milliseconds
+        got = await store.get(b"k")
+        assert got is not None and (got["Y"] == entry["Y"]).all()
+        assert not store.put_soon(b"big", {"Y": np.zeros(100, np.int32)})  # over 200 bytes
+        forever = RedisStore(redis_server.url, 2.0, prefix="f:")
+        assert forever.put_soon(b"k", entry)
+        while forever._puts:
+            await asyncio.sleep(0.01)
+        assert direct.pttl(b"f:k") == -1  # no TTL: kept until Redis evicts it
+        await forever.close()
+        brief = RedisStore(redis_server.url, 2.0, ttl_s=0.5, prefix="b:")
+        assert brief.put_soon(b"k", entry)
+        while brief._puts:
+            await asyncio.sleep(0.01)
+        assert 0 < direct.pttl(b"b:k") <= 500  # under a second is a TTL too
+        await brief.close()
+        direct.set(b"t:bad", b"\x01\x00\x00\x00x")
+        assert await store.get(b"bad") is None  # malformed: a miss, counted, Redis paused
+        assert store.errors == {"get": 1, "put": 0} and not store.available()
+        assert await store.get(b"k") is None  # paused: not even asked
+        assert not store.put_soon(b"k2", entry)
+        assert store.errors == {"get": 1, "put": 0}
+        store._paused_until = 0.0
+        assert store.available() and await store.get(b"k") is not None
+    finally:
+        await store.close()
+        direct.close()
+
+
+def test_local_store_evictions_free_exactly_what_they_held() -> None:
+    big, small = {"Y": np.zeros(100, np.float32)}, {"Y": np.zeros(10, np.float32)}  # 464, 104
+    store = LocalStore(capacity_bytes=1000)
+    store.put(b"big", big)
+    store.put(b"small", small)
+    assert store.used_bytes == 568
+    store.put(b"big2", big)  # 1032 > 1000: the oldest (big) goes
+    assert store.used_bytes == 568 and store.evictions == 1
+    store.put(b"big3", big)  # then small goes
+    assert store.used_bytes == 928 and store.evictions == 2 and len(store) == 2
+    exact = LocalStore(capacity_bytes=464)
+    assert exact.put(b"a", big) and exact.used_bytes == 464  # an entry of exactly the bound
+    fortran = {"M": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))}
+    assert exact.put(b"f", fortran)
+    kept = exact.get(b"f")
+    assert kept is not None and kept["M"].flags.c_contiguous  # encoded on hits as it is
+    words = np.array([[b"ab", b"c"], [b"", b"defg"]], dtype=object)
+    assert size_of({"T": words}) == 64 + 7 + 4 * 8  # every element of a 2-D BYTES tensor
+
+
+def test_a_truncated_bytes_entry_names_its_tensor() -> None:
+    data = bytearray(encode_entry({"T": np.array([b"abc", b"de"], dtype=object)}))
+    data[-6] = 200  # the second element's length prefix now overruns the data
+    with pytest.raises(ValueError, match=r"^malformed cache entry: input 'T': "):
+        decode_entry(bytes(data))
+
+
+def test_cache_metric_help_and_miss_time() -> None:
+    local = {f.name: f.documentation for f in ResponseCache(LocalStore(10)).metric_families()}
+    assert local == {
+        "nv_cache_num_entries": "Responses in the cache",
+        "nv_cache_num_lookups": "Response cache lookups",
+        "nv_cache_num_hits": "Response cache hits",
+        "nv_cache_num_misses": "Response cache misses",
+        "nv_cache_num_evictions": "Responses evicted (LRU)",
+        "nv_cache_util": "Share of the cache's bytes in use (0..1)",
+    }
+    redis_cache = ResponseCache(RedisStore("redis://127.0.0.1:1/0", 0.1))
+    shared = {f.name: f.documentation for f in redis_cache.metric_families()}
+    assert shared["gateway_response_cache_errors"] == (
+        "Redis calls that failed or timed out (each a miss, never an error)"
+    )
+
+
+async def test_a_miss_counts_only_its_own_time(cache_repo: Path) -> None:
+    dataplane = await _dataplane(cache_repo, response_cache_bytes=1 << 20)
+    try:
+        await dataplane.infer("cached", None, _request(seed=11))
+        miss = _stats(dataplane, "cached")["inference_stats"]["cache_miss"]  # type: ignore[index]
+        assert miss["count"] == 1 and 0 < miss["ns"] < 10**10  # lookup + insertion, not a clock
+    finally:
+        await dataplane.stop()
+
+
+async def test_redis_failures_are_counted_per_call_and_in_flight_puts_bounded() -> None:
+    """A Redis that refuses connections: each failed call counts under its own name. One that
+    accepts and never answers: at most 256 writes wait at once, the next is not attempted."""
+    refused = RedisStore(f"redis://127.0.0.1:{free_port()}/0", 0.5, pause_s=0.0)
+    try:
+        assert refused.put_soon(b"k", {"Y": np.zeros(1, np.int32)})
+        while refused._puts:
+            await asyncio.sleep(0.01)
+        assert refused.errors == {"get": 0, "put": 1}
+        assert await refused.get(b"k") is None and await refused.get(b"k") is None
+        assert refused.errors == {"get": 2, "put": 1}
+    finally:
+        await refused.close()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    entry = {"Y": np.zeros(4, np.int32)}
+    exact = len(encode_entry(entry))
+    stuck = RedisStore(f"redis://127.0.0.1:{port}/0", 5.0, max_entry_bytes=exact)
+    try:
+        assert all(stuck.put_soon(b"k%d" % i, entry) for i in range(256))  # exactly the bound
+        assert not stuck.put_soon(b"one-more", entry)
+    finally:
+        await stuck.close()
+        server.close()

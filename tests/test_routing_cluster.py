@@ -194,7 +194,9 @@ async def test_host_table_shows_cold_start_tiers(cluster: Cluster) -> None:
 
 
 async def test_slow_worker_gets_a_smaller_share(cluster: Cluster) -> None:
-    cluster.proxy.delay_s = 0.03
+    # 100 ms more: on a loaded machine every worker's latency grows by tens of ms, which
+    # drowned a 30 ms difference (seen: 75, 25, 18 at load 10).
+    cluster.proxy.delay_s = 0.1
     try:
         before = completed(cluster)
         load = await drive(cluster.front.url, 240, 8)
@@ -208,12 +210,17 @@ async def test_slow_worker_gets_a_smaller_share(cluster: Cluster) -> None:
 
 
 async def test_deadline_is_refused_fast_when_no_host_can_meet_it(cluster: Cluster) -> None:
-    slow = DelayProxy(cluster.workers[0].port, delay_s=0.1).start()
+    # The proxy keeps what the front sends the host: whether the refused request reached it.
+    slow = DelayProxy(cluster.workers[0].port, delay_s=0.1, capture=True).start()
     config = front_config(cluster.tmp / "slow-front.toml", [slow.address])
     front = start_gateway(cluster.repo, cluster.tmp, "--config", str(config))
+
+    def infers_sent() -> int:
+        return b"".join(slow.sent).count(b"/v2/models/simple/versions/1/infer")
+
     try:
         warm = await drive(front.url, 3, 1)
-        assert warm.ok == 3
+        assert warm.ok == 3 and infers_sent() == 3
         async with aiohttp.ClientSession() as session:
             body = {**BODY, "parameters": {"timeout": 20_000}}  # 20 ms, host needs ~100 ms
             started = time.perf_counter()
@@ -221,11 +228,16 @@ async def test_deadline_is_refused_fast_when_no_host_can_meet_it(cluster: Cluste
                 elapsed_s = time.perf_counter() - started
                 assert r.status == 429, await r.text()
                 assert int(r.headers["Retry-After"]) >= 1
-                assert "deadline" in (await r.json())["error"]
-            assert elapsed_s < 0.02  # refused before the 20 ms deadline, not after it
+                assert "no host can finish within the deadline" in (await r.json())["error"]
+            # Refused before any host was tried (predictive admission), not sent and timed out.
+            assert infers_sent() == 3
+            # Nothing waited: a bound 50 times the usual few ms, as load alone once took the
+            # answer to 20.6 ms; the behaviour is the line above, speed is for the benches.
+            assert elapsed_s < 1.0
             body = {**BODY, "parameters": {"timeout": 5_000_000}}
             async with session.post(f"{front.url}/v2/models/simple/infer", json=body) as r:
                 assert r.status == 200
+            assert infers_sent() == 4
     finally:
         front.stop()
         slow.stop()
@@ -438,7 +450,9 @@ async def test_killed_host_is_readmitted_when_it_comes_back(elastic: Elastic) ->
     elastic.proxy.upstream_port = replacement.port
     started = time.perf_counter()
     while elastic.hosts()["w1"]["state"] != "up":
-        assert time.perf_counter() - started < 10, elastic.hosts()["w1"]
+        # The ejection served (1 s) and then a probe that answers: about 1-2 s; 30 s as load
+        # alone once took it past 10 s (a bound only against "never").
+        assert time.perf_counter() - started < 30, elastic.hosts()["w1"]
         await asyncio.sleep(0.05)
     readmitted_s = time.perf_counter() - started
     before = completed(elastic)
@@ -453,8 +467,22 @@ async def test_killed_host_is_readmitted_when_it_comes_back(elastic: Elastic) ->
 
 
 async def test_overload_is_refused_fast_with_retry_after(elastic: Elastic) -> None:
-    front = elastic.overload
+    """A burst far past what the host behind ``slow`` can take: the front's bounded queue
+    refuses the excess at once (503) and a batch that finds no slot within ``host_wait_s``
+    gets 429, both with Retry-After; what is refused never reaches the host, and service
+    resumes after the burst. Speed is for the benches: times are printed, bounded only by
+    "nothing hangs" (load alone took the medians from tens of ms to 0.9 s here)."""
+    front, slow, host = elastic.overload, elastic.slow, elastic.workers[2]
     results: list[tuple[int, float, str | None]] = []
+
+    def batches_sent() -> int:  # what the front sent the host, one request per batch
+        return b"".join(slow.sent).count(b"/v2/models/simple/versions/1/infer")
+
+    def executions() -> tuple[int, int]:  # (batches, rows) the host itself ran
+        with urllib.request.urlopen(f"{host.url}/v2/models/simple/stats", timeout=5) as r:
+            stats = json.loads(r.read())["model_stats"][0]
+        return int(stats["execution_count"]), int(stats["inference_count"])
+
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=10)
     ) as session:
@@ -469,14 +497,32 @@ async def test_overload_is_refused_fast_with_retry_after(elastic: Elastic) -> No
                 )
 
         assert (await drive(front.url, 4, 1)).ok == 4  # warm
-        began = time.perf_counter()
-        # In waves of 50, 30 ms apart (batches there take 100 ms): one burst can be parsed whole
-        # before the batcher runs, so 16 are queued, the rest refused and no batch ever waits for
-        # a slot; between waves the batcher forms batches, which then wait for the 2 slots.
-        outcome = await asyncio.gather(*(one(i // 50) for i in range(200)), return_exceptions=True)
-        burst_s = time.perf_counter() - began
-        async with session.post(f"{front.url}/v2/models/simple/infer", json=BODY) as r:
-            assert r.status == 200  # normal service as soon as the burst is over
+        slow.sent.clear()
+        slow.capture = True
+        try:
+            ran_before = executions()
+            began = time.perf_counter()
+            # In waves of 50, 30 ms apart (batches there take 100 ms): one burst can be parsed
+            # whole before the batcher runs, so 16 are queued, the rest refused and no batch
+            # waits for a slot; between waves the batcher forms batches, which then wait for
+            # the 2 slots.
+            outcome = await asyncio.gather(
+                *(one(i // 50) for i in range(200)), return_exceptions=True
+            )
+            burst_s = time.perf_counter() - began
+            ran_after = executions()
+            sent = batches_sent()
+        finally:
+            slow.capture = False
+        # Normal service once the burst is over: at once, unless a probe that load slowed past
+        # its timeout marked the host down, which the next probe (0.2 s) undoes.
+        for _ in range(50):
+            async with session.post(f"{front.url}/v2/models/simple/infer", json=BODY) as r:
+                if r.status == 200:
+                    break
+                assert r.status == 503 and "no healthy host" in await r.text()
+            await asyncio.sleep(0.1)
+        assert r.status == 200
     lost = [o for o in outcome if isinstance(o, BaseException)]
     statuses = Counter(status for status, _, _ in results)
     refused = [(s, t, h) for s, t, h in results if s in (429, 503)]
@@ -491,16 +537,19 @@ async def test_overload_is_refused_fast_with_retry_after(elastic: Elastic) -> No
         f"overload burst of 200 in {burst_s:.2f} s: {dict(statuses)}, lost {len(lost)}; "
         f"429 p50/max {p(too_many, 0.5) * 1e3:.0f}/{p(too_many, 1.0) * 1e3:.0f} ms, "
         f"503 p50/max {p(full, 0.5) * 1e3:.0f}/{p(full, 1.0) * 1e3:.0f} ms, "
-        f"200 p50/max {p(ok, 0.5) * 1e3:.0f}/{p(ok, 1.0) * 1e3:.0f} ms"
+        f"200 p50/max {p(ok, 0.5) * 1e3:.0f}/{p(ok, 1.0) * 1e3:.0f} ms; "
+        f"front sent {sent} batches, host ran {ran_after[0] - ran_before[0]}"
     )
     assert not lost and len(results) == 200
     assert set(statuses) <= {200, 429, 503}, statuses
-    assert statuses[200] > 0 and too_many, statuses  # the router's wait-then-429 took part
+    # Both refusals took part: the bounded queue's (503 at once) and the router's wait for a
+    # slot (429), and some requests were served meanwhile.
+    assert statuses[200] > 0 and too_many and full, statuses
     assert all(h is not None and int(h) >= 1 for _, _, h in refused)
-    # Refused fast: the 429s after the 50 ms wait for a slot, the 503s at once (plus the time
-    # this client and the front take to get 200 requests through on a shared 2-core box).
-    assert p(too_many, 0.5) < 0.5 and p(full, 0.5) < 0.5
-    assert p(too_many, 1.0) < 1.0 and p(full, 1.0) < 1.0
+    # Refused at the front, never sent on: the rows the host ran are exactly the requests
+    # answered 200 (the host may merge the front's batches: its batch count is only printed).
+    assert 0 < sent <= statuses[200]
+    assert ran_after[1] - ran_before[1] == statuses[200], (ran_before, ran_after, statuses)
     assert max(t for _, t, _ in results) < 5.0  # nothing hangs
 
 

@@ -8,12 +8,14 @@ co-located client would; every test destroys what it created.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,16 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import SharedMemoryError, UnknownRegion
+from gateway.errors import InvalidInput, RegionExists, SharedMemoryError, UnknownRegion
 from gateway.pending import validate
 from gateway.protocol.codec import decode_infer_request, encode_infer_response
-from gateway.protocol.types import InferRequest, InferResponse, RequestedOutput, SharedMemoryRef
+from gateway.protocol.types import (
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    SharedInput,
+    SharedMemoryRef,
+)
 from gateway.repository.config import parse_json
 from gateway.shared_memory import SharedMemoryRegistry, write_outputs
 from tests import models
@@ -600,4 +608,181 @@ def test_bytes_tensors_in_shared_memory(regions: Regions) -> None:
     with pytest.raises(SharedMemoryError, match=r"needs 3 \(shared memory region 'text'\)"):
         registry.resolve(short)
     del request, short, response
+    registry.close()
+
+
+# -- the registry on its own: plain files in a directory of the test's as the objects ---------
+
+
+def _objects(tmp_path: Path, **sizes: int) -> SharedMemoryRegistry:
+    """A registry over ``tmp_path``, with a file of each size as an object (bytes 0, 1, ...)."""
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(bytes(i % 256 for i in range(size)))
+    return SharedMemoryRegistry(directory=tmp_path)
+
+
+def _refused(call: Any, message: str, error: type[Exception] = SharedMemoryError) -> None:
+    """``call()`` raises ``error`` with exactly ``message`` (what the client reads)."""
+    with pytest.raises(error) as caught:
+        call()
+    assert str(caught.value) == message
+
+
+def test_register_says_exactly_what_is_wrong(tmp_path: Path) -> None:
+    registry = _objects(tmp_path, obj=100, **{"k" * 255: 8})
+    fail = "failed to register shared memory region 'r': "
+    cases: list[tuple[str, object, object, object, str]] = [
+        ("", "/obj", 0, 8, "a shared memory region needs a name"),
+        ("r", 5, 0, 8, fail + "'key' must be a string"),
+        ("r", "k" * 256, 0, 8, fail + "key longer than 255 characters"),
+        ("r", "/obj", -1, 8, fail + "'offset' must be a non-negative integer"),
+        ("r", "/obj", "5", 8, fail + "'offset' must be a non-negative integer"),
+        ("r", "/obj", 0, True, fail + "'byte_size' must be a non-negative integer"),
+        ("r", "/obj", 0, -8, fail + "'byte_size' must be a non-negative integer"),
+        ("r", "/obj", 0, 0, fail + "'byte_size' must be positive"),
+        (
+            "r",
+            "/obj",
+            50,
+            64,
+            fail + "offset 50 + byte_size 64 is past the end of '/obj' (100 bytes)",
+        ),
+        ("r", "/none", 0, 8, "Unable to open shared memory region: '/none' (region 'r')"),
+    ]
+    for key in ("/", "", "/.", "..", "/a/b", "a\x00b", "x/" * 40):
+        cases.append(
+            (
+                "r", key, 0, 8,
+                fail + f"invalid key {key[:64]!r} (a POSIX shared memory name: '/name')",
+            )
+        )  # fmt: skip
+    for name, key, offset, size, message in cases:
+        _refused(partial(registry.register, name, key, offset, size), message)
+    (tmp_path / "dir").mkdir()
+    _refused(
+        lambda: registry.register("r", "dir", 0, 8),
+        "Unable to open shared memory region: 'dir' (region 'r')",
+    )
+    os.mkfifo(tmp_path / "fifo")  # opens read-write without blocking, and is no file
+    _refused(
+        partial(registry.register, "r", "fifo", 0, 8),
+        fail + "'fifo' is not a shared memory object",
+    )
+    assert registry.status() == []  # nothing refused was kept
+    registry.register("long", "k" * 255, 0, 8)  # 255 characters: a name the system takes
+    registry.register("bare", "obj", 10, 20)  # without the leading '/'
+    _refused(
+        lambda: registry.register("bare", "/obj", 0, 8),
+        "shared memory region 'bare' already in manager",
+        RegionExists,
+    )
+    assert registry.region("bare").view(0, 4).tobytes() == bytes([10, 11, 12, 13])
+    off = SharedMemoryRegistry(max_regions=0, directory=tmp_path)
+    _refused(
+        lambda: off.register("r", "/obj", 0, 8),
+        fail + "system shared memory is turned off on this gateway (shared_memory_max_regions = 0)",
+    )
+    registry.close()
+
+
+def test_status_iteration_and_unregister(tmp_path: Path) -> None:
+    registry = _objects(tmp_path, a=64, b=64)
+    registry.register("ra", "/a", 8, 32)
+    registry.register("rb", "b", 0, 64)
+    assert registry.status() == [
+        {"name": "ra", "key": "/a", "offset": 8, "byte_size": 32},
+        {"name": "rb", "key": "b", "offset": 0, "byte_size": 64},
+    ]
+    assert registry.status("rb") == [{"name": "rb", "key": "b", "offset": 0, "byte_size": 64}]
+    _refused(
+        lambda: registry.status("nope"),
+        "Unable to find system shared memory region: 'nope'",
+        UnknownRegion,
+    )
+    assert [r.name for r in registry] == ["ra", "rb"]
+    ra = registry.region("ra")
+    registry.unregister("nope")  # an unknown name is no error (as Triton)
+    registry.unregister("ra")  # only that one
+    assert ra.mapping.closed  # no request held a view: unmapped at once
+    assert [r.name for r in registry] == ["rb"]
+    _refused(
+        lambda: registry.region("ra"), "Unable to find shared memory region: 'ra'", UnknownRegion
+    )
+    _refused(lambda: ra.view(0, 4), "Unable to find shared memory region: 'ra'", UnknownRegion)
+    registry.unregister()  # all
+    assert registry.status() == []
+
+
+def test_views_are_checked_against_the_region(tmp_path: Path) -> None:
+    registry = _objects(tmp_path, obj=128)
+    registry.register("r", "/obj", 64, 64)
+    region = registry.region("r")
+    assert region.view(60, 4).tobytes() == bytes([124, 125, 126, 127])  # the region's last bytes
+    _refused(lambda: region.view(64, 0), "Invalid offset for shared memory region: 'r'")
+    _refused(
+        lambda: region.view(8, 64),
+        "Invalid offset + byte size for shared memory region: 'r' (8 + 64 > 64 bytes)",
+    )
+    registry.close()
+
+
+def test_inputs_read_from_and_outputs_written_to_regions(tmp_path: Path) -> None:
+    registry = _objects(tmp_path, obj=256)
+    registry.register("r", "/obj", 0, 256)
+    text = b"".join(len(w).to_bytes(4, "little") + w for w in (b"ab", b"cde"))
+    with (tmp_path / "obj").open("r+b") as f:
+        f.seek(128)
+        f.write(text + bytes([0, 1, 2]))
+    request = InferRequest(
+        inputs={},
+        shared_inputs={
+            "X": SharedInput("INT32", (2, 2), SharedMemoryRef("r", 16, 0)),
+            "T": SharedInput("BYTES", (1, 2), SharedMemoryRef("r", len(text), 128)),
+        },
+        outputs=[
+            RequestedOutput("Z", shared=SharedMemoryRef("r", 8, 64)),
+            RequestedOutput("Y", shared=SharedMemoryRef("r", 32, 32)),
+        ],
+    )
+    registry.resolve(request)
+    expected = np.frombuffer(bytes(range(16)), np.int32).reshape(2, 2)
+    np.testing.assert_array_equal(request.inputs["X"], expected)
+    assert request.inputs["T"].shape == (1, 2)
+    assert request.inputs["T"].tolist() == [[b"ab", b"cde"]]
+    # Z asked for in shared memory but not answered; Y, two rows, written after it.
+    y = np.arange(8, dtype=np.int32).reshape(2, 4)
+    response = InferResponse("m", "1", {"Y": y})
+    write_outputs(request, response)
+    assert response.shared == {"Y"}
+    assert (tmp_path / "obj").read_bytes()[32:64] == y.tobytes()
+    small = InferResponse("m", "1", {"Y": np.zeros((3, 4), np.int32)})
+    _refused(
+        partial(write_outputs, request, small),
+        "shared memory size specified with the request for output 'Y' (32 bytes) should be at "
+        "least 48 bytes to hold the results",
+    )
+    for shared, message in (
+        (
+            SharedInput("INT32", (2, 3), SharedMemoryRef("r", 16, 0)),
+            "input 'X': shared_memory_byte_size 16 of region 'r' does not match shape [2, 3] of "
+            "INT32 (24 bytes)",
+        ),
+        (
+            SharedInput("BYTES", (3,), SharedMemoryRef("r", len(text), 128)),
+            "input 'X': got 2 BYTES elements, its shape needs 3 (shared memory region 'r')",
+        ),
+    ):
+        bad = InferRequest(inputs={}, shared_inputs={"X": shared})
+        _refused(partial(registry.resolve, bad), message)
+    flags = InferRequest(
+        inputs={},
+        shared_inputs={"B": SharedInput("BOOL", (3,), SharedMemoryRef("r", 3, 128 + len(text)))},
+    )
+    with (tmp_path / "obj").open("r+b") as f:
+        f.seek(128 + len(text))
+        f.write(bytes([0, 1, 2]))
+    _refused(
+        lambda: registry.resolve(flags), "input 'B': BOOL data must be bytes 0 or 1", InvalidInput
+    )
+    del request
     registry.close()

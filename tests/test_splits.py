@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 import time
 import urllib.error
@@ -20,10 +21,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gateway.backends.onnxruntime import OnnxRuntimeFactory
 from gateway.dataplane import DataPlane
+from gateway.errors import DeadlineExceeded
 from gateway.protocol.types import InferRequest
 from gateway.repository.local import LocalRepository
 from gateway.settings import Settings, SettingsError
-from gateway.splits import VersionSplits, parse_split
+from gateway.splits import SHADOW_BUCKETS_S, VersionSplits, parse_split
 from tests import models
 from tests.helpers import get, start_gateway
 
@@ -127,6 +129,130 @@ def test_a_version_not_loaded_passes_its_share_on() -> None:
     assert {splits.route("m", {1}, None)[0] for _ in range(50)} == {"1"}
     assert splits.route("m", set(), None) == (None, 0)  # none loaded: the usual choice
     assert splits.route("other", {1}, None) == (None, 0)
+
+
+class Draws(random.Random):
+    """The splits' randomness, injected: it returns the given draws in turn."""
+
+    def __init__(self, *draws: float) -> None:
+        super().__init__()
+        self.draws = list(draws)
+
+    def random(self) -> float:
+        return self.draws.pop(0)
+
+
+def test_split_tables_name_what_is_wrong() -> None:
+    """Each refusal says what is wrong in its own words (they reach the admin API's 400 and
+    a refused start), and only what is wrong is refused."""
+    ok = {"model": "m", "weights": {"1": 1}}
+    for bad, message in (
+        ("not a table", "a version split must be a table (JSON object)"),
+        ({**ok, "colour": "red"}, "version split: unknown key(s) ['colour']"),
+        ({**ok, "model": 5}, "version split: 'model' must be the model's name, got 5"),
+        ({**ok, "model": ""}, "version split: 'model' must be the model's name, got ''"),
+        ({"model": "m"}, "version split of 'm': 'weights' must map versions to weights"),
+        ({**ok, "weights": {"0": 1}}, "version split of 'm': '0' is not a version"),
+        (
+            {**ok, "weights": {"1": 2, "2": -1}},
+            "version split of 'm': the weight of version 2 must be >= 0",
+        ),
+        ({**ok, "weights": {"1": True}}, "the weight of version 1 must be >= 0"),
+        ({**ok, "weights": {"1": "x"}}, "the weight of version 1 must be >= 0"),
+        ({**ok, "weights": {"1": 0, "2": 0}}, "version split of 'm': the weights add up to 0"),
+        ({**ok, "sticky_header": 1}, "version split of 'm': 'sticky_header' must be a header name"),
+        ({**ok, "shadow": True}, "version split of 'm': 'shadow' must be a version (or 0)"),
+        ({**ok, "shadow": "x"}, "version split of 'm': 'shadow' must be a version (or 0)"),
+        (
+            {**ok, "shadow_fraction": True},
+            "version split of 'm': 'shadow_fraction' must be in 0..1",
+        ),
+        ({**ok, "shadow_fraction": "x"}, "'shadow_fraction' must be in 0..1"),
+    ):
+        with pytest.raises(SettingsError) as caught:
+            parse_split(bad)
+        assert str(caught.value).endswith(message), (bad, str(caught.value))
+    # A weight of 0 (a version switched off) and fractional weights are fine; so are a shadow
+    # given as a string of digits (a TOML key) and any fraction in 0..1.
+    split = parse_split(
+        {**ok, "weights": {"1": 0.5, "2": 0, "3": 0.25}, "shadow": "2", "shadow_fraction": 0}
+    )
+    assert split.weights == ((1, 0.5), (2, 0.0), (3, 0.25))
+    assert split.shadow == 2 and split.shadow_fraction == 0.0
+    assert parse_split({**ok, "shadow": 2, "shadow_fraction": 0.5}).to_dict() == {
+        "model": "m", "weights": {"1": 1.0}, "shadow": 2, "shadow_fraction": 0.5,
+    }  # fmt: skip
+    assert parse_split(ok).to_dict() == {"model": "m", "weights": {"1": 1.0}}  # nothing unset
+
+
+def test_each_version_gets_its_own_share_of_the_draws() -> None:
+    split = parse_split({"model": "m", "weights": {"1": 1, "2": 1, "3": 2}})
+    loaded = {1, 2, 3}
+    assert [split.pick(p, loaded) for p in (0.0, 0.24, 0.25, 0.49, 0.5, 0.99)] == [1, 1, 2, 2, 3, 3]
+    # Version 1's share goes on to the next version with a weight: 2 has none, so 3.
+    split = parse_split({"model": "m", "weights": {"1": 1, "2": 0, "3": 1}})
+    assert split.pick(0.1, {2, 3}) == 3
+    assert split.pick(0.1, {2}) is None  # a version without weight never serves
+
+
+def test_sticky_header_values_that_are_not_valid_text_still_pick_a_version() -> None:
+    """A header decoded with surrogate escapes (undecodable bytes) hashes like any value."""
+    splits = VersionSplits(({"model": "m", "weights": {"1": 1, "2": 1}, "sticky_header": "u"},))
+    version = splits.route("m", {1, 2}, {"u": "caf\udce9"}.get)[0]
+    assert version in ("1", "2")
+    assert splits.route("m", {1, 2}, {"u": "caf\udce9"}.get)[0] == version
+
+
+def test_a_shadow_copy_goes_only_to_another_loaded_version_at_its_fraction() -> None:
+    table = {"model": "m", "weights": {"1": 1, "2": 1}, "shadow": 2}
+    splits = VersionSplits((table,), rng=Draws(0.1, 0.9))
+    assert splits.route("m", {1, 2}, None) == ("1", 2)  # every request, at fraction 1
+    assert splits.route("m", {1, 2}, None) == ("2", 0)  # never to the version that serves
+    splits = VersionSplits(({**table, "weights": {"1": 1}, "shadow": 3},), rng=Draws(0.1))
+    assert splits.route("m", {1, 2}, None) == ("1", 0)  # the shadow version is not loaded
+    half = {**table, "weights": {"1": 1}, "shadow_fraction": 0.5}
+    splits = VersionSplits((half,), rng=Draws(0.1, 0.49, 0.1, 0.5))
+    assert splits.route("m", {1, 2}, None) == ("1", 2)  # a draw below the fraction
+    assert splits.route("m", {1, 2}, None) == ("1", 0)  # and at it, not
+    never = {**table, "weights": {"1": 1}, "shadow_fraction": 0}
+    splits = VersionSplits((never,), rng=Draws(0.1, 0.0))
+    assert splits.route("m", {1, 2}, None) == ("1", 0)  # fraction 0: not even a draw of 0
+
+
+def test_admin_table_and_removal() -> None:
+    splits = VersionSplits(({"model": "b", "weights": {"1": 1}},))
+    splits.set("a", {"weights": {"2": 1}})
+    assert splits.table() == {
+        "splits": [{"model": "a", "weights": {"2": 1.0}}, {"model": "b", "weights": {"1": 1.0}}]
+    }
+    assert splits.remove("a") is True
+    assert splits.remove("a") is False  # already gone
+    assert splits.route("a", {1, 2}, None) == (None, 0) and splits
+    assert splits.remove("b") is True and not splits
+
+
+def test_shadow_outcomes_and_latency_histogram() -> None:
+    splits = VersionSplits()
+    assert splits.shadow_outcomes("m", 2) == {}  # nothing sent yet
+    splits.shadow_done("m", 2, 0.002, None)
+    splits.shadow_done("m", 2, 0.3, DeadlineExceeded("late"))
+    splits.shadow_done("m", 2, 9.0, ValueError("a bug"))
+    assert splits.shadow_outcomes("m", 2) == {"success": 1, "DeadlineExceeded": 1, "error": 1}
+    families = {f.name: f for f in splits.metric_families()}
+    assert {name: f.documentation for name, f in families.items()} == {
+        "gateway_split_requests": "Requests sent to a version by its model's traffic split",
+        "gateway_shadow_requests": (
+            "Shadow copies sent to a candidate version, by outcome (answers dropped)"
+        ),
+        "gateway_shadow_duration_seconds": "Latency of shadow copies at the candidate version",
+    }
+    samples = families["gateway_shadow_duration_seconds"].samples
+    buckets = {s.labels["le"]: s.value for s in samples if s.name.endswith("_bucket")}
+    assert buckets["0.001"] == 0 and buckets["0.0025"] == 1 and buckets["0.25"] == 1
+    assert buckets["0.5"] == 2 and buckets["2.5"] == 2 and buckets["+Inf"] == 3
+    assert list(buckets) == [*(repr(b) for b in SHADOW_BUCKETS_S), "+Inf"]
+    (total,) = [s.value for s in samples if s.name.endswith("_sum")]
+    assert total == pytest.approx(9.302)
 
 
 # -- through the data plane ------------------------------------------------------------------
