@@ -1041,9 +1041,9 @@ async def test_paced_clients_are_probed_then_batched() -> None:
 
 
 async def test_a_closed_loop_client_pays_few_probes() -> None:
-    """A lone closed-loop client with gaps (5 ms) shorter than the delay (100 ms): each probe catches nothing
-    and the next comes after twice as many batches, so 64 requests see at most 7 probes; the
-    others go at once."""
+    """A lone closed-loop client with gaps (5 ms) shorter than the delay (100 ms): each probe
+    catches nothing and the next comes after twice as many batches, so 64 requests see at most
+    7 probes; the others go at once."""
     clock = Clock(100.0)
     backend = Recorder()
     backend.clock, backend.run_s = clock, 0.0001
