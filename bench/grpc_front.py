@@ -388,11 +388,12 @@ def render(
         f"start {loads}. perf_analyzer shares 2 cores with the servers and other work ran on "
         f"the machine: medians of {args.rounds} interleaved round(s) of {args.window_ms} ms "
         "windows; compare within this table only. CPU: the gateway's CPU time (all threads) "
-        f"per request. `{NULL}`: a bare grpc.aio server answering a fixed response.",
+        "per request; batch: the model's inferences per execution in the window. "
+        f"`{NULL}`: a bare grpc.aio server answering a fixed response.",
         "",
     ]
-    head = "| model | protocol | c | target | infer/s | p50 ms | p99 ms | CPU us/req |"
-    rule = "|---|---|---|---|---|---|---|---|"
+    head = "| model | protocol | c | target | infer/s | p50 ms | p99 ms | CPU us/req | batch |"
+    rule = "|---|---|---|---|---|---|---|---|---|"
     for ref in refs:
         head += f" thr / {ref} | p99 / {ref} | CPU / {ref} |"
         rule += "---|---|---|"
@@ -404,11 +405,12 @@ def render(
                     runs = results.get((model, protocol, c, name), [])
                     if not runs:
                         continue
-                    thr, p50, p99, cpu = (
-                        _median(runs, k) for k in ("throughput", "p50_ms", "p99_ms", "cpu_us")
+                    thr, p50, p99, cpu, batch = (
+                        _median(runs, k)
+                        for k in ("throughput", "p50_ms", "p99_ms", "cpu_us", "batch")
                     )
                     row = (f"| {model} | {protocol} | {c} | {name} | {_f(thr, '.0f')} | "
-                           f"{_f(p50)} | {_f(p99)} | {_f(cpu, '.0f')} |")  # fmt: skip
+                           f"{_f(p50)} | {_f(p99)} | {_f(cpu, '.0f')} | {_f(batch)} |")  # fmt: skip
                     for ref in refs:
                         base = results.get((model, protocol, c, ref), [])
                         bthr, bp99, bcpu = (
