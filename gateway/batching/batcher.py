@@ -29,10 +29,10 @@ once, while independent traffic keeps Triton's wait. Off, every short batch wait
 That rate alone cannot start waiting for clients that the front end paces: grpc.aio hands the
 loop one call per completion-queue round trip, so 16 closed-loop gRPC clients reach the batcher
 one by one, each after the last batch finished, exactly like one closed-loop client, and no row
-ever arrives while busy. So when the gap between any two arrivals (idle or busy) says a row
-should come within the delay left, a short batch waits that gap twice anyway, a probe: a row
-that joins counts as arriving while busy, and the rate takes over; a probe that catches
-nothing backs off, doubling the batches that go before the next one (up to
+ever arrives while busy. So when the recent gap between any two arrivals (idle or busy) is at
+most twice the delay left (``PROBE_GAPS``), a short batch waits anyway, a probe, for two gaps
+at most: a row that joins counts as arriving while busy, and the rate takes over; a probe that
+catches nothing backs off, doubling the batches that go before the next one (up to
 ``PROBE_MAX_SKIP``), so a lone client pays it about log2(requests) times.
 
 A lone batch (``BatchPolicy.inline_max_s``: all that is outstanding on the event loop, of a
@@ -142,6 +142,9 @@ ARRIVAL_DECAY = 0.9
 # A batch waiting for company decides again after two expected gaps, but not more often than
 # this (at a very high rate, or all arrivals at one instant, a timer per gap would spin).
 MIN_RECHECK_S = 0.0005
+# A probe waits while at most this many gaps between arrivals fit in the delay left: even
+# half a gap gives a row about two chances in five, and a probe that fails backs off.
+PROBE_GAPS = 2.0
 # A failed probe (see the module docstring) lets this many batches at most go before the next.
 PROBE_MAX_SKIP = 4096
 # A lone batch runs inline only while fewer rows than this are expected to arrive during it.
@@ -574,10 +577,10 @@ class Batcher:
 
     def _probe(self, wait_s: float) -> float | None:
         """How long a short batch that the busy arrival rate would send now waits anyway (None:
-        it goes): two gaps between recent arrivals, when one fits in the ``wait_s`` left, unless
-        a probe that failed still has batches to let go."""
+        it goes): two gaps between recent arrivals at most, when the ``wait_s`` left is at least
+        half a gap, unless a probe that failed still has batches to let go."""
         gap = self._gap_s
-        if gap is None or gap > wait_s:
+        if gap is None or gap > PROBE_GAPS * wait_s:
             return None
         if self._probe_skip > 0:
             self._probe_skip -= 1
