@@ -109,6 +109,8 @@ class SlowLink:
         self.rate_bytes_s = mbit_s * 1e6 / 8
         self.rtt_s = rtt_s
         self.bytes_down = 0
+        self.connections = 0  # each costs rtt_s before its first request
+        self.requests = 0  # request chunks forwarded: each costs rtt_s
         self.port = 0
         self._free_at = 0.0
         self._loop = asyncio.new_event_loop()
@@ -134,6 +136,7 @@ class SlowLink:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         await asyncio.sleep(self.rtt_s)  # connection set-up
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
@@ -143,6 +146,7 @@ class SlowLink:
 
         async def upstream() -> None:
             while chunk := await reader.read(65536):
+                self.requests += 1
                 await asyncio.sleep(self.rtt_s)  # a request crosses the link and back
                 up_w.write(chunk)
                 await up_w.drain()
@@ -269,6 +273,31 @@ def write_layers(root: Path, version: int, layers: int, changed: int | None, rev
     return path.stat().st_size
 
 
+def phases(log: Path, wall: float, took: float) -> str:
+    """Where an edge's time to serve a new version went, from its JSON log lines after
+    ``wall``: until its fetch started (index, manifest), the fetch (transfer beside the copy of
+    held chunks), until the load was done (model directory, ONNX Runtime session), the rest
+    (the old version retired, the first inference)."""
+    fetched = loaded = None
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            entry = json.loads(line)
+            if entry["ts"] < wall:
+                continue
+            found = re.search(r"fetched .* in ([\d.]+) s", entry["msg"])
+            if found:
+                fetched = (entry["ts"], float(found.group(1)))
+            elif entry["msg"].startswith("model layers loaded"):
+                loaded = entry["ts"]
+    if fetched is None or loaded is None:
+        return "phases: not in the log"
+    end, fetch_s = fetched
+    return (
+        f"phases: to the fetch {end - fetch_s - wall:.2f} s, fetch {fetch_s:.2f} s, "
+        f"load {loaded - end:.2f} s, answer {wall + took - loaded:.2f} s"
+    )
+
+
 def chunk_sweep(old: Path, new: Path) -> list[str]:
     """Table rows: for several average chunk sizes, v2's bytes in chunks v1 lacks / 4 MiB."""
     from gateway.repository.manifest import FileEntry, hash_and_chunk
@@ -292,6 +321,7 @@ def delta(args: argparse.Namespace) -> int:
 
     from gateway.repository.manifest import CHUNK_AVG_BYTES, hash_and_chunk, sha256_file
 
+    load_at_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="gateway-edge-delta-"))
     repo = tmp / "repo"
     layers = max(2, round(args.model_mb * 1e6 / (1024 * 1024 * 4)))
@@ -333,14 +363,23 @@ def delta(args: argparse.Namespace) -> int:
             """Seconds for the edge to load ``version`` and answer with it; link bytes."""
             time.sleep(2.1)  # the edge's index TTL: the load below asks the origin again
             before = link.bytes_down
+            opened, asked = link.connections, link.requests
             started = time.perf_counter()
+            wall = time.time()
             status = _post(f"{edge_proc.url}/v2/repository/models/layers/load", b"{}")
             url = f"{edge_proc.url}/v2/models/layers/versions/{version}/infer"
             if status != 200 or _post(url, body) != 200:
                 raise RuntimeError(
                     f"load of v{version}: {status}\n{edge_proc.log.read_text()[-3000:]}"
                 )
-            return time.perf_counter() - started, link.bytes_down - before
+            took = time.perf_counter() - started
+            opened, asked = link.connections - opened, link.requests - asked
+            floor = (opened + asked) * link.rtt_s + (link.bytes_down - before) / link.rate_bytes_s
+            breakdown[edge_proc.log.name] = (
+                f"{phases(edge_proc.log, wall, took)}; over the link {opened} new connections "
+                f"and {asked} requests, {floor:.2f} s one after another with the bytes"
+            )
+            return took, link.bytes_down - before
 
         def local_load() -> float:
             """The node's own (re)load of the newest version from its disk: median of 3."""
@@ -352,6 +391,7 @@ def delta(args: argparse.Namespace) -> int:
             return sorted(times)[1]
 
         versions = [1]
+        breakdown: dict[str, str] = {}
         publish()
         cache = tmp / "cache"
         edge_a = Proc(
@@ -403,7 +443,8 @@ def delta(args: argparse.Namespace) -> int:
                     what = f"bytes / (changed + manifest + index) = {ratio:.3f} (<= 1.1: {verdict})"
                 rows[-1] = (
                     *rows[-1][:5],
-                    f"{what}; time / ((bytes / bandwidth) x 1.2 + local load {t_local:.2f} s) = "
+                    f"{what}; {breakdown.get(edge_a.log.name, '')}; "
+                    f"time / ((bytes / bandwidth) x 1.2 + local load {t_local:.2f} s) = "
                     f"{t_new / ideal:.2f} (<= 1: {'met' if t_new <= ideal else 'NOT met'}); "
                     f"vs whole file: x{moved_whole / moved:.1f} fewer bytes, "
                     f"x{t_whole / t_new:.1f} faster",
@@ -418,7 +459,8 @@ def delta(args: argparse.Namespace) -> int:
         f"Command: `python bench/edge.py --delta --model-mb {args.model_mb:g} "
         f"--mbit-s {args.mbit_s:g} --rtt-ms {args.rtt_ms:g}`  ",
         f"Date: {dt.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared with other "
-        f"work: times are noisy), Python {platform.python_version()}  ",
+        f"work: times are noisy; load average {load_at_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end), Python {platform.python_version()}  ",
         f"Model: `layers`, {layers} FP32 1024 x 1024 MatMuls, {model_bytes / 1e6:.1f} MB; "
         f"origin: a gateway node; link: {args.mbit_s:g} Mbit/s, +{args.rtt_ms:g} ms per "
         f"connection and per request. v1 cold pull: {t_cold:.2f} s, {cold_mb:.1f} MB.  ",

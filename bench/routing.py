@@ -175,9 +175,13 @@ def run_front(
     args: argparse.Namespace,
     action_at_s: float | None = None,
     action: Callable[[], None] | None = None,
+    pythonpath: str | None = None,
 ) -> Result:
     config = front_config(tmp / f"{name}.toml", hosts, policy)
-    front = start_gateway(repo, tmp, "--config", str(config), env={"GATEWAY_ACCESS_LOG": "false"})
+    env = {"GATEWAY_ACCESS_LOG": "false"}
+    if pythonpath:  # the front's code from another tree (``--compare``)
+        env["PYTHONPATH"] = pythonpath
+    front = start_gateway(repo, tmp, "--config", str(config), env=env)
     victim_batches: list[int] = []
 
     def act() -> None:  # note what the front had on the victim, then do it
@@ -215,7 +219,14 @@ def main() -> int:
     parser.add_argument("--slow-factor", type=float, default=3.0)
     parser.add_argument("--policies", default="round_robin,least_request,latency")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "routing.md"))
+    parser.add_argument(
+        "--compare",
+        help="another source tree: its front runs each policy and the reference too, "
+        "interleaved with this tree's (the workers are this tree's)",
+    )
     args = parser.parse_args()
+    other = Path(args.compare).resolve() if args.compare else None
+    tag = f" [{other.name}]" if other else ""
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     repo = tmp / "repo"
@@ -246,11 +257,16 @@ def main() -> int:
             "slow": proxies[2].address,
         }
         two = {"fast0": proxies[0].address, "fast1": proxies[1].address}
-        for policy in args.policies.split(","):
-            results.append(run_front(repo, tmp, three, policy, policy, args))
+        runs = [(three, p, p) for p in args.policies.split(",")]
+        runs.append((two, "latency", "two fast hosts (reference)"))
+        for hosts, policy, name in runs:
+            results.append(run_front(repo, tmp, hosts, policy, name, args))
             print_row(results[-1])
-        results.append(run_front(repo, tmp, two, "latency", "two fast hosts (reference)", args))
-        print_row(results[-1])
+            if other is not None:
+                results.append(
+                    run_front(repo, tmp, hosts, policy, name + tag, args, pythonpath=str(other))
+                )
+                print_row(results[-1])
         victim = workers[1]
         results.append(
             run_front(
@@ -270,7 +286,7 @@ def main() -> int:
             proxy.stop()
         for worker in workers:
             worker.stop(signal.SIGKILL)
-    report = render(results, args, base_s, slow_s)
+    report = render(results, args, base_s, slow_s, tag)
     print(report)
     Path(args.out).write_text(report)
     return 0
@@ -285,7 +301,9 @@ def print_row(r: Result) -> None:
     )
 
 
-def render(results: list[Result], args: argparse.Namespace, base_s: float, slow_s: float) -> str:
+def render(
+    results: list[Result], args: argparse.Namespace, base_s: float, slow_s: float, tag: str = ""
+) -> str:
     by = {r.name: r for r in results}
     rr = by["round_robin"]
     ref = by["two fast hosts (reference)"]
@@ -310,6 +328,10 @@ def render(results: list[Result], args: argparse.Namespace, base_s: float, slow_
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        if tag and r.name.endswith(tag):  # the other tree's rows: against its own runs
+            rr, ref = by["round_robin" + tag], by["two fast hosts (reference)" + tag]
+        else:
+            rr, ref = by["round_robin"], by["two fast hosts (reference)"]
         total = sum(r.shares.values()) or 1
         slow_share = r.shares.get("slow")
         lines.append(
@@ -320,6 +342,22 @@ def render(results: list[Result], args: argparse.Namespace, base_s: float, slow_
         )
     lat = by["latency"]
     fault = results[-1]
+    if tag:
+        lines += [
+            "",
+            f"p99 ratios, this tree against `{tag.strip(' []')}` (fronts interleaved, same "
+            "workers):",
+            "",
+            "| tree | latency p99 / round_robin p99 | latency p99 / two-fast p99 |",
+            "|---|---:|---:|",
+        ]
+        for label, suffix in (("this", ""), (tag.strip(" []"), tag)):
+            mine = {n: by[n + suffix] for n in ("latency", "round_robin")}
+            reference = by["two fast hosts (reference)" + suffix]
+            lines.append(
+                f"| {label} | {mine['latency'].pct_ms(99) / mine['round_robin'].pct_ms(99):.2f} "
+                f"| {mine['latency'].pct_ms(99) / reference.pct_ms(99):.2f} |"
+            )
     lines += [
         "",
         f"Fault run: `{VICTIM}` killed (SIGKILL) after {args.duration_s / 2:g} s; "

@@ -171,6 +171,14 @@ class Settings:
     host_probe_rate: float = 100.0  # probes/s over all hosts, at most: the period stretches
     host_unhealthy_threshold: int = 2  # failed probes in a row before a host is marked down
     host_healthy_threshold: int = 2  # successful probes in a row before it is marked up again
+    # Aperture (gateway/routing/aperture.py): above this many hosts, traffic goes to a subset of
+    # at least this many, grown while more than host_aperture_load batches per host are in
+    # flight; 0: every host. host_aperture_coordinate: this front's place on the hosts' ring in
+    # [0, 1) (front i of k: i / k, so fronts cover the fleet between them); -1: random.
+    host_aperture: int = 12
+    host_aperture_load: float = 2.0
+    host_aperture_coordinate: float = -1.0
+    host_probe_idle_interval_s: float = 60.0  # probe period of hosts outside the aperture
     # /metrics: per-host series up to this many hosts; above, families aggregated over hosts.
     metrics_host_series_max: int = 100
     # Tracing (OpenTelemetry, gateway/tracing.py): spans sent over OTLP to this collector URL
@@ -270,6 +278,12 @@ class Settings:
             raise SettingsError("host_probe_jitter must be in [0, 1) and host_probe_rate > 0")
         if self.host_unhealthy_threshold < 1 or self.host_healthy_threshold < 1:
             raise SettingsError("host_unhealthy_threshold and host_healthy_threshold must be >= 1")
+        if self.host_aperture < 0 or self.host_aperture_load <= 0:
+            raise SettingsError("host_aperture must be >= 0 and host_aperture_load > 0")
+        if self.host_probe_idle_interval_s <= 0:
+            raise SettingsError("host_probe_idle_interval_s must be > 0")
+        if not (0 <= self.host_aperture_coordinate < 1 or self.host_aperture_coordinate == -1):
+            raise SettingsError("host_aperture_coordinate must be in [0, 1), or -1 (random)")
         if self.metrics_host_series_max < 0:
             raise SettingsError("metrics_host_series_max must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):

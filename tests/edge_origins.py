@@ -5,6 +5,8 @@
 connection partway through a file once or send one byte of it wrong once (fault injection).
 ``StaticOrigin`` is Python's ``http.server`` (no Range support).
 ``AppServer`` runs any aiohttp application (an origin that misbehaves on purpose).
+``publish``, ``edit`` and ``roll_out`` make and roll out versions of a model of random bytes
+(the chunk tests' set-up).
 """
 
 from __future__ import annotations
@@ -18,10 +20,18 @@ import threading
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
+
 from tests import models
+
+if TYPE_CHECKING:
+    from gateway.repository.edge import EdgeRepository
+
+AVG = 16 * 1024  # small chunks: a 1 MiB file has ~50
+SIZE = 1 << 20
 
 SIMPLE_INPUTS = {
     "inputs": [
@@ -287,3 +297,49 @@ def moto_s3() -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+# -- versions of a model of random bytes (the chunk tests) -------------------------------------
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def publish(root: Path, name: str, version: int, data: bytes, avg: int = AVG) -> None:
+    """``<name>/<version>/model.onnx`` holding ``data``; manifests cut with ``avg`` (0: none)."""
+    from gateway.repository.manifest import write_manifests
+
+    (root / name / str(version)).mkdir(parents=True, exist_ok=True)
+    (root / name / str(version) / "model.onnx").write_bytes(data)
+    write_manifests(root, avg)
+
+
+def edit(data: bytes, at: int, size: int, seed: int = 99) -> bytes:
+    """``data`` with ``size`` bytes from ``at`` on replaced by others (a changed layer)."""
+    return data[:at] + random_bytes(size, seed) + data[at + size :]
+
+
+def open_edge(url: str, cache: Path, **kwargs: object) -> EdgeRepository:
+    from gateway.repository.edge import EdgeRepository
+    from gateway.settings import Settings
+
+    return EdgeRepository(Settings(model_repo=url, cache_dir=str(cache), **kwargs))  # type: ignore[arg-type]
+
+
+async def roll_out(
+    edge: EdgeRepository,
+    root: Path,
+    name: str,
+    version: int,
+    data: bytes,
+    avg: int = AVG,
+    origin: FakeOrigin | None = None,
+) -> None:
+    """Publish a new version, have ``edge`` ask for the index again and fetch the model; the
+    origin's request log is cleared after the index request, so it shows only the fetch."""
+    publish(root, name, version, data, avg)
+    await edge.refresh_index(force=True)
+    if origin is not None:
+        origin.requests.clear()
+    await edge.fetch(name)

@@ -23,11 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from gateway.errors import ModelLoadError
-from gateway.repository.edge import INDEX_TTL_S, EdgeRepository
+from gateway.repository.edge import INDEX_TTL_S
 from gateway.repository.manifest import (
     Publisher,
     chunk_bounds,
@@ -36,36 +35,27 @@ from gateway.repository.manifest import (
     sha256_file,
     write_manifests,
 )
-from gateway.settings import Settings
-from tests.edge_origins import AppServer, FakeOrigin, StaticOrigin, moto_s3, two_layer
+from tests.edge_origins import (
+    AVG,
+    SIZE,
+    AppServer,
+    FakeOrigin,
+    StaticOrigin,
+    edit,
+    moto_s3,
+    open_edge,
+    publish,
+    random_bytes,
+    roll_out,
+    two_layer,
+)
 from tests.helpers import start_gateway
-
-AVG = 16 * 1024  # small chunks: a 1 MiB file has ~50
-SIZE = 1 << 20
-
-
-def _bytes(size: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
-
-
-def _publish(root: Path, name: str, version: int, data: bytes, avg: int = AVG) -> None:
-    (root / name / str(version)).mkdir(parents=True, exist_ok=True)
-    (root / name / str(version) / "model.onnx").write_bytes(data)
-    write_manifests(root, avg)
-
-
-def _edit(data: bytes, at: int, size: int, seed: int = 99) -> bytes:
-    return data[:at] + _bytes(size, seed) + data[at + size :]
-
-
-def edge(url: str, cache: Path, **kwargs: object) -> EdgeRepository:
-    return EdgeRepository(Settings(model_repo=url, cache_dir=str(cache), **kwargs))  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     root = tmp_path / "origin"
-    _publish(root, "m", 1, _bytes(SIZE, 1))
+    publish(root, "m", 1, random_bytes(SIZE, 1))
     return root
 
 
@@ -91,8 +81,8 @@ def _ranges(origin: FakeOrigin, suffix: str) -> list[tuple[int, int]]:
 
 
 def test_an_edit_moves_no_other_boundary(tmp_path: Path) -> None:
-    data = _bytes(SIZE, 1)
-    edited = _edit(data, 400_000, 5000)
+    data = random_bytes(SIZE, 1)
+    edited = edit(data, 400_000, 5000)
     (tmp_path / "a").write_bytes(data)
     (tmp_path / "b").write_bytes(edited)
     sha_a, a = hash_and_chunk(tmp_path / "a", AVG)
@@ -137,16 +127,13 @@ async def test_new_version_fetches_only_changed_chunks(
     repo: Path, fake: FakeOrigin, tmp_path: Path
 ) -> None:
     v1 = (repo / "m/1/model.onnx").read_bytes()
-    v2 = _edit(v1, 300_000, 40_000)
+    v2 = edit(v1, 300_000, 40_000)
     fake.requests.clear()
     cache = tmp_path / "cache"
-    first = edge(fake.url, cache)
+    first = open_edge(fake.url, cache)
     await first.fetch("m")
     before = first.stats()["bytes_from_origin"]
-    fake.requests.clear()
-    _publish(repo, "m", 2, v2)
-    await first.refresh_index(force=True)
-    await first.fetch("m")
+    await roll_out(first, repo, "m", 2, v2, origin=fake)
     assert first.source("m").version_paths[2].read_bytes() == v2
     stats = first.stats()
     moved = stats["bytes_from_origin"] - before
@@ -160,12 +147,9 @@ async def test_new_version_fetches_only_changed_chunks(
     await first.close()
 
     # a restarted edge keeps the chunk map: v3 also reuses chunks (of v2's file)
-    v3 = _edit(v2, 800_000, 10_000, seed=5)
-    _publish(repo, "m", 3, v3)
-    again = edge(fake.url, cache)
-    fake.requests.clear()
-    await again.refresh_index(force=True)
-    await again.fetch("m")
+    v3 = edit(v2, 800_000, 10_000, seed=5)
+    again = open_edge(fake.url, cache)
+    await roll_out(again, repo, "m", 3, v3, origin=fake)
     assert again.source("m").version_paths[3].read_bytes() == v3
     assert sum(e - s for s, e in _ranges(fake, "m/3/model.onnx")) < 10_000 + 2 * high
     await again.close()
@@ -174,13 +158,10 @@ async def test_new_version_fetches_only_changed_chunks(
 async def test_old_format_origin_new_edge(repo: Path, fake: FakeOrigin, tmp_path: Path) -> None:
     """An origin publishing manifests without chunk lists: the new edge fetches files whole."""
     write_manifests(repo, 0)
-    v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
-    repo_edge = edge(fake.url, tmp_path / "cache")
+    v2 = edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+    repo_edge = open_edge(fake.url, tmp_path / "cache")
     await repo_edge.fetch("m")
-    fake.requests.clear()
-    _publish(repo, "m", 2, v2, avg=0)
-    await repo_edge.refresh_index(force=True)
-    await repo_edge.fetch("m")
+    await roll_out(repo_edge, repo, "m", 2, v2, avg=0, origin=fake)
     assert repo_edge.source("m").version_paths[2].read_bytes() == v2
     assert fake.requests.count(("m/2/model.onnx", None)) == 1  # one plain GET, whole
     assert repo_edge.stats()["bytes_cached"] == 0
@@ -193,13 +174,10 @@ async def test_origin_starting_to_publish_chunks(
     """v1 was cached from manifests without chunk lists; v2 comes with them: the edge cuts its
     cached v1 as the origin would and fetches only v2's change."""
     write_manifests(repo, 0)
-    v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
-    repo_edge = edge(fake.url, tmp_path / "cache")
+    v2 = edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+    repo_edge = open_edge(fake.url, tmp_path / "cache")
     await repo_edge.fetch("m")
-    _publish(repo, "m", 2, v2)  # chunk lists from now on
-    await repo_edge.refresh_index(force=True)
-    fake.requests.clear()
-    await repo_edge.fetch("m")
+    await roll_out(repo_edge, repo, "m", 2, v2, origin=fake)  # chunk lists from now on
     assert repo_edge.source("m").version_paths[2].read_bytes() == v2
     _, _, high = chunk_bounds(AVG)
     assert sum(e - s for s, e in _ranges(fake, "m/2/model.onnx")) < 40_000 + 2 * high
@@ -208,13 +186,10 @@ async def test_origin_starting_to_publish_chunks(
 
 async def test_new_origin_old_edge(repo: Path, fake: FakeOrigin, tmp_path: Path) -> None:
     """An edge that ignores chunk lists (``edge_chunks = false``) reads a chunked origin."""
-    v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
-    old = edge(fake.url, tmp_path / "cache", edge_chunks=False)
+    v2 = edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+    old = open_edge(fake.url, tmp_path / "cache", edge_chunks=False)
     await old.fetch("m")
-    fake.requests.clear()
-    _publish(repo, "m", 2, v2)
-    await old.refresh_index(force=True)
-    await old.fetch("m")
+    await roll_out(old, repo, "m", 2, v2, origin=fake)
     assert old.source("m").version_paths[2].read_bytes() == v2
     assert fake.requests.count(("m/2/model.onnx", None)) == 1
     assert old.stats()["bytes_from_origin"] >= SIZE
@@ -224,10 +199,10 @@ async def test_new_origin_old_edge(repo: Path, fake: FakeOrigin, tmp_path: Path)
 async def test_origin_without_range_support_gets_whole_files(repo: Path, tmp_path: Path) -> None:
     static = StaticOrigin(repo).start()
     try:
-        repo_edge = edge(static.url, tmp_path / "cache")
+        repo_edge = open_edge(static.url, tmp_path / "cache")
         await repo_edge.fetch("m")
-        v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
-        _publish(repo, "m", 2, v2)
+        v2 = edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+        publish(repo, "m", 2, v2)
         later = (repo / "models.json").stat().st_mtime + 2  # Last-Modified has 1 s resolution
         os.utime(repo / "models.json", (later, later))
         static.requests.clear()
@@ -262,11 +237,11 @@ async def test_s3_origin_serves_chunks_by_range(
                     s3.upload_file(str(path), "models", path.relative_to(repo).as_posix())
 
         upload()
-        repo_edge = edge("s3://models", tmp_path / "cache")
+        repo_edge = open_edge("s3://models", tmp_path / "cache")
         await repo_edge.fetch("m")
         before = repo_edge.stats()["bytes_from_origin"]
-        v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
-        _publish(repo, "m", 2, v2)
+        v2 = edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+        publish(repo, "m", 2, v2)
         upload()
         await repo_edge.refresh_index(force=True)
         await repo_edge.fetch("m")
@@ -282,14 +257,11 @@ async def test_s3_origin_serves_chunks_by_range(
 async def test_corrupt_chunk_from_origin_is_fetched_again(
     repo: Path, fake: FakeOrigin, tmp_path: Path
 ) -> None:
-    v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
-    repo_edge = edge(fake.url, tmp_path / "cache")
+    v2 = edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+    repo_edge = open_edge(fake.url, tmp_path / "cache")
     await repo_edge.fetch("m")
-    _publish(repo, "m", 2, v2)
-    fake.requests.clear()
     fake.corrupt_at["m/2/model.onnx"] = 320_000  # one byte wrong, once
-    await repo_edge.refresh_index(force=True)
-    await repo_edge.fetch("m")
+    await roll_out(repo_edge, repo, "m", 2, v2, origin=fake)
     assert repo_edge.source("m").version_paths[2].read_bytes() == v2
     assert repo_edge.stats()["corrupt"] == 1
     ranges = _ranges(fake, "m/2/model.onnx")
@@ -313,13 +285,10 @@ async def test_corrupt_chunk_from_peer_is_dropped(
     app.router.add_get("/v2/repository/chunks/sha256/{sha}", lying_chunk)
     peer = AppServer(app).start()
     try:
-        v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
-        repo_edge = edge(fake.url, tmp_path / "cache", peers=(peer.url,))
+        v2 = edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+        repo_edge = open_edge(fake.url, tmp_path / "cache", peers=(peer.url,))
         await repo_edge.fetch("m")
-        _publish(repo, "m", 2, v2)
-        await repo_edge.refresh_index(force=True)
-        fake.requests.clear()
-        await repo_edge.fetch("m")
+        await roll_out(repo_edge, repo, "m", 2, v2, origin=fake)
         assert repo_edge.source("m").version_paths[2].read_bytes() == v2
         stats = repo_edge.stats()
         assert asked and stats["corrupt"] == len(asked)
@@ -336,10 +305,10 @@ async def test_two_models_sharing_chunks_fetch_each_chunk_once(
     """Chunks are shared between models, and single-flight per chunk: two models with most
     bytes in common get new versions with the same new layer, fetched together; its chunks
     cross the link once."""
-    base = _bytes(SIZE, 7)
-    _publish(repo, "a", 1, base)
-    _publish(repo, "b", 1, _edit(base, 500_000, 20_000))
-    repo_edge = edge(fake.url, tmp_path / "cache")
+    base = random_bytes(SIZE, 7)
+    publish(repo, "a", 1, base)
+    publish(repo, "b", 1, edit(base, 500_000, 20_000))
+    repo_edge = open_edge(fake.url, tmp_path / "cache")
     await repo_edge.fetch("a")
     origin = repo_edge.stats()["bytes_from_origin"]
     await repo_edge.fetch("b")  # a's chunks serve b: only its own edit is fetched
@@ -347,8 +316,8 @@ async def test_two_models_sharing_chunks_fetch_each_chunk_once(
     manifest = (repo / "b/1/manifest.json").stat().st_size
     assert repo_edge.stats()["bytes_from_origin"] - origin - manifest < 20_000 + 2 * high
 
-    _publish(repo, "a", 2, _edit(base, 200_000, 30_000, seed=3))
-    _publish(repo, "b", 2, _edit(_edit(base, 500_000, 20_000), 200_000, 30_000, seed=3))
+    publish(repo, "a", 2, edit(base, 200_000, 30_000, seed=3))
+    publish(repo, "b", 2, edit(edit(base, 500_000, 20_000), 200_000, 30_000, seed=3))
     await repo_edge.refresh_index(force=True)
     fake.chunk_delay_s = 0.05  # the two builds overlap
     fake.requests.clear()
@@ -363,14 +332,11 @@ async def test_two_models_sharing_chunks_fetch_each_chunk_once(
 
 
 async def test_interrupted_assembly_resumes(repo: Path, fake: FakeOrigin, tmp_path: Path) -> None:
-    v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 100_000, 600_000)
-    repo_edge = edge(fake.url, tmp_path / "cache")
+    v2 = edit((repo / "m/1/model.onnx").read_bytes(), 100_000, 600_000)
+    repo_edge = open_edge(fake.url, tmp_path / "cache")
     await repo_edge.fetch("m")
-    _publish(repo, "m", 2, v2)
     fake.cut_after["m/2/model.onnx"] = 300_000  # the first range request breaks off
-    await repo_edge.refresh_index(force=True)
-    fake.requests.clear()
-    await repo_edge.fetch("m")
+    await roll_out(repo_edge, repo, "m", 2, v2, origin=fake)
     assert repo_edge.source("m").version_paths[2].read_bytes() == v2
     ranges = _ranges(fake, "m/2/model.onnx")
     assert len(ranges) == 2 and ranges[1][0] >= ranges[0][0] + 250_000  # went on, not over
@@ -419,7 +385,7 @@ async def test_gateway_node_and_edge_processes(tmp_path: Path) -> None:
             "inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 1024], "data": [1.0] * 1024}]
         }
         gw = start_gateway(node.url, tmp_path, "--cache-dir", str(tmp_path / "edge"))  # type: ignore[arg-type]
-        peer = edge(node.url, tmp_path / "peer", peers=(gw.url,))
+        peer = open_edge(node.url, tmp_path / "peer", peers=(gw.url,))
         try:
             assert _post(f"{gw.url}/v2/models/two/infer", infer)[0] == 200
             await peer.fetch("two")  # v1, as the edge has it
@@ -460,17 +426,14 @@ async def test_corrupt_cached_file_is_not_a_source_of_chunks(
     """A cached file changed on disk is caught (hashed before its chunks are copied), dropped,
     and the chunks it held come from the origin."""
     v1 = (repo / "m/1/model.onnx").read_bytes()
-    v2 = _edit(v1, 300_000, 40_000)
-    repo_edge = edge(fake.url, tmp_path / "cache")
+    v2 = edit(v1, 300_000, 40_000)
+    repo_edge = open_edge(fake.url, tmp_path / "cache")
     await repo_edge.fetch("m")
     blob = repo_edge.cache.blob_path(hashlib.sha256(v1).hexdigest())
     with blob.open("r+b") as f:  # bit rot, same size
         f.seek(700_000)
         f.write(b"\xff" * 16)
-    _publish(repo, "m", 2, v2)
-    await repo_edge.refresh_index(force=True)
-    fake.requests.clear()
-    await repo_edge.fetch("m")
+    await roll_out(repo_edge, repo, "m", 2, v2, origin=fake)
     assert repo_edge.source("m").version_paths[2].read_bytes() == v2
     stats = repo_edge.stats()
     assert stats["corrupt"] == 1 and stats["bytes_cached"] == 0
@@ -481,10 +444,10 @@ async def test_corrupt_cached_file_is_not_a_source_of_chunks(
 async def test_progress_note_splits_bytes_by_source(
     repo: Path, fake: FakeOrigin, tmp_path: Path
 ) -> None:
-    v2 = _edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
-    repo_edge = edge(fake.url, tmp_path / "cache")
+    v2 = edit((repo / "m/1/model.onnx").read_bytes(), 300_000, 40_000)
+    repo_edge = open_edge(fake.url, tmp_path / "cache")
     await repo_edge.fetch("m")
-    _publish(repo, "m", 2, v2)
+    publish(repo, "m", 2, v2)
     await repo_edge.refresh_index(force=True)
     notes: list[str] = []
     await repo_edge.pull("m", lambda delta: notes.append(repo_edge.note("m")))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -39,28 +38,7 @@ from gateway.routing.router import SCAN_BELOW
 from gateway.routing.tiers import LOADED, HostModel
 from gateway.settings import Settings, SettingsError
 from tests.helpers import get, start_gateway
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
-
-
-def fleet(n: int, policy: str = "latency", *, ready: bool = True, **kw: object) -> Router:
-    clock = ManualClock()
-    router = Router(make_policy(policy, random.Random(3)), clock=clock, rng=random.Random(4), **kw)  # type: ignore[arg-type]
-    for i in range(n):
-        router.add_target(f"h{i}", capacity=4)
-        if ready:
-            router.set_ready(f"h{i}", "m/1", True)
-    return router
-
+from tests.routing_setup import ManualClock, fleet
 
 # -- sampled decisions ----------------------------------------------------------------------
 
@@ -262,6 +240,19 @@ def test_probe_traffic_stays_within_the_probe_rate() -> None:
     assert max(per_host.values()) <= 4
 
 
+def test_the_first_probe_round_is_spread_at_the_probe_rate() -> None:
+    router = fleet(300, probe_interval_s=2.0, probe_rate=100.0)
+    router.clock = time.monotonic
+    router.outliers._clock = time.monotonic
+
+    async def probe(name: str) -> bool:
+        return True
+
+    asyncio.run(_run_probes(router, 0.5, probe))
+    # Every host is due at once when probing starts; 100/s lets about 10 + 50 go in 0.5 s.
+    assert 20 <= router.probes_sent <= 75
+
+
 class CountingHost(Host):
     """A host that answers health and its repository index, counting the requests."""
 
@@ -312,21 +303,32 @@ class Version:
     key: str = "m/1"
 
 
-def test_a_probe_is_one_request_once_a_host_gave_its_index() -> None:
+class NoIndexHost(CountingHost):
+    async def repository_index(self) -> dict[str, HostModel] | None:
+        self.requests["index"] += 1
+        return None
+
+
+def test_a_probe_is_one_request_where_the_host_gives_its_index() -> None:
     router = fleet(0)
     pool = HostPool(router, 1.0)
-    host = CountingHost("a")
+    host, plain = CountingHost("a"), NoIndexHost("b")
     pool.add(HostEntry(host))
+    pool.add(HostEntry(plain))
     prober = Prober(pool, lambda: [Version()])
 
     async def probe_three_times() -> None:
         for _ in range(3):
             assert await prober("a")
+            assert await prober("b")
 
     asyncio.run(probe_three_times())
-    # The first probe learns that the host lists its repository; after that, the index is it.
-    assert host.requests == Counter({"ready": 1, "index": 3})
+    # The index is the probe, the first one included (answering it is being up).
+    assert host.requests == Counter({"index": 3})
     assert router.targets["a"].ready["m/1"]
+    # A host without one is asked its health, then the readiness of what is not ready there.
+    assert plain.requests == Counter({"index": 3, "ready": 3, "model_ready": 1})
+    assert router.targets["b"].ready["m/1"]
 
 
 def test_v2_hosts_share_one_probe_session_closed_with_the_last() -> None:
@@ -485,6 +487,7 @@ def test_host_table_pages() -> None:
 
 def test_admin_hosts_and_metrics_of_a_fleet_over_http(tmp_path: Path) -> None:
     lines = ["local_execution = false", "host_probe_interval_s = 30.0", "access_log = false"]
+    lines += ["host_aperture_coordinate = 0.5"]
     for i in range(150):
         lines += ["[[hosts]]", 'kind = "v2"', f'name = "h{i}"', f'url = "http://127.0.0.1:{i + 1}"']
     config = tmp_path / "fleet.toml"
@@ -496,6 +499,8 @@ def test_admin_hosts_and_metrics_of_a_fleet_over_http(tmp_path: Path) -> None:
         status, body = get(f"{gw.url}/admin/hosts")
         page = json.loads(body)
         assert status == 200 and len(page["hosts"]) == 100 and page["next_offset"] == 100
+        aperture = page["aperture"]
+        assert aperture["active"] and aperture["min_size"] == 12 and aperture["coordinate"] == 0.5
         page = json.loads(get(f"{gw.url}/admin/hosts?offset=100&limit=1000")[1])
         assert len(page["hosts"]) == 50 and page["next_offset"] is None
         assert get(f"{gw.url}/admin/hosts?limit=lots")[0] == 400

@@ -37,18 +37,7 @@ from gateway.routing.hosts import LOCAL, DnsSpec, V2Spec, parse_host
 from gateway.routing.tiers import CACHED, LOADED, ORIGIN, HostModel, parse_index, tier_for
 from gateway.settings import Settings, SettingsError
 from tests import models
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
-
+from tests.routing_setup import ManualClock, make_router
 
 # -- estimators -----------------------------------------------------------------------------
 
@@ -216,16 +205,13 @@ def test_retry_budget_is_a_fraction_of_active_requests() -> None:
 # -- router ---------------------------------------------------------------------------------
 
 
-def make_router(clock: ManualClock, policy: str = "latency") -> Router:
-    router = Router(make_policy(policy, random.Random(3)), clock=clock, max_wait_s=0.05)
-    router.add_target("a", capacity=1)
-    router.add_target("b", capacity=1)
-    return router
+def two_hosts(clock: ManualClock, policy: str = "latency") -> Router:
+    return make_router(("a", "b"), policy, capacity=1, clock=clock, max_wait_s=0.05)
 
 
 def test_router_caps_in_flight_per_host() -> None:
     clock = ManualClock()
-    router = make_router(clock)
+    router = two_hosts(clock)
     first = router.try_acquire("m", "m/1", 1)
     second = router.try_acquire("m", "m/1", 1)
     assert first is not None and second is not None and first.name != second.name
@@ -236,7 +222,7 @@ def test_router_caps_in_flight_per_host() -> None:
 
 def test_router_predictive_admission_refuses_impossible_deadlines() -> None:
     clock = ManualClock()
-    router = make_router(clock)
+    router = two_hosts(clock)
     for _ in range(3):
         for name in ("a", "b"):
             lease = router.try_acquire("m", "m/1", 1, exclude=["a" if name == "b" else "b"])
@@ -570,7 +556,7 @@ def test_replaced_target_drains_and_keeps_its_verdicts_to_itself() -> None:
 
 
 def test_removed_target_takes_no_new_leases() -> None:
-    router = make_router(ManualClock())
+    router = two_hosts(ManualClock())
     lease = router.try_acquire("m", "m/1", 1, exclude=["b"])
     assert lease is not None and lease.name == "a"
     removed = router.remove_target("a")

@@ -45,6 +45,7 @@ from gateway.routing import (
     UnknownHost,
     make_policy,
 )
+from gateway.routing.aperture import Aperture
 from gateway.routing.discovery import DnsDiscovery
 from gateway.routing.fds import ensure_fds
 from gateway.routing.hosts import (
@@ -122,6 +123,7 @@ class RoutedFactory(BackendFactory):
             probe_interval_s=settings.host_probe_interval_s,
             probe_jitter=settings.host_probe_jitter,
             probe_rate=settings.host_probe_rate,
+            probe_idle_interval_s=settings.host_probe_idle_interval_s,
             max_wait_s=settings.host_wait_s,
             default_bandwidth_bps=(
                 settings.host_bandwidth_bps
@@ -129,6 +131,13 @@ class RoutedFactory(BackendFactory):
                 else default_bandwidth_bps
             ),
             default_load_s=settings.host_load_s if default_load_s is None else default_load_s,
+            aperture=Aperture(
+                settings.host_aperture,
+                settings.host_aperture_load,
+                settings.host_aperture_coordinate
+                if settings.host_aperture_coordinate >= 0
+                else random.random(),
+            ),
         )
         ensure_fds(len(entries))  # DNS groups are counted as they resolve
         self.pool = HostPool(self.router, settings.host_timeout_s)

@@ -8,6 +8,8 @@ Layout under the cache directory::
                              links cannot be made), what ONNX Runtime is pointed at
     state.json               which blobs each model uses and when it was last used (for LRU)
     chunks.json              the content-defined chunks of cached files (from their manifests)
+    chunks/sha256/<hash>     chunks of packed files that no whole file holds (``chunks.py``)
+    packed.json              packed files: their chunk lists and last use
 
 A blob is hashed before its first use by this process and again whenever its inode, size or
 mtime changes, so a corrupt or truncated file is never handed out: it is deleted and fetched
@@ -16,27 +18,33 @@ the partial file's length after an interruption, and moved into place with ``os.
 only once the hash matches. A download never writes more than the size it was asked for (a
 source sending more is cut off there), and small files of unknown size (manifests) are read
 into memory up to a bound and written only once verified (:meth:`BlobCache.document`), so
-every byte on disk is counted against the byte bound before it is written. The bound is kept
-by evicting least-recently-used models that the caller does not protect (loaded or pinned
-ones). A write the cache's own disk refuses (full, quota, read-only) is
-:class:`CacheWriteError` (503, naming the reason, not the path), and that download's partial
-file is removed: it holds space and cannot be finished now.
+every byte on disk is counted against the byte bound before it is written. A write the cache's
+own disk refuses (full, quota, read-only) is :class:`CacheWriteError` (503, naming the reason,
+not the path), and that download's partial file is removed: it holds space and cannot be
+finished now.
 
 Files whose manifest lists chunks, some of which the cache holds, are assembled chunk by chunk
 (:meth:`BlobCache.ensure` with ``chunks``; a file none of whose chunks is cached is one download,
-whole, as above): a chunk some cached file holds is copied from it (read back and checked against
-its sha256 first), the others are asked of peers by hash, then of the origin by byte range
-(adjacent missing chunks in one ``Range`` request); each chunk is verified as it arrives (a
-wrong one is counted, dropped and fetched again, from the next source or in the next round),
-and the assembled file is verified whole before it is moved into place. A chunk wanted by two
-assemblies at once is fetched once (single-flight per chunk). Chunks are not stored a second
-time: the cache knows where each lies in the files it holds (``chunks.json``), so the bytes a
-new version shares with an old one cross the link once and the room they take is the files'.
-An interrupted assembly resumes: the chunks already in its partial file are hashed and kept.
+whole, as above): a chunk a cached file or the chunk store holds is copied in the kernel, the
+others are asked of peers by hash, then of the origin by byte range (adjacent missing chunks in
+one ``Range`` request); each fetched chunk is verified as it arrives (a wrong one is counted,
+dropped and fetched again, from the next source or in the next round), and the file's own
+sha256 is checked right after it is handed out (:meth:`BlobCache.check_built`). A chunk wanted
+by two assemblies at once is fetched once (single-flight per chunk), and a peer asking for it
+waits for it (ranked: no cycles). An interrupted assembly resumes from its partial file.
 
-Why one module of this size: single-flight downloads, resume, verification and the LRU bound
-all act on one reservation ledger; split, the invariant "no byte written past the bound"
-would be spread over files.
+Room, by chunk: files stay whole while a model directory links them (the load path reads a
+plain file; sub-file ranges cannot be linked), and a file no directory needs (an older version,
+an idle model whose bytes other files mostly hold) is packed: its chunks no whole file holds go
+to the chunk store and the file is deleted, to be rebuilt here when wanted. Every byte on disk
+is counted once. :meth:`BlobCache._make_room` gives up bytes cheapest loss first, then least
+recently used first over packed files and whole models; a chunk a packed file needs is kept
+(moved out of a whole file evicted before it).
+
+Why one module of this size: single-flight downloads, resume, verification, packing and the LRU
+bound all act on one reservation ledger; split, the invariant "no byte written past the bound"
+would be spread over files. What splits next: the assembly (``_Build``, ``_assemble``,
+``_fetch_chunks``) into ``assembly.py``, taking the ledger as an argument.
 """
 
 from __future__ import annotations
@@ -49,16 +57,18 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway import tracing
 from gateway.errors import Unavailable
+from gateway.repository.chunks import ChunkStore
 from gateway.repository.manifest import Chunk, hash_and_chunk, sha256_file
 from gateway.repository.origin import OriginError, OriginMissing, RangeUnsupported, too_large
 
@@ -72,6 +82,7 @@ Span = Callable[[int, int], AsyncGenerator[bytes, None]]  # bytes [start, end) o
 ChunkStream = Callable[[str], AsyncGenerator[bytes, None]]  # a chunk by its sha256
 Progress = Callable[[int], None]
 CHUNK_CONCURRENCY = 4  # chunk requests to peers, byte ranges to the origin, per file
+BACKGROUND_AFTER_S = 0.5  # whole-file checks and packing start this long after a fetch
 
 
 def parse_size(text: str) -> int:
@@ -133,6 +144,16 @@ class CacheStats:
     bytes_cached: int = 0  # chunks of new files copied from cached files instead of fetched
     chunks_fetched: int = 0
     chunks_reused: int = 0
+    packed: int = 0  # files packed into the chunk store (their shared bytes given up)
+    peer_waits: int = 0  # chunk requests from peers that waited for a fetch in flight here
+
+
+@dataclass(slots=True)
+class Packed:
+    """A file held as chunks: those no whole file holds are in the chunk store."""
+
+    chunks: tuple[Chunk, ...]
+    last_used: float  # wall-clock seconds: chunks are evicted least recently used first
 
 
 @dataclass(slots=True)
@@ -164,6 +185,21 @@ class BlobCache:
         self._file_chunks: dict[str, tuple[Chunk, ...]] = {}  # cached file -> its chunks
         self._chunk_at: dict[str, tuple[str, Chunk]] = {}  # chunk sha256 -> (file, where)
         self._chunk_inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._chunk_from_origin: set[str] = set()  # in flight, being read from the origin
+        self._lower_asked: dict[str, bool] = {}  # in flight here; a lower peer was told no
+        # Peer chunk requests carry the asker's rank: a peer waits for a fetch in flight here
+        # only when it is from the origin or the asker ranks higher, so waits never go round.
+        self.rank = secrets.randbits(62)
+        self.store = ChunkStore(root)
+        self._packed: dict[str, Packed] = {}  # file sha256 -> its chunks, file not on disk
+        self._seeding: dict[str, int] = {}  # stored chunks builds are about to copy
+        self._whole_only: set[str] = set()  # files whose chunk list did not make them up
+        self._unchecked: set[str] = set()  # built from chunks, whole-file check not started
+        self._tasks: set[asyncio.Future[None]] = set()  # background work (see ``settled``)
+        self._background_turn = asyncio.Lock()
+        # called with a file's sha256 when a file built from chunks proved wrong and was dropped
+        # (the edge loads the models using it again)
+        self.on_dropped: Callable[[str], None] = lambda sha256: None
         for path in self.blob_dir.iterdir():
             if len(path.name) == 64:
                 self._sizes[path.name] = path.stat().st_size
@@ -194,6 +230,12 @@ class BlobCache:
             for sha, rows in data.items():
                 if sha in self._sizes:
                     self.note_chunks(sha, tuple(Chunk(int(o), int(n), str(h)) for o, n, h in rows))
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+            data = json.loads((self.root / "packed.json").read_text())
+            for sha, body in data.items():
+                if sha not in self._sizes:
+                    rows = tuple(Chunk(int(o), int(n), str(h)) for o, n, h in body["chunks"])
+                    self._packed[sha] = Packed(rows, float(body["last_used"]))
 
     def note_chunks(self, sha256: str, chunks: tuple[Chunk, ...]) -> None:
         """Remember where the chunks of a cached file lie, to build other files from them."""
@@ -227,16 +269,66 @@ class BlobCache:
         self.note_chunks(sha256, chunks)
 
     def seeds(self, chunks: Iterable[Chunk]) -> set[str]:
-        """The cached files that hold some of these chunks (kept while a file is built)."""
-        return {self._chunk_at[c.sha256][0] for c in chunks if c.sha256 in self._chunk_at}
+        """The cached files, whole or packed, that hold some of these chunks (kept while a
+        file is built)."""
+        wanted = {c.sha256 for c in chunks}
+        found = {self._chunk_at[c][0] for c in wanted if c in self._chunk_at}
+        stored = {c for c in wanted if c in self.store}
+        if stored:
+            found |= {
+                sha
+                for sha, packed in self._packed.items()
+                if any(c.sha256 in stored for c in packed.chunks)
+            }
+        return found
 
-    async def chunk_bytes(self, sha256: str) -> bytes | None:
-        """A chunk of a cached file by its hash, for peers; checked before it goes out."""
-        found = self._chunk_at.get(sha256)
-        if found is None or found[0] not in self._sizes:
+    def holds_chunk(self, sha256: str) -> bool:
+        return sha256 in self._chunk_at or sha256 in self.store
+
+    async def chunk_bytes(
+        self, sha256: str, asker_rank: int | None = None, wait_s: float = 0.0
+    ) -> bytes | None:
+        """A chunk by its hash, for peers, checked before it goes out: from a cached file or
+        the chunk store, else (within ``wait_s``) from a fetch of it in flight here, when that
+        fetch is from the origin or the asking edge ranks higher than this one (its fetch
+        then waits for ours, never the other way round: no cycles)."""
+        data = await self._held_chunk(sha256)
+        if data is not None:
+            return data
+        future = self._chunk_inflight.get(sha256)
+        if future is None or wait_s <= 0:
             return None
-        data = await asyncio.to_thread(_read_at, self.blob_path(found[0]), found[1])
-        return data if data is not None and hashlib.sha256(data).hexdigest() == sha256 else None
+        if sha256 not in self._chunk_from_origin and (
+            asker_rank is None or asker_rank <= self.rank
+        ):
+            if asker_rank is not None:
+                self._lower_asked[sha256] = True  # see _fetch_chunks
+            return None
+        self.stats.peer_waits += 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), wait_s)
+        except Exception:  # timed out, or the fetch failed (its future is never cancelled)
+            return await self._held_chunk(sha256)
+
+    async def _held_chunk(self, sha256: str) -> bytes | None:
+        found = self._chunk_at.get(sha256)
+        if found is not None and found[0] in self._sizes:
+            data = await asyncio.to_thread(_read_at, self.blob_path(found[0]), found[1])
+            if data is not None and hashlib.sha256(data).hexdigest() == sha256:
+                return data
+        if sha256 in self.store:
+            data = await asyncio.to_thread(self.store.read, sha256)
+            if data is None:
+                self._drop_stored(sha256)
+            return data
+        return None
+
+    def _drop_stored(self, sha256: str) -> None:
+        """A stored chunk found missing or corrupt: dropped (fetched again when wanted)."""
+        if sha256 in self.store:
+            log.warning("stored chunk %s is corrupt; dropped", sha256)
+            self.stats.corrupt += 1
+            self.store.remove(sha256)
 
     def save_state(self) -> None:
         chunks = {
@@ -245,6 +337,14 @@ class BlobCache:
             if sha in self._sizes
         }
         write_atomic(self.root / "chunks.json", json.dumps(chunks).encode())
+        packed = {
+            sha: {
+                "chunks": [[c.offset, c.size, c.sha256] for c in p.chunks],
+                "last_used": p.last_used,
+            }
+            for sha, p in self._packed.items()
+        }
+        write_atomic(self.root / "packed.json", json.dumps(packed).encode())
         body = {
             "models": {
                 name: {"blobs": rec.blobs, "last_used": rec.last_used}
@@ -255,7 +355,8 @@ class BlobCache:
 
     @property
     def used_bytes(self) -> int:
-        return sum(self._sizes.values())
+        """Every byte the cache holds on disk, once: whole files and stored chunks."""
+        return sum(self._sizes.values()) + self.store.used_bytes
 
     def blob_path(self, sha256: str) -> Path:
         return self.blob_dir / sha256
@@ -341,9 +442,16 @@ class BlobCache:
     def _forget(self, sha256: str) -> None:
         self._sizes.pop(sha256, None)
         self._verified.pop(sha256, None)
+        lost = set()
         for chunk in self._file_chunks.pop(sha256, ()):
             if self._chunk_at.get(chunk.sha256, ("",))[0] == sha256:
                 del self._chunk_at[chunk.sha256]
+                lost.add(chunk.sha256)
+        if lost:  # chunks another whole file holds too are found there from now on
+            for other, rows in self._file_chunks.items():
+                for chunk in rows:
+                    if chunk.sha256 in lost and chunk.sha256 not in self._chunk_at:
+                        self._chunk_at[chunk.sha256] = (other, chunk)
         with contextlib.suppress(FileNotFoundError):
             self.blob_path(sha256).unlink()
 
@@ -383,11 +491,15 @@ class BlobCache:
         ranges, and the cache holds some of its chunks (or a build was interrupted). A file of
         which nothing is cached is one stream, whole, as before: peers by blob first (a peer
         fetching it from the origin answers once it has it), then the origin."""
-        if not chunks or all(s.span is None for s in sources):
+        if not chunks or sha256 in self._whole_only:
+            return False
+        if all(self.holds_chunk(c.sha256) for c in chunks):
+            return True  # a packed file: built here, nothing crosses the link
+        if all(s.span is None for s in sources):
             return False
         if (self.tmp_dir / f"{sha256}.chunks.part").exists():
             return True
-        return any(c.sha256 in self._chunk_at for c in chunks)
+        return any(self.holds_chunk(c.sha256) for c in chunks)
 
     async def _download(
         self,
@@ -497,11 +609,15 @@ class BlobCache:
         progress: Progress | None,
         transfer: Transfer,
     ) -> Path:
-        """Build the file from chunks: those a resumed part holds, those cached files hold, the
-        rest from peers by hash, then from the origin by byte range. The network fetch runs on
-        the loop while a thread copies the cached chunks and hashes the file in order as its
-        chunks come in, so copying and the whole-file check overlap the transfer. If the whole
-        file's hash is wrong, the chunk list was: the file is fetched whole."""
+        """Build the file from chunks: those a resumed part holds, those cached files (or the
+        chunk store) hold, the rest from peers by hash, then from the origin by byte range.
+        The network fetch runs on the loop while a thread copies the held chunks in the kernel
+        (``copy_file_range``: no bytes through Python). Every chunk is checked before the file
+        is used: fetched ones by their sha256 as they arrive, copied ones come from files
+        checked whole (stored ones were hashed in :meth:`_plan`). The whole file's sha256, a
+        sequential pass that would start only once the last chunk is in, is checked right
+        after, in the background (:meth:`check_built`): a mismatch means the manifest's chunk
+        list does not make up the file it names; the file is dropped and fetched whole."""
         part = self.tmp_dir / f"{sha256}.chunks.part"
         claimed: dict[str, asyncio.Future[bytes]] = {}
         try:
@@ -509,6 +625,7 @@ class BlobCache:
         except OSError as exc:
             raise write_error(self.root, exc, f"blob {sha256[:12]}...") from None
         build = _Build(fd, chunks, progress, transfer, asyncio.get_running_loop())
+        self._from_origin.add(sha256)  # a peer asking for the whole file waits for it
         try:
             await self._plan(build, part)
             waiting: list[tuple[Chunk, asyncio.Future[bytes]]] = []
@@ -523,7 +640,7 @@ class BlobCache:
                 claimed[chunk.sha256] = build.loop.create_future()
                 self._chunk_inflight[chunk.sha256] = claimed[chunk.sha256]
                 mine.append(chunk)
-            sequencer = asyncio.ensure_future(asyncio.to_thread(build.sequence))
+            copier = asyncio.ensure_future(asyncio.to_thread(build.copy_held))
             try:
                 await self._fetch_chunks(build, mine, sources, claimed)
                 for chunk, future in waiting:  # another assembly is fetching these
@@ -534,9 +651,9 @@ class BlobCache:
             except BaseException:
                 build.abort()
                 with contextlib.suppress(Exception):
-                    await sequencer
+                    await copier
                 raise
-            digest = await sequencer
+            copied = await copier
             os.ftruncate(fd, size)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -547,21 +664,83 @@ class BlobCache:
             raise
         finally:
             os.close(fd)
+            for key in build.pinned:
+                self._seeding[key] -= 1
+                if not self._seeding[key]:
+                    del self._seeding[key]
             for key, future in claimed.items():
                 if self._chunk_inflight.get(key) is future:
                     del self._chunk_inflight[key]
+                    self._chunk_from_origin.discard(key)
+                    self._lower_asked.pop(key, None)
                 if not future.done():
                     future.set_exception(OriginError(f"chunk {key[:12]}... not fetched"))
                     future.exception()
         self.stats.chunks_reused += build.reused
         self.stats.bytes_cached += build.reused_bytes
-        if digest is None or not self._accept(part, digest, sha256, size):
-            log.warning("blob %s: its chunks do not make up the file; fetching it whole", sha256)
+        if not copied or build.todo():
+            log.warning("blob %s: a cached file came up short; fetching it whole", sha256)
             with contextlib.suppress(OSError):
                 part.unlink()
             return await self._download(sha256, size, sources, progress, transfer)
+        os.replace(part, self.blob_path(sha256))
+        self._sizes[sha256] = size
+        self._unchecked.add(sha256)  # not yet in ``_verified``: hashed before any other use
         self.note_chunks(sha256, chunks)
+        if self._packed.pop(sha256, None) is not None:
+            self._sweep()  # whole again: the chunks stored for it alone go
+            self.save_state()
         return self.blob_path(sha256)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` a moment from now, one piece at a time: the model's load, which
+        follows a fetch at once, goes first."""
+
+        async def later() -> None:
+            await asyncio.sleep(BACKGROUND_AFTER_S)
+            async with self._background_turn:
+                await work
+
+        task = asyncio.ensure_future(later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def check_built(self) -> None:
+        """Start the whole-file checks of the files built from chunks since the last call
+        (the edge calls this once their model directory is made, before the load)."""
+        for sha256 in self._unchecked:
+            self._background(self._check_whole(sha256))
+        self._unchecked.clear()
+
+    async def settled(self) -> None:
+        """Wait for the work a fetch left running (whole-file checks, old versions packed)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _check_whole(self, sha256: str) -> None:
+        """The whole-file sha256 of a file built from chunks (see :meth:`_assemble`), hashed
+        in a thread of low priority: the model's load, running meanwhile, goes first."""
+        try:
+            found = await _in_low_priority_thread(sha256_file, self.blob_path(sha256))
+        except OSError:
+            return  # gone meanwhile (evicted): nothing to check
+        if sha256 not in self._sizes:
+            return
+        if found == sha256:
+            self._remember(sha256)
+            self.save_verified()
+            return
+        log.error(
+            "blob %s: its chunks (each checked) do not make up the file its manifest names; "
+            "dropped, to be fetched whole",
+            sha256,
+        )
+        self.stats.corrupt += 1
+        self._whole_only.add(sha256)
+        async with self._room:
+            await self._drop_file(sha256)
+        self.save_state()
+        self.on_dropped(sha256)
 
     async def _plan(self, build: _Build, part: Path) -> None:
         """Chunks a resumed part holds already (hashed in a thread), and the cached files to copy
@@ -582,6 +761,24 @@ class BlobCache:
                 where = self._chunk_at.get(chunk.sha256)
                 if where is not None and where[0] == owner:
                     build.seeded[chunk.sha256] = (self.blob_path(owner), where[1])
+        stored = {
+            c.sha256
+            for c in build.todo()
+            if c.sha256 in self.store and c.sha256 not in build.seeded
+        }
+        # the files and stored chunks copied from are kept (not packed, swept) until the end
+        build.pinned = stored | {sha for sha in owners if sha in self._sizes}
+        for sha in build.pinned:
+            self._seeding[sha] = self._seeding.get(sha, 0) + 1
+        good = await asyncio.to_thread(lambda: {c for c in stored if self.store.read(c)})
+        for sha in stored - good:
+            self._drop_stored(sha)  # fetched instead
+        for chunk in build.todo():
+            if chunk.sha256 in good:
+                build.seeded[chunk.sha256] = (
+                    self.store.path(chunk.sha256),
+                    Chunk(0, chunk.size, chunk.sha256),
+                )
 
     async def _fetch_chunks(
         self,
@@ -620,14 +817,27 @@ class BlobCache:
                 self._count(peer, len(data))
                 arrived(chunk, data, peer)
 
-        for peer in [s for s in sources if s.chunk is not None]:
+        peers = [s for s in sources if s.chunk is not None]
+        for peer in peers:
             await asyncio.gather(*(from_peer(peer, c) for c in wanted if not build.has(c)))
+        # A peer ranking lower asked for a chunk this edge is fetching, and was told no: it is
+        # going to the origin for it, so ask the peers again (it waits for us, we for it).
+        for _ in peers:
+            again = [
+                c for c in wanted if not build.has(c) and self._lower_asked.pop(c.sha256, False)
+            ]
+            if not again:
+                break
+            for peer in peers:
+                await asyncio.gather(*(from_peer(peer, c) for c in again if not build.has(c)))
+        self._chunk_from_origin.update(c.sha256 for c in wanted if c.sha256 in claimed)
 
         async def from_origin(origin: Source, run: list[Chunk]) -> None:
             assert origin.span is not None
             async with limit:
                 buffer = bytearray()
                 queue = list(run)
+                self._chunk_from_origin.update(c.sha256 for c in run if c.sha256 in claimed)
                 stream = origin.span(run[0].offset, run[-1].end)
                 async with contextlib.aclosing(stream) as pieces:
                     async for piece in pieces:
@@ -719,50 +929,229 @@ class BlobCache:
     async def reserve(
         self, needed_bytes: int, protected: set[str], keep_blobs: set[str]
     ) -> AsyncIterator[None]:
-        """Make room for ``needed_bytes`` (evicting LRU unprotected models) and hold it."""
+        """Make room for ``needed_bytes`` (:meth:`_make_room`) and hold it."""
         async with self._room:
-            self._make_room(needed_bytes, protected, keep_blobs)
+            await self._make_room(needed_bytes, protected, keep_blobs)
             self._reserved_bytes += needed_bytes
         try:
             yield
         finally:
             self._reserved_bytes -= needed_bytes
 
-    def _make_room(self, needed: int, protected: set[str], keep_blobs: set[str]) -> None:
+    async def _make_room(self, needed: int, protected: set[str], keep_blobs: set[str]) -> None:
+        """Give up bytes, cheapest loss first, until ``needed`` more fit under the bound:
+
+        1. files no model uses: packed (when most of their bytes are in other files), else
+           dropped; stored chunks no packed file needs;
+        2. models neither loaded nor pinned, least recently used first: their files packed
+           where that gives up only bytes other files hold (a later load rebuilds them here);
+        3. chunks, least recently used first: packed files in the order of their last use,
+           each chunk deleted once no packed file needs it (a model listing one is evicted);
+        4. whole models, least recently used first, as before chunks.
+        """
+
         def over() -> int:
             return self.used_bytes + self._reserved_bytes + needed - self.capacity_bytes
 
         if over() <= 0:
             return
         referenced = {sha for rec in self.models.values() for sha in rec.blobs} | keep_blobs
-        for sha in [s for s in self._sizes if s not in referenced and s not in self._inflight]:
-            self._forget(sha)
+        for sha in [s for s in self._sizes if s not in referenced and self._loose(s)]:
+            if not await self._pack(sha, time.time()):
+                await self._drop_file(sha)
+        self._sweep()
         victims = sorted(
             (name for name in self.models if name not in protected),
             key=lambda n: self.models[n].last_used,
         )
         for name in victims:
             if over() <= 0:
+                return
+            await self._pack_model(name, keep_blobs)
+        # chunks and whole models by their last use, oldest first
+        kept = keep_blobs | {
+            sha for n in protected if n in self.models for sha in self.models[n].blobs
+        }
+        order: list[tuple[float, str, str]] = [
+            (self._last_use(sha), "packed", sha) for sha in self._packed if sha not in kept
+        ]
+        order += [(self.models[n].last_used, "model", n) for n in victims]
+        for _, kind, key in sorted(order):
+            if over() <= 0:
                 break
-            self.evict(name, keep_blobs)
+            if kind == "packed" and key in self._packed:
+                await self._drop_packed(key, keep_blobs)
+            elif kind == "model":
+                await self.evict(key, keep_blobs)
         if over() > 0:
             raise Unavailable(
                 f"model cache is full: {needed} more bytes needed, {self.used_bytes} bytes held "
                 f"by loaded or pinned models, capacity {self.capacity_bytes} bytes"
             )
 
-    def evict(self, name: str, keep_blobs: set[str] | None = None) -> None:
+    def _loose(self, sha256: str) -> bool:
+        """Whether nothing in flight is reading or writing the file."""
+        return sha256 not in self._inflight and sha256 not in self._seeding
+
+    def _last_use(self, sha256: str) -> float:
+        """A packed file's last use: its own, or that of a model listing it, if later."""
+        users = [r.last_used for r in self.models.values() if sha256 in r.blobs]
+        return max([self._packed[sha256].last_used, *users])
+
+    def _unique(self, sha256: str) -> dict[str, Chunk]:
+        """The chunks of a whole file that no other whole file and no stored chunk holds."""
+        elsewhere = set(self.store.sizes)
+        for other, rows in self._file_chunks.items():
+            if other != sha256 and other in self._sizes:
+                elsewhere.update(c.sha256 for c in rows)
+        rows = self._file_chunks.get(sha256, ())
+        return {c.sha256: c for c in rows if c.sha256 not in elsewhere}
+
+    async def _pack(self, sha256: str, last_used: float) -> bool:
+        """Pack a whole file no model directory links: store its chunks no other file holds,
+        then delete it. Only when that frees at least half of it and the stored chunks fit
+        under the bound before the file goes; else False (nothing done)."""
+        size = self._sizes.get(sha256)
+        if size is None or sha256 not in self._file_chunks or not self._loose(sha256):
+            return False
+        unique = self._unique(sha256)
+        unique_bytes = sum(c.size for c in unique.values())
+        if unique_bytes * 2 > size:
+            return False
+        if self.used_bytes + self._reserved_bytes + unique_bytes > self.capacity_bytes:
+            return False
+        if not await self._verify(sha256):
+            return False
+        written = await self._store_chunks(self.blob_path(sha256), list(unique.values()))
+        if written is None:
+            return False
+        self._packed[sha256] = Packed(self._file_chunks[sha256], last_used)
+        self._forget(sha256)
+        self.stats.packed += 1
+        self.save_state()
+        log.info("packed blob %s... (%d bytes of chunks kept apart)", sha256[:12], written)
+        return True
+
+    async def _store_chunks(self, path: Path, chunks: list[Chunk]) -> int | None:
+        """Copy these chunks of a verified file into the chunk store; None when the file came
+        up short or the disk refused (the store keeps what was counted)."""
+
+        def copy() -> list[Chunk] | None:
+            done = []
+            for chunk in chunks:
+                data = _read_at(path, chunk)
+                if data is None or hashlib.sha256(data).hexdigest() != chunk.sha256:
+                    return None
+                try:
+                    self.store.write(chunk.sha256, data)
+                except OSError:
+                    return None
+                done.append(chunk)
+            return done
+
+        done = await asyncio.to_thread(copy)
+        for chunk in chunks if done is not None else ():
+            self.store.add(chunk.sha256, chunk.size)
+        if done is None:  # count what may be on disk, so the sweep removes it
+            for chunk in chunks:
+                if self.store.path(chunk.sha256).exists():
+                    self.store.add(chunk.sha256, chunk.size)
+            return None
+        return sum(c.size for c in done)
+
+    async def _drop_file(self, sha256: str) -> None:
+        """Delete a whole file, first storing the chunks of it that packed files need and no
+        other file holds (a chunk is evicted only when no file needs it). They are copied from
+        the end of the file back, cutting it short after each, so the disk holds at most one
+        chunk more than before."""
+        needed = {c.sha256 for p in self._packed.values() for c in p.chunks}
+        unique = [c for s, c in self._unique(sha256).items() if s in needed]
+        if unique:  # each chunk is checked as it is moved
+            path = self.blob_path(sha256)
+            self._sizes.pop(sha256, None)  # from here on it is cut short: not a source
+
+            def move() -> list[Chunk]:
+                done = []
+                with contextlib.suppress(OSError):
+                    for chunk in sorted(unique, key=lambda c: -c.offset):
+                        data = _read_at(path, chunk)
+                        if data is None or hashlib.sha256(data).hexdigest() != chunk.sha256:
+                            break
+                        self.store.write(chunk.sha256, data)
+                        done.append(chunk)
+                        os.truncate(path, chunk.offset)
+                return done
+
+            for chunk in await asyncio.to_thread(move):
+                self.store.add(chunk.sha256, chunk.size)
+        self._forget(sha256)
+
+    async def _pack_model(self, name: str, keep_blobs: set[str]) -> None:
+        """Pack the files of a model (not loaded, not pinned) that other files mostly hold;
+        its directory goes, its record stays: a later fetch rebuilds it from chunks here."""
+        record = self.models[name]
+        users: dict[str, int] = {}
+        for rec in self.models.values():
+            for sha in rec.blobs:
+                users[sha] = users.get(sha, 0) + 1
+        worth = [
+            sha
+            for sha in record.blobs
+            if sha in self._sizes
+            and sha in self._file_chunks
+            and sha not in keep_blobs
+            and users[sha] == 1
+            and self._loose(sha)
+            and sum(c.size for c in self._unique(sha).values()) * 2 <= self._sizes[sha]
+        ]
+        if not worth:
+            return
+        shutil.rmtree(self.models_dir / name, ignore_errors=True)
+        for sha in worth:
+            await self._pack(sha, record.last_used)
+
+    async def _drop_packed(self, sha256: str, keep_blobs: set[str]) -> None:
+        """Evict a packed file: a model listing it goes too; then the sweep."""
+        self._packed.pop(sha256, None)
+        for name in [n for n, r in self.models.items() if sha256 in r.blobs]:
+            await self.evict(name, keep_blobs)
+        self._sweep()
+        self.save_state()
+
+    def _sweep(self) -> None:
+        """Delete stored chunks that no packed file needs or that a whole file holds."""
+        needed = {c.sha256 for p in self._packed.values() for c in p.chunks}
+        for sha in list(self.store.sizes):
+            if sha in self._seeding:
+                continue
+            if sha not in needed or sha in self._chunk_at:
+                self.store.remove(sha)
+
+    async def evict(self, name: str, keep_blobs: set[str] | None = None) -> None:
         record = self.models.pop(name, None)
         if record is None:
             return
         still = {sha for rec in self.models.values() for sha in rec.blobs} | (keep_blobs or set())
-        for sha in record.blobs:
-            if sha not in still and sha not in self._inflight:
-                self._forget(sha)
         shutil.rmtree(self.models_dir / name, ignore_errors=True)
+        for sha in record.blobs:
+            if sha not in still and self._loose(sha):
+                if sha in self._sizes:
+                    await self._drop_file(sha)
+                self._packed.pop(sha, None)
+        self._sweep()
         self.stats.evictions += 1
         self.save_state()
         log.info("evicted model %s from the cache", name)
+
+    async def retire(self, blobs: Iterable[str]) -> None:
+        """Files a model no longer lists (an older version): packed at once when most of
+        their bytes are in other files (a roll-back then moves nothing over the link); else
+        left whole, to go when room is needed."""
+        referenced = {sha for rec in self.models.values() for sha in rec.blobs}
+        async with self._room:
+            for sha in blobs:
+                if sha not in referenced and sha in self._sizes:
+                    await self._pack(sha, time.time())
 
     # -- model directories ------------------------------------------------------------------
 
@@ -797,9 +1186,13 @@ class BlobCache:
                 path.unlink()
         return directory
 
-    def record(self, name: str, blobs: dict[str, int]) -> None:
+    async def record(self, name: str, blobs: dict[str, int]) -> None:
+        """Note what ``name`` uses now; files it used before and no model uses are retired."""
+        old = self.models.get(name)
         self.models[name] = ModelRecord(dict(blobs), time.time())
         self.save_state()
+        if old is not None:  # not on the way to the load: in the background
+            self._background(self.retire([sha for sha in old.blobs if sha not in blobs]))
 
     def touch(self, name: str) -> None:
         record = self.models.get(name)
@@ -829,6 +1222,7 @@ class _Build:
         self.transfer = transfer
         self.loop = loop
         self.seeded: dict[str, tuple[Path, Chunk]] = {}  # chunk -> cached file, where in it
+        self.pinned: set[str] = set()  # files and stored chunks copied from
         self.reused = 0
         self.reused_bytes = 0
         self._done: set[int] = set()  # offsets of the chunks in place
@@ -884,33 +1278,82 @@ class _Build:
                 found.append(chunk)
         return found
 
-    def sequence(self) -> _Digest | None:
-        """(thread) In file order: copy each chunk a cached file holds, wait for the others,
-        and hash the file as it is written. None when aborted or a cached file came up short
-        (the whole-file check then fails and the file is fetched whole)."""
-        digest = _Digest()
-        for chunk in self.chunks:
-            seed = self.seeded.get(chunk.sha256)
-            if seed is not None and not self.has(chunk):
-                data = _read_at(seed[0], seed[1])
-                if data is None:
-                    self.abort()
-                    return None
-                places = self.put(chunk, data)
-                self.loop.call_soon_threadsafe(self.report, places, "cached")
-                if places and places[0] is chunk:
-                    digest.update(data)  # as written: no need to read it back
-                    continue
-            with self._ready:
-                while chunk.offset not in self._done and not self._aborted:
-                    self._ready.wait()
+    def copy_held(self) -> bool:
+        """(thread) Copy every chunk a cached file or the chunk store holds to its places, in
+        the kernel; False when aborted or a source came up short."""
+        opened: dict[Path, int] = {}
+        try:
+            for sha, (path, where) in self.seeded.items():
+                places = [p for p in self._by_sha[sha] if not self.has(p)]
                 if self._aborted:
-                    return None
-            data = os.pread(self.fd, chunk.size, chunk.offset)
-            if len(data) != chunk.size:
-                return None
-            digest.update(data)
-        return digest
+                    return False
+                if not places:
+                    continue
+                src = opened.get(path)
+                if src is None:
+                    src = opened[path] = os.open(path, os.O_RDONLY)
+                for place in places:
+                    if not _copy_range(src, where.offset, self.fd, place.offset, where.size):
+                        return False
+                with self._ready:
+                    self._done.update(p.offset for p in places)
+                self.loop.call_soon_threadsafe(self.report, places, "cached")
+        except OSError:
+            return False
+        finally:
+            for fd in opened.values():
+                os.close(fd)
+        return True
+
+
+async def _in_low_priority_thread(work: Callable[[Path], str], path: Path) -> str:
+    """``work(path)`` in a thread of its own at nice 10 (Linux schedules threads apart), so
+    the thread pool's threads keep their priority."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def settle(result: str | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result or "")
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        result: str | None = None
+        error: BaseException | None = None
+        try:
+            result = work(path)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="gateway-check", daemon=True).start()
+    return await future
+
+
+def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, size: int) -> bool:
+    """Copy ``size`` bytes between open files at these offsets, in the kernel where it can
+    (``copy_file_range``), else through a buffer; False when the source is shorter."""
+    done = 0
+    while done < size:
+        n = 0
+        try:
+            n = os.copy_file_range(src, dst, size - done, src_offset + done, dst_offset + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+        if n == 0:  # not supported here (or the end of the source): through a buffer
+            data = os.pread(src, size - done, src_offset + done)
+            n = os.pwrite(dst, data, dst_offset + done) if data else 0
+        if n == 0:
+            return False
+        done += n
+    return True
 
 
 def _read_at(path: Path, chunk: Chunk) -> bytes | None:
@@ -999,6 +1442,8 @@ def stats_dict(stats: CacheStats) -> dict[str, Any]:
         "bytes_cached": stats.bytes_cached,
         "chunks_fetched": stats.chunks_fetched,
         "chunks_reused": stats.chunks_reused,
+        "packed": stats.packed,
+        "peer_waits": stats.peer_waits,
     }
 
 

@@ -132,6 +132,7 @@ class EdgeRepository(LocalRepository):
         # fetched from the saved index (the data plane's ``reload_soon``)
         self.on_change: Callable[[str], None] = lambda name: None
         self.clock = clock
+        self.cache.on_dropped = self._dropped
         self.reachable: bool | None = None  # None: not asked yet
         self.origin_error = ""
         self._index: dict[str, ModelIndex] | None = None
@@ -303,6 +304,8 @@ class EdgeRepository(LocalRepository):
         if self.cache.cached(name):
             size = sum(self.cache.models[name].blobs.values())
             return f"cached: {size} bytes"
+        if name in self.cache.models:
+            return "packed: rebuilt from the cache's chunks when loaded"
         return "not cached"
 
     def fetching_version(self, name: str) -> int | None:
@@ -351,9 +354,11 @@ class EdgeRepository(LocalRepository):
         """``blob_path`` for a peer, waiting (bounded) for a download from the origin in flight."""
         return await self.cache.complete_soon(sha256, PEER_WAIT_S)
 
-    async def peer_chunk(self, sha256: str) -> bytes | None:
-        """A chunk of a cached file by hash, for peers (``GET /v2/repository/chunks/...``)."""
-        return await self.cache.chunk_bytes(sha256)
+    async def peer_chunk(self, sha256: str, rank: int | None = None) -> bytes | None:
+        """A chunk by hash, for peers (``GET /v2/repository/chunks/...?rank=``): held, or
+        awaited (bounded) from a fetch in flight here when that fetch is from the origin or
+        the asking edge's ``rank`` is higher than this edge's (waits never go round)."""
+        return await self.cache.chunk_bytes(sha256, rank, PEER_WAIT_S)
 
     def stats(self) -> dict[str, Any]:
         """Counters for the metrics module: hits, misses, bytes, seconds, evictions, bytes used."""
@@ -410,7 +415,16 @@ class EdgeRepository(LocalRepository):
         )
         return families
 
+    def _dropped(self, sha256: str) -> None:
+        """A file built from chunks proved wrong after its load: load its models again (the
+        file is then fetched whole)."""
+        for name, record in self.cache.models.items():
+            if sha256 in record.blobs:
+                log.warning("model %s: a file proved wrong after its load; loading it again", name)
+                self.on_change(name)
+
     async def close(self) -> None:
+        await self.cache.settled()
         if self._revalidation is not None and not self._revalidation.done():
             self._revalidation.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -426,7 +440,7 @@ class EdgeRepository(LocalRepository):
             return lambda offset: where.stream(path, offset)
 
         def chunk(peer: Origin) -> ChunkStream:
-            return lambda sha: peer.stream(CHUNK_PREFIX + sha, 0)
+            return lambda sha: peer.stream(f"{CHUNK_PREFIX}{sha}?rank={self.cache.rank}", 0)
 
         origin = self.origin
         sources = [
@@ -567,7 +581,8 @@ class EdgeRepository(LocalRepository):
         async with self.cache.reserve(needed, protected, set(blobs) | seeds):
             await asyncio.gather(*(one(rel, f) for rel, f in unique.values()))
         self.cache.materialise(name, {rel: f.sha256 for rel, f in files.items()})
-        self.cache.record(name, blobs)
+        await self.cache.record(name, blobs)
+        self.cache.check_built()  # whole-file checks of files built from chunks, meanwhile
         if missing:
             log.info(
                 "model %s: fetched %d of %d files (%d bytes: origin %d, peer %d, cached %d) "

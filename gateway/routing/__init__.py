@@ -5,6 +5,8 @@
 - ``discovery``: DNS groups, re-resolved into pool members.
 - ``probing``: the router's probe of a host, with cold-start tiers (``tiers``).
 - ``router``: the mechanism (eligibility, in-flight caps, waiting, admission, health).
+- ``aperture``: on a large pool, the load-sized subset of the hosts this front sends to;
+  ``members``: the O(1) sets of targets that decisions draw from.
 - ``policies``, ``estimators``, ``health``, ``budget``: what the mechanism decides with.
 
 - ``report``: ``/metrics`` families of the host table.

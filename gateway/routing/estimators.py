@@ -114,6 +114,9 @@ class LatencyEstimate:
         self.fit = BatchCostFit()
         self._mean_rows = 1.0
         self._mean_in_flight = 0.0
+        # (a, b, cost of the typical batch) of the fit, cached until the next sample: a
+        # decision prices a few candidates, each with its own estimate.
+        self._shape: tuple[float, float, float] | None = None
 
     @property
     def samples(self) -> int:
@@ -127,6 +130,7 @@ class LatencyEstimate:
     def observe(self, rows: int, latency_s: float, in_flight: int = 0) -> None:
         self.peak.observe(latency_s)
         self.fit.observe(rows, latency_s)
+        self._shape = None
         if self.samples > 1:
             self._mean_rows = 0.9 * self._mean_rows + 0.1 * rows
             self._mean_in_flight = 0.9 * self._mean_in_flight + 0.1 * in_flight
@@ -136,11 +140,14 @@ class LatencyEstimate:
     def service_s(self, rows: int = 1, now: float | None = None) -> float:
         """``now``: the clock reading, when the caller has one (a decision reads it once)."""
         level = self.peak.value_s if now is None else self.peak.decayed(now)
-        coef = self.fit.coefficients()
-        if coef is None:
-            return level
-        a, b = coef
-        typical = a * (round(self._mean_rows) or 1) + b
+        shape = self._shape
+        if shape is None:
+            coef = self.fit.coefficients()
+            if coef is None:
+                return level
+            a, b = coef
+            shape = self._shape = (a, b, a * (round(self._mean_rows) or 1) + b)
+        a, b, typical = shape
         if typical <= 0:
             return level
         return level * (a * rows + b) / typical

@@ -5,9 +5,10 @@ for the versions placed there: a host that lists its repository (``repository_in
 per host per probe; a v2 host's) gives each a cold-start tier (``gateway.routing.tiers``);
 for any other host, the versions not ready there are asked about one by one (``model_ready``).
 
-One request per probe where it can be: once a host has answered an index, its index alone is
-the probe (answering it is being up), so a fleet of v2 hosts costs one request per host and
-period, not two.
+One request per probe where it can be: the index is asked first, and a host that answers one
+is up (answering it is being up), so a fleet of v2 hosts costs one request per host and period,
+not two; health is asked only of hosts without an index. Once a host has answered an index,
+a failed index is a failed probe.
 """
 
 from __future__ import annotations
@@ -60,18 +61,20 @@ class Prober:
                 return False
             await self._tiers(entry, index, placed)
             return True
+        if placed:
+            # Try the index first: a host that answers one is up, and the probe was one
+            # request (a host without one answers None at once, or fails, then health).
+            index = None
+            with contextlib.suppress(TimeoutError):  # a slow index must not fail the probe
+                async with asyncio.timeout(self._pool.router.probe_timeout_s / 2):
+                    index = await entry.host.repository_index()
+            if index is not None:
+                self._indexed.add(entry.host)
+                await self._tiers(entry, index, placed)
+                return True
         if not await entry.host.health():
             return False
-        if not placed:
-            return True
-        index = None
-        with contextlib.suppress(TimeoutError):  # a slow index must not fail the health probe
-            async with asyncio.timeout(self._pool.router.probe_timeout_s / 2):
-                index = await entry.host.repository_index()
-        if index is not None:
-            self._indexed.add(entry.host)
-            await self._tiers(entry, index, placed)
-        else:
+        if placed:
             await self._readiness(entry, placed)
         return True
 

@@ -31,7 +31,23 @@ def host_metric_families(router: Router, per_host_max: int) -> list[Any]:
     )
     retries.add_metric(["granted"], budget.granted)
     retries.add_metric(["denied"], budget.denied)
-    return [*families, retries]
+    return [*families, retries, *_aperture(router)]
+
+
+def _aperture(router: Router) -> list[Any]:
+    """The aperture's size and how often it changed; none on a pool without one."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    aperture = router.aperture
+    if not aperture.active(len(router.targets)):
+        return []
+    size = GaugeMetricFamily(
+        "gateway_hosts_aperture", "Hosts this front sends its traffic to (the aperture)"
+    )
+    size.add_metric([], len(aperture.members))
+    resizes = CounterMetricFamily("gateway_hosts_aperture_resizes", "Times the aperture resized")
+    resizes.add_metric([], aperture.resizes)
+    return [size, resizes]
 
 
 def _per_host(router: Router) -> list[Any]:

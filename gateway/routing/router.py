@@ -22,7 +22,10 @@ for that.
 At fleet sizes (hundreds to thousands of targets) nothing per decision or per probe round is
 O(targets): a decision draws a few targets at random (``try_acquire``), round robin hands them
 out in turn, each target is probed on its own jittered schedule within ``probe_rate``, and a
-target that just answered traffic is not probed at all.
+target that just answered traffic is not probed at all. Decisions draw within the aperture
+(``gateway.routing.aperture``: a stable, load-sized subset, so connections are reused), and
+outside it only for what the aperture lacks: a version loaded only there, a cold placement,
+free slots when all of its hosts are full.
 
 Why one module of this size: its parts share per-target state (in-flight, capacity, health,
 estimates) kept consistent on the event loop; policy, estimators, pool, probing and discovery
@@ -43,9 +46,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import Overloaded, Unavailable
+from gateway.routing.aperture import Aperture
 from gateway.routing.budget import RetryBudget
 from gateway.routing.estimators import Clock, LatencyEstimate
 from gateway.routing.health import OutlierDetector
+from gateway.routing.members import Members
 from gateway.routing.policies import Candidate, Policy
 from gateway.routing.tiers import CACHED, LOADED, ORIGIN, HostModel
 
@@ -63,6 +68,7 @@ SCAN_BELOW = 8
 # Random draws per sample before falling back to a full scan (most targets full, down or not
 # placed for the model: the rare case a scan is worth its cost).
 SAMPLE_DRAWS = 8
+_SETS = (set, frozenset)
 
 
 @dataclass(slots=True)
@@ -93,51 +99,25 @@ class TargetState:
         return self.models is None or model in self.models
 
 
-class _Members:
-    """Targets in a list, for O(1) add, remove (swap with the last) and random draws."""
-
-    __slots__ = ("_at", "items")
-
-    def __init__(self) -> None:
-        self.items: list[TargetState] = []
-        self._at: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __contains__(self, target: TargetState) -> bool:
-        at = self._at.get(target.name)
-        return at is not None and self.items[at] is target
-
-    def add(self, target: TargetState) -> None:
-        if target in self:
-            return
-        self.discard(target.name)
-        self._at[target.name] = len(self.items)
-        self.items.append(target)
-
-    def discard(self, name: str) -> None:
-        at = self._at.pop(name, None)
-        if at is None:
-            return
-        last = self.items.pop()
-        if at < len(self.items):
-            self.items[at] = last
-            self._at[last.name] = at
-
-
 class Lease:
     """One execution slot on one target; ``finish`` exactly once."""
 
     __slots__ = ("_done", "in_flight", "key", "router", "rows", "started_s", "target")
 
-    def __init__(self, router: Router, target: TargetState, key: str, rows: int) -> None:
+    def __init__(
+        self,
+        router: Router,
+        target: TargetState,
+        key: str,
+        rows: int,
+        started_s: float | None = None,
+    ) -> None:
         self.router = router
         self.target = target
         self.key = key
         self.rows = rows
-        self.in_flight = target.in_flight  # others in flight there when this one started
-        self.started_s = router.clock()
+        self.in_flight = len(target.started)  # others in flight there when this one started
+        self.started_s = router.clock() if started_s is None else started_s
         self._done = False
 
     @property
@@ -167,11 +147,13 @@ class Router:
         default_bandwidth_bps: float = 12.5e6,
         max_wait_s: float = 1.0,
         probe_interval_s: float = 2.0,
+        probe_idle_interval_s: float = 60.0,
         probe_timeout_s: float = 1.0,
         probe_jitter: float = 0.2,
         probe_rate: float = 100.0,
         probe_concurrency: int = 64,
         rng: random.Random | None = None,
+        aperture: Aperture | None = None,
     ) -> None:
         self.policy = policy
         self.clock = clock
@@ -185,6 +167,10 @@ class Router:
         self.model_bytes: dict[str, int] = {}  # model key -> bytes of its files (when known)
         self.max_wait_s = max_wait_s
         self.probe_interval_s = probe_interval_s
+        # Hosts outside the aperture take no traffic from this front: probed this often
+        # (Envoy's ``no_traffic_interval``), what they are matters only when the aperture
+        # reaches them, a version is loaded only there, or a cold placement picks one.
+        self.probe_idle_interval_s = max(probe_idle_interval_s, probe_interval_s)
         self.probe_timeout_s = probe_timeout_s
         if not 0 <= probe_jitter < 1 or probe_rate <= 0 or probe_concurrency < 1:
             raise ValueError("probe_jitter in [0, 1), probe_rate > 0, probe_concurrency >= 1")
@@ -195,9 +181,13 @@ class Router:
         self.probes_skipped = 0  # the host had answered real traffic just before
         self.targets: dict[str, TargetState] = {}
         self.changes = 0  # counts targets added and removed
-        self._ring = _Members()  # every target, for random draws and rotation
-        self._loaded: dict[str, _Members] = {}  # model key -> targets where it is ready
+        self._ring = Members()  # every target, for random draws and rotation
+        self._loaded: dict[str, Members] = {}  # model key -> targets where it is ready
         self._rng = rng or random.Random()
+        # The hosts this front sends its traffic to on a large pool (``gateway.routing.aperture``);
+        # off (every host) unless given.
+        self.aperture = aperture or Aperture(0, 1.0, 0.0)
+        self.leases_out = 0  # leases in flight over all targets: the aperture's load
         self._rr_at = 0  # round robin: index into the ring
         self._max_weight: float | None = None  # of the targets (round robin); None: recompute
         # Removed or replaced targets with batches still in flight: no new leases, their
@@ -225,6 +215,7 @@ class Router:
         self.targets[name] = state
         self.changes += 1
         self._ring.add(state)
+        self.aperture.add(state)
         self._max_weight = None
         self.outliers.add(name)
         self._wake()  # waiters for a free slot may take one here
@@ -238,6 +229,7 @@ class Router:
         if state is not None:
             self.changes += 1
             self._ring.discard(name)
+            self.aperture.discard(name)
             self._max_weight = None
             for key, ready in state.ready.items():
                 members = self._loaded.get(key)
@@ -322,8 +314,9 @@ class Router:
         target.ready[key] = ready
         if not self.is_current(target):
             return
+        self.aperture.note_ready(target, key, ready)
         if ready:
-            self._loaded.setdefault(key, _Members()).add(target)
+            self._loaded.setdefault(key, Members()).add(target)
         else:
             members = self._loaded.get(key)
             if members is not None:
@@ -363,7 +356,7 @@ class Router:
     ) -> bool:
         """Eligible: placed for the model, not excluded, serving it, healthy."""
         return (
-            target.allows(model)
+            (target.models is None or model in target.models)
             and target.name not in skip
             and (serving is None or serving(target.name))
             and self.outliers.available(target.name)
@@ -415,29 +408,37 @@ class Router:
 
     def _draw(
         self,
-        members: _Members,
+        members: Members,
         want: int,
         picked: list[TargetState],
         model: str,
         skip: Collection[str],
         serving: Serving | None,
-    ) -> None:
+    ) -> bool:
         """Add up to ``want`` distinct eligible targets with free capacity to ``picked``, drawn
-        at random from ``members`` (at most ``SAMPLE_DRAWS`` draws)."""
+        at random from ``members`` (at most ``SAMPLE_DRAWS`` draws); whether one of those
+        drawn was full."""
         items = members.items
         n = len(items)
+        full = False
         if n == 0:
-            return
+            return full
         draw = self._rng.random
         for _ in range(SAMPLE_DRAWS):
             if want <= 0:
-                return
+                return full
             target = items[int(draw() * n)]
-            if target.in_flight >= target.capacity or any(t is target for t in picked):
+            if len(target.started) >= target.capacity:
+                full = True
                 continue
-            if self._usable(target, model, skip, serving):
-                picked.append(target)
-                want -= 1
+            for other in picked:
+                if other is target:
+                    break
+            else:
+                if self._usable(target, model, skip, serving):
+                    picked.append(target)
+                    want -= 1
+        return full
 
     def _sampled(
         self,
@@ -446,36 +447,45 @@ class Router:
         rows: int,
         skip: Collection[str],
         serving: Serving | None,
-    ) -> list[Candidate]:
+        aperture: Aperture | None,
+        now: float,
+    ) -> tuple[list[Candidate], bool]:
         """The candidates of a sampled decision, in the order the policy should see them: two
-        drawn among the targets where the version is loaded, then one (two when none is
+        drawn among the targets where the version is loaded (in the aperture when there is
+        one, else or when it has too few free: among all), then one (two when none is
         loaded) from all, so a cold target can still win when it is worth its start. Empty
-        when the draws found none (the caller scans)."""
+        when the draws found none (the caller scans). And whether the draws in the aperture
+        found too few because its hosts were full (it should grow)."""
         picked: list[TargetState] = []
+        pressure = False
+        if aperture is not None:
+            near = aperture.loaded.get(key)
+            if near is not None:
+                full = self._draw(near, 2, picked, model, skip, serving)
+                pressure = full and len(picked) < 2
         loaded = self._loaded.get(key)
-        if loaded is not None:
-            self._draw(loaded, 2, picked, model, skip, serving)
+        if len(picked) < 2 and loaded is not None:
+            self._draw(loaded, 2 - len(picked), picked, model, skip, serving)
         warm = len(picked)
         if warm < 2 or len(loaded or ()) < len(self._ring):  # else every target is warm
             self._draw(self._ring, 2 - warm if warm < 2 else 1, picked, model, skip, serving)
         if warm == 2 and len(picked) == 3 and picked[2].ready.get(key, False):
             picked.pop()  # a third warm one adds nothing to the two drawn among them
-        now = self.clock()
-        return [self._candidate(t, key, rows, now) for t in picked]
+        return [self._candidate(t, key, rows, now) for t in picked], pressure
 
     def _rotate(
-        self, model: str, skip: Collection[str], serving: Serving | None
+        self, members: Members, model: str, skip: Collection[str], serving: Serving | None
     ) -> TargetState | None:
-        """Weighted round robin over the ring in O(1) per pick: a target's turn lasts while
-        it has credit (its weight over the largest weight, added each time its turn comes, so
-        a target of half the weight is picked every other round). None when a full turn of
-        the ring found none eligible with a free slot (the caller scans)."""
-        items = self._ring.items
+        """Weighted round robin over ``members`` (the ring, or the aperture) in O(1) per pick:
+        a target's turn lasts while it has credit (its weight over the largest weight, added
+        each time its turn comes, so a target of half the weight is picked every other round).
+        None when a full turn found none eligible with a free slot (the caller scans)."""
+        items = members.items
         n = len(items)
         if n == 0:
             return None
         if self._max_weight is None:
-            self._max_weight = max(t.weight for t in items)
+            self._max_weight = max(t.weight for t in self._ring.items)
         top = self._max_weight
         for _ in range(2 * n + 1):
             self._rr_at %= n
@@ -505,8 +515,9 @@ class Router:
         none is expected to finish before the deadline. The sampled candidates settle it
         when one of them can (or is unmeasured); only otherwise are all looked at."""
         remaining_s = deadline_s - self.clock()
-        if any(not c.measured or c.completion_s() <= remaining_s for c in sampled):
-            return
+        for c in sampled:
+            if not c.measured or c.completion_s() <= remaining_s:
+                return
         self._refuse_late(model, self.candidates(model, key, rows, skip, serving)[0], deadline_s)
 
     def _refuse_late(self, model: str, candidates: Sequence[Candidate], deadline_s: float) -> None:
@@ -548,21 +559,32 @@ class Router:
         random (``_sampled``), round robin takes the next in turn (``_rotate``); a full scan
         happens only when the draws find nothing (most targets full or down), or to confirm
         that no target at all can meet the deadline."""
-        skip = exclude if isinstance(exclude, set | frozenset) else set(exclude)
+        skip = exclude if isinstance(exclude, _SETS) else set(exclude)
         chosen: TargetState | None = None
+        now = self.clock()
         if len(self._ring) >= SCAN_BELOW:
+            aperture = self.aperture if self.aperture.active(len(self._ring)) else None
+            if aperture is not None and now >= aperture.due_s:
+                aperture.refresh(now, self.outliers.available)
             if self.policy.rotates:
-                chosen = self._rotate(model, skip, serving)
+                members = self._ring if aperture is None else aperture.members
+                chosen = self._rotate(members, model, skip, serving)
+                pressure = chosen is None and any(  # rare: the aperture's hosts are full
+                    len(t.started) >= t.capacity for t in members.items
+                )
                 if chosen is not None and deadline_s is not None:
-                    now = self.clock()
                     candidate = self._candidate(chosen, key, rows, now)
                     self._deadline_check(model, key, rows, deadline_s, [candidate], skip, serving)
             else:
-                sampled = self._sampled(model, key, rows, skip, serving)
+                sampled, pressure = self._sampled(model, key, rows, skip, serving, aperture, now)
                 if sampled:
                     if deadline_s is not None:
                         self._deadline_check(model, key, rows, deadline_s, sampled, skip, serving)
                     chosen = self.targets[self._choose(sampled).name]
+            if aperture is not None:
+                out = self.leases_out + 1
+                if pressure or out > aperture.grow_above or out < aperture.shrink_below:
+                    aperture.resize(out, len(self._ring), now, pressure)
         if chosen is None:
             candidates, any_eligible = self.candidates(model, key, rows, skip, serving)
             if not any_eligible:
@@ -574,8 +596,9 @@ class Router:
             if deadline_s is not None:
                 self._refuse_late(model, candidates, deadline_s)
             chosen = self.targets[self.policy.choose(candidates).name]
-        lease = Lease(self, chosen, key, rows)
-        chosen.started[id(lease)] = lease.started_s
+        lease = Lease(self, chosen, key, rows, now)
+        chosen.started[id(lease)] = now
+        self.leases_out += 1
         return lease
 
     async def acquire(
@@ -620,6 +643,7 @@ class Router:
     def _finish(self, lease: Lease, outcome: str) -> None:
         target = lease.target
         target.started.pop(id(lease), None)
+        self.leases_out -= 1
         if not self.is_current(target):
             # Removed or replaced while this lease ran: count it, but the health verdicts
             # belong to whatever has that name now (if anything).
@@ -644,6 +668,7 @@ class Router:
             target.failed += 1
             if target.name in self.outliers.hosts and self.outliers.record_failure(target.name):
                 log.warning("host %s ejected after consecutive failures", target.name)
+                self.aperture.changed()  # the next host along the ring takes its place
         self._wake()
 
     # -- probing ----------------------------------------------------------------------------
@@ -660,11 +685,17 @@ class Router:
 
     def _next_probe_s(self, target: TargetState, now: float) -> float:
         """When to probe ``target`` next: a host down or ejected every ``probe_interval_s``
-        (it is waiting for a probe to come back), any other every ``probe_period_s``; either
-        moved by up to ``probe_jitter`` of it at random, so probes do not come in waves."""
+        (it is waiting for a probe to come back), one outside the aperture every
+        ``probe_idle_interval_s``, any other every ``probe_period_s``; each moved by up to
+        ``probe_jitter`` of it at random, so probes do not come in waves."""
         health = self.outliers.hosts.get(target.name)
         away = health is not None and (not health.probe_up or health.ejected_until_s is not None)
-        period_s = self.probe_interval_s if away else self.probe_period_s()
+        if away:
+            period_s = self.probe_interval_s
+        elif self.aperture.active(len(self._ring)) and target not in self.aperture.members:
+            period_s = max(self.probe_idle_interval_s, self.probe_period_s())
+        else:
+            period_s = self.probe_period_s()
         return now + period_s * (1.0 + self.probe_jitter * (2.0 * self._rng.random() - 1.0))
 
     def _busy_and_well(self, target: TargetState, now: float) -> bool:
@@ -692,6 +723,7 @@ class Router:
         now_up = before.probe_up if before is not None else ok
         if now_up != was_up:
             log.warning("host %s is %s", name, "up" if now_up else "down")
+            self.aperture.changed()
             target = self.targets.get(name)
             if now_up and target is not None:
                 # Back after being down: most likely a new process (restarted, rescheduled),
@@ -702,9 +734,9 @@ class Router:
 
     async def _probe_loop(self, probe: Probe) -> None:
         """Each target on its own jittered schedule (a heap of due times), at most
-        ``probe_concurrency`` probes at once; a new target's first probe falls at a random
-        point of its first period, so a thousand hosts added together are not probed
-        together."""
+        ``probe_concurrency`` probes at once and ``probe_rate`` per second; a target that
+        joins later has its first probe at a random point of its first period, so a thousand
+        hosts added together are not probed together."""
         due: list[tuple[float, int, TargetState]] = []
         scheduled: set[int] = set()  # id() of the targets in ``due``
         running: set[asyncio.Task[None]] = set()
@@ -724,16 +756,36 @@ class Router:
                     push(self._next_probe_s(target, self.clock()), target)
 
         seen = -1  # ``self.changes`` when the targets were last looked at
+        # A token bucket holds the probes sent to ``probe_rate`` per second whatever the
+        # schedule says: the first round (every target due at once) and rounds that drift
+        # together are spread out instead of sent in a burst.
+        burst = max(1.0, self.probe_rate * 0.1)
+        tokens, filled_s = burst, self.clock()
         try:
             while True:
                 now = self.clock()
+                tokens = min(burst, tokens + (now - filled_s) * self.probe_rate)
+                filled_s = now
                 if seen != self.changes:
-                    for target in self.targets.values():  # joined since: first probe soon
+                    # The first look at a small pool probes it at once. A large one (whose
+                    # load asked every host already) and hosts that join later get their first
+                    # probe at a random point of the period; with an aperture, of the idle
+                    # interval (most of them will be outside it).
+                    at_once = seen < 0 and self.probe_period_s() <= self.probe_interval_s
+                    first_s = self.probe_period_s()
+                    if self.aperture.active(len(self._ring)):
+                        first_s = max(first_s, self.probe_idle_interval_s)
+                    for target in self.targets.values():
                         if id(target) not in scheduled:
-                            spread = 0.0 if seen < 0 else self._rng.random()
-                            push(now + self.probe_period_s() * spread, target)
+                            spread = 0.0 if at_once else self._rng.random()
+                            push(now + first_s * spread, target)
                     seen = self.changes
-                while due and due[0][0] <= now and len(running) < self.probe_concurrency:
+                while (
+                    due
+                    and due[0][0] <= now
+                    and len(running) < self.probe_concurrency
+                    and tokens >= 1.0
+                ):
                     _, _, target = heapq.heappop(due)
                     scheduled.discard(id(target))
                     if not self.is_current(target):
@@ -743,10 +795,13 @@ class Router:
                         push(self._next_probe_s(target, now), target)
                         continue
                     scheduled.add(id(target))  # in flight: rescheduled when it is done
+                    tokens -= 1.0
                     task = asyncio.get_running_loop().create_task(run(target))
                     running.add(task)
                     task.add_done_callback(running.discard)
                 wait_s = 0.05 if not due else min(0.05, max(0.0, due[0][0] - self.clock()))
+                if due and tokens < 1.0:
+                    wait_s = max(wait_s, (1.0 - tokens) / self.probe_rate)
                 await asyncio.sleep(max(wait_s, 0.001))
         finally:
             for task in running:
@@ -781,6 +836,7 @@ class Router:
         total = len(self.targets)
         end = total if limit is None else min(total, offset + limit)
         hosts = []
+        whole = not self.aperture.active(len(self._ring))  # no aperture: every host is in it
         for target in itertools.islice(self.targets.values(), offset, end):
             hosts.append(
                 {
@@ -792,6 +848,7 @@ class Router:
                     "completed": target.completed,
                     "failed": target.failed,
                     "bandwidth_bps": target.bandwidth_bps,
+                    "in_aperture": whole or target in self.aperture.members,
                     "models": {
                         key: self._model_row(target, key)
                         for key in sorted({*target.estimates, *target.ready, *target.tiers})
@@ -801,6 +858,7 @@ class Router:
         return {
             "policy": self.policy.name,
             "retry_budget": self.budget.to_dict(),
+            "aperture": self.aperture.to_dict(len(self._ring)),
             "total": total,
             "offset": offset,
             "next_offset": end if end < total else None,

@@ -5,7 +5,9 @@ computed from the repository directory, with an ETag) and the repository's files
 node's base URL works as an edge's origin. ``GET /v2/repository/blobs/sha256/{hash}`` serves a
 file by content: from the repository on a node with a local directory, from the cache on an
 edge (peer fill). ``GET /v2/repository/chunks/sha256/{hash}`` serves one content-defined chunk
-of such a file (what manifests list) by its hash, checked before it goes out. Paths and hashes
+of such a file (what manifests list) by its hash, checked before it goes out; an edge asked for
+a chunk it is fetching answers once it has it (``?rank=``: the asking edge's rank, see
+:meth:`EdgeRepository.peer_chunk`). Paths and hashes
 are validated strictly; files go out with starlette's
 ``FileResponse`` (streamed, ``Range`` honoured).
 """
@@ -83,7 +85,8 @@ def distribution_routes(dataplane: DataPlane) -> list[Route]:
     async def chunk(request: Request) -> Response:
         sha = check_sha256(request.path_params["sha256"])
         if edge_chunk is not None:
-            data = await edge_chunk(sha)
+            rank = request.query_params.get("rank", "")
+            data = await edge_chunk(sha, int(rank) if rank.isdigit() and len(rank) < 20 else None)
         else:
             assert publisher is not None
             data = await asyncio.to_thread(publisher.chunk, sha)
