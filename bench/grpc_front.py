@@ -34,6 +34,7 @@ import contextlib
 import csv
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -66,6 +67,8 @@ def main() -> int:
     parser.add_argument("--baseline", default="", help="target the others are divided by")
     parser.add_argument("--no-triton", action="store_true")
     parser.add_argument("--null", action="store_true", help="add the bare grpc.aio server")
+    parser.add_argument("--queue-delay-us", type=int, default=None,
+                        help="set every model's max_queue_delay_microseconds (default: none)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--window-ms", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="errors only: c=1,16, one round")
@@ -92,6 +95,9 @@ def main() -> int:
         work = Path(tmp)
         (work / "repo").mkdir()
         repo = sweep.build_repo(work / "repo", models)
+        if args.queue_delay_us is not None:
+            for model in models:
+                _set_queue_delay(repo, model, args.queue_delay_us)
         targets: dict[str, dict[str, str]] = {}
         gateways: dict[str, harness.Gateway] = {}
         for name, env in variants:
@@ -139,6 +145,25 @@ def main() -> int:
     return 1 if errors else 0
 
 
+def _set_queue_delay(repo: Path, model: str, delay_us: int) -> None:
+    """Give a model's ``dynamic_batching`` a ``max_queue_delay_microseconds``. The repository
+    links the shipped models: the model's folder becomes a real one (its files still links)
+    and its config a new file, so the checkout's ``model_repo`` stays as it is."""
+    folder = repo / model
+    if folder.is_symlink():
+        source = folder.resolve()
+        folder.unlink()
+        shutil.copytree(source, folder, copy_function=os.symlink)
+    config = folder / "config.pbtxt"
+    text = re.sub(r"\s*max_queue_delay_microseconds:\s*\d+", "", config.read_text())
+    text, n = re.subn(r"dynamic_batching\s*\{",
+                      f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us}", text)
+    if not n:
+        text += f"\ndynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
+    config.unlink()
+    config.write_text(text)
+
+
 def measure(
     pa: str,
     gw: harness.Gateway | None,
@@ -175,23 +200,30 @@ def measure(
     }
     if before and after and after[1] > before[1]:
         got["cpu_us"] = (after[0] - before[0]) / (after[1] - before[1]) * 1e6
+        if after[2] > before[2]:  # requests per execution: the batch size the batcher formed
+            got["batch"] = (after[3] - before[3]) / (after[2] - before[2])
     return got
 
 
 def _line(got: dict[str, Any]) -> str:
     cpu = f" cpu {got['cpu_us']:6.0f} us/req" if "cpu_us" in got else ""
+    batch = f" batch {got['batch']:5.2f}" if "batch" in got else ""
     return (f"{got['throughput']:8.1f}/s p50 {got['p50_ms']:7.2f} p99 {got['p99_ms']:7.2f} "
-            f"ms{cpu}")  # fmt: skip
+            f"ms{cpu}{batch}")  # fmt: skip
 
 
-def _cpu_and_count(gw: harness.Gateway | None, model: str) -> tuple[float, int] | None:
-    """(the gateway's CPU seconds, requests it counted for ``model``): their deltas over a run
-    are its CPU per request."""
+def _cpu_and_count(
+    gw: harness.Gateway | None, model: str
+) -> tuple[float, int, int, int] | None:
+    """(the gateway's CPU seconds, requests it counted for ``model``, its executions and the
+    inferences in them): their deltas over a run are its CPU per request and batch size."""
     if gw is None:
         return None
     cpu = harness.process_cpu_s(gw.pid)
-    count = int(gw.stats(model)["inference_stats"]["success"]["count"])
-    return None if cpu is None else (cpu, count)
+    stats = gw.stats(model)
+    count = int(stats["inference_stats"]["success"]["count"])
+    executions, inferences = int(stats["execution_count"]), int(stats["inference_count"])
+    return None if cpu is None else (cpu, count, executions, inferences)
 
 
 # -- the bare grpc.aio server ------------------------------------------------------------------
@@ -356,11 +388,12 @@ def render(
         f"start {loads}. perf_analyzer shares 2 cores with the servers and other work ran on "
         f"the machine: medians of {args.rounds} interleaved round(s) of {args.window_ms} ms "
         "windows; compare within this table only. CPU: the gateway's CPU time (all threads) "
-        f"per request. `{NULL}`: a bare grpc.aio server answering a fixed response.",
+        "per request; batch: the model's inferences per execution in the window. "
+        f"`{NULL}`: a bare grpc.aio server answering a fixed response.",
         "",
     ]
-    head = "| model | protocol | c | target | infer/s | p50 ms | p99 ms | CPU us/req |"
-    rule = "|---|---|---|---|---|---|---|---|"
+    head = "| model | protocol | c | target | infer/s | p50 ms | p99 ms | CPU us/req | batch |"
+    rule = "|---|---|---|---|---|---|---|---|---|"
     for ref in refs:
         head += f" thr / {ref} | p99 / {ref} | CPU / {ref} |"
         rule += "---|---|---|"
@@ -372,11 +405,12 @@ def render(
                     runs = results.get((model, protocol, c, name), [])
                     if not runs:
                         continue
-                    thr, p50, p99, cpu = (
-                        _median(runs, k) for k in ("throughput", "p50_ms", "p99_ms", "cpu_us")
+                    thr, p50, p99, cpu, batch = (
+                        _median(runs, k)
+                        for k in ("throughput", "p50_ms", "p99_ms", "cpu_us", "batch")
                     )
                     row = (f"| {model} | {protocol} | {c} | {name} | {_f(thr, '.0f')} | "
-                           f"{_f(p50)} | {_f(p99)} | {_f(cpu, '.0f')} |")  # fmt: skip
+                           f"{_f(p50)} | {_f(p99)} | {_f(cpu, '.0f')} | {_f(batch)} |")  # fmt: skip
                     for ref in refs:
                         base = results.get((model, protocol, c, ref), [])
                         bthr, bp99, bcpu = (

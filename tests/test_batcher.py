@@ -1015,6 +1015,51 @@ async def test_a_closed_loop_client_never_waits() -> None:
     await batcher.close()
 
 
+async def test_paced_clients_are_probed_then_batched() -> None:
+    """Clients that the front end hands over one by one (grpc.aio: one call per completion-queue
+    round trip) each arrive after the last batch ended, as one closed-loop client does: the busy
+    rate stays 0. Arrivals 1 ms apart with 10 ms of delay: the next batch waits two gaps anyway,
+    and the client that comes meanwhile joins it."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=0.010), backend, clock)
+    for i in range(3):
+        await asyncio.wait_for(batcher.enqueue(row(i)).future, 1.0)  # the first: no gap known
+        clock.now_s += 0.001
+        if i == 0:
+            assert backend.batches == [1]
+    assert batcher.arrival_rate() == 0.0
+    waiting = batcher.enqueue(row(3))
+    await ticks()
+    clock.now_s += 0.001
+    company = batcher.enqueue(row(4))
+    clock.now_s += 0.010  # the delay is over once the probe ends: the batch of two goes
+    await asyncio.wait_for(asyncio.gather(waiting.future, company.future), 1.0)
+    assert backend.batches[-1] == 2
+    assert batcher.arrival_rate() > 0  # the joined row counts: the rate decides from here on
+    await batcher.close()
+
+
+async def test_a_closed_loop_client_pays_few_probes() -> None:
+    """A lone closed-loop client with gaps (5 ms) shorter than the delay (100 ms): each probe
+    catches nothing and the next comes after twice as many batches, so 64 requests see at most
+    7 probes; the others go at once."""
+    clock = Clock(100.0)
+    backend = Recorder()
+    backend.clock, backend.run_s = clock, 0.0001
+    batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=0.100), backend, clock)
+    held = 0
+    for i in range(64):
+        item = batcher.enqueue(row(i))
+        await ticks()
+        held += not item.future.done()  # waiting: a probe
+        await asyncio.wait_for(item.future, 1.0)
+        clock.now_s += 0.005  # a probe: two gaps, 10 ms of real time
+    assert 1 <= held <= 7
+    assert backend.batches == [1] * 64
+    await batcher.close()
+
+
 async def arrive_while_busy(gap_s: float, delay_s: float) -> tuple[Batcher, Recorder, Clock]:
     """A runs (gated); B arrives ``gap_s`` later while A is out, which makes the arrival rate
     one row per ``gap_s``; A ends at that instant and B forms a batch with ``delay_s`` left."""

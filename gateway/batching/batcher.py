@@ -26,6 +26,15 @@ a lone closed-loop client never arrives while its own request is out, so its req
 once, while independent traffic keeps Triton's wait. Off, every short batch waits the whole
 ``max_queue_delay`` (Triton's behaviour).
 
+That rate alone cannot start waiting for clients that the front end paces: grpc.aio hands the
+loop one call per completion-queue round trip, so 16 closed-loop gRPC clients reach the batcher
+one by one, each after the last batch finished, exactly like one closed-loop client, and no row
+ever arrives while busy. So when the recent gap between any two arrivals (idle or busy) is at
+most twice the delay left (``PROBE_GAPS``), a short batch waits anyway, a probe, for two gaps
+at most: a row that joins counts as arriving while busy, and the rate takes over; a probe that
+catches nothing backs off, doubling the batches that go before the next one (up to
+``PROBE_MAX_SKIP``), so a lone client pays it about log2(requests) times.
+
 A lone batch (``BatchPolicy.inline_max_s``: all that is outstanding on the event loop, of a
 model whose recent runs were short, with arrivals rare) runs on the event loop's own thread
 through the backend's ``execute_now``, skipping the hand-off to a worker thread and back.
@@ -133,6 +142,11 @@ ARRIVAL_DECAY = 0.9
 # A batch waiting for company decides again after two expected gaps, but not more often than
 # this (at a very high rate, or all arrivals at one instant, a timer per gap would spin).
 MIN_RECHECK_S = 0.0005
+# A probe waits while at most this many gaps between arrivals fit in the delay left: even
+# half a gap gives a row about two chances in five, and a probe that fails backs off.
+PROBE_GAPS = 2.0
+# A failed probe (see the module docstring) lets this many batches at most go before the next.
+PROBE_MAX_SKIP = 4096
 # A lone batch runs inline only while fewer rows than this are expected to arrive during it.
 INLINE_MAX_ARRIVALS = 0.25
 # Requests outstanding in every batcher of an event loop: a batch runs inline only when it
@@ -220,6 +234,12 @@ class Batcher:
         self._busy_s = 0.0
         self._outstanding = 0
         self._busy_since: float | None = None
+        # The probe: the recent gap between any two arrivals (None before two), the probes
+        # still to skip and the skip after the next failed one.
+        self._last_arrival_s: float | None = None
+        self._gap_s: float | None = None
+        self._probe_skip = 0
+        self._probe_backoff = 1
         # Requests per priority level taken into the batch being formed, not sent yet: they
         # still count against their level's bound, as in Triton's queue.
         self._held: dict[int, int] = {}
@@ -300,6 +320,10 @@ class Batcher:
         self._queue.append(item, self._held.get(level, 0))
         self._outstanding += 1
         _LOOP_OUTSTANDING[self._loop] = _LOOP_OUTSTANDING.get(self._loop, 0) + 1
+        last, self._last_arrival_s = self._last_arrival_s, now
+        if last is not None:
+            gap, new = self._gap_s, now - last
+            self._gap_s = new if gap is None else gap + (1 - ARRIVAL_DECAY) * (new - gap)
         if self._busy_since is None:
             self._busy_since = now  # a busy period starts: this arrival found it idle
         else:
@@ -353,6 +377,7 @@ class Batcher:
             self._held = {first.level: 1}
             if policy.max_batch_size > 1:
                 give_up_s = first.enqueued_s + policy.max_queue_delay_s
+                waited = False  # a batch probes only before any wait (then the rate decides)
                 while rows < policy.max_batch_size:
                     head = self._queue.head()
                     if head is not None and self._stop_at_preferred(rows, first.signature):
@@ -388,11 +413,16 @@ class Batcher:
                         break
                     # An instance is free: waiting idles it, worth it only if company comes;
                     # decided again after two expected gaps without any (the rate then fell).
+                    probing = False
                     if free_at is None and policy.adaptive_delay:
                         rate = self.arrival_rate(now)
-                        if rate * wait_s < 1.0:
-                            break
-                        wait_s = min(wait_s, max(2.0 / rate, MIN_RECHECK_S))
+                        if rate * wait_s >= 1.0:
+                            wait_s = min(wait_s, max(2.0 / rate, MIN_RECHECK_S))
+                        else:
+                            probe_s = None if waited else self._probe(wait_s)
+                            if probe_s is None:
+                                break
+                            wait_s, probing = probe_s, True
                     # Worth waking for: a full batch, or (with an instance free) the next
                     # preferred size.
                     target = policy.max_batch_size
@@ -405,6 +435,9 @@ class Batcher:
                         async with asyncio.timeout(wait_s):
                             await self._arrived.wait()
                     self._forming = None
+                    waited = True
+                    if probing:
+                        self._probed(self._queue.head() is not None)
             self._held = {}
             task = self._loop.create_task(self._run(batch, rows))
             self._running.add(task)
@@ -541,6 +574,27 @@ class Batcher:
             if need <= 0:
                 return False
         return True
+
+    def _probe(self, wait_s: float) -> float | None:
+        """How long a short batch that the busy arrival rate would send now waits anyway (None:
+        it goes): two gaps between recent arrivals at most, when the ``wait_s`` left is at least
+        half a gap, unless a probe that failed still has batches to let go."""
+        gap = self._gap_s
+        if gap is None or gap > PROBE_GAPS * wait_s:
+            return None
+        if self._probe_skip > 0:
+            self._probe_skip -= 1
+            return None
+        return min(wait_s, max(2.0 * gap, MIN_RECHECK_S))
+
+    def _probed(self, joined: bool) -> None:
+        """A probe ended: a row joined (the busy rate counted it; probes go on), or none did
+        (let twice as many batches go before the next probe as after the last failure)."""
+        if joined:
+            self._probe_backoff = 1
+        else:
+            self._probe_skip = self._probe_backoff
+            self._probe_backoff = min(2 * self._probe_backoff, PROBE_MAX_SKIP)
 
     def _observe(self, now: float, rows: int) -> None:
         """Count busy time up to ``now`` and ``rows`` arriving in it (0: a busy period ended)."""
