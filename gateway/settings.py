@@ -73,13 +73,13 @@ class Settings:
     # algorithm the first time each input shape is seen, which stalls the batch that brings a
     # new batch size; "heuristic" picks from cuDNN's heuristics at once; "default": one fixed.
     cudnn_conv_algo_search: str = "heuristic"  # heuristic | exhaustive | default
-    # 0: one less than the usable cores, at least 1 (the event loop keeps a core; README,
-    # "ONNX Runtime threads").
+    # 0: one per usable core (ORT's count, within the affinity and cgroup quota; README,
+    # "ONNX Runtime threads"); below the cores where other work shares them.
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     # ORT's pool threads busy-wait between ops and after a run by default; in a server that
     # shares its cores with the event loop the spinning after a run costs more than it saves.
-    # False: a single-instance model's threads spin only while a run goes, others' never.
+    # False: threads spin only while a run goes, and only where every instance's pool fits.
     ort_spinning: bool = False
     warmup: bool = True
     # Python's cyclic GC runs its youngest generation every N net container allocations (700 by

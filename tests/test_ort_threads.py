@@ -37,10 +37,10 @@ def options(cores: int, cfg: ModelConfig | None = None, **settings: object) -> t
     return opts.intra_op_num_threads, spin, stop
 
 
-@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (4, 3), (16, 15)])
-def test_by_default_one_thread_less_than_the_cores(cores: int, threads: int) -> None:
-    """The event loop keeps a core; the pool (and the loop) fit, so it spins while a run
-    goes and stops when it returns."""
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 2), (4, 4), (16, 16)])
+def test_by_default_one_thread_per_usable_core(cores: int, threads: int) -> None:
+    """ORT's own count, within the usable cores; the pool fits, so it spins while a run goes
+    and stops when it returns."""
     assert default_intra_op_threads(cores) == threads
     assert options(cores) == (threads, "1", "1")
 
@@ -52,10 +52,11 @@ def test_the_setting_then_the_model_say_how_many() -> None:
 
 
 def test_pools_that_do_not_fit_beside_the_event_loop_never_spin() -> None:
-    """Two threads on two cores, or two instances of three threads on four: a spinning
+    """Two instances of two threads on two cores, or of three threads on four: a spinning
     thread would wait on a preempted one. ``ort_spinning`` restores ORT's own default (spin
     after a run too); the model's own ``session.`` entry wins over both."""
-    assert options(2, intra_op_threads=2) == (2, "0", "")
+    assert options(2, config(instances=2), intra_op_threads=2) == (2, "0", "")
+    assert options(2, intra_op_threads=2) == (2, "1", "1")
     assert options(4, config(instances=2), intra_op_threads=3)[1:] == ("0", "")
     assert options(4, config(instances=2), intra_op_threads=1)[1:] == ("1", "1")
     assert options(2, intra_op_threads=2, ort_spinning=True)[1:] == ("1", "")
@@ -81,7 +82,9 @@ def test_lone_batches_run_inline_only_where_the_pool_fits_beside_the_loop() -> N
         factory = OnnxRuntimeFactory(Settings(**settings), cores=lambda: cores)  # type: ignore[arg-type]
         return factory.pools_fit(cfg)
 
-    assert fits(2, config()) and fits(16, config()) and fits(1, config())
+    assert not fits(2, config()) and not fits(16, config())  # one thread per core
+    assert fits(1, config()) and fits(2, config(), intra_op_threads=1)
+    assert fits(16, config(), intra_op_threads=15)
     assert not fits(2, config(), intra_op_threads=2)
     assert not fits(4, config(instances=2))
     assert fits(4, config(instances=2), intra_op_threads=1)

@@ -218,20 +218,24 @@ def usable_cores() -> int:
     return count
 
 
-def _fit(instances: int, threads: int, cores: int) -> bool:
-    """Whether ``instances`` pools of ``threads`` (0: ORT's one per core) and the event loop
-    fit in ``cores`` (a single core counts as two: one thread has no pool to wait on)."""
+def _fit(instances: int, threads: int, cores: int, loop: bool = True) -> bool:
+    """Whether ``instances`` pools of ``threads`` (0: ORT's one per core), and the event loop
+    when ``loop``, fit in ``cores`` (with the loop, a single core counts as two: one thread
+    has no pool to wait on)."""
+    if not loop:
+        return instances * (threads or cores) <= cores
     return instances * (threads or cores) + 1 <= max(2, cores)
 
 
 def default_intra_op_threads(cores: int) -> int:
     """ONNX Runtime's intra-op threads per session when neither the setting nor the model says:
-    one less than the usable cores, at least one. ORT's own default (one per core) leaves the
-    event loop, which reads and answers every request, no core of its own: under load the loop
-    and ORT's pool preempt each other, and a parallel op waits at its barrier for a thread the
-    scheduler put aside (measured on 2 cores: ``mlp`` at 64 connections 1.2-6x the throughput
-    with one thread, bench/results/ort_threads.md)."""
-    return max(1, cores - 1)
+    one per usable core, ORT's own count, but within the process's affinity and cgroup quota
+    (which ORT itself does not read). Measured quiet on 2 cores
+    (bench/results/ort_threads-quiet.md): against one thread less than the cores, ``mlp``
+    1.36-1.39x the throughput at 1 and 16 connections, 0.83-1.02x at 64; one thread less won
+    everywhere only when other work oversubscribed the cores. Set ``intra_op_threads`` below
+    the cores there (it also lets a lone batch run on the event loop's thread)."""
+    return max(1, cores)
 
 
 def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
@@ -637,9 +641,9 @@ class OnnxRuntimeFactory(BackendFactory):
         # preempted one wastes the core the other needs (measured on 2 oversubscribed cores:
         # lone requests 1.5-3x slower, bench/results/ort_threads.md), and spinning after the
         # run returns takes a core from the event loop while it answers that batch. So: spin
-        # while a run goes, stop when it returns, only while every instance's pool and the
-        # event loop fit in the cores; never otherwise. ``ort_spinning``: ORT's own default.
-        fits = _fit(config.instance_count, options.intra_op_num_threads, cores)
+        # while a run goes, stop when it returns, only while every instance's pool fits in the
+        # cores; never otherwise. ``ort_spinning``: ORT's own default.
+        fits = _fit(config.instance_count, options.intra_op_num_threads, cores, loop=False)
         spin = "1" if self._settings.ort_spinning or fits else "0"
         entries = {
             "session.intra_op.allow_spinning": spin,
