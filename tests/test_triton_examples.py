@@ -135,8 +135,7 @@ def test_shared_memory_example(name: str, served: tuple[GatewayProcess, int]) ->
     gateway, grpc_port = served
     path = _script(name)
     extensions = httpclient.InferenceServerClient(gateway.address).get_server_metadata()
-    if "system_shared_memory" not in extensions["extensions"]:
-        pytest.skip("pending: the gateway does not serve the system shared-memory extension yet")
+    assert "system_shared_memory" in extensions["extensions"]
     url = gateway.address if "_http_" in name else f"127.0.0.1:{grpc_port}"
     done = _run(path, url)
     assert done.returncode == 0, f"{name}:\n{done.stdout}\n{done.stderr}"
