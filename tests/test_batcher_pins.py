@@ -77,7 +77,7 @@ async def test_requests_joining_the_batch_being_formed_count_against_their_own_l
     other = batcher.enqueue(row(9, width=3), priority=2)  # cannot join: wakes the scheduler
     other.future.cancel()
     await ticks()  # both of level 2 join the batch; ``other`` is dropped: level 2 holds 2
-    assert batcher.pending == 0  # none queued, none running: all three wait in the forming batch
+    assert batcher.pending == 3  # none queued, none running: all three wait in the forming batch
     admitted = [batcher.enqueue(row(3), priority=2)]  # 2 held + 1 queued: level 2 is full
     with pytest.raises(QueueFull):
         batcher.enqueue(row(3), priority=2)

@@ -253,8 +253,9 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        """Requests queued or executing (Triton's pending request count)."""
-        return len(self._queue) + len(self._running)
+        """Requests queued, in the batch being formed or executing: Triton's pending request
+        count (it counts requests, not batches)."""
+        return self._outstanding
 
     async def submit(
         self, inputs: Tensors, rows: int = 1, deadline_s: float | None = None
