@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +17,7 @@ from gateway.repository.edge import EdgeRepository
 from gateway.repository.manifest import parse_manifest, write_manifests
 from gateway.settings import Settings
 from tests import models
-from tests.edge_origins import FakeOrigin, StaticOrigin, build_repo
-from tests.helpers import free_port
+from tests.edge_origins import FakeOrigin, StaticOrigin, build_repo, moto_s3
 
 
 @pytest.fixture(scope="module")
@@ -261,31 +258,9 @@ async def test_file_origin(origin_repo: Path, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pytest.importorskip("boto3")
-    pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.skip(reason=f"moto server did not start: {log.read_text()[-500:]}")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def moto_server() -> Iterator[str]:
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 async def test_s3_origin(

@@ -7,6 +7,10 @@ that names the tensor and the field, before any large allocation happens.
 
 The rules every codec applies to one tensor (names, shapes, BYTES framing) are in
 ``gateway.protocol.tensors``.
+
+Why one module of this size: decoding and encoding are the two halves of one wire format (the
+JSON header, binary sections and their lengths, ``binary_data`` flags), and each half checks what
+the other writes. What splits next, if it grows: the response encoder into ``encode.py``.
 """
 
 from __future__ import annotations
