@@ -165,10 +165,10 @@ def test_under_overload_the_low_priority_is_shed_and_the_high_keeps_its_latency(
     """Open-loop load at rates set from what the model serves now, C requests a second (so that
     it holds on a slow or busy machine): high priority at 0.25 C, low priority at 0.6 C, then
     tripled to 1.8 C, beyond what the model sustains, long enough to overflow the low level's
-    queue (24) twice. The high priority's requests all succeed and its p99 stays within 6 L
-    (one request's latency) of the first phase's, while the low priority's queue fills and
-    sheds (503); with one level for both, the high priority would queue behind 24 low requests
-    (~24 L)."""
+    queue (24) twice; each phase has 12 high-priority requests at least. The high priority's
+    requests all succeed and its p99 stays within 6 L (one request's latency) of the first
+    phase's, while the low priority's queue fills and sheds (503); with one level for both,
+    the high priority would queue behind 24 low requests (~24 L)."""
     url = f"{server.url}/v2/models/heavy/infer"
     latencies = []
     for _ in range(12):
@@ -177,11 +177,14 @@ def test_under_overload_the_low_priority_is_shed_and_the_high_keeps_its_latency(
         latencies.append(time.perf_counter() - started)
     one_s = statistics.median(latencies[2:])
     served_per_s = capacity_per_s(url)
-    # Tripled, 1.05 C more than served arrive a second: 48 past the queue's 24 at least.
-    overflow_s = max(3.0, 2 * 24 / (1.05 * served_per_s))
+    # Each phase long enough for 12 high-priority requests (a p99 of 4, on a slow machine, was
+    # its maximum, noise); tripled, 1.05 C more than served arrive a second: 48 past the
+    # queue's 24 at least.
+    phase_s = max(3.0, 12 / (0.25 * served_per_s))
+    overflow_s = max(phase_s, 2 * 24 / (1.05 * served_per_s))
     path = "/v2/models/heavy/infer"
     phases = {}
-    for name, low_factor, seconds in (("before", 0.6, 3.0), ("tripled", 1.8, overflow_s)):
+    for name, low_factor, seconds in (("before", 0.6, phase_s), ("tripled", 1.8, overflow_s)):
         high = open_loop.Stream("high", path, body(1), 0.25 * served_per_s)
         low = open_loop.Stream("low", path, body(0), low_factor * served_per_s)
         asyncio.run(open_loop.run("127.0.0.1", server.port, [high, low], duration_s=seconds))

@@ -278,3 +278,122 @@ async def test_a_triton_probe_out_across_a_failure_does_not_mark_the_host_up() -
     finally:
         host._transport._client = None
         await host.close()
+
+
+# -- the state machine's numbers, pinned (scripts/mutation.sh health) -----------------------
+
+
+def detector(n: int = 4, **kw: Any) -> tuple[OutlierDetector, ManualClock]:
+    clock = ManualClock()
+    det = OutlierDetector(clock=clock, **kw)
+    for i in range(n):
+        det.add(f"h{i}")
+    return det, clock
+
+
+def test_defaults_eject_after_three_errors_for_two_seconds_growing_to_thirty() -> None:
+    det, clock = detector()
+    assert not det.record_failure("h0") and not det.record_failure("h0")
+    assert det.record_failure("h0")
+    assert det.to_dict("h0") == {
+        "state": "ejected",
+        "consecutive_errors": 0,
+        "times_ejected": 1,
+        "ejected_for_s": 2.0,
+    }
+    for times in range(2, 20):  # each time longer, never past 30 s
+        clock.advance(31.0)
+        det.record_probe("h0", True)
+        assert det.available("h0")
+        for _ in range(3):
+            det.record_failure("h0")
+        assert det.to_dict("h0")["ejected_for_s"] == min(30.0, 2.0 * times)
+
+
+def test_at_most_half_the_hosts_are_ejected_and_at_least_one_may_be() -> None:
+    det, _ = detector(4, consecutive_errors=1)
+    assert det.record_failure("h0") and det.record_failure("h1")
+    assert not det.record_failure("h2")  # 2 of 4 out already
+    det, _ = detector(3, consecutive_errors=1)
+    assert det.record_failure("h0")
+    assert not det.record_failure("h1")  # int(0.5 * 3) = 1
+    det, _ = detector(1, consecutive_errors=1)
+    assert det.record_failure("h0")  # one at least, even of one
+
+
+def test_thresholds_below_one_are_refused() -> None:
+    for kw in ({"healthy_threshold": 0}, {"unhealthy_threshold": 0}):
+        with pytest.raises(ValueError, match=r"^probe thresholds must be >= 1$"):
+            OutlierDetector(**kw)
+
+
+def test_ejected_for_is_what_is_left_rounded_to_the_millisecond() -> None:
+    det, clock = detector(consecutive_errors=1)
+    assert det.to_dict("h0")["ejected_for_s"] is None
+    det.record_failure("h0")
+    clock.advance(0.76543)
+    assert det.to_dict("h0")["ejected_for_s"] == 1.235
+    clock.advance(1.5)  # time served, no probe since: still ejected, nothing left to serve
+    assert det.to_dict("h0") == {
+        "state": "ejected",
+        "consecutive_errors": 0,
+        "times_ejected": 1,
+        "ejected_for_s": 0.0,
+    }
+
+
+def test_after_an_ejection_it_takes_all_the_errors_again() -> None:
+    det, clock = detector()
+    for _ in range(3):
+        det.record_failure("h0")
+    clock.advance(2.0)
+    det.record_probe("h0", True)
+    assert det.available("h0")
+    assert not det.record_failure("h0") and not det.record_failure("h0")
+    det.record_success("h0")  # a success starts the count again
+    assert not det.record_failure("h0") and not det.record_failure("h0")
+    assert det.to_dict("h0")["consecutive_errors"] == 2
+
+
+def test_thirty_healthy_seconds_forgive_the_ejections_not_fewer() -> None:
+    det, clock = detector()
+    for _ in range(3):
+        det.record_failure("h0")  # ejected once: 2 s
+    clock.advance(2.0)
+    det.record_probe("h0", True)
+    det.record_success("h0")  # soon after: not forgiven
+    assert det.to_dict("h0")["times_ejected"] == 1
+    clock.advance(28.0)  # 30 s since the ejection, not more
+    det.record_success("h0")
+    assert det.to_dict("h0")["times_ejected"] == 1
+    clock.advance(0.001)
+    det.record_success("h0")
+    assert det.to_dict("h0")["times_ejected"] == 0
+    for _ in range(3):
+        det.record_failure("h0")
+    assert det.to_dict("h0")["ejected_for_s"] == 2.0  # the first ejection's length again
+
+
+def test_probe_thresholds_count_runs_in_a_row() -> None:
+    det, _ = detector(unhealthy_threshold=3, healthy_threshold=2)
+    for ok in (False, False, True, False, False):  # a success breaks the run of failures
+        det.record_probe("h0", ok)
+    assert det.state("h0") == "up"
+    det.record_probe("h0", False)
+    assert det.state("h0") == "down" and det.hosts["h0"].probe_up is False
+    for ok in (True, False, True):  # a failure breaks the run of successes
+        det.record_probe("h0", ok)
+    assert det.state("h0") == "down"
+    det.record_probe("h0", True)
+    assert det.state("h0") == "up"
+    det, _ = detector(unhealthy_threshold=2)
+    det.record_probe("h0", False)
+    assert det.state("h0") == "up"  # one failure of two
+
+
+def test_a_removed_host_is_forgotten() -> None:
+    det, _ = detector(2)
+    det.remove("h0")
+    assert "h0" not in det.hosts and "h1" in det.hosts
+    det.record_probe("h0", True)  # an answer for it after that: nothing
+    assert "h0" not in det.hosts
