@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from gateway.backends.triton import DOWN, UP, TritonHost
+from gateway.backends.triton import DOWN, UP, TritonHost, _Placement
 from gateway.errors import HostUnreachable
+from gateway.repository.config import ModelConfig, TensorConfig
+from gateway.repository.local import ModelSource
 from gateway.routing import FAILURE, OutlierDetector, Router
 from gateway.routing.aperture import Aperture
 from gateway.routing.router import TargetState
@@ -275,6 +278,61 @@ async def test_a_triton_probe_out_across_a_failure_does_not_mark_the_host_up() -
         assert host.state == DOWN
         await asyncio.wait_for(host.probe(), 5.0)  # asked after the failure: believed
         assert host.state == UP
+    finally:
+        host._transport._client = None
+        await host.close()
+
+
+class RestartedTriton:
+    """A Triton client for a server restarted with an empty repository: live and ready, no
+    model ready, and loading ``slow`` waits until the test says (a python-backend load under
+    load takes seconds)."""
+
+    def __init__(self) -> None:
+        self.loaded: set[str] = set()
+        self.slow_asked = asyncio.Event()
+        self.slow_done = asyncio.Event()
+
+    async def is_server_ready(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    async def is_model_ready(self, name: str, *args: Any, **kwargs: Any) -> bool:
+        return name in self.loaded
+
+    async def load_model(self, name: str, *args: Any, **kwargs: Any) -> None:
+        if name == "slow":
+            self.slow_asked.set()
+            await self.slow_done.wait()
+        self.loaded.add(name)
+
+
+async def test_a_restarted_triton_serves_each_model_once_it_is_back(tmp_path: Path) -> None:
+    """Flaky ``test_host_crash_fails_fast_and_restart_recovers`` (its second half): the host
+    was marked up only once every lost model was pushed again, so a model pushed first did
+    not serve until the last one had loaded (four python-backend models: over 15 s under
+    load)."""
+    host = TritonHost("t1", "127.0.0.1:9", protocol="http", probe_interval_s=0.5)
+    client = RestartedTriton()
+    host._transport._client = client
+    for name in ("quick", "slow"):
+        (tmp_path / name).write_bytes(b"onnx")
+        config = ModelConfig(
+            name=name,
+            max_batch_size=0,
+            inputs=(TensorConfig("X", "FP32", (4,)),),
+            outputs=(TensorConfig("Y", "FP32", (4,)),),
+        )
+        source = ModelSource(name, tmp_path, config, {1: tmp_path / name})
+        host._models[name] = _Placement(source, config, {1: tmp_path / name})
+    host.used_strategy = "onnxruntime"
+    host._mark_down("killed")
+    try:
+        probing = asyncio.create_task(host.probe())
+        await asyncio.wait_for(client.slow_asked.wait(), 5.0)
+        assert host.state == UP and host.serving("quick") and not host.serving("slow")
+        client.slow_done.set()
+        await asyncio.wait_for(probing, 5.0)
+        assert host.serving("slow")
     finally:
         host._transport._client = None
         await host.close()
