@@ -108,6 +108,23 @@ def test_schedule_keeps_one_plan_per_target_and_skips_stale_entries() -> None:
     schedule.forget(b)  # no plan: nothing
 
 
+def test_schedule_pops_in_time_then_plan_order_and_never_a_running_target() -> None:
+    schedule = ProbeSchedule()
+    a, b, c = TargetState("a"), TargetState("b"), TargetState("c")
+    assert not schedule.running(a)  # no plan
+    for target in (b, a, c):
+        schedule.plan(target, 5.0)
+    assert not schedule.running(a)  # planned, not out
+    assert [schedule.pop_due(5.0) for _ in range(3)] == [b, a, c]  # same time: first planned
+    schedule.plan(a, 10.0)
+    assert not schedule.sooner(a, 10.0)  # as planned: nothing to move
+    assert schedule.sooner(a, 5.0)  # the 10.0 entry is stale now
+    assert schedule.pop_due(5.0) is a
+    schedule.start(a)
+    assert schedule.pop_due(50.0) is None  # the stale entry does not pop it while it is out
+    assert schedule.running(a)
+
+
 def test_schedule_tells_apart_a_new_target_from_a_forgotten_one() -> None:
     schedule = ProbeSchedule()
     old = TargetState("a")
