@@ -116,6 +116,7 @@ def test_schedule_pops_in_time_then_plan_order_and_never_a_running_target() -> N
         schedule.plan(target, 5.0)
     assert not schedule.running(a)  # planned, not out
     assert [schedule.pop_due(5.0) for _ in range(3)] == [b, a, c]  # same time: first planned
+    schedule = ProbeSchedule()
     schedule.plan(a, 10.0)
     assert not schedule.sooner(a, 10.0)  # as planned: nothing to move
     assert schedule.sooner(a, 5.0)  # the 10.0 entry is stale now
