@@ -751,7 +751,8 @@ class Router:
         ``probe_concurrency`` probes at once and ``probe_rate`` per second; a target that
         joins later has its first probe at a random point of its first period, so a thousand
         hosts added together are not probed together."""
-        schedule = self._schedule
+        # A fresh schedule per start: plans of probes cancelled by ``close`` are not carried.
+        schedule = self._schedule = ProbeSchedule()
         running: set[asyncio.Task[None]] = set()
 
         async def run(target: TargetState) -> None:
