@@ -498,7 +498,10 @@ def delta(args: argparse.Namespace) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if args.keep:
+        print(f"kept: {tmp} (logs: a2.log, node.log, whole.log)")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
@@ -513,6 +516,7 @@ def main() -> int:
     parser.add_argument("--warm-runs", type=int, default=3, help="warm restarts (median)")
     parser.add_argument("--delta", action="store_true", help="the new-version case only")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--keep", action="store_true", help="--delta: keep its logs and caches")
     args = parser.parse_args()
     if args.rtt_ms is None:
         args.rtt_ms = 25.0 if args.delta else 50.0

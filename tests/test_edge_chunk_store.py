@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -201,6 +202,7 @@ async def test_chunks_that_do_not_make_up_the_named_file_are_caught_after_the_lo
     manifest["files"][0]["sha256"] = wrong  # the chunk list is still v2's
     raw = json.dumps(manifest).encode()
     (fake.root / "m/2/manifest.json").write_bytes(raw)
+    (fake.root / "m/2/manifest.json.gz").write_bytes(gzip.compress(raw))
     index = json.loads((fake.root / "models.json").read_bytes())
     index["models"]["m"]["versions"]["2"] = hashlib.sha256(raw).hexdigest()
     (fake.root / "models.json").write_text(json.dumps(index))

@@ -50,6 +50,7 @@ would be spread over files. What splits next: the assembly (``_Build``, ``_assem
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import hashlib
@@ -69,8 +70,14 @@ from typing import Any
 from gateway import tracing
 from gateway.errors import Unavailable
 from gateway.repository.chunks import ChunkStore
-from gateway.repository.manifest import Chunk, hash_and_chunk, sha256_file
-from gateway.repository.origin import OriginError, OriginMissing, RangeUnsupported, too_large
+from gateway.repository.manifest import Chunk, gunzip, hash_and_chunk, sha256_file
+from gateway.repository.origin import (
+    MultiRangeUnsupported,
+    OriginError,
+    OriginMissing,
+    RangeUnsupported,
+    too_large,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +87,11 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 Stream = Callable[[int], AsyncGenerator[bytes, None]]
 Span = Callable[[int, int], AsyncGenerator[bytes, None]]  # bytes [start, end) of the file
 ChunkStream = Callable[[str], AsyncGenerator[bytes, None]]  # a chunk by its sha256
+# several byte ranges [start, end) of the file in one request: (file offset, bytes) pieces
+Spans = Callable[[list[tuple[int, int]]], AsyncGenerator[tuple[int, bytes], None]]
 Progress = Callable[[int], None]
 CHUNK_CONCURRENCY = 4  # chunk requests to peers, byte ranges to the origin, per file
+RANGES_PER_REQUEST = 50  # in one multi-range request (servers cap them: starlette at 100)
 BACKGROUND_AFTER_S = 0.5  # whole-file checks and packing start this long after a fetch
 
 
@@ -117,6 +127,8 @@ class Source:
     stream: Stream
     span: Span | None = None  # byte ranges of the file (origins)
     chunk: ChunkStream | None = None  # chunks by hash (peers)
+    spans: Spans | None = None  # several byte ranges in one request (HTTP origins)
+    gzip: bool = False  # documents: the stream is the gzip of the file (``manifest.json.gz``)
 
 
 @dataclass(slots=True)
@@ -850,11 +862,63 @@ class BlobCache:
                         if not queue:
                             break
 
+        async def from_origin_at_once(origin: Source, runs: list[list[Chunk]]) -> None:
+            """Runs of chunks in one request for several ranges: the chunks each piece
+            completes are placed; those the answer left out stay missing."""
+            assert origin.spans is not None
+            chunks = [c for run in runs for c in run]
+            starts = [c.offset for c in chunks]
+            async with limit:
+                self._chunk_from_origin.update(c.sha256 for c in chunks if c.sha256 in claimed)
+                at, buffer = 0, bytearray()  # contiguous bytes of the file from ``at``
+                stream = origin.spans([(run[0].offset, run[-1].end) for run in runs])
+                async with contextlib.aclosing(stream) as pieces:
+                    async for offset, piece in pieces:
+                        self._count(origin, len(piece))
+                        if offset != at + len(buffer):
+                            at, buffer = offset, bytearray()
+                        buffer += piece
+                        end = at + len(buffer)
+                        keep = end
+                        for i in range(bisect.bisect_left(starts, at), len(chunks)):
+                            chunk = chunks[i]
+                            if chunk.offset >= end:
+                                break
+                            if chunk.end <= end:
+                                if not build.has(chunk):
+                                    arrived(
+                                        chunk,
+                                        bytes(buffer[chunk.offset - at : chunk.end - at]),
+                                        origin,
+                                    )
+                            else:
+                                keep = min(keep, chunk.offset)
+                        del buffer[: keep - at]  # bytes no chunk still needs
+                        at = keep
+
         for origin in [s for s in sources if s.span is not None]:
             for attempt in range(ATTEMPTS):
                 runs = _runs([c for c in wanted if not build.has(c)])
                 if not runs:
                     return
+                if origin.spans is not None and len(runs) > 1:
+                    groups = [
+                        runs[i : i + RANGES_PER_REQUEST]
+                        for i in range(0, len(runs), RANGES_PER_REQUEST)
+                    ]
+                    results = await asyncio.gather(
+                        *(from_origin_at_once(origin, group) for group in groups),
+                        return_exceptions=True,
+                    )
+                    for result in results:
+                        if isinstance(result, (MultiRangeUnsupported, OriginMissing)):
+                            continue  # one range per request, below (missing: raised there)
+                        if isinstance(result, OriginError):
+                            errors.append(result.message)
+                        elif isinstance(result, BaseException):
+                            raise result
+                    # what the answer left out (one range, or cut off): a range each, now
+                    runs = _runs([c for c in wanted if not build.has(c)])
                 results = await asyncio.gather(
                     *(from_origin(origin, run) for run in runs), return_exceptions=True
                 )
@@ -907,6 +971,13 @@ class BlobCache:
                 errors.append(exc.message)
                 continue
             self._count(source, len(data))
+            if source.gzip:
+                try:
+                    data = gunzip(data, limit_bytes)
+                except ValueError as exc:
+                    self.stats.corrupt += 1
+                    errors.append(f"{source.name}: {exc}")
+                    continue
             if hashlib.sha256(data).hexdigest() != sha256:
                 self.stats.corrupt += 1
                 errors.append(f"{source.name}: content does not match sha256 {sha256[:12]}...")
