@@ -175,7 +175,6 @@ class FakeOrigin:
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
 
-
     async def _multipart(
         self, writer: asyncio.StreamWriter, data: bytes, etag: str, wanted: str
     ) -> None:
