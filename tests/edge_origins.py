@@ -145,7 +145,7 @@ class FakeOrigin:
         end = len(data)
         wanted = headers.get("range", "")
         if "," in wanted and self.multi_range == "multipart":
-            await self._multipart(writer, data, etag, wanted)
+            await self._multipart(writer, data, etag, wanted, path)
             return
         if "," in wanted and self.multi_range == "whole":
             wanted = ""
@@ -176,9 +176,10 @@ class FakeOrigin:
                 await asyncio.sleep(self.chunk_delay_s)
 
     async def _multipart(
-        self, writer: asyncio.StreamWriter, data: bytes, etag: str, wanted: str
+        self, writer: asyncio.StreamWriter, data: bytes, etag: str, wanted: str, path: str
     ) -> None:
         boundary = "3d6b6a416f9b5"
+        wrong = self.corrupt_at.pop(path, None)
         body = bytearray()
         for spec in wanted[6:].split(","):
             first, _, last = spec.strip().partition("-")
@@ -187,7 +188,10 @@ class FakeOrigin:
                 f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
                 f"Content-Range: bytes {start}-{end - 1}/{len(data)}\r\n\r\n"
             ).encode()
-            body += data[start:end] + b"\r\n"
+            part = bytearray(data[start:end])
+            if wrong is not None and start <= wrong < end:
+                part[wrong - start] ^= 0xFF
+            body += part + b"\r\n"
         body += f"--{boundary}--\r\n".encode()
         writer.write(
             f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\nETag: {etag}\r\n"
