@@ -177,6 +177,8 @@ async def test_gzipped_manifest_missing_or_bad_falls_back_to_plain(
         gz.write_bytes(gzip.compress(b'{"format": 1}'))
     else:
         gz.write_bytes(gzip.compress(b" " * (64 << 20)))  # 64 MiB of spaces, 64 KiB packed
+        with pytest.raises(ValueError, match="more than"):  # unpacked only up to the bound
+            gunzip(gz.read_bytes(), 1 << 20)
     edge = open_edge(fake.url, tmp_path / "cache", max_index_bytes=1 << 20)
     await edge.fetch("m")
     assert edge.source("m").version_paths[1].read_bytes() == (repo / "m/1/model.onnx").read_bytes()
