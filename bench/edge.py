@@ -317,7 +317,14 @@ def chunk_sweep(old: Path, new: Path) -> list[str]:
     return rows
 
 
-def ab_row(label: str, runs: dict[str, list[tuple[float, int, int]]]) -> str:
+def cpu_s(proc: Proc) -> float:
+    """CPU seconds the process has used (user + system, all its threads): less noisy than
+    wall time on a shared machine."""
+    fields = Path(f"/proc/{proc.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ab_row(label: str, runs: dict[str, list[tuple[float, int, int, float]]]) -> str:
     """A table row: this tree's and the base tree's times, bytes and requests for a case."""
     new, base = runs["new"], runs["base"]
 
@@ -329,7 +336,8 @@ def ab_row(label: str, runs: dict[str, list[tuple[float, int, int]]]) -> str:
     return (
         f"| {label} | {', '.join(f'{r[0]:.2f}' for r in new)} | "
         f"{', '.join(f'{r[0]:.2f}' for r in base)} | **{t_new / t_base:.2f}** | "
-        f"{new[0][1] / 1e6:.2f} / {base[0][1] / 1e6:.2f} | {new[0][2]} / {base[0][2]} |"
+        f"{new[0][1] / 1e6:.2f} / {base[0][1] / 1e6:.2f} | {new[0][2]} / {base[0][2]} | "
+        f"{median([r[3] for r in new]):.2f} / {median([r[3] for r in base]):.2f} |"
     )
 
 
@@ -397,12 +405,15 @@ def delta(args: argparse.Namespace) -> int:
                 for p in ("models.json", f"layers/{max(versions)}/manifest.json.gz")
             )
 
-        def serve_new(edge_proc: Proc, version: int, via: SlowLink) -> tuple[float, int, int]:
+        def serve_new(
+            edge_proc: Proc, version: int, via: SlowLink
+        ) -> tuple[float, int, int, float]:
             """Seconds for the edge to load ``version`` and answer with it; link bytes and
             requests."""
             time.sleep(2.1)  # the edge's index TTL: the load below asks the origin again
             before = via.bytes_down
             opened, asked = via.connections, via.requests
+            cpu_before = cpu_s(edge_proc)
             started = time.perf_counter()
             wall = time.time()
             status = _post(f"{edge_proc.url}/v2/repository/models/layers/load", b"{}")
@@ -413,12 +424,18 @@ def delta(args: argparse.Namespace) -> int:
                 )
             took = time.perf_counter() - started
             opened, asked = via.connections - opened, via.requests - asked
+            cpu = cpu_s(edge_proc) - cpu_before
             floor = (opened + asked) * via.rtt_s + (via.bytes_down - before) / via.rate_bytes_s
+            # the same version loaded again at once, from the warm cache (index still fresh)
+            again = time.perf_counter()
+            _post(f"{edge_proc.url}/v2/repository/models/layers/load", b"{}")
+            again = time.perf_counter() - again
             breakdown[edge_proc.log.name] = (
                 f"{phases(edge_proc.log, wall, took)}; over the link {opened} new connections "
-                f"and {asked} requests, {floor:.2f} s one after another with the bytes"
+                f"and {asked} requests, {floor:.2f} s one after another with the bytes; edge "
+                f"CPU {cpu:.2f} s; the same version loaded again from the warm cache {again:.2f} s"
             )
-            return took, via.bytes_down - before, opened + asked
+            return took, via.bytes_down - before, opened + asked, cpu
 
         def local_load() -> float:
             """The node's own (re)load of the newest version from its disk: median of 3."""
@@ -482,17 +499,17 @@ def delta(args: argparse.Namespace) -> int:
                 if version == 2:
                     sweep = chunk_sweep(repo / "layers/1/model.onnx", repo / "layers/2/model.onnx")
                 t_local = local_load()
-                runs: dict[str, list[tuple[float, int, int]]] = {t: [] for t, _ in trees}
+                runs: dict[str, list[tuple[float, int, int, float]]] = {t: [] for t, _ in trees}
                 for r in range(args.repeat):
                     order = trees if r % 2 == 0 else trees[::-1]  # A/B, then B/A
                     for tree_label, _ in order:
                         runs[tree_label].append(
                             serve_new(edges[(tree_label, r)], version, links[tree_label])
                         )
-                t_new, moved, _ = runs["new"][0]
+                t_new, moved, _, _ = runs["new"][0]
                 fetched = [ln for ln in edge_a.log.read_text().splitlines() if "fetched" in ln]
                 print(f"  edge: {fetched[-1][-220:] if fetched else '?'}")
-                t_whole, moved_whole, _ = serve_new(whole, version, link)
+                t_whole, moved_whole, _, _ = serve_new(whole, version, link)
                 if args.ab:
                     ab_rows.append(ab_row(label, runs))
                     print(ab_rows[-1])
@@ -551,8 +568,8 @@ def delta(args: argparse.Namespace) -> int:
             "",
             "| new version | this tree: time (s) | before: time (s) | time, median: this / "
             "before | MB over the link: this / before | connections + requests: this / "
-            "before |",
-            "|---|---|---|---:|---|---|",
+            "before | edge CPU (s), median: this / before |",
+            "|---|---|---|---:|---|---|---|",
             *ab_rows,
             "",
         ]

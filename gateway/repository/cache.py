@@ -196,6 +196,9 @@ class BlobCache:
         self._room = asyncio.Lock()
         self._file_chunks: dict[str, tuple[Chunk, ...]] = {}  # cached file -> its chunks
         self._chunk_at: dict[str, tuple[str, Chunk]] = {}  # chunk sha256 -> (file, where)
+        # chunk sha256 -> the cached files holding it: room-making asks which chunks of a
+        # file no other file holds without going over every file's chunk list
+        self._holders: dict[str, dict[str, Chunk]] = {}  # chunk -> file -> where in it
         self._chunk_inflight: dict[str, asyncio.Future[bytes]] = {}
         self._chunk_from_origin: set[str] = set()  # in flight, being read from the origin
         self._lower_asked: dict[str, bool] = {}  # in flight here; a lower peer was told no
@@ -204,6 +207,10 @@ class BlobCache:
         self.rank = secrets.randbits(62)
         self.store = ChunkStore(root)
         self._packed: dict[str, Packed] = {}  # file sha256 -> its chunks, file not on disk
+        self._needed: dict[str, int] = {}  # chunk sha256 -> packed files listing it
+        self._rows_json: dict[int, tuple[tuple[Chunk, ...], str]] = {}  # see _rows_text
+        self._defer_state = False  # making room: state files written once, at the end
+        self._state_dirty = False
         self._seeding: dict[str, int] = {}  # stored chunks builds are about to copy
         self._whole_only: set[str] = set()  # files whose chunk list did not make them up
         self._unchecked: set[str] = set()  # built from chunks, whole-file check not started
@@ -247,7 +254,21 @@ class BlobCache:
             for sha, body in data.items():
                 if sha not in self._sizes:
                     rows = tuple(Chunk(int(o), int(n), str(h)) for o, n, h in body["chunks"])
-                    self._packed[sha] = Packed(rows, float(body["last_used"]))
+                    self._add_packed(sha, Packed(rows, float(body["last_used"])))
+
+    def _add_packed(self, sha256: str, packed: Packed) -> None:
+        self._pop_packed(sha256)
+        self._packed[sha256] = packed
+        for chunk in {c.sha256 for c in packed.chunks}:
+            self._needed[chunk] = self._needed.get(chunk, 0) + 1
+
+    def _pop_packed(self, sha256: str) -> Packed | None:
+        packed = self._packed.pop(sha256, None)
+        for chunk in {c.sha256 for c in packed.chunks} if packed is not None else ():
+            self._needed[chunk] -= 1
+            if not self._needed[chunk]:
+                del self._needed[chunk]
+        return packed
 
     def note_chunks(self, sha256: str, chunks: tuple[Chunk, ...]) -> None:
         """Remember where the chunks of a cached file lie, to build other files from them."""
@@ -256,6 +277,7 @@ class BlobCache:
         self._file_chunks[sha256] = chunks
         for chunk in chunks:
             self._chunk_at.setdefault(chunk.sha256, (sha256, chunk))
+            self._holders.setdefault(chunk.sha256, {}).setdefault(sha256, chunk)
 
     async def learn_chunks(self, sha256: str, avg_bytes: int) -> None:
         """Cut a cached file whose chunks are unknown (fetched from a manifest without chunk
@@ -343,20 +365,24 @@ class BlobCache:
             self.store.remove(sha256)
 
     def save_state(self) -> None:
-        chunks = {
-            sha: [[c.offset, c.size, c.sha256] for c in rows]
-            for sha, rows in self._file_chunks.items()
-            if sha in self._sizes
-        }
-        write_atomic(self.root / "chunks.json", json.dumps(chunks).encode())
-        packed = {
-            sha: {
-                "chunks": [[c.offset, c.size, c.sha256] for c in p.chunks],
-                "last_used": p.last_used,
-            }
+        """Write the state files; while room is made (many files packed or dropped one after
+        another) once at its end. A crash before then loses efficiency, never correctness:
+        a file the state does not list is fetched again, a chunk no packed file lists swept."""
+        if self._defer_state:
+            self._state_dirty = True
+            return
+        self._state_dirty = False
+        live = [(sha, rows) for sha, rows in self._file_chunks.items() if sha in self._sizes]
+        chunks = ",".join(f'"{sha}":{self._rows_text(rows)}' for sha, rows in live)
+        write_atomic(self.root / "chunks.json", f"{{{chunks}}}".encode())
+        packed = ",".join(
+            f'"{sha}":{{"chunks":{self._rows_text(p.chunks)},"last_used":{json.dumps(p.last_used)}}}'
             for sha, p in self._packed.items()
-        }
-        write_atomic(self.root / "packed.json", json.dumps(packed).encode())
+        )
+        write_atomic(self.root / "packed.json", f"{{{packed}}}".encode())
+        if len(self._rows_json) > 2 * (len(live) + len(self._packed)) + 16:  # forgotten lists
+            kept = {id(rows) for _, rows in live} | {id(p.chunks) for p in self._packed.values()}
+            self._rows_json = {k: v for k, v in self._rows_json.items() if k in kept}
         body = {
             "models": {
                 name: {"blobs": rec.blobs, "last_used": rec.last_used}
@@ -364,6 +390,15 @@ class BlobCache:
             }
         }
         write_atomic(self.root / "state.json", json.dumps(body, sort_keys=True).encode())
+
+    def _rows_text(self, rows: tuple[Chunk, ...]) -> str:
+        """A chunk list as JSON, memoised (a list never changes; a big model's has thousands
+        of rows, and the state is written after every fetch)."""
+        text = self._rows_json.get(id(rows))
+        if text is None or text[0] is not rows:
+            text = (rows, json.dumps([[c.offset, c.size, c.sha256] for c in rows]))
+            self._rows_json[id(rows)] = text
+        return text[1]
 
     @property
     def used_bytes(self) -> int:
@@ -454,16 +489,17 @@ class BlobCache:
     def _forget(self, sha256: str) -> None:
         self._sizes.pop(sha256, None)
         self._verified.pop(sha256, None)
-        lost = set()
         for chunk in self._file_chunks.pop(sha256, ()):
+            holders = self._holders.get(chunk.sha256, {})
+            holders.pop(sha256, None)
+            if not holders:
+                self._holders.pop(chunk.sha256, None)
             if self._chunk_at.get(chunk.sha256, ("",))[0] == sha256:
                 del self._chunk_at[chunk.sha256]
-                lost.add(chunk.sha256)
-        if lost:  # chunks another whole file holds too are found there from now on
-            for other, rows in self._file_chunks.items():
-                for chunk in rows:
-                    if chunk.sha256 in lost and chunk.sha256 not in self._chunk_at:
-                        self._chunk_at[chunk.sha256] = (other, chunk)
+                # a chunk another whole file holds too is found there from now on
+                for other, where in holders.items():
+                    self._chunk_at[chunk.sha256] = (other, where)
+                    break
         with contextlib.suppress(FileNotFoundError):
             self.blob_path(sha256).unlink()
 
@@ -699,7 +735,7 @@ class BlobCache:
         self._sizes[sha256] = size
         self._unchecked.add(sha256)  # not yet in ``_verified``: hashed before any other use
         self.note_chunks(sha256, chunks)
-        if self._packed.pop(sha256, None) is not None:
+        if self._pop_packed(sha256) is not None:
             self._sweep()  # whole again: the chunks stored for it alone go
             self.save_state()
         return self.blob_path(sha256)
@@ -1021,11 +1057,22 @@ class BlobCache:
         4. whole models, least recently used first, as before chunks.
         """
 
+        if self.used_bytes + self._reserved_bytes + needed <= self.capacity_bytes:
+            return
+        self._defer_state = True
+        try:
+            await self._give_up(needed, protected, keep_blobs)
+        finally:
+            self._defer_state = False
+            if self._state_dirty:
+                self.save_state()
+
+    async def _give_up(self, needed: int, protected: set[str], keep_blobs: set[str]) -> None:
+        """:meth:`_make_room`'s steps."""
+
         def over() -> int:
             return self.used_bytes + self._reserved_bytes + needed - self.capacity_bytes
 
-        if over() <= 0:
-            return
         referenced = {sha for rec in self.models.values() for sha in rec.blobs} | keep_blobs
         for sha in [s for s in self._sizes if s not in referenced and self._loose(s)]:
             if not await self._pack(sha, time.time()):
@@ -1071,12 +1118,13 @@ class BlobCache:
 
     def _unique(self, sha256: str) -> dict[str, Chunk]:
         """The chunks of a whole file that no other whole file and no stored chunk holds."""
-        elsewhere = set(self.store.sizes)
-        for other, rows in self._file_chunks.items():
-            if other != sha256 and other in self._sizes:
-                elsewhere.update(c.sha256 for c in rows)
         rows = self._file_chunks.get(sha256, ())
-        return {c.sha256: c for c in rows if c.sha256 not in elsewhere}
+        return {
+            c.sha256: c
+            for c in rows
+            if c.sha256 not in self.store
+            and not any(h != sha256 and h in self._sizes for h in self._holders[c.sha256])
+        }
 
     async def _pack(self, sha256: str, last_used: float) -> bool:
         """Pack a whole file no model directory links: store its chunks no other file holds,
@@ -1096,7 +1144,7 @@ class BlobCache:
         written = await self._store_chunks(self.blob_path(sha256), list(unique.values()))
         if written is None:
             return False
-        self._packed[sha256] = Packed(self._file_chunks[sha256], last_used)
+        self._add_packed(sha256, Packed(self._file_chunks[sha256], last_used))
         self._forget(sha256)
         self.stats.packed += 1
         self.save_state()
@@ -1135,8 +1183,7 @@ class BlobCache:
         other file holds (a chunk is evicted only when no file needs it). They are copied from
         the end of the file back, cutting it short after each, so the disk holds at most one
         chunk more than before."""
-        needed = {c.sha256 for p in self._packed.values() for c in p.chunks}
-        unique = [c for s, c in self._unique(sha256).items() if s in needed]
+        unique = [c for s, c in self._unique(sha256).items() if s in self._needed]
         if unique:  # each chunk is checked as it is moved
             path = self.blob_path(sha256)
             self._sizes.pop(sha256, None)  # from here on it is cut short: not a source
@@ -1183,7 +1230,7 @@ class BlobCache:
 
     async def _drop_packed(self, sha256: str, keep_blobs: set[str]) -> None:
         """Evict a packed file: a model listing it goes too; then the sweep."""
-        self._packed.pop(sha256, None)
+        self._pop_packed(sha256)
         for name in [n for n, r in self.models.items() if sha256 in r.blobs]:
             await self.evict(name, keep_blobs)
         self._sweep()
@@ -1191,11 +1238,10 @@ class BlobCache:
 
     def _sweep(self) -> None:
         """Delete stored chunks that no packed file needs or that a whole file holds."""
-        needed = {c.sha256 for p in self._packed.values() for c in p.chunks}
         for sha in list(self.store.sizes):
             if sha in self._seeding:
                 continue
-            if sha not in needed or sha in self._chunk_at:
+            if sha not in self._needed or sha in self._chunk_at:
                 self.store.remove(sha)
 
     async def evict(self, name: str, keep_blobs: set[str] | None = None) -> None:
@@ -1208,7 +1254,7 @@ class BlobCache:
             if sha not in still and self._loose(sha):
                 if sha in self._sizes:
                     await self._drop_file(sha)
-                self._packed.pop(sha, None)
+                self._pop_packed(sha)
         self._sweep()
         self.stats.evictions += 1
         self.save_state()
