@@ -289,8 +289,8 @@ def phases(log: Path, wall: float, took: float) -> str:
             found = re.search(r"fetched .* in ([\d.]+) s", entry["msg"])
             if found:
                 fetched = (entry["ts"], float(found.group(1)))
-            elif entry["msg"].startswith("model layers loaded"):
-                loaded = entry["ts"]
+            elif entry["msg"].startswith("model layers loaded") and loaded is None:
+                loaded = entry["ts"]  # the first: the warm reload after it logs one too
     if fetched is None or loaded is None:
         return "phases: not in the log"
     end, fetch_s = fetched

@@ -27,7 +27,8 @@ Files whose manifest lists chunks, some of which the cache holds, are assembled 
 (:meth:`BlobCache.ensure` with ``chunks``; a file none of whose chunks is cached is one download,
 whole, as above): a chunk a cached file or the chunk store holds is copied in the kernel, the
 others are asked of peers by hash, then of the origin by byte range (adjacent missing chunks in
-one ``Range`` request); each fetched chunk is verified as it arrives (a wrong one is counted,
+one range; the ranges of a file in one request where the origin answers several at once, else
+one request each); each fetched chunk is verified as it arrives (a wrong one is counted,
 dropped and fetched again, from the next source or in the next round), and the file's own
 sha256 is checked right after it is handed out (:meth:`BlobCache.check_built`). A chunk wanted
 by two assemblies at once is fetched once (single-flight per chunk), and a peer asking for it
@@ -39,7 +40,9 @@ an idle model whose bytes other files mostly hold) is packed: its chunks no whol
 to the chunk store and the file is deleted, to be rebuilt here when wanted. Every byte on disk
 is counted once. :meth:`BlobCache._make_room` gives up bytes cheapest loss first, then least
 recently used first over packed files and whole models; a chunk a packed file needs is kept
-(moved out of a whole file evicted before it).
+(moved out of a whole file evicted before it). Which chunks of a file no other file holds is
+read from a chunk -> holders index, and the state files are written once per room-making, so
+making room stays cheap with hundreds of models.
 
 Why one module of this size: single-flight downloads, resume, verification, packing and the LRU
 bound all act on one reservation ledger; split, the invariant "no byte written past the bound"

@@ -5,12 +5,19 @@ Layout, beside the ordinary repository (all JSON, UTF-8, keys sorted)::
     <root>/models.json                      the index: every model, its model-level files and
                                             the sha256 of each version's manifest
     <root>/<model>/<version>/manifest.json  one version's files: path, size, sha256
+    <root>/<model>/<version>/manifest.json.gz  the same bytes gzipped (``manifests_gzip``)
 
 ``models.json``::
 
-    {"format": 1,
+    {"format": 1, "manifests_gzip": true,
      "models": {"simple": {"files": [{"path": "config.pbtxt", "size": 412, "sha256": "…"}],
                            "versions": {"1": "<sha256 of 1/manifest.json>"}}}}
+
+``manifests_gzip`` (optional, old readers ignore it): every manifest has a ``.gz`` beside it,
+about a third of its bytes (chunk lists are mostly hex hashes); the hash in the index is that
+of the plain bytes. It is a file of its own rather than a ``Content-Encoding`` because edges from
+before it send aiohttp's default ``Accept-Encoding: gzip`` and hash the body as it comes, and
+because static origins and S3 serve files, not negotiated encodings.
 
 ``<model>/<version>/manifest.json``::
 

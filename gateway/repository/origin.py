@@ -5,6 +5,10 @@ Every origin offers the same calls over the published layout (see
 but never more than ``limit_bytes`` of it, and files as a stream starting at a byte offset
 (resume), optionally ending before ``end`` (a byte range: the chunks an edge lacks; an HTTP
 server that ignores ``Range`` then is :class:`RangeUnsupported`, and the edge fetches whole).
+An HTTP origin is asked for several ranges in one request (:meth:`HttpOrigin.ranges`:
+``multipart/byteranges``); one that answers such a request with the whole file or one range is
+asked one range at a time after that. Files go out with ``Accept-Encoding: identity`` (their
+bytes are hashed); the index accepts gzip (a CDN's) and is unpacked here, within its bound.
 Library exceptions are mapped here to :class:`OriginError` (retry may work: 503) and
 :class:`OriginMissing` (the origin has no such file), so the cache never sees aiohttp or botocore.
 Their messages name URLs: they are for the log; the edge tells clients less.

@@ -1,7 +1,9 @@
 """Serving a repository to edges: the published layout and blobs by hash, with Range support.
 
-``GET /v2/repository/tree/{path}`` serves ``models.json``, ``<model>/<v>/manifest.json`` (both
-computed from the repository directory, with an ETag) and the repository's files, so a gateway
+``GET /v2/repository/tree/{path}`` serves ``models.json``, ``<model>/<v>/manifest.json`` and
+``manifest.json.gz`` (computed from the repository directory, with an ETag; the gzip as a file,
+never as a ``Content-Encoding``) and the repository's files (several ranges in one request:
+``multipart/byteranges``), so a gateway
 node's base URL works as an edge's origin. ``GET /v2/repository/blobs/sha256/{hash}`` serves a
 file by content: from the repository on a node with a local directory, from the cache on an
 edge (peer fill). ``GET /v2/repository/chunks/sha256/{hash}`` serves one content-defined chunk
