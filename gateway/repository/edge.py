@@ -596,7 +596,6 @@ class EdgeRepository(LocalRepository):
         steps.mark("plan")
         async with self.cache.reserve(needed, protected, set(blobs) | seeds):
             await asyncio.gather(*(one(rel, f) for rel, f in unique.values()))
-        fetched_s = time.perf_counter() - started
         steps.mark("fetch")
         self.cache.materialise(name, {rel: f.sha256 for rel, f in files.items()})
         await self.cache.record(name, blobs)
@@ -613,7 +612,7 @@ class EdgeRepository(LocalRepository):
                 transfer.origin,
                 transfer.peer,
                 transfer.cached,
-                fetched_s,
+                time.perf_counter() - started,
                 steps,
             )
         return True
