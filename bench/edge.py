@@ -68,6 +68,8 @@ import numpy as np
 from harness import ROOT, free_port, stop
 
 GOAL_WARM_X = 10.0
+# a new version served: seconds, link bytes, connections + requests, edge CPU s, to the fetch s
+Served = tuple[float, int, int, float, float]
 GOAL_COLD_RATIO = 1.2
 
 
@@ -324,7 +326,7 @@ def cpu_s(proc: Proc) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ab_row(label: str, runs: dict[str, list[tuple[float, int, int, float, float]]]) -> str:
+def ab_row(label: str, runs: dict[str, list[Served]]) -> str:
     """A table row: this tree's and the base tree's times, bytes and requests for a case."""
     new, base = runs["new"], runs["base"]
 
@@ -406,9 +408,7 @@ def delta(args: argparse.Namespace) -> int:
                 for p in ("models.json", f"layers/{max(versions)}/manifest.json.gz")
             )
 
-        def serve_new(
-            edge_proc: Proc, version: int, via: SlowLink
-        ) -> tuple[float, int, int, float, float]:
+        def serve_new(edge_proc: Proc, version: int, via: SlowLink) -> Served:
             """Seconds for the edge to load ``version`` and answer with it; link bytes and
             requests."""
             time.sleep(2.1)  # the edge's index TTL: the load below asks the origin again
