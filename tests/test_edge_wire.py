@@ -232,6 +232,28 @@ async def test_index_gzipped_by_a_cdn_is_unpacked(repo: Path, tmp_path: Path) ->
         server.stop()
 
 
+async def test_gateway_node_answers_several_ranges_at_once(tmp_path: Path) -> None:
+    """A gateway node's tree (starlette's ``FileResponse``) answers ``multipart/byteranges``:
+    one request gives every range, byte for byte."""
+    from gateway.repository.origin import HttpOrigin
+
+    root = tmp_path / "origin"
+    data = two_layer(root, "two", 1, head_seed=1)
+    node = start_gateway(root, tmp_path)
+    origin = HttpOrigin(node.url)
+    try:
+        spans = [(0, 1000), (50_000, 70_000), (len(data) - 5000, len(data))]
+        got: dict[int, bytearray] = {}
+        async for at, piece in origin.ranges("two/1/model.onnx", spans):
+            start = next(s for s, e in spans if s <= at < e)
+            got.setdefault(start, bytearray()).extend(piece)
+        assert origin.multi_range is True
+        assert {s: bytes(b) for s, b in got.items()} == {s: data[s:e] for s, e in spans}
+    finally:
+        await origin.close()
+        node.stop()
+
+
 def test_gateway_node_serves_gzipped_manifests_old_edges_get_plain(tmp_path: Path) -> None:
     """A node publishes ``manifest.json.gz`` (the same bytes gzipped, named in the index) and
     answers an edge from before it, which asks for ``manifest.json`` with aiohttp's default
