@@ -549,7 +549,9 @@ def delta(args: argparse.Namespace) -> int:
         "# Edge cache: a new model version over a slow link (content-defined chunks)",
         "",
         f"Command: `python bench/edge.py --delta --model-mb {args.model_mb:g} "
-        f"--mbit-s {args.mbit_s:g} --rtt-ms {args.rtt_ms:g}`  ",
+        f"--mbit-s {args.mbit_s:g} --rtt-ms {args.rtt_ms:g}"
+        + (f" --ab {args.ab} --repeat {args.repeat}" if args.ab else "")
+        + "`  ",
         f"Date: {dt.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared with other "
         f"work: times are noisy; load average {load_at_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end), Python {platform.python_version()}  ",
