@@ -337,6 +337,9 @@ async def test_room_for_hundreds_of_models_sharing_chunks(tmp_path: Path) -> Non
         assert cache.used_bytes + 100 * small <= cache.capacity_bytes
     assert cache.stats.packed >= 100 and cache.cached("m299")
     assert cache.used_bytes == disk_bytes(tmp_path / "cache")
+    # the state files say so (written once, at the end): a restart knows what was packed
+    again = BlobCache(tmp_path / "cache", cache.capacity_bytes)
+    assert set(again._packed) == set(cache._packed) and again.used_bytes == cache.used_bytes
     # more than packing can give: whole models go, least recently used first
     async with cache.reserve(280 * small, {"m299"}, set()):
         assert cache.used_bytes + 280 * small <= cache.capacity_bytes
