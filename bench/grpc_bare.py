@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import csv
-import os
 import signal
 import statistics
 import struct
