@@ -135,9 +135,14 @@ class Raw:
         ])  # fmt: skip
 
     def call(self, stream_id: int, path: str, body: bytes, *extra: tuple[str, str]) -> bytes:
-        """The frames of one whole call (HEADERS, DATA with END_STREAM)."""
-        return frame(HEADERS, END_HEADERS, stream_id, self.headers(path, *extra)) + frame(
-            DATA, END_STREAM, stream_id, message(body)
+        """The frames of one whole call (HEADERS, DATA frames of at most 16 KiB, the last
+        with END_STREAM)."""
+        data = message(body)
+        chunks = [data[i : i + 16384] for i in range(0, len(data), 16384)]
+        frames = [frame(DATA, 0, stream_id, chunk) for chunk in chunks[:-1]]
+        frames.append(frame(DATA, END_STREAM, stream_id, chunks[-1]))
+        return frame(HEADERS, END_HEADERS, stream_id, self.headers(path, *extra)) + b"".join(
+            frames
         )
 
     def read_frame(self) -> tuple[int, int, int, bytes] | None:
@@ -451,6 +456,44 @@ def test_big_request_and_response_cross_the_flow_control_windows(
     finally:
         client.close()
     _infer_ok(address)
+
+
+def test_answers_respect_the_clients_windows(gateway: tuple[GatewayProcess, str]) -> None:
+    """A client that allows 1000 bytes per stream gets a 64 KiB answer in DATA frames that
+    never overrun what it granted (it grants each frame's size back as it reads)."""
+    _, address = gateway
+    values = np.arange(16384, dtype=np.float32)
+    request = pb.ModelInferRequest(model_name="identity", id="windowed")
+    request.inputs.add(name="X", datatype="FP32", shape=[values.size])
+    request.raw_input_contents.append(values.tobytes())
+    raw = Raw(address, handshake=False)
+    sizes: list[int] = []
+    try:
+        raw.send(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 1000)))
+        raw.send(raw.call(1, INFER, request.SerializeToString()))
+        granted = 1000
+        body = b""
+        while True:
+            got = raw.read_frame()
+            assert got is not None
+            kind, flags, stream_id, payload = got
+            if kind == DATA and stream_id == 1:
+                assert len(payload) <= granted, "the server overran the stream window"
+                sizes.append(len(payload))
+                body += payload
+                if payload:
+                    n = struct.pack(">I", len(payload))
+                    raw.send(frame(WINDOW_UPDATE, 0, 0, n), frame(WINDOW_UPDATE, 0, 1, n))
+            if kind == HEADERS and stream_id == 1 and flags & END_STREAM:
+                status = dict(raw.decoder.decode(payload, raw=True)).get(b"grpc-status")
+                break
+            if kind == HEADERS and stream_id == 1:
+                raw.decoder.decode(payload, raw=True)
+    finally:
+        raw.close()
+    assert status == b"0" and len(sizes) > 60  # in pieces of what was granted
+    reply = pb.ModelInferResponse.FromString(body[5:])
+    np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], np.float32), values)
 
 
 async def test_many_concurrent_calls_and_streams_on_one_channel(

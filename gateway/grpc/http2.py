@@ -341,6 +341,7 @@ class Connection(asyncio.Protocol):
         self._recv_window = CONNECTION_WINDOW_BYTES
         self._recv_unacked = 0
         self._continued: tuple[int, int, list[bytes]] | None = None  # (stream, flags, block)
+        self._window_opened = False  # a WINDOW_UPDATE or SETTINGS in this read
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -389,6 +390,9 @@ class Connection(asyncio.Protocol):
         if pos < len(data):
             rest = data[pos:]
             self._parts, self._have = [rest], len(rest)
+        if self._window_opened:  # once per read: a window granted in pieces fills whole frames
+            self._window_opened = False
+            self._pump_blocked()
         if self._recv_unacked >= CONNECTION_WINDOW_BYTES // 2:
             self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._recv_unacked)))
             self._recv_window += self._recv_unacked
@@ -598,7 +602,7 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError(PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1")
             # HEADER_TABLE_SIZE: our blocks use no table; the others only inform
         self._write(_SETTINGS_ACK)
-        self._pump_blocked()
+        self._window_opened = True
 
     def _on_window_update(self, stream_id: int, payload: memoryview) -> None:
         if len(payload) != 4:
@@ -610,7 +614,7 @@ class Connection(asyncio.Protocol):
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise ProtocolError(FLOW_CONTROL_ERROR, "connection window overflowed")
-            self._pump_blocked()
+            self._window_opened = True  # sent on at the end of the read: whole frames
             return
         self._check_known(stream_id, "WINDOW_UPDATE")
         stream = self.streams.get(stream_id)
@@ -623,7 +627,7 @@ class Connection(asyncio.Protocol):
         if stream.send_window > MAX_WINDOW:
             self._reset_now(stream, FLOW_CONTROL_ERROR)
             return
-        self._pump(stream)
+        self._window_opened = True
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -679,7 +683,8 @@ class Connection(asyncio.Protocol):
         for stream in list(self._blocked.values()):
             if self._send_window <= 0:
                 return
-            self._pump(stream)
+            if stream.send_window > 0:
+                self._pump(stream)
 
     def _ended(self, stream: Stream) -> None:
         """Our END_STREAM is out: the answer is complete. A peer still sending is told to stop
