@@ -327,6 +327,35 @@ def test_calls_in_one_read_reach_the_batcher_together(
     assert (after[0] - executions, after[1] - inferences) == (1, 4)
 
 
+def test_stream_requests_in_one_read_reach_the_batcher_together(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """Four requests in one DATA frame of a ModelStreamInfer stream are one batch of four,
+    answered on the stream by id, then OK trailers when the client ends it."""
+    _, address = gateway
+    _infer_ok(address)
+    executions, inferences = _stats(address)
+    raw = Raw(address)
+    try:
+        body = b"".join(message(simple_request(f"s{i}")) for i in range(4))
+        raw.send(frame(HEADERS, END_HEADERS, 1, raw.headers(STREAM)),
+                 frame(DATA, END_STREAM, 1, body))  # fmt: skip
+        answer = raw.responses(1)[1]
+    finally:
+        raw.close()
+    assert answer["headers"][b"grpc-status"] == b"0"
+    data, ids = answer["data"], []
+    while data:
+        length = int.from_bytes(data[1:5], "big")
+        reply = pb.ModelStreamInferResponse.FromString(data[5 : 5 + length])
+        assert not reply.error_message
+        ids.append(reply.infer_response.id)
+        data = data[5 + length :]
+    assert sorted(ids) == ["s0", "s1", "s2", "s3"]
+    after = _stats(address)
+    assert (after[0] - executions, after[1] - inferences) == (1, 4)
+
+
 def test_a_reset_stream_is_dropped_and_the_connection_goes_on(
     gateway: tuple[GatewayProcess, str],
 ) -> None:

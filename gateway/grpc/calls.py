@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import zlib
 from collections import deque
@@ -31,6 +32,7 @@ from typing import Any, NoReturn
 
 import grpc  # type: ignore[import-untyped]  # no stubs in the venv
 
+from gateway import tracing
 from gateway.credentials import Credentials
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError
@@ -42,6 +44,7 @@ from gateway.grpc.server import (
     failure_metadata,
     method_handlers,
     refusal,
+    stream_response,
     traced_answer,
 )
 from gateway.grpc.wire import encode_raw_response, serialize_infer_response
@@ -62,6 +65,7 @@ _RESPONSE_HEAD = [
 ]
 RESPONSE_HEADERS = http2.header_block(_RESPONSE_HEAD)
 OK_TRAILERS = http2.header_block([(b"grpc-status", b"0")])
+TRAILERS_ONLY_OK = http2.header_block([*_RESPONSE_HEAD, (b"grpc-status", b"0")])
 # request headers that are the transport's, not the call's metadata
 _RESERVED = frozenset(
     {b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"}
@@ -164,8 +168,10 @@ class Call:
         "_closed",
         "_headers",
         "_held",
+        "_inflight",
         "_metadata",
         "_parts",
+        "_running",
         "_size",
         "_waiter",
         "answered",
@@ -196,6 +202,9 @@ class Call:
         self._parts: list[memoryview] = []  # the body's bytes not yet cut into messages
         self._size = 0
         self._held = 0  # received bytes not credited back: they came while messages waited
+        # ModelStreamInfer without a task: requests submitted and not yet answered and written
+        self._inflight = 0
+        self._running: set[Pending] | None = None  # their Pendings; None: not that path
         self._closed = False  # no more messages (END_STREAM)
         self._waiter: asyncio.Future[None] | None = None
         self.messages: deque[bytes] = deque()  # whole messages, prefix removed, inflated
@@ -251,7 +260,9 @@ class Call:
         if refused is not None:
             self._fail(*refused)
             return
-        if self.handler.stream_stream is not None:
+        if self.method == "ModelStreamInfer" and not tracing.enabled:
+            self._running = set()  # the short path: see _take_requests
+        elif self.handler.stream_stream is not None:
             self.task = self.loop.create_task(self._run_stream())
 
     def metadata(self) -> tuple[tuple[str, str | bytes], ...]:
@@ -290,6 +301,8 @@ class Call:
             self.stream.consumed(len(payload))
         if self._waiter is not None and self.messages and not self._waiter.done():
             self._waiter.set_result(None)
+        if self._running is not None and self.messages:
+            self._take_requests()
 
     def end(self) -> None:
         self._closed = True
@@ -300,6 +313,9 @@ class Call:
             return
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+        if self._running is not None:
+            self._stream_done_if_idle()
+            return
         if self.handler is None or self.handler.stream_stream is not None:
             return
         if len(self.messages) != 1:
@@ -320,6 +336,7 @@ class Call:
     def reset(self) -> None:
         """The client cancelled (RST_STREAM) or went away: stop the work."""
         self._finished(answered=False)
+        self._cancel_running()
         if self.pending is not None:
             self.pending.cancel()
         if self.task is not None:
@@ -451,6 +468,7 @@ class Call:
         block = _status_block(code, message, metadata, trailers_only=not self.started)
         self.stream.send_headers(block, end=True)
         self._finished(answered=True)
+        self._cancel_running()
         if self.pending is not None:
             self.pending.cancel()
         if self.task is not None and self.task is not asyncio.current_task():
@@ -510,6 +528,84 @@ class Call:
             return
         self._respond(data)
 
+    # ModelStreamInfer without a task (no tracing): each request is submitted as it is read,
+    # answered from its done callback; at most stream_max_inflight are read and not yet
+    # answered and written, the rest wait in the client's window (their bytes not credited).
+
+    def _take_requests(self) -> None:
+        bound = self.server.servicer.stream_max_inflight
+        deserialize = self.handler.request_deserializer
+        while self.messages and self._inflight < bound and not self.finished:
+            data = self.messages.popleft()
+            if not self.messages and self._held:
+                self.stream.consumed(self._held)
+                self._held = 0
+            try:
+                request = deserialize(data)
+            except Exception:
+                self._fail(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+                return
+            del data
+            self._inflight += 1
+            try:
+                pending = self.server.servicer.submit(request, self.context)
+            except Exception as exc:
+                self._stream_answered(request, exc)
+                continue
+            assert self._running is not None
+            self._running.add(pending)
+            pending.add_done_callback(functools.partial(self._stream_pending_done, request))
+
+    def _stream_pending_done(self, request: Any, pending: Pending) -> None:
+        if self._running is not None:
+            self._running.discard(pending)
+        if pending.cancelled() or self.finished:
+            return
+        outcome = pending.outcome()
+        if not isinstance(outcome, Exception):
+            try:
+                outcome = encode_raw_response(outcome)
+            except Exception as exc:
+                outcome = exc
+        self._stream_answered(request, outcome)
+
+    def _stream_answered(self, request: Any, outcome: Any) -> None:
+        """Write one answer; its slot frees once it is written (at once, unless the client's
+        window or the socket holds it back)."""
+        if self.finished:
+            return
+        try:
+            self._send_message(stream_response(request, outcome).SerializeToString())
+        except _Refused as exc:
+            self._fail(exc.code, exc.message)
+            return
+        conn = self.stream.conn
+        if self.stream.outbox or conn.paused:
+            waiter = self.loop.create_future()
+            self.stream.waiters.append(waiter)
+            waiter.add_done_callback(self._stream_written)
+            return
+        self._stream_written(None)
+
+    def _stream_written(self, _: object) -> None:
+        self._inflight -= 1
+        if self.finished:
+            return
+        if self.messages:
+            self._take_requests()
+        self._stream_done_if_idle()
+
+    def _stream_done_if_idle(self) -> None:
+        if self._closed and not self._inflight and not self.messages and not self.finished:
+            block = OK_TRAILERS if self.started else TRAILERS_ONLY_OK
+            self.stream.send_headers(block, end=True)
+            self._finished(answered=True)
+
+    def _cancel_running(self) -> None:
+        running, self._running = self._running, None
+        for pending in running or ():
+            pending.cancel()
+
     async def _run_unary(self, request: Any, pending: Pending | None = None) -> None:
         context = self.context
         try:
@@ -559,8 +655,7 @@ class Call:
             self._fail_with(exc)
             return
         if not self.finished:
-            self.stream.send_headers(OK_TRAILERS if self.started else http2.header_block(
-                [*_RESPONSE_HEAD, (b"grpc-status", b"0")]), end=True)  # fmt: skip
+            self.stream.send_headers(OK_TRAILERS if self.started else TRAILERS_ONLY_OK, end=True)
             self._finished(answered=True)
 
     async def _requests(self) -> AsyncIterator[Any]:

@@ -80,6 +80,25 @@ def _unary(method: H) -> H:
     return wrapper  # type: ignore[return-value]
 
 
+def stream_response(request: Any, outcome: Any) -> Any:
+    """A ``ModelStreamInfer`` answer: the encoded response (``_infer``'s), or for an error its
+    message in ``error_message`` with the request's name, version and id echoed (the stream
+    goes on)."""
+    if not isinstance(outcome, Exception):
+        if isinstance(outcome, RawResponse):
+            outcome = outcome.to_message()
+        return pb.ModelStreamInferResponse(infer_response=outcome)
+    if isinstance(outcome, GatewayError):
+        message = outcome.message
+    else:
+        log.error("gRPC ModelStreamInfer request failed", exc_info=outcome)
+        message = f"internal error: {type(outcome).__name__}"
+    echo = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+
+
 def failure_metadata(exc: GatewayError) -> tuple[tuple[str, str], ...]:
     """Trailing metadata of a failed call: ``retry-after`` when the error has one."""
     if isinstance(exc, Unavailable) and exc.retry_after_s is not None:
@@ -195,19 +214,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def _stream_one(self, request: Any, context: Any = None) -> Any:
         try:
-            response = await self._infer(request, context)
-            if isinstance(response, RawResponse):
-                response = response.to_message()
-            return pb.ModelStreamInferResponse(infer_response=response)
-        except GatewayError as exc:
-            message = exc.message
+            return stream_response(request, await self._infer(request, context))
         except Exception as exc:
-            log.exception("gRPC ModelStreamInfer request failed")
-            message = f"internal error: {type(exc).__name__}"
-        echo = pb.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version, id=request.id
-        )
-        return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+            return stream_response(request, exc)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: Any
