@@ -30,6 +30,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from gateway.grpc import http2
 from gateway.grpc.calls import grpc_timeout_s, percent_encode
 from gateway.grpc.http2 import HeaderDecoder, _changes_table
 from tests import models
@@ -603,6 +604,36 @@ def test_shutdown_sends_goaway_and_lets_running_calls_finish(tmp_path: Path) -> 
     finally:
         raw.close()
     assert gw.process.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises it
+
+
+async def test_a_connection_that_never_says_http2_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handshake timeout (slowloris): a bare ``http2.Connection`` on a loopback socket,
+    the client sending nothing, is closed with GOAWAY after ``HANDSHAKE_TIMEOUT_S``."""
+    monkeypatch.setattr(http2, "HANDSHAKE_TIMEOUT_S", 0.2)
+    loop = asyncio.get_running_loop()
+
+    def refuse(stream: http2.Stream, headers: http2.Headers) -> Any:
+        raise AssertionError("no stream expected")
+
+    server = await loop.create_server(lambda: http2.Connection(refuse, loop), "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        received = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+        elapsed = time.monotonic() - started
+        writer.close()
+    finally:
+        server.close()
+    assert 0.15 < elapsed < 3
+    frames = []
+    while received:
+        length = int.from_bytes(received[:3], "big")
+        frames.append((received[3], 0, 0, received[9 : 9 + length]))
+        received = received[9 + length :]
+    assert _goaway_code(frames) == PROTOCOL_ERROR
 
 
 # -- pure functions -------------------------------------------------------------------------

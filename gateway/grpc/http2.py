@@ -69,6 +69,7 @@ CONNECTION_WINDOW_BYTES = 16 * 1024 * 1024
 MAX_STREAMS = 256  # concurrent streams per connection
 MAX_HEADER_LIST_BYTES = 64 * 1024  # decoded, as HPACK counts them
 MAX_HEADER_BLOCK_BYTES = 64 * 1024  # encoded, HEADERS + CONTINUATION together
+HANDSHAKE_TIMEOUT_S = 10.0  # from accept to the client's preface and first SETTINGS
 _CACHED_BLOCKS = 64
 
 Headers = list[tuple[bytes, bytes]]
@@ -342,14 +343,24 @@ class Connection(asyncio.Protocol):
         self._recv_unacked = 0
         self._continued: tuple[int, int, list[bytes]] | None = None  # (stream, flags, block)
         self._window_opened = False  # a WINDOW_UPDATE or SETTINGS in this read
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's too)
         self._write(_SERVER_SETTINGS + _CONNECTION_WINDOW)
+        # a connection that never says HTTP/2 is not held open (slowloris)
+        self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT_S, self._no_handshake)
+
+    def _no_handshake(self) -> None:
+        self._handshake_timer = None
+        if not self._settled:
+            self._fail(PROTOCOL_ERROR, "no HTTP/2 preface and SETTINGS in time")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         for stream in list(self.streams.values()):
             self._forget(stream)
         if self._flush_handle is not None:
@@ -582,7 +593,11 @@ class Connection(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
-        self._settled = True
+        if not self._settled:
+            self._settled = True
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+                self._handshake_timer = None
         for i in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HI", payload, i)
             if key == INITIAL_WINDOW_SIZE:
