@@ -33,6 +33,7 @@ from tritonclient.utils import InferenceServerException
 from gateway.grpc import http2
 from gateway.grpc.calls import grpc_timeout_s, percent_encode
 from gateway.grpc.http2 import HeaderDecoder, _changes_table
+from gateway.settings import Settings, SettingsError, load_settings
 from tests import models
 from tests.helpers import GatewayProcess, free_port, start_gateway
 
@@ -661,3 +662,10 @@ def test_grpc_timeout_and_message_encoding() -> None:
     assert grpc_timeout_s(b"2S") == 2.0 and grpc_timeout_s(b"1H") == 3600.0
     assert grpc_timeout_s(b"123456789S") is None and grpc_timeout_s(b"5x") is None
     assert percent_encode("ok 100%\n é") == b"ok 100%25%0A %C3%A9"
+
+
+def test_grpc_transport_setting() -> None:
+    assert Settings().grpc_transport == "asyncio"
+    assert load_settings(None, env={"GATEWAY_GRPC_TRANSPORT": "grpcio"}).grpc_transport == "grpcio"
+    with pytest.raises(SettingsError, match="grpc_transport"):
+        Settings(grpc_transport="h3")

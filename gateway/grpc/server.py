@@ -1,4 +1,7 @@
-"""``inference.GRPCInferenceService`` over :class:`gateway.dataplane.DataPlane`, with ``grpc.aio``.
+"""``inference.GRPCInferenceService`` over :class:`gateway.dataplane.DataPlane`.
+
+The servicer is served by either transport: ``gateway.grpc.calls`` (HTTP/2 on the serving loop,
+the default) or ``grpc.aio`` through :class:`GrpcServer` here (``grpc_transport = "grpcio"``).
 
 Each RPC only translates messages (tritonclient's generated ``service_pb2``) to and from the
 data plane's calls, the same calls the REST endpoints make on the same instance (for inference,
@@ -11,8 +14,9 @@ but not yet answered and written (see :meth:`InferenceServicer.ModelStreamInfer`
 
 Why one module of this size: it is the gRPC front end, one servicer whose RPCs mirror the REST
 routes (inference, repository, statistics, shared memory, logging, trace settings), each a few
-lines of translation, plus the server that hosts it and its access/auth interceptor. The next
-split is the interceptor and ``GrpcServer`` (the transport) away from the servicer.
+lines of translation, plus the access rules both transports apply (``refusal``) and the
+``grpc.aio`` transport with its interceptor. The next split is that transport (interceptor and
+``GrpcServer``) into a module of its own, as ``calls`` is.
 """
 
 from __future__ import annotations
