@@ -66,6 +66,26 @@ def _identity_onnx() -> bytes:
     return models.graph_bytes(graph)
 
 
+GROW_CONFIG = """
+name: "grow"
+max_batch_size: 0
+input { name: "X" data_type: TYPE_FP32 dims: [ -1 ] }
+output { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] }
+"""
+
+
+def _grow_onnx() -> bytes:
+    """FP32 [n] -> [4n] (the input tiled): an answer four times its request."""
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["X", "repeats"], ["Y"])],
+        "grow",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None])],
+        [helper.make_tensor("repeats", TensorProto.INT64, [1], [4])],
+    )
+    return models.graph_bytes(graph)
+
+
 def _start(tmp: Path, *args: str) -> tuple[GatewayProcess, str]:
     repo = tmp / "repo"
     if not repo.exists():
@@ -73,6 +93,9 @@ def _start(tmp: Path, *args: str) -> tuple[GatewayProcess, str]:
         (repo / "identity" / "1").mkdir(parents=True)
         (repo / "identity" / "1" / "model.onnx").write_bytes(_identity_onnx())
         (repo / "identity" / "config.pbtxt").write_text(IDENTITY_CONFIG)
+        (repo / "grow" / "1").mkdir(parents=True)
+        (repo / "grow" / "1" / "model.onnx").write_bytes(_grow_onnx())
+        (repo / "grow" / "config.pbtxt").write_text(GROW_CONFIG)
     grpc_port = free_port()
     gw = start_gateway(
         repo, tmp, "--grpc-port", str(grpc_port), "--grpc-transport", "asyncio",
@@ -462,7 +485,8 @@ def test_big_request_and_response_cross_the_flow_control_windows(
     gateway: tuple[GatewayProcess, str],
 ) -> None:
     """A 602 KB image each way (windows: 64 KB the client's, 256 KB the server's stream), and
-    a message over ``grpc_max_message_bytes`` is RESOURCE_EXHAUSTED; the server serves on."""
+    a message over ``grpc_max_message_bytes`` either way is RESOURCE_EXHAUSTED; the server
+    serves on."""
     _, address = gateway
     client = grpcclient.InferenceServerClient(address)
     try:
@@ -484,6 +508,13 @@ def test_big_request_and_response_cross_the_flow_control_windows(
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
         channel.close()
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # an answer over the limit (a 602 KB request, a 2.4 MB answer) is refused too
+        t = grpcclient.InferInput("X", [IMAGE_FLOATS], "FP32")
+        t.set_data_from_numpy(image)
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("grow", [t])
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "Sent message larger than max" in str(refused.value.message())
     finally:
         client.close()
     _infer_ok(address)
