@@ -184,7 +184,7 @@ async def test_an_ejected_host_is_probed_when_its_ejection_ends(outside: bool) -
         names,
         ready="m/1",
         clock=clock,
-        probe_interval_s=2.0,
+        probe_interval_s=5.0,  # longer than the ejection: its end comes first
         probe_jitter=0.0,
         probe_rate=2.0,
         probe_idle_interval_s=60.0,
@@ -354,6 +354,65 @@ async def test_a_restarted_triton_serves_each_model_once_it_is_back(tmp_path: Pa
     finally:
         host._transport._client = None
         await host.close()
+
+
+async def test_a_probe_that_hangs_or_raises_is_a_failed_probe() -> None:
+    clock = ManualClock()
+    router = make_router(
+        ["a", "b"],
+        clock=clock,
+        probe_timeout_s=0.05,
+        outliers=OutlierDetector(clock=clock, unhealthy_threshold=1),
+    )
+
+    async def hangs(name: str) -> bool:
+        await asyncio.Event().wait()
+        return True
+
+    async def raises(name: str) -> bool:
+        raise ConnectionResetError("gone")
+
+    await asyncio.wait_for(router._probe_one(hangs, "a"), 5.0)
+    assert router.outliers.state("a") == "down"
+    await router._probe_one(raises, "b")
+    assert router.outliers.state("b") == "down"
+    assert router.probes_sent == 2
+
+
+async def test_a_change_of_state_by_a_probe_is_logged_and_moves_the_aperture(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = ManualClock()
+    router = make_router(["a", "b"], clock=clock)
+    answers = {"a": True}
+
+    async def probe(name: str) -> bool:
+        return answers[name]
+
+    async def probed(ok: bool) -> list[str]:
+        answers["a"] = ok
+        router.aperture.due_s = 0.0  # recomputed only when something changed
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gateway.routing.router"):
+            await router._probe_one(probe, "a")
+        return [r.getMessage() for r in caplog.records]
+
+    assert await probed(True) == [] and router.aperture.due_s == 0.0  # up, still up
+    assert await probed(False) == ["host a is down"]
+    assert router.aperture.due_s == float("-inf")
+    assert await probed(False) == [] and router.aperture.due_s == 0.0
+    assert await probed(True) == ["host a is up"]
+    assert router.aperture.due_s == float("-inf")
+
+
+def test_a_host_that_answered_a_whole_period_ago_is_probed() -> None:
+    clock = ManualClock()
+    router = make_router(["a"], clock=clock, probe_interval_s=2.0)
+    target = router.targets["a"]
+    target.last_success_s = clock() - 1.999
+    assert router._busy_and_well(target, clock())
+    target.last_success_s = clock() - 2.0
+    assert not router._busy_and_well(target, clock())
 
 
 # -- the state machine's numbers, pinned (scripts/mutation.sh health) -----------------------
