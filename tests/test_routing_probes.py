@@ -164,6 +164,7 @@ async def test_a_host_readded_where_a_removed_one_was_probed_is_probed(
     probes.release("a")
     await until(lambda: probes.count("b") >= 1, "b probed")
     await asyncio.sleep(0.02)  # the probe of the removed target has ended
+    assert len(router._schedule) == 1  # b's plan; none kept for the removed target
     router.add_target("a")  # back (``POST /admin/hosts``)
     router.set_ready("a", "m/1", True)
     await until(lambda: tick(clock, 0.05) and probes.count("a") >= 2, "the re-added host probed")
@@ -403,6 +404,18 @@ async def test_a_change_of_state_by_a_probe_is_logged_and_moves_the_aperture(
     assert await probed(False) == [] and router.aperture.due_s == 0.0
     assert await probed(True) == ["host a is up"]
     assert router.aperture.due_s == float("-inf")
+
+
+async def test_a_host_skipped_for_its_traffic_is_probed_once_it_has_none() -> None:
+    clock = ManualClock()
+    router = make_router(["a", "b"], clock=clock, probe_interval_s=1.0, probe_jitter=0.0)
+    probes = Probes(clock)
+    router.targets["a"].last_success_s = clock()  # it just answered a batch
+    await running(router, probes)
+    await until(lambda: probes.count("b") == 1, "b probed")
+    assert probes.count("a") == 0 and router.probes_skipped == 1
+    await until(lambda: tick(clock, 0.25) and probes.count("a") >= 1, "a probed later")
+    await router.close()
 
 
 def test_a_host_that_answered_a_whole_period_ago_is_probed() -> None:
