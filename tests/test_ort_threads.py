@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from gateway.backends.onnxruntime import (
@@ -14,10 +19,18 @@ from gateway.backends.onnxruntime import (
     usable_cores,
 )
 from gateway.repository.config import ModelConfig, parse_pbtxt
+from gateway.repository.local import LocalRepository
 from gateway.settings import Settings
 from tests import models
 
 CONFIG = models.SIMPLE_CONFIG
+DENSE_CONFIG = """
+name: "dense"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 64 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 8 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
 
 
 def config(extra: str = "", instances: int = 1) -> ModelConfig:
@@ -88,3 +101,46 @@ def test_lone_batches_run_inline_only_where_the_pool_fits_beside_the_loop() -> N
     assert not fits(2, config(), intra_op_threads=2)
     assert not fits(4, config(instances=2))
     assert fits(4, config(instances=2), intra_op_threads=1)
+
+
+async def test_batches_run_on_one_runner_thread_per_session_and_close_ends_them(
+    tmp_path: Path,
+) -> None:
+    """Each session has a runner thread of its own (``ort-<model>-<n>``), which answers the
+    caller's loop itself; a batch whose caller stopped waiting while it was queued is skipped;
+    ``close`` ends the threads."""
+    models.dense(tmp_path, config=DENSE_CONFIG.replace("count: 1", "count: 2"))
+    factory = OnnxRuntimeFactory(Settings(warmup=False, intra_op_threads=1))
+    backend = await factory.load(LocalRepository(tmp_path).source("dense"), 1)
+    ran_on: list[str] = []
+    gate = threading.Event()
+    original = backend._run
+
+    def run(inputs: Any, outputs: Any, session: Any = None) -> Any:
+        ran_on.append(threading.current_thread().name)
+        gate.wait(5)
+        return original(inputs, outputs, session)
+
+    backend._run = run  # type: ignore[method-assign]
+    x = {"X": np.ones((2, 64), np.float32)}
+    try:
+        # Two sessions busy, a third batch queued behind them, then its caller goes away.
+        first = asyncio.ensure_future(backend.execute(x, ["Y"]))
+        second = asyncio.ensure_future(backend.execute(x, ["Y"]))
+        third = asyncio.ensure_future(backend.execute(x, ["Y"]))
+        while len(ran_on) < 2:
+            await asyncio.sleep(0.005)
+        third.cancel()
+        await asyncio.sleep(0.01)
+        gate.set()
+        for done in (first, second):
+            assert (await done).outputs["Y"].shape == (2, 8)
+        with pytest.raises(asyncio.CancelledError):
+            await third
+        assert (await backend.execute(x, ["Y"])).outputs["Y"].shape == (2, 8)
+        assert sorted(set(ran_on)) == ["ort-dense-0", "ort-dense-1"]
+        assert len(ran_on) == 3  # the cancelled batch never ran
+    finally:
+        gate.set()
+        await backend.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("ort-dense")]
