@@ -18,6 +18,7 @@ from gateway.backends.onnxruntime import (
     default_intra_op_threads,
     usable_cores,
 )
+from gateway.errors import InvalidInput, ModelNotReady
 from gateway.repository.config import ModelConfig, parse_pbtxt
 from gateway.repository.local import LocalRepository
 from gateway.settings import Settings
@@ -144,3 +145,22 @@ async def test_batches_run_on_one_runner_thread_per_session_and_close_ends_them(
         gate.set()
         await backend.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("ort-dense")]
+    with pytest.raises(ModelNotReady):  # and none start again
+        await backend.execute(x, ["Y"])
+
+
+async def test_a_failed_batch_answers_its_caller_and_the_runner_serves_the_next(
+    tmp_path: Path,
+) -> None:
+    """A run that raises reaches its caller as the input's fault (400), on the caller's loop;
+    the runner thread goes on with the next batch."""
+    models.dense(tmp_path, config=DENSE_CONFIG)
+    factory = OnnxRuntimeFactory(Settings(warmup=False, intra_op_threads=1))
+    backend = await factory.load(LocalRepository(tmp_path).source("dense"), 1)
+    try:
+        with pytest.raises(InvalidInput):
+            await backend.execute({"X": np.ones((2, 3), np.float32)}, ["Y"])
+        ran = await backend.execute({"X": np.ones((1, 64), np.float32)}, ["Y"])
+        assert ran.outputs["Y"].shape == (1, 8) and ran.compute_s is not None
+    finally:
+        await backend.close()

@@ -42,7 +42,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
 from gateway import tracing
 from gateway.backends.base import Backend, BackendFactory, Executed, Tensors
-from gateway.errors import InvalidInput, ModelLoadError, Unavailable
+from gateway.errors import InvalidInput, ModelLoadError, ModelNotReady, Unavailable
 from gateway.protocol.tensors import split_bytes
 from gateway.protocol.types import numpy_dtype
 from gateway.repository.config import (
@@ -482,6 +482,7 @@ class OnnxRuntimeBackend(Backend):
         # much again (measured: a no-op job 25 us against 50 us, bench/results/lone_request.md).
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._closed = False
         self._providers = providers
         self._path = path
         self._count = len(sessions)
@@ -529,6 +530,8 @@ class OnnxRuntimeBackend(Backend):
     ) -> Executed:
         loop = asyncio.get_running_loop()
         if not self._threads:
+            if self._closed:
+                raise ModelNotReady(f"model '{self._config.name}' is unloading")
             self._start_threads()
         done: asyncio.Future[Executed] = loop.create_future()
         self._jobs.put((inputs, outputs, loop, done))
@@ -607,6 +610,7 @@ class OnnxRuntimeBackend(Backend):
             done = result = error = None  # type: ignore[assignment]
 
     async def close(self) -> None:
+        self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
         threads, self._threads = self._threads, []
