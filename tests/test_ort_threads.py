@@ -88,20 +88,20 @@ def test_usable_cores_is_within_the_machines() -> None:
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
 
 
-def test_lone_batches_run_inline_only_where_the_pool_fits_beside_the_loop() -> None:
-    """The loop's thread joins the pool when it runs a lone batch (``inline_max_ms``)."""
-
-    def fits(cores: int, cfg: ModelConfig, **settings: object) -> bool:
-        settings = {"warmup": False, **settings}
-        factory = OnnxRuntimeFactory(Settings(**settings), cores=lambda: cores)  # type: ignore[arg-type]
-        return factory.pools_fit(cfg)
-
-    assert not fits(2, config()) and not fits(16, config())  # one thread per core
-    assert fits(1, config()) and fits(2, config(), intra_op_threads=1)
-    assert fits(16, config(), intra_op_threads=15)
-    assert not fits(2, config(), intra_op_threads=2)
-    assert not fits(4, config(instances=2))
-    assert fits(4, config(instances=2), intra_op_threads=1)
+async def test_lone_batches_may_run_inline_whatever_the_pools_size(tmp_path: Path) -> None:
+    """The loop's thread joins the pool when it runs a lone batch (``inline_max_ms``), with
+    one thread per core too (the default), where the pool leaves the loop no core of its own:
+    the loop's thread is then the run's calling thread, as a runner thread would be."""
+    models.dense(tmp_path, config=DENSE_CONFIG)
+    for cores in (2, 16):  # one thread per core: the pool never fits beside the loop
+        factory = OnnxRuntimeFactory(Settings(warmup=False), cores=lambda cores=cores: cores)  # type: ignore[misc]
+        backend = await factory.load(LocalRepository(tmp_path).source("dense"), 1)
+        try:
+            assert backend.inline
+            ran = backend.execute_now({"X": np.ones((1, 64), np.float32)}, ["Y"])
+            assert ran is not None and ran.outputs["Y"].shape == (1, 8)
+        finally:
+            await backend.close()
 
 
 async def test_batches_run_on_one_runner_thread_per_session_and_close_ends_them(

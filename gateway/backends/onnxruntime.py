@@ -217,13 +217,9 @@ def usable_cores() -> int:
     return count
 
 
-def _fit(instances: int, threads: int, cores: int, loop: bool = True) -> bool:
-    """Whether ``instances`` pools of ``threads`` (0: ORT's one per core), and the event loop
-    when ``loop``, fit in ``cores`` (with the loop, a single core counts as two: one thread
-    has no pool to wait on)."""
-    if not loop:
-        return instances * (threads or cores) <= cores
-    return instances * (threads or cores) + 1 <= max(2, cores)
+def _fit(instances: int, threads: int, cores: int) -> bool:
+    """Whether ``instances`` pools of ``threads`` (0: ORT's one per core) fit in ``cores``."""
+    return instances * (threads or cores) <= cores
 
 
 def default_intra_op_threads(cores: int) -> int:
@@ -233,7 +229,7 @@ def default_intra_op_threads(cores: int) -> int:
     (bench/results/ort_threads-quiet.md): against one thread less than the cores, ``mlp``
     1.36-1.39x the throughput at 1 and 16 connections, 0.83-1.02x at 64; one thread less won
     everywhere only when other work oversubscribed the cores. Set ``intra_op_threads`` below
-    the cores there (it also lets a lone batch run on the event loop's thread)."""
+    the cores there."""
     return max(1, cores)
 
 
@@ -702,7 +698,7 @@ class OnnxRuntimeFactory(BackendFactory):
         # run returns takes a core from the event loop while it answers that batch. So: spin
         # while a run goes, stop when it returns, only while every instance's pool fits in the
         # cores; never otherwise. ``ort_spinning``: ORT's own default.
-        fits = _fit(config.instance_count, options.intra_op_num_threads, cores, loop=False)
+        fits = _fit(config.instance_count, options.intra_op_num_threads, cores)
         spin = "1" if self._settings.ort_spinning or fits else "0"
         entries = {
             "session.intra_op.allow_spinning": spin,
@@ -714,11 +710,6 @@ class OnnxRuntimeFactory(BackendFactory):
             if key not in given:  # the model's own word wins
                 options.add_session_config_entry(key, value)
         return options
-
-    def pools_fit(self, config: ModelConfig) -> bool:
-        """Whether every instance's intra-op pool and the event loop fit in the usable cores."""
-        threads = self.session_options(config).intra_op_num_threads
-        return _fit(config.instance_count, threads, self._cores())
 
     def _load_sync(self, source: ModelSource, version: int) -> OnnxRuntimeBackend:
         path = source.version_paths[version]
@@ -746,8 +737,12 @@ class OnnxRuntimeFactory(BackendFactory):
             instances.append(Instance(provider, device_id if provider == CUDA else None))
         cpu_fallback = self._check_placement(source, version, plan, instances, note)
         config = complete_config(source.config, sessions[0], self._settings.default_max_batch_size)
-        # The loop's thread joins a run's pool when it runs a lone batch: only if it fits
-        # (measured on 2 cores with a pool of 2: the run itself 1.2-1.4x slower).
+        # A lone batch may run on the loop's thread whatever the pool's size: the loop's
+        # thread then is the run's calling thread, as the runner's would be, and nothing else
+        # is outstanding. (Gated on the pool fitting beside the loop until issue 21's third
+        # session, that kept it off on every machine of 2+ cores with the default thread
+        # count; measured on 2 cores with a pool of 2, bench/results/lone_request-inline.md:
+        # the ORT run inline 0.92-1.01x the runner's, lone `simple` p50 0.46-0.60x.)
         backend = OnnxRuntimeBackend(
             config,
             sessions,
@@ -755,7 +750,6 @@ class OnnxRuntimeFactory(BackendFactory):
             str(path),
             instances,
             cpu_fallback,
-            inline=self.pools_fit(source.config),
         )
         outputs = [t.name for t in config.outputs]
         where = f"model '{source.name}' version {version}"
