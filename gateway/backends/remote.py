@@ -1,15 +1,17 @@
 """``V2Host``: another gateway node, or any Open Inference Protocol (v2) REST server, as a
 ``gateway.backends.base.Host``.
 
-Requests go over one pooled keep-alive ``aiohttp`` session with tensors in the binary-tensor
-extension both ways (the bytes are ``gateway.protocol.client``'s; answers are read as sent,
-never decompressed, and refused past ``max_response_bytes``); the caller's remaining deadline
-travels as Triton's ``timeout`` parameter (microseconds) and the ids of the batched requests as
-``X-Request-ID``. Failures are mapped at this edge (as httpx maps httpcore's): refused / reset /
-timed-out connections become ``HostUnreachable`` (safe to retry elsewhere), 503 ``Unavailable``,
-429 ``Overloaded``, 404 ``ModelNotReady`` (not there), 504 ``DeadlineExceeded``, other 4xx
-``InvalidInput``. A response that is not valid HTTP or not a decodable v2 answer is
-``Unavailable`` (503): it counts against the host, and the router may retry elsewhere.
+Batches go over ``gateway.backends.http1``'s keep-alive connections (the hot path: the head
+built once per model version), everything else over ``aiohttp``; tensors travel in the
+binary-tensor extension both ways (the bytes are ``gateway.protocol.client``'s; answers are
+read as sent, never decompressed, and refused past ``max_response_bytes``); the caller's
+remaining deadline travels as Triton's ``timeout`` parameter (microseconds) and the ids of the
+batched requests as ``X-Request-ID``. Failures are mapped at this edge (as httpx maps
+httpcore's): refused / reset / timed-out connections become ``HostUnreachable`` (safe to retry
+elsewhere), 503 ``Unavailable``, 429 ``Overloaded``, 404 ``ModelNotReady`` (not there), 504
+``DeadlineExceeded``, other 4xx ``InvalidInput``. A response that is not valid HTTP or not a
+decodable v2 answer is ``Unavailable`` (503): it counts against the host, and the router may
+retry elsewhere.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import json
 import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 import aiohttp
 import orjson
 
 from gateway import context, tracing
 from gateway.backends.base import Host, Tensors, check_dispatch, timed_out
+from gateway.backends.http1 import BadAnswer, Http1Pool
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -58,6 +62,18 @@ MAX_RESPONSE_BYTES = 1 << 30
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
 # Anything else aiohttp raises: a response that is not HTTP (bad status line, bad headers).
 _CLIENT_ERRORS = (*_CONNECTION_ERRORS, aiohttp.ClientError)
+
+
+_HEADER_LENGTH_FIELD = HEADER_LENGTH.encode()
+_HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
+
+
+def _field(name: str, value: str) -> bytes:
+    """One header line; a value that could end the line early (CR, LF, NUL) or is not latin-1
+    is sent with those characters replaced, never spliced into the head."""
+    if not value.isprintable() or not value.isascii():
+        value = "".join(c if c.isprintable() and c.isascii() else "?" for c in value)
+    return f"{name}: {value}\r\n".encode("latin-1")
 
 
 # Probes (readiness, repository index) of every ``V2Host`` on one event loop share one session:
@@ -143,7 +159,9 @@ class V2Host(Host):
         self.load_timeout_s = load_timeout_s
         self.keepalive_s = keepalive_s  # below the server's keep-alive, so it never closes first
         self.max_response_bytes = max_response_bytes
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # loads and unloads
+        self._forward: Http1Pool | None = None  # batches (``http1``: the hot path)
+        self._heads: dict[tuple[str, int], bytes] = {}
         self._pushed: set[str] = set()
         # "model/version" -> bytes the last ``prepare`` pushed there (0: it was ready already)
         self._pushed_bytes: dict[str, int] = {}
@@ -203,6 +221,31 @@ class V2Host(Host):
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _pool(self) -> Http1Pool:
+        if self._forward is None:
+            self._forward = Http1Pool(
+                self.url,
+                limit=self.conn_limit,
+                keepalive_s=self.keepalive_s,
+                max_body_bytes=self.max_response_bytes,
+                wanted=(HEADER_LENGTH, "Retry-After"),
+            )
+        return self._forward
+
+    def _infer_head(self, model: str, version: int) -> bytes:
+        """The request head up to its per-batch fields, built once per model version."""
+        key = (model, version)
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= 1024:  # models come and go: a bound, not a cache policy
+                self._heads.clear()
+            head = self._heads[key] = self._pool().request_head(
+                "POST",
+                f"/v2/models/{quote(model, safe='')}/versions/{version}/infer",
+                (("Content-Type", "application/octet-stream"), ("Accept-Encoding", "identity")),
+            )
+        return head
+
     async def infer(
         self,
         model: str,
@@ -213,31 +256,36 @@ class V2Host(Host):
     ) -> Tensors:
         check_dispatch(f"host {self._name}", self._closed, timeout_s)
         body, head_length = encode_request(inputs, outputs, timeout_s)
-        headers = {
-            HEADER_LENGTH: str(head_length),
-            "Content-Type": "application/octet-stream",
-        }
+        fields = [b"%s: %d\r\n" % (_HEADER_LENGTH_FIELD, head_length)]
         ids = context.upstream_request_id()
         if ids:
-            headers["X-Request-ID"] = ids
+            fields.append(_field("X-Request-ID", ids))
         if tracing.enabled:
-            tracing.inject(headers)
-        url = f"{self.url}/v2/models/{model}/versions/{version}/infer"
+            fields += [_field(k, v) for k, v in tracing.inject({}).items()]
         limit_s = timeout_s if timeout_s is not None else self.timeout_s
         try:
             async with asyncio.timeout(limit_s):
-                async with self._http().post(url, data=body, headers=headers) as response:
-                    payload = await self._read(response)
-                    status = response.status
-                    length = response.headers.get(HEADER_LENGTH)
-                    retry_after = response.headers.get("Retry-After")
+                answer = await self._pool().request(
+                    self._infer_head(model, version), b"".join(fields), body
+                )
         except TimeoutError:
             raise timed_out(f"host {self._name}", timeout_s, self.timeout_s, 1.0) from None
-        except _CLIENT_ERRORS as exc:
+        except BadAnswer as exc:
+            raise self._malformed(str(exc)) from None
+        except OSError as exc:
             raise self._lost(exc) from None
-        if status == 200:
-            return decode_response(payload, length, self._name)
-        raise self._error(status, payload, retry_after)
+        headers = answer.headers
+        if answer.status == 200:
+            length = headers.get(_HEADER_LENGTH_KEY)
+            return decode_response(
+                answer.body, None if length is None else length.decode("latin-1"), self._name
+            )
+        retry_after = headers.get(b"retry-after")
+        raise self._error(
+            answer.status,
+            answer.body,
+            None if retry_after is None else retry_after.decode("latin-1"),
+        )
 
     def _error(self, status: int, payload: bytes, retry_after: str | None) -> GatewayError:
         text = f"host {self._name}: {error_message(payload)}"
@@ -346,6 +394,8 @@ class V2Host(Host):
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._forward is not None:
+            await self._forward.close()
 
     def describe(self) -> dict[str, Any]:
         return {
