@@ -587,6 +587,10 @@ def fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _cpu_per_req(row: dict[str, Any]) -> float:
+    return float(row["front_cpu"]) / max(1e-9, float(row["req_s"]))
+
+
 def render(
     rows: list[dict[str, Any]],
     micros: dict[str, dict[str, float]],
@@ -609,23 +613,27 @@ def render(
         "front share the machine's cores with other work (a shared machine: absolute figures "
         "are noisy, ratios within one run less so).",
         "",
-        "| tree | hosts | req/s | batches/s | new connections per batch | front CPU | "
-        "batches per CPU-s | paced p50 ms | "
+        "| tree | hosts | req/s | batches/s | requests per batch | new connections per batch | "
+        "front CPU | batches per CPU-s | front CPU us per request | paced p50 ms | "
         "paced p99 ms | paced max ms | probe req/s (idle) | open conns per host (idle) | "
         "/metrics ms | /metrics KB | series | /admin/hosts ms | /admin/hosts KB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|---:|",
     ]
     for r in rows:
         if not r.get("started", True):
             lines.append(
                 f"| {r['tree']} | {r['hosts']} | did not start: its models were not ready after "
-                f"{r['start_s']:.0f} s (readiness checks timed out) |" + " |" * 15
+                f"{r['start_s']:.0f} s (readiness checks timed out) |" + " |" * 17
             )
             continue
         lines.append(
             f"| {r['tree']} | {r['hosts']} | {fmt(r['req_s'], 0)} | {fmt(r['batches_s'], 0)} | "
+            f"{fmt(r['req_s'] / r['batches_s'] if r['batches_s'] else None, 2)} | "
             f"{fmt(r['connects_per_batch'], 2)} | {fmt(r['front_cpu'], 2)}"
-            f" | {fmt(r['batches_per_cpu_s'], 0)} | {fmt(r['paced_p50_ms'])} | "
+            f" | {fmt(r['batches_per_cpu_s'], 0)} | "
+            f"{fmt(r['front_cpu'] / r['req_s'] * 1e6 if r['req_s'] else None, 0)} | "
+            f"{fmt(r['paced_p50_ms'])} | "
             f"{fmt(r['paced_p99_ms'])} | {fmt(r['paced_max_ms'])} | {fmt(r['probe_req_s'], 0)} | "
             f"{fmt(r['idle_conns_per_host'], 2)} | {fmt(r['metrics_ms'])} | "
             f"{fmt(r['metrics_kb'])} | {r['metrics_series']} | {fmt(r['admin_ms'])} | "
@@ -647,8 +655,9 @@ def render(
     if len(trees) > 1:
         lines += ["", f"Ratios of `{trees[0]}` to `{trees[1]}` at the same host count:", ""]
         lines += [
-            "| hosts | batches/s | batches per CPU-s | paced p99 | probe req/s | /metrics ms |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| hosts | batches/s | batches per CPU-s | front CPU per request | paced p99 | "
+            "probe req/s | /metrics ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             if r["tree"] != trees[0]:
@@ -659,6 +668,7 @@ def render(
             lines.append(
                 f"| {r['hosts']} | {fmt(r['batches_s'] / o['batches_s'], 2)} | "
                 f"{fmt((r['batches_per_cpu_s'] or 0) / (o['batches_per_cpu_s'] or 1), 2)} | "
+                f"{fmt(_cpu_per_req(r) / _cpu_per_req(o), 2)} | "
                 f"{fmt(r['paced_p99_ms'] / o['paced_p99_ms'], 2)} | "
                 f"{fmt(r['probe_req_s'] / o['probe_req_s'] if o['probe_req_s'] else None, 2)} | "
                 f"{fmt(r['metrics_ms'] / o['metrics_ms'], 2)} |"
