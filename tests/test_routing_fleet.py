@@ -529,3 +529,51 @@ def test_metrics_placement_facts_do_not_walk_the_hosts() -> None:
     assert backend.placement() == {}
     assert not described
     assert len(backend.describe()["hosts"]) == 200 and len(described) == 200
+
+
+# -- DNS refreshes that find nothing new ------------------------------------------------------
+
+
+def test_a_dns_refresh_with_the_same_answer_does_no_work_unless_the_pool_changed() -> None:
+    addresses = [f"10.0.{i // 250}.{i % 250}" for i in range(300)]
+
+    async def resolver(name: str, port: int) -> list[tuple[Any, ...]]:
+        return [(0, 0, 0, "", (ip, port)) for ip in addresses]
+
+    async def scenario() -> None:
+        settings = Settings()
+        pool = HostPool(Router(make_policy("round_robin")), 0.5)
+        built: list[str] = []
+
+        def make_entry(spec: Any) -> Any:
+            built.append(spec.name)
+            return build_host(spec, settings)
+
+        discovery = DnsDiscovery(pool, make_entry, lambda entry: None, 10.0, resolver)
+        group = parse_host({"kind": "v2", "dns": "fleet", "port": 8000}, settings)
+        assert isinstance(group, DnsSpec)
+        discovery.add(group)
+        scans = 0
+        members = pool.members
+
+        def counted(name: str) -> Any:
+            nonlocal scans
+            scans += 1
+            return members(name)
+
+        pool.members = counted  # type: ignore[method-assign]
+        await discovery.resolve(group)
+        assert len(pool.hosts) == 300 and len(built) == 300 and scans == 1
+        addresses.reverse()  # the same addresses in another order: the same answer
+        await discovery.resolve(group)
+        assert scans == 1 and len(built) == 300  # not compared again
+        gone = next(iter(pool.hosts.values()))
+        pool.retire(gone)  # removed from elsewhere (the admin API): the next refresh sees it
+        await discovery.resolve(group)
+        assert scans == 2 and len(pool.hosts) == 300 and built[-1] == gone.name
+        addresses.pop()
+        await discovery.resolve(group)
+        assert scans == 3 and len(pool.hosts) == 299
+        await pool.close()
+
+    asyncio.run(scenario())
