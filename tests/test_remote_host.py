@@ -278,3 +278,22 @@ async def test_a_timed_out_batch_drops_its_connection() -> None:
             await host.close()
     np.testing.assert_array_equal(out["Y"], [[7, 7]])
     assert server.connections == 2
+
+
+async def test_a_batch_waiting_for_a_connection_keeps_its_deadline() -> None:
+    async def stuck(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    async with scripted(lambda path: stuck) as server:
+        host = V2Host("h1", server.url, conn_limit=1)
+        first = asyncio.ensure_future(host.infer("m", 1, INPUTS, ["Y"], timeout_s=5.0))
+        await asyncio.sleep(0.1)  # it holds the only connection
+        started = time.monotonic()
+        try:
+            with pytest.raises(DeadlineExceeded):
+                await host.infer("m", 1, INPUTS, ["Y"], timeout_s=0.2)
+            assert time.monotonic() - started < 2.0
+            assert server.connections == 1
+        finally:
+            first.cancel()
+            await host.close()

@@ -140,6 +140,11 @@ class _Connection(asyncio.Protocol):
         self.transport.writelines(parts)
         return self.waiter
 
+    def expire(self) -> None:
+        """The request's time is up (``Http1Pool.request`` drops the connection)."""
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(TimeoutError())
+
     def close(self) -> None:
         self.reusable = False
         if self.transport is not None:
@@ -200,18 +205,30 @@ class Http1Pool:
         lines += [f"{k}: {v}" for k, v in fields]
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
-    async def request(self, head: bytes, fields: bytes, body: bytes) -> Answer:
+    async def request(self, head: bytes, fields: bytes, body: bytes, timeout_s: float) -> Answer:
         """Send ``head`` (from ``request_head``), ``fields`` (more header lines, each ending in
-        CRLF) and ``body``; the whole answer. Raises ``OSError`` when the connection fails and
-        ``BadAnswer``; on cancellation the connection is dropped (it is out of step)."""
-        connection = await self._acquire()
+        CRLF) and ``body``; the whole answer within ``timeout_s`` (waiting for a connection
+        included). Raises ``OSError`` when the connection fails, ``BadAnswer``, and
+        ``TimeoutError``; on a timeout or cancellation the connection is dropped (it is out of
+        step). One timer per request, not an ``asyncio.timeout`` scope (this is per batch)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        connection = self._take_idle()
+        if connection is None:
+            async with asyncio.timeout_at(deadline):
+                connection = await self._acquire()
         length = b"Content-Length: %d\r\n" % len(body)
         done = False
+        waiter = connection.send((head, fields, length, b"\r\n", body))
+        timer = loop.call_at(deadline, connection.expire)
         try:
-            answer = await connection.send((head, fields, length, b"\r\n", body))
+            answer = await waiter
             done = True
             return answer
         finally:
+            timer.cancel()
             if done and connection.reusable and not self._closed:
                 self._release(connection)
             else:
@@ -220,16 +237,21 @@ class Http1Pool:
 
     # -- the pool
 
+    def _take_idle(self) -> _Connection | None:
+        """The most recently used idle connection still open, if any."""
+        if self._closed:
+            raise ConnectionResetError("the pool is closed")
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.transport is not None and not connection.transport.is_closing():
+                return connection
+        return None
+
     async def _acquire(self) -> _Connection:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
         while True:
-            if self._closed:
-                raise ConnectionResetError("the pool is closed")
-            while self._idle:
-                connection = self._idle.pop()
-                if connection.transport is not None and not connection.transport.is_closing():
-                    return connection
+            connection = self._take_idle()
+            if connection is not None:
+                return connection
             if self._open < self.limit:
                 break
             waiter = self.loop.create_future()

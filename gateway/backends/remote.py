@@ -264,10 +264,9 @@ class V2Host(Host):
             fields += [_field(k, v) for k, v in tracing.inject({}).items()]
         limit_s = timeout_s if timeout_s is not None else self.timeout_s
         try:
-            async with asyncio.timeout(limit_s):
-                answer = await self._pool().request(
-                    self._infer_head(model, version), b"".join(fields), body
-                )
+            answer = await self._pool().request(
+                self._infer_head(model, version), b"".join(fields), body, limit_s
+            )
         except TimeoutError:
             raise timed_out(f"host {self._name}", timeout_s, self.timeout_s, 1.0) from None
         except BadAnswer as exc:
