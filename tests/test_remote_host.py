@@ -209,6 +209,8 @@ async def test_batches_wait_for_one_of_conn_limit_connections() -> None:
             await asyncio.gather(
                 *(host.infer("m", 1, INPUTS, ["Y"], timeout_s=5.0) for _ in range(8))
             )
+            assert host._forward is not None
+            assert (host._forward.open, host._forward.idle) == (2, 2)
         finally:
             await host.close()
     assert server.most_open == 2
@@ -228,6 +230,7 @@ async def test_a_host_that_closes_before_answering_is_unreachable() -> None:
             # the next batch gets a connection of its own
             with pytest.raises(HostUnreachable):
                 await host.infer("m", 1, INPUTS, ["Y"], timeout_s=5.0)
+            assert host._forward is not None and host._forward.open == 0  # none left counted
         finally:
             await host.close()
     assert server.connections == 2

@@ -60,6 +60,7 @@ class _Connection(asyncio.Protocol):
         self.to_eof = False  # neither a length nor chunked: the body ends with the connection
         self.reusable = False
         self.idle_since = 0.0
+        self.counted = True  # in its pool's ``open`` count (until closed or lost)
 
     # -- asyncio.Protocol
 
@@ -294,9 +295,9 @@ class Http1Pool:
         self._wake()
 
     def _forget(self, connection: _Connection) -> None:
-        """A connection closed by this side: its place is free now (``_lost`` comes later)."""
-        if connection.pool is self:
-            connection.pool = _GONE
+        """A connection closed (by this side: ``_lost`` comes later, and counts nothing)."""
+        if connection.counted:
+            connection.counted = False
             self._open -= 1
             self._wake()
 
@@ -342,19 +343,3 @@ class Http1Pool:
             if not waiter.done():
                 waiter.set_exception(ConnectionResetError("the pool is closed"))
         self._waiters.clear()
-
-
-class _Gone(Http1Pool):
-    """The pool of a connection already counted out (its ``_lost`` is a no-op)."""
-
-    def __init__(self) -> None:
-        super().__init__("http://gone")
-
-    def _lost(self, connection: _Connection) -> None:
-        pass
-
-    def _forget(self, connection: _Connection) -> None:
-        pass
-
-
-_GONE = _Gone()
