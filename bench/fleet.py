@@ -435,6 +435,121 @@ def measure_front(
     return row
 
 
+def interleaved(
+    harness: Any,
+    trees: dict[str, str],
+    n: int,
+    ports: list[int],
+    control: int,
+    repo: Path,
+    tmp: Path,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Every tree's front up at once on the same N hosts, loaded in turn for ``--window-s``
+    each, ``--interleave`` times (the order alternating): the machine's other work changes
+    over minutes, so windows seconds apart see about the same of it. Per window: batches per
+    front CPU-second, front CPU per request, requests per batch."""
+    fronts: dict[str, Any] = {}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+    try:
+        for name, path in trees.items():
+            config = front_config(tmp / f"ab-{name}-{n}.toml", ports[:n], {})
+            fronts[name] = harness.start_gateway(
+                repo,
+                tmp,
+                "--config",
+                str(config),
+                env={"PYTHONPATH": path, "GATEWAY_ACCESS_LOG": "false"},
+                tag=f"ab-{name}-{n}",
+                ready=tuple(f"simple_{i}" for i in range(args.models)),
+                ready_s=args.start_s,
+                detach=True,
+            )
+        time.sleep(1.0)  # first probes
+        for front in fronts.values():  # warm each: connections open, estimates measured
+            asyncio.run(closed_loop(f"{front.url}/v2/models/simple_0/infer", args.clients, 1.0))
+        for i in range(args.interleave):
+            order = list(fronts.items())
+            for name, front in order if i % 2 == 0 else order[::-1]:
+                url = f"{front.url}/v2/models/simple_0/infer"
+                cpu0 = harness.process_cpu_s(front.pid) or 0.0
+                before = host_stats(control)
+                ok, _ = asyncio.run(closed_loop(url, args.clients, args.window_s))
+                cpu = (harness.process_cpu_s(front.pid) or 0.0) - cpu0
+                batches = host_stats(control)["infer"] - before["infer"]
+                if cpu > 0 and ok and batches:
+                    samples[name].append(
+                        {
+                            "batches_per_cpu_s": batches / cpu,
+                            "cpu_us_per_request": cpu / ok * 1e6,
+                            "requests_per_batch": ok / batches,
+                            "front_cpu": cpu / args.window_s,
+                        }
+                    )
+    finally:
+        for front in fronts.values():
+            front.stop()
+    rows = []
+    for name, got in samples.items():
+        if not got:
+            continue
+        row: dict[str, Any] = {"tree": name, "hosts": n, "windows": len(got)}
+        for key in got[0]:
+            values = sorted(s[key] for s in got)
+            row[key] = harness.percentile(values, 50)
+            row[key + "_range"] = (values[0], values[-1])
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_range")}))
+    return rows
+
+
+def render_interleaved(
+    rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]
+) -> str:
+    trees = list(dict.fromkeys(r["tree"] for r in rows))
+    lines = [
+        "# Batches per front CPU-second, trees interleaved",
+        "",
+        f"Command: `python bench/fleet.py {' '.join(sys.argv[1:])}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {info['nproc']} CPUs "
+        f"({info['cpu']}), load average at start {info['loadavg_at_start'][0]:.1f}, Python "
+        f"{info['python']}  ",
+        f"Setup: as `fleet.md` (N fake v2 hosts answering after {args.host_delay_ms:g} ms, a "
+        f"front per tree with default settings and {args.models} model(s)), but every tree's "
+        f"front runs at once and {args.clients} closed-loop JSON clients load them in turn, "
+        f"{args.window_s:g} s each, {args.interleave} times, alternating the order; medians "
+        "over the windows (range in brackets). The machine is shared: the ratios between trees "
+        "are the figures to read.",
+        "",
+        "| tree | hosts | windows | batches per CPU-s | front CPU us per request | "
+        "requests per batch | front CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(r: dict[str, Any], key: str, digits: int) -> str:
+        low, high = r[key + "_range"]
+        return f"{fmt(r[key], digits)} ({fmt(low, digits)}-{fmt(high, digits)})"
+
+    for r in rows:
+        lines.append(
+            f"| {r['tree']} | {r['hosts']} | {r['windows']} | "
+            f"{cell(r, 'batches_per_cpu_s', 0)} | {cell(r, 'cpu_us_per_request', 0)} | "
+            f"{cell(r, 'requests_per_batch', 2)} | {cell(r, 'front_cpu', 2)} |"
+        )
+    if len(trees) > 1:
+        lines += ["", f"Ratios of `{trees[0]}` to `{trees[1]}` (medians):", ""]
+        lines += ["| hosts | batches per CPU-s | front CPU per request |", "|---:|---:|---:|"]
+        for r in rows:
+            same = (b for b in rows if b["tree"] == trees[1] and b["hosts"] == r["hosts"])
+            o = next(same, None)
+            if r["tree"] == trees[0] and o is not None:
+                lines.append(
+                    f"| {r['hosts']} | {fmt(r['batches_per_cpu_s'] / o['batches_per_cpu_s'], 2)}"
+                    f" | {fmt(r['cpu_us_per_request'] / o['cpu_us_per_request'], 2)} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 # -- in-process micro-benchmarks ----------------------------------------------------------------
 
 MICRO = r"""
@@ -784,6 +899,14 @@ def main() -> int:
     parser.add_argument("--quiet-s", type=float, default=5.0)
     parser.add_argument("--host-delay-ms", type=float, default=1.0)
     parser.add_argument("--start-s", type=float, default=90.0, help="longest wait for a front")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="only compare batches per CPU-second: all trees' fronts up at once, loaded in "
+        "turn this many times (see interleaved())",
+    )
+    parser.add_argument("--window-s", type=float, default=2.0, help="one --interleave window")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet.md"))
     parser.add_argument(
         "--profile",
@@ -817,6 +940,16 @@ def main() -> int:
         assert hosts.stdout is not None
         ready = json.loads(hosts.stdout.readline())
         ports, control = ready["ports"], ready["control"]
+        if args.interleave:
+            ab = [
+                row
+                for n in args.hosts
+                for row in interleaved(harness, trees, n, ports, control, repo, tmp, args)
+            ]
+            report = render_interleaved(ab, args, info)
+            print(report)
+            harness.write_results(Path(args.out), report, {"rows": ab, "machine": info})
+            return 0
         for name, path in trees.items():
             micros[name] = micro(path)
         for n in args.hosts:
