@@ -1,8 +1,8 @@
 """``V2Host``: another gateway node, or any Open Inference Protocol (v2) REST server, as a
 ``gateway.backends.base.Host``.
 
-Batches go over ``gateway.backends.http1``'s keep-alive connections (the hot path: the head
-built once per model version), everything else over ``aiohttp``; tensors travel in the
+Batches and probes go over ``gateway.backends.http1``'s keep-alive connections (the hot path:
+the head built once per model version), model loads over ``aiohttp``; tensors travel in the
 binary-tensor extension both ways (the bytes are ``gateway.protocol.client``'s; answers are
 read as sent, never decompressed, and refused past ``max_response_bytes``); the caller's
 remaining deadline travels as Triton's ``timeout`` parameter (microseconds) and the ids of the
@@ -21,7 +21,7 @@ import base64
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -65,6 +65,7 @@ _CLIENT_ERRORS = (*_CONNECTION_ERRORS, aiohttp.ClientError)
 
 
 _HEADER_LENGTH_FIELD = HEADER_LENGTH.encode()
+_IDENTITY = (("Accept-Encoding", "identity"),)  # answers as sent: nothing to inflate
 _HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
 
 
@@ -74,60 +75,6 @@ def _field(name: str, value: str) -> bytes:
     if not value.isprintable() or not value.isascii():
         value = "".join(c if c.isprintable() and c.isascii() else "?" for c in value)
     return f"{name}: {value}\r\n".encode("latin-1")
-
-
-# Probes (readiness, repository index) of every ``V2Host`` on one event loop share one session:
-# at most ``PROBE_CONNECTIONS_PER_HOST`` connections to a host, none kept idle past
-# ``PROBE_KEEPALIVE_S``: long enough to carry the next probe of a small pool (every 2 s), below
-# a gateway's own keep-alive (uvicorn's 5 s, so the host never closes it first), and shorter
-# than the stretched period of a large pool (1000 hosts: 10 s), so probing a thousand hosts does
-# not hold a thousand idle sockets on top of the ones traffic uses.
-PROBE_CONNECTIONS_PER_HOST = 1
-PROBE_KEEPALIVE_S = 4.0
-PROBE_CONNECTIONS = 256  # over all hosts: the router's probe concurrency stays well below
-
-
-class _ProbeSession:
-    """The probe session of one event loop and the hosts using it (closed with the last)."""
-
-    sessions: ClassVar[dict[int, _ProbeSession]] = {}  # id(loop) -> its probe session
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.users: set[int] = set()  # id() of the hosts that used it
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=PROBE_CONNECTIONS,
-                limit_per_host=PROBE_CONNECTIONS_PER_HOST,
-                keepalive_timeout=PROBE_KEEPALIVE_S,
-            ),
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=False,
-            headers={"Accept-Encoding": "identity"},
-        )
-
-    @classmethod
-    def of(cls, user: object) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        shared = cls.sessions.get(id(loop))
-        if shared is None or shared.loop is not loop or shared.session.closed:
-            for key in [k for k, v in cls.sessions.items() if v.loop.is_closed()]:
-                del cls.sessions[key]  # loops that ended without closing their hosts
-            shared = cls.sessions[id(loop)] = cls(loop)
-        shared.users.add(id(user))
-        return shared.session
-
-    @classmethod
-    async def leave(cls, user: object) -> None:
-        """``user`` closed: the session closes with its last user (on its own loop)."""
-        loop = asyncio.get_running_loop()
-        shared = cls.sessions.get(id(loop))
-        if shared is None or shared.loop is not loop:
-            return
-        shared.users.discard(id(user))
-        if not shared.users:
-            del cls.sessions[id(loop)]
-            await shared.session.close()
 
 
 class V2Host(Host):
@@ -160,8 +107,9 @@ class V2Host(Host):
         self.keepalive_s = keepalive_s  # below the server's keep-alive, so it never closes first
         self.max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None  # loads and unloads
-        self._forward: Http1Pool | None = None  # batches (``http1``: the hot path)
+        self._forward: Http1Pool | None = None  # batches and probes (``http1``)
         self._heads: dict[tuple[str, int], bytes] = {}
+        self._index_head: bytes | None = None
         self._pushed: set[str] = set()
         # "model/version" -> bytes the last ``prepare`` pushed there (0: it was ready already)
         self._pushed_bytes: dict[str, int] = {}
@@ -242,7 +190,7 @@ class V2Host(Host):
             head = self._heads[key] = self._pool().request_head(
                 "POST",
                 f"/v2/models/{quote(model, safe='')}/versions/{version}/infer",
-                (("Content-Type", "application/octet-stream"), ("Accept-Encoding", "identity")),
+                (("Content-Type", "application/octet-stream"), *_IDENTITY),
             )
         return head
 
@@ -301,24 +249,21 @@ class V2Host(Host):
             return InvalidInput(text)
         return GatewayError(f"{text} (HTTP {status})")
 
-    def _probe_http(self) -> aiohttp.ClientSession:
-        """The session of probes and readiness checks, shared by every host (``_ProbeSession``)."""
-        return _ProbeSession.of(self)
-
     async def _get_ok(self, path: str, timeout_s: float | None = None) -> bool:
+        """Whether ``GET path`` answers 200 (probes, readiness checks: the batches' pool)."""
+        pool = self._pool()
+        head = pool.request_head("GET", path, _IDENTITY)
         try:
-            async with asyncio.timeout(timeout_s or self.probe_timeout_s):
-                async with self._probe_http().get(self.url + path) as response:
-                    await self._read(response)
-                    return response.status == 200
-        except (TimeoutError, Unavailable, *_CLIENT_ERRORS):
+            answer = await pool.request(head, b"", None, timeout_s or self.probe_timeout_s)
+        except (TimeoutError, BadAnswer, OSError):
             return False
+        return answer.status == 200
 
     async def ready(self) -> bool:
         return await self._get_ok("/v2/health/ready")
 
     async def model_ready(self, model: str, version: int) -> bool:
-        return await self._get_ok(f"/v2/models/{model}/versions/{version}/ready")
+        return await self._get_ok(f"/v2/models/{quote(model, safe='')}/versions/{version}/ready")
 
     def pushed_bytes(self, key: str) -> int | None:
         return self._pushed_bytes.get(key)
@@ -326,16 +271,20 @@ class V2Host(Host):
     async def repository_index(self) -> dict[str, HostModel] | None:
         """Where each model is on this host (``gateway.routing.tiers.parse_index`` of its
         ``POST /v2/repository/index``); None when it does not answer one. Never raises."""
+        pool = self._pool()
+        head = self._index_head
+        if head is None:
+            head = self._index_head = pool.request_head(
+                "POST",
+                "/v2/repository/index",
+                (("Content-Type", "application/json"), ("Accept-Encoding", "identity")),
+            )
         try:
-            async with asyncio.timeout(self.probe_timeout_s):
-                async with self._probe_http().post(
-                    self.url + "/v2/repository/index", json={}
-                ) as response:
-                    payload = await self._read(response)
-                    if response.status != 200:
-                        return None
-            return parse_index(orjson.loads(payload))
-        except (TimeoutError, Unavailable, orjson.JSONDecodeError, *_CLIENT_ERRORS):
+            answer = await pool.request(head, b"", b"{}", self.probe_timeout_s)
+            if answer.status != 200:
+                return None
+            return parse_index(orjson.loads(answer.body))
+        except (TimeoutError, BadAnswer, OSError, orjson.JSONDecodeError):
             return None
 
     async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
@@ -343,7 +292,7 @@ class V2Host(Host):
         self._pushed_bytes[key] = 0
         # A load checks every host at once: the check may wait for one of the probe session's
         # connections (bounded), so it gets a request's time, not a probe's.
-        path = f"/v2/models/{source.name}/versions/{version}/ready"
+        path = f"/v2/models/{quote(source.name, safe='')}/versions/{version}/ready"
         if await self._get_ok(path, self.timeout_s):
             return
         if not self.push:
@@ -389,7 +338,6 @@ class V2Host(Host):
 
     async def close(self) -> None:
         self._closed = True
-        await _ProbeSession.leave(self)
         if self._session is not None:
             await self._session.close()
             self._session = None
