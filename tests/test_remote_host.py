@@ -300,3 +300,16 @@ async def test_a_batch_waiting_for_a_connection_keeps_its_deadline() -> None:
         finally:
             first.cancel()
             await host.close()
+
+
+async def test_an_interim_answer_is_skipped() -> None:
+    """A host may send ``100 Continue`` (or 103) before its answer: the answer is the one after."""
+    async with scripted(lambda path: b"HTTP/1.1 100 Continue\r\n\r\n" + good_answer()) as server:
+        host = V2Host("h1", server.url)
+        try:
+            out = await host.infer("m", 1, INPUTS, ["Y"], timeout_s=5.0)
+            out = await host.infer("m", 1, INPUTS, ["Y"], timeout_s=5.0)  # still in step
+        finally:
+            await host.close()
+    np.testing.assert_array_equal(out["Y"], [[7, 7]])
+    assert server.connections == 1

@@ -99,6 +99,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if self.status < 200:
+            return  # interim: no body
         length = self.headers.get(b"content-length")
         limit = self.pool.max_body_bytes
         if length is not None:
@@ -116,6 +118,9 @@ class _Connection(asyncio.Protocol):
         self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self.status < 200:  # an interim answer (100 Continue, 103): the real one follows
+            self.headers, self.chunks, self.size, self.status = {}, [], 0, 0
+            return
         self._complete(reusable=self.parser.should_keep_alive() and not self.to_eof)
 
     # -- the request
