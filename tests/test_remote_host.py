@@ -313,3 +313,23 @@ async def test_an_interim_answer_is_skipped() -> None:
             await host.close()
     np.testing.assert_array_equal(out["Y"], [[7, 7]])
     assert server.connections == 1
+
+
+async def test_a_probe_does_not_wait_behind_busy_batch_connections() -> None:
+    """Every connection busy with a batch: a probe opens one more (a busy host is not down)."""
+
+    async def answer(writer: asyncio.StreamWriter, path: str) -> None:
+        if path.endswith("/infer"):
+            await asyncio.sleep(30)
+        writer.write(http(200, b""))
+
+    async with scripted(lambda path: lambda writer: answer(writer, path)) as server:
+        host = V2Host("h1", server.url, conn_limit=1, probe_timeout_s=1.0)
+        batch = asyncio.ensure_future(host.infer("m", 1, INPUTS, ["Y"], timeout_s=5.0))
+        try:
+            await asyncio.sleep(0.1)  # the batch holds the only connection
+            assert await host.ready()
+            assert server.connections == 2
+        finally:
+            batch.cancel()
+            await host.close()

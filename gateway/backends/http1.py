@@ -214,14 +214,21 @@ class Http1Pool:
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
     async def request(
-        self, head: bytes, fields: bytes, body: bytes | None, timeout_s: float
+        self,
+        head: bytes,
+        fields: bytes,
+        body: bytes | None,
+        timeout_s: float,
+        *,
+        wait: bool = True,
     ) -> Answer:
         """Send ``head`` (from ``request_head``), ``fields`` (more header lines, each ending in
         CRLF) and ``body`` (None: none, as a GET has); the whole answer within ``timeout_s``
         (waiting for a connection included). Raises ``OSError`` when the connection fails,
         ``BadAnswer``, and ``TimeoutError``; on a timeout or cancellation the connection is
         dropped (it is out of step). One timer per request, not an ``asyncio.timeout`` scope
-        (this is per batch)."""
+        (this is per batch). ``wait=False`` (a probe): with every connection busy at the limit,
+        open one more rather than wait (a host busy with batches is not a host that is down)."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -229,7 +236,7 @@ class Http1Pool:
         connection = self._take_idle()
         if connection is None:
             async with asyncio.timeout_at(deadline):
-                connection = await self._acquire()
+                connection = await self._acquire(wait)
         if body is None:
             parts: tuple[bytes, ...] = (head, fields, b"\r\n")
         else:
@@ -261,12 +268,12 @@ class Http1Pool:
                 return connection
         return None
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self, wait: bool = True) -> _Connection:
         while True:
             connection = self._take_idle()
             if connection is not None:
                 return connection
-            if self._open < self.limit:
+            if self._open < self.limit or not wait:
                 break
             waiter = self.loop.create_future()
             self._waiters.append(waiter)

@@ -254,7 +254,9 @@ class V2Host(Host):
         pool = self._pool()
         head = pool.request_head("GET", path, _IDENTITY)
         try:
-            answer = await pool.request(head, b"", None, timeout_s or self.probe_timeout_s)
+            answer = await pool.request(
+                head, b"", None, timeout_s or self.probe_timeout_s, wait=False
+            )
         except (TimeoutError, BadAnswer, OSError):
             return False
         return answer.status == 200
@@ -280,7 +282,7 @@ class V2Host(Host):
                 (("Content-Type", "application/json"), ("Accept-Encoding", "identity")),
             )
         try:
-            answer = await pool.request(head, b"", b"{}", self.probe_timeout_s)
+            answer = await pool.request(head, b"", b"{}", self.probe_timeout_s, wait=False)
             if answer.status != 200:
                 return None
             return parse_index(orjson.loads(answer.body))
