@@ -333,3 +333,19 @@ async def test_a_probe_does_not_wait_behind_busy_batch_connections() -> None:
         finally:
             batch.cancel()
             await host.close()
+
+
+async def test_an_endless_head_stops_at_the_bound() -> None:
+    async def endless(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Long: ")
+        while True:
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    async with scripted(lambda path: endless) as server:
+        host = V2Host("h1", server.url)
+        try:
+            with pytest.raises(Unavailable, match="a head over 65536 bytes"):
+                await host.infer("m", 1, INPUTS, ["Y"], timeout_s=10.0)
+        finally:
+            await host.close()

@@ -14,7 +14,8 @@ CPU under load); aiohttp stays for model loads, where a request's cost does not 
 What it keeps of aiohttp's behaviour: at most ``limit`` connections (callers wait for one), idle
 connections closed after ``keepalive_s`` (below the server's keep-alive, so the server never
 closes one under a request), answers taken as sent (``Accept-Encoding: identity``, nothing
-inflated), a body refused past ``max_body_bytes`` (declared or as it grows, chunked included).
+inflated), a body refused past ``max_body_bytes`` (declared or as it grows, chunked included),
+and a head past ``MAX_HEAD_BYTES``.
 Failures are the caller's to map: ``OSError`` (refused, reset, closed before the answer),
 ``BadAnswer`` (not HTTP, over the bound).
 """
@@ -31,7 +32,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
-__all__ = ["Answer", "BadAnswer", "Http1Pool"]
+__all__ = ["MAX_HEAD_BYTES", "Answer", "BadAnswer", "Http1Pool"]
+
+MAX_HEAD_BYTES = 65536  # status line and header fields of one answer (aiohttp: 8190 per line)
 
 
 class BadAnswer(Exception):
@@ -59,6 +62,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.size = 0
         self.status = 0
+        self.head_bytes = 0  # read before the head was complete
         self.to_eof = False  # neither a length nor chunked: the body ends with the connection
         self.reusable = False
         self.idle_since = 0.0
@@ -78,6 +82,11 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             cause = exc.__context__  # a callback's error comes wrapped (the bound, below)
             self._fail(cause if isinstance(cause, BadAnswer) else BadAnswer(f"not HTTP ({exc})"))
+            return
+        if not self.status:  # the head is not complete yet: httptools buffers it, unbounded
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._fail(BadAnswer(f"a head over {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -143,7 +152,7 @@ class _Connection(asyncio.Protocol):
         self.waiter = self.pool.loop.create_future()
         self.headers = {}
         self.chunks = []
-        self.size = self.status = 0
+        self.size = self.status = self.head_bytes = 0
         self.to_eof = self.reusable = False
         self.transport.writelines(parts)
         return self.waiter
