@@ -2,9 +2,11 @@
 
 Starts every target at once, each serving the same models:
 
-- a gateway per source tree: this checkout (``new``) and each ``--tree name=PATH`` (another
-  checkout's root, e.g. ``git archive HEAD | tar -x -C /tmp/base``; its gateway runs with
-  ``PYTHONPATH`` there), and each ``--env name:ENV=V,...`` variant of this checkout;
+- a gateway per source tree: this checkout (``new``; with ``--transports asyncio,grpcio``,
+  one per gRPC transport instead, ``gw-asyncio`` and ``gw-grpcio``) and each ``--tree
+  name=PATH`` (another checkout's root, e.g. ``git archive HEAD | tar -x -C /tmp/base``; its
+  gateway runs with ``PYTHONPATH`` there), and each ``--env name:ENV=V,...`` variant of this
+  checkout;
 - unless ``--no-triton``, standalone ``tritonserver`` (``gateway.testing.tritonserver``: the
   same ONNX files through its python backend, pushed as ``bench/sweep.py`` does);
 - with ``--null``, a bare ``grpc.aio`` server on the gateway's event loop kind (uvloop) that
@@ -23,6 +25,7 @@ less than throughput. Prints and writes (``--out``) the medians over rounds and 
 against Triton and ``--baseline``.
 
     .venv/bin/python bench/grpc_front.py --tree base=/tmp/base --baseline base --null
+    .venv/bin/python bench/grpc_front.py --transports asyncio,grpcio --baseline gw-grpcio
     .venv/bin/python bench/grpc_front.py --quick            # errors only, ~1 min
 """
 
@@ -64,6 +67,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=_levels, default=[1, 4, 16, 64])
     parser.add_argument("--tree", action="append", default=[], help="name=PATH (another tree)")
     parser.add_argument("--env", action="append", default=[], help="name:ENV=V,ENV=V variant")
+    parser.add_argument("--transports", default="",
+                        help="one gateway of this tree per gRPC transport (asyncio,grpcio), "
+                        "named gw-<transport>, instead of 'new'")  # fmt: skip
     parser.add_argument("--baseline", default="", help="target the others are divided by")
     parser.add_argument("--no-triton", action="store_true")
     parser.add_argument("--null", action="store_true", help="add the bare grpc.aio server")
@@ -79,6 +85,12 @@ def main() -> int:
     models = [m for m in args.models.split(",") if m]
     protocols = [p for p in args.protocols.split(",") if p]
     variants: list[tuple[str, dict[str, str]]] = [("new", {"PYTHONPATH": str(ROOT)})]
+    if args.transports:
+        variants = [
+            (f"gw-{t}", {"PYTHONPATH": str(ROOT), "GATEWAY_GRPC_TRANSPORT": t})
+            for t in args.transports.split(",")
+            if t
+        ]
     for item in args.tree:
         name, _, path = item.partition("=")
         variants.append((name, {"PYTHONPATH": str(Path(path).resolve())}))

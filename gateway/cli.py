@@ -56,9 +56,10 @@ def build_app(settings: Settings) -> Any:
         edge.attach(dataplane)  # loaded models are never evicted; changed ones reload
     if not settings.grpc_port:
         return create_app(dataplane, on_shutdown=on_shutdown, hosts=hosts)
-    from gateway.grpc import GrpcServer
+    from gateway.grpc import GrpcServer, Http2GrpcServer
 
-    grpc_server = GrpcServer(
+    transport = Http2GrpcServer if settings.grpc_transport == "asyncio" else GrpcServer
+    grpc_server = transport(
         dataplane,
         settings.host,
         settings.grpc_port,
@@ -197,6 +198,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["adaptive", "triton"],
         help="wait for a fuller batch only when traffic says it fills (adaptive), or always "
         "the model's max_queue_delay (triton) [adaptive]",
+    )
+    serve_cmd.add_argument(
+        "--grpc-transport",
+        choices=["asyncio", "grpcio"],
+        help="serve gRPC with HTTP/2 on the serving loop (asyncio) or with grpc.aio [asyncio]",
     )
     serve_cmd.add_argument(
         "--response-cache-bytes", type=int, help="in-process response cache size [0: none]"

@@ -56,6 +56,9 @@ class Settings:
     # Requests of one gRPC ModelStreamInfer stream read but not yet answered and written; at the
     # bound the stream is not read further until the client takes answers (flow control).
     grpc_stream_max_inflight: int = 16
+    # How gRPC is served: asyncio (HTTP/2 read on the serving loop, gateway/grpc/http2.py) or
+    # grpcio (grpc.aio; ~10x the CPU per call, and its calls do not batch together)
+    grpc_transport: str = "asyncio"
     # Edge replicas: the largest models.json or manifest.json accepted from an origin or peer.
     max_index_bytes: int = 16 * 1024 * 1024
     # Execution.
@@ -219,6 +222,10 @@ class Settings:
             raise SettingsError("max_header_bytes must be at least 1024")
         if self.grpc_stream_max_inflight < 1:
             raise SettingsError("grpc_stream_max_inflight must be at least 1")
+        if self.grpc_transport not in ("asyncio", "grpcio"):
+            raise SettingsError(
+                f"grpc_transport must be asyncio or grpcio, got {self.grpc_transport!r}"
+            )
         if self.max_index_bytes < 1024:
             raise SettingsError("max_index_bytes must be at least 1024")
         if self.execution_provider not in ("auto", "cpu", "cuda"):

@@ -142,8 +142,11 @@ def _wait_ready(gw: Gateway) -> None:
     pytest.fail(f"gateway not ready after {STARTUP_TIMEOUT_S} s:\n{gw.log()}")
 
 
-@pytest.fixture(scope="module")
-def gateway(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+@pytest.fixture(scope="module", params=["asyncio", "grpcio"])
+def gateway(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Gateway]:
+    """The gateway with each gRPC transport: every test here runs against both."""
     http_port, grpc_port = free_port(), free_port()
     while grpc_port == http_port:
         grpc_port = free_port()
@@ -164,6 +167,8 @@ def gateway(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         str(MAX_MESSAGE_BYTES),
         "--execution-provider",
         "cpu",
+        "--grpc-transport",
+        request.param,
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -1,4 +1,7 @@
-"""``inference.GRPCInferenceService`` over :class:`gateway.dataplane.DataPlane`, with ``grpc.aio``.
+"""``inference.GRPCInferenceService`` over :class:`gateway.dataplane.DataPlane`.
+
+The servicer is served by either transport: ``gateway.grpc.calls`` (HTTP/2 on the serving loop,
+the default) or ``grpc.aio`` through :class:`GrpcServer` here (``grpc_transport = "grpcio"``).
 
 Each RPC only translates messages (tritonclient's generated ``service_pb2``) to and from the
 data plane's calls, the same calls the REST endpoints make on the same instance (for inference,
@@ -11,8 +14,9 @@ but not yet answered and written (see :meth:`InferenceServicer.ModelStreamInfer`
 
 Why one module of this size: it is the gRPC front end, one servicer whose RPCs mirror the REST
 routes (inference, repository, statistics, shared memory, logging, trace settings), each a few
-lines of translation, plus the server that hosts it and its access/auth interceptor. The next
-split is the interceptor and ``GrpcServer`` (the transport) away from the servicer.
+lines of translation, plus the access rules both transports apply (``refusal``) and the
+``grpc.aio`` transport with its interceptor. The next split is that transport (interceptor and
+``GrpcServer``) into a module of its own, as ``calls`` is.
 """
 
 from __future__ import annotations
@@ -70,10 +74,7 @@ def _unary(method: H) -> H:
         try:
             return await method(self, request, context)
         except GatewayError as exc:
-            metadata: tuple[tuple[str, str], ...] = ()
-            if isinstance(exc, Unavailable) and exc.retry_after_s is not None:
-                metadata = (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
-            await context.abort(status_of(exc), exc.message, metadata)
+            await context.abort(status_of(exc), exc.message, failure_metadata(exc))
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
@@ -81,6 +82,32 @@ def _unary(method: H) -> H:
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
     return wrapper  # type: ignore[return-value]
+
+
+def stream_response(request: Any, outcome: Any) -> Any:
+    """A ``ModelStreamInfer`` answer: the encoded response (``_infer``'s), or for an error its
+    message in ``error_message`` with the request's name, version and id echoed (the stream
+    goes on)."""
+    if not isinstance(outcome, Exception):
+        if isinstance(outcome, RawResponse):
+            outcome = outcome.to_message()
+        return pb.ModelStreamInferResponse(infer_response=outcome)
+    if isinstance(outcome, GatewayError):
+        message = outcome.message
+    else:
+        log.error("gRPC ModelStreamInfer request failed", exc_info=outcome)
+        message = f"internal error: {type(outcome).__name__}"
+    echo = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+
+
+def failure_metadata(exc: GatewayError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata of a failed call: ``retry-after`` when the error has one."""
+    if isinstance(exc, Unavailable) and exc.retry_after_s is not None:
+        return (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
+    return ()
 
 
 def _metadata_value(context: Any, name: str) -> str | None:
@@ -159,11 +186,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     # -- inference --------------------------------------------------------------------------
 
-    async def _infer(self, request: Any, context: Any = None) -> Any:
+    def submit(self, request: Any, context: Any = None) -> Pending:
         """The one call into the data plane (decoding there, once the model is known: an
-        unknown model is NOT_FOUND whatever the message), then the answer encoded (raw
-        outputs as a ``RawResponse``: see ``gateway.grpc.wire``). The call's metadata are its
-        headers (a traffic split's sticky header)."""
+        unknown model is NOT_FOUND whatever the message). The call's metadata are its headers
+        (a traffic split's sticky header). Synchronous, so a transport can submit every
+        request of one read before any waits (they then batch together)."""
         decode = functools.partial(decode_infer_request, request)
         version = _version(request.model_version)
         header = None if context is None else functools.partial(_metadata_value, context)
@@ -172,9 +199,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             call = context if context is not None else _STREAM.get()
             metadata = call.invocation_metadata() if call is not None else None
             trace = tracing.from_metadata(metadata, request.ByteSize())
-        pending = self.dataplane.submit(request.model_name, version, decode, None, header, trace)
+        return self.dataplane.submit(request.model_name, version, decode, None, header, trace)
+
+    async def _infer(self, request: Any, context: Any = None) -> Any:
+        """``submit``, then the answer encoded (raw outputs as a ``RawResponse``: see
+        ``gateway.grpc.wire``)."""
+        pending = self.submit(request, context)
         if pending.span is not None:
-            return await _traced(pending)
+            return await traced_answer(pending)
         result = await pending
         # raw_output_contents always, as Triton; without protobuf's copies where that pays
         # (gateway/grpc/wire.py)
@@ -186,19 +218,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def _stream_one(self, request: Any, context: Any = None) -> Any:
         try:
-            response = await self._infer(request, context)
-            if isinstance(response, RawResponse):
-                response = response.to_message()
-            return pb.ModelStreamInferResponse(infer_response=response)
-        except GatewayError as exc:
-            message = exc.message
+            return stream_response(request, await self._infer(request, context))
         except Exception as exc:
-            log.exception("gRPC ModelStreamInfer request failed")
-            message = f"internal error: {type(exc).__name__}"
-        echo = pb.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version, id=request.id
-        )
-        return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+            return stream_response(request, exc)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: Any
@@ -373,7 +395,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return pb.CudaSharedMemoryUnregisterResponse()
 
 
-async def _traced(pending: Pending) -> Any:
+async def traced_answer(pending: Pending) -> Any:
     """``_infer``'s wait and answer for a traced request: its span ends with the status code
     and the answer's size."""
     status, size = "OK", 0
@@ -414,7 +436,7 @@ class _Capture:
         self.handlers.update(handlers)
 
 
-def _method_handlers(servicer: InferenceServicer) -> dict[str, Any]:
+def method_handlers(servicer: InferenceServicer) -> dict[str, Any]:
     """The generated code's handlers, with ``ModelInfer`` and ``ModelStreamInfer`` reading and
     writing raw tensors without protobuf's copies (``gateway.grpc.wire``)."""
     capture = _Capture()
@@ -465,29 +487,41 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
-        method = details.method.rsplit("/", 1)[-1]
-        if handler is None or method in OPEN_METHODS:
-            return handler
-        admin = method in ADMIN_METHODS
-        if admin and not self.admin_here:
-            message = "the repository API is not served here"
-            return _refusal(handler, grpc.StatusCode.UNIMPLEMENTED, message)
-        if not self.credentials.enabled:
+        if handler is None:
             return handler
         metadata = dict(details.invocation_metadata or ())
-        token = token_of(
+        refused = refusal(
+            details.method.rsplit("/", 1)[-1],
+            self.credentials,
+            self.admin_here,
             _metadata_bytes(metadata.get("authorization")),
             _metadata_bytes(metadata.get("x-api-key")),
         )
-        verdict = self.credentials.check(token, admin)
-        if verdict is Verdict.ALLOWED:
-            return handler
-        code = (
-            grpc.StatusCode.PERMISSION_DENIED
-            if verdict is Verdict.FORBIDDEN
-            else grpc.StatusCode.UNAUTHENTICATED
-        )
-        return _refusal(handler, code, verdict.value)
+        return handler if refused is None else _refusal(handler, *refused)
+
+
+def refusal(
+    method: str,
+    credentials: Credentials,
+    admin_here: bool,
+    authorization: bytes | None,
+    api_key: bytes | None,
+) -> tuple[Any, str] | None:
+    """Why a call to ``method`` is refused (a status code and message), or None: the REST
+    front end's rules, for either gRPC transport."""
+    if method in OPEN_METHODS:
+        return None
+    admin = method in ADMIN_METHODS
+    if admin and not admin_here:
+        return grpc.StatusCode.UNIMPLEMENTED, "the repository API is not served here"
+    if not credentials.enabled:
+        return None
+    verdict = credentials.check(token_of(authorization, api_key), admin)
+    if verdict is Verdict.ALLOWED:
+        return None
+    if verdict is Verdict.FORBIDDEN:
+        return grpc.StatusCode.PERMISSION_DENIED, verdict.value
+    return grpc.StatusCode.UNAUTHENTICATED, verdict.value
 
 
 def _refusal(handler: Any, code: Any, message: str) -> Any:
@@ -548,7 +582,7 @@ class GrpcServer:
             ],
         )
         servicer = InferenceServicer(self.dataplane, settings.grpc_stream_max_inflight)
-        handlers = _method_handlers(servicer)
+        handlers = method_handlers(servicer)
         if not admin_here:  # refused whoever asks, so without a per-call check
             message, code = "the repository API is not served here", grpc.StatusCode.UNIMPLEMENTED
             for method in ADMIN_METHODS:

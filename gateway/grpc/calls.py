@@ -1,0 +1,749 @@
+"""gRPC calls on :mod:`gateway.grpc.http2` streams: the ``asyncio`` transport (the default).
+
+The same servicer (:class:`gateway.grpc.server.InferenceServicer`) answers as over
+``grpc.aio``; this module is gRPC's part of the wire: the call's path, metadata and
+``grpc-timeout`` from the request headers, length-prefixed messages (``gzip`` / ``deflate``
+compressed ones inflated, other encodings UNIMPLEMENTED), ``grpc-status`` and a
+percent-encoded ``grpc-message`` in the trailers, and :class:`CallContext`, the part of
+``grpc.aio``'s ``ServicerContext`` the servicer uses.
+
+``ModelInfer`` takes a short path: the request is submitted to the data plane while the
+connection's read is handled, and answered from the request's done callback, with no task.
+So all the calls one read brings reach the batcher before it runs, and batch together (the
+reason for this transport besides its cost: ``grpc.aio`` hands the loop one call per poll).
+A traced request, every other unary RPC and ``ModelStreamInfer`` run in a task each.
+
+Limits: a message over ``max_message_bytes`` (received, inflated or sent) ends its call with
+RESOURCE_EXHAUSTED; a stream's unread messages hold back its sender through HTTP/2 flow control
+(``Stream.consumed``), which is what bounds ``ModelStreamInfer``'s reading
+(``stream_max_inflight``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import logging
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc  # type: ignore[import-untyped]  # no stubs in the venv
+
+from gateway import tracing
+from gateway.credentials import Credentials
+from gateway.dataplane import DataPlane
+from gateway.errors import GatewayError
+from gateway.grpc import http2
+from gateway.grpc.errors import status_of
+from gateway.grpc.server import (
+    ADMIN_METHODS,
+    InferenceServicer,
+    failure_metadata,
+    method_handlers,
+    refusal,
+    stream_response,
+    traced_answer,
+)
+from gateway.grpc.wire import encode_raw_response, serialize_infer_response
+from gateway.pending import Pending
+
+__all__ = ["CallContext", "Http2GrpcServer", "grpc_timeout_s", "percent_encode"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/inference.GRPCInferenceService/"
+OK = grpc.StatusCode.OK
+_ENCODINGS = {b"identity": 0, b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+_ACCEPT = b"identity,deflate,gzip"
+_RESPONSE_HEAD = [
+    (b":status", b"200"),
+    (b"content-type", b"application/grpc"),
+    (b"grpc-accept-encoding", _ACCEPT),
+]
+RESPONSE_HEADERS = http2.header_block(_RESPONSE_HEAD)
+OK_TRAILERS = http2.header_block([(b"grpc-status", b"0")])
+TRAILERS_ONLY_OK = http2.header_block([*_RESPONSE_HEAD, (b"grpc-status", b"0")])
+# request headers that are the transport's, not the call's metadata
+_RESERVED = frozenset(
+    {b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"}
+)
+_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+_SMALL_BYTES = 64 * 1024  # messages below this are sent with their prefix in one piece
+
+
+def grpc_timeout_s(value: bytes) -> float | None:
+    """A ``grpc-timeout`` header (``1..8 digits`` then a unit ``HMSmun``) in seconds, or None
+    when malformed."""
+    digits, unit = value[:-1], value[-1:]
+    if not 1 <= len(digits) <= 8 or not digits.isdigit() or unit not in _UNITS:
+        return None
+    return int(digits) * _UNITS[unit]
+
+
+def percent_encode(message: str) -> bytes:
+    """``grpc-message``: UTF-8, with bytes outside printable ASCII and ``%`` as ``%XX``."""
+    out = bytearray()
+    for byte in message.encode("utf-8", "replace"):
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+def _status_block(
+    code: Any, message: str, metadata: tuple[tuple[str, str], ...], trailers_only: bool
+) -> bytes:
+    headers = list(_RESPONSE_HEAD) if trailers_only else []
+    headers.append((b"grpc-status", str(code.value[0]).encode()))
+    if message:
+        headers.append((b"grpc-message", percent_encode(message)))
+    for key, value in metadata:
+        headers.append((key.encode(), value.encode()))
+    return http2.header_block(headers)
+
+
+class CallContext:
+    """The part of ``grpc.aio.ServicerContext`` the servicer uses."""
+
+    __slots__ = ("_call", "code", "details", "trailing_metadata")
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+        self.code: Any = None
+        self.details = ""
+        self.trailing_metadata: tuple[tuple[str, str], ...] = ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._call.metadata()
+
+    async def abort(
+        self, code: Any, details: str = "", trailing_metadata: Any = ()
+    ) -> NoReturn:
+        self.code, self.details = code, details
+        self.trailing_metadata = tuple(trailing_metadata or ())
+        raise grpc.aio.AbortError(details)
+
+    def set_code(self, code: Any) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self.trailing_metadata = tuple(metadata or ())
+
+    def time_remaining(self) -> float | None:
+        deadline = self._call.deadline
+        return None if deadline is None else max(0.0, deadline - self._call.loop.time())
+
+    def cancelled(self) -> bool:
+        return self._call.finished and not self._call.answered
+
+    def done(self) -> bool:
+        return self._call.finished
+
+    def peer(self) -> str:
+        transport = self._call.stream.conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown"
+
+
+class _Refused(Exception):
+    """A call ended by the transport itself (bad message, size, encoding)."""
+
+    def __init__(self, code: Any, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Call:
+    """One gRPC call: the :class:`http2.StreamHandler` of its stream."""
+
+    __slots__ = (
+        "_closed",
+        "_headers",
+        "_held",
+        "_inflight",
+        "_metadata",
+        "_parts",
+        "_running",
+        "_size",
+        "_waiter",
+        "answered",
+        "context",
+        "deadline",
+        "encoding",
+        "finished",
+        "handler",
+        "loop",
+        "messages",
+        "method",
+        "pending",
+        "server",
+        "started",
+        "stream",
+        "task",
+        "timer",
+    )
+
+    def __init__(
+        self, server: Http2GrpcServer, stream: http2.Stream, headers: http2.Headers
+    ) -> None:
+        self.server = server
+        self.stream = stream
+        self.loop = stream.conn.loop
+        self._headers = headers
+        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
+        self._parts: list[memoryview] = []  # the body's bytes not yet cut into messages
+        self._size = 0
+        self._held = 0  # received bytes not credited back: they came while messages waited
+        # ModelStreamInfer without a task: requests submitted and not yet answered and written
+        self._inflight = 0
+        self._running: set[Pending] | None = None  # their Pendings; None: not that path
+        self._closed = False  # no more messages (END_STREAM)
+        self._waiter: asyncio.Future[None] | None = None
+        self.messages: deque[bytes] = deque()  # whole messages, prefix removed, inflated
+        self.method = ""
+        self.handler: Any = None
+        self.encoding = 0  # zlib wbits for compressed messages, 0: identity
+        self.context = CallContext(self)
+        self.deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.pending: Pending | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.started = False  # response headers sent
+        self.finished = False  # trailers sent, or the stream gone
+        self.answered = False  # finished with trailers (not reset)
+
+    # -- request headers --------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Check the request's headers and start what can start before its messages."""
+        path = b""
+        content_type = b""
+        method = b""
+        for key, value in self._headers:
+            if key == b":path":
+                path = value
+            elif key == b"content-type":
+                content_type = value
+            elif key == b":method":
+                method = value
+            elif key == b"grpc-timeout":
+                timeout_s = grpc_timeout_s(value)
+                if timeout_s is not None:
+                    self.deadline = self.loop.time() + timeout_s
+                    self.timer = self.loop.call_at(self.deadline, self._expired)
+            elif key == b"grpc-encoding":
+                if value not in _ENCODINGS:
+                    self._fail(grpc.StatusCode.UNIMPLEMENTED,
+                               f"unsupported grpc-encoding {value[:32]!r}")  # fmt: skip
+                    return
+                self.encoding = _ENCODINGS[value]
+        if method != b"POST" or not content_type.startswith(b"application/grpc"):
+            status = b"405" if method != b"POST" else b"415"
+            self.stream.send_headers(http2.header_block([(b":status", status)]), end=True)
+            self._finished(answered=True)
+            return
+        name = path.decode("ascii", "replace")
+        self.method = name.removeprefix(SERVICE_PREFIX) if name.startswith(SERVICE_PREFIX) else ""
+        self.handler = self.server.handlers.get(self.method)
+        if self.handler is None:
+            self._fail(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {name[:128]}")
+            return
+        refused = self.server.refuse(self.method, self._headers)
+        if refused is not None:
+            self._fail(*refused)
+            return
+        if self.method == "ModelStreamInfer" and not tracing.enabled:
+            self._running = set()  # the short path: see _take_requests
+        elif self.handler.stream_stream is not None:
+            self.task = self.loop.create_task(self._run_stream())
+
+    def metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The call's metadata as ``grpc.aio`` gives it (``-bin`` values decoded to bytes)."""
+        if self._metadata is None:
+            items: list[tuple[str, str | bytes]] = []
+            for key, value in self._headers:
+                if key.startswith(b":") or key in _RESERVED:
+                    continue
+                name = key.decode("latin-1")
+                if name.endswith("-bin"):
+                    try:
+                        items.append((name, base64.b64decode(value + b"==")))
+                    except ValueError:
+                        continue
+                else:
+                    items.append((name, value.decode("latin-1")))
+            self._metadata = tuple(items)
+        return self._metadata
+
+    # -- http2.StreamHandler ----------------------------------------------------------------
+
+    def data(self, payload: memoryview) -> None:
+        if self.finished:
+            return
+        self._parts.append(payload)
+        self._size += len(payload)
+        try:
+            self._cut()
+        except _Refused as exc:
+            self._fail(exc.code, exc.message)
+            return
+        if self.handler is not None and self.handler.stream_stream is not None and self.messages:
+            self._held += len(payload)  # credited back once the messages read are taken
+        else:  # unary, or a message not whole yet: buffered here, bounded by the size limit
+            self.stream.consumed(len(payload))
+        if self._waiter is not None and self.messages and not self._waiter.done():
+            self._waiter.set_result(None)
+        if self._running is not None and self.messages:
+            self._take_requests()
+
+    def end(self) -> None:
+        self._closed = True
+        if self.finished:
+            return
+        if self._size:  # a message cut short
+            self._fail(grpc.StatusCode.INTERNAL, "incomplete message at the end of the stream")
+            return
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if self._running is not None:
+            self._stream_done_if_idle()
+            return
+        if self.handler is None or self.handler.stream_stream is not None:
+            return
+        if len(self.messages) != 1:
+            self._fail(grpc.StatusCode.INTERNAL,
+                       f"expected one request message, got {len(self.messages)}")  # fmt: skip
+            return
+        data = self.messages.popleft()
+        try:
+            request = self.handler.request_deserializer(data)
+        except Exception:
+            self._fail(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+            return
+        if self.method == "ModelInfer":
+            self._infer(request)
+        else:
+            self.task = self.loop.create_task(self._run_unary(request))
+
+    def reset(self) -> None:
+        """The client cancelled (RST_STREAM) or went away: stop the work."""
+        self._finished(answered=False)
+        self._cancel_running()
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _cut(self) -> None:
+        """Move every whole length-prefixed message from ``_parts`` to ``messages``."""
+        limit = self.server.max_message_bytes
+        while self._size >= 5:
+            head = self._peek(5)
+            flag, length = head[0], int.from_bytes(head[1:5], "big")
+            if length > limit:
+                message = f"Received message larger than max ({length} vs. {limit})"
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+            if self._size < 5 + length:
+                return
+            body = self._take(5, length)
+            if flag & 1:
+                body = self._inflate(body, limit)
+            elif flag:
+                raise _Refused(grpc.StatusCode.INTERNAL, f"message flags {flag:#x}")
+            self.messages.append(body)
+
+    def _peek(self, n: int) -> bytes:
+        first = self._parts[0]
+        if len(first) >= n:
+            return bytes(first[:n])
+        got = bytearray()
+        for part in self._parts:
+            got += part[: n - len(got)]
+            if len(got) == n:
+                break
+        return bytes(got)
+
+    def _take(self, skip: int, n: int) -> bytes:
+        """The ``n`` body bytes after the next ``skip``, as one ``bytes`` (one copy)."""
+        parts = self._parts
+        self._size -= skip + n
+        while skip:
+            part = parts[0]
+            if len(part) <= skip:
+                parts.pop(0)
+                skip -= len(part)
+            else:
+                parts[0] = part[skip:]
+                skip = 0
+        if parts and len(parts[0]) >= n:  # the usual case: the message in one frame
+            part = parts[0]
+            if len(part) == n:
+                parts.pop(0)
+            else:
+                parts[0] = part[n:]
+            return bytes(part[:n])
+        taken: list[memoryview] = []
+        while n:
+            part = parts[0]
+            if len(part) <= n:
+                taken.append(parts.pop(0))
+                n -= len(part)
+            else:
+                taken.append(part[:n])
+                parts[0] = part[n:]
+                n = 0
+        return b"".join(taken)
+
+    def _inflate(self, body: bytes, limit: int) -> bytes:
+        if not self.encoding:
+            raise _Refused(grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
+        inflater = zlib.decompressobj(self.encoding)
+        try:
+            data = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            raise _Refused(grpc.StatusCode.INTERNAL, "message does not inflate") from None
+        if len(data) > limit or inflater.unconsumed_tail:
+            message = f"Received message larger than max (inflated, over {limit})"
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        return data
+
+    async def next_message(self) -> bytes | None:
+        """The next request message of a stream, None at its end; credits its bytes back to
+        the client's window when taken."""
+        while not self.messages:
+            if self._closed or self.finished:
+                return None
+            self._waiter = self.loop.create_future()
+            await self._waiter
+            self._waiter = None
+        data = self.messages.popleft()
+        if not self.messages and self._held:
+            self.stream.consumed(self._held)
+            self._held = 0
+        return data
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def _send_message(self, data: bytes | memoryview) -> None:
+        limit = self.server.max_message_bytes
+        if len(data) > limit:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"Sent message larger than max ({len(data)} vs. {limit})")  # fmt: skip
+        if not self.started:
+            self.started = True
+            self.stream.send_headers(RESPONSE_HEADERS)
+        prefix = b"\0" + len(data).to_bytes(4, "big")
+        if len(data) < _SMALL_BYTES:
+            self.stream.send_data(prefix + data)
+        else:
+            self.stream.send_data(prefix)
+            self.stream.send_data(data)
+
+    def _respond(self, data: bytes | memoryview) -> None:
+        """A unary call's answer and OK trailers."""
+        try:
+            self._send_message(data)
+        except _Refused as exc:
+            self._fail(exc.code, exc.message)
+            return
+        self.stream.send_headers(OK_TRAILERS, end=True)
+        self._finished(answered=True)
+
+    def _fail(self, code: Any, message: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        """End the call with ``code`` (trailers-only when nothing was sent yet)."""
+        if self.finished:
+            return
+        block = _status_block(code, message, metadata, trailers_only=not self.started)
+        self.stream.send_headers(block, end=True)
+        self._finished(answered=True)
+        self._cancel_running()
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    def _fail_with(self, exc: BaseException) -> None:
+        if isinstance(exc, GatewayError):
+            self._fail(status_of(exc), exc.message, failure_metadata(exc))
+        elif isinstance(exc, _Refused):
+            self._fail(exc.code, exc.message)
+        else:
+            log.error("gRPC %s failed", self.method, exc_info=exc)
+            self._fail(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    def _finished(self, answered: bool) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.answered = answered
+        self._parts.clear()
+        self.messages.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expired(self) -> None:
+        self.timer = None
+        self._fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    # -- running the call -------------------------------------------------------------------
+
+    def _infer(self, request: Any) -> None:
+        """``ModelInfer`` without a task: submitted now, answered from the done callback."""
+        try:
+            pending = self.server.servicer.submit(request, self.context)
+        except Exception as exc:
+            self._fail_with(exc)
+            return
+        if pending.span is not None:  # traced: the servicer's path ends its span
+            self.task = self.loop.create_task(self._run_unary(request, pending))
+            return
+        self.pending = pending
+        pending.add_done_callback(self._inferred)
+
+    def _inferred(self, pending: Pending) -> None:
+        self.pending = None
+        if pending.cancelled() or self.finished:
+            return
+        outcome = pending.outcome()
+        if isinstance(outcome, Exception):
+            self._fail_with(outcome)
+            return
+        try:
+            data = serialize_infer_response(encode_raw_response(outcome))
+        except Exception as exc:
+            self._fail_with(exc)
+            return
+        self._respond(data)
+
+    # ModelStreamInfer without a task (no tracing): each request is submitted as it is read,
+    # answered from its done callback; at most stream_max_inflight are read and not yet
+    # answered and written, the rest wait in the client's window (their bytes not credited).
+
+    def _take_requests(self) -> None:
+        bound = self.server.servicer.stream_max_inflight
+        deserialize = self.handler.request_deserializer
+        while self.messages and self._inflight < bound and not self.finished:
+            data = self.messages.popleft()
+            if not self.messages and self._held:
+                self.stream.consumed(self._held)
+                self._held = 0
+            try:
+                request = deserialize(data)
+            except Exception:
+                self._fail(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+                return
+            del data
+            self._inflight += 1
+            try:
+                pending = self.server.servicer.submit(request, self.context)
+            except Exception as exc:
+                self._stream_answered(request, exc)
+                continue
+            assert self._running is not None
+            self._running.add(pending)
+            pending.add_done_callback(functools.partial(self._stream_pending_done, request))
+
+    def _stream_pending_done(self, request: Any, pending: Pending) -> None:
+        if self._running is not None:
+            self._running.discard(pending)
+        if pending.cancelled() or self.finished:
+            return
+        outcome = pending.outcome()
+        if not isinstance(outcome, Exception):
+            try:
+                outcome = encode_raw_response(outcome)
+            except Exception as exc:
+                outcome = exc
+        self._stream_answered(request, outcome)
+
+    def _stream_answered(self, request: Any, outcome: Any) -> None:
+        """Write one answer; its slot frees once it is written (at once, unless the client's
+        window or the socket holds it back)."""
+        if self.finished:
+            return
+        try:
+            self._send_message(stream_response(request, outcome).SerializeToString())
+        except _Refused as exc:
+            self._fail(exc.code, exc.message)
+            return
+        conn = self.stream.conn
+        if self.stream.outbox or conn.paused:
+            waiter = self.loop.create_future()
+            self.stream.waiters.append(waiter)
+            waiter.add_done_callback(self._stream_written)
+            return
+        self._stream_written(None)
+
+    def _stream_written(self, _: object) -> None:
+        self._inflight -= 1
+        if self.finished:
+            return
+        if self.messages:
+            self._take_requests()
+        self._stream_done_if_idle()
+
+    def _stream_done_if_idle(self) -> None:
+        if self._closed and not self._inflight and not self.messages and not self.finished:
+            block = OK_TRAILERS if self.started else TRAILERS_ONLY_OK
+            self.stream.send_headers(block, end=True)
+            self._finished(answered=True)
+
+    def _cancel_running(self) -> None:
+        running, self._running = self._running, None
+        for pending in running or ():
+            pending.cancel()
+
+    async def _run_unary(self, request: Any, pending: Pending | None = None) -> None:
+        context = self.context
+        try:
+            if pending is not None:
+                response = await traced_answer(pending)
+            else:
+                response = await self.handler.unary_unary(request, context)
+            if context.code is not None and context.code is not OK:
+                self._fail(context.code, context.details, context.trailing_metadata)
+                return
+            data = self.handler.response_serializer(response)
+        except grpc.aio.AbortError:
+            self._fail(context.code or grpc.StatusCode.UNKNOWN, context.details,
+                       context.trailing_metadata)  # fmt: skip
+            return
+        except asyncio.CancelledError:
+            if not self.finished:
+                self._fail(grpc.StatusCode.CANCELLED, "cancelled")
+            raise
+        except Exception as exc:
+            self._fail_with(exc)
+            return
+        self._respond(data)
+
+    async def _run_stream(self) -> None:
+        context = self.context
+        try:
+            async for response in self.handler.stream_stream(self._requests(), context):
+                if self.finished:
+                    return
+                self._send_message(self.handler.response_serializer(response))
+                await self.stream.drain()
+            if context.code is not None and context.code is not OK:
+                self._fail(context.code, context.details, context.trailing_metadata)
+                return
+        except grpc.aio.AbortError:
+            self._fail(context.code or grpc.StatusCode.UNKNOWN, context.details,
+                       context.trailing_metadata)  # fmt: skip
+            return
+        except http2.StreamReset:
+            return
+        except asyncio.CancelledError:
+            if not self.finished:
+                self._fail(grpc.StatusCode.CANCELLED, "cancelled")
+            raise
+        except Exception as exc:
+            self._fail_with(exc)
+            return
+        if not self.finished:
+            self.stream.send_headers(OK_TRAILERS if self.started else TRAILERS_ONLY_OK, end=True)
+            self._finished(answered=True)
+
+    async def _requests(self) -> AsyncIterator[Any]:
+        deserialize = self.handler.request_deserializer
+        while (data := await self.next_message()) is not None:
+            try:
+                request = deserialize(data)
+            except Exception:
+                raise _Refused(grpc.StatusCode.INTERNAL,
+                               "Exception deserializing request!") from None  # fmt: skip
+            del data
+            yield request
+        if self.finished and not self.answered:
+            raise http2.StreamReset
+
+
+class Http2GrpcServer:
+    """The gRPC front end's life cycle on :mod:`gateway.grpc.http2` (``grpc_transport =
+    "asyncio"``), for the app's start-up and shut-down hooks; same interface as
+    :class:`gateway.grpc.server.GrpcServer`. ``start`` must run on the serving loop."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        grace_s: float = 30.0,
+    ) -> None:
+        self.dataplane = dataplane
+        self.host = host
+        self.requested_port = port
+        self.max_message_bytes = max_message_bytes
+        self.grace_s = grace_s
+        self.port: int | None = None
+        settings = dataplane.settings
+        self.credentials = Credentials(settings.api_keys, settings.admin_keys)
+        self.admin_here = bool(settings.admin_api and not settings.admin_port)
+        self.servicer = InferenceServicer(dataplane, settings.grpc_stream_max_inflight)
+        self.handlers = method_handlers(self.servicer)
+        self.connections: set[http2.Connection] = set()
+        self._server: asyncio.Server | None = None
+
+    def refuse(self, method: str, headers: http2.Headers) -> tuple[Any, str] | None:
+        if not self.credentials.enabled and (self.admin_here or method not in ADMIN_METHODS):
+            return None
+        authorization = api_key = None
+        for key, value in headers:
+            if key == b"authorization":
+                authorization = value
+            elif key == b"x-api-key":
+                api_key = value
+        return refusal(method, self.credentials, self.admin_here, authorization, api_key)
+
+    def _open_stream(self, stream: http2.Stream, headers: http2.Headers) -> http2.StreamHandler:
+        call = Call(self, stream, headers)
+        call.open()
+        return call
+
+    def _connection(self) -> http2.Connection:
+        conn = http2.Connection(self._open_stream, asyncio.get_running_loop(),
+                                on_close=self.connections.discard)  # fmt: skip
+        self.connections.add(conn)
+        return conn
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                self._connection, self.host, self.requested_port, reuse_address=True
+            )
+        except OSError as exc:
+            raise OSError(f"cannot bind gRPC to {self.host}:{self.requested_port}: {exc}") from None
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("gRPC listening on %s:%d (asyncio transport)", self.host, self.port)
+
+    async def stop(self) -> None:
+        """Refuse new calls (GOAWAY), let running ones finish within ``grace_s``."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        connections = list(self.connections)
+        for conn in connections:
+            conn.shutdown()
+        waiting = [conn.closed for conn in connections if not conn.closed.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self.grace_s)
+        for conn in connections:
+            conn.abort()
+        await server.wait_closed()

@@ -1,0 +1,702 @@
+"""The gRPC front end's own HTTP/2 (``grpc_transport = "asyncio"``) at the protocol's edges.
+
+A real gateway subprocess, driven by real clients (``tritonclient.grpc``, ``grpc.aio``) and by
+a raw HTTP/2 client written here (frames by hand, ``hpack`` for header blocks) for what no
+well-behaved client sends: a bad preface, frames that break the protocol, a header block in
+CONTINUATION frames, a reset stream, several calls in one write. After every connection error
+the gateway must go on serving. The HPACK block cache is tested directly at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import hpack
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from onnx import TensorProto, helper
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from gateway.grpc import http2
+from gateway.grpc.calls import grpc_timeout_s, percent_encode
+from gateway.grpc.http2 import HeaderDecoder, _changes_table
+from gateway.settings import Settings, SettingsError, load_settings
+from tests import models
+from tests.helpers import GatewayProcess, free_port, start_gateway
+
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+IMAGE_FLOATS = 3 * 224 * 224  # a 602 KB FP32 image
+
+IDENTITY_CONFIG = """
+name: "identity"
+max_batch_size: 0
+input { name: "X" data_type: TYPE_FP32 dims: [ -1 ] }
+output { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] }
+"""
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    0, 1, 3, 4, 6, 7, 8, 9)  # fmt: skip
+END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
+PROTOCOL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR = 1, 6, 9
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def _identity_onnx() -> bytes:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"])],
+        "identity",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None])],
+    )
+    return models.graph_bytes(graph)
+
+
+GROW_CONFIG = """
+name: "grow"
+max_batch_size: 0
+input { name: "X" data_type: TYPE_FP32 dims: [ -1 ] }
+output { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] }
+"""
+
+
+def _grow_onnx() -> bytes:
+    """FP32 [n] -> [4n] (the input tiled): an answer four times its request."""
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["X", "repeats"], ["Y"])],
+        "grow",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None])],
+        [helper.make_tensor("repeats", TensorProto.INT64, [1], [4])],
+    )
+    return models.graph_bytes(graph)
+
+
+def _start(tmp: Path, *args: str) -> tuple[GatewayProcess, str]:
+    repo = tmp / "repo"
+    if not repo.exists():
+        models.add_sub(repo)
+        (repo / "identity" / "1").mkdir(parents=True)
+        (repo / "identity" / "1" / "model.onnx").write_bytes(_identity_onnx())
+        (repo / "identity" / "config.pbtxt").write_text(IDENTITY_CONFIG)
+        (repo / "grow" / "1").mkdir(parents=True)
+        (repo / "grow" / "1" / "model.onnx").write_bytes(_grow_onnx())
+        (repo / "grow" / "config.pbtxt").write_text(GROW_CONFIG)
+    grpc_port = free_port()
+    gw = start_gateway(
+        repo, tmp, "--grpc-port", str(grpc_port), "--grpc-transport", "asyncio",
+        "--grpc-max-message-bytes", str(MAX_MESSAGE_BYTES), "--execution-provider", "cpu",
+        *args,
+    )  # fmt: skip
+    return gw, f"127.0.0.1:{grpc_port}"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, str]]:
+    gw, address = _start(tmp_path_factory.mktemp("h2"))
+    try:
+        yield gw, address
+    finally:
+        gw.stop()
+
+
+# -- a raw HTTP/2 client --------------------------------------------------------------------
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return struct.pack(">BHBBI", n >> 16, n & 0xFFFF, kind, flags, stream_id) + payload
+
+
+def message(data: bytes, compressed: bool = False) -> bytes:
+    return bytes([1 if compressed else 0]) + struct.pack(">I", len(data)) + data
+
+
+def simple_request(request_id: str = "") -> bytes:
+    request = pb.ModelInferRequest(model_name="simple", id=request_id)
+    for name in ("INPUT0", "INPUT1"):
+        request.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+        request.raw_input_contents.append(np.arange(16, dtype=np.int32).tobytes())
+    return request.SerializeToString()
+
+
+class Raw:
+    """One HTTP/2 connection, frames written and read by hand."""
+
+    def __init__(self, address: str, handshake: bool = True) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.encoder = hpack.Encoder()
+        self.decoder = hpack.Decoder()
+        self.buffer = b""
+        if handshake:
+            self.send(PREFACE + frame(SETTINGS, 0, 0))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, *data: bytes) -> None:
+        self.sock.sendall(b"".join(data))
+
+    def headers(self, path: str, *extra: tuple[str, str]) -> bytes:
+        return self.encoder.encode([
+            (":method", "POST"), (":scheme", "http"), (":path", path),
+            (":authority", "gateway"), ("content-type", "application/grpc"), ("te", "trailers"),
+            *extra,
+        ])  # fmt: skip
+
+    def call(self, stream_id: int, path: str, body: bytes, *extra: tuple[str, str]) -> bytes:
+        """The frames of one whole call (HEADERS, DATA frames of at most 16 KiB, the last
+        with END_STREAM)."""
+        data = message(body)
+        chunks = [data[i : i + 16384] for i in range(0, len(data), 16384)]
+        frames = [frame(DATA, 0, stream_id, chunk) for chunk in chunks[:-1]]
+        frames.append(frame(DATA, END_STREAM, stream_id, chunks[-1]))
+        return frame(HEADERS, END_HEADERS, stream_id, self.headers(path, *extra)) + b"".join(
+            frames
+        )
+
+    def read_frame(self) -> tuple[int, int, int, bytes] | None:
+        """The next frame, or None when the server closed the connection."""
+        while True:
+            if len(self.buffer) >= 9:
+                length = int.from_bytes(self.buffer[:3], "big")
+                if len(self.buffer) >= 9 + length:
+                    kind, flags = self.buffer[3], self.buffer[4]
+                    stream_id = int.from_bytes(self.buffer[5:9], "big") & 0x7FFFFFFF
+                    payload = self.buffer[9 : 9 + length]
+                    self.buffer = self.buffer[9 + length :]
+                    return kind, flags, stream_id, payload
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return None
+            if not chunk:
+                return None
+            self.buffer += chunk
+
+    def frames_until_closed(self) -> list[tuple[int, int, int, bytes]]:
+        got = []
+        while (f := self.read_frame()) is not None:
+            got.append(f)
+        return got
+
+    def responses(self, count: int) -> dict[int, dict[str, Any]]:
+        """Read until ``count`` streams have ended: each one's headers, body and trailers."""
+        out: dict[int, dict[str, Any]] = {}
+        ended = 0
+        while ended < count:
+            got = self.read_frame()
+            assert got is not None, f"connection closed with {count - ended} answers missing"
+            kind, flags, stream_id, payload = got
+            if kind == PING and not flags & ACK:
+                self.send(frame(PING, ACK, 0, payload))
+            if kind == SETTINGS and not flags & ACK:
+                self.send(frame(SETTINGS, ACK, 0))
+            if kind == GOAWAY:
+                raise AssertionError(f"GOAWAY {payload!r}")
+            if stream_id == 0:
+                continue
+            entry = out.setdefault(stream_id, {"headers": {}, "data": b"", "reset": None})
+            if kind == HEADERS:
+                entry["headers"].update(dict(self.decoder.decode(payload, raw=True)))
+            elif kind == DATA:
+                entry["data"] += payload
+                if payload:  # keep the server's windows open for big answers
+                    n = struct.pack(">I", len(payload))
+                    self.send(frame(WINDOW_UPDATE, 0, 0, n), frame(WINDOW_UPDATE, 0, stream_id, n))
+            elif kind == RST_STREAM:
+                entry["reset"] = int.from_bytes(payload, "big")
+            if (flags & END_STREAM and kind in (HEADERS, DATA)) or kind == RST_STREAM:
+                ended += 1
+        return out
+
+
+def _goaway_code(frames: list[tuple[int, int, int, bytes]]) -> int | None:
+    for kind, _, _, payload in frames:
+        if kind == GOAWAY:
+            return int(struct.unpack(">II", payload[:8])[1])
+    return None
+
+
+def _infer_ok(address: str) -> None:
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        tensors = []
+        for name in ("INPUT0", "INPUT1"):
+            t = grpcclient.InferInput(name, [1, 16], "INT32")
+            t.set_data_from_numpy(np.ones((1, 16), np.int32))
+            tensors.append(t)
+        result = client.infer("simple", tensors)
+        assert result.as_numpy("OUTPUT0").tolist() == [[2] * 16]
+    finally:
+        client.close()
+
+
+def _stats(address: str) -> tuple[int, int]:
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        stats = client.get_inference_statistics("simple").model_stats[0]
+        return int(stats.execution_count), int(stats.inference_count)
+    finally:
+        client.close()
+
+
+# -- connection errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "code"),
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", PROTOCOL_ERROR, id="http1-preface"),
+        pytest.param(PREFACE + frame(PING, 0, 0, b"12345678"), PROTOCOL_ERROR,
+                     id="no-settings-first"),
+        pytest.param(PREFACE + frame(SETTINGS, 0, 0) + frame(DATA, 0, 0, b"x"), PROTOCOL_ERROR,
+                     id="data-on-stream-0"),
+        pytest.param(PREFACE + frame(SETTINGS, 0, 0) + frame(DATA, 0, 1, b"x"), PROTOCOL_ERROR,
+                     id="data-on-idle-stream"),
+        pytest.param(PREFACE + frame(SETTINGS, 0, 0) + frame(PING, 0, 0, b"x" * 20000),
+                     6, id="frame-over-max-size"),
+        pytest.param(PREFACE + frame(SETTINGS, 0, 0) + frame(PING, 0, 0, b"short"),
+                     FRAME_SIZE_ERROR, id="ping-wrong-size"),
+        pytest.param(PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, END_HEADERS, 1, b"\xff"),
+                     COMPRESSION_ERROR, id="bad-hpack"),
+        pytest.param(PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, 0, 1, b"\x83")
+                     + frame(PING, 0, 0, b"12345678"), PROTOCOL_ERROR, id="continuation-missing"),
+        pytest.param(PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, END_HEADERS, 2, b"\x83"),
+                     PROTOCOL_ERROR, id="even-stream-id"),
+        pytest.param(PREFACE + frame(SETTINGS, 0, 0) + frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\0"),
+                     PROTOCOL_ERROR, id="window-update-of-0"),
+    ],
+)  # fmt: skip
+def test_protocol_error_closes_the_connection_and_the_server_serves_on(
+    gateway: tuple[GatewayProcess, str], sent: bytes, code: int
+) -> None:
+    gw, address = gateway
+    raw = Raw(address, handshake=False)
+    try:
+        raw.send(sent)
+        frames = raw.frames_until_closed()  # the server closes the connection
+    finally:
+        raw.close()
+    assert _goaway_code(frames) == code
+    _infer_ok(address)
+    assert gw.process.poll() is None
+
+
+def test_settings_ping_and_continuation(gateway: tuple[GatewayProcess, str]) -> None:
+    """SETTINGS and PING are acknowledged; a header block split across HEADERS and two
+    CONTINUATION frames makes one call."""
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        raw.send(frame(PING, 0, 0, b"pingpong"))
+        seen: list[tuple[int, int, bytes]] = []
+        while not any(k == PING for k, _, _ in seen) or not any(
+            k == SETTINGS and f & ACK for k, f, _ in seen
+        ):
+            got = raw.read_frame()
+            assert got is not None
+            seen.append((got[0], got[1], got[3]))
+        assert (PING, ACK, b"pingpong") in seen
+        block = raw.headers(INFER)
+        a, b = len(block) // 3, 2 * len(block) // 3
+        raw.send(
+            frame(HEADERS, 0, 1, block[:a]),
+            frame(CONTINUATION, 0, 1, block[a:b]),
+            frame(CONTINUATION, END_HEADERS, 1, block[b:]),
+            frame(DATA, END_STREAM, 1, message(simple_request("split"))),
+        )
+        answer = raw.responses(1)[1]
+    finally:
+        raw.close()
+    assert answer["headers"][b"grpc-status"] == b"0"
+    reply = pb.ModelInferResponse.FromString(answer["data"][5:])
+    assert reply.id == "split" and len(reply.raw_output_contents) == 2
+
+
+def test_calls_in_one_read_reach_the_batcher_together(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """Four ModelInfer calls in one write are one batch of four: they are all submitted while
+    the read is handled, before the batcher runs (grpc.aio's one call per poll made them
+    four batches of one)."""
+    _, address = gateway
+    _infer_ok(address)  # the model has run once: no first-run effects below
+    executions, inferences = _stats(address)
+    raw = Raw(address)
+    try:
+        raw.send(b"".join(raw.call(i, INFER, simple_request(str(i))) for i in (1, 3, 5, 7)))
+        answers = raw.responses(4)
+    finally:
+        raw.close()
+    assert sorted(answers) == [1, 3, 5, 7]
+    for stream_id, answer in answers.items():
+        assert answer["headers"][b"grpc-status"] == b"0"
+        assert pb.ModelInferResponse.FromString(answer["data"][5:]).id == str(stream_id)
+    after = _stats(address)
+    assert (after[0] - executions, after[1] - inferences) == (1, 4)
+
+
+def test_stream_requests_in_one_read_reach_the_batcher_together(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """Four requests in one DATA frame of a ModelStreamInfer stream are one batch of four,
+    answered on the stream by id, then OK trailers when the client ends it."""
+    _, address = gateway
+    _infer_ok(address)
+    executions, inferences = _stats(address)
+    raw = Raw(address)
+    try:
+        body = b"".join(message(simple_request(f"s{i}")) for i in range(4))
+        raw.send(frame(HEADERS, END_HEADERS, 1, raw.headers(STREAM)),
+                 frame(DATA, END_STREAM, 1, body))  # fmt: skip
+        answer = raw.responses(1)[1]
+    finally:
+        raw.close()
+    assert answer["headers"][b"grpc-status"] == b"0"
+    data, ids = answer["data"], []
+    while data:
+        length = int.from_bytes(data[1:5], "big")
+        reply = pb.ModelStreamInferResponse.FromString(data[5 : 5 + length])
+        assert not reply.error_message
+        ids.append(reply.infer_response.id)
+        data = data[5 + length :]
+    assert sorted(ids) == ["s0", "s1", "s2", "s3"]
+    after = _stats(address)
+    assert (after[0] - executions, after[1] - inferences) == (1, 4)
+
+
+def test_a_reset_stream_is_dropped_and_the_connection_goes_on(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """The client cancels a stream (RST_STREAM CANCEL) mid-call; the connection's next call
+    is answered."""
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        raw.send(frame(HEADERS, END_HEADERS, 1, raw.headers(STREAM)),
+                 frame(DATA, 0, 1, message(simple_request("before"))))  # fmt: skip
+        raw.send(frame(RST_STREAM, 0, 1, struct.pack(">I", 8)))
+        raw.send(raw.call(3, INFER, simple_request("after")))
+        answers = raw.responses(1)  # stream 1, reset by us, never ends from the server
+    finally:
+        raw.close()
+    assert list(answers) in ([3], [1, 3])
+    assert answers[3]["headers"][b"grpc-status"] == b"0"
+
+
+def test_grpc_timeout_ends_the_call_with_deadline_exceeded(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """A stream that sends nothing outlives its ``grpc-timeout`` (the server's own deadline,
+    not the client's)."""
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        started = time.monotonic()
+        raw.send(frame(HEADERS, END_HEADERS, 1, raw.headers(STREAM, ("grpc-timeout", "300m"))))
+        answer = raw.responses(1)[1]
+        elapsed = time.monotonic() - started
+    finally:
+        raw.close()
+    deadline_exceeded = str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]).encode()
+    assert answer["headers"][b"grpc-status"] == deadline_exceeded
+    assert 0.25 < elapsed < 5
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "code"),
+    [
+        (INFER.replace("ModelInfer", "NoSuchMethod"), (), grpc.StatusCode.UNIMPLEMENTED),
+        ("/other.Service/ModelInfer", (), grpc.StatusCode.UNIMPLEMENTED),
+        (INFER, (("grpc-encoding", "snappy"),), grpc.StatusCode.UNIMPLEMENTED),
+    ],
+    ids=["unknown-method", "unknown-service", "unknown-encoding"],
+)
+def test_refused_calls(
+    gateway: tuple[GatewayProcess, str], path: str, extra: tuple[tuple[str, str], ...], code: Any
+) -> None:
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        raw.send(raw.call(1, path, simple_request(), *extra))
+        answer = raw.responses(1)[1]
+    finally:
+        raw.close()
+    assert answer["headers"][b"grpc-status"] == str(code.value[0]).encode()
+
+
+def test_gzip_request_is_inflated(gateway: tuple[GatewayProcess, str]) -> None:
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        body = gzip.compress(simple_request("zipped"))
+        raw.send(frame(HEADERS, END_HEADERS, 1, raw.headers(INFER, ("grpc-encoding", "gzip"))),
+                 frame(DATA, END_STREAM, 1, message(body, compressed=True)))  # fmt: skip
+        answer = raw.responses(1)[1]
+    finally:
+        raw.close()
+    assert answer["headers"][b"grpc-status"] == b"0"
+    assert pb.ModelInferResponse.FromString(answer["data"][5:]).id == "zipped"
+    # and through a real client that compresses
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        t = grpcclient.InferInput("X", [4], "FP32")
+        t.set_data_from_numpy(np.full(4, 2.5, np.float32))
+        result = client.infer("identity", [t], compression_algorithm="gzip")
+        assert result.as_numpy("Y").tolist() == [2.5] * 4
+    finally:
+        client.close()
+
+
+def test_grpc_message_is_percent_encoded(gateway: tuple[GatewayProcess, str]) -> None:
+    _, address = gateway
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        t = grpcclient.InferInput("X", [1], "FP32")
+        t.set_data_from_numpy(np.ones(1, np.float32))
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("modèle 100%", [t])
+    finally:
+        client.close()
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"  # not a model name
+    assert "modèle 100%" in info.value.message(), info.value.message()
+
+
+# -- big messages, many streams -------------------------------------------------------------
+
+
+def test_big_request_and_response_cross_the_flow_control_windows(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """A 602 KB image each way (windows: 64 KB the client's, 256 KB the server's stream), and
+    a message over ``grpc_max_message_bytes`` either way is RESOURCE_EXHAUSTED; the server
+    serves on."""
+    _, address = gateway
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        image = np.random.default_rng(0).standard_normal(IMAGE_FLOATS).astype(np.float32)
+        t = grpcclient.InferInput("X", [IMAGE_FLOATS], "FP32")
+        t.set_data_from_numpy(image)
+        for _ in range(3):
+            np.testing.assert_array_equal(client.infer("identity", [t]).as_numpy("Y"), image)
+        big = np.zeros(MAX_MESSAGE_BYTES // 4 + 1, np.float32)
+        t = grpcclient.InferInput("X", [big.size], "FP32")
+        t.set_data_from_numpy(big)
+        channel = grpc.insecure_channel(
+            address, options=[("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES)]
+        )
+        request = pb.ModelInferRequest(model_name="identity")
+        request.inputs.add(name="X", datatype="FP32", shape=[big.size])
+        request.raw_input_contents.append(big.tobytes())
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        channel.close()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # an answer over the limit (a 602 KB request, a 2.4 MB answer) is refused too
+        t = grpcclient.InferInput("X", [IMAGE_FLOATS], "FP32")
+        t.set_data_from_numpy(image)
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("grow", [t])
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "Sent message larger than max" in str(refused.value.message())
+    finally:
+        client.close()
+    _infer_ok(address)
+
+
+def test_answers_respect_the_clients_windows(gateway: tuple[GatewayProcess, str]) -> None:
+    """A client that allows 1000 bytes per stream gets a 64 KiB answer in DATA frames that
+    never overrun what it granted (it grants each frame's size back as it reads)."""
+    _, address = gateway
+    values = np.arange(16384, dtype=np.float32)
+    request = pb.ModelInferRequest(model_name="identity", id="windowed")
+    request.inputs.add(name="X", datatype="FP32", shape=[values.size])
+    request.raw_input_contents.append(values.tobytes())
+    raw = Raw(address, handshake=False)
+    sizes: list[int] = []
+    try:
+        raw.send(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 1000)))
+        raw.send(raw.call(1, INFER, request.SerializeToString()))
+        granted = 1000
+        body = b""
+        while True:
+            got = raw.read_frame()
+            assert got is not None
+            kind, flags, stream_id, payload = got
+            if kind == DATA and stream_id == 1:
+                assert len(payload) <= granted, "the server overran the stream window"
+                sizes.append(len(payload))
+                body += payload
+                if payload:
+                    n = struct.pack(">I", len(payload))
+                    raw.send(frame(WINDOW_UPDATE, 0, 0, n), frame(WINDOW_UPDATE, 0, 1, n))
+            if kind == HEADERS and stream_id == 1 and flags & END_STREAM:
+                status = dict(raw.decoder.decode(payload, raw=True)).get(b"grpc-status")
+                break
+            if kind == HEADERS and stream_id == 1:
+                raw.decoder.decode(payload, raw=True)
+    finally:
+        raw.close()
+    assert status == b"0" and len(sizes) > 60  # in pieces of what was granted
+    reply = pb.ModelInferResponse.FromString(body[5:])
+    np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], np.float32), values)
+
+
+async def test_many_concurrent_calls_and_streams_on_one_channel(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """300 unary calls (more than the 256 streams a connection may hold at once) and 8
+    streams of 20 requests each, all at once on one channel; then a cancelled stream."""
+    _, address = gateway
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest.FromString(simple_request())
+
+        async def unary(i: int) -> str:
+            request_i = pb.ModelInferRequest()
+            request_i.CopyFrom(request)
+            request_i.id = str(i)
+            return str((await stub.ModelInfer(request_i, timeout=30)).id)
+
+        async def stream(s: int) -> list[str]:
+            call = stub.ModelStreamInfer(timeout=30)
+            for i in range(20):
+                request_i = pb.ModelInferRequest()
+                request_i.CopyFrom(request)
+                request_i.id = f"{s}-{i}"
+                await call.write(request_i)
+            await call.done_writing()
+            ids = []
+            async for answer in call:
+                assert not answer.error_message
+                ids.append(answer.infer_response.id)
+            return ids
+
+        results = await asyncio.gather(
+            *(unary(i) for i in range(300)), *(stream(s) for s in range(8))
+        )
+        assert results[:300] == [str(i) for i in range(300)]
+        for s, ids in enumerate(results[300:]):
+            assert sorted(ids) == sorted(f"{s}-{i}" for i in range(20))
+        call = stub.ModelStreamInfer(timeout=30)
+        await call.write(request)
+        call.cancel()
+        assert (await stub.ModelInfer(request, timeout=10)).model_name == "simple"
+
+
+# -- shutdown -------------------------------------------------------------------------------
+
+
+def test_shutdown_sends_goaway_and_lets_running_calls_finish(tmp_path: Path) -> None:
+    """SIGTERM: the open connection gets GOAWAY(NO_ERROR, last stream 1); a new stream is
+    refused (REFUSED_STREAM: safe to retry elsewhere), the running one is still served to its
+    end (OK trailers), then the connection closes and the process exits."""
+    gw, address = _start(tmp_path)
+    raw = Raw(address)
+
+    def next_on(kinds: tuple[int, ...]) -> tuple[int, int, int, bytes]:
+        while True:
+            got = raw.read_frame()
+            assert got is not None, f"closed while waiting for frame types {kinds}"
+            if got[0] in kinds:
+                return got
+
+    try:
+        raw.send(frame(HEADERS, END_HEADERS, 1, raw.headers(STREAM)),
+                 frame(DATA, 0, 1, message(simple_request("early"))))  # fmt: skip
+        _, _, stream_id, payload = next_on((DATA,))
+        assert stream_id == 1
+        assert pb.ModelStreamInferResponse.FromString(payload[5:]).infer_response.id == "early"
+        os.kill(gw.process.pid, signal.SIGTERM)
+        goaway = next_on((GOAWAY,))
+        assert struct.unpack(">II", goaway[3][:8]) == (1, 0)
+        raw.send(frame(HEADERS, END_HEADERS, 3, raw.headers(STREAM)))
+        assert next_on((RST_STREAM,))[2:] == (3, struct.pack(">I", 7))
+        raw.send(frame(DATA, END_STREAM, 1))
+        trailers = next_on((HEADERS,))
+        assert trailers[1] & END_STREAM and trailers[2] == 1
+        assert dict(raw.decoder.decode(trailers[3], raw=True))[b"grpc-status"] == b"0"
+        raw.frames_until_closed()  # the server closes the connection (or this times out)
+    finally:
+        raw.close()
+    assert gw.process.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises it
+
+
+async def test_a_connection_that_never_says_http2_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handshake timeout (slowloris): a bare ``http2.Connection`` on a loopback socket,
+    the client sending nothing, is closed with GOAWAY after ``HANDSHAKE_TIMEOUT_S``."""
+    monkeypatch.setattr(http2, "HANDSHAKE_TIMEOUT_S", 0.2)
+    loop = asyncio.get_running_loop()
+
+    def refuse(stream: http2.Stream, headers: http2.Headers) -> Any:
+        raise AssertionError("no stream expected")
+
+    server = await loop.create_server(lambda: http2.Connection(refuse, loop), "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        received = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+        elapsed = time.monotonic() - started
+        writer.close()
+    finally:
+        server.close()
+    assert 0.15 < elapsed < 3
+    frames = []
+    while received:
+        length = int.from_bytes(received[:3], "big")
+        frames.append((received[3], 0, 0, received[9 : 9 + length]))
+        received = received[9 + length :]
+    assert _goaway_code(frames) == PROTOCOL_ERROR
+
+
+# -- pure functions -------------------------------------------------------------------------
+
+
+def test_header_blocks_are_reused_only_while_the_table_stands() -> None:
+    """A client's blocks in order, decoded with the cache, equal a plain decoder's, including
+    the same bytes after an insertion moved what their indexes point at."""
+    encoder = hpack.Encoder()
+    base = [(":method", "POST"), (":path", "/a"), ("x-key", "one")]
+    blocks = [encoder.encode(base), encoder.encode(base)]  # the second: indexed fields only
+    blocks.append(encoder.encode([("x-other", "two")]))  # inserts: index 62 moves
+    blocks.append(blocks[1])  # same bytes, now meaning something else
+    blocks.append(blocks[1])
+    assert not _changes_table(blocks[1]) and _changes_table(blocks[0])
+    ours, plain = HeaderDecoder(), hpack.Decoder()
+    for block in blocks:
+        want = [(bytes(k), bytes(v)) for k, v in plain.decode(block, raw=True)]
+        assert ours.decode(block) == want
+    assert ours.decode(blocks[4]) != [(k.encode(), v.encode()) for k, v in base]
+
+
+def test_grpc_timeout_and_message_encoding() -> None:
+    assert grpc_timeout_s(b"300m") == pytest.approx(0.3)
+    assert grpc_timeout_s(b"2S") == 2.0 and grpc_timeout_s(b"1H") == 3600.0
+    assert grpc_timeout_s(b"123456789S") is None and grpc_timeout_s(b"5x") is None
+    assert percent_encode("ok 100%\n é") == b"ok 100%25%0A %C3%A9"
+
+
+def test_grpc_transport_setting() -> None:
+    assert Settings().grpc_transport == "asyncio"
+    assert load_settings(None, env={"GATEWAY_GRPC_TRANSPORT": "grpcio"}).grpc_transport == "grpcio"
+    with pytest.raises(SettingsError, match="grpc_transport"):
+        Settings(grpc_transport="h3")
