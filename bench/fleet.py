@@ -435,6 +435,121 @@ def measure_front(
     return row
 
 
+def interleaved(
+    harness: Any,
+    trees: dict[str, str],
+    n: int,
+    ports: list[int],
+    control: int,
+    repo: Path,
+    tmp: Path,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Every tree's front up at once on the same N hosts, loaded in turn for ``--window-s``
+    each, ``--interleave`` times (the order alternating): the machine's other work changes
+    over minutes, so windows seconds apart see about the same of it. Per window: batches per
+    front CPU-second, front CPU per request, requests per batch."""
+    fronts: dict[str, Any] = {}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+    try:
+        for name, path in trees.items():
+            config = front_config(tmp / f"ab-{name}-{n}.toml", ports[:n], {})
+            fronts[name] = harness.start_gateway(
+                repo,
+                tmp,
+                "--config",
+                str(config),
+                env={"PYTHONPATH": path, "GATEWAY_ACCESS_LOG": "false"},
+                tag=f"ab-{name}-{n}",
+                ready=tuple(f"simple_{i}" for i in range(args.models)),
+                ready_s=args.start_s,
+                detach=True,
+            )
+        time.sleep(1.0)  # first probes
+        for front in fronts.values():  # warm each: connections open, estimates measured
+            asyncio.run(closed_loop(f"{front.url}/v2/models/simple_0/infer", args.clients, 1.0))
+        for i in range(args.interleave):
+            order = list(fronts.items())
+            for name, front in order if i % 2 == 0 else order[::-1]:
+                url = f"{front.url}/v2/models/simple_0/infer"
+                cpu0 = harness.process_cpu_s(front.pid) or 0.0
+                before = host_stats(control)
+                ok, _ = asyncio.run(closed_loop(url, args.clients, args.window_s))
+                cpu = (harness.process_cpu_s(front.pid) or 0.0) - cpu0
+                batches = host_stats(control)["infer"] - before["infer"]
+                if cpu > 0 and ok and batches:
+                    samples[name].append(
+                        {
+                            "batches_per_cpu_s": batches / cpu,
+                            "cpu_us_per_request": cpu / ok * 1e6,
+                            "requests_per_batch": ok / batches,
+                            "front_cpu": cpu / args.window_s,
+                        }
+                    )
+    finally:
+        for front in fronts.values():
+            front.stop()
+    rows = []
+    for name, got in samples.items():
+        if not got:
+            continue
+        row: dict[str, Any] = {"tree": name, "hosts": n, "windows": len(got)}
+        for key in got[0]:
+            values = sorted(s[key] for s in got)
+            row[key] = harness.percentile(values, 50)
+            row[key + "_range"] = (values[0], values[-1])
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_range")}))
+    return rows
+
+
+def render_interleaved(
+    rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]
+) -> str:
+    trees = list(dict.fromkeys(r["tree"] for r in rows))
+    lines = [
+        "# Batches per front CPU-second, trees interleaved",
+        "",
+        f"Command: `python bench/fleet.py {' '.join(sys.argv[1:])}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {info['nproc']} CPUs "
+        f"({info['cpu']}), load average at start {info['loadavg_at_start'][0]:.1f}, Python "
+        f"{info['python']}  ",
+        f"Setup: as `fleet.md` (N fake v2 hosts answering after {args.host_delay_ms:g} ms, a "
+        f"front per tree with default settings and {args.models} model(s)), but every tree's "
+        f"front runs at once and {args.clients} closed-loop JSON clients load them in turn, "
+        f"{args.window_s:g} s each, {args.interleave} times, alternating the order; medians "
+        "over the windows (range in brackets). The machine is shared: the ratios between trees "
+        "are the figures to read.",
+        "",
+        "| tree | hosts | windows | batches per CPU-s | front CPU us per request | "
+        "requests per batch | front CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(r: dict[str, Any], key: str, digits: int) -> str:
+        low, high = r[key + "_range"]
+        return f"{fmt(r[key], digits)} ({fmt(low, digits)}-{fmt(high, digits)})"
+
+    for r in rows:
+        lines.append(
+            f"| {r['tree']} | {r['hosts']} | {r['windows']} | "
+            f"{cell(r, 'batches_per_cpu_s', 0)} | {cell(r, 'cpu_us_per_request', 0)} | "
+            f"{cell(r, 'requests_per_batch', 2)} | {cell(r, 'front_cpu', 2)} |"
+        )
+    if len(trees) > 1:
+        lines += ["", f"Ratios of `{trees[0]}` to `{trees[1]}` (medians):", ""]
+        lines += ["| hosts | batches per CPU-s | front CPU per request |", "|---:|---:|---:|"]
+        for r in rows:
+            same = (b for b in rows if b["tree"] == trees[1] and b["hosts"] == r["hosts"])
+            o = next(same, None)
+            if r["tree"] == trees[0] and o is not None:
+                lines.append(
+                    f"| {r['hosts']} | {fmt(r['batches_per_cpu_s'] / o['batches_per_cpu_s'], 2)}"
+                    f" | {fmt(r['cpu_us_per_request'] / o['cpu_us_per_request'], 2)} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 # -- in-process micro-benchmarks ----------------------------------------------------------------
 
 MICRO = r"""
@@ -555,14 +670,44 @@ def metrics_ms(hosts, models):
 result = {f"{p}_{n}_us": decision_us(n, p) for p in ("latency", "round_robin") for n in (10, 1000)}
 result["host_metrics_ms"], result["host_metrics_kb"] = metrics_ms(1000, 10)
 result.update(asyncio.run(dns_stalls(5000)))
+
+def forward_us(port):
+    # The client's CPU per forwarded batch (V2Host.infer, 3 rows, 8 at once) against the
+    # bench's fake hosts, which run in their own process: this process's CPU is the client's.
+    import numpy as np
+    import uvloop
+    from gateway.backends.remote import V2Host
+
+    async def main():
+        host = V2Host("h", f"http://127.0.0.1:{port}")
+        inputs = {"INPUT0": np.zeros((3, 16), np.int32), "INPUT1": np.ones((3, 16), np.int32)}
+
+        async def worker(count):
+            for _ in range(count):
+                await host.infer("simple_0", 1, inputs, ["OUTPUT0", "OUTPUT1"], 5.0)
+
+        await asyncio.gather(*(worker(25) for _ in range(8)))
+        best = float("inf")
+        for _ in range(5):
+            started = time.process_time()
+            await asyncio.gather(*(worker(125) for _ in range(8)))
+            best = min(best, (time.process_time() - started) / 1000)
+        await host.close()
+        return best * 1e6
+
+    return uvloop.run(main())  # the loop a front runs
+
+if len(sys.argv) > 1:
+    result["forward_us"] = forward_us(int(sys.argv[1]))
 print(json.dumps(result))
 """
 
 
-def micro(pythonpath: str) -> dict[str, float]:
+def micro(pythonpath: str, port: int | None = None) -> dict[str, float]:
+    """The in-process figures of one tree; with ``port`` (a fake host), the forward's too."""
     env = {**os.environ, "PYTHONPATH": pythonpath}
     out = subprocess.run(  # not from ROOT: ``-c`` puts the working directory on the path first
-        [sys.executable, "-c", MICRO],
+        [sys.executable, "-c", MICRO, *([str(port)] if port else [])],
         env=env,
         capture_output=True,
         text=True,
@@ -587,6 +732,10 @@ def fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _cpu_per_req(row: dict[str, Any]) -> float:
+    return float(row["front_cpu"]) / max(1e-9, float(row["req_s"]))
+
+
 def render(
     rows: list[dict[str, Any]],
     micros: dict[str, dict[str, float]],
@@ -609,23 +758,27 @@ def render(
         "front share the machine's cores with other work (a shared machine: absolute figures "
         "are noisy, ratios within one run less so).",
         "",
-        "| tree | hosts | req/s | batches/s | new connections per batch | front CPU | "
-        "batches per CPU-s | paced p50 ms | "
+        "| tree | hosts | req/s | batches/s | requests per batch | new connections per batch | "
+        "front CPU | batches per CPU-s | front CPU us per request | paced p50 ms | "
         "paced p99 ms | paced max ms | probe req/s (idle) | open conns per host (idle) | "
         "/metrics ms | /metrics KB | series | /admin/hosts ms | /admin/hosts KB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|---:|",
     ]
     for r in rows:
         if not r.get("started", True):
             lines.append(
                 f"| {r['tree']} | {r['hosts']} | did not start: its models were not ready after "
-                f"{r['start_s']:.0f} s (readiness checks timed out) |" + " |" * 15
+                f"{r['start_s']:.0f} s (readiness checks timed out) |" + " |" * 17
             )
             continue
         lines.append(
             f"| {r['tree']} | {r['hosts']} | {fmt(r['req_s'], 0)} | {fmt(r['batches_s'], 0)} | "
+            f"{fmt(r['req_s'] / r['batches_s'] if r['batches_s'] else None, 2)} | "
             f"{fmt(r['connects_per_batch'], 2)} | {fmt(r['front_cpu'], 2)}"
-            f" | {fmt(r['batches_per_cpu_s'], 0)} | {fmt(r['paced_p50_ms'])} | "
+            f" | {fmt(r['batches_per_cpu_s'], 0)} | "
+            f"{fmt(r['front_cpu'] / r['req_s'] * 1e6 if r['req_s'] else None, 0)} | "
+            f"{fmt(r['paced_p50_ms'])} | "
             f"{fmt(r['paced_p99_ms'])} | {fmt(r['paced_max_ms'])} | {fmt(r['probe_req_s'], 0)} | "
             f"{fmt(r['idle_conns_per_host'], 2)} | {fmt(r['metrics_ms'])} | "
             f"{fmt(r['metrics_kb'])} | {r['metrics_series']} | {fmt(r['admin_ms'])} | "
@@ -647,8 +800,9 @@ def render(
     if len(trees) > 1:
         lines += ["", f"Ratios of `{trees[0]}` to `{trees[1]}` at the same host count:", ""]
         lines += [
-            "| hosts | batches/s | batches per CPU-s | paced p99 | probe req/s | /metrics ms |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| hosts | batches/s | batches per CPU-s | front CPU per request | paced p99 | "
+            "probe req/s | /metrics ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             if r["tree"] != trees[0]:
@@ -659,6 +813,7 @@ def render(
             lines.append(
                 f"| {r['hosts']} | {fmt(r['batches_s'] / o['batches_s'], 2)} | "
                 f"{fmt((r['batches_per_cpu_s'] or 0) / (o['batches_per_cpu_s'] or 1), 2)} | "
+                f"{fmt(_cpu_per_req(r) / _cpu_per_req(o), 2)} | "
                 f"{fmt(r['paced_p99_ms'] / o['paced_p99_ms'], 2)} | "
                 f"{fmt(r['probe_req_s'] / o['probe_req_s'] if o['probe_req_s'] else None, 2)} | "
                 f"{fmt(r['metrics_ms'] / o['metrics_ms'], 2)} |"
@@ -670,12 +825,14 @@ def render(
         "the lease finished outside the timing) and a DNS group of 5000 addresses (join, "
         "refresh with no change, 1 % gone), with the longest event-loop stall: the most CPU "
         "time the loop spent between two turns of a ticker task (the machine's other work "
-        "excluded):",
+        "excluded); and the client's CPU per forwarded batch (`V2Host.infer` of 3 rows, 8 at "
+        "once, against the fake hosts in their own process; best of 5 x 1000):",
         "",
         "| tree | latency 10 hosts us | latency 1000 hosts us | ratio | round_robin 10 us | "
         "round_robin 1000 us | ratio | DNS join s | join stall ms | refresh stall ms | shrink "
-        "stall ms | host /metrics families, 1000 hosts x 10 models: CPU ms | KB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "stall ms | host /metrics families, 1000 hosts x 10 models: CPU ms | KB | "
+        "forward client CPU us |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tree, m in micros.items():
         lines.append(
@@ -685,7 +842,7 @@ def render(
             f"{fmt(m['round_robin_1000_us'] / m['round_robin_10_us'], 2)} | "
             f"{fmt(m['join_s'], 2)} | {fmt(m['join_stall_ms'])} | {fmt(m['refresh_stall_ms'])} | "
             f"{fmt(m['shrink_stall_ms'])} | {fmt(m['host_metrics_ms'])} | "
-            f"{fmt(m['host_metrics_kb'])} |"
+            f"{fmt(m['host_metrics_kb'])} | {fmt(m.get('forward_us'), 0)} |"
         )
     ours = [r for r in rows if r["tree"] == trees[0]]
     big = max(ours, key=lambda r: r["hosts"])
@@ -774,6 +931,14 @@ def main() -> int:
     parser.add_argument("--quiet-s", type=float, default=5.0)
     parser.add_argument("--host-delay-ms", type=float, default=1.0)
     parser.add_argument("--start-s", type=float, default=90.0, help="longest wait for a front")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="only compare batches per CPU-second: all trees' fronts up at once, loaded in "
+        "turn this many times (see interleaved())",
+    )
+    parser.add_argument("--window-s", type=float, default=2.0, help="one --interleave window")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet.md"))
     parser.add_argument(
         "--profile",
@@ -807,8 +972,18 @@ def main() -> int:
         assert hosts.stdout is not None
         ready = json.loads(hosts.stdout.readline())
         ports, control = ready["ports"], ready["control"]
+        if args.interleave:
+            ab = [
+                row
+                for n in args.hosts
+                for row in interleaved(harness, trees, n, ports, control, repo, tmp, args)
+            ]
+            report = render_interleaved(ab, args, info)
+            print(report)
+            harness.write_results(Path(args.out), report, {"rows": ab, "machine": info})
+            return 0
         for name, path in trees.items():
-            micros[name] = micro(path)
+            micros[name] = micro(path, ports[0])
         for n in args.hosts:
             for name, path in trees.items():
                 rows.append(measure_front(harness, name, path, n, ports, control, repo, tmp, args))

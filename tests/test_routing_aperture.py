@@ -10,9 +10,10 @@ import pytest
 
 from gateway.backends.placement import RoutedFactory
 from gateway.routing import FAILURE, SUCCESS, Router
-from gateway.routing.aperture import Aperture, ring_position
+from gateway.routing.aperture import MAX_POINTS, Aperture, ring_points, ring_position
 from gateway.routing.hosts import LOCAL
 from gateway.routing.report import host_metric_families
+from gateway.routing.router import TargetState
 from gateway.settings import Settings, SettingsError
 from tests.routing_setup import ManualClock, fleet
 
@@ -244,3 +245,26 @@ def test_round_robin_grows_its_aperture_when_full_not_when_told_to_skip_it() -> 
     leases = [router.try_acquire("m", "m/1", 1) for _ in range(13)]  # one more than it holds
     assert all(lease is not None for lease in leases)
     assert router.aperture.size > 12
+
+
+def test_heavier_hosts_are_in_proportionally_more_apertures() -> None:
+    """Weight 4 is four positions on the ring: over many fronts, such a host is in about four
+    times as many apertures as a host of weight 1 (so it gets about four times the traffic)."""
+    aperture = Aperture(10, 2.0, 0.0)
+    for i in range(1000):
+        aperture.add(TargetState(f"h{i}", 4.0 if i < 100 else 1.0, 4, None))
+    seen: dict[str, int] = {}
+    for front in range(400):
+        aperture.coordinate = front / 400
+        aperture.changed()
+        aperture.refresh(0.0, lambda name: True)
+        assert len(aperture.members) == 10
+        for target in aperture.members.items:
+            seen[target.name] = seen.get(target.name, 0) + 1
+    heavy = sum(seen.get(f"h{i}", 0) for i in range(100)) / 100
+    light = sum(seen.get(f"h{i}", 0) for i in range(100, 1000)) / 900
+    assert 3.0 < heavy / light < 5.0
+    assert ring_points("h1", 1.0) == [(ring_position("h1"), "h1")]  # weight 1: as before
+    assert len(ring_points("h1", 1e9)) == MAX_POINTS
+    aperture.discard("h0")  # every position goes
+    assert all(name != "h0" for _, name in aperture._ring)

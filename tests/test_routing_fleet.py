@@ -16,7 +16,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import aiohttp
 import pytest
 
 from gateway.backends.base import Host
@@ -331,18 +330,51 @@ def test_a_probe_is_one_request_where_the_host_gives_its_index() -> None:
     assert router.targets["b"].ready["m/1"]
 
 
-def test_v2_hosts_share_one_probe_session_closed_with_the_last() -> None:
+def test_a_v2_hosts_probes_ride_its_batch_connections_and_leave_none_open() -> None:
+    """Probes of a v2 host use the connections its batches use (one pool per host, idle ones
+    closed after ``keepalive_s``): a probe after a batch opens nothing new, and a host nothing
+    listens on is not ready without a connection left counted."""
+
     async def scenario() -> None:
-        a, b = V2Host("a", "http://127.0.0.1:9"), V2Host("b", "http://127.0.0.1:9")
-        assert not await a.ready() and not await b.ready()  # nothing listens on port 9
-        session = a._probe_http()
-        assert session is b._probe_http()
-        assert isinstance(session.connector, aiohttp.TCPConnector)
-        assert session.connector.limit_per_host == 1
-        await a.close()
-        assert not session.closed
-        await b.close()
-        assert session.closed
+        accepted = 0
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    size = 0
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            size = int(line.split(b":")[1])
+                    await reader.readexactly(size)
+                    body = b"[]" if head.startswith(b"POST /v2/repository/index") else b""
+                    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    writer.write(head + body)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        host = V2Host("a", f"http://127.0.0.1:{port}", keepalive_s=0.3)
+        try:
+            assert await host.ready()
+            assert await host.repository_index() == {}
+            assert await host.model_ready("m", 1)
+            assert accepted == 1
+            await asyncio.sleep(0.8)  # idle past the keep-alive: closed
+            assert host._forward is not None and host._forward.open == 0
+        finally:
+            await host.close()
+            server.close()
+        nobody = V2Host("b", "http://127.0.0.1:9")  # nothing listens on port 9
+        try:
+            assert not await nobody.ready()
+            assert await nobody.repository_index() is None
+            assert nobody._forward is not None and nobody._forward.open == 0
+        finally:
+            await nobody.close()
 
     asyncio.run(scenario())
 
@@ -529,3 +561,51 @@ def test_metrics_placement_facts_do_not_walk_the_hosts() -> None:
     assert backend.placement() == {}
     assert not described
     assert len(backend.describe()["hosts"]) == 200 and len(described) == 200
+
+
+# -- DNS refreshes that find nothing new ------------------------------------------------------
+
+
+def test_a_dns_refresh_with_the_same_answer_does_no_work_unless_the_pool_changed() -> None:
+    addresses = [f"10.0.{i // 250}.{i % 250}" for i in range(300)]
+
+    async def resolver(name: str, port: int) -> list[tuple[Any, ...]]:
+        return [(0, 0, 0, "", (ip, port)) for ip in addresses]
+
+    async def scenario() -> None:
+        settings = Settings()
+        pool = HostPool(Router(make_policy("round_robin")), 0.5)
+        built: list[str] = []
+
+        def make_entry(spec: Any) -> Any:
+            built.append(spec.name)
+            return build_host(spec, settings)
+
+        discovery = DnsDiscovery(pool, make_entry, lambda entry: None, 10.0, resolver)
+        group = parse_host({"kind": "v2", "dns": "fleet", "port": 8000}, settings)
+        assert isinstance(group, DnsSpec)
+        discovery.add(group)
+        scans = 0
+        members = pool.members
+
+        def counted(name: str) -> Any:
+            nonlocal scans
+            scans += 1
+            return members(name)
+
+        pool.members = counted  # type: ignore[method-assign]
+        await discovery.resolve(group)
+        assert len(pool.hosts) == 300 and len(built) == 300 and scans == 1
+        addresses.reverse()  # the same addresses in another order: the same answer
+        await discovery.resolve(group)
+        assert scans == 1 and len(built) == 300  # not compared again
+        gone = next(iter(pool.hosts.values()))
+        pool.retire(gone)  # removed from elsewhere (the admin API): the next refresh sees it
+        await discovery.resolve(group)
+        assert scans == 2 and len(pool.hosts) == 300 and built[-1] == gone.name
+        addresses.pop()
+        await discovery.resolve(group)
+        assert scans == 3 and len(pool.hosts) == 299
+        await pool.close()
+
+    asyncio.run(scenario())

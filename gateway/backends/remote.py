@@ -1,15 +1,17 @@
 """``V2Host``: another gateway node, or any Open Inference Protocol (v2) REST server, as a
 ``gateway.backends.base.Host``.
 
-Requests go over one pooled keep-alive ``aiohttp`` session with tensors in the binary-tensor
-extension both ways (the bytes are ``gateway.protocol.client``'s; answers are read as sent,
-never decompressed, and refused past ``max_response_bytes``); the caller's remaining deadline
-travels as Triton's ``timeout`` parameter (microseconds) and the ids of the batched requests as
-``X-Request-ID``. Failures are mapped at this edge (as httpx maps httpcore's): refused / reset /
-timed-out connections become ``HostUnreachable`` (safe to retry elsewhere), 503 ``Unavailable``,
-429 ``Overloaded``, 404 ``ModelNotReady`` (not there), 504 ``DeadlineExceeded``, other 4xx
-``InvalidInput``. A response that is not valid HTTP or not a decodable v2 answer is
-``Unavailable`` (503): it counts against the host, and the router may retry elsewhere.
+Batches and probes go over ``gateway.backends.http1``'s keep-alive connections (the hot path:
+the head built once per model version), model loads over ``aiohttp``; tensors travel in the
+binary-tensor extension both ways (the bytes are ``gateway.protocol.client``'s; answers are
+read as sent, never decompressed, and refused past ``max_response_bytes``); the caller's
+remaining deadline travels as Triton's ``timeout`` parameter (microseconds) and the ids of the
+batched requests as ``X-Request-ID``. Failures are mapped at this edge (as httpx maps
+httpcore's): refused / reset / timed-out connections become ``HostUnreachable`` (safe to retry
+elsewhere), 503 ``Unavailable``, 429 ``Overloaded``, 404 ``ModelNotReady`` (not there), 504
+``DeadlineExceeded``, other 4xx ``InvalidInput``. A response that is not valid HTTP or not a
+decodable v2 answer is ``Unavailable`` (503): it counts against the host, and the router may
+retry elsewhere.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import base64
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
 
 from gateway import context, tracing
 from gateway.backends.base import Host, Tensors, check_dispatch, timed_out
+from gateway.backends.http1 import BadAnswer, Http1Pool
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -60,58 +64,17 @@ _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
 _CLIENT_ERRORS = (*_CONNECTION_ERRORS, aiohttp.ClientError)
 
 
-# Probes (readiness, repository index) of every ``V2Host`` on one event loop share one session:
-# at most ``PROBE_CONNECTIONS_PER_HOST`` connections to a host, none kept idle past
-# ``PROBE_KEEPALIVE_S``: long enough to carry the next probe of a small pool (every 2 s), below
-# a gateway's own keep-alive (uvicorn's 5 s, so the host never closes it first), and shorter
-# than the stretched period of a large pool (1000 hosts: 10 s), so probing a thousand hosts does
-# not hold a thousand idle sockets on top of the ones traffic uses.
-PROBE_CONNECTIONS_PER_HOST = 1
-PROBE_KEEPALIVE_S = 4.0
-PROBE_CONNECTIONS = 256  # over all hosts: the router's probe concurrency stays well below
+_HEADER_LENGTH_FIELD = HEADER_LENGTH.encode()
+_IDENTITY = (("Accept-Encoding", "identity"),)  # answers as sent: nothing to inflate
+_HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
 
 
-class _ProbeSession:
-    """The probe session of one event loop and the hosts using it (closed with the last)."""
-
-    sessions: ClassVar[dict[int, _ProbeSession]] = {}  # id(loop) -> its probe session
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.users: set[int] = set()  # id() of the hosts that used it
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=PROBE_CONNECTIONS,
-                limit_per_host=PROBE_CONNECTIONS_PER_HOST,
-                keepalive_timeout=PROBE_KEEPALIVE_S,
-            ),
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=False,
-            headers={"Accept-Encoding": "identity"},
-        )
-
-    @classmethod
-    def of(cls, user: object) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        shared = cls.sessions.get(id(loop))
-        if shared is None or shared.loop is not loop or shared.session.closed:
-            for key in [k for k, v in cls.sessions.items() if v.loop.is_closed()]:
-                del cls.sessions[key]  # loops that ended without closing their hosts
-            shared = cls.sessions[id(loop)] = cls(loop)
-        shared.users.add(id(user))
-        return shared.session
-
-    @classmethod
-    async def leave(cls, user: object) -> None:
-        """``user`` closed: the session closes with its last user (on its own loop)."""
-        loop = asyncio.get_running_loop()
-        shared = cls.sessions.get(id(loop))
-        if shared is None or shared.loop is not loop:
-            return
-        shared.users.discard(id(user))
-        if not shared.users:
-            del cls.sessions[id(loop)]
-            await shared.session.close()
+def _field(name: str, value: str) -> bytes:
+    """One header line; a value that could end the line early (CR, LF, NUL) or is not latin-1
+    is sent with those characters replaced, never spliced into the head."""
+    if not value.isprintable() or not value.isascii():
+        value = "".join(c if c.isprintable() and c.isascii() else "?" for c in value)
+    return f"{name}: {value}\r\n".encode("latin-1")
 
 
 class V2Host(Host):
@@ -143,7 +106,10 @@ class V2Host(Host):
         self.load_timeout_s = load_timeout_s
         self.keepalive_s = keepalive_s  # below the server's keep-alive, so it never closes first
         self.max_response_bytes = max_response_bytes
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # loads and unloads
+        self._forward: Http1Pool | None = None  # batches and probes (``http1``)
+        self._heads: dict[tuple[str, int], bytes] = {}
+        self._index_head: bytes | None = None
         self._pushed: set[str] = set()
         # "model/version" -> bytes the last ``prepare`` pushed there (0: it was ready already)
         self._pushed_bytes: dict[str, int] = {}
@@ -203,6 +169,31 @@ class V2Host(Host):
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _pool(self) -> Http1Pool:
+        if self._forward is None:
+            self._forward = Http1Pool(
+                self.url,
+                limit=self.conn_limit,
+                keepalive_s=self.keepalive_s,
+                max_body_bytes=self.max_response_bytes,
+                wanted=(HEADER_LENGTH, "Retry-After"),
+            )
+        return self._forward
+
+    def _infer_head(self, model: str, version: int) -> bytes:
+        """The request head up to its per-batch fields, built once per model version."""
+        key = (model, version)
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= 1024:  # models come and go: a bound, not a cache policy
+                self._heads.clear()
+            head = self._heads[key] = self._pool().request_head(
+                "POST",
+                f"/v2/models/{quote(model, safe='')}/versions/{version}/infer",
+                (("Content-Type", "application/octet-stream"), *_IDENTITY),
+            )
+        return head
+
     async def infer(
         self,
         model: str,
@@ -213,31 +204,35 @@ class V2Host(Host):
     ) -> Tensors:
         check_dispatch(f"host {self._name}", self._closed, timeout_s)
         body, head_length = encode_request(inputs, outputs, timeout_s)
-        headers = {
-            HEADER_LENGTH: str(head_length),
-            "Content-Type": "application/octet-stream",
-        }
+        fields = [b"%s: %d\r\n" % (_HEADER_LENGTH_FIELD, head_length)]
         ids = context.upstream_request_id()
         if ids:
-            headers["X-Request-ID"] = ids
+            fields.append(_field("X-Request-ID", ids))
         if tracing.enabled:
-            tracing.inject(headers)
-        url = f"{self.url}/v2/models/{model}/versions/{version}/infer"
+            fields += [_field(k, v) for k, v in tracing.inject({}).items()]
         limit_s = timeout_s if timeout_s is not None else self.timeout_s
         try:
-            async with asyncio.timeout(limit_s):
-                async with self._http().post(url, data=body, headers=headers) as response:
-                    payload = await self._read(response)
-                    status = response.status
-                    length = response.headers.get(HEADER_LENGTH)
-                    retry_after = response.headers.get("Retry-After")
+            answer = await self._pool().request(
+                self._infer_head(model, version), b"".join(fields), body, limit_s
+            )
         except TimeoutError:
             raise timed_out(f"host {self._name}", timeout_s, self.timeout_s, 1.0) from None
-        except _CLIENT_ERRORS as exc:
+        except BadAnswer as exc:
+            raise self._malformed(str(exc)) from None
+        except OSError as exc:
             raise self._lost(exc) from None
-        if status == 200:
-            return decode_response(payload, length, self._name)
-        raise self._error(status, payload, retry_after)
+        headers = answer.headers
+        if answer.status == 200:
+            length = headers.get(_HEADER_LENGTH_KEY)
+            return decode_response(
+                answer.body, None if length is None else length.decode("latin-1"), self._name
+            )
+        retry_after = headers.get(b"retry-after")
+        raise self._error(
+            answer.status,
+            answer.body,
+            None if retry_after is None else retry_after.decode("latin-1"),
+        )
 
     def _error(self, status: int, payload: bytes, retry_after: str | None) -> GatewayError:
         text = f"host {self._name}: {error_message(payload)}"
@@ -254,24 +249,23 @@ class V2Host(Host):
             return InvalidInput(text)
         return GatewayError(f"{text} (HTTP {status})")
 
-    def _probe_http(self) -> aiohttp.ClientSession:
-        """The session of probes and readiness checks, shared by every host (``_ProbeSession``)."""
-        return _ProbeSession.of(self)
-
     async def _get_ok(self, path: str, timeout_s: float | None = None) -> bool:
+        """Whether ``GET path`` answers 200 (probes, readiness checks: the batches' pool)."""
+        pool = self._pool()
+        head = pool.request_head("GET", path, _IDENTITY)
         try:
-            async with asyncio.timeout(timeout_s or self.probe_timeout_s):
-                async with self._probe_http().get(self.url + path) as response:
-                    await self._read(response)
-                    return response.status == 200
-        except (TimeoutError, Unavailable, *_CLIENT_ERRORS):
+            answer = await pool.request(
+                head, b"", None, timeout_s or self.probe_timeout_s, wait=False
+            )
+        except (TimeoutError, BadAnswer, OSError):
             return False
+        return answer.status == 200
 
     async def ready(self) -> bool:
         return await self._get_ok("/v2/health/ready")
 
     async def model_ready(self, model: str, version: int) -> bool:
-        return await self._get_ok(f"/v2/models/{model}/versions/{version}/ready")
+        return await self._get_ok(f"/v2/models/{quote(model, safe='')}/versions/{version}/ready")
 
     def pushed_bytes(self, key: str) -> int | None:
         return self._pushed_bytes.get(key)
@@ -279,16 +273,20 @@ class V2Host(Host):
     async def repository_index(self) -> dict[str, HostModel] | None:
         """Where each model is on this host (``gateway.routing.tiers.parse_index`` of its
         ``POST /v2/repository/index``); None when it does not answer one. Never raises."""
+        pool = self._pool()
+        head = self._index_head
+        if head is None:
+            head = self._index_head = pool.request_head(
+                "POST",
+                "/v2/repository/index",
+                (("Content-Type", "application/json"), ("Accept-Encoding", "identity")),
+            )
         try:
-            async with asyncio.timeout(self.probe_timeout_s):
-                async with self._probe_http().post(
-                    self.url + "/v2/repository/index", json={}
-                ) as response:
-                    payload = await self._read(response)
-                    if response.status != 200:
-                        return None
-            return parse_index(orjson.loads(payload))
-        except (TimeoutError, Unavailable, orjson.JSONDecodeError, *_CLIENT_ERRORS):
+            answer = await pool.request(head, b"", b"{}", self.probe_timeout_s, wait=False)
+            if answer.status != 200:
+                return None
+            return parse_index(orjson.loads(answer.body))
+        except (TimeoutError, BadAnswer, OSError, orjson.JSONDecodeError):
             return None
 
     async def prepare(self, source: ModelSource, version: int, config: ModelConfig) -> None:
@@ -296,7 +294,7 @@ class V2Host(Host):
         self._pushed_bytes[key] = 0
         # A load checks every host at once: the check may wait for one of the probe session's
         # connections (bounded), so it gets a request's time, not a probe's.
-        path = f"/v2/models/{source.name}/versions/{version}/ready"
+        path = f"/v2/models/{quote(source.name, safe='')}/versions/{version}/ready"
         if await self._get_ok(path, self.timeout_s):
             return
         if not self.push:
@@ -342,10 +340,11 @@ class V2Host(Host):
 
     async def close(self) -> None:
         self._closed = True
-        await _ProbeSession.leave(self)
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._forward is not None:
+            await self._forward.close()
 
     def describe(self) -> dict[str, Any]:
         return {

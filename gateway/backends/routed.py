@@ -41,6 +41,8 @@ __all__ = ["RoutedBackend"]
 
 log = logging.getLogger(__name__)
 
+_NONE: frozenset[str] = frozenset()  # no target excluded
+
 # Model metadata is open to every inference client: hosts by name and state, not their
 # addresses or error texts (GET /admin/hosts has those). Why a Triton host runs the python
 # strategy is Triton's own words about its build, no address.
@@ -167,8 +169,13 @@ class RoutedBackend(Backend):
         return entry is None or entry.host.serving(self.model)
 
     async def _acquire(self, rows: int, deadline_s: float | None) -> Lease:
+        router = self._factory.router
         try:
-            return await self._factory.router.acquire(
+            # Most batches find a free target at once: no waiting coroutine for them.
+            lease = router.try_acquire(self.model, self.key, rows, deadline_s, _NONE, self._serving)
+            if lease is not None:
+                return lease
+            return await router.acquire(
                 self.model, self.key, rows, deadline_s, serving=self._serving
             )
         except Overloaded:

@@ -6,11 +6,15 @@ any keep-alive, so nearly every batch paid a TCP connect (``bench/results/fleet.
 aperture: 0.84 new connections per batch at 1000 hosts). Within an aperture sized to the load,
 connections stay open and are reused.
 
-- **Where**: every host has a fixed position on a ring [0, 1) (a hash of its name) and this
+- **Where**: every host has fixed positions on a ring [0, 1) (hashes of its name) and this
   front a coordinate (``host_aperture_coordinate``; random per process when not set). The
   aperture is the first ``size`` hosts that take traffic clockwise from the coordinate. Fronts
   given coordinates ``i / k`` (k of them) start at different points, so together they cover the
   fleet; a host joining or leaving moves at most one host in or out of a front's aperture.
+- **Weight**: a host has one position per unit of its ``weight`` (``ring_points``: rounded, at
+  least one, at most ``MAX_POINTS``), so a host of weight 3 is in about three times as many
+  fronts' apertures as one of weight 1 and gets about three times their traffic over the fleet.
+  Hosts of weight 1 have one position each, the hash of the name alone.
 - **How many**: at least ``min_size`` (``host_aperture``). Grown at once when the batches in
   flight exceed ``load`` per aperture host, or when a decision found the aperture's hosts for its
   model full; shrunk by one host at most every ``shrink_after_s`` while below half of that.
@@ -40,13 +44,24 @@ from gateway.routing.members import Members
 if TYPE_CHECKING:
     from gateway.routing.router import TargetState
 
-__all__ = ["Aperture", "ring_position"]
+__all__ = ["MAX_POINTS", "Aperture", "ring_points", "ring_position"]
+
+MAX_POINTS = 64  # positions of one host, however heavy: a ring walk stays short
 
 
 def ring_position(name: str) -> float:
     """Where host ``name`` sits on the ring: the same on every front and every run."""
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
+
+
+def ring_points(name: str, weight: float) -> list[tuple[float, str]]:
+    """The (position, name) entries of a host of ``weight``: one per unit of weight, the first
+    at ``ring_position(name)`` (so weight 1 is one point, as without weights)."""
+    count = max(1, min(MAX_POINTS, round(weight))) if math.isfinite(weight) else 1
+    points = [(ring_position(name), name)]
+    points += [(ring_position(f"{name}#{i}"), name) for i in range(1, count)]
+    return points
 
 
 class Aperture:
@@ -73,6 +88,7 @@ class Aperture:
         self.loaded: dict[str, Members] = {}  # model key -> members where it is ready
         self.resizes = 0
         self._ring: list[tuple[float, str]] = []  # (position, name), sorted
+        self._points: dict[str, list[tuple[float, str]]] = {}  # name -> its entries
         self._targets: dict[str, TargetState] = {}
         self._resized_s = float("-inf")
         # Checked by the router on every decision, so that most cost a comparison, not a call:
@@ -90,7 +106,9 @@ class Aperture:
 
     def add(self, target: TargetState) -> None:
         self.discard(target.name)
-        bisect.insort(self._ring, (ring_position(target.name), target.name))
+        points = self._points[target.name] = ring_points(target.name, target.weight)
+        for entry in points:
+            bisect.insort(self._ring, entry)
         self._targets[target.name] = target
         self.due_s = float("-inf")
 
@@ -99,10 +117,10 @@ class Aperture:
         target = self._targets.pop(name, None)
         if target is None:
             return
-        entry = (ring_position(name), name)
-        at = bisect.bisect_left(self._ring, entry)
-        if at < len(self._ring) and self._ring[at] == entry:
-            del self._ring[at]
+        for entry in self._points.pop(name, ()):
+            at = bisect.bisect_left(self._ring, entry)
+            if at < len(self._ring) and self._ring[at] == entry:
+                del self._ring[at]
         self._leave(target)
         self.due_s = float("-inf")
 
@@ -123,14 +141,15 @@ class Aperture:
 
     def refresh(self, now: float, available: Callable[[str], bool]) -> None:
         """Recompute the members when something changed or ``refresh_s`` passed: the first
-        ``size`` available hosts clockwise from the coordinate. Costs the hosts walked past
-        (the aperture plus those skipped as unavailable), not the ring."""
+        ``size`` available hosts clockwise from the coordinate. Costs the points walked past
+        (the aperture's, more positions of hosts already in, and those skipped as
+        unavailable), not the ring."""
         if now < self.due_s:
             return
         self.due_s = now + self.refresh_s
         ring = self._ring
         n = len(ring)
-        want = min(self.size, n)
+        want = min(self.size, len(self._targets))
         chosen: dict[str, TargetState] = {}
         local = self._targets.get(LOCAL)
         if local is not None and available(LOCAL):

@@ -5,7 +5,9 @@ Each address becomes one pool member named ``group@address``; an address that di
 retired from the pool (it drains). A failed resolution keeps the members there were, and so
 does one whose new members would not fit in the file-descriptor limit (``gateway.routing.fds``;
 logged as an error). A large group joins ``JOIN_BATCH`` members at a time, the event loop served
-in between, so thousands of addresses do not stall traffic.
+in between, so thousands of addresses do not stall traffic. A resolution that finds the same
+addresses as the last one, with the pool unchanged since, ends there (the common refresh costs
+one set of the addresses); one that differs compares them ``SCAN_BATCH`` at a time.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from gateway.routing.hosts import DnsSpec, V2Spec
 from gateway.routing.pool import HostEntry, HostPool
 from gateway.settings import SettingsError
 
-__all__ = ["JOIN_BATCH", "DnsDiscovery"]
+__all__ = ["JOIN_BATCH", "SCAN_BATCH", "DnsDiscovery"]
 
 log = logging.getLogger(__name__)
 
 JOIN_BATCH = 50  # members joined (or retired) between two turns of the event loop
+SCAN_BATCH = 1000  # addresses looked at between two turns, when a resolution changed
 Resolver = Callable[[str, int], Awaitable[list[tuple[Any, ...]]]]
 
 
@@ -48,6 +51,8 @@ class DnsDiscovery:
         self.refresh_s = refresh_s
         self.groups: dict[str, DnsSpec] = {}
         self._loops: dict[str, asyncio.Task[None]] = {}
+        # group -> the addresses its last resolution applied, and the pool's ``changes`` then
+        self._applied: dict[str, tuple[frozenset[str], int]] = {}
 
     def add(self, group: DnsSpec) -> None:
         self.groups[group.name] = group
@@ -65,6 +70,7 @@ class DnsDiscovery:
         """Forget group ``name`` and retire every host it resolved to (they drain)."""
         if self.groups.pop(name, None) is None:
             return []
+        self._applied.pop(name, None)
         task = self._loops.pop(name, None)
         if task is not None:
             task.cancel()
@@ -95,11 +101,18 @@ class DnsDiscovery:
             return
         if self.groups.get(group.name) is not group:
             return  # removed or replaced while resolving
+        ips = frozenset([str(info[4][0]) for info in infos])
+        if self._applied.get(group.name) == (ips, self._pool.changes):
+            return  # the same answer, and nothing joined or left the pool since
         found = {}  # address -> ip; specs are built only for the members that join
-        for info in infos:
-            ip = str(info[4][0])
+        for i, ip in enumerate(ips):
             found[group.address(ip)] = ip
+            if i % SCAN_BATCH == SCAN_BATCH - 1:
+                await asyncio.sleep(0)
+        if self.groups.get(group.name) is not group:
+            return
         current = self._pool.members(group.name)
+        complete = True
         added = sorted(found.keys() - current.keys())
         removed = sorted(current.keys() - found.keys())
         if len(added) > len(removed):
@@ -107,7 +120,7 @@ class DnsDiscovery:
                 ensure_fds(len(self._pool.hosts) + len(added) - len(removed))
             except SettingsError as exc:
                 log.error("DNS %s: %d new addresses not added: %s", group.dns, len(added), exc)
-                added = []
+                added, complete = [], False
         for i, address in enumerate(removed):
             self._pool.retire(current[address])
             log.info("DNS %s: removed host %s", group.dns, address)
@@ -122,6 +135,8 @@ class DnsDiscovery:
             log.info("DNS %s: added host %s", group.dns, address)
             if i % JOIN_BATCH == JOIN_BATCH - 1:
                 await asyncio.sleep(0)
+        if complete and self.groups.get(group.name) is group:
+            self._applied[group.name] = (ips, self._pool.changes)
 
     async def resolve_unresolved(self) -> None:
         """The first resolution of each group that has no member yet (before placing)."""
