@@ -4,8 +4,9 @@
 #
 # Usage: scripts/mutation.sh [-j N] [--keep DIR] [--timeout S] [--only GLOB] [MODULE ...]
 #   MODULE: batcher, queue, codec, tensors, policies, estimators, shared_memory, ensemble,
-#   response_cache, splits (default: all). Not part of the default CI run; a CI job may run it
-#   on demand.
+#   response_cache, splits, health, schedule (default: these); router only when named (large:
+#   pick functions, e.g. --only 'gateway.routing.router.xǁRouterǁ_probe*'). Not part of the
+#   default CI run; a CI job may run it on demand.
 #   -j N        mutmut --max-children (default 1: the machines are shared)
 #   --keep DIR  work in DIR/<module> and keep it; a later run with the same DIR re-syncs the
 #               tree and retests only mutants not yet killed (and changed functions)
@@ -39,13 +40,13 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT_S=$2; shift 2 ;;
     --only) ONLY+=("$2"); shift 2 ;;
     -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
-    batcher|queue|codec|tensors|policies|estimators|shared_memory|ensemble|response_cache|splits)
+    batcher|queue|codec|tensors|policies|estimators|shared_memory|ensemble|response_cache|splits|health|schedule|router)
       MODULES+=("$1"); shift ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [ ${#MODULES[@]} -gt 0 ] || MODULES=(batcher queue codec tensors policies estimators shared_memory
-  ensemble response_cache splits)
+  ensemble response_cache splits health schedule)
 
 # module -> source file; tests run in-process; tests that reach it through a server subprocess
 declare -A SRC=(
@@ -59,6 +60,9 @@ declare -A SRC=(
   [ensemble]=gateway/ensemble.py
   [response_cache]=gateway/response_cache.py
   [splits]=gateway/splits.py
+  [health]=gateway/routing/health.py
+  [schedule]=gateway/routing/schedule.py
+  [router]=gateway/routing/router.py
 )
 declare -A TESTS=(
   [batcher]="tests/test_batcher.py tests/test_batcher_pins.py"
@@ -71,6 +75,9 @@ declare -A TESTS=(
   [ensemble]="tests/test_ensemble.py"
   [response_cache]="tests/test_response_cache.py"
   [splits]="tests/test_splits.py"
+  [health]="tests/test_routing_units.py tests/test_routing_probes.py tests/test_routing_pins.py"
+  [schedule]="tests/test_routing_probes.py tests/test_routing_units.py"
+  [router]="tests/test_routing_probes.py tests/test_routing_units.py tests/test_routing_pins.py tests/test_routing_aperture.py tests/test_routing_fleet.py"
 )
 declare -A SERVER_TESTS=(
   [batcher]="tests/test_server.py"
@@ -83,6 +90,9 @@ declare -A SERVER_TESTS=(
   [ensemble]=""
   [response_cache]=""
   [splits]=""
+  [health]=""
+  [schedule]=""
+  [router]=""
 )
 
 if ! "$VENV/bin/python" -c 'import mutmut, sys; sys.exit(mutmut.__version__ != "3.8.1")' 2>/dev/null; then

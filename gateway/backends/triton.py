@@ -334,6 +334,7 @@ class TritonHost(Host):
         self.host_concurrency = host_concurrency  # 0: the model's instance count + 1
         self.state = UNKNOWN
         self.reason = ""
+        self._downs = 0  # times marked down: a probe out across one must not mark it up
         self._probe_error = ""
         self.used_strategy: str | None = None  # the strategy that worked here
         self.onnxruntime_error = ""  # Triton's words when the onnxruntime backend was missing
@@ -583,15 +584,25 @@ class TritonHost(Host):
         the whole server not ready. So a server that is not ready but live counts as up, and
         each of our models is judged by its own readiness.
         """
+        downs = self._downs  # its answers are older than a down seen while it is out
         if not await self.ready() and not await self._probe_call("is_server_live"):
             self._mark_down(self._probe_error or "not live (/v2/health/live)")
             return
+        if self._downs != downs:
+            return  # marked down (a failed batch) while this probe was out: that is newer
+        if self.state != UP:
+            log.info("Triton host %s is up", self._name)
+        # Up now: each model serves as soon as it is ready there (``serving``), not once every
+        # lost one is pushed again (a restart with four models took over 15 s under load).
+        self.state, self.reason = UP, ""
         for name in list(self._models):
             async with self._lock:
                 placement = self._models.get(name)
                 if placement is None:
                     continue
                 if await self.model_ready(name, max(placement.versions)):
+                    if self._downs != downs:
+                        return  # marked down since this probe began; the next one decides
                     self._ready.add(name)
                     continue
                 self._ready.discard(name)
@@ -603,14 +614,12 @@ class TritonHost(Host):
                     return
                 except GatewayError as exc:
                     log.error("Triton host %s: %s", self._name, exc.message)
-        if self.state != UP:
-            log.info("Triton host %s is up", self._name)
-        self.state, self.reason = UP, ""
 
     def _mark_down(self, reason: str) -> None:
         if self.state != DOWN:
             log.warning("Triton host %s is down: %s", self._name, reason)
         self.state, self.reason = DOWN, reason
+        self._downs += 1
         self._ready.clear()
 
     def _lost(self, exc: BaseException) -> HostUnreachable:

@@ -34,7 +34,8 @@ class HostHealth:
     ejected_until_s: float | None = None  # set while ejected (and until re-admitted)
     last_ejected_s: float = float("-inf")
     probe_up: bool = True
-    last_probe_ok_s: float = float("-inf")
+    last_probe_ok_s: float = float("-inf")  # when the last successful probe was sent
+    last_failure_s: float = float("-inf")  # when traffic there last failed
     probe_failures: int = 0  # failed probes in a row
     probe_successes: int = 0  # successful probes in a row
 
@@ -83,6 +84,7 @@ class OutlierDetector:
         """Count a connection error or 5xx; returns True when this ejects the host."""
         health = self.hosts[name]
         health.consecutive_errors += 1
+        health.last_failure_s = self._clock()
         if (
             health.ejected_until_s is not None
             or health.consecutive_errors < self.consecutive_errors
@@ -91,7 +93,7 @@ class OutlierDetector:
         allowed = max(1, int(self.max_ejected_fraction * len(self.hosts)))
         if self._ejected_count() >= allowed:
             return False
-        now = self._clock()
+        now = health.last_failure_s
         health.times_ejected += 1
         duration_s = min(self.max_ejection_s, self.base_ejection_s * health.times_ejected)
         health.ejected_until_s = now + duration_s
@@ -99,12 +101,20 @@ class OutlierDetector:
         health.consecutive_errors = 0
         return True
 
-    def record_probe(self, name: str, ok: bool) -> None:
+    def record_probe(self, name: str, ok: bool, sent_s: float | None = None) -> None:
+        """A probe's answer, as of ``sent_s`` (when it was sent; default now). A success sent
+        before a failure seen since is stale and ignored: the host answered before it went
+        away (a probe out when it was killed must not mark it up, nor re-admit it). A failure
+        always counts."""
         health = self.hosts.get(name)
         if health is None:
             return
+        if sent_s is None:
+            sent_s = self._clock()
         if ok:
-            health.last_probe_ok_s = self._clock()
+            if sent_s < health.last_failure_s:
+                return
+            health.last_probe_ok_s = max(health.last_probe_ok_s, sent_s)
             health.probe_failures = 0
             health.probe_successes += 1
             if health.probe_successes >= self.healthy_threshold:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import itertools
 import logging
 import random
@@ -52,6 +51,7 @@ from gateway.routing.estimators import Clock, LatencyEstimate
 from gateway.routing.health import OutlierDetector
 from gateway.routing.members import Members
 from gateway.routing.policies import Candidate, Policy
+from gateway.routing.schedule import ProbeSchedule
 from gateway.routing.tiers import CACHED, LOADED, ORIGIN, HostModel
 
 __all__ = ["FAILURE", "NEUTRAL", "SCAN_BELOW", "SUCCESS", "Lease", "Router", "TargetState"]
@@ -195,6 +195,7 @@ class Router:
         self.draining: list[TargetState] = []
         self._freed: asyncio.Event | None = None
         self._prober: asyncio.Task[None] | None = None
+        self._schedule = ProbeSchedule()  # when each target is probed next
 
     # -- membership -------------------------------------------------------------------------
 
@@ -669,6 +670,9 @@ class Router:
             if target.name in self.outliers.hosts and self.outliers.record_failure(target.name):
                 log.warning("host %s ejected after consecutive failures", target.name)
                 self.aperture.changed()  # the next host along the ring takes its place
+                # Its next probe was planned while it was well (outside the aperture: up to
+                # a minute away); the probe that can re-admit it is due when the time is up.
+                self._schedule.sooner(target, self._next_probe_s(target, self.clock()))
         self._wake()
 
     # -- probing ----------------------------------------------------------------------------
@@ -687,7 +691,8 @@ class Router:
         """When to probe ``target`` next: a host down or ejected every ``probe_interval_s``
         (it is waiting for a probe to come back), one outside the aperture every
         ``probe_idle_interval_s``, any other every ``probe_period_s``; each moved by up to
-        ``probe_jitter`` of it at random, so probes do not come in waves."""
+        ``probe_jitter`` of it at random, so probes do not come in waves. An ejected host is
+        probed no later than when its ejection ends: only a probe from then on re-admits it."""
         health = self.outliers.hosts.get(target.name)
         away = health is not None and (not health.probe_up or health.ejected_until_s is not None)
         if away:
@@ -696,7 +701,10 @@ class Router:
             period_s = max(self.probe_idle_interval_s, self.probe_period_s())
         else:
             period_s = self.probe_period_s()
-        return now + period_s * (1.0 + self.probe_jitter * (2.0 * self._rng.random() - 1.0))
+        at_s = now + period_s * (1.0 + self.probe_jitter * (2.0 * self._rng.random() - 1.0))
+        if health is not None and health.ejected_until_s is not None:
+            at_s = min(at_s, max(now, health.ejected_until_s))
+        return at_s
 
     def _busy_and_well(self, target: TargetState, now: float) -> bool:
         """A host that answered real traffic within the last period and is up: its own answers
@@ -711,21 +719,27 @@ class Router:
         )
 
     async def _probe_one(self, probe: Probe, name: str) -> None:
+        """Probe ``name`` and record the answer as of when the probe was sent: an answer that
+        left the host before a failure seen since (a kill under load) must not undo it
+        (``OutlierDetector.record_probe``)."""
+        sent_s = self.clock()
         try:
             async with asyncio.timeout(self.probe_timeout_s):
                 ok = await probe(name)
         except Exception:
             ok = False
         self.probes_sent += 1
-        before = self.outliers.hosts.get(name)
-        was_up = before.probe_up if before is not None else True
-        self.outliers.record_probe(name, ok)
-        now_up = before.probe_up if before is not None else ok
-        if now_up != was_up:
-            log.warning("host %s is %s", name, "up" if now_up else "down")
-            self.aperture.changed()
+        if name not in self.outliers.hosts:
+            return  # removed while the probe was out
+        was = self.outliers.state(name)
+        self.outliers.record_probe(name, ok, sent_s)
+        now = self.outliers.state(name)
+        if now != was:
+            self.aperture.changed()  # in or out of the aperture
+        if (was == "down") != (now == "down"):
+            log.warning("host %s is %s", name, "down" if now == "down" else "up")
             target = self.targets.get(name)
-            if now_up and target is not None:
+            if now != "down" and target is not None:
                 # Back after being down: most likely a new process (restarted, rescheduled),
                 # so what was measured before says little. Unmeasured, it is tried at once,
                 # one batch at a time until it answers, as a newly added host is.
@@ -733,27 +747,22 @@ class Router:
         self._wake()
 
     async def _probe_loop(self, probe: Probe) -> None:
-        """Each target on its own jittered schedule (a heap of due times), at most
+        """Each target on its own jittered schedule (``ProbeSchedule``), at most
         ``probe_concurrency`` probes at once and ``probe_rate`` per second; a target that
         joins later has its first probe at a random point of its first period, so a thousand
         hosts added together are not probed together."""
-        due: list[tuple[float, int, TargetState]] = []
-        scheduled: set[int] = set()  # id() of the targets in ``due``
+        # A fresh schedule per start: plans of probes cancelled by ``close`` are not carried.
+        schedule = self._schedule = ProbeSchedule()
         running: set[asyncio.Task[None]] = set()
-        seq = 0
-
-        def push(at_s: float, target: TargetState) -> None:
-            nonlocal seq
-            seq += 1
-            heapq.heappush(due, (at_s, seq, target))
-            scheduled.add(id(target))
 
         async def run(target: TargetState) -> None:
             try:
                 await self._probe_one(probe, target.name)
             finally:
                 if self.is_current(target):
-                    push(self._next_probe_s(target, self.clock()), target)
+                    schedule.plan(target, self._next_probe_s(target, self.clock()))
+                else:
+                    schedule.forget(target)
 
         seen = -1  # ``self.changes`` when the targets were last looked at
         # A token bucket holds the probes sent to ``probe_rate`` per second whatever the
@@ -776,31 +785,28 @@ class Router:
                     if self.aperture.active(len(self._ring)):
                         first_s = max(first_s, self.probe_idle_interval_s)
                     for target in self.targets.values():
-                        if id(target) not in scheduled:
+                        if target not in schedule:
                             spread = 0.0 if at_once else self._rng.random()
-                            push(now + first_s * spread, target)
+                            schedule.plan(target, now + first_s * spread)
                     seen = self.changes
-                while (
-                    due
-                    and due[0][0] <= now
-                    and len(running) < self.probe_concurrency
-                    and tokens >= 1.0
-                ):
-                    _, _, target = heapq.heappop(due)
-                    scheduled.discard(id(target))
-                    if not self.is_current(target):
-                        continue  # removed or replaced: its successor has its own turn
-                    if self._busy_and_well(target, now):
+                while len(running) < self.probe_concurrency and tokens >= 1.0:
+                    popped = schedule.pop_due(now)
+                    if popped is None:
+                        break
+                    if not self.is_current(popped):
+                        continue  # removed or replaced: its successor has its own plan
+                    if self._busy_and_well(popped, now):
                         self.probes_skipped += 1
-                        push(self._next_probe_s(target, now), target)
+                        schedule.plan(popped, self._next_probe_s(popped, now))
                         continue
-                    scheduled.add(id(target))  # in flight: rescheduled when it is done
+                    schedule.start(popped)  # planned again when its probe is done
                     tokens -= 1.0
-                    task = asyncio.get_running_loop().create_task(run(target))
+                    task = asyncio.get_running_loop().create_task(run(popped))
                     running.add(task)
                     task.add_done_callback(running.discard)
-                wait_s = 0.05 if not due else min(0.05, max(0.0, due[0][0] - self.clock()))
-                if due and tokens < 1.0:
+                next_s = schedule.next_at_s()
+                wait_s = 0.05 if next_s is None else min(0.05, max(0.0, next_s - self.clock()))
+                if next_s is not None and tokens < 1.0:
                     wait_s = max(wait_s, (1.0 - tokens) / self.probe_rate)
                 await asyncio.sleep(max(wait_s, 0.001))
         finally:
