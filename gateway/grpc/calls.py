@@ -441,6 +441,14 @@ class Call:
         if len(data) > limit:
             raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"Sent message larger than max ({len(data)} vs. {limit})")  # fmt: skip
+        conn = self.stream.conn
+        if conn.unsent() + len(data) > conn.max_unsent_bytes:
+            http2.EVENTS["unsent_limit"] += 1
+            message = (f"the client is not taking its answers: over {conn.max_unsent_bytes}"
+                       " bytes unsent on its connection")  # fmt: skip
+            if self.stream.outbox:  # trailers would wait behind them: reset instead
+                self.stream.reset(http2.ENHANCE_YOUR_CALM)
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         if not self.started:
             self.started = True
             self.stream.send_headers(RESPONSE_HEADERS)
@@ -716,9 +724,24 @@ class Http2GrpcServer:
         return call
 
     def _connection(self) -> http2.Connection:
-        conn = http2.Connection(self._open_stream, asyncio.get_running_loop(),
-                                on_close=self.connections.discard)  # fmt: skip
-        self.connections.add(conn)
+        """A new connection, with the REST listener's limits where they mean the same: at most
+        ``max_connections`` open (the next gets GOAWAY ENHANCE_YOUR_CALM), ``header_timeout_s``
+        to say HTTP/2, ``keepalive_timeout_s`` with no stream and no PING."""
+        settings = self.dataplane.settings
+        limit = settings.max_connections
+        full = bool(limit) and len(self.connections) >= limit
+        conn = http2.Connection(
+            self._open_stream,
+            asyncio.get_running_loop(),
+            on_close=self.connections.discard,
+            handshake_timeout_s=settings.header_timeout_s,
+            idle_timeout_s=settings.keepalive_timeout_s,
+            send_timeout_s=settings.grpc_send_timeout_s,
+            max_unsent_bytes=max(http2.MAX_UNSENT_BYTES, 2 * self.max_message_bytes),
+            refuse=f"over max_connections ({limit})" if full else "",
+        )
+        if not full:
+            self.connections.add(conn)
         return conn
 
     async def start(self) -> None:
