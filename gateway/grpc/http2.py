@@ -732,9 +732,10 @@ class Connection(asyncio.Protocol):
             return
         stream = Stream(self, stream_id, self._initial_send_window)
         self.streams[stream_id] = stream
+        ended = bool(flags & END_STREAM)
+        stream.remote_open = not ended  # before the handler: an answer at once needs no reset
         stream.handler = self.open_stream(stream, headers)
-        if flags & END_STREAM and self.streams.get(stream_id) is stream:
-            stream.remote_open = False
+        if ended and self.streams.get(stream_id) is stream:
             stream.handler.end()
             self._maybe_done(stream)
 
