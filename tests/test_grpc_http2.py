@@ -935,3 +935,57 @@ def test_connections_over_max_connections_are_refused(
             raw.close()
     time.sleep(0.3)
     _infer_ok(address)
+
+
+def test_hpack_bomb_is_a_connection_error(gateway: tuple[GatewayProcess, str]) -> None:
+    """An HPACK bomb: one 4 KB field in the table, then one-byte references to it; decoding
+    stops at 64 KiB of header list (COMPRESSION_ERROR), not at 48 MB."""
+    gw, address = gateway
+    raw = Raw(address)
+    try:
+        big = hpack.Encoder().encode([("x-bomb", "v" * 4000)])  # literal with indexing: 62
+        block = big + b"\xbe" * 12000
+        raw.send(frame(HEADERS, END_HEADERS, 1, block))
+        frames = raw.frames_until_closed()
+    finally:
+        raw.close()
+    assert _goaway_code(frames) == COMPRESSION_ERROR
+    _infer_ok(address)
+    assert gw.process.poll() is None
+
+
+def test_a_ping_flood_never_read_is_bounded_and_closed(
+    limited: tuple[GatewayProcess, str],
+) -> None:
+    """PINGs sent without end and their ACKs never read: the gateway stops reading the
+    connection once its socket buffer is full (memory stays bounded), serves others, and
+    closes the connection after ``grpc_send_timeout_s`` without progress."""
+    gw, address = limited
+    rss_before = rss_bytes(gw.process.pid)
+    raw = Raw(address)
+    raw.sock.settimeout(1)
+    pings = frame(PING, 0, 0, b"12345678") * 4096
+    sent = 0
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 10:
+            try:
+                raw.sock.sendall(pings)
+            except TimeoutError:
+                break  # the gateway stopped reading
+            sent += len(pings)
+        assert time.monotonic() - started < 10, "the gateway read PINGs without end"
+        _infer_ok(address)
+        time.sleep(SEND_TIMEOUT_S + 1)
+        raw.sock.settimeout(10)
+        closed = False
+        try:
+            while raw.sock.recv(1 << 20):
+                pass
+            closed = True
+        except ConnectionResetError:
+            closed = True
+    finally:
+        raw.close()
+    assert closed
+    assert rss_bytes(gw.process.pid) - rss_before < 100 * 1024 * 1024
