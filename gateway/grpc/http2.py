@@ -25,6 +25,12 @@ returns for its headers, and the handler answers through its :class:`Stream`.
 - Writes made during one loop callback leave in one ``writelines`` at its end.
 - Errors: a frame that breaks the protocol is a connection error (GOAWAY with its code, then
   the connection closes; its streams' handlers are reset); a bad stream alone gets RST_STREAM.
+- Hostile clients (the HTTP/2 CVEs of recent years): memory and work per connection are bounded
+  by the constants below: header blocks (bytes, frames, decoded size; only small ones cached),
+  client resets (rapid reset), answers the client does not take (``max_unsent_bytes``, checked
+  by the caller, and ``send_timeout_s`` without progress), the handshake and idle timeouts.
+  Malformed request headers (RFC 9113 8.2) reset the stream. Each event is logged and counted in
+  :data:`EVENTS`.
 """
 
 from __future__ import annotations
