@@ -90,10 +90,12 @@ _CACHED_BLOCK_BYTES = 1024
 # Frames one header block may span: empty CONTINUATION frames add no bytes, so the byte bound
 # alone would let a client send them forever (the CVE-2024-27316 family).
 MAX_CONTINUATIONS = 64
-# Streams the client may reset (RST_STREAM before our answer ended) as a burst, and per second
-# after it; past that: GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
-RESET_BURST = 200
-RESETS_PER_S = 100.0
+# Rapid reset (CVE-2023-44487): a connection whose client reset (RST_STREAM before our answer
+# ended) more than RESET_BURST streams within RESET_WINDOW_S, and more than half the streams it
+# opened there, gets GOAWAY ENHANCE_YOUR_CALM (Envoy's rule; clients cancelling on deadlines
+# while most of their calls complete are not closed). MAX_STREAMS bounds a legitimate burst.
+RESET_BURST = 2 * MAX_STREAMS
+RESET_WINDOW_S = 10.0
 # Answer bytes a connection may hold that the client has not taken (streams' outboxes, waiting
 # for flow-control window, plus the socket's buffer); an answer past it ends its call with
 # RESOURCE_EXHAUSTED. ``Http2GrpcServer`` raises it to twice the largest message.
@@ -408,8 +410,9 @@ class Connection(asyncio.Protocol):
         self._send_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._active_at = loop.time()  # last stream end or PING, for the idle timeout
-        self._resets = 0.0  # client resets, decaying at RESETS_PER_S
-        self._resets_at = loop.time()
+        self._opened = 0  # streams opened and reset by the client in this reset window
+        self._resets = 0
+        self._window_at = loop.time()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.paused = False
@@ -625,14 +628,15 @@ class Connection(asyncio.Protocol):
         # other types: ignored, as the protocol says
 
     def _count_reset(self) -> None:
-        """A client reset a stream we were answering: work started and thrown away. Past a
-        burst of ``RESET_BURST`` (then ``RESETS_PER_S``) the connection is closed."""
+        """A client reset a stream we were answering: work started and thrown away."""
         now = self.loop.time()
-        self._resets = max(0.0, self._resets - (now - self._resets_at) * RESETS_PER_S) + 1
-        self._resets_at = now
-        if self._resets > RESET_BURST:
+        if now - self._window_at > RESET_WINDOW_S:
+            self._window_at, self._opened, self._resets = now, 0, 0
+        self._resets += 1
+        if self._resets > RESET_BURST and 2 * self._resets > self._opened:
             EVENTS["rapid_reset"] += 1
-            log.warning("HTTP/2 connection closed: more than %d streams reset", RESET_BURST)
+            log.warning("HTTP/2 connection closed: %d of its %d streams reset in %.0f s",
+                        self._resets, self._opened, RESET_WINDOW_S)  # fmt: skip
             raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams reset")
 
     def _check_known(self, stream_id: int, what: str) -> None:
@@ -738,6 +742,7 @@ class Connection(asyncio.Protocol):
             return
         stream = Stream(self, stream_id, self._initial_send_window)
         self.streams[stream_id] = stream
+        self._opened += 1
         ended = bool(flags & END_STREAM)
         stream.remote_open = not ended  # before the handler: an answer at once needs no reset
         stream.handler = self.open_stream(stream, headers)
