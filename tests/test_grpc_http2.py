@@ -1014,3 +1014,71 @@ def test_a_ping_flood_never_read_is_bounded_and_closed(
         raw.close()
     assert closed
     assert rss_bytes(gw.process.pid) - rss_before < 100 * 1024 * 1024
+
+
+def test_one_byte_data_frames_are_bounded(gateway: tuple[GatewayProcess, str]) -> None:
+    """A 200 KB request in 1-byte DATA frames: the pieces are copied together, not kept as
+    200 000 views (~40 MB, and a quadratic cut); the call is answered normally."""
+    gw, address = gateway
+    raw = Raw(address)
+    floats = 50_000
+    request = pb.ModelInferRequest(model_name="identity", id="tiny")
+    request.inputs.add(name="X", datatype="FP32", shape=[floats])
+    request.raw_input_contents.append(np.ones(floats, np.float32).tobytes())
+    data = message(request.SerializeToString())
+    rss_before = rss_bytes(gw.process.pid)
+    try:
+        raw.send(frame(HEADERS, END_HEADERS, 1, raw.headers(INFER)))
+        raw.send(b"".join(frame(DATA, 0, 1, data[i : i + 1]) for i in range(len(data) - 1)))
+        raw.send(frame(PING, 0, 0, b"87654321"))  # its ACK: every DATA frame was read
+        while (got := raw.read_frame()) is not None and not (got[0] == PING and got[1] & ACK):
+            pass
+        grown = rss_bytes(gw.process.pid) - rss_before
+        raw.send(frame(DATA, END_STREAM, 1, data[-1:]))
+        answer = raw.responses(1)[1]
+    finally:
+        raw.close()
+    assert answer["headers"][b"grpc-status"] == b"0"
+    assert pb.ModelInferResponse.FromString(answer["data"][5:]).id == "tiny"
+    assert grown < 20 * 1024 * 1024
+
+
+def test_a_unary_call_with_many_messages_fails_at_the_second(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """Tiny messages by the hundred thousand on a unary call are not buffered to the end: the
+    second one ends the call (INTERNAL), before the client's END_STREAM."""
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        raw.send(frame(HEADERS, END_HEADERS, 1, raw.headers(INFER)))
+        blob = message(b"x") * 2000
+        for _ in range(50):
+            raw.send(frame(DATA, 0, 1, blob))
+        answer = raw.responses(1)[1]  # no END_STREAM sent
+    finally:
+        raw.close()
+    assert answer["headers"][b"grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0]).encode()
+
+
+def test_settings_with_thousands_of_window_sizes_are_cheap(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """SETTINGS frames full of INITIAL_WINDOW_SIZE entries, with 255 streams open: the window
+    is applied once per frame, not once per entry and stream (2730 x 255 each)."""
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        raw.send(*(frame(HEADERS, END_HEADERS, 1 + 2 * i, raw.headers(INFER)) for i in range(255)))
+        entries = b"".join(struct.pack(">HI", INITIAL_WINDOW_SIZE, 65535 + i % 2)
+                           for i in range(2730))  # fmt: skip
+        started = time.monotonic()
+        raw.send(frame(SETTINGS, 0, 0, entries) * 60, frame(PING, 0, 0, b"87654321"))
+        while (got := raw.read_frame()) is not None and not (got[0] == PING and got[1] & ACK):
+            pass
+        elapsed = time.monotonic() - started
+        _infer_ok(address)
+    finally:
+        raw.close()
+    assert got is not None
+    assert elapsed < 5  # ~42 M window updates otherwise

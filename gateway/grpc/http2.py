@@ -764,17 +764,13 @@ class Connection(asyncio.Protocol):
             if self._handshake_timer is not None:
                 self._handshake_timer.cancel()
                 self._handshake_timer = None
+        window: int | None = None
         for i in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HI", payload, i)
             if key == INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise ProtocolError(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
-                delta = value - self._initial_send_window
-                self._initial_send_window = value
-                for stream in self.streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
-                        raise ProtocolError(FLOW_CONTROL_ERROR, "a stream window overflowed")
+                window = value  # applied once: thousands in a frame must not each walk the streams
             elif key == MAX_FRAME_SIZE:
                 if not FRAME_BYTES <= value <= 2**24 - 1:
                     raise ProtocolError(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
@@ -782,6 +778,13 @@ class Connection(asyncio.Protocol):
             elif key == ENABLE_PUSH and value > 1:
                 raise ProtocolError(PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1")
             # HEADER_TABLE_SIZE: our blocks use no table; the others only inform
+        if window is not None:
+            delta = window - self._initial_send_window
+            self._initial_send_window = window
+            for stream in self.streams.values():
+                stream.send_window += delta
+                if stream.send_window > MAX_WINDOW:
+                    raise ProtocolError(FLOW_CONTROL_ERROR, "a stream window overflowed")
         self._write(_SETTINGS_ACK)
         self._window_opened = True
 
