@@ -410,7 +410,7 @@ class Connection(asyncio.Protocol):
         self._send_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._active_at = loop.time()  # last stream end or PING, for the idle timeout
-        self._opened = 0  # streams opened and reset by the client in this reset window
+        self._opened = 0  # streams the client opened, and reset, in this reset window
         self._resets = 0
         self._window_at = loop.time()
         self.transport: asyncio.Transport | None = None
