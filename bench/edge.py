@@ -68,6 +68,8 @@ import numpy as np
 from harness import ROOT, free_port, stop
 
 GOAL_WARM_X = 10.0
+# a new version served: seconds, link bytes, connections + requests, edge CPU s, to the fetch s
+Served = tuple[float, int, int, float, float]
 GOAL_COLD_RATIO = 1.2
 
 
@@ -169,6 +171,8 @@ class SlowLink:
 
 class Proc:
     def __init__(self, args: list[str], log: Path, port: int, env: dict[str, str] | None = None):
+        # ``-m`` imports from the working directory first: a tree given as PYTHONPATH runs there
+        cwd = (env or {}).get("PYTHONPATH") or ROOT
         self.port = port
         self.log = log
         self.started = time.perf_counter()
@@ -177,7 +181,7 @@ class Proc:
                 [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=cwd,
                 env={**os.environ, "GATEWAY_ACCESS_LOG": "false", **(env or {})},
             )
 
@@ -273,7 +277,7 @@ def write_layers(root: Path, version: int, layers: int, changed: int | None, rev
     return path.stat().st_size
 
 
-def phases(log: Path, wall: float, took: float) -> str:
+def phases(log: Path, wall: float, took: float) -> tuple[str, float]:
     """Where an edge's time to serve a new version went, from its JSON log lines after
     ``wall``: until its fetch started (index, manifest), the fetch (transfer beside the copy of
     held chunks), until the load was done (model directory, ONNX Runtime session), the rest
@@ -287,15 +291,15 @@ def phases(log: Path, wall: float, took: float) -> str:
             found = re.search(r"fetched .* in ([\d.]+) s", entry["msg"])
             if found:
                 fetched = (entry["ts"], float(found.group(1)))
-            elif entry["msg"].startswith("model layers loaded"):
-                loaded = entry["ts"]
+            elif entry["msg"].startswith("model layers loaded") and loaded is None:
+                loaded = entry["ts"]  # the first: the warm reload after it logs one too
     if fetched is None or loaded is None:
-        return "phases: not in the log"
+        return "phases: not in the log", 0.0
     end, fetch_s = fetched
     return (
         f"phases: to the fetch {end - fetch_s - wall:.2f} s, fetch {fetch_s:.2f} s, "
         f"load {loaded - end:.2f} s, answer {wall + took - loaded:.2f} s"
-    )
+    ), end - fetch_s - wall
 
 
 def chunk_sweep(old: Path, new: Path) -> list[str]:
@@ -313,6 +317,31 @@ def chunk_sweep(old: Path, new: Path) -> list[str]:
             f"| {avg >> 10} KiB | {len(b)} | {moved / (4 << 20):.3f} | {manifest / 1e3:.0f} |"
         )
     return rows
+
+
+def cpu_s(proc: Proc) -> float:
+    """CPU seconds the process has used (user + system, all its threads): less noisy than
+    wall time on a shared machine."""
+    fields = Path(f"/proc/{proc.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ab_row(label: str, runs: dict[str, list[Served]]) -> str:
+    """A table row: this tree's and the base tree's times, bytes and requests for a case."""
+    new, base = runs["new"], runs["base"]
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        return (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
+
+    t_new, t_base = median([r[0] for r in new]), median([r[0] for r in base])
+    return (
+        f"| {label} | {', '.join(f'{r[0]:.2f}' for r in new)} | "
+        f"{', '.join(f'{r[0]:.2f}' for r in base)} | **{t_new / t_base:.2f}** | "
+        f"{new[0][1] / 1e6:.2f} / {base[0][1] / 1e6:.2f} | {new[0][2]} / {base[0][2]} | "
+        f"{median([r[3] for r in new]):.2f} / {median([r[3] for r in base]):.2f} | "
+        f"{median([r[4] for r in new]):.3f} / {median([r[4] for r in base]):.3f} |"
+    )
 
 
 def delta(args: argparse.Namespace) -> int:
@@ -344,26 +373,48 @@ def delta(args: argparse.Namespace) -> int:
         {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 1024], "data": [0.5] * 1024}]}
     ).encode()
 
-    node = Proc(["--model-repo", str(repo)], tmp / "node.log", free_port())
-    link = SlowLink(node.port, args.mbit_s, args.rtt_ms / 1000).start()
+    trees = [("new", "")] + ([("base", str(Path(args.ab).resolve()))] if args.ab else [])
+
+    def env_of(tree: str) -> dict[str, str]:
+        return {"PYTHONPATH": tree} if tree else {}
+
+    nodes = {
+        label: Proc(["--model-repo", str(repo)], tmp / f"node-{label}.log", free_port(), env_of(t))
+        for label, t in trees
+    }
+    links = {
+        label: SlowLink(nodes[label].port, args.mbit_s, args.rtt_ms / 1000).start()
+        for label, _ in trees
+    }
+    node, link = nodes["new"], links["new"]
     origin = f"http://127.0.0.1:{link.port}"
     rows: list[tuple[str, float, float, float, float, str]] = []
-    with running(node):
-        first_prediction(node, body, model="layers")
+    ab_rows: list[str] = []
+    with running(*nodes.values()):
+        for n in nodes.values():
+            first_prediction(n, body, model="layers")
 
         def publish() -> int:
-            """The node computes manifests on first ask: not on the timed path."""
-            urllib.request.urlopen(f"{node.url}/v2/repository/tree/models.json").read()
+            """The nodes compute manifests on first ask: not on the timed path."""
+            for n in nodes.values():
+                urllib.request.urlopen(f"{n.url}/v2/repository/tree/models.json").read()
+                for name in ("manifest.json", "manifest.json.gz"):
+                    with contextlib.suppress(urllib.error.HTTPError):  # no .gz before it
+                        urllib.request.urlopen(
+                            f"{n.url}/v2/repository/tree/layers/{max(versions)}/{name}"
+                        ).read()
             return sum(
                 len(urllib.request.urlopen(f"{node.url}/v2/repository/tree/{p}").read())
-                for p in ("models.json", f"layers/{max(versions)}/manifest.json")
+                for p in ("models.json", f"layers/{max(versions)}/manifest.json.gz")
             )
 
-        def serve_new(edge_proc: Proc, version: int) -> tuple[float, int]:
-            """Seconds for the edge to load ``version`` and answer with it; link bytes."""
+        def serve_new(edge_proc: Proc, version: int, via: SlowLink) -> Served:
+            """Seconds for the edge to load ``version`` and answer with it; link bytes and
+            requests."""
             time.sleep(2.1)  # the edge's index TTL: the load below asks the origin again
-            before = link.bytes_down
-            opened, asked = link.connections, link.requests
+            before = via.bytes_down
+            opened, asked = via.connections, via.requests
+            cpu_before = cpu_s(edge_proc)
             started = time.perf_counter()
             wall = time.time()
             status = _post(f"{edge_proc.url}/v2/repository/models/layers/load", b"{}")
@@ -373,13 +424,23 @@ def delta(args: argparse.Namespace) -> int:
                     f"load of v{version}: {status}\n{edge_proc.log.read_text()[-3000:]}"
                 )
             took = time.perf_counter() - started
-            opened, asked = link.connections - opened, link.requests - asked
-            floor = (opened + asked) * link.rtt_s + (link.bytes_down - before) / link.rate_bytes_s
+            opened, asked = via.connections - opened, via.requests - asked
+            floor = (opened + asked) * via.rtt_s + (via.bytes_down - before) / via.rate_bytes_s
+            moved = via.bytes_down - before
+            time.sleep(1.5)  # the work a fetch leaves (whole-file check, packing) is counted
+            cpu = cpu_s(edge_proc) - cpu_before
+            # the same version loaded again at once, from the warm cache (index still fresh)
+            again = time.perf_counter()
+            _post(f"{edge_proc.url}/v2/repository/models/layers/load", b"{}")
+            again = time.perf_counter() - again
+            text, to_fetch = phases(edge_proc.log, wall, took)
             breakdown[edge_proc.log.name] = (
-                f"{phases(edge_proc.log, wall, took)}; over the link {opened} new connections "
-                f"and {asked} requests, {floor:.2f} s one after another with the bytes"
+                f"{text}; over the link {opened} new connections and {asked} requests, "
+                f"{floor:.2f} s one after another with the bytes; edge CPU {cpu:.2f} s (with "
+                f"the work left in the background); the same version loaded again from the "
+                f"warm cache {again:.2f} s"
             )
-            return took, link.bytes_down - before
+            return took, moved, opened + asked, cpu, to_fetch
 
         def local_load() -> float:
             """The node's own (re)load of the newest version from its disk: median of 3."""
@@ -402,24 +463,39 @@ def delta(args: argparse.Namespace) -> int:
             t_cold = first_prediction(edge_a, body, model="layers")
             cold_mb = (link.bytes_down - before) / 1e6
         print(f"v1 cold pull: {t_cold:.2f} s, {cold_mb:.1f} MB over the link")
+        # every edge starts from a copy of the same v1 cache; "new" r0 is the one reported
+        edges: dict[tuple[str, int], Proc] = {}
+        for r in range(args.repeat):
+            for label, tree in trees:
+                copy = tmp / f"cache-{label}-{r}"
+                shutil.copytree(cache, copy)
+                edges[(label, r)] = Proc(
+                    [
+                        "--model-repo",
+                        f"http://127.0.0.1:{links[label].port}",
+                        "--cache-dir",
+                        str(copy),
+                    ],
+                    tmp / ("a2.log" if (label, r) == ("new", 0) else f"a2-{label}-{r}.log"),
+                    free_port(),
+                    env_of(tree),
+                )
+        edge_a = edges[("new", 0)]
         shutil.copytree(cache, tmp / "cache-whole")
 
         cases = [
             (2, f"v2: one {changed_bytes / 1e6:.1f} MB matrix changed", 1, False),
             (3, "v3: v2 with its initializers in reverse order", 1, True),
         ]
-        edge_a = Proc(
-            ["--model-repo", origin, "--cache-dir", str(cache)], tmp / "a2.log", free_port()
-        )
         whole = Proc(
             ["--model-repo", origin, "--cache-dir", str(tmp / "cache-whole")],
             tmp / "whole.log",
             free_port(),
             env={"GATEWAY_EDGE_CHUNKS": "false"},
         )
-        with running(edge_a, whole):
-            first_prediction(edge_a, body, model="layers")
-            first_prediction(whole, body, model="layers")
+        with running(*edges.values(), whole):
+            for e in [*edges.values(), whole]:
+                first_prediction(e, body, model="layers")
             time.sleep(3)  # a restarted edge revalidates its index in the background: let it
             for version, label, changed_layer, reverse in cases:
                 write_layers(repo, version, layers, changed_layer, reverse)
@@ -428,10 +504,22 @@ def delta(args: argparse.Namespace) -> int:
                 if version == 2:
                     sweep = chunk_sweep(repo / "layers/1/model.onnx", repo / "layers/2/model.onnx")
                 t_local = local_load()
-                t_new, moved = serve_new(edge_a, version)
+                runs: dict[str, list[tuple[float, int, int, float, float]]] = {
+                    t: [] for t, _ in trees
+                }
+                for r in range(args.repeat):
+                    order = trees if r % 2 == 0 else trees[::-1]  # A/B, then B/A
+                    for tree_label, _ in order:
+                        runs[tree_label].append(
+                            serve_new(edges[(tree_label, r)], version, links[tree_label])
+                        )
+                t_new, moved, trips, _, _ = runs["new"][0]
                 fetched = [ln for ln in edge_a.log.read_text().splitlines() if "fetched" in ln]
-                print(f"  edge: {fetched[-1][-160:] if fetched else '?'}")
-                t_whole, moved_whole = serve_new(whole, version)
+                print(f"  edge: {fetched[-1][-220:] if fetched else '?'}")
+                t_whole, moved_whole, _, _, _ = serve_new(whole, version, link)
+                if args.ab:
+                    ab_rows.append(ab_row(label, runs))
+                    print(ab_rows[-1])
                 ideal = changed_bytes / link.rate_bytes_s * 1.2 + t_local
                 rows.append((label, t_new, moved / 1e6, t_whole, moved_whole / 1e6, ""))
                 if reverse:  # no content changed: every tensor moved in the file
@@ -446,18 +534,24 @@ def delta(args: argparse.Namespace) -> int:
                     f"{what}; {breakdown.get(edge_a.log.name, '')}; "
                     f"time / ((bytes / bandwidth) x 1.2 + local load {t_local:.2f} s) = "
                     f"{t_new / ideal:.2f} (<= 1: {'met' if t_new <= ideal else 'NOT met'}); "
+                    "counting the link's round trips too, time / ((bytes / bandwidth) x 1.2 + "
+                    f"{trips} x RTT + local load) = "
+                    f"{t_new / (ideal + trips * link.rtt_s):.2f}; "
                     f"vs whole file: x{moved_whole / moved:.1f} fewer bytes, "
                     f"x{t_whole / t_new:.1f} faster",
                 )
                 print(f"{label}: {rows[-1][5]}")
-    link.stop()
+    for each in links.values():
+        each.stop()
 
     goal_lines = [f"- {r[0]}: {r[5]}" for r in rows]
     lines = [
         "# Edge cache: a new model version over a slow link (content-defined chunks)",
         "",
         f"Command: `python bench/edge.py --delta --model-mb {args.model_mb:g} "
-        f"--mbit-s {args.mbit_s:g} --rtt-ms {args.rtt_ms:g}`  ",
+        f"--mbit-s {args.mbit_s:g} --rtt-ms {args.rtt_ms:g}"
+        + (f" --ab {args.ab} --repeat {args.repeat}" if args.ab else "")
+        + "`  ",
         f"Date: {dt.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared with other "
         f"work: times are noisy; load average {load_at_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end), Python {platform.python_version()}  ",
@@ -476,6 +570,22 @@ def delta(args: argparse.Namespace) -> int:
     ]
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} |" for r in rows]
     lines += ["", *goal_lines, ""]
+    if ab_rows:
+        lines += [
+            f"A/B in the same run: this tree against `{args.ab}` (a tree of the code before; "
+            "its own gateway node as the origin, through a link of its own with the same "
+            f"settings), each edge from a copy of the same v1 cache, {args.repeat} edge(s) "
+            "each, served in turn (A/B, then B/A); load average at the start "
+            f"{load_at_start:.1f}, at the end {os.getloadavg()[0]:.1f}:",
+            "",
+            "| new version | this tree: time (s) | before: time (s) | time, median: this / "
+            "before | MB over the link: this / before | connections + requests: this / "
+            "before | edge CPU (s), median: this / before | to the fetch (s), median: this / "
+            "before |",
+            "|---|---|---|---:|---|---|---|---|",
+            *ab_rows,
+            "",
+        ]
     lines += [
         "Why a 64 KiB average: bytes of v2's chunks not in v1 / changed bytes, and the manifest's "
         "size, by average chunk size (the same two files, cut offline):",
@@ -498,7 +608,10 @@ def delta(args: argparse.Namespace) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if args.keep:
+        print(f"kept: {tmp} (logs: a2.log, node.log, whole.log)")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
@@ -513,6 +626,9 @@ def main() -> int:
     parser.add_argument("--warm-runs", type=int, default=3, help="warm restarts (median)")
     parser.add_argument("--delta", action="store_true", help="the new-version case only")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--keep", action="store_true", help="--delta: keep its logs and caches")
+    parser.add_argument("--ab", default="", help="--delta: a tree of the code to compare with")
+    parser.add_argument("--repeat", type=int, default=1, help="--delta: edges per tree")
     args = parser.parse_args()
     if args.rtt_ms is None:
         args.rtt_ms = 25.0 if args.delta else 50.0

@@ -259,6 +259,7 @@ def run(
     gap_s: float,
     extra: list[str],
     perf_analyzer: str | None = None,
+    spaced_s: float = 0.001,
 ) -> dict[str, Any]:
     """Every variant's traced gateway at once; rounds of: in-process ``block`` runs, then
     ``block`` lone requests to each variant (the order rotated per round), and with
@@ -269,6 +270,7 @@ def run(
     model = harness.read_model(repo, model_name)
     session, feeds, outputs = in_process_session(repo, model_name)
     in_process: list[float] = []
+    in_process_spaced: list[float] = []
     client: dict[str, list[int]] = {name: [] for name, _ in variants}
     sent: dict[str, list[int]] = {name: [] for name, _ in variants}
     received: dict[str, list[int]] = {name: [] for name, _ in variants}
@@ -300,6 +302,11 @@ def run(
                 started = time.perf_counter_ns()
                 session.run(outputs, feeds)
                 in_process.append(time.perf_counter_ns() - started)
+            for _ in range(block):  # as the gateway's runs come: after an idle gap
+                time.sleep(spaced_s)
+                started = time.perf_counter_ns()
+                session.run(outputs, feeds)
+                in_process_spaced.append(time.perf_counter_ns() - started)
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for name, _ in order:
                 gw, _, request = gateways[name]
@@ -331,6 +338,10 @@ def run(
             stages[name][f"{prev} -> {stage}"] = statistics.median(gaps) / 1e6 if gaps else -1
     return {
         "in_process_p50_ms": statistics.median(in_process) / 1e6,
+        "in_process_mean_ms": statistics.mean(in_process) / 1e6,
+        "in_process_spaced_p50_ms": statistics.median(in_process_spaced) / 1e6,
+        "in_process_spaced_mean_ms": statistics.mean(in_process_spaced) / 1e6,
+        "ort_mean_ms": {n: statistics.mean(v) / 1e6 for n, v in ort.items() if v},
         "p50_ms": {name: statistics.median(v) / 1e6 for name, v in client.items()},
         "p90_ms": {name: float(np.percentile(v, 90)) / 1e6 for name, v in client.items()},
         "overhead_p50_ms": {n: statistics.median(v) / 1e6 for n, v in overhead.items() if v},
@@ -350,6 +361,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--block", type=int, default=50, help="requests per variant per round")
     parser.add_argument("--gap-ms", type=float, default=0.0, help="client think time")
+    parser.add_argument(
+        "--in-process-gap-ms",
+        type=float,
+        default=1.0,
+        help="idle time before each spaced in-process run (a lone request's round trip) [1]",
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 20")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--serve-arg", action="append", default=[], help="for gateway serve")
@@ -363,7 +380,15 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variants] or [("shipped", {})]
     pa = harness.perf_analyzer_path() if args.perf_analyzer else None
     result = run(
-        repo, args.model, variants, args.rounds, args.block, args.gap_ms / 1e3, args.serve_arg, pa
+        repo,
+        args.model,
+        variants,
+        args.rounds,
+        args.block,
+        args.gap_ms / 1e3,
+        args.serve_arg,
+        pa,
+        args.in_process_gap_ms / 1e3,
     )
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     ip50 = result["in_process_p50_ms"]
@@ -391,6 +416,15 @@ def main() -> None:
         "| ORT run p50 ms | "
         + " | ".join(f"{result['ort_p50_ms'].get(n, -1):.3f}" for n, _ in variants)
         + " |",
+        "| ORT run mean ms | "
+        + " | ".join(f"{result['ort_mean_ms'].get(n, -1):.3f}" for n, _ in variants)
+        + " |",
+        "| ORT run p50 vs in-process spaced p50 | "
+        + " | ".join(
+            f"{result['ort_p50_ms'].get(n, -1) / result['in_process_spaced_p50_ms']:.3f}x"
+            for n, _ in variants
+        )
+        + " |",
         "| **overhead p50 ms** (client total - ORT run) | "
         + " | ".join(f"{result['overhead_p50_ms'].get(n, -1):.3f}" for n, _ in variants)
         + " |",
@@ -414,7 +448,10 @@ Command: `.venv/bin/python bench/lone_request.py {" ".join(sys.argv[1:])}`
 
 2 shared CPUs, load average {load} at the end (1/5/15 min); one client connection, one request
 at a time, binary HTTP; {args.rounds} rounds of {args.block} requests per variant, in-process
-`session.run` ({ip50:.3f} ms p50) interleaved. Variants: {described}.
+`session.run` interleaved: back to back {ip50:.3f} ms p50 (mean {result["in_process_mean_ms"]:.3f}),
+and each after {args.in_process_gap_ms:g} ms idle, as the gateway's runs come,
+{result["in_process_spaced_p50_ms"]:.3f} ms p50 (mean {result["in_process_spaced_mean_ms"]:.3f}).
+Variants: {described}.
 
 {head}
 {rule}

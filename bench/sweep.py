@@ -211,6 +211,42 @@ def best_of(
     return merged
 
 
+class PairedReference:
+    """In-process ``session.run`` at each model's best batch of the first pass, measured right
+    before each gateway point (``--paired``) for one window: items/s over the whole window
+    (``items_per_s_mean``, as perf_analyzer counts, not the best slice). On a shared machine
+    whose speed moves by 2x within a minute, a ratio to a pass minutes away (or to the best of
+    two) says more about the machine than about the gateway."""
+
+    def __init__(self, repo: Path, first: dict[str, dict[str, Any]], seconds: float) -> None:
+        self.repo, self.first, self.seconds = repo, first, seconds
+        self.sessions: dict[str, Any] = {}
+
+    def __call__(self, name: str) -> float:
+        import onnxruntime as ort
+
+        model = harness.read_model(self.repo, name)
+        batch = self.first[name]["best_batch"]
+        if name not in self.sessions:
+            options = ort.SessionOptions()  # as harness.measure_in_process sets it up
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Its threads stop spinning when a run returns: none left on the gateway's cores.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+            path = str(self.repo / name / "1" / "model.onnx")
+            self.sessions[name] = (
+                ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]),
+                harness.sample_inputs(model, batch),
+            )
+        session, feeds = self.sessions[name]
+        outputs = list(model.outputs)
+        session.run(outputs, feeds)
+        runs, started = 0, time.perf_counter()
+        while runs < 2 or time.perf_counter() - started < self.seconds:
+            session.run(outputs, feeds)
+            runs += 1
+        return runs * batch / (time.perf_counter() - started)
+
+
 # -- perf_analyzer ----------------------------------------------------------------------------
 
 
@@ -273,10 +309,12 @@ def sweep(
     levels: dict[str, list[int]],
     windows_ms: dict[str, int],
     work: Path,
+    paired: PairedReference | None = None,
 ) -> list[dict[str, Any]]:
     """Every point, the targets (``servers``: target -> (urls, protocols)) one right after the
     other at each, in turns which goes first: the machine's speed drifts over minutes, so each
-    ratio compares two windows seconds apart."""
+    ratio compares two windows seconds apart. With ``paired``, in-process items/s at the best
+    batch right before each point (``in_process_paired``)."""
     points = []
     turn = 0
     protocols = list(dict.fromkeys(p for _, wanted in servers.values() for p in wanted))
@@ -286,6 +324,7 @@ def sweep(
             for concurrency in levels[model]:
                 order = list(servers) if turn % 2 == 0 else list(servers)[::-1]
                 turn += 1
+                reference = {"in_process_paired": paired(model)} if paired else {}
                 for target in order:
                     urls, wanted = servers[target]
                     if protocol not in wanted:
@@ -294,7 +333,7 @@ def sweep(
                     window_ms = windows_ms[model]
                     got = run_pa(pa, model, url, protocol, concurrency, window_ms, out_bytes, work)
                     points.append({"target": target, "model": model, "protocol": protocol,
-                                   "concurrency": concurrency, **got})  # fmt: skip
+                                   "concurrency": concurrency, **got, **reference})  # fmt: skip
                     head = f"{target:8s} {model:13s} {protocol:5s} c={concurrency:<3d}"
                     if "error" in got:
                         print(f"{head} ERROR {got['error']}", flush=True)
@@ -498,6 +537,22 @@ def goals(
                 r = max(got) / ort["resnet50"]["best_items_per_s"]
                 lines.append(f"| `resnet50` {protocol} best >= {want}x in-process best batch | "
                              f"{r:.2f}x | {r >= want} |")  # fmt: skip
+    # The same goals against in-process runs right before each point (``--paired``).
+    for model, want, label in (("resnet50", 0.9, "best"), ("mlp", 0.55, "c=64")):
+        mine = [
+            p for p in points
+            if (p["target"], p["model"], p["protocol"]) == ("gateway", model, "http")
+            and "error" not in p and p.get("in_process_paired")
+            and (label == "best" or p["concurrency"] == 64)
+        ]  # fmt: skip
+        if mine:
+            top = max(mine, key=lambda p: p["throughput"] / p["in_process_paired"])
+            r = top["throughput"] / top["in_process_paired"]
+            lines.append(
+                f"| `{model}` http {label} >= {want}x in-process best batch, paired | {r:.2f}x "
+                f"(c={top['concurrency']}: {top['throughput']:.1f} vs "
+                f"{top['in_process_paired']:.1f}/s) | {r >= want} |"
+            )
     p = _point(points, target="gateway", model="mlp", protocol="http", concurrency=64)
     if p is not None and "mlp" in ort:
         r = p["throughput"] / ort["mlp"]["best_items_per_s"]
@@ -584,7 +639,9 @@ def render(data: dict[str, Any]) -> str:
         "`--input-data zero`. Triton: `tritonserver` (nvidia-pytriton build) running each "
         "model's ONNX file with ONNX Runtime in its python backend, the model's own config. "
         "Both servers run throughout; at each point they are measured back to back, in turns "
-        "which goes first. In-process: the better of a pass before and a pass after the sweep.",
+        "which goes first. In-process: the better of a pass before and a pass after the sweep; "
+        "with `--paired`, also the best batch's items/s in the window right before each point "
+        '(column "vs paired").',
         "",
         "## Goals (ratios from this run)",
         "",
@@ -608,8 +665,8 @@ def render(data: dict[str, Any]) -> str:
             lines += [f"![{model}](sweep-{model}.png)", ""]
         lines += [
             "| protocol | c | gateway /s | p50 ms | p99 ms | Triton /s | p50 ms | p99 ms | "
-            "throughput vs Triton | p99 vs Triton | vs in-process best |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "throughput vs Triton | p99 vs Triton | vs in-process best | vs paired |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         best = ort.get(model, {}).get("best_items_per_s")
         for protocol in data["protocols"]:
@@ -621,13 +678,15 @@ def render(data: dict[str, Any]) -> str:
                 if g is None and t is None:
                     continue
                 gv = [g and g["throughput"], g and g["p50_ms"], g and g["p99_ms"]]
+                near = g.get("in_process_paired") if g else None
                 tv = [t and t["throughput"], t and t["p50_ms"], t and t["p99_ms"]]
                 lines.append(
                     f"| {protocol} | {c} | {_fmt(gv[0], '.1f')} | {_fmt(gv[1])} | {_fmt(gv[2])} "
                     f"| {_fmt(tv[0], '.1f')} | {_fmt(tv[1])} | {_fmt(tv[2])} "
                     f"| {_fmt(harness.ratio(gv[0], tv[0]), '.2f', 'x')} "
                     f"| {_fmt(harness.ratio(gv[2], tv[2]), '.2f', 'x')} "
-                    f"| {_fmt(harness.ratio(gv[0], best), '.2f', 'x')} |"
+                    f"| {_fmt(harness.ratio(gv[0], best), '.2f', 'x')} "
+                    f"| {_fmt(harness.ratio(gv[0], near), '.2f', 'x')} |"
                 )
     errors = [p for p in points if "error" in p]
     if errors:
@@ -707,6 +766,11 @@ def main() -> int:
         metavar="TREE",
         help="also count copies with the gateway of this source tree (before)",
     )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="in-process best batch right before each point, for ratios on a busy machine",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-copies", action="store_true")
     parser.add_argument(
@@ -758,7 +822,8 @@ def main() -> int:
             # busy): perf_analyzer refuses a window in which no request finished.
             windows = {m: max(args.window_ms, round(4 * first[m]["batch1_p50_ms"])) for m in models}
             data["windows_ms"] = windows
-            data["points"] = sweep(pa, servers, repo, models, levels, windows, work)
+            paired = PairedReference(repo, first, args.window_ms / 1e3) if args.paired else None
+            data["points"] = sweep(pa, servers, repo, models, levels, windows, work, paired)
         # Again after the sweep: the better of the two is the limit (the machine is shared).
         data["in_process"] = best_of(first, in_process(repo, models, args.in_process_s))
         if not args.no_memory:

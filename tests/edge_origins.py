@@ -1,7 +1,8 @@
 """Origins for the edge-cache tests, each on a free loopback port in a thread of its own.
 
 ``FakeOrigin`` is a tiny HTTP/1.1 file server that logs every request (path, Range), honours
-``Range`` (``bytes=a-`` and ``bytes=a-b``) and ``If-None-Match``, can throttle, and can cut the
+``Range`` (``bytes=a-``, ``bytes=a-b`` and several ranges: a multipart answer, the whole file
+or the first range, as set) and ``If-None-Match``, can throttle, and can cut the
 connection partway through a file once or send one byte of it wrong once (fault injection).
 ``StaticOrigin`` is Python's ``http.server`` (no Range support).
 ``AppServer`` runs any aiohttp application (an origin that misbehaves on purpose).
@@ -59,6 +60,9 @@ class FakeOrigin:
         self.requests: list[tuple[str, str | None]] = []
         self.headers: list[dict[str, str]] = []  # each request's headers, names in lower case
         self.cut_after: dict[str, int] = {}  # path -> bytes sent before dropping (once)
+        # several ranges asked at once: "multipart" (multipart/byteranges), "whole" (200, the
+        # whole file, as S3), "first" (206 with the first range only)
+        self.multi_range = "multipart"
         self.corrupt_at: dict[str, int] = {}  # path -> file offset of a byte sent wrong (once)
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -140,8 +144,13 @@ class FakeOrigin:
         extra = ""
         end = len(data)
         wanted = headers.get("range", "")
+        if "," in wanted and self.multi_range == "multipart":
+            await self._multipart(writer, data, etag, wanted, path)
+            return
+        if "," in wanted and self.multi_range == "whole":
+            wanted = ""
         if wanted.startswith("bytes="):
-            first, _, last = wanted[6:].partition("-")
+            first, _, last = wanted[6:].split(",")[0].partition("-")
             start, end = int(first), min(int(last) + 1, len(data)) if last else len(data)
             status = "206 Partial Content"
             extra = f"Content-Range: bytes {start}-{end - 1}/{len(data)}\r\n"
@@ -165,6 +174,32 @@ class FakeOrigin:
             await writer.drain()
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
+
+    async def _multipart(
+        self, writer: asyncio.StreamWriter, data: bytes, etag: str, wanted: str, path: str
+    ) -> None:
+        boundary = "3d6b6a416f9b5"
+        wrong = self.corrupt_at.pop(path, None)
+        body = bytearray()
+        for spec in wanted[6:].split(","):
+            first, _, last = spec.strip().partition("-")
+            start, end = int(first), min(int(last) + 1, len(data))
+            body += (
+                f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Range: bytes {start}-{end - 1}/{len(data)}\r\n\r\n"
+            ).encode()
+            part = bytearray(data[start:end])
+            if wrong is not None and start <= wrong < end:
+                part[wrong - start] ^= 0xFF
+            body += part + b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        writer.write(
+            f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\nETag: {etag}\r\n"
+            f"Content-Type: multipart/byteranges; boundary={boundary}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        writer.write(bytes(body))
+        await writer.drain()
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

@@ -143,8 +143,11 @@ async def test_oversized_index_is_refused_without_reading_it_whole(
 async def test_endless_manifest_never_writes_past_the_cache_bound(
     origin_repo: Path, tmp_path: Path
 ) -> None:
-    sent = [0]
-    routes = {"simple/1/manifest.json": endless(b"", sent, 16 << 20)}
+    sent, sent_gz = [0], [0]
+    routes = {
+        "simple/1/manifest.json": endless(b"", sent, 16 << 20),
+        "simple/1/manifest.json.gz": endless(b"", sent_gz, 16 << 20),  # tried first
+    }
     server = AppServer(origin_app(origin_repo, routes)).start()
     capacity = 1 << 20
     cache = tmp_path / "cache"
@@ -169,6 +172,7 @@ async def test_endless_manifest_never_writes_past_the_cache_bound(
     assert peak <= capacity, f"{peak} bytes on disk, bound {capacity}"
     assert not list((cache / "tmp").iterdir())
     assert sent[0] < 8 << 20, sent[0]  # the reader hung up near its bound
+    assert 0 < sent_gz[0] < 8 << 20, sent_gz[0]
     assert str(server.port) not in caught.value.message
 
 

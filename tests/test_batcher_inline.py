@@ -224,7 +224,7 @@ async def test_onnx_runtime_runs_a_lone_request_on_the_loops_thread(tmp_path: Pa
     run on the event loop's own thread and answer as the worker thread did; a busy session
     makes ``execute_now`` decline rather than wait."""
     models.dense(tmp_path, "dense", config=DENSE_CONFIG)
-    settings = Settings(  # one thread: the pool fits beside the loop on any machine
+    settings = Settings(
         model_repo=str(tmp_path), warmup=False, inline_max_ms=1000.0, intra_op_threads=1
     )
     dataplane = DataPlane(settings, LocalRepository(tmp_path), OnnxRuntimeFactory(settings))
@@ -255,7 +255,7 @@ async def test_onnx_runtime_runs_a_lone_request_on_the_loops_thread(tmp_path: Pa
         with pytest.raises(InvalidInput, match="rejected the input"):
             backend.execute_now({"X": x.astype(np.float64)}, ["Y"])
         assert backend.execute_now({"X": x}, ["Y"]) is not None  # the session came back
-        backend.inline = False  # its pool would not fit beside the loop: never inline
+        backend.inline = False  # a backend made not to run inline declines
         assert backend.execute_now({"X": x}, ["Y"]) is None
     finally:
         await dataplane.stop()

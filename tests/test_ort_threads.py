@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from gateway.backends.onnxruntime import (
@@ -13,11 +18,20 @@ from gateway.backends.onnxruntime import (
     default_intra_op_threads,
     usable_cores,
 )
+from gateway.errors import InvalidInput, ModelNotReady
 from gateway.repository.config import ModelConfig, parse_pbtxt
+from gateway.repository.local import LocalRepository
 from gateway.settings import Settings
 from tests import models
 
 CONFIG = models.SIMPLE_CONFIG
+DENSE_CONFIG = """
+name: "dense"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 64 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 8 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
 
 
 def config(extra: str = "", instances: int = 1) -> ModelConfig:
@@ -74,17 +88,79 @@ def test_usable_cores_is_within_the_machines() -> None:
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
 
 
-def test_lone_batches_run_inline_only_where_the_pool_fits_beside_the_loop() -> None:
-    """The loop's thread joins the pool when it runs a lone batch (``inline_max_ms``)."""
+async def test_lone_batches_may_run_inline_whatever_the_pools_size(tmp_path: Path) -> None:
+    """The loop's thread joins the pool when it runs a lone batch (``inline_max_ms``), with
+    one thread per core too (the default), where the pool leaves the loop no core of its own:
+    the loop's thread is then the run's calling thread, as a runner thread would be."""
+    models.dense(tmp_path, config=DENSE_CONFIG)
+    for cores in (2, 16):  # one thread per core: the pool never fits beside the loop
+        factory = OnnxRuntimeFactory(Settings(warmup=False), cores=lambda cores=cores: cores)  # type: ignore[misc]
+        backend = await factory.load(LocalRepository(tmp_path).source("dense"), 1)
+        try:
+            assert backend.inline
+            ran = backend.execute_now({"X": np.ones((1, 64), np.float32)}, ["Y"])
+            assert ran is not None and ran.outputs["Y"].shape == (1, 8)
+        finally:
+            await backend.close()
 
-    def fits(cores: int, cfg: ModelConfig, **settings: object) -> bool:
-        settings = {"warmup": False, **settings}
-        factory = OnnxRuntimeFactory(Settings(**settings), cores=lambda: cores)  # type: ignore[arg-type]
-        return factory.pools_fit(cfg)
 
-    assert not fits(2, config()) and not fits(16, config())  # one thread per core
-    assert fits(1, config()) and fits(2, config(), intra_op_threads=1)
-    assert fits(16, config(), intra_op_threads=15)
-    assert not fits(2, config(), intra_op_threads=2)
-    assert not fits(4, config(instances=2))
-    assert fits(4, config(instances=2), intra_op_threads=1)
+async def test_batches_run_on_one_runner_thread_per_session_and_close_ends_them(
+    tmp_path: Path,
+) -> None:
+    """Each session has a runner thread of its own (``ort-<model>-<n>``), which answers the
+    caller's loop itself; a batch whose caller stopped waiting while it was queued is skipped;
+    ``close`` ends the threads."""
+    models.dense(tmp_path, config=DENSE_CONFIG.replace("count: 1", "count: 2"))
+    factory = OnnxRuntimeFactory(Settings(warmup=False, intra_op_threads=1))
+    backend = await factory.load(LocalRepository(tmp_path).source("dense"), 1)
+    ran_on: list[str] = []
+    gate = threading.Event()
+    original = backend._run
+
+    def run(inputs: Any, outputs: Any, session: Any = None) -> Any:
+        ran_on.append(threading.current_thread().name)
+        gate.wait(5)
+        return original(inputs, outputs, session)
+
+    backend._run = run  # type: ignore[method-assign]
+    x = {"X": np.ones((2, 64), np.float32)}
+    try:
+        # Two sessions busy, a third batch queued behind them, then its caller goes away.
+        first = asyncio.ensure_future(backend.execute(x, ["Y"]))
+        second = asyncio.ensure_future(backend.execute(x, ["Y"]))
+        third = asyncio.ensure_future(backend.execute(x, ["Y"]))
+        while len(ran_on) < 2:
+            await asyncio.sleep(0.005)
+        third.cancel()
+        await asyncio.sleep(0.01)
+        gate.set()
+        for done in (first, second):
+            assert (await done).outputs["Y"].shape == (2, 8)
+        with pytest.raises(asyncio.CancelledError):
+            await third
+        assert (await backend.execute(x, ["Y"])).outputs["Y"].shape == (2, 8)
+        assert sorted(set(ran_on)) == ["ort-dense-0", "ort-dense-1"]
+        assert len(ran_on) == 3  # the cancelled batch never ran
+    finally:
+        gate.set()
+        await backend.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("ort-dense")]
+    with pytest.raises(ModelNotReady):  # and none start again
+        await backend.execute(x, ["Y"])
+
+
+async def test_a_failed_batch_answers_its_caller_and_the_runner_serves_the_next(
+    tmp_path: Path,
+) -> None:
+    """A run that raises reaches its caller as the input's fault (400), on the caller's loop;
+    the runner thread goes on with the next batch."""
+    models.dense(tmp_path, config=DENSE_CONFIG)
+    factory = OnnxRuntimeFactory(Settings(warmup=False, intra_op_threads=1))
+    backend = await factory.load(LocalRepository(tmp_path).source("dense"), 1)
+    try:
+        with pytest.raises(InvalidInput):
+            await backend.execute({"X": np.ones((2, 3), np.float32)}, ["Y"])
+        ran = await backend.execute({"X": np.ones((1, 64), np.float32)}, ["Y"])
+        assert ran.outputs["Y"].shape == (1, 8) and ran.compute_s is not None
+    finally:
+        await backend.close()

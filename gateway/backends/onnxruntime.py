@@ -32,7 +32,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
 from gateway import tracing
 from gateway.backends.base import Backend, BackendFactory, Executed, Tensors
-from gateway.errors import InvalidInput, ModelLoadError, Unavailable
+from gateway.errors import InvalidInput, ModelLoadError, ModelNotReady, Unavailable
 from gateway.protocol.tensors import split_bytes
 from gateway.protocol.types import numpy_dtype
 from gateway.repository.config import (
@@ -218,13 +217,9 @@ def usable_cores() -> int:
     return count
 
 
-def _fit(instances: int, threads: int, cores: int, loop: bool = True) -> bool:
-    """Whether ``instances`` pools of ``threads`` (0: ORT's one per core), and the event loop
-    when ``loop``, fit in ``cores`` (with the loop, a single core counts as two: one thread
-    has no pool to wait on)."""
-    if not loop:
-        return instances * (threads or cores) <= cores
-    return instances * (threads or cores) + 1 <= max(2, cores)
+def _fit(instances: int, threads: int, cores: int) -> bool:
+    """Whether ``instances`` pools of ``threads`` (0: ORT's one per core) fit in ``cores``."""
+    return instances * (threads or cores) <= cores
 
 
 def default_intra_op_threads(cores: int) -> int:
@@ -234,7 +229,7 @@ def default_intra_op_threads(cores: int) -> int:
     (bench/results/ort_threads-quiet.md): against one thread less than the cores, ``mlp``
     1.36-1.39x the throughput at 1 and 16 connections, 0.83-1.02x at 64; one thread less won
     everywhere only when other work oversubscribed the cores. Set ``intra_op_threads`` below
-    the cores there (it also lets a lone batch run on the event loop's thread)."""
+    the cores there."""
     return max(1, cores)
 
 
@@ -433,6 +428,23 @@ def warmup_sample_inputs(config: ModelConfig, sample: WarmupSample, files: Path)
     return feeds
 
 
+# A batch for a runner thread: inputs, output names, the caller's loop and its future.
+_Job = tuple[Tensors, Sequence[str], asyncio.AbstractEventLoop, "asyncio.Future[Executed]"]
+
+
+def _settle(
+    done: asyncio.Future[Executed], result: Executed | None, error: BaseException | None
+) -> None:
+    """On the caller's loop: answer its future, unless the caller stopped waiting."""
+    if done.done():
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        assert result is not None
+        done.set_result(result)
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     """One session: the provider it really runs on (``get_providers()[0]``) and, on CUDA, the
@@ -460,7 +472,13 @@ class OnnxRuntimeBackend(Backend):
         self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
-        self._pool = ThreadPoolExecutor(len(sessions), thread_name_prefix=f"ort-{config.name}")
+        # Batches go to threads of our own, one per session, each answering its caller's
+        # event loop straight from the thread (``call_soon_threadsafe``): half the round trip of
+        # ``run_in_executor``, whose two futures chained across the threads cost the loop as
+        # much again (measured: a no-op job 25 us against 50 us, bench/results/lone_request.md).
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
         self._providers = providers
         self._path = path
         self._count = len(sessions)
@@ -507,9 +525,15 @@ class OnnxRuntimeBackend(Backend):
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
     ) -> Executed:
         loop = asyncio.get_running_loop()
+        if not self._threads:
+            if self._closed:
+                raise ModelNotReady(f"model '{self._config.name}' is unloading")
+            self._start_threads()
+        done: asyncio.Future[Executed] = loop.create_future()
+        self._jobs.put((inputs, outputs, loop, done))
         try:
             with tracing.span(tracing.ORT_RUN):
-                ran = await loop.run_in_executor(self._pool, self._run, inputs, outputs)
+                ran = await done
         except Exception as exc:  # ORT raises its own exception types
             failure = self._failure(exc)
             if failure is exc:
@@ -555,8 +579,39 @@ class OnnxRuntimeBackend(Backend):
             )
         return Unavailable(f"model '{self._config.name}': the execution provider failed: {exc}")
 
+    def _start_threads(self) -> None:
+        for number in range(self._count):
+            thread = threading.Thread(
+                target=self._serve, name=f"ort-{self._config.name}-{number}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self) -> None:
+        """One runner thread: take a batch, run it, hand the result to its caller's loop. A
+        batch whose caller went away while it was queued is skipped."""
+        while (job := self._jobs.get()) is not None:
+            inputs, outputs, loop, done = job
+            if done.cancelled():
+                continue
+            result: Executed | None = None
+            error: BaseException | None = None
+            try:
+                result = self._run(inputs, outputs)
+            except BaseException as exc:  # answered on the loop, as run_in_executor would
+                error = exc
+            del job, inputs  # hold no request's tensors while waiting for the next batch
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_settle, done, result, error)
+            done = result = error = None  # type: ignore[assignment]
+
     async def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        threads, self._threads = self._threads, []
+        for thread in threads:
+            await asyncio.to_thread(thread.join)
 
     def describe(self) -> dict[str, Any]:
         # The file as the repository names it (``1/model.onnx``), not where it lies on disk.
@@ -643,7 +698,7 @@ class OnnxRuntimeFactory(BackendFactory):
         # run returns takes a core from the event loop while it answers that batch. So: spin
         # while a run goes, stop when it returns, only while every instance's pool fits in the
         # cores; never otherwise. ``ort_spinning``: ORT's own default.
-        fits = _fit(config.instance_count, options.intra_op_num_threads, cores, loop=False)
+        fits = _fit(config.instance_count, options.intra_op_num_threads, cores)
         spin = "1" if self._settings.ort_spinning or fits else "0"
         entries = {
             "session.intra_op.allow_spinning": spin,
@@ -655,11 +710,6 @@ class OnnxRuntimeFactory(BackendFactory):
             if key not in given:  # the model's own word wins
                 options.add_session_config_entry(key, value)
         return options
-
-    def pools_fit(self, config: ModelConfig) -> bool:
-        """Whether every instance's intra-op pool and the event loop fit in the usable cores."""
-        threads = self.session_options(config).intra_op_num_threads
-        return _fit(config.instance_count, threads, self._cores())
 
     def _load_sync(self, source: ModelSource, version: int) -> OnnxRuntimeBackend:
         path = source.version_paths[version]
@@ -687,8 +737,12 @@ class OnnxRuntimeFactory(BackendFactory):
             instances.append(Instance(provider, device_id if provider == CUDA else None))
         cpu_fallback = self._check_placement(source, version, plan, instances, note)
         config = complete_config(source.config, sessions[0], self._settings.default_max_batch_size)
-        # The loop's thread joins a run's pool when it runs a lone batch: only if it fits
-        # (measured on 2 cores with a pool of 2: the run itself 1.2-1.4x slower).
+        # A lone batch may run on the loop's thread whatever the pool's size: the loop's
+        # thread then is the run's calling thread, as the runner's would be, and nothing else
+        # is outstanding. (Gated on the pool fitting beside the loop until issue 21's third
+        # session, that kept it off on every machine of 2+ cores with the default thread
+        # count; measured on 2 cores with a pool of 2, bench/results/lone_request-inline.md:
+        # the ORT run inline 0.92-1.01x the runner's, lone `simple` p50 0.46-0.60x.)
         backend = OnnxRuntimeBackend(
             config,
             sessions,
@@ -696,7 +750,6 @@ class OnnxRuntimeFactory(BackendFactory):
             str(path),
             instances,
             cpu_fallback,
-            inline=self.pools_fit(source.config),
         )
         outputs = [t.name for t in config.outputs]
         where = f"model '{source.name}' version {version}"

@@ -27,7 +27,8 @@ Files whose manifest lists chunks, some of which the cache holds, are assembled 
 (:meth:`BlobCache.ensure` with ``chunks``; a file none of whose chunks is cached is one download,
 whole, as above): a chunk a cached file or the chunk store holds is copied in the kernel, the
 others are asked of peers by hash, then of the origin by byte range (adjacent missing chunks in
-one ``Range`` request); each fetched chunk is verified as it arrives (a wrong one is counted,
+one range; the ranges of a file in one request where the origin answers several at once, else
+one request each); each fetched chunk is verified as it arrives (a wrong one is counted,
 dropped and fetched again, from the next source or in the next round), and the file's own
 sha256 is checked right after it is handed out (:meth:`BlobCache.check_built`). A chunk wanted
 by two assemblies at once is fetched once (single-flight per chunk), and a peer asking for it
@@ -39,7 +40,9 @@ an idle model whose bytes other files mostly hold) is packed: its chunks no whol
 to the chunk store and the file is deleted, to be rebuilt here when wanted. Every byte on disk
 is counted once. :meth:`BlobCache._make_room` gives up bytes cheapest loss first, then least
 recently used first over packed files and whole models; a chunk a packed file needs is kept
-(moved out of a whole file evicted before it).
+(moved out of a whole file evicted before it). Which chunks of a file no other file holds is
+read from a chunk -> holders index, and the state files are written once per room-making, so
+making room stays cheap with hundreds of models.
 
 Why one module of this size: single-flight downloads, resume, verification, packing and the LRU
 bound all act on one reservation ledger; split, the invariant "no byte written past the bound"
@@ -50,6 +53,7 @@ would be spread over files. What splits next: the assembly (``_Build``, ``_assem
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import hashlib
@@ -69,8 +73,14 @@ from typing import Any
 from gateway import tracing
 from gateway.errors import Unavailable
 from gateway.repository.chunks import ChunkStore
-from gateway.repository.manifest import Chunk, hash_and_chunk, sha256_file
-from gateway.repository.origin import OriginError, OriginMissing, RangeUnsupported, too_large
+from gateway.repository.manifest import Chunk, gunzip, hash_and_chunk, sha256_file
+from gateway.repository.origin import (
+    MultiRangeUnsupported,
+    OriginError,
+    OriginMissing,
+    RangeUnsupported,
+    too_large,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +90,11 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 Stream = Callable[[int], AsyncGenerator[bytes, None]]
 Span = Callable[[int, int], AsyncGenerator[bytes, None]]  # bytes [start, end) of the file
 ChunkStream = Callable[[str], AsyncGenerator[bytes, None]]  # a chunk by its sha256
+# several byte ranges [start, end) of the file in one request: (file offset, bytes) pieces
+Spans = Callable[[list[tuple[int, int]]], AsyncGenerator[tuple[int, bytes], None]]
 Progress = Callable[[int], None]
 CHUNK_CONCURRENCY = 4  # chunk requests to peers, byte ranges to the origin, per file
+RANGES_PER_REQUEST = 50  # in one multi-range request (servers cap them: starlette at 100)
 BACKGROUND_AFTER_S = 0.5  # whole-file checks and packing start this long after a fetch
 
 
@@ -117,6 +130,8 @@ class Source:
     stream: Stream
     span: Span | None = None  # byte ranges of the file (origins)
     chunk: ChunkStream | None = None  # chunks by hash (peers)
+    spans: Spans | None = None  # several byte ranges in one request (HTTP origins)
+    gzip: bool = False  # documents: the stream is the gzip of the file (``manifest.json.gz``)
 
 
 @dataclass(slots=True)
@@ -184,6 +199,9 @@ class BlobCache:
         self._room = asyncio.Lock()
         self._file_chunks: dict[str, tuple[Chunk, ...]] = {}  # cached file -> its chunks
         self._chunk_at: dict[str, tuple[str, Chunk]] = {}  # chunk sha256 -> (file, where)
+        # chunk sha256 -> the cached files holding it: room-making asks which chunks of a
+        # file no other file holds without going over every file's chunk list
+        self._holders: dict[str, dict[str, Chunk]] = {}  # chunk -> file -> where in it
         self._chunk_inflight: dict[str, asyncio.Future[bytes]] = {}
         self._chunk_from_origin: set[str] = set()  # in flight, being read from the origin
         self._lower_asked: dict[str, bool] = {}  # in flight here; a lower peer was told no
@@ -192,6 +210,10 @@ class BlobCache:
         self.rank = secrets.randbits(62)
         self.store = ChunkStore(root)
         self._packed: dict[str, Packed] = {}  # file sha256 -> its chunks, file not on disk
+        self._needed: dict[str, int] = {}  # chunk sha256 -> packed files listing it
+        self._rows_json: dict[int, tuple[tuple[Chunk, ...], str]] = {}  # see _rows_text
+        self._defer_state = False  # making room: state files written once, at the end
+        self._state_dirty = False
         self._seeding: dict[str, int] = {}  # stored chunks builds are about to copy
         self._whole_only: set[str] = set()  # files whose chunk list did not make them up
         self._unchecked: set[str] = set()  # built from chunks, whole-file check not started
@@ -235,7 +257,21 @@ class BlobCache:
             for sha, body in data.items():
                 if sha not in self._sizes:
                     rows = tuple(Chunk(int(o), int(n), str(h)) for o, n, h in body["chunks"])
-                    self._packed[sha] = Packed(rows, float(body["last_used"]))
+                    self._add_packed(sha, Packed(rows, float(body["last_used"])))
+
+    def _add_packed(self, sha256: str, packed: Packed) -> None:
+        self._pop_packed(sha256)
+        self._packed[sha256] = packed
+        for chunk in {c.sha256 for c in packed.chunks}:
+            self._needed[chunk] = self._needed.get(chunk, 0) + 1
+
+    def _pop_packed(self, sha256: str) -> Packed | None:
+        packed = self._packed.pop(sha256, None)
+        for chunk in {c.sha256 for c in packed.chunks} if packed is not None else ():
+            self._needed[chunk] -= 1
+            if not self._needed[chunk]:
+                del self._needed[chunk]
+        return packed
 
     def note_chunks(self, sha256: str, chunks: tuple[Chunk, ...]) -> None:
         """Remember where the chunks of a cached file lie, to build other files from them."""
@@ -244,6 +280,7 @@ class BlobCache:
         self._file_chunks[sha256] = chunks
         for chunk in chunks:
             self._chunk_at.setdefault(chunk.sha256, (sha256, chunk))
+            self._holders.setdefault(chunk.sha256, {}).setdefault(sha256, chunk)
 
     async def learn_chunks(self, sha256: str, avg_bytes: int) -> None:
         """Cut a cached file whose chunks are unknown (fetched from a manifest without chunk
@@ -331,20 +368,24 @@ class BlobCache:
             self.store.remove(sha256)
 
     def save_state(self) -> None:
-        chunks = {
-            sha: [[c.offset, c.size, c.sha256] for c in rows]
-            for sha, rows in self._file_chunks.items()
-            if sha in self._sizes
-        }
-        write_atomic(self.root / "chunks.json", json.dumps(chunks).encode())
-        packed = {
-            sha: {
-                "chunks": [[c.offset, c.size, c.sha256] for c in p.chunks],
-                "last_used": p.last_used,
-            }
+        """Write the state files; while room is made (many files packed or dropped one after
+        another) once at its end. A crash before then loses efficiency, never correctness:
+        a file the state does not list is fetched again, a chunk no packed file lists swept."""
+        if self._defer_state:
+            self._state_dirty = True
+            return
+        self._state_dirty = False
+        live = [(sha, rows) for sha, rows in self._file_chunks.items() if sha in self._sizes]
+        chunks = ",".join(f'"{sha}":{self._rows_text(rows)}' for sha, rows in live)
+        write_atomic(self.root / "chunks.json", f"{{{chunks}}}".encode())
+        packed = ",".join(
+            f'"{sha}":{{"chunks":{self._rows_text(p.chunks)},"last_used":{json.dumps(p.last_used)}}}'
             for sha, p in self._packed.items()
-        }
-        write_atomic(self.root / "packed.json", json.dumps(packed).encode())
+        )
+        write_atomic(self.root / "packed.json", f"{{{packed}}}".encode())
+        if len(self._rows_json) > 2 * (len(live) + len(self._packed)) + 16:  # forgotten lists
+            kept = {id(rows) for _, rows in live} | {id(p.chunks) for p in self._packed.values()}
+            self._rows_json = {k: v for k, v in self._rows_json.items() if k in kept}
         body = {
             "models": {
                 name: {"blobs": rec.blobs, "last_used": rec.last_used}
@@ -352,6 +393,15 @@ class BlobCache:
             }
         }
         write_atomic(self.root / "state.json", json.dumps(body, sort_keys=True).encode())
+
+    def _rows_text(self, rows: tuple[Chunk, ...]) -> str:
+        """A chunk list as JSON, memoised (a list never changes; a big model's has thousands
+        of rows, and the state is written after every fetch)."""
+        text = self._rows_json.get(id(rows))
+        if text is None or text[0] is not rows:
+            text = (rows, json.dumps([[c.offset, c.size, c.sha256] for c in rows]))
+            self._rows_json[id(rows)] = text
+        return text[1]
 
     @property
     def used_bytes(self) -> int:
@@ -442,16 +492,17 @@ class BlobCache:
     def _forget(self, sha256: str) -> None:
         self._sizes.pop(sha256, None)
         self._verified.pop(sha256, None)
-        lost = set()
         for chunk in self._file_chunks.pop(sha256, ()):
+            holders = self._holders.get(chunk.sha256, {})
+            holders.pop(sha256, None)
+            if not holders:
+                self._holders.pop(chunk.sha256, None)
             if self._chunk_at.get(chunk.sha256, ("",))[0] == sha256:
                 del self._chunk_at[chunk.sha256]
-                lost.add(chunk.sha256)
-        if lost:  # chunks another whole file holds too are found there from now on
-            for other, rows in self._file_chunks.items():
-                for chunk in rows:
-                    if chunk.sha256 in lost and chunk.sha256 not in self._chunk_at:
-                        self._chunk_at[chunk.sha256] = (other, chunk)
+                # a chunk another whole file holds too is found there from now on
+                for other, where in holders.items():
+                    self._chunk_at[chunk.sha256] = (other, where)
+                    break
         with contextlib.suppress(FileNotFoundError):
             self.blob_path(sha256).unlink()
 
@@ -687,7 +738,7 @@ class BlobCache:
         self._sizes[sha256] = size
         self._unchecked.add(sha256)  # not yet in ``_verified``: hashed before any other use
         self.note_chunks(sha256, chunks)
-        if self._packed.pop(sha256, None) is not None:
+        if self._pop_packed(sha256) is not None:
             self._sweep()  # whole again: the chunks stored for it alone go
             self.save_state()
         return self.blob_path(sha256)
@@ -850,11 +901,63 @@ class BlobCache:
                         if not queue:
                             break
 
+        async def from_origin_at_once(origin: Source, runs: list[list[Chunk]]) -> None:
+            """Runs of chunks in one request for several ranges: the chunks each piece
+            completes are placed; those the answer left out stay missing."""
+            assert origin.spans is not None
+            chunks = [c for run in runs for c in run]
+            starts = [c.offset for c in chunks]
+            async with limit:
+                self._chunk_from_origin.update(c.sha256 for c in chunks if c.sha256 in claimed)
+                at, buffer = 0, bytearray()  # contiguous bytes of the file from ``at``
+                stream = origin.spans([(run[0].offset, run[-1].end) for run in runs])
+                async with contextlib.aclosing(stream) as pieces:
+                    async for offset, piece in pieces:
+                        self._count(origin, len(piece))
+                        if offset != at + len(buffer):
+                            at, buffer = offset, bytearray()
+                        buffer += piece
+                        end = at + len(buffer)
+                        keep = end
+                        for i in range(bisect.bisect_left(starts, at), len(chunks)):
+                            chunk = chunks[i]
+                            if chunk.offset >= end:
+                                break
+                            if chunk.end <= end:
+                                if not build.has(chunk):
+                                    arrived(
+                                        chunk,
+                                        bytes(buffer[chunk.offset - at : chunk.end - at]),
+                                        origin,
+                                    )
+                            else:
+                                keep = min(keep, chunk.offset)
+                        del buffer[: keep - at]  # bytes no chunk still needs
+                        at = keep
+
         for origin in [s for s in sources if s.span is not None]:
             for attempt in range(ATTEMPTS):
                 runs = _runs([c for c in wanted if not build.has(c)])
                 if not runs:
                     return
+                if origin.spans is not None and len(runs) > 1:
+                    groups = [
+                        runs[i : i + RANGES_PER_REQUEST]
+                        for i in range(0, len(runs), RANGES_PER_REQUEST)
+                    ]
+                    results = await asyncio.gather(
+                        *(from_origin_at_once(origin, group) for group in groups),
+                        return_exceptions=True,
+                    )
+                    for result in results:
+                        if isinstance(result, (MultiRangeUnsupported, OriginMissing)):
+                            continue  # one range per request, below (missing: raised there)
+                        if isinstance(result, OriginError):
+                            errors.append(result.message)
+                        elif isinstance(result, BaseException):
+                            raise result
+                    # what the answer left out (one range, or cut off): a range each, now
+                    runs = _runs([c for c in wanted if not build.has(c)])
                 results = await asyncio.gather(
                     *(from_origin(origin, run) for run in runs), return_exceptions=True
                 )
@@ -907,6 +1010,13 @@ class BlobCache:
                 errors.append(exc.message)
                 continue
             self._count(source, len(data))
+            if source.gzip:
+                try:
+                    data = gunzip(data, limit_bytes)
+                except ValueError as exc:
+                    self.stats.corrupt += 1
+                    errors.append(f"{source.name}: {exc}")
+                    continue
             if hashlib.sha256(data).hexdigest() != sha256:
                 self.stats.corrupt += 1
                 errors.append(f"{source.name}: content does not match sha256 {sha256[:12]}...")
@@ -950,11 +1060,22 @@ class BlobCache:
         4. whole models, least recently used first, as before chunks.
         """
 
+        if self.used_bytes + self._reserved_bytes + needed <= self.capacity_bytes:
+            return
+        self._defer_state = True
+        try:
+            await self._give_up(needed, protected, keep_blobs)
+        finally:
+            self._defer_state = False
+            if self._state_dirty:
+                self.save_state()
+
+    async def _give_up(self, needed: int, protected: set[str], keep_blobs: set[str]) -> None:
+        """:meth:`_make_room`'s steps."""
+
         def over() -> int:
             return self.used_bytes + self._reserved_bytes + needed - self.capacity_bytes
 
-        if over() <= 0:
-            return
         referenced = {sha for rec in self.models.values() for sha in rec.blobs} | keep_blobs
         for sha in [s for s in self._sizes if s not in referenced and self._loose(s)]:
             if not await self._pack(sha, time.time()):
@@ -1000,12 +1121,13 @@ class BlobCache:
 
     def _unique(self, sha256: str) -> dict[str, Chunk]:
         """The chunks of a whole file that no other whole file and no stored chunk holds."""
-        elsewhere = set(self.store.sizes)
-        for other, rows in self._file_chunks.items():
-            if other != sha256 and other in self._sizes:
-                elsewhere.update(c.sha256 for c in rows)
         rows = self._file_chunks.get(sha256, ())
-        return {c.sha256: c for c in rows if c.sha256 not in elsewhere}
+        return {
+            c.sha256: c
+            for c in rows
+            if c.sha256 not in self.store
+            and not any(h != sha256 and h in self._sizes for h in self._holders[c.sha256])
+        }
 
     async def _pack(self, sha256: str, last_used: float) -> bool:
         """Pack a whole file no model directory links: store its chunks no other file holds,
@@ -1025,7 +1147,7 @@ class BlobCache:
         written = await self._store_chunks(self.blob_path(sha256), list(unique.values()))
         if written is None:
             return False
-        self._packed[sha256] = Packed(self._file_chunks[sha256], last_used)
+        self._add_packed(sha256, Packed(self._file_chunks[sha256], last_used))
         self._forget(sha256)
         self.stats.packed += 1
         self.save_state()
@@ -1064,8 +1186,7 @@ class BlobCache:
         other file holds (a chunk is evicted only when no file needs it). They are copied from
         the end of the file back, cutting it short after each, so the disk holds at most one
         chunk more than before."""
-        needed = {c.sha256 for p in self._packed.values() for c in p.chunks}
-        unique = [c for s, c in self._unique(sha256).items() if s in needed]
+        unique = [c for s, c in self._unique(sha256).items() if s in self._needed]
         if unique:  # each chunk is checked as it is moved
             path = self.blob_path(sha256)
             self._sizes.pop(sha256, None)  # from here on it is cut short: not a source
@@ -1112,7 +1233,7 @@ class BlobCache:
 
     async def _drop_packed(self, sha256: str, keep_blobs: set[str]) -> None:
         """Evict a packed file: a model listing it goes too; then the sweep."""
-        self._packed.pop(sha256, None)
+        self._pop_packed(sha256)
         for name in [n for n, r in self.models.items() if sha256 in r.blobs]:
             await self.evict(name, keep_blobs)
         self._sweep()
@@ -1120,11 +1241,10 @@ class BlobCache:
 
     def _sweep(self) -> None:
         """Delete stored chunks that no packed file needs or that a whole file holds."""
-        needed = {c.sha256 for p in self._packed.values() for c in p.chunks}
         for sha in list(self.store.sizes):
             if sha in self._seeding:
                 continue
-            if sha not in needed or sha in self._chunk_at:
+            if sha not in self._needed or sha in self._chunk_at:
                 self.store.remove(sha)
 
     async def evict(self, name: str, keep_blobs: set[str] | None = None) -> None:
@@ -1137,7 +1257,7 @@ class BlobCache:
             if sha not in still and self._loose(sha):
                 if sha in self._sizes:
                     await self._drop_file(sha)
-                self._packed.pop(sha, None)
+                self._pop_packed(sha)
         self._sweep()
         self.stats.evictions += 1
         self.save_state()

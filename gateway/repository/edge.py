@@ -435,6 +435,10 @@ class EdgeRepository(LocalRepository):
 
     # -- fetching ---------------------------------------------------------------------------
 
+    def _reader(self, relpath: str) -> Stream:
+        origin = self.origin
+        return lambda offset: origin.stream(relpath, offset)
+
     def _sources(self, sha256: str, relpath: str) -> list[Source]:
         def reader(where: Origin, path: str) -> Stream:
             return lambda offset: where.stream(path, offset)
@@ -448,7 +452,10 @@ class EdgeRepository(LocalRepository):
             for p in self.peers
         ]
         span = lambda start, end: origin.stream(relpath, start, end)  # noqa: E731
-        sources.append(Source("origin", self.url, reader(origin, relpath), span=span))
+        spans = None
+        if isinstance(origin, HttpOrigin):  # several ranges per request (S3 has none)
+            spans = lambda ranges: origin.ranges(relpath, ranges)  # noqa: E731
+        sources.append(Source("origin", self.url, reader(origin, relpath), span=span, spans=spans))
         return sources
 
     async def _learn_chunks(self, name: str, missing: Iterable[FileEntry], avg: int) -> None:
@@ -480,15 +487,17 @@ class EdgeRepository(LocalRepository):
             ) from None
 
     async def _fetch_files(self, name: str, progress: Progress | None, latest: bool) -> None:
+        steps = _Steps()
         saved = None if latest else self._saved_index(name)
         if saved is not None:
             # A restart: serve what the cache holds now; the revalidation reloads on change.
             self._stale_used[name] = saved[name]
-            if await self._fetch_from(name, saved, progress, cached_only=True):
+            if await self._fetch_from(name, saved, progress, cached_only=True, steps=steps):
                 return
             self._stale_used.pop(name, None)  # not all cached after all: ask the origin now
         index = await self.refresh_index(name=name)
-        await self._fetch_from(name, index, progress, cached_only=False)
+        steps.mark("index")
+        await self._fetch_from(name, index, progress, cached_only=False, steps=steps)
 
     async def _fetch_from(
         self,
@@ -496,6 +505,7 @@ class EdgeRepository(LocalRepository):
         index: dict[str, ModelIndex],
         progress: Progress | None,
         cached_only: bool,
+        steps: _Steps | None = None,
     ) -> bool:
         """Fetch ``name`` as ``index`` describes it; with ``cached_only``, only when every file
         it needs is in the cache already (else False, nothing done)."""
@@ -508,6 +518,7 @@ class EdgeRepository(LocalRepository):
         keep: set[str] = set()
         files: dict[str, FileEntry] = {f.path: f for f in entry.files}
         config = ModelConfig(name=name)
+        steps = steps if steps is not None else _Steps()
         if "config.pbtxt" in files:
             spec = files["config.pbtxt"]
             if cached_only and self.cache.complete(spec.sha256) is None:
@@ -520,6 +531,7 @@ class EdgeRepository(LocalRepository):
                 spec.sha256, sources, self.max_index_bytes, protected, keep
             )
             config = parse_pbtxt(raw.decode(errors="replace"), f"{name}/config.pbtxt", name)
+            steps.mark("config")
         chosen = config.version_policy.select(list(entry.versions))
         if not chosen:
             raise ModelLoadError(
@@ -536,14 +548,17 @@ class EdgeRepository(LocalRepository):
             if cached_only and self.cache.complete(sha) is None:
                 return False
             keep.add(sha)
-            raw = await self.cache.document(
-                sha, self._sources(sha, relpath), self.max_index_bytes, protected, keep
-            )
+            sources = self._sources(sha, relpath)
+            if entry.manifests_gzip:  # a third of the bytes; the plain one if it fails
+                packed = f"{relpath}.gz"
+                sources.insert(-1, Source("origin", self.url, self._reader(packed), gzip=True))
+            raw = await self.cache.document(sha, sources, self.max_index_bytes, protected, keep)
             manifest = parse_manifest(raw, relpath)
             blobs[sha] = len(raw)
             for f in manifest.files:
                 files[f"{version}/{f.path}"] = f
             chunk_avg = max(chunk_avg, manifest.chunk_avg_bytes)
+        steps.mark("manifests")
         blobs.update({f.sha256: f.size for f in files.values()})
         total = sum(f.size for f in {f.sha256: f for f in files.values()}.values())
         missing = {f.sha256: f for f in files.values() if self.cache.complete(f.sha256) is None}
@@ -578,15 +593,18 @@ class EdgeRepository(LocalRepository):
         unique = {f.sha256: (rel, f) for rel, f in files.items()}
         # cached files holding chunks of missing ones are kept until those are built
         seeds = self.cache.seeds(c for f in missing.values() for c in f.chunks)
+        steps.mark("plan")
         async with self.cache.reserve(needed, protected, set(blobs) | seeds):
             await asyncio.gather(*(one(rel, f) for rel, f in unique.values()))
+        steps.mark("fetch")
         self.cache.materialise(name, {rel: f.sha256 for rel, f in files.items()})
         await self.cache.record(name, blobs)
         self.cache.check_built()  # whole-file checks of files built from chunks, meanwhile
+        steps.mark("record")
         if missing:
             log.info(
                 "model %s: fetched %d of %d files (%d bytes: origin %d, peer %d, cached %d) "
-                "in %.2f s",
+                "in %.2f s (%s)",
                 name,
                 len(missing),
                 len(unique),
@@ -595,8 +613,26 @@ class EdgeRepository(LocalRepository):
                 transfer.peer,
                 transfer.cached,
                 time.perf_counter() - started,
+                steps,
             )
         return True
+
+
+class _Steps:
+    """Seconds each step of a fetch took, for its log line (where the time before the
+    transfer goes: the index, manifests, planning)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._took: list[tuple[str, float]] = []
+
+    def mark(self, step: str) -> None:
+        now = time.perf_counter()
+        self._took.append((step, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {s * 1000:.0f} ms" for step, s in self._took)
 
 
 __all__ = ["EdgeRepository", "default_cache_dir"]

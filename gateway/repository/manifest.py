@@ -5,12 +5,19 @@ Layout, beside the ordinary repository (all JSON, UTF-8, keys sorted)::
     <root>/models.json                      the index: every model, its model-level files and
                                             the sha256 of each version's manifest
     <root>/<model>/<version>/manifest.json  one version's files: path, size, sha256
+    <root>/<model>/<version>/manifest.json.gz  the same bytes gzipped (``manifests_gzip``)
 
 ``models.json``::
 
-    {"format": 1,
+    {"format": 1, "manifests_gzip": true,
      "models": {"simple": {"files": [{"path": "config.pbtxt", "size": 412, "sha256": "…"}],
                            "versions": {"1": "<sha256 of 1/manifest.json>"}}}}
+
+``manifests_gzip`` (optional, old readers ignore it): every manifest has a ``.gz`` beside it,
+about a third of its bytes (chunk lists are mostly hex hashes); the hash in the index is that
+of the plain bytes. It is a file of its own rather than a ``Content-Encoding`` because edges from
+before it send aiohttp's default ``Accept-Encoding: gzip`` and hash the body as it comes, and
+because static origins and S3 serve files, not negotiated encodings.
 
 ``<model>/<version>/manifest.json``::
 
@@ -41,11 +48,13 @@ size and mtime), which is how a gateway node serves its own repository to edges;
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import re
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +76,11 @@ MAX_CHUNKS = 65536
 MAX_CHUNK_BYTES = 16 * 1024 * 1024  # the largest chunk an edge accepts (pyfastcdc's own bound)
 INDEX_NAME = "models.json"
 MANIFEST_NAME = "manifest.json"
+MANIFEST_GZ_NAME = "manifest.json.gz"  # the same bytes gzipped (see ``manifests_gzip``)
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # fullmatch: no trailing newline
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 _CHUNK_BYTES = 1 << 20
+_PUBLISHED = (MANIFEST_NAME, MANIFEST_GZ_NAME, INDEX_NAME)  # never listed as model files
 
 
 def check_sha256(value: str) -> str:
@@ -199,6 +210,7 @@ class ModelIndex:
     name: str
     files: tuple[FileEntry, ...]
     versions: dict[int, str]  # version -> sha256 of its manifest
+    manifests_gzip: bool = False  # each manifest.json has a manifest.json.gz beside it
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,12 +233,13 @@ def parse_index(raw: bytes, source: str = INDEX_NAME) -> dict[str, ModelIndex]:
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r} is not {FORMAT}")
         models: dict[str, ModelIndex] = {}
+        gz = data.get("manifests_gzip") is True
         for name, body in data["models"].items():
             check_model_name(name)
             versions = {int(v): check_sha256(h) for v, h in body["versions"].items()}
             if any(v < 1 for v in versions):
                 raise ValueError(f"model {name}: versions must be >= 1")
-            models[name] = ModelIndex(name, _files(body.get("files", []), source), versions)
+            models[name] = ModelIndex(name, _files(body.get("files", []), source), versions, gz)
     except (ValueError, KeyError, TypeError, AttributeError, InvalidInput) as exc:
         raise ModelLoadError(f"{source}: not a repository index: {exc}") from None
     return models
@@ -263,6 +276,9 @@ class Publisher:
         self._hashes: dict[Path, tuple[tuple[int, int, int], str, tuple[Chunk, ...]]] = {}
         self._blobs: dict[str, Path] = {}
         self._chunks: dict[str, tuple[Path, Chunk]] = {}  # chunk sha256 -> file, where
+        # (model, version) -> (its files' paths and hashes, manifest bytes, gzipped): a
+        # manifest of a large file lists thousands of chunks, too slow to build per request
+        self._manifests: dict[tuple[str, int], tuple[tuple[Any, ...], bytes, bytes]] = {}
         self._lock = threading.Lock()
 
     def _hash(self, path: Path) -> FileEntry:
@@ -283,7 +299,7 @@ class Publisher:
         paths = directory.rglob("*") if recursive else directory.iterdir()
         for path in sorted(paths):
             rel = path.relative_to(directory).as_posix()
-            if path.name in (MANIFEST_NAME, INDEX_NAME) or not path.is_file():
+            if path.name in _PUBLISHED or not path.is_file():
                 continue
             if not self._inside(path):
                 continue
@@ -322,8 +338,29 @@ class Publisher:
         return sorted(found)
 
     def manifest(self, model: str, version: int) -> bytes:
+        return self._manifest(model, version)[0]
+
+    def manifest_gz(self, model: str, version: int) -> bytes:
+        """The manifest gzipped (``manifest.json.gz``): a third of the bytes on the wire."""
+        return self._manifest(model, version)[1]
+
+    def _manifest(self, model: str, version: int) -> tuple[bytes, bytes]:
+        """Manifest bytes and their gzip, built again only when a file of the version changed
+        (every file is still stat'ed: hashes are memoised by inode, size and mtime)."""
         directory = self.root / check_model_name(model) / str(version)
         files = self._entries(directory, recursive=True) if self._inside(directory) else ()
+        key = tuple((f.path, f.size, f.sha256) for f in files)
+        with self._lock:
+            known = self._manifests.get((model, version))
+        if known is not None and known[0] == key:
+            return known[1], known[2]
+        raw = self._build_manifest(model, version, files)
+        packed = gzip.compress(raw, compresslevel=6, mtime=0)  # the same bytes every time
+        with self._lock:
+            self._manifests[(model, version)] = (key, raw, packed)
+        return raw, packed
+
+    def _build_manifest(self, model: str, version: int, files: tuple[FileEntry, ...]) -> bytes:
         body: dict[str, Any] = {
             "format": FORMAT,
             "model": model,
@@ -351,7 +388,7 @@ class Publisher:
                 versions[str(version)] = hashlib.sha256(raw).hexdigest()
             files = self._entries(directory, recursive=False)
             models[name] = {"files": [f.to_dict() for f in files], "versions": versions}
-        return dumps({"format": FORMAT, "models": models})
+        return dumps({"format": FORMAT, "manifests_gzip": True, "models": models})
 
     def file(self, relpath: str) -> Path | None:
         """A plain file of the repository by its ``<model>/...`` path, or None."""
@@ -402,12 +439,27 @@ def write_manifests(root: Path, chunk_avg_bytes: int = CHUNK_AVG_BYTES) -> dict[
     for name in publisher.model_names():
         counts[name] = 0
         for version in publisher.versions(name):
-            _atomic_write(
-                root / name / str(version) / MANIFEST_NAME, publisher.manifest(name, version)
-            )
+            raw, packed = publisher._manifest(name, version)
+            _atomic_write(root / name / str(version) / MANIFEST_GZ_NAME, packed)
+            _atomic_write(root / name / str(version) / MANIFEST_NAME, raw)
             counts[name] += 1
     _atomic_write(root / INDEX_NAME, publisher.index())
     return counts
+
+
+def gunzip(data: bytes, limit_bytes: int) -> bytes:
+    """A gzip member's content, refused past ``limit_bytes`` (no bomb fills memory) or when
+    cut short or not gzip: ``ValueError``."""
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflate.decompress(data, limit_bytes + 1)
+    except zlib.error as exc:
+        raise ValueError(f"not gzip: {exc}") from None
+    if len(out) > limit_bytes:
+        raise ValueError(f"more than {limit_bytes} bytes once unpacked")
+    if not inflate.eof:
+        raise ValueError("gzip data cut short")
+    return out
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

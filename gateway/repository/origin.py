@@ -5,6 +5,10 @@ Every origin offers the same calls over the published layout (see
 but never more than ``limit_bytes`` of it, and files as a stream starting at a byte offset
 (resume), optionally ending before ``end`` (a byte range: the chunks an edge lacks; an HTTP
 server that ignores ``Range`` then is :class:`RangeUnsupported`, and the edge fetches whole).
+An HTTP origin is asked for several ranges in one request (:meth:`HttpOrigin.ranges`:
+``multipart/byteranges``); one that answers such a request with the whole file or one range is
+asked one range at a time after that. Files go out with ``Accept-Encoding: identity`` (their
+bytes are hashed); the index accepts gzip (a CDN's) and is unpacked here, within its bound.
 Library exceptions are mapped here to :class:`OriginError` (retry may work: 503) and
 :class:`OriginMissing` (the origin has no such file), so the cache never sees aiohttp or botocore.
 Their messages name URLs: they are for the log; the edge tells clients less.
@@ -20,14 +24,14 @@ there the client tries the node's ``<base>/v2/repository/tree/`` once and keeps 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from gateway import tracing
 from gateway.errors import ModelNotFound, Unavailable
-from gateway.repository.manifest import INDEX_NAME
+from gateway.repository.manifest import INDEX_NAME, gunzip
 from gateway.settings import SettingsError
 
 CHUNK_BYTES = 1 << 20
@@ -48,6 +52,11 @@ class OriginMissing(ModelNotFound):
 
 class RangeUnsupported(OriginError):
     """The origin answered a byte-range request with the whole file (no ``Range`` support)."""
+
+
+class MultiRangeUnsupported(OriginError):
+    """The origin answers a request for several byte ranges with the whole file: ask it for
+    one range at a time (S3 and many CDNs never do several)."""
 
 
 class OriginTooLarge(OriginError):
@@ -140,6 +149,7 @@ class HttpOrigin:
     def __init__(self, url: str, connect_timeout_s: float = 5.0, read_timeout_s: float = 30.0):
         self.url = url.rstrip("/")
         self._prefix: str | None = None  # "" or TREE_PREFIX once known
+        self.multi_range: bool | None = None  # answers several ranges at once; None: not asked
         self._timeouts = (connect_timeout_s, read_timeout_s)
         self._session: Any = None
 
@@ -195,7 +205,7 @@ class HttpOrigin:
     async def index(
         self, validator: str | None, limit_bytes: int
     ) -> tuple[bytes | None, str | None]:
-        headers = {}
+        headers = {"Accept-Encoding": "gzip"}  # unpacked here (see ``_body``)
         if validator:
             kind, _, value = validator.partition(":")
             headers["If-None-Match" if kind == "etag" else "If-Modified-Since"] = value
@@ -212,6 +222,14 @@ class HttpOrigin:
             if response.status == 304:
                 return None, validator
             body = await self._body(response, limit_bytes)
+            encoding = response.headers.get("Content-Encoding", "identity").lower()
+            if encoding == "gzip":
+                try:
+                    body = gunzip(body, limit_bytes)
+                except ValueError as exc:
+                    raise OriginError(f"{response.url}: {exc}") from None
+            elif encoding != "identity":
+                raise OriginError(f"{response.url}: Content-Encoding {encoding[:40]} not asked")
             etag = response.headers.get("ETag")
             modified = response.headers.get("Last-Modified")
             tag = f"etag:{etag}" if etag else (f"date:{modified}" if modified else None)
@@ -245,7 +263,10 @@ class HttpOrigin:
         if self._prefix is None and not by_hash:
             await self._find_prefix()
         url = f"{self.url}/{relpath}" if by_hash else self._url(relpath)
-        headers = {"Range": _range(offset, end)} if offset or end is not None else {}
+        # bytes as stored: they are hashed (a CDN must not gzip them on the way)
+        headers = {"Accept-Encoding": "identity"}
+        if offset or end is not None:
+            headers["Range"] = _range(offset, end)
         response = await self._get(url, headers)
         async with response:
             if end is not None and response.status == 200:
@@ -261,6 +282,54 @@ class HttpOrigin:
                         chunk, skip = chunk[skip:], 0
                     yield chunk
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise OriginError(f"{url}: {type(exc).__name__}: {exc}") from None
+
+    async def ranges(
+        self, relpath: str, spans: list[tuple[int, int]]
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
+        """Several byte ranges ``[start, end)`` of a file (ascending, apart) in one request:
+        ``(file offset, bytes)`` pieces, each range's in order. A ``multipart/byteranges``
+        answer gives them all; one range (a server that merged them or answers only the first)
+        gives what it covers, and the caller asks for the rest one range at a time; a whole
+        file (200) is :class:`MultiRangeUnsupported`, closed at once, and this origin is then
+        never asked for several ranges again."""
+        import aiohttp
+
+        if self.multi_range is False:
+            raise MultiRangeUnsupported(f"{self.url}: one range per request")
+        if self._prefix is None:
+            await self._find_prefix()
+        url = self._url(relpath)
+        wanted = ",".join(f"{start}-{end - 1}" for start, end in spans)
+        headers = {"Accept-Encoding": "identity", "Range": f"bytes={wanted}"}
+        response = await self._get(url, headers)
+        bound = spans[-1][1] - spans[0][0]  # no answer is longer than what the ranges span
+        async with response:
+            if response.status != 206:
+                response.close()
+                self.multi_range = False
+                raise MultiRangeUnsupported(f"{url}: HTTP {response.status} to several ranges")
+            try:
+                kind = response.headers.get("Content-Type", "")
+                if not kind.lower().startswith("multipart/byteranges"):
+                    start, end = _content_range(response.headers.get("Content-Range"), url)
+                    if not any(start <= a and b <= end for a, b in spans[1:]):
+                        self.multi_range = False  # answers the first range only
+                    async for piece in _part(response.content.read, start, end, bound, url):
+                        yield piece
+                    return
+                self.multi_range = True
+                reader = aiohttp.MultipartReader(response.headers, response.content)
+                while (part := await reader.next()) is not None:
+                    if not isinstance(part, aiohttp.BodyPartReader):
+                        raise OriginError(f"{url}: a nested multipart answer")
+                    start, end = _content_range(part.headers.get("Content-Range"), url)
+                    bound -= end - start
+                    if bound < 0:
+                        raise OriginError(f"{url}: more bytes than the ranges asked for")
+                    async for piece in _part(part.read_chunk, start, end, end - start, url):
+                        yield piece
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 raise OriginError(f"{url}: {type(exc).__name__}: {exc}") from None
 
     async def _find_prefix(self) -> None:
@@ -387,6 +456,31 @@ def _range(offset: int, end: int | None) -> str:
     return f"bytes={offset}-" if end is None else f"bytes={offset}-{end - 1}"
 
 
+def _content_range(value: str | None, url: str) -> tuple[int, int]:
+    """``bytes a-b/size`` -> ``(a, b + 1)``."""
+    unit, _, rest = (value or "").strip().partition(" ")
+    first, _, last = rest.partition("/")[0].partition("-")
+    if unit.lower() != "bytes" or not first.isdigit() or not last.isdigit():
+        raise OriginError(f"{url}: bad Content-Range {str(value)[:80]!r}")
+    start, end = int(first), int(last) + 1
+    if end <= start:
+        raise OriginError(f"{url}: bad Content-Range {str(value)[:80]!r}")
+    return start, end
+
+
+async def _part(
+    read: Callable[[int], Awaitable[bytes]], start: int, end: int, bound: int, url: str
+) -> AsyncGenerator[tuple[int, bytes], None]:
+    """A range's bytes as ``(offset, bytes)`` pieces, read from a response's body or a
+    multipart part; an error when it runs past its ``Content-Range``."""
+    at = start
+    while chunk := await read(CHUNK_BYTES):
+        if at + len(chunk) > end or at + len(chunk) - start > bound:
+            raise OriginError(f"{url}: a range longer than its Content-Range")
+        yield at, chunk
+        at += len(chunk)
+
+
 def _origin_of(url: Any) -> tuple[str, str | None, int | None]:
     return (url.scheme, url.host, url.port)
 
@@ -399,6 +493,7 @@ def _read_at_most(path: Path, size_bytes: int) -> bytes:
 __all__ = [
     "FileOrigin",
     "HttpOrigin",
+    "MultiRangeUnsupported",
     "Origin",
     "OriginError",
     "OriginMissing",

@@ -1,7 +1,9 @@
 """Serving a repository to edges: the published layout and blobs by hash, with Range support.
 
-``GET /v2/repository/tree/{path}`` serves ``models.json``, ``<model>/<v>/manifest.json`` (both
-computed from the repository directory, with an ETag) and the repository's files, so a gateway
+``GET /v2/repository/tree/{path}`` serves ``models.json``, ``<model>/<v>/manifest.json`` and
+``manifest.json.gz`` (computed from the repository directory, with an ETag; the gzip as a file,
+never as a ``Content-Encoding``) and the repository's files (several ranges in one request:
+``multipart/byteranges``), so a gateway
 node's base URL works as an edge's origin. ``GET /v2/repository/blobs/sha256/{hash}`` serves a
 file by content: from the repository on a node with a local directory, from the cache on an
 edge (peer fill). ``GET /v2/repository/chunks/sha256/{hash}`` serves one content-defined chunk
@@ -28,6 +30,7 @@ from gateway.repository.edge import EdgeRepository
 from gateway.repository.local import is_version
 from gateway.repository.manifest import (
     INDEX_NAME,
+    MANIFEST_GZ_NAME,
     MANIFEST_NAME,
     Publisher,
     check_relpath,
@@ -35,11 +38,11 @@ from gateway.repository.manifest import (
 )
 
 
-def _bytes(request: Request, data: bytes) -> Response:
+def _bytes(request: Request, data: bytes, media_type: str = "application/json") -> Response:
     etag = f'"{hashlib.sha256(data).hexdigest()}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
-    return Response(data, media_type="application/json", headers={"ETag": etag})
+    return Response(data, media_type=media_type, headers={"ETag": etag})
 
 
 def _file(path: Path, sha256: str | None = None) -> Response:
@@ -61,9 +64,14 @@ def distribution_routes(dataplane: DataPlane) -> list[Route]:
         parts = path.split("/")
         if path == INDEX_NAME:
             return _bytes(request, await asyncio.to_thread(publisher.index))
-        if len(parts) == 3 and parts[2] == MANIFEST_NAME and is_version(parts[1]):
-            if int(parts[1]) not in await asyncio.to_thread(publisher.versions, parts[0]):
+        if len(parts) == 3 and parts[2] in (MANIFEST_NAME, MANIFEST_GZ_NAME):
+            if not is_version(parts[1]) or int(parts[1]) not in await asyncio.to_thread(
+                publisher.versions, parts[0]
+            ):
                 raise ModelNotFound(f"no version {parts[1]} of model '{parts[0]}'")
+            if parts[2] == MANIFEST_GZ_NAME:  # gzip as a file, not a Content-Encoding
+                data = await asyncio.to_thread(publisher.manifest_gz, parts[0], int(parts[1]))
+                return _bytes(request, data, "application/gzip")
             data = await asyncio.to_thread(publisher.manifest, parts[0], int(parts[1]))
             return _bytes(request, data)
         found = await asyncio.to_thread(publisher.file, path)

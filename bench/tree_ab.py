@@ -1,0 +1,141 @@
+"""Gateway variants (source trees or settings) under perf_analyzer, in rotated rounds.
+
+Every variant is a gateway of its own, all started at once; each round measures every variant
+at each concurrency, one right after the other, the order rotated per round. Per point:
+throughput, p50, the mean batch (``/v2/models/<model>/stats`` before and after) and the
+gateway's CPU time per request (its process, ORT threads included, which the machine's load
+moves less than throughput). Ratios to the first variant are taken per round (the machine's
+speed drifts by tens of percent between rounds), then the median and range over rounds.
+
+    .venv/bin/python bench/tree_ab.py before:PYTHONPATH=/tmp/base after: --concurrency 1,64
+    .venv/bin/python bench/tree_ab.py --quick --out /tmp/ab.md a: b:GATEWAY_INLINE_MAX_MS=0
+
+A variant is ``name:ENV=V,ENV=V``; ``PYTHONPATH=`` runs another source tree (``git archive``
+of a commit unpacked there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import harness
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, envs = text.partition(":")
+    return name, dict(item.split("=", 1) for item in envs.split(",") if item)
+
+
+def counts(address: str, model: str) -> tuple[int, int]:
+    """(inferences, executions) so far, from the statistics extension."""
+    with urllib.request.urlopen(f"http://{address}/v2/models/{model}/stats", timeout=10) as r:
+        stats = json.loads(r.read())["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+def point(
+    pa: str, gw: harness.Gateway, model: str, c: int, window_ms: int, work: Path
+) -> dict[str, float]:
+    """One perf_analyzer point (binary HTTP, three windows) with batch size and CPU/request."""
+    report = work / f"pa-{time.monotonic_ns()}.csv"
+    cmd = [
+        pa, "-m", model, "-u", gw.address, "-i", "http", "--concurrency-range", str(c),
+        "-p", str(window_ms), "-s", "999", "-r", "3", "--input-data", "zero", "-f", str(report),
+    ]  # fmt: skip
+    before, cpu_before = counts(gw.address, model), harness.process_cpu_s(gw.proc.pid) or 0.0
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    after, cpu_after = counts(gw.address, model), harness.process_cpu_s(gw.proc.pid) or 0.0
+    if out.returncode != 0 or not report.exists():
+        raise RuntimeError(f"perf_analyzer failed:\n{out.stdout[-600:]}\n{out.stderr[-600:]}")
+    with report.open() as f:
+        row = next(csv.DictReader(f))
+    items, runs = after[0] - before[0], after[1] - before[1]
+    return {
+        "throughput": float(row["Inferences/Second"]),
+        "p50_ms": int(row["p50 latency"]) / 1e3,
+        "batch": items / max(1, runs),
+        "cpu_ms": (cpu_after - cpu_before) / max(1, items) * 1e3,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="+", help="name:ENV=V,ENV=V (the first: baseline)")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--repo", type=Path, default=None, help="model repository")
+    parser.add_argument("--concurrency", default="1,64")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--window-ms", type=int, default=1500)
+    parser.add_argument("--quick", action="store_true", help="1 round, 500 ms windows")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.window_ms = 1, 500
+    repo = (args.repo or harness.ROOT / "model_repo").resolve()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    variants = [parse_variant(v) for v in args.variants]
+    names = [name for name, _ in variants]
+    pa = harness.perf_analyzer_path()
+    got: dict[tuple[str, int], list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        work = Path(tmp)
+        gateways = {}
+        for name, env in variants:
+            gateways[name] = harness.start_gateway(
+                repo, work, "--log-level", "warning", tag=name, ready=(args.model,), detach=True,
+                env={"GATEWAY_LOAD_MODELS": args.model, "GATEWAY_ACCESS_LOG": "false", **env},
+            )  # fmt: skip
+            stack.callback(gateways[name].stop)
+        for r in range(args.rounds):
+            for c in levels:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    p = point(pa, gateways[name], args.model, c, args.window_ms, work)
+                    got.setdefault((name, c), []).append(p)
+                    print(f"round {r + 1} c={c} {name}: {p}", flush=True)
+    base = names[0]
+    rows = []
+    for c in levels:
+        for name in names:
+            pts = got[(name, c)]
+            ratios = sorted(
+                a["throughput"] / b["throughput"] for a, b in zip(pts, got[(base, c)], strict=True)
+            )
+            med = {k: statistics.median(p[k] for p in pts) for k in pts[0]}
+            rows.append(
+                f"| {c} | {name} | {med['throughput']:.1f} | {med['p50_ms']:.2f} | "
+                f"{med['batch']:.1f} | {med['cpu_ms']:.3f} | {statistics.median(ratios):.3f}x "
+                f"({ratios[0]:.3f}-{ratios[-1]:.3f}) |"
+            )
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    described = "; ".join(f"`{n}`: {env or 'defaults'}" for n, env in variants)
+    markdown = f"""# Gateway variants under perf_analyzer (`{args.model}`)
+
+Command: `.venv/bin/python bench/tree_ab.py {" ".join(sys.argv[1:])}`
+
+2 shared CPUs, load average {load} at the end (1/5/15 min); binary HTTP, one item per request,
+{args.rounds} rounds of three {args.window_ms} ms windows per point, variants one after the
+other in rotated order. Variants: {described}. Medians over rounds; the throughput ratio to
+`{base}` is taken per round (median and range).
+
+| c | variant | infer/s | p50 ms | mean batch | gateway CPU ms/request | vs {base} |
+|---:|---|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+"""
+    print(markdown)
+    if args.out:
+        harness.write_results(args.out, markdown, {f"{n} c={c}": v for (n, c), v in got.items()})
+
+
+if __name__ == "__main__":
+    main()
