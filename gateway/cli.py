@@ -205,6 +205,11 @@ def _parser() -> argparse.ArgumentParser:
         help="serve gRPC with HTTP/2 on the serving loop (asyncio) or with grpc.aio [asyncio]",
     )
     serve_cmd.add_argument(
+        "--grpc-send-timeout-s",
+        type=float,
+        help="close a gRPC connection that takes no answer bytes this long; 0: never [60]",
+    )
+    serve_cmd.add_argument(
         "--response-cache-bytes", type=int, help="in-process response cache size [0: none]"
     )
     serve_cmd.add_argument(

@@ -59,6 +59,10 @@ class Settings:
     # How gRPC is served: asyncio (HTTP/2 read on the serving loop, gateway/grpc/http2.py) or
     # grpcio (grpc.aio; ~10x the CPU per call, and its calls do not batch together)
     grpc_transport: str = "asyncio"
+    # asyncio transport: a connection whose client takes no answer bytes for this long while
+    # answers wait (zero window, a socket never read) is closed; 0: never. Its other limits
+    # are max_connections, header_timeout_s (preface + SETTINGS) and keepalive_timeout_s (idle).
+    grpc_send_timeout_s: float = 60.0
     # Edge replicas: the largest models.json or manifest.json accepted from an origin or peer.
     max_index_bytes: int = 16 * 1024 * 1024
     # Execution.
@@ -222,6 +226,8 @@ class Settings:
             raise SettingsError("max_header_bytes must be at least 1024")
         if self.grpc_stream_max_inflight < 1:
             raise SettingsError("grpc_stream_max_inflight must be at least 1")
+        if self.grpc_send_timeout_s < 0:
+            raise SettingsError("grpc_send_timeout_s must be >= 0")
         if self.grpc_transport not in ("asyncio", "grpcio"):
             raise SettingsError(
                 f"grpc_transport must be asyncio or grpcio, got {self.grpc_transport!r}"

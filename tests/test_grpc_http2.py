@@ -35,7 +35,7 @@ from gateway.grpc.calls import grpc_timeout_s, percent_encode
 from gateway.grpc.http2 import HeaderDecoder, _changes_table
 from gateway.settings import Settings, SettingsError, load_settings
 from tests import models
-from tests.helpers import GatewayProcess, free_port, start_gateway
+from tests.helpers import GatewayProcess, free_port, rss_bytes, start_gateway
 
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 IMAGE_FLOATS = 3 * 224 * 224  # a 602 KB FP32 image
@@ -86,7 +86,9 @@ def _grow_onnx() -> bytes:
     return models.graph_bytes(graph)
 
 
-def _start(tmp: Path, *args: str) -> tuple[GatewayProcess, str]:
+def _start(
+    tmp: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[GatewayProcess, str]:
     repo = tmp / "repo"
     if not repo.exists():
         models.add_sub(repo)
@@ -100,7 +102,7 @@ def _start(tmp: Path, *args: str) -> tuple[GatewayProcess, str]:
     gw = start_gateway(
         repo, tmp, "--grpc-port", str(grpc_port), "--grpc-transport", "asyncio",
         "--grpc-max-message-bytes", str(MAX_MESSAGE_BYTES), "--execution-provider", "cpu",
-        *args,
+        *args, env=env,
     )  # fmt: skip
     return gw, f"127.0.0.1:{grpc_port}"
 
@@ -700,3 +702,383 @@ def test_grpc_transport_setting() -> None:
     assert load_settings(None, env={"GATEWAY_GRPC_TRANSPORT": "grpcio"}).grpc_transport == "grpcio"
     with pytest.raises(SettingsError, match="grpc_transport"):
         Settings(grpc_transport="h3")
+
+
+# -- attacks: what a hostile client sends (the HTTP/2 CVEs of recent years) ----------------
+
+ENHANCE_YOUR_CALM, CANCEL, INITIAL_WINDOW_SIZE = 11, 8, 4
+SEND_TIMEOUT_S = 3.0
+IDLE_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, str]]:
+    """A gateway with short connection limits: 1 s to say HTTP/2, 1.5 s idle, 3 s without
+    taking answer bytes, 3 connections."""
+    gw, address = _start(
+        tmp_path_factory.mktemp("h2limits"), "--grpc-send-timeout-s", str(SEND_TIMEOUT_S),
+        env={"GATEWAY_HEADER_TIMEOUT_S": "1", "GATEWAY_KEEPALIVE_TIMEOUT_S": str(IDLE_S),
+             "GATEWAY_MAX_CONNECTIONS": "3"},
+    )  # fmt: skip
+    try:
+        yield gw, address
+    finally:
+        gw.stop()
+
+
+def test_endless_empty_continuation_frames_close_the_connection(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """CONTINUATION flood (CVE-2024-27316 family): empty frames add no bytes, so only a bound
+    on their count stops them; GOAWAY ENHANCE_YOUR_CALM, and the server serves on."""
+    gw, address = gateway
+    raw = Raw(address)
+    raw.sock.settimeout(5)
+    try:
+        block = raw.headers(INFER)
+        raw.send(frame(HEADERS, 0, 1, block[:4]), frame(CONTINUATION, 0, 1) * 5000)
+        frames = raw.frames_until_closed()
+    finally:
+        raw.close()
+    assert _goaway_code(frames) == ENHANCE_YOUR_CALM
+    _infer_ok(address)
+    assert gw.process.poll() is None
+
+
+def test_header_block_cache_holds_only_small_blocks() -> None:
+    """Distinct large literal blocks (no table change) are decoded but not kept: a connection
+    does not hold 64 blocks of up to 64 KiB each."""
+    ours = HeaderDecoder()
+    for i in range(64):
+        block = http2.header_block([(b"x-pad", b"%02d" % i + b"p" * 60000)])
+        assert not _changes_table(block)
+        assert ours.decode(block)[0][1][:2] == b"%02d" % i
+    small = http2.header_block([(b":path", b"/a")])
+    ours.decode(small)
+    assert sum(len(block) for block in ours._cache) <= 64 * 1024
+    assert small in ours._cache
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (("X-Upper", "1"),),
+        (("connection", "keep-alive"),),
+        (("transfer-encoding", "chunked"),),
+        (("te", "gzip"),),
+        ((":protocol", "x"),),
+    ],
+    ids=["uppercase-name", "connection", "transfer-encoding", "te-not-trailers", "bad-pseudo"],
+)
+def test_malformed_request_headers_reset_the_stream_only(
+    gateway: tuple[GatewayProcess, str], extra: tuple[tuple[str, str], ...]
+) -> None:
+    """RFC 9113 8.2: a malformed request is a stream error (RST_STREAM PROTOCOL_ERROR); the
+    connection goes on and answers the next call."""
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        raw.send(raw.call(1, INFER, simple_request(), *extra))
+        raw.send(raw.call(3, INFER, simple_request("next")))
+        answers = raw.responses(2)
+    finally:
+        raw.close()
+    assert answers[1]["reset"] == PROTOCOL_ERROR and not answers[1]["headers"]
+    assert answers[3]["headers"][b"grpc-status"] == b"0"
+
+
+def test_pseudo_header_after_a_field_and_missing_path_are_malformed() -> None:
+    good = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x"), (b"te", b"trailers")]
+    assert http2.request_problem(good) is None
+    assert http2.request_problem([*good[1:], good[0]]) is not None
+    assert http2.request_problem(good[:2]) is not None
+    assert http2.request_problem([good[0], *good]) is not None
+
+
+def test_wrong_method_and_content_type(gateway: tuple[GatewayProcess, str]) -> None:
+    """gRPC over HTTP/2: a content-type not ``application/grpc`` is 415, a method not POST 405."""
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        block = raw.encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", INFER),
+                                    ("content-type", "text/plain")])  # fmt: skip
+        get = raw.encoder.encode([(":method", "GET"), (":scheme", "http"), (":path", INFER),
+                                  ("content-type", "application/grpc")])  # fmt: skip
+        raw.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, block),
+                 frame(HEADERS, END_HEADERS | END_STREAM, 3, get))  # fmt: skip
+        answers = raw.responses(2)
+    finally:
+        raw.close()
+    assert answers[1]["headers"][b":status"] == b"415"
+    assert answers[3]["headers"][b":status"] == b"405"
+
+
+def test_rapid_reset_closes_the_connection(gateway: tuple[GatewayProcess, str]) -> None:
+    """CVE-2023-44487: calls opened and reset at once, by the thousand, in one write. Past
+    the reset budget the connection gets GOAWAY ENHANCE_YOUR_CALM; the requests already
+    submitted are cancelled, not run to the end, and others are served meanwhile."""
+    gw, address = gateway
+    before = _stats(address)
+    raw = Raw(address)
+    raw.sock.settimeout(10)
+    try:
+        sid, out = 1, []
+        for _ in range(2000):
+            out.append(raw.call(sid, INFER, simple_request()))
+            out.append(frame(RST_STREAM, 0, sid, struct.pack(">I", CANCEL)))
+            sid += 2
+        raw.send(*out)
+        frames = raw.frames_until_closed()
+    finally:
+        raw.close()
+    assert _goaway_code(frames) == ENHANCE_YOUR_CALM
+    _infer_ok(address)
+    after = _stats(address)
+    assert after[1] - before[1] < 1000  # most resets cancelled their request (or it was not read)
+    assert gw.process.poll() is None
+
+
+def test_cancelling_fewer_than_half_the_calls_keeps_the_connection(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """A client cancelling on its deadlines while most calls complete is not closed, however
+    many it cancels (Envoy's rule): 600 cancelled among 1200 answered."""
+    _, address = gateway
+    raw = Raw(address)
+    answers: dict[int, dict[str, Any]] = {}
+    try:
+        for round_ in range(10):  # 180 streams a round: under the 256 concurrent
+            out = []
+            for i in range(60 * round_, 60 * round_ + 60):
+                good, other, bad = 6 * i + 1, 6 * i + 3, 6 * i + 5
+                out += [raw.call(good, INFER, simple_request()),
+                        raw.call(other, INFER, simple_request()),
+                        frame(HEADERS, END_HEADERS, bad, raw.headers(INFER)),
+                        frame(RST_STREAM, 0, bad, struct.pack(">I", CANCEL))]  # fmt: skip
+            raw.send(*out)
+            answers.update(raw.responses(120))  # raises on GOAWAY
+    finally:
+        raw.close()
+    assert len(answers) == 1200
+    assert all(a["headers"].get(b"grpc-status") == b"0" for a in answers.values())
+
+
+def _zero_window(address: str) -> Raw:
+    raw = Raw(address, handshake=False)
+    raw.send(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, 0)))
+    return raw
+
+
+def test_answers_a_client_never_takes_are_bounded(limited: tuple[GatewayProcess, str]) -> None:
+    """A zero stream window (the client never grants any): the answers wait unsent, up to the
+    connection's bound (64 MiB here); the calls past it end with RESOURCE_EXHAUSTED (their
+    trailers are not flow-controlled), other connections are served meanwhile, and the
+    connection, which takes nothing, is closed after ``grpc_send_timeout_s``."""
+    gw, address = limited
+    rss_before = rss_bytes(gw.process.pid)
+    raw = _zero_window(address)
+    floats = 480 * 1024  # 1.875 MiB per answer, under the 2 MiB message limit
+    request = pb.ModelInferRequest(model_name="identity")
+    request.inputs.add(name="X", datatype="FP32", shape=[floats])
+    request.raw_input_contents.append(np.ones(floats, np.float32).tobytes())
+    body = request.SerializeToString()
+    calls = 48  # 90 MiB of answers
+    started = time.monotonic()
+    try:
+        for i in range(calls):
+            raw.send(raw.call(1 + 2 * i, INFER, body))
+        statuses: dict[int, bytes] = {}
+        while (got := raw.read_frame()) is not None:
+            kind, _, stream_id, payload = got
+            if kind == HEADERS:
+                block = dict(raw.decoder.decode(payload, raw=True))
+                if b"grpc-status" in block:
+                    statuses[stream_id] = block[b"grpc-status"]
+            if kind == GOAWAY:
+                goaway = int(struct.unpack(">II", payload[:8])[1])
+        elapsed = time.monotonic() - started
+    finally:
+        raw.close()
+    exhausted = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]).encode()
+    assert 0 < list(statuses.values()).count(exhausted) <= calls - 30  # 30 x 1.875 < 64 MiB
+    assert goaway == ENHANCE_YOUR_CALM
+    assert SEND_TIMEOUT_S <= elapsed < SEND_TIMEOUT_S + 20
+    _infer_ok(address)
+    assert rss_bytes(gw.process.pid) - rss_before < 200 * 1024 * 1024
+
+
+def test_a_connection_that_never_says_http2_gets_header_timeout(
+    limited: tuple[GatewayProcess, str],
+) -> None:
+    _, address = limited
+    raw = Raw(address, handshake=False)
+    started = time.monotonic()
+    try:
+        frames = raw.frames_until_closed()
+    finally:
+        raw.close()
+    assert _goaway_code(frames) == PROTOCOL_ERROR
+    assert time.monotonic() - started < 5  # header_timeout_s (1), not the 10 s default
+
+
+def test_an_idle_connection_is_closed_and_pings_keep_one_open(
+    limited: tuple[GatewayProcess, str],
+) -> None:
+    """No stream and no PING for keepalive_timeout_s: GOAWAY NO_ERROR, then closed."""
+    _, address = limited
+    idle, pinging = Raw(address), Raw(address)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < IDLE_S * 2:
+            pinging.send(frame(PING, 0, 0, b"12345678"))
+            time.sleep(IDLE_S / 4)
+        pinging.send(pinging.call(1, INFER, simple_request()))
+        assert pinging.responses(1)[1]["headers"][b"grpc-status"] == b"0"
+        frames = idle.frames_until_closed()
+    finally:
+        idle.close()
+        pinging.close()
+    assert _goaway_code(frames) == 0
+
+
+def test_connections_over_max_connections_are_refused(
+    limited: tuple[GatewayProcess, str],
+) -> None:
+    _, address = limited
+    held = [Raw(address) for _ in range(3)]
+    try:
+        for raw in held:  # the handshake is done: each connection is counted
+            raw.send(frame(PING, 0, 0, b"12345678"))
+            while (got := raw.read_frame()) is not None and got[0] != PING:
+                pass
+        extra = Raw(address)
+        frames = extra.frames_until_closed()
+        extra.close()
+        assert _goaway_code(frames) == ENHANCE_YOUR_CALM
+    finally:
+        for raw in held:
+            raw.close()
+    time.sleep(0.3)
+    _infer_ok(address)
+
+
+def test_hpack_bomb_is_a_connection_error(gateway: tuple[GatewayProcess, str]) -> None:
+    """An HPACK bomb: one 4 KB field in the table, then one-byte references to it; decoding
+    stops at 64 KiB of header list (COMPRESSION_ERROR), not at 48 MB."""
+    gw, address = gateway
+    raw = Raw(address)
+    try:
+        big = hpack.Encoder().encode([("x-bomb", "v" * 4000)])  # literal with indexing: 62
+        block = big + b"\xbe" * 12000
+        raw.send(frame(HEADERS, END_HEADERS, 1, block))
+        frames = raw.frames_until_closed()
+    finally:
+        raw.close()
+    assert _goaway_code(frames) == COMPRESSION_ERROR
+    _infer_ok(address)
+    assert gw.process.poll() is None
+
+
+def test_a_ping_flood_never_read_is_bounded_and_closed(
+    limited: tuple[GatewayProcess, str],
+) -> None:
+    """PINGs sent without end and their ACKs never read: the gateway stops reading the
+    connection once its socket buffer is full (memory stays bounded), serves others, and
+    closes the connection after ``grpc_send_timeout_s`` without progress."""
+    gw, address = limited
+    rss_before = rss_bytes(gw.process.pid)
+    raw = Raw(address)
+    raw.sock.settimeout(1)
+    pings = frame(PING, 0, 0, b"12345678") * 4096
+    sent = 0
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 10:
+            try:
+                raw.sock.sendall(pings)
+            except TimeoutError:
+                break  # the gateway stopped reading
+            sent += len(pings)
+        assert time.monotonic() - started < 10, "the gateway read PINGs without end"
+        _infer_ok(address)
+        time.sleep(SEND_TIMEOUT_S + 1)
+        raw.sock.settimeout(10)
+        closed = False
+        try:
+            while raw.sock.recv(1 << 20):
+                pass
+            closed = True
+        except ConnectionResetError:
+            closed = True
+    finally:
+        raw.close()
+    assert closed
+    assert rss_bytes(gw.process.pid) - rss_before < 100 * 1024 * 1024
+
+
+def test_one_byte_data_frames_are_bounded(gateway: tuple[GatewayProcess, str]) -> None:
+    """A 200 KB request in 1-byte DATA frames: the pieces are copied together, not kept as
+    200 000 views (~40 MB, and a quadratic cut); the call is answered normally."""
+    gw, address = gateway
+    raw = Raw(address)
+    floats = 50_000
+    request = pb.ModelInferRequest(model_name="identity", id="tiny")
+    request.inputs.add(name="X", datatype="FP32", shape=[floats])
+    request.raw_input_contents.append(np.ones(floats, np.float32).tobytes())
+    data = message(request.SerializeToString())
+    rss_before = rss_bytes(gw.process.pid)
+    try:
+        raw.send(frame(HEADERS, END_HEADERS, 1, raw.headers(INFER)))
+        raw.send(b"".join(frame(DATA, 0, 1, data[i : i + 1]) for i in range(len(data) - 1)))
+        raw.send(frame(PING, 0, 0, b"87654321"))  # its ACK: every DATA frame was read
+        while (got := raw.read_frame()) is not None and not (got[0] == PING and got[1] & ACK):
+            pass
+        grown = rss_bytes(gw.process.pid) - rss_before
+        raw.send(frame(DATA, END_STREAM, 1, data[-1:]))
+        answer = raw.responses(1)[1]
+    finally:
+        raw.close()
+    assert answer["headers"][b"grpc-status"] == b"0"
+    assert pb.ModelInferResponse.FromString(answer["data"][5:]).id == "tiny"
+    assert grown < 20 * 1024 * 1024
+
+
+def test_a_unary_call_with_many_messages_fails_at_the_second(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """Tiny messages by the hundred thousand on a unary call are not buffered to the end: the
+    second one ends the call (INTERNAL), before the client's END_STREAM."""
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        raw.send(frame(HEADERS, END_HEADERS, 1, raw.headers(INFER)))
+        blob = message(b"x") * 2000
+        for _ in range(50):
+            raw.send(frame(DATA, 0, 1, blob))
+        answer = raw.responses(1)[1]  # no END_STREAM sent
+    finally:
+        raw.close()
+    assert answer["headers"][b"grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0]).encode()
+
+
+def test_settings_with_thousands_of_window_sizes_are_cheap(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """SETTINGS frames full of INITIAL_WINDOW_SIZE entries, with 255 streams open: the window
+    is applied once per frame, not once per entry and stream (2730 x 255 each)."""
+    _, address = gateway
+    raw = Raw(address)
+    try:
+        raw.send(*(frame(HEADERS, END_HEADERS, 1 + 2 * i, raw.headers(INFER)) for i in range(255)))
+        entries = b"".join(struct.pack(">HI", INITIAL_WINDOW_SIZE, 65535 + i % 2)
+                           for i in range(2730))  # fmt: skip
+        started = time.monotonic()
+        raw.send(frame(SETTINGS, 0, 0, entries) * 60, frame(PING, 0, 0, b"87654321"))
+        while (got := raw.read_frame()) is not None and not (got[0] == PING and got[1] & ACK):
+            pass
+        elapsed = time.monotonic() - started
+        _infer_ok(address)
+    finally:
+        raw.close()
+    assert got is not None
+    assert elapsed < 5  # ~42 M window updates otherwise

@@ -72,6 +72,7 @@ _RESERVED = frozenset(
 )
 _UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _SMALL_BYTES = 64 * 1024  # messages below this are sent with their prefix in one piece
+_COALESCE_BYTES = 4096  # request DATA payloads below this are copied into one buffer
 
 
 def grpc_timeout_s(value: bytes) -> float | None:
@@ -199,7 +200,9 @@ class Call:
         self.loop = stream.conn.loop
         self._headers = headers
         self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
-        self._parts: list[memoryview] = []  # the body's bytes not yet cut into messages
+        # the body's bytes not yet cut into messages: views of the reads, small pieces copied
+        # together (a client sending 1-byte DATA frames would otherwise make a view per byte)
+        self._parts: deque[memoryview | bytearray] = deque()
         self._size = 0
         self._held = 0  # received bytes not credited back: they came while messages waited
         # ModelStreamInfer without a task: requests submitted and not yet answered and written
@@ -288,12 +291,22 @@ class Call:
     def data(self, payload: memoryview) -> None:
         if self.finished:
             return
-        self._parts.append(payload)
+        parts = self._parts
+        if len(payload) >= _COALESCE_BYTES:
+            parts.append(payload)
+        elif parts and isinstance(parts[-1], bytearray):
+            parts[-1] += payload
+        else:
+            parts.append(bytearray(payload))
         self._size += len(payload)
         try:
             self._cut()
         except _Refused as exc:
             self._fail(exc.code, exc.message)
+            return
+        unary = self.handler is not None and self.handler.stream_stream is None
+        if unary and len(self.messages) > 1:  # not buffered on: tiny messages by the million
+            self._fail(grpc.StatusCode.INTERNAL, "expected one request message, got more")
             return
         if self.handler is not None and self.handler.stream_stream is not None and self.messages:
             self._held += len(payload)  # credited back once the messages read are taken
@@ -382,7 +395,7 @@ class Call:
         while skip:
             part = parts[0]
             if len(part) <= skip:
-                parts.pop(0)
+                parts.popleft()
                 skip -= len(part)
             else:
                 parts[0] = part[skip:]
@@ -390,15 +403,15 @@ class Call:
         if parts and len(parts[0]) >= n:  # the usual case: the message in one frame
             part = parts[0]
             if len(part) == n:
-                parts.pop(0)
+                parts.popleft()
             else:
                 parts[0] = part[n:]
             return bytes(part[:n])
-        taken: list[memoryview] = []
+        taken: list[memoryview | bytearray] = []
         while n:
             part = parts[0]
             if len(part) <= n:
-                taken.append(parts.pop(0))
+                taken.append(parts.popleft())
                 n -= len(part)
             else:
                 taken.append(part[:n])
@@ -441,6 +454,14 @@ class Call:
         if len(data) > limit:
             raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"Sent message larger than max ({len(data)} vs. {limit})")  # fmt: skip
+        conn = self.stream.conn
+        if conn.unsent() + len(data) > conn.max_unsent_bytes:
+            http2.EVENTS["unsent_limit"] += 1
+            message = (f"the client is not taking its answers: over {conn.max_unsent_bytes}"
+                       " bytes unsent on its connection")  # fmt: skip
+            if self.stream.outbox:  # trailers would wait behind them: reset instead
+                self.stream.reset(http2.ENHANCE_YOUR_CALM)
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         if not self.started:
             self.started = True
             self.stream.send_headers(RESPONSE_HEADERS)
@@ -716,9 +737,24 @@ class Http2GrpcServer:
         return call
 
     def _connection(self) -> http2.Connection:
-        conn = http2.Connection(self._open_stream, asyncio.get_running_loop(),
-                                on_close=self.connections.discard)  # fmt: skip
-        self.connections.add(conn)
+        """A new connection, with the REST listener's limits where they mean the same: at most
+        ``max_connections`` open (the next gets GOAWAY ENHANCE_YOUR_CALM), ``header_timeout_s``
+        to say HTTP/2, ``keepalive_timeout_s`` with no stream and no PING."""
+        settings = self.dataplane.settings
+        limit = settings.max_connections
+        full = bool(limit) and len(self.connections) >= limit
+        conn = http2.Connection(
+            self._open_stream,
+            asyncio.get_running_loop(),
+            on_close=self.connections.discard,
+            handshake_timeout_s=settings.header_timeout_s,
+            idle_timeout_s=settings.keepalive_timeout_s,
+            send_timeout_s=settings.grpc_send_timeout_s,
+            max_unsent_bytes=max(http2.MAX_UNSENT_BYTES, 2 * self.max_message_bytes),
+            refuse=f"over max_connections ({limit})" if full else "",
+        )
+        if not full:
+            self.connections.add(conn)
         return conn
 
     async def start(self) -> None:

@@ -25,12 +25,19 @@ returns for its headers, and the handler answers through its :class:`Stream`.
 - Writes made during one loop callback leave in one ``writelines`` at its end.
 - Errors: a frame that breaks the protocol is a connection error (GOAWAY with its code, then
   the connection closes; its streams' handlers are reset); a bad stream alone gets RST_STREAM.
+- Hostile clients (the HTTP/2 CVEs of recent years): memory and work per connection are bounded
+  by the constants below: header blocks (bytes, frames, decoded size; only small ones cached),
+  client resets (rapid reset), answers the client does not take (``max_unsent_bytes``, checked
+  by the caller, and ``send_timeout_s`` without progress), the handshake and idle timeouts.
+  Malformed request headers (RFC 9113 8.2) reset the stream. Each event is logged and counted in
+  :data:`EVENTS`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import struct
 from collections.abc import Callable
 from typing import Protocol
@@ -45,6 +52,12 @@ __all__ = [
     "StreamHandler",
     "header_block",
 ]
+
+log = logging.getLogger(__name__)
+
+# What the limits below did, for all connections of the process (log lines say it too):
+# "send_timeout", "rapid_reset", "malformed", "unsent_limit", "connection_limit", "idle".
+EVENTS: collections.Counter[str] = collections.Counter()
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -71,6 +84,32 @@ MAX_HEADER_LIST_BYTES = 64 * 1024  # decoded, as HPACK counts them
 MAX_HEADER_BLOCK_BYTES = 64 * 1024  # encoded, HEADERS + CONTINUATION together
 HANDSHAKE_TIMEOUT_S = 10.0  # from accept to the client's preface and first SETTINGS
 _CACHED_BLOCKS = 64
+# Only small blocks are cached (a gRPC call's are a few hundred bytes): 64 distinct 64 KiB
+# literal blocks would otherwise make every connection hold 4 MiB.
+_CACHED_BLOCK_BYTES = 1024
+# Frames one header block may span: empty CONTINUATION frames add no bytes, so the byte bound
+# alone would let a client send them forever (the CVE-2024-27316 family).
+MAX_CONTINUATIONS = 64
+# Rapid reset (CVE-2023-44487): a connection whose client reset (RST_STREAM before our answer
+# ended) more than RESET_BURST streams within RESET_WINDOW_S, and more than half the streams it
+# opened there, gets GOAWAY ENHANCE_YOUR_CALM (Envoy's rule; clients cancelling on deadlines
+# while most of their calls complete are not closed). MAX_STREAMS bounds a legitimate burst.
+RESET_BURST = 2 * MAX_STREAMS
+RESET_WINDOW_S = 10.0
+# Answer bytes a connection may hold that the client has not taken (streams' outboxes, waiting
+# for flow-control window, plus the socket's buffer); an answer past it ends its call with
+# RESOURCE_EXHAUSTED. ``Http2GrpcServer`` raises it to twice the largest message.
+MAX_UNSENT_BYTES = 64 * 1024 * 1024
+# A connection with answers waiting to go out that sends nothing for this long (zero window,
+# a client that never reads) is closed: GOAWAY ENHANCE_YOUR_CALM.
+SEND_TIMEOUT_S = 60.0
+# A connection with no stream and no PING for this long is closed (GOAWAY NO_ERROR); 0: never.
+IDLE_TIMEOUT_S = 0.0
+# RFC 9113 8.2.2: fields that are HTTP/1's connection management, malformed in HTTP/2
+_CONNECTION_FIELDS = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
 
 Headers = list[tuple[bytes, bytes]]
 _FRAME_HEAD = struct.Struct(">BHBBI")  # 24-bit length as 8 + 16 bits, type, flags, stream
@@ -159,20 +198,50 @@ class HeaderDecoder:
     def __init__(self) -> None:
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = MAX_HEADER_LIST_BYTES
-        self._cache: dict[bytes, Headers] = {}
+        self._cache: dict[bytes, tuple[Headers, str | None]] = {}
 
     def decode(self, block: bytes) -> Headers:
         """The block's headers; raises ``hpack.HPACKError`` for a malformed one."""
-        headers = self._cache.get(block)
-        if headers is not None:
-            return headers
+        return self.decode_request(block)[0]
+
+    def decode_request(self, block: bytes) -> tuple[Headers, str | None]:
+        """The block's headers and what makes them a malformed request (None: nothing), both
+        cached with the block."""
+        cached = self._cache.get(block)
+        if cached is not None:
+            return cached
         changes = _changes_table(block)
         headers = [(bytes(k), bytes(v)) for k, v in self._decoder.decode(block, raw=True)]
+        decoded = (headers, request_problem(headers))
         if changes:
             self._cache.clear()
-        elif len(self._cache) < _CACHED_BLOCKS:
-            self._cache[block] = headers
-        return headers
+        elif len(self._cache) < _CACHED_BLOCKS and len(block) <= _CACHED_BLOCK_BYTES:
+            self._cache[block] = decoded
+        return decoded
+
+
+def request_problem(headers: Headers) -> str | None:
+    """Why a request's header list is malformed (RFC 9113 8.2, 8.3.1), or None: field names
+    in lower case, no connection-specific field, ``te`` only ``trailers``, pseudo-headers
+    known, once each, before the others, ``:method``, ``:scheme`` and ``:path`` present."""
+    seen: set[bytes] = set()
+    regular = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if regular:
+                return f"pseudo-header {name[:32]!r} after a regular field"
+            if name not in _REQUEST_PSEUDO or name in seen:
+                return f"pseudo-header {name[:32]!r} unknown or repeated"
+            seen.add(name)
+            continue
+        regular = True
+        if name != name.lower() or not name:
+            return f"field name {name[:32]!r} not in lower case"
+        if name in _CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
+            return f"connection-specific field {name[:32]!r}"
+    if len(seen & {b":method", b":scheme", b":path"}) != 3:
+        return "a request without :method, :scheme or :path"
+    return None
 
 
 # -- streams ------------------------------------------------------------------------------------
@@ -240,7 +309,9 @@ class Stream:
 
     def send_data(self, data: bytes | memoryview, end: bool = False) -> None:
         if self.open:
-            self.outbox.append((DATA, memoryview(data).cast("B"), end))
+            view = memoryview(data).cast("B")
+            self.outbox.append((DATA, view, end))
+            self.conn.queued += len(view)
             self.conn._pump(self)
 
     def consumed(self, n: int) -> None:
@@ -317,10 +388,31 @@ class Connection(asyncio.Protocol):
         open_stream: OpenStream,
         loop: asyncio.AbstractEventLoop,
         on_close: Callable[[Connection], object] | None = None,
+        *,
+        handshake_timeout_s: float | None = None,
+        idle_timeout_s: float | None = None,
+        send_timeout_s: float | None = None,
+        max_unsent_bytes: int | None = None,
+        refuse: str = "",
     ) -> None:
         self.open_stream = open_stream
         self.loop = loop
         self.on_close = on_close
+        self.handshake_timeout_s = (
+            HANDSHAKE_TIMEOUT_S if handshake_timeout_s is None else handshake_timeout_s
+        )
+        self.idle_timeout_s = IDLE_TIMEOUT_S if idle_timeout_s is None else idle_timeout_s
+        self.send_timeout_s = SEND_TIMEOUT_S if send_timeout_s is None else send_timeout_s
+        self.max_unsent_bytes = MAX_UNSENT_BYTES if max_unsent_bytes is None else max_unsent_bytes
+        self.refuse = refuse  # non-empty: the connection is over a limit, closed at once
+        self.queued = 0  # DATA bytes in the streams' outboxes
+        self._sent = 0  # progress (DATA frames out, socket drained): the send timeout's clock
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._active_at = loop.time()  # last stream end or PING, for the idle timeout
+        self._opened = 0  # streams the client opened, and reset, in this reset window
+        self._resets = 0
+        self._window_at = loop.time()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.paused = False
@@ -341,7 +433,8 @@ class Connection(asyncio.Protocol):
         self._max_send_frame = FRAME_BYTES
         self._recv_window = CONNECTION_WINDOW_BYTES
         self._recv_unacked = 0
-        self._continued: tuple[int, int, list[bytes]] | None = None  # (stream, flags, block)
+        # an unfinished header block: (stream, flags, parts, bytes so far)
+        self._continued: tuple[int, int, list[bytes], int] | None = None
         self._window_opened = False  # a WINDOW_UPDATE or SETTINGS in this read
         self._handshake_timer: asyncio.TimerHandle | None = None
 
@@ -350,8 +443,53 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's too)
         self._write(_SERVER_SETTINGS + _CONNECTION_WINDOW)
+        if self.refuse:
+            EVENTS["connection_limit"] += 1
+            self._fail(ENHANCE_YOUR_CALM, self.refuse)
+            return
         # a connection that never says HTTP/2 is not held open (slowloris)
-        self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT_S, self._no_handshake)
+        self._handshake_timer = self.loop.call_later(self.handshake_timeout_s, self._no_handshake)
+        if self.idle_timeout_s > 0:
+            self._idle_timer = self.loop.call_later(self.idle_timeout_s, self._idle)
+
+    def _idle(self) -> None:
+        """One timer per connection, re-armed when it fires early."""
+        self._idle_timer = None
+        if self.transport is None or self.transport.is_closing() or self.closing:
+            return
+        due = self._active_at + self.idle_timeout_s
+        if self.streams or due > self.loop.time():
+            wait = self.idle_timeout_s if self.streams else due - self.loop.time()
+            self._idle_timer = self.loop.call_later(wait, self._idle)
+            return
+        EVENTS["idle"] += 1
+        self.shutdown()  # GOAWAY NO_ERROR: a client reconnects when it has a call to make
+
+    def _watch_sending(self) -> None:
+        """Answers wait to go out: arm the send timeout, unless armed."""
+        if self._send_timer is None and self.send_timeout_s > 0:
+            self._send_timer = self.loop.call_later(
+                self.send_timeout_s, self._send_check, self._sent
+            )
+
+    def _send_check(self, sent: int) -> None:
+        self._send_timer = None
+        if not (self._blocked or self.paused):
+            return
+        if self._sent == sent:
+            log.warning("HTTP/2 connection closed: no answer bytes taken in %.0f s (%d queued)",
+                        self.send_timeout_s, self.queued)  # fmt: skip
+            EVENTS["send_timeout"] += 1
+            self._fail(ENHANCE_YOUR_CALM, "the client took no answer bytes in time")
+            if self.transport is not None:
+                self.transport.abort()  # what is buffered for it is dropped too
+            return
+        self._watch_sending()
+
+    def unsent(self) -> int:
+        """Answer bytes held for this client: in outboxes and in the socket's buffer."""
+        buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self.queued + buffered
 
     def _no_handshake(self) -> None:
         self._handshake_timer = None
@@ -359,8 +497,9 @@ class Connection(asyncio.Protocol):
             self._fail(PROTOCOL_ERROR, "no HTTP/2 preface and SETTINGS in time")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
+        for timer in (self._handshake_timer, self._send_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
         for stream in list(self.streams.values()):
             self._forget(stream)
         if self._flush_handle is not None:
@@ -376,9 +515,11 @@ class Connection(asyncio.Protocol):
         self.paused = True
         if self.transport is not None:
             self.transport.pause_reading()
+        self._watch_sending()
 
     def resume_writing(self) -> None:
         self.paused = False
+        self._sent += 1
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
         for stream in list(self.streams.values()):
@@ -464,12 +605,15 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError(FRAME_SIZE_ERROR if stream_id == 0 else PROTOCOL_ERROR, "PING")
             if not flags & ACK:
                 self._write(frame(PING, ACK, 0, bytes(payload)))
+            self._active_at = self.loop.time()
         elif kind == RST_STREAM:
             if len(payload) != 4:
                 raise ProtocolError(FRAME_SIZE_ERROR, "RST_STREAM of the wrong size")
             self._check_known(stream_id, "RST_STREAM")
             stream = self.streams.get(stream_id)
             if stream is not None:
+                if stream.local_open:
+                    self._count_reset()
                 self._forget(stream)
         elif kind == GOAWAY:
             if stream_id:
@@ -482,6 +626,18 @@ class Connection(asyncio.Protocol):
         elif kind == PUSH_PROMISE:
             raise ProtocolError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         # other types: ignored, as the protocol says
+
+    def _count_reset(self) -> None:
+        """A client reset a stream we were answering: work started and thrown away."""
+        now = self.loop.time()
+        if now - self._window_at > RESET_WINDOW_S:
+            self._window_at, self._opened, self._resets = now, 0, 0
+        self._resets += 1
+        if self._resets > RESET_BURST and 2 * self._resets > self._opened:
+            EVENTS["rapid_reset"] += 1
+            log.warning("HTTP/2 connection closed: %d of its %d streams reset in %.0f s",
+                        self._resets, self._opened, RESET_WINDOW_S)  # fmt: skip
+            raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams reset")
 
     def _check_known(self, stream_id: int, what: str) -> None:
         if stream_id == 0:
@@ -534,23 +690,26 @@ class Connection(asyncio.Protocol):
         if flags & END_HEADERS:
             self._on_header_block(stream_id, flags, bytes(payload))
         else:
-            self._continued = (stream_id, flags, [bytes(payload)])
+            self._continued = (stream_id, flags, [bytes(payload)], len(payload))
 
     def _on_continuation(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if self._continued is None or self._continued[0] != stream_id:
             raise ProtocolError(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
-        parts = self._continued[2]
-        parts.append(bytes(payload))
-        if sum(len(p) for p in parts) > MAX_HEADER_BLOCK_BYTES:
+        _, first_flags, parts, size = self._continued
+        size += len(payload)
+        if size > MAX_HEADER_BLOCK_BYTES:
             raise ProtocolError(ENHANCE_YOUR_CALM, "header block too large")
+        if len(parts) >= MAX_CONTINUATIONS:
+            raise ProtocolError(ENHANCE_YOUR_CALM, "header block in too many frames")
+        parts.append(bytes(payload))
+        self._continued = (stream_id, first_flags, parts, size)
         if flags & END_HEADERS:
-            first_flags = self._continued[1]
             self._continued = None
             self._on_header_block(stream_id, first_flags, b"".join(parts))
 
     def _on_header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        try:
-            headers = self._decoder.decode(block)  # always: the table is shared by all blocks
+        try:  # always decoded: the table is shared by all blocks
+            headers, problem = self._decoder.decode_request(block)
         except hpack.HPACKError as exc:
             raise ProtocolError(COMPRESSION_ERROR, f"header block: {type(exc).__name__}") from None
         stream = self.streams.get(stream_id)
@@ -576,11 +735,18 @@ class Connection(asyncio.Protocol):
         if len(self.streams) >= MAX_STREAMS:
             self._write(frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
             return
+        if problem is not None:  # a malformed request: a stream error (RFC 9113 8.1.1)
+            EVENTS["malformed"] += 1
+            log.info("HTTP/2 stream %d refused: %s", stream_id, problem)
+            self._write(frame(RST_STREAM, 0, stream_id, struct.pack(">I", PROTOCOL_ERROR)))
+            return
         stream = Stream(self, stream_id, self._initial_send_window)
         self.streams[stream_id] = stream
+        self._opened += 1
+        ended = bool(flags & END_STREAM)
+        stream.remote_open = not ended  # before the handler: an answer at once needs no reset
         stream.handler = self.open_stream(stream, headers)
-        if flags & END_STREAM and self.streams.get(stream_id) is stream:
-            stream.remote_open = False
+        if ended and self.streams.get(stream_id) is stream:
             stream.handler.end()
             self._maybe_done(stream)
 
@@ -598,17 +764,13 @@ class Connection(asyncio.Protocol):
             if self._handshake_timer is not None:
                 self._handshake_timer.cancel()
                 self._handshake_timer = None
+        window: int | None = None
         for i in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HI", payload, i)
             if key == INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise ProtocolError(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
-                delta = value - self._initial_send_window
-                self._initial_send_window = value
-                for stream in self.streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
-                        raise ProtocolError(FLOW_CONTROL_ERROR, "a stream window overflowed")
+                window = value  # applied once: thousands in a frame must not each walk the streams
             elif key == MAX_FRAME_SIZE:
                 if not FRAME_BYTES <= value <= 2**24 - 1:
                     raise ProtocolError(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
@@ -616,6 +778,13 @@ class Connection(asyncio.Protocol):
             elif key == ENABLE_PUSH and value > 1:
                 raise ProtocolError(PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1")
             # HEADER_TABLE_SIZE: our blocks use no table; the others only inform
+        if window is not None:
+            delta = window - self._initial_send_window
+            self._initial_send_window = window
+            for stream in self.streams.values():
+                stream.send_window += delta
+                if stream.send_window > MAX_WINDOW:
+                    raise ProtocolError(FLOW_CONTROL_ERROR, "a stream window overflowed")
         self._write(_SETTINGS_ACK)
         self._window_opened = True
 
@@ -676,6 +845,7 @@ class Connection(asyncio.Protocol):
             take = min(size, stream.send_window, self._send_window, self._max_send_frame)
             if take <= 0 and size:
                 self._blocked[stream.id] = stream
+                self._watch_sending()
                 return
             last = take == size
             self._write(_frame_head(DATA, END_STREAM if last and end else 0, stream.id, take))
@@ -683,6 +853,8 @@ class Connection(asyncio.Protocol):
                 self._write(item[:take] if not last else item)
                 stream.send_window -= take
                 self._send_window -= take
+                self.queued -= take
+                self._sent += 1
             if last:
                 outbox.popleft()
                 if end:
@@ -705,11 +877,17 @@ class Connection(asyncio.Protocol):
         """Our END_STREAM is out: the answer is complete. A peer still sending is told to stop
         (RST_STREAM NO_ERROR, as RFC 9113 8.1 allows a server whose response is complete)."""
         stream.local_open = False
-        stream.outbox.clear()
+        self._clear(stream)
         if stream.remote_open:
             self._write(frame(RST_STREAM, 0, stream.id, struct.pack(">I", NO_ERROR)))
         self._drop(stream)
         stream._wake()
+
+    def _clear(self, stream: Stream) -> None:
+        for kind, item, _ in stream.outbox:
+            if kind == DATA:
+                self.queued -= len(item)
+        stream.outbox.clear()
 
     def _maybe_done(self, stream: Stream) -> None:
         if not stream.remote_open and not stream.local_open:
@@ -718,6 +896,7 @@ class Connection(asyncio.Protocol):
     def _drop(self, stream: Stream) -> None:
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
+            self._active_at = self.loop.time()
         self._blocked.pop(stream.id, None)
         self._close_if_done()
 
@@ -728,7 +907,7 @@ class Connection(asyncio.Protocol):
     def _forget(self, stream: Stream) -> None:
         """The stream is gone (reset either way, or the connection lost): tell its handler."""
         was_open = self.streams.get(stream.id) is stream
-        stream.outbox.clear()
+        self._clear(stream)
         self._drop(stream)
         if was_open and stream.local_open and stream.handler is not None:
             stream.handler.reset()
