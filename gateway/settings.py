@@ -61,8 +61,12 @@ class Settings:
     grpc_transport: str = "asyncio"
     # asyncio transport: a connection whose client takes no answer bytes for this long while
     # answers wait (zero window, a socket never read) is closed; 0: never. Its other limits
-    # are max_connections, header_timeout_s (preface + SETTINGS) and keepalive_timeout_s (idle).
+    # are max_connections, header_timeout_s (preface + SETTINGS) and grpc_idle_timeout_s.
     grpc_send_timeout_s: float = 60.0
+    # asyncio transport: a connection with no stream and no PING this long is closed (GOAWAY
+    # NO_ERROR); 0: never. Longer than keepalive_timeout_s: gRPC clients hold one channel for
+    # many calls and reconnect on GOAWAY, and grpc's own servers never close idle ones.
+    grpc_idle_timeout_s: float = 300.0
     # Edge replicas: the largest models.json or manifest.json accepted from an origin or peer.
     max_index_bytes: int = 16 * 1024 * 1024
     # Execution.
@@ -228,6 +232,8 @@ class Settings:
             raise SettingsError("grpc_stream_max_inflight must be at least 1")
         if self.grpc_send_timeout_s < 0:
             raise SettingsError("grpc_send_timeout_s must be >= 0")
+        if self.grpc_idle_timeout_s < 0:
+            raise SettingsError("grpc_idle_timeout_s must be >= 0")
         if self.grpc_transport not in ("asyncio", "grpcio"):
             raise SettingsError(
                 f"grpc_transport must be asyncio or grpcio, got {self.grpc_transport!r}"

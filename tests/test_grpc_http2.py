@@ -717,7 +717,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayP
     taking answer bytes, 3 connections."""
     gw, address = _start(
         tmp_path_factory.mktemp("h2limits"), "--grpc-send-timeout-s", str(SEND_TIMEOUT_S),
-        env={"GATEWAY_HEADER_TIMEOUT_S": "1", "GATEWAY_KEEPALIVE_TIMEOUT_S": str(IDLE_S),
+        env={"GATEWAY_HEADER_TIMEOUT_S": "1", "GATEWAY_GRPC_IDLE_TIMEOUT_S": str(IDLE_S),
              "GATEWAY_MAX_CONNECTIONS": "3"},
     )  # fmt: skip
     try:
@@ -924,7 +924,7 @@ def test_a_connection_that_never_says_http2_gets_header_timeout(
 def test_an_idle_connection_is_closed_and_pings_keep_one_open(
     limited: tuple[GatewayProcess, str],
 ) -> None:
-    """No stream and no PING for keepalive_timeout_s: GOAWAY NO_ERROR, then closed."""
+    """No stream and no PING for grpc_idle_timeout_s: GOAWAY NO_ERROR, then closed."""
     _, address = limited
     idle, pinging = Raw(address), Raw(address)
     try:

@@ -739,7 +739,7 @@ class Http2GrpcServer:
     def _connection(self) -> http2.Connection:
         """A new connection, with the REST listener's limits where they mean the same: at most
         ``max_connections`` open (the next gets GOAWAY ENHANCE_YOUR_CALM), ``header_timeout_s``
-        to say HTTP/2, ``keepalive_timeout_s`` with no stream and no PING."""
+        to say HTTP/2, ``grpc_idle_timeout_s`` with no stream and no PING."""
         settings = self.dataplane.settings
         limit = settings.max_connections
         full = bool(limit) and len(self.connections) >= limit
@@ -748,7 +748,7 @@ class Http2GrpcServer:
             asyncio.get_running_loop(),
             on_close=self.connections.discard,
             handshake_timeout_s=settings.header_timeout_s,
-            idle_timeout_s=settings.keepalive_timeout_s,
+            idle_timeout_s=settings.grpc_idle_timeout_s,
             send_timeout_s=settings.grpc_send_timeout_s,
             max_unsent_bytes=max(http2.MAX_UNSENT_BYTES, 2 * self.max_message_bytes),
             refuse=f"over max_connections ({limit})" if full else "",
