@@ -17,6 +17,11 @@ Limits: a message over ``max_message_bytes`` (received, inflated or sent) ends i
 RESOURCE_EXHAUSTED; a stream's unread messages hold back its sender through HTTP/2 flow control
 (``Stream.consumed``), which is what bounds ``ModelStreamInfer``'s reading
 (``stream_max_inflight``).
+
+Why one module of this size: a call's life (headers, messages in, the servicer or the short
+path, trailers, reset, deadline) is one state machine over one :class:`Call`; the server class
+beside it only opens calls and holds connections. What could split next is
+:class:`Http2GrpcServer` (the listener) away from the calls.
 """
 
 from __future__ import annotations

@@ -31,6 +31,11 @@ returns for its headers, and the handler answers through its :class:`Stream`.
   by the caller, and ``send_timeout_s`` without progress), the handshake and idle timeouts.
   Malformed request headers (RFC 9113 8.2) reset the stream. Each event is logged and counted in
   :data:`EVENTS`.
+
+Why one module of this size: the connection's state (windows, streams, the HPACK table, the
+outbox, the limits above) is read and changed by every frame handler, and each limit is only
+right together with the flow control it bounds. What could split next is the HPACK part
+(``header_block``, ``HeaderDecoder``), which shares no state with the rest.
 """
 
 from __future__ import annotations
