@@ -25,14 +25,12 @@ finished now.
 
 Files whose manifest lists chunks, some of which the cache holds, are assembled chunk by chunk
 (:meth:`BlobCache.ensure` with ``chunks``; a file none of whose chunks is cached is one download,
-whole, as above): a chunk a cached file or the chunk store holds is copied in the kernel, the
-others are asked of peers by hash, then of the origin by byte range (adjacent missing chunks in
-one range; the ranges of a file in one request where the origin answers several at once, else
-one request each); each fetched chunk is verified as it arrives (a wrong one is counted,
-dropped and fetched again, from the next source or in the next round), and the file's own
-sha256 is checked right after it is handed out (:meth:`BlobCache.check_built`). A chunk wanted
-by two assemblies at once is fetched once (single-flight per chunk), and a peer asking for it
-waits for it (ranked: no cycles). An interrupted assembly resumes from its partial file.
+whole, as above): held chunks copied, the rest from peers by hash, then from the origin by byte
+range, each verified as it arrives, single-flight per chunk. The building is
+:mod:`gateway.repository.assembly`'s; this module keeps what it builds on (the chunk index, the
+chunk store, the chunk fetches in flight that peers' requests wait on: :meth:`chunk_bytes`),
+takes the built file into the ledger, and checks its whole sha256 right after it is handed out
+(:meth:`BlobCache.check_built`).
 
 Room, by chunk: files stay whole while a model directory links them (the load path reads a
 plain file; sub-file ranges cannot be linked), and a file no directory needs (an older version,
@@ -44,16 +42,15 @@ recently used first over packed files and whole models; a chunk a packed file ne
 read from a chunk -> holders index, and the state files are written once per room-making, so
 making room stays cheap with hundreds of models.
 
-Why one module of this size: single-flight downloads, resume, verification, packing and the LRU
+Why these in one module: single-flight downloads, resume, verification, packing and the LRU
 bound all act on one reservation ledger; split, the invariant "no byte written past the bound"
-would be spread over files. What splits next: the assembly (``_Build``, ``_assemble``,
-``_fetch_chunks``) into ``assembly.py``, taking the ledger as an argument.
+would be spread over files. Assembly is apart (``assembly.py``): it writes only within the
+reservation made for the whole file, and takes the cache as an argument.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import errno
 import hashlib
@@ -75,7 +72,6 @@ from gateway.errors import Unavailable
 from gateway.repository.chunks import ChunkStore
 from gateway.repository.manifest import Chunk, gunzip, hash_and_chunk, sha256_file
 from gateway.repository.origin import (
-    MultiRangeUnsupported,
     OriginError,
     OriginMissing,
     RangeUnsupported,
@@ -93,8 +89,6 @@ ChunkStream = Callable[[str], AsyncGenerator[bytes, None]]  # a chunk by its sha
 # several byte ranges [start, end) of the file in one request: (file offset, bytes) pieces
 Spans = Callable[[list[tuple[int, int]]], AsyncGenerator[tuple[int, bytes], None]]
 Progress = Callable[[int], None]
-CHUNK_CONCURRENCY = 4  # chunk requests to peers, byte ranges to the origin, per file
-RANGES_PER_REQUEST = 50  # in one multi-range request (servers cap them: starlette at 100)
 BACKGROUND_AFTER_S = 0.5  # whole-file checks and packing start this long after a fetch
 
 
@@ -339,7 +333,7 @@ class BlobCache:
             asker_rank is None or asker_rank <= self.rank
         ):
             if asker_rank is not None:
-                self._lower_asked[sha256] = True  # see _fetch_chunks
+                self._lower_asked[sha256] = True  # see assembly._fetch_chunks
             return None
         self.stats.peer_waits += 1
         try:
@@ -527,8 +521,11 @@ class BlobCache:
         started = time.perf_counter()
         try:
             if self._assembles(sha256, chunks, sources):
+                # assembly builds on this module's ledger and types: imported when first used
+                from gateway.repository.assembly import assemble
+
                 try:
-                    return await self._assemble(sha256, size, chunks, sources, progress, transfer)
+                    return await assemble(self, sha256, size, chunks, sources, progress, transfer)
                 except RangeUnsupported as exc:
                     log.info("%s; fetching blob %s... whole", exc.message, sha256[:12])
             path = await self._download(sha256, size, sources, progress, transfer)
@@ -649,99 +646,7 @@ class BlobCache:
         else:
             self.stats.bytes_from_origin += size_bytes
 
-    # -- files from chunks --------------------------------------------------------------------
-
-    async def _assemble(
-        self,
-        sha256: str,
-        size: int,
-        chunks: tuple[Chunk, ...],
-        sources: list[Source],
-        progress: Progress | None,
-        transfer: Transfer,
-    ) -> Path:
-        """Build the file from chunks: those a resumed part holds, those cached files (or the
-        chunk store) hold, the rest from peers by hash, then from the origin by byte range.
-        The network fetch runs on the loop while a thread copies the held chunks in the kernel
-        (``copy_file_range``: no bytes through Python). Every chunk is checked before the file
-        is used: fetched ones by their sha256 as they arrive, copied ones come from files
-        checked whole (stored ones were hashed in :meth:`_plan`). The whole file's sha256, a
-        sequential pass that would start only once the last chunk is in, is checked right
-        after, in the background (:meth:`check_built`): a mismatch means the manifest's chunk
-        list does not make up the file it names; the file is dropped and fetched whole."""
-        part = self.tmp_dir / f"{sha256}.chunks.part"
-        claimed: dict[str, asyncio.Future[bytes]] = {}
-        try:
-            fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise write_error(self.root, exc, f"blob {sha256[:12]}...") from None
-        build = _Build(fd, chunks, progress, transfer, asyncio.get_running_loop())
-        self._from_origin.add(sha256)  # a peer asking for the whole file waits for it
-        try:
-            await self._plan(build, part)
-            waiting: list[tuple[Chunk, asyncio.Future[bytes]]] = []
-            mine: list[Chunk] = []
-            for chunk in build.todo():
-                other = self._chunk_inflight.get(chunk.sha256)
-                if chunk.sha256 in claimed or chunk.sha256 in build.seeded:
-                    continue  # the same bytes twice in this file, or copied: written together
-                if other is not None:
-                    waiting.append((chunk, other))
-                    continue
-                claimed[chunk.sha256] = build.loop.create_future()
-                self._chunk_inflight[chunk.sha256] = claimed[chunk.sha256]
-                mine.append(chunk)
-            copier = asyncio.ensure_future(asyncio.to_thread(build.copy_held))
-            try:
-                await self._fetch_chunks(build, mine, sources, claimed)
-                for chunk, future in waiting:  # another assembly is fetching these
-                    with contextlib.suppress(OriginError, asyncio.CancelledError):
-                        build.report(build.put(chunk, await asyncio.shield(future)), "cached")
-                rest = [c for c in build.todo() if c.sha256 not in build.seeded]
-                await self._fetch_chunks(build, rest, sources, {})
-            except BaseException:
-                build.abort()
-                with contextlib.suppress(Exception):
-                    await copier
-                raise
-            copied = await copier
-            os.ftruncate(fd, size)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                part.unlink()
-            raise write_error(self.root, exc, f"blob {sha256[:12]}...") from None
-        except RangeUnsupported:
-            part.unlink()  # the caller fetches the file whole
-            raise
-        finally:
-            os.close(fd)
-            for key in build.pinned:
-                self._seeding[key] -= 1
-                if not self._seeding[key]:
-                    del self._seeding[key]
-            for key, future in claimed.items():
-                if self._chunk_inflight.get(key) is future:
-                    del self._chunk_inflight[key]
-                    self._chunk_from_origin.discard(key)
-                    self._lower_asked.pop(key, None)
-                if not future.done():
-                    future.set_exception(OriginError(f"chunk {key[:12]}... not fetched"))
-                    future.exception()
-        self.stats.chunks_reused += build.reused
-        self.stats.bytes_cached += build.reused_bytes
-        if not copied or build.todo():
-            log.warning("blob %s: a cached file came up short; fetching it whole", sha256)
-            with contextlib.suppress(OSError):
-                part.unlink()
-            return await self._download(sha256, size, sources, progress, transfer)
-        os.replace(part, self.blob_path(sha256))
-        self._sizes[sha256] = size
-        self._unchecked.add(sha256)  # not yet in ``_verified``: hashed before any other use
-        self.note_chunks(sha256, chunks)
-        if self._pop_packed(sha256) is not None:
-            self._sweep()  # whole again: the chunks stored for it alone go
-            self.save_state()
-        return self.blob_path(sha256)
+    # -- files built from chunks (``assembly.py``): their whole-file checks -------------------
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` a moment from now, one piece at a time: the model's load, which
@@ -769,8 +674,8 @@ class BlobCache:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _check_whole(self, sha256: str) -> None:
-        """The whole-file sha256 of a file built from chunks (see :meth:`_assemble`), hashed
-        in a thread of low priority: the model's load, running meanwhile, goes first."""
+        """The whole-file sha256 of a file built from chunks (see ``assembly.assemble``),
+        hashed in a thread of low priority: the model's load, running meanwhile, goes first."""
         try:
             found = await _in_low_priority_thread(sha256_file, self.blob_path(sha256))
         except OSError:
@@ -792,186 +697,6 @@ class BlobCache:
             await self._drop_file(sha256)
         self.save_state()
         self.on_dropped(sha256)
-
-    async def _plan(self, build: _Build, part: Path) -> None:
-        """Chunks a resumed part holds already (hashed in a thread), and the cached files to copy
-        the others from: each checked whole against its hash first unless known good, so the
-        copy itself need not hash (a corrupt one is dropped, its chunks fetched instead)."""
-        if part.stat().st_size:
-            found = await asyncio.to_thread(build.resume)
-            if found:
-                self.stats.resumes += 1
-                for chunk in found:  # fetched before the interruption: counted then
-                    if build.progress is not None:
-                        build.progress(chunk.size)
-        owners = {self._chunk_at[c.sha256][0] for c in build.todo() if c.sha256 in self._chunk_at}
-        for owner in owners:
-            if owner not in self._sizes or not await self._verify(owner):
-                continue
-            for chunk in build.todo():
-                where = self._chunk_at.get(chunk.sha256)
-                if where is not None and where[0] == owner:
-                    build.seeded[chunk.sha256] = (self.blob_path(owner), where[1])
-        stored = {
-            c.sha256
-            for c in build.todo()
-            if c.sha256 in self.store and c.sha256 not in build.seeded
-        }
-        # the files and stored chunks copied from are kept (not packed, swept) until the end
-        build.pinned = stored | {sha for sha in owners if sha in self._sizes}
-        for sha in build.pinned:
-            self._seeding[sha] = self._seeding.get(sha, 0) + 1
-        good = await asyncio.to_thread(lambda: {c for c in stored if self.store.read(c)})
-        for sha in stored - good:
-            self._drop_stored(sha)  # fetched instead
-        for chunk in build.todo():
-            if chunk.sha256 in good:
-                build.seeded[chunk.sha256] = (
-                    self.store.path(chunk.sha256),
-                    Chunk(0, chunk.size, chunk.sha256),
-                )
-
-    async def _fetch_chunks(
-        self,
-        build: _Build,
-        wanted: list[Chunk],
-        sources: list[Source],
-        claimed: dict[str, asyncio.Future[bytes]],
-    ) -> None:
-        """Fetch ``wanted``: each from peers by hash, the rest from the origin by byte ranges
-        (runs of adjacent chunks), in rounds until all are in or ``ATTEMPTS`` rounds failed."""
-        limit = asyncio.Semaphore(CHUNK_CONCURRENCY)
-        errors: list[str] = []
-
-        def arrived(chunk: Chunk, data: bytes, source: Source) -> None:
-            """A chunk's bytes (counted as transferred already): verified, then placed."""
-            if hashlib.sha256(data).hexdigest() != chunk.sha256 or len(data) != chunk.size:
-                self.stats.corrupt += 1
-                errors.append(f"{source.name}: chunk {chunk.sha256[:12]}... does not match")
-                log.warning("%s sent a corrupt chunk %s; dropped", source.name, chunk.sha256)
-                return
-            self.stats.chunks_fetched += 1
-            build.report(build.put(chunk, data), source.kind)
-            future = claimed.get(chunk.sha256)
-            if future is not None and not future.done():
-                future.set_result(data)
-
-        async def from_peer(peer: Source, chunk: Chunk) -> None:
-            assert peer.chunk is not None
-            async with limit:
-                if build.has(chunk):
-                    return
-                try:
-                    data = await _read_bounded(peer.chunk(chunk.sha256), peer.name, chunk.size)
-                except (OriginError, OriginMissing):
-                    return
-                self._count(peer, len(data))
-                arrived(chunk, data, peer)
-
-        peers = [s for s in sources if s.chunk is not None]
-        for peer in peers:
-            await asyncio.gather(*(from_peer(peer, c) for c in wanted if not build.has(c)))
-        # A peer ranking lower asked for a chunk this edge is fetching, and was told no: it is
-        # going to the origin for it, so ask the peers again (it waits for us, we for it).
-        for _ in peers:
-            again = [
-                c for c in wanted if not build.has(c) and self._lower_asked.pop(c.sha256, False)
-            ]
-            if not again:
-                break
-            for peer in peers:
-                await asyncio.gather(*(from_peer(peer, c) for c in again if not build.has(c)))
-        self._chunk_from_origin.update(c.sha256 for c in wanted if c.sha256 in claimed)
-
-        async def from_origin(origin: Source, run: list[Chunk]) -> None:
-            assert origin.span is not None
-            async with limit:
-                buffer = bytearray()
-                queue = list(run)
-                self._chunk_from_origin.update(c.sha256 for c in run if c.sha256 in claimed)
-                stream = origin.span(run[0].offset, run[-1].end)
-                async with contextlib.aclosing(stream) as pieces:
-                    async for piece in pieces:
-                        self._count(origin, len(piece))  # what crossed the link, used or not
-                        buffer += piece
-                        while queue and len(buffer) >= queue[0].size:
-                            chunk = queue.pop(0)
-                            arrived(chunk, bytes(buffer[: chunk.size]), origin)
-                            del buffer[: chunk.size]
-                        if not queue:
-                            break
-
-        async def from_origin_at_once(origin: Source, runs: list[list[Chunk]]) -> None:
-            """Runs of chunks in one request for several ranges: the chunks each piece
-            completes are placed; those the answer left out stay missing."""
-            assert origin.spans is not None
-            chunks = [c for run in runs for c in run]
-            starts = [c.offset for c in chunks]
-            async with limit:
-                self._chunk_from_origin.update(c.sha256 for c in chunks if c.sha256 in claimed)
-                at, buffer = 0, bytearray()  # contiguous bytes of the file from ``at``
-                stream = origin.spans([(run[0].offset, run[-1].end) for run in runs])
-                async with contextlib.aclosing(stream) as pieces:
-                    async for offset, piece in pieces:
-                        self._count(origin, len(piece))
-                        if offset != at + len(buffer):
-                            at, buffer = offset, bytearray()
-                        buffer += piece
-                        end = at + len(buffer)
-                        keep = end
-                        for i in range(bisect.bisect_left(starts, at), len(chunks)):
-                            chunk = chunks[i]
-                            if chunk.offset >= end:
-                                break
-                            if chunk.end <= end:
-                                if not build.has(chunk):
-                                    arrived(
-                                        chunk,
-                                        bytes(buffer[chunk.offset - at : chunk.end - at]),
-                                        origin,
-                                    )
-                            else:
-                                keep = min(keep, chunk.offset)
-                        del buffer[: keep - at]  # bytes no chunk still needs
-                        at = keep
-
-        for origin in [s for s in sources if s.span is not None]:
-            for attempt in range(ATTEMPTS):
-                runs = _runs([c for c in wanted if not build.has(c)])
-                if not runs:
-                    return
-                if origin.spans is not None and len(runs) > 1:
-                    groups = [
-                        runs[i : i + RANGES_PER_REQUEST]
-                        for i in range(0, len(runs), RANGES_PER_REQUEST)
-                    ]
-                    results = await asyncio.gather(
-                        *(from_origin_at_once(origin, group) for group in groups),
-                        return_exceptions=True,
-                    )
-                    for result in results:
-                        if isinstance(result, (MultiRangeUnsupported, OriginMissing)):
-                            continue  # one range per request, below (missing: raised there)
-                        if isinstance(result, OriginError):
-                            errors.append(result.message)
-                        elif isinstance(result, BaseException):
-                            raise result
-                    # what the answer left out (one range, or cut off): a range each, now
-                    runs = _runs([c for c in wanted if not build.has(c)])
-                results = await asyncio.gather(
-                    *(from_origin(origin, run) for run in runs), return_exceptions=True
-                )
-                for result in results:
-                    if isinstance(result, (RangeUnsupported, OriginMissing)):
-                        raise result
-                    if isinstance(result, OriginError):
-                        errors.append(result.message)
-                    elif isinstance(result, BaseException):
-                        raise result
-                if any(not build.has(c) for c in wanted):
-                    await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
-        if any(not build.has(c) for c in wanted):
-            raise OriginError("cannot fetch chunks: " + (errors[-1] if errors else "no source"))
 
     def _accept(self, part: Path, digest: _Digest, sha256: str, size: int) -> bool:
         """Check a finished download's hash and move it into place atomically; drop it if wrong."""
@@ -1324,108 +1049,6 @@ def _stat_key(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-class _Build:
-    """A file being assembled from chunks at their offsets (``pwrite``: the network on the loop
-    and the copying thread write at once), and the thread that hashes it in order."""
-
-    def __init__(
-        self,
-        fd: int,
-        chunks: tuple[Chunk, ...],
-        progress: Progress | None,
-        transfer: Transfer,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.fd = fd
-        self.chunks = chunks
-        self.progress = progress
-        self.transfer = transfer
-        self.loop = loop
-        self.seeded: dict[str, tuple[Path, Chunk]] = {}  # chunk -> cached file, where in it
-        self.pinned: set[str] = set()  # files and stored chunks copied from
-        self.reused = 0
-        self.reused_bytes = 0
-        self._done: set[int] = set()  # offsets of the chunks in place
-        self._ready = threading.Condition()
-        self._aborted = False
-        self._by_sha: dict[str, list[Chunk]] = {}
-        for chunk in chunks:
-            self._by_sha.setdefault(chunk.sha256, []).append(chunk)
-
-    def todo(self) -> list[Chunk]:
-        with self._ready:
-            return [c for c in self.chunks if c.offset not in self._done]
-
-    def has(self, chunk: Chunk) -> bool:
-        with self._ready:
-            return chunk.offset in self._done
-
-    def put(self, chunk: Chunk, data: bytes) -> list[Chunk]:
-        """Write verified bytes at every place the file has this chunk; returns the places."""
-        written = []
-        for place in self._by_sha[chunk.sha256]:
-            if self.has(place):
-                continue
-            os.pwrite(self.fd, data, place.offset)
-            written.append(place)
-            with self._ready:
-                self._done.add(place.offset)
-                self._ready.notify_all()
-        return written
-
-    def report(self, places: list[Chunk], kind: str) -> None:
-        """Count placed chunks (on the event loop): the first as ``kind``, copies as cached."""
-        for i, place in enumerate(places):
-            self.transfer.add(kind if i == 0 else "cached", place.size)
-            if kind == "cached":
-                self.reused += 1
-                self.reused_bytes += place.size
-            if self.progress is not None:
-                self.progress(place.size)
-
-    def abort(self) -> None:
-        with self._ready:
-            self._aborted = True
-            self._ready.notify_all()
-
-    def resume(self) -> list[Chunk]:
-        """(thread) Keep the chunks a partial file from before holds already."""
-        found = []
-        for chunk in self.chunks:
-            data = os.pread(self.fd, chunk.size, chunk.offset)
-            if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
-                self._done.add(chunk.offset)
-                found.append(chunk)
-        return found
-
-    def copy_held(self) -> bool:
-        """(thread) Copy every chunk a cached file or the chunk store holds to its places, in
-        the kernel; False when aborted or a source came up short."""
-        opened: dict[Path, int] = {}
-        try:
-            for sha, (path, where) in self.seeded.items():
-                places = [p for p in self._by_sha[sha] if not self.has(p)]
-                if self._aborted:
-                    return False
-                if not places:
-                    continue
-                src = opened.get(path)
-                if src is None:
-                    src = opened[path] = os.open(path, os.O_RDONLY)
-                for place in places:
-                    if not _copy_range(src, where.offset, self.fd, place.offset, where.size):
-                        return False
-                with self._ready:
-                    self._done.update(p.offset for p in places)
-                self.loop.call_soon_threadsafe(self.report, places, "cached")
-        except OSError:
-            return False
-        finally:
-            for fd in opened.values():
-                os.close(fd)
-        return True
-
-
 async def _in_low_priority_thread(work: Callable[[Path], str], path: Path) -> str:
     """``work(path)`` in a thread of its own at nice 10 (Linux schedules threads apart), so
     the thread pool's threads keep their priority."""
@@ -1456,26 +1079,6 @@ async def _in_low_priority_thread(work: Callable[[Path], str], path: Path) -> st
     return await future
 
 
-def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, size: int) -> bool:
-    """Copy ``size`` bytes between open files at these offsets, in the kernel where it can
-    (``copy_file_range``), else through a buffer; False when the source is shorter."""
-    done = 0
-    while done < size:
-        n = 0
-        try:
-            n = os.copy_file_range(src, dst, size - done, src_offset + done, dst_offset + done)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-        if n == 0:  # not supported here (or the end of the source): through a buffer
-            data = os.pread(src, size - done, src_offset + done)
-            n = os.pwrite(dst, data, dst_offset + done) if data else 0
-        if n == 0:
-            return False
-        done += n
-    return True
-
-
 def _read_at(path: Path, chunk: Chunk) -> bytes | None:
     """The chunk's bytes from the file at ``path``; None when it is shorter or gone."""
     try:
@@ -1485,17 +1088,6 @@ def _read_at(path: Path, chunk: Chunk) -> bytes | None:
     except OSError:
         return None
     return data if len(data) == chunk.size else None
-
-
-def _runs(chunks: list[Chunk]) -> list[list[Chunk]]:
-    """Adjacent chunks grouped: each run is one byte range."""
-    runs: list[list[Chunk]] = []
-    for chunk in sorted(chunks, key=lambda c: c.offset):
-        if runs and runs[-1][-1].end == chunk.offset:
-            runs[-1].append(chunk)
-        else:
-            runs.append([chunk])
-    return runs
 
 
 class _Digest:
@@ -1525,10 +1117,10 @@ class _Digest:
 
 
 async def _read_whole(source: Source, limit_bytes: int) -> bytes:
-    return await _read_bounded(source.stream(0), source.name, limit_bytes)
+    return await read_bounded(source.stream(0), source.name, limit_bytes)
 
 
-async def _read_bounded(stream: AsyncGenerator[bytes, None], where: str, limit_bytes: int) -> bytes:
+async def read_bounded(stream: AsyncGenerator[bytes, None], where: str, limit_bytes: int) -> bytes:
     data = bytearray()
     async with contextlib.aclosing(stream) as chunks:
         async for chunk in chunks:
