@@ -49,6 +49,10 @@ def build_app(settings: Settings) -> Any:
             forwarder = Forwarder(settings, edge)
             metric_sources.append(forwarder.metric_families)
             on_shutdown.append(forwarder.close)
+    if settings.grpc_port and settings.grpc_transport == "asyncio":
+        from gateway.grpc import http2
+
+        metric_sources.append(http2.metric_families)
     dataplane = DataPlane(
         settings, repository, factory, forwarder=forwarder, metric_sources=metric_sources
     )

@@ -35,7 +35,7 @@ from gateway.grpc.calls import grpc_timeout_s, percent_encode
 from gateway.grpc.http2 import HeaderDecoder, _changes_table
 from gateway.settings import Settings, SettingsError, load_settings
 from tests import models
-from tests.helpers import GatewayProcess, free_port, rss_bytes, start_gateway
+from tests.helpers import GatewayProcess, free_port, get, rss_bytes, start_gateway
 
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 IMAGE_FLOATS = 3 * 224 * 224  # a 602 KB FP32 image
@@ -836,6 +836,13 @@ def test_rapid_reset_closes_the_connection(gateway: tuple[GatewayProcess, str]) 
     after = _stats(address)
     assert after[1] - before[1] < 1000  # most resets cancelled their request (or it was not read)
     assert gw.process.poll() is None
+    status, metrics = get(f"{gw.url}/metrics")
+    counted = [
+        line
+        for line in metrics.decode().splitlines()
+        if line.startswith('gateway_grpc_http2_events_total{event="rapid_reset"}')
+    ]
+    assert status == 200 and counted and float(counted[0].split()[-1]) >= 1, counted
 
 
 def test_cancelling_fewer_than_half_the_calls_keeps_the_connection(

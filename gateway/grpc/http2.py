@@ -45,7 +45,7 @@ import collections
 import logging
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import hpack
 
@@ -60,9 +60,33 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# What the limits below did, for all connections of the process (log lines say it too):
-# "send_timeout", "rapid_reset", "malformed", "unsent_limit", "connection_limit", "idle".
+# What the limits below did, for all connections of the process (log lines say it too; and
+# ``/metrics`` through :func:`metric_families`).
+EVENT_KINDS = (
+    "send_timeout",
+    "rapid_reset",
+    "malformed",
+    "unsent_limit",
+    "connection_limit",
+    "idle",
+)
 EVENTS: collections.Counter[str] = collections.Counter()
+
+
+def metric_families() -> list[Any]:
+    """``gateway_grpc_http2_events_total{event}``: every kind, zeros included, so that a
+    dashboard's alert on hostile clients has a series before the first one comes."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily(
+        "gateway_grpc_http2_events",
+        "gRPC connections and streams the HTTP/2 limits acted on, by limit",
+        labels=["event"],
+    )
+    for kind in EVENT_KINDS:
+        family.add_metric([kind], float(EVENTS[kind]))
+    return [family]
+
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
