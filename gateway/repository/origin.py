@@ -19,6 +19,10 @@ origin follows redirects only within its own origin (scheme, host and port), at 
 
 A gateway node is an HTTP origin too: give its base URL; when ``<base>/models.json`` is not
 there the client tries the node's ``<base>/v2/repository/tree/`` once and keeps that prefix.
+
+Why one module of this size: the three origins are one protocol with one error mapping, and
+each is short; the HTTP one is most of the file (redirect rule, multi-range, gzip index). What
+could split next is :class:`HttpOrigin`'s multipart reader.
 """
 
 from __future__ import annotations
