@@ -167,103 +167,30 @@ DATA, HEADERS, RST, SETTINGS, PING, GOAWAY, WINDOW, CONT = 0, 1, 3, 4, 6, 7, 8, 
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 1, 1, 4, 8, 32
 
 
-def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    n = len(payload)
-    return struct.pack(">BHBBI", n >> 16, n & 0xFFFF, kind, flags, stream) + payload
-
-
-def _int(value: int, prefix: int, first: int) -> bytes:
-    limit = (1 << prefix) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = bytearray([first | limit])
-    value -= limit
-    while value >= 128:
-        out.append(value & 127 | 128)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    """A header without indexing, new name, no Huffman: no HPACK state on either side."""
-    return b"\0" + _int(len(name), 7, 0) + name + _int(len(value), 7, 0) + value
-
-
-def _inserts(block: bytes) -> bool:
-    """Whether an HPACK block changes the decoder's dynamic table (an insertion or a size
-    update): only blocks that do not may be decoded once and reused by their bytes."""
-    pos, n = 0, len(block)
-    while pos < n:
-        b = block[pos]
-        if b & 0x80:  # indexed
-            pos = _skip_int(block, pos, 7)
-            continue
-        if b & 0x40 or b & 0x20:  # literal with incremental indexing, or size update
-            return True
-        index_zero = (b & 0x0F) == 0
-        pos = _skip_int(block, pos, 4)
-        if index_zero:
-            pos = _skip_string(block, pos)
-        pos = _skip_string(block, pos)
-    return False
-
-
-def _skip_int(data: bytes, pos: int, prefix: int) -> int:
-    return _read_int(data, pos, prefix)[1]
-
-
-def _read_int(data: bytes, pos: int, prefix: int) -> tuple[int, int]:
-    limit = (1 << prefix) - 1
-    value = data[pos] & limit
-    pos += 1
-    if value < limit:
-        return value, pos
-    shift = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        value += (b & 127) << shift
-        shift += 7
-        if b < 128:
-            return value, pos
-
-
-def _skip_string(data: bytes, pos: int) -> int:
-    length, pos = _read_int(data, pos, 7)
-    return pos + length
-
-
 def frames_protocol(table: dict[str, Callable[[bytes], bytes]]) -> Callable[[], asyncio.Protocol]:
-    import hpack
+    # The HPACK parts (header blocks without table state, decoded blocks reused by their bytes)
+    # are the gateway's own, from gateway.grpc.http2; the frames are read here, bare.
+    from gateway.grpc.http2 import HeaderDecoder, header_block
+    from gateway.grpc.http2 import frame as _frame
 
     settings = _frame(SETTINGS, 0, 0, struct.pack(">HIHI", 4, 2**30, 3, 1000))
     window = _frame(WINDOW, 0, 0, struct.pack(">I", 2**30))
-    head_block = b"\x88" + _literal(b"content-type", b"application/grpc")
-    trailer_block = _literal(b"grpc-status", b"0")
+    head_block = header_block([(b":status", b"200"), (b"content-type", b"application/grpc")])
+    trailer_block = header_block([(b"grpc-status", b"0")])
 
     class FrameServer(asyncio.Protocol):
         def connection_made(self, transport: Any) -> None:
             self.transport = transport
             self.buf = b""
             self.preface = False
-            self.decoder = hpack.Decoder()
-            self.cache: dict[bytes, dict[bytes, bytes]] = {}
+            self.decoder = HeaderDecoder()
             self.paths: dict[int, bytes] = {}
             self.bodies: dict[int, list[bytes]] = {}
             self.received = 0
             transport.write(settings + window)
 
         def headers(self, block: bytes) -> dict[bytes, bytes]:
-            got = self.cache.get(block)
-            if got is None:
-                changes = _inserts(block)
-                got = dict(self.decoder.decode(block, raw=True))
-                if changes:
-                    self.cache.clear()
-                elif len(self.cache) < 256:
-                    self.cache[block] = got
-            return got
+            return dict(self.decoder.decode(block))
 
         def data_received(self, data: bytes) -> None:
             buf = self.buf + data if self.buf else data
