@@ -29,9 +29,12 @@ class Stream:
     path: str
     body: bytes
     rate_per_s: float
+    headers: dict[str, str] = field(default_factory=dict)  # besides Host and Content-*
+    content_type: str = "application/json"
     statuses: list[int] = field(default_factory=list)  # 0: no answer (timeout, reset)
     latencies_s: list[float] = field(default_factory=list)  # from the scheduled send time
     lags_s: list[float] = field(default_factory=list)  # scheduled -> written: the client's delay
+    retry_afters: list[str | None] = field(default_factory=list)  # each answer's Retry-After
 
     def ok_latencies_s(self) -> list[float]:
         return [t for s, t in zip(self.statuses, self.latencies_s, strict=True) if s == 200]
@@ -71,9 +74,12 @@ class _Closed(Exception):
     """The connection ended before an answer's first byte."""
 
 
-async def _exchange(connection: _Connection, head: bytes, body: bytes) -> tuple[int, bool]:
-    """Send one request and read its whole answer: the status and whether the connection can
-    carry another (a length-delimited answer without ``Connection: close``)."""
+async def _exchange(
+    connection: _Connection, head: bytes, body: bytes
+) -> tuple[int, bool, str | None]:
+    """Send one request and read its whole answer: the status, whether the connection can
+    carry another (a length-delimited answer without ``Connection: close``) and the answer's
+    ``Retry-After``."""
     reader, writer = connection
     writer.write(head + body)
     await writer.drain()
@@ -83,6 +89,7 @@ async def _exchange(connection: _Connection, head: bytes, body: bytes) -> tuple[
     status = int(line.split()[1]) if line.startswith(b"HTTP/") else 0
     length: int | None = None
     chunked = False
+    retry_after: str | None = None
     reusable = line.startswith(b"HTTP/1.1")
     while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
         name, _, value = header.partition(b":")
@@ -93,6 +100,8 @@ async def _exchange(connection: _Connection, head: bytes, body: bytes) -> tuple[
             chunked = b"chunked" in value
         elif name == b"connection" and b"close" in value:
             reusable = False
+        elif name == b"retry-after":
+            retry_after = value.decode("latin-1")
     if chunked:
         while size := int((await reader.readline()).split(b";")[0], 16):
             await reader.readexactly(size + 2)
@@ -103,7 +112,7 @@ async def _exchange(connection: _Connection, head: bytes, body: bytes) -> tuple[
     else:  # delimited by the close
         await reader.read()
         reusable = False
-    return status, reusable
+    return status, reusable, retry_after
 
 
 async def _request(
@@ -111,9 +120,11 @@ async def _request(
 ) -> None:
     status = 0
     lag_s = 0.0
+    retry_after: str | None = None
+    extra = "".join(f"{name}: {value}\r\n" for name, value in stream.headers.items())
     head = (
-        f"POST {stream.path} HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(stream.body)}\r\n\r\n"
+        f"POST {stream.path} HTTP/1.1\r\nHost: {host}\r\n{extra}"
+        f"Content-Type: {stream.content_type}\r\nContent-Length: {len(stream.body)}\r\n\r\n"
     ).encode()
     connection: _Connection | None = None
     try:
@@ -122,7 +133,7 @@ async def _request(
                 connection, reused = await pool.take()
                 lag_s = time.perf_counter() - scheduled
                 try:
-                    status, reusable = await _exchange(connection, head, stream.body)
+                    status, reusable, retry_after = await _exchange(connection, head, stream.body)
                 except _Closed:
                     connection[1].close()
                     connection = None
@@ -143,6 +154,7 @@ async def _request(
     stream.statuses.append(status)
     stream.latencies_s.append(time.perf_counter() - scheduled)
     stream.lags_s.append(lag_s)
+    stream.retry_afters.append(retry_after)
 
 
 async def run(
