@@ -43,7 +43,10 @@ parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     repo = tmp_path_factory.mktemp("priorities")
-    models.heavy(repo, "heavy", HEAVY, layers=128)
+    # 256 layers: ~30 ms a request idle. The low queue's 24 requests must cost far more than a
+    # loaded machine's scheduling stalls (0.3-1 s seen on a shared core): at 128 layers they
+    # were the same size, and a stall on the high priority's side alone decided the test.
+    models.heavy(repo, "heavy", HEAVY, layers=256)
     grpc_port = free_port()
     gw = start_gateway(repo, repo, "--grpc-port", str(grpc_port))
     gw.grpc_port = grpc_port  # type: ignore[attr-defined]
@@ -136,7 +139,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def capacity_per_s(server: GatewayProcess, seconds: float = 1.5, clients: int = 6) -> float:
+def capacity_per_s(server: GatewayProcess, seconds: float = 1.0, clients: int = 6) -> float:
     """Requests a second the model serves now, saturated (closed loop, low priority, fewer
     than its queue holds), over keep-alive connections as ``open_loop`` sends them. Not
     ``1 / one request's latency``: that latency includes HTTP work done alongside the model,
@@ -165,9 +168,9 @@ def capacity_per_s(server: GatewayProcess, seconds: float = 1.5, clients: int = 
 
 
 JSON = {"Content-Type": "application/json"}
-HIGH_SAMPLES = 24  # high-priority requests per phase at least
+HIGH_SAMPLES = 20  # high-priority requests per phase at least
 # Each phase: (name, high rate, low rate), in units of what the model serves just before it.
-PHASES = (("before", 0.4, 0.4), ("overload", 0.4, 3.0), ("after", 0.4, 0.4))
+PHASES = (("before", 0.4, 0.4), ("overload", 0.4, 2.0), ("after", 0.4, 0.4))
 
 
 def overload_phases(server: GatewayProcess, high_priority: int) -> dict[str, dict[str, float]]:
@@ -211,7 +214,7 @@ def test_under_overload_the_low_priority_is_shed_and_the_high_keeps_its_latency(
 ) -> None:
     """Open-loop load over keep-alive connections (``open_loop``), high priority at 0.4 C and
     low at 0.4 C, C what the model serves just before each phase; then the low priority at
-    3 C, far beyond what the model sustains; then both at 0.4 C again. Under overload every
+    2 C, beyond what the model sustains; then both at 0.4 C again. Under overload every
     high-priority request is served and waits a few service times (the one running, the
     highs ahead), while the low level's queue (24) fills and sheds (503): its admitted
     requests wait the whole queue. With one level for both, the high priority would be shed
@@ -228,9 +231,10 @@ def test_under_overload_the_low_priority_is_shed_and_the_high_keeps_its_latency(
         assert phase["high_ok"] == phase["high_sent"], (name, figures)
     overload = figures["overload"]
     assert overload["low_shed"] > 0, figures
-    # Low's median over high's p90, on one loaded core: 4.2-8.7 with priorities; 0.6-0.9 with
+    # Low's median over high's p90, on one loaded core: 4.2-10 with priorities; 0.6-0.9 with
     # the high stream at the low level or the queue made one FIFO.
     assert overload["high_p90_ms"] * 2 < overload["low_p50_ms"], figures
-    # High's median over the slower neighbour's: 0.8-1.8 with priorities; 6.5-12 at one level.
+    # High's median over the slower neighbour's: 0.6-2.3 with priorities; 5.4-12 at one level
+    # or FIFO.
     calm_p50_ms = max(figures["before"]["high_p50_ms"], figures["after"]["high_p50_ms"])
-    assert overload["high_p50_ms"] <= 3 * calm_p50_ms, figures
+    assert overload["high_p50_ms"] <= 4 * calm_p50_ms, figures
