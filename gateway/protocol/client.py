@@ -152,7 +152,7 @@ def _output(
     if data_size is None:
         if "data" not in entry:
             raise InvalidInput(f"output '{name}' has neither 'data' nor 'binary_data_size'")
-        return _json_data(entry["data"], datatype, shape, name), offset
+        return _json_data(entry["data"], datatype, dtype, shape, count, name), offset
     if not isinstance(data_size, int) or isinstance(data_size, bool) or data_size < 0:
         raise InvalidInput(f"output '{name}': 'binary_data_size' must be a non-negative integer")
     if offset + data_size > len(view):
