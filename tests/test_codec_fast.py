@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from gateway.errors import InvalidInput
-from gateway.protocol import codec, decode_infer_request
+from gateway.pending import validate
+from gateway.protocol import InferRequest, codec, decode_infer_request
+from gateway.repository.config import ModelConfig, TensorConfig
 
 
 def _decode(datatype: str, shape: list[int], data: Any, **extra: Any) -> np.ndarray[Any, Any]:
@@ -133,3 +135,58 @@ def test_null_parameters_are_refused_as_before() -> None:
         "input 'x': 'parameters' must be an object"
     )
     assert _decode("INT32", [1], [1], parameters={}).tolist() == [1]
+
+
+def test_request_parameters_and_outputs_null_or_absent() -> None:
+    """Absent, ``{}`` and ``null`` are three cases: only ``null`` parameters are refused."""
+    body = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [1]}]}
+    plain = decode_infer_request(json.dumps(body).encode())
+    assert plain.parameters == {} and plain.binary_output is False and plain.outputs is None
+    empty = decode_infer_request(json.dumps({**body, "parameters": {}, "outputs": None}).encode())
+    assert empty.parameters == {} and empty.outputs is None
+    with pytest.raises(InvalidInput, match=r"^request: 'parameters' must be an object$"):
+        decode_infer_request(json.dumps({**body, "parameters": None}).encode())
+    with pytest.raises(InvalidInput, match=r"^'binary_data_output' must be true or false$"):
+        decode_infer_request(json.dumps({**body, "parameters": {"binary_data_output": 1}}).encode())
+    with pytest.raises(InvalidInput, match=r"^'outputs' must be a list$"):
+        decode_infer_request(json.dumps({**body, "outputs": {}}).encode())
+
+
+# --- a request against its model's config -----------------------------------------------------
+
+
+def _config() -> ModelConfig:
+    return ModelConfig(
+        name="m",
+        max_batch_size=4,
+        inputs=(
+            TensorConfig("A", "INT32", (2,)),
+            TensorConfig("B", "INT32", (2,)),
+            TensorConfig("C", "INT32", (2,), optional=True),
+        ),
+        outputs=(TensorConfig("Y", "INT32", (2,)),),
+    )
+
+
+def _request(*names: str) -> InferRequest:
+    return InferRequest({name: np.zeros((1, 2), np.int32) for name in names})
+
+
+def test_every_input_given_or_only_optional_ones_left_out() -> None:
+    for names in (("A", "B", "C"), ("C", "B", "A"), ("A", "B"), ("B", "A")):
+        prepared, rows = validate(_config(), _request(*names))
+        assert list(prepared) == list(names) and rows == 1
+
+
+@pytest.mark.parametrize(
+    ("names", "missing"), [(("A", "C"), "['B']"), (("C",), "['A','B']"), (("B",), "['A']")]
+)
+def test_a_required_input_left_out_is_named(names: tuple[str, ...], missing: str) -> None:
+    """Also when as many inputs came as the config has required ones (``A`` and ``C``)."""
+    with pytest.raises(InvalidInput) as info:
+        validate(_config(), _request(*names))
+    given = "[" + ",".join(f"'{n}'" for n in names) + "]"
+    assert str(info.value) == (
+        f"expected 3 inputs but got {len(names)} inputs for model 'm'. Got input(s) {given}, "
+        f"but missing required input(s) {missing}. Please provide all required input(s)."
+    )

@@ -327,10 +327,13 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _fail("'id' must be a string")
-    params = check_parameters(_parameters(header, "request"))
-    binary_output = params.get("binary_data_output", False)
-    if not isinstance(binary_output, bool):
-        raise _fail("'binary_data_output' must be true or false")
+    params: dict[str, Any] = {}
+    binary_output = False
+    if "parameters" in header:
+        params = check_parameters(_parameters(header, "request"))
+        binary_output = params.get("binary_data_output", False)
+        if not isinstance(binary_output, bool):
+            raise _fail("'binary_data_output' must be true or false")
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _fail("'inputs' must be a non-empty list")
@@ -393,7 +396,7 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
     request = InferRequest(
         inputs=inputs,
         id=request_id,
-        outputs=_decode_outputs(header),
+        outputs=_decode_outputs(header) if "outputs" in header else None,
         binary_output=binary_output,
         parameters=params,
         shared_inputs=shared_inputs,
