@@ -5,14 +5,17 @@ flat lists are checked alike, whichever side of each cut a value falls."""
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any
 
 import numpy as np
 import pytest
 
-from gateway.errors import InvalidInput
+from gateway.errors import InvalidInput, Unavailable
 from gateway.pending import validate
 from gateway.protocol import InferRequest, codec, decode_infer_request
+from gateway.protocol import client as client_codec
+from gateway.protocol.client import decode_response
 from gateway.repository.config import ModelConfig, TensorConfig
 
 
@@ -190,3 +193,112 @@ def test_a_required_input_left_out_is_named(names: tuple[str, ...], missing: str
         f"expected 3 inputs but got {len(names)} inputs for model 'm'. Got input(s) {given}, "
         f"but missing required input(s) {missing}. Please provide all required input(s)."
     )
+
+
+# --- answers of other v2 hosts ----------------------------------------------------------------
+
+
+def _answer(outputs: dict[str, np.ndarray[Any, Any]], **extra: Any) -> tuple[bytes, str]:
+    entries = [
+        {
+            "name": name,
+            "datatype": codec.datatype_of(array),
+            "shape": list(array.shape),
+            "parameters": {"binary_data_size": array.nbytes},
+        }
+        for name, array in outputs.items()
+    ]
+    head = json.dumps({"model_name": "m", "model_version": "1", "outputs": entries, **extra})
+    data = b"".join(np.ascontiguousarray(a).tobytes() for a in outputs.values())
+    return head.encode() + data, str(len(head))
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Counts full reads of an answer's header (a cached one skips them); empty cache."""
+    calls: list[int] = []
+    real = client_codec.orjson.loads
+
+    def counting(data: Any) -> Any:
+        calls.append(1)
+        return real(data)
+
+    monkeypatch.setattr(client_codec.orjson, "loads", counting)
+    client_codec._TEMPLATES.clear()
+    yield calls
+    client_codec._TEMPLATES.clear()
+
+
+def test_a_repeated_answer_header_is_read_once(parses: list[int]) -> None:
+    for i in range(3):
+        a, b = np.full((3, 4), i, np.int32), np.arange(6, dtype=np.float16) * i
+        body, length = _answer({"A": a, "B": b})
+        out = decode_response(body, length, "h")
+        assert list(out) == ["A", "B"]
+        np.testing.assert_array_equal(out["A"], a)
+        np.testing.assert_array_equal(out["B"], b)
+        assert out["A"].dtype == np.int32 and out["B"].dtype == np.float16
+        out["A"][0, 0] = 7  # a writable copy, not a view of the body
+    assert len(parses) == 1
+
+
+def test_a_cached_answer_header_still_checks_its_data(parses: list[int]) -> None:
+    body, length = _answer({"Y": np.array([True, False])})
+    assert decode_response(body, length, "h")["Y"].tolist() == [True, False]
+    bad = body[:-1] + b"\x02"
+    with pytest.raises(Unavailable) as info:
+        decode_response(bad, length, "h")
+    assert str(info.value) == (
+        "host h sent a malformed response: output 'Y': BOOL data must be bytes 0 or 1"
+    )
+    with pytest.raises(Unavailable, match="binary data sizes add up to 2 bytes but the body"):
+        decode_response(body + b"\x00", length, "h")  # same header, a byte more: read in full
+    assert len(parses) == 2
+
+
+def test_answers_that_are_never_cached(parses: list[int]) -> None:
+    strings = np.array([b"ab", b""], dtype=object)
+    json_answer = json.dumps(
+        {"outputs": [{"name": "Y", "datatype": "INT32", "shape": [1], "data": [1]}]}
+    ).encode()
+    prefixed = b"".join(struct.pack("<I", len(s)) + s for s in strings)
+    head = json.dumps(
+        {
+            "outputs": [
+                {
+                    "name": "S",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": len(prefixed)},
+                }
+            ]
+        }
+    ).encode()
+    for _ in range(2):
+        assert decode_response(json_answer, None, "h")["Y"].tolist() == [1]
+        assert decode_response(head + prefixed, str(len(head)), "h")["S"].tolist() == [b"ab", b""]
+    assert len(parses) == 4 and client_codec._TEMPLATES == {}
+
+
+def test_the_answer_cache_keys_on_the_element_limit_and_starts_over_when_full(
+    parses: list[int],
+) -> None:
+    body, length = _answer({"Y": np.zeros(8, np.int8)})
+    decode_response(body, length, "h")
+    with pytest.raises(Unavailable, match="too large"):
+        decode_response(body, length, "h", max_elements=4)
+    client_codec._TEMPLATES.clear()
+    for width in range(1, client_codec._TEMPLATES_MAX + 1):  # 0 bytes of data: nothing to cache
+        decode_response(*_answer({"Y": np.zeros(width, np.int8)}), "h")
+    assert len(client_codec._TEMPLATES) == client_codec._TEMPLATES_MAX
+    decode_response(*_answer({"Y": np.zeros(1, np.int16)}), "h")
+    assert len(client_codec._TEMPLATES) == 1
+
+
+def test_requests_to_hosts_carry_each_tensor_once() -> None:
+    a = np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2]  # not contiguous
+    b = np.array([[1.5]], np.float64)
+    body, length = client_codec.encode_request({"A": a, "B": b}, ["Y"])
+    header = json.loads(body[:length])
+    assert [e["parameters"]["binary_data_size"] for e in header["inputs"]] == [24, 8]
+    assert body[length:] == a.tobytes() + b.tobytes()
