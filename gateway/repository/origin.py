@@ -181,7 +181,7 @@ class HttpOrigin:
             tracing.inject(headers)
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                response = await self._client().get(target, headers=headers, allow_redirects=False)
+                response = await self._fresh_get(target, headers)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise OriginError(f"{target}: {type(exc).__name__}: {exc}") from None
             if response.status in _REDIRECTS:
@@ -205,6 +205,17 @@ class HttpOrigin:
                 raise OriginError(f"{target}: HTTP {response.status}")
             return response
         raise OriginError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    async def _fresh_get(self, target: Any, headers: dict[str, str]) -> Any:
+        """A GET on a pooled connection, asked once more on a new one when the server had
+        closed the pooled one as the request went out (its idle limit: a GET is safe to
+        repeat)."""
+        import aiohttp
+
+        try:
+            return await self._client().get(target, headers=headers, allow_redirects=False)
+        except aiohttp.ServerDisconnectedError:
+            return await self._client().get(target, headers=headers, allow_redirects=False)
 
     async def index(
         self, validator: str | None, limit_bytes: int
