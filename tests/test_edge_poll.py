@@ -155,7 +155,8 @@ async def test_no_index_checks_when_off(
 
 async def test_a_pooled_connection_closed_by_the_server_is_asked_again() -> None:
     """A server that closes a kept-alive connection as the next request arrives (its idle
-    limit, racing the request): the GET goes again on a new connection, no error."""
+    limit, racing the request): the GET goes again on a new connection, no error (aiohttp
+    does this for idempotent requests; the index check relies on it)."""
     from gateway.repository.origin import HttpOrigin
 
     connections = 0

@@ -181,7 +181,9 @@ class HttpOrigin:
             tracing.inject(headers)
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                response = await self._fresh_get(target, headers)
+                # aiohttp sends a GET once more on a new connection when the server closed
+                # the pooled one as it went out (its idle limit racing the request)
+                response = await self._client().get(target, headers=headers, allow_redirects=False)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise OriginError(f"{target}: {type(exc).__name__}: {exc}") from None
             if response.status in _REDIRECTS:
@@ -205,17 +207,6 @@ class HttpOrigin:
                 raise OriginError(f"{target}: HTTP {response.status}")
             return response
         raise OriginError(f"{url}: more than {MAX_REDIRECTS} redirects")
-
-    async def _fresh_get(self, target: Any, headers: dict[str, str]) -> Any:
-        """A GET on a pooled connection, asked once more on a new one when the server had
-        closed the pooled one as the request went out (its idle limit: a GET is safe to
-        repeat)."""
-        import aiohttp
-
-        try:
-            return await self._client().get(target, headers=headers, allow_redirects=False)
-        except aiohttp.ServerDisconnectedError:
-            return await self._client().get(target, headers=headers, allow_redirects=False)
 
     async def index(
         self, validator: str | None, limit_bytes: int
