@@ -189,3 +189,21 @@ async def test_a_pooled_connection_closed_by_the_server_is_asked_again() -> None
         await origin.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_index_checks_back_off_while_the_origin_fails(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """An origin that stops answering (its index gone: 404) is asked ever less often, not every
+    ``edge_poll_s``: 0.1, 0.2, 0.4, 0.8 s apart."""
+    edge = open_edge(fake.url, tmp_path / "cache", edge_poll_s=0.1)
+    try:
+        await edge.fetch("m")
+        (repo / "models.json").unlink()
+        await asyncio.sleep(0.3)
+        fake.requests.clear()
+        await asyncio.sleep(1.5)
+        asked = len(fake.paths("models.json"))
+        assert 1 <= asked <= 5, f"{asked} index requests in 1.5 s"
+    finally:
+        await edge.close()

@@ -238,11 +238,13 @@ class EdgeRepository(LocalRepository):
         """Ask for the index every ``poll_s`` on the pooled connection, so that a new version's
         pull pays no connection set-up (nor, when this check saw it first, the index and the
         manifest: a model the cache holds gets its newest version's manifest fetched here)."""
+        failed = 0  # checks in a row that found the origin unreachable: wait longer
         while True:
             # ``poll_s`` after the last check (a load's counts), and not during a fetch: it
             # has the connection, and a check beside it would open another
-            wait_s = self._checked_at + self.poll_s - self.clock()
-            await asyncio.sleep(min(max(wait_s, 0.0), self.poll_s))
+            every_s = min(self.poll_s * 2**failed, max(self.poll_s, REVALIDATE_RETRY_S[1]))
+            wait_s = self._checked_at + every_s - self.clock()
+            await asyncio.sleep(min(max(wait_s, 0.0), every_s))
             if wait_s > 0 or self._fetching:
                 if self._fetching:
                     await asyncio.sleep(min(self.poll_s, 0.5))
@@ -256,6 +258,8 @@ class EdgeRepository(LocalRepository):
             except OSError as exc:  # the cache's disk refused the index
                 log.warning("index check: %s", exc)
                 continue
+            finally:
+                failed = 0 if self.reachable else min(failed + 1, 16)
             if index is before:
                 continue  # unchanged (304), or the index a load asked for meanwhile
             for name in sorted(n for n in index if n in self.cache.models):
