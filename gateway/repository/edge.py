@@ -24,6 +24,11 @@ origin by byte range. ``edge_chunks = false`` is the edge as it was before chunk
 whole, chunk lists ignored. Progress notes and ``gateway_cache_fetched_bytes`` split bytes by
 source: origin, peer, and cached (chunks the cache held already).
 
+On an HTTP origin the index is also checked every ``edge_poll_s`` while the edge idles (none
+while a fetch runs; backing off while the origin fails): the pooled connection stays open for
+the next pull, and a model the cache holds gets its newest version's manifest as soon as the
+index lists it, so that version's load starts with the chunk fetch.
+
 The origin is not trusted further than its hashes: the index, each manifest and each
 ``config.pbtxt`` are read whole only up to ``max_index_bytes``; every file is written only up
 to the size the index or its manifest gives, within the cache's byte bound. Errors for clients
