@@ -102,11 +102,46 @@ def build_repo(root: Path, model_mb: float) -> tuple[int, int]:
     return n, (root / "big" / "1" / "model.onnx").stat().st_size
 
 
+class Window:
+    """The origin's congestion window on one connection, in slow start (``--slow-start``): 10
+    segments in the first round trip, twice as many each next one, and back to 10 after an idle
+    longer than the retransmission timeout (Linux's ``tcp_slow_start_after_idle = 1``, the
+    default, on the sending host). What a userspace proxy on loopback does not get from TCP."""
+
+    INITIAL_BYTES = 10 * 1448
+
+    def __init__(self, rtt_s: float) -> None:
+        self.rtt_s = rtt_s
+        self.rto_s = 0.2 + rtt_s  # Linux: at least 200 ms more than the smoothed RTT
+        self.cwnd = self.INITIAL_BYTES
+        self.sent = 0  # in this round trip
+        self.round_end = 0.0
+        self.last = -1e9
+
+    async def allow(self, size: int) -> int:
+        """How many of ``size`` bytes may go now (waiting for the next round trip if none)."""
+        now = time.monotonic()
+        if now - self.last > self.rto_s:  # idle: restart
+            self.cwnd, self.sent, self.round_end = self.INITIAL_BYTES, 0, now + self.rtt_s
+        if self.sent >= self.cwnd:
+            await asyncio.sleep(max(0.0, self.round_end - now))
+            self.cwnd, self.sent = self.cwnd * 2, 0
+            self.round_end = max(time.monotonic(), self.round_end) + self.rtt_s
+        take = min(size, self.cwnd - self.sent)
+        self.sent += take
+        self.last = time.monotonic()
+        return take
+
+
 class SlowLink:
     """A TCP proxy emulating a WAN link: added latency per connection and per request, and
-    downstream bandwidth shared by every connection (one token bucket)."""
+    downstream bandwidth shared by every connection (one token bucket); with ``slow_start``,
+    each connection's TCP slow start too (:class:`Window`)."""
 
-    def __init__(self, upstream_port: int, mbit_s: float, rtt_s: float) -> None:
+    def __init__(
+        self, upstream_port: int, mbit_s: float, rtt_s: float, slow_start: bool = False
+    ) -> None:
+        self.slow_start = slow_start
         self.upstream_port = upstream_port
         self.rate_bytes_s = mbit_s * 1e6 / 8
         self.rtt_s = rtt_s
@@ -155,17 +190,22 @@ class SlowLink:
                 await up_w.drain()
             up_w.close()
 
+        window = Window(self.rtt_s) if self.slow_start else None
+
         async def downstream() -> None:
-            while chunk := await up_r.read(262144):
-                now = time.monotonic()
-                # a token bucket 20 ms deep: idle link time is credited up to that much
-                self._free_at = max(now - 0.02, self._free_at) + len(chunk) / self.rate_bytes_s
-                await asyncio.sleep(self._free_at - now)
-                self.bytes_down += len(chunk)
-                if self.trace is not None:
-                    self.trace.append((time.monotonic(), len(chunk)))
-                writer.write(chunk)
-                await writer.drain()
+            while data := await up_r.read(262144):
+                while data:
+                    size = await window.allow(len(data)) if window else len(data)
+                    chunk, data = data[:size], data[size:]
+                    now = time.monotonic()
+                    # a token bucket 20 ms deep: idle link time is credited up to that much
+                    self._free_at = max(now - 0.02, self._free_at) + len(chunk) / self.rate_bytes_s
+                    await asyncio.sleep(self._free_at - now)
+                    self.bytes_down += len(chunk)
+                    if self.trace is not None:
+                        self.trace.append((time.monotonic(), len(chunk)))
+                    writer.write(chunk)
+                    await writer.drain()
             writer.close()
 
         with contextlib.suppress(OSError, ConnectionError):
@@ -400,7 +440,7 @@ def delta(args: argparse.Namespace) -> int:
         for label, t in trees
     }
     links = {
-        label: SlowLink(nodes[label].port, args.mbit_s, args.rtt_ms / 1000).start()
+        label: SlowLink(nodes[label].port, args.mbit_s, args.rtt_ms / 1000, args.slow_start).start()
         for label, _ in trees
     }
     node, link = nodes["new"], links["new"]
@@ -499,7 +539,7 @@ def delta(args: argparse.Namespace) -> int:
                 copy = tmp / f"cache-{label}-{r}"
                 shutil.copytree(cache, copy)
                 via = edge_links[(label, r)] = SlowLink(
-                    nodes[label].port, args.mbit_s, args.rtt_ms / 1000
+                    nodes[label].port, args.mbit_s, args.rtt_ms / 1000, args.slow_start
                 ).start()
                 edges[(label, r)] = Proc(
                     [
@@ -519,7 +559,7 @@ def delta(args: argparse.Namespace) -> int:
             (2, f"v2: one {changed_bytes / 1e6:.1f} MB matrix changed", 1, False),
             (3, "v3: v2 with its initializers in reverse order", 1, True),
         ]
-        whole_link = SlowLink(node.port, args.mbit_s, args.rtt_ms / 1000).start()
+        whole_link = SlowLink(node.port, args.mbit_s, args.rtt_ms / 1000, args.slow_start).start()
         whole = Proc(
             [
                 "--model-repo",
@@ -592,6 +632,7 @@ def delta(args: argparse.Namespace) -> int:
         f"Command: `python bench/edge.py --delta --model-mb {args.model_mb:g} "
         f"--mbit-s {args.mbit_s:g} --rtt-ms {args.rtt_ms:g}"
         + (f" --ab {args.ab} --repeat {args.repeat}" if args.ab else "")
+        + (" --slow-start" if args.slow_start else "")
         + "`  ",
         f"Date: {dt.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared with other "
         f"work: times are noisy; load average {load_at_start:.1f} at the start, "
@@ -670,6 +711,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="--delta: keep its logs and caches")
     parser.add_argument("--ab", default="", help="--delta: a tree of the code to compare with")
     parser.add_argument("--repeat", type=int, default=1, help="--delta: edges per tree")
+    parser.add_argument(
+        "--slow-start", action="store_true", help="--delta: emulate TCP slow start on the link"
+    )
     args = parser.parse_args()
     if args.rtt_ms is None:
         args.rtt_ms = 25.0 if args.delta else 50.0
