@@ -580,8 +580,9 @@ def delta(args: argparse.Namespace) -> int:
                 versions.append(version)
                 for each in [*edge_links.values(), whole_link]:
                     published[each] = each.bytes_down
-                    published_at[each] = time.perf_counter()
                 meta = publish()
+                for each in [*edge_links.values(), whole_link]:
+                    published_at[each] = time.perf_counter()  # the nodes list it from now
                 if version == 2:
                     sweep = chunk_sweep(repo / "layers/1/model.onnx", repo / "layers/2/model.onnx")
                 t_local = local_load()

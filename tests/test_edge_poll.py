@@ -207,3 +207,23 @@ async def test_index_checks_back_off_while_the_origin_fails(
         assert 1 <= asked <= 5, f"{asked} index requests in 1.5 s"
     finally:
         await edge.close()
+
+
+async def test_a_load_waits_for_the_manifest_the_index_check_is_fetching(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """A load that needs the manifest the index check is fetching at that moment waits for it:
+    the manifest crosses the link once."""
+    edge = open_edge(fake.url, tmp_path / "cache", edge_poll_s=0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        index = await edge.refresh_index(force=True)
+        fake.requests.clear()
+        check = asyncio.ensure_future(edge._prefetch_manifest("m", index["m"]))
+        await edge.fetch("m")
+        await check
+        assert (edge.cache.models_dir / "m" / "2" / "model.onnx").exists()
+        assert len(fake.paths("2/manifest.json.gz")) + len(fake.paths("2/manifest.json")) == 1
+    finally:
+        await edge.close()

@@ -149,6 +149,7 @@ class EdgeRepository(LocalRepository):
         self._revalidation: asyncio.Future[None] | None = None
         self._revalidation_tried = asyncio.Event()  # its first attempt is over
         self._poll: asyncio.Future[None] | None = None  # the periodic index check
+        self._prefetching: dict[str, asyncio.Future[bytes]] = {}  # manifest sha256 -> its fetch
         self._stale_used: dict[str, ModelIndex] = {}  # fetched from the saved, unchecked index
         self._fetching: dict[str, asyncio.Future[None]] = {}
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (done, total) bytes
@@ -282,11 +283,15 @@ class EdgeRepository(LocalRepository):
             return
         protected = {n for n in self.cache.models if n in self.pinned or self.in_use(n)}
         sources = self._manifest_sources(name, version, sha, entry)
+        work = self.cache.document(sha, sources, self.max_index_bytes, protected, {sha})
+        self._prefetching[sha] = done = asyncio.ensure_future(work)  # a load waits for it
         try:
-            await self.cache.document(sha, sources, self.max_index_bytes, protected, {sha})
+            await done
         except (GatewayError, OSError) as exc:  # the load that needs it asks again
             log.info("model %s: manifest of version %d not prefetched: %s", name, version, exc)
             return
+        finally:
+            del self._prefetching[sha]
         log.info("model %s: version %d listed at the origin; its manifest fetched", name, version)
 
     def _revalidate_soon(self) -> None:
@@ -623,6 +628,9 @@ class EdgeRepository(LocalRepository):
             if cached_only and self.cache.complete(sha) is None:
                 return False
             keep.add(sha)
+            prefetch = self._prefetching.get(sha)
+            if prefetch is not None:  # the index check is fetching it: not twice
+                await asyncio.wait([prefetch])
             sources = self._manifest_sources(name, version, sha, entry)
             raw = await self.cache.document(sha, sources, self.max_index_bytes, protected, keep)
             manifest = parse_manifest(raw, relpath)
