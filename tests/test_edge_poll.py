@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from gateway.repository.manifest import parse_index
-from tests.edge_origins import FakeOrigin, edit, open_edge, publish, random_bytes
+from tests.edge_origins import FakeOrigin, StaticOrigin, edit, open_edge, publish, random_bytes
 from tests.helpers import start_gateway
 
 SIZE = 256 * 1024
@@ -227,3 +228,37 @@ async def test_a_load_waits_for_the_manifest_the_index_check_is_fetching(
         assert len(fake.paths("2/manifest.json.gz")) + len(fake.paths("2/manifest.json")) == 1
     finally:
         await edge.close()
+
+
+def _as_before_gzip(root: Path) -> None:
+    """The origin's layout from before gzipped manifests: no ``.gz``, no ``manifests_gzip``."""
+    for packed in root.rglob("manifest.json.gz"):
+        packed.unlink()
+    index = json.loads((root / "models.json").read_text())
+    index.pop("manifests_gzip", None)
+    (root / "models.json").write_text(json.dumps(index))
+
+
+async def test_index_check_on_an_origin_from_before(repo: Path, tmp_path: Path) -> None:
+    """A static server from before (Last-Modified only, no ETag, no gzipped manifests, no
+    Range): the check is a conditional GET it answers with 304 until the index changes, and the
+    new version's plain manifest is fetched by its published path."""
+    _as_before_gzip(repo)
+    origin = StaticOrigin(repo).start()
+    edge = open_edge(origin.url, tmp_path / "cache", edge_poll_s=0.2)
+    try:
+        await edge.fetch("m")
+        await asyncio.sleep(1.1)  # Last-Modified has whole seconds
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        _as_before_gzip(repo)
+        sha = parse_index((repo / "models.json").read_bytes())["m"].versions[2]
+        assert await _until(lambda: edge.cache.complete(sha) is not None, 5.0)
+        assert "/m/2/manifest.json" in origin.requests
+        assert not any(p.endswith(".gz") for p in origin.requests)
+        origin.requests.clear()
+        await edge.fetch("m")
+        assert (edge.cache.models_dir / "m" / "2" / "model.onnx").exists()
+        assert "/m/2/manifest.json" not in origin.requests
+    finally:
+        await edge.close()
+        origin.stop()
