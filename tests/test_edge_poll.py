@@ -262,3 +262,29 @@ async def test_index_check_on_an_origin_from_before(repo: Path, tmp_path: Path) 
     finally:
         await edge.close()
         origin.stop()
+
+
+async def test_index_checks_are_in_no_requests_trace(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """The check started by a traced load runs in a context of its own: its requests carry
+    no ``traceparent`` of that load's trace."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gateway import tracing
+
+    tracing.install(InMemorySpanExporter(), ratio=1.0)
+    edge = open_edge(fake.url, tmp_path / "cache", edge_poll_s=0.1)
+    try:
+        with tracing.span(tracing.EXECUTE) as span:
+            assert span is not None
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            await edge.fetch("m")
+        traced = [h for h in fake.headers if trace_id in h.get("traceparent", "")]
+        assert traced, "the load's own requests are in its trace"
+        fake.headers.clear()
+        assert await _until(lambda: len(fake.headers) >= 2, 5.0)  # two checks
+        assert not [h for h in fake.headers if trace_id in h.get("traceparent", "")]
+    finally:
+        await edge.close()
+        tracing.shutdown()

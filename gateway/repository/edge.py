@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import importlib
 import logging
@@ -238,7 +239,10 @@ class EdgeRepository(LocalRepository):
         """Start the periodic index check once the origin has answered (HTTP origins only:
         the check is also what keeps their connection open between pulls)."""
         if self.poll_s > 0 and self._poll is None and isinstance(self.origin, HttpOrigin):
-            self._poll = asyncio.ensure_future(self._poll_loop())
+            # in a context of its own: not in the trace of the request that started it
+            self._poll = asyncio.get_running_loop().create_task(
+                self._poll_loop(), context=contextvars.Context()
+            )
 
     async def _poll_loop(self) -> None:
         """Ask for the index every ``poll_s`` on the pooled connection, so that a new version's
