@@ -219,6 +219,14 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument(
         "--response-cache-redis-url", help="shared response cache in Redis (redis://host:port)"
     )
+    serve_cmd.add_argument(
+        "--grpc-tls-certfile", help="gRPC over TLS: certificate (PEM) [tls_certfile, else off]"
+    )
+    serve_cmd.add_argument("--grpc-tls-keyfile", help="gRPC over TLS: private key [tls_keyfile]")
+    serve_cmd.add_argument(
+        "--grpc-tls-client-cafile",
+        help="mutual TLS: gRPC clients must present a certificate this CA signed [off]",
+    )
     _edge_arguments(commands, serve_cmd)
     return parser
 

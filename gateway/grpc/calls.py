@@ -52,6 +52,7 @@ from gateway.grpc.server import (
     stream_response,
     traced_answer,
 )
+from gateway.grpc.tls import server_ssl_context
 from gateway.grpc.wire import encode_raw_response, serialize_infer_response
 from gateway.pending import Pending
 
@@ -764,14 +765,23 @@ class Http2GrpcServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        settings = self.dataplane.settings
+        context = server_ssl_context(settings)
         try:
             self._server = await loop.create_server(
-                self._connection, self.host, self.requested_port, reuse_address=True
+                self._connection,
+                self.host,
+                self.requested_port,
+                reuse_address=True,
+                ssl=context,
+                # a client that never finishes the TLS handshake is not held open (slowloris)
+                ssl_handshake_timeout=settings.header_timeout_s if context else None,
             )
         except OSError as exc:
             raise OSError(f"cannot bind gRPC to {self.host}:{self.requested_port}: {exc}") from None
         self.port = int(self._server.sockets[0].getsockname()[1])
-        log.info("gRPC listening on %s:%d (asyncio transport)", self.host, self.port)
+        log.info("gRPC listening on %s:%d (asyncio transport%s)", self.host, self.port,
+                 ", TLS" if context else "")  # fmt: skip
 
     async def stop(self) -> None:
         """Refuse new calls (GOAWAY), let running ones finish within ``grace_s``."""

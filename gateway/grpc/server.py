@@ -47,6 +47,7 @@ from gateway.errors import (
 )
 from gateway.grpc.codec import decode_infer_request
 from gateway.grpc.errors import status_of
+from gateway.grpc.tls import server_credentials
 from gateway.grpc.wire import (
     RawResponse,
     encode_raw_response,
@@ -594,13 +595,17 @@ class GrpcServer:
         server.add_registered_method_handlers(
             _SERVICE, {name: handlers[name] for name in REGISTERED_METHODS}
         )
+        tls = server_credentials(settings)
         try:
-            self.port = server.add_insecure_port(self.address)
+            if tls is None:
+                self.port = server.add_insecure_port(self.address)
+            else:
+                self.port = server.add_secure_port(self.address, tls)
         except RuntimeError as exc:
             raise OSError(f"cannot bind gRPC to {self.address}: {exc}") from None
         await server.start()
         self._server = server
-        log.info("gRPC listening on %s", self.address)
+        log.info("gRPC listening on %s%s", self.address, " (TLS)" if tls else "")
 
     async def stop(self) -> None:
         """Refuse new RPCs, let running ones finish within ``grace_s``."""
