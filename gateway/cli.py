@@ -60,16 +60,9 @@ def build_app(settings: Settings) -> Any:
         edge.attach(dataplane)  # loaded models are never evicted; changed ones reload
     if not settings.grpc_port:
         return create_app(dataplane, on_shutdown=on_shutdown, hosts=hosts)
-    from gateway.grpc import GrpcServer, Http2GrpcServer
+    from gateway.grpc.server import grpc_server as make_grpc_server
 
-    transport = Http2GrpcServer if settings.grpc_transport == "asyncio" else GrpcServer
-    grpc_server = transport(
-        dataplane,
-        settings.host,
-        settings.grpc_port,
-        settings.grpc_max_message_bytes,
-        grace_s=settings.drain_timeout_s,
-    )
+    grpc_server = make_grpc_server(dataplane)
     return create_app(
         dataplane,
         on_startup=[grpc_server.start],

@@ -702,7 +702,7 @@ class Call:
 class Http2GrpcServer:
     """The gRPC front end's life cycle on :mod:`gateway.grpc.http2` (``grpc_transport =
     "asyncio"``), for the app's start-up and shut-down hooks; same interface as
-    :class:`gateway.grpc.server.GrpcServer`. ``start`` must run on the serving loop."""
+    :class:`gateway.grpc.aio.GrpcServer`. ``start`` must run on the serving loop."""
 
     def __init__(
         self,
