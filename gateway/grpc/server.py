@@ -45,10 +45,10 @@ from gateway.errors import (
     Unavailable,
     UnknownRegion,
 )
-from gateway.grpc.codec import decode_infer_request
 from gateway.grpc.errors import status_of
 from gateway.grpc.wire import (
     RawResponse,
+    decode_request,
     encode_raw_response,
     parse_infer_request,
     serialize_infer_response,
@@ -191,7 +191,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         unknown model is NOT_FOUND whatever the message). The call's metadata are its headers
         (a traffic split's sticky header). Synchronous, so a transport can submit every
         request of one read before any waits (they then batch together)."""
-        decode = functools.partial(decode_infer_request, request)
+        decode = functools.partial(decode_request, request)
         version = _version(request.model_version)
         header = None if context is None else functools.partial(_metadata_value, context)
         trace = None
