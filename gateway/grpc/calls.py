@@ -455,7 +455,8 @@ class Call:
 
     # -- answers ----------------------------------------------------------------------------
 
-    def _send_message(self, data: bytes | memoryview) -> None:
+    def _check_send(self, data: bytes | memoryview) -> None:
+        """Refuse a message over the size limit or over what the client leaves unread."""
         limit = self.server.max_message_bytes
         if len(data) > limit:
             raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -468,6 +469,9 @@ class Call:
             if self.stream.outbox:  # trailers would wait behind them: reset instead
                 self.stream.reset(http2.ENHANCE_YOUR_CALM)
             raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    def _send_message(self, data: bytes | memoryview) -> None:
+        self._check_send(data)
         if not self.started:
             self.started = True
             self.stream.send_headers(RESPONSE_HEADERS)
@@ -481,11 +485,17 @@ class Call:
     def _respond(self, data: bytes | memoryview) -> None:
         """A unary call's answer and OK trailers."""
         try:
-            self._send_message(data)
+            self._check_send(data)
         except _Refused as exc:
             self._fail(exc.code, exc.message)
             return
-        self.stream.send_headers(OK_TRAILERS, end=True)
+        if self.started:  # not for a unary call; kept general
+            self._send_message(data)
+            self.stream.send_headers(OK_TRAILERS, end=True)
+        else:
+            self.started = True
+            prefix = b"\0" + len(data).to_bytes(4, "big")
+            self.stream.send_answer(RESPONSE_HEADERS, prefix, data, OK_TRAILERS)
         self._finished(answered=True)
 
     def _fail(self, code: Any, message: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:

@@ -346,6 +346,36 @@ class Stream:
             self.conn.queued += len(view)
             self.conn._pump(self)
 
+    def send_answer(
+        self, head: bytes, prefix: bytes, data: bytes | memoryview, tail: bytes
+    ) -> None:
+        """A whole answer: HEADERS ``head``, one DATA of ``prefix + data``, HEADERS ``tail``
+        ending the stream. When nothing waits before it and the windows take the DATA whole
+        (a unary call's answer, nearly always), its frames go straight to the connection's
+        next write, not through the outbox; else as ``send_headers`` / ``send_data`` would."""
+        if not self.open:
+            return
+        conn = self.conn
+        size = len(prefix) + len(data)
+        if self.outbox or size > min(self.send_window, conn._send_window, conn._max_send_frame):
+            self.send_headers(head)
+            self.send_data(prefix + data if len(data) < 65536 else prefix)
+            if len(data) >= 65536:
+                self.send_data(data)
+            self.send_headers(tail, end=True)
+            return
+        sid = self.id
+        conn._write(b"".join((
+            _frame_head(HEADERS, END_HEADERS, sid, len(head)), head,
+            _frame_head(DATA, 0, sid, size), prefix,
+        )))  # fmt: skip
+        conn._write(data)
+        conn._write(_frame_head(HEADERS, END_HEADERS | END_STREAM, sid, len(tail)) + tail)
+        self.send_window -= size
+        conn._send_window -= size
+        conn._sent += 1
+        conn._ended(self)
+
     def consumed(self, n: int) -> None:
         """The handler took ``n`` bytes: the peer may send as many more on this stream."""
         self.unacked += n
