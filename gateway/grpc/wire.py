@@ -33,6 +33,7 @@ Anything this reader does not understand goes to protobuf whole, which then answ
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,7 @@ from gateway.grpc.codec import (
     parameters_to_proto,
     tensor_from_raw,
 )
-from gateway.protocol.types import InferRequest, InferResponse, datatype_of
+from gateway.protocol.types import InferRequest, InferResponse, datatype_of, numpy_dtype
 
 __all__ = [
     "TEMPLATES",
@@ -157,9 +158,17 @@ class _Template:
     def __init__(self, message: Any, request: InferRequest) -> None:
         self.model_name: str = message.model_name
         self.model_version: str = message.model_version
-        self.inputs = [(t.name, t.datatype, tuple(t.shape)) for t in message.inputs]
+        # (name, datatype, shape, and for fixed-size types other than BOOL: dtype and bytes)
+        self.inputs = [_input_of(t.name, t.datatype, tuple(t.shape)) for t in message.inputs]
         self.outputs = request.outputs
         self.parameters = request.parameters
+
+
+def _input_of(name: str, datatype: str, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    if datatype in ("BYTES", "BOOL"):  # framed, or values to check: tensor_from_raw's
+        return name, datatype, shape, None, 0
+    dtype = numpy_dtype(datatype)
+    return name, datatype, shape, dtype, math.prod(shape) * dtype.itemsize
 
 
 _templates: dict[bytes, _Template] = {}
@@ -218,12 +227,14 @@ class KnownRequest:
         """What ``decode_infer_request`` makes of the whole message: the same checks of the
         raw data, the same errors."""
         template = self.template
-        inputs = {
-            name: tensor_from_raw(raw, datatype, shape, name)
-            for (name, datatype, shape), raw in zip(
-                template.inputs, self.raw_input_contents, strict=True
-            )
-        }
+        inputs = {}
+        for (name, datatype, shape, dtype, size), raw in zip(
+            template.inputs, self.raw_input_contents, strict=True
+        ):
+            if dtype is not None and len(raw) == size:
+                inputs[name] = np.frombuffer(raw, dtype).reshape(shape)
+            else:  # tensor_from_raw checks and says what is wrong
+                inputs[name] = tensor_from_raw(raw, datatype, shape, name)
         outputs = template.outputs
         return InferRequest(
             inputs=inputs,
@@ -350,7 +361,12 @@ def encode_raw_response(response: InferResponse) -> Any:
         )
     ):
         return encode_infer_response(response)
-    blobs = [np.ascontiguousarray(array).reshape(-1).data.cast("B") for _, array in arrays]
+    blobs = [
+        memoryview(array.tobytes())  # small: one copy costs less than numpy's view making
+        if array.nbytes < 4096
+        else np.ascontiguousarray(array).reshape(-1).data.cast("B")
+        for _, array in arrays
+    ]
     return RawResponse(_head(response, arrays), blobs)
 
 
