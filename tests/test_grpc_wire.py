@@ -24,6 +24,7 @@ from gateway.grpc.wire import (
     encode_raw_response,
     parse_infer_request,
     serialize_infer_response,
+    serialize_stream_response,
 )
 from gateway.protocol.types import InferRequest, InferResponse
 
@@ -240,3 +241,17 @@ def test_small_answers_serialize_to_protobufs_bytes(ident: str) -> None:
         want = encode_infer_response(response)
         assert serialize_infer_response(raw) == want.SerializeToString()
         assert raw.to_message() == want
+
+
+def test_a_stream_answer_serializes_to_protobufs_bytes() -> None:
+    for outputs in (
+        {"Y": np.arange(10, dtype=np.float32).reshape(1, 10)},
+        _response().outputs,  # past WIRE_MIN_BYTES
+    ):
+        response = InferResponse(model_name="m", model_version="1", outputs=outputs, id="s1")
+        raw = encode_raw_response(response)
+        assert isinstance(raw, RawResponse)
+        want = pb.ModelStreamInferResponse(infer_response=encode_infer_response(response))
+        assert serialize_stream_response(raw) == want.SerializeToString()
+    failed = pb.ModelStreamInferResponse(error_message="no")
+    assert serialize_stream_response(failed) == failed.SerializeToString()

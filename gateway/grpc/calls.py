@@ -53,7 +53,11 @@ from gateway.grpc.server import (
     traced_answer,
 )
 from gateway.grpc.tls import server_ssl_context
-from gateway.grpc.wire import encode_raw_response, serialize_infer_response
+from gateway.grpc.wire import (
+    encode_raw_response,
+    serialize_infer_response,
+    serialize_stream_response,
+)
 from gateway.pending import Pending
 
 __all__ = ["CallContext", "Http2GrpcServer", "grpc_timeout_s", "percent_encode"]
@@ -612,7 +616,7 @@ class Call:
         if self.finished:
             return
         try:
-            self._send_message(stream_response(request, outcome).SerializeToString())
+            self._send_message(serialize_stream_response(stream_response(request, outcome)))
         except _Refused as exc:
             self._fail(exc.code, exc.message)
             return

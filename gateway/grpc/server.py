@@ -52,6 +52,7 @@ from gateway.grpc.wire import (
     encode_raw_response,
     parse_infer_request,
     serialize_infer_response,
+    serialize_stream_response,
 )
 from gateway.logs import CONTROL
 from gateway.pending import Pending
@@ -85,12 +86,12 @@ def _unary(method: H) -> H:
 
 
 def stream_response(request: Any, outcome: Any) -> Any:
-    """A ``ModelStreamInfer`` answer: the encoded response (``_infer``'s), or for an error its
-    message in ``error_message`` with the request's name, version and id echoed (the stream
-    goes on)."""
+    """A ``ModelStreamInfer`` answer: the encoded response (``_infer``'s; a ``RawResponse`` as
+    it is, for ``serialize_stream_response``), or for an error its message in
+    ``error_message`` with the request's name, version and id echoed (the stream goes on)."""
     if not isinstance(outcome, Exception):
         if isinstance(outcome, RawResponse):
-            outcome = outcome.to_message()
+            return outcome
         return pb.ModelStreamInferResponse(infer_response=outcome)
     if isinstance(outcome, GatewayError):
         message = outcome.message
@@ -447,7 +448,7 @@ def method_handlers(servicer: InferenceServicer) -> dict[str, Any]:
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         servicer.ModelStreamInfer,
         request_deserializer=parse_infer_request,
-        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+        response_serializer=serialize_stream_response,
     )
     return handlers
 

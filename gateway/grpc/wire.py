@@ -57,6 +57,7 @@ __all__ = [
     "encode_raw_response",
     "parse_infer_request",
     "serialize_infer_response",
+    "serialize_stream_response",
 ]
 
 WIRE_MIN_BYTES = 64 * 1024  # responses from here on: raw outputs whatever their metadata
@@ -378,3 +379,16 @@ def serialize_infer_response(response: Any) -> bytes:
     for blob in response.blobs:
         parts += (_RAW_OUTPUTS_TAG, _encode_varint(blob.nbytes), blob)
     return b"".join(parts)
+
+
+_STREAM_ANSWER_TAG = bytes([2 << 3 | 2])  # ModelStreamInferResponse.infer_response
+
+
+def serialize_stream_response(response: Any) -> bytes:
+    """gRPC's response serializer for ``ModelStreamInfer``: a ``ModelStreamInferResponse``, or a
+    ``RawResponse`` answer, which is that message's ``infer_response`` alone (the bytes
+    protobuf would send for it, without making the message)."""
+    if not isinstance(response, RawResponse):
+        return bytes(response.SerializeToString())
+    inner = serialize_infer_response(response)
+    return b"".join((_STREAM_ANSWER_TAG, _encode_varint(len(inner)), inner))
