@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import ssl
+import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from gateway.settings import Settings, SettingsError
+from gateway.testing.gateway_process import serve_command, stop_process
 from tests.helpers import GatewayProcess, free_port, start_gateway
 from tests.models import simple_onnx
 
@@ -379,3 +383,47 @@ def test_unreadable_tls_file_stops_the_start(model_repo: Path, tmp_path: Path, p
                 },
                 ready_s=30,
             )
+
+
+def test_https_gateway_serves_grpc_over_tls_with_the_same_certificate(
+    model_repo: Path, pki: Pki, tmp_path: Path
+) -> None:
+    """``tls_certfile`` / ``tls_keyfile`` alone: REST over HTTPS, and gRPC over TLS with the same
+    pair (not in the clear), on the default transport."""
+    http_port, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env |= {"GATEWAY_TLS_CERTFILE": str(pki.server_cert),
+            "GATEWAY_TLS_KEYFILE": str(pki.server_key)}  # fmt: skip
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            serve_command(model_repo, http_port, "--grpc-port", str(grpc_port)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        url = f"https://localhost:{http_port}/v2/health/ready"
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                with urllib.request.urlopen(url, timeout=1, context=context) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        client = grpcclient.InferenceServerClient(
+            f"localhost:{grpc_port}", ssl=True, root_certificates=str(pki.ca)
+        )
+        try:
+            _infer(client)
+        finally:
+            client.close()
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError):
+                _live(channel)
+    finally:
+        assert stop_process(process, timeout_s=15, kill_wait_s=5) is not None
