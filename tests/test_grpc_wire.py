@@ -171,6 +171,7 @@ def test_a_request_with_a_known_fixed_part_decodes_as_protobufs_reading_does() -
     first = _varied(np.arange(4, dtype=np.int32).reshape(1, 4), b, "first").SerializeToString()
     parsed = parse_infer_request(first)
     assert isinstance(parsed, RawRequest)  # the first: protobuf parses its fixed part
+    assert parsed.ByteSize() == len(first)
     _same(decode_request(parsed), decode_infer_request(pb.ModelInferRequest.FromString(first)))
     for ident in ("second", ""):
         wire = _varied(np.full((1, 4), 7, dtype=np.int32), b, ident).SerializeToString()

@@ -177,7 +177,7 @@ _templates: dict[bytes, _Template] = {}
 
 def _remember(key: bytes, template: _Template) -> None:
     if len(_templates) >= TEMPLATES:
-        del _templates[next(iter(_templates))]
+        _templates.pop(next(iter(_templates)), None)  # the oldest
     _templates[key] = template
 
 
@@ -186,14 +186,22 @@ class RawRequest:
     every other attribute is the parsed message's. ``key``: its fixed part's bytes, for a
     template, or None."""
 
-    __slots__ = ("key", "message", "raw_input_contents")
+    __slots__ = ("key", "message", "raw_input_contents", "size")
 
     def __init__(
-        self, message: Any, raw_input_contents: list[memoryview], key: bytes | None = None
+        self,
+        message: Any,
+        raw_input_contents: list[memoryview],
+        key: bytes | None = None,
+        size: int = 0,
     ) -> None:
         self.message = message
         self.raw_input_contents = raw_input_contents
         self.key = key
+        self.size = size  # of the whole message as received
+
+    def ByteSize(self) -> int:  # protobuf's name: a traced request's size
+        return self.size or int(self.message.ByteSize())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.message, name)
@@ -290,7 +298,7 @@ def parse_infer_request(data: bytes) -> Any:
     message = pb.ModelInferRequest.FromString(key)
     if text:
         message.id = text
-    return RawRequest(message, raw, key if len(key) <= TEMPLATE_KEY_BYTES else None)
+    return RawRequest(message, raw, key if len(key) <= TEMPLATE_KEY_BYTES else None, len(data))
 
 
 class RawResponse:
@@ -340,7 +348,7 @@ def _head(response: InferResponse, arrays: list[tuple[str, np.ndarray[Any, Any]]
             outputs.outputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
         parts = (first.SerializeToString(), outputs.SerializeToString())
         if len(_heads) >= TEMPLATES:
-            del _heads[next(iter(_heads))]
+            _heads.pop(next(iter(_heads)), None)
         _heads[key] = parts
     if not response.id:
         return parts[0] + parts[1]
