@@ -302,18 +302,27 @@ class Call:
         if self.finished:
             return
         parts = self._parts
-        if len(payload) >= _COALESCE_BYTES:
-            parts.append(payload)
-        elif parts and isinstance(parts[-1], bytearray):
-            parts[-1] += payload
+        n = len(payload)
+        if (  # the usual case: one whole uncompressed message in one frame (one copy)
+            not parts
+            and n >= 5
+            and payload[0] == 0
+            and int.from_bytes(payload[1:5], "big") == n - 5 <= self.server.max_message_bytes
+        ):
+            self.messages.append(bytes(payload[5:]))
         else:
-            parts.append(bytearray(payload))
-        self._size += len(payload)
-        try:
-            self._cut()
-        except _Refused as exc:
-            self._fail(exc.code, exc.message)
-            return
+            if n >= _COALESCE_BYTES:
+                parts.append(payload)
+            elif parts and isinstance(parts[-1], bytearray):
+                parts[-1] += payload
+            else:
+                parts.append(bytearray(payload))
+            self._size += n
+            try:
+                self._cut()
+            except _Refused as exc:
+                self._fail(exc.code, exc.message)
+                return
         unary = self.handler is not None and self.handler.stream_stream is None
         if unary and len(self.messages) > 1:  # not buffered on: tiny messages by the million
             self._fail(grpc.StatusCode.INTERNAL, "expected one request message, got more")
