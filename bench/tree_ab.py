@@ -52,15 +52,18 @@ def point(
     window_ms: int,
     work: Path,
     grpc_port: int = 0,
+    streaming: bool = False,
 ) -> dict[str, float]:
-    """One perf_analyzer point (binary HTTP, or gRPC on ``grpc_port``; three windows) with batch
-    size and CPU/request."""
+    """One perf_analyzer point (binary HTTP, or gRPC on ``grpc_port``, unary or ``streaming``;
+    three windows) with batch size and CPU/request."""
     report = work / f"pa-{time.monotonic_ns()}.csv"
     url, protocol = (f"127.0.0.1:{grpc_port}", "grpc") if grpc_port else (gw.address, "http")
     cmd = [
         pa, "-m", model, "-u", url, "-i", protocol, "--concurrency-range", str(c),
         "-p", str(window_ms), "-s", "999", "-r", "3", "--input-data", "zero", "-f", str(report),
     ]  # fmt: skip
+    if streaming:
+        cmd.append("--streaming")
     before, cpu_before = counts(gw.address, model), harness.process_cpu_s(gw.proc.pid) or 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     after, cpu_after = counts(gw.address, model), harness.process_cpu_s(gw.proc.pid) or 0.0
@@ -87,7 +90,7 @@ def main() -> None:
     parser.add_argument("--window-ms", type=int, default=1500)
     parser.add_argument("--quick", action="store_true", help="1 round, 500 ms windows")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    parser.add_argument("--protocol", choices=["http", "grpc", "grpc-stream"], default="http")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.window_ms = 1, 500
@@ -102,7 +105,7 @@ def main() -> None:
         gateways = {}
         grpc_ports = {}
         for name, env in variants:
-            grpc_ports[name] = harness.free_port() if args.protocol == "grpc" else 0
+            grpc_ports[name] = harness.free_port() if args.protocol != "http" else 0
             grpc = ["--grpc-port", str(grpc_ports[name])] if grpc_ports[name] else []
             gateways[name] = harness.start_gateway(
                 repo, work, "--log-level", "warning", *grpc, tag=name, ready=(args.model,),
@@ -114,7 +117,7 @@ def main() -> None:
             for c in levels:
                 for name in names[r % len(names) :] + names[: r % len(names)]:
                     p = point(pa, gateways[name], args.model, c, args.window_ms, work,
-                              grpc_ports[name])  # fmt: skip
+                              grpc_ports[name], args.protocol == "grpc-stream")  # fmt: skip
                     got.setdefault((name, c), []).append(p)
                     print(f"round {r + 1} c={c} {name}: {p}", flush=True)
     base = names[0]
@@ -132,7 +135,7 @@ def main() -> None:
                 f"({ratios[0]:.3f}-{ratios[-1]:.3f}) |"
             )
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    protocol = "gRPC" if args.protocol == "grpc" else "binary HTTP"
+    protocol = {"grpc": "gRPC", "grpc-stream": "gRPC streaming"}.get(args.protocol, "binary HTTP")
     described = "; ".join(f"`{n}`: {env or 'defaults'}" for n, env in variants)
     markdown = f"""# Gateway variants under perf_analyzer (`{args.model}`)
 
