@@ -7,7 +7,7 @@ processes) as it passes: bytes read, head parsed, decoded, submitted, batch disp
 thread started, ORT run done, result back on the loop, answer encoded, written. A minimal client
 in this process (one connection, a pre-built request, blocking socket) stamps the send and the
 whole response read. Per stage the median over the requests, and the sum against in-process
-``session.run`` of the same item with the gateway's session options.
+runs of the same item, the model loaded as the gateway loads it (session options, spinning).
 
     .venv/bin/python bench/lone_request.py --model mlp --requests 400
     .venv/bin/python bench/lone_request.py --quick --out /tmp/lone.md   # CI smoke, ~20 s
