@@ -102,11 +102,46 @@ def build_repo(root: Path, model_mb: float) -> tuple[int, int]:
     return n, (root / "big" / "1" / "model.onnx").stat().st_size
 
 
+class Window:
+    """The origin's congestion window on one connection, in slow start (``--slow-start``): 10
+    segments in the first round trip, twice as many each next one, and back to 10 after an idle
+    longer than the retransmission timeout (Linux's ``tcp_slow_start_after_idle = 1``, the
+    default, on the sending host). What a userspace proxy on loopback does not get from TCP."""
+
+    INITIAL_BYTES = 10 * 1448
+
+    def __init__(self, rtt_s: float) -> None:
+        self.rtt_s = rtt_s
+        self.rto_s = 0.2 + rtt_s  # Linux: at least 200 ms more than the smoothed RTT
+        self.cwnd = self.INITIAL_BYTES
+        self.sent = 0  # in this round trip
+        self.round_end = 0.0
+        self.last = -1e9
+
+    async def allow(self, size: int) -> int:
+        """How many of ``size`` bytes may go now (waiting for the next round trip if none)."""
+        now = time.monotonic()
+        if now - self.last > self.rto_s:  # idle: restart
+            self.cwnd, self.sent, self.round_end = self.INITIAL_BYTES, 0, now + self.rtt_s
+        if self.sent >= self.cwnd:
+            await asyncio.sleep(max(0.0, self.round_end - now))
+            self.cwnd, self.sent = self.cwnd * 2, 0
+            self.round_end = max(time.monotonic(), self.round_end) + self.rtt_s
+        take = min(size, self.cwnd - self.sent)
+        self.sent += take
+        self.last = time.monotonic()
+        return take
+
+
 class SlowLink:
     """A TCP proxy emulating a WAN link: added latency per connection and per request, and
-    downstream bandwidth shared by every connection (one token bucket)."""
+    downstream bandwidth shared by every connection (one token bucket); with ``slow_start``,
+    each connection's TCP slow start too (:class:`Window`)."""
 
-    def __init__(self, upstream_port: int, mbit_s: float, rtt_s: float) -> None:
+    def __init__(
+        self, upstream_port: int, mbit_s: float, rtt_s: float, slow_start: bool = False
+    ) -> None:
+        self.slow_start = slow_start
         self.upstream_port = upstream_port
         self.rate_bytes_s = mbit_s * 1e6 / 8
         self.rtt_s = rtt_s
@@ -114,6 +149,7 @@ class SlowLink:
         self.connections = 0  # each costs rtt_s before its first request
         self.requests = 0  # request chunks forwarded: each costs rtt_s
         self.port = 0
+        self.trace: list[tuple[float, int]] | None = None  # (time, bytes) sent, while a list
         self._free_at = 0.0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -154,15 +190,22 @@ class SlowLink:
                 await up_w.drain()
             up_w.close()
 
+        window = Window(self.rtt_s) if self.slow_start else None
+
         async def downstream() -> None:
-            while chunk := await up_r.read(262144):
-                now = time.monotonic()
-                # a token bucket 20 ms deep: idle link time is credited up to that much
-                self._free_at = max(now - 0.02, self._free_at) + len(chunk) / self.rate_bytes_s
-                await asyncio.sleep(self._free_at - now)
-                self.bytes_down += len(chunk)
-                writer.write(chunk)
-                await writer.drain()
+            while data := await up_r.read(262144):
+                while data:
+                    size = await window.allow(len(data)) if window else len(data)
+                    chunk, data = data[:size], data[size:]
+                    now = time.monotonic()
+                    # a token bucket 20 ms deep: idle link time is credited up to that much
+                    self._free_at = max(now - 0.02, self._free_at) + len(chunk) / self.rate_bytes_s
+                    await asyncio.sleep(self._free_at - now)
+                    self.bytes_down += len(chunk)
+                    if self.trace is not None:
+                        self.trace.append((time.monotonic(), len(chunk)))
+                    writer.write(chunk)
+                    await writer.drain()
             writer.close()
 
         with contextlib.suppress(OSError, ConnectionError):
@@ -302,6 +345,19 @@ def phases(log: Path, wall: float, took: float) -> tuple[str, float]:
     ), end - fetch_s - wall
 
 
+def ramp(trace: list[tuple[float, int]] | None, started: float) -> str:
+    """Bytes the link delivered per 50 ms from ``started`` (perf_counter) on, in MB/s: how
+    fast a fetch reaches the link's rate (the emulated link has no TCP slow start)."""
+    if not trace:
+        return "none"
+    offset = time.perf_counter() - time.monotonic()
+    bins: dict[int, int] = {}
+    for at, size in trace:
+        slot = int((at + offset - started) / 0.05)
+        bins[slot] = bins.get(slot, 0) + size
+    return " ".join(f"{bins.get(i, 0) / 0.05 / 1e6:.1f}" for i in range(max(bins) + 1))
+
+
 def chunk_sweep(old: Path, new: Path) -> list[str]:
     """Table rows: for several average chunk sizes, v2's bytes in chunks v1 lacks / 4 MiB."""
     from gateway.repository.manifest import FileEntry, hash_and_chunk
@@ -349,6 +405,7 @@ def delta(args: argparse.Namespace) -> int:
     import shutil
 
     from gateway.repository.manifest import CHUNK_AVG_BYTES, hash_and_chunk, sha256_file
+    from gateway.settings import Settings
 
     load_at_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="gateway-edge-delta-"))
@@ -383,7 +440,7 @@ def delta(args: argparse.Namespace) -> int:
         for label, t in trees
     }
     links = {
-        label: SlowLink(nodes[label].port, args.mbit_s, args.rtt_ms / 1000).start()
+        label: SlowLink(nodes[label].port, args.mbit_s, args.rtt_ms / 1000, args.slow_start).start()
         for label, _ in trees
     }
     node, link = nodes["new"], links["new"]
@@ -409,12 +466,16 @@ def delta(args: argparse.Namespace) -> int:
             )
 
         def serve_new(edge_proc: Proc, version: int, via: SlowLink) -> Served:
-            """Seconds for the edge to load ``version`` and answer with it; link bytes and
-            requests."""
-            time.sleep(2.1)  # the edge's index TTL: the load below asks the origin again
-            before = via.bytes_down
+            """Seconds for the edge to load ``version`` and answer with it; link bytes (from
+            the publication on: what the edge's index check fetched before the load counts)
+            and the connections and requests of the load."""
+            before = published[via]
+            # the edge's index TTL (the load asks the origin again), and its periodic check:
+            # it has seen the new version and fetched its manifest before the load
+            time.sleep(max(0.0, max(2.1, poll_s + 0.7) - (time.perf_counter() - published_at[via])))
             opened, asked = via.connections, via.requests
             cpu_before = cpu_s(edge_proc)
+            via.trace = []
             started = time.perf_counter()
             wall = time.time()
             status = _post(f"{edge_proc.url}/v2/repository/models/layers/load", b"{}")
@@ -424,6 +485,7 @@ def delta(args: argparse.Namespace) -> int:
                     f"load of v{version}: {status}\n{edge_proc.log.read_text()[-3000:]}"
                 )
             took = time.perf_counter() - started
+            trace, via.trace = via.trace, None
             opened, asked = via.connections - opened, via.requests - asked
             floor = (opened + asked) * via.rtt_s + (via.bytes_down - before) / via.rate_bytes_s
             moved = via.bytes_down - before
@@ -435,7 +497,8 @@ def delta(args: argparse.Namespace) -> int:
             again = time.perf_counter() - again
             text, to_fetch = phases(edge_proc.log, wall, took)
             breakdown[edge_proc.log.name] = (
-                f"{text}; over the link {opened} new connections and {asked} requests, "
+                f"{text}; link MB/s per 50 ms from the load on: {ramp(trace, started)}; "
+                f"over the link {opened} new connections and {asked} requests, "
                 f"{floor:.2f} s one after another with the bytes; edge CPU {cpu:.2f} s (with "
                 f"the work left in the background); the same version loaded again from the "
                 f"warm cache {again:.2f} s"
@@ -453,6 +516,9 @@ def delta(args: argparse.Namespace) -> int:
 
         versions = [1]
         breakdown: dict[str, str] = {}
+        published: dict[SlowLink, int] = {}  # link bytes when the new version was published
+        published_at: dict[SlowLink, float] = {}
+        poll_s = Settings().edge_poll_s
         publish()
         cache = tmp / "cache"
         edge_a = Proc(
@@ -465,14 +531,20 @@ def delta(args: argparse.Namespace) -> int:
         print(f"v1 cold pull: {t_cold:.2f} s, {cold_mb:.1f} MB over the link")
         # every edge starts from a copy of the same v1 cache; "new" r0 is the one reported
         edges: dict[tuple[str, int], Proc] = {}
+        # a link of its own for each edge: the bytes and requests of its index checks and
+        # fetches only
+        edge_links: dict[tuple[str, int], SlowLink] = {}
         for r in range(args.repeat):
             for label, tree in trees:
                 copy = tmp / f"cache-{label}-{r}"
                 shutil.copytree(cache, copy)
+                via = edge_links[(label, r)] = SlowLink(
+                    nodes[label].port, args.mbit_s, args.rtt_ms / 1000, args.slow_start
+                ).start()
                 edges[(label, r)] = Proc(
                     [
                         "--model-repo",
-                        f"http://127.0.0.1:{links[label].port}",
+                        f"http://127.0.0.1:{via.port}",
                         "--cache-dir",
                         str(copy),
                     ],
@@ -487,8 +559,14 @@ def delta(args: argparse.Namespace) -> int:
             (2, f"v2: one {changed_bytes / 1e6:.1f} MB matrix changed", 1, False),
             (3, "v3: v2 with its initializers in reverse order", 1, True),
         ]
+        whole_link = SlowLink(node.port, args.mbit_s, args.rtt_ms / 1000, args.slow_start).start()
         whole = Proc(
-            ["--model-repo", origin, "--cache-dir", str(tmp / "cache-whole")],
+            [
+                "--model-repo",
+                f"http://127.0.0.1:{whole_link.port}",
+                "--cache-dir",
+                str(tmp / "cache-whole"),
+            ],
             tmp / "whole.log",
             free_port(),
             env={"GATEWAY_EDGE_CHUNKS": "false"},
@@ -500,7 +578,11 @@ def delta(args: argparse.Namespace) -> int:
             for version, label, changed_layer, reverse in cases:
                 write_layers(repo, version, layers, changed_layer, reverse)
                 versions.append(version)
+                for each in [*edge_links.values(), whole_link]:
+                    published[each] = each.bytes_down
                 meta = publish()
+                for each in [*edge_links.values(), whole_link]:
+                    published_at[each] = time.perf_counter()  # the nodes list it from now
                 if version == 2:
                     sweep = chunk_sweep(repo / "layers/1/model.onnx", repo / "layers/2/model.onnx")
                 t_local = local_load()
@@ -511,12 +593,12 @@ def delta(args: argparse.Namespace) -> int:
                     order = trees if r % 2 == 0 else trees[::-1]  # A/B, then B/A
                     for tree_label, _ in order:
                         runs[tree_label].append(
-                            serve_new(edges[(tree_label, r)], version, links[tree_label])
+                            serve_new(edges[(tree_label, r)], version, edge_links[(tree_label, r)])
                         )
                 t_new, moved, trips, _, _ = runs["new"][0]
                 fetched = [ln for ln in edge_a.log.read_text().splitlines() if "fetched" in ln]
                 print(f"  edge: {fetched[-1][-220:] if fetched else '?'}")
-                t_whole, moved_whole, _, _, _ = serve_new(whole, version, link)
+                t_whole, moved_whole, _, _, _ = serve_new(whole, version, whole_link)
                 if args.ab:
                     ab_rows.append(ab_row(label, runs))
                     print(ab_rows[-1])
@@ -541,7 +623,7 @@ def delta(args: argparse.Namespace) -> int:
                     f"x{t_whole / t_new:.1f} faster",
                 )
                 print(f"{label}: {rows[-1][5]}")
-    for each in links.values():
+    for each in [*links.values(), *edge_links.values(), whole_link]:
         each.stop()
 
     goal_lines = [f"- {r[0]}: {r[5]}" for r in rows]
@@ -551,6 +633,7 @@ def delta(args: argparse.Namespace) -> int:
         f"Command: `python bench/edge.py --delta --model-mb {args.model_mb:g} "
         f"--mbit-s {args.mbit_s:g} --rtt-ms {args.rtt_ms:g}"
         + (f" --ab {args.ab} --repeat {args.repeat}" if args.ab else "")
+        + (" --slow-start" if args.slow_start else "")
         + "`  ",
         f"Date: {dt.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared with other "
         f"work: times are noisy; load average {load_at_start:.1f} at the start, "
@@ -629,6 +712,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="--delta: keep its logs and caches")
     parser.add_argument("--ab", default="", help="--delta: a tree of the code to compare with")
     parser.add_argument("--repeat", type=int, default=1, help="--delta: edges per tree")
+    parser.add_argument(
+        "--slow-start", action="store_true", help="--delta: emulate TCP slow start on the link"
+    )
     args = parser.parse_args()
     if args.rtt_ms is None:
         args.rtt_ms = 25.0 if args.delta else 50.0

@@ -239,6 +239,9 @@ def _edge_arguments(commands: Any, serve_cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("--peers", help="comma-separated peer edge URLs, asked before the origin")
     serve_cmd.add_argument("--prefetch", help="comma-separated models to pull and load at start")
     serve_cmd.add_argument(
+        "--edge-poll", dest="edge_poll_s", type=float, help="seconds between index checks [4]"
+    )
+    serve_cmd.add_argument(
         "--forward-while-fetching",
         help="comma-separated v2 base URLs ('origin': the origin node) to serve a model's "
         "requests while it is fetched",

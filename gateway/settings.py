@@ -39,6 +39,11 @@ class Settings:
     # Build files from the chunks a manifest lists, fetching only those the cache lacks; false:
     # fetch files whole, as edges did before chunk lists
     edge_chunks: bool = True
+    # Seconds between an edge's index checks while it runs (HTTP origins; 0: only when a load
+    # asks): each is one conditional GET, and it keeps the origin connection open for the
+    # next pull (a gateway node closes idle ones after keepalive_timeout_s, 5 s by default);
+    # a model it holds gets the manifest of its newest version fetched as soon as it is listed
+    edge_poll_s: float = 4.0
     prefetch: tuple[str, ...] = ()  # pulled (and loaded) at start; never evicted
     # v2 base URLs (``origin``: the origin, a gateway node) that serve a model's requests while
     # this edge fetches it; empty: those requests wait for the fetch

@@ -16,9 +16,11 @@ partial file.
 Why apart from ``cache.py``: building a file chunk by chunk (placing bytes at offsets, the
 copying thread, peers and origin ranges, rounds of retries) is its own concern; it writes only
 under the reservation the caller made for the whole file, so the byte bound stays the cache's.
-It takes the cache as an argument and uses its ledger: the chunk index (which cached file holds
-a chunk), the chunk store, the in-flight chunk fetches that peers' requests wait on, and the
-files and stored chunks pinned while copied (which room-making must not pack or sweep).
+It takes the cache as an argument and uses its ledger only through the methods
+:class:`BlobCache` names for it (``holder``, ``claim_chunk``, ``pin``, ``adopt_built``...):
+the chunk index (which cached file holds a chunk), the chunk store, the in-flight chunk
+fetches that peers' requests wait on, and the files and stored chunks pinned while copied
+(which room-making must not pack or sweep).
 """
 
 from __future__ import annotations
@@ -81,20 +83,20 @@ async def assemble(
     except OSError as exc:
         raise write_error(cache.root, exc, f"blob {sha256[:12]}...") from None
     build = Build(fd, chunks, progress, transfer, asyncio.get_running_loop())
-    cache._from_origin.add(sha256)  # a peer asking for the whole file waits for it
+    cache.fetching_from_origin(sha256)  # a peer asking for the whole file waits for it
     try:
         await _plan(cache, build, part)
         waiting: list[tuple[Chunk, asyncio.Future[bytes]]] = []
         mine: list[Chunk] = []
         for chunk in build.todo():
-            other = cache._chunk_inflight.get(chunk.sha256)
+            other = cache.chunk_in_flight(chunk.sha256)
             if chunk.sha256 in claimed or chunk.sha256 in build.seeded:
                 continue  # the same bytes twice in this file, or copied: written together
             if other is not None:
                 waiting.append((chunk, other))
                 continue
             claimed[chunk.sha256] = build.loop.create_future()
-            cache._chunk_inflight[chunk.sha256] = claimed[chunk.sha256]
+            cache.claim_chunk(chunk.sha256, claimed[chunk.sha256])
             mine.append(chunk)
         copier = asyncio.ensure_future(asyncio.to_thread(build.copy_held))
         try:
@@ -120,15 +122,9 @@ async def assemble(
         raise
     finally:
         os.close(fd)
-        for key in build.pinned:
-            cache._seeding[key] -= 1
-            if not cache._seeding[key]:
-                del cache._seeding[key]
+        cache.unpin(build.pinned)
         for key, future in claimed.items():
-            if cache._chunk_inflight.get(key) is future:
-                del cache._chunk_inflight[key]
-                cache._chunk_from_origin.discard(key)
-                cache._lower_asked.pop(key, None)
+            cache.release_chunk(key, future)
             if not future.done():
                 future.set_exception(OriginError(f"chunk {key[:12]}... not fetched"))
                 future.exception()
@@ -138,15 +134,8 @@ async def assemble(
         log.warning("blob %s: a cached file came up short; fetching it whole", sha256)
         with contextlib.suppress(OSError):
             part.unlink()
-        return await cache._download(sha256, size, sources, progress, transfer)
-    os.replace(part, cache.blob_path(sha256))
-    cache._sizes[sha256] = size
-    cache._unchecked.add(sha256)  # not yet in ``_verified``: hashed before any other use
-    cache.note_chunks(sha256, chunks)
-    if cache._pop_packed(sha256) is not None:
-        cache._sweep()  # whole again: the chunks stored for it alone go
-        cache.save_state()
-    return cache.blob_path(sha256)
+        return await cache.download(sha256, size, sources, progress, transfer)
+    return cache.adopt_built(part, sha256, size, chunks)
 
 
 async def _plan(cache: BlobCache, build: Build, part: Path) -> None:
@@ -160,24 +149,24 @@ async def _plan(cache: BlobCache, build: Build, part: Path) -> None:
             for chunk in found:  # fetched before the interruption: counted then
                 if build.progress is not None:
                     build.progress(chunk.size)
-    owners = {cache._chunk_at[c.sha256][0] for c in build.todo() if c.sha256 in cache._chunk_at}
+    held = [cache.holder(c.sha256) for c in build.todo()]
+    owners = {where[0] for where in held if where is not None}
     for owner in owners:
-        if owner not in cache._sizes or not await cache._verify(owner):
+        if cache.complete(owner) is None or not await cache.verify(owner):
             continue
         for chunk in build.todo():
-            where = cache._chunk_at.get(chunk.sha256)
+            where = cache.holder(chunk.sha256)
             if where is not None and where[0] == owner:
                 build.seeded[chunk.sha256] = (cache.blob_path(owner), where[1])
     stored = {
         c.sha256 for c in build.todo() if c.sha256 in cache.store and c.sha256 not in build.seeded
     }
     # the files and stored chunks copied from are kept (not packed, swept) until the end
-    build.pinned = stored | {sha for sha in owners if sha in cache._sizes}
-    for sha in build.pinned:
-        cache._seeding[sha] = cache._seeding.get(sha, 0) + 1
+    build.pinned = stored | {sha for sha in owners if cache.complete(sha) is not None}
+    cache.pin(build.pinned)
     good = await asyncio.to_thread(lambda: {c for c in stored if cache.store.read(c)})
     for sha in stored - good:
-        cache._drop_stored(sha)  # fetched instead
+        cache.drop_stored(sha)  # fetched instead
     for chunk in build.todo():
         if chunk.sha256 in good:
             build.seeded[chunk.sha256] = (
@@ -220,7 +209,7 @@ async def _fetch_chunks(
                 data = await read_bounded(peer.chunk(chunk.sha256), peer.name, chunk.size)
             except (OriginError, OriginMissing):
                 return
-            cache._count(peer, len(data))
+            cache.count(peer, len(data))
             arrived(chunk, data, peer)
 
     peers = [s for s in sources if s.chunk is not None]
@@ -229,23 +218,23 @@ async def _fetch_chunks(
     # A peer ranking lower asked for a chunk this edge is fetching, and was told no: it is
     # going to the origin for it, so ask the peers again (it waits for us, we for it).
     for _ in peers:
-        again = [c for c in wanted if not build.has(c) and cache._lower_asked.pop(c.sha256, False)]
+        again = [c for c in wanted if not build.has(c) and cache.lower_asked(c.sha256)]
         if not again:
             break
         for peer in peers:
             await asyncio.gather(*(from_peer(peer, c) for c in again if not build.has(c)))
-    cache._chunk_from_origin.update(c.sha256 for c in wanted if c.sha256 in claimed)
+    cache.chunks_from_origin(c.sha256 for c in wanted if c.sha256 in claimed)
 
     async def from_origin(origin: Source, run: list[Chunk]) -> None:
         assert origin.span is not None
         async with limit:
             buffer = bytearray()
             queue = list(run)
-            cache._chunk_from_origin.update(c.sha256 for c in run if c.sha256 in claimed)
+            cache.chunks_from_origin(c.sha256 for c in run if c.sha256 in claimed)
             stream = origin.span(run[0].offset, run[-1].end)
             async with contextlib.aclosing(stream) as pieces:
                 async for piece in pieces:
-                    cache._count(origin, len(piece))  # what crossed the link, used or not
+                    cache.count(origin, len(piece))  # what crossed the link, used or not
                     buffer += piece
                     while queue and len(buffer) >= queue[0].size:
                         chunk = queue.pop(0)
@@ -261,12 +250,12 @@ async def _fetch_chunks(
         chunks = [c for run in runs for c in run]
         starts = [c.offset for c in chunks]
         async with limit:
-            cache._chunk_from_origin.update(c.sha256 for c in chunks if c.sha256 in claimed)
+            cache.chunks_from_origin(c.sha256 for c in chunks if c.sha256 in claimed)
             at, buffer = 0, bytearray()  # contiguous bytes of the file from ``at``
             stream = origin.spans([(run[0].offset, run[-1].end) for run in runs])
             async with contextlib.aclosing(stream) as pieces:
                 async for offset, piece in pieces:
-                    cache._count(origin, len(piece))
+                    cache.count(origin, len(piece))
                     if offset != at + len(buffer):
                         at, buffer = offset, bytearray()
                     buffer += piece

@@ -341,6 +341,64 @@ class BlobCache:
         except Exception:  # timed out, or the fetch failed (its future is never cancelled)
             return await self._held_chunk(sha256)
 
+    # -- what a build from chunks uses (``assembly.py``) -----------------------------------
+
+    def fetching_from_origin(self, sha256: str) -> None:
+        """A file being built here reads from the origin: a peer asking for it waits."""
+        self._from_origin.add(sha256)
+
+    def chunk_in_flight(self, sha256: str) -> asyncio.Future[bytes] | None:
+        """The fetch of a chunk some build claimed, when one did."""
+        return self._chunk_inflight.get(sha256)
+
+    def claim_chunk(self, sha256: str, future: asyncio.Future[bytes]) -> None:
+        """A build fetches this chunk: other builds and peers wait on ``future``."""
+        self._chunk_inflight[sha256] = future
+
+    def chunks_from_origin(self, shas: Iterable[str]) -> None:
+        """Claimed chunks now read from the origin: a peer of any rank may wait for them."""
+        self._chunk_from_origin.update(shas)
+
+    def lower_asked(self, sha256: str) -> bool:
+        """Whether a lower-ranked peer was told no for this chunk (and it goes to the origin
+        for it); cleared by asking."""
+        return self._lower_asked.pop(sha256, False)
+
+    def release_chunk(self, sha256: str, future: asyncio.Future[bytes]) -> None:
+        """The claim made with ``future`` is over (fetched or failed)."""
+        if self._chunk_inflight.get(sha256) is future:
+            del self._chunk_inflight[sha256]
+            self._chunk_from_origin.discard(sha256)
+            self._lower_asked.pop(sha256, None)
+
+    def holder(self, chunk_sha256: str) -> tuple[str, Chunk] | None:
+        """A cached file that holds the chunk, and where in it."""
+        return self._chunk_at.get(chunk_sha256)
+
+    def pin(self, shas: Iterable[str]) -> None:
+        """Files and stored chunks a build copies from: neither packed nor swept until
+        :meth:`unpin`."""
+        for sha in shas:
+            self._seeding[sha] = self._seeding.get(sha, 0) + 1
+
+    def unpin(self, shas: Iterable[str]) -> None:
+        for sha in shas:
+            self._seeding[sha] -= 1
+            if not self._seeding[sha]:
+                del self._seeding[sha]
+
+    def adopt_built(self, part: Path, sha256: str, size: int, chunks: tuple[Chunk, ...]) -> Path:
+        """A file built from chunks becomes a cached blob, its whole-file check still to run
+        (:meth:`check_built`); when it was held packed, the chunks stored for it alone go."""
+        os.replace(part, self.blob_path(sha256))
+        self._sizes[sha256] = size
+        self._unchecked.add(sha256)
+        self.note_chunks(sha256, chunks)
+        if self._pop_packed(sha256) is not None:
+            self._sweep()
+            self.save_state()
+        return self.blob_path(sha256)
+
     async def _held_chunk(self, sha256: str) -> bytes | None:
         found = self._chunk_at.get(sha256)
         if found is not None and found[0] in self._sizes:
@@ -350,11 +408,11 @@ class BlobCache:
         if sha256 in self.store:
             data = await asyncio.to_thread(self.store.read, sha256)
             if data is None:
-                self._drop_stored(sha256)
+                self.drop_stored(sha256)
             return data
         return None
 
-    def _drop_stored(self, sha256: str) -> None:
+    def drop_stored(self, sha256: str) -> None:
         """A stored chunk found missing or corrupt: dropped (fetched again when wanted)."""
         if sha256 in self.store:
             log.warning("stored chunk %s is corrupt; dropped", sha256)
@@ -454,7 +512,7 @@ class BlobCache:
         if not future.cancelled():
             future.exception()  # retrieved: waiters that gave up must not make it "unhandled"
 
-    async def _verify(self, sha256: str) -> bool:
+    async def verify(self, sha256: str) -> bool:
         path = self.blob_path(sha256)
         try:
             st = path.stat()
@@ -510,7 +568,7 @@ class BlobCache:
         transfer: Transfer | None,
     ) -> Path:
         transfer = transfer if transfer is not None else Transfer()
-        if sha256 in self._sizes and await self._verify(sha256):
+        if sha256 in self._sizes and await self.verify(sha256):
             self.stats.hits += 1
             self.note_chunks(sha256, chunks)
             transfer.add("cached", size)
@@ -528,7 +586,7 @@ class BlobCache:
                     return await assemble(self, sha256, size, chunks, sources, progress, transfer)
                 except RangeUnsupported as exc:
                     log.info("%s; fetching blob %s... whole", exc.message, sha256[:12])
-            path = await self._download(sha256, size, sources, progress, transfer)
+            path = await self.download(sha256, size, sources, progress, transfer)
             self.note_chunks(sha256, chunks)
             return path
         finally:
@@ -549,7 +607,7 @@ class BlobCache:
             return True
         return any(self.holds_chunk(c.sha256) for c in chunks)
 
-    async def _download(
+    async def download(
         self,
         sha256: str,
         size: int,
@@ -638,9 +696,9 @@ class BlobCache:
     def _append(self, f: Any, chunk: bytes, digest: _Digest, source: Source) -> None:
         f.write(chunk)
         digest.update(chunk)
-        self._count(source, len(chunk))
+        self.count(source, len(chunk))
 
-    def _count(self, source: Source, size_bytes: int) -> None:
+    def count(self, source: Source, size_bytes: int) -> None:
         if source.kind == "peer":
             self.stats.bytes_from_peers += size_bytes
         else:
@@ -723,7 +781,7 @@ class BlobCache:
         costs neither memory nor disk), checked against its hash, and written under a
         reservation of its exact size. Small: neither resumed nor single-flight."""
         path = self.complete(sha256)
-        if path is not None and await self._verify(sha256):
+        if path is not None and await self.verify(sha256):
             self.stats.hits += 1
             return await asyncio.to_thread(path.read_bytes)
         self.stats.misses += 1
@@ -734,7 +792,7 @@ class BlobCache:
             except (OriginError, OriginMissing) as exc:
                 errors.append(exc.message)
                 continue
-            self._count(source, len(data))
+            self.count(source, len(data))
             if source.gzip:
                 try:
                     data = gunzip(data, limit_bytes)
@@ -867,7 +925,7 @@ class BlobCache:
             return False
         if self.used_bytes + self._reserved_bytes + unique_bytes > self.capacity_bytes:
             return False
-        if not await self._verify(sha256):
+        if not await self.verify(sha256):
             return False
         written = await self._store_chunks(self.blob_path(sha256), list(unique.values()))
         if written is None:

@@ -24,6 +24,11 @@ origin by byte range. ``edge_chunks = false`` is the edge as it was before chunk
 whole, chunk lists ignored. Progress notes and ``gateway_cache_fetched_bytes`` split bytes by
 source: origin, peer, and cached (chunks the cache held already).
 
+On an HTTP origin the index is also checked every ``edge_poll_s`` while the edge idles (none
+while a fetch runs; backing off while the origin fails): the pooled connection stays open for
+the next pull, and a model the cache holds gets its newest version's manifest as soon as the
+index lists it, so that version's load starts with the chunk fetch.
+
 The origin is not trusted further than its hashes: the index, each manifest and each
 ``config.pbtxt`` are read whole only up to ``max_index_bytes``; every file is written only up
 to the size the index or its manifest gives, within the cache's byte bound. Errors for clients
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import importlib
 import logging
@@ -127,6 +133,7 @@ class EdgeRepository(LocalRepository):
         ]
         self.pinned = set(settings.prefetch)
         self.chunks = settings.edge_chunks  # false: files whole, chunk lists ignored
+        self.poll_s = settings.edge_poll_s  # 0: the index is asked only when a load needs it
         self.in_use: Callable[[str], bool] = lambda name: False
         # called with a model's name when the revalidated index changed a model that was
         # fetched from the saved index (the data plane's ``reload_soon``)
@@ -142,6 +149,8 @@ class EdgeRepository(LocalRepository):
         self._answered = False  # the origin has answered an index request in this process
         self._revalidation: asyncio.Future[None] | None = None
         self._revalidation_tried = asyncio.Event()  # its first attempt is over
+        self._poll: asyncio.Future[None] | None = None  # the periodic index check
+        self._prefetching: dict[str, asyncio.Future[bytes]] = {}  # manifest sha256 -> its fetch
         self._stale_used: dict[str, ModelIndex] = {}  # fetched from the saved, unchecked index
         self._fetching: dict[str, asyncio.Future[None]] = {}
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (done, total) bytes
@@ -209,6 +218,7 @@ class EdgeRepository(LocalRepository):
         self.reachable, self.origin_error = True, ""
         self._checked_at = self.clock()
         self._answered = True
+        self._poll_soon()
         stale, self._stale_used = self._stale_used, {}
         if raw is None:
             return  # unchanged: what was loaded from the saved index is current
@@ -224,6 +234,69 @@ class EdgeRepository(LocalRepository):
             if self._index.get(name) != used:
                 log.info("model %s changed at the origin; loading it again", name)
                 self.on_change(name)
+
+    def _poll_soon(self) -> None:
+        """Start the periodic index check once the origin has answered (HTTP origins only:
+        the check is also what keeps their connection open between pulls)."""
+        if self.poll_s > 0 and self._poll is None and isinstance(self.origin, HttpOrigin):
+            # in a context of its own: not in the trace of the request that started it
+            self._poll = asyncio.get_running_loop().create_task(
+                self._poll_loop(), context=contextvars.Context()
+            )
+
+    async def _poll_loop(self) -> None:
+        """Ask for the index every ``poll_s`` on the pooled connection, so that a new version's
+        pull pays no connection set-up (nor, when this check saw it first, the index and the
+        manifest: a model the cache holds gets its newest version's manifest fetched here)."""
+        failed = 0  # checks in a row that found the origin unreachable: wait longer
+        while True:
+            # ``poll_s`` after the last check (a load's counts), and not during a fetch: it
+            # has the connection, and a check beside it would open another
+            every_s = min(self.poll_s * 2**failed, max(self.poll_s, REVALIDATE_RETRY_S[1]))
+            wait_s = self._checked_at + every_s - self.clock()
+            await asyncio.sleep(min(max(wait_s, 0.0), every_s))
+            if wait_s > 0 or self._fetching:
+                if self._fetching:
+                    await asyncio.sleep(min(self.poll_s, 0.5))
+                continue
+            before = self._index
+            try:
+                index = await self.refresh_index(force=True)
+            except GatewayError as exc:
+                log.debug("index check: %s", exc.message)
+                continue
+            except OSError as exc:  # the cache's disk refused the index
+                log.warning("index check: %s", exc)
+                continue
+            finally:
+                failed = 0 if self.reachable else min(failed + 1, 16)
+            if index is before:
+                continue  # unchanged (304), or the index a load asked for meanwhile
+            for name in sorted(n for n in index if n in self.cache.models):
+                if (before or {}).get(name) != index[name]:
+                    await self._prefetch_manifest(name, index[name])
+
+    async def _prefetch_manifest(self, name: str, entry: ModelIndex) -> None:
+        """The manifest of the newest version of a model the cache holds, into the cache
+        (small: a load of that version then starts with its chunk fetch)."""
+        if not entry.versions:
+            return
+        version = max(entry.versions)
+        sha = entry.versions[version]
+        if self.cache.complete(sha) is not None:
+            return
+        protected = {n for n in self.cache.models if n in self.pinned or self.in_use(n)}
+        sources = self._manifest_sources(name, version, sha, entry)
+        work = self.cache.document(sha, sources, self.max_index_bytes, protected, {sha})
+        self._prefetching[sha] = done = asyncio.ensure_future(work)  # a load waits for it
+        try:
+            await done
+        except (GatewayError, OSError) as exc:  # the load that needs it asks again
+            log.info("model %s: manifest of version %d not prefetched: %s", name, version, exc)
+            return
+        finally:
+            del self._prefetching[sha]
+        log.info("model %s: version %d listed at the origin; its manifest fetched", name, version)
 
     def _revalidate_soon(self) -> None:
         """Ask the origin for its index in the background, retrying while it is unreachable."""
@@ -425,10 +498,11 @@ class EdgeRepository(LocalRepository):
 
     async def close(self) -> None:
         await self.cache.settled()
-        if self._revalidation is not None and not self._revalidation.done():
-            self._revalidation.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._revalidation
+        for task in (self._revalidation, self._poll):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self.origin.close()
         for peer in self.peers:
             await peer.close()
@@ -438,6 +512,16 @@ class EdgeRepository(LocalRepository):
     def _reader(self, relpath: str) -> Stream:
         origin = self.origin
         return lambda offset: origin.stream(relpath, offset)
+
+    def _manifest_sources(
+        self, name: str, version: int, sha256: str, entry: ModelIndex
+    ) -> list[Source]:
+        relpath = f"{name}/{version}/{MANIFEST_NAME}"
+        sources = self._sources(sha256, relpath)
+        if entry.manifests_gzip:  # a third of the bytes; the plain one if it fails
+            packed = f"{relpath}.gz"
+            sources.insert(-1, Source("origin", self.url, self._reader(packed), gzip=True))
+        return sources
 
     def _sources(self, sha256: str, relpath: str) -> list[Source]:
         def reader(where: Origin, path: str) -> Stream:
@@ -548,10 +632,10 @@ class EdgeRepository(LocalRepository):
             if cached_only and self.cache.complete(sha) is None:
                 return False
             keep.add(sha)
-            sources = self._sources(sha, relpath)
-            if entry.manifests_gzip:  # a third of the bytes; the plain one if it fails
-                packed = f"{relpath}.gz"
-                sources.insert(-1, Source("origin", self.url, self._reader(packed), gzip=True))
+            prefetch = self._prefetching.get(sha)
+            if prefetch is not None:  # the index check is fetching it: not twice
+                await asyncio.wait([prefetch])
+            sources = self._manifest_sources(name, version, sha, entry)
             raw = await self.cache.document(sha, sources, self.max_index_bytes, protected, keep)
             manifest = parse_manifest(raw, relpath)
             blobs[sha] = len(raw)

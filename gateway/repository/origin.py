@@ -181,6 +181,8 @@ class HttpOrigin:
             tracing.inject(headers)
         for _ in range(MAX_REDIRECTS + 1):
             try:
+                # aiohttp sends a GET once more on a new connection when the server closed
+                # the pooled one as it went out (its idle limit racing the request)
                 response = await self._client().get(target, headers=headers, allow_redirects=False)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise OriginError(f"{target}: {type(exc).__name__}: {exc}") from None
