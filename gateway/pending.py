@@ -302,6 +302,7 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
     batch rows; ``InvalidInput`` for anything the model does not accept."""
     rows = 1
     prepared: Tensors = {}
+    batched = cfg.batched
     for name, array in request.inputs.items():
         spec = cfg.input(name)
         if spec is None:
@@ -313,10 +314,10 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
                 f"'{cfg.name}' expects '{spec.datatype}'"
             )
         shape = array.shape
-        dims = shape[1:] if cfg.batched else shape
-        if len(dims) != len(spec.dims) or (cfg.batched and not shape):
+        dims = shape[1:] if batched else shape
+        if len(dims) != len(spec.dims) or (batched and not shape):
             raise InvalidInput(_shape_error(name, cfg, shape))
-        if cfg.batched:
+        if batched:
             if shape[0] < 1:  # () was refused above
                 raise InvalidInput(
                     f"input '{name}': shape {list(shape)} needs a batch dimension >= 1"
@@ -336,7 +337,7 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
         ):
             raise InvalidInput(_shape_error(name, cfg, shape))
         if spec.reshape is not None:
-            lead = (rows,) if cfg.batched else ()
+            lead = (rows,) if batched else ()
             try:
                 array = array.reshape(lead + spec.reshape)
             except ValueError:
@@ -344,7 +345,12 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
                     f"input '{name}' cannot be reshaped to {list(spec.reshape)}"
                 ) from None
         prepared[name] = array
-    missing = [t.name for t in cfg.inputs if t.name not in prepared and not t.optional]
+    # Every name in ``prepared`` is one of the config's: as many means none is missing.
+    missing = (
+        []
+        if len(prepared) == len(cfg.inputs)
+        else [t.name for t in cfg.inputs if t.name not in prepared and not t.optional]
+    )
     if missing:
 
         def names(items: Sequence[str]) -> str:

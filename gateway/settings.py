@@ -103,6 +103,14 @@ class Settings:
     # shares its cores with the event loop the spinning after a run costs more than it saves.
     # False: threads spin only while a run goes, and only where every instance's pool fits.
     ort_spinning: bool = False
+    # Spinning while a run goes saves each op's thread wake-up (tens of us), which only short
+    # runs feel, and burns a core whenever a pool thread waits on a preempted one, which long
+    # runs feel most (resnet50 on 2 cores beside the event loop: 1.5x the CPU per request;
+    # mlp at 64 connections 1.3-1.5x the throughput without). So a pool that may spin does
+    # only for models whose batch-1 run, timed at load on a session that does not spin, takes
+    # at most this much CPU on its calling thread (README, "ONNX Runtime threads"). 0: no model
+    # spins; 10: mlp spins too (a lone mlp request up to 0.8 ms faster on idle cores).
+    ort_spin_max_run_ms: float = 0.5
     warmup: bool = True
     # Python's cyclic GC runs its youngest generation every N net container allocations (700 by
     # default). Each request allocates and frees short-lived objects that outlive that window
@@ -331,6 +339,8 @@ class Settings:
             raise SettingsError(
                 f"batching_delay must be adaptive or triton, got {self.batching_delay!r}"
             )
+        if self.ort_spin_max_run_ms < 0:
+            raise SettingsError(f"ort_spin_max_run_ms must be >= 0, got {self.ort_spin_max_run_ms}")
         if self.inline_max_ms < 0:
             raise SettingsError(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.gc_threshold < 0 or self.gil_switch_interval_us < 0:

@@ -36,6 +36,7 @@ from gateway.protocol.tensors import (
     tensor_from_buffer,
 )
 from gateway.protocol.types import (
+    DATATYPES,
     InferRequest,
     InferResponse,
     RequestedOutput,
@@ -89,12 +90,10 @@ def _flatten_strings(data: list[Any], name: str, count: int) -> list[bytes]:
 
 
 def _json_data(
-    data: object, datatype: str, shape: tuple[int, ...], name: str
+    data: object, datatype: str, dtype: np.dtype[Any], shape: tuple[int, ...], count: int, name: str
 ) -> np.ndarray[Any, Any]:
     if not isinstance(data, list):
         data = [data]
-    count = math.prod(shape)
-    dtype = numpy_dtype(datatype)
     if datatype == "BYTES":
         flat = _flatten_strings(data, name, count)
         array = np.empty(len(flat), dtype=object)
@@ -108,6 +107,8 @@ def _json_data(
             raise _deep(name)
         if dtype.kind in "iu" and raw.dtype.kind == "f" and raw.size:
             array = _exact_integers(data, dtype, datatype, name)
+        elif raw.ndim == 1:  # the usual case, a flat list: its values are ``raw``'s, in order
+            array = _convert(raw, dtype, datatype, name, data)
         else:
             array = _convert(raw.reshape(-1), dtype, datatype, name)
     if array.size != count:
@@ -116,6 +117,28 @@ def _json_data(
             f"field (got {array.size} elements, shape {list(shape)} needs {count})"
         )
     return array.reshape(shape)
+
+
+# The bounds of each integer datatype as Python ints, read once (``np.iinfo`` per tensor cost
+# about as much as the cast itself).
+_INT_BOUNDS: dict[np.dtype[Any], tuple[int, int]] = {
+    dtype: (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    for dtype in DATATYPES.values()
+    if dtype.kind in "iu"
+}
+# Up to this many values in a flat list, Python's ``min``/``max`` over the list are cheaper than
+# numpy's reductions over the array (a call into numpy costs a few microseconds of its own).
+_SMALL = 64
+# Floats strictly inside this bound cast to FP32 without overflow (its largest is 3.4028e38).
+_FP32_SAFE = 3.4e38
+
+
+def _extremes(raw: np.ndarray[Any, Any], flat: list[Any] | None) -> tuple[Any, Any]:
+    """The smallest and largest of the values (non-empty): from the JSON list when it is flat
+    and short, else from the array."""
+    if flat is not None and len(flat) <= _SMALL:
+        return min(flat), max(flat)
+    return np.minimum.reduce(raw, axis=None), np.maximum.reduce(raw, axis=None)
 
 
 def _exact_integers(
@@ -131,16 +154,21 @@ def _exact_integers(
         if isinstance(value, float) and not value.is_integer():  # JSON has no inf or nan
             raise _fail(f"input '{name}': {datatype} data must be integers")
         exact.append(int(value))  # orjson reads integers past 2**64 as floats
-    info = np.iinfo(dtype)
-    if min(exact) < info.min or max(exact) > info.max:
+    low, high = _INT_BOUNDS[dtype]
+    if min(exact) < low or max(exact) > high:
         raise _fail(f"input '{name}': value out of range for {datatype}")
     return np.array(exact, dtype=dtype)
 
 
 def _convert(
-    raw: np.ndarray[Any, Any], dtype: np.dtype[Any], datatype: str, name: str
+    raw: np.ndarray[Any, Any],
+    dtype: np.dtype[Any],
+    datatype: str,
+    name: str,
+    flat: list[Any] | None = None,
 ) -> np.ndarray[Any, Any]:
-    """Cast JSON numbers to the declared dtype, refusing values it cannot hold."""
+    """Cast JSON numbers to the declared dtype, refusing values it cannot hold. ``flat``: the
+    JSON list ``raw`` was made of, when it is flat (its values are then ``raw``'s)."""
     kind = raw.dtype.kind
     if raw.size == 0:
         return raw.astype(dtype)
@@ -153,23 +181,33 @@ def _convert(
     if dtype.kind in "iu":  # floats for integers went to _exact_integers
         if kind == "b":
             raise _fail(f"input '{name}': {datatype} data must be integers, not booleans")
-        info = np.iinfo(dtype)
-        if kind == "u" or raw.dtype == np.uint64:
-            low_ok, high_ok = True, bool(raw.max() <= info.max)
-        else:
-            low_ok, high_ok = bool(raw.min() >= info.min), bool(raw.max() <= info.max)
-        if not (low_ok and high_ok):
+        if raw.dtype == dtype:  # numpy read them as this very type: they fit
+            return raw
+        low, high = _INT_BOUNDS[dtype]
+        smallest, largest = _extremes(raw, flat)
+        if int(smallest) < low or int(largest) > high:
             raise _fail(f"input '{name}': value out of range for {datatype}")
         return raw.astype(dtype)
     if kind == "b":
         raise _fail(f"input '{name}': {datatype} data must be numbers, not booleans")
-    if dtype != raw.dtype:
-        with np.errstate(over="ignore"):
-            out = raw.astype(dtype)
-        if not np.all(np.isfinite(out)):
-            raise _fail(f"input '{name}': value out of range for {datatype}")
-        return out
-    return raw
+    if dtype == raw.dtype:
+        return raw
+    if dtype.itemsize >= 4 and (kind in "iu" or _inside_fp32(raw, flat)):
+        return raw.astype(dtype)  # no value can overflow: no check, nothing to silence
+    with np.errstate(over="ignore"):
+        out = raw.astype(dtype)
+    if not np.isfinite(out).all():
+        raise _fail(f"input '{name}': value out of range for {datatype}")
+    return out
+
+
+def _inside_fp32(raw: np.ndarray[Any, Any], flat: list[Any] | None) -> bool:
+    """Whether every float is strictly inside FP32's range, asked only of short flat lists
+    (else the cast is checked after the fact)."""
+    if flat is None or len(flat) > _SMALL:
+        return False
+    smallest, largest = _extremes(raw, flat)
+    return bool(-_FP32_SAFE < smallest and largest < _FP32_SAFE)
 
 
 def _decode_outputs(header: dict[str, Any]) -> list[RequestedOutput] | None:
@@ -289,10 +327,13 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _fail("'id' must be a string")
-    params = check_parameters(_parameters(header, "request"))
-    binary_output = params.get("binary_data_output", False)
-    if not isinstance(binary_output, bool):
-        raise _fail("'binary_data_output' must be true or false")
+    params: dict[str, Any] = {}
+    binary_output = False
+    if "parameters" in header:
+        params = check_parameters(_parameters(header, "request"))
+        binary_output = params.get("binary_data_output", False)
+        if not isinstance(binary_output, bool):
+            raise _fail("'binary_data_output' must be true or false")
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _fail("'inputs' must be a non-empty list")
@@ -313,12 +354,14 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
             raise _fail(f"input '{name}': 'datatype' must be a string")
         shape = check_shape(spec.get("shape"), name, max_elements)
         count = math.prod(shape)
-        shared = _shared_input(spec, name, datatype, shape)
-        if shared is not None:  # resolved by the data plane (gateway/shared_memory.py)
-            shared_inputs[name] = shared
-            all_binary = False
-            continue
-        size = _parameters(spec, f"input '{name}'").get("binary_data_size")
+        size = None  # without parameters: neither shared memory nor binary data
+        if "parameters" in spec:
+            shared = _shared_input(spec, name, datatype, shape)
+            if shared is not None:  # resolved by the data plane (gateway/shared_memory.py)
+                shared_inputs[name] = shared
+                all_binary = False
+                continue
+            size = _parameters(spec, f"input '{name}'").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise _fail(f"input '{name}': 'binary_data_size' must be a non-negative integer")
@@ -341,7 +384,7 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
                     )
                 inputs[name] = tensor_from_buffer(chunk, dtype, shape, name)
         elif "data" in spec:
-            inputs[name] = _json_data(spec["data"], datatype, shape, name)
+            inputs[name] = _json_data(spec["data"], datatype, dtype, shape, count, name)
             all_binary = False
         else:
             raise _fail(f"input '{name}' has neither 'data' nor 'binary_data_size'")
@@ -353,7 +396,7 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
     request = InferRequest(
         inputs=inputs,
         id=request_id,
-        outputs=_decode_outputs(header),
+        outputs=_decode_outputs(header) if "outputs" in header else None,
         binary_output=binary_output,
         parameters=params,
         shared_inputs=shared_inputs,
