@@ -46,14 +46,25 @@ def counts(address: str, model: str) -> tuple[int, int]:
 
 
 def point(
-    pa: str, gw: harness.Gateway, model: str, c: int, window_ms: int, work: Path
+    pa: str,
+    gw: harness.Gateway,
+    model: str,
+    c: int,
+    window_ms: int,
+    work: Path,
+    grpc_port: int = 0,
+    streaming: bool = False,
 ) -> dict[str, float]:
-    """One perf_analyzer point (binary HTTP, three windows) with batch size and CPU/request."""
+    """One perf_analyzer point (binary HTTP, or gRPC on ``grpc_port``, unary or ``streaming``;
+    three windows) with batch size and CPU/request."""
     report = work / f"pa-{time.monotonic_ns()}.csv"
+    url, protocol = (f"127.0.0.1:{grpc_port}", "grpc") if grpc_port else (gw.address, "http")
     cmd = [
-        pa, "-m", model, "-u", gw.address, "-i", "http", "--concurrency-range", str(c),
+        pa, "-m", model, "-u", url, "-i", protocol, "--concurrency-range", str(c),
         "-p", str(window_ms), "-s", "999", "-r", "3", "--input-data", "zero", "-f", str(report),
     ]  # fmt: skip
+    if streaming:
+        cmd.append("--streaming")
     before, cpu_before = counts(gw.address, model), harness.process_cpu_s(gw.proc.pid) or 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     after, cpu_after = counts(gw.address, model), harness.process_cpu_s(gw.proc.pid) or 0.0
@@ -122,6 +133,7 @@ def main() -> None:
         "the model: the gateway's ratios to them",
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--protocol", choices=["http", "grpc", "grpc-stream"], default="http")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.window_ms = 1, 500
@@ -137,9 +149,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         gateways = {}
+        grpc_ports = {}
         for name, env in variants:
+            grpc_ports[name] = harness.free_port() if args.protocol != "http" else 0
+            grpc = ["--grpc-port", str(grpc_ports[name])] if grpc_ports[name] else []
             gateways[name] = harness.start_gateway(
-                repo, work, "--log-level", "warning", tag=name, ready=(args.model,), detach=True,
+                repo, work, "--log-level", "warning", *grpc, tag=name, ready=(args.model,),
+                detach=True,
                 env={"GATEWAY_LOAD_MODELS": args.model, "GATEWAY_ACCESS_LOG": "false", **env},
             )  # fmt: skip
             stack.callback(gateways[name].stop)
@@ -150,7 +166,8 @@ def main() -> None:
                 print(f"round {r + 1} in-process batch {b}: {p}", flush=True)
             for c in levels:
                 for name in names[r % len(names) :] + names[: r % len(names)]:
-                    p = point(pa, gateways[name], args.model, c, args.window_ms, work)
+                    p = point(pa, gateways[name], args.model, c, args.window_ms, work,
+                              grpc_ports[name], args.protocol == "grpc-stream")  # fmt: skip
                     got.setdefault((name, c), []).append(p)
                     print(f"round {r + 1} c={c} {name}: {p}", flush=True)
     base = names[0]
@@ -169,12 +186,13 @@ def main() -> None:
             )
     compared = in_process_rows(got, names, levels, batches)
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    protocol = {"grpc": "gRPC", "grpc-stream": "gRPC streaming"}.get(args.protocol, "binary HTTP")
     described = "; ".join(f"`{n}`: {env or 'defaults'}" for n, env in variants)
     markdown = f"""# Gateway variants under perf_analyzer (`{args.model}`)
 
 Command: `.venv/bin/python bench/tree_ab.py {" ".join(sys.argv[1:])}`
 
-2 shared CPUs, load average {load} at the end (1/5/15 min); binary HTTP, one item per request,
+2 shared CPUs, load average {load} at the end (1/5/15 min); {protocol}, one item per request,
 {args.rounds} rounds of three {args.window_ms} ms windows per point, variants one after the
 other in rotated order. Variants: {described}. Medians over rounds; the throughput ratio to
 `{base}` is taken per round (median and range).
