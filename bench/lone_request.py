@@ -7,7 +7,7 @@ processes) as it passes: bytes read, head parsed, decoded, submitted, batch disp
 thread started, ORT run done, result back on the loop, answer encoded, written. A minimal client
 in this process (one connection, a pre-built request, blocking socket) stamps the send and the
 whole response read. Per stage the median over the requests, and the sum against in-process
-``session.run`` of the same item with the gateway's session options.
+runs of the same item, the model loaded as the gateway loads it (session options, spinning).
 
     .venv/bin/python bench/lone_request.py --model mlp --requests 400
     .venv/bin/python bench/lone_request.py --quick --out /tmp/lone.md   # CI smoke, ~20 s
@@ -193,20 +193,30 @@ def drive(port: int, request: bytes, count: int, gap_s: float) -> tuple[list[int
     return sent, received
 
 
+class _Loaded:
+    """A loaded backend with ``InferenceSession.run``'s call shape."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def run(self, outputs: list[str], feeds: Any) -> Any:
+        return self.backend.run_sync(feeds, outputs)
+
+
 def in_process_session(repo: Path, model_name: str) -> tuple[Any, Any, list[str]]:
-    """A session with the gateway's options, warmed, with one item's feeds."""
+    """The model loaded as the gateway loads it (its session options and its spinning
+    decision, ``ort_spin_max_run_ms``), warmed, with one item's feeds."""
+    import asyncio
+
     import harness
-    import onnxruntime as ort
 
     from gateway.backends.onnxruntime import OnnxRuntimeFactory
-    from gateway.repository.config import load_config
+    from gateway.repository.local import LocalRepository
     from gateway.settings import Settings
 
-    config = load_config(repo / model_name)
-    options = OnnxRuntimeFactory(Settings()).session_options(config)
-    session = ort.InferenceSession(
-        str(repo / model_name / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
-    )
+    factory = OnnxRuntimeFactory(Settings())
+    backend = asyncio.run(factory.load(LocalRepository(repo).source(model_name), 1))
+    session = _Loaded(backend)
     model = harness.read_model(repo, model_name)
     feeds = harness.sample_inputs(model, 1)
     outputs = list(model.outputs)

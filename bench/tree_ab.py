@@ -28,6 +28,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import harness
 
@@ -45,14 +46,25 @@ def counts(address: str, model: str) -> tuple[int, int]:
 
 
 def point(
-    pa: str, gw: harness.Gateway, model: str, c: int, window_ms: int, work: Path
+    pa: str,
+    gw: harness.Gateway,
+    model: str,
+    c: int,
+    window_ms: int,
+    work: Path,
+    grpc_port: int = 0,
+    streaming: bool = False,
 ) -> dict[str, float]:
-    """One perf_analyzer point (binary HTTP, three windows) with batch size and CPU/request."""
+    """One perf_analyzer point (binary HTTP, or gRPC on ``grpc_port``, unary or ``streaming``;
+    three windows) with batch size and CPU/request."""
     report = work / f"pa-{time.monotonic_ns()}.csv"
+    url, protocol = (f"127.0.0.1:{grpc_port}", "grpc") if grpc_port else (gw.address, "http")
     cmd = [
-        pa, "-m", model, "-u", gw.address, "-i", "http", "--concurrency-range", str(c),
+        pa, "-m", model, "-u", url, "-i", protocol, "--concurrency-range", str(c),
         "-p", str(window_ms), "-s", "999", "-r", "3", "--input-data", "zero", "-f", str(report),
     ]  # fmt: skip
+    if streaming:
+        cmd.append("--streaming")
     before, cpu_before = counts(gw.address, model), harness.process_cpu_s(gw.proc.pid) or 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     after, cpu_after = counts(gw.address, model), harness.process_cpu_s(gw.proc.pid) or 0.0
@@ -69,6 +81,42 @@ def point(
     }
 
 
+def in_process_backend(repo: Path, model: str) -> Any:
+    """The model loaded as this tree's gateway loads it (its session options, its spinning
+    decision), in this process, for the in-process rows."""
+    import asyncio
+
+    from gateway.backends.onnxruntime import OnnxRuntimeFactory
+    from gateway.repository.local import LocalRepository
+    from gateway.settings import Settings
+
+    factory = OnnxRuntimeFactory(Settings())
+    return asyncio.run(factory.load(LocalRepository(repo).source(model), 1))
+
+
+def in_process_point(
+    backend: Any, model: harness.Model, batch: int, window_ms: int
+) -> dict[str, float]:
+    """Back-to-back ``run_sync`` of ``batch`` rows for about ``window_ms`` (at least 3 runs):
+    items/s, the p50 run and the process's CPU per item (ORT threads included)."""
+    feeds = harness.sample_inputs(model, batch)
+    outputs = list(model.outputs)
+    backend.run_sync(feeds, outputs)
+    took: list[float] = []
+    cpu, until = time.process_time(), time.perf_counter() + window_ms / 1e3
+    while len(took) < 3 or time.perf_counter() < until:
+        started = time.perf_counter()
+        backend.run_sync(feeds, outputs)
+        took.append(time.perf_counter() - started)
+    cpu = time.process_time() - cpu
+    return {
+        "throughput": batch * len(took) / sum(took),
+        "p50_ms": statistics.median(took) * 1e3,
+        "batch": float(batch),
+        "cpu_ms": cpu / (batch * len(took)) * 1e3,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="+", help="name:ENV=V,ENV=V (the first: baseline)")
@@ -78,7 +126,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--window-ms", type=int, default=1500)
     parser.add_argument("--quick", action="store_true", help="1 round, 500 ms windows")
+    parser.add_argument(
+        "--in-process",
+        default="",
+        help="batch sizes (e.g. 1,8) also run in this process each round, as this tree loads "
+        "the model: the gateway's ratios to them",
+    )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--protocol", choices=["http", "grpc", "grpc-stream"], default="http")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.window_ms = 1, 500
@@ -88,19 +143,31 @@ def main() -> None:
     names = [name for name, _ in variants]
     pa = harness.perf_analyzer_path()
     got: dict[tuple[str, int], list[dict[str, float]]] = {}
+    batches = [int(b) for b in args.in_process.split(",") if b]
+    local = in_process_backend(repo, args.model) if batches else None
+    spec = harness.read_model(repo, args.model)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         gateways = {}
+        grpc_ports = {}
         for name, env in variants:
+            grpc_ports[name] = harness.free_port() if args.protocol != "http" else 0
+            grpc = ["--grpc-port", str(grpc_ports[name])] if grpc_ports[name] else []
             gateways[name] = harness.start_gateway(
-                repo, work, "--log-level", "warning", tag=name, ready=(args.model,), detach=True,
+                repo, work, "--log-level", "warning", *grpc, tag=name, ready=(args.model,),
+                detach=True,
                 env={"GATEWAY_LOAD_MODELS": args.model, "GATEWAY_ACCESS_LOG": "false", **env},
             )  # fmt: skip
             stack.callback(gateways[name].stop)
         for r in range(args.rounds):
+            for b in batches:
+                p = in_process_point(local, spec, b, args.window_ms)
+                got.setdefault((IN_PROCESS, b), []).append(p)
+                print(f"round {r + 1} in-process batch {b}: {p}", flush=True)
             for c in levels:
                 for name in names[r % len(names) :] + names[: r % len(names)]:
-                    p = point(pa, gateways[name], args.model, c, args.window_ms, work)
+                    p = point(pa, gateways[name], args.model, c, args.window_ms, work,
+                              grpc_ports[name], args.protocol == "grpc-stream")  # fmt: skip
                     got.setdefault((name, c), []).append(p)
                     print(f"round {r + 1} c={c} {name}: {p}", flush=True)
     base = names[0]
@@ -117,13 +184,15 @@ def main() -> None:
                 f"{med['batch']:.1f} | {med['cpu_ms']:.3f} | {statistics.median(ratios):.3f}x "
                 f"({ratios[0]:.3f}-{ratios[-1]:.3f}) |"
             )
+    compared = in_process_rows(got, names, levels, batches)
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    protocol = {"grpc": "gRPC", "grpc-stream": "gRPC streaming"}.get(args.protocol, "binary HTTP")
     described = "; ".join(f"`{n}`: {env or 'defaults'}" for n, env in variants)
     markdown = f"""# Gateway variants under perf_analyzer (`{args.model}`)
 
 Command: `.venv/bin/python bench/tree_ab.py {" ".join(sys.argv[1:])}`
 
-2 shared CPUs, load average {load} at the end (1/5/15 min); binary HTTP, one item per request,
+2 shared CPUs, load average {load} at the end (1/5/15 min); {protocol}, one item per request,
 {args.rounds} rounds of three {args.window_ms} ms windows per point, variants one after the
 other in rotated order. Variants: {described}. Medians over rounds; the throughput ratio to
 `{base}` is taken per round (median and range).
@@ -131,10 +200,64 @@ other in rotated order. Variants: {described}. Medians over rounds; the throughp
 | c | variant | infer/s | p50 ms | mean batch | gateway CPU ms/request | vs {base} |
 |---:|---|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
-"""
+{compared}"""
     print(markdown)
     if args.out:
         harness.write_results(args.out, markdown, {f"{n} c={c}": v for (n, c), v in got.items()})
+
+
+IN_PROCESS = "in-process"
+
+
+def in_process_rows(
+    got: dict[tuple[str, int], list[dict[str, float]]],
+    names: list[str],
+    levels: list[int],
+    batches: list[int],
+) -> str:
+    """The in-process points and each variant's ratios to them, taken per round: throughput
+    to the best in-process batch's items/s, and at c=1 the p50 to batch 1's run."""
+    if not batches:
+        return ""
+    lines = [
+        "",
+        "In this process, as this tree loads the model (`run_sync`, back to back, each round):",
+        "",
+        "| batch | items/s | p50 ms | CPU ms/item |",
+        "|---:|---:|---:|---:|",
+    ]
+    for b in batches:
+        pts = got[(IN_PROCESS, b)]
+        med = {k: statistics.median(p[k] for p in pts) for k in pts[0]}
+        lines.append(
+            f"| {b} | {med['throughput']:.1f} | {med['p50_ms']:.2f} | {med['cpu_ms']:.3f} |"
+        )
+    lines += [
+        "",
+        "| c | variant | infer/s / in-process best batch | p50 / in-process batch-1 p50 |",
+        "|---:|---|---:|---:|",
+    ]
+    rounds = len(got[(IN_PROCESS, batches[0])])
+    for c in levels:
+        for name in names:
+            best = [
+                got[(name, c)][r]["throughput"]
+                / max(got[(IN_PROCESS, b)][r]["throughput"] for b in batches)
+                for r in range(rounds)
+            ]
+            p50 = "-"
+            if c == 1 and 1 in batches:
+                lat = sorted(
+                    got[(name, c)][r]["p50_ms"] / got[(IN_PROCESS, 1)][r]["p50_ms"]
+                    for r in range(rounds)
+                )
+                p50 = f"{statistics.median(lat):.2f}x ({lat[0]:.2f}-{lat[-1]:.2f})"
+            best.sort()
+            lines.append(
+                f"| {c} | {name} | {statistics.median(best):.3f}x ({best[0]:.3f}-{best[-1]:.3f}) "
+                f"| {p50} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -60,16 +60,9 @@ def build_app(settings: Settings) -> Any:
         edge.attach(dataplane)  # loaded models are never evicted; changed ones reload
     if not settings.grpc_port:
         return create_app(dataplane, on_shutdown=on_shutdown, hosts=hosts)
-    from gateway.grpc import GrpcServer, Http2GrpcServer
+    from gateway.grpc.server import grpc_server as make_grpc_server
 
-    transport = Http2GrpcServer if settings.grpc_transport == "asyncio" else GrpcServer
-    grpc_server = transport(
-        dataplane,
-        settings.host,
-        settings.grpc_port,
-        settings.grpc_max_message_bytes,
-        grace_s=settings.drain_timeout_s,
-    )
+    grpc_server = make_grpc_server(dataplane)
     return create_app(
         dataplane,
         on_startup=[grpc_server.start],
@@ -218,6 +211,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument(
         "--response-cache-redis-url", help="shared response cache in Redis (redis://host:port)"
+    )
+    serve_cmd.add_argument(
+        "--grpc-tls-certfile", help="gRPC over TLS: certificate (PEM) [tls_certfile, else off]"
+    )
+    serve_cmd.add_argument("--grpc-tls-keyfile", help="gRPC over TLS: private key [tls_keyfile]")
+    serve_cmd.add_argument(
+        "--grpc-tls-client-cafile",
+        help="mutual TLS: gRPC clients must present a certificate this CA signed [off]",
     )
     _edge_arguments(commands, serve_cmd)
     return parser

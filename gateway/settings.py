@@ -72,6 +72,12 @@ class Settings:
     # NO_ERROR); 0: never. Longer than keepalive_timeout_s: gRPC clients hold one channel for
     # many calls and reconnect on GOAWAY, and grpc's own servers never close idle ones.
     grpc_idle_timeout_s: float = 300.0
+    # gRPC over TLS (both transports): on when a certificate and key are set, the REST ones
+    # (tls_certfile, tls_keyfile) unless these name others. grpc_tls_client_cafile: clients
+    # must present a certificate this CA signed (mutual TLS), as Triton's --grpc-use-ssl-mutual.
+    grpc_tls_certfile: str = ""
+    grpc_tls_keyfile: str = ""
+    grpc_tls_client_cafile: str = ""
     # Edge replicas: the largest models.json or manifest.json accepted from an origin or peer.
     max_index_bytes: int = 16 * 1024 * 1024
     # Execution.
@@ -97,6 +103,14 @@ class Settings:
     # shares its cores with the event loop the spinning after a run costs more than it saves.
     # False: threads spin only while a run goes, and only where every instance's pool fits.
     ort_spinning: bool = False
+    # Spinning while a run goes saves each op's thread wake-up (tens of us), which only short
+    # runs feel, and burns a core whenever a pool thread waits on a preempted one, which long
+    # runs feel most (resnet50 on 2 cores beside the event loop: 1.5x the CPU per request;
+    # mlp at 64 connections 1.3-1.5x the throughput without). So a pool that may spin does
+    # only for models whose batch-1 run, timed at load on a session that does not spin, takes
+    # at most this much CPU on its calling thread (README, "ONNX Runtime threads"). 0: no model
+    # spins; 10: mlp spins too (a lone mlp request up to 0.8 ms faster on idle cores).
+    ort_spin_max_run_ms: float = 0.5
     warmup: bool = True
     # Python's cyclic GC runs its youngest generation every N net container allocations (700 by
     # default). Each request allocates and frees short-lived objects that outlive that window
@@ -243,6 +257,13 @@ class Settings:
             raise SettingsError(
                 f"grpc_transport must be asyncio or grpcio, got {self.grpc_transport!r}"
             )
+        if bool(self.grpc_tls_certfile) != bool(self.grpc_tls_keyfile):
+            raise SettingsError("grpc_tls_certfile and grpc_tls_keyfile go together")
+        if self.grpc_tls_client_cafile and self.grpc_tls is None:
+            raise SettingsError(
+                "grpc_tls_client_cafile needs a certificate and key (grpc_tls_certfile and "
+                "grpc_tls_keyfile, or tls_certfile and tls_keyfile)"
+            )
         if self.max_index_bytes < 1024:
             raise SettingsError("max_index_bytes must be at least 1024")
         if self.execution_provider not in ("auto", "cpu", "cuda"):
@@ -318,6 +339,8 @@ class Settings:
             raise SettingsError(
                 f"batching_delay must be adaptive or triton, got {self.batching_delay!r}"
             )
+        if self.ort_spin_max_run_ms < 0:
+            raise SettingsError(f"ort_spin_max_run_ms must be >= 0, got {self.ort_spin_max_run_ms}")
         if self.inline_max_ms < 0:
             raise SettingsError(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.gc_threshold < 0 or self.gil_switch_interval_us < 0:
@@ -360,6 +383,16 @@ class Settings:
     @property
     def model_repo_path(self) -> Path:
         return Path(self.model_repo)
+
+    @property
+    def grpc_tls(self) -> tuple[str, str] | None:
+        """gRPC's certificate and key files, or None for plaintext: its own pair when set, else
+        the REST listener's (a gateway that serves HTTPS does not serve gRPC in the clear)."""
+        if self.grpc_tls_certfile:
+            return self.grpc_tls_certfile, self.grpc_tls_keyfile
+        if self.tls_certfile and self.tls_keyfile:
+            return self.tls_certfile, self.tls_keyfile
+        return None
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:

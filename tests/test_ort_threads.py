@@ -164,3 +164,43 @@ async def test_a_failed_batch_answers_its_caller_and_the_runner_serves_the_next(
         assert ran.outputs["Y"].shape == (1, 8) and ran.compute_s is not None
     finally:
         await backend.close()
+
+
+async def _loaded_spinning(tmp_path: Path, extra: str = "", **settings: object) -> tuple[Any, Any]:
+    """(``backend.spinning``, its ``ort_spinning`` fact) of ``dense`` on two cores."""
+    models.dense(tmp_path, config=DENSE_CONFIG + extra)
+    factory = OnnxRuntimeFactory(Settings(warmup=False, **settings), cores=lambda: 2)  # type: ignore[arg-type]
+    backend = await factory.load(LocalRepository(tmp_path).source("dense"), 1)
+    try:
+        session = backend._free.get_nowait()
+        backend._free.put(session)
+        entry = session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning"
+        )
+        assert backend.spinning is (entry == "1")
+        return backend.spinning, backend.describe().get("ort_spinning")
+    finally:
+        await backend.close()
+
+
+async def test_only_models_whose_runs_are_short_spin(tmp_path: Path) -> None:
+    """A pool that fits may spin while a run goes; it does only where a batch-1 run, timed at
+    load on a session that does not spin, takes at most ``ort_spin_max_run_ms`` of its thread's
+    CPU: a long run's waits on a preempted thread would burn a core. 0: nothing spins."""
+    assert await _loaded_spinning(tmp_path / "a", ort_spin_max_run_ms=1e6) == (True, True)
+    assert await _loaded_spinning(tmp_path / "b", ort_spin_max_run_ms=1e-9) == (False, False)
+    assert await _loaded_spinning(tmp_path / "c", ort_spin_max_run_ms=0) == (False, False)
+    # The model's own word is not timed, and ``ort_spinning`` lets ORT spin as it likes.
+    own = 'parameters { key: "session.intra_op.allow_spinning" value: { string_value: "1" } }\n'
+    assert await _loaded_spinning(tmp_path / "d", own, ort_spin_max_run_ms=0) == (True, True)
+    assert await _loaded_spinning(tmp_path / "e", ort_spinning=True, ort_spin_max_run_ms=0) == (
+        True,
+        True,
+    )
+
+
+def test_the_spin_limit_is_not_negative() -> None:
+    from gateway.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="ort_spin_max_run_ms"):
+        Settings(ort_spin_max_run_ms=-1)

@@ -445,6 +445,17 @@ def _settle(
         done.set_result(result)
 
 
+def _spinning(session: Any) -> bool | None:
+    """Whether a session's intra-op threads may spin (None: a session that does not say)."""
+    try:
+        entry = session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning"
+        )
+    except Exception:  # a stand-in session, or ORT without the entry (its default: spin)
+        return None
+    return bool(entry != "0")
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     """One session: the provider it really runs on (``get_providers()[0]``) and, on CUDA, the
@@ -487,6 +498,7 @@ class OnnxRuntimeBackend(Backend):
         self._on_gpu = any(i.provider == CUDA for i in self._instances)
         self._device_failures = 0
         self.inline = inline
+        self.spinning = _spinning(sessions[0]) if sessions else None
 
     @property
     def config(self) -> ModelConfig:
@@ -628,6 +640,8 @@ class OnnxRuntimeBackend(Backend):
         devices = sorted({i.device_id for i in self._instances if i.device_id is not None})
         if devices:
             facts["cuda_device_ids"] = devices
+        if self.spinning is not None:  # whether ORT's intra-op threads busy-wait (README)
+            facts["ort_spinning"] = self.spinning
         return facts
 
 
@@ -662,11 +676,13 @@ class OnnxRuntimeFactory(BackendFactory):
                     log.info("CUDA library preload: %s", self._preload_note)
             return self._preload_note
 
-    def session_options(self, config: ModelConfig) -> Any:
+    def session_options(self, config: ModelConfig, spin: bool | None = None) -> Any:
         """The gateway's thread settings, then the model's own: Triton's onnxruntime-backend
         thread parameters and ``session.*`` config parameters (ONNX Runtime session config
         entries), as the python-backend model on Triton honours them, so one ``config.pbtxt``
-        means the same wherever the model runs. Raises ``ValueError`` on a bad thread count."""
+        means the same wherever the model runs. Raises ``ValueError`` on a bad thread count.
+        ``spin=False``: no spinning where the rule below would spin while a run goes (what
+        :meth:`spin_probe` decides at load)."""
         options = ort.SessionOptions()
         cores = self._cores()
         options.intra_op_num_threads = self._settings.intra_op_threads or (
@@ -699,32 +715,97 @@ class OnnxRuntimeFactory(BackendFactory):
         # while a run goes, stop when it returns, only while every instance's pool fits in the
         # cores; never otherwise. ``ort_spinning``: ORT's own default.
         fits = _fit(config.instance_count, options.intra_op_num_threads, cores)
-        spin = "1" if self._settings.ort_spinning or fits else "0"
+        while_running = fits and not self._settings.ort_spinning and spin is not False
+        spinning = "1" if self._settings.ort_spinning or while_running else "0"
         entries = {
-            "session.intra_op.allow_spinning": spin,
-            "session.inter_op.allow_spinning": spin,
+            "session.intra_op.allow_spinning": spinning,
+            "session.inter_op.allow_spinning": spinning,
         }
-        if not self._settings.ort_spinning and fits:
+        if while_running:
             entries["session.force_spinning_stop"] = "1"
         for key, value in entries.items():
             if key not in given:  # the model's own word wins
                 options.add_session_config_entry(key, value)
         return options
 
+    def spin_probe(self, config: ModelConfig) -> bool:
+        """Whether spinning while a run goes is left to the run's length, timed at load
+        (``ort_spin_max_run_ms``): where the pools fit in the cores (else nothing spins),
+        ``ort_spinning`` is off (else ORT spins as it likes), the pool has threads of its own
+        beside the caller's and the model says nothing itself."""
+        with contextlib.suppress(Exception):  # a bad thread count (the load says), no entry
+            options = self.session_options(config)
+            if options.get_session_config_entry("session.force_spinning_stop") != "1":
+                return False
+            if options.intra_op_num_threads == 1:
+                return False
+            return not any(key == "session.intra_op.allow_spinning" for key, _ in config.parameters)
+        return False
+
+    def _short_runs(self, session: Any, config: ModelConfig, where: str) -> bool:
+        """Whether a batch-1 run of a session that does not spin takes at most
+        ``ort_spin_max_run_ms`` of its calling thread's CPU (made-up inputs; the least of two
+        to five runs after a first one, within 0.2 s: the caller's CPU includes its waits for a
+        preempted pool thread, which the least run has least of). A model that refuses made-up
+        inputs does not spin: the choice that costs least where the cores are shared."""
+        limit = self._settings.ort_spin_max_run_ms
+        if limit <= 0:
+            return False
+        try:
+            full = complete_config(config, session, self._settings.default_max_batch_size)
+            feeds = warmup_inputs(full, 1)
+            outputs = [t.name for t in full.outputs]
+            session.run(outputs, feeds)
+            taken: list[float] = []
+            until = time.monotonic() + 0.2
+            while len(taken) < 2 or (len(taken) < 5 and time.monotonic() < until):
+                started = time.thread_time()
+                session.run(outputs, feeds)
+                taken.append(time.thread_time() - started)
+        except Exception as exc:
+            log.info("%s: batch-1 run not timed (%s); ORT's threads do not spin", where, exc)
+            return False
+        cpu_ms = min(taken) * 1e3
+        short = cpu_ms <= limit
+        log.info(
+            "%s: a batch-1 run takes %.1f ms of its thread's CPU (ort_spin_max_run_ms %g): "
+            "ORT's threads %s",
+            where,
+            cpu_ms,
+            limit,
+            "spin while a run goes" if short else "do not spin",
+        )
+        return short
+
     def _load_sync(self, source: ModelSource, version: int) -> OnnxRuntimeBackend:
         path = source.version_paths[version]
         plan = plan_providers(self._settings, source.config, self._available())
         note = self._preloaded() if plan.cuda else ""
         wanted: list[int | None] = list(plan.device_ids) or [None] * source.config.instance_count
-        sessions = []
+        # CPU sessions whose pools may spin: the first is made without spinning and timed;
+        # only a model whose runs are short makes its sessions spin (``ort_spin_max_run_ms``).
+        probe = not plan.cuda and self.spin_probe(source.config)
+        spin: bool | None = False if probe else None
+        sessions: list[Any] = []
         try:
             for device_id in wanted:
                 providers: list[Any] = [CPU]
                 if device_id is not None:
                     providers = [(CUDA, cuda_options(self._settings, device_id)), CPU]
                 session = self._new_session(
-                    str(path), self.session_options(source.config), providers=providers
+                    str(path), self.session_options(source.config, spin), providers=providers
                 )
+                if (
+                    probe
+                    and not sessions
+                    and self._short_runs(
+                        session, source.config, f"model '{source.name}' version {version}"
+                    )
+                ):
+                    spin = None
+                    session = self._new_session(
+                        str(path), self.session_options(source.config), providers=providers
+                    )
                 # ORT retries a run whose provider failed on the CPU, and keeps the session on
                 # the CPU from then on: a GPU that fails would turn into a slow success.
                 session.disable_fallback()

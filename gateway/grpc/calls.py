@@ -52,7 +52,12 @@ from gateway.grpc.server import (
     stream_response,
     traced_answer,
 )
-from gateway.grpc.wire import encode_raw_response, serialize_infer_response
+from gateway.grpc.tls import server_ssl_context
+from gateway.grpc.wire import (
+    encode_raw_response,
+    serialize_infer_response,
+    serialize_stream_response,
+)
 from gateway.pending import Pending
 
 __all__ = ["CallContext", "Http2GrpcServer", "grpc_timeout_s", "percent_encode"]
@@ -297,18 +302,27 @@ class Call:
         if self.finished:
             return
         parts = self._parts
-        if len(payload) >= _COALESCE_BYTES:
-            parts.append(payload)
-        elif parts and isinstance(parts[-1], bytearray):
-            parts[-1] += payload
+        n = len(payload)
+        if (  # the usual case: one whole uncompressed message in one frame (one copy)
+            not parts
+            and n >= 5
+            and payload[0] == 0
+            and int.from_bytes(payload[1:5], "big") == n - 5 <= self.server.max_message_bytes
+        ):
+            self.messages.append(bytes(payload[5:]))
         else:
-            parts.append(bytearray(payload))
-        self._size += len(payload)
-        try:
-            self._cut()
-        except _Refused as exc:
-            self._fail(exc.code, exc.message)
-            return
+            if n >= _COALESCE_BYTES:
+                parts.append(payload)
+            elif parts and isinstance(parts[-1], bytearray):
+                parts[-1] += payload
+            else:
+                parts.append(bytearray(payload))
+            self._size += n
+            try:
+                self._cut()
+            except _Refused as exc:
+                self._fail(exc.code, exc.message)
+                return
         unary = self.handler is not None and self.handler.stream_stream is None
         if unary and len(self.messages) > 1:  # not buffered on: tiny messages by the million
             self._fail(grpc.StatusCode.INTERNAL, "expected one request message, got more")
@@ -454,7 +468,8 @@ class Call:
 
     # -- answers ----------------------------------------------------------------------------
 
-    def _send_message(self, data: bytes | memoryview) -> None:
+    def _check_send(self, data: bytes | memoryview) -> None:
+        """Refuse a message over the size limit or over what the client leaves unread."""
         limit = self.server.max_message_bytes
         if len(data) > limit:
             raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -467,6 +482,9 @@ class Call:
             if self.stream.outbox:  # trailers would wait behind them: reset instead
                 self.stream.reset(http2.ENHANCE_YOUR_CALM)
             raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    def _send_message(self, data: bytes | memoryview) -> None:
+        self._check_send(data)
         if not self.started:
             self.started = True
             self.stream.send_headers(RESPONSE_HEADERS)
@@ -480,11 +498,17 @@ class Call:
     def _respond(self, data: bytes | memoryview) -> None:
         """A unary call's answer and OK trailers."""
         try:
-            self._send_message(data)
+            self._check_send(data)
         except _Refused as exc:
             self._fail(exc.code, exc.message)
             return
-        self.stream.send_headers(OK_TRAILERS, end=True)
+        if self.started:  # not for a unary call; kept general
+            self._send_message(data)
+            self.stream.send_headers(OK_TRAILERS, end=True)
+        else:
+            self.started = True
+            prefix = b"\0" + len(data).to_bytes(4, "big")
+            self.stream.send_answer(RESPONSE_HEADERS, prefix, data, OK_TRAILERS)
         self._finished(answered=True)
 
     def _fail(self, code: Any, message: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
@@ -601,7 +625,7 @@ class Call:
         if self.finished:
             return
         try:
-            self._send_message(stream_response(request, outcome).SerializeToString())
+            self._send_message(serialize_stream_response(stream_response(request, outcome)))
         except _Refused as exc:
             self._fail(exc.code, exc.message)
             return
@@ -701,7 +725,7 @@ class Call:
 class Http2GrpcServer:
     """The gRPC front end's life cycle on :mod:`gateway.grpc.http2` (``grpc_transport =
     "asyncio"``), for the app's start-up and shut-down hooks; same interface as
-    :class:`gateway.grpc.server.GrpcServer`. ``start`` must run on the serving loop."""
+    :class:`gateway.grpc.aio.GrpcServer`. ``start`` must run on the serving loop."""
 
     def __init__(
         self,
@@ -764,14 +788,23 @@ class Http2GrpcServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        settings = self.dataplane.settings
+        context = server_ssl_context(settings)
         try:
             self._server = await loop.create_server(
-                self._connection, self.host, self.requested_port, reuse_address=True
+                self._connection,
+                self.host,
+                self.requested_port,
+                reuse_address=True,
+                ssl=context,
+                # a client that never finishes the TLS handshake is not held open (slowloris)
+                ssl_handshake_timeout=settings.header_timeout_s if context else None,
             )
         except OSError as exc:
             raise OSError(f"cannot bind gRPC to {self.host}:{self.requested_port}: {exc}") from None
         self.port = int(self._server.sockets[0].getsockname()[1])
-        log.info("gRPC listening on %s:%d (asyncio transport)", self.host, self.port)
+        log.info("gRPC listening on %s:%d (asyncio transport%s)", self.host, self.port,
+                 ", TLS" if context else "")  # fmt: skip
 
     async def stop(self) -> None:
         """Refuse new calls (GOAWAY), let running ones finish within ``grace_s``."""

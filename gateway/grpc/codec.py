@@ -82,7 +82,10 @@ def parameters_to_proto(values: dict[str, Any], target: Any) -> None:
             param.string_param = str(value)
 
 
-def _from_raw(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) -> Any:
+def tensor_from_raw(
+    raw: bytes | memoryview, datatype: str, shape: tuple[int, ...], name: str
+) -> Any:
+    """One input's ``raw_input_contents`` entry as its array (a view: no copy), size checked."""
     count = math.prod(shape)
     if datatype == "BYTES":
         return split_bytes(raw, count, name).reshape(shape)
@@ -157,7 +160,7 @@ def decode_infer_request(message: Any) -> InferRequest:
                 raise InvalidInput(
                     f"input '{name}' has both 'contents' and raw_input_contents; send one"
                 )
-            inputs[name] = _from_raw(raw[index], tensor.datatype, shape, name)
+            inputs[name] = tensor_from_raw(raw[index], tensor.datatype, shape, name)
             index += 1
         else:
             inputs[name] = _from_contents(tensor.contents, tensor.datatype, shape, name)

@@ -22,6 +22,8 @@ returns for its headers, and the handler answers through its :class:`Stream`.
   fit waits in the stream's outbox until a WINDOW_UPDATE. Received data is credited back to the
   connection at once, and to a stream as its handler consumes it (``Stream.consumed``), so a
   stream whose requests are not being taken stops its sender at ``STREAM_WINDOW_BYTES``.
+- TLS is the listener's (``gateway.grpc.tls``); over TLS a connection that did not agree on
+  ALPN ``h2`` is closed at once (counted as ``tls_no_h2``).
 - Writes made during one loop callback leave in one ``writelines`` at its end.
 - Errors: a frame that breaks the protocol is a connection error (GOAWAY with its code, then
   the connection closes; its streams' handlers are reset); a bad stream alone gets RST_STREAM.
@@ -69,6 +71,7 @@ EVENT_KINDS = (
     "unsent_limit",
     "connection_limit",
     "idle",
+    "tls_no_h2",
 )
 EVENTS: collections.Counter[str] = collections.Counter()
 
@@ -343,6 +346,36 @@ class Stream:
             self.conn.queued += len(view)
             self.conn._pump(self)
 
+    def send_answer(
+        self, head: bytes, prefix: bytes, data: bytes | memoryview, tail: bytes
+    ) -> None:
+        """A whole answer: HEADERS ``head``, one DATA of ``prefix + data``, HEADERS ``tail``
+        ending the stream. When nothing waits before it and the windows take the DATA whole
+        (a unary call's answer, nearly always), its frames go straight to the connection's
+        next write, not through the outbox; else as ``send_headers`` / ``send_data`` would."""
+        if not self.open:
+            return
+        conn = self.conn
+        size = len(prefix) + len(data)
+        if self.outbox or size > min(self.send_window, conn._send_window, conn._max_send_frame):
+            self.send_headers(head)
+            self.send_data(prefix + data if len(data) < 65536 else prefix)
+            if len(data) >= 65536:
+                self.send_data(data)
+            self.send_headers(tail, end=True)
+            return
+        sid = self.id
+        conn._write(b"".join((
+            _frame_head(HEADERS, END_HEADERS, sid, len(head)), head,
+            _frame_head(DATA, 0, sid, size), prefix,
+        )))  # fmt: skip
+        conn._write(data)
+        conn._write(_frame_head(HEADERS, END_HEADERS | END_STREAM, sid, len(tail)) + tail)
+        self.send_window -= size
+        conn._send_window -= size
+        conn._sent += 1
+        conn._ended(self)
+
     def consumed(self, n: int) -> None:
         """The handler took ``n`` bytes: the peer may send as many more on this stream."""
         self.unacked += n
@@ -471,6 +504,14 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's too)
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None and tls.selected_alpn_protocol() != "h2":
+            # HTTP/2 over TLS is agreed by ALPN (RFC 9113 3.2); grpc's servers refuse a client
+            # that did not offer h2, and so does this one: it may not speak HTTP/2 at all.
+            EVENTS["tls_no_h2"] += 1
+            log.debug("TLS connection closed: ALPN h2 not agreed")
+            transport.abort()  # type: ignore[attr-defined]
+            return
         self._write(_SERVER_SETTINGS + _CONNECTION_WINDOW)
         if self.refuse:
             EVENTS["connection_limit"] += 1

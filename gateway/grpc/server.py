@@ -1,7 +1,9 @@
-"""``inference.GRPCInferenceService`` over :class:`gateway.dataplane.DataPlane`.
+"""``inference.GRPCInferenceService`` over :class:`gateway.dataplane.DataPlane`: what both
+gRPC transports share.
 
-The servicer is served by either transport: ``gateway.grpc.calls`` (HTTP/2 on the serving loop,
-the default) or ``grpc.aio`` through :class:`GrpcServer` here (``grpc_transport = "grpcio"``).
+The servicer is served by either transport: :mod:`gateway.grpc.calls` (HTTP/2 on the serving
+loop, the default) or :mod:`gateway.grpc.aio` (``grpc.aio``, ``grpc_transport = "grpcio"``);
+:func:`grpc_server` picks one from the settings.
 
 Each RPC only translates messages (tritonclient's generated ``service_pb2``) to and from the
 data plane's calls, the same calls the REST endpoints make on the same instance (for inference,
@@ -12,13 +14,11 @@ goes on. Stream requests run concurrently, so their responses may come back out 
 them by ``id``), as with Triton; at most ``stream_max_inflight`` of them are held at once, read
 but not yet answered and written (see :meth:`InferenceServicer.ModelStreamInfer`).
 
-Why one module of this size: it is the gRPC front end, one servicer whose RPCs mirror the REST
-routes (inference, repository, statistics, shared memory, logging, trace settings), each a few
-lines of translation, plus the access rules both transports apply (``refusal``) and the
-``grpc.aio`` transport with its interceptor. The next split is that transport (interceptor and
-``GrpcServer``) into a module of its own, as ``calls`` is.
+Why one module of this size: it is the gRPC front end's one servicer, whose RPCs mirror the
+REST routes (inference, repository, statistics, shared memory, logging, trace settings), each a
+few lines of translation, plus the method table and access rules (``refusal``) both transports
+apply.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -27,7 +27,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc  # type: ignore[import-untyped]  # no stubs in the venv
 from google.protobuf import json_format
@@ -45,13 +45,14 @@ from gateway.errors import (
     Unavailable,
     UnknownRegion,
 )
-from gateway.grpc.codec import decode_infer_request
 from gateway.grpc.errors import status_of
 from gateway.grpc.wire import (
     RawResponse,
+    decode_request,
     encode_raw_response,
     parse_infer_request,
     serialize_infer_response,
+    serialize_stream_response,
 )
 from gateway.logs import CONTROL
 from gateway.pending import Pending
@@ -85,12 +86,12 @@ def _unary(method: H) -> H:
 
 
 def stream_response(request: Any, outcome: Any) -> Any:
-    """A ``ModelStreamInfer`` answer: the encoded response (``_infer``'s), or for an error its
-    message in ``error_message`` with the request's name, version and id echoed (the stream
-    goes on)."""
+    """A ``ModelStreamInfer`` answer: the encoded response (``_infer``'s; a ``RawResponse`` as
+    it is, for ``serialize_stream_response``), or for an error its message in
+    ``error_message`` with the request's name, version and id echoed (the stream goes on)."""
     if not isinstance(outcome, Exception):
         if isinstance(outcome, RawResponse):
-            outcome = outcome.to_message()
+            return outcome
         return pb.ModelStreamInferResponse(infer_response=outcome)
     if isinstance(outcome, GatewayError):
         message = outcome.message
@@ -191,7 +192,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         unknown model is NOT_FOUND whatever the message). The call's metadata are its headers
         (a traffic split's sticky header). Synchronous, so a transport can submit every
         request of one read before any waits (they then batch together)."""
-        decode = functools.partial(decode_infer_request, request)
+        decode = functools.partial(decode_request, request)
         version = _version(request.model_version)
         header = None if context is None else functools.partial(_metadata_value, context)
         trace = None
@@ -420,9 +421,6 @@ async def traced_answer(pending: Pending) -> Any:
 _STREAM: ContextVar[Any] = ContextVar("grpc_stream", default=None)
 
 
-_SERVICE = "inference.GRPCInferenceService"
-
-
 class _Capture:
     """Stands in for the server while the generated code registers the service's methods."""
 
@@ -450,16 +448,11 @@ def method_handlers(servicer: InferenceServicer) -> dict[str, Any]:
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         servicer.ModelStreamInfer,
         request_deserializer=parse_infer_request,
-        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+        response_serializer=serialize_stream_response,
     )
     return handlers
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-REGISTERED_METHODS = ("ModelInfer",)
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 ADMIN_METHODS = frozenset(
     {
@@ -470,34 +463,6 @@ ADMIN_METHODS = frozenset(
         "TraceSetting",
     }
 )
-
-
-def _metadata_bytes(value: str | bytes | None) -> bytes | None:
-    return value.encode() if isinstance(value, str) else value
-
-
-class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """The REST front end's rules over gRPC: keys from ``authorization`` (``Bearer <k>``) or
-    ``x-api-key`` metadata; the repository RPCs need the admin key, and are not served at all
-    when the admin API is off or bound to its own (HTTP) port."""
-
-    def __init__(self, credentials: Credentials, admin_here: bool) -> None:
-        self.credentials = credentials
-        self.admin_here = admin_here
-
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        metadata = dict(details.invocation_metadata or ())
-        refused = refusal(
-            details.method.rsplit("/", 1)[-1],
-            self.credentials,
-            self.admin_here,
-            _metadata_bytes(metadata.get("authorization")),
-            _metadata_bytes(metadata.get("x-api-key")),
-        )
-        return handler if refused is None else _refusal(handler, *refused)
 
 
 def refusal(
@@ -524,86 +489,32 @@ def refusal(
     return grpc.StatusCode.UNAUTHENTICATED, verdict.value
 
 
-def _refusal(handler: Any, code: Any, message: str) -> Any:
-    """A handler of the same shape as ``handler`` that only aborts with ``code``."""
+class GrpcFrontEnd(Protocol):
+    """What the app's start-up and shut-down hooks use of either transport's server."""
 
-    async def refuse(request: Any, context: Any) -> None:
-        await context.abort(code, message)
+    port: int | None
 
-    kinds = {
-        "unary_unary": grpc.unary_unary_rpc_method_handler,
-        "unary_stream": grpc.unary_stream_rpc_method_handler,
-        "stream_unary": grpc.stream_unary_rpc_method_handler,
-        "stream_stream": grpc.stream_stream_rpc_method_handler,
-    }
-    for kind, make in kinds.items():
-        if getattr(handler, kind) is not None:
-            return make(
-                refuse,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-    return handler
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
-class GrpcServer:
-    """The gRPC front end's life cycle, for the app's start-up and shut-down hooks.
+def grpc_server(dataplane: DataPlane) -> GrpcFrontEnd:
+    """The gRPC front end the settings ask for (``grpc_transport``), on ``grpc_port``."""
+    settings = dataplane.settings
+    server: type[GrpcFrontEnd]
+    if settings.grpc_transport == "asyncio":
+        from gateway.grpc.calls import Http2GrpcServer  # imports this module
 
-    ``start`` must run on the serving event loop (``grpc.aio`` binds to the running loop).
-    """
+        server = Http2GrpcServer
+    else:
+        from gateway.grpc.aio import GrpcServer  # imports this module
 
-    def __init__(
-        self,
-        dataplane: DataPlane,
-        host: str,
-        port: int,
-        max_message_bytes: int,
-        grace_s: float = 30.0,
-    ) -> None:
-        self.dataplane = dataplane
-        self.address = _address(host, port)
-        self.max_message_bytes = max_message_bytes
-        self.grace_s = grace_s
-        self.port: int | None = None
-        self._server: grpc.aio.Server | None = None
-
-    async def start(self) -> None:
-        settings = self.dataplane.settings
-        credentials = Credentials(settings.api_keys, settings.admin_keys)
-        admin_here = bool(settings.admin_api and not settings.admin_port)
-        # The interceptor runs a coroutine chain on every call: only when keys are checked.
-        interceptors = [AccessInterceptor(credentials, admin_here)] if credentials.enabled else []
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.so_reuseport", 0),  # a second gateway on the port fails, not shares
-            ],
-        )
-        servicer = InferenceServicer(self.dataplane, settings.grpc_stream_max_inflight)
-        handlers = method_handlers(servicer)
-        if not admin_here:  # refused whoever asks, so without a per-call check
-            message, code = "the repository API is not served here", grpc.StatusCode.UNIMPLEMENTED
-            for method in ADMIN_METHODS:
-                handlers[method] = _refusal(handlers[method], code, message)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
-        # Only ModelInfer as a registered method: grpc.aio waits on one pending request per
-        # registered method and every accepted call re-arms that wait over all of them, so
-        # registering the service's 22 methods costs each call a wait over 23 futures.
-        server.add_registered_method_handlers(
-            _SERVICE, {name: handlers[name] for name in REGISTERED_METHODS}
-        )
-        try:
-            self.port = server.add_insecure_port(self.address)
-        except RuntimeError as exc:
-            raise OSError(f"cannot bind gRPC to {self.address}: {exc}") from None
-        await server.start()
-        self._server = server
-        log.info("gRPC listening on %s", self.address)
-
-    async def stop(self) -> None:
-        """Refuse new RPCs, let running ones finish within ``grace_s``."""
-        server, self._server = self._server, None
-        if server is not None:
-            await server.stop(self.grace_s)
+        server = GrpcServer
+    return server(
+        dataplane,
+        settings.host,
+        settings.grpc_port,
+        settings.grpc_max_message_bytes,
+        grace_s=settings.drain_timeout_s,
+    )
