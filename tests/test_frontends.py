@@ -227,6 +227,14 @@ FRONT_ENDS: list[tuple[str, str, FrontEnd]] = [
 ]
 
 
+def _pending(node: Node, model: str) -> float:
+    """``nv_inference_pending_request_count`` of ``model`` (every version): queued or running."""
+    with urllib.request.urlopen(f"{node.process.url}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    prefix = f'nv_inference_pending_request_count{{model="{model}"'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def ask_all(pair: dict[str, Node], case: Case | Callable[[int], Case]) -> dict[str, Outcome]:
     """The case through every front end (``case(i)``: the i-th front end's own case)."""
     outcomes = {}
@@ -388,10 +396,16 @@ def test_queue_full(local: dict[str, Node]) -> None:
         )
         thread.start()
         fillers.append(thread)
-        time.sleep(0.2)  # it forms the batch
-    started = time.monotonic()
+        # It forms the batch: waited for, not slept on (0.2 s was not always enough for a
+        # loaded machine to get the request there).
+        deadline = time.monotonic() + 30
+        while _pending(node, "tight") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _pending(node, "tight") == 1
     outcomes = ask_all(local, Case(model="tight"))
-    assert time.monotonic() - started < 1.5, "the fillers' window closed before the probes"
+    # The fillers' window was open through every probe: none of them has been answered yet
+    # (an event, not a wall-clock bound on how fast the probes went).
+    assert not answers, "the fillers' window closed before the probes"
     assert_alike(outcomes, 503, "Exceeds maximum queue size")
     for thread in fillers:
         thread.join(30)

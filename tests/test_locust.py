@@ -85,7 +85,10 @@ def test_locust_headless_run_has_no_failures(tmp_path: Path) -> None:
     failures = Path(f"{prefix}_failures.csv").read_text()
     assert int(total["Failure Count"]) == 0, failures + output
     assert run.returncode == 0, output
-    assert int(total["Request Count"]) > 100, output
+    # No task raised (a task that raises sends nothing more, which a request-count floor only
+    # caught by accident: "> 100" in 5 s measured the machine, 103 on a loaded core, ~1000 idle).
+    exceptions = list(csv.DictReader(Path(f"{prefix}_exceptions.csv").open()))
+    assert not exceptions, exceptions
     # every shipped model with a config was exercised
     models = {name.split(" ")[0] for name in rows if name != "Aggregated"}
     assert models >= {"simple", "mlp", "multi", "identity_fp32_nobatch", "bytes_echo"}, rows

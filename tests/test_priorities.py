@@ -5,14 +5,13 @@ the high priority keeps its latency."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
-import statistics
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -44,7 +43,10 @@ parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     repo = tmp_path_factory.mktemp("priorities")
-    models.heavy(repo, "heavy", HEAVY, layers=128)
+    # 256 layers: ~30 ms a request idle. The low queue's 24 requests must cost far more than a
+    # loaded machine's scheduling stalls (0.3-1 s seen on a shared core): at 128 layers they
+    # were the same size, and a stall on the high priority's side alone decided the test.
+    models.heavy(repo, "heavy", HEAVY, layers=256)
     grpc_port = free_port()
     gw = start_gateway(repo, repo, "--grpc-port", str(grpc_port))
     gw.grpc_port = grpc_port  # type: ignore[attr-defined]
@@ -133,23 +135,30 @@ def test_valid_priorities_are_served_on_every_front_end(server: GatewayProcess) 
         client.close()
 
 
-def p99(values: list[float]) -> float:
-    return float(np.percentile(values, 99))
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
 
 
-def capacity_per_s(url: str, seconds: float = 1.5, clients: int = 6) -> float:
+def capacity_per_s(server: GatewayProcess, seconds: float = 1.0, clients: int = 6) -> float:
     """Requests a second the model serves now, saturated (closed loop, low priority, fewer
-    than its queue holds). Not ``1 / one request's latency``: that latency includes HTTP work
-    done alongside the model, so the model serves more than that (seen: 1 / 72 ms = 14/s
-    against 21/s served), and a rate of 1.8 / L did not always overload it."""
+    than its queue holds), over keep-alive connections as ``open_loop`` sends them. Not
+    ``1 / one request's latency``: that latency includes HTTP work done alongside the model,
+    so the model serves more than that (seen: 1 / 72 ms = 14/s against 21/s served)."""
     stop_s = time.perf_counter() + seconds
     done = []
+    data = body(2)
 
     def client() -> None:
-        while time.perf_counter() < stop_s:
-            status, _ = post(url, body(2))
-            if status == 200:
-                done.append(time.perf_counter())
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            while time.perf_counter() < stop_s:
+                connection.request("POST", "/v2/models/heavy/infer", data, JSON)
+                answer = connection.getresponse()
+                answer.read()
+                if answer.status == 200:
+                    done.append(time.perf_counter())
+        finally:
+            connection.close()
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -158,54 +167,74 @@ def capacity_per_s(url: str, seconds: float = 1.5, clients: int = 6) -> float:
     return len(done) / (max(done, default=stop_s) - started)
 
 
-@pytest.mark.slow
-def test_under_overload_the_low_priority_is_shed_and_the_high_keeps_its_latency(
-    server: GatewayProcess, tmp_path: Path
-) -> None:
-    """Open-loop load at rates set from what the model serves now, C requests a second (so that
-    it holds on a slow or busy machine): high priority at 0.25 C, low priority at 0.6 C, then
-    tripled to 1.8 C, beyond what the model sustains, long enough to overflow the low level's
-    queue (24) twice; each phase has 12 high-priority requests at least. The high priority's
-    requests all succeed and its p99 stays within 6 L (one request's latency) of the first
-    phase's, while the low priority's queue fills and sheds (503); with one level for both,
-    the high priority would queue behind 24 low requests (~24 L)."""
-    url = f"{server.url}/v2/models/heavy/infer"
-    latencies = []
-    for _ in range(12):
-        started = time.perf_counter()
-        assert post(url, body(2))[0] == 200
-        latencies.append(time.perf_counter() - started)
-    one_s = statistics.median(latencies[2:])
-    served_per_s = capacity_per_s(url)
-    # Each phase long enough for 12 high-priority requests (a p99 of 4, on a slow machine, was
-    # its maximum, noise); tripled, 1.05 C more than served arrive a second: 48 past the
-    # queue's 24 at least.
-    phase_s = max(3.0, 12 / (0.25 * served_per_s))
-    overflow_s = max(phase_s, 2 * 24 / (1.05 * served_per_s))
+JSON = {"Content-Type": "application/json"}
+HIGH_SAMPLES = 20  # high-priority requests per phase at least
+# Each phase: (name, high rate, low rate), in units of what the model serves just before it.
+PHASES = (("before", 0.4, 0.4), ("overload", 0.4, 2.0), ("after", 0.4, 0.4))
+
+
+def overload_phases(server: GatewayProcess, high_priority: int) -> dict[str, dict[str, float]]:
+    """Open-loop load in three phases, each at rates from what the model serves just before it
+    (``capacity_per_s``: a busy machine's speed drifts within seconds), and each phase's
+    figures. ``high_priority`` is the high stream's priority (1; 2 is the low level's, the same
+    traffic without priorities: the check that the test can fail)."""
     path = "/v2/models/heavy/infer"
-    phases = {}
-    for name, low_factor, seconds in (("before", 0.6, phase_s), ("tripled", 1.8, overflow_s)):
-        high = open_loop.Stream("high", path, body(1), 0.25 * served_per_s)
+    figures: dict[str, dict[str, float]] = {}
+    for name, high_factor, low_factor in PHASES:
+        served_per_s = capacity_per_s(server)
+        # Long enough for HIGH_SAMPLES high-priority requests and, overloaded, for 48 low
+        # requests more than served to arrive: twice the low queue's 24.
+        seconds = max(3.0, HIGH_SAMPLES / (high_factor * served_per_s))
+        if high_factor + low_factor > 1:
+            seconds = max(seconds, 48 / ((high_factor + low_factor - 1) * served_per_s))
+        high = open_loop.Stream("high", path, body(high_priority), high_factor * served_per_s)
         low = open_loop.Stream("low", path, body(0), low_factor * served_per_s)
         asyncio.run(open_loop.run("127.0.0.1", server.port, [high, low], duration_s=seconds))
-        phases[name] = (high, low)
-    summary = {
-        name: {
+        high_ok, low_ok = high.ok_latencies_s(), low.ok_latencies_s()
+        figures[name] = {
+            "served_per_s": served_per_s,
+            "seconds": seconds,
             "high_sent": len(high.statuses),
-            "high_ok": high.count(200),
-            "high_p99_ms": p99(high.ok_latencies_s()) * 1e3,
+            "high_ok": len(high_ok),
+            "high_p50_ms": percentile(high_ok, 50) * 1e3 if high_ok else 0.0,
+            "high_p90_ms": percentile(high_ok, 90) * 1e3 if high_ok else 0.0,
+            "high_max_ms": max(high_ok, default=0.0) * 1e3,
             "low_sent": len(low.statuses),
-            "low_ok": low.count(200),
+            "low_ok": len(low_ok),
             "low_shed": low.count(503),
-            "low_p99_ms": p99(low.ok_latencies_s()) * 1e3 if low.count(200) else None,
+            "low_p50_ms": percentile(low_ok, 50) * 1e3 if low_ok else 0.0,
+            "client_lag_max_ms": max(high.lags_s + low.lags_s) * 1e3,
         }
-        for name, (high, low) in phases.items()
-    }
-    print(f"one request {one_s * 1e3:.1f} ms, {served_per_s:.1f}/s served; {summary}")
-    for name, (high, _) in phases.items():
-        assert high.count(200) == len(high.statuses), (name, summary)
-    before, tripled = summary["before"], summary["tripled"]
-    assert tripled["low_shed"] > 0, summary
-    # Loose enough for a busy machine (L drifts between phases), far below the ~24 L that
-    # one shared level costs the high priority.
-    assert tripled["high_p99_ms"] <= before["high_p99_ms"] + 6 * one_s * 1e3, summary
+    return figures
+
+
+@pytest.mark.slow
+def test_under_overload_the_low_priority_is_shed_and_the_high_keeps_its_latency(
+    server: GatewayProcess,
+) -> None:
+    """Open-loop load over keep-alive connections (``open_loop``), high priority at 0.4 C and
+    low at 0.4 C, C what the model serves just before each phase; then the low priority at
+    2 C, beyond what the model sustains; then both at 0.4 C again. Under overload every
+    high-priority request is served and waits a few service times (the one running, the
+    highs ahead), while the low level's queue (24) fills and sheds (503): its admitted
+    requests wait the whole queue. With one level for both, the high priority would be shed
+    too and wait as long as the low one.
+
+    Every latency bound compares figures of the same moment, not of a minute ago: the high
+    priority's p90 against the low one's median in the same phase, and its median against
+    the phases right before and right after (a busy machine's speed drifts within seconds,
+    both ways; a bound from one earlier phase, or a p99 of a dozen requests, measured that
+    drift and the worst scheduler stall, not the queue)."""
+    figures = overload_phases(server, high_priority=1)
+    print(figures)
+    for name, phase in figures.items():
+        assert phase["high_ok"] == phase["high_sent"], (name, figures)
+    overload = figures["overload"]
+    assert overload["low_shed"] > 0, figures
+    # Low's median over high's p90, on one loaded core: 4.2-10 with priorities; 0.6-0.9 with
+    # the high stream at the low level or the queue made one FIFO.
+    assert overload["high_p90_ms"] * 2 < overload["low_p50_ms"], figures
+    # High's median over the slower neighbour's: 0.6-2.3 with priorities; 5.4-12 at one level
+    # or FIFO.
+    calm_p50_ms = max(figures["before"]["high_p50_ms"], figures["after"]["high_p50_ms"])
+    assert overload["high_p50_ms"] <= 4 * calm_p50_ms, figures
