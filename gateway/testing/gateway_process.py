@@ -8,17 +8,19 @@ error messages). Processes are stopped only by their own PID.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "serve_command", "stop_process", "wait_ready"]
+__all__ = ["free_port", "listens_on", "serve_command", "stop_process", "wait_ready"]
 
 
 def free_port() -> int:
@@ -64,6 +66,54 @@ def _status(url: str, timeout_s: float) -> int:
         return int(resp.status)
 
 
+def _listening_sockets(port: int) -> set[str] | None:
+    """The ``socket:[inode]`` names of TCP sockets listening on ``port`` (this network
+    namespace), or None where ``/proc/net`` cannot tell."""
+    found: set[str] = set()
+    read_any = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        read_any = True
+        for row in rows:
+            fields = row.split()
+            # local address "ADDR:PORT" in hex, state 0A = LISTEN, inode
+            if len(fields) < 10 or fields[3] != "0A":
+                continue
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(f"socket:[{fields[9]}]")
+    return found if read_any else None
+
+
+def _family(pid: int) -> list[int]:
+    """``pid`` and its descendants (``gateway serve`` runs the server in a child process)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids.extend(int(c) for c in task.read_text().split())
+        i += 1
+    return pids
+
+
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` (or a descendant) holds the socket listening on ``port``; None
+    where ``/proc`` cannot tell. ``free_port`` is a race: with several suites on one machine,
+    another process can take the port first, and its gateway would answer our readiness probe."""
+    sockets = _listening_sockets(port)
+    if sockets is None:
+        return None
+    for member in _family(pid):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{member}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in sockets:
+                        return True
+    return False
+
+
 def wait_ready(
     proc: subprocess.Popen[Any],
     base_url: str,
@@ -71,15 +121,19 @@ def wait_ready(
     ready_s: float = 60.0,
     probe_timeout_s: float = 1.0,
 ) -> bool:
-    """Poll until every path under ``base_url`` answers 200 (True), or until the process exits
-    or ``ready_s`` passes (False: ``proc.poll()`` tells which). An error status or a refused
-    connection counts as not ready yet."""
+    """Poll until every path under ``base_url`` answers 200 from ``proc``'s own socket (True),
+    or until the process exits or ``ready_s`` passes (False: ``proc.poll()`` tells which). An
+    error status, a refused connection or an answer from another process's listener (the port
+    was taken first) counts as not ready yet."""
+    port = urllib.parse.urlsplit(base_url).port
     deadline = time.monotonic() + ready_s
     while True:
         if proc.poll() is not None:
             return False
         with contextlib.suppress(OSError):  # urllib.error.HTTPError is an OSError too
-            if all(_status(base_url + p, probe_timeout_s) == 200 for p in paths):
+            if all(_status(base_url + p, probe_timeout_s) == 200 for p in paths) and (
+                port is None or listens_on(proc.pid, port) is not False
+            ):
                 return True
         if time.monotonic() > deadline:
             return False
