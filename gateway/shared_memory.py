@@ -22,6 +22,7 @@ README's trust model).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import stat
@@ -237,7 +238,7 @@ class SharedMemoryRegistry:
     def _input(self, name: str, shared: SharedInput) -> np.ndarray[Any, Any]:
         dtype = numpy_dtype(shared.datatype)
         view = self._view(shared.ref)
-        count = int(np.prod(shared.shape))
+        count = math.prod(shared.shape)  # not np.prod: a few us per input on a tuple
         if shared.datatype == "BYTES":
             try:
                 return split_bytes(view, count, name).reshape(shared.shape)
@@ -262,17 +263,20 @@ def write_outputs(request: InferRequest, response: InferResponse) -> None:
         array = response.outputs.get(name)
         if array is None:
             continue
+        # one memoryview slice assignment: no numpy round trip (~1.4 us an output)
         if array.dtype.kind in "OSU":
-            data = np.frombuffer(join_bytes(array), dtype=np.uint8)
-        else:
-            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        if data.size > len(target):
+            data = memoryview(join_bytes(array))
+        else:  # a row of the batch is C-contiguous already: no copy here
+            contiguous = np.ascontiguousarray(array)  # (a view of zero bytes cannot be cast)
+            data = contiguous.data.cast("B") if contiguous.size else memoryview(b"")
+        size = data.nbytes
+        if size > len(target):
             raise SharedMemoryError(
                 f"shared memory size specified with the request for output '{name}' "
-                f"({len(target)} bytes) should be at least {data.size} bytes to hold the results"
+                f"({len(target)} bytes) should be at least {size} bytes to hold the results"
             )
-        if data.size:
-            np.frombuffer(target, dtype=np.uint8, count=data.size)[:] = data
+        if size:
+            target[:size] = data
         response.shared.add(name)
 
 

@@ -27,6 +27,7 @@ from gateway.protocol import (
     encode_infer_response,
     tensors,
 )
+from gateway.protocol.types import SharedInput, SharedMemoryRef
 
 LIMIT = 1 << 28  # the default element limit of one tensor
 
@@ -883,3 +884,48 @@ def test_nested_floats_for_integers_keep_their_order() -> None:
     data = [[1.0, 2.0], [3.0, 4.0]]
     body = {"inputs": [{"name": "x", "datatype": "INT64", "shape": [2, 2], "data": data}]}
     assert decode_infer_request(json.dumps(body).encode()).inputs["x"].tolist() == [[1, 2], [3, 4]]
+
+
+def _shm(name: str, region: str, size: int, **params: Any) -> dict[str, Any]:
+    ref = {"shared_memory_region": region, "shared_memory_byte_size": size, **params}
+    return _inp(name, shape=[1, 4], parameters=ref)
+
+
+def test_a_repeated_shared_memory_body_is_parsed_once(decodes: list[int]) -> None:
+    """perf_analyzer and tritonclient send the same JSON body, naming the same regions, with
+    every shared-memory request: it is checked once, and each decode gets its own request."""
+    out = {"name": "Y", "parameters": {"shared_memory_region": "o", "shared_memory_byte_size": 16}}
+    body = _body(_shm("A", "i", 16), _shm("B", "i", 16, shared_memory_offset=16), outputs=[out])
+    one = decode_infer_request(body)
+    two = decode_infer_request(body, len(body))  # a header length of the whole body: the same
+    assert len(decodes) == 1
+    for request in (one, two):
+        assert request.inputs == {}
+        assert request.shared_inputs == {
+            "A": SharedInput("INT32", (1, 4), SharedMemoryRef("i", 16)),
+            "B": SharedInput("INT32", (1, 4), SharedMemoryRef("i", 16, 16)),
+        }
+        assert request.outputs == [RequestedOutput("Y", None, SharedMemoryRef("o", 16))]
+    assert one.shared_inputs is not two.shared_inputs and one.outputs is not two.outputs
+    one.inputs["A"] = np.zeros(4)  # what the data plane does on resolving: not seen by the next
+    assert decode_infer_request(body).inputs == {} and len(decodes) == 1
+
+
+def test_what_shared_memory_bodies_are_never_cached(decodes: list[int]) -> None:
+    """An id, an input with JSON data beside one in shared memory, a body over 4096 bytes: each
+    parsed again; a header length past a cached body's end is still refused."""
+    with_id = _body(_shm("A", "i", 16), id="r")
+    mixed = _body(_shm("A", "i", 16), _inp("B", data=[1]))
+    big = _body(_shm("A", "i" * 4100, 16))
+    for _ in range(2):
+        assert decode_infer_request(with_id).id == "r"
+        assert decode_infer_request(mixed).inputs["B"].tolist() == [1]
+        assert list(decode_infer_request(big).shared_inputs) == ["A"]
+    assert len(decodes) == 6 and codec._TEMPLATES == {}
+    body = _body(_shm("A", "i", 16))
+    decode_infer_request(body)
+    assert len(codec._TEMPLATES) == 1
+    assert _error(body, len(body) + 1) == (
+        f"Inference-Header-Content-Length {len(body) + 1} is outside the body ({len(body)} bytes)"
+    )
+    assert _error(body, 0).startswith("request body is not valid JSON")

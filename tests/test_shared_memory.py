@@ -786,3 +786,39 @@ def test_inputs_read_from_and_outputs_written_to_regions(tmp_path: Path) -> None
     )
     del request
     registry.close()
+
+
+def test_outputs_of_every_layout_are_written_byte_for_byte(tmp_path: Path) -> None:
+    """The write is one memoryview copy: a transposed (non-contiguous) output, a zero-element
+    one (no bytes, yet marked as sent in shared memory), 1-byte and 2-byte types and a 0-d
+    scalar must all land as their C-order bytes, and nothing past them."""
+    registry = _objects(tmp_path, obj=256)
+    registry.register("r", "/obj", 0, 256)
+    outputs = {
+        "T": np.arange(6, dtype=np.float32).reshape(2, 3).T,  # strides (4, 12)
+        "E": np.zeros((0, 16), np.float32),
+        "B": np.array([[True, False, True]]),
+        "H": np.array([1.5, -2.0], np.float16),
+        "S": np.array(7, np.int64),
+    }
+    offsets = {"T": 0, "E": 32, "B": 64, "H": 96, "S": 128}
+    request = InferRequest(
+        inputs={},
+        outputs=[
+            RequestedOutput(n, shared=SharedMemoryRef("r", 32, o)) for n, o in offsets.items()
+        ],
+    )
+    registry.resolve(request)
+    with (tmp_path / "obj").open("r+b") as f:
+        f.write(b"\xee" * 256)
+    response = InferResponse("m", "1", dict(outputs))
+    write_outputs(request, response)
+    assert response.shared == set(outputs)
+    data = (tmp_path / "obj").read_bytes()
+    for name, array in outputs.items():
+        written = np.ascontiguousarray(array).tobytes()
+        start = offsets[name]
+        assert data[start : start + len(written)] == written, name
+        assert data[start + len(written) : start + 32] == b"\xee" * (32 - len(written)), name
+    del request
+    registry.close()

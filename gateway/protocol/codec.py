@@ -241,6 +241,7 @@ class _Template:
     with the same header bytes needs besides its own tensor data."""
 
     inputs: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int], ...]
+    shared_inputs: tuple[tuple[str, SharedInput], ...]  # checked against regions per request
     data_size: int
     outputs: tuple[RequestedOutput, ...] | None
     binary_output: bool
@@ -253,6 +254,9 @@ class _Template:
 _TEMPLATES: dict[tuple[bytes, int], _Template] = {}
 _TEMPLATES_MAX = 512
 _TEMPLATE_HEADER_MAX = 4096
+# Only a body naming a shared-memory region is looked up whole (a JSON body with data never
+# repeats; this keeps it from paying the lookup).
+_SHARED_MARK = b"shared_memory_region"
 
 
 def _from_template(template: _Template, view: memoryview, offset: int) -> InferRequest:
@@ -266,13 +270,16 @@ def _from_template(template: _Template, view: memoryview, offset: int) -> InferR
         outputs=None if template.outputs is None else list(template.outputs),
         binary_output=template.binary_output,
         parameters=dict(template.parameters),
+        shared_inputs=dict(template.shared_inputs),
     )
 
 
 def _remember(
     key: tuple[bytes, int], request: InferRequest, header_length: int, body_length: int
 ) -> None:
-    if not request.inputs or any(a.dtype.kind == "O" for a in request.inputs.values()):
+    if not (request.inputs or request.shared_inputs):
+        return
+    if any(a.dtype.kind == "O" for a in request.inputs.values()):
         return  # BYTES tensors are split per request
     if request.id is not None:
         return  # a header with a per-request id would never be seen again
@@ -280,6 +287,7 @@ def _remember(
         _TEMPLATES.clear()
     _TEMPLATES[key] = _Template(
         inputs=tuple((n, a.dtype, a.shape, a.nbytes) for n, a in request.inputs.items()),
+        shared_inputs=tuple(request.shared_inputs.items()),
         data_size=body_length - header_length,
         outputs=None if request.outputs is None else tuple(request.outputs),
         binary_output=request.binary_output,
@@ -292,24 +300,28 @@ def decode_infer_request(
 ) -> InferRequest:
     """Decode a v2 inference request body (JSON, optionally followed by binary tensors)."""
     key = None
-    if (
-        header_length is not None
-        and 0 < header_length <= _TEMPLATE_HEADER_MAX
-        and header_length < len(body)  # binary tensors follow: the header may repeat
-        and isinstance(body, bytes)
-    ):
-        key = (body[:header_length], max_elements)
-        template = _TEMPLATES.get(key)
-        if template is not None and template.data_size == len(body) - header_length:
-            return _from_template(template, memoryview(body), header_length)
-    request, all_binary = _decode(body, header_length, max_elements)
-    if key is not None and all_binary:
+    if isinstance(body, bytes):
+        if header_length is not None and 0 < header_length < len(body):
+            if header_length <= _TEMPLATE_HEADER_MAX:  # binary tensors follow: the header repeats
+                key = (body[:header_length], max_elements)
+        elif (
+            header_length in (None, len(body))
+            and 0 < len(body) <= _TEMPLATE_HEADER_MAX
+            and _SHARED_MARK in body
+        ):
+            key = (body, max_elements)  # tensors in shared memory: the whole body repeats
+        if key is not None:
+            template = _TEMPLATES.get(key)
+            if template is not None and template.data_size == len(body) - len(key[0]):
+                return _from_template(template, memoryview(body), len(key[0]))
+    request, no_json_data = _decode(body, header_length, max_elements)
+    if key is not None and no_json_data:
         _remember(key, request, len(key[0]), len(body))
     return request
 
 
 def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[InferRequest, bool]:
-    """The request, and whether every input came as binary data."""
+    """The request, and whether every input came as binary data or in shared memory."""
     all_binary = True
     if header_length is None:
         header_length = len(body)
@@ -359,7 +371,6 @@ def _decode(body: bytes, header_length: int | None, max_elements: int) -> tuple[
             shared = _shared_input(spec, name, datatype, shape)
             if shared is not None:  # resolved by the data plane (gateway/shared_memory.py)
                 shared_inputs[name] = shared
-                all_binary = False
                 continue
             size = _parameters(spec, f"input '{name}'").get("binary_data_size")
         if size is not None:
