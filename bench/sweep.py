@@ -439,8 +439,9 @@ def copies(
     repo: Path, model_name: str, work: Path, requests: int, tree: str | None = None
 ) -> dict[str, Any] | None:
     """Bytes copied on the event loop per request (``_SHIM``) while a gateway answers
-    ``requests`` sequential batch-1 requests, over HTTP binary and gRPC raw contents; with
-    ``tree``, the gateway of that source tree (``PYTHONPATH``), for a before/after."""
+    ``requests`` sequential batch-1 requests, over HTTP binary, gRPC raw contents and system
+    shared memory (when the gateway offers it); with ``tree``, the gateway of that source tree
+    (``PYTHONPATH``), for a before/after."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -487,15 +488,70 @@ def copies(
         after = _counts(control)
         found["grpc"] = {k: (after[k] - before[k]) / requests for k in after}
         client.close()
+        if has_shm(gw.url):
+            found["shm"] = shm_copies(gw, model, feeds, control, requests)
     finally:
         gw.stop()
-    for name in ("http", "grpc"):
-        got = found[name]
+    for name in ("http", "grpc", "shm"):
+        got = found.get(name)
+        if got is None:
+            continue
         print(f"copies {model_name} {name}{' ' + tree if tree else ''}: {got['bytes']:,.0f} B "
               f"in {got['calls']:.1f} copies "
               f"per request = {got['bytes'] / payload:.2f}x the {payload:,d} B input",
               flush=True)  # fmt: skip
     return found
+
+
+def shm_copies(
+    gw: harness.Gateway,
+    model: harness.Model,
+    feeds: dict[str, Any],
+    control: Path,
+    requests: int,
+) -> dict[str, float]:
+    """Copies per request while the inputs and outputs travel in system shared memory (as
+    ``perf_analyzer --shared-memory system`` sends them: a JSON body naming the regions)."""
+    import tritonclient.http as httpclient
+    import tritonclient.utils.shared_memory as shm
+
+    client = httpclient.InferenceServerClient(gw.address)
+    tag = f"cnn-copies-{gw.port}"
+    handles = []
+    try:
+        inputs = []
+        for t in model.inputs:
+            array = feeds[t.name]
+            handle = shm.create_shared_memory_region(f"{tag}-{t.name}", f"/{tag}-{t.name}",
+                                                     array.nbytes)  # fmt: skip
+            handles.append(handle)
+            shm.set_shared_memory_region(handle, [array])
+            client.register_system_shared_memory(f"{tag}-{t.name}", f"/{tag}-{t.name}",
+                                                 array.nbytes)  # fmt: skip
+            tensor = httpclient.InferInput(t.name, [1, *t.dims], t.datatype)
+            tensor.set_shared_memory(f"{tag}-{t.name}", array.nbytes)
+            inputs.append(tensor)
+        outputs = []
+        for name in model.outputs:
+            size = 1 << 20  # room for any output of one item of these models
+            handle = shm.create_shared_memory_region(f"{tag}-{name}", f"/{tag}-{name}", size)
+            handles.append(handle)
+            client.register_system_shared_memory(f"{tag}-{name}", f"/{tag}-{name}", size)
+            out = httpclient.InferRequestedOutput(name, binary_data=True)
+            out.set_shared_memory(f"{tag}-{name}", size)
+            outputs.append(out)
+        for _ in range(3):
+            client.infer(model.name, inputs, outputs=outputs)
+        before = _counts(control)
+        for _ in range(requests):
+            client.infer(model.name, inputs, outputs=outputs)
+        after = _counts(control)
+        client.unregister_system_shared_memory()
+    finally:
+        client.close()
+        for handle in handles:
+            shm.destroy_shared_memory_region(handle)
+    return {k: (after[k] - before[k]) / requests for k in after}
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -729,8 +785,10 @@ def render(data: dict[str, Any]) -> str:
         for run in (cp, data.get("copies_baseline")):
             if not run:
                 continue
-            for name in ("http", "grpc"):
-                got = run[name]
+            for name in ("http", "grpc", "shm"):
+                got = run.get(name)
+                if got is None:
+                    continue
                 share = got["bytes"] / run["payload_bytes"]
                 lines.append(f"| {run['tree'] or 'this tree'} | {name} | {got['bytes']:,.0f} | "
                              f"{got['calls']:.1f} | {share:.2f}x |")  # fmt: skip

@@ -1,0 +1,302 @@
+"""Where a heavy model's throughput goes between in-process ONNX Runtime and the gateway
+(issue 21): per point, what reaches ``session.run`` and who takes the cores.
+
+One gateway serves the model (``resnet50`` by default, built by ``scripts/build_models.py
+--heavy``); each round measures, one right after the other:
+
+1. **in-process** ``session.run`` at each batch size (``--in-process``), the session set up as
+   the gateway sets it up for this model (its thread count; no spinning) and with ONNX Runtime's
+   defaults (spinning: the sweep's reference), items/s and CPU per item;
+2. **the gateway under perf_analyzer** at each concurrency over each protocol: throughput and
+   p50; the batch sizes that reached ``session.run`` (statistics extension, ``batch_stats``);
+   how much of the window the runner spent in runs (the sum of the batches' compute over the
+   wall time: the rest is the runner idle between batches, or perf_analyzer starting and
+   stopping); CPU per item of the event loop's thread, of the other threads (ORT's calling
+   thread and its pool), and of perf_analyzer itself.
+
+Ratios are to the same round's in-process best (the machine's speed drifts between rounds).
+
+    .venv/bin/python bench/cnn_gap.py --repo bench/out/models --out bench/results/cnn_gap.md
+    .venv/bin/python bench/cnn_gap.py --quick --out /tmp/gap.md     # errors only (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import harness
+
+
+def _levels(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def batch_stats(address: str, model: str) -> dict[int, tuple[int, int]]:
+    """batch size -> (executions, ns in them: input + infer + output) so far."""
+    with urllib.request.urlopen(f"http://{address}/v2/models/{model}/stats", timeout=10) as r:
+        stats = json.loads(r.read())["model_stats"][0]
+    out = {}
+    for b in stats["batch_stats"]:
+        ns = sum(int(b[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output"))
+        out[int(b["batch_size"])] = (int(b["compute_infer"]["count"]), ns)
+    return out
+
+
+def sessions(repo: Path, model: harness.Model, threads: int) -> dict[str, Any]:
+    """The in-process sessions: as the gateway loads a model that does not spin, and ORT's
+    defaults (what ``harness.measure_in_process`` and the sweep measure)."""
+    import onnxruntime as ort
+
+    path = str(repo / model.name / "1" / "model.onnx")
+    found = {}
+    for name, spin in (("gateway", False), ("ort-default", True)):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        found[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return found
+
+
+def in_process(
+    model: harness.Model, found: dict[str, Any], sizes: list[int], seconds: float
+) -> list[dict[str, Any]]:
+    """items/s (over the whole window) and CPU ms per item at each batch size, per session."""
+    outputs = list(model.outputs)
+    points = []
+    for batch in sizes:
+        feeds = harness.sample_inputs(model, batch)
+        for name, session in found.items():
+            session.run(outputs, feeds)
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            started, runs, durations = time.perf_counter(), 0, []
+            while runs < 2 or time.perf_counter() - started < seconds:
+                t0 = time.perf_counter()
+                session.run(outputs, feeds)
+                durations.append(time.perf_counter() - t0)
+                runs += 1
+            wall = time.perf_counter() - started
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+            points.append({
+                "session": name, "batch": batch, "items_per_s": runs * batch / wall,
+                "cpu_ms_per_item": cpu / (runs * batch) * 1e3,
+                "run_p50_ms": statistics.median(durations) * 1e3,
+            })  # fmt: skip
+    return points
+
+
+def gateway_point(
+    pa: str,
+    gw: harness.Gateway,
+    grpc_port: int,
+    repo: Path,
+    model: harness.Model,
+    protocol: str,
+    c: int,
+    window_ms: int,
+    work: Path,
+) -> dict[str, Any]:
+    report = work / f"pa-{time.monotonic_ns()}.csv"
+    url = f"127.0.0.1:{grpc_port}" if protocol == "grpc" else gw.address
+    cmd = [
+        pa, "-m", model.name, "-u", url, "-i", "grpc" if protocol == "grpc" else "http",
+        "--concurrency-range", str(c), "-p", str(window_ms), "-s", "999", "-r", "3",
+        "--input-data", "zero", "-f", str(report),
+    ]  # fmt: skip
+    if protocol == "shm":
+        import sweep  # its output-size reader (sweep imports build_models from scripts/)
+
+        out_bytes = sweep.output_bytes(model, repo)
+        cmd += ["--shared-memory", "system", "--output-shared-memory-size", str(out_bytes)]
+    pid = gw.proc.pid
+    stats0, threads0 = batch_stats(gw.address, model.name), harness.thread_cpu_s(pid)
+    load = os.getloadavg()[0]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = proc.communicate(timeout=60 + 8 * window_ms / 1000)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    wall = time.monotonic() - started
+    stats1, threads1 = batch_stats(gw.address, model.name), harness.thread_cpu_s(pid)
+    if proc.returncode != 0 or not report.exists():
+        raise RuntimeError(f"perf_analyzer failed: {output.decode()[-600:]}")
+    with report.open() as f:
+        row = next(csv.DictReader(f))
+    sizes, busy_ns, items = {}, 0, 0
+    for size, (n, ns) in stats1.items():
+        n0, ns0 = stats0.get(size, (0, 0))
+        if n > n0:
+            sizes[size] = n - n0
+            busy_ns += ns - ns0
+            items += size * (n - n0)
+    deltas = {t: s - threads0.get(t, 0.0) for t, s in threads1.items()}
+    per_item = 1e3 / max(1, items)
+    return {
+        "protocol": protocol, "concurrency": c,
+        "throughput": float(row["Inferences/Second"]), "p50_ms": int(row["p50 latency"]) / 1e3,
+        "batches": dict(sorted(sizes.items())),
+        "mean_batch": items / max(1, sum(sizes.values())),
+        "runner_busy": busy_ns / 1e9 / wall,
+        "loop_cpu_ms": deltas.get(pid, 0.0) * per_item,
+        "ort_cpu_ms": sum(v for t, v in deltas.items() if t != pid) * per_item,
+        "load": load,
+    }  # fmt: skip
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = [
+        f"# Where `{data['model']}` goes through the gateway (`bench/cnn_gap.py`)",
+        "",
+        f"`{data['command']}`, {data['date']}. {data['machine']['nproc']} CPUs, load average "
+        f"at start {data['machine']['loadavg_at_start'][0]:.1f}; perf_analyzer and the gateway "
+        "share the cores (and the machine is shared with other work: compare within a round).",
+        "",
+        "## In-process `session.run` (per round)",
+        "",
+        "| round | session | batch | items/s | vs batch max | CPU ms/item | run p50 ms |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r, rnd in enumerate(data["rounds"]):
+        top = {p["session"]: p for p in rnd["in_process"] if p["batch"] == max(data["sizes"])}
+        for p in rnd["in_process"]:
+            vs = p["items_per_s"] / top[p["session"]]["items_per_s"]
+            lines.append(
+                f"| {r + 1} | {p['session']} | {p['batch']} | {p['items_per_s']:.2f} | "
+                f"{vs:.2f}x | {p['cpu_ms_per_item']:.1f} | {p['run_p50_ms']:.1f} |"
+            )
+    lines += [
+        "",
+        "## The gateway under perf_analyzer",
+        "",
+        "Ratios to the same round's best in-process items/s of the gateway's session options "
+        "(`vs in-process`) and of ORT's defaults (`vs ORT default`). `runner busy`: the batches' "
+        "compute over the window's wall time (perf_analyzer's start and stop included). CPU per "
+        "item: the event loop's thread, every other gateway thread (ORT's calling thread and "
+        "its pool), perf_analyzer.",
+        "",
+        "| round | protocol | c | items/s | vs in-process | vs ORT default | p50 ms | batches "
+        "(size: count) | runner busy | loop ms | ORT ms | perf_analyzer ms | load |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r, rnd in enumerate(data["rounds"]):
+        best = {
+            s: max(p["items_per_s"] for p in rnd["in_process"] if p["session"] == s)
+            for s in ("gateway", "ort-default")
+        }
+        for p in rnd["gateway"]:
+            hist = ", ".join(f"{k}: {v}" for k, v in p["batches"].items())
+            lines.append(
+                f"| {r + 1} | {p['protocol']} | {p['concurrency']} | {p['throughput']:.2f} | "
+                f"{p['throughput'] / best['gateway']:.2f}x | "
+                f"{p['throughput'] / best['ort-default']:.2f}x | {p['p50_ms']:.1f} | {hist} | "
+                f"{p['runner_busy']:.2f} | {p['loop_cpu_ms']:.2f} | {p['ort_cpu_ms']:.1f} | "
+                f"{p['pa_cpu_ms']:.2f} | {p['load']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--repo", type=Path, default=None, help="default: build_models' cache")
+    parser.add_argument("--protocols", default="grpc,shm")
+    parser.add_argument("--concurrency", type=_levels, default=[1, 4, 8, 16])
+    parser.add_argument("--in-process", type=_levels, default=[1, 2, 4, 8])
+    parser.add_argument("--in-process-s", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--window-ms", type=int, default=3000)
+    parser.add_argument("--env", action="append", default=[], help="K=V for the gateway")
+    parser.add_argument("--quick", action="store_true", help="1 round, c=1,4, short windows")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS / "cnn_gap.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.concurrency, args.in_process = 1, [1, 4], [1, 4]
+        args.in_process_s, args.window_ms = 0.3, 1000
+    repo = args.repo
+    if repo is None:
+        sys.path.insert(0, str(harness.ROOT / "scripts"))
+        import build_models
+
+        repo = build_models.ensure_heavy(names=[args.model])
+    repo = repo.resolve()
+    model = harness.read_model(repo, args.model)
+    from gateway.backends.onnxruntime import default_intra_op_threads, usable_cores
+
+    found = sessions(repo, model, default_intra_op_threads(usable_cores()))
+    data: dict[str, Any] = {
+        "command": " ".join(["python bench/cnn_gap.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": harness.machine_info(), "model": args.model, "sizes": args.in_process,
+        "rounds": [],
+    }  # fmt: skip
+    pa = harness.perf_analyzer_path()
+    protocols = [p for p in args.protocols.split(",") if p]
+    with tempfile.TemporaryDirectory(prefix="bench-cnn-gap-") as tmp:
+        work = Path(tmp)
+        grpc_port = harness.free_port()
+        env = {"GATEWAY_LOAD_MODELS": args.model, "GATEWAY_GRPC_PORT": str(grpc_port)}
+        env.update(item.split("=", 1) for item in args.env)
+        gw = harness.start_gateway(repo, work, "--log-level", "warning", env=env,
+                                   tag="gap", ready=(args.model,))  # fmt: skip
+        try:
+            for r in range(args.rounds):
+                rnd: dict[str, Any] = {
+                    "in_process": in_process(model, found, args.in_process, args.in_process_s),
+                    "gateway": [],
+                }
+                for p in rnd["in_process"]:
+                    print(f"round {r + 1} in-process {p['session']:11s} batch {p['batch']}: "
+                          f"{p['items_per_s']:.2f}/s, {p['cpu_ms_per_item']:.1f} ms CPU/item",
+                          flush=True)  # fmt: skip
+                # A window holds a few requests of each client even while the machine is busy
+                # (perf_analyzer refuses a window in which none finished).
+                run_ms = min(p["run_p50_ms"] for p in rnd["in_process"] if p["batch"] == 1)
+                for protocol in protocols:
+                    for c in args.concurrency:
+                        window_ms = max(args.window_ms, round(3 * c * run_ms))
+                        cpu0 = children_cpu_s()
+                        got = gateway_point(pa, gw, grpc_port, repo, model, protocol, c,
+                                            window_ms, work)  # fmt: skip
+                        # perf_analyzer's windows hold about throughput * wall items.
+                        items = sum(k * v for k, v in got["batches"].items())
+                        got["pa_cpu_ms"] = (children_cpu_s() - cpu0) / max(1, items) * 1e3
+                        rnd["gateway"].append(got)
+                        print(f"round {r + 1} {protocol:4s} c={c:<3d} {got['throughput']:6.2f}/s "
+                              f"p50 {got['p50_ms']:7.1f} ms batches {got['batches']} busy "
+                              f"{got['runner_busy']:.2f} CPU ms/item loop {got['loop_cpu_ms']:.2f}"
+                              f" ORT {got['ort_cpu_ms']:.1f} pa {got['pa_cpu_ms']:.2f}",
+                              flush=True)  # fmt: skip
+                data["rounds"].append(rnd)
+        finally:
+            gw.stop()
+    text = render(data)
+    print(text)
+    harness.write_results(args.out, text, data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
