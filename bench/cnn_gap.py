@@ -38,6 +38,8 @@ from typing import Any
 
 import harness
 
+POLL_S = 0.2  # how often the statistics are read while perf_analyzer runs
+
 
 def _levels(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -128,12 +130,22 @@ def gateway_point(
     load = os.getloadavg()[0]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = proc.communicate(timeout=60 + 8 * window_ms / 1000)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
+    # Batch ends seen while perf_analyzer runs (the statistics polled): the runner's busy share
+    # between the first and the last seen, perf_analyzer's start and stop left out.
+    ends: list[tuple[float, int, int]] = []
+    deadline = started + 60 + 8 * window_ms / 1000
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.communicate()
+            raise RuntimeError("perf_analyzer timed out")
+        now = time.monotonic()
+        seen = batch_stats(gw.address, model.name)
+        runs, ns = sum(n for n, _ in seen.values()), sum(ns for _, ns in seen.values())
+        if not ends or runs != ends[-1][1]:
+            ends.append((now, runs, ns))
+        time.sleep(POLL_S)
+    output = proc.stdout.read() if proc.stdout else b""
     wall = time.monotonic() - started
     stats1, threads1 = batch_stats(gw.address, model.name), harness.thread_cpu_s(pid)
     if proc.returncode != 0 or not report.exists():
@@ -155,15 +167,30 @@ def gateway_point(
         "batches": dict(sorted(sizes.items())),
         "mean_batch": items / max(1, sum(sizes.values())),
         "runner_busy": busy_ns / 1e9 / wall,
+        "runner_busy_steady": steady(ends[1:]),
         "loop_cpu_ms": deltas.get(pid, 0.0) * per_item,
         "ort_cpu_ms": sum(v for t, v in deltas.items() if t != pid) * per_item,
         "load": load,
     }  # fmt: skip
 
 
+def steady(ends: list[tuple[float, int, int]]) -> float | None:
+    """The runner's busy share between the first and the last batch end seen (each seen within
+    ``POLL_S`` of when it happened): compute of the batches that ended in between over the time
+    between. None with fewer than three ends."""
+    if len(ends) < 3:
+        return None
+    (t0, _, ns0), (t1, _, ns1) = ends[0], ends[-1]
+    return (ns1 - ns0) / 1e9 / (t1 - t0)
+
+
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def render(data: dict[str, Any]) -> str:
@@ -193,13 +220,15 @@ def render(data: dict[str, Any]) -> str:
         "",
         "Ratios to the same round's best in-process items/s of the gateway's session options "
         "(`vs in-process`) and of ORT's defaults (`vs ORT default`). `runner busy`: the batches' "
-        "compute over the window's wall time (perf_analyzer's start and stop included). CPU per "
+        "compute over the window's wall time (perf_analyzer's start and stop included); `steady`: "
+        "the same between the first and the last batch end seen while it ran (ends polled "
+        f"every {POLL_S * 1e3:.0f} ms; the first one after the start left out). CPU per "
         "item: the event loop's thread, every other gateway thread (ORT's calling thread and "
         "its pool), perf_analyzer.",
         "",
         "| round | protocol | c | items/s | vs in-process | vs ORT default | p50 ms | batches "
-        "(size: count) | runner busy | loop ms | ORT ms | perf_analyzer ms | load |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "(size: count) | runner busy | steady | loop ms | ORT ms | perf_analyzer ms | load |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r, rnd in enumerate(data["rounds"]):
         best = {
@@ -212,7 +241,8 @@ def render(data: dict[str, Any]) -> str:
                 f"| {r + 1} | {p['protocol']} | {p['concurrency']} | {p['throughput']:.2f} | "
                 f"{p['throughput'] / best['gateway']:.2f}x | "
                 f"{p['throughput'] / best['ort-default']:.2f}x | {p['p50_ms']:.1f} | {hist} | "
-                f"{p['runner_busy']:.2f} | {p['loop_cpu_ms']:.2f} | {p['ort_cpu_ms']:.1f} | "
+                f"{p['runner_busy']:.2f} | {_f(p['runner_busy_steady'])} | "
+                f"{p['loop_cpu_ms']:.2f} | {p['ort_cpu_ms']:.1f} | "
                 f"{p['pa_cpu_ms']:.2f} | {p['load']:.1f} |"
             )
     return "\n".join(lines) + "\n"
@@ -286,7 +316,8 @@ def main() -> int:
                         rnd["gateway"].append(got)
                         print(f"round {r + 1} {protocol:4s} c={c:<3d} {got['throughput']:6.2f}/s "
                               f"p50 {got['p50_ms']:7.1f} ms batches {got['batches']} busy "
-                              f"{got['runner_busy']:.2f} CPU ms/item loop {got['loop_cpu_ms']:.2f}"
+                              f"{got['runner_busy']:.2f} steady {_f(got['runner_busy_steady'])} "
+                              f"CPU ms/item loop {got['loop_cpu_ms']:.2f}"
                               f" ORT {got['ort_cpu_ms']:.1f} pa {got['pa_cpu_ms']:.2f}",
                               flush=True)  # fmt: skip
                 data["rounds"].append(rnd)
