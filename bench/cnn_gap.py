@@ -5,8 +5,10 @@ One gateway serves the model (``resnet50`` by default, built by ``scripts/build_
 --heavy``); each round measures, one right after the other:
 
 1. **in-process** ``session.run`` at each batch size (``--in-process``), the session set up as
-   the gateway sets it up for this model (its thread count; no spinning) and with ONNX Runtime's
-   defaults (spinning: the sweep's reference), items/s and CPU per item;
+   the gateway sets it up for this model (its thread count; no spinning), with ONNX Runtime's
+   defaults (spinning: the sweep's reference), and as one-thread sessions side by side, one per
+   core (``2x1`` on 2 cores: what ``instance_group { count: 2 }`` with ``intra_op_thread_count``
+   1 would run), items/s and CPU per item;
 2. **the gateway under perf_analyzer** at each concurrency over each protocol: throughput and
    p50; the batch sizes that reached ``session.run`` (statistics extension, ``batch_stats``);
    how much of the window the runner spent in runs (the sum of the batches' compute over the
@@ -31,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -56,44 +59,79 @@ def batch_stats(address: str, model: str) -> dict[int, tuple[int, int]]:
     return out
 
 
-def sessions(repo: Path, model: harness.Model, threads: int) -> dict[str, Any]:
-    """The in-process sessions: as the gateway loads a model that does not spin, and ORT's
-    defaults (what ``harness.measure_in_process`` and the sweep measure)."""
+def sessions(repo: Path, model: harness.Model, threads: int) -> dict[str, list[Any]]:
+    """The in-process session layouts: one session as the gateway loads a model that does not
+    spin; ORT's defaults (what ``harness.measure_in_process`` and the sweep measure); and as
+    many one-thread sessions as the first has threads, run side by side (``instance_group``
+    count ``threads`` with ``intra_op_thread_count`` 1: no thread of a run waits for another)."""
     import onnxruntime as ort
 
     path = str(repo / model.name / "1" / "model.onnx")
-    found = {}
-    for name, spin in (("gateway", False), ("ort-default", True)):
+
+    def session(threads: int, spin: bool) -> Any:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not spin:
             options.intra_op_num_threads = threads
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        found[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    found = {"gateway": [session(threads, False)], "ort-default": [session(0, True)]}
+    if threads > 1:
+        found[f"{threads}x1"] = [session(1, False) for _ in range(threads)]
     return found
 
 
+def _drive(
+    session: Any,
+    outputs: list[str],
+    feeds: dict[str, Any],
+    until: float,
+    durations: list[float],
+    counts: list[int],
+) -> None:
+    """Run ``session`` until ``until`` (twice at least), recording each run's duration."""
+    runs = 0
+    while runs < 2 or time.perf_counter() < until:
+        t0 = time.perf_counter()
+        session.run(outputs, feeds)
+        durations.append(time.perf_counter() - t0)
+        runs += 1
+    counts.append(runs)
+
+
 def in_process(
-    model: harness.Model, found: dict[str, Any], sizes: list[int], seconds: float
+    model: harness.Model, found: dict[str, list[Any]], sizes: list[int], seconds: float
 ) -> list[dict[str, Any]]:
-    """items/s (over the whole window) and CPU ms per item at each batch size, per session."""
+    """items/s (over the whole window) and CPU ms per item at each batch size, per layout (its
+    sessions each driven by a thread of its own)."""
     outputs = list(model.outputs)
     points = []
     for batch in sizes:
         feeds = harness.sample_inputs(model, batch)
-        for name, session in found.items():
-            session.run(outputs, feeds)
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            started, runs, durations = time.perf_counter(), 0, []
-            while runs < 2 or time.perf_counter() - started < seconds:
-                t0 = time.perf_counter()
+        for name, group in found.items():
+            for session in group:
                 session.run(outputs, feeds)
-                durations.append(time.perf_counter() - t0)
-                runs += 1
+            durations: list[float] = []
+            counts: list[int] = []
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            started = time.perf_counter()
+            workers = [
+                threading.Thread(
+                    target=_drive,
+                    args=(session, outputs, feeds, started + seconds, durations, counts),
+                )
+                for session in group
+            ]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
             wall = time.perf_counter() - started
             after = resource.getrusage(resource.RUSAGE_SELF)
             cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+            runs = sum(counts)
             points.append({
                 "session": name, "batch": batch, "items_per_s": runs * batch / wall,
                 "cpu_ms_per_item": cpu / (runs * batch) * 1e3,
@@ -303,7 +341,11 @@ def main() -> int:
                           flush=True)  # fmt: skip
                 # A window holds a few requests of each client even while the machine is busy
                 # (perf_analyzer refuses a window in which none finished).
-                run_ms = min(p["run_p50_ms"] for p in rnd["in_process"] if p["batch"] == 1)
+                run_ms = min(
+                    p["run_p50_ms"]
+                    for p in rnd["in_process"]
+                    if p["batch"] == min(args.in_process) and p["session"] == "gateway"
+                )
                 for protocol in protocols:
                     for c in args.concurrency:
                         window_ms = max(args.window_ms, round(3 * c * run_ms))
