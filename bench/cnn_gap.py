@@ -25,9 +25,11 @@ Ratios are to the same round's in-process best (the machine's speed drifts betwe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -150,7 +152,10 @@ def gateway_point(
     c: int,
     window_ms: int,
     work: Path,
+    poll_cpu_s: float = 0.0,
 ) -> dict[str, Any]:
+    """One perf_analyzer point; ``poll_cpu_s``: the event loop's CPU per statistics read
+    (``poll_cost``), taken off its CPU per item for the reads this point made."""
     report = work / f"pa-{time.monotonic_ns()}.csv"
     url = f"127.0.0.1:{grpc_port}" if protocol == "grpc" else gw.address
     cmd = [
@@ -171,6 +176,7 @@ def gateway_point(
     # Batch ends seen while perf_analyzer runs (the statistics polled): the runner's busy share
     # between the first and the last seen, perf_analyzer's start and stop left out.
     ends: list[tuple[float, int, int]] = []
+    polls = 0
     deadline = started + 60 + 8 * window_ms / 1000
     while proc.poll() is None:
         if time.monotonic() > deadline:
@@ -179,6 +185,7 @@ def gateway_point(
             raise RuntimeError("perf_analyzer timed out")
         now = time.monotonic()
         seen = batch_stats(gw.address, model.name)
+        polls += 1
         runs, ns = sum(n for n, _ in seen.values()), sum(ns for _, ns in seen.values())
         if not ends or runs != ends[-1][1]:
             ends.append((now, runs, ns))
@@ -206,10 +213,47 @@ def gateway_point(
         "mean_batch": items / max(1, sum(sizes.values())),
         "runner_busy": busy_ns / 1e9 / wall,
         "runner_busy_steady": steady(ends[1:]),
-        "loop_cpu_ms": deltas.get(pid, 0.0) * per_item,
+        "loop_cpu_ms": max(0.0, deltas.get(pid, 0.0) - (polls + 2) * poll_cpu_s) * per_item,
+        "poll_cpu_ms": (polls + 2) * poll_cpu_s * per_item,
         "ort_cpu_ms": sum(v for t, v in deltas.items() if t != pid) * per_item,
         "load": load,
     }  # fmt: skip
+
+
+def one_thread_repo(repo: Path, name: str, work: Path, layout: str) -> Path:
+    """A repository serving ``name`` as ``layout`` ``Nx1``: its config with ``instance_group``
+    count N and ``intra_op_thread_count`` 1 (the ONNX file linked, not copied)."""
+    count = int(layout.removesuffix("x1"))
+    dest = work / f"repo-{layout}" / name
+    dest.mkdir(parents=True)
+    for entry in (repo / name).iterdir():
+        if entry.name != "config.pbtxt":
+            (dest / entry.name).symlink_to(entry.resolve(), entry.is_dir())
+    text = re.sub(r"instance_group\s*\{[^}]*\}", "", (repo / name / "config.pbtxt").read_text())
+    text += (
+        f"\ninstance_group {{\n  count: {count}\n  kind: KIND_CPU\n}}\n"
+        'parameters {\n  key: "intra_op_thread_count"\n  value: { string_value: "1" }\n}\n'
+    )
+    (dest / "config.pbtxt").write_text(text)
+    return dest.parent
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` (0.0 when unreadable)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def poll_cost(gw: harness.Gateway, model: str, reads: int = 200) -> float:
+    """The event loop's CPU seconds per statistics read, on the idle gateway."""
+    pid = gw.proc.pid
+    before = harness.thread_cpu_s(pid).get(pid, 0.0)
+    for _ in range(reads):
+        batch_stats(gw.address, model)
+    return (harness.thread_cpu_s(pid).get(pid, 0.0) - before) / reads
 
 
 def steady(ends: list[tuple[float, int, int]]) -> float | None:
@@ -261,12 +305,14 @@ def render(data: dict[str, Any]) -> str:
         "compute over the window's wall time (perf_analyzer's start and stop included); `steady`: "
         "the same between the first and the last batch end seen while it ran (ends polled "
         f"every {POLL_S * 1e3:.0f} ms; the first one after the start left out). CPU per "
-        "item: the event loop's thread, every other gateway thread (ORT's calling thread and "
-        "its pool), perf_analyzer.",
+        "item: the event loop's thread (less what the statistics reads cost it, "
+        f"{data.get('poll_cpu_ms', 0.0):.2f} ms each on the idle gateway), every other gateway "
+        "thread (ORT's calling thread and its pool), perf_analyzer.",
         "",
-        "| round | protocol | c | items/s | vs in-process | vs ORT default | p50 ms | batches "
-        "(size: count) | runner busy | steady | loop ms | ORT ms | perf_analyzer ms | load |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| round | layout | protocol | c | items/s | vs in-process | vs ORT default | p50 ms | "
+        "batches (size: count) | runner busy | steady | loop ms | ORT ms | perf_analyzer ms | "
+        "load |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r, rnd in enumerate(data["rounds"]):
         best = {
@@ -276,13 +322,17 @@ def render(data: dict[str, Any]) -> str:
         for p in rnd["gateway"]:
             hist = ", ".join(f"{k}: {v}" for k, v in p["batches"].items())
             lines.append(
-                f"| {r + 1} | {p['protocol']} | {p['concurrency']} | {p['throughput']:.2f} | "
+                f"| {r + 1} | {p.get('layout', 'config')} | {p['protocol']} | {p['concurrency']} | "
+                f"{p['throughput']:.2f} | "
                 f"{p['throughput'] / best['gateway']:.2f}x | "
                 f"{p['throughput'] / best['ort-default']:.2f}x | {p['p50_ms']:.1f} | {hist} | "
                 f"{p['runner_busy']:.2f} | {_f(p['runner_busy_steady'])} | "
                 f"{p['loop_cpu_ms']:.2f} | {p['ort_cpu_ms']:.1f} | "
                 f"{p['pa_cpu_ms']:.2f} | {p['load']:.1f} |"
             )
+    if data.get("rss_mb"):
+        rss = ", ".join(f"`{k}` {v:.0f} MB" for k, v in data["rss_mb"].items())
+        lines += ["", f"Gateway RSS at the end (the model alone loaded): {rss}."]
     return "\n".join(lines) + "\n"
 
 
@@ -296,7 +346,13 @@ def main() -> int:
     parser.add_argument("--in-process-s", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--window-ms", type=int, default=3000)
-    parser.add_argument("--env", action="append", default=[], help="K=V for the gateway")
+    parser.add_argument("--env", action="append", default=[], help="K=V for the gateways")
+    parser.add_argument(
+        "--layouts",
+        default="config",
+        help="gateways to compare, points interleaved: 'config' (the model's own config), "
+        "'Nx1' (instance_group count N, intra_op_thread_count 1)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 round, c=1,4, short windows")
     parser.add_argument("--out", type=Path, default=harness.RESULTS / "cnn_gap.md")
     args = parser.parse_args()
@@ -322,49 +378,65 @@ def main() -> int:
     }  # fmt: skip
     pa = harness.perf_analyzer_path()
     protocols = [p for p in args.protocols.split(",") if p]
-    with tempfile.TemporaryDirectory(prefix="bench-cnn-gap-") as tmp:
+    layouts = [x for x in args.layouts.split(",") if x]
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-cnn-gap-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         work = Path(tmp)
-        grpc_port = harness.free_port()
-        env = {"GATEWAY_LOAD_MODELS": args.model, "GATEWAY_GRPC_PORT": str(grpc_port)}
-        env.update(item.split("=", 1) for item in args.env)
-        gw = harness.start_gateway(repo, work, "--log-level", "warning", env=env,
-                                   tag="gap", ready=(args.model,))  # fmt: skip
-        try:
-            for r in range(args.rounds):
-                rnd: dict[str, Any] = {
-                    "in_process": in_process(model, found, args.in_process, args.in_process_s),
-                    "gateway": [],
-                }
-                for p in rnd["in_process"]:
-                    print(f"round {r + 1} in-process {p['session']:11s} batch {p['batch']}: "
-                          f"{p['items_per_s']:.2f}/s, {p['cpu_ms_per_item']:.1f} ms CPU/item",
-                          flush=True)  # fmt: skip
-                # A window holds a few requests of each client even while the machine is busy
-                # (perf_analyzer refuses a window in which none finished).
-                run_ms = min(
-                    p["run_p50_ms"]
-                    for p in rnd["in_process"]
-                    if p["batch"] == min(args.in_process) and p["session"] == "gateway"
-                )
-                for protocol in protocols:
-                    for c in args.concurrency:
-                        window_ms = max(args.window_ms, round(3 * c * run_ms))
+        gateways: dict[str, tuple[harness.Gateway, int, Path]] = {}
+        for layout in layouts:
+            served = repo if layout == "config" else one_thread_repo(repo, args.model, work,
+                                                                      layout)  # fmt: skip
+            grpc_port = harness.free_port()
+            env = {"GATEWAY_LOAD_MODELS": args.model, "GATEWAY_GRPC_PORT": str(grpc_port)}
+            env.update(item.split("=", 1) for item in args.env)
+            gw = harness.start_gateway(served, work, "--log-level", "warning", env=env,
+                                       tag=f"gap-{layout}", ready=(args.model,))  # fmt: skip
+            stack.callback(gw.stop)
+            gateways[layout] = (gw, grpc_port, served)
+        first = next(iter(gateways.values()))[0]
+        poll_cpu_s = poll_cost(first, args.model)
+        data["poll_cpu_ms"] = poll_cpu_s * 1e3
+        turn = 0
+        for r in range(args.rounds):
+            rnd: dict[str, Any] = {
+                "in_process": in_process(model, found, args.in_process, args.in_process_s),
+                "gateway": [],
+            }
+            for p in rnd["in_process"]:
+                print(f"round {r + 1} in-process {p['session']:11s} batch {p['batch']}: "
+                      f"{p['items_per_s']:.2f}/s, {p['cpu_ms_per_item']:.1f} ms CPU/item",
+                      flush=True)  # fmt: skip
+            # A window holds a few requests of each client even while the machine is busy
+            # (perf_analyzer refuses a window in which none finished).
+            run_ms = min(
+                p["run_p50_ms"]
+                for p in rnd["in_process"]
+                if p["batch"] == min(args.in_process) and p["session"] == "gateway"
+            )
+            for protocol in protocols:
+                for c in args.concurrency:
+                    window_ms = max(args.window_ms, round(3 * c * run_ms))
+                    order = list(gateways) if turn % 2 == 0 else list(gateways)[::-1]
+                    turn += 1
+                    for layout in order:
+                        gw, grpc_port, served = gateways[layout]
                         cpu0 = children_cpu_s()
-                        got = gateway_point(pa, gw, grpc_port, repo, model, protocol, c,
-                                            window_ms, work)  # fmt: skip
-                        # perf_analyzer's windows hold about throughput * wall items.
+                        got = gateway_point(pa, gw, grpc_port, served, model, protocol, c,
+                                            window_ms, work, poll_cpu_s)  # fmt: skip
+                        got["layout"] = layout
                         items = sum(k * v for k, v in got["batches"].items())
                         got["pa_cpu_ms"] = (children_cpu_s() - cpu0) / max(1, items) * 1e3
                         rnd["gateway"].append(got)
-                        print(f"round {r + 1} {protocol:4s} c={c:<3d} {got['throughput']:6.2f}/s "
-                              f"p50 {got['p50_ms']:7.1f} ms batches {got['batches']} busy "
-                              f"{got['runner_busy']:.2f} steady {_f(got['runner_busy_steady'])} "
-                              f"CPU ms/item loop {got['loop_cpu_ms']:.2f}"
-                              f" ORT {got['ort_cpu_ms']:.1f} pa {got['pa_cpu_ms']:.2f}",
-                              flush=True)  # fmt: skip
-                data["rounds"].append(rnd)
-        finally:
-            gw.stop()
+                        print(f"round {r + 1} {layout} {protocol:4s} c={c:<3d} "
+                              f"{got['throughput']:6.2f}/s p50 {got['p50_ms']:7.1f} ms batches "
+                              f"{got['batches']} busy {got['runner_busy']:.2f} steady "
+                              f"{_f(got['runner_busy_steady'])} CPU ms/item loop "
+                              f"{got['loop_cpu_ms']:.2f} ORT {got['ort_cpu_ms']:.1f} "
+                              f"pa {got['pa_cpu_ms']:.2f}", flush=True)  # fmt: skip
+            data["rounds"].append(rnd)
+        data["rss_mb"] = {layout: rss_mb(g[0].proc.pid) for layout, g in gateways.items()}
     text = render(data)
     print(text)
     harness.write_results(args.out, text, data)
