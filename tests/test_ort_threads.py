@@ -286,3 +286,16 @@ def test_the_lone_spin_is_not_negative() -> None:
 
     with pytest.raises(SettingsError, match="ort_lone_spin_us"):
         Settings(ort_lone_spin_us=-1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux /proc")
+async def test_runner_threads_carry_their_name_in_the_os(tmp_path: Path) -> None:
+    """``top -H``, ``perf`` and ``bench/thread_split.py`` tell a model's runner threads from
+    the event loop and ORT's pool by the OS thread name (``ort-<model>-<n>``)."""
+    backend = await _dense(tmp_path)
+    try:
+        await backend.execute({"X": np.ones((1, 64), np.float32)}, ["Y"])
+        names = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
+        assert "ort-dense-0" in names
+    finally:
+        await backend.close()
