@@ -116,7 +116,7 @@ class Settings:
     # nothing else outstanding): its pool spins, idle threads at most this many microseconds
     # (ORT 1.26+'s session.intra_op.spin_duration_us), so a lone request pays no thread
     # wake-up per op while loaded batches keep the session that does not spin. It costs a
-    # second session's memory (mlp: ~100 MB). 0: none (README, "ONNX Runtime threads").
+    # second session's memory (mlp: +77-100 MiB RSS). 0: none (README, "ONNX Runtime threads").
     ort_lone_spin_us: int = 0
     warmup: bool = True
     # Python's cyclic GC runs its youngest generation every N net container allocations (700 by
