@@ -54,6 +54,8 @@ MODELS = ("simple", "mlp", "resnet50", "bert_encoder")
 HEAVY = ("resnet50", "bert_encoder")
 PROTOCOLS = ("http", "grpc", "shm")
 TARGETS = ("gateway", "triton")
+# What perf_analyzer says when its windows held too few finished requests.
+TOO_SHORT = ("No valid requests", "Pass contained only one request")
 
 
 # -- the counted child: a gateway whose payload-sized copies are counted ---------------------
@@ -332,6 +334,13 @@ def sweep(
                     url = urls["grpc" if protocol == "grpc" else "http"]
                     window_ms = windows_ms[model]
                     got = run_pa(pa, model, url, protocol, concurrency, window_ms, out_bytes, work)
+                    # The machine slowed down (a heavy model's c requests take c runs): retry
+                    # with longer windows rather than leave a hole in the curve.
+                    for longer in (2, 4):
+                        if not any(w in got.get("error", "") for w in TOO_SHORT):
+                            break
+                        got = run_pa(pa, model, url, protocol, concurrency, window_ms * longer,
+                                     out_bytes, work)  # fmt: skip
                     points.append({"target": target, "model": model, "protocol": protocol,
                                    "concurrency": concurrency, **got, **reference})  # fmt: skip
                     head = f"{target:8s} {model:13s} {protocol:5s} c={concurrency:<3d}"
