@@ -15,7 +15,6 @@ the other writes. What splits next, if it grows: the response encoder into ``enc
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -291,8 +290,10 @@ def _split_id(body: bytes, end: int) -> tuple[str | None, bytes]:
     ``{``: it cannot be taken for the key of a header without an id."""
     found = _LEADING_ID.match(body, 0, end)
     if found is not None:
-        with contextlib.suppress(UnicodeDecodeError):  # not UTF-8: the full parse refuses it
+        try:
             return found[1].decode(), body[found.end() : end]
+        except UnicodeDecodeError:  # not UTF-8: the full parse refuses it
+            pass
     return None, body[:end]
 
 
