@@ -213,7 +213,12 @@ class Pending:
         self.response = response
         self.error = error
         self.execution = execution
-        self._run_callbacks()
+        if self._more_callbacks is None:  # the usual case, inline: one front end's callback
+            callback, self._callback = self._callback, None
+            if callback is not None:
+                callback(self)
+        else:
+            self._run_callbacks()
 
     def _run_callbacks(self) -> None:
         callback, self._callback = self._callback, None
