@@ -30,7 +30,13 @@ from gateway import context, tracing
 from gateway.backends.base import Tensors
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, QueueFull
 from gateway.protocol.tensors import tensor_from_buffer
-from gateway.protocol.types import InferRequest, InferResponse, datatype_of, numpy_dtype
+from gateway.protocol.types import (
+    DATATYPES,
+    InferRequest,
+    InferResponse,
+    datatype_of,
+    numpy_dtype,
+)
 from gateway.repository.config import ModelConfig
 from gateway.shared_memory import write_outputs
 
@@ -302,6 +308,10 @@ def _shape_error(name: str, cfg: ModelConfig, shape: tuple[int, ...]) -> str:
     )
 
 
+# Each datatype's name by its numpy dtype: ``datatype_of`` without a call, for the usual dtypes.
+_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+
+
 def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
     """The request's inputs as the backend takes them (reshaped where the config says), and its
     batch rows; ``InvalidInput`` for anything the model does not accept."""
@@ -312,7 +322,7 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
         spec = cfg.input(name)
         if spec is None:
             raise InvalidInput(f"unexpected inference input '{name}' for model '{cfg.name}'")
-        datatype = datatype_of(array)
+        datatype = _NAMES.get(array.dtype) or datatype_of(array)  # (strings: not in _NAMES)
         if datatype != spec.datatype:
             raise InvalidInput(
                 f"inference input '{name}' data-type is '{datatype}', but model "
