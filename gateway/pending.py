@@ -471,18 +471,24 @@ def response_of(
 ) -> InferResponse:
     """The outputs asked for (all by default), reshaped as the config says, or as their top
     classes where the request asked for ``classification``."""
-    wanted = [o.name for o in request.outputs] if request.outputs else list(outputs)
-    classes = {o.name: o.classification for o in request.outputs or () if o.classification}
+    # One pass over what was asked for (plain loops: no comprehension frames per request).
+    wanted: list[tuple[str, int]] = []
+    if request.outputs:
+        for requested in request.outputs:
+            wanted.append((requested.name, requested.classification))
+    else:
+        for out_name in outputs:
+            wanted.append((out_name, 0))
     result: dict[str, np.ndarray[Any, Any]] = {}
-    for out_name in wanted:
+    for out_name, classes in wanted:
         array = outputs[out_name]
         spec = cfg.output(out_name)
         if spec is not None and spec.reshape is not None:
             lead = (array.shape[0],) if cfg.batched else ()
             array = array.reshape(lead + tuple(spec.dims))
-        if out_name in classes:
+        if classes:
             names = (labels or {}).get(out_name)
-            array = classify(array, classes[out_name], names, cfg.batched)
+            array = classify(array, classes, names, cfg.batched)
         result[out_name] = array
     return InferResponse(model_name=name, model_version=str(version), outputs=result, id=request.id)
 
