@@ -113,7 +113,7 @@ def split(path: Path, requests: int) -> dict[str, Any]:
     python = {k: v[1] for k, v in stats.items() if k[0] != "~"}
     modules: dict[str, float] = {}
     for (file, _, _), calls in python.items():
-        name = Path(file).name
+        name = "/".join(Path(file).parts[-2:])  # protocol/types.py, config/types.py
         modules[name] = modules.get(name, 0.0) + calls / requests
     functions = sorted(python.items(), key=lambda kv: -kv[1])[:25]
     return {
