@@ -194,7 +194,8 @@ class Pending:
         self._stats_started_ns = stats_started_ns = time.perf_counter_ns()
         try:
             inputs, rows = validate(lv.config, request)
-            queued = lv.batcher.enqueue(inputs, rows, deadline_s, request_id, request.priority)
+            priority = request.priority if request.parameters else 0  # (no call when none)
+            queued = lv.batcher.enqueue(inputs, rows, deadline_s, request_id, priority)
         except GatewayError as exc:
             spent_ns = time.perf_counter_ns() - stats_started_ns
             lv.stats.record_request(False, spent_ns, failure_reason(exc))
