@@ -18,7 +18,7 @@ import hashlib
 import http.server
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -355,11 +355,16 @@ def edit(data: bytes, at: int, size: int, seed: int = 99) -> bytes:
     return data[:at] + random_bytes(size, seed) + data[at + size :]
 
 
-def open_edge(url: str, cache: Path, **kwargs: object) -> EdgeRepository:
+def open_edge(
+    url: str, cache: Path, clock: Callable[[], float] | None = None, **kwargs: object
+) -> EdgeRepository:
+    """An edge repository on ``url`` with its cache in ``cache``; ``kwargs`` are settings,
+    ``clock`` stands for ``time.monotonic`` (the index's age)."""
     from gateway.repository.edge import EdgeRepository
     from gateway.settings import Settings
 
-    return EdgeRepository(Settings(model_repo=url, cache_dir=str(cache), **kwargs))  # type: ignore[arg-type]
+    settings = Settings(model_repo=url, cache_dir=str(cache), **kwargs)  # type: ignore[arg-type]
+    return EdgeRepository(settings, clock=clock) if clock else EdgeRepository(settings)
 
 
 async def roll_out(

@@ -21,8 +21,16 @@ from pathlib import Path
 
 import pytest
 
+from gateway.repository.edge import EdgeRepository
 from gateway.repository.manifest import parse_index
-from tests.edge_origins import FakeOrigin, StaticOrigin, edit, open_edge, publish, random_bytes
+from tests.edge_origins import (
+    FakeOrigin,
+    StaticOrigin,
+    edit,
+    open_edge,
+    publish,
+    random_bytes,
+)
 from tests.helpers import start_gateway
 
 SIZE = 256 * 1024
@@ -140,9 +148,7 @@ async def test_index_check_fetches_a_new_versions_manifest_before_the_load(
         await edge.close()
 
 
-async def test_no_index_checks_when_off(
-    repo: Path, fake: FakeOrigin, tmp_path: Path
-) -> None:
+async def test_no_index_checks_when_off(repo: Path, fake: FakeOrigin, tmp_path: Path) -> None:
     """``edge_poll_s = 0``: the index is asked only when a load needs it."""
     edge = open_edge(fake.url, tmp_path / "cache", edge_poll_s=0)
     try:
@@ -288,3 +294,111 @@ async def test_index_checks_are_in_no_requests_trace(
     finally:
         await edge.close()
         tracing.shutdown()
+
+
+# -- a load by the index the check keeps current ---------------------------------------------
+
+
+class Clock:
+    """Stands for ``time.monotonic`` in the edge: the index's age moves only when told (the
+    periodic check, which waits on it, never comes round by itself)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _checked(edge: EdgeRepository, clock: Clock, after_s: float) -> None:
+    """What the periodic check does ``after_s`` after the last answer: the index, and the
+    newest version's manifest of a model the cache holds."""
+    clock.now += after_s
+    index = await edge.refresh_index(force=True)
+    await edge._prefetch_manifest("m", index["m"])
+
+
+async def test_a_load_by_a_recent_index_fetches_before_the_index_answers(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """The check saw v2 (and fetched its manifest) 2.5 s before the load: older than the
+    index's TTL, so the load asks again, but only once the chunk transfer is under way, and it
+    serves v2 when the answer confirms it."""
+    clock = Clock()
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=4.0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        await _checked(edge, clock, 3.0)
+        clock.now += 2.5
+        fake.requests.clear()
+        await edge.fetch("m")
+        assert (edge.cache.models_dir / "m" / "2" / "model.onnx").exists()
+        asked = fake.paths()
+        assert "models.json" in asked, "the load did not ask the origin"
+        assert asked.index("m/2/model.onnx") < asked.index("models.json"), asked
+    finally:
+        await edge.close()
+
+
+async def test_a_version_published_after_the_last_check_is_served_by_the_load(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """v3 is published after the check saw v2: the load fetches by the index it holds, but the
+    answer it asked for meanwhile lists v3, which the same load fetches and serves."""
+    clock = Clock()
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=4.0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        await _checked(edge, clock, 3.0)
+        publish(repo, "m", 3, edit(random_bytes(SIZE, 1), 9000, 4000, seed=5))
+        clock.now += 2.5
+        await edge.fetch("m")
+        assert (edge.cache.models_dir / "m" / "3" / "model.onnx").exists()
+    finally:
+        await edge.close()
+
+
+async def test_a_version_withdrawn_after_the_last_check_fails_no_load(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """The check saw v2; the origin then replaced it by v3 (v2's files gone): the fetch by the
+    index held fails, the answer lists v3, and the load serves v3."""
+    import shutil
+
+    clock = Clock()
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=4.0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        await _checked(edge, clock, 3.0)
+        shutil.rmtree(repo / "m" / "2")
+        publish(repo, "m", 3, edit(random_bytes(SIZE, 1), 9000, 4000, seed=5))  # index too
+        clock.now += 2.5
+        fake.requests.clear()
+        await edge.fetch("m")
+        assert fake.paths("m/2/model.onnx"), "the load fetched by the index it held"
+        assert (edge.cache.models_dir / "m" / "3" / "model.onnx").exists()
+    finally:
+        await edge.close()
+
+
+async def test_a_load_by_an_old_index_asks_first(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """An index answered more than 1.5 x ``edge_poll_s`` ago (the checks stalled) is not
+    fetched by: the load asks for the index first."""
+    clock = Clock()
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=4.0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        await _checked(edge, clock, 3.0)
+        clock.now += 6.5
+        fake.requests.clear()
+        await edge.fetch("m")
+        asked = fake.paths()
+        assert asked.index("models.json") < asked.index("m/2/model.onnx"), asked
+    finally:
+        await edge.close()

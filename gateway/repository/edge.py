@@ -43,14 +43,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import hashlib
 import importlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from gateway.errors import GatewayError, ModelLoadError, ModelNotFound, Unavailable
 from gateway.repository.cache import (
@@ -86,8 +87,11 @@ from gateway.repository.origin import (
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 INDEX_TTL_S = 2.0
+RECENT_POLLS = 1.5  # an index answered within 1.5 x edge_poll_s is fetched by while re-asked
 UNKNOWN_NAME_REFRESH_S = 10.0
 FETCH_CONCURRENCY = 4
 PEER_WAIT_S = 300.0
@@ -579,9 +583,66 @@ class EdgeRepository(LocalRepository):
             if await self._fetch_from(name, saved, progress, cached_only=True, steps=steps):
                 return
             self._stale_used.pop(name, None)  # not all cached after all: ask the origin now
+        if self._recent(name):
+            await self._fetch_meanwhile(name, progress, steps)
+            return
         index = await self.refresh_index(name=name)
         steps.mark("index")
         await self._fetch_from(name, index, progress, cached_only=False, steps=steps)
+
+    def _recent(self, name: str) -> bool:
+        """Whether the index held is recent enough to fetch by while the origin is asked: the
+        periodic check runs (it keeps the copy current) and the origin answered within
+        ``RECENT_POLLS`` x ``edge_poll_s``."""
+        return (
+            self._poll is not None
+            and self.reachable is True
+            and self._index is not None
+            and name in self._index
+            and self.clock() - self._checked_at < self.poll_s * RECENT_POLLS
+        )
+
+    async def _fetch_meanwhile(self, name: str, progress: Progress | None, steps: _Steps) -> None:
+        """Fetch ``name`` by the recent index while asking the origin for the index (when due),
+        so that the load pays no round trip for it; the load is over only once the answer is
+        in, and an answer that lists something else for ``name`` is fetched too (a version
+        published since the last check is still served by this load).
+
+        The question goes out once this fetch's first bytes arrive (or it ends): on HTTP/1.1 a
+        connection carries one request at a time, and the transfer, not the small index, should
+        have the one the periodic check kept open."""
+        held = self._index or {}
+        transfer_started = asyncio.Event()
+        asking = asyncio.ensure_future(self._ask_after(transfer_started, name))
+        try:
+            try:
+                await self._fetch_from(
+                    name, held, progress, False, steps, first_bytes=transfer_started.set
+                )
+            except GatewayError:
+                # the held index may be what failed (a file since removed): the answer tells
+                transfer_started.set()
+                try:
+                    fresh = await asking
+                except GatewayError:
+                    fresh = held
+                if fresh.get(name) == held.get(name):
+                    raise
+            else:
+                transfer_started.set()
+                fresh = await asking
+                steps.mark("index (meanwhile)")
+                if fresh.get(name) == held.get(name):
+                    return
+            log.info("model %s changed at the origin during its fetch; fetching it again", name)
+            await self._fetch_from(name, fresh, progress, cached_only=False, steps=steps)
+        finally:
+            if not asking.done():
+                asking.cancel()
+
+    async def _ask_after(self, event: asyncio.Event, name: str) -> dict[str, ModelIndex]:
+        await event.wait()
+        return await self.refresh_index(name=name)
 
     async def _fetch_from(
         self,
@@ -590,9 +651,11 @@ class EdgeRepository(LocalRepository):
         progress: Progress | None,
         cached_only: bool,
         steps: _Steps | None = None,
+        first_bytes: Callable[[], None] | None = None,
     ) -> bool:
         """Fetch ``name`` as ``index`` describes it; with ``cached_only``, only when every file
-        it needs is in the cache already (else False, nothing done)."""
+        it needs is in the cache already (else False, nothing done). ``first_bytes`` is called
+        when the first bytes from a peer or the origin arrive."""
         entry = index.get(name)
         if entry is None:
             raise ModelNotFound(f"model '{name}' is not in the repository")
@@ -610,7 +673,7 @@ class EdgeRepository(LocalRepository):
             if spec.size > self.max_index_bytes:  # read whole below, like the index
                 raise ModelLoadError(f"model '{name}': config.pbtxt is over max_index_bytes")
             keep.add(spec.sha256)
-            sources = self._sources(spec.sha256, f"{name}/config.pbtxt")
+            sources = _noted(self._sources(spec.sha256, f"{name}/config.pbtxt"), first_bytes)
             raw = await self.cache.document(
                 spec.sha256, sources, self.max_index_bytes, protected, keep
             )
@@ -635,7 +698,7 @@ class EdgeRepository(LocalRepository):
             prefetch = self._prefetching.get(sha)
             if prefetch is not None:  # the index check is fetching it: not twice
                 await asyncio.wait([prefetch])
-            sources = self._manifest_sources(name, version, sha, entry)
+            sources = _noted(self._manifest_sources(name, version, sha, entry), first_bytes)
             raw = await self.cache.document(sha, sources, self.max_index_bytes, protected, keep)
             manifest = parse_manifest(raw, relpath)
             blobs[sha] = len(raw)
@@ -667,7 +730,7 @@ class EdgeRepository(LocalRepository):
 
         async def one(rel: str, f: FileEntry) -> None:
             async with limit:
-                sources = self._sources(f.sha256, f"{name}/{rel}")
+                sources = _noted(self._sources(f.sha256, f"{name}/{rel}"), first_bytes)
                 chunks = f.chunks if self.chunks else ()
                 try:
                     await self.cache.ensure(f.sha256, f.size, sources, advance, chunks, transfer)
@@ -700,6 +763,34 @@ class EdgeRepository(LocalRepository):
                 steps,
             )
         return True
+
+
+def _noted(sources: list[Source], call: Callable[[], None] | None) -> list[Source]:
+    """``sources`` whose reads call ``call`` as their first bytes arrive (None: as they are)."""
+    if call is None:
+        return sources
+    return [
+        dataclasses.replace(
+            s,
+            stream=_noting(s.stream, call),
+            span=_noting(s.span, call) if s.span is not None else None,
+            chunk=_noting(s.chunk, call) if s.chunk is not None else None,
+            spans=_noting(s.spans, call) if s.spans is not None else None,
+        )
+        for s in sources
+    ]
+
+
+def _noting(
+    read: Callable[_P, AsyncGenerator[_T, None]], call: Callable[[], None]
+) -> Callable[_P, AsyncGenerator[_T, None]]:
+    async def noted(*args: _P.args, **kwargs: _P.kwargs) -> AsyncGenerator[_T, None]:
+        async with contextlib.aclosing(read(*args, **kwargs)) as pieces:
+            async for piece in pieces:
+                call()
+                yield piece
+
+    return noted
 
 
 class _Steps:
