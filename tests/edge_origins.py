@@ -7,7 +7,8 @@ connection partway through a file once or send one byte of it wrong once (fault 
 ``StaticOrigin`` is Python's ``http.server`` (no Range support).
 ``AppServer`` runs any aiohttp application (an origin that misbehaves on purpose).
 ``publish``, ``edit`` and ``roll_out`` make and roll out versions of a model of random bytes
-(the chunk tests' set-up).
+(the chunk tests' set-up); the fixtures ``repo`` (model ``m`` v1 of ``SIZE`` bytes) and ``fake``
+(a ``FakeOrigin`` on it) are imported by the test modules that share that set-up.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+import pytest
 
 from tests import models
 
@@ -303,8 +305,6 @@ def moto_s3() -> Iterator[str]:
     import tempfile
     import time
 
-    import pytest
-
     pytest.importorskip("boto3")
     pytest.importorskip("moto.server", reason="moto[server] is not installed")
     with socket.socket() as s:
@@ -353,6 +353,23 @@ def publish(root: Path, name: str, version: int, data: bytes, avg: int = AVG) ->
 def edit(data: bytes, at: int, size: int, seed: int = 99) -> bytes:
     """``data`` with ``size`` bytes from ``at`` on replaced by others (a changed layer)."""
     return data[:at] + random_bytes(size, seed) + data[at + size :]
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """An origin's directory holding model ``m`` version 1: ``SIZE`` random bytes, manifests
+    cut with ``AVG`` (test modules import this fixture and ``fake``)."""
+    root = tmp_path / "origin"
+    publish(root, "m", 1, random_bytes(SIZE, 1))
+    return root
+
+
+@pytest.fixture
+def fake(repo: Path) -> Iterator[FakeOrigin]:
+    """A ``FakeOrigin`` serving ``repo``."""
+    origin = FakeOrigin(repo).start()
+    yield origin
+    origin.stop()
 
 
 def open_edge(

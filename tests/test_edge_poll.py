@@ -16,14 +16,13 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from gateway.repository.edge import EdgeRepository
 from gateway.repository.manifest import parse_index
+from tests import edge_origins
 from tests.edge_origins import (
+    SIZE,
     FakeOrigin,
     StaticOrigin,
     edit,
@@ -33,7 +32,9 @@ from tests.edge_origins import (
 )
 from tests.helpers import start_gateway
 
-SIZE = 256 * 1024
+# the shared set-up: model m v1 at an origin, a FakeOrigin on it (pytest finds them here)
+repo = edge_origins.repo
+fake = edge_origins.fake
 
 
 class CountingRelay:
@@ -78,20 +79,6 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
             dst.sendall(data)
     with contextlib.suppress(OSError):
         dst.shutdown(socket.SHUT_WR)
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "origin"
-    publish(root, "m", 1, random_bytes(SIZE, 1))
-    return root
-
-
-@pytest.fixture
-def fake(repo: Path) -> Iterator[FakeOrigin]:
-    origin = FakeOrigin(repo).start()
-    yield origin
-    origin.stop()
 
 
 async def _until(check: object, timeout_s: float) -> bool:

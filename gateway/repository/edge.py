@@ -27,7 +27,10 @@ source: origin, peer, and cached (chunks the cache held already).
 On an HTTP origin the index is also checked every ``edge_poll_s`` while the edge idles (none
 while a fetch runs; backing off while the origin fails): the pooled connection stays open for
 the next pull, and a model the cache holds gets its newest version's manifest as soon as the
-index lists it, so that version's load starts with the chunk fetch.
+index lists it, so that version's load starts with the chunk fetch. Such a load does not wait
+for its own index question either (:meth:`_fetch_meanwhile`): with a copy the check answered
+within ``RECENT_POLLS`` x ``edge_poll_s`` it fetches at once and asks meanwhile, and ends only
+with the answer (fetching again when the answer lists something else for the model).
 
 The origin is not trusted further than its hashes: the index, each manifest and each
 ``config.pbtxt`` are read whole only up to ``max_index_bytes``; every file is written only up
