@@ -61,6 +61,8 @@ class FakeOrigin:
         self.chunk_delay_s = chunk_delay_s
         self.requests: list[tuple[str, str | None]] = []
         self.headers: list[dict[str, str]] = []  # each request's headers, names in lower case
+        self.sending = 0  # answers whose bodies are being sent now
+        self.sending_at: list[tuple[str, int]] = []  # (path, ``sending``) as each request came
         self.cut_after: dict[str, int] = {}  # path -> bytes sent before dropping (once)
         # several ranges asked at once: "multipart" (multipart/byteranges), "whole" (200, the
         # whole file, as S3), "first" (206 with the first range only)
@@ -119,7 +121,12 @@ class FakeOrigin:
             path = unquote(urlsplit(line.split()[1]).path).lstrip("/")
             self.requests.append((path, headers.get("range")))
             self.headers.append(headers)
-            await self._respond(writer, path, headers)
+            self.sending_at.append((path, self.sending))
+            self.sending += 1
+            try:
+                await self._respond(writer, path, headers)
+            finally:
+                self.sending -= 1
         except (ConnectionError, IndexError, asyncio.CancelledError):
             pass
         finally:
@@ -172,10 +179,10 @@ class FakeOrigin:
                 await writer.drain()
                 writer.transport.abort()
                 return
+            if i and self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
             writer.write(body[i : i + step])
             await writer.drain()
-            if self.chunk_delay_s:
-                await asyncio.sleep(self.chunk_delay_s)
 
     async def _multipart(
         self, writer: asyncio.StreamWriter, data: bytes, etag: str, wanted: str, path: str
@@ -200,8 +207,11 @@ class FakeOrigin:
             f"Content-Type: multipart/byteranges; boundary={boundary}\r\n"
             "Connection: close\r\n\r\n".encode()
         )
-        writer.write(bytes(body))
-        await writer.drain()
+        for i in range(0, len(body), 16384):
+            if i and self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+            writer.write(body[i : i + 16384])
+            await writer.drain()
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from gateway.repository.edge import EdgeRepository
 from gateway.repository.manifest import parse_index
 from tests import edge_origins
@@ -326,6 +328,47 @@ async def test_a_load_by_a_recent_index_fetches_before_the_index_answers(
         assert asked.index("m/2/model.onnx") < asked.index("models.json"), asked
     finally:
         await edge.close()
+
+
+async def _load_changed_200k(repo: Path, fake: FakeOrigin, tmp_path: Path) -> dict[str, int]:
+    """A load of a v2 with ~200 KiB changed (sent by the origin in 16 KiB pieces 50 ms
+    apart), 2.5 s after the check saw it: how many answers the origin was sending as each
+    request arrived."""
+    clock = Clock()
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=4.0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 100_000, 200_000))
+        await _checked(edge, clock, 3.0)
+        clock.now += 2.5
+        fake.chunk_delay_s = 0.05
+        fake.sending_at.clear()
+        await edge.fetch("m")
+        assert (edge.cache.models_dir / "m" / "2" / "model.onnx").exists()
+        return dict(fake.sending_at)
+    finally:
+        await edge.close()
+
+
+async def test_a_large_transfer_has_the_index_asked_beside_it(
+    repo: Path, fake: FakeOrigin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With at least ``ASK_BESIDE_BYTES`` to take over the link, the load's index question
+    reaches the origin while the transfer is still being sent (on a second connection)."""
+    from gateway.repository import edge as edge_module
+
+    monkeypatch.setattr(edge_module, "ASK_BESIDE_BYTES", 64 * 1024)
+    sending = await _load_changed_200k(repo, fake, tmp_path)
+    assert sending.get("models.json", 0) >= 1, sending
+
+
+async def test_a_small_transfer_has_the_index_asked_after_it(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """Under ``ASK_BESIDE_BYTES`` (a second connection would take longer than the transfer):
+    the question follows the transfer, on the connection it used."""
+    sending = await _load_changed_200k(repo, fake, tmp_path)
+    assert sending.get("models.json") == 0, sending
 
 
 async def test_a_version_published_after_the_last_check_is_served_by_the_load(

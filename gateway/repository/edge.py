@@ -95,6 +95,9 @@ _T = TypeVar("_T")
 
 INDEX_TTL_S = 2.0
 RECENT_POLLS = 1.5  # an index answered within 1.5 x edge_poll_s is fetched by while re-asked
+# a transfer of at least this much hides a second connection's set-up and the index question
+# (~3 round trips of a 25 ms, 100 Mbit/s link); a smaller one is followed by the question
+ASK_BESIDE_BYTES = 1 << 20
 UNKNOWN_NAME_REFRESH_S = 10.0
 FETCH_CONCURRENCY = 4
 PEER_WAIT_S = 300.0
@@ -561,6 +564,16 @@ class EdgeRepository(LocalRepository):
         for sha in record.blobs:
             await self.cache.learn_chunks(sha, avg)
 
+    def _link_bytes(self, f: FileEntry) -> int:
+        """Bytes of a missing file that peers or the origin send (held chunks are copied here;
+        a file of which none is held comes whole)."""
+        if not (self.chunks and f.chunks):
+            return f.size
+        held = [self.cache.holds_chunk(c.sha256) for c in f.chunks]
+        if not any(held):
+            return f.size
+        return sum(c.size for c, here in zip(f.chunks, held, strict=True) if not here)
+
     async def _fetch(self, name: str, progress: Progress | None, latest: bool = False) -> None:
         try:
             await self._fetch_files(name, progress, latest)
@@ -611,20 +624,35 @@ class EdgeRepository(LocalRepository):
         in, and an answer that lists something else for ``name`` is fetched too (a version
         published since the last check is still served by this load).
 
-        The question goes out once this fetch's first bytes arrive (or it ends): on HTTP/1.1 a
-        connection carries one request at a time, and the transfer, not the small index, should
-        have the one the periodic check kept open."""
+        When the question goes out: on HTTP/1.1 a connection carries one request at a time, and
+        the transfer, not the small index, should have the one the periodic check kept open. So
+        with nothing to take over the link, at once (the files are built here meanwhile); with
+        at least ``ASK_BESIDE_BYTES`` to take, once the transfer's first bytes arrive (on a second
+        connection, whose set-up the rest of the transfer hides); with less, after the fetch
+        (a second connection would take longer than the transfer)."""
         held = self._index or {}
-        transfer_started = asyncio.Event()
-        asking = asyncio.ensure_future(self._ask_after(transfer_started, name))
+        ask = asyncio.Event()
+        beside = False
+
+        def planned(link_bytes: int) -> None:
+            nonlocal beside
+            beside = link_bytes >= ASK_BESIDE_BYTES
+            if link_bytes == 0:
+                ask.set()
+
+        def first_bytes() -> None:
+            if beside:
+                ask.set()
+
+        asking = asyncio.ensure_future(self._ask_after(ask, name))
         try:
             try:
                 await self._fetch_from(
-                    name, held, progress, False, steps, first_bytes=transfer_started.set
+                    name, held, progress, False, steps, first_bytes=first_bytes, planned=planned
                 )
             except GatewayError:
                 # the held index may be what failed (a file since removed): the answer tells
-                transfer_started.set()
+                ask.set()
                 try:
                     fresh = await asking
                 except GatewayError:
@@ -632,7 +660,7 @@ class EdgeRepository(LocalRepository):
                 if fresh.get(name) == held.get(name):
                     raise
             else:
-                transfer_started.set()
+                ask.set()
                 fresh = await asking
                 steps.mark("index (meanwhile)")
                 if fresh.get(name) == held.get(name):
@@ -655,10 +683,12 @@ class EdgeRepository(LocalRepository):
         cached_only: bool,
         steps: _Steps | None = None,
         first_bytes: Callable[[], None] | None = None,
+        planned: Callable[[int], None] | None = None,
     ) -> bool:
         """Fetch ``name`` as ``index`` describes it; with ``cached_only``, only when every file
         it needs is in the cache already (else False, nothing done). ``first_bytes`` is called
-        when the first bytes from a peer or the origin arrive."""
+        as bytes from a peer or the origin arrive, ``planned`` with the bytes the transfer will
+        take from them once the manifests are in."""
         entry = index.get(name)
         if entry is None:
             raise ModelNotFound(f"model '{name}' is not in the repository")
@@ -743,6 +773,8 @@ class EdgeRepository(LocalRepository):
         unique = {f.sha256: (rel, f) for rel, f in files.items()}
         # cached files holding chunks of missing ones are kept until those are built
         seeds = self.cache.seeds(c for f in missing.values() for c in f.chunks)
+        if planned is not None:
+            planned(sum(self._link_bytes(f) for f in missing.values()))
         steps.mark("plan")
         async with self.cache.reserve(needed, protected, set(blobs) | seeds):
             await asyncio.gather(*(one(rel, f) for rel, f in unique.values()))
