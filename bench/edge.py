@@ -323,10 +323,14 @@ def write_layers(root: Path, version: int, layers: int, changed: int | None, rev
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    path = root / "layers" / str(version) / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path.stat().st_size
+    # written beside the repository and moved in whole: a node indexing the tree meanwhile
+    # never sees half a file (its index would name a manifest of bytes that then change)
+    staging = root.parent / f"staging-layers-{version}"
+    staging.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, staging / "model.onnx")
+    (root / "layers").mkdir(parents=True, exist_ok=True)
+    staging.rename(root / "layers" / str(version))
+    return (root / "layers" / str(version) / "model.onnx").stat().st_size
 
 
 def phases(log: Path, wall: float, took: float) -> tuple[str, float]:
