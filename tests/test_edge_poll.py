@@ -414,18 +414,20 @@ async def test_a_version_withdrawn_after_the_last_check_fails_no_load(
         await edge.close()
 
 
+@pytest.mark.parametrize(("poll_s", "age_s"), [(4.0, 6.5), (0.0, 2.5)], ids=["old", "no-checks"])
 async def test_a_load_by_an_old_index_asks_first(
-    repo: Path, fake: FakeOrigin, tmp_path: Path
+    repo: Path, fake: FakeOrigin, tmp_path: Path, poll_s: float, age_s: float
 ) -> None:
-    """An index answered more than 1.5 x ``edge_poll_s`` ago (the checks stalled) is not
-    fetched by: the load asks for the index first."""
+    """An index answered more than 1.5 x ``edge_poll_s`` ago (the checks stalled), or one no
+    periodic check keeps current (``edge_poll_s = 0``), is not fetched by: the load asks for
+    the index first."""
     clock = Clock()
-    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=4.0)
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=poll_s)
     try:
         await edge.fetch("m")
         publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
         await _checked(edge, clock, 3.0)
-        clock.now += 6.5
+        clock.now += age_s
         fake.requests.clear()
         await edge.fetch("m")
         asked = fake.paths()
