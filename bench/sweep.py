@@ -54,6 +54,8 @@ MODELS = ("simple", "mlp", "resnet50", "bert_encoder")
 HEAVY = ("resnet50", "bert_encoder")
 PROTOCOLS = ("http", "grpc", "shm")
 TARGETS = ("gateway", "triton")
+# What perf_analyzer says when its windows held too few finished requests.
+TOO_SHORT = ("No valid requests", "Pass contained only one request")
 
 
 # -- the counted child: a gateway whose payload-sized copies are counted ---------------------
@@ -332,6 +334,13 @@ def sweep(
                     url = urls["grpc" if protocol == "grpc" else "http"]
                     window_ms = windows_ms[model]
                     got = run_pa(pa, model, url, protocol, concurrency, window_ms, out_bytes, work)
+                    # The machine slowed down (a heavy model's c requests take c runs): retry
+                    # with longer windows rather than leave a hole in the curve.
+                    for longer in (2, 4):
+                        if not any(w in got.get("error", "") for w in TOO_SHORT):
+                            break
+                        got = run_pa(pa, model, url, protocol, concurrency, window_ms * longer,
+                                     out_bytes, work)  # fmt: skip
                     points.append({"target": target, "model": model, "protocol": protocol,
                                    "concurrency": concurrency, **got, **reference})  # fmt: skip
                     head = f"{target:8s} {model:13s} {protocol:5s} c={concurrency:<3d}"
@@ -439,8 +448,9 @@ def copies(
     repo: Path, model_name: str, work: Path, requests: int, tree: str | None = None
 ) -> dict[str, Any] | None:
     """Bytes copied on the event loop per request (``_SHIM``) while a gateway answers
-    ``requests`` sequential batch-1 requests, over HTTP binary and gRPC raw contents; with
-    ``tree``, the gateway of that source tree (``PYTHONPATH``), for a before/after."""
+    ``requests`` sequential batch-1 requests, over HTTP binary, gRPC raw contents and system
+    shared memory (when the gateway offers it); with ``tree``, the gateway of that source tree
+    (``PYTHONPATH``), for a before/after."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -487,15 +497,70 @@ def copies(
         after = _counts(control)
         found["grpc"] = {k: (after[k] - before[k]) / requests for k in after}
         client.close()
+        if has_shm(gw.url):
+            found["shm"] = shm_copies(gw, model, feeds, control, requests)
     finally:
         gw.stop()
-    for name in ("http", "grpc"):
-        got = found[name]
+    for name in ("http", "grpc", "shm"):
+        got = found.get(name)
+        if got is None:
+            continue
         print(f"copies {model_name} {name}{' ' + tree if tree else ''}: {got['bytes']:,.0f} B "
               f"in {got['calls']:.1f} copies "
               f"per request = {got['bytes'] / payload:.2f}x the {payload:,d} B input",
               flush=True)  # fmt: skip
     return found
+
+
+def shm_copies(
+    gw: harness.Gateway,
+    model: harness.Model,
+    feeds: dict[str, Any],
+    control: Path,
+    requests: int,
+) -> dict[str, float]:
+    """Copies per request while the inputs and outputs travel in system shared memory (as
+    ``perf_analyzer --shared-memory system`` sends them: a JSON body naming the regions)."""
+    import tritonclient.http as httpclient
+    import tritonclient.utils.shared_memory as shm
+
+    client = httpclient.InferenceServerClient(gw.address)
+    tag = f"cnn-copies-{gw.port}"
+    handles = []
+    try:
+        inputs = []
+        for t in model.inputs:
+            array = feeds[t.name]
+            handle = shm.create_shared_memory_region(f"{tag}-{t.name}", f"/{tag}-{t.name}",
+                                                     array.nbytes)  # fmt: skip
+            handles.append(handle)
+            shm.set_shared_memory_region(handle, [array])
+            client.register_system_shared_memory(f"{tag}-{t.name}", f"/{tag}-{t.name}",
+                                                 array.nbytes)  # fmt: skip
+            tensor = httpclient.InferInput(t.name, [1, *t.dims], t.datatype)
+            tensor.set_shared_memory(f"{tag}-{t.name}", array.nbytes)
+            inputs.append(tensor)
+        outputs = []
+        for name in model.outputs:
+            size = 1 << 20  # room for any output of one item of these models
+            handle = shm.create_shared_memory_region(f"{tag}-{name}", f"/{tag}-{name}", size)
+            handles.append(handle)
+            client.register_system_shared_memory(f"{tag}-{name}", f"/{tag}-{name}", size)
+            out = httpclient.InferRequestedOutput(name, binary_data=True)
+            out.set_shared_memory(f"{tag}-{name}", size)
+            outputs.append(out)
+        for _ in range(3):
+            client.infer(model.name, inputs, outputs=outputs)
+        before = _counts(control)
+        for _ in range(requests):
+            client.infer(model.name, inputs, outputs=outputs)
+        after = _counts(control)
+        client.unregister_system_shared_memory()
+    finally:
+        client.close()
+        for handle in handles:
+            shm.destroy_shared_memory_region(handle)
+    return {k: (after[k] - before[k]) / requests for k in after}
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -729,8 +794,10 @@ def render(data: dict[str, Any]) -> str:
         for run in (cp, data.get("copies_baseline")):
             if not run:
                 continue
-            for name in ("http", "grpc"):
-                got = run[name]
+            for name in ("http", "grpc", "shm"):
+                got = run.get(name)
+                if got is None:
+                    continue
                 share = got["bytes"] / run["payload_bytes"]
                 lines.append(f"| {run['tree'] or 'this tree'} | {name} | {got['bytes']:,.0f} | "
                              f"{got['calls']:.1f} | {share:.2f}x |")  # fmt: skip
@@ -744,6 +811,15 @@ def _levels(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def heavy_levels(model: harness.Model) -> list[int]:
+    """A heavy model's concurrencies: 1 (a lone request), half and all of ``max_batch_size``
+    ``m``, and ``2m``: the gateway forms a batch while another runs (``batch_pipeline``), so the
+    clients split into two groups and only ``2m`` of them fill batches of ``m``, the size where
+    in-process ONNX Runtime is best. Four points, as many as the fixed 1, 2, 4, 8 before."""
+    m = max(1, model.max_batch_size)
+    return sorted({1, max(1, m // 2), m, 2 * m})
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--counted":
         return run_counted(Path(sys.argv[2]), sys.argv[3:])
@@ -755,8 +831,9 @@ def main() -> int:
     parser.add_argument(
         "--heavy-concurrency",
         type=_levels,
-        default=[1, 2, 4, 8],
-        help="levels for resnet50 and bert_encoder (~0.1-0.2 s per item here)",
+        default=None,
+        help="levels for resnet50 and bert_encoder (~0.1-0.2 s per item here); default per "
+        "model from its max_batch_size m: 1, m/2, m, 2m (heavy_levels)",
     )
     parser.add_argument("--window-ms", type=int, default=2000)
     parser.add_argument("--in-process-s", type=float, default=1.5)
@@ -784,7 +861,7 @@ def main() -> int:
     models = [m for m in args.models.split(",") if m]
     protocols = [p for p in args.protocols.split(",") if p]
     targets = [t for t in args.targets.split(",") if t]
-    levels = {m: args.heavy_concurrency if m in HEAVY else args.concurrency for m in models}
+    levels = {m: args.concurrency for m in models if m not in HEAVY}
     data: dict[str, Any] = {
         "command": " ".join(["python bench/sweep.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -798,6 +875,9 @@ def main() -> int:
         work = Path(tmp)
         (work / "repo").mkdir()
         repo = build_repo(work / "repo", models)
+        for m in models:
+            if m in HEAVY:
+                levels[m] = args.heavy_concurrency or heavy_levels(harness.read_model(repo, m))
         first = in_process(repo, models, args.in_process_s)
         with contextlib.ExitStack() as stack:
             servers: dict[str, tuple[dict[str, str], list[str]]] = {}
