@@ -10,6 +10,7 @@ the gateway must go on serving. The HPACK block cache is tested directly at the 
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import os
 import signal
@@ -54,6 +55,7 @@ END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 PROTOCOL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR = 1, 6, 9
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+SERVICE = "/inference.GRPCInferenceService"
 
 
 def _identity_onnx() -> bytes:
@@ -1089,3 +1091,58 @@ def test_settings_with_thousands_of_window_sizes_are_cheap(
         raw.close()
     assert got is not None
     assert elapsed < 5  # ~42 M window updates otherwise
+
+
+def _simple_message(request_id: str = "") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="simple", id=request_id)
+    for name in ("INPUT0", "INPUT1"):
+        request.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+        request.raw_input_contents.append(np.arange(16, dtype=np.int32).tobytes())
+    return request
+
+
+async def test_finished_calls_leave_no_reference_cycle(tmp_path: Path) -> None:
+    """Calls and their streams are freed as they end, by reference counting: a call and its
+    stream, or its context, pointing at each other left every call to the cycle collector,
+    whose passes (one per ~1,500 calls, ~10,000 objects) were a p99 stall. Answered, failed,
+    refused, streamed and cancelled calls alike; the server runs in this process so that its
+    objects can be counted."""
+    from gateway.backends.onnxruntime import OnnxRuntimeFactory
+    from gateway.dataplane import DataPlane
+    from gateway.grpc.calls import Call, Http2GrpcServer
+    from gateway.repository.local import LocalRepository
+
+    models.add_sub(tmp_path)
+    settings = Settings(model_repo=str(tmp_path), warmup=False)
+    dataplane = DataPlane(settings, LocalRepository(tmp_path), OnnxRuntimeFactory(settings))
+    await dataplane.start()
+    server = Http2GrpcServer(dataplane, "127.0.0.1", 0, MAX_MESSAGE_BYTES)
+    await server.start()
+    gc.collect()
+    gc.disable()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for i in range(20):
+                answer = await stub.ModelInfer(_simple_message(str(i)))
+                assert answer.id == str(i)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:  # ended by the transport
+                await channel.unary_unary(INFER)(b"\xff")
+            assert failed.value.code() == grpc.StatusCode.INTERNAL
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # ended as it opens
+                await channel.unary_unary(f"{SERVICE}/NoSuchMethod")(b"")
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+            streamed = stub.ModelStreamInfer(iter([_simple_message("a"), _simple_message("b")]))
+            assert sorted([r.infer_response.id async for r in streamed]) == ["a", "b"]
+            cancelled = stub.ModelStreamInfer()
+            await cancelled.write(_simple_message("c"))
+            await cancelled.read()
+            cancelled.cancel()
+            await asyncio.sleep(0.2)  # the cancel reaches the server
+            left = [o for o in gc.get_objects() if isinstance(o, Call | http2.Stream)]
+    finally:
+        gc.enable()
+        await server.stop()
+        await dataplane.stop()
+    assert left == []

@@ -118,18 +118,43 @@ def _status_block(
 
 
 class CallContext:
-    """The part of ``grpc.aio.ServicerContext`` the servicer uses."""
+    """The part of ``grpc.aio.ServicerContext`` the servicer uses; a :class:`Call` is its own
+    context. A context object of its own pointing back at its call would make every call a
+    reference cycle, left to the cycle collector (``bench/results/grpc_tail.md``)."""
 
-    __slots__ = ("_call", "code", "details", "trailing_metadata")
+    __slots__ = ("_headers", "_metadata", "code", "details", "trailing_metadata")
 
-    def __init__(self, call: Call) -> None:
-        self._call = call
+    # the call's, read here
+    deadline: float | None
+    loop: asyncio.AbstractEventLoop
+    finished: bool
+    answered: bool
+    stream: http2.Stream
+
+    def __init__(self, headers: http2.Headers) -> None:
+        self._headers = headers
+        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
         self.code: Any = None
         self.details = ""
         self.trailing_metadata: tuple[tuple[str, str], ...] = ()
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return self._call.metadata()
+        """The call's metadata as ``grpc.aio`` gives it (``-bin`` values decoded to bytes)."""
+        if self._metadata is None:
+            items: list[tuple[str, str | bytes]] = []
+            for key, value in self._headers:
+                if key.startswith(b":") or key in _RESERVED:
+                    continue
+                name = key.decode("latin-1")
+                if name.endswith("-bin"):
+                    try:
+                        items.append((name, base64.b64decode(value + b"==")))
+                    except ValueError:
+                        continue
+                else:
+                    items.append((name, value.decode("latin-1")))
+            self._metadata = tuple(items)
+        return self._metadata
 
     async def abort(
         self, code: Any, details: str = "", trailing_metadata: Any = ()
@@ -148,17 +173,17 @@ class CallContext:
         self.trailing_metadata = tuple(metadata or ())
 
     def time_remaining(self) -> float | None:
-        deadline = self._call.deadline
-        return None if deadline is None else max(0.0, deadline - self._call.loop.time())
+        deadline = self.deadline
+        return None if deadline is None else max(0.0, deadline - self.loop.time())
 
     def cancelled(self) -> bool:
-        return self._call.finished and not self._call.answered
+        return self.finished and not self.answered
 
     def done(self) -> bool:
-        return self._call.finished
+        return self.finished
 
     def peer(self) -> str:
-        transport = self._call.stream.conn.transport
+        transport = self.stream.conn.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         return f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown"
 
@@ -172,21 +197,19 @@ class _Refused(Exception):
         self.message = message
 
 
-class Call:
-    """One gRPC call: the :class:`http2.StreamHandler` of its stream."""
+class Call(CallContext):
+    """One gRPC call: the :class:`http2.StreamHandler` of its stream, and its servicer's
+    context."""
 
     __slots__ = (
         "_closed",
-        "_headers",
         "_held",
         "_inflight",
-        "_metadata",
         "_parts",
         "_running",
         "_size",
         "_waiter",
         "answered",
-        "context",
         "deadline",
         "encoding",
         "finished",
@@ -205,11 +228,10 @@ class Call:
     def __init__(
         self, server: Http2GrpcServer, stream: http2.Stream, headers: http2.Headers
     ) -> None:
+        super().__init__(headers)
         self.server = server
         self.stream = stream
         self.loop = stream.conn.loop
-        self._headers = headers
-        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
         # the body's bytes not yet cut into messages: views of the reads, small pieces copied
         # together (a client sending 1-byte DATA frames would otherwise make a view per byte)
         self._parts: deque[memoryview | bytearray] = deque()
@@ -224,7 +246,6 @@ class Call:
         self.method = ""
         self.handler: Any = None
         self.encoding = 0  # zlib wbits for compressed messages, 0: identity
-        self.context = CallContext(self)
         self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.pending: Pending | None = None
@@ -277,24 +298,6 @@ class Call:
             self._running = set()  # the short path: see _take_requests
         elif self.handler.stream_stream is not None:
             self.task = self.loop.create_task(self._run_stream())
-
-    def metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        """The call's metadata as ``grpc.aio`` gives it (``-bin`` values decoded to bytes)."""
-        if self._metadata is None:
-            items: list[tuple[str, str | bytes]] = []
-            for key, value in self._headers:
-                if key.startswith(b":") or key in _RESERVED:
-                    continue
-                name = key.decode("latin-1")
-                if name.endswith("-bin"):
-                    try:
-                        items.append((name, base64.b64decode(value + b"==")))
-                    except ValueError:
-                        continue
-                else:
-                    items.append((name, value.decode("latin-1")))
-            self._metadata = tuple(items)
-        return self._metadata
 
     # -- http2.StreamHandler ----------------------------------------------------------------
 
@@ -553,7 +556,7 @@ class Call:
     def _infer(self, request: Any) -> None:
         """``ModelInfer`` without a task: submitted now, answered from the done callback."""
         try:
-            pending = self.server.servicer.submit(request, self.context)
+            pending = self.server.servicer.submit(request, self)
         except Exception as exc:
             self._fail_with(exc)
             return
@@ -598,7 +601,7 @@ class Call:
             del data
             self._inflight += 1
             try:
-                pending = self.server.servicer.submit(request, self.context)
+                pending = self.server.servicer.submit(request, self)
             except Exception as exc:
                 self._stream_answered(request, exc)
                 continue
@@ -657,7 +660,7 @@ class Call:
             pending.cancel()
 
     async def _run_unary(self, request: Any, pending: Pending | None = None) -> None:
-        context = self.context
+        context = self
         try:
             if pending is not None:
                 response = await traced_answer(pending)
@@ -681,7 +684,7 @@ class Call:
         self._respond(data)
 
     async def _run_stream(self) -> None:
-        context = self.context
+        context = self
         try:
             async for response in self.handler.stream_stream(self._requests(), context):
                 if self.finished:
