@@ -1146,3 +1146,59 @@ async def test_finished_calls_leave_no_reference_cycle(tmp_path: Path) -> None:
         await server.stop()
         await dataplane.stop()
     assert left == []
+
+
+def _call_headers(*extra: tuple[bytes, bytes], path: bytes = INFER.encode()) -> http2.Headers:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path),
+        (b":authority", b"127.0.0.1"),
+        (b"te", b"trailers"),
+        (b"content-type", b"application/grpc"),
+        *extra,
+    ]
+
+
+def test_a_header_list_seen_again_is_not_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection's HPACK decoder hands back the same header list for a block it has seen,
+    and a client's calls repeat one block: what the list decides (method, handler, deadline,
+    refusal) is read once per list. Lists are told apart by identity, not by equality; only
+    small ones are kept, and only ``OPENINGS`` of them."""
+    from gateway.backends.onnxruntime import OnnxRuntimeFactory
+    from gateway.dataplane import DataPlane
+    from gateway.grpc import calls
+    from gateway.repository.local import LocalRepository
+
+    settings = Settings(model_repo=str(tmp_path), api_keys=("k1",))
+    dataplane = DataPlane(settings, LocalRepository(tmp_path), OnnxRuntimeFactory(settings))
+    server = calls.Http2GrpcServer(dataplane, "127.0.0.1", 0, MAX_MESSAGE_BYTES)
+    reads: list[http2.Headers] = []
+    read = calls.read_opening
+    monkeypatch.setattr(calls, "read_opening", lambda h, s: reads.append(h) or read(h, s))
+    allowed = _call_headers(
+        (b"x-api-key", b"k1"), (b"grpc-timeout", b"3S"), (b"grpc-timeout", b"2S")
+    )
+    first = server.opening(allowed)
+    assert (first.method, first.failure, first.timeout_s) == ("ModelInfer", None, 2.0)
+    assert server.opening(allowed) is first and len(reads) == 1
+    assert server.opening(list(allowed)) == first and len(reads) == 2  # equal, not the same
+    wrong_key = server.opening(_call_headers((b"x-api-key", b"k2")))
+    assert wrong_key.failure is not None
+    assert wrong_key.failure[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert server.opening(_call_headers(path=b"/nope")).failure == (
+        grpc.StatusCode.UNIMPLEMENTED, "Method not found: /nope")  # fmt: skip
+    bad = _call_headers((b"grpc-encoding", b"br"), path=b"/nope")  # the encoding first
+    assert server.opening(bad).failure == (
+        grpc.StatusCode.UNIMPLEMENTED, "unsupported grpc-encoding b'br'")  # fmt: skip
+    assert server.opening([(b":method", b"GET"), *allowed[1:]]).status == b"405"
+    big = _call_headers((b"x-api-key", b"k1"), (b"x-pad", b"p" * 4096))
+    server.opening(big)
+    server.opening(big)
+    assert reads[-2:] == [big, big]  # a large list: read every time, never kept
+    lists = [_call_headers((b"x-api-key", b"k1"), (b"n", str(i).encode())) for i in range(300)]
+    for headers in lists:
+        server.opening(headers)
+    assert len(server._openings) <= calls.OPENINGS

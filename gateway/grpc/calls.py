@@ -33,7 +33,7 @@ import logging
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import grpc  # type: ignore[import-untyped]  # no stubs in the venv
 
@@ -83,6 +83,8 @@ _RESERVED = frozenset(
 _UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _SMALL_BYTES = 64 * 1024  # messages below this are sent with their prefix in one piece
 _COALESCE_BYTES = 4096  # request DATA payloads below this are copied into one buffer
+OPENINGS = 256  # header lists whose reading is kept (Http2GrpcServer.opening)
+_OPENING_BYTES = 2048  # ... when their names and values hold no more
 
 
 def grpc_timeout_s(value: bytes) -> float | None:
@@ -188,6 +190,58 @@ class CallContext:
         return f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown"
 
 
+class Opening(NamedTuple):
+    """What a request's header list decides about its call (kept per list: see
+    :meth:`Http2GrpcServer.opening`)."""
+
+    status: bytes  # an HTTP status to answer with instead (405, 415), or b""
+    failure: tuple[Any, str] | None  # the gRPC status and message to end the call with
+    method: str
+    handler: Any
+    encoding: int  # zlib wbits for compressed messages, 0: identity
+    timeout_s: float | None  # grpc-timeout
+
+
+def read_opening(headers: http2.Headers, server: Http2GrpcServer) -> Opening:
+    """What ``headers`` decide: the method and its handler, compression, deadline, or the
+    reason the call ends at once (in this order: an unknown encoding, not a gRPC POST, an
+    unknown method, refused credentials)."""
+    path = content_type = method = b""
+    encoding = 0
+    timeout_s: float | None = None
+    unknown_encoding = b""
+    for key, value in headers:
+        if key == b":path":
+            path = value
+        elif key == b"content-type":
+            content_type = value
+        elif key == b":method":
+            method = value
+        elif key == b"grpc-timeout":
+            given = grpc_timeout_s(value)
+            if given is not None:  # several: the first to expire ends the call
+                timeout_s = given if timeout_s is None else min(timeout_s, given)
+        elif key == b"grpc-encoding":
+            if value not in _ENCODINGS:
+                unknown_encoding = unknown_encoding or value
+            else:
+                encoding = _ENCODINGS[value]
+    if unknown_encoding:
+        failure = (grpc.StatusCode.UNIMPLEMENTED,
+                   f"unsupported grpc-encoding {unknown_encoding[:32]!r}")  # fmt: skip
+        return Opening(b"", failure, "", None, 0, None)
+    if method != b"POST" or not content_type.startswith(b"application/grpc"):
+        return Opening(b"405" if method != b"POST" else b"415", None, "", None, 0, None)
+    name = path.decode("ascii", "replace")
+    call = name.removeprefix(SERVICE_PREFIX) if name.startswith(SERVICE_PREFIX) else ""
+    handler = server.handlers.get(call)
+    if handler is None:
+        failure = (grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {name[:128]}")
+        return Opening(b"", failure, call, None, 0, None)
+    refused = server.refuse(call, headers)
+    return Opening(b"", refused, call, handler, encoding, timeout_s)
+
+
 class _Refused(Exception):
     """A call ended by the transport itself (bad message, size, encoding)."""
 
@@ -258,42 +312,18 @@ class Call(CallContext):
 
     def open(self) -> None:
         """Check the request's headers and start what can start before its messages."""
-        path = b""
-        content_type = b""
-        method = b""
-        for key, value in self._headers:
-            if key == b":path":
-                path = value
-            elif key == b"content-type":
-                content_type = value
-            elif key == b":method":
-                method = value
-            elif key == b"grpc-timeout":
-                timeout_s = grpc_timeout_s(value)
-                if timeout_s is not None:
-                    self.deadline = self.loop.time() + timeout_s
-                    self.timer = self.loop.call_at(self.deadline, self._expired)
-            elif key == b"grpc-encoding":
-                if value not in _ENCODINGS:
-                    self._fail(grpc.StatusCode.UNIMPLEMENTED,
-                               f"unsupported grpc-encoding {value[:32]!r}")  # fmt: skip
-                    return
-                self.encoding = _ENCODINGS[value]
-        if method != b"POST" or not content_type.startswith(b"application/grpc"):
-            status = b"405" if method != b"POST" else b"415"
-            self.stream.send_headers(http2.header_block([(b":status", status)]), end=True)
+        opening = self.server.opening(self._headers)
+        if opening.status:
+            self.stream.send_headers(http2.header_block([(b":status", opening.status)]), end=True)
             self._finished(answered=True)
             return
-        name = path.decode("ascii", "replace")
-        self.method = name.removeprefix(SERVICE_PREFIX) if name.startswith(SERVICE_PREFIX) else ""
-        self.handler = self.server.handlers.get(self.method)
-        if self.handler is None:
-            self._fail(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {name[:128]}")
+        if opening.failure is not None:
+            self._fail(*opening.failure)
             return
-        refused = self.server.refuse(self.method, self._headers)
-        if refused is not None:
-            self._fail(*refused)
-            return
+        self.method, self.handler, self.encoding = opening.method, opening.handler, opening.encoding
+        if opening.timeout_s is not None:
+            self.deadline = self.loop.time() + opening.timeout_s
+            self.timer = self.loop.call_at(self.deadline, self._expired)
         if self.method == "ModelStreamInfer" and not tracing.enabled:
             self._running = set()  # the short path: see _take_requests
         elif self.handler.stream_stream is not None:
@@ -750,6 +780,7 @@ class Http2GrpcServer:
         self.servicer = InferenceServicer(dataplane, settings.grpc_stream_max_inflight)
         self.handlers = method_handlers(self.servicer)
         self.connections: set[http2.Connection] = set()
+        self._openings: dict[int, tuple[http2.Headers, Opening]] = {}
         self._server: asyncio.Server | None = None
 
     def refuse(self, method: str, headers: http2.Headers) -> tuple[Any, str] | None:
@@ -762,6 +793,22 @@ class Http2GrpcServer:
             elif key == b"x-api-key":
                 api_key = value
         return refusal(method, self.credentials, self.admin_here, authorization, api_key)
+
+    def opening(self, headers: http2.Headers) -> Opening:
+        """What ``headers`` decide (:func:`read_opening`), read once per header list: a
+        connection's HPACK decoder hands back the same list for a header block it has seen
+        (a client's calls repeat one block), so this is a lookup, not a walk of ~10 fields.
+        Kept by the list's identity (the entry holds the list, so its id is not reused),
+        small lists only, at most ``OPENINGS``."""
+        kept = self._openings.get(id(headers))
+        if kept is not None and kept[0] is headers:
+            return kept[1]
+        opening = read_opening(headers, self)
+        if sum(len(key) + len(value) for key, value in headers) <= _OPENING_BYTES:
+            if len(self._openings) >= OPENINGS:
+                self._openings.clear()
+            self._openings[id(headers)] = (headers, opening)
+        return opening
 
     def _open_stream(self, stream: http2.Stream, headers: http2.Headers) -> http2.StreamHandler:
         call = Call(self, stream, headers)
