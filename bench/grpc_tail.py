@@ -174,10 +174,13 @@ def main() -> None:
                 for name in names[r % len(names) :] + names[: r % len(names)]:
                     url, pid, log = targets[name]
                     cpu = harness.process_cpu_s(pid) or 0.0
+                    loop_cpu = harness.thread_cpu_s(pid).get(pid, 0.0)
                     p = point(pa, args.model, url, args.protocol, c, args.window_ms, work)
                     if log is not None:  # Triton's python backend runs in other processes
                         used = (harness.process_cpu_s(pid) or 0.0) - cpu
                         p["cpu_ms"] = used / p["requests"] * 1e3
+                        used = harness.thread_cpu_s(pid).get(pid, 0.0) - loop_cpu
+                        p["loop_cpu_ms"] = used / p["requests"] * 1e3
                         passes = gc_passes(log, p["start_s"], p["end_s"])
                         p["gc_per_1000"] = len(passes) / p["requests"] * 1e3
                         p["gc_max_ms"] = max((took for _, took in passes), default=0.0)
@@ -212,9 +215,10 @@ def render(
                 a["throughput"] / b["throughput"] for a, b in zip(pts, got[(base, c)], strict=True)
             )
             gc_cols = (
-                f"{med['gc_per_1000']:.2f} | {med['gc_max_ms']:.1f} | {med['cpu_ms']:.3f}"
+                f"{med['gc_per_1000']:.2f} | {med['gc_max_ms']:.1f} | {med['cpu_ms']:.3f} | "
+                f"{med['loop_cpu_ms']:.3f}"
                 if "gc_per_1000" in med
-                else "- | - | -"
+                else "- | - | - | -"
             )
             rows.append(
                 f"| {c} | {name} | {med['throughput']:.0f} | {med['p50_ms']:.2f} | "
@@ -237,11 +241,13 @@ Command: `.venv/bin/python bench/grpc_tail.py {" ".join(sys.argv[1:])}`
 Medians over rounds; ratios to `{base}` taken per round (median and range). Quantiles from
 every request perf_analyzer sent (its profile export); "no answer" is the longest stretch in
 which no request completed; "bunched" the share of the slowest 1 % that completed within 1 ms
-of another of them; gc: the gateway's collector passes per 1000 requests and the longest.
+of another of them; gc: the gateway's collector passes per 1000 requests and the longest;
+CPU per request: the gateway's process (ORT's threads included: `simple` spins) and its event
+loop's thread alone (the front end's work), 10 ms ticks.
 
 | c | target | infer/s | p50 ms | p99 ms | p99.9 ms | no answer ms | bunched | gc /1000 \
-| gc max ms | CPU ms/request | infer/s vs {base} | p99 vs {base} |
-|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| gc max ms | CPU ms/request | loop thread | infer/s vs {base} | p99 vs {base} |
+|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 """
 

@@ -76,6 +76,7 @@ def point(
     return {
         "throughput": float(row["Inferences/Second"]),
         "p50_ms": int(row["p50 latency"]) / 1e3,
+        "p99_ms": int(row["p99 latency"]) / 1e3,
         "batch": items / max(1, runs),
         "cpu_ms": (cpu_after - cpu_before) / max(1, items) * 1e3,
     }
@@ -181,6 +182,7 @@ def main() -> None:
             med = {k: statistics.median(p[k] for p in pts) for k in pts[0]}
             rows.append(
                 f"| {c} | {name} | {med['throughput']:.1f} | {med['p50_ms']:.2f} | "
+                f"{med.get('p99_ms', 0.0):.2f} | "
                 f"{med['batch']:.1f} | {med['cpu_ms']:.3f} | {statistics.median(ratios):.3f}x "
                 f"({ratios[0]:.3f}-{ratios[-1]:.3f}) |"
             )
@@ -197,8 +199,8 @@ Command: `.venv/bin/python bench/tree_ab.py {" ".join(sys.argv[1:])}`
 other in rotated order. Variants: {described}. Medians over rounds; the throughput ratio to
 `{base}` is taken per round (median and range).
 
-| c | variant | infer/s | p50 ms | mean batch | gateway CPU ms/request | vs {base} |
-|---:|---|---:|---:|---:|---:|---:|
+| c | variant | infer/s | p50 ms | p99 ms | mean batch | gateway CPU ms/request | vs {base} |
+|---:|---|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 {compared}"""
     print(markdown)

@@ -488,7 +488,7 @@ def test_grpc_message_is_percent_encoded(gateway: tuple[GatewayProcess, str]) ->
 def test_big_request_and_response_cross_the_flow_control_windows(
     gateway: tuple[GatewayProcess, str],
 ) -> None:
-    """A 602 KB image each way (windows: 64 KB the client's, 256 KB the server's stream), and
+    """A 602 KB image each way (windows: 64 KB the client's, 4 MiB the server's stream), and
     a message over ``grpc_max_message_bytes`` either way is RESOURCE_EXHAUSTED; the server
     serves on."""
     _, address = gateway
@@ -1202,3 +1202,40 @@ def test_a_header_list_seen_again_is_not_read_again(
     for headers in lists:
         server.opening(headers)
     assert len(server._openings) <= calls.OPENINGS
+
+
+def test_a_602_kb_image_goes_out_whole_without_waiting_for_window(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """The windows the server grants at the start (SETTINGS INITIAL_WINDOW_SIZE, the
+    connection's WINDOW_UPDATE) take a 602 KB request whole: over a link with latency, a
+    client never waits a round trip for a WINDOW_UPDATE in the middle of an image."""
+    _, address = gateway
+    request = pb.ModelInferRequest(model_name="identity", id="image")
+    request.inputs.add(name="X", datatype="FP32", shape=[IMAGE_FLOATS])
+    request.raw_input_contents.append(np.ones(IMAGE_FLOATS, np.float32).tobytes())
+    body = request.SerializeToString()
+    raw = Raw(address)
+    try:
+        stream_window = connection_window = 65535  # the protocol's defaults until told
+        while True:
+            got = raw.read_frame()
+            assert got is not None
+            kind, flags, stream_id, payload = got
+            if kind == SETTINGS and not flags & ACK:
+                for i in range(0, len(payload), 6):
+                    key, value = struct.unpack_from(">HI", payload, i)
+                    if key == 4:  # INITIAL_WINDOW_SIZE
+                        stream_window = value
+                raw.send(frame(SETTINGS, ACK, 0))
+            elif kind == WINDOW_UPDATE and stream_id == 0:
+                connection_window += int.from_bytes(payload, "big")
+                break
+        assert min(stream_window, connection_window) >= len(message(body))
+        raw.send(raw.call(1, INFER, body))  # all of it, within what was granted
+        answer = raw.responses(1)[1]
+    finally:
+        raw.close()
+    assert answer["headers"][b"grpc-status"] == b"0"
+    reply = pb.ModelInferResponse.FromString(answer["data"][5:])
+    assert reply.id == "image" and len(reply.raw_output_contents[0]) == 4 * IMAGE_FLOATS
