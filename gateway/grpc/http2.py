@@ -152,6 +152,7 @@ _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
 
 Headers = list[tuple[bytes, bytes]]
 _FRAME_HEAD = struct.Struct(">BHBBI")  # 24-bit length as 8 + 16 bits, type, flags, stream
+_JOIN_BYTES = 4096  # an answer's message below this goes out joined with its frames
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -372,12 +373,19 @@ class Stream:
             self.send_headers(tail, end=True)
             return
         sid = self.id
-        conn._write(b"".join((
-            _frame_head(HEADERS, END_HEADERS, sid, len(head)), head,
-            _frame_head(DATA, 0, sid, size), prefix,
-        )))  # fmt: skip
-        conn._write(data)
-        conn._write(_frame_head(HEADERS, END_HEADERS | END_STREAM, sid, len(tail)) + tail)
+        trailers = _frame_head(HEADERS, END_HEADERS | END_STREAM, sid, len(tail))
+        if len(data) < _JOIN_BYTES:  # one piece: copying a small answer costs less than parts
+            conn._write(b"".join((
+                _frame_head(HEADERS, END_HEADERS, sid, len(head)), head,
+                _frame_head(DATA, 0, sid, size), prefix, data, trailers, tail,
+            )))  # fmt: skip
+        else:
+            conn._write(b"".join((
+                _frame_head(HEADERS, END_HEADERS, sid, len(head)), head,
+                _frame_head(DATA, 0, sid, size), prefix,
+            )))  # fmt: skip
+            conn._write(data)
+            conn._write(trailers + tail)
         self.send_window -= size
         conn._send_window -= size
         conn._sent += 1
@@ -644,18 +652,19 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             self._preface, pos = True, len(PREFACE)
         view = memoryview(data)
+        head = _FRAME_HEAD.unpack_from  # one C call per frame header
         while True:
             if n - pos < 9:
                 self._need = 9
                 return pos
-            length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+            high, low, kind, flags, stream_id = head(data, pos)
+            length = high << 16 | low
             if length > FRAME_BYTES:
                 raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
             if n - pos - 9 < length:
                 self._need = 9 + length
                 return pos
-            kind, flags = data[pos + 3], data[pos + 4]
-            stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+            stream_id &= 0x7FFFFFFF
             start = pos + 9
             pos = start + length
             if self.transport is None or self.transport.is_closing():
