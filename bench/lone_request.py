@@ -203,20 +203,33 @@ class _Loaded:
         return self.backend.run_sync(feeds, outputs)
 
 
-def in_process_session(repo: Path, model_name: str) -> tuple[Any, Any, list[str]]:
+def in_process_session(
+    repo: Path, model_name: str, ort_defaults: bool = False
+) -> tuple[Any, Any, list[str]]:
     """The model loaded as the gateway loads it (its session options and its spinning
-    decision, ``ort_spin_max_run_ms``), warmed, with one item's feeds."""
+    decision, ``ort_spin_max_run_ms``), or with ``ort_defaults`` a plain session with ONNX
+    Runtime's defaults (its pool spins: issue 21's in-process baseline), warmed, with one
+    item's feeds."""
     import asyncio
 
     import harness
+    import onnxruntime
 
     from gateway.backends.onnxruntime import OnnxRuntimeFactory
     from gateway.repository.local import LocalRepository
     from gateway.settings import Settings
 
-    factory = OnnxRuntimeFactory(Settings())
-    backend = asyncio.run(factory.load(LocalRepository(repo).source(model_name), 1))
-    session = _Loaded(backend)
+    session: Any
+    if ort_defaults:
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = onnxruntime.InferenceSession(
+            str(repo / model_name / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+    else:
+        factory = OnnxRuntimeFactory(Settings())
+        backend = asyncio.run(factory.load(LocalRepository(repo).source(model_name), 1))
+        session = _Loaded(backend)
     model = harness.read_model(repo, model_name)
     feeds = harness.sample_inputs(model, 1)
     outputs = list(model.outputs)
@@ -270,6 +283,7 @@ def run(
     extra: list[str],
     perf_analyzer: str | None = None,
     spaced_s: float = 0.001,
+    ort_defaults: bool = False,
 ) -> dict[str, Any]:
     """Every variant's traced gateway at once; rounds of: in-process ``block`` runs, then
     ``block`` lone requests to each variant (the order rotated per round), and with
@@ -278,7 +292,7 @@ def run(
     import harness
 
     model = harness.read_model(repo, model_name)
-    session, feeds, outputs = in_process_session(repo, model_name)
+    session, feeds, outputs = in_process_session(repo, model_name, ort_defaults)
     in_process: list[float] = []
     in_process_spaced: list[float] = []
     client: dict[str, list[int]] = {name: [] for name, _ in variants}
@@ -286,6 +300,7 @@ def run(
     received: dict[str, list[int]] = {name: [] for name, _ in variants}
     stamps: dict[str, dict[str, list[int]]] = {}
     pa_p50: dict[str, list[float]] = {name: [] for name, _ in variants}
+    rss_mb: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         gateways = {}
@@ -327,6 +342,7 @@ def run(
                 if perf_analyzer:
                     pa_p50[name].append(pa_point(perf_analyzer, model_name, gw.address, Path(tmp)))
         for name, (gw, dump, _) in gateways.items():
+            rss_mb[name] = _rss_mb(gw.proc.pid)
             os.kill(gw.proc.pid, signal.SIGUSR1)
             deadline = time.monotonic() + 10
             while not dump.exists() and time.monotonic() < deadline:
@@ -358,7 +374,17 @@ def run(
         "ort_p50_ms": {n: statistics.median(v) / 1e6 for n, v in ort.items() if v},
         "stages": stages,
         "perf_analyzer_p50_ms": {n: statistics.median(v) for n, v in pa_p50.items() if v},
+        "rss_mb": rss_mb,
     }
+
+
+def _rss_mb(pid: int) -> float:
+    """A process's resident memory (VmRSS) in MiB, -1 where /proc cannot tell."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return -1.0
 
 
 def main() -> None:
@@ -376,6 +402,12 @@ def main() -> None:
         type=float,
         default=1.0,
         help="idle time before each spaced in-process run (a lone request's round trip) [1]",
+    )
+    parser.add_argument(
+        "--in-process-ort-defaults",
+        action="store_true",
+        help="in-process runs on a session with ONNX Runtime's defaults (spinning), issue 21's "
+        "baseline, instead of as the gateway loads the model",
     )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 20")
     parser.add_argument("--out", type=Path, default=None)
@@ -399,6 +431,7 @@ def main() -> None:
         args.serve_arg,
         pa,
         args.in_process_gap_ms / 1e3,
+        args.in_process_ort_defaults,
     )
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     ip50 = result["in_process_p50_ms"]
@@ -444,6 +477,9 @@ def main() -> None:
             for n, _ in variants
         )
         + " |",
+        "| gateway RSS MiB (after the run) | "
+        + " | ".join(f"{result['rss_mb'].get(n, -1):.0f}" for n, _ in variants)
+        + " |",
     ]
     stage_rows = [
         f"| {stage} | "
@@ -452,13 +488,15 @@ def main() -> None:
         for stage in result["stages"][base]
     ]
     described = "; ".join(f"`{n}`: {env or 'defaults'}" for n, env in variants)
+    baseline = "ORT's defaults" if args.in_process_ort_defaults else "as the gateway loads it"
     markdown = f"""# A lone request's stages (`{args.model}`)
 
 Command: `.venv/bin/python bench/lone_request.py {" ".join(sys.argv[1:])}`
 
 2 shared CPUs, load average {load} at the end (1/5/15 min); one client connection, one request
 at a time, binary HTTP; {args.rounds} rounds of {args.block} requests per variant, in-process
-`session.run` interleaved: back to back {ip50:.3f} ms p50 (mean {result["in_process_mean_ms"]:.3f}),
+`session.run` ({baseline}) interleaved: back to back {ip50:.3f} ms p50
+(mean {result["in_process_mean_ms"]:.3f}),
 and each after {args.in_process_gap_ms:g} ms idle, as the gateway's runs come,
 {result["in_process_spaced_p50_ms"]:.3f} ms p50 (mean {result["in_process_spaced_mean_ms"]:.3f}).
 Variants: {described}.

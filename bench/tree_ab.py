@@ -95,6 +95,22 @@ def in_process_backend(repo: Path, model: str) -> Any:
     return asyncio.run(factory.load(LocalRepository(repo).source(model), 1))
 
 
+class _OrtDefaults:
+    """A plain ONNX Runtime session with ORT's own defaults (its pool spins), as
+    ``bench/sweep.py``'s in-process baseline, with ``run_sync``'s call shape."""
+
+    def __init__(self, repo: Path, model: str) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        path = str(repo / model / "1" / "model.onnx")
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run_sync(self, feeds: Any, outputs: list[str]) -> Any:
+        return self.session.run(outputs, feeds)
+
+
 def in_process_point(
     backend: Any, model: harness.Model, batch: int, window_ms: int
 ) -> dict[str, float]:
@@ -133,6 +149,12 @@ def main() -> None:
         help="batch sizes (e.g. 1,8) also run in this process each round, as this tree loads "
         "the model: the gateway's ratios to them",
     )
+    parser.add_argument(
+        "--in-process-ort-defaults",
+        action="store_true",
+        help="the in-process rows from a session with ORT's defaults (spinning), as "
+        "bench/sweep.py's baseline, instead of as this tree loads the model",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--protocol", choices=["http", "grpc", "grpc-stream"], default="http")
     args = parser.parse_args()
@@ -145,7 +167,12 @@ def main() -> None:
     pa = harness.perf_analyzer_path()
     got: dict[tuple[str, int], list[dict[str, float]]] = {}
     batches = [int(b) for b in args.in_process.split(",") if b]
-    local = in_process_backend(repo, args.model) if batches else None
+    local: Any = None
+    if batches:
+        ort_defaults = args.in_process_ort_defaults
+        local = (
+            _OrtDefaults(repo, args.model) if ort_defaults else in_process_backend(repo, args.model)
+        )
     spec = harness.read_model(repo, args.model)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
@@ -223,7 +250,8 @@ def in_process_rows(
         return ""
     lines = [
         "",
-        "In this process, as this tree loads the model (`run_sync`, back to back, each round):",
+        "In this process, as this tree loads the model (`run_sync`, back to back, each round;"
+        " with `--in-process-ort-defaults`: a session with ORT's defaults):",
         "",
         "| batch | items/s | p50 ms | CPU ms/item |",
         "|---:|---:|---:|---:|",

@@ -111,6 +111,13 @@ class Settings:
     # at most this much CPU on its calling thread (README, "ONNX Runtime threads"). 0: no model
     # spins; 10: mlp spins too (a lone mlp request up to 0.8 ms faster on idle cores).
     ort_spin_max_run_ms: float = 0.5
+    # A model that does not spin (above) but whose batch-1 run is within ``inline_max_ms`` gets
+    # a second session, for lone batches only (those run on the event loop's thread, with
+    # nothing else outstanding): its pool spins, idle threads at most this many microseconds
+    # (ORT 1.26+'s session.intra_op.spin_duration_us), so a lone request pays no thread
+    # wake-up per op while loaded batches keep the session that does not spin. It costs a
+    # second session's memory (mlp: +77-100 MiB RSS). 0: none (README, "ONNX Runtime threads").
+    ort_lone_spin_us: int = 0
     warmup: bool = True
     # Python's cyclic GC runs its youngest generation every N net container allocations (700 by
     # default). Each request allocates and frees short-lived objects that outlive that window
@@ -341,6 +348,8 @@ class Settings:
             )
         if self.ort_spin_max_run_ms < 0:
             raise SettingsError(f"ort_spin_max_run_ms must be >= 0, got {self.ort_spin_max_run_ms}")
+        if self.ort_lone_spin_us < 0:
+            raise SettingsError(f"ort_lone_spin_us must be >= 0, got {self.ort_lone_spin_us}")
         if self.inline_max_ms < 0:
             raise SettingsError(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.gc_threshold < 0 or self.gil_switch_interval_us < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,3 +250,27 @@ def ort_run(onnx_bytes: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.nda
 
 def as_text(array: np.ndarray) -> np.ndarray:
     return np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[object])(array)
+
+
+class _AnswersReady(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def foreign_ready_server() -> Iterator[int]:
+    """A server of this process answering 200 to every GET, yielding its port: someone else's
+    server holding a port that a harness was about to use (``free_port`` then spawn is a race)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnswersReady)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -7,7 +7,6 @@ repository (seen once: ``test_edge_serve`` got another suite's ``config.pbtxt``)
 
 from __future__ import annotations
 
-import http.server
 import os
 import signal
 import subprocess
@@ -19,27 +18,14 @@ from pathlib import Path
 import pytest
 
 from gateway.testing.gateway_process import listens_on, stop_process, wait_ready
-
-
-class _Ready(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
+from tests.helpers import foreign_ready_server
 
 
 @pytest.fixture
 def foreign() -> Iterator[int]:
     """A server of this process answering 200 to everything: someone else's gateway."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with foreign_ready_server() as port:
+        yield port
 
 
 def _sleeper() -> subprocess.Popen[bytes]:

@@ -204,3 +204,98 @@ def test_the_spin_limit_is_not_negative() -> None:
 
     with pytest.raises(SettingsError, match="ort_spin_max_run_ms"):
         Settings(ort_spin_max_run_ms=-1)
+
+
+class _Counted:
+    """A session whose runs are counted (ORT's own objects take no new attributes)."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.runs = session, 0
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+def _entry(session: Any, key: str) -> str:
+    try:
+        return str(session.get_session_options().get_session_config_entry(key))
+    except Exception:  # ORT raises when the entry is not there
+        return ""
+
+
+async def _dense(tmp_path: Path, **settings: object) -> Any:
+    models.dense(tmp_path, config=DENSE_CONFIG)
+    factory = OnnxRuntimeFactory(Settings(warmup=False, **settings), cores=lambda: 2)  # type: ignore[arg-type]
+    return await factory.load(LocalRepository(tmp_path).source("dense"), 1)
+
+
+async def test_lone_batches_run_on_a_spinning_session_of_their_own(tmp_path: Path) -> None:
+    """``ort_lone_spin_us``: a model that does not spin (its runs too long for
+    ``ort_spin_max_run_ms``) but would run inline gets a second session whose pool spins, idle
+    threads at most that long; ``execute_now`` (a lone batch on the loop's thread) runs there,
+    batches on the runner threads keep the session that does not spin."""
+    backend = await _dense(tmp_path, ort_spin_max_run_ms=1e-9, ort_lone_spin_us=40)
+    try:
+        assert backend.lone_session and backend.describe()["ort_lone_session"] is True
+        assert backend.spinning is False
+        assert backend._lone is not None
+        lone, shared = _Counted(backend._lone.get_nowait()), _Counted(backend._free.get_nowait())
+        assert _entry(lone.session, "session.intra_op.allow_spinning") == "1"
+        assert _entry(lone.session, "session.intra_op.spin_duration_us") == "40"
+        assert _entry(lone.session, "session.force_spinning_stop") in ("", "0")
+        assert _entry(shared.session, "session.intra_op.allow_spinning") == "0"
+        backend._lone.put(lone)
+        backend._free.put(shared)
+        x = np.ones((1, 64), np.float32)
+        ran = backend.execute_now({"X": x}, ["Y"])
+        assert ran is not None and ran.outputs["Y"].shape == (1, 8)
+        assert (lone.runs, shared.runs) == (1, 0)
+        await backend.execute({"X": x}, ["Y"])
+        assert (lone.runs, shared.runs) == (1, 1)
+        # Both answer alike, and the lone session is back for the next lone batch.
+        again = backend.execute_now({"X": x}, ["Y"])
+        assert again is not None and lone.runs == 2
+        np.testing.assert_allclose(again.outputs["Y"], ran.outputs["Y"])
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"ort_spin_max_run_ms": 1e-9},  # off by default
+        {"ort_spin_max_run_ms": 1e6, "ort_lone_spin_us": 40},  # the shared sessions spin
+        {"ort_spin_max_run_ms": 1e-9, "ort_lone_spin_us": 40, "inline_max_ms": 1e-9},  # too long
+        {"ort_spin_max_run_ms": 1e-9, "ort_lone_spin_us": 40, "inline_max_ms": 0},  # no inline
+        {"ort_spin_max_run_ms": 1e-9, "ort_lone_spin_us": 40, "intra_op_threads": 1},  # no pool
+    ],
+)
+async def test_no_lone_session_where_it_would_not_run_or_gain(
+    tmp_path: Path, settings: dict[str, object]
+) -> None:
+    backend = await _dense(tmp_path, **settings)
+    try:
+        assert not backend.lone_session and "ort_lone_session" not in backend.describe()
+    finally:
+        await backend.close()
+
+
+def test_the_lone_spin_is_not_negative() -> None:
+    from gateway.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="ort_lone_spin_us"):
+        Settings(ort_lone_spin_us=-1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux /proc")
+async def test_runner_threads_carry_their_name_in_the_os(tmp_path: Path) -> None:
+    """``top -H``, ``perf`` and ``bench/thread_split.py`` tell a model's runner threads from
+    the event loop and ORT's pool by the OS thread name (``ort-<model>-<n>``)."""
+    backend = await _dense(tmp_path)
+    try:
+        await backend.execute({"X": np.ones((1, 64), np.float32)}, ["Y"])
+        names = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
+        assert "ort-dense-0" in names
+    finally:
+        await backend.close()

@@ -26,13 +26,14 @@ from gateway.backends.triton_python_model import (
 from gateway.errors import ModelLoadError
 from gateway.testing.tritonserver import (
     TritonServer,
+    TritonServerError,
     _pushed_model_dirs,
     _stubs,
     free_port,
     process_running,
     tritonserver_unavailable_reason,
 )
-from tests.helpers import as_text, ort_run, triton_infer
+from tests.helpers import as_text, foreign_ready_server, ort_run, triton_infer
 from tests.models import DTYPE_CASES, dtype_inputs, dtypes_onnx, simple_onnx
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -341,3 +342,19 @@ def test_kill_fails_fast_and_restart_reuses_ports() -> None:
         started = time.monotonic()
     assert not server.running
     print(f"graceful stop took {time.monotonic() - started:.2f} s")
+
+
+def test_a_foreign_listener_on_the_port_is_not_ready() -> None:
+    """``free_port`` then spawn is a race: when another process's server holds the HTTP port
+    and answers 200, that is not our Triton being ready; ours fails to bind and start says so."""
+    _skip_without_triton()
+    server = TritonServer(startup_timeout_s=30.0)
+    with foreign_ready_server() as port:
+        server.http_port = port
+        server.grpc_port, server.metrics_port = free_port(), free_port()
+        try:
+            with pytest.raises(TritonServerError, match="already in use"):
+                server.start()
+            assert not server.running
+        finally:
+            server.stop()

@@ -445,6 +445,17 @@ def _settle(
         done.set_result(result)
 
 
+def _name_os_thread(name: str) -> None:
+    """Give this thread ``name`` (its first 15 bytes) in the OS too, where ``top -H``, ``perf``
+    and ``/proc/<pid>/task/*/comm`` show it (Linux; elsewhere nothing): runner threads then
+    stand apart from the event loop and ORT's pool threads (``bench/thread_split.py``)."""
+    with contextlib.suppress(Exception):  # no libc prctl (not Linux): only a name
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
 def _spinning(session: Any) -> bool | None:
     """Whether a session's intra-op threads may spin (None: a session that does not say)."""
     try:
@@ -477,12 +488,20 @@ class OnnxRuntimeBackend(Backend):
         instances: Sequence[Instance] = (),
         cpu_fallback: bool = False,
         inline: bool = True,
+        lone: Any = None,
     ):
-        """``inline``: whether ``execute_now`` may run a batch on the caller's thread."""
+        """``inline``: whether ``execute_now`` may run a batch on the caller's thread.
+        ``lone``: a session of its own for those batches (``ort_lone_spin_us``)."""
         self._config = config
         self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
+        # The spinning session for lone batches: taken while one runs, so a second loop
+        # (another front end's) falls back to the shared sessions.
+        self._lone: queue.SimpleQueue[Any] | None = None
+        if lone is not None:
+            self._lone = queue.SimpleQueue()
+            self._lone.put(lone)
         # Batches go to threads of our own, one per session, each answering its caller's
         # event loop straight from the thread (``call_soon_threadsafe``): half the round trip of
         # ``run_in_executor``, whose two futures chained across the threads cost the loop as
@@ -508,10 +527,17 @@ class OnnxRuntimeBackend(Backend):
     def instance_count(self) -> int:
         return self._count
 
-    def _run(self, inputs: Tensors, outputs: Sequence[str], session: Any = None) -> Executed:
-        """One run (on ``session``, else the next free one): the outputs, and how long it took
-        (of which, handing the inputs over and reading the outputs back: Triton's
-        compute_input and compute_output)."""
+    def _run(
+        self,
+        inputs: Tensors,
+        outputs: Sequence[str],
+        session: Any = None,
+        home: queue.SimpleQueue[Any] | None = None,
+    ) -> Executed:
+        """One run (on ``session``, taken from ``home``, else the next free one): the outputs,
+        and how long it took (of which, handing the inputs over and reading the outputs back:
+        Triton's compute_input and compute_output)."""
+        home = self._free if home is None else home
         if session is None:
             session = self._free.get()
         started = time.perf_counter()
@@ -523,15 +549,23 @@ class OnnxRuntimeBackend(Backend):
             fed = time.perf_counter()
             results = session.run(list(outputs), feeds)
         finally:
-            self._free.put(session)
+            home.put(session)
         ran = time.perf_counter()
         named = {name: _from_ort(value, raw) for name, value in zip(outputs, results, strict=True)}
         done = time.perf_counter()
         return Executed(named, "", done - started, fed - started, done - ran)
 
-    def run_sync(self, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
-        """Blocking execution, for warm-up and benchmarks."""
+    def run_sync(self, inputs: Tensors, outputs: Sequence[str], lone: bool = False) -> Tensors:
+        """Blocking execution, for warm-up and benchmarks (``lone``: on the session for lone
+        batches where there is one, as ``execute_now`` runs)."""
+        if lone and self._lone is not None:
+            return self._run(inputs, outputs, self._lone.get(), self._lone).outputs
         return self._run(inputs, outputs).outputs
+
+    @property
+    def lone_session(self) -> bool:
+        """Whether lone batches run on a spinning session of their own."""
+        return self._lone is not None
 
     async def execute(
         self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
@@ -557,13 +591,18 @@ class OnnxRuntimeBackend(Backend):
         """``Backend.execute_now``: the run on this thread, if a session is free."""
         if not self.inline:
             return None
-        try:
-            session = self._free.get_nowait()
-        except queue.Empty:
-            return None
+        home, session = self._free, None
+        if self._lone is not None:  # the spinning session for lone batches, when free
+            with contextlib.suppress(queue.Empty):
+                session, home = self._lone.get_nowait(), self._lone
+        if session is None:
+            try:
+                session, home = self._free.get_nowait(), self._free
+            except queue.Empty:
+                return None
         try:
             with tracing.span(tracing.ORT_RUN):
-                return self._run(inputs, outputs, session)
+                return self._run(inputs, outputs, session, home)
         except Exception as exc:
             failure = self._failure(exc)
             if failure is exc:
@@ -602,6 +641,7 @@ class OnnxRuntimeBackend(Backend):
     def _serve(self) -> None:
         """One runner thread: take a batch, run it, hand the result to its caller's loop. A
         batch whose caller went away while it was queued is skipped."""
+        _name_os_thread(threading.current_thread().name)
         while (job := self._jobs.get()) is not None:
             inputs, outputs, loop, done = job
             if done.cancelled():
@@ -642,6 +682,8 @@ class OnnxRuntimeBackend(Backend):
             facts["cuda_device_ids"] = devices
         if self.spinning is not None:  # whether ORT's intra-op threads busy-wait (README)
             facts["ort_spinning"] = self.spinning
+        if self._lone is not None:  # lone batches on a spinning session (ort_lone_spin_us)
+            facts["ort_lone_session"] = True
         return facts
 
 
@@ -676,13 +718,16 @@ class OnnxRuntimeFactory(BackendFactory):
                     log.info("CUDA library preload: %s", self._preload_note)
             return self._preload_note
 
-    def session_options(self, config: ModelConfig, spin: bool | None = None) -> Any:
+    def session_options(
+        self, config: ModelConfig, spin: bool | None = None, lone_us: int = 0
+    ) -> Any:
         """The gateway's thread settings, then the model's own: Triton's onnxruntime-backend
         thread parameters and ``session.*`` config parameters (ONNX Runtime session config
         entries), as the python-backend model on Triton honours them, so one ``config.pbtxt``
         means the same wherever the model runs. Raises ``ValueError`` on a bad thread count.
         ``spin=False``: no spinning where the rule below would spin while a run goes (what
-        :meth:`spin_probe` decides at load)."""
+        :meth:`spin_probe` decides at load). ``lone_us`` > 0: a session for lone batches
+        (``ort_lone_spin_us``), whose pool spins while a run goes and that long after."""
         options = ort.SessionOptions()
         cores = self._cores()
         options.intra_op_num_threads = self._settings.intra_op_threads or (
@@ -723,6 +768,12 @@ class OnnxRuntimeFactory(BackendFactory):
         }
         if while_running:
             entries["session.force_spinning_stop"] = "1"
+        if lone_us > 0:
+            entries = {
+                "session.intra_op.allow_spinning": "1",
+                "session.inter_op.allow_spinning": "1",
+                "session.intra_op.spin_duration_us": str(lone_us),
+            }
         for key, value in entries.items():
             if key not in given:  # the model's own word wins
                 options.add_session_config_entry(key, value)
@@ -742,15 +793,11 @@ class OnnxRuntimeFactory(BackendFactory):
             return not any(key == "session.intra_op.allow_spinning" for key, _ in config.parameters)
         return False
 
-    def _short_runs(self, session: Any, config: ModelConfig, where: str) -> bool:
-        """Whether a batch-1 run of a session that does not spin takes at most
-        ``ort_spin_max_run_ms`` of its calling thread's CPU (made-up inputs; the least of two
-        to five runs after a first one, within 0.2 s: the caller's CPU includes its waits for a
-        preempted pool thread, which the least run has least of). A model that refuses made-up
-        inputs does not spin: the choice that costs least where the cores are shared."""
-        limit = self._settings.ort_spin_max_run_ms
-        if limit <= 0:
-            return False
+    def _batch1_cpu_ms(self, session: Any, config: ModelConfig, where: str) -> float | None:
+        """The CPU a batch-1 run of a session that does not spin takes on its calling thread
+        (made-up inputs; the least of two to five runs after a first one, within 0.2 s: the
+        caller's CPU includes its waits for a preempted pool thread, which the least run has
+        least of). None: the model refuses made-up inputs."""
         try:
             full = complete_config(config, session, self._settings.default_max_batch_size)
             feeds = warmup_inputs(full, 1)
@@ -764,8 +811,16 @@ class OnnxRuntimeFactory(BackendFactory):
                 taken.append(time.thread_time() - started)
         except Exception as exc:
             log.info("%s: batch-1 run not timed (%s); ORT's threads do not spin", where, exc)
+            return None
+        return min(taken) * 1e3
+
+    def _short_runs(self, cpu_ms: float | None, where: str) -> bool:
+        """Whether a batch-1 run (:meth:`_batch1_cpu_ms`) takes at most ``ort_spin_max_run_ms``.
+        A model that refuses made-up inputs does not spin: the choice that costs least where
+        the cores are shared."""
+        limit = self._settings.ort_spin_max_run_ms
+        if cpu_ms is None or limit <= 0:
             return False
-        cpu_ms = min(taken) * 1e3
         short = cpu_ms <= limit
         log.info(
             "%s: a batch-1 run takes %.1f ms of its thread's CPU (ort_spin_max_run_ms %g): "
@@ -786,7 +841,11 @@ class OnnxRuntimeFactory(BackendFactory):
         # only a model whose runs are short makes its sessions spin (``ort_spin_max_run_ms``).
         probe = not plan.cuda and self.spin_probe(source.config)
         spin: bool | None = False if probe else None
+        lone_us = self._settings.ort_lone_spin_us if self._settings.inline_max_ms > 0 else 0
+        timed = probe and (self._settings.ort_spin_max_run_ms > 0 or lone_us > 0)
+        where = f"model '{source.name}' version {version}"
         sessions: list[Any] = []
+        lone: Any = None
         try:
             for device_id in wanted:
                 providers: list[Any] = [CPU]
@@ -795,17 +854,24 @@ class OnnxRuntimeFactory(BackendFactory):
                 session = self._new_session(
                     str(path), self.session_options(source.config, spin), providers=providers
                 )
-                if (
-                    probe
-                    and not sessions
-                    and self._short_runs(
-                        session, source.config, f"model '{source.name}' version {version}"
-                    )
-                ):
-                    spin = None
-                    session = self._new_session(
-                        str(path), self.session_options(source.config), providers=providers
-                    )
+                if timed and not sessions:
+                    cpu_ms = self._batch1_cpu_ms(session, source.config, where)
+                    if self._short_runs(cpu_ms, where):
+                        spin = None
+                        session = self._new_session(
+                            str(path), self.session_options(source.config), providers=providers
+                        )
+                    elif lone_us > 0 and cpu_ms is not None:
+                        # Too long to spin under load, short enough to run inline when alone:
+                        # a second session, spinning, for lone batches only.
+                        if cpu_ms <= self._settings.inline_max_ms:
+                            lone = self._new_session(
+                                str(path),
+                                self.session_options(source.config, lone_us=lone_us),
+                                providers=providers,
+                            )
+                            lone.disable_fallback()
+                            log.info("%s: a spinning session for lone batches", where)
                 # ORT retries a run whose provider failed on the CPU, and keeps the session on
                 # the CPU from then on: a GPU that fails would turn into a slow success.
                 session.disable_fallback()
@@ -831,15 +897,15 @@ class OnnxRuntimeFactory(BackendFactory):
             str(path),
             instances,
             cpu_fallback,
+            lone=lone,
         )
         outputs = [t.name for t in config.outputs]
-        where = f"model '{source.name}' version {version}"
         if config.model_warmup:  # Triton's: the config's samples, and a failure fails the load
             for sample in config.model_warmup:
                 feeds = warmup_sample_inputs(config, sample, source.directory / "warmup")
-                for _ in range(sample.count * len(sessions)):
+                for i in range(sample.count * (len(sessions) + (lone is not None))):
                     try:
-                        backend.run_sync(feeds, outputs)
+                        backend.run_sync(feeds, outputs, lone=i >= sample.count * len(sessions))
                     except Exception as exc:
                         raise ModelLoadError(
                             f"{where}: model_warmup '{sample.name}' failed: {exc}"
@@ -854,8 +920,10 @@ class OnnxRuntimeFactory(BackendFactory):
                 sizes |= set(config.dynamic_batching.preferred_batch_sizes)
             try:
                 for size in sorted(sizes):
-                    for _ in range(len(sessions)):
-                        backend.run_sync(warmup_inputs(config, size), outputs)
+                    for i in range(len(sessions) + (lone is not None)):
+                        backend.run_sync(
+                            warmup_inputs(config, size), outputs, lone=i == len(sessions)
+                        )
             except Exception as exc:
                 log.warning("%s: warm-up with made-up inputs skipped: %s", where, exc)
         return backend

@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from gateway.testing.gateway_process import listens_on
+
 __all__ = [
     "TritonServer",
     "TritonServerError",
@@ -334,7 +336,12 @@ class TritonServer:
                 raise TritonServerError(f"tritonserver exited with {rc}:\n{self._log_tail()}")
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as response:
-                    if response.status == 200:
+                    # A 200 from another process's listener (the free port was taken first)
+                    # is not ours: Triton then fails to bind and exits "already in use".
+                    assert self.http_port is not None
+                    if response.status == 200 and (
+                        listens_on(self._proc.pid, self.http_port) is not False
+                    ):
                         return
             except (urllib.error.URLError, OSError):
                 pass
