@@ -1239,3 +1239,78 @@ def test_a_602_kb_image_goes_out_whole_without_waiting_for_window(
     assert answer["headers"][b"grpc-status"] == b"0"
     reply = pb.ModelInferResponse.FromString(answer["data"][5:])
     assert reply.id == "image" and len(reply.raw_output_contents[0]) == 4 * IMAGE_FLOATS
+
+
+class _Collect:
+    """A stream handler that records what its stream's request brought."""
+
+    def __init__(self, stream: http2.Stream, got: list[tuple[int, Any]]) -> None:
+        self.stream, self.got = stream, got
+
+    def data(self, payload: memoryview) -> None:
+        self.got.append((self.stream.id, payload))
+
+    def end(self) -> None:
+        self.got.append((self.stream.id, None))
+
+    def reset(self) -> None:
+        self.got.append((self.stream.id, "reset"))
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.written += [bytes(d) for d in data]
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_frames_cut_by_reads_read_the_same_and_whole_ones_stay_in_their_read() -> None:
+    """However the client's bytes are cut into reads (one byte at a time, inside a frame
+    header, inside a payload), every stream gets the same bytes and its end; a frame the last
+    read cut is completed with only the bytes it lacks, so the frames after it are handed over
+    as views into the read that brought them, not into a copy of it."""
+    body = bytes(range(256)) * 160  # 40,960 bytes: DATA frames of 16 KiB, 16 KiB, 8 KiB
+    chunks = [body[i : i + 16384] for i in range(0, len(body), 16384)]
+    wire = PREFACE + frame(SETTINGS, 0, 0)
+    fields = [(":method", "POST"), (":scheme", "http"), (":path", "/p"), (":authority", "a")]
+    for stream_id in (1, 3):
+        wire += frame(HEADERS, END_HEADERS, stream_id, hpack.Encoder().encode(fields))
+        wire += b"".join(frame(DATA, 0, stream_id, c) for c in chunks[:-1])
+        wire += frame(DATA, END_STREAM, stream_id, chunks[-1])
+    loop = asyncio.new_event_loop()
+    try:
+        for size in (1, 5, 9, 10, 4096, 16393, 20000, len(wire)):
+            got: list[tuple[int, Any]] = []
+            conn = http2.Connection(lambda stream, _, got=got: _Collect(stream, got), loop)
+            conn.connection_made(_Transport())  # type: ignore[arg-type]
+            for i in range(0, len(wire), size):
+                conn.data_received(wire[i : i + size])
+            for stream_id in (1, 3):
+                mine = [p for s, p in got if s == stream_id]
+                assert mine[-1] is None  # ended
+                assert b"".join(bytes(p) for p in mine[:-1]) == body, size
+            conn.connection_lost(None)
+        # A read that ends inside stream 1's first DATA frame, then the rest in one read.
+        got = []
+        conn = http2.Connection(lambda stream, _: _Collect(stream, got), loop)
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        cut = wire.index(chunks[0]) + 100
+        first, second = wire[:cut], wire[cut:]
+        conn.data_received(first)
+        conn.data_received(second)
+        payloads = [p for _, p in got if isinstance(p, memoryview)]
+        assert len(payloads) == 6 and payloads[0].obj is not second  # the cut frame: joined
+        assert all(p.obj is second for p in payloads[1:])  # the rest: where they arrived
+        conn.connection_lost(None)
+    finally:
+        loop.close()

@@ -499,7 +499,7 @@ class Connection(asyncio.Protocol):
         self._decoder = HeaderDecoder()
         self._out: list[bytes | memoryview] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._parts: list[bytes] = []  # an incomplete frame's bytes so far
+        self._parts: list[bytes | memoryview] = []  # an incomplete frame's bytes so far
         self._have = 0
         self._need = len(PREFACE)  # bytes before anything can be read
         self._preface = False
@@ -612,21 +612,11 @@ class Connection(asyncio.Protocol):
                 stream._wake()
 
     def data_received(self, data: bytes) -> None:
-        if self._parts:
-            self._parts.append(data)
-            self._have += len(data)
-            if self._have < self._need:
-                return
-            data = b"".join(self._parts)
-            self._parts, self._have = [], 0
         try:
-            pos = self._read(data)
+            self._take(data)
         except ProtocolError as exc:
             self._fail(exc.code, str(exc))
             return
-        if pos < len(data):
-            rest = data[pos:]
-            self._parts, self._have = [rest], len(rest)
         if self._window_opened:  # once per read: a window granted in pieces fills whole frames
             self._window_opened = False
             self._pump_blocked()
@@ -638,18 +628,42 @@ class Connection(asyncio.Protocol):
 
     # -- reading ----------------------------------------------------------------------------
 
-    def _read(self, data: bytes) -> int:
+    def _take(self, data: bytes) -> None:
+        """Read what ``data`` completes. A frame the last read cut is completed with only the
+        bytes it lacks (one join of at most a frame), and the rest is read where it lies: a
+        big request's reads are not copied again whole (they were, ~0.65 of a 602 KB
+        request's bytes, when every read after a cut frame was joined to it)."""
+        rest: bytes | memoryview = data
+        while self._parts:
+            missing = self._need - self._have
+            if len(rest) < missing:
+                self._parts.append(rest)
+                self._have += len(rest)
+                return
+            head = b"".join((*self._parts, rest[:missing]))
+            rest = memoryview(rest)[missing:]
+            self._parts, self._have = [], 0
+            pos = self._read(head)
+            if pos < len(head):  # a header completed: now its payload is needed
+                self._parts, self._have = [head[pos:]], len(head) - pos
+        if not rest:
+            return
+        pos = self._read(rest)
+        if pos < len(rest):
+            tail = rest[pos:]  # a view: the frame's bytes so far stay where they are
+            self._parts, self._have = [tail], len(tail)
+
+    def _read(self, data: bytes | memoryview) -> int:
         """Handle every whole frame in ``data``; returns where the unread rest begins (and sets
         ``_need``, the bytes the next read must bring at least)."""
         pos, n = 0, len(data)
         if not self._preface:
+            first = bytes(data[: len(PREFACE)])
+            if not PREFACE.startswith(first):
+                raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             if n < len(PREFACE):
-                if not PREFACE.startswith(data):
-                    raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
                 self._need = len(PREFACE)
                 return 0
-            if not data.startswith(PREFACE):
-                raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             self._preface, pos = True, len(PREFACE)
         view = memoryview(data)
         head = _FRAME_HEAD.unpack_from  # one C call per frame header
