@@ -68,8 +68,9 @@ import numpy as np
 from harness import ROOT, free_port, stop
 
 GOAL_WARM_X = 10.0
-# a new version served: seconds, link bytes, connections + requests, edge CPU s, to the fetch s
-Served = tuple[float, int, int, float, float]
+# a new version served: seconds, link bytes, connections + requests, edge CPU s, to the fetch s,
+# connections + requests before the transfer's first byte (:func:`serial_trips`)
+Served = tuple[float, int, int, float, float, int]
 GOAL_COLD_RATIO = 1.2
 
 
@@ -150,6 +151,8 @@ class SlowLink:
         self.requests = 0  # request chunks forwarded: each costs rtt_s
         self.port = 0
         self.trace: list[tuple[float, int]] | None = None  # (time, bytes) sent, while a list
+        # while ``trace`` is a list: (time, connection, "conn" | "req" | "bytes", bytes)
+        self.events: list[tuple[float, int, str, int]] = []
         self._free_at = 0.0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -175,6 +178,9 @@ class SlowLink:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        conn = self.connections
+        if self.trace is not None:
+            self.events.append((time.monotonic(), conn, "conn", 0))
         await asyncio.sleep(self.rtt_s)  # connection set-up
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
@@ -185,6 +191,8 @@ class SlowLink:
         async def upstream() -> None:
             while chunk := await reader.read(65536):
                 self.requests += 1
+                if self.trace is not None:
+                    self.events.append((time.monotonic(), conn, "req", 0))
                 await asyncio.sleep(self.rtt_s)  # a request crosses the link and back
                 up_w.write(chunk)
                 await up_w.drain()
@@ -204,6 +212,7 @@ class SlowLink:
                     self.bytes_down += len(chunk)
                     if self.trace is not None:
                         self.trace.append((time.monotonic(), len(chunk)))
+                        self.events.append((time.monotonic(), conn, "bytes", len(chunk)))
                     writer.write(chunk)
                     await writer.drain()
             writer.close()
@@ -314,10 +323,14 @@ def write_layers(root: Path, version: int, layers: int, changed: int | None, rev
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    path = root / "layers" / str(version) / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path.stat().st_size
+    # written beside the repository and moved in whole: a node indexing the tree meanwhile
+    # never sees half a file (its index would name a manifest of bytes that then change)
+    staging = root.parent / f"staging-layers-{version}"
+    staging.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, staging / "model.onnx")
+    (root / "layers").mkdir(parents=True, exist_ok=True)
+    staging.rename(root / "layers" / str(version))
+    return (root / "layers" / str(version) / "model.onnx").stat().st_size
 
 
 def phases(log: Path, wall: float, took: float) -> tuple[str, float]:
@@ -343,6 +356,24 @@ def phases(log: Path, wall: float, took: float) -> tuple[str, float]:
         f"phases: to the fetch {end - fetch_s - wall:.2f} s, fetch {fetch_s:.2f} s, "
         f"load {loaded - end:.2f} s, answer {wall + took - loaded:.2f} s"
     ), end - fetch_s - wall
+
+
+def serial_trips(events: list[tuple[float, int, str, int]]) -> int:
+    """Connections and requests over the link before the first byte of the largest answer (the
+    transfer): the round trips the fetch waited for. Those sent later (an index question asked
+    beside the transfer) overlap it."""
+    answers: dict[tuple[int, int], list[float]] = {}  # (connection, request) -> [first, bytes]
+    asked: dict[int, int] = {}
+    for at, conn, kind, size in events:
+        if kind == "req":
+            asked[conn] = asked.get(conn, 0) + 1
+        elif kind == "bytes":
+            answer = answers.setdefault((conn, asked.get(conn, 0)), [at, 0.0])
+            answer[1] += size
+    if not answers:
+        return sum(1 for e in events if e[2] != "bytes")
+    first = max(answers.values(), key=lambda a: a[1])[0]
+    return sum(1 for at, _, kind, _ in events if kind != "bytes" and at < first)
 
 
 def ramp(trace: list[tuple[float, int]] | None, started: float) -> str:
@@ -394,7 +425,8 @@ def ab_row(label: str, runs: dict[str, list[Served]]) -> str:
     return (
         f"| {label} | {', '.join(f'{r[0]:.2f}' for r in new)} | "
         f"{', '.join(f'{r[0]:.2f}' for r in base)} | **{t_new / t_base:.2f}** | "
-        f"{new[0][1] / 1e6:.2f} / {base[0][1] / 1e6:.2f} | {new[0][2]} / {base[0][2]} | "
+        f"{new[0][1] / 1e6:.2f} / {base[0][1] / 1e6:.2f} | "
+        f"{new[0][2]} ({new[0][5]}) / {base[0][2]} ({base[0][5]}) | "
         f"{median([r[3] for r in new]):.2f} / {median([r[3] for r in base]):.2f} | "
         f"{median([r[4] for r in new]):.3f} / {median([r[4] for r in base]):.3f} |"
     )
@@ -475,7 +507,7 @@ def delta(args: argparse.Namespace) -> int:
             time.sleep(max(0.0, max(2.1, poll_s + 0.7) - (time.perf_counter() - published_at[via])))
             opened, asked = via.connections, via.requests
             cpu_before = cpu_s(edge_proc)
-            via.trace = []
+            via.trace, via.events = [], []
             started = time.perf_counter()
             wall = time.time()
             status = _post(f"{edge_proc.url}/v2/repository/models/layers/load", b"{}")
@@ -487,7 +519,8 @@ def delta(args: argparse.Namespace) -> int:
             took = time.perf_counter() - started
             trace, via.trace = via.trace, None
             opened, asked = via.connections - opened, via.requests - asked
-            floor = (opened + asked) * via.rtt_s + (via.bytes_down - before) / via.rate_bytes_s
+            serial = serial_trips(via.events)
+            floor = serial * via.rtt_s + (via.bytes_down - before) / via.rate_bytes_s
             moved = via.bytes_down - before
             time.sleep(1.5)  # the work a fetch leaves (whole-file check, packing) is counted
             cpu = cpu_s(edge_proc) - cpu_before
@@ -498,12 +531,13 @@ def delta(args: argparse.Namespace) -> int:
             text, to_fetch = phases(edge_proc.log, wall, took)
             breakdown[edge_proc.log.name] = (
                 f"{text}; link MB/s per 50 ms from the load on: {ramp(trace, started)}; "
-                f"over the link {opened} new connections and {asked} requests, "
-                f"{floor:.2f} s one after another with the bytes; edge CPU {cpu:.2f} s (with "
+                f"over the link {opened} new connections and {asked} requests ({serial} of them "
+                f"before the transfer's first byte), {floor:.2f} s one after another with the "
+                f"bytes; edge CPU {cpu:.2f} s (with "
                 f"the work left in the background); the same version loaded again from the "
                 f"warm cache {again:.2f} s"
             )
-            return took, moved, opened + asked, cpu, to_fetch
+            return took, moved, opened + asked, cpu, to_fetch, serial
 
         def local_load() -> float:
             """The node's own (re)load of the newest version from its disk: median of 3."""
@@ -586,19 +620,17 @@ def delta(args: argparse.Namespace) -> int:
                 if version == 2:
                     sweep = chunk_sweep(repo / "layers/1/model.onnx", repo / "layers/2/model.onnx")
                 t_local = local_load()
-                runs: dict[str, list[tuple[float, int, int, float, float]]] = {
-                    t: [] for t, _ in trees
-                }
+                runs: dict[str, list[Served]] = {t: [] for t, _ in trees}
                 for r in range(args.repeat):
                     order = trees if r % 2 == 0 else trees[::-1]  # A/B, then B/A
                     for tree_label, _ in order:
                         runs[tree_label].append(
                             serve_new(edges[(tree_label, r)], version, edge_links[(tree_label, r)])
                         )
-                t_new, moved, trips, _, _ = runs["new"][0]
+                t_new, moved, _, _, _, trips = runs["new"][0]
                 fetched = [ln for ln in edge_a.log.read_text().splitlines() if "fetched" in ln]
                 print(f"  edge: {fetched[-1][-220:] if fetched else '?'}")
-                t_whole, moved_whole, _, _, _ = serve_new(whole, version, whole_link)
+                t_whole, moved_whole, *_ = serve_new(whole, version, whole_link)
                 if args.ab:
                     ab_rows.append(ab_row(label, runs))
                     print(ab_rows[-1])
@@ -616,8 +648,8 @@ def delta(args: argparse.Namespace) -> int:
                     f"{what}; {breakdown.get(edge_a.log.name, '')}; "
                     f"time / ((bytes / bandwidth) x 1.2 + local load {t_local:.2f} s) = "
                     f"{t_new / ideal:.2f} (<= 1: {'met' if t_new <= ideal else 'NOT met'}); "
-                    "counting the link's round trips too, time / ((bytes / bandwidth) x 1.2 + "
-                    f"{trips} x RTT + local load) = "
+                    "counting the link's round trips the fetch waited for, time / ((bytes / "
+                    f"bandwidth) x 1.2 + {trips} x RTT + local load) = "
                     f"{t_new / (ideal + trips * link.rtt_s):.2f}; "
                     f"vs whole file: x{moved_whole / moved:.1f} fewer bytes, "
                     f"x{t_whole / t_new:.1f} faster",
@@ -662,9 +694,9 @@ def delta(args: argparse.Namespace) -> int:
             f"{load_at_start:.1f}, at the end {os.getloadavg()[0]:.1f}:",
             "",
             "| new version | this tree: time (s) | before: time (s) | time, median: this / "
-            "before | MB over the link: this / before | connections + requests: this / "
-            "before | edge CPU (s), median: this / before | to the fetch (s), median: this / "
-            "before |",
+            "before | MB over the link: this / before | connections + requests (of them before "
+            "the transfer's first byte): this / before | edge CPU (s), median: this / before | "
+            "to the fetch (s), median: this / before |",
             "|---|---|---|---:|---|---|---|---|",
             *ab_rows,
             "",

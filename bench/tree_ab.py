@@ -20,7 +20,9 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -54,9 +56,11 @@ def point(
     work: Path,
     grpc_port: int = 0,
     streaming: bool = False,
+    shm_bytes: int = 0,
 ) -> dict[str, float]:
     """One perf_analyzer point (binary HTTP, or gRPC on ``grpc_port``, unary or ``streaming``;
-    three windows) with batch size and CPU/request."""
+    over HTTP with system shared memory when ``shm_bytes`` (the outputs' bytes) is set; three
+    windows) with batch size and CPU/request."""
     report = work / f"pa-{time.monotonic_ns()}.csv"
     url, protocol = (f"127.0.0.1:{grpc_port}", "grpc") if grpc_port else (gw.address, "http")
     cmd = [
@@ -65,6 +69,8 @@ def point(
     ]  # fmt: skip
     if streaming:
         cmd.append("--streaming")
+    if shm_bytes:
+        cmd += ["--shared-memory", "system", "--output-shared-memory-size", str(shm_bytes)]
     before, cpu_before = counts(gw.address, model), harness.process_cpu_s(gw.proc.pid) or 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     after, cpu_after = counts(gw.address, model), harness.process_cpu_s(gw.proc.pid) or 0.0
@@ -80,6 +86,16 @@ def point(
         "batch": items / max(1, runs),
         "cpu_ms": (cpu_after - cpu_before) / max(1, items) * 1e3,
     }
+
+
+def output_bytes(repo: Path, model: str) -> int:
+    """Bytes of every output of one item, at 8 bytes an element (the widest of the shipped
+    models): perf_analyzer's ``--output-shared-memory-size``."""
+    text = (repo / model / "config.pbtxt").read_text()
+    return sum(
+        8 * math.prod(int(d) for d in re.findall(r"dims:\s*(-?\d+)", body))
+        for body in re.findall(r"\boutput\s*\{([^}]*)\}", text)
+    )
 
 
 def in_process_backend(repo: Path, model: str) -> Any:
@@ -156,7 +172,12 @@ def main() -> None:
         "bench/sweep.py's baseline, instead of as this tree loads the model",
     )
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--protocol", choices=["http", "grpc", "grpc-stream"], default="http")
+    parser.add_argument(
+        "--protocol",
+        choices=["http", "grpc", "grpc-stream", "shm"],
+        default="http",
+        help="shm: HTTP with system shared memory for inputs and outputs",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.window_ms = 1, 500
@@ -174,12 +195,13 @@ def main() -> None:
             _OrtDefaults(repo, args.model) if ort_defaults else in_process_backend(repo, args.model)
         )
     spec = harness.read_model(repo, args.model)
+    shm_bytes = output_bytes(repo, args.model) if args.protocol == "shm" else 0
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         gateways = {}
         grpc_ports = {}
         for name, env in variants:
-            grpc_ports[name] = harness.free_port() if args.protocol != "http" else 0
+            grpc_ports[name] = harness.free_port() if args.protocol.startswith("grpc") else 0
             grpc = ["--grpc-port", str(grpc_ports[name])] if grpc_ports[name] else []
             gateways[name] = harness.start_gateway(
                 repo, work, "--log-level", "warning", *grpc, tag=name, ready=(args.model,),
@@ -194,8 +216,9 @@ def main() -> None:
                 print(f"round {r + 1} in-process batch {b}: {p}", flush=True)
             for c in levels:
                 for name in names[r % len(names) :] + names[: r % len(names)]:
+                    stream = args.protocol == "grpc-stream"
                     p = point(pa, gateways[name], args.model, c, args.window_ms, work,
-                              grpc_ports[name], args.protocol == "grpc-stream")  # fmt: skip
+                              grpc_ports[name], stream, shm_bytes)  # fmt: skip
                     got.setdefault((name, c), []).append(p)
                     print(f"round {r + 1} c={c} {name}: {p}", flush=True)
     base = names[0]
@@ -209,13 +232,17 @@ def main() -> None:
             med = {k: statistics.median(p[k] for p in pts) for k in pts[0]}
             rows.append(
                 f"| {c} | {name} | {med['throughput']:.1f} | {med['p50_ms']:.2f} | "
-                f"{med.get('p99_ms', 0.0):.2f} | "
+                f"{med.get('p99_ms', float('nan')):.2f} | "
                 f"{med['batch']:.1f} | {med['cpu_ms']:.3f} | {statistics.median(ratios):.3f}x "
                 f"({ratios[0]:.3f}-{ratios[-1]:.3f}) |"
             )
     compared = in_process_rows(got, names, levels, batches)
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    protocol = {"grpc": "gRPC", "grpc-stream": "gRPC streaming"}.get(args.protocol, "binary HTTP")
+    protocol = {
+        "grpc": "gRPC",
+        "grpc-stream": "gRPC streaming",
+        "shm": "HTTP with system shared memory",
+    }.get(args.protocol, "binary HTTP")
     described = "; ".join(f"`{n}`: {env or 'defaults'}" for n, env in variants)
     markdown = f"""# Gateway variants under perf_analyzer (`{args.model}`)
 

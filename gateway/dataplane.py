@@ -33,7 +33,7 @@ from gateway.lifecycle import READY, LoadedVersion, ModelEntry, ModelLifecycle
 from gateway.metrics import Metrics, Source
 from gateway.pending import Pending
 from gateway.protocol.types import InferRequest, InferResponse, RequestedOutput
-from gateway.repository.config import ModelConfig
+from gateway.repository.config import ENSEMBLE_PLATFORM, ModelConfig
 from gateway.repository.local import (
     LocalRepository,
     check_model_name,
@@ -285,7 +285,7 @@ class DataPlane:
             if decoded.shared_inputs or decoded.outputs:  # shared memory: views, checked here
                 self.shared_memory.resolve(decoded)
             pending.request = decoded
-            timeout_us = decoded.timeout_us
+            timeout_us = decoded.timeout_us if decoded.parameters else None
             deadline_s = self.clock() + timeout_us / 1e6 if timeout_us else None
             if lv is None:
                 pending.start_task(self._serve_cold(pending, version, deadline_s, request_id))
@@ -327,9 +327,12 @@ class DataPlane:
     ) -> None:
         """Queue ``pending`` for ``lv``'s batches, unless the response cache answers it; an
         ensemble's request runs its steps, each through ``submit``."""
-        if self.cache is not None and lv.config.response_cache:
+        config = lv.config
+        if self.cache is not None and config.response_cache:
             run = functools.partial(self._run, pending, lv, deadline_s, request_id)
             self.cache.serve(pending, lv, run)
+        elif config.platform != ENSEMBLE_PLATFORM:  # the usual case, without ``_run``'s call
+            pending.enqueue(lv, deadline_s, request_id)
         else:
             self._run(pending, lv, deadline_s, request_id)
 

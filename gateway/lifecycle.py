@@ -189,9 +189,9 @@ class ModelLifecycle:
     # -- what is loaded -----------------------------------------------------------------------
 
     def _entry(self, name: str) -> ModelEntry:
-        check_model_name(name)
         entry = self.models.get(name)
         if entry is None:
+            check_model_name(name)  # a name in ``models`` was checked on its way in (``load``)
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         return entry
 

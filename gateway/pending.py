@@ -30,7 +30,13 @@ from gateway import context, tracing
 from gateway.backends.base import Tensors
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, QueueFull
 from gateway.protocol.tensors import tensor_from_buffer
-from gateway.protocol.types import InferRequest, InferResponse, datatype_of, numpy_dtype
+from gateway.protocol.types import (
+    DATATYPES,
+    InferRequest,
+    InferResponse,
+    datatype_of,
+    numpy_dtype,
+)
 from gateway.repository.config import ModelConfig
 from gateway.shared_memory import write_outputs
 
@@ -188,7 +194,8 @@ class Pending:
         self._stats_started_ns = stats_started_ns = time.perf_counter_ns()
         try:
             inputs, rows = validate(lv.config, request)
-            queued = lv.batcher.enqueue(inputs, rows, deadline_s, request_id, request.priority)
+            priority = request.priority if request.parameters else 0  # (no call when none)
+            queued = lv.batcher.enqueue(inputs, rows, deadline_s, request_id, priority)
         except GatewayError as exc:
             spent_ns = time.perf_counter_ns() - stats_started_ns
             lv.stats.record_request(False, spent_ns, failure_reason(exc))
@@ -213,7 +220,12 @@ class Pending:
         self.response = response
         self.error = error
         self.execution = execution
-        self._run_callbacks()
+        if self._more_callbacks is None:  # the usual case, inline: one front end's callback
+            callback, self._callback = self._callback, None
+            if callback is not None:
+                callback(self)
+        else:
+            self._run_callbacks()
 
     def _run_callbacks(self) -> None:
         callback, self._callback = self._callback, None
@@ -297,6 +309,10 @@ def _shape_error(name: str, cfg: ModelConfig, shape: tuple[int, ...]) -> str:
     )
 
 
+# Each datatype's name by its numpy dtype: ``datatype_of`` without a call, for the usual dtypes.
+_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+
+
 def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
     """The request's inputs as the backend takes them (reshaped where the config says), and its
     batch rows; ``InvalidInput`` for anything the model does not accept."""
@@ -307,7 +323,7 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
         spec = cfg.input(name)
         if spec is None:
             raise InvalidInput(f"unexpected inference input '{name}' for model '{cfg.name}'")
-        datatype = datatype_of(array)
+        datatype = _NAMES.get(array.dtype) or datatype_of(array)  # (strings: not in _NAMES)
         if datatype != spec.datatype:
             raise InvalidInput(
                 f"inference input '{name}' data-type is '{datatype}', but model "
@@ -456,18 +472,24 @@ def response_of(
 ) -> InferResponse:
     """The outputs asked for (all by default), reshaped as the config says, or as their top
     classes where the request asked for ``classification``."""
-    wanted = [o.name for o in request.outputs] if request.outputs else list(outputs)
-    classes = {o.name: o.classification for o in request.outputs or () if o.classification}
+    # One pass over what was asked for (plain loops: no comprehension frames per request).
+    wanted: list[tuple[str, int]] = []
+    if request.outputs:
+        for requested in request.outputs:
+            wanted.append((requested.name, requested.classification))
+    else:
+        for out_name in outputs:
+            wanted.append((out_name, 0))
     result: dict[str, np.ndarray[Any, Any]] = {}
-    for out_name in wanted:
+    for out_name, classes in wanted:
         array = outputs[out_name]
         spec = cfg.output(out_name)
         if spec is not None and spec.reshape is not None:
             lead = (array.shape[0],) if cfg.batched else ()
             array = array.reshape(lead + tuple(spec.dims))
-        if out_name in classes:
+        if classes:
             names = (labels or {}).get(out_name)
-            array = classify(array, classes[out_name], names, cfg.batched)
+            array = classify(array, classes, names, cfg.batched)
         result[out_name] = array
     return InferResponse(model_name=name, model_version=str(version), outputs=result, id=request.id)
 

@@ -7,7 +7,8 @@ connection partway through a file once or send one byte of it wrong once (fault 
 ``StaticOrigin`` is Python's ``http.server`` (no Range support).
 ``AppServer`` runs any aiohttp application (an origin that misbehaves on purpose).
 ``publish``, ``edit`` and ``roll_out`` make and roll out versions of a model of random bytes
-(the chunk tests' set-up).
+(the chunk tests' set-up); the fixtures ``repo`` (model ``m`` v1 of ``SIZE`` bytes) and ``fake``
+(a ``FakeOrigin`` on it) are imported by the test modules that share that set-up.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import hashlib
 import http.server
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+import pytest
 
 from tests import models
 
@@ -59,6 +61,8 @@ class FakeOrigin:
         self.chunk_delay_s = chunk_delay_s
         self.requests: list[tuple[str, str | None]] = []
         self.headers: list[dict[str, str]] = []  # each request's headers, names in lower case
+        self.sending = 0  # answers whose bodies are being sent now
+        self.sending_at: list[tuple[str, int]] = []  # (path, ``sending``) as each request came
         self.cut_after: dict[str, int] = {}  # path -> bytes sent before dropping (once)
         # several ranges asked at once: "multipart" (multipart/byteranges), "whole" (200, the
         # whole file, as S3), "first" (206 with the first range only)
@@ -117,7 +121,12 @@ class FakeOrigin:
             path = unquote(urlsplit(line.split()[1]).path).lstrip("/")
             self.requests.append((path, headers.get("range")))
             self.headers.append(headers)
-            await self._respond(writer, path, headers)
+            self.sending_at.append((path, self.sending))
+            self.sending += 1
+            try:
+                await self._respond(writer, path, headers)
+            finally:
+                self.sending -= 1
         except (ConnectionError, IndexError, asyncio.CancelledError):
             pass
         finally:
@@ -170,10 +179,10 @@ class FakeOrigin:
                 await writer.drain()
                 writer.transport.abort()
                 return
+            if i and self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
             writer.write(body[i : i + step])
             await writer.drain()
-            if self.chunk_delay_s:
-                await asyncio.sleep(self.chunk_delay_s)
 
     async def _multipart(
         self, writer: asyncio.StreamWriter, data: bytes, etag: str, wanted: str, path: str
@@ -198,8 +207,11 @@ class FakeOrigin:
             f"Content-Type: multipart/byteranges; boundary={boundary}\r\n"
             "Connection: close\r\n\r\n".encode()
         )
-        writer.write(bytes(body))
-        await writer.drain()
+        for i in range(0, len(body), 16384):
+            if i and self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+            writer.write(body[i : i + 16384])
+            await writer.drain()
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -303,8 +315,6 @@ def moto_s3() -> Iterator[str]:
     import tempfile
     import time
 
-    import pytest
-
     pytest.importorskip("boto3")
     pytest.importorskip("moto.server", reason="moto[server] is not installed")
     with socket.socket() as s:
@@ -355,11 +365,33 @@ def edit(data: bytes, at: int, size: int, seed: int = 99) -> bytes:
     return data[:at] + random_bytes(size, seed) + data[at + size :]
 
 
-def open_edge(url: str, cache: Path, **kwargs: object) -> EdgeRepository:
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """An origin's directory holding model ``m`` version 1: ``SIZE`` random bytes, manifests
+    cut with ``AVG`` (test modules import this fixture and ``fake``)."""
+    root = tmp_path / "origin"
+    publish(root, "m", 1, random_bytes(SIZE, 1))
+    return root
+
+
+@pytest.fixture
+def fake(repo: Path) -> Iterator[FakeOrigin]:
+    """A ``FakeOrigin`` serving ``repo``."""
+    origin = FakeOrigin(repo).start()
+    yield origin
+    origin.stop()
+
+
+def open_edge(
+    url: str, cache: Path, clock: Callable[[], float] | None = None, **kwargs: object
+) -> EdgeRepository:
+    """An edge repository on ``url`` with its cache in ``cache``; ``kwargs`` are settings,
+    ``clock`` stands for ``time.monotonic`` (the index's age)."""
     from gateway.repository.edge import EdgeRepository
     from gateway.settings import Settings
 
-    return EdgeRepository(Settings(model_repo=url, cache_dir=str(cache), **kwargs))  # type: ignore[arg-type]
+    settings = Settings(model_repo=url, cache_dir=str(cache), **kwargs)  # type: ignore[arg-type]
+    return EdgeRepository(settings, clock=clock) if clock else EdgeRepository(settings)
 
 
 async def roll_out(

@@ -929,3 +929,57 @@ def test_what_shared_memory_bodies_are_never_cached(decodes: list[int]) -> None:
         f"Inference-Header-Content-Length {len(body) + 1} is outside the body ({len(body)} bytes)"
     )
     assert _error(body, 0).startswith("request body is not valid JSON")
+
+
+def _with_id(id_json: bytes, header: bytes) -> bytes:
+    """``header`` (a JSON object) with ``"id":<id_json>`` as its first member, compact as
+    perf_analyzer writes it."""
+    assert header.startswith(b"{")
+    return b'{"id":' + id_json + b"," + header[1:]
+
+
+def test_a_leading_id_is_left_out_of_the_cache_key(decodes: list[int]) -> None:
+    """perf_analyzer sends ``{"id":"",...`` with every request, binary or in shared memory, and
+    tritonclient ``{"id": "7", ...`` when given an id: the rest of the header is parsed once,
+    and each request keeps its own id."""
+    first, length = _binary_body(_bin("A", "INT32", [2], np.array([1, 2], np.int32).tobytes()))
+    header = first[:length]
+    for n, rid in enumerate(["", "", "r-1", "é"]):
+        head = _with_id(json.dumps(rid, ensure_ascii=False).encode(), header)  # é: raw UTF-8
+        request = decode_infer_request(head + np.array([n, 9], np.int32).tobytes(), len(head))
+        assert request.id == rid and request.inputs["A"].tolist() == [n, 9]
+    for rid in ("7", "8"):  # JSON's whitespace around the id (a key of its own: ", " after)
+        spaced = b'{ "id" :\t"' + rid.encode() + b'", ' + header[1:]
+        assert decode_infer_request(spaced + bytes(8), len(spaced)).id == rid
+    shm = _body(_shm("A", "i", 16))
+    for rid in ("", "x"):
+        request = decode_infer_request(_with_id(f'"{rid}"'.encode(), shm))
+        assert request.id == rid and list(request.shared_inputs) == ["A"]
+    assert len(decodes) == 3  # two binary headers, one shared-memory body
+    assert decode_infer_request(first, length).id is None and len(decodes) == 4  # its own key
+
+
+def test_ids_the_cache_never_takes(decodes: list[int]) -> None:
+    """An id with escapes, not a string, not first, or named twice: parsed every time, with the
+    answers of a full parse; a body the parser refuses is refused even when the rest of its
+    header is cached."""
+    header = _body(_shm("A", "i", 16))
+    decode_infer_request(_with_id(b'"warm"', header))
+    assert len(decodes) == 1
+    assert decode_infer_request(_with_id(b'"a\\"b"', header)).id == 'a"b'
+    assert decode_infer_request(_with_id(b'"\\u0041"', header)).id == "A"
+    assert _error(_with_id(b"5", header)) == "'id' must be a string"
+    twice = header[:-1] + b', "id": "last"}'
+    assert decode_infer_request(_with_id(b'"first"', twice)).id == "last"
+    assert decode_infer_request(_with_id(b'"other"', twice)).id == "last"
+    assert decode_infer_request(_with_id(b'"last"', twice)).id == "last"  # the same id twice
+    assert decode_infer_request(_with_id(b'"other"', twice)).id == "last"
+    assert decode_infer_request(header[:-1] + b', "id": "z"}').id == "z"
+    assert len(decodes) == 9
+    for refused in (
+        _with_id(b'"\xff"', header),  # not UTF-8
+        _with_id(b'"a\x01"', header),  # a control character inside a string
+        b'{\x0c"id":"a",' + header[1:],  # not JSON whitespace
+    ):
+        assert _error(refused).startswith("request body is not valid JSON")
+    assert len(decodes) == 12

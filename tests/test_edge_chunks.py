@@ -19,7 +19,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from gateway.repository.manifest import (
     sha256_file,
     write_manifests,
 )
+from tests import edge_origins
 from tests.edge_origins import (
     AVG,
     SIZE,
@@ -51,19 +51,9 @@ from tests.edge_origins import (
 )
 from tests.helpers import start_gateway
 
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "origin"
-    publish(root, "m", 1, random_bytes(SIZE, 1))
-    return root
-
-
-@pytest.fixture
-def fake(repo: Path) -> Iterator[FakeOrigin]:
-    origin = FakeOrigin(repo).start()
-    yield origin
-    origin.stop()
+# the shared set-up: model m v1 at an origin, a FakeOrigin on it (pytest finds them here)
+repo = edge_origins.repo
+fake = edge_origins.fake
 
 
 def _ranges(origin: FakeOrigin, suffix: str) -> list[tuple[int, int]]:

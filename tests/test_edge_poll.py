@@ -16,16 +16,27 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.repository.edge import EdgeRepository
 from gateway.repository.manifest import parse_index
-from tests.edge_origins import FakeOrigin, StaticOrigin, edit, open_edge, publish, random_bytes
+from tests import edge_origins
+from tests.edge_origins import (
+    SIZE,
+    FakeOrigin,
+    StaticOrigin,
+    edit,
+    open_edge,
+    publish,
+    random_bytes,
+)
 from tests.helpers import start_gateway
 
-SIZE = 256 * 1024
+# the shared set-up: model m v1 at an origin, a FakeOrigin on it (pytest finds them here)
+repo = edge_origins.repo
+fake = edge_origins.fake
 
 
 class CountingRelay:
@@ -70,20 +81,6 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
             dst.sendall(data)
     with contextlib.suppress(OSError):
         dst.shutdown(socket.SHUT_WR)
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "origin"
-    publish(root, "m", 1, random_bytes(SIZE, 1))
-    return root
-
-
-@pytest.fixture
-def fake(repo: Path) -> Iterator[FakeOrigin]:
-    origin = FakeOrigin(repo).start()
-    yield origin
-    origin.stop()
 
 
 async def _until(check: object, timeout_s: float) -> bool:
@@ -140,9 +137,7 @@ async def test_index_check_fetches_a_new_versions_manifest_before_the_load(
         await edge.close()
 
 
-async def test_no_index_checks_when_off(
-    repo: Path, fake: FakeOrigin, tmp_path: Path
-) -> None:
+async def test_no_index_checks_when_off(repo: Path, fake: FakeOrigin, tmp_path: Path) -> None:
     """``edge_poll_s = 0``: the index is asked only when a load needs it."""
     edge = open_edge(fake.url, tmp_path / "cache", edge_poll_s=0)
     try:
@@ -288,3 +283,154 @@ async def test_index_checks_are_in_no_requests_trace(
     finally:
         await edge.close()
         tracing.shutdown()
+
+
+# -- a load by the index the check keeps current ---------------------------------------------
+
+
+class Clock:
+    """Stands for ``time.monotonic`` in the edge: the index's age moves only when told (the
+    periodic check, which waits on it, never comes round by itself)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _checked(edge: EdgeRepository, clock: Clock, after_s: float) -> None:
+    """What the periodic check does ``after_s`` after the last answer: the index, and the
+    newest version's manifest of a model the cache holds."""
+    clock.now += after_s
+    index = await edge.refresh_index(force=True)
+    await edge._prefetch_manifest("m", index["m"])
+
+
+async def test_a_load_by_a_recent_index_fetches_before_the_index_answers(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """The check saw v2 (and fetched its manifest) 2.5 s before the load: older than the
+    index's TTL, so the load asks again, but only once the chunk transfer is under way, and it
+    serves v2 when the answer confirms it."""
+    clock = Clock()
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=4.0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        await _checked(edge, clock, 3.0)
+        clock.now += 2.5
+        fake.requests.clear()
+        await edge.fetch("m")
+        assert (edge.cache.models_dir / "m" / "2" / "model.onnx").exists()
+        asked = fake.paths()
+        assert "models.json" in asked, "the load did not ask the origin"
+        assert asked.index("m/2/model.onnx") < asked.index("models.json"), asked
+    finally:
+        await edge.close()
+
+
+async def _load_changed_200k(repo: Path, fake: FakeOrigin, tmp_path: Path) -> dict[str, int]:
+    """A load of a v2 with ~200 KiB changed (sent by the origin in 16 KiB pieces 50 ms
+    apart), 2.5 s after the check saw it: how many answers the origin was sending as each
+    request arrived."""
+    clock = Clock()
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=4.0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 100_000, 200_000))
+        await _checked(edge, clock, 3.0)
+        clock.now += 2.5
+        fake.chunk_delay_s = 0.05
+        fake.sending_at.clear()
+        await edge.fetch("m")
+        assert (edge.cache.models_dir / "m" / "2" / "model.onnx").exists()
+        return dict(fake.sending_at)
+    finally:
+        await edge.close()
+
+
+async def test_a_large_transfer_has_the_index_asked_beside_it(
+    repo: Path, fake: FakeOrigin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With at least ``ASK_BESIDE_BYTES`` to take over the link, the load's index question
+    reaches the origin while the transfer is still being sent (on a second connection)."""
+    from gateway.repository import edge as edge_module
+
+    monkeypatch.setattr(edge_module, "ASK_BESIDE_BYTES", 64 * 1024)
+    sending = await _load_changed_200k(repo, fake, tmp_path)
+    assert sending.get("models.json", 0) >= 1, sending
+
+
+async def test_a_small_transfer_has_the_index_asked_after_it(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """Under ``ASK_BESIDE_BYTES`` (a second connection would take longer than the transfer):
+    the question follows the transfer, on the connection it used."""
+    sending = await _load_changed_200k(repo, fake, tmp_path)
+    assert sending.get("models.json") == 0, sending
+
+
+async def test_a_version_published_after_the_last_check_is_served_by_the_load(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """v3 is published after the check saw v2: the load fetches by the index it holds, but the
+    answer it asked for meanwhile lists v3, which the same load fetches and serves."""
+    clock = Clock()
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=4.0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        await _checked(edge, clock, 3.0)
+        publish(repo, "m", 3, edit(random_bytes(SIZE, 1), 9000, 4000, seed=5))
+        clock.now += 2.5
+        await edge.fetch("m")
+        assert (edge.cache.models_dir / "m" / "3" / "model.onnx").exists()
+    finally:
+        await edge.close()
+
+
+async def test_a_version_withdrawn_after_the_last_check_fails_no_load(
+    repo: Path, fake: FakeOrigin, tmp_path: Path
+) -> None:
+    """The check saw v2; the origin then replaced it by v3 (v2's files gone): the fetch by the
+    index held fails, the answer lists v3, and the load serves v3."""
+    import shutil
+
+    clock = Clock()
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=4.0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        await _checked(edge, clock, 3.0)
+        shutil.rmtree(repo / "m" / "2")
+        publish(repo, "m", 3, edit(random_bytes(SIZE, 1), 9000, 4000, seed=5))  # index too
+        clock.now += 2.5
+        fake.requests.clear()
+        await edge.fetch("m")
+        assert fake.paths("m/2/model.onnx"), "the load fetched by the index it held"
+        assert (edge.cache.models_dir / "m" / "3" / "model.onnx").exists()
+    finally:
+        await edge.close()
+
+
+@pytest.mark.parametrize(("poll_s", "age_s"), [(4.0, 6.5), (0.0, 2.5)], ids=["old", "no-checks"])
+async def test_a_load_by_an_old_index_asks_first(
+    repo: Path, fake: FakeOrigin, tmp_path: Path, poll_s: float, age_s: float
+) -> None:
+    """An index answered more than 1.5 x ``edge_poll_s`` ago (the checks stalled), or one no
+    periodic check keeps current (``edge_poll_s = 0``), is not fetched by: the load asks for
+    the index first."""
+    clock = Clock()
+    edge = open_edge(fake.url, tmp_path / "cache", clock=clock, edge_poll_s=poll_s)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        await _checked(edge, clock, 3.0)
+        clock.now += age_s
+        fake.requests.clear()
+        await edge.fetch("m")
+        asked = fake.paths()
+        assert asked.index("models.json") < asked.index("m/2/model.onnx"), asked
+    finally:
+        await edge.close()

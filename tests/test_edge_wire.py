@@ -13,12 +13,12 @@ import gzip
 import hashlib
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.repository.manifest import chunk_bounds, gunzip
+from tests import edge_origins
 from tests.edge_origins import (
     AVG,
     SIZE,
@@ -27,11 +27,14 @@ from tests.edge_origins import (
     edit,
     open_edge,
     publish,
-    random_bytes,
     roll_out,
     two_layer,
 )
 from tests.helpers import start_gateway
+
+# the shared set-up: model m v1 at an origin, a FakeOrigin on it (pytest finds them here)
+repo = edge_origins.repo
+fake = edge_origins.fake
 
 EDITS = (100_000, 400_000, 700_000, 950_000)  # four changes apart: four runs of new chunks
 
@@ -40,20 +43,6 @@ def _spread(data: bytes, seed: int = 99) -> bytes:
     for i, at in enumerate(EDITS):
         data = edit(data, at, 3000, seed=seed + i)
     return data
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "origin"
-    publish(root, "m", 1, random_bytes(SIZE, 1))
-    return root
-
-
-@pytest.fixture
-def fake(repo: Path) -> Iterator[FakeOrigin]:
-    origin = FakeOrigin(repo).start()
-    yield origin
-    origin.stop()
 
 
 def _asked(origin: FakeOrigin, suffix: str) -> list[list[tuple[int, int]]]:

@@ -184,9 +184,11 @@ def test_a_repeated_header_is_parsed_once_and_decodes_the_same() -> None:
         }
     ).encode()
     assert decode_infer_request(mixed + b"\x02\0\0\0", len(mixed)).inputs["B"][0] == 2
-    with_id = b'{"id":"r-1",' + first[1:length]
-    assert decode_infer_request(with_id + first[length:], len(with_id)).id == "r-1"
-    assert len(codec._TEMPLATES) == 1  # JSON data and ids are per request: nothing to reuse
+    assert len(codec._TEMPLATES) == 1  # JSON data is per request: nothing to reuse
+    for rid in ("r-1", "r-22"):  # a leading id is left out of the key: one more entry
+        with_id = b'{"id":"%s",' % rid.encode() + first[1:length]
+        assert decode_infer_request(with_id + first[length:], len(with_id)).id == rid
+    assert len(codec._TEMPLATES) == 2
 
 
 def test_header_cache_is_bounded() -> None:

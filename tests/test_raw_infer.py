@@ -255,3 +255,32 @@ def test_request_heads_read_alike(pair: dict[str, GatewayProcess]) -> None:
         statuses.append(answers["raw"][0])
     assert statuses[:5] == [200] * 5 and statuses[5] == statuses[6] == 400
     assert "error" in json.loads(answers["raw"][2])  # what the parser refuses, too
+
+
+def test_requests_that_open_with_an_id_keep_their_own(pair: dict[str, GatewayProcess]) -> None:
+    """perf_analyzer opens every header with ``"id":""`` and tritonclient with its request id:
+    such headers are decoded once per distinct rest, yet each answer echoes its own id and its
+    own sums, on both paths (the ASGI one decodes the same way)."""
+    binary, header_length = binary_body(0, 0)
+    header, data = binary[:header_length], binary[header_length:]
+    for name, gw in pair.items():
+        sent = []
+        for n, rid in enumerate(["", "", "r-1", "r-22", ""]):
+            head = b'{"id":' + json.dumps(rid).encode() + b"," + header[1:]
+            values = struct.pack("<16i", *[n] * 16) + struct.pack("<16i", *[10] * 16)
+            sent.append(
+                request(
+                    "/v2/models/simple/infer",
+                    head + values,
+                    {"Inference-Header-Content-Length": str(len(head))},
+                )
+            )
+        answers = exchange(gw, *sent)
+        for n, (rid, (status, headers, body)) in enumerate(
+            zip(["", "", "r-1", "r-22", ""], answers, strict=True)
+        ):
+            assert status == 200, (name, body)
+            json_length = int(headers["inference-header-content-length"])
+            assert json.loads(body[:json_length])["id"] == rid, name
+            assert struct.unpack("<16i", body[json_length:]) == (n + 10,) * 16, name
+    assert data == struct.pack("<16i", *[0] * 16) * 2

@@ -788,6 +788,50 @@ def test_inputs_read_from_and_outputs_written_to_regions(tmp_path: Path) -> None
     registry.close()
 
 
+def test_resolve_names_the_region_it_cannot_find_or_fit(tmp_path: Path) -> None:
+    """Every reference of a request is checked, inputs first, then output targets: an unknown
+    region (input or output) or an offset past the region is refused in Triton's words, and a
+    region unregistered after an earlier request is unknown to the next."""
+    registry = _objects(tmp_path, obj=128)
+    registry.register("r", "/obj", 0, 64)
+    good_in = {"X": SharedInput("INT32", (1, 4), SharedMemoryRef("r", 16, 0))}
+    out = [RequestedOutput("Y", shared=SharedMemoryRef("r", 16, 16))]
+
+    def request(inputs: Any, outputs: Any = None) -> InferRequest:
+        return InferRequest(inputs={}, shared_inputs=dict(inputs), outputs=outputs)
+
+    ok = request(good_in, out)
+    registry.resolve(ok)
+    assert ok.inputs["X"].tolist() == [[0x03020100, 0x07060504, 0x0B0A0908, 0x0F0E0D0C]]
+    assert bytes(ok.shared_targets["Y"]) == bytes(range(16, 32))
+    lost_in = {"X": SharedInput("INT32", (1, 4), SharedMemoryRef("gone", 16, 0))}
+    lost_out = [RequestedOutput("Y", shared=SharedMemoryRef("gone-out", 16, 0))]
+    unknown = "Unable to find shared memory region: "
+    for call, message, error in (
+        (request(lost_in, lost_out), f"{unknown}'gone'", UnknownRegion),
+        (request(good_in, lost_out), f"{unknown}'gone-out'", UnknownRegion),
+        (
+            request({"X": SharedInput("INT32", (1, 4), SharedMemoryRef("r", 16, 64))}),
+            "Invalid offset for shared memory region: 'r'",
+            SharedMemoryError,
+        ),
+        (
+            request(good_in, [RequestedOutput("Y", shared=SharedMemoryRef("r", 16, 56))]),
+            "Invalid offset + byte size for shared memory region: 'r' (56 + 16 > 64 bytes)",
+            SharedMemoryError,
+        ),
+    ):
+        _refused(partial(registry.resolve, call), message, error)
+    del ok
+    registry.unregister("r")
+    _refused(
+        partial(registry.resolve, request(good_in)),
+        "Unable to find shared memory region: 'r'",
+        UnknownRegion,
+    )
+    registry.close()
+
+
 def test_outputs_of_every_layout_are_written_byte_for_byte(tmp_path: Path) -> None:
     """The write is one memoryview copy: a transposed (non-contiguous) output, a zero-element
     one (no bytes, yet marked as sent in shared memory), 1-byte and 2-byte types and a 0-d

@@ -483,9 +483,11 @@ class Batcher:
                     return
             started = self._clock()
             self._started[id(batch)] = started
+            queued_ns = 0
             for item in batch:
                 item.queue_ns = int((started - item.enqueued_s) * 1e9)
-                self._stats.record_queue(item.queue_ns)
+                queued_ns += item.queue_ns
+            self._stats.record_queue(queued_ns, len(batch))  # once a batch: the same totals
             context.batch_request_ids.set(tuple(p.request_id for p in batch if p.request_id))
             span = tracing.batch_begins(batch, rows) if tracing.enabled else None
             if len(batch) == 1:
@@ -526,7 +528,7 @@ class Batcher:
                 compute_ns -= waited_ns
                 for item in batch:
                     item.queue_ns += waited_ns
-                    self._stats.record_queue(waited_ns, count=0)
+                self._stats.record_queue(waited_ns * len(batch), count=0)
             self._stats.record_execution(
                 rows, len(batch), compute_ns, int(ran.input_s * 1e9), int(ran.output_s * 1e9)
             )

@@ -16,6 +16,7 @@ the other writes. What splits next, if it grows: the response encoder into ``enc
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,14 +260,16 @@ _TEMPLATE_HEADER_MAX = 4096
 _SHARED_MARK = b"shared_memory_region"
 
 
-def _from_template(template: _Template, view: memoryview, offset: int) -> InferRequest:
+def _from_template(
+    template: _Template, view: memoryview, offset: int, request_id: str | None
+) -> InferRequest:
     inputs: dict[str, np.ndarray[Any, Any]] = {}
     for name, dtype, shape, size in template.inputs:
         inputs[name] = tensor_from_buffer(view[offset : offset + size], dtype, shape, name)
         offset += size
     return InferRequest(
         inputs=inputs,
-        id=None,  # a header with an id is never cached (see ``_remember``)
+        id=request_id,
         outputs=None if template.outputs is None else list(template.outputs),
         binary_output=template.binary_output,
         parameters=dict(template.parameters),
@@ -274,15 +277,41 @@ def _from_template(template: _Template, view: memoryview, offset: int) -> InferR
     )
 
 
+# A header that opens with its id, a plain JSON string (no escape, quote or control character):
+# perf_analyzer sends ``{"id":"",...`` with every request, tritonclient ``{"id": "7", ...`` when
+# given one. Only JSON's own whitespace is allowed around it: what is cut off here is not part
+# of the cache key, so it must be exactly what the full parse would have accepted.
+_LEADING_ID = re.compile(rb'\{[ \t\n\r]*"id"[ \t\n\r]*:[ \t\n\r]*"([^"\\\x00-\x1f]*)"')
+
+
+def _split_id(body: bytes, end: int) -> tuple[str | None, bytes]:
+    """(the leading id, the header without it) for a header ``body[:end]`` that opens with a
+    plain id, else (None, the whole header). The rest then starts with ``,`` or ``}``, never
+    ``{``: it cannot be taken for the key of a header without an id."""
+    found = _LEADING_ID.match(body, 0, end)
+    if found is not None:
+        try:
+            return found[1].decode(), body[found.end() : end]
+        except UnicodeDecodeError:  # not UTF-8: the full parse refuses it
+            pass
+    return None, body[:end]
+
+
 def _remember(
-    key: tuple[bytes, int], request: InferRequest, header_length: int, body_length: int
+    key: tuple[bytes, int],
+    request: InferRequest,
+    header_length: int,
+    body_length: int,
+    request_id: str | None,
 ) -> None:
     if not (request.inputs or request.shared_inputs):
         return
     if any(a.dtype.kind == "O" for a in request.inputs.values()):
         return  # BYTES tensors are split per request
-    if request.id is not None:
-        return  # a header with a per-request id would never be seen again
+    if request.id != request_id:
+        return  # an id not at the front (or a second one after it): would never be seen again
+    if request_id is not None and (b'"id"' in key[0] or b"\\" in key[0]):
+        return  # the rest might name the id again (a JSON object's last "id" is the one kept)
     if len(_TEMPLATES) >= _TEMPLATES_MAX:
         _TEMPLATES.clear()
     _TEMPLATES[key] = _Template(
@@ -300,23 +329,28 @@ def decode_infer_request(
 ) -> InferRequest:
     """Decode a v2 inference request body (JSON, optionally followed by binary tensors)."""
     key = None
+    end = 0  # where the JSON header ends, when it may be cached
+    request_id = None
     if isinstance(body, bytes):
         if header_length is not None and 0 < header_length < len(body):
             if header_length <= _TEMPLATE_HEADER_MAX:  # binary tensors follow: the header repeats
-                key = (body[:header_length], max_elements)
+                end = header_length
         elif (
             header_length in (None, len(body))
             and 0 < len(body) <= _TEMPLATE_HEADER_MAX
             and _SHARED_MARK in body
         ):
-            key = (body, max_elements)  # tensors in shared memory: the whole body repeats
-        if key is not None:
+            end = len(body)  # tensors in shared memory: the whole body repeats
+        if end:
+            # The key leaves out a leading id: clients that send one send it with every request.
+            request_id, rest = _split_id(body, end)
+            key = (rest, max_elements)
             template = _TEMPLATES.get(key)
-            if template is not None and template.data_size == len(body) - len(key[0]):
-                return _from_template(template, memoryview(body), len(key[0]))
+            if template is not None and template.data_size == len(body) - end:
+                return _from_template(template, memoryview(body), end, request_id)
     request, no_json_data = _decode(body, header_length, max_elements)
     if key is not None and no_json_data:
-        _remember(key, request, len(key[0]), len(body))
+        _remember(key, request, end, len(body), request_id)
     return request
 
 

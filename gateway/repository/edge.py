@@ -27,7 +27,10 @@ source: origin, peer, and cached (chunks the cache held already).
 On an HTTP origin the index is also checked every ``edge_poll_s`` while the edge idles (none
 while a fetch runs; backing off while the origin fails): the pooled connection stays open for
 the next pull, and a model the cache holds gets its newest version's manifest as soon as the
-index lists it, so that version's load starts with the chunk fetch.
+index lists it, so that version's load starts with the chunk fetch. Such a load does not wait
+for its own index question either (:meth:`_fetch_meanwhile`): with a copy the check answered
+within ``RECENT_POLLS`` x ``edge_poll_s`` it fetches at once and asks meanwhile, and ends only
+with the answer (fetching again when the answer lists something else for the model).
 
 The origin is not trusted further than its hashes: the index, each manifest and each
 ``config.pbtxt`` are read whole only up to ``max_index_bytes``; every file is written only up
@@ -43,14 +46,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import hashlib
 import importlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from gateway.errors import GatewayError, ModelLoadError, ModelNotFound, Unavailable
 from gateway.repository.cache import (
@@ -86,8 +90,14 @@ from gateway.repository.origin import (
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 INDEX_TTL_S = 2.0
+RECENT_POLLS = 1.5  # an index answered within 1.5 x edge_poll_s is fetched by while re-asked
+# a transfer of at least this much hides a second connection's set-up and the index question
+# (~3 round trips of a 25 ms, 100 Mbit/s link); a smaller one is followed by the question
+ASK_BESIDE_BYTES = 1 << 20
 UNKNOWN_NAME_REFRESH_S = 10.0
 FETCH_CONCURRENCY = 4
 PEER_WAIT_S = 300.0
@@ -554,6 +564,16 @@ class EdgeRepository(LocalRepository):
         for sha in record.blobs:
             await self.cache.learn_chunks(sha, avg)
 
+    def _link_bytes(self, f: FileEntry) -> int:
+        """Bytes of a missing file that peers or the origin send (held chunks are copied here;
+        a file of which none is held comes whole)."""
+        if not (self.chunks and f.chunks):
+            return f.size
+        held = [self.cache.holds_chunk(c.sha256) for c in f.chunks]
+        if not any(held):
+            return f.size
+        return sum(c.size for c, here in zip(f.chunks, held, strict=True) if not here)
+
     async def _fetch(self, name: str, progress: Progress | None, latest: bool = False) -> None:
         try:
             await self._fetch_files(name, progress, latest)
@@ -579,9 +599,81 @@ class EdgeRepository(LocalRepository):
             if await self._fetch_from(name, saved, progress, cached_only=True, steps=steps):
                 return
             self._stale_used.pop(name, None)  # not all cached after all: ask the origin now
+        if self._recent(name):
+            await self._fetch_meanwhile(name, progress, steps)
+            return
         index = await self.refresh_index(name=name)
         steps.mark("index")
         await self._fetch_from(name, index, progress, cached_only=False, steps=steps)
+
+    def _recent(self, name: str) -> bool:
+        """Whether the index held is recent enough to fetch by while the origin is asked: the
+        periodic check runs (it keeps the copy current) and the origin answered within
+        ``RECENT_POLLS`` x ``edge_poll_s``."""
+        return (
+            self._poll is not None
+            and self.reachable is True
+            and self._index is not None
+            and name in self._index
+            and self.clock() - self._checked_at < self.poll_s * RECENT_POLLS
+        )
+
+    async def _fetch_meanwhile(self, name: str, progress: Progress | None, steps: _Steps) -> None:
+        """Fetch ``name`` by the recent index while asking the origin for the index (when due),
+        so that the load pays no round trip for it; the load is over only once the answer is
+        in, and an answer that lists something else for ``name`` is fetched too (a version
+        published since the last check is still served by this load).
+
+        When the question goes out: on HTTP/1.1 a connection carries one request at a time, and
+        the transfer, not the small index, should have the one the periodic check kept open. So
+        with nothing to take over the link, at once (the files are built here meanwhile); with
+        at least ``ASK_BESIDE_BYTES`` to take, once the transfer's first bytes arrive (on a second
+        connection, whose set-up the rest of the transfer hides); with less, after the fetch
+        (a second connection would take longer than the transfer)."""
+        held = self._index or {}
+        ask = asyncio.Event()
+        beside = False
+
+        def planned(link_bytes: int) -> None:
+            nonlocal beside
+            beside = link_bytes >= ASK_BESIDE_BYTES
+            if link_bytes == 0:
+                ask.set()
+
+        def first_bytes() -> None:
+            if beside:
+                ask.set()
+
+        asking = asyncio.ensure_future(self._ask_after(ask, name))
+        try:
+            try:
+                await self._fetch_from(
+                    name, held, progress, False, steps, first_bytes=first_bytes, planned=planned
+                )
+            except GatewayError:
+                # the held index may be what failed (a file since removed): the answer tells
+                ask.set()
+                try:
+                    fresh = await asking
+                except GatewayError:
+                    fresh = held
+                if fresh.get(name) == held.get(name):
+                    raise
+            else:
+                ask.set()
+                fresh = await asking
+                steps.mark("index (meanwhile)")
+                if fresh.get(name) == held.get(name):
+                    return
+            log.info("model %s changed at the origin during its fetch; fetching it again", name)
+            await self._fetch_from(name, fresh, progress, cached_only=False, steps=steps)
+        finally:
+            if not asking.done():
+                asking.cancel()
+
+    async def _ask_after(self, event: asyncio.Event, name: str) -> dict[str, ModelIndex]:
+        await event.wait()
+        return await self.refresh_index(name=name)
 
     async def _fetch_from(
         self,
@@ -590,9 +682,13 @@ class EdgeRepository(LocalRepository):
         progress: Progress | None,
         cached_only: bool,
         steps: _Steps | None = None,
+        first_bytes: Callable[[], None] | None = None,
+        planned: Callable[[int], None] | None = None,
     ) -> bool:
         """Fetch ``name`` as ``index`` describes it; with ``cached_only``, only when every file
-        it needs is in the cache already (else False, nothing done)."""
+        it needs is in the cache already (else False, nothing done). ``first_bytes`` is called
+        as bytes from a peer or the origin arrive, ``planned`` with the bytes the transfer will
+        take from them once the manifests are in."""
         entry = index.get(name)
         if entry is None:
             raise ModelNotFound(f"model '{name}' is not in the repository")
@@ -610,7 +706,7 @@ class EdgeRepository(LocalRepository):
             if spec.size > self.max_index_bytes:  # read whole below, like the index
                 raise ModelLoadError(f"model '{name}': config.pbtxt is over max_index_bytes")
             keep.add(spec.sha256)
-            sources = self._sources(spec.sha256, f"{name}/config.pbtxt")
+            sources = _noted(self._sources(spec.sha256, f"{name}/config.pbtxt"), first_bytes)
             raw = await self.cache.document(
                 spec.sha256, sources, self.max_index_bytes, protected, keep
             )
@@ -635,7 +731,7 @@ class EdgeRepository(LocalRepository):
             prefetch = self._prefetching.get(sha)
             if prefetch is not None:  # the index check is fetching it: not twice
                 await asyncio.wait([prefetch])
-            sources = self._manifest_sources(name, version, sha, entry)
+            sources = _noted(self._manifest_sources(name, version, sha, entry), first_bytes)
             raw = await self.cache.document(sha, sources, self.max_index_bytes, protected, keep)
             manifest = parse_manifest(raw, relpath)
             blobs[sha] = len(raw)
@@ -667,7 +763,7 @@ class EdgeRepository(LocalRepository):
 
         async def one(rel: str, f: FileEntry) -> None:
             async with limit:
-                sources = self._sources(f.sha256, f"{name}/{rel}")
+                sources = _noted(self._sources(f.sha256, f"{name}/{rel}"), first_bytes)
                 chunks = f.chunks if self.chunks else ()
                 try:
                     await self.cache.ensure(f.sha256, f.size, sources, advance, chunks, transfer)
@@ -677,6 +773,8 @@ class EdgeRepository(LocalRepository):
         unique = {f.sha256: (rel, f) for rel, f in files.items()}
         # cached files holding chunks of missing ones are kept until those are built
         seeds = self.cache.seeds(c for f in missing.values() for c in f.chunks)
+        if planned is not None:
+            planned(sum(self._link_bytes(f) for f in missing.values()))
         steps.mark("plan")
         async with self.cache.reserve(needed, protected, set(blobs) | seeds):
             await asyncio.gather(*(one(rel, f) for rel, f in unique.values()))
@@ -700,6 +798,34 @@ class EdgeRepository(LocalRepository):
                 steps,
             )
         return True
+
+
+def _noted(sources: list[Source], call: Callable[[], None] | None) -> list[Source]:
+    """``sources`` whose reads call ``call`` as their first bytes arrive (None: as they are)."""
+    if call is None:
+        return sources
+    return [
+        dataclasses.replace(
+            s,
+            stream=_noting(s.stream, call),
+            span=_noting(s.span, call) if s.span is not None else None,
+            chunk=_noting(s.chunk, call) if s.chunk is not None else None,
+            spans=_noting(s.spans, call) if s.spans is not None else None,
+        )
+        for s in sources
+    ]
+
+
+def _noting(
+    read: Callable[_P, AsyncGenerator[_T, None]], call: Callable[[], None]
+) -> Callable[_P, AsyncGenerator[_T, None]]:
+    async def noted(*args: _P.args, **kwargs: _P.kwargs) -> AsyncGenerator[_T, None]:
+        async with contextlib.aclosing(read(*args, **kwargs)) as pieces:
+            async for piece in pieces:
+                call()
+                yield piece
+
+    return noted
 
 
 class _Steps:

@@ -312,7 +312,8 @@ class HotPath:
             if json_length is not None:
                 headers.append((b"inference-header-content-length", b"%d" % json_length))
             answer = (200, headers, payload)
-        self._log(call, answer[0], run)
+        if self.access_log:
+            log_inference(call.name, call.version, answer[0], call.started_ns, call.rid, run)
         return answer
 
     def _log(self, call: _Call, status: int, run: context.Execution | None = None) -> None:
