@@ -256,3 +256,45 @@ def test_a_stream_answer_serializes_to_protobufs_bytes() -> None:
         assert serialize_stream_response(raw) == want.SerializeToString()
     failed = pb.ModelStreamInferResponse(error_message="no")
     assert serialize_stream_response(failed) == failed.SerializeToString()
+
+
+def test_a_request_in_the_last_ones_layout_is_read_without_walking_its_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The next request from a client has the last one's layout (the same other fields' bytes,
+    id and raw data in the same places): read by comparing those bytes, not field by field.
+    Anything else (no id, other data sizes, a field more, an id twice, a cut message) is
+    walked as before, and every reading is protobuf's."""
+    b = np.array([[True, False]])
+    decode_request(
+        parse_infer_request(_varied(np.zeros((1, 4), np.int32), b, "r").SerializeToString())
+    )
+    walked = []
+    split = wire_module._split
+    monkeypatch.setattr(wire_module, "_split", lambda data: walked.append(1) or split(data))
+    same_layout = [
+        _varied(np.full((1, 4), 7, np.int32), b, "r2"),
+        _varied(np.full((1, 4), -1, np.int32), np.array([[False, True]]), "é"),
+        _varied(np.full((1, 4), 3, np.int32), b, "x" * 200),  # a longer id: the same layout
+    ]
+    for message in same_layout:
+        wire = message.SerializeToString()
+        known = parse_infer_request(wire)
+        assert isinstance(known, KnownRequest) and not walked
+        _same(decode_request(known), decode_infer_request(pb.ModelInferRequest.FromString(wire)))
+    no_id = _varied(np.full((1, 4), 3, np.int32), b, "").SerializeToString()
+    bigger = _varied(np.full((1, 8), 3, np.int32), b, "r3").SerializeToString()
+    twice = _varied(np.full((1, 4), 3, np.int32), b, "r4").SerializeToString() + b"\x1a\x02r5"
+    other = _varied(np.full((1, 4), 3, np.int32), b, "r6")
+    other.model_version = "3"
+    cut = same_layout[0].SerializeToString()[:-1]
+    for wire in (no_id, bigger, twice, other.SerializeToString(), cut):
+        walked.clear()
+        try:
+            got = decode_request(parse_infer_request(wire))
+        except (InvalidInput, DecodeError) as exc:
+            with pytest.raises(type(exc)):
+                decode_infer_request(pb.ModelInferRequest.FromString(wire))
+        else:
+            _same(got, decode_infer_request(pb.ModelInferRequest.FromString(wire)))
+        assert walked  # not the last layout: walked

@@ -33,7 +33,7 @@ import logging
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import grpc  # type: ignore[import-untyped]  # no stubs in the venv
 
@@ -83,6 +83,8 @@ _RESERVED = frozenset(
 _UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _SMALL_BYTES = 64 * 1024  # messages below this are sent with their prefix in one piece
 _COALESCE_BYTES = 4096  # request DATA payloads below this are copied into one buffer
+OPENINGS = 256  # header lists whose reading is kept (Http2GrpcServer.opening)
+_OPENING_BYTES = 2048  # ... when their names and values hold no more
 
 
 def grpc_timeout_s(value: bytes) -> float | None:
@@ -118,18 +120,43 @@ def _status_block(
 
 
 class CallContext:
-    """The part of ``grpc.aio.ServicerContext`` the servicer uses."""
+    """The part of ``grpc.aio.ServicerContext`` the servicer uses; a :class:`Call` is its own
+    context. A context object of its own pointing back at its call would make every call a
+    reference cycle, left to the cycle collector (``bench/results/grpc_tail.md``)."""
 
-    __slots__ = ("_call", "code", "details", "trailing_metadata")
+    __slots__ = ("_headers", "_metadata", "code", "details", "trailing_metadata")
 
-    def __init__(self, call: Call) -> None:
-        self._call = call
+    # the call's, read here
+    deadline: float | None
+    loop: asyncio.AbstractEventLoop
+    finished: bool
+    answered: bool
+    stream: http2.Stream
+
+    def __init__(self, headers: http2.Headers) -> None:
+        self._headers = headers
+        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
         self.code: Any = None
         self.details = ""
         self.trailing_metadata: tuple[tuple[str, str], ...] = ()
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return self._call.metadata()
+        """The call's metadata as ``grpc.aio`` gives it (``-bin`` values decoded to bytes)."""
+        if self._metadata is None:
+            items: list[tuple[str, str | bytes]] = []
+            for key, value in self._headers:
+                if key.startswith(b":") or key in _RESERVED:
+                    continue
+                name = key.decode("latin-1")
+                if name.endswith("-bin"):
+                    try:
+                        items.append((name, base64.b64decode(value + b"==")))
+                    except ValueError:
+                        continue
+                else:
+                    items.append((name, value.decode("latin-1")))
+            self._metadata = tuple(items)
+        return self._metadata
 
     async def abort(
         self, code: Any, details: str = "", trailing_metadata: Any = ()
@@ -148,19 +175,71 @@ class CallContext:
         self.trailing_metadata = tuple(metadata or ())
 
     def time_remaining(self) -> float | None:
-        deadline = self._call.deadline
-        return None if deadline is None else max(0.0, deadline - self._call.loop.time())
+        deadline = self.deadline
+        return None if deadline is None else max(0.0, deadline - self.loop.time())
 
     def cancelled(self) -> bool:
-        return self._call.finished and not self._call.answered
+        return self.finished and not self.answered
 
     def done(self) -> bool:
-        return self._call.finished
+        return self.finished
 
     def peer(self) -> str:
-        transport = self._call.stream.conn.transport
+        transport = self.stream.conn.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         return f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown"
+
+
+class Opening(NamedTuple):
+    """What a request's header list decides about its call (kept per list: see
+    :meth:`Http2GrpcServer.opening`)."""
+
+    status: bytes  # an HTTP status to answer with instead (405, 415), or b""
+    failure: tuple[Any, str] | None  # the gRPC status and message to end the call with
+    method: str
+    handler: Any
+    encoding: int  # zlib wbits for compressed messages, 0: identity
+    timeout_s: float | None  # grpc-timeout
+
+
+def read_opening(headers: http2.Headers, server: Http2GrpcServer) -> Opening:
+    """What ``headers`` decide: the method and its handler, compression, deadline, or the
+    reason the call ends at once (in this order: an unknown encoding, not a gRPC POST, an
+    unknown method, refused credentials)."""
+    path = content_type = method = b""
+    encoding = 0
+    timeout_s: float | None = None
+    unknown_encoding = b""
+    for key, value in headers:
+        if key == b":path":
+            path = value
+        elif key == b"content-type":
+            content_type = value
+        elif key == b":method":
+            method = value
+        elif key == b"grpc-timeout":
+            given = grpc_timeout_s(value)
+            if given is not None:  # several: the first to expire ends the call
+                timeout_s = given if timeout_s is None else min(timeout_s, given)
+        elif key == b"grpc-encoding":
+            if value not in _ENCODINGS:
+                unknown_encoding = unknown_encoding or value
+            else:
+                encoding = _ENCODINGS[value]
+    if unknown_encoding:
+        failure = (grpc.StatusCode.UNIMPLEMENTED,
+                   f"unsupported grpc-encoding {unknown_encoding[:32]!r}")  # fmt: skip
+        return Opening(b"", failure, "", None, 0, None)
+    if method != b"POST" or not content_type.startswith(b"application/grpc"):
+        return Opening(b"405" if method != b"POST" else b"415", None, "", None, 0, None)
+    name = path.decode("ascii", "replace")
+    call = name.removeprefix(SERVICE_PREFIX) if name.startswith(SERVICE_PREFIX) else ""
+    handler = server.handlers.get(call)
+    if handler is None:
+        failure = (grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {name[:128]}")
+        return Opening(b"", failure, call, None, 0, None)
+    refused = server.refuse(call, headers)
+    return Opening(b"", refused, call, handler, encoding, timeout_s)
 
 
 class _Refused(Exception):
@@ -172,21 +251,19 @@ class _Refused(Exception):
         self.message = message
 
 
-class Call:
-    """One gRPC call: the :class:`http2.StreamHandler` of its stream."""
+class Call(CallContext):
+    """One gRPC call: the :class:`http2.StreamHandler` of its stream, and its servicer's
+    context."""
 
     __slots__ = (
         "_closed",
-        "_headers",
         "_held",
         "_inflight",
-        "_metadata",
         "_parts",
         "_running",
         "_size",
         "_waiter",
         "answered",
-        "context",
         "deadline",
         "encoding",
         "finished",
@@ -205,11 +282,10 @@ class Call:
     def __init__(
         self, server: Http2GrpcServer, stream: http2.Stream, headers: http2.Headers
     ) -> None:
+        super().__init__(headers)
         self.server = server
         self.stream = stream
         self.loop = stream.conn.loop
-        self._headers = headers
-        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
         # the body's bytes not yet cut into messages: views of the reads, small pieces copied
         # together (a client sending 1-byte DATA frames would otherwise make a view per byte)
         self._parts: deque[memoryview | bytearray] = deque()
@@ -224,7 +300,6 @@ class Call:
         self.method = ""
         self.handler: Any = None
         self.encoding = 0  # zlib wbits for compressed messages, 0: identity
-        self.context = CallContext(self)
         self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.pending: Pending | None = None
@@ -237,64 +312,22 @@ class Call:
 
     def open(self) -> None:
         """Check the request's headers and start what can start before its messages."""
-        path = b""
-        content_type = b""
-        method = b""
-        for key, value in self._headers:
-            if key == b":path":
-                path = value
-            elif key == b"content-type":
-                content_type = value
-            elif key == b":method":
-                method = value
-            elif key == b"grpc-timeout":
-                timeout_s = grpc_timeout_s(value)
-                if timeout_s is not None:
-                    self.deadline = self.loop.time() + timeout_s
-                    self.timer = self.loop.call_at(self.deadline, self._expired)
-            elif key == b"grpc-encoding":
-                if value not in _ENCODINGS:
-                    self._fail(grpc.StatusCode.UNIMPLEMENTED,
-                               f"unsupported grpc-encoding {value[:32]!r}")  # fmt: skip
-                    return
-                self.encoding = _ENCODINGS[value]
-        if method != b"POST" or not content_type.startswith(b"application/grpc"):
-            status = b"405" if method != b"POST" else b"415"
-            self.stream.send_headers(http2.header_block([(b":status", status)]), end=True)
+        opening = self.server.opening(self._headers)
+        if opening.status:
+            self.stream.send_headers(http2.header_block([(b":status", opening.status)]), end=True)
             self._finished(answered=True)
             return
-        name = path.decode("ascii", "replace")
-        self.method = name.removeprefix(SERVICE_PREFIX) if name.startswith(SERVICE_PREFIX) else ""
-        self.handler = self.server.handlers.get(self.method)
-        if self.handler is None:
-            self._fail(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {name[:128]}")
+        if opening.failure is not None:
+            self._fail(*opening.failure)
             return
-        refused = self.server.refuse(self.method, self._headers)
-        if refused is not None:
-            self._fail(*refused)
-            return
+        self.method, self.handler, self.encoding = opening.method, opening.handler, opening.encoding
+        if opening.timeout_s is not None:
+            self.deadline = self.loop.time() + opening.timeout_s
+            self.timer = self.loop.call_at(self.deadline, self._expired)
         if self.method == "ModelStreamInfer" and not tracing.enabled:
             self._running = set()  # the short path: see _take_requests
         elif self.handler.stream_stream is not None:
             self.task = self.loop.create_task(self._run_stream())
-
-    def metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        """The call's metadata as ``grpc.aio`` gives it (``-bin`` values decoded to bytes)."""
-        if self._metadata is None:
-            items: list[tuple[str, str | bytes]] = []
-            for key, value in self._headers:
-                if key.startswith(b":") or key in _RESERVED:
-                    continue
-                name = key.decode("latin-1")
-                if name.endswith("-bin"):
-                    try:
-                        items.append((name, base64.b64decode(value + b"==")))
-                    except ValueError:
-                        continue
-                else:
-                    items.append((name, value.decode("latin-1")))
-            self._metadata = tuple(items)
-        return self._metadata
 
     # -- http2.StreamHandler ----------------------------------------------------------------
 
@@ -553,7 +586,7 @@ class Call:
     def _infer(self, request: Any) -> None:
         """``ModelInfer`` without a task: submitted now, answered from the done callback."""
         try:
-            pending = self.server.servicer.submit(request, self.context)
+            pending = self.server.servicer.submit(request, self)
         except Exception as exc:
             self._fail_with(exc)
             return
@@ -598,7 +631,7 @@ class Call:
             del data
             self._inflight += 1
             try:
-                pending = self.server.servicer.submit(request, self.context)
+                pending = self.server.servicer.submit(request, self)
             except Exception as exc:
                 self._stream_answered(request, exc)
                 continue
@@ -657,7 +690,7 @@ class Call:
             pending.cancel()
 
     async def _run_unary(self, request: Any, pending: Pending | None = None) -> None:
-        context = self.context
+        context = self
         try:
             if pending is not None:
                 response = await traced_answer(pending)
@@ -681,7 +714,7 @@ class Call:
         self._respond(data)
 
     async def _run_stream(self) -> None:
-        context = self.context
+        context = self
         try:
             async for response in self.handler.stream_stream(self._requests(), context):
                 if self.finished:
@@ -747,6 +780,7 @@ class Http2GrpcServer:
         self.servicer = InferenceServicer(dataplane, settings.grpc_stream_max_inflight)
         self.handlers = method_handlers(self.servicer)
         self.connections: set[http2.Connection] = set()
+        self._openings: dict[int, tuple[http2.Headers, Opening]] = {}
         self._server: asyncio.Server | None = None
 
     def refuse(self, method: str, headers: http2.Headers) -> tuple[Any, str] | None:
@@ -759,6 +793,22 @@ class Http2GrpcServer:
             elif key == b"x-api-key":
                 api_key = value
         return refusal(method, self.credentials, self.admin_here, authorization, api_key)
+
+    def opening(self, headers: http2.Headers) -> Opening:
+        """What ``headers`` decide (:func:`read_opening`), read once per header list: a
+        connection's HPACK decoder hands back the same list for a header block it has seen
+        (a client's calls repeat one block), so this is a lookup, not a walk of ~10 fields.
+        Kept by the list's identity (the entry holds the list, so its id is not reused),
+        small lists only, at most ``OPENINGS``."""
+        kept = self._openings.get(id(headers))
+        if kept is not None and kept[0] is headers:
+            return kept[1]
+        opening = read_opening(headers, self)
+        if sum(len(key) + len(value) for key, value in headers) <= _OPENING_BYTES:
+            if len(self._openings) >= OPENINGS:
+                self._openings.clear()
+            self._openings[id(headers)] = (headers, opening)
+        return opening
 
     def _open_stream(self, stream: http2.Stream, headers: http2.Headers) -> http2.StreamHandler:
         call = Call(self, stream, headers)
