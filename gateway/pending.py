@@ -218,6 +218,11 @@ class Pending:
             return
         self._state = _DONE
         self.response = response
+        if isinstance(error, GatewayError):
+            # A refusal's traceback holds the frame that refused it, and that frame this
+            # Pending (and the front end's call): a cycle only the collector frees, whose
+            # passes stall the loop. Refusals are answered, never logged with their stack.
+            error.__traceback__ = None
         self.error = error
         self.execution = execution
         if self._more_callbacks is None:  # the usual case, inline: one front end's callback

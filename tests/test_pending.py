@@ -6,6 +6,7 @@ cancellation, forwarding, and no task for a request to a loaded model."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -407,3 +408,31 @@ async def test_metric_sources_are_given_when_the_data_plane_is_built(tmp_path: P
         "from_edge",
         "from_forwarder",
     ]
+
+
+async def test_refusals_leave_no_reference_cycle(tmp_path: Path) -> None:
+    """A refused request is freed by reference counting: its error's traceback held the frame
+    that refused it, and so the Pending, a cycle left to the collector (whose passes stall the
+    loop) for every 4xx, whichever front end."""
+    dataplane, _, _ = await plane(tmp_path)
+
+    def broken() -> InferRequest:
+        raise InvalidInput("request body is not valid JSON")
+
+    gc.collect()
+    gc.disable()
+    try:
+        for name, body in (
+            ("nope", request()),  # unknown model
+            ("ready", InferRequest({"X": np.zeros((1, 5), np.float32)})),  # bad shape
+            ("ready", broken),  # body that does not decode
+        ):
+            # Front ends take the outcome by callback (awaiting would add the awaiting frame)
+            refused = dataplane.submit(name, None, body)
+            assert isinstance(refused.error, ModelNotFound | InvalidInput)
+            del refused
+        left = [o for o in gc.get_objects() if isinstance(o, Pending)]
+    finally:
+        gc.enable()
+        await dataplane.stop()
+    assert left == []
