@@ -324,8 +324,9 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
     rows = 1
     prepared: Tensors = {}
     batched = cfg.batched
+    specs = cfg.inputs_by_name  # (dict reads, not calls: these run per request)
     for name, array in request.inputs.items():
-        spec = cfg.input(name)
+        spec = specs.get(name)
         if spec is None:
             raise InvalidInput(f"unexpected inference input '{name}' for model '{cfg.name}'")
         datatype = _NAMES.get(array.dtype) or datatype_of(array)  # (strings: not in _NAMES)
@@ -383,8 +384,9 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
             f"{names(missing)}. Please provide all required input(s)."
         )
     if request.outputs:
+        out_specs = cfg.outputs_by_name
         for out in request.outputs:
-            spec = cfg.output(out.name)
+            spec = out_specs.get(out.name)
             if spec is None:
                 raise InvalidInput(
                     f"unexpected inference output '{out.name}' for model '{cfg.name}'"
@@ -486,9 +488,10 @@ def response_of(
         for out_name in outputs:
             wanted.append((out_name, 0))
     result: dict[str, np.ndarray[Any, Any]] = {}
+    specs = cfg.outputs_by_name
     for out_name, classes in wanted:
         array = outputs[out_name]
-        spec = cfg.output(out_name)
+        spec = specs.get(out_name)
         if spec is not None and spec.reshape is not None:
             lead = (array.shape[0],) if cfg.batched else ()
             array = array.reshape(lead + tuple(spec.dims))

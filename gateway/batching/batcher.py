@@ -179,7 +179,10 @@ class Queued:
 
 def signature(inputs: Tensors) -> tuple[Any, ...]:
     """Requests merge only when every input agrees on name, dtype and non-batch shape."""
-    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items())
+    layout: list[tuple[str, str, tuple[int, ...]]] = []
+    for name, a in inputs.items():  # a plain loop: a generator would be a call per input
+        layout.append((name, a.dtype.str, a.shape[1:]))
+    return tuple(layout)
 
 
 def _fail(batch: list[Queued], error: Exception) -> None:
@@ -211,7 +214,9 @@ class Batcher:
         self._policy = policy
         self._stats = stats
         self._clock = clock
-        self._queue = PriorityQueue(policy.level_policies(), clock)
+        self._level_policies = policy.level_policies()
+        self._default_level = policy.level_of(0)
+        self._queue = PriorityQueue(self._level_policies, clock)
         self._arrived = asyncio.Event()
         self._capacity = capacity or (lambda: policy.instance_count)
         self._busy = 0  # batches formed and not finished
@@ -226,6 +231,7 @@ class Batcher:
         self._wake_rows = 1
         self._arrived_rows = 0
         self._forming: tuple[Any, ...] | None = None
+        self._armed = False  # ``_arrived`` is clear and the scheduler waits on it
         # The adaptive delay's arrival rate: rows that arrived while the batcher was busy and
         # the busy seconds they arrived in, both decayed by ``ARRIVAL_DECAY`` per observation.
         # ``_outstanding``: requests queued, forming or running; ``_busy_since``: when busy time
@@ -294,8 +300,9 @@ class Batcher:
         if self._closed:
             raise ModelNotReady("model is unloading")
         now = self._clock()
-        level = self._policy.level_of(priority)
-        queue_policy = self._queue.policy(level)
+        # (No calls for the usual request: priority 0 and the level's policy from a dict.)
+        level = self._policy.level_of(priority) if priority else self._default_level
+        queue_policy = self._level_policies[level]
         timeout_s = queue_policy.default_timeout_s
         if (
             timeout_s
@@ -325,14 +332,21 @@ class Batcher:
         if last is not None:
             gap, new = self._gap_s, now - last
             self._gap_s = new if gap is None else gap + (1 - ARRIVAL_DECAY) * (new - gap)
-        if self._busy_since is None:
+        busy_since = self._busy_since
+        if busy_since is None:
             self._busy_since = now  # a busy period starts: this arrival found it idle
-        else:
-            self._observe(now, rows)
+        else:  # ``_observe(now, rows)``, inline
+            self._busy_s = ARRIVAL_DECAY * self._busy_s + (now - busy_since)
+            self._busy_rows = ARRIVAL_DECAY * self._busy_rows + rows
+            self._busy_since = now
         self._arrived_rows += rows
-        if self._arrived_rows >= self._wake_rows or (
-            self._forming is not None and item.signature != self._forming
+        # Set the event only while the scheduler's wake-up is armed: once set, it stays set
+        # until the next ``_wait_for``, and setting it again would be a call for nothing.
+        if self._armed and (
+            self._arrived_rows >= self._wake_rows
+            or (self._forming is not None and item.signature != self._forming)
         ):
+            self._armed = False
             self._arrived.set()
         return item
 
@@ -341,7 +355,7 @@ class Batcher:
         now = self._clock()
         while self._queue.head() is not None:
             item = self._queue.popleft()
-            if item.future.done() or self._expire(item, now):
+            if item.future.done() or (item.deadline_s is not None and self._expire(item, now)):
                 self._left(1)
                 continue
             return item
@@ -384,7 +398,9 @@ class Batcher:
                     if head is not None and self._stop_at_preferred(rows, first.signature):
                         break
                     if head is not None:
-                        if head.future.done() or self._expire(head):
+                        if head.future.done() or (
+                            head.deadline_s is not None and self._expire(head)
+                        ):
                             self._queue.popleft()
                             self._left(1)
                             continue
@@ -476,19 +492,29 @@ class Batcher:
         inline = False
         try:
             # Callers may have gone away while the batch was forming.
-            if any(p.future.done() for p in batch):
-                batch = [p for p in batch if not p.future.done()]
-                rows = sum(p.rows for p in batch)
-                if not batch:
-                    return
+            for p in batch:  # (plain loops here: a generator is a call per request)
+                if p.future.done():
+                    batch = [p for p in batch if not p.future.done()]
+                    rows = sum(p.rows for p in batch)
+                    if not batch:
+                        return
+                    break
             started = self._clock()
             self._started[id(batch)] = started
             queued_ns = 0
+            request_ids: list[str] = []
+            deadline_s = None
             for item in batch:
                 item.queue_ns = int((started - item.enqueued_s) * 1e9)
                 queued_ns += item.queue_ns
+                if item.request_id:
+                    request_ids.append(item.request_id)
+                if item.deadline_s is not None and (
+                    deadline_s is None or item.deadline_s < deadline_s
+                ):
+                    deadline_s = item.deadline_s
             self._stats.record_queue(queued_ns, len(batch))  # once a batch: the same totals
-            context.batch_request_ids.set(tuple(p.request_id for p in batch if p.request_id))
+            context.batch_request_ids.set(tuple(request_ids))
             span = tracing.batch_begins(batch, rows) if tracing.enabled else None
             if len(batch) == 1:
                 inputs = batch[0].inputs
@@ -496,8 +522,6 @@ class Batcher:
                 names = batch[0].inputs.keys()
                 inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
             try:
-                deadlines = [p.deadline_s for p in batch if p.deadline_s is not None]
-                deadline_s = min(deadlines) if deadlines else None
                 ran = None
                 if self._execute_now is not None and self._inline(taken):
                     ran = self._execute_now(inputs, self._outputs)
@@ -633,6 +657,7 @@ class Batcher:
     def _wait_for(self, rows: int, forming: tuple[Any, ...] | None) -> None:
         """Arm the scheduler's wake-up (see ``__init__``) before it waits on ``_arrived``."""
         self._arrived.clear()
+        self._armed = True
         self._arrived_rows = 0
         self._wake_rows = rows
         self._forming = forming
