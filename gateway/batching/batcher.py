@@ -207,9 +207,20 @@ class Queued:
 
     def set_result(self, result: Tensors) -> None:
         """End it with its rows of the outputs (no-op once ended: a cancel came first)."""
-        if self.state == WAITING:
-            self.state, self.result = DONE, result
+        if self.state != WAITING:
+            return
+        self.state, self.result = DONE, result
+        if self._future is not None or self.on_done is None:
             self._ended()
+            return
+        # The usual end, ``_ended`` inline (once per request): the one callback, no future.
+        callback, self.on_done = self.on_done, None
+        try:
+            callback(self)
+        except Exception as exc:  # the caller's bug: reported, the batch goes on
+            self.loop.call_exception_handler(
+                {"message": "exception in a queued request's callback", "exception": exc}
+            )
 
     def set_exception(self, error: BaseException) -> None:
         """End it with ``error`` (no-op once ended)."""
