@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -360,7 +361,10 @@ class Batcher:
         self._held: dict[int, int] = {}
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
-        self._scheduler = self._loop.create_task(self._schedule())
+        # In a context of its own, not the one of the request that loaded the model: its batch
+        # tasks answer callers' callbacks (``Queued.on_done``), which log in the context they
+        # run in.
+        self._scheduler = self._loop.create_task(self._schedule(), context=contextvars.Context())
 
     @property
     def policy(self) -> BatchPolicy:
