@@ -434,3 +434,42 @@ async def test_a_load_by_an_old_index_asks_first(
         assert asked.index("models.json") < asked.index("m/2/model.onnx"), asked
     finally:
         await edge.close()
+
+
+async def test_a_prefetched_manifest_is_parsed_once(
+    repo: Path, fake: FakeOrigin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check parses the manifest it prefetched (and serialises its chunk lists for the
+    state): the load that follows neither parses it nor serialises its chunk list again, and
+    builds the same file."""
+    from gateway.repository import edge as edge_module
+
+    parsed: list[str] = []
+    parse = edge_module.parse_manifest
+
+    def counted(raw: bytes, where: str) -> edge_module.Manifest:
+        parsed.append(where)
+        return parse(raw, where)
+
+    monkeypatch.setattr(edge_module, "parse_manifest", counted)
+    edge = open_edge(fake.url, tmp_path / "cache", edge_poll_s=0)
+    try:
+        await edge.fetch("m")
+        publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
+        index = await edge.refresh_index(force=True)
+        parsed.clear()
+        await edge._prefetch_manifest("m", index["m"])
+        assert parsed == ["m/2/manifest.json"]
+        (manifest,) = edge._parsed.values()
+        rows = manifest.files[0].chunks
+        assert len(rows) > 1
+        text = edge.cache._rows_json[id(rows)]  # serialised by the check
+        await edge.fetch("m")
+        assert parsed == ["m/2/manifest.json"], "the load parsed the manifest again"
+        assert edge.cache._rows_json[id(rows)] is text, "the load serialised it again"
+        assert edge.cache._file_chunks[manifest.files[0].sha256] is rows
+        built = edge.cache.models_dir / "m" / "2" / "model.onnx"
+        assert built.read_bytes() == (repo / "m" / "2" / "model.onnx").read_bytes()
+        assert not edge._parsed  # handed to the load, not kept
+    finally:
+        await edge.close()

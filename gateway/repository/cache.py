@@ -446,6 +446,12 @@ class BlobCache:
         }
         write_atomic(self.root / "state.json", json.dumps(body, sort_keys=True).encode())
 
+    def note_rows(self, rows: tuple[Chunk, ...]) -> None:
+        """Serialise a chunk list ahead of the fetch that records it (a prefetched manifest's:
+        the state written right after the fetch, on the way to the load, then only joins)."""
+        if rows:
+            self._rows_text(rows)
+
     def _rows_text(self, rows: tuple[Chunk, ...]) -> str:
         """A chunk list as JSON, memoised (a list never changes; a big model's has thousands
         of rows, and the state is written after every fetch)."""

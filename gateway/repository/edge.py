@@ -74,6 +74,7 @@ from gateway.repository.local import LocalRepository, ModelSource, check_model_n
 from gateway.repository.manifest import (
     MANIFEST_NAME,
     FileEntry,
+    Manifest,
     ModelIndex,
     parse_index,
     parse_manifest,
@@ -100,6 +101,7 @@ RECENT_POLLS = 1.5  # an index answered within 1.5 x edge_poll_s is fetched by w
 ASK_BESIDE_BYTES = 1 << 20
 UNKNOWN_NAME_REFRESH_S = 10.0
 FETCH_CONCURRENCY = 4
+PARSED_KEPT = 8  # prefetched manifests kept parsed, for the loads that follow
 PEER_WAIT_S = 300.0
 REVALIDATE_RETRY_S = (1.0, 60.0)  # first and longest wait between retries while unreachable
 
@@ -161,6 +163,9 @@ class EdgeRepository(LocalRepository):
         self._revalidation_tried = asyncio.Event()  # its first attempt is over
         self._poll: asyncio.Future[None] | None = None  # the periodic index check
         self._prefetching: dict[str, asyncio.Future[bytes]] = {}  # manifest sha256 -> its fetch
+        # (manifest sha256, its path) -> the manifest, parsed when prefetched: the load that
+        # follows then starts its chunk fetch without parsing it again (~3 ms per 1300 chunks)
+        self._parsed: dict[tuple[str, str], Manifest] = {}
         self._stale_used: dict[str, ModelIndex] = {}  # fetched from the saved, unchecked index
         self._fetching: dict[str, asyncio.Future[None]] = {}
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (done, total) bytes
@@ -306,6 +311,14 @@ class EdgeRepository(LocalRepository):
             return
         finally:
             del self._prefetching[sha]
+        relpath = f"{name}/{version}/{MANIFEST_NAME}"
+        with contextlib.suppress(GatewayError):  # the load says what is wrong with it
+            manifest = parse_manifest(done.result(), relpath)
+            while len(self._parsed) >= PARSED_KEPT:
+                del self._parsed[next(iter(self._parsed))]  # the oldest
+            self._parsed[(sha, relpath)] = manifest
+            for f in manifest.files:  # serialised now, not when the fetch records them
+                self.cache.note_rows(f.chunks)
         log.info("model %s: version %d listed at the origin; its manifest fetched", name, version)
 
     def _revalidate_soon(self) -> None:
@@ -733,7 +746,8 @@ class EdgeRepository(LocalRepository):
                 await asyncio.wait([prefetch])
             sources = _noted(self._manifest_sources(name, version, sha, entry), first_bytes)
             raw = await self.cache.document(sha, sources, self.max_index_bytes, protected, keep)
-            manifest = parse_manifest(raw, relpath)
+            # the same bytes (``document`` checked them against ``sha``): parsed once
+            manifest = self._parsed.pop((sha, relpath), None) or parse_manifest(raw, relpath)
             blobs[sha] = len(raw)
             for f in manifest.files:
                 files[f"{version}/{f.path}"] = f
