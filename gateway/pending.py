@@ -28,6 +28,7 @@ import numpy as np
 
 from gateway import context, tracing
 from gateway.backends.base import Tensors
+from gateway.batching.batcher import CANCELLED
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, QueueFull
 from gateway.protocol.tensors import tensor_from_buffer
 from gateway.protocol.types import (
@@ -142,7 +143,7 @@ class Pending:
         if self._timer is not None:
             self._timer.cancel()
         if self._queued is not None:
-            self._queued.future.cancel()  # the batcher drops it before it takes a slot
+            self._queued.cancel()  # the batcher drops it before it takes a slot
         if self._task is not None:
             self._task.cancel()
         self._run_callbacks()
@@ -152,9 +153,12 @@ class Pending:
         if self._state != _WAITING:
             return
         # Waiting for something: its batch, or the data plane's task.
-        waiting = self._queued.future if self._queued is not None else self._task
-        assert waiting is not None
-        waiter: asyncio.Future[None] = waiting.get_loop().create_future()
+        if self._queued is not None:
+            loop = self._queued.loop
+        else:
+            assert self._task is not None
+            loop = self._task.get_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
 
         def wake(_: Pending) -> None:
             if not waiter.done():
@@ -202,10 +206,11 @@ class Pending:
             raise
         self._queued = queued
         queued.trace = self.span  # the batch's span links to it (gateway.tracing)
-        queued.future.add_done_callback(self._batch_done)
+        # Ended by the batch right where it ends (no asyncio future, no loop turn between).
+        queued.on_done = self._batch_done
         if queued.deadline_s is not None:  # the request's, or the model's default timeout
             delay_s = max(0.0, queued.deadline_s - queued.enqueued_s)
-            self._timer = queued.future.get_loop().call_later(delay_s, self._expired)
+            self._timer = queued.loop.call_later(delay_s, self._expired)
 
     def settle(
         self,
@@ -240,19 +245,19 @@ class Pending:
         for callback in more or ():
             callback(self)
 
-    def _batch_done(self, future: asyncio.Future[Tensors]) -> None:
+    def _batch_done(self, queued: Queued) -> None:
         """The batch's end: the usual way a request ends."""
         if self._state != _WAITING:
             return  # cancelled or expired: ended already
-        if future.cancelled():  # not by this request (the batcher never does): no hanging
+        if queued.state == CANCELLED:  # not by this request (the batcher never does): no hanging
             self.settle(error=GatewayError("request withdrawn from its batch"))
             return
         if self._timer is not None:
             self._timer.cancel()
-        lv, queued, request = self._version, self._queued, self.request
-        assert lv is not None and queued is not None and request is not None
+        lv, request = self._version, self.request
+        assert lv is not None and request is not None
         spent_ns = time.perf_counter_ns() - self._stats_started_ns
-        exc = future.exception()
+        exc = queued.error
         if exc is not None:
             if isinstance(exc, GatewayError):
                 lv.stats.record_request(False, spent_ns, failure_reason(exc))
@@ -260,10 +265,10 @@ class Pending:
             self.settle(error=error, execution=queued.execution)
             return
         lv.stats.record_request(True, spent_ns)
+        outputs = queued.result
+        assert outputs is not None  # ended, not cancelled, no error: its rows
         try:
-            response = response_of(
-                self.name, lv.version, lv.config, request, future.result(), lv.labels
-            )
+            response = response_of(self.name, lv.version, lv.config, request, outputs, lv.labels)
             if request.shared_targets:
                 write_outputs(request, response)  # into the client's shared memory
         except Exception as error:  # a backend that left out an output asked for
@@ -284,7 +289,7 @@ class Pending:
             False, time.perf_counter_ns() - self._stats_started_ns, failure_reason(error)
         )
         self.settle(error=error)
-        queued.future.cancel()
+        queued.cancel()
 
 
 # -- pure checks against a model's config ----------------------------------------------------
@@ -324,8 +329,9 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
     rows = 1
     prepared: Tensors = {}
     batched = cfg.batched
+    specs = cfg.inputs_by_name  # (dict reads, not calls: these run per request)
     for name, array in request.inputs.items():
-        spec = cfg.input(name)
+        spec = specs.get(name)
         if spec is None:
             raise InvalidInput(f"unexpected inference input '{name}' for model '{cfg.name}'")
         datatype = _NAMES.get(array.dtype) or datatype_of(array)  # (strings: not in _NAMES)
@@ -383,8 +389,9 @@ def validate(cfg: ModelConfig, request: InferRequest) -> tuple[Tensors, int]:
             f"{names(missing)}. Please provide all required input(s)."
         )
     if request.outputs:
+        out_specs = cfg.outputs_by_name
         for out in request.outputs:
-            spec = cfg.output(out.name)
+            spec = out_specs.get(out.name)
             if spec is None:
                 raise InvalidInput(
                     f"unexpected inference output '{out.name}' for model '{cfg.name}'"
@@ -486,9 +493,10 @@ def response_of(
         for out_name in outputs:
             wanted.append((out_name, 0))
     result: dict[str, np.ndarray[Any, Any]] = {}
+    specs = cfg.outputs_by_name
     for out_name, classes in wanted:
         array = outputs[out_name]
-        spec = cfg.output(out_name)
+        spec = specs.get(out_name)
         if spec is not None and spec.reshape is not None:
             lead = (array.shape[0],) if cfg.batched else ()
             array = array.reshape(lead + tuple(spec.dims))

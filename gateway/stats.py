@@ -74,24 +74,42 @@ class ModelStats:
         infer_ns = compute_ns - input_ns - output_ns
         self.execution_count += 1
         self.inference_count += batch_size
-        self.compute_infer.add(infer_ns * requests, requests)
-        self.compute_input.add(input_ns * requests, requests)
-        self.compute_output.add(output_ns * requests, requests)
+        # (``_Duration.add`` spelled out here and below: these run per batch and per request,
+        # and each call is interpreter time on the event loop.)
+        total = self.compute_infer
+        total.count += requests
+        total.ns += infer_ns * requests
+        total = self.compute_input
+        total.count += requests
+        total.ns += input_ns * requests
+        total = self.compute_output
+        total.count += requests
+        total.ns += output_ns * requests
         stat = self.batches.get(batch_size)
         if stat is None:
             stat = self.batches[batch_size] = _BatchStat()
-        stat.compute_infer.add(infer_ns)
-        stat.compute_input.add(input_ns)
-        stat.compute_output.add(output_ns)
+        one = stat.compute_infer
+        one.count += 1
+        one.ns += infer_ns
+        one = stat.compute_input
+        one.count += 1
+        one.ns += input_ns
+        one = stat.compute_output
+        one.count += 1
+        one.ns += output_ns
         self.last_inference_ms = int(time.time() * 1000)
 
     def record_queue(self, ns: int, count: int = 1) -> None:
         """``count=0`` adds time to requests already counted."""
-        self.queue.add(ns, count)
+        queue = self.queue
+        queue.count += count
+        queue.ns += ns
 
     def record_request(self, ok: bool, ns: int, reason: str = "") -> None:
         """One finished request; ``reason`` names the failure class (Triton's label values)."""
-        (self.success if ok else self.fail).add(ns)
+        duration = self.success if ok else self.fail
+        duration.count += 1
+        duration.ns += ns
         if not ok:
             self.fail_reasons[reason or "OTHER"] = self.fail_reasons.get(reason or "OTHER", 0) + 1
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, ns / 1e9)] += 1

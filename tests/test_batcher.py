@@ -1420,3 +1420,60 @@ async def test_the_batch_being_formed_counts_against_its_own_level() -> None:
     clock.now_s += DELAY_S
     await asyncio.wait_for(asyncio.gather(high.future, *(i.future for i in low)), 1.0)
     await batcher.close()
+
+
+async def test_a_failing_callback_leaves_the_rest_of_its_batch_answered() -> None:
+    """``Queued.on_done`` runs where the batch ends: one caller's callback that raises is
+    reported to the loop, and every other request of the batch still gets its rows."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=8), backend)
+    reported: list[BaseException] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx["exception"]))
+    try:
+        blocker = batcher.enqueue(row(0))
+        await wait_for_batches(backend, 1)  # it runs alone, blocked on the gate
+        items = [batcher.enqueue(row(i)) for i in range(1, 4)]
+        answered: list[float] = []
+
+        def fails(_: object) -> None:
+            raise RuntimeError("a caller's bug")
+
+        items[0].on_done = fails
+        for item in items[1:]:
+            item.on_done = lambda q: answered.append(float(q.result["Y"][0, 0]))  # type: ignore[index]
+        backend.gate.set()
+        await asyncio.wait_for(blocker.future, 1.0)
+        for _ in range(100):  # (no futures of theirs: the callbacks are all they have)
+            if all(i.done() for i in items):
+                break
+            await asyncio.sleep(0.001)
+        assert backend.batches == [1, 3]
+        assert answered == [4.0, 6.0]
+        assert [str(e) for e in reported] == ["a caller's bug"]
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_a_queued_entry_and_its_future_end_as_one() -> None:
+    """``Queued.future`` is made on first use: after the end it holds that end; cancelling it
+    withdraws the request at once (the batcher never runs it, the entry's callback sees it)."""
+    backend = Recorder()
+    backend.gate = asyncio.Event()
+    batcher, _ = make(BatchPolicy(max_batch_size=8), backend)
+    blocker = batcher.enqueue(row(0))
+    await wait_for_batches(backend, 1)
+    gone, kept = batcher.enqueue(row(1)), batcher.enqueue(row(2))
+    ended: list[bool] = []
+    gone.on_done = lambda q: ended.append(q.cancelled())  # type: ignore[attr-defined]
+    assert gone.future.cancel()
+    assert gone.cancelled() and ended == [True]  # at once, not a loop turn later
+    backend.gate.set()
+    await asyncio.wait_for(blocker.future, 1.0)
+    for _ in range(100):
+        if kept.done():
+            break
+        await asyncio.sleep(0.001)
+    assert backend.batches == [1, 1]  # the cancelled one took no place in the batch
+    assert kept.future.done() and float(kept.future.result()["Y"][0, 0]) == 4.0

@@ -46,6 +46,12 @@ def test_full_config() -> None:
     assert config.dynamic_batching.max_queue_size == 7
     assert config.default_model_filename == "net.onnx"
     assert config.to_dict()["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 7
+    # What requests read per request is derived once per config, and again for a changed one.
+    assert config.batched and config.inputs_by_name["X"] is config.input("X") is config.inputs[0]
+    assert config.outputs_by_name == {"Y": config.outputs[0]}
+    unbatched = config.with_changes(max_batch_size=0, outputs=())
+    assert not unbatched.batched and unbatched.outputs_by_name == {}
+    assert unbatched == dataclasses.replace(config, max_batch_size=0, outputs=())
 
 
 def test_priority_levels_and_queue_policies() -> None:

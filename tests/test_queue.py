@@ -28,8 +28,8 @@ class Clock:
 
 def item(level: int = 0, delay_at_s: float | None = None) -> Queued:
     inputs = {"x": np.zeros((1, 2), np.float32)}
-    future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
-    return Queued(inputs, 1, (), future, 0.0, None, level=level, delay_at_s=delay_at_s)
+    loop = asyncio.get_running_loop()
+    return Queued(inputs, 1, (), loop, 0.0, None, level=level, delay_at_s=delay_at_s)
 
 
 def queue(clock: Clock, *sizes: int) -> PriorityQueue:

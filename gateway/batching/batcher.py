@@ -5,12 +5,13 @@ adaptive delay and the lone batch run inline, share one model version's queue, s
 arrival rate. The next split is that arrival-rate estimate with the two decisions it drives,
 into a policy module of its own.)
 
-Each caller gets a future. One scheduler task waits until an execution slot is free (there are
-``instance_count`` of them), then takes requests from the head of the queue while they are
-shape-compatible and fit ``max_batch_size``; it keeps waiting for more, up to
-``max_queue_delay``, unless a preferred batch size is reached first. The merged batch runs as its
-own task and the outputs are split back, row ranges per caller. Waiting for a free slot before
-forming the batch means that under load batches grow by themselves, with no delay configured.
+Each caller gets a ``Queued`` entry that ends with its rows of the outputs. One scheduler task
+waits until an execution slot is free (there are ``instance_count`` of them), then takes
+requests from the head of the queue while they are shape-compatible and fit
+``max_batch_size``; it keeps waiting for more, up to ``max_queue_delay``, unless a preferred
+batch size is reached first. The merged batch runs as its own task and the outputs are split
+back, row ranges per caller. Waiting for a free slot before forming the batch means that under
+load batches grow by themselves, with no delay configured.
 
 With ``pipeline`` > 0, that many more batches may be formed while every instance is busy and
 handed to the backend ahead, so it starts the next one the moment it finishes instead of
@@ -43,13 +44,14 @@ The queue (``gateway.batching.queue``) has one FIFO per priority level (Triton's
 ``priority_levels``; one level without them): batches take from the highest level first. Each
 level is bounded: a full one fails fast (``QueueFull``). A request whose deadline (its own, or
 its level's queue timeout) passes while queued fails with ``DeadlineExceeded``; a caller that
-goes away (its future cancelled) is dropped before it takes a slot in a batch.
+goes away (its entry cancelled) is dropped before it takes a slot in a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -158,15 +160,24 @@ _LOOP_OUTSTANDING: dict[asyncio.AbstractEventLoop, int] = {}
 ExecuteNow = Callable[[Tensors, Sequence[str]], Executed | None]
 
 
+# A queued request's state (``Queued.state``): read as a plain attribute on the hot path.
+WAITING, DONE, CANCELLED = 0, 1, 2
+
+
 @dataclass(slots=True, eq=False)
 class Queued:
-    """One request in the queue (``Batcher.enqueue``): its future gets its rows of the outputs,
-    and ``execution`` says how it ran."""
+    """One request in the queue (``Batcher.enqueue``): it ends once, with its rows of the
+    outputs (``result``), an ``error``, or cancelled (its caller went away: the batcher drops
+    it before it takes a slot in a batch); ``execution`` says how it ran.
+
+    Its end calls ``on_done(self)`` right there, not scheduled: the data plane's ``Pending``
+    takes it so, with no asyncio future, callback handle and loop turn per request. ``future``
+    is the same end as an asyncio future, made on first use, for callers that await."""
 
     inputs: Tensors
     rows: int
     signature: tuple[Any, ...]
-    future: asyncio.Future[Tensors]
+    loop: asyncio.AbstractEventLoop
     enqueued_s: float
     deadline_s: float | None
     request_id: str | None = None
@@ -175,18 +186,120 @@ class Queued:
     level: int = 0  # its priority level
     delay_at_s: float | None = None  # a DELAY queue policy moves it back from then on
     trace: Any = None  # the request's trace span (gateway.tracing), set by its Pending
+    state: int = WAITING
+    result: Tensors | None = None
+    error: BaseException | None = None
+    on_done: Callable[[Queued], object] | None = None
+    _future: asyncio.Future[Tensors] | None = None
+
+    def done(self) -> bool:
+        return self.state != WAITING
+
+    def cancelled(self) -> bool:
+        return self.state == CANCELLED
+
+    def cancel(self) -> bool:
+        """Withdraw it (False once it ended)."""
+        if self.state != WAITING:
+            return False
+        self.state = CANCELLED
+        self._ended()
+        return True
+
+    def set_result(self, result: Tensors) -> None:
+        """End it with its rows of the outputs (no-op once ended: a cancel came first)."""
+        if self.state != WAITING:
+            return
+        self.state, self.result = DONE, result
+        if self._future is not None or self.on_done is None:
+            self._ended()
+            return
+        # The usual end, ``_ended`` inline (once per request): the one callback, no future.
+        callback, self.on_done = self.on_done, None
+        try:
+            callback(self)
+        except Exception as exc:  # the caller's bug: reported, the batch goes on
+            self.loop.call_exception_handler(
+                {"message": "exception in a queued request's callback", "exception": exc}
+            )
+
+    def set_exception(self, error: BaseException) -> None:
+        """End it with ``error`` (no-op once ended)."""
+        if self.state == WAITING:
+            self.state, self.error = DONE, error
+            self._ended()
+
+    def _ended(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            _mirror(self, future)
+        callback, self.on_done = self.on_done, None
+        if callback is not None:
+            try:
+                callback(self)
+            except Exception as exc:  # the caller's bug: reported, the batch goes on
+                self.loop.call_exception_handler(
+                    {"message": "exception in a queued request's callback", "exception": exc}
+                )
+
+    @property
+    def future(self) -> asyncio.Future[Tensors]:
+        """Its end as an asyncio future (made on first use); cancelling it cancels it."""
+        future = self._future
+        if future is None:
+            future = self._future = _QueuedFuture(self)
+            if self.state != WAITING:
+                _mirror(self, future)
+        return future
+
+
+class _QueuedFuture(asyncio.Future[Tensors]):
+    """``Queued.future``: a cancel withdraws the request at once, as the batcher reads it."""
+
+    def __init__(self, item: Queued) -> None:
+        super().__init__(loop=item.loop)
+        self._item = item
+
+    def cancel(self, msg: Any = None) -> bool:
+        return self._item.cancel() or super().cancel(msg)
+
+
+def _mirror(item: Queued, future: asyncio.Future[Tensors]) -> None:
+    """Give ``future`` the end ``item`` had."""
+    if item.state == CANCELLED:
+        asyncio.Future.cancel(future)
+    elif item.error is not None:
+        future.set_exception(item.error)
+    else:
+        assert item.result is not None
+        future.set_result(item.result)
 
 
 def signature(inputs: Tensors) -> tuple[Any, ...]:
     """Requests merge only when every input agrees on name, dtype and non-batch shape."""
-    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items())
+    layout: list[tuple[str, str, tuple[int, ...]]] = []
+    for name, a in inputs.items():  # a plain loop: a generator would be a call per input
+        layout.append((name, a.dtype.str, a.shape[1:]))
+    return tuple(layout)
 
 
 def _fail(batch: list[Queued], error: Exception) -> None:
     """Answer every request of a failed batch that is still waiting with ``error``."""
     for item in batch:
-        if not item.future.done():
-            item.future.set_exception(error)
+        item.set_exception(error)
+
+
+def _answer(batch: list[Queued], outputs: Tensors) -> None:
+    """Give each request of a batch that ran its own rows of ``outputs``."""
+    if len(batch) == 1:
+        batch[0].set_result(outputs)
+        return
+    start = 0
+    for item in batch:
+        end = start + item.rows
+        if item.state == WAITING:
+            item.set_result({n: a[start:end] for n, a in outputs.items()})
+        start = end
 
 
 class Batcher:
@@ -211,7 +324,9 @@ class Batcher:
         self._policy = policy
         self._stats = stats
         self._clock = clock
-        self._queue = PriorityQueue(policy.level_policies(), clock)
+        self._level_policies = policy.level_policies()
+        self._default_level = policy.level_of(0)
+        self._queue = PriorityQueue(self._level_policies, clock)
         self._arrived = asyncio.Event()
         self._capacity = capacity or (lambda: policy.instance_count)
         self._busy = 0  # batches formed and not finished
@@ -226,6 +341,7 @@ class Batcher:
         self._wake_rows = 1
         self._arrived_rows = 0
         self._forming: tuple[Any, ...] | None = None
+        self._armed = False  # ``_arrived`` is clear and the scheduler waits on it
         # The adaptive delay's arrival rate: rows that arrived while the batcher was busy and
         # the busy seconds they arrived in, both decayed by ``ARRIVAL_DECAY`` per observation.
         # ``_outstanding``: requests queued, forming or running; ``_busy_since``: when busy time
@@ -245,7 +361,10 @@ class Batcher:
         self._held: dict[int, int] = {}
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
-        self._scheduler = self._loop.create_task(self._schedule())
+        # In a context of its own, not the one of the request that loaded the model: its batch
+        # tasks answer callers' callbacks (``Queued.on_done``), which log in the context they
+        # run in.
+        self._scheduler = self._loop.create_task(self._schedule(), context=contextvars.Context())
 
     @property
     def policy(self) -> BatchPolicy:
@@ -283,9 +402,9 @@ class Batcher:
         request_id: str | None = None,
         priority: int = 0,
     ) -> Queued:
-        """``submit`` without the wait, for callers that take the result from the future in a
-        callback (cancel it to withdraw). A deadline only fails the request if it passes while
-        queued: waiting for the batch to finish is the caller's to bound.
+        """``submit`` without the wait, for callers that take the end in ``Queued.on_done`` (or
+        from ``Queued.future``; cancel either to withdraw). A deadline only fails the request
+        if it passes while queued: waiting for the batch to finish is the caller's to bound.
 
         ``priority`` picks the level (see ``BatchPolicy``); the level's queue policy bounds it
         (``QueueFull``) and times it out in the queue: its timeout (the request's own when
@@ -294,8 +413,9 @@ class Batcher:
         if self._closed:
             raise ModelNotReady("model is unloading")
         now = self._clock()
-        level = self._policy.level_of(priority)
-        queue_policy = self._queue.policy(level)
+        # (No calls for the usual request: priority 0 and the level's policy from a dict.)
+        level = self._policy.level_of(priority) if priority else self._default_level
+        queue_policy = self._level_policies[level]
         timeout_s = queue_policy.default_timeout_s
         if (
             timeout_s
@@ -310,9 +430,8 @@ class Batcher:
                 delay_at_s = now + timeout_s
             elif deadline_s is None or now + timeout_s < deadline_s:
                 deadline_s = now + timeout_s
-        future: asyncio.Future[Tensors] = self._loop.create_future()
         item = Queued(
-            inputs, rows, signature(inputs), future, now, deadline_s, request_id,
+            inputs, rows, signature(inputs), self._loop, now, deadline_s, request_id,
             level=level, delay_at_s=delay_at_s,
         )  # fmt: skip
         # The batch being formed still counts: its requests wait as those queued do, and
@@ -325,14 +444,21 @@ class Batcher:
         if last is not None:
             gap, new = self._gap_s, now - last
             self._gap_s = new if gap is None else gap + (1 - ARRIVAL_DECAY) * (new - gap)
-        if self._busy_since is None:
+        busy_since = self._busy_since
+        if busy_since is None:
             self._busy_since = now  # a busy period starts: this arrival found it idle
-        else:
-            self._observe(now, rows)
+        else:  # ``_observe(now, rows)``, inline
+            self._busy_s = ARRIVAL_DECAY * self._busy_s + (now - busy_since)
+            self._busy_rows = ARRIVAL_DECAY * self._busy_rows + rows
+            self._busy_since = now
         self._arrived_rows += rows
-        if self._arrived_rows >= self._wake_rows or (
-            self._forming is not None and item.signature != self._forming
+        # Set the event only while the scheduler's wake-up is armed: once set, it stays set
+        # until the next ``_wait_for``, and setting it again would be a call for nothing.
+        if self._armed and (
+            self._arrived_rows >= self._wake_rows
+            or (self._forming is not None and item.signature != self._forming)
         ):
+            self._armed = False
             self._arrived.set()
         return item
 
@@ -341,7 +467,7 @@ class Batcher:
         now = self._clock()
         while self._queue.head() is not None:
             item = self._queue.popleft()
-            if item.future.done() or self._expire(item, now):
+            if item.state != WAITING or (item.deadline_s is not None and self._expire(item, now)):
                 self._left(1)
                 continue
             return item
@@ -356,7 +482,7 @@ class Batcher:
             now = self._clock()
         if now < item.deadline_s:
             return False
-        item.future.set_exception(DeadlineExceeded("Request timeout expired"))
+        item.set_exception(DeadlineExceeded("Request timeout expired"))
         return True
 
     async def _schedule(self) -> None:
@@ -384,7 +510,9 @@ class Batcher:
                     if head is not None and self._stop_at_preferred(rows, first.signature):
                         break
                     if head is not None:
-                        if head.future.done() or self._expire(head):
+                        if head.state != WAITING or (
+                            head.deadline_s is not None and self._expire(head)
+                        ):
                             self._queue.popleft()
                             self._left(1)
                             continue
@@ -472,23 +600,34 @@ class Batcher:
         """Run one batch (inline when ``_inline`` says so and the backend can start it at
         once) and answer its requests."""
         released, span = False, None
+        answer: tuple[list[Queued], Tensors] | None = None
         taken = len(batch)
         inline = False
         try:
             # Callers may have gone away while the batch was forming.
-            if any(p.future.done() for p in batch):
-                batch = [p for p in batch if not p.future.done()]
-                rows = sum(p.rows for p in batch)
-                if not batch:
-                    return
+            for p in batch:  # (plain loops here: a generator is a call per request)
+                if p.state != WAITING:
+                    batch = [p for p in batch if p.state == WAITING]
+                    rows = sum(p.rows for p in batch)
+                    if not batch:
+                        return
+                    break
             started = self._clock()
             self._started[id(batch)] = started
             queued_ns = 0
+            request_ids: list[str] = []
+            deadline_s = None
             for item in batch:
                 item.queue_ns = int((started - item.enqueued_s) * 1e9)
                 queued_ns += item.queue_ns
+                if item.request_id:
+                    request_ids.append(item.request_id)
+                if item.deadline_s is not None and (
+                    deadline_s is None or item.deadline_s < deadline_s
+                ):
+                    deadline_s = item.deadline_s
             self._stats.record_queue(queued_ns, len(batch))  # once a batch: the same totals
-            context.batch_request_ids.set(tuple(p.request_id for p in batch if p.request_id))
+            context.batch_request_ids.set(tuple(request_ids))
             span = tracing.batch_begins(batch, rows) if tracing.enabled else None
             if len(batch) == 1:
                 inputs = batch[0].inputs
@@ -496,8 +635,6 @@ class Batcher:
                 names = batch[0].inputs.keys()
                 inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
             try:
-                deadlines = [p.deadline_s for p in batch if p.deadline_s is not None]
-                deadline_s = min(deadlines) if deadlines else None
                 ran = None
                 if self._execute_now is not None and self._inline(taken):
                     ran = self._execute_now(inputs, self._outputs)
@@ -535,16 +672,7 @@ class Batcher:
             host = ran.host
             for item in batch:
                 item.execution = context.Execution(rows, item.queue_ns, compute_ns, host)
-            if len(batch) == 1:
-                if not batch[0].future.done():
-                    batch[0].future.set_result(outputs)
-                return
-            start = 0
-            for item in batch:
-                end = start + item.rows
-                if not item.future.done():
-                    item.future.set_result({n: a[start:end] for n, a in outputs.items()})
-                start = end
+            answer = batch, outputs
         finally:
             if not released:
                 self._release(batch)
@@ -554,6 +682,14 @@ class Batcher:
                 self._left(taken)
             if span is not None:
                 span.end()
+        if answer is not None:
+            # Requests queued behind: the scheduler's wake-up (queued by ``_release``) runs
+            # first, so the next batch reaches the backend before the callers' answers are
+            # encoded. Nothing queued: answer now, with no loop turn between.
+            if self._queue:
+                self._loop.call_soon(_answer, *answer)
+            else:
+                _answer(*answer)
 
     def _stop_at_preferred(self, rows: int, signature: tuple[Any, ...]) -> bool:
         """At a preferred size, stop unless the queue holds enough to reach the next larger one,
@@ -569,7 +705,7 @@ class Batcher:
             return False
         need = target - rows
         for item in self._queue:
-            if item.future.done():
+            if item.state != WAITING:
                 continue
             if item.signature != signature:
                 break
@@ -633,6 +769,7 @@ class Batcher:
     def _wait_for(self, rows: int, forming: tuple[Any, ...] | None) -> None:
         """Arm the scheduler's wake-up (see ``__init__``) before it waits on ``_arrived``."""
         self._arrived.clear()
+        self._armed = True
         self._arrived_rows = 0
         self._wake_rows = rows
         self._forming = forming
@@ -668,8 +805,7 @@ class Batcher:
         except TimeoutError:
             self._scheduler.cancel()
             for item in self._queue:
-                if not item.future.done():
-                    item.future.set_exception(ModelNotReady("model unloaded"))
+                item.set_exception(ModelNotReady("model unloaded"))
             dropped = len(self._queue)
             self._queue.clear()
             if dropped:

@@ -78,7 +78,8 @@ class PriorityQueue:
         """Queue ``item`` at the back of its level; ``QueueFull`` when that level is full,
         counting ``held`` more of its requests (taken into a batch being formed)."""
         level = self._levels[item.level]
-        if len(level) + held >= level.policy.max_queue_size:
+        # (``len(level)`` spelled out: a Python ``__len__`` is a call a request.)
+        if len(level.waiting) + len(level.delayed) + held >= level.policy.max_queue_size:
             raise QueueFull("Exceeds maximum queue size", retry_after_s=1.0)
         level.waiting.append(item)
         self._size += 1
@@ -89,11 +90,17 @@ class PriorityQueue:
         so what it shows is what ``popleft`` takes next."""
         if not self._size:
             return None
-        now = self._clock()
+        now = None
         for level in self._order:
-            item = level.front(now)
-            if item is not None:
-                return item
+            waiting = level.waiting
+            if waiting and waiting[0].delay_at_s is None:
+                return waiting[0]  # the usual case, with no call: no timeout can delay it
+            if waiting or level.delayed:
+                if now is None:
+                    now = self._clock()
+                item = level.front(now)
+                if item is not None:
+                    return item
         return None  # pragma: no cover - _size counts what the levels hold
 
     def popleft(self) -> Queued:

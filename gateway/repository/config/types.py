@@ -167,27 +167,27 @@ class ModelConfig:
     model_warmup: tuple[WarmupSample, ...] = ()
     response_cache: bool = False  # ``response_cache { enable: true }``: answers are cached
     ensemble_steps: tuple[EnsembleStep, ...] = ()  # platform "ensemble": its DAG
-    # Tensors by name, for the per-request lookups.
-    _inputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
-    _outputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
+    # Derived once per config, read per request as plain attributes (a method or property
+    # is a Python call each time): tensors by name, and whether requests carry a batch
+    # dimension (``max_batch_size`` > 0).
+    inputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
+    outputs_by_name: dict[str, TensorConfig] = field(init=False, repr=False, compare=False)
+    batched: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_inputs_by_name", {t.name: t for t in self.inputs})
-        object.__setattr__(self, "_outputs_by_name", {t.name: t for t in self.outputs})
-
-    @property
-    def batched(self) -> bool:
-        return self.max_batch_size > 0
+        object.__setattr__(self, "inputs_by_name", {t.name: t for t in self.inputs})
+        object.__setattr__(self, "outputs_by_name", {t.name: t for t in self.outputs})
+        object.__setattr__(self, "batched", self.max_batch_size > 0)
 
     @property
     def is_ensemble(self) -> bool:
         return self.platform == ENSEMBLE_PLATFORM
 
     def input(self, name: str) -> TensorConfig | None:
-        return self._inputs_by_name.get(name)
+        return self.inputs_by_name.get(name)
 
     def output(self, name: str) -> TensorConfig | None:
-        return self._outputs_by_name.get(name)
+        return self.outputs_by_name.get(name)
 
     def with_changes(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
