@@ -236,11 +236,13 @@ def frames_protocol(table: dict[str, Callable[[bytes], bytes]]) -> Callable[[], 
         def answer(self, sid: int) -> bytes:
             body = b"".join(self.bodies.pop(sid))
             reply = table[self.paths.pop(sid).decode()](body[5:])
-            return b"".join((
-                _frame(HEADERS, END_HEADERS, sid, head_block),
-                _frame(DATA, 0, sid, b"\0" + struct.pack(">I", len(reply)) + reply),
-                _frame(HEADERS, END_HEADERS | END_STREAM, sid, trailer_block),
-            ))
+            return b"".join(
+                (
+                    _frame(HEADERS, END_HEADERS, sid, head_block),
+                    _frame(DATA, 0, sid, b"\0" + struct.pack(">I", len(reply)) + reply),
+                    _frame(HEADERS, END_HEADERS | END_STREAM, sid, trailer_block),
+                )
+            )
 
     return FrameServer
 

@@ -73,8 +73,12 @@ def main() -> int:
     parser.add_argument("--baseline", default="", help="target the others are divided by")
     parser.add_argument("--no-triton", action="store_true")
     parser.add_argument("--null", action="store_true", help="add the bare grpc.aio server")
-    parser.add_argument("--queue-delay-us", type=int, default=None,
-                        help="set every model's max_queue_delay_microseconds (default: none)")
+    parser.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=None,
+        help="set every model's max_queue_delay_microseconds (default: none)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--window-ms", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="errors only: c=1,16, one round")
@@ -168,8 +172,11 @@ def _set_queue_delay(repo: Path, model: str, delay_us: int) -> None:
         shutil.copytree(source, folder, copy_function=os.symlink)
     config = folder / "config.pbtxt"
     text = re.sub(r"\s*max_queue_delay_microseconds:\s*\d+", "", config.read_text())
-    text, n = re.subn(r"dynamic_batching\s*\{",
-                      f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us}", text)
+    text, n = re.subn(
+        r"dynamic_batching\s*\{",
+        f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us}",
+        text,
+    )
     if not n:
         text += f"\ndynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
     config.unlink()
@@ -224,9 +231,7 @@ def _line(got: dict[str, Any]) -> str:
             f"ms{cpu}{batch}")  # fmt: skip
 
 
-def _cpu_and_count(
-    gw: harness.Gateway | None, model: str
-) -> tuple[float, int, int, int] | None:
+def _cpu_and_count(gw: harness.Gateway | None, model: str) -> tuple[float, int, int, int] | None:
     """(the gateway's CPU seconds, requests it counted for ``model``, its executions and the
     inferences in them): their deltas over a run are its CPU per request and batch size."""
     if gw is None:

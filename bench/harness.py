@@ -200,10 +200,7 @@ def binary_body(model: Model) -> Body:
 def json_body(model: Model) -> Body:
     feeds = sample_inputs(model, 1, seed=1)
     header = {
-        "inputs": [
-            _input_entry(t, data=feeds[t.name].reshape(-1).tolist())
-            for t in model.inputs
-        ],
+        "inputs": [_input_entry(t, data=feeds[t.name].reshape(-1).tolist()) for t in model.inputs],
         "outputs": [{"name": o} for o in model.outputs],
     }
     return Body(json.dumps(header).encode(), {"Content-Type": "application/json"})
@@ -305,9 +302,7 @@ def start_gateway(
     port = free_port()
     log = log or workdir / f"gateway-{tag or port}.log"
     inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if inherit_gateway_env or not k.startswith("GATEWAY_")
+        k: v for k, v in os.environ.items() if inherit_gateway_env or not k.startswith("GATEWAY_")
     }
     inherited.pop("GATEWAY_CONFIG", None)  # a bench passes its own file, or none
     full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}

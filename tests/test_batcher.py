@@ -1218,9 +1218,7 @@ async def test_a_full_level_refuses_while_the_others_take_requests() -> None:
         batcher.enqueue(row(2), priority=2)
     assert batcher.pending == 9
     backend.gate.set()
-    await asyncio.wait_for(
-        asyncio.gather(blocker.future, *(i.future for i in low + others)), 1.0
-    )
+    await asyncio.wait_for(asyncio.gather(blocker.future, *(i.future for i in low + others)), 1.0)
     await batcher.close()
 
 

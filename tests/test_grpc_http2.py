@@ -88,9 +88,7 @@ def _grow_onnx() -> bytes:
     return models.graph_bytes(graph)
 
 
-def _start(
-    tmp: Path, *args: str, env: dict[str, str] | None = None
-) -> tuple[GatewayProcess, str]:
+def _start(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[GatewayProcess, str]:
     repo = tmp / "repo"
     if not repo.exists():
         models.add_sub(repo)
@@ -170,9 +168,7 @@ class Raw:
         chunks = [data[i : i + 16384] for i in range(0, len(data), 16384)]
         frames = [frame(DATA, 0, stream_id, chunk) for chunk in chunks[:-1]]
         frames.append(frame(DATA, END_STREAM, stream_id, chunks[-1]))
-        return frame(HEADERS, END_HEADERS, stream_id, self.headers(path, *extra)) + b"".join(
-            frames
-        )
+        return frame(HEADERS, END_HEADERS, stream_id, self.headers(path, *extra)) + b"".join(frames)
 
     def read_frame(self) -> tuple[int, int, int, bytes] | None:
         """The next frame, or None when the server closed the connection."""

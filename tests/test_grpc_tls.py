@@ -155,9 +155,7 @@ class TlsGateway:
         return f"localhost:{self.grpc_port}"
 
 
-def _start(
-    repo: Path, tmp: Path, transport: str, pki: Pki, mutual: bool
-) -> Iterator[TlsGateway]:
+def _start(repo: Path, tmp: Path, transport: str, pki: Pki, mutual: bool) -> Iterator[TlsGateway]:
     grpc_port = free_port()
     args = ["--grpc-tls-certfile", str(pki.server_cert), "--grpc-tls-keyfile", str(pki.server_key)]
     if mutual:

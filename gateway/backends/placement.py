@@ -259,8 +259,7 @@ class RoutedFactory(BackendFactory):
     def _check_batching(self, spec: HostSpec | DnsSpec) -> None:
         """``batching = "triton"`` stays coherent after the change (``check_upstream_batching``)."""
         targets = {
-            e.name: (e.name, e.host.kind, e.host.batches_upstream)
-            for e in self.pool.hosts.values()
+            e.name: (e.name, e.host.kind, e.host.batches_upstream) for e in self.pool.hosts.values()
         }
         targets.update({g: (g, "v2", False) for g in self.discovery.groups})
         targets[spec.name] = kind_of(spec)

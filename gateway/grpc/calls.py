@@ -158,9 +158,7 @@ class CallContext:
             self._metadata = tuple(items)
         return self._metadata
 
-    async def abort(
-        self, code: Any, details: str = "", trailing_metadata: Any = ()
-    ) -> NoReturn:
+    async def abort(self, code: Any, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
         self.code, self.details = code, details
         self.trailing_metadata = tuple(trailing_metadata or ())
         raise grpc.aio.AbortError(details)

@@ -19,6 +19,7 @@ REST routes (inference, repository, statistics, shared memory, logging, trace se
 few lines of translation, plus the method table and access rules (``refusal``) both transports
 apply.
 """
+
 from __future__ import annotations
 
 import asyncio

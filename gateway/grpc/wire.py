@@ -162,9 +162,7 @@ def _split(
     return kept, ident, raw, layout
 
 
-def _match(
-    layout: Layout, data: bytes
-) -> tuple[memoryview | None, list[memoryview]] | None:
+def _match(layout: Layout, data: bytes) -> tuple[memoryview | None, list[memoryview]] | None:
     """Field 3 and field 7's entries of ``data`` when it has ``layout`` (the same other fields'
     bytes, fields 3 and 7 in the same places, nothing else), else None. A client sends one
     layout call after call: this is a few comparisons made in C, where ``_split`` walks
@@ -441,10 +439,7 @@ def encode_raw_response(response: InferResponse) -> Any:
     if (
         response.shared  # outputs written into shared memory: empty entries, as the codec's
         or any(array.dtype.kind in "OSU" for _, array in arrays)
-        or (
-            response.parameters
-            and sum(array.nbytes for _, array in arrays) < WIRE_MIN_BYTES
-        )
+        or (response.parameters and sum(array.nbytes for _, array in arrays) < WIRE_MIN_BYTES)
     ):
         return encode_infer_response(response)
     blobs = [
