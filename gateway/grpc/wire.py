@@ -1,5 +1,8 @@
 """The ``ModelInfer`` messages on the wire: raw tensors without copies, fixed parts decoded once.
 
+(Over 450 lines on purpose: one wire format, read and written by the same field walker; the
+request side and the response side share its varint and field helpers.)
+
 protobuf copies every ``bytes`` field twice on the way in (into its arena while parsing, then
 into a new Python ``bytes`` on each access of ``raw_input_contents[i]``) and three times on the
 way out (``tobytes``, appending to ``raw_output_contents``, serializing). For a 602 KB image
