@@ -7,8 +7,10 @@ repository (seen once: ``test_edge_serve`` got another suite's ``config.pbtxt``)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.testing.gateway_process import listens_on, stop_process, wait_ready
+from gateway.testing.gateway_process import free_port, listens_on, stop_process, wait_ready
 from tests.helpers import foreign_ready_server
 
 
@@ -72,3 +74,31 @@ def test_the_process_and_its_children_own_their_listener(tmp_path: Path) -> None
             for pid in child.read_text().split():
                 os.kill(int(pid), signal.SIGTERM)  # the child this test's process started
         stop_process(proc, timeout_s=5)
+
+
+def test_a_listener_that_does_not_speak_http1_is_not_ready() -> None:
+    """Another process's gRPC (HTTP/2) port answering the probe is "not ready", not an error
+    that ends the wait (seen: two gateways started at once, one's HTTP port the other's gRPC)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer_garbage() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00not HTTP/1\r\n\r\n")
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    proc = _sleeper()
+    try:
+        assert not wait_ready(proc, f"http://127.0.0.1:{port}", ready_s=0.5)
+        assert proc.poll() is None
+    finally:
+        stop_process(proc, timeout_s=5)
+        server.close()
+
+
+def test_free_ports_are_not_handed_out_twice() -> None:
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)

@@ -7,12 +7,15 @@ error messages). Processes are stopped only by their own PID.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import http.client
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -23,11 +26,22 @@ from typing import Any
 __all__ = ["free_port", "listens_on", "serve_command", "stop_process", "wait_ready"]
 
 
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=512)
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port that was free a moment ago, and not one this process handed out
+    recently: two servers started at once (say one's HTTP port, the other's gRPC port) would
+    otherwise be given the same port when the kernel offers it twice before either binds."""
+    with _HANDED_OUT_LOCK:
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.append(port)
+                return port
 
 
 def serve_command(
@@ -130,7 +144,9 @@ def wait_ready(
     while True:
         if proc.poll() is not None:
             return False
-        with contextlib.suppress(OSError):  # urllib.error.HTTPError is an OSError too
+        # urllib.error.HTTPError is an OSError too; an HTTPException is a listener that does
+        # not speak HTTP/1 (another process's gRPC port, say): not ready either way.
+        with contextlib.suppress(OSError, http.client.HTTPException):
             if all(_status(base_url + p, probe_timeout_s) == 200 for p in paths) and (
                 port is None or listens_on(proc.pid, port) is not False
             ):

@@ -18,7 +18,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -30,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from gateway.testing.gateway_process import listens_on
+from gateway.testing.gateway_process import free_port, listens_on
 
 __all__ = [
     "TritonServer",
@@ -49,13 +48,6 @@ _BIND_RETRY_DELAY_S = 1.0
 
 class TritonServerError(RuntimeError):
     """The test server could not be started (the message carries the log tail)."""
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (racy, but fine for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _pytriton_tree() -> Path | None:
