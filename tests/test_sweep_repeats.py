@@ -99,6 +99,16 @@ def test_a_failed_point_leaves_its_repeat_out() -> None:
     assert sweep.every_point([s]) == (1, 1, 1, 2)
 
 
+def test_ahead_needs_both_higher_throughput_and_lower_p99() -> None:
+    points = [
+        p for r, p99 in enumerate((0.9, 1.1, 1.2)) for p in pair("mlp", "shm", 4, r, 1.2, p99)
+    ]
+    (s,) = sweep.summarize(points)
+    assert s.ahead == (True, False, False)
+    assert s.ahead_on_medians is False  # throughput 1.2x, but p99 1.1x on the median
+    assert sweep.every_point([s]) == (0, 1, 1, 3)
+
+
 def test_lone_request_goal_subtracts_each_repeats_own_in_process_p50() -> None:
     gateway_p50, in_process_p50 = (2.3, 2.9, 2.5), (2.1, 2.0, 2.4)
     points = [
