@@ -20,11 +20,16 @@ built on demand by ``scripts/build_models.py``, see ``ensure_heavy``):
    that counts memcpy/memmove bytes on its event-loop thread answers sequential requests: bytes
    copied per request, in units of the request's input bytes (needs a C compiler).
 
+With ``--repeat N`` every point is measured N times, in N passes over all the points, and the
+goals are judged on the median of the N per-repeat ratios, with their range and the number of
+repeats that met each (section "repeats" below); ``--only`` measures just the points named.
+
 Writes ``sweep.md`` (tables, goals as ratios), ``sweep.json`` and one latency-vs-throughput plot
 per model (``sweep-<model>.png``, matplotlib from the ``bench`` extra) to ``--out-dir``.
 
     .venv/bin/python bench/sweep.py                         # the reduced sweep (~15 min)
     .venv/bin/python bench/sweep.py --quick --out-dir /tmp/sweep   # errors only (~3 min)
+    .venv/bin/python bench/sweep.py --only mlp:http:1,mlp:http:64 --repeat 5 --out-dir /tmp/s
 """
 
 from __future__ import annotations
