@@ -763,6 +763,19 @@ async def prime(
     backend.run_s, backend.compute_s = 0.0, None
 
 
+async def pipelined(
+    backend: Recorder, runs: list[tuple[float, float | None]]
+) -> tuple[Clock, Batcher]:
+    """A batcher on its own clock that forms one batch ahead (max 16, preferred 2), primed
+    with ``runs``."""
+    clock = Clock(100.0)
+    backend.clock = clock
+    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(2,), pipeline=1)
+    batcher, _ = make(policy, backend, clock)
+    await prime(batcher, backend, runs)
+    return clock, batcher
+
+
 @pytest.mark.parametrize(
     ("runs", "average_s"),
     [
@@ -871,12 +884,8 @@ async def test_when_a_batch_ends_is_judged_by_runs_of_its_size() -> None:
     behind a running 8 keeps growing for three quarters of an 8's run, not of the average of
     all sizes (which sent it early with half its clients back: batches of 3-5 of 8 at 16
     closed-loop clients of bert_encoder)."""
-    clock = Clock(100.0)
     backend = Recorder()
-    backend.clock = clock
-    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(2,), pipeline=1)
-    batcher, _ = make(policy, backend, clock)
-    await prime(batcher, backend, [(0.25, None)] * 3)  # batches of 2: 0.25 s
+    clock, batcher = await pipelined(backend, [(0.25, None)] * 3)  # batches of 2: 0.25 s
     backend.run_s = 1.0
     await asyncio.wait_for(batcher.enqueue(rows(0, 8), 8).future, 1.0)  # one of 8: 1 s
     backend.run_s, backend.gate = 0.0, asyncio.Event()  # (the average of all: 0.4 s)
@@ -920,12 +929,8 @@ async def test_a_batch_that_waited_for_an_instance_runs_from_when_it_got_one() -
     batch formed behind it counts three quarters of a run from that end, not from when the
     waiting one was handed over (a quarter of a run before: the next batch then went half a
     run early)."""
-    clock = Clock(100.0)
     backend = Held()
-    backend.clock = clock
-    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(2,), pipeline=1)
-    batcher, _ = make(policy, backend, clock)
-    await prime(batcher, backend, [(1.0, None)])
+    clock, batcher = await pipelined(backend, [(1.0, None)])
     backend.hold, backend.compute_s = True, 1.0  # each run takes 1 s of compute
     first = batcher.enqueue(rows(1, 2), 2)
     await wait_for_batches(backend, 2)
@@ -962,12 +967,8 @@ async def test_closing_sends_the_batch_being_formed() -> None:
 async def test_a_failed_batch_is_not_taken_for_a_running_one() -> None:
     """A batch that failed leaves nothing behind for the estimate of when an instance frees:
     much later, a batch formed ahead still waits for the batch that is really running."""
-    clock = Clock(100.0)
     backend = Recorder()
-    backend.clock = clock
-    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(2,), pipeline=1)
-    batcher, _ = make(policy, backend, clock)
-    await prime(batcher, backend, [(1.0, None)])
+    clock, batcher = await pipelined(backend, [(1.0, None)])
     backend.error = ValueError("boom")
     with pytest.raises(GatewayError):
         await asyncio.wait_for(batcher.enqueue(rows(0, 2), 2).future, 1.0)
