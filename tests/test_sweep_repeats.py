@@ -167,6 +167,11 @@ def test_the_report_shows_medians_ranges_and_k_of_n(tmp_path: Path) -> None:
     assert "| `mlp` vs Triton: higher throughput and lower p99 at every point |" in text
     assert "| yes | 2 of 3 |" in text  # the goal: met on the medians, in 2 of 3 repeats
     assert "| 1.10x [0.95, 1.20] | 0.90x [0.90, 0.90] | yes (2 of 3) |" in text
+    # One repeat (the default): the tables as they were, no ranges and no counts.
+    one = {**data, "repeat": 1, "points": [p for p in points if p["repeat"] == 0]}
+    text = sweep.render(one)
+    assert "| goal | figure | met |" in text and " of 1" not in text
+    assert "| 1.10x | 0.90x | yes |" in text
 
 
 def test_only_names_points_to_measure_again() -> None:
