@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SELF = "scripts/bench_smoke.py"
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 sys.path.insert(0, str(ROOT))
@@ -282,7 +283,7 @@ def _run(smoke: Smoke, out: Path, env: dict[str, str]) -> tuple[str, str]:
     args = [a.replace("{out}", str(out)) for a in smoke.args]
     log_path = out / f"{smoke.name}.log"
     if smoke.name == "report":
-        shutil.copytree(RESULTS, out / "results")
+        shutil.copytree(RESULTS, out / "results", dirs_exist_ok=True)
     before = _results_state()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -315,7 +316,7 @@ def _run(smoke: Smoke, out: Path, env: dict[str, str]) -> tuple[str, str]:
     if not status:
         return "ok", note
     tail = log_path.read_bytes().decode(errors="replace").rstrip().splitlines()[-25:]
-    return "FAILED", status + note + "\n" + "\n".join("    | " + line for line in tail)
+    return "FAILED", f" {status}{note}\n" + "\n".join("    | " + line for line in tail)
 
 
 def _group_members(pgid: int) -> list[str]:
@@ -347,6 +348,12 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
             time.sleep(0.1)
 
 
+def _load() -> str:
+    """The machine's load, for the log: these runs' times depend on it."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f}, {five:.1f}, {fifteen:.1f} on {os.cpu_count()} CPUs"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated smoke names")
@@ -357,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     listed = {s.path.stem for s in SMOKES} | set(NOT_BENCHES) | {"report"}
-    unlisted = sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in listed)
+    unlisted = (
+        [] if args.only else sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in listed)
+    )
     only = {n for n in args.only.split(",") if n}
     skip = {n for n in args.skip.split(",") if n}
     unknown = (only | skip) - {s.name for s in SMOKES}
@@ -374,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONUNBUFFERED"] = "1"
     failed = 0
     started = time.monotonic()
+    print(f"bench smoke: {len(chosen)} runs; {_load()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-smoke-") as tmp:
         base = args.keep or Path(tmp)
         for smoke in chosen:
@@ -386,15 +396,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             status, detail = _run(smoke, out, env)
             took = time.monotonic() - t0
-            print(
-                f"{status:<7} {smoke.name} ({took:.0f} s){' ' + detail if detail else ''}",
-                flush=True,
-            )
+            print(f"{status:<7} {smoke.name} ({took:.0f} s){detail}", flush=True)
             failed += status != "ok"
         for name in unlisted:
-            print(f"FAILED  {name}: bench/{name}.py has no smoke run (add one to {__file__})")
+            print(f"FAILED  {name}: bench/{name}.py has no smoke run (add it to SMOKES in {SELF})")
             failed += 1
-    print(f"bench smoke: {failed} failed, {time.monotonic() - started:.0f} s in all")
+    took = time.monotonic() - started
+    print(f"bench smoke: {failed} failed, {took:.0f} s in all; {_load()}")
     return 1 if failed else 0
 
 
