@@ -172,7 +172,7 @@ SMOKES: tuple[Smoke, ...] = (
         "soak",
         (
             *("--minutes", "0.1", "--rate", "50", "--warmup-s", "2", "--sample-s", "2"),
-            *("--log", "{out}/soak.log", "--out-dir", "{out}/soak"),
+            *("--log", "{out}/gateway.log", "--out-dir", "{out}/soak"),
         ),
         90,
     ),
