@@ -10,12 +10,12 @@ with what it needs that this machine lacks (``wrk``, Triton's ``perf_analyzer``,
 runs print means anything: the runs are far too short and the machine is shared.
 
 Heavy models: one sweep of ``resnet50`` (``sweep_heavy``: HTTP at c=1 through the gateway,
-its RSS and its payload copies; 40-80 s), built on demand into ``bench/out/models`` (~2 s,
+its RSS and its payload copies; 40-90 s), built on demand into ``bench/out/models`` (~2 s,
 100 MB, once; with ``bert_encoder``, which runs in no smoke: ~5 s, 250 MB). ``--no-heavy``
 leaves it out. ``cnn_gap``, made for ``resnet50``, runs here on ``mlp`` from ``model_repo/``:
 the same code path with a smaller model.
 
-    .venv/bin/python scripts/bench_smoke.py                    # all, ~10 minutes on 2 cores
+    .venv/bin/python scripts/bench_smoke.py                    # all, 6.5-8 minutes on 2 busy cores
     .venv/bin/python scripts/bench_smoke.py --only sweep,edge --keep /tmp/smoke
 """
 
@@ -95,7 +95,7 @@ SMOKES: tuple[Smoke, ...] = (
             *("--targets", "gateway", "--window-ms", "300", "--in-process-s", "0.2"),
             *("--copy-requests", "3", "--out-dir", "{out}/sweep-heavy"),
         ),
-        180,
+        240,
         (PA, HEAVY),
         script="sweep",
     ),
