@@ -62,6 +62,7 @@ PA = "perf_analyzer"
 TRITON = "tritonserver"
 WRK = "wrk"
 HEAVY = "heavy models"
+GIT = "a git checkout"
 
 SMOKES: tuple[Smoke, ...] = (
     Smoke("shm_micro", (), 60),
@@ -185,7 +186,7 @@ SMOKES: tuple[Smoke, ...] = (
             *("--out", "{out}/tracing.md"),
         ),
         120,
-        (WRK,),
+        (WRK, GIT),
     ),
     Smoke("traffic", ("--quick", "--out", "{out}/traffic.md"), 90),
     Smoke(
@@ -262,6 +263,11 @@ def _find(need: str, heavy: bool) -> str | None:
 
         reason = tritonserver_unavailable_reason()
         return f"needs tritonserver: {reason}" if reason else None
+    if need == GIT:
+        git = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, check=False
+        )
+        return None if git.returncode == 0 else "needs a git checkout (git archive HEAD)"
     if need == HEAVY:
         return "heavy models left out (--no-heavy)" if not heavy else None
     raise ValueError(f"unknown need {need!r}")
