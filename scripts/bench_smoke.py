@@ -305,7 +305,13 @@ def _run(smoke: Smoke, out: Path, env: dict[str, str]) -> tuple[str, str]:
         try:
             rc = proc.wait(timeout=smoke.timeout_s)
             status = f"exit status {rc}" if rc else ""
+            # A helper that ends with its parent (multiprocessing's resource tracker) may take
+            # a moment: only what is still there after 3 s is reported.
             left = _group_members(proc.pid)
+            deadline = time.monotonic() + 3.0
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)
+                left = _group_members(proc.pid)
             if left:
                 note = f" (left {len(left)} process(es) running: {', '.join(left)}; stopped)"
         except subprocess.TimeoutExpired:
