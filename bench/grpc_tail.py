@@ -34,7 +34,7 @@ from typing import Any
 
 import harness
 import sweep
-from tree_ab import parse_variant
+from tree_ab import output_bytes, parse_variant
 
 # Runs ``gateway.cli`` with every collector pass appended to $GRPC_TAIL_GC_LOG:
 # "generation start_s duration_ms collected".
@@ -103,9 +103,17 @@ def tail_figures(export: Path) -> dict[str, float]:
 
 
 def point(
-    pa: str, model: str, url: str, protocol: str, c: int, window_ms: int, work: Path
+    pa: str,
+    model: str,
+    url: str,
+    protocol: str,
+    c: int,
+    window_ms: int,
+    work: Path,
+    shm_bytes: int = 0,
 ) -> dict[str, float]:
-    """One perf_analyzer point (three windows) with every request's times exported."""
+    """One perf_analyzer point (three windows) with every request's times exported; over
+    HTTP with system shared memory when ``shm_bytes`` (the outputs' bytes) is set."""
     stamp = time.monotonic_ns()
     report, export = work / f"pa-{stamp}.csv", work / f"export-{stamp}.json"
     cmd = [
@@ -113,6 +121,8 @@ def point(
         "-p", str(window_ms), "-s", "999", "-r", "3", "--input-data", "zero",
         "--percentile=99", "-f", str(report), "--profile-export-file", str(export),
     ]  # fmt: skip
+    if shm_bytes:
+        cmd += ["--shared-memory", "system", "--output-shared-memory-size", str(shm_bytes)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     if out.returncode != 0 or not report.exists() or not export.exists():
         raise RuntimeError(f"perf_analyzer failed:\n{out.stdout[-600:]}\n{out.stderr[-600:]}")
@@ -128,7 +138,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="+", help="name:ENV=V,ENV=V (the first: baseline)")
     parser.add_argument("--model", default="simple")
-    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    parser.add_argument(
+        "--protocol",
+        choices=["grpc", "http", "shm"],
+        default="grpc",
+        help="shm: HTTP with system shared memory for inputs and outputs",
+    )
     parser.add_argument("--concurrency", default="4,16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window-ms", type=int, default=2000)
@@ -146,6 +161,8 @@ def main() -> None:
         work = Path(tmp)
         (work / "repo").mkdir()
         repo = sweep.build_repo(work / "repo", [args.model])
+        shm_bytes = output_bytes(repo, args.model) if args.protocol == "shm" else 0
+        protocol = "http" if args.protocol == "shm" else args.protocol
         launcher = work / "launch.py"
         launcher.write_text(LAUNCHER)
         targets: dict[str, tuple[str, Any, Path | None]] = {}  # name: (url, process, gc log)
@@ -175,7 +192,7 @@ def main() -> None:
                     url, pid, log = targets[name]
                     cpu = harness.process_cpu_s(pid) or 0.0
                     loop_cpu = harness.thread_cpu_s(pid).get(pid, 0.0)
-                    p = point(pa, args.model, url, args.protocol, c, args.window_ms, work)
+                    p = point(pa, args.model, url, protocol, c, args.window_ms, work, shm_bytes)
                     if log is not None:  # Triton's python backend runs in other processes
                         used = (harness.process_cpu_s(pid) or 0.0) - cpu
                         p["cpu_ms"] = used / p["requests"] * 1e3
