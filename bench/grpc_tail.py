@@ -37,7 +37,12 @@ import sweep
 from tree_ab import output_bytes, parse_variant
 
 # Runs ``gateway.cli`` with every collector pass appended to $GRPC_TAIL_GC_LOG:
-# "generation start_s duration_ms collected".
+# "generation start_s duration_ms collected"; and, once the data plane has started, a beat on
+# the event loop every millisecond that appends each late one (the loop held up over
+# $GRPC_TAIL_STALL_MS) to $GRPC_TAIL_STALL_LOG, if set: "start_s wall_ms loop_cpu_ms", the
+# loop thread's own CPU time within the stretch telling a loop busy running something
+# (CPU ~ wall) from one that was not running at all (the machine ran something else).
+STALL_MS = 2.0  # libuv's timers have 1 ms granularity: a beat may be 1 ms late on its own
 LAUNCHER = """\
 import gc, os, runpy, sys, time
 _log = open(os.environ["GRPC_TAIL_GC_LOG"], "a", buffering=1)
@@ -49,6 +54,29 @@ def _record(phase, info):
         _log.write(f"{info['generation']} {_began[0]:.6f} "
                    f"{(time.time() - _began[0]) * 1e3:.3f} {info['collected']}\\n")
 gc.callbacks.append(_record)
+
+def _watch(loop, period_s=0.001):
+    limit_s = float(os.environ["GRPC_TAIL_STALL_MS"]) / 1e3
+    _stalls = open(os.environ["GRPC_TAIL_STALL_LOG"], "a", buffering=1)
+    last = [time.perf_counter(), time.thread_time()]
+    def beat():
+        now, cpu = time.perf_counter(), time.thread_time()
+        wall = now - last[0]
+        if wall > period_s + limit_s:
+            _stalls.write(f"{time.time() - wall:.6f} {wall * 1e3:.3f} "
+                          f"{(cpu - last[1]) * 1e3:.3f}\\n")
+        last[0], last[1] = now, cpu
+        loop.call_later(period_s, beat)
+    loop.call_later(period_s, beat)
+
+import asyncio
+from gateway.dataplane import DataPlane
+_start = DataPlane.start
+async def _started(self):
+    await _start(self)
+    if os.environ.get("GRPC_TAIL_STALL_LOG"):
+        _watch(asyncio.get_running_loop())
+DataPlane.start = _started
 sys.argv = ["gateway", *sys.argv[1:]]
 runpy.run_module("gateway.cli", run_name="__main__")
 """
@@ -64,6 +92,18 @@ def gc_passes(log: Path, start_s: float, end_s: float) -> list[tuple[int, float]
         if start_s <= float(began) <= end_s:
             passes.append((int(gen), float(took)))
     return passes
+
+
+def stalls(log: Path, start_s: float, end_s: float) -> list[tuple[float, float]]:
+    """(wall ms, loop-thread CPU ms) of the loop's stalls that began within [start_s, end_s]."""
+    if not log.exists():
+        return []
+    found = []
+    for line in log.read_text().splitlines():
+        began, wall, cpu = line.split()
+        if start_s <= float(began) <= end_s:
+            found.append((float(wall), float(cpu)))
+    return found
 
 
 def tail_figures(export: Path) -> dict[str, float]:
@@ -149,6 +189,11 @@ def main() -> None:
     parser.add_argument("--window-ms", type=int, default=2000)
     parser.add_argument("--triton", action="store_true", help="standalone tritonserver too")
     parser.add_argument("--quick", action="store_true", help="1 round, 500 ms windows")
+    parser.add_argument(
+        "--stalls",
+        action="store_true",
+        help=f"a 1 ms beat on each gateway's loop: stretches over {STALL_MS:g} ms it was held up",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
@@ -173,7 +218,9 @@ def main() -> None:
                 repo, work, "--log-level", "warning", "--grpc-port", str(grpc_port), tag=name,
                 ready=(args.model,), detach=True, launcher=[sys.executable, str(launcher)],
                 env={"GATEWAY_LOAD_MODELS": args.model, "GATEWAY_ACCESS_LOG": "false",
-                     "GRPC_TAIL_GC_LOG": str(log), **env},
+                     "GRPC_TAIL_GC_LOG": str(log), **env,
+                     **({"GRPC_TAIL_STALL_LOG": str(log.with_name(f"stall-{name}.txt")),
+                         "GRPC_TAIL_STALL_MS": str(STALL_MS)} if args.stalls else {})},
             )  # fmt: skip
             stack.callback(gw.stop)
             url = f"127.0.0.1:{grpc_port}" if args.protocol == "grpc" else gw.address
@@ -201,6 +248,14 @@ def main() -> None:
                         passes = gc_passes(log, p["start_s"], p["end_s"])
                         p["gc_per_1000"] = len(passes) / p["requests"] * 1e3
                         p["gc_max_ms"] = max((took for _, took in passes), default=0.0)
+                        if args.stalls:
+                            held = stalls(log.with_name(f"stall-{name}.txt"), p["start_s"],
+                                          p["end_s"])  # fmt: skip
+                            busy = [w for w, cpu in held if cpu >= 0.5 * w]
+                            p["stalls_per_1000"] = len(held) / p["requests"] * 1e3
+                            p["busy_per_1000"] = len(busy) / p["requests"] * 1e3
+                            p["stall_max_ms"] = max((w for w, _ in held), default=0.0)
+                            p["busy_max_ms"] = max(busy, default=0.0)
                     got.setdefault((name, c), []).append(p)
                     shown = ", ".join(f"{k} {v:.3g}" for k, v in p.items() if k[-2:] != "_s")
                     print(f"round {r + 1} c={c} {name}: {shown}", flush=True)
@@ -244,6 +299,31 @@ def render(
                 f"{statistics.median(tput):.2f}x ({tput[0]:.2f}-{tput[-1]:.2f}) | "
                 f"{statistics.median(p99):.2f}x ({p99[0]:.2f}-{p99[-1]:.2f}) |"
             )
+    stall_rows = []
+    for c in levels:
+        for name in names:
+            pts = got[(name, c)]
+            if "stalls_per_1000" not in pts[0]:
+                continue
+            med = {k: statistics.median(p[k] for p in pts) for k in pts[0]}
+            stall_rows.append(
+                f"| {c} | {name} | {med['stalls_per_1000']:.2f} | {med['stall_max_ms']:.1f} | "
+                f"{med['busy_per_1000']:.2f} | {med['busy_max_ms']:.1f} |"
+            )
+    stall_table = (
+        f"""
+Loop stalls (`--stalls`): a beat scheduled on each gateway's event loop every 1 ms; a stall
+is a beat over {STALL_MS:g} ms late (the loop held up; the beat itself adds ~1,000 callbacks a
+second). "Busy": the loop thread ran for at least half of it (our code, or uvloop's), the
+rest: it was not running (the machine ran other threads). Medians over rounds.
+
+| c | target | stalls /1000 requests | longest ms | busy /1000 | longest busy ms |
+|---:|---|---:|---:|---:|---:|
+{chr(10).join(stall_rows)}
+"""
+        if stall_rows
+        else ""
+    )
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     described = "; ".join(f"`{n}`: {env or 'defaults'}" for n, env in variants)
     if args.triton:
@@ -266,7 +346,7 @@ loop's thread alone (the front end's work), 10 ms ticks.
 | gc max ms | CPU ms/request | loop thread | infer/s vs {base} | p99 vs {base} |
 |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
-"""
+{stall_table}"""
 
 
 if __name__ == "__main__":
