@@ -85,6 +85,10 @@ class Region:
     offset: int
     byte_size: int
     mapping: mmap.mmap = field(repr=False)
+    end: int = field(init=False, repr=False)  # the object's least size: offset + byte_size
+
+    def __post_init__(self) -> None:
+        self.end = self.offset + self.byte_size
 
     def status(self) -> dict[str, Any]:
         return {
@@ -119,7 +123,7 @@ class Region:
             now = self.mapping.size()  # fstat: the object may have been truncated since
         except (OSError, ValueError):  # closed: unregistered meanwhile
             raise UnknownRegion(f"Unable to find shared memory region: '{self.name}'") from None
-        if now < self.offset + self.byte_size:
+        if now < self.end:
             raise SharedMemoryError(
                 f"shared memory region '{self.name}': its object '{self.key}' shrank to {now} "
                 f"bytes since it was registered"
@@ -252,8 +256,13 @@ class SharedMemoryRegistry:
             offset, size = ref.offset, ref.byte_size
             if offset >= region.byte_size or offset + size > region.byte_size:
                 region.check(offset, size)  # raises
-            if region is not checked:
-                region.check_object()
+            if region is not checked:  # the object's size: ``check_object`` inline
+                try:
+                    now = region.mapping.size()
+                except (OSError, ValueError):
+                    now = -1
+                if now < region.end:
+                    region.check_object()  # raises
                 checked = region
             count = math.prod(shape)  # not np.prod: a few us per input on a tuple
             start = region.offset + offset
@@ -289,7 +298,12 @@ class SharedMemoryRegistry:
                 if offset >= region.byte_size or offset + size > region.byte_size:
                     region.check(offset, size)  # raises
                 if region is not checked:
-                    region.check_object()
+                    try:
+                        now = region.mapping.size()
+                    except (OSError, ValueError):
+                        now = -1
+                    if now < region.end:
+                        region.check_object()  # raises
                     checked = region
                 start = region.offset + offset
                 request.shared_targets[output.name] = memoryview(region.mapping)[
