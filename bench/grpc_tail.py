@@ -41,7 +41,15 @@ from tree_ab import output_bytes, parse_variant
 # the event loop every millisecond that appends each late one (the loop held up over
 # $GRPC_TAIL_STALL_MS) to $GRPC_TAIL_STALL_LOG, if set: "start_s wall_ms loop_cpu_ms", the
 # loop thread's own CPU time within the stretch telling a loop busy running something
-# (CPU ~ wall) from one that was not running at all (the machine ran something else).
+# (CPU ~ wall) from one that was not running at all (the machine ran something else). To
+# name what held a busy loop, the callbacks in NAMED are timed and each over 0.5 ms appended
+# to $GRPC_TAIL_STALL_LOG.calls: "name start_s wall_ms cpu_ms".
+NAMED = {  # what the loop runs per read and per batch, by the name a stall is given
+    "REST read": "gateway.server.connections:ConnectionProtocol.data_received",
+    "gRPC read": "gateway.grpc.http2:Connection.data_received",
+    "batch answer": "gateway.batching.batcher:_answer",
+    "gathered writes": "gateway.server.connections:GatheringTransport._flush",
+}
 STALL_MS = 2.0  # libuv's timers have 1 ms granularity: a beat may be 1 ms late on its own
 LAUNCHER = """\
 import gc, os, runpy, sys, time
@@ -69,6 +77,34 @@ def _watch(loop, period_s=0.001):
         loop.call_later(period_s, beat)
     loop.call_later(period_s, beat)
 
+def _named(label, target):
+    import functools, importlib
+    module, _, path = target.partition(":")
+    owner = importlib.import_module(module)
+    *parents, attr = path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent, None)
+    fn = getattr(owner, attr, None)
+    if fn is None:
+        return
+    calls = open(os.environ["GRPC_TAIL_STALL_LOG"] + ".calls", "a", buffering=1)
+    @functools.wraps(fn)
+    def timed(*args, **kwargs):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            took = time.perf_counter() - t0
+            if took > 0.0005:
+                calls.write(f"{label.replace(' ', '_')} {time.time() - took:.6f} "
+                            f"{took * 1e3:.3f} {(time.thread_time() - c0) * 1e3:.3f}\\n")
+    setattr(owner, attr, timed)
+
+if os.environ.get("GRPC_TAIL_STALL_LOG"):
+    import json as _json
+    for _label, _target in _json.loads(os.environ["GRPC_TAIL_NAMED"]).items():
+        _named(_label, _target)
+
 import asyncio
 from gateway.dataplane import DataPlane
 _start = DataPlane.start
@@ -94,15 +130,26 @@ def gc_passes(log: Path, start_s: float, end_s: float) -> list[tuple[int, float]
     return passes
 
 
-def stalls(log: Path, start_s: float, end_s: float) -> list[tuple[float, float]]:
-    """(wall ms, loop-thread CPU ms) of the loop's stalls that began within [start_s, end_s]."""
+def stalls(log: Path, start_s: float, end_s: float) -> list[tuple[float, float, str]]:
+    """(wall ms, loop-thread CPU ms, name) of the loop's stalls that began within
+    [start_s, end_s]; the name is that of the longest timed callback (``NAMED``) within it,
+    "-" if none."""
     if not log.exists():
         return []
+    calls_log = Path(f"{log}.calls")
+    calls = []
+    if calls_log.exists():
+        for line in calls_log.read_text().splitlines():
+            name, began, wall, _ = line.split()
+            calls.append((float(began), float(wall), name.replace("_", " ")))
     found = []
     for line in log.read_text().splitlines():
         began, wall, cpu = line.split()
         if start_s <= float(began) <= end_s:
-            found.append((float(wall), float(cpu)))
+            ends = float(began) + float(wall) / 1e3
+            inside = [c for c in calls if float(began) - 1e-3 <= c[0] <= ends]
+            name = max(inside, key=lambda c: c[1])[2] if inside else "-"
+            found.append((float(wall), float(cpu), name))
     return found
 
 
@@ -220,7 +267,8 @@ def main() -> None:
                 env={"GATEWAY_LOAD_MODELS": args.model, "GATEWAY_ACCESS_LOG": "false",
                      "GRPC_TAIL_GC_LOG": str(log), **env,
                      **({"GRPC_TAIL_STALL_LOG": str(log.with_name(f"stall-{name}.txt")),
-                         "GRPC_TAIL_STALL_MS": str(STALL_MS)} if args.stalls else {})},
+                         "GRPC_TAIL_STALL_MS": str(STALL_MS),
+                         "GRPC_TAIL_NAMED": json.dumps(NAMED)} if args.stalls else {})},
             )  # fmt: skip
             stack.callback(gw.stop)
             url = f"127.0.0.1:{grpc_port}" if args.protocol == "grpc" else gw.address
@@ -251,11 +299,13 @@ def main() -> None:
                         if args.stalls:
                             held = stalls(log.with_name(f"stall-{name}.txt"), p["start_s"],
                                           p["end_s"])  # fmt: skip
-                            busy = [w for w, cpu in held if cpu >= 0.5 * w]
+                            busy = [(w, by) for w, cpu, by in held if cpu >= 0.5 * w]
                             p["stalls_per_1000"] = len(held) / p["requests"] * 1e3
                             p["busy_per_1000"] = len(busy) / p["requests"] * 1e3
-                            p["stall_max_ms"] = max((w for w, _ in held), default=0.0)
-                            p["busy_max_ms"] = max(busy, default=0.0)
+                            p["stall_max_ms"] = max((w for w, _, _ in held), default=0.0)
+                            p["busy_max_ms"] = max((w for w, _ in busy), default=0.0)
+                            for _, by in busy:
+                                p[f"busy: {by}"] = p.get(f"busy: {by}", 0.0) + 1
                     got.setdefault((name, c), []).append(p)
                     shown = ", ".join(f"{k} {v:.3g}" for k, v in p.items() if k[-2:] != "_s")
                     print(f"round {r + 1} c={c} {name}: {shown}", flush=True)
@@ -279,7 +329,7 @@ def render(
     for c in levels:
         for name in names:
             pts = got[(name, c)]
-            med = {k: statistics.median(p[k] for p in pts) for k in pts[0]}
+            med = {k: statistics.median(p[k] for p in pts) for k in pts[0] if ":" not in k}
             p99 = sorted(
                 a["p99_ms"] / b["p99_ms"] for a, b in zip(pts, got[(base, c)], strict=True)
             )
@@ -305,20 +355,31 @@ def render(
             pts = got[(name, c)]
             if "stalls_per_1000" not in pts[0]:
                 continue
-            med = {k: statistics.median(p[k] for p in pts) for k in pts[0]}
+            med = {k: statistics.median(p[k] for p in pts) for k in pts[0] if ":" not in k}
+            named: dict[str, float] = {}
+            for p in pts:
+                for k, v in p.items():
+                    if k.startswith("busy: "):
+                        named[k[6:]] = named.get(k[6:], 0.0) + v
+            held_by = ", ".join(
+                f"{k} {v:.0f}" for k, v in sorted(named.items(), key=lambda kv: -kv[1])
+            )
             stall_rows.append(
                 f"| {c} | {name} | {med['stalls_per_1000']:.2f} | {med['stall_max_ms']:.1f} | "
-                f"{med['busy_per_1000']:.2f} | {med['busy_max_ms']:.1f} |"
+                f"{med['busy_per_1000']:.2f} | {med['busy_max_ms']:.1f} | {held_by or '-'} |"
             )
     stall_table = (
         f"""
 Loop stalls (`--stalls`): a beat scheduled on each gateway's event loop every 1 ms; a stall
 is a beat over {STALL_MS:g} ms late (the loop held up; the beat itself adds ~1,000 callbacks a
 second). "Busy": the loop thread ran for at least half of it (our code, or uvloop's), the
-rest: it was not running (the machine ran other threads). Medians over rounds.
+rest: it was not running (the machine ran other threads). A busy stall is named by the
+longest of the loop's reads, batch answers and gathered writes timed within it (each over
+0.5 ms logged). Medians over rounds.
 
-| c | target | stalls /1000 requests | longest ms | busy /1000 | longest busy ms |
-|---:|---|---:|---:|---:|---:|
+| c | target | stalls /1000 requests | longest ms | busy /1000 | longest busy ms \
+| busy stalls by the longest callback in them (all rounds) |
+|---:|---|---:|---:|---:|---:|---|
 {chr(10).join(stall_rows)}
 """
         if stall_rows
