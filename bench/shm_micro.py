@@ -11,7 +11,7 @@ does not count), best of three repeats.
 
 With variants (``name:PYTHONPATH=<tree>``, as in ``tree_ab.py``) each round runs every tree
 in a process of its own, one after the other; per piece: the best time of each and the
-ratio to the first, taken per round (median and range).
+ratio to the first, taken per round (median and range), and each tree's median over rounds.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def pieces() -> dict[str, float]:
             ("resolve, two regions (tritonclient's examples)", request(
                 ("in", "in"), ("out", "out"))),
         ):  # fmt: skip
-            build = per_call_us(make)
-            got[label] = per_call_us(lambda: registry.resolve(make())) - build  # noqa: B023
+            made = make()  # resolved again and again: the same work each time
+            got[label] = per_call_us(lambda: registry.resolve(made))  # noqa: B023
         resolved = request(("INPUT0_0_0", "INPUT1_0_0"), ("OUTPUT0", "OUTPUT1"))()
         registry.resolve(resolved)
         batch = np.arange(128, dtype=np.int32).reshape(8, 16)
@@ -119,18 +119,16 @@ def pieces() -> dict[str, float]:
                 made.shared.update(("OUTPUT0", "OUTPUT1"))
             return made
 
-        made = per_call_us(response)
-        got["write_outputs (2)"] = per_call_us(lambda: write_outputs(resolved, response())) - made
+        answer, shm_answer = response(), response(True)
+        got["write_outputs (2)"] = per_call_us(lambda: write_outputs(resolved, answer))
         binary = [RequestedOutput(n, binary=True) for n in ("OUTPUT0", "OUTPUT1")]
-        made = per_call_us(lambda: response(True))
-        got["encode the shm answer"] = (
-            per_call_us(lambda: codec.encode_infer_response(response(True), resolved.outputs))
-            - made
+        got["encode the shm answer"] = per_call_us(
+            lambda: codec.encode_infer_response(shm_answer, resolved.outputs)
         )
-        made = per_call_us(response)
-        got["encode the binary answer"] = (
-            per_call_us(lambda: codec.encode_infer_response(response(), binary)) - made
+        got["encode the binary answer"] = per_call_us(
+            lambda: codec.encode_infer_response(response(), binary)
         )
+        got["(make a response, in the line above)"] = per_call_us(response)
     finally:
         registry.close()
         os.unlink(f"/dev/shm/{key}")
@@ -175,15 +173,18 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python bench/shm_micro.py {' '.join(sys.argv[1:])}`",
         "",
-        f"Thread CPU time per call, best of {args.rounds} rounds (each tree in a process of its",
-        "own, one after the other); ratios taken per round, median and range. 2 shared CPUs, load",
+        f"Thread CPU time per call (best of 3 repeats), median of {args.rounds} rounds (each tree",
+        "in a process of its own, one after the other); ratios taken per round, median and range.",
+        "2 shared CPUs, load",
         f"average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end.",
         "",
         f"| piece | {header} | {ratios} |",
         "|---|" + "---:|" * (2 * len(variants) - 1),
     ]
     for piece in got[base][0]:
-        best = " | ".join(f"{min(r[piece] for r in got[name]):.2f}" for name, _ in variants)
+        best = " | ".join(
+            f"{statistics.median(r[piece] for r in got[name]):.2f}" for name, _ in variants
+        )
         cells = []
         for name, _ in variants[1:]:
             per = sorted(
