@@ -20,11 +20,16 @@ built on demand by ``scripts/build_models.py``, see ``ensure_heavy``):
    that counts memcpy/memmove bytes on its event-loop thread answers sequential requests: bytes
    copied per request, in units of the request's input bytes (needs a C compiler).
 
+With ``--repeat N`` every point is measured N times, in N passes over all the points, and the
+goals are judged on the median of the N per-repeat ratios, with their range and the number of
+repeats that met each (section "repeats" below); ``--only`` measures just the points named.
+
 Writes ``sweep.md`` (tables, goals as ratios), ``sweep.json`` and one latency-vs-throughput plot
 per model (``sweep-<model>.png``, matplotlib from the ``bench`` extra) to ``--out-dir``.
 
     .venv/bin/python bench/sweep.py                         # the reduced sweep (~15 min)
     .venv/bin/python bench/sweep.py --quick --out-dir /tmp/sweep   # errors only (~3 min)
+    .venv/bin/python bench/sweep.py --only mlp:http:1,mlp:http:64 --repeat 5 --out-dir /tmp/s
 """
 
 from __future__ import annotations
@@ -33,14 +38,19 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import itertools
 import json
 import math
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -213,33 +223,59 @@ def best_of(
     return merged
 
 
+# The points whose goals compare the gateway with in-process ONNX Runtime (issue 21): batch-1
+# p50 at c=1 over HTTP; best items/s over the concurrencies of each protocol; items/s at c=64.
+LONE_GOAL = ("mlp", "resnet50")
+BEST_GOAL = ("resnet50",)
+C64_GOAL = ("mlp", "http", 64)
+
+
 class PairedReference:
-    """In-process ``session.run`` at each model's best batch of the first pass, measured right
-    before each gateway point (``--paired``) for one window: items/s over the whole window
-    (``items_per_s_mean``, as perf_analyzer counts, not the best slice). On a shared machine
-    whose speed moves by 2x within a minute, a ratio to a pass minutes away (or to the best of
-    two) says more about the machine than about the gateway."""
+    """In-process ``session.run`` measured right before a gateway point for one window, so a
+    goal's ratio is taken within one moment: items/s at each model's best batch of the first
+    pass (``in_process_paired``: over the whole window, as perf_analyzer counts, not the best
+    slice) and batch 1's median run time (``in_process_b1_p50_ms``, set up as
+    ``harness.measure_in_process`` sets it up: ONNX Runtime's defaults, the issue's reference).
+    On a shared machine whose speed moves by 2x within a minute, a ratio to a pass minutes away
+    (or to the best of two) says more about the machine than about the gateway.
 
-    def __init__(self, repo: Path, first: dict[str, dict[str, Any]], seconds: float) -> None:
-        self.repo, self.first, self.seconds = repo, first, seconds
-        self.sessions: dict[str, Any] = {}
+    ``everywhere`` (``--paired``): items/s before every point; otherwise only before the points
+    an in-process goal reads (``--repeat`` > 1)."""
 
-    def __call__(self, name: str) -> float:
+    def __init__(
+        self, repo: Path, first: dict[str, dict[str, Any]], seconds: float, everywhere: bool
+    ) -> None:
+        self.repo, self.first, self.seconds, self.everywhere = repo, first, seconds, everywhere
+        self.sessions: dict[tuple[str, bool], Any] = {}
+
+    def for_point(self, model: str, protocol: str, concurrency: int) -> dict[str, float]:
+        """The in-process figures the goals read at this point (none where no goal reads one)."""
+        found = {}
+        if concurrency == 1 and protocol == "http" and model in LONE_GOAL:
+            found["in_process_b1_p50_ms"] = self.batch1_p50_ms(model)
+        if self.everywhere or model in BEST_GOAL or (model, protocol, concurrency) == C64_GOAL:
+            found["in_process_paired"] = self.items_per_s(model)
+        return found
+
+    def _session(self, name: str, spinning: bool) -> Any:
         import onnxruntime as ort
 
-        model = harness.read_model(self.repo, name)
-        batch = self.first[name]["best_batch"]
-        if name not in self.sessions:
+        if (name, spinning) not in self.sessions:
             options = ort.SessionOptions()  # as harness.measure_in_process sets it up
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # Its threads stop spinning when a run returns: none left on the gateway's cores.
-            options.add_session_config_entry("session.force_spinning_stop", "1")
+            if not spinning:
+                # Its threads stop spinning when a run returns: none left on the gateway's cores.
+                options.add_session_config_entry("session.force_spinning_stop", "1")
             path = str(self.repo / name / "1" / "model.onnx")
-            self.sessions[name] = (
-                ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]),
-                harness.sample_inputs(model, batch),
+            self.sessions[name, spinning] = ort.InferenceSession(
+                path, options, providers=["CPUExecutionProvider"]
             )
-        session, feeds = self.sessions[name]
+        return self.sessions[name, spinning]
+
+    def items_per_s(self, name: str) -> float:
+        model = harness.read_model(self.repo, name)
+        batch = self.first[name]["best_batch"]
+        session, feeds = self._session(name, False), harness.sample_inputs(model, batch)
         outputs = list(model.outputs)
         session.run(outputs, feeds)
         runs, started = 0, time.perf_counter()
@@ -247,6 +283,18 @@ class PairedReference:
             session.run(outputs, feeds)
             runs += 1
         return runs * batch / (time.perf_counter() - started)
+
+    def batch1_p50_ms(self, name: str) -> float:
+        model = harness.read_model(self.repo, name)
+        session, feeds = self._session(name, True), harness.sample_inputs(model, 1)
+        outputs = list(model.outputs)
+        for _ in range(3):
+            session.run(outputs, feeds)
+        marks = [time.perf_counter()]
+        while len(marks) < 6 or marks[-1] - marks[0] < self.seconds:
+            session.run(outputs, feeds)
+            marks.append(time.perf_counter())
+        return statistics.median(b - a for a, b in itertools.pairwise(marks)) * 1e3
 
 
 # -- perf_analyzer ----------------------------------------------------------------------------
@@ -303,52 +351,67 @@ def has_shm(http_url: str) -> bool:
         return "system_shared_memory" in json.loads(resp.read()).get("extensions", [])
 
 
+def plan(
+    models: list[str],
+    protocols: list[str],
+    levels: dict[str, list[int]],
+    only: list[tuple[str, str, int]] | None = None,
+) -> list[tuple[str, str, int]]:
+    """The points (model, protocol, concurrency) of one pass, in the order they are measured;
+    with ``only``, just those (``--only``), in its order."""
+    if only is not None:
+        return [p for p in only if p[1] in protocols]
+    return [(m, p, c) for m in models for p in protocols for c in levels[m]]
+
+
 def sweep(
     pa: str,
     servers: dict[str, tuple[dict[str, str], list[str]]],
     repo: Path,
-    models: list[str],
-    levels: dict[str, list[int]],
+    points_plan: list[tuple[str, str, int]],
     windows_ms: dict[str, int],
     work: Path,
     paired: PairedReference | None = None,
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
     """Every point, the targets (``servers``: target -> (urls, protocols)) one right after the
     other at each, in turns which goes first: the machine's speed drifts over minutes, so each
-    ratio compares two windows seconds apart. With ``paired``, in-process items/s at the best
-    batch right before each point (``in_process_paired``)."""
+    ratio compares two windows seconds apart. ``repeat`` passes over all the points, one after
+    the other (a slow minute of the machine hits every point once, not one point ``repeat``
+    times); a point's targets swap who goes first from one pass to the next. With ``paired``,
+    in-process figures right before each point (``PairedReference.for_point``)."""
     points = []
-    turn = 0
-    protocols = list(dict.fromkeys(p for _, wanted in servers.values() for p in wanted))
-    for model in models:
-        out_bytes = output_bytes(harness.read_model(repo, model), repo)
-        for protocol in protocols:
-            for concurrency in levels[model]:
-                order = list(servers) if turn % 2 == 0 else list(servers)[::-1]
-                turn += 1
-                reference = {"in_process_paired": paired(model)} if paired else {}
-                for target in order:
-                    urls, wanted = servers[target]
-                    if protocol not in wanted:
-                        continue
-                    url = urls["grpc" if protocol == "grpc" else "http"]
-                    window_ms = windows_ms[model]
-                    got = run_pa(pa, model, url, protocol, concurrency, window_ms, out_bytes, work)
-                    # The machine slowed down (a heavy model's c requests take c runs): retry
-                    # with longer windows rather than leave a hole in the curve.
-                    for longer in (2, 4):
-                        if not any(w in got.get("error", "") for w in TOO_SHORT):
-                            break
-                        got = run_pa(pa, model, url, protocol, concurrency, window_ms * longer,
-                                     out_bytes, work)  # fmt: skip
-                    points.append({"target": target, "model": model, "protocol": protocol,
-                                   "concurrency": concurrency, **got, **reference})  # fmt: skip
-                    head = f"{target:8s} {model:13s} {protocol:5s} c={concurrency:<3d}"
-                    if "error" in got:
-                        print(f"{head} ERROR {got['error']}", flush=True)
-                    else:
-                        print(f"{head} {got['throughput']:9.1f}/s  p50 {got['p50_ms']:8.2f}  "
-                              f"p99 {got['p99_ms']:8.2f} ms", flush=True)  # fmt: skip
+    out_bytes = {m: output_bytes(harness.read_model(repo, m), repo) for m, _, _ in points_plan}
+    for r in range(repeat):
+        for i, (model, protocol, concurrency) in enumerate(points_plan):
+            order = list(servers) if (i + r) % 2 == 0 else list(servers)[::-1]
+            reference = paired.for_point(model, protocol, concurrency) if paired else {}
+            for target in order:
+                urls, wanted = servers[target]
+                if protocol not in wanted:
+                    continue
+                url = urls["grpc" if protocol == "grpc" else "http"]
+                window_ms = windows_ms[model]
+                size = out_bytes[model]
+                got = run_pa(pa, model, url, protocol, concurrency, window_ms, size, work)
+                # The machine slowed down (a heavy model's c requests take c runs): retry
+                # with longer windows rather than leave a hole in the curve.
+                for longer in (2, 4):
+                    if not any(w in got.get("error", "") for w in TOO_SHORT):
+                        break
+                    got = run_pa(pa, model, url, protocol, concurrency, window_ms * longer,
+                                 size, work)  # fmt: skip
+                points.append({"target": target, "model": model, "protocol": protocol,
+                               "concurrency": concurrency, "repeat": r, **got,
+                               **reference})  # fmt: skip
+                head = f"{target:8s} {model:13s} {protocol:5s} c={concurrency:<3d}"
+                if repeat > 1:
+                    head += f" {r + 1}/{repeat}"
+                if "error" in got:
+                    print(f"{head} ERROR {got['error']}", flush=True)
+                else:
+                    print(f"{head} {got['throughput']:9.1f}/s  p50 {got['p50_ms']:8.2f}  "
+                          f"p99 {got['p99_ms']:8.2f} ms", flush=True)  # fmt: skip
     return points
 
 
@@ -570,86 +633,246 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _point(points: list[dict[str, Any]], **key: Any) -> dict[str, Any] | None:
+# -- repeats: medians, ranges and in how many repeats a goal was met ---------------------------
+#
+# With ``--repeat N`` every point is measured N times. A ratio is taken within one repeat (the
+# gateway and Triton seconds apart, the in-process reference right before) and the report
+# judges the median of the N ratios, with their range and the number of repeats in which the
+# ratio alone met the goal: a point that flips between repeats reads as noise, one that misses
+# in every repeat as a gap.
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One figure over the repeats that have it: median, lowest, highest, how many."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+
+def spread(values: Iterable[float | None]) -> Spread | None:
+    """The median and range of the figures present (None: a repeat without the figure)."""
+    got = [v for v in values if v is not None]
+    if not got:
+        return None
+    return Spread(statistics.median(got), min(got), max(got), len(got))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    figure: Spread | None
+    met: bool  # the median meets the goal
+    k: int  # repeats whose own figure meets it
+    n: int  # repeats with a figure
+
+
+def judge(values: list[float | None], ok: Callable[[float], bool]) -> Verdict:
+    """A goal over the repeats: judged on the median, and counted repeat by repeat."""
+    figure = spread(values)
+    met_in = sum(1 for v in values if v is not None and ok(v))
+    return Verdict(figure, figure is not None and ok(figure.median), met_in,
+                   figure.n if figure else 0)  # fmt: skip
+
+
+def repeats_in(points: list[dict[str, Any]]) -> int:
+    return 1 + max((p.get("repeat", 0) for p in points), default=0)
+
+
+def by_repeat(
+    points: list[dict[str, Any]], target: str, model: str, protocol: str, concurrency: int
+) -> list[dict[str, Any] | None]:
+    """One point's measurements, one per repeat (None where it failed or is missing)."""
+    found: list[dict[str, Any] | None] = [None] * repeats_in(points)
     for p in points:
-        if all(p.get(k) == v for k, v in key.items()) and "error" not in p:
-            return p
-    return None
+        if (p["target"], p["model"], p["protocol"], p["concurrency"]) == (
+            target, model, protocol, concurrency,
+        ) and "error" not in p:  # fmt: skip
+            found[p.get("repeat", 0)] = p
+    return found
+
+
+@dataclass(frozen=True)
+class PointSummary:
+    """One (model, protocol, concurrency) over the repeats: each target's figures, and the
+    gateway's ratios to Triton and to the paired in-process reference, taken per repeat."""
+
+    model: str
+    protocol: str
+    concurrency: int
+    gateway: dict[str, Spread | None]  # throughput, p50_ms, p99_ms
+    triton: dict[str, Spread | None]
+    throughput_ratio: Spread | None  # gateway / Triton
+    p99_ratio: Spread | None  # gateway / Triton
+    ahead: tuple[bool | None, ...]  # per repeat: higher throughput and lower p99 than Triton
+    paired_ratio: Spread | None  # gateway throughput / in-process items/s right before
+
+    @property
+    def ahead_on_medians(self) -> bool | None:
+        if self.throughput_ratio is None or self.p99_ratio is None:
+            return None
+        return self.throughput_ratio.median > 1 and self.p99_ratio.median < 1
+
+
+FIGURES = ("throughput", "p50_ms", "p99_ms")
+
+
+def summarize(points: list[dict[str, Any]]) -> list[PointSummary]:
+    """Every point measured, in the order first measured, summarized over the repeats."""
+    keys = list(dict.fromkeys((p["model"], p["protocol"], p["concurrency"]) for p in points))
+    found = []
+    for model, protocol, c in keys:
+        gs = by_repeat(points, "gateway", model, protocol, c)
+        ts = by_repeat(points, "triton", model, protocol, c)
+        tp, p99, ahead, paired = [], [], [], []
+        for g, t in zip(gs, ts, strict=True):
+            tp.append(harness.ratio(g["throughput"], t["throughput"]) if g and t else None)
+            p99.append(harness.ratio(g["p99_ms"], t["p99_ms"]) if g and t else None)
+            a, b = tp[-1], p99[-1]
+            ahead.append(None if a is None or b is None else a > 1 and b < 1)
+            paired.append(harness.ratio(g["throughput"], g.get("in_process_paired")) if g else None)
+        found.append(PointSummary(
+            model, protocol, c,
+            {f: spread(g[f] if g else None for g in gs) for f in FIGURES},
+            {f: spread(t[f] if t else None for t in ts) for f in FIGURES},
+            spread(tp), spread(p99), tuple(ahead), spread(paired),
+        ))  # fmt: skip
+    return found
+
+
+@dataclass(frozen=True)
+class Goal:
+    goal: str
+    figure: str
+    met: bool  # on the median
+    k: int  # repeats in which it was met
+    n: int  # repeats with a figure (0: measured once, not per repeat)
+
+
+def every_point(summaries: list[PointSummary]) -> tuple[int, int, int, int]:
+    """Ahead of Triton at every point: (points ahead on their medians, points with both
+    targets, repeats in which every point measured in that repeat was ahead, repeats with any)."""
+    scored = [s for s in summaries if s.ahead_on_medians is not None]
+    wins = sum(1 for s in scored if s.ahead_on_medians)
+    k = n = 0
+    for r in range(max((len(s.ahead) for s in summaries), default=0)):
+        seen = [s.ahead[r] for s in summaries if s.ahead[r] is not None]
+        if seen:
+            n += 1
+            k += all(seen)
+    return wins, len(scored), k, n
+
+
+def _range(s: Spread, spec: str, suffix: str = "") -> str:
+    """``median`` alone for one repeat, else ``median [low, high]``."""
+    if s.n <= 1:
+        return f"{s.median:{spec}}{suffix}"
+    return f"{s.median:{spec}}{suffix} [{s.low:{spec}}, {s.high:{spec}}]"
 
 
 def goals(
     points: list[dict[str, Any]], ort: dict[str, dict[str, Any]], mem: list[dict[str, Any]],
-    models: list[str], protocols: list[str],
-) -> list[str]:  # fmt: skip
-    lines = ["| goal | figure | met |", "|---|---|---|"]
-    for model in ("mlp", "resnet50"):
-        p = _point(points, target="gateway", model=model, protocol="http", concurrency=1)
-        if model in ort and p is not None:
-            extra = p["p50_ms"] - ort[model]["batch1_p50_ms"]
-            lines.append(
-                f"| c=1 `{model}` p50 <= in-process p50 + 0.3 ms | {p['p50_ms']:.2f} ms vs "
-                f"{ort[model]['batch1_p50_ms']:.2f} ms: {extra:+.2f} ms | {extra <= 0.3} |"
-            )
-    if "resnet50" in ort:
+    models: list[str],
+) -> list[Goal]:  # fmt: skip
+    """Issue 21's goals over the repeats. An in-process reference is the one measured right
+    before the point when there is one (``--paired``, ``--repeat`` > 1), else the run's passes
+    before and after the sweep."""
+    rows = []
+    for model in LONE_GOAL:
+        gs = by_repeat(points, "gateway", model, "http", 1)
+        if model not in ort or not any(gs):
+            continue
+        refs = [g.get("in_process_b1_p50_ms", ort[model]["batch1_p50_ms"]) if g else None
+                for g in gs]  # fmt: skip
+        extras = [g["p50_ms"] - ref if g and ref else None for g, ref in zip(gs, refs, strict=True)]
+        v = judge(extras, lambda x: x <= 0.3)
+        gw, ref = spread(g["p50_ms"] if g else None for g in gs), spread(refs)
+        paired = all(g is None or "in_process_b1_p50_ms" in g for g in gs)
+        if v.figure and gw and ref:
+            rows.append(Goal(
+                f"c=1 `{model}` p50 <= in-process p50 + 0.3 ms{', paired' if paired else ''}",
+                f"{_range(v.figure, '+.2f', ' ms')} ({gw.median:.2f} vs {ref.median:.2f} ms)",
+                v.met, v.k, v.n,
+            ))  # fmt: skip
+    best_ref = {m: o["best_items_per_s"] for m, o in ort.items()}
+
+    def vs_in_process(g: dict[str, Any]) -> float:
+        return float(g["throughput"] / g.get("in_process_paired", best_ref[g["model"]]))
+
+    for model in BEST_GOAL:
         for protocol, want in (("http", 0.9), ("grpc", 0.9), ("shm", 0.95)):
-            got = [
-                p["throughput"]
-                for p in points
-                if (p["target"], p["model"], p["protocol"]) == ("gateway", "resnet50", protocol)
-                and "error" not in p
-            ]
-            if got:
-                r = max(got) / ort["resnet50"]["best_items_per_s"]
-                lines.append(f"| `resnet50` {protocol} best >= {want}x in-process best batch | "
-                             f"{r:.2f}x | {r >= want} |")  # fmt: skip
-    # The same goals against in-process runs right before each point (``--paired``).
-    for model, want, label in (("resnet50", 0.9, "best"), ("mlp", 0.55, "c=64")):
-        mine = [
-            p for p in points
-            if (p["target"], p["model"], p["protocol"]) == ("gateway", model, "http")
-            and "error" not in p and p.get("in_process_paired")
-            and (label == "best" or p["concurrency"] == 64)
-        ]  # fmt: skip
-        if mine:
-            top = max(mine, key=lambda p: p["throughput"] / p["in_process_paired"])
-            r = top["throughput"] / top["in_process_paired"]
-            lines.append(
-                f"| `{model}` http {label} >= {want}x in-process best batch, paired | {r:.2f}x "
-                f"(c={top['concurrency']}: {top['throughput']:.1f} vs "
-                f"{top['in_process_paired']:.1f}/s) | {r >= want} |"
-            )
-    p = _point(points, target="gateway", model="mlp", protocol="http", concurrency=64)
-    if p is not None and "mlp" in ort:
-        r = p["throughput"] / ort["mlp"]["best_items_per_s"]
-        lines.append(f"| `mlp` c=64 binary >= 0.55x in-process best | {r:.2f}x | {r >= 0.55} |")
+            mine = [p for p in points if (p["target"], p["model"], p["protocol"]) ==
+                    ("gateway", model, protocol) and "error" not in p]  # fmt: skip
+            if model not in ort or not mine:
+                continue
+            best: list[float | None] = []
+            at: list[str] = []
+            for r in range(repeats_in(points)):
+                here = [p for p in mine if p.get("repeat", 0) == r]
+                top = max(here, key=vs_in_process) if here else None
+                best.append(vs_in_process(top) if top else None)
+                at.append(str(top["concurrency"]) if top else "-")
+            v = judge(best, lambda x, want=want: x >= want)
+            paired = all("in_process_paired" in p for p in mine)
+            if v.figure:
+                rows.append(Goal(
+                    f"`{model}` {protocol} best >= {want}x in-process best batch"
+                    f"{', paired' if paired else ''}",
+                    f"{_range(v.figure, '.2f', 'x')} (best at c={','.join(at)})",
+                    v.met, v.k, v.n,
+                ))  # fmt: skip
+    model, protocol, c = C64_GOAL
+    gs = by_repeat(points, "gateway", model, protocol, c)
+    if model in ort and any(gs):
+        v = judge([vs_in_process(g) if g else None for g in gs], lambda x: x >= 0.55)
+        paired = all(g is None or "in_process_paired" in g for g in gs)
+        if v.figure:
+            rows.append(Goal(f"`{model}` c={c} binary >= 0.55x in-process best"
+                             f"{', paired' if paired else ''}",
+                             _range(v.figure, ".2f", "x"), v.met, v.k, v.n))  # fmt: skip
+    summaries = summarize(points)
     for model in models:
-        wins, total, worst_tp, worst_p99 = 0, 0, math.inf, 0.0
-        for p in points:
-            if p["target"] != "gateway" or p["model"] != model or "error" in p:
-                continue
-            t = _point(points, target="triton", model=model, protocol=p["protocol"],
-                       concurrency=p["concurrency"])  # fmt: skip
-            if t is None:
-                continue
-            total += 1
-            tp, p99 = p["throughput"] / t["throughput"], p["p99_ms"] / t["p99_ms"]
-            worst_tp, worst_p99 = min(worst_tp, tp), max(worst_p99, p99)
-            wins += tp > 1 and p99 < 1
-        if total:
-            lines.append(
-                f"| `{model}` vs Triton: higher throughput and lower p99 at every point | "
-                f"{wins}/{total} points; worst throughput {worst_tp:.2f}x, worst p99 "
-                f"{worst_p99:.2f}x | {wins == total} |"
-            )
+        mine = [s for s in summaries if s.model == model]
+        wins, total, k, n = every_point(mine)
+        if not total:
+            continue
+        worst_tp = min(mine, key=lambda s: s.throughput_ratio.median if s.throughput_ratio
+                       else math.inf).throughput_ratio  # fmt: skip
+        worst_p99 = max(mine, key=lambda s: s.p99_ratio.median if s.p99_ratio
+                        else -math.inf).p99_ratio  # fmt: skip
+        rows.append(Goal(
+            f"`{model}` vs Triton: higher throughput and lower p99 at every point",
+            f"{wins}/{total} points on their medians; worst throughput "
+            f"{_range(worst_tp, '.2f', 'x') if worst_tp else 'n/a'}, worst p99 "
+            f"{_range(worst_p99, '.2f', 'x') if worst_p99 else 'n/a'}",
+            wins == total, k, n,
+        ))  # fmt: skip
     for row in mem:
         gap = row["gateway_mb"] - row["session_mb"]
-        lines.append(f"| `{row['model']}` RSS <= ORT session + 50 MB | +{row['gateway_mb']:.0f} "
-                     f"vs +{row['session_mb']:.0f} MB ({gap:+.0f}) | {gap <= 50} |")  # fmt: skip
+        rows.append(Goal(f"`{row['model']}` RSS <= ORT session + 50 MB",
+                         f"+{row['gateway_mb']:.0f} vs +{row['session_mb']:.0f} MB ({gap:+.0f})",
+                         gap <= 50, int(gap <= 50), 0))  # fmt: skip
+    return rows
+
+
+def goal_lines(rows: list[Goal], repeats: int) -> list[str]:
+    """The goals table; with one repeat, as it was before repeats (no k of N column)."""
+    if repeats == 1:
+        lines = ["| goal | figure | met |", "|---|---|---|"]
+        return lines + [f"| {g.goal} | {g.figure} | {'yes' if g.met else 'no'} |" for g in rows]
+    lines = ["| goal | median [range] over the repeats | met (median) | met in k of N repeats |",
+             "|---|---|---|---|"]  # fmt: skip
+    for g in rows:
+        count = "measured once" if g.n == 0 else f"{g.k} of {g.n}"
+        lines.append(f"| {g.goal} | {g.figure} | {'yes' if g.met else 'no'} | {count} |")
     return lines
 
 
-def plot(points: list[dict[str, Any]], ort: dict[str, dict[str, Any]], model: str,
+def plot(summaries: list[PointSummary], ort: dict[str, dict[str, Any]], model: str,
          path: Path) -> bool:  # fmt: skip
+    """p99 against items/s per target and protocol: the medians over the repeats, bars from
+    the lowest to the highest repeat when there are several."""
     try:
         import matplotlib
 
@@ -660,19 +883,30 @@ def plot(points: list[dict[str, Any]], ort: dict[str, dict[str, Any]], model: st
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for target in TARGETS:
         for protocol in PROTOCOLS:
-            curve = sorted(
-                (p for p in points if p["model"] == model and p["target"] == target
-                 and p["protocol"] == protocol and "error" not in p),
-                key=lambda p: p["concurrency"],
-            )  # fmt: skip
+            curve = []
+            for s in sorted(summaries, key=lambda s: s.concurrency):
+                figures = s.gateway if target == "gateway" else s.triton
+                tp, p99 = figures["throughput"], figures["p99_ms"]
+                if s.model == model and s.protocol == protocol and tp and p99:
+                    curve.append((s.concurrency, tp, p99))
             if not curve:
                 continue
             style = "-o" if target == "gateway" else "--s"
             color = {"http": "tab:blue", "grpc": "tab:orange", "shm": "tab:green"}[protocol]
-            ax.plot([p["throughput"] for p in curve], [p["p99_ms"] for p in curve], style,
-                    color=color, label=f"{target} {protocol} (p99)")  # fmt: skip
-            for p in curve:
-                ax.annotate(str(p["concurrency"]), (p["throughput"], p["p99_ms"]), fontsize=7)
+            xs, ys = [tp.median for _, tp, _ in curve], [p99.median for _, _, p99 in curve]
+            if any(tp.n > 1 for _, tp, _ in curve):
+                ax.errorbar(
+                    xs, ys, fmt=style, color=color, label=f"{target} {protocol} (p99)",
+                    xerr=[[tp.median - tp.low for _, tp, _ in curve],
+                          [tp.high - tp.median for _, tp, _ in curve]],
+                    yerr=[[p.median - p.low for _, _, p in curve],
+                          [p.high - p.median for _, _, p in curve]],
+                    elinewidth=0.8, capsize=2,
+                )  # fmt: skip
+            else:
+                ax.plot(xs, ys, style, color=color, label=f"{target} {protocol} (p99)")
+            for (c, _, _), x, y in zip(curve, xs, ys, strict=True):
+                ax.annotate(str(c), (x, y), fontsize=7)
     if model in ort:
         for q in ort[model]["points"]:
             ax.plot(q["items_per_s"], q["ms_per_run_median"], "k^")
@@ -688,16 +922,28 @@ def plot(points: list[dict[str, Any]], ort: dict[str, dict[str, Any]], model: st
     return True
 
 
+def _cell(s: Spread | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if s is None else _range(s, spec, suffix)
+
+
+def _median(s: Spread | None, spec: str = ".2f") -> str:
+    return "n/a" if s is None else f"{s.median:{spec}}"
+
+
 def render(data: dict[str, Any]) -> str:
     points, ort, mem = data["points"], data["in_process"], data["memory"]
+    n = data.get("repeat", 1)
+    summaries = summarize(points)
+    end = data.get("loadavg_at_end")
+    at_end = f", at the end {', '.join(f'{x:.1f}' for x in end)}" if end else ""
     lines = [
         "# Sweep: gateway vs standalone Triton vs in-process ONNX Runtime",
         "",
         f"`{data['command']}`, {data['date']}. {data['machine']['nproc']} CPUs "
         f"({data['machine']['cpu']}), load average at start "
-        f"{', '.join(f'{x:.1f}' for x in data['machine']['loadavg_at_start'])}. "
-        "perf_analyzer shares the cores with the servers; this machine was shared with other "
-        "work during the run, so figures are noisy: compare within one run only.",
+        f"{', '.join(f'{x:.1f}' for x in data['machine']['loadavg_at_start'])}{at_end}"
+        ". perf_analyzer shares the cores with the servers; this machine was shared with "
+        "other work during the run, so figures are noisy: compare within one run only.",
         f"perf_analyzer windows {data['window_ms']} ms (at least 4 in-process batch-1 runs: "
         f"{', '.join(f'{m} {w} ms' for m, w in data.get('windows_ms', {}).items())}) x 3 per "
         "point, batch 1 per request, "
@@ -705,12 +951,23 @@ def render(data: dict[str, Any]) -> str:
         "model's ONNX file with ONNX Runtime in its python backend, the model's own config. "
         "Both servers run throughout; at each point they are measured back to back, in turns "
         "which goes first. In-process: the better of a pass before and a pass after the sweep; "
-        "with `--paired`, also the best batch's items/s in the window right before each point "
-        '(column "vs paired").',
+        "with `--paired` or `--repeat`, also in-process ORT in the window right before the "
+        'point (best batch items/s, column "vs paired"; batch 1 p50 before c=1), which the '
+        "in-process goals then use.",
+    ]
+    if n > 1:
+        lines.append(
+            f"**{n} repeats**: every point measured {n} times, one pass over all points after "
+            "another (who goes first swaps between passes). Figures are the median over the "
+            "repeats; a ratio is taken within each repeat and shown as the median of the "
+            f"{n} ratios [lowest, highest]; a goal is judged on that median, and counted "
+            "repeat by repeat (k of N)."
+        )
+    lines += [
         "",
         "## Goals (ratios from this run)",
         "",
-        *goals(points, ort, mem, data["models"], data["protocols"]),
+        *goal_lines(goals(points, ort, mem, data["models"]), n),
         "",
         "## In-process ONNX Runtime",
         "",
@@ -730,29 +987,29 @@ def render(data: dict[str, Any]) -> str:
             lines += [f"![{model}](sweep-{model}.png)", ""]
         lines += [
             "| protocol | c | gateway /s | p50 ms | p99 ms | Triton /s | p50 ms | p99 ms | "
-            "throughput vs Triton | p99 vs Triton | vs in-process best | vs paired |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "throughput vs Triton | p99 vs Triton | ahead of Triton | vs in-process best | "
+            "vs paired |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
         ]
         best = ort.get(model, {}).get("best_items_per_s")
-        for protocol in data["protocols"]:
-            for c in data["levels"][model]:
-                g = _point(points, target="gateway", model=model, protocol=protocol,
-                           concurrency=c)  # fmt: skip
-                t = _point(points, target="triton", model=model, protocol=protocol,
-                           concurrency=c)  # fmt: skip
-                if g is None and t is None:
-                    continue
-                gv = [g and g["throughput"], g and g["p50_ms"], g and g["p99_ms"]]
-                near = g.get("in_process_paired") if g else None
-                tv = [t and t["throughput"], t and t["p50_ms"], t and t["p99_ms"]]
-                lines.append(
-                    f"| {protocol} | {c} | {_fmt(gv[0], '.1f')} | {_fmt(gv[1])} | {_fmt(gv[2])} "
-                    f"| {_fmt(tv[0], '.1f')} | {_fmt(tv[1])} | {_fmt(tv[2])} "
-                    f"| {_fmt(harness.ratio(gv[0], tv[0]), '.2f', 'x')} "
-                    f"| {_fmt(harness.ratio(gv[2], tv[2]), '.2f', 'x')} "
-                    f"| {_fmt(harness.ratio(gv[0], best), '.2f', 'x')} "
-                    f"| {_fmt(harness.ratio(gv[0], near), '.2f', 'x')} |"
-                )
+        for s in summaries:
+            if s.model != model:
+                continue
+            g, t = s.gateway, s.triton
+            ahead = {True: "yes", False: "no", None: "n/a"}[s.ahead_on_medians]
+            if n > 1 and s.ahead_on_medians is not None:
+                seen = [a for a in s.ahead if a is not None]
+                ahead += f" ({sum(seen)} of {len(seen)})"
+            gv = g["throughput"].median if g["throughput"] else None
+            lines.append(
+                f"| {s.protocol} | {s.concurrency} | {_median(g['throughput'], '.1f')} "
+                f"| {_median(g['p50_ms'])} | {_median(g['p99_ms'])} "
+                f"| {_median(t['throughput'], '.1f')} | {_median(t['p50_ms'])} "
+                f"| {_median(t['p99_ms'])} "
+                f"| {_cell(s.throughput_ratio, '.2f', 'x')} | {_cell(s.p99_ratio, '.2f', 'x')} "
+                f"| {ahead} | {_fmt(harness.ratio(gv, best), '.2f', 'x')} "
+                f"| {_cell(s.paired_ratio, '.2f', 'x')} |"
+            )
     errors = [p for p in points if "error" in p]
     if errors:
         lines += ["", "## Points that failed", ""]
@@ -811,6 +1068,37 @@ def _levels(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _only(text: str) -> list[tuple[str, str, int]]:
+    """``mlp:http:4,resnet50:shm:16`` -> [("mlp", "http", 4), ("resnet50", "shm", 16)]."""
+    found = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) != 3 or parts[0] not in MODELS or parts[1] not in PROTOCOLS:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: want MODEL:PROTOCOL:CONCURRENCY, model one of {', '.join(MODELS)}, "
+                f"protocol one of {', '.join(PROTOCOLS)}"
+            )
+        try:
+            concurrency = int(parts[2])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: concurrency is not a number") from None
+        if concurrency < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: concurrency must be >= 1")
+        found.append((parts[0], parts[1], concurrency))
+    if not found:
+        raise argparse.ArgumentTypeError("no points given")
+    return list(dict.fromkeys(found))
+
+
+def _repeat(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
 def heavy_levels(model: harness.Model) -> list[int]:
     """A heavy model's concurrencies: 1 (a lone request), half and all of ``max_batch_size``
     ``m``, and ``2m``: the gateway forms a batch while another runs (``batch_pipeline``), so the
@@ -848,6 +1136,24 @@ def main() -> int:
         action="store_true",
         help="in-process best batch right before each point, for ratios on a busy machine",
     )
+    parser.add_argument(
+        "--repeat",
+        type=_repeat,
+        default=1,
+        metavar="N",
+        help="measure every point N times, one pass over all points after another; judge the "
+        "goals on the median of the N ratios and count the repeats that met each (implies "
+        "in-process references right before the points the goals read, as --paired does)",
+    )
+    parser.add_argument(
+        "--only",
+        type=_only,
+        default=None,
+        metavar="MODEL:PROTOCOL:C,...",
+        help="measure just these points (e.g. mlp:http:4,resnet50:shm:16), to settle close "
+        "ones without a full sweep; overrides --models, --protocols and the levels, and skips "
+        "memory and copies",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-copies", action="store_true")
     parser.add_argument(
@@ -860,6 +1166,10 @@ def main() -> int:
         args.window_ms, args.in_process_s, args.copy_requests = 500, 0.3, 3
     models = [m for m in args.models.split(",") if m]
     protocols = [p for p in args.protocols.split(",") if p]
+    if args.only:
+        models = list(dict.fromkeys(m for m, _, _ in args.only))
+        protocols = list(dict.fromkeys(p for _, p, _ in args.only))
+        args.no_memory = args.no_copies = True
     targets = [t for t in args.targets.split(",") if t]
     levels = {m: args.concurrency for m in models if m not in HEAVY}
     data: dict[str, Any] = {
@@ -868,6 +1178,7 @@ def main() -> int:
         "machine": harness.machine_info(),
         "models": models, "protocols": protocols, "levels": levels,
         "window_ms": args.window_ms, "copy_requests": args.copy_requests,
+        "repeat": args.repeat, "only": args.only,
         "points": [], "memory": [], "copies": None,
     }  # fmt: skip
     pa = perf_analyzer()
@@ -876,7 +1187,9 @@ def main() -> int:
         (work / "repo").mkdir()
         repo = build_repo(work / "repo", models)
         for m in models:
-            if m in HEAVY:
+            if args.only:
+                levels[m] = sorted({c for om, _, c in args.only if om == m})
+            elif m in HEAVY:
                 levels[m] = args.heavy_concurrency or heavy_levels(harness.read_model(repo, m))
         first = in_process(repo, models, args.in_process_s)
         with contextlib.ExitStack() as stack:
@@ -902,8 +1215,21 @@ def main() -> int:
             # busy): perf_analyzer refuses a window in which no request finished.
             windows = {m: max(args.window_ms, round(4 * first[m]["batch1_p50_ms"])) for m in models}
             data["windows_ms"] = windows
-            paired = PairedReference(repo, first, args.window_ms / 1e3) if args.paired else None
-            data["points"] = sweep(pa, servers, repo, models, levels, windows, work, paired)
+            served = {p for _, wanted in servers.values() for p in wanted}
+            points_plan = plan(models, [p for p in protocols if p in served], levels, args.only)
+            # perf_analyzer: three windows a run and ~1.5 s of its own start and warm-up.
+            per_pass_s = sum(len(servers) * (3 * windows[m] / 1e3 + 1.5) for m, _, _ in points_plan)
+            minutes = per_pass_s * args.repeat / 60
+            print(f"{len(points_plan)} points x {args.repeat} repeat(s): about {minutes:.1f} min "
+                  "of perf_analyzer", flush=True)  # fmt: skip
+            paired = (
+                PairedReference(repo, first, args.window_ms / 1e3, everywhere=args.paired)
+                if args.paired or args.repeat > 1
+                else None
+            )
+            data["points"] = sweep(pa, servers, repo, points_plan, windows, work, paired,
+                                   args.repeat)  # fmt: skip
+            data["loadavg_at_end"] = list(os.getloadavg())
         # Again after the sweep: the better of the two is the limit (the machine is shared).
         data["in_process"] = best_of(first, in_process(repo, models, args.in_process_s))
         if not args.no_memory:
@@ -915,7 +1241,8 @@ def main() -> int:
                     repo, "resnet50", work, args.copy_requests, args.copies_baseline
                 )
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    data["plots"] = [m for m in models if plot(data["points"], data["in_process"], m,
+    summaries = summarize(data["points"])
+    data["plots"] = [m for m in models if plot(summaries, data["in_process"], m,
                                                 args.out_dir / f"sweep-{m}.png")]  # fmt: skip
     text = render(data)
     print(text)

@@ -118,6 +118,12 @@ class Settings:
     # wake-up per op while loaded batches keep the session that does not spin. It costs a
     # second session's memory (mlp: +77-100 MiB RSS). 0: none (README, "ONNX Runtime threads").
     ort_lone_spin_us: int = 0
+    # A model that does not spin (its runs too long, above) still spins while a run goes, each
+    # wait of a pool thread at most this many microseconds (ORT's spin_duration_us): the next
+    # op finds the threads awake (resnet50 has ~120 parallel ops a run, each a futex wake-up
+    # without), while a thread waiting on a preempted one burns at most this much, not ORT's
+    # ~1M pauses. 0: such models do not spin at all (README, "ONNX Runtime threads").
+    ort_long_spin_us: int = 0
     warmup: bool = True
     # Python's cyclic GC runs its youngest generation every N net container allocations (700 by
     # default). Each request allocates and frees short-lived objects that outlive that window
@@ -350,6 +356,8 @@ class Settings:
             raise SettingsError(f"ort_spin_max_run_ms must be >= 0, got {self.ort_spin_max_run_ms}")
         if self.ort_lone_spin_us < 0:
             raise SettingsError(f"ort_lone_spin_us must be >= 0, got {self.ort_lone_spin_us}")
+        if self.ort_long_spin_us < 0:
+            raise SettingsError(f"ort_long_spin_us must be >= 0, got {self.ort_long_spin_us}")
         if self.inline_max_ms < 0:
             raise SettingsError(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.gc_threshold < 0 or self.gil_switch_interval_us < 0:

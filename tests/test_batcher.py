@@ -763,6 +763,19 @@ async def prime(
     backend.run_s, backend.compute_s = 0.0, None
 
 
+async def pipelined(
+    backend: Recorder, runs: list[tuple[float, float | None]]
+) -> tuple[Clock, Batcher]:
+    """A batcher on its own clock that forms one batch ahead (max 16, preferred 2), primed
+    with ``runs``."""
+    clock = Clock(100.0)
+    backend.clock = clock
+    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(2,), pipeline=1)
+    batcher, _ = make(policy, backend, clock)
+    await prime(batcher, backend, runs)
+    return clock, batcher
+
+
 @pytest.mark.parametrize(
     ("runs", "average_s"),
     [
@@ -866,6 +879,81 @@ async def test_a_second_batch_formed_ahead_waits_a_round_more() -> None:
     await batcher.close()
 
 
+async def test_when_a_batch_ends_is_judged_by_runs_of_its_size() -> None:
+    """A heavy model's batch of 8 runs about 8 times as long as a batch of 2: the batch formed
+    behind a running 8 keeps growing for three quarters of an 8's run, not of the average of
+    all sizes (which sent it early with half its clients back: batches of 3-5 of 8 at 16
+    closed-loop clients of bert_encoder)."""
+    backend = Recorder()
+    clock, batcher = await pipelined(backend, [(0.25, None)] * 3)  # batches of 2: 0.25 s
+    backend.run_s = 1.0
+    await asyncio.wait_for(batcher.enqueue(rows(0, 8), 8).future, 1.0)  # one of 8: 1 s
+    backend.run_s, backend.gate = 0.0, asyncio.Event()  # (the average of all: 0.4 s)
+    running = batcher.enqueue(rows(1, 8), 8)
+    await wait_for_batches(backend, 5)
+    started_s = clock.now_s
+    clock.now_s = started_s + 0.75 - 1e-9  # past 3/4 of the average run, not of an 8's
+    ahead = [batcher.enqueue(row(i)) for i in range(3)]
+    await asyncio.sleep(0.005)
+    assert backend.batches[4:] == [8]
+    clock.now_s = started_s + 0.75
+    await wait_for_batches(backend, 6)
+    assert backend.batches[4:] == [8, 3]
+    backend.gate.set()
+    await asyncio.wait_for(asyncio.gather(running.future, *(i.future for i in ahead)), 1.0)
+    await batcher.close()
+
+
+class Held(Recorder):
+    """A recorder whose batches, while ``hold``, each wait for their own gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.gates: list[asyncio.Event] = []
+
+    async def __call__(
+        self, inputs: Tensors, outputs: Sequence[str], deadline_s: float | None = None
+    ) -> Executed:
+        if not self.hold:
+            return await super().__call__(inputs, outputs, deadline_s)
+        self.batches.append(len(inputs["X"]))
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        return Executed({"Y": inputs["X"] * 2}, "", self.compute_s, 0.0, 0.0)
+
+
+async def test_a_batch_that_waited_for_an_instance_runs_from_when_it_got_one() -> None:
+    """A batch handed over ahead waits in the backend until the running one ends; the next
+    batch formed behind it counts three quarters of a run from that end, not from when the
+    waiting one was handed over (a quarter of a run before: the next batch then went half a
+    run early)."""
+    backend = Held()
+    clock, batcher = await pipelined(backend, [(1.0, None)])
+    backend.hold, backend.compute_s = True, 1.0  # each run takes 1 s of compute
+    first = batcher.enqueue(rows(1, 2), 2)
+    await wait_for_batches(backend, 2)
+    started_s = clock.now_s
+    clock.now_s = started_s + 0.75
+    second = batcher.enqueue(rows(1, 2), 2)  # formed ahead, handed over at once
+    await wait_for_batches(backend, 3)
+    clock.now_s = started_s + 1.5
+    backend.gates[0].set()  # the first ends: the second runs from now
+    await asyncio.wait_for(first.future, 1.0)
+    clock.now_s = started_s + 2.25 - 1e-9
+    third = batcher.enqueue(rows(1, 2), 2)
+    await asyncio.sleep(0.005)
+    assert backend.batches == [2, 2, 2]  # still forming behind the second
+    clock.now_s = started_s + 2.25
+    await wait_for_batches(backend, 4)
+    assert backend.batches == [2, 2, 2, 2]
+    for gate in backend.gates:
+        gate.set()
+    await asyncio.wait_for(asyncio.gather(second.future, third.future), 1.0)
+    await batcher.close()
+
+
 async def test_closing_sends_the_batch_being_formed() -> None:
     backend = Recorder()
     batcher, _ = make(BatchPolicy(max_batch_size=8, max_queue_delay_s=10.0), backend, Clock())
@@ -879,12 +967,8 @@ async def test_closing_sends_the_batch_being_formed() -> None:
 async def test_a_failed_batch_is_not_taken_for_a_running_one() -> None:
     """A batch that failed leaves nothing behind for the estimate of when an instance frees:
     much later, a batch formed ahead still waits for the batch that is really running."""
-    clock = Clock(100.0)
     backend = Recorder()
-    backend.clock = clock
-    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(2,), pipeline=1)
-    batcher, _ = make(policy, backend, clock)
-    await prime(batcher, backend, [(1.0, None)])
+    clock, batcher = await pipelined(backend, [(1.0, None)])
     backend.error = ValueError("boom")
     with pytest.raises(GatewayError):
         await asyncio.wait_for(batcher.enqueue(rows(0, 2), 2).future, 1.0)

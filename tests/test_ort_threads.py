@@ -230,6 +230,33 @@ async def _dense(tmp_path: Path, **settings: object) -> Any:
     return await factory.load(LocalRepository(tmp_path).source("dense"), 1)
 
 
+async def test_long_runs_spin_a_bounded_while_with_ort_long_spin_us(tmp_path: Path) -> None:
+    """``ort_long_spin_us``: a model whose runs are too long to spin freely spins while a run
+    goes, each wait at most that long, and stops when the run returns; the metadata says so.
+    Without it (the default) such a model does not spin at all."""
+    bounded = await _dense(tmp_path, ort_spin_max_run_ms=1e-9, ort_long_spin_us=60)
+    plain = await _dense(tmp_path / "plain", ort_spin_max_run_ms=1e-9)
+    try:
+        session = bounded._free.get_nowait()
+        bounded._free.put(session)
+        assert _entry(session, "session.intra_op.allow_spinning") == "1"
+        assert _entry(session, "session.intra_op.spin_duration_us") == "60"
+        assert _entry(session, "session.force_spinning_stop") == "1"
+        assert bounded.spinning is True and bounded.spin_duration_us == 60
+        assert bounded.describe()["ort_spin_duration_us"] == 60
+        assert not bounded.lone_session  # the same one session: no second copy of the weights
+        x = np.ones((2, 64), np.float32)
+        ran = await bounded.execute({"X": x}, ["Y"])
+        np.testing.assert_allclose(
+            ran.outputs["Y"], (await plain.execute({"X": x}, ["Y"])).outputs["Y"]
+        )
+        assert plain.spinning is False and plain.spin_duration_us is None
+        assert "ort_spin_duration_us" not in plain.describe()
+    finally:
+        await bounded.close()
+        await plain.close()
+
+
 async def test_lone_batches_run_on_a_spinning_session_of_their_own(tmp_path: Path) -> None:
     """``ort_lone_spin_us``: a model that does not spin (its runs too long for
     ``ort_spin_max_run_ms``) but would run inline gets a second session whose pool spins, idle

@@ -456,15 +456,19 @@ def _name_os_thread(name: str) -> None:
         libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
-def _spinning(session: Any) -> bool | None:
-    """Whether a session's intra-op threads may spin (None: a session that does not say)."""
+def _entry_of(session: Any, key: str) -> str | None:
+    """A session's config entry (None: a stand-in session, or one without the entry)."""
     try:
-        entry = session.get_session_options().get_session_config_entry(
-            "session.intra_op.allow_spinning"
-        )
-    except Exception:  # a stand-in session, or ORT without the entry (its default: spin)
+        return str(session.get_session_options().get_session_config_entry(key))
+    except Exception:  # ORT raises when the entry is not there
         return None
-    return bool(entry != "0")
+
+
+def _spinning(session: Any) -> bool | None:
+    """Whether a session's intra-op threads may spin (None: a session that does not say; ORT's
+    default then is to spin)."""
+    entry = _entry_of(session, "session.intra_op.allow_spinning")
+    return None if entry is None else entry != "0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,6 +522,9 @@ class OnnxRuntimeBackend(Backend):
         self._device_failures = 0
         self.inline = inline
         self.spinning = _spinning(sessions[0]) if sessions else None
+        bound = _entry_of(sessions[0], "session.intra_op.spin_duration_us") if sessions else None
+        # how long a pool thread spins at most before it sleeps (ort_long_spin_us), if bounded
+        self.spin_duration_us = int(bound) if self.spinning and bound else None
 
     @property
     def config(self) -> ModelConfig:
@@ -682,6 +689,8 @@ class OnnxRuntimeBackend(Backend):
             facts["cuda_device_ids"] = devices
         if self.spinning is not None:  # whether ORT's intra-op threads busy-wait (README)
             facts["ort_spinning"] = self.spinning
+            if self.spin_duration_us is not None:  # each wait at most this long
+                facts["ort_spin_duration_us"] = self.spin_duration_us
         if self._lone is not None:  # lone batches on a spinning session (ort_lone_spin_us)
             facts["ort_lone_session"] = True
         return facts
@@ -768,6 +777,17 @@ class OnnxRuntimeFactory(BackendFactory):
         }
         if while_running:
             entries["session.force_spinning_stop"] = "1"
+        bound_us = self._settings.ort_long_spin_us
+        if spin is False and fits and not self._settings.ort_spinning and bound_us > 0:
+            # Runs too long to spin freely still spin while a run goes, each wait at most
+            # ``ort_long_spin_us``: the next op finds its threads awake, and a thread that
+            # waits on a preempted one burns that much at most.
+            entries = {
+                "session.intra_op.allow_spinning": "1",
+                "session.inter_op.allow_spinning": "1",
+                "session.intra_op.spin_duration_us": str(bound_us),
+                "session.force_spinning_stop": "1",
+            }
         if lone_us > 0:
             entries = {
                 "session.intra_op.allow_spinning": "1",

@@ -302,6 +302,20 @@ def _answer(batch: list[Queued], outputs: Tensors) -> None:
         start = end
 
 
+@dataclass(slots=True)
+class _Started:
+    """A batch handed to the backend: since when it runs (while it still ``waits`` for an
+    instance there: since it was handed over), and its rows."""
+
+    at_s: float
+    rows: int
+    waits: bool
+
+
+def _at(started: _Started) -> float:
+    return started.at_s
+
+
 class Batcher:
     """Queue + scheduler for one model version."""
 
@@ -331,8 +345,11 @@ class Batcher:
         self._capacity = capacity or (lambda: policy.instance_count)
         self._busy = 0  # batches formed and not finished
         self._freed = asyncio.Event()
-        self._started: dict[int, float] = {}  # id(batch) -> when it went to the backend
+        self._started: dict[int, _Started] = {}  # id(batch) -> its run, handed to the backend
         self._compute_s: float | None = None  # moving average of one execution
+        # ... and of one of so many rows: a batch of 8 of a heavy model runs about 8 times as
+        # long as a batch of 1, so one average for all sizes misjudges when a batch ends
+        self._compute_by_rows: dict[int, float] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
         # What wakes the scheduler while it waits: ``_wake_rows`` rows arriving (1 while it
@@ -613,7 +630,8 @@ class Batcher:
                         return
                     break
             started = self._clock()
-            self._started[id(batch)] = started
+            waits = len(self._started) >= max(1, self._capacity())
+            self._started[id(batch)] = _Started(started, rows, waits)
             queued_ns = 0
             request_ids: list[str] = []
             deadline_s = None
@@ -660,6 +678,8 @@ class Batcher:
             one_s = ran_s if ran_s is not None else compute_ns / 1e9
             average = self._compute_s
             self._compute_s = one_s if average is None else 0.8 * average + 0.2 * one_s
+            average = self._compute_by_rows.get(rows)
+            self._compute_by_rows[rows] = one_s if average is None else 0.8 * average + 0.2 * one_s
             if ran_s is not None and ran_s * 1e9 < compute_ns:  # the rest: waiting for an instance
                 waited_ns = compute_ns - int(ran_s * 1e9)
                 compute_ns -= waited_ns
@@ -776,22 +796,31 @@ class Batcher:
 
     def _release(self, batch: list[Queued] | None = None) -> None:
         """Give back a batch slot (and forget when ``batch`` started)."""
-        if batch is not None:
-            self._started.pop(id(batch), None)
+        ended = None if batch is None else self._started.pop(id(batch), None)
+        if ended is not None and not ended.waits:
+            for entry in self._started.values():  # (in the order they went to the backend)
+                if entry.waits:  # the batch that waited for this one's instance runs from now
+                    entry.at_s, entry.waits = self._clock(), False
+                    break
         self._busy -= 1
         self._freed.set()
         self._arrived.set()  # a batch formed ahead stops waiting for more
 
     def _instance_free_at(self) -> float | None:
         """When the batch being formed could start, if every instance is busy until then
-        (estimated from the oldest running batch and the average execution), less a margin for
-        the hand-over; None when an instance is free now or nothing is known yet."""
+        (estimated from the oldest running batch and the average execution of its size), less a
+        margin for the hand-over; None when an instance is free now or nothing is known yet."""
         capacity = max(1, self._capacity())
         ahead = self._busy - 1  # this batch is counted already
         if ahead < capacity or self._compute_s is None or not self._started:
             return None
         rounds = -(-ahead // capacity)
-        return min(self._started.values()) + self._compute_s * (rounds - 0.25)
+        # the oldest batch that runs (one that still waits behind it went to the backend early)
+        oldest = min((e for e in self._started.values() if not e.waits), key=_at, default=None)
+        if oldest is None:
+            return None
+        compute_s = self._compute_by_rows.get(oldest.rows, self._compute_s)
+        return oldest.at_s + compute_s * (rounds - 0.25)
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Stop taking requests, let queued and running ones finish, then stop the scheduler."""
