@@ -12,7 +12,8 @@ registers the object with the resource tracker, which unlinks it when this proce
 gateway would destroy its clients' memory.
 
 Safety: every offset and size is checked against the region, and the region against the
-object's size now (a read past the end of a shrunk object would be SIGBUS, not an exception).
+object's size now, for every request (once for its references in a row to one region): a read
+past the end of a shrunk object would be SIGBUS, not an exception.
 Unregistering while requests use a region is safe: they hold views of the mapping, and the
 mapping is unmapped only when the last of them is gone (``mmap.close`` refuses while views
 exist; then the last reference unmaps it). A client that shrinks its object while a request
