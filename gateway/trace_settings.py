@@ -97,8 +97,16 @@ def configured() -> bool:
     return _startup is not None
 
 
+# The largest trace_rate reported: a ratio whose inverse is beyond it (or not finite: 1e-320)
+# is reported as this (one trace in 2**63 - 1 requests is none, as near as matters).
+MAX_RATE = 2**63 - 1
+
+
 def _rate_of(ratio: float) -> str:
-    return str(round(1 / ratio)) if ratio > 0 else "0"
+    if ratio <= 0:
+        return "0"
+    inverse = 1 / ratio
+    return str(round(inverse)) if inverse < MAX_RATE else str(MAX_RATE)
 
 
 def trace_setting(model: str | None = None) -> dict[str, Any]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
 
 from gateway import context
-from gateway.batching import Batcher, BatchPolicy, Executed
+from gateway.batching import Batcher, BatchPolicy, Executed, clients
 from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady, QueueFull, Unavailable
 from gateway.stats import ModelStats
 
@@ -1190,6 +1190,89 @@ async def test_company_that_arrives_joins_the_waiting_batch() -> None:
     await asyncio.wait_for(third.future, 1.0)
     assert backend.batches == [1, 2]
     await batcher.close()
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Report connections open on the running loop, as the front ends do (long open: the
+    "opened lately" guard is off); all closed again at the end."""
+    monkeypatch.setattr(clients, "RECENT_OPEN_S", 0.0)
+    opened: list[tuple[asyncio.AbstractEventLoop, bool]] = []
+
+    def open_(count: int, multiplexed: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(count):
+            clients.opened(loop, multiplexed)
+            opened.append((loop, multiplexed))
+
+    yield open_
+    for loop, multiplexed in opened:
+        clients.closed(loop, multiplexed)
+
+
+async def test_a_batch_holding_every_connections_request_goes_at_once(
+    connections: Callable[..., None],
+) -> None:
+    """The rate says wait (as in the test above), but the one connection open has its request
+    in this batch: nobody can join before it is answered, so it goes without waiting."""
+    connections(1)
+    batcher, backend, _ = await arrive_while_busy(DELAY_S / 4, DELAY_S)
+    await wait_for_batches(backend, 2)
+    assert backend.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_a_batch_goes_once_the_last_connection_that_could_send_has(
+    connections: Callable[..., None],
+) -> None:
+    """Two connections, one request in: it waits for the other's, then goes at once (no
+    waiting out the delay for a fuller batch that nobody can send)."""
+    connections(2)
+    batcher, backend, _ = await arrive_while_busy(DELAY_S / 4, DELAY_S)
+    await asyncio.sleep(2 * DELAY_S)
+    assert backend.batches == [1]  # one connection may still send
+    third = batcher.enqueue(row(2))
+    await asyncio.wait_for(third.future, 1.0)  # the clock does not move
+    assert backend.batches == [1, 2]
+    await batcher.close()
+
+
+@pytest.mark.parametrize("open_lately", [False, True])
+async def test_a_multiplexed_or_new_connection_leaves_the_wait_to_the_rate(
+    connections: Callable[..., None], monkeypatch: pytest.MonkeyPatch, open_lately: bool
+) -> None:
+    """A connection that carries several requests at once (gRPC), or connections opened
+    lately (clients that connect per request), may send more at any time: the rate decides."""
+    if open_lately:
+        monkeypatch.setattr(clients, "RECENT_OPEN_S", 3600.0)
+        connections(1)
+    else:
+        connections(1)
+        connections(1, multiplexed=True)
+    batcher, backend, clock = await arrive_while_busy(DELAY_S / 4, DELAY_S)
+    await asyncio.sleep(2 * DELAY_S)
+    assert backend.batches == [1]  # B waits for company, as the rate says
+    clock.now_s += DELAY_S
+    await wait_for_batches(backend, 2)
+    await batcher.close()
+
+
+def test_who_may_send_on_a_loop() -> None:
+    """The count behind the rule: unknown (None) until a front end reports a connection, and
+    again once the last one closes."""
+    loop = asyncio.new_event_loop()
+    try:
+        assert clients.may_send(loop, 0) is None
+        clients.opened(loop)
+        clients.opened(loop)
+        assert clients.may_send(loop, 0) is None  # just opened
+        clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S
+        assert [clients.may_send(loop, n) for n in (0, 1, 2, 3)] == [2, 1, 0, 0]
+        clients.closed(loop)
+        clients.closed(loop)
+        assert clients.may_send(loop, 0) is None and loop not in clients._BY_LOOP
+    finally:
+        loop.close()
 
 
 async def test_the_arrival_rate_decays_and_counts_busy_time_without_arrivals() -> None:

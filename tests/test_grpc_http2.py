@@ -31,6 +31,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from gateway.batching import clients
 from gateway.grpc import http2
 from gateway.grpc.calls import grpc_timeout_s, percent_encode
 from gateway.grpc.http2 import HeaderDecoder, _changes_table
@@ -1308,5 +1309,21 @@ def test_frames_cut_by_reads_read_the_same_and_whole_ones_stay_in_their_read() -
         assert len(payloads) == 6 and payloads[0].obj is not second  # the cut frame: joined
         assert all(p.obj is second for p in payloads[1:])  # the rest: where they arrived
         conn.connection_lost(None)
+    finally:
+        loop.close()
+
+
+def test_a_connection_counts_as_one_that_may_send_any_number_at_once() -> None:
+    """An HTTP/2 connection carries any number of calls at once: while it is open the batcher
+    cannot bound who may still send (``gateway.batching.clients``)."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn = http2.Connection(lambda stream, _: _Collect(stream, []), loop)
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S
+        assert clients._BY_LOOP[loop].multiplexed == 1
+        assert clients.may_send(loop, 1000) is None
+        conn.connection_lost(None)
+        assert loop not in clients._BY_LOOP
     finally:
         loop.close()

@@ -523,6 +523,19 @@ def test_any_trace_setting_body_is_applied_whole_or_refused(
     assert float(after["trace_sample_ratio"]) <= 1 and int(after["trace_count"]) >= -1
 
 
+def test_a_sample_ratio_too_small_to_invert_is_reported(traced_once: None) -> None:
+    """A subnormal ratio (found by the property test above): its inverse is not finite, so
+    the GET reports the largest trace_rate instead of failing."""
+    try:
+        after = trace_settings.update_trace_setting("dense", {"trace_sample_ratio": "1e-320"})
+        assert after["trace_rate"] == str(trace_settings.MAX_RATE)
+        assert trace_settings.trace_setting("dense") == after
+        half = trace_settings.update_trace_setting("dense", {"trace_sample_ratio": "0.5"})
+        assert half["trace_rate"] == "2"
+    finally:
+        trace_settings.update_trace_setting("dense", {"trace_sample_ratio": None})
+
+
 def test_cold_start_forwarding_in_the_requests_trace(
     tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:

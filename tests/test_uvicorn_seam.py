@@ -26,6 +26,7 @@ from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from gateway.batching import clients
 from gateway.server import connections
 from gateway.server.connections import (
     HOOKS,
@@ -393,3 +394,19 @@ async def _drain(protocol: ConnectionProtocol) -> None:
     for _ in range(20):
         await asyncio.sleep(0)
     protocol.connection_lost(None)
+
+
+async def test_a_connection_counts_for_the_batchers_who_may_send() -> None:
+    """An HTTP/1.1 connection carries one request at a time: open, it counts among those who
+    may still send (``gateway.batching.clients``), and stops counting when it is lost."""
+    loop = asyncio.get_running_loop()
+
+    def single() -> int:
+        known = clients._BY_LOOP.get(loop)
+        return 0 if known is None else known.single
+
+    before = single()
+    protocol, _ = _connect(_App())
+    assert single() == before + 1
+    protocol.connection_lost(None)
+    assert single() == before

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from gateway import context, tracing
+from gateway.batching import clients
 from gateway.batching.queue import PriorityQueue, QueuePolicy
 from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady
 from gateway.stats import ModelStats
@@ -560,7 +561,12 @@ class Batcher:
                     # An instance is free: waiting idles it, worth it only if company comes;
                     # decided again after two expected gaps without any (the rate then fell).
                     probing = False
+                    senders = None  # how many more requests can come at most (None: unknown)
                     if free_at is None and policy.adaptive_delay:
+                        outstanding = _LOOP_OUTSTANDING.get(self._loop, 0)
+                        senders = clients.may_send(self._loop, outstanding)
+                        if senders == 0:
+                            break  # every client that could join is in already
                         rate = self.arrival_rate(now)
                         if rate * wait_s >= 1.0:
                             wait_s = min(wait_s, max(2.0 / rate, MIN_RECHECK_S))
@@ -576,6 +582,8 @@ class Batcher:
                         target = min(
                             (n for n in policy.preferred_batch_sizes if n > rows), default=target
                         )
+                    if senders is not None:  # and once they are all in, it goes
+                        target = min(target, rows + senders)
                     self._wait_for(target - rows, first.signature)
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(wait_s):

@@ -10,11 +10,13 @@ credentials (:mod:`gateway.grpc.tls`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import grpc  # type: ignore[import-untyped]  # no stubs in the venv
 
+from gateway.batching import clients
 from gateway.credentials import Credentials
 from gateway.dataplane import DataPlane
 from gateway.grpc.server import ADMIN_METHODS, InferenceServicer, method_handlers, refusal
@@ -141,10 +143,14 @@ class GrpcServer:
             raise OSError(f"cannot bind gRPC to {self.address}: {exc}") from None
         await server.start()
         self._server = server
+        # grpc.aio's connections are not seen one by one: as if one carrying any number of
+        # calls were always open (the batcher's count of who may send)
+        clients.opened(asyncio.get_running_loop(), multiplexed=True)
         log.info("gRPC listening on %s%s", self.address, " (TLS)" if tls else "")
 
     async def stop(self) -> None:
         """Refuse new RPCs, let running ones finish within ``grace_s``."""
         server, self._server = self._server, None
         if server is not None:
+            clients.closed(asyncio.get_running_loop(), multiplexed=True)
             await server.stop(self.grace_s)

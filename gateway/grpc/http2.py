@@ -51,6 +51,8 @@ from typing import Any, Protocol
 
 import hpack
 
+from gateway.batching import clients
+
 __all__ = [
     "PREFACE",
     "Connection",
@@ -519,6 +521,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's too)
+        clients.opened(self.loop, multiplexed=True)  # any number of calls at once
         tls = transport.get_extra_info("ssl_object")
         if tls is not None and tls.selected_alpn_protocol() != "h2":
             # HTTP/2 over TLS is agreed by ALPN (RFC 9113 3.2); grpc's servers refuse a client
@@ -582,6 +585,7 @@ class Connection(asyncio.Protocol):
             self._fail(PROTOCOL_ERROR, "no HTTP/2 preface and SETTINGS in time")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        clients.closed(self.loop, multiplexed=True)
         for timer in (self._handshake_timer, self._send_timer, self._idle_timer):
             if timer is not None:
                 timer.cancel()

@@ -70,6 +70,8 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from gateway.batching import clients
+
 HOOKS = "gateway.connection"  # scope key
 
 # Every name of uvicorn's this module uses, beyond the two modules' constants imported above.
@@ -458,6 +460,7 @@ class ConnectionProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        clients.opened(self.loop)  # one request at a time: the batcher's count of who may send
         self.gathering = GatheringTransport(transport, self.loop)
         super().connection_made(self.gathering)  # type: ignore[arg-type]
         self._arm(_HEAD)
@@ -621,6 +624,7 @@ class ConnectionProtocol(HttpToolsProtocol):
             self._keep_alive = None
         self._disarm()
         self._stage = _IDLE
+        clients.closed(self.loop)
         super().connection_lost(exc)
         on_lost, self.hooks.on_lost = self.hooks.on_lost, None
         if on_lost is not None:
