@@ -227,7 +227,15 @@ class Pending:
             # A refusal's traceback holds the frame that refused it, and that frame this
             # Pending (and the front end's call): a cycle only the collector frees, whose
             # passes stall the loop. Refusals are answered, never logged with their stack.
-            error.__traceback__ = None
+            # So do the tracebacks of the errors it was raised from or while handling (a
+            # body that does not decode: ``raise InvalidInput(...) from None`` still keeps
+            # the parser's error, and its frames, as ``__context__``).
+            chained: BaseException | None = error
+            for _ in range(8):  # a chain is short; bounded all the same
+                if chained is None:
+                    break
+                chained.__traceback__ = None
+                chained = chained.__cause__ or chained.__context__
         self.error = error
         self.execution = execution
         if self._more_callbacks is None:  # the usual case, inline: one front end's callback

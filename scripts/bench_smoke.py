@@ -65,7 +65,7 @@ HEAVY = "heavy models"
 GIT = "a git checkout"
 
 SMOKES: tuple[Smoke, ...] = (
-    Smoke("shm_micro", (), 60),
+    Smoke("shm_micro", ("a:", "b:", "--rounds", "1", "--out", "{out}/shm_micro.md"), 60),
     Smoke("rest_path", ("--requests", "500", "--repeat", "1", "--out", "{out}/rest_path.md"), 60),
     Smoke(
         "serving",

@@ -95,14 +95,15 @@ async def _until(check: object, timeout_s: float) -> bool:
 async def test_next_pull_reuses_the_connection_the_index_check_kept_open(
     repo: Path, tmp_path: Path
 ) -> None:
-    """A node closes a connection idle for 1 s; the edge checks every 0.4 s, so a new version
-    pulled 2.5 s after the last one crosses on the connection already open."""
-    node = start_gateway(repo, tmp_path, env={"GATEWAY_KEEPALIVE_TIMEOUT_S": "1"})
+    """A node closes a connection idle for 2 s; the edge checks every 0.4 s, so a new version
+    pulled 3 s after the last one crosses on the connection already open. (With 1 s of
+    keep-alive a check that a loaded CI machine delayed by 0.6 s let the node close it.)"""
+    node = start_gateway(repo, tmp_path, env={"GATEWAY_KEEPALIVE_TIMEOUT_S": "2"})
     relay = CountingRelay(node.port)
     edge = open_edge(f"http://127.0.0.1:{relay.port}", tmp_path / "cache", edge_poll_s=0.4)
     try:
         await edge.fetch("m")
-        await asyncio.sleep(2.5)  # more than the node's keep-alive
+        await asyncio.sleep(3.0)  # more than the node's keep-alive
         publish(repo, "m", 2, edit(random_bytes(SIZE, 1), 1000, 4000))
         await asyncio.sleep(0.3)
         opened = relay.connections

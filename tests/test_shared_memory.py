@@ -866,3 +866,69 @@ def test_outputs_of_every_layout_are_written_byte_for_byte(tmp_path: Path) -> No
         assert data[start + len(written) : start + 32] == b"\xee" * (32 - len(written)), name
     del request
     registry.close()
+
+
+def test_resolve_refuses_every_region_whose_object_shrank(tmp_path: Path) -> None:
+    """``resolve`` reads an object's size once for references in a row to the same region,
+    and again for each other region, inputs and outputs alike: a shrunk object behind any
+    reference of a request is refused (reading it would be SIGBUS), in the region's name."""
+    registry = _objects(tmp_path, a=128, b=128, c=128)
+    for name in ("a", "b", "c"):
+        registry.register(name, f"/{name}", 0, 128)
+
+    def request(inputs: tuple[str, str], outputs: tuple[str, ...] = ()) -> InferRequest:
+        return InferRequest(
+            inputs={},
+            shared_inputs={
+                f"X{n}": SharedInput("INT32", (1, 4), SharedMemoryRef(region, 16, 16 * n))
+                for n, region in enumerate(inputs)
+            },
+            outputs=[
+                RequestedOutput(f"Y{n}", shared=SharedMemoryRef(region, 16, 64 + 16 * n))
+                for n, region in enumerate(outputs)
+            ],
+        )
+
+    whole = request(("a", "a"), ("b", "b"))
+    registry.resolve(whole)  # two regions, two references each
+    assert whole.inputs["X1"].tobytes() == bytes(range(16, 32))
+    assert bytes(whole.shared_targets["Y1"]) == bytes(range(80, 96))
+    del whole
+    os.truncate(tmp_path / "b", 100)  # the second input's region, after a good first one
+    _refused(
+        partial(registry.resolve, request(("a", "b"))),
+        "shared memory region 'b': its object '/b' shrank to 100 bytes since it was registered",
+    )
+    _refused(  # an output's region, after inputs in another one
+        partial(registry.resolve, request(("a", "a"), ("c", "b"))),
+        "shared memory region 'b': its object '/b' shrank to 100 bytes since it was registered",
+    )
+    os.truncate(tmp_path / "a", 8)  # the first reference's region
+    _refused(
+        partial(registry.resolve, request(("a", "a"))),
+        "shared memory region 'a': its object '/a' shrank to 8 bytes since it was registered",
+    )
+    registry.close()
+
+
+def test_inputs_keep_their_mapping_after_unregister(tmp_path: Path) -> None:
+    """An input resolved from a region holds the mapping (an export of it), so unregistering
+    the region while the request is queued unmaps nothing under it; a zero-element input
+    reads nothing."""
+    registry = _objects(tmp_path, obj=64)
+    registry.register("r", "/obj", 0, 64)
+    request = InferRequest(
+        inputs={},
+        shared_inputs={
+            "X": SharedInput("INT32", (2, 2), SharedMemoryRef("r", 16, 16)),
+            "E": SharedInput("INT32", (0, 3), SharedMemoryRef("r", 0, 60)),
+        },
+    )
+    registry.resolve(request)
+    mapping = registry.region("r").mapping
+    registry.unregister("r")
+    assert not mapping.closed  # the input holds it
+    expected = np.frombuffer(bytes(range(16, 32)), np.int32).reshape(2, 2)
+    np.testing.assert_array_equal(request.inputs["X"], expected)
+    assert request.inputs["E"].shape == (0, 3)
+    del request, mapping  # the last holders: unmapped now

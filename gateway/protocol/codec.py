@@ -37,6 +37,7 @@ from gateway.protocol.tensors import (
     tensor_from_buffer,
 )
 from gateway.protocol.types import (
+    DATATYPE_NAMES,
     DATATYPES,
     InferRequest,
     InferResponse,
@@ -532,7 +533,7 @@ def encode_infer_response(
     outputs_json: list[dict[str, Any]] = []
     blobs: list[bytes | memoryview] = []
     for name, array in response.outputs.items():
-        datatype = datatype_of(array)
+        datatype = DATATYPE_NAMES.get(array.dtype) or datatype_of(array)  # (strings: not there)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         binary = binary_of.get(name)
         if name in response.shared:

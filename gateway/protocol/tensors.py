@@ -22,6 +22,7 @@ __all__ = [
     "MAX_DIMS",
     "MAX_ELEMENTS",
     "MAX_NAME_CHARS",
+    "check_bool",
     "check_classification",
     "check_name",
     "check_parameters",
@@ -123,9 +124,15 @@ def tensor_from_buffer(
     """Fixed-size binary tensor data as an array (no copy); BOOL bytes must be 0 or 1, as
     Triton's, or a later ``not`` or comparison would see values no bool has."""
     array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
-    if dtype == np.bool_ and array.size and array.view(np.uint8).max() > 1:
-        raise InvalidInput(f"input '{name}': BOOL data must be bytes 0 or 1")
+    if dtype.kind == "b":
+        check_bool(array, name)
     return array
+
+
+def check_bool(array: np.ndarray[Any, Any], name: str) -> None:
+    """Refuse BOOL data with bytes other than 0 or 1 (Triton's rule)."""
+    if array.size and array.view(np.uint8).max() > 1:
+        raise InvalidInput(f"input '{name}': BOOL data must be bytes 0 or 1")
 
 
 MAX_CLASSES = 1 << 32  # Triton reads the count as a uint32

@@ -25,7 +25,9 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(np.object_),
 }
-_BY_DTYPE: dict[np.dtype[Any], str] = {v: k for k, v in DATATYPES.items()}
+# dtype -> v2 name; a dict read where a call per tensor would count (hot paths)
+DATATYPE_NAMES: dict[np.dtype[Any], str] = {v: k for k, v in DATATYPES.items()}
+_BY_DTYPE = DATATYPE_NAMES
 
 
 def numpy_dtype(datatype: str) -> np.dtype[Any]:
