@@ -305,7 +305,7 @@ def render(
     results: list[Result], args: argparse.Namespace, base_s: float, slow_s: float, tag: str = ""
 ) -> str:
     by = {r.name: r for r in results}
-    rr = by["round_robin"]
+    rr = by.get("round_robin")  # absent when --policies leaves it out
     ref = by["two fast hosts (reference)"]
     lines = [
         "# Routing policies over three worker gateways, one slow",
@@ -329,20 +329,21 @@ def render(
     ]
     for r in results:
         if tag and r.name.endswith(tag):  # the other tree's rows: against its own runs
-            rr, ref = by["round_robin" + tag], by["two fast hosts (reference)" + tag]
+            rr, ref = by.get("round_robin" + tag), by["two fast hosts (reference)" + tag]
         else:
-            rr, ref = by["round_robin"], by["two fast hosts (reference)"]
+            rr, ref = by.get("round_robin"), by["two fast hosts (reference)"]
         total = sum(r.shares.values()) or 1
         slow_share = r.shares.get("slow")
+        to_rr = "-" if rr is None else f"{r.pct_ms(99) / rr.pct_ms(99):.2f}"
         lines.append(
             f"| {r.name} | {r.throughput:.0f} | {r.pct_ms(50):.2f} | {r.pct_ms(99):.2f} | "
-            f"{r.pct_ms(99) / rr.pct_ms(99):.2f} | {r.pct_ms(99) / ref.pct_ms(99):.2f} | "
+            f"{to_rr} | {r.pct_ms(99) / ref.pct_ms(99):.2f} | "
             f"{'-' if slow_share is None else f'{slow_share / total:.1%}'} | "
             f"{r.sent} | {r.ok} | {r.failed} | {r.lost} |"
         )
-    lat = by["latency"]
+    lat = by.get("latency")  # absent when --policies leaves it out (a quick run)
     fault = results[-1]
-    if tag:
+    if tag and lat is not None and rr is not None:
         lines += [
             "",
             f"p99 ratios, this tree against `{tag.strip(' []')}` (fronts interleaved, same "
@@ -365,9 +366,15 @@ def render(
         f"{fault.victim_batches_at_action} batches on `{VICTIM}`; failed {fault.failed} "
         f"(statuses {dict(sorted(fault.statuses.items())) or '-'}), lost {fault.lost}.",
     ]
-    goals = [
-        ("latency p99 <= 0.5x round_robin p99", lat.pct_ms(99) <= 0.5 * rr.pct_ms(99)),
-        ("latency p99 <= 1.3x two-fast-hosts p99", lat.pct_ms(99) <= 1.3 * ref.pct_ms(99)),
+    goals: list[tuple[str, bool | None]] = [
+        (
+            "latency p99 <= 0.5x round_robin p99",
+            None if lat is None or rr is None else lat.pct_ms(99) <= 0.5 * rr.pct_ms(99),
+        ),
+        (
+            "latency p99 <= 1.3x two-fast-hosts p99",
+            None if lat is None else lat.pct_ms(99) <= 1.3 * ref.pct_ms(99),
+        ),
         ("fault run: lost = 0", fault.lost == 0),
         (
             "fault run: failed <= requests in flight when the host died (client side: an upper "
@@ -376,7 +383,8 @@ def render(
         ),
     ]
     lines += ["", "Goals:", ""]
-    lines += [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in goals]
+    verdicts = {True: "met", False: "NOT met", None: "not judged (a policy not in --policies)"}
+    lines += [f"- {verdicts[ok]}: {text}" for text, ok in goals]
     return "\n".join(lines) + "\n"
 
 

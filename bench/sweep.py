@@ -163,10 +163,11 @@ def _counts(control: Path) -> dict[str, int]:
 
 
 def build_repo(dest: Path, models: list[str]) -> Path:
-    """One repository with the shipped and the heavy models (links, not copies)."""
+    """One repository with the shipped and the heavy models (links, not copies); ``simple``
+    always, for the memory part's baseline gateway (only ``models`` are loaded or measured)."""
     heavy = [m for m in models if m in HEAVY]
     cache = build_models.ensure_heavy(names=heavy) if heavy else None
-    for name in models:
+    for name in dict.fromkeys([*models, "simple"]):
         source = (cache if name in HEAVY and cache else ROOT / "model_repo") / name
         (dest / name).symlink_to(source.resolve(), target_is_directory=True)
     return dest
