@@ -1,4 +1,6 @@
 """gRPC calls on :mod:`gateway.grpc.http2` streams: the ``asyncio`` transport (the default).
+(Over 450 lines on purpose: one call's life, from headers to trailers, and the context the
+servicer sees of it; the wire format itself is :mod:`gateway.grpc.wire`.)
 
 The same servicer (:class:`gateway.grpc.server.InferenceServicer`) answers as over
 ``grpc.aio``; this module is gRPC's part of the wire: the call's path, metadata and

@@ -1,4 +1,6 @@
 """HTTP/2 on the serving event loop, for the gRPC front end: frames read and written here.
+(Over 450 lines on purpose: one connection's protocol state machine, its frames, flow control
+and streams change together; split, each part would reach into the others' state.)
 
 Why not ``grpc.aio`` or the ``h2`` library: a bare server answering a constant cost ~500-800
 us of CPU per call with either, and 30-90 us with frames read here

@@ -1,5 +1,6 @@
 """``inference.GRPCInferenceService`` over :class:`gateway.dataplane.DataPlane`: what both
-gRPC transports share.
+gRPC transports share. (Over 450 lines on purpose: one servicer, one method per RPC of the
+service, each a translation; split by RPC they would share all the rest.)
 
 The servicer is served by either transport: :mod:`gateway.grpc.calls` (HTTP/2 on the serving
 loop, the default) or :mod:`gateway.grpc.aio` (``grpc.aio``, ``grpc_transport = "grpcio"``);

@@ -1,5 +1,7 @@
 """Routing *mechanism*: who is eligible, in-flight accounting, waiting for capacity, predictive
-admission, probing, and the numbers behind ``GET /admin/hosts``.
+admission, probing, and the numbers behind ``GET /admin/hosts``. (Over 450 lines on purpose:
+these read and write the same per-target state, on the event loop; the
+policies, tiers, estimates and outlier detection are modules of their own already.)
 
 The router knows targets by name only; what a target is (a remote host of any kind, the local
 ONNX Runtime) is the caller's business (``gateway.routing.pool``, ``gateway.backends.routed``).
