@@ -1197,17 +1197,17 @@ def connections(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]
     """Report connections open on the running loop, as the front ends do (long open: the
     "opened lately" guard is off); all closed again at the end."""
     monkeypatch.setattr(clients, "RECENT_OPEN_S", 0.0)
-    opened: list[tuple[asyncio.AbstractEventLoop, bool]] = []
+    opened: list[tuple[asyncio.AbstractEventLoop, int | None]] = []
 
-    def open_(count: int, multiplexed: bool = False) -> None:
+    def open_(count: int, carries: int | None = 1) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(count):
-            clients.opened(loop, multiplexed)
-            opened.append((loop, multiplexed))
+            clients.opened(loop, carries)
+            opened.append((loop, carries))
 
     yield open_
-    for loop, multiplexed in opened:
-        clients.closed(loop, multiplexed)
+    for loop, carries in opened:
+        clients.closed(loop, carries)
 
 
 async def test_a_batch_holding_every_connections_request_goes_at_once(
@@ -1237,18 +1237,33 @@ async def test_a_batch_goes_once_the_last_connection_that_could_send_has(
     await batcher.close()
 
 
+async def test_a_connection_carrying_two_at_once_counts_as_two(
+    connections: Callable[..., None],
+) -> None:
+    """One connection that has carried two requests at once (gRPC clients sharing it): with
+    one of them in, the batch waits for the other's, then goes at once."""
+    connections(1, carries=2)
+    batcher, backend, _ = await arrive_while_busy(DELAY_S / 4, DELAY_S)
+    await asyncio.sleep(2 * DELAY_S)
+    assert backend.batches == [1]
+    third = batcher.enqueue(row(2))
+    await asyncio.wait_for(third.future, 1.0)  # the clock does not move
+    assert backend.batches == [1, 2]
+    await batcher.close()
+
+
 @pytest.mark.parametrize("open_lately", [False, True])
-async def test_a_multiplexed_or_new_connection_leaves_the_wait_to_the_rate(
+async def test_an_unseen_or_new_connection_leaves_the_wait_to_the_rate(
     connections: Callable[..., None], monkeypatch: pytest.MonkeyPatch, open_lately: bool
 ) -> None:
-    """A connection that carries several requests at once (gRPC), or connections opened
+    """Connections of unknown reach (grpc.aio's, a streaming call), or connections opened
     lately (clients that connect per request), may send more at any time: the rate decides."""
     if open_lately:
         monkeypatch.setattr(clients, "RECENT_OPEN_S", 3600.0)
         connections(1)
     else:
         connections(1)
-        connections(1, multiplexed=True)
+        connections(1, carries=None)
     batcher, backend, clock = await arrive_while_busy(DELAY_S / 4, DELAY_S)
     await asyncio.sleep(2 * DELAY_S)
     assert backend.batches == [1]  # B waits for company, as the rate says
@@ -1268,7 +1283,14 @@ def test_who_may_send_on_a_loop() -> None:
         assert clients.may_send(loop, 0) is None  # just opened
         clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S
         assert [clients.may_send(loop, n) for n in (0, 1, 2, 3)] == [2, 1, 0, 0]
-        clients.closed(loop)
+        clients.carries_more(loop, 2)  # one of them carried three at once
+        assert [clients.may_send(loop, n) for n in (0, 3, 4)] == [4, 1, 0]
+        clients.opened(loop, carries=None)  # any number: unknown while it is open
+        clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S
+        assert clients.may_send(loop, 0) is None
+        clients.closed(loop, carries=None)
+        assert clients.may_send(loop, 0) == 4
+        clients.closed(loop, carries=3)
         clients.closed(loop)
         assert clients.may_send(loop, 0) is None and loop not in clients._BY_LOOP
     finally:

@@ -1145,6 +1145,48 @@ async def test_finished_calls_leave_no_reference_cycle(tmp_path: Path) -> None:
     assert left == []
 
 
+async def test_a_streaming_call_leaves_who_may_send_unknown_while_it_is_open(
+    tmp_path: Path,
+) -> None:
+    """One ``ModelStreamInfer`` stream carries any number of requests at once: while it is
+    open the batcher cannot count who may still send; once it ends, its connection counts
+    again at the most calls it had open at once (``gateway.batching.clients``)."""
+    from gateway.backends.onnxruntime import OnnxRuntimeFactory
+    from gateway.dataplane import DataPlane
+    from gateway.grpc.calls import Http2GrpcServer
+    from gateway.repository.local import LocalRepository
+
+    models.add_sub(tmp_path)
+    settings = Settings(model_repo=str(tmp_path), warmup=False)
+    dataplane = DataPlane(settings, LocalRepository(tmp_path), OnnxRuntimeFactory(settings))
+    await dataplane.start()
+    server = Http2GrpcServer(dataplane, "127.0.0.1", 0, MAX_MESSAGE_BYTES)
+    await server.start()
+    loop = asyncio.get_running_loop()
+
+    def may_send() -> int | None:
+        clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S  # not "opened lately"
+        return clients.may_send(loop, 0)
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert (await stub.ModelInfer(_simple_message("1"))).id == "1"
+            assert may_send() == 1
+            streamed = stub.ModelStreamInfer()
+            await streamed.write(_simple_message("a"))
+            assert (await streamed.read()).infer_response.id == "a"
+            assert may_send() is None
+            await streamed.done_writing()
+            assert await streamed.read() == grpc.aio.EOF
+            await asyncio.sleep(0.1)  # the stream's end reaches the server
+            assert may_send() == 1
+    finally:
+        await server.stop()
+        await dataplane.stop()
+    assert loop not in clients._BY_LOOP
+
+
 def _call_headers(*extra: tuple[bytes, bytes], path: bytes = INFER.encode()) -> http2.Headers:
     return [
         (b":method", b"POST"),
@@ -1313,16 +1355,28 @@ def test_frames_cut_by_reads_read_the_same_and_whole_ones_stay_in_their_read() -
         loop.close()
 
 
-def test_a_connection_counts_as_one_that_may_send_any_number_at_once() -> None:
-    """An HTTP/2 connection carries any number of calls at once: while it is open the batcher
-    cannot bound who may still send (``gateway.batching.clients``)."""
+def test_a_connection_counts_as_carrying_the_most_calls_it_has_had_open_at_once() -> None:
+    """An HTTP/2 connection carries any number of calls at once; the batcher counts it at the
+    most it has had open at once (clients sharing it wait for their answers, as perf_analyzer's
+    gRPC clients do), so its count grows with its streams and never shrinks
+    (``gateway.batching.clients``)."""
+    fields = [(":method", "POST"), (":scheme", "http"), (":path", "/p"), (":authority", "a")]
+    block = hpack.Encoder().encode(fields)
     loop = asyncio.new_event_loop()
     try:
         conn = http2.Connection(lambda stream, _: _Collect(stream, []), loop)
         conn.connection_made(_Transport())  # type: ignore[arg-type]
         clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S
-        assert clients._BY_LOOP[loop].multiplexed == 1
-        assert clients.may_send(loop, 1000) is None
+        assert clients.may_send(loop, 0) == 1  # may send one, as any connection
+        conn.data_received(PREFACE + frame(SETTINGS, 0, 0))
+        for stream_id in (1, 3, 5):  # three calls open at once
+            conn.data_received(frame(HEADERS, END_HEADERS, stream_id, block))
+        assert [clients.may_send(loop, n) for n in (0, 2, 3)] == [3, 1, 0]
+        conn.data_received(frame(RST_STREAM, 0, 1, struct.pack(">I", 8)))
+        conn.data_received(frame(HEADERS, END_HEADERS, 7, block))  # three again: no more
+        assert clients.may_send(loop, 3) == 0
+        conn.data_received(frame(HEADERS, END_HEADERS, 9, block))  # four
+        assert clients.may_send(loop, 3) == 1
         conn.connection_lost(None)
         assert loop not in clients._BY_LOOP
     finally:

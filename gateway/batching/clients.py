@@ -7,13 +7,19 @@ nothing comes until their batch is answered; the rate says "busy traffic", so th
 the whole ``max_queue_delay`` for nobody (``mlp`` at 4 connections: 4.7 ms of a 12 ms request).
 
 A connection that carries one request at a time (HTTP/1.1; httptools answers pipelined requests
-one after another) can send nothing more while its request is outstanding. So when every such
-connection open on the loop has a request outstanding in the batchers, no connection carrying
-several at once is open (HTTP/2: gRPC), and no connection was opened lately (clients that open
-one per request would send their next on a new one), no request can join a batch before it is
-answered: waiting is pure loss. Front ends report their connections here; the core knows
-nothing of HTTP. A loop no front end reported on (the batcher used on its own) is unknown:
-anyone may send.
+one after another) can send nothing more while its request is outstanding. A connection that
+carries several at once (HTTP/2: gRPC) is counted at the most it has carried at once: clients
+that share one (perf_analyzer's gRPC clients, a pool behind one channel) wait for their answers
+as HTTP/1.1 clients do, so the most calls the connection ever had open is how many clients are
+behind it. That is a guess, not a bound: more may come (a client raising its concurrency); the
+guess then costs one batch that went without waiting for company, the batch Triton would send
+with no delay, and the count grows with the first stream past it. So when the connections open
+on the loop can carry no more than the requests outstanding in the batchers, no connection of
+unknown reach is open (a server whose connections are not seen one by one: grpc.aio), and no
+connection was opened lately (clients that open one per request would send their next on a new
+one), no request can join a batch before it is answered: waiting is pure loss. Front ends report
+their connections here; the core knows nothing of HTTP. A loop no front end reported on (the
+batcher used on its own) is unknown: anyone may send.
 """
 
 from __future__ import annotations
@@ -30,36 +36,47 @@ RECENT_OPEN_S = 1.0
 class Connections:
     """The connections open on one loop, as its front ends report them."""
 
-    single: int = 0  # carrying one request at a time (HTTP/1.1)
-    multiplexed: int = 0  # carrying any number at once (HTTP/2), or not seen one by one
+    open: int = 0  # connections (and servers of unseen ones) reported open
+    carry: int = 0  # the most requests each seen connection has carried at once, summed
+    unbounded: int = 0  # those that may carry any number: not seen request by request
     opened_s: float = 0.0  # when the last one opened (time.monotonic)
 
 
 _BY_LOOP: dict[asyncio.AbstractEventLoop, Connections] = {}
 
 
-def opened(loop: asyncio.AbstractEventLoop, multiplexed: bool = False) -> None:
-    """A connection opened on ``loop`` (or a server whose connections are not seen opened)."""
+def opened(loop: asyncio.AbstractEventLoop, carries: int | None = 1) -> None:
+    """A connection opened on ``loop`` that carries ``carries`` requests at once so far
+    (HTTP/1.1: 1), or None: any number, not seen (a server whose connections are not seen)."""
     connections = _BY_LOOP.get(loop)
     if connections is None:
         connections = _BY_LOOP[loop] = Connections()
-    if multiplexed:
-        connections.multiplexed += 1
+    connections.open += 1
+    if carries is None:
+        connections.unbounded += 1
     else:
-        connections.single += 1
+        connections.carry += carries
     connections.opened_s = time.monotonic()
 
 
-def closed(loop: asyncio.AbstractEventLoop, multiplexed: bool = False) -> None:
-    """A connection ``opened`` before closed."""
+def carries_more(loop: asyncio.AbstractEventLoop, more: int = 1) -> None:
+    """A connection ``opened`` carried ``more`` requests at once than it ever had."""
+    connections = _BY_LOOP.get(loop)
+    if connections is not None:
+        connections.carry += more
+
+
+def closed(loop: asyncio.AbstractEventLoop, carries: int | None = 1) -> None:
+    """A connection ``opened`` before closed, having carried ``carries`` at most at once."""
     connections = _BY_LOOP.get(loop)
     if connections is None:
         return
-    if multiplexed:
-        connections.multiplexed -= 1
+    connections.open -= 1
+    if carries is None:
+        connections.unbounded -= 1
     else:
-        connections.single -= 1
-    if connections.single <= 0 and connections.multiplexed <= 0:
+        connections.carry -= carries
+    if connections.open <= 0:
         del _BY_LOOP[loop]  # (a loop that had connections and has none: unknown again)
 
 
@@ -70,11 +87,11 @@ def may_send(loop: asyncio.AbstractEventLoop, outstanding: int) -> int | None:
     connections = _BY_LOOP.get(loop)
     if (
         connections is None
-        or connections.multiplexed
+        or connections.unbounded
         or time.monotonic() - connections.opened_s < RECENT_OPEN_S
     ):
         return None
-    return max(0, connections.single - outstanding)
+    return max(0, connections.carry - outstanding)
 
 
-__all__ = ["RECENT_OPEN_S", "Connections", "closed", "may_send", "opened"]
+__all__ = ["RECENT_OPEN_S", "Connections", "carries_more", "closed", "may_send", "opened"]

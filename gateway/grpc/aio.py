@@ -145,12 +145,12 @@ class GrpcServer:
         self._server = server
         # grpc.aio's connections are not seen one by one: as if one carrying any number of
         # calls were always open (the batcher's count of who may send)
-        clients.opened(asyncio.get_running_loop(), multiplexed=True)
+        clients.opened(asyncio.get_running_loop(), carries=None)
         log.info("gRPC listening on %s%s", self.address, " (TLS)" if tls else "")
 
     async def stop(self) -> None:
         """Refuse new RPCs, let running ones finish within ``grace_s``."""
         server, self._server = self._server, None
         if server is not None:
-            clients.closed(asyncio.get_running_loop(), multiplexed=True)
+            clients.closed(asyncio.get_running_loop(), carries=None)
             await server.stop(self.grace_s)

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, NoReturn
 import grpc  # type: ignore[import-untyped]  # no stubs in the venv
 
 from gateway import tracing
+from gateway.batching import clients
 from gateway.credentials import Credentials
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError
@@ -275,6 +276,7 @@ class Call(CallContext):
         "server",
         "started",
         "stream",
+        "streaming",
         "task",
         "timer",
     )
@@ -307,6 +309,7 @@ class Call(CallContext):
         self.started = False  # response headers sent
         self.finished = False  # trailers sent, or the stream gone
         self.answered = False  # finished with trailers (not reset)
+        self.streaming = False  # a streaming RPC: counted as carrying any number at once
 
     # -- request headers --------------------------------------------------------------------
 
@@ -324,6 +327,11 @@ class Call(CallContext):
         if opening.timeout_s is not None:
             self.deadline = self.loop.time() + opening.timeout_s
             self.timer = self.loop.call_at(self.deadline, self._expired)
+        if self.handler.stream_stream is not None:
+            # one stream, any number of requests at once: who may send is unknown while it
+            # is open (the batcher's count, ``gateway.batching.clients``)
+            self.streaming = True
+            clients.opened(self.loop, carries=None)
         if self.method == "ModelStreamInfer" and not tracing.enabled:
             self._running = set()  # the short path: see _take_requests
         elif self.handler.stream_stream is not None:
@@ -571,6 +579,8 @@ class Call(CallContext):
             return
         self.finished = True
         self.answered = answered
+        if self.streaming:
+            clients.closed(self.loop, carries=None)
         self._parts.clear()
         self.messages.clear()
         if self.timer is not None:
