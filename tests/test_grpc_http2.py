@@ -10,6 +10,7 @@ the gateway must go on serving. The HPACK block cache is tested directly at the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import gzip
 import os
@@ -17,7 +18,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1098,59 +1099,10 @@ def _simple_message(request_id: str = "") -> pb.ModelInferRequest:
     return request
 
 
-async def test_finished_calls_leave_no_reference_cycle(tmp_path: Path) -> None:
-    """Calls and their streams are freed as they end, by reference counting: a call and its
-    stream, or its context, pointing at each other left every call to the cycle collector,
-    whose passes (one per ~1,500 calls, ~10,000 objects) were a p99 stall. Answered, failed,
-    refused, streamed and cancelled calls alike; the server runs in this process so that its
-    objects can be counted."""
-    from gateway.backends.onnxruntime import OnnxRuntimeFactory
-    from gateway.dataplane import DataPlane
-    from gateway.grpc.calls import Call, Http2GrpcServer
-    from gateway.repository.local import LocalRepository
-
-    models.add_sub(tmp_path)
-    settings = Settings(model_repo=str(tmp_path), warmup=False)
-    dataplane = DataPlane(settings, LocalRepository(tmp_path), OnnxRuntimeFactory(settings))
-    await dataplane.start()
-    server = Http2GrpcServer(dataplane, "127.0.0.1", 0, MAX_MESSAGE_BYTES)
-    await server.start()
-    gc.collect()
-    gc.disable()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            for i in range(20):
-                answer = await stub.ModelInfer(_simple_message(str(i)))
-                assert answer.id == str(i)
-            with pytest.raises(grpc.aio.AioRpcError) as failed:  # ended by the transport
-                await channel.unary_unary(INFER)(b"\xff")
-            assert failed.value.code() == grpc.StatusCode.INTERNAL
-            with pytest.raises(grpc.aio.AioRpcError) as refused:  # ended as it opens
-                await channel.unary_unary(f"{SERVICE}/NoSuchMethod")(b"")
-            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
-            assert (await stub.ServerLive(pb.ServerLiveRequest())).live
-            streamed = stub.ModelStreamInfer(iter([_simple_message("a"), _simple_message("b")]))
-            assert sorted([r.infer_response.id async for r in streamed]) == ["a", "b"]
-            cancelled = stub.ModelStreamInfer()
-            await cancelled.write(_simple_message("c"))
-            await cancelled.read()
-            cancelled.cancel()
-            await asyncio.sleep(0.2)  # the cancel reaches the server
-            left = [o for o in gc.get_objects() if isinstance(o, Call | http2.Stream)]
-    finally:
-        gc.enable()
-        await server.stop()
-        await dataplane.stop()
-    assert left == []
-
-
-async def test_a_streaming_call_leaves_who_may_send_unknown_while_it_is_open(
-    tmp_path: Path,
-) -> None:
-    """One ``ModelStreamInfer`` stream carries any number of requests at once: while it is
-    open the batcher cannot count who may still send; once it ends, its connection counts
-    again at the most calls it had open at once (``gateway.batching.clients``)."""
+@contextlib.asynccontextmanager
+async def _in_process_server(tmp_path: Path) -> AsyncIterator[Any]:
+    """The HTTP/2 gRPC server with ``simple`` (``sub``), in this process: its objects and the
+    loop's state can be looked at."""
     from gateway.backends.onnxruntime import OnnxRuntimeFactory
     from gateway.dataplane import DataPlane
     from gateway.grpc.calls import Http2GrpcServer
@@ -1162,28 +1114,77 @@ async def test_a_streaming_call_leaves_who_may_send_unknown_while_it_is_open(
     await dataplane.start()
     server = Http2GrpcServer(dataplane, "127.0.0.1", 0, MAX_MESSAGE_BYTES)
     await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+        await dataplane.stop()
+
+
+async def test_finished_calls_leave_no_reference_cycle(tmp_path: Path) -> None:
+    """Calls and their streams are freed as they end, by reference counting: a call and its
+    stream, or its context, pointing at each other left every call to the cycle collector,
+    whose passes (one per ~1,500 calls, ~10,000 objects) were a p99 stall. Answered, failed,
+    refused, streamed and cancelled calls alike; the server runs in this process so that its
+    objects can be counted."""
+    from gateway.grpc.calls import Call
+
+    async with _in_process_server(tmp_path) as server:
+        gc.collect()
+        gc.disable()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                for i in range(20):
+                    answer = await stub.ModelInfer(_simple_message(str(i)))
+                    assert answer.id == str(i)
+                with pytest.raises(grpc.aio.AioRpcError) as failed:  # ended by the transport
+                    await channel.unary_unary(INFER)(b"\xff")
+                assert failed.value.code() == grpc.StatusCode.INTERNAL
+                with pytest.raises(grpc.aio.AioRpcError) as refused:  # ended as it opens
+                    await channel.unary_unary(f"{SERVICE}/NoSuchMethod")(b"")
+                assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+                streamed = stub.ModelStreamInfer(iter([_simple_message("a"), _simple_message("b")]))
+                assert sorted([r.infer_response.id async for r in streamed]) == ["a", "b"]
+                cancelled = stub.ModelStreamInfer()
+                await cancelled.write(_simple_message("c"))
+                await cancelled.read()
+                cancelled.cancel()
+                await asyncio.sleep(0.2)  # the cancel reaches the server
+                left = [o for o in gc.get_objects() if isinstance(o, Call | http2.Stream)]
+        finally:
+            gc.enable()
+    assert left == []
+
+
+async def test_a_streaming_call_leaves_who_may_send_unknown_while_it_is_open(
+    tmp_path: Path,
+) -> None:
+    """One ``ModelStreamInfer`` stream carries any number of requests at once: while it is
+    open the batcher cannot count who may still send; once it ends, its connection counts
+    again at the most calls it had open at once (``gateway.batching.clients``)."""
     loop = asyncio.get_running_loop()
 
     def may_send() -> int | None:
         clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S  # not "opened lately"
         return clients.may_send(loop, 0)
 
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            assert (await stub.ModelInfer(_simple_message("1"))).id == "1"
-            assert may_send() == 1
-            streamed = stub.ModelStreamInfer()
-            await streamed.write(_simple_message("a"))
-            assert (await streamed.read()).infer_response.id == "a"
-            assert may_send() is None
-            await streamed.done_writing()
-            assert await streamed.read() == grpc.aio.EOF
-            await asyncio.sleep(0.1)  # the stream's end reaches the server
-            assert may_send() == 1
-    finally:
-        await server.stop()
-        await dataplane.stop()
+    async with (
+        _in_process_server(tmp_path) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert (await stub.ModelInfer(_simple_message("1"))).id == "1"
+        assert may_send() == 1
+        streamed = stub.ModelStreamInfer()
+        await streamed.write(_simple_message("a"))
+        assert (await streamed.read()).infer_response.id == "a"
+        assert may_send() is None
+        await streamed.done_writing()
+        assert await streamed.read() == grpc.aio.EOF
+        await asyncio.sleep(0.1)  # the stream's end reaches the server
+        assert may_send() == 1
     assert loop not in clients._BY_LOOP
 
 
