@@ -1158,6 +1158,54 @@ async def test_finished_calls_leave_no_reference_cycle(tmp_path: Path) -> None:
     assert left == []
 
 
+async def test_a_connection_counts_as_the_most_infer_calls_it_has_had_open_at_once(
+    tmp_path: Path,
+) -> None:
+    """An HTTP/2 connection carries any number of calls at once; the batcher counts it at the
+    most ``ModelInfer`` calls it has had open at once (clients sharing it wait for their
+    answers, as perf_analyzer's gRPC clients do). Other calls (perf_analyzer asks for
+    statistics while its requests run) send nothing to a batcher and are not counted; the
+    count grows with the calls and never shrinks (``gateway.batching.clients``)."""
+    loop = asyncio.get_running_loop()
+    encoder = hpack.Encoder()
+
+    def opens(stream_id: int, path: str = INFER) -> bytes:  # a call whose message is to come
+        fields = [
+            (":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "a"),
+            ("content-type", "application/grpc"), ("te", "trailers"),
+        ]  # fmt: skip
+        return frame(HEADERS, END_HEADERS, stream_id, encoder.encode(fields))
+
+    async def answered(stream_id: int) -> None:  # read up to the call's END_STREAM
+        while True:
+            head = await reader.readexactly(9)
+            payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+            if head[3] == HEADERS and head[4] & END_STREAM:
+                assert int.from_bytes(head[5:9], "big") == stream_id, payload
+                return
+
+    async def may_send(outstanding: int) -> int | None:
+        await asyncio.sleep(0.05)  # what was written reaches the server
+        clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S  # not "opened lately"
+        return clients.may_send(loop, outstanding)
+
+    async with _in_process_server(tmp_path) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(PREFACE + frame(SETTINGS, 0, 0))
+        assert await may_send(0) == 1  # may send one, as any connection
+        writer.write(opens(1) + opens(3) + opens(5) + opens(7, f"{SERVICE}/ModelStatistics"))
+        assert [await may_send(n) for n in (0, 2, 3)] == [3, 1, 0]
+        writer.write(frame(DATA, END_STREAM, 1, message(simple_request("a"))))
+        await asyncio.wait_for(answered(1), 10)
+        writer.write(opens(9))  # three again: no more
+        assert await may_send(3) == 0
+        writer.write(opens(11))  # four
+        assert await may_send(3) == 1
+        writer.close()
+        await asyncio.sleep(0.05)
+        assert loop not in clients._BY_LOOP
+
+
 async def test_a_streaming_call_leaves_who_may_send_unknown_while_it_is_open(
     tmp_path: Path,
 ) -> None:
@@ -1352,33 +1400,5 @@ def test_frames_cut_by_reads_read_the_same_and_whole_ones_stay_in_their_read() -
         assert len(payloads) == 6 and payloads[0].obj is not second  # the cut frame: joined
         assert all(p.obj is second for p in payloads[1:])  # the rest: where they arrived
         conn.connection_lost(None)
-    finally:
-        loop.close()
-
-
-def test_a_connection_counts_as_carrying_the_most_calls_it_has_had_open_at_once() -> None:
-    """An HTTP/2 connection carries any number of calls at once; the batcher counts it at the
-    most it has had open at once (clients sharing it wait for their answers, as perf_analyzer's
-    gRPC clients do), so its count grows with its streams and never shrinks
-    (``gateway.batching.clients``)."""
-    fields = [(":method", "POST"), (":scheme", "http"), (":path", "/p"), (":authority", "a")]
-    block = hpack.Encoder().encode(fields)
-    loop = asyncio.new_event_loop()
-    try:
-        conn = http2.Connection(lambda stream, _: _Collect(stream, []), loop)
-        conn.connection_made(_Transport())  # type: ignore[arg-type]
-        clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S
-        assert clients.may_send(loop, 0) == 1  # may send one, as any connection
-        conn.data_received(PREFACE + frame(SETTINGS, 0, 0))
-        for stream_id in (1, 3, 5):  # three calls open at once
-            conn.data_received(frame(HEADERS, END_HEADERS, stream_id, block))
-        assert [clients.may_send(loop, n) for n in (0, 2, 3)] == [3, 1, 0]
-        conn.data_received(frame(RST_STREAM, 0, 1, struct.pack(">I", 8)))
-        conn.data_received(frame(HEADERS, END_HEADERS, 7, block))  # three again: no more
-        assert clients.may_send(loop, 3) == 0
-        conn.data_received(frame(HEADERS, END_HEADERS, 9, block))  # four
-        assert clients.may_send(loop, 3) == 1
-        conn.connection_lost(None)
-        assert loop not in clients._BY_LOOP
     finally:
         loop.close()

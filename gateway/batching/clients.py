@@ -8,10 +8,11 @@ the whole ``max_queue_delay`` for nobody (``mlp`` at 4 connections: 4.7 ms of a 
 
 A connection that carries one request at a time (HTTP/1.1; httptools answers pipelined requests
 one after another) can send nothing more while its request is outstanding. A connection that
-carries several at once (HTTP/2: gRPC) is counted at the most it has carried at once: clients
-that share one (perf_analyzer's gRPC clients, a pool behind one channel) wait for their answers
-as HTTP/1.1 clients do, so the most calls the connection ever had open is how many clients are
-behind it. That is a guess, not a bound: more may come (a client raising its concurrency); the
+carries several at once (HTTP/2: gRPC) is counted at the most requests it has carried at once
+(``ModelInfer`` calls; not the other calls, which send nothing to a batcher): clients that share
+one (perf_analyzer's gRPC clients, a pool behind one channel) wait for their answers as HTTP/1.1
+clients do, so the most requests the connection ever had open is how many clients are behind
+it. That is a guess, not a bound: more may come (a client raising its concurrency); the
 guess then costs one batch that went without waiting for company, the batch Triton would send
 with no delay, and the count grows with the first stream past it. So when the connections open
 on the loop can carry no more than the requests outstanding in the batchers, no connection of

@@ -265,6 +265,7 @@ class Call(CallContext):
         "_size",
         "_waiter",
         "answered",
+        "carries",
         "deadline",
         "encoding",
         "finished",
@@ -276,7 +277,6 @@ class Call(CallContext):
         "server",
         "started",
         "stream",
-        "streaming",
         "task",
         "timer",
     )
@@ -309,7 +309,9 @@ class Call(CallContext):
         self.started = False  # response headers sent
         self.finished = False  # trailers sent, or the stream gone
         self.answered = False  # finished with trailers (not reset)
-        self.streaming = False  # a streaming RPC: counted as carrying any number at once
+        # requests this call carries for the batcher's count of who may send
+        # (``gateway.batching.clients``): 0 none counted, 1 a ModelInfer, None any number
+        self.carries: int | None = 0
 
     # -- request headers --------------------------------------------------------------------
 
@@ -327,10 +329,15 @@ class Call(CallContext):
         if opening.timeout_s is not None:
             self.deadline = self.loop.time() + opening.timeout_s
             self.timer = self.loop.call_at(self.deadline, self._expired)
-        if self.handler.stream_stream is not None:
-            # one stream, any number of requests at once: who may send is unknown while it
-            # is open (the batcher's count, ``gateway.batching.clients``)
-            self.streaming = True
+        if self.method == "ModelInfer":  # one request: its connection's count of them
+            self.carries = 1
+            conn = self.stream.conn
+            conn.requests += 1
+            if conn.requests > conn.requests_most:
+                clients.carries_more(self.loop, conn.requests - conn.requests_most)
+                conn.requests_most = conn.requests
+        elif self.handler.stream_stream is not None:  # any number on one stream: unknown
+            self.carries = None
             clients.opened(self.loop, carries=None)
         if self.method == "ModelStreamInfer" and not tracing.enabled:
             self._running = set()  # the short path: see _take_requests
@@ -579,8 +586,10 @@ class Call(CallContext):
             return
         self.finished = True
         self.answered = answered
-        if self.streaming:
+        if self.carries is None:
             clients.closed(self.loop, carries=None)
+        elif self.carries:
+            self.stream.conn.requests -= 1
         self._parts.clear()
         self.messages.clear()
         if self.timer is not None:

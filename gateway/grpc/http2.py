@@ -492,7 +492,10 @@ class Connection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._active_at = loop.time()  # last stream end or PING, for the idle timeout
         self._opened = 0  # streams the client opened, and reset, in this reset window
-        self._carried = 1  # the most streams open at once (``gateway.batching.clients``)
+        # Requests in flight on it, counted by its streams' handlers (gRPC: ModelInfer calls),
+        # and the most it has had at once: its clients' count (``gateway.batching.clients``).
+        self.requests = 0
+        self.requests_most = 1
         self._resets = 0
         self._window_at = loop.time()
         self.transport: asyncio.Transport | None = None
@@ -524,7 +527,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's too)
-        clients.opened(self.loop)  # carries one call at once so far: grows with its streams
+        clients.opened(self.loop)  # one request at once so far; grows with ``requests_most``
         tls = transport.get_extra_info("ssl_object")
         if tls is not None and tls.selected_alpn_protocol() != "h2":
             # HTTP/2 over TLS is agreed by ALPN (RFC 9113 3.2); grpc's servers refuse a client
@@ -588,7 +591,7 @@ class Connection(asyncio.Protocol):
             self._fail(PROTOCOL_ERROR, "no HTTP/2 preface and SETTINGS in time")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        clients.closed(self.loop, self._carried)
+        clients.closed(self.loop, self.requests_most)
         for timer in (self._handshake_timer, self._send_timer, self._idle_timer):
             if timer is not None:
                 timer.cancel()
@@ -850,9 +853,6 @@ class Connection(asyncio.Protocol):
         stream = Stream(self, stream_id, self._initial_send_window)
         self.streams[stream_id] = stream
         self._opened += 1
-        if len(self.streams) > self._carried:  # the batcher's count of who may send
-            clients.carries_more(self.loop, len(self.streams) - self._carried)
-            self._carried = len(self.streams)
         ended = bool(flags & END_STREAM)
         stream.remote_open = not ended  # before the handler: an answer at once needs no reset
         handler = self.open_stream(stream, headers)
