@@ -1196,13 +1196,15 @@ async def test_company_that_arrives_joins_the_waiting_batch() -> None:
 def connections(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
     """Report connections open on the running loop, as the front ends do (long open: the
     "opened lately" guard is off); all closed again at the end."""
-    monkeypatch.setattr(clients, "RECENT_OPEN_S", 0.0)
+    monkeypatch.setattr(clients, "RECENT_FIRST_S", 0.0)
     opened: list[tuple[asyncio.AbstractEventLoop, int | None]] = []
 
     def open_(count: int, carries: int | None = 1) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(count):
-            clients.opened(loop, carries)
+            clients.opened(loop, None if carries is None else 0)
+            if carries:
+                clients.carries_more(loop, carries, first=True)
             opened.append((loop, carries))
 
     yield open_
@@ -1259,7 +1261,7 @@ async def test_an_unseen_or_new_connection_leaves_the_wait_to_the_rate(
     """Connections of unknown reach (grpc.aio's, a streaming call), or connections opened
     lately (clients that connect per request), may send more at any time: the rate decides."""
     if open_lately:
-        monkeypatch.setattr(clients, "RECENT_OPEN_S", 3600.0)
+        monkeypatch.setattr(clients, "RECENT_FIRST_S", 3600.0)
         connections(1)
     else:
         connections(1)
@@ -1274,24 +1276,27 @@ async def test_an_unseen_or_new_connection_leaves_the_wait_to_the_rate(
 
 def test_who_may_send_on_a_loop() -> None:
     """The count behind the rule: unknown (None) until a front end reports a connection, and
-    again once the last one closes."""
+    again once the last one closes; a connection counts from its first request, which turns
+    the rule off for a while (clients that connect per request)."""
     loop = asyncio.new_event_loop()
     try:
         assert clients.may_send(loop, 0) is None
         clients.opened(loop)
         clients.opened(loop)
-        assert clients.may_send(loop, 0) is None  # just opened
-        clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S
+        assert clients.may_send(loop, 0) == 0  # neither sent anything to batch
+        clients.carries_more(loop, first=True)
+        clients.carries_more(loop, first=True)
+        assert clients.may_send(loop, 0) is None  # their first requests came just now
+        clients._BY_LOOP[loop].first_s -= clients.RECENT_FIRST_S
         assert [clients.may_send(loop, n) for n in (0, 1, 2, 3)] == [2, 1, 0, 0]
         clients.carries_more(loop, 2)  # one of them carried three at once
         assert [clients.may_send(loop, n) for n in (0, 3, 4)] == [4, 1, 0]
         clients.opened(loop, carries=None)  # any number: unknown while it is open
-        clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S
         assert clients.may_send(loop, 0) is None
         clients.closed(loop, carries=None)
         assert clients.may_send(loop, 0) == 4
         clients.closed(loop, carries=3)
-        clients.closed(loop)
+        clients.closed(loop, carries=1)
         assert clients.may_send(loop, 0) is None and loop not in clients._BY_LOOP
     finally:
         loop.close()

@@ -1186,13 +1186,13 @@ async def test_a_connection_counts_as_the_most_infer_calls_it_has_had_open_at_on
 
     async def may_send(outstanding: int) -> int | None:
         await asyncio.sleep(0.05)  # what was written reaches the server
-        clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S  # not "opened lately"
+        clients._BY_LOOP[loop].first_s -= clients.RECENT_FIRST_S  # not "lately"
         return clients.may_send(loop, outstanding)
 
     async with _in_process_server(tmp_path) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(PREFACE + frame(SETTINGS, 0, 0))
-        assert await may_send(0) == 1  # may send one, as any connection
+        assert await may_send(0) == 0  # no ModelInfer call yet
         writer.write(opens(1) + opens(3) + opens(5) + opens(7, f"{SERVICE}/ModelStatistics"))
         assert [await may_send(n) for n in (0, 2, 3)] == [3, 1, 0]
         writer.write(frame(DATA, END_STREAM, 1, message(simple_request("a"))))
@@ -1215,7 +1215,7 @@ async def test_a_streaming_call_leaves_who_may_send_unknown_while_it_is_open(
     loop = asyncio.get_running_loop()
 
     def may_send() -> int | None:
-        clients._BY_LOOP[loop].opened_s -= clients.RECENT_OPEN_S  # not "opened lately"
+        clients._BY_LOOP[loop].first_s -= clients.RECENT_FIRST_S  # not "lately"
         return clients.may_send(loop, 0)
 
     async with (

@@ -396,17 +396,38 @@ async def _drain(protocol: ConnectionProtocol) -> None:
     protocol.connection_lost(None)
 
 
-async def test_a_connection_counts_for_the_batchers_who_may_send() -> None:
-    """An HTTP/1.1 connection carries one request at a time: open, it counts among those who
-    may still send (``gateway.batching.clients``), and stops counting when it is lost."""
+@pytest.mark.parametrize("split", [False, True])
+async def test_a_connection_counts_for_the_batchers_from_its_first_post(split: bool) -> None:
+    """An HTTP/1.1 connection carries one request at a time. It counts among those who may
+    still send (``gateway.batching.clients``) from its first POST, whose arrival the count
+    keeps (clients that connect per request), not before: health checks, metadata and metrics
+    send nothing to batch with. It stops counting when it is lost. The POST whole in one read
+    (taken without the parser) or ``split`` inside its head (read by the parser)."""
     loop = asyncio.get_running_loop()
+    app = _App()
+    post = b"POST /raw HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na"
+    reads = [post[:2], post[2:]] if split else [post]
 
-    def single() -> int:
+    def counted() -> tuple[int, int]:
         known = clients._BY_LOOP.get(loop)
-        return 0 if known is None else known.single
+        return (0, 0) if known is None else (known.open, known.carry)
 
-    before = single()
-    protocol, _ = _connect(_App())
-    assert single() == before + 1
+    opened, carry = counted()
+    protocol, _ = _connect(app)
+    assert counted() == (opened + 1, carry)
+    protocol.data_received(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert app.served == ["/v2/health/ready"] and counted() == (opened + 1, carry)
+    clients._BY_LOOP[loop].first_s -= clients.RECENT_FIRST_S
+    assert clients.may_send(loop, 0) == carry
+    for read in reads:
+        protocol.data_received(read)
+    assert counted() == (opened + 1, carry + 1)
+    assert clients.may_send(loop, 0) is None  # its first POST came just now
+    app.taken[-1][0].respond(200, [(b"content-length", b"0")], b"")
+    protocol.data_received(post)
+    assert counted() == (opened + 1, carry + 1)  # one at a time, however many
+    app.taken[-1][0].respond(200, [(b"content-length", b"0")], b"")
     protocol.connection_lost(None)
-    assert single() == before
+    assert counted() == (opened, carry)

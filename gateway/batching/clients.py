@@ -9,18 +9,25 @@ the whole ``max_queue_delay`` for nobody (``mlp`` at 4 connections: 4.7 ms of a 
 A connection that carries one request at a time (HTTP/1.1; httptools answers pipelined requests
 one after another) can send nothing more while its request is outstanding. A connection that
 carries several at once (HTTP/2: gRPC) is counted at the most requests it has carried at once
-(``ModelInfer`` calls; not the other calls, which send nothing to a batcher): clients that share
-one (perf_analyzer's gRPC clients, a pool behind one channel) wait for their answers as HTTP/1.1
-clients do, so the most requests the connection ever had open is how many clients are behind
-it. That is a guess, not a bound: more may come (a client raising its concurrency); the
-guess then costs one batch that went without waiting for company, the batch Triton would send
-with no delay, and the count grows with the first stream past it. So when the connections open
-on the loop can carry no more than the requests outstanding in the batchers, no connection of
-unknown reach is open (a server whose connections are not seen one by one: grpc.aio), and no
-connection was opened lately (clients that open one per request would send their next on a new
-one), no request can join a batch before it is answered: waiting is pure loss. Front ends report
-their connections here; the core knows nothing of HTTP. A loop no front end reported on (the
-batcher used on its own) is unknown: anyone may send.
+(``ModelInfer`` calls): clients that share one (perf_analyzer's gRPC clients, a pool behind one
+channel) wait for their answers as HTTP/1.1 clients do, so the most requests the connection
+ever had open is how many clients are behind it. That is a guess, not a bound: more may come (a
+client raising its concurrency); the guess then costs one batch that went without waiting for
+company, the batch Triton would send with no delay, and the count grows with the first request
+past it.
+
+A connection counts from its first request that may reach a batcher (a POST, a ``ModelInfer``
+call): connections that only ever ask for health, metadata, statistics or metrics (a load
+balancer's probes, a Prometheus scrape, perf_analyzer's statistics) send nothing to batch
+with. The same guess: a keep-alive client's first request may find a batch gone without it.
+And clients that connect per request show there: a connection's first request came lately.
+
+So when the connections open on the loop can carry no more than the requests outstanding in
+the batchers, no connection of unknown reach is open (a server whose connections are not seen
+one by one: grpc.aio; a streaming call), and no connection sent its first request lately, no
+request can join a batch before it is answered: waiting is pure loss. Front ends report their
+connections here; the core knows nothing of HTTP. A loop no front end reported on (the batcher
+used on its own) is unknown: anyone may send.
 """
 
 from __future__ import annotations
@@ -29,26 +36,26 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-# A connection opened this recently says clients may be connecting per request: the rule is off.
-RECENT_OPEN_S = 1.0
+# A connection's first request this recently says clients may connect per request: rule off.
+RECENT_FIRST_S = 1.0
 
 
 @dataclass(slots=True)
 class Connections:
     """The connections open on one loop, as its front ends report them."""
 
-    open: int = 0  # connections (and servers of unseen ones) reported open
+    open: int = 0  # connections (and servers or streams of unseen ones) reported open
     carry: int = 0  # the most requests each seen connection has carried at once, summed
     unbounded: int = 0  # those that may carry any number: not seen request by request
-    opened_s: float = 0.0  # when the last one opened (time.monotonic)
+    first_s: float = 0.0  # a connection's first request, the latest (time.monotonic)
 
 
 _BY_LOOP: dict[asyncio.AbstractEventLoop, Connections] = {}
 
 
-def opened(loop: asyncio.AbstractEventLoop, carries: int | None = 1) -> None:
-    """A connection opened on ``loop`` that carries ``carries`` requests at once so far
-    (HTTP/1.1: 1), or None: any number, not seen (a server whose connections are not seen)."""
+def opened(loop: asyncio.AbstractEventLoop, carries: int | None = 0) -> None:
+    """A connection opened on ``loop``: it carries ``carries`` requests at once so far (0 until
+    its first, ``carries_more``), or None: any number, not seen one by one."""
     connections = _BY_LOOP.get(loop)
     if connections is None:
         connections = _BY_LOOP[loop] = Connections()
@@ -57,17 +64,19 @@ def opened(loop: asyncio.AbstractEventLoop, carries: int | None = 1) -> None:
         connections.unbounded += 1
     else:
         connections.carry += carries
-    connections.opened_s = time.monotonic()
 
 
-def carries_more(loop: asyncio.AbstractEventLoop, more: int = 1) -> None:
-    """A connection ``opened`` carried ``more`` requests at once than it ever had."""
+def carries_more(loop: asyncio.AbstractEventLoop, more: int = 1, first: bool = False) -> None:
+    """A connection ``opened`` carried ``more`` requests at once than it ever had; ``first``:
+    these are its first."""
     connections = _BY_LOOP.get(loop)
     if connections is not None:
         connections.carry += more
+        if first:
+            connections.first_s = time.monotonic()
 
 
-def closed(loop: asyncio.AbstractEventLoop, carries: int | None = 1) -> None:
+def closed(loop: asyncio.AbstractEventLoop, carries: int | None = 0) -> None:
     """A connection ``opened`` before closed, having carried ``carries`` at most at once."""
     connections = _BY_LOOP.get(loop)
     if connections is None:
@@ -89,10 +98,10 @@ def may_send(loop: asyncio.AbstractEventLoop, outstanding: int) -> int | None:
     if (
         connections is None
         or connections.unbounded
-        or time.monotonic() - connections.opened_s < RECENT_OPEN_S
+        or time.monotonic() - connections.first_s < RECENT_FIRST_S
     ):
         return None
     return max(0, connections.carry - outstanding)
 
 
-__all__ = ["RECENT_OPEN_S", "Connections", "carries_more", "closed", "may_send", "opened"]
+__all__ = ["RECENT_FIRST_S", "Connections", "carries_more", "closed", "may_send", "opened"]

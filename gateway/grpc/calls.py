@@ -334,7 +334,8 @@ class Call(CallContext):
             conn = self.stream.conn
             conn.requests += 1
             if conn.requests > conn.requests_most:
-                clients.carries_more(self.loop, conn.requests - conn.requests_most)
+                first = not conn.requests_most
+                clients.carries_more(self.loop, conn.requests - conn.requests_most, first)
                 conn.requests_most = conn.requests
         elif self.handler.stream_stream is not None:  # any number on one stream: unknown
             self.carries = None

@@ -495,7 +495,7 @@ class Connection(asyncio.Protocol):
         # Requests in flight on it, counted by its streams' handlers (gRPC: ModelInfer calls),
         # and the most it has had at once: its clients' count (``gateway.batching.clients``).
         self.requests = 0
-        self.requests_most = 1
+        self.requests_most = 0
         self._resets = 0
         self._window_at = loop.time()
         self.transport: asyncio.Transport | None = None
@@ -527,7 +527,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's too)
-        clients.opened(self.loop)  # one request at once so far; grows with ``requests_most``
+        clients.opened(self.loop)  # none at once so far: grows with ``requests_most``
         tls = transport.get_extra_info("ssl_object")
         if tls is not None and tls.selected_alpn_protocol() != "h2":
             # HTTP/2 over TLS is agreed by ALPN (RFC 9113 3.2); grpc's servers refuse a client

@@ -413,6 +413,7 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._keep_alive: asyncio.TimerHandle | None = None
         self._route: Any = None
         self._head_bytes = 0  # read since the last head was complete, while one is unfinished
+        self._posted = False  # a request that may reach a batcher came (``_first_post``)
 
     # timers: armed only while a stage is unfinished after a read
 
@@ -460,7 +461,7 @@ class ConnectionProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        clients.opened(self.loop)  # one request at a time: the batcher's count of who may send
+        clients.opened(self.loop)  # the batcher's count of who may send: from its first POST
         self.gathering = GatheringTransport(transport, self.loop)
         super().connection_made(self.gathering)  # type: ignore[arg-type]
         self._arm(_HEAD)
@@ -507,6 +508,8 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._stage = _BODY
         self._head_bytes = 0
         self._disarm()  # the body's clock starts now
+        if not self._posted and self.parser.get_method() == b"POST":
+            self._first_post()
         if self._raw is None or not self._take_raw():
             super().on_headers_complete()
 
@@ -524,6 +527,8 @@ class ConnectionProtocol(HttpToolsProtocol):
         to the parser untouched (it has seen none of it)."""
         if not data.startswith(b"POST /") or self.gathering.wire.is_closing():
             return False
+        if not self._posted:
+            self._first_post()
         end = data.find(b"\r\n\r\n", 0, _HEAD_MAX_BYTES) + 4
         if end < 4:
             return False
@@ -548,6 +553,13 @@ class ConnectionProtocol(HttpToolsProtocol):
         self._exchange = None
         self._raw.answer_raw(exchange, self._route)
         return True
+
+    def _first_post(self) -> None:
+        """The connection's first request that may reach a batcher: from now on it counts as
+        one that may send one at a time (``gateway.batching.clients``); until now it asked only
+        for health, metadata or metrics, if anything."""
+        self._posted = True
+        clients.carries_more(self.loop, first=True)
 
     def _free(self) -> bool:
         """The raw path's rule for the connection: nothing in flight or queued on it, no root
@@ -624,7 +636,7 @@ class ConnectionProtocol(HttpToolsProtocol):
             self._keep_alive = None
         self._disarm()
         self._stage = _IDLE
-        clients.closed(self.loop)
+        clients.closed(self.loop, 1 if self._posted else 0)
         super().connection_lost(exc)
         on_lost, self.hooks.on_lost = self.hooks.on_lost, None
         if on_lost is not None:
