@@ -60,7 +60,13 @@ def served(address: str, model: str) -> int:
 
 
 def measure(
-    repo: Path, model: str, protocol: str, env: dict[str, str], window_s: float, work: Path
+    repo: Path,
+    model: str,
+    protocol: str,
+    env: dict[str, str],
+    window_s: float,
+    work: Path,
+    concurrency: int = 16,
 ) -> dict[str, Any]:
     """One gateway, one protocol: calls per request in a ``window_s`` profiled window."""
     import harness
@@ -75,8 +81,8 @@ def measure(
     try:
         pa = harness.perf_analyzer_path()
         cmd = [
-            pa, "-m", model, "-u", gw.address, "-i", "http", "--concurrency-range", "16",
-            "-s", "999", "--input-data", "zero",
+            pa, "-m", model, "-u", gw.address, "-i", "http",
+            "--concurrency-range", str(concurrency), "-s", "999", "--input-data", "zero",
         ]  # fmt: skip
         if protocol == "shm":
             size = tree_ab.output_bytes(repo, model)
@@ -140,6 +146,7 @@ def main() -> None:
     parser.add_argument("--model", default="simple")
     parser.add_argument("--protocol", default="http,shm", help="http (binary), shm: comma list")
     parser.add_argument("--window-s", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=16, help="perf_analyzer's [16]")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     repo = (harness.ROOT / "model_repo").resolve()
@@ -150,7 +157,7 @@ def main() -> None:
         for protocol in protocols:
             for name, env in variants:
                 got[f"{name} {protocol}"] = measure(
-                    repo, args.model, protocol, env, args.window_s, Path(tmp)
+                    repo, args.model, protocol, env, args.window_s, Path(tmp), args.concurrency
                 )
                 print(f"{name} {protocol}: {got[f'{name} {protocol}']['python']:.1f}", flush=True)
     modules = sorted({m for g in got.values() for m in g["modules"]}, key=lambda m: -max(
@@ -158,7 +165,8 @@ def main() -> None:
     ))[:16]  # fmt: skip
     keys = list(got)
     lines = [
-        f"# Python calls per request on the loop thread (`{args.model}`, perf_analyzer c=16)",
+        f"# Python calls per request on the loop thread (`{args.model}`, perf_analyzer"
+        f" c={args.concurrency})",
         "",
         f"Command: `.venv/bin/python bench/hot_calls.py {' '.join(sys.argv[1:])}`",
         "",

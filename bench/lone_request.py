@@ -42,7 +42,7 @@ STAGES = (
     "read",  # gateway: data_received
     "routed",  # the raw path takes it (head parsed)
     "decoded",  # body decoded into tensors
-    "submitted",  # DataPlane.submit returned (queued in the batcher)
+    "submitted",  # validated, handed to the batcher (``Batcher.enqueue`` called)
     "dispatched",  # the batch handed to the backend (execute)
     "thread",  # the executor thread starts the run
     "ran",  # session.run returned (executor thread)
@@ -59,7 +59,7 @@ def _install_tracing(dump: Path) -> None:
     from functools import wraps
 
     from gateway.backends import onnxruntime as ortb
-    from gateway.dataplane import DataPlane
+    from gateway.batching import Batcher
     from gateway.server import connections, infer
 
     stamps: dict[str, list[int]] = {s: [] for s in STAGES}
@@ -93,7 +93,9 @@ def _install_tracing(dump: Path) -> None:
     hot.answer_raw = stamp("routed", hot.answer_raw)  # type: ignore[method-assign]
     hot._raw_done = stamp("answered", hot._raw_done)  # type: ignore[method-assign]
     infer._Call.__call__ = stamp("decoded", infer._Call.__call__, after=True)  # type: ignore[method-assign]
-    DataPlane.submit = stamp("submitted", DataPlane.submit, after=True)  # type: ignore[method-assign]
+    # At the batcher's door, not where ``DataPlane.submit`` returns: a lone batch may run, and
+    # its answer be written, within the call.
+    Batcher.enqueue = stamp("submitted", Batcher.enqueue)  # type: ignore[method-assign]
     backend = ortb.OnnxRuntimeBackend
     backend.execute = astamp("dispatched", "back", backend.execute)  # type: ignore[method-assign]
     if hasattr(backend, "execute_now"):  # inline: dispatched and back on the loop's thread
@@ -177,12 +179,22 @@ def _read_response(sock: socket.socket, buf: bytearray) -> None:
         buf += chunk
 
 
-def drive(port: int, request: bytes, count: int, gap_s: float) -> tuple[list[int], list[int]]:
-    """``count`` requests one at a time on one connection: send and receive stamps."""
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def drive(
+    port: int, request: bytes, count: int, gap_s: float, sock: socket.socket | None = None
+) -> tuple[list[int], list[int]]:
+    """``count`` requests one at a time on one connection (``sock``, else a new one): send
+    and receive stamps."""
     sent, received = [], []
     buf = bytearray()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with contextlib.ExitStack() as stack:
+        if sock is None:
+            sock = stack.enter_context(connect(port))
         for _ in range(count):
             if gap_s:
                 time.sleep(gap_s)
@@ -304,6 +316,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         gateways = {}
+        sockets: dict[str, socket.socket] = {}
         for name, env in variants:
             dump = workdir / f"stamps-{name}.json"
             launcher = [sys.executable, str(Path(__file__).resolve()), "--serve-traced", str(dump)]
@@ -313,7 +326,13 @@ def run(
                 "--log-level",
                 "warning",
                 *extra,
-                env={"GATEWAY_LOAD_MODELS": model_name, "GATEWAY_ACCESS_LOG": "false", **env},
+                env={
+                    "GATEWAY_LOAD_MODELS": model_name,
+                    "GATEWAY_ACCESS_LOG": "false",
+                    # the kept connection idles through the other variants' turns
+                    "GATEWAY_KEEPALIVE_TIMEOUT_S": "600",
+                    **env,
+                },
                 launcher=launcher,
                 tag=name,
                 ready=(model_name,),
@@ -321,7 +340,13 @@ def run(
             )
             stack.callback(gw.stop)
             gateways[name] = (gw, dump, _request(model, gw.port))
-            drive(gw.port, gateways[name][2], 20, gap_s)  # warm-up
+            # One connection kept, as a lone client keeps its own (and perf_analyzer).
+            sockets[name] = stack.enter_context(connect(gw.port))
+            drive(gw.port, gateways[name][2], 20, gap_s, sockets[name])  # warm-up
+        # Past the second after a connection's first request, in which the gateway takes it
+        # that clients may connect per request (``gateway.batching.clients``), as a lone
+        # client's would be.
+        time.sleep(1.2)
         for r in range(rounds):
             for _ in range(block):
                 started = time.perf_counter_ns()
@@ -335,7 +360,7 @@ def run(
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for name, _ in order:
                 gw, _, request = gateways[name]
-                s, e = drive(gw.port, request, block, gap_s)
+                s, e = drive(gw.port, request, block, gap_s, sockets[name])
                 sent[name] += s
                 received[name] += e
                 client[name] += [b - a for a, b in zip(s, e, strict=True)]
@@ -494,7 +519,8 @@ def main() -> None:
 Command: `.venv/bin/python bench/lone_request.py {" ".join(sys.argv[1:])}`
 
 2 shared CPUs, load average {load} at the end (1/5/15 min); one client connection, one request
-at a time, binary HTTP; {args.rounds} rounds of {args.block} requests per variant, in-process
+at a time, binary HTTP, the connection kept; {args.rounds} rounds of {args.block} requests per
+variant, in-process
 `session.run` ({baseline}) interleaved: back to back {ip50:.3f} ms p50
 (mean {result["in_process_mean_ms"]:.3f}),
 and each after {args.in_process_gap_ms:g} ms idle, as the gateway's runs come,
