@@ -320,10 +320,13 @@ def test_kill_fails_fast_and_restart_reuses_ports() -> None:
         assert pushed and all(d.is_dir() for d in pushed)
         stubs = [p for p, _ in _stubs(pid)]
         assert stubs
+        regions = list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
+        assert regions  # the stubs' shared memory, named for this server
         server.kill()
         assert not server.running
         assert not any(d.exists() for d in pushed), "kill() leaves Triton's /tmp copies behind"
         assert not any(map(process_running, stubs)), "kill() leaves python-backend stubs behind"
+        assert not any(r.exists() for r in regions), "kill() leaves shared memory behind"
 
         dead = _client(server, 2.0)
         started = time.monotonic()

@@ -162,6 +162,7 @@ class TritonServer:
         self.scratch_dir: Path | None = None
         self.startup_s: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self.shm_prefix: str | None = None  # its python-backend stubs' shared-memory regions
 
     # -- addresses -------------------------------------------------------------------------
 
@@ -250,6 +251,7 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 _kill(proc, stubs)
             _remove_dirs(_model_dirs(stubs))
+        self._remove_shm()
         self._proc = None
         self._remove_scratch()
 
@@ -261,6 +263,7 @@ class TritonServer:
             stubs = _stubs(proc.pid)
             _kill(proc, stubs)
             _remove_dirs(_model_dirs(stubs))
+            self._remove_shm()
 
     def restart(self) -> Self:
         """Stop (if needed) and start again on the same ports with an empty repository."""
@@ -286,6 +289,9 @@ class TritonServer:
         self.scratch_dir = scratch
         server_dir = _copy_server_tree(scratch / "server")
         self.repo_dir.mkdir()
+        # Named after the scratch dir: the regions a killed server or stub leaves in /dev/shm
+        # (1 MiB and more each, never freed otherwise) are found and removed by ``_remove_shm``.
+        self.shm_prefix = f"gateway_test_{scratch.name}_"
         args = [
             str(server_dir / "bin" / "tritonserver"),
             f"--model-repository={self.repo_dir}",
@@ -299,6 +305,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-file={self.log_path}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self.extra_args,
         ]
         started = time.monotonic()
@@ -317,6 +324,14 @@ class TritonServer:
             self.kill()
             raise
         self.startup_s = time.monotonic() - started
+
+    def _remove_shm(self) -> None:
+        """Unlink what is left of this server's python-backend shared memory (the server and
+        its stubs gone): Triton unlinks its regions on a clean exit, not when killed."""
+        if self.shm_prefix is not None:
+            for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+                with contextlib.suppress(OSError):
+                    region.unlink()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
