@@ -84,6 +84,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="errors only: c=1,16, one round")
     parser.add_argument("--out", type=Path, help="markdown file for the table")
     args = parser.parse_args()
+    harness.exit_on_sigterm()  # the servers it starts stop with it
     if args.quick:
         args.concurrency, args.rounds, args.window_ms = [1, 16], 1, 300
     models = [m for m in args.models.split(",") if m]

@@ -243,6 +243,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    harness.exit_on_sigterm()  # the servers it starts stop with it
     if args.quick:
         args.rounds, args.window_ms = 1, 500
     levels = [int(c) for c in args.concurrency.split(",")]

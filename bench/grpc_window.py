@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 round of 5 calls")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    harness.exit_on_sigterm()  # the servers it starts stop with it
     if args.quick:
         args.rounds, args.calls = 1, 5
     delays = [float(d) for d in args.delay_ms.split(",")]

@@ -19,13 +19,14 @@ import shutil
 import signal
 import statistics
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -271,6 +272,21 @@ class Gateway:
             self.proc.wait(timeout_s)
 
 
+def _exit(signum: int, _frame: Any) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+def exit_on_sigterm() -> None:
+    """Have a SIGTERM to this bench (``kill PID``, a CI step's timeout) exit through Python's
+    cleanup, as Ctrl-C does: its ``with`` blocks and ``finally`` clauses then stop the servers it
+    started and remove their scratch. Python's default dies at once and leaves them running.
+    Called as a bench starts its first server; only from the main thread, and only over the
+    default (a handler of the bench's own stays)."""
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit)
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the bench dies, even by SIGKILL (Linux)."""
     with contextlib.suppress(Exception):
@@ -299,6 +315,7 @@ def start_gateway(
     ``GATEWAY_*`` variables are dropped. ``detach`` runs it in its own session (a terminal's
     Ctrl-C reaches only the bench, which then stops it in order) and has the kernel SIGTERM it
     if the bench dies, even by SIGKILL (Linux)."""
+    exit_on_sigterm()
     port = free_port()
     log = log or workdir / f"gateway-{tag or port}.log"
     inherited = {

@@ -1162,6 +1162,7 @@ def main() -> int:
     )
     parser.add_argument("--out-dir", type=Path, default=harness.RESULTS)
     args = parser.parse_args()  # fmt: skip
+    harness.exit_on_sigterm()  # the servers it starts stop with it
     if args.quick:
         args.concurrency, args.heavy_concurrency = [1, 4, 16], [1, 2]
         args.window_ms, args.in_process_s, args.copy_requests = 500, 0.3, 3

@@ -152,7 +152,11 @@ def in_process_point(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("variants", nargs="+", help="name:ENV=V,ENV=V (the first: baseline)")
+    parser.add_argument(
+        "variants",
+        nargs="+",
+        help="name:ENV=V,ENV=V (the first: baseline; REPO=path: that variant's model repository)",
+    )
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--repo", type=Path, default=None, help="model repository")
     parser.add_argument("--concurrency", default="1,64")
@@ -203,8 +207,10 @@ def main() -> None:
         for name, env in variants:
             grpc_ports[name] = harness.free_port() if args.protocol.startswith("grpc") else 0
             grpc = ["--grpc-port", str(grpc_ports[name])] if grpc_ports[name] else []
+            env = dict(env)  # REPO=path: this variant's own model repository
+            own = Path(env.pop("REPO")).resolve() if "REPO" in env else repo
             gateways[name] = harness.start_gateway(
-                repo, work, "--log-level", "warning", *grpc, tag=name, ready=(args.model,),
+                own, work, "--log-level", "warning", *grpc, tag=name, ready=(args.model,),
                 detach=True,
                 env={"GATEWAY_LOAD_MODELS": args.model, "GATEWAY_ACCESS_LOG": "false", **env},
             )  # fmt: skip

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.http.aio as httpaio
-from harness import ROOT, Gateway, start_gateway
+from harness import ROOT, Gateway, exit_on_sigterm, start_gateway
 
 from gateway.backends.triton import DEFAULT_PROTOCOL, TritonHost
 from gateway.testing.tritonserver import TritonServer, process_cpu_s
@@ -430,6 +430,7 @@ def main() -> int:
     )
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "triton.md"))
     args = parser.parse_args()
+    exit_on_sigterm()  # the servers it starts stop with it
     models = [m for m in args.models.split(",") if m]
     for model in models:
         if model not in MODELS:
