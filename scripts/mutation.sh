@@ -3,7 +3,7 @@
 # the tree so that runs never collide with each other or with work in progress.
 #
 # Usage: scripts/mutation.sh [-j N] [--keep DIR] [--timeout S] [--only GLOB] [MODULE ...]
-#   MODULE: batcher, queue, codec, tensors, policies, estimators, shared_memory, ensemble,
+#   MODULE: batcher, arrivals, queue, codec, tensors, policies, estimators, shared_memory, ensemble,
 #   response_cache, splits, health, schedule (default: these); router only when named (large:
 #   pick functions, e.g. --only 'gateway.routing.router.xǁRouterǁ_probe*'). Not part of the
 #   default CI run; a CI job may run it on demand.
@@ -40,17 +40,18 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT_S=$2; shift 2 ;;
     --only) ONLY+=("$2"); shift 2 ;;
     -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
-    batcher|queue|codec|tensors|policies|estimators|shared_memory|ensemble|response_cache|splits|health|schedule|router)
+    batcher|arrivals|queue|codec|tensors|policies|estimators|shared_memory|ensemble|response_cache|splits|health|schedule|router)
       MODULES+=("$1"); shift ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#MODULES[@]} -gt 0 ] || MODULES=(batcher queue codec tensors policies estimators shared_memory
+[ ${#MODULES[@]} -gt 0 ] || MODULES=(batcher arrivals queue codec tensors policies estimators shared_memory
   ensemble response_cache splits health schedule)
 
 # module -> source file; tests run in-process; tests that reach it through a server subprocess
 declare -A SRC=(
   [batcher]=gateway/batching/batcher.py
+  [arrivals]=gateway/batching/arrivals.py
   [queue]=gateway/batching/queue.py
   [codec]=gateway/protocol/codec.py
   [tensors]=gateway/protocol/tensors.py
@@ -66,6 +67,7 @@ declare -A SRC=(
 )
 declare -A TESTS=(
   [batcher]="tests/test_batcher.py tests/test_batcher_pins.py"
+  [arrivals]="tests/test_arrivals.py tests/test_batcher.py tests/test_batcher_inline.py"
   [queue]="tests/test_queue.py tests/test_batcher.py tests/test_batcher_pins.py"
   [codec]="tests/test_protocol.py tests/test_codec_pins.py"
   [tensors]="tests/test_protocol.py tests/test_codec_pins.py tests/test_attack_input.py"
@@ -81,6 +83,7 @@ declare -A TESTS=(
 )
 declare -A SERVER_TESTS=(
   [batcher]="tests/test_server.py"
+  [arrivals]=""
   [codec]="tests/test_bad_input.py"
   [tensors]="tests/test_bad_input.py"
   [policies]=""

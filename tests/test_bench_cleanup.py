@@ -22,8 +22,8 @@ BENCH = textwrap.dedent(
     import harness
 
     with tempfile.TemporaryDirectory() as tmp:
-        gw = harness.start_gateway(Path({repo!r}), Path(tmp), env={{"GATEWAY_LOAD_MODELS": "simple"}},
-                                   ready=("simple",))
+        env = {{"GATEWAY_LOAD_MODELS": "simple"}}
+        gw = harness.start_gateway(Path({repo!r}), Path(tmp), env=env, ready=("simple",))
         try:
             print(gw.pid, tmp, flush=True)
             time.sleep(120)

@@ -1,9 +1,9 @@
 """The per-model-version dynamic batcher.
 
-(Over 450 lines on purpose: the scheduler, the batch run and the decisions between them, the
-adaptive delay and the lone batch run inline, share one model version's queue, slots and
-arrival rate. The next split is that arrival-rate estimate with the two decisions it drives,
-into a policy module of its own.)
+(Over 450 lines on purpose: the scheduler, the batch run and the decisions between them,
+whether a short batch waits and whether a lone batch runs inline, share one model version's
+queue and slots. How requests arrive, the rate and the probe those decisions read, is
+``gateway.batching.arrivals``.)
 
 Each caller gets a ``Queued`` entry that ends with its rows of the outputs. One scheduler task
 waits until an execution slot is free (there are ``instance_count`` of them), then takes
@@ -20,21 +20,11 @@ waiting for the event loop to notice. Such a batch keeps growing (past a preferr
 start and the average execution time.
 
 The queue delay adapts to the traffic (``BatchPolicy.adaptive_delay``, the default): while an
-instance is free, waiting leaves it idle, so the batcher waits only when the recent arrival rate
-says a request will join before the delay runs out. The rate counted is that of requests
-arriving while the batcher is busy (a request queued, forming or running), per second busy:
-a lone closed-loop client never arrives while its own request is out, so its requests go at
-once, while independent traffic keeps Triton's wait. Off, every short batch waits the whole
+instance is free, waiting leaves it idle, so the batcher waits only when the recent rate of
+requests arriving while it is busy says one will join before the delay runs out, or, for
+clients the front end paces, as a probe (``gateway.batching.arrivals``), and not at all when no
+other client can send (``gateway.batching.clients``). Off, every short batch waits the whole
 ``max_queue_delay`` (Triton's behaviour).
-
-That rate alone cannot start waiting for clients that the front end paces: grpc.aio hands the
-loop one call per completion-queue round trip, so 16 closed-loop gRPC clients reach the batcher
-one by one, each after the last batch finished, exactly like one closed-loop client, and no row
-ever arrives while busy. So when the recent gap between any two arrivals (idle or busy) is at
-most twice the delay left (``PROBE_GAPS``), a short batch waits anyway, a probe, for two gaps
-at most: a row that joins counts as arriving while busy, and the rate takes over; a probe that
-catches nothing backs off, doubling the batches that go before the next one (up to
-``PROBE_MAX_SKIP``), so a lone client pays it about log2(requests) times.
 
 A lone batch (``BatchPolicy.inline_max_s``: all that is outstanding on the event loop, of a
 model whose recent runs were short, with arrivals rare) runs on the event loop's own thread
@@ -61,6 +51,7 @@ import numpy as np
 
 from gateway import context, tracing
 from gateway.batching import clients
+from gateway.batching.arrivals import MIN_RECHECK_S, Arrivals
 from gateway.batching.queue import PriorityQueue, QueuePolicy
 from gateway.errors import DeadlineExceeded, GatewayError, ModelNotReady
 from gateway.stats import ModelStats
@@ -139,17 +130,6 @@ class BatchPolicy:
         return self.default_priority_level
 
 
-# How much each new observation of the arrival rate counts: the estimate follows about the
-# last ten arrivals or busy periods.
-ARRIVAL_DECAY = 0.9
-# A batch waiting for company decides again after two expected gaps, but not more often than
-# this (at a very high rate, or all arrivals at one instant, a timer per gap would spin).
-MIN_RECHECK_S = 0.0005
-# A probe waits while at most this many gaps between arrivals fit in the delay left: even
-# half a gap gives a row about two chances in five, and a probe that fails backs off.
-PROBE_GAPS = 2.0
-# A failed probe (see the module docstring) lets this many batches at most go before the next.
-PROBE_MAX_SKIP = 4096
 # A lone batch runs inline only while fewer rows than this are expected to arrive during it.
 INLINE_MAX_ARRIVALS = 0.25
 # Requests outstanding in every batcher of an event loop: a batch runs inline only when it
@@ -360,20 +340,9 @@ class Batcher:
         self._arrived_rows = 0
         self._forming: tuple[Any, ...] | None = None
         self._armed = False  # ``_arrived`` is clear and the scheduler waits on it
-        # The adaptive delay's arrival rate: rows that arrived while the batcher was busy and
-        # the busy seconds they arrived in, both decayed by ``ARRIVAL_DECAY`` per observation.
-        # ``_outstanding``: requests queued, forming or running; ``_busy_since``: when busy time
-        # was last counted (None while nothing is outstanding).
-        self._busy_rows = 0.0
-        self._busy_s = 0.0
+        # Requests queued, forming or running; while there are any, the batcher is busy.
         self._outstanding = 0
-        self._busy_since: float | None = None
-        # The probe: the recent gap between any two arrivals (None before two), the probes
-        # still to skip and the skip after the next failed one.
-        self._last_arrival_s: float | None = None
-        self._gap_s: float | None = None
-        self._probe_skip = 0
-        self._probe_backoff = 1
+        self._arrivals = Arrivals()  # what the adaptive delay and the inline rule read
         # Requests per priority level taken into the batch being formed, not sent yet: they
         # still count against their level's bound, as in Triton's queue.
         self._held: dict[int, int] = {}
@@ -458,17 +427,7 @@ class Batcher:
         self._queue.append(item, self._held.get(level, 0))
         self._outstanding += 1
         _LOOP_OUTSTANDING[self._loop] = _LOOP_OUTSTANDING.get(self._loop, 0) + 1
-        last, self._last_arrival_s = self._last_arrival_s, now
-        if last is not None:
-            gap, new = self._gap_s, now - last
-            self._gap_s = new if gap is None else gap + (1 - ARRIVAL_DECAY) * (new - gap)
-        busy_since = self._busy_since
-        if busy_since is None:
-            self._busy_since = now  # a busy period starts: this arrival found it idle
-        else:  # ``_observe(now, rows)``, inline
-            self._busy_s = ARRIVAL_DECAY * self._busy_s + (now - busy_since)
-            self._busy_rows = ARRIVAL_DECAY * self._busy_rows + rows
-            self._busy_since = now
+        self._arrivals.arrived(now, rows)
         self._arrived_rows += rows
         # Set the event only while the scheduler's wake-up is armed: once set, it stays set
         # until the next ``_wait_for``, and setting it again would be a call for nothing.
@@ -571,7 +530,7 @@ class Batcher:
                         if rate * wait_s >= 1.0:
                             wait_s = min(wait_s, max(2.0 / rate, MIN_RECHECK_S))
                         else:
-                            probe_s = None if waited else self._probe(wait_s)
+                            probe_s = None if waited else self._arrivals.probe(wait_s)
                             if probe_s is None:
                                 break
                             wait_s, probing = probe_s, True
@@ -591,7 +550,7 @@ class Batcher:
                     self._forming = None
                     waited = True
                     if probing:
-                        self._probed(self._queue.head() is not None)
+                        self._arrivals.probed(self._queue.head() is not None)
             self._held = {}
             task = self._loop.create_task(self._run(batch, rows))
             self._running.add(task)
@@ -742,34 +701,6 @@ class Batcher:
                 return False
         return True
 
-    def _probe(self, wait_s: float) -> float | None:
-        """How long a short batch that the busy arrival rate would send now waits anyway (None:
-        it goes): two gaps between recent arrivals at most, when the ``wait_s`` left is at least
-        half a gap, unless a probe that failed still has batches to let go."""
-        gap = self._gap_s
-        if gap is None or gap > PROBE_GAPS * wait_s:
-            return None
-        if self._probe_skip > 0:
-            self._probe_skip -= 1
-            return None
-        return min(wait_s, max(2.0 * gap, MIN_RECHECK_S))
-
-    def _probed(self, joined: bool) -> None:
-        """A probe ended: a row joined (the busy rate counted it; probes go on), or none did
-        (let twice as many batches go before the next probe as after the last failure)."""
-        if joined:
-            self._probe_backoff = 1
-        else:
-            self._probe_skip = self._probe_backoff
-            self._probe_backoff = min(2 * self._probe_backoff, PROBE_MAX_SKIP)
-
-    def _observe(self, now: float, rows: int) -> None:
-        """Count busy time up to ``now`` and ``rows`` arriving in it (0: a busy period ended)."""
-        assert self._busy_since is not None
-        self._busy_s = ARRIVAL_DECAY * self._busy_s + (now - self._busy_since)
-        self._busy_rows = ARRIVAL_DECAY * self._busy_rows + rows
-        self._busy_since = now
-
     def _left(self, count: int) -> None:
         """``count`` requests are no longer outstanding; the last one ends a busy period."""
         self._outstanding -= count
@@ -778,21 +709,12 @@ class Batcher:
             _LOOP_OUTSTANDING[self._loop] = left
         else:
             _LOOP_OUTSTANDING.pop(self._loop, None)
-        if self._outstanding == 0 and self._busy_since is not None:
-            self._observe(self._clock(), 0)
-            self._busy_since = None
+        if self._outstanding == 0:
+            self._arrivals.idle(self._clock())
 
     def arrival_rate(self, now: float | None = None) -> float:
-        """Rows per second arriving while the batcher is busy, recently (0.0 before any; inf
-        when they all came at one instant); the busy time since the last arrival counts too."""
-        if now is None:
-            now = self._clock()
-        busy_s = self._busy_s
-        if self._busy_since is not None:
-            busy_s += now - self._busy_since
-        if self._busy_rows == 0:
-            return 0.0
-        return self._busy_rows / busy_s if busy_s > 0 else float("inf")
+        """Rows per second arriving while the batcher is busy, recently (``Arrivals.rate``)."""
+        return self._arrivals.rate(self._clock() if now is None else now)
 
     def _wait_for(self, rows: int, forming: tuple[Any, ...] | None) -> None:
         """Arm the scheduler's wake-up (see ``__init__``) before it waits on ``_arrived``."""
