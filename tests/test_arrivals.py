@@ -78,3 +78,11 @@ def test_failed_probes_back_off_doubling_and_a_joined_one_resets() -> None:
     a.probed(True)
     a.probed(False)
     assert goes() == [True]
+
+
+def test_rows_that_all_arrive_at_one_instant_make_the_rate_infinite() -> None:
+    a = Arrivals()
+    a.arrived(5.0, 1)
+    a.arrived(5.0, 3)
+    assert a.rate(5.0) == float("inf")
+    assert a.rate(5.5) == 3 / 0.5
