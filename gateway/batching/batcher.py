@@ -526,7 +526,7 @@ class Batcher:
                         senders = clients.may_send(self._loop, outstanding)
                         if senders == 0:
                             break  # every client that could join is in already
-                        rate = self.arrival_rate(now)
+                        rate = self._arrivals.rate(now)
                         if rate * wait_s >= 1.0:
                             wait_s = min(wait_s, max(2.0 / rate, MIN_RECHECK_S))
                         else:
@@ -712,9 +712,9 @@ class Batcher:
         if self._outstanding == 0:
             self._arrivals.idle(self._clock())
 
-    def arrival_rate(self, now: float | None = None) -> float:
+    def arrival_rate(self) -> float:
         """Rows per second arriving while the batcher is busy, recently (``Arrivals.rate``)."""
-        return self._arrivals.rate(self._clock() if now is None else now)
+        return self._arrivals.rate(self._clock())
 
     def _wait_for(self, rows: int, forming: tuple[Any, ...] | None) -> None:
         """Arm the scheduler's wake-up (see ``__init__``) before it waits on ``_arrived``."""
