@@ -259,3 +259,40 @@ async def test_onnx_runtime_runs_a_lone_request_on_the_loops_thread(tmp_path: Pa
         assert backend.execute_now({"X": x}, ["Y"]) is None
     finally:
         await dataplane.stop()
+
+
+async def test_off_with_inline_max_zero_even_for_a_model_that_takes_no_time() -> None:
+    clock = Clock()
+    backend = Backend(clock, run_s=0.0)
+    batcher, _ = make(backend, 0.0)
+    await closed_loop(batcher, clock, 3)
+    assert backend.ran == ["worker"] * 3
+    await batcher.close()
+
+
+async def test_a_model_whose_runs_take_exactly_inline_max_runs_inline() -> None:
+    """``inline_max_s`` is the most a run may take (the second batch knows the first's time)."""
+    clock = Clock()
+    backend = Backend(clock, run_s=0.0078125)
+    batcher, _ = make(backend, 0.0078125)
+    await closed_loop(batcher, clock, 2)
+    assert backend.ran == ["worker", "inline"]
+    await batcher.close()
+
+
+async def test_rare_arrivals_while_busy_still_run_inline() -> None:
+    """About one row a second arrives while busy and a run takes 2 ms: a row during a run is
+    a 0.2 % chance, far below a quarter, so the lone batch after runs inline."""
+    clock = Clock()
+    backend = Backend(clock)
+    batcher, _ = make(backend)
+    await closed_loop(batcher, clock, 1)
+    first = batcher.enqueue(row(1))
+    clock.now_s += 1.0
+    second = batcher.enqueue(row(2))  # arrives while the first is outstanding, a second later
+    await asyncio.wait_for(asyncio.gather(first.future, second.future), 1.0)
+    await asyncio.sleep(0)
+    assert 0 < batcher.arrival_rate() * backend.run_s < 0.25
+    await closed_loop(batcher, clock, 1)
+    assert backend.ran[-1] == "inline"
+    await batcher.close()
