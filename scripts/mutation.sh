@@ -66,7 +66,7 @@ declare -A SRC=(
   [router]=gateway/routing/router.py
 )
 declare -A TESTS=(
-  [batcher]="tests/test_batcher.py tests/test_batcher_pins.py tests/test_batcher_inline.py tests/test_arrivals.py tests/test_tracing.py"
+  [batcher]="tests/test_batcher.py tests/test_batcher_pins.py tests/test_batcher_inline.py tests/test_arrivals.py"
   [arrivals]="tests/test_arrivals.py tests/test_batcher.py tests/test_batcher_inline.py"
   [queue]="tests/test_queue.py tests/test_batcher.py tests/test_batcher_pins.py"
   [codec]="tests/test_protocol.py tests/test_codec_pins.py"
